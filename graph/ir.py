@@ -1,0 +1,282 @@
+"""The IR: a frozen Node (op, inputs, attrs, shape, dtype) and an ordered SSA Graph.
+
+This is the bottom layer: it imports only NumPy and the standard library. Ops are passed in
+as OpDef-like objects (anything with ``name`` and ``infer``), so the op library can depend on
+this module and never the other way round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+_ids = itertools.count()
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DTYPE_SHORT = {"float16": "f16", "float32": "f32", "float64": "f64", "int32": "i32",
+               "int64": "i64", "bool": "b1", "uint8": "u8", "uint64": "u64"}
+
+# Operator overloads on Node dispatch through this table, filled by ops.registry; the IR
+# itself knows no op.
+BUILDERS: dict[str, Callable[..., Node]] = {}
+
+
+class ShapeError(ValueError):
+    """A program that cannot be built: bad shapes, dtypes, unknown ops or gradients asked of
+    something that has none. The message names the op, the node, the shapes and the user's
+    source line."""
+
+
+_where_stack: list[str] = []
+
+
+@contextlib.contextmanager
+def located(where: str):
+    """Nodes emitted inside take ``where`` as their source line (autodiff uses it so a
+    gradient node points at the user line of the forward node it differentiates)."""
+    _where_stack.append(where)
+    try:
+        yield
+    finally:
+        _where_stack.pop()
+
+
+def user_frame() -> str:
+    """The first stack frame outside shardgrad and the standard library, as 'file:line'."""
+    if _where_stack:
+        return _where_stack[-1]
+    f = sys._getframe(1)
+    while f is not None:
+        fn = f.f_code.co_filename
+        inside = fn.startswith(_PKG_DIR) and not fn.startswith(
+            (os.path.join(_PKG_DIR, "tests"), os.path.join(_PKG_DIR, "examples"),
+             os.path.join(_PKG_DIR, "bench")))
+        if not inside and "importlib" not in fn and not fn.startswith("<frozen"):
+            return f"{os.path.relpath(fn) if not os.path.isabs(fn) else fn}:{f.f_lineno}"
+        f = f.f_back
+    return "<unknown>"
+
+
+def fmt_type(shape: Sequence[int], dtype: str) -> str:
+    return f"{DTYPE_SHORT.get(dtype, dtype)}[{','.join(map(str, shape))}]"
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """One SSA value: the result of applying ``op`` to ``inputs`` with ``attrs``.
+
+    Nodes are immutable and compared by identity; ``id`` grows with creation order, so sorting
+    nodes by id is a topological order. Leaves are ops with no inputs: ``input`` (fed each
+    call), ``param`` and ``state`` (named, persistent), ``const`` (value in attrs).
+    """
+
+    op: str
+    inputs: tuple[Node, ...]
+    attrs: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: str
+    where: str = "<unknown>"
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def name(self) -> str | None:
+        return self.attrs.get("name")
+
+    def __repr__(self) -> str:
+        label = self.name or f"{self.op}#{self.id}"
+        return f"<Node {label} : {fmt_type(self.shape, self.dtype)}>"
+
+    # Operators build nodes through the registered op builders (see module docstring).
+    def __add__(self, y): return BUILDERS["add"](self, y)
+    def __radd__(self, y): return BUILDERS["add"](y, self)
+    def __sub__(self, y): return BUILDERS["sub"](self, y)
+    def __rsub__(self, y): return BUILDERS["sub"](y, self)
+    def __mul__(self, y): return BUILDERS["mul"](self, y)
+    def __rmul__(self, y): return BUILDERS["mul"](y, self)
+    def __truediv__(self, y): return BUILDERS["div"](self, y)
+    def __rtruediv__(self, y): return BUILDERS["div"](y, self)
+    def __pow__(self, y): return BUILDERS["pow"](self, y)
+    def __neg__(self): return BUILDERS["neg"](self)
+    def __matmul__(self, y): return BUILDERS["matmul"](self, y)
+
+    @property
+    def T(self) -> Node:
+        return BUILDERS["transpose"](self)
+
+
+def leaf(op: str, shape: Sequence[int], dtype: str, **attrs: Any) -> Node:
+    """A node with no inputs: ``input``, ``param``, ``state`` or ``const``."""
+    return Node(op, (), attrs, tuple(int(s) for s in shape), str(np.dtype(dtype)),
+                where=user_frame())
+
+
+def const(value: Any, dtype: str | None = None) -> Node:
+    arr = np.asarray(value, dtype=dtype)
+    return Node("const", (), {"value": arr}, arr.shape, str(arr.dtype), where=user_frame())
+
+
+def emit(opdef: Any, inputs: Sequence[Node], attrs: dict[str, Any] | None = None) -> Node:
+    """Create the node ``opdef(inputs, attrs)``, inferring its shape and dtype now.
+
+    Any failure of the op's shape rule is re-raised as a ShapeError naming the op, the input
+    types and the user's source line.
+    """
+    attrs = dict(attrs or {})
+    where = user_frame()
+    try:
+        shape, dtype = opdef.infer(*[(x.shape, x.dtype) for x in inputs], **attrs)
+    except ShapeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every shape-rule failure becomes one error type
+        types = ", ".join(fmt_type(x.shape, x.dtype) for x in inputs)
+        shown = {k: v for k, v in attrs.items() if not isinstance(v, np.ndarray)}
+        extra = f" with {shown}" if shown else ""
+        raise ShapeError(f"{opdef.name}({types}){extra} at {where}: {e}") from None
+    return Node(opdef.name, tuple(inputs), attrs, tuple(int(s) for s in shape),
+                str(np.dtype(dtype)), where=where)
+
+
+def toposort(outputs: Iterable[Node]) -> list[Node]:
+    """Every node reachable from ``outputs``, inputs before users (by creation order)."""
+    seen: dict[int, Node] = {}
+    stack = list(outputs)
+    while stack:
+        n = stack.pop()
+        if n.id in seen:
+            continue
+        seen[n.id] = n
+        stack.extend(n.inputs)
+    return [seen[i] for i in sorted(seen)]
+
+
+class Graph:
+    """An ordered SSA program: ``nodes`` (topological), named ``outputs`` and ``meta``.
+
+    The leaves are the nodes whose op is ``input``, ``param``, ``state`` or ``const``;
+    ``inputs``/``params``/``states`` list them in order. ``meta`` carries facts that passes
+    preserve, e.g. which outputs are gradients or updated parameters. A Graph is never
+    mutated by a pass: passes return new graphs.
+    """
+
+    def __init__(self, outputs: dict[str, Node] | Sequence[Node],
+                 nodes: Sequence[Node] | None = None, meta: dict[str, Any] | None = None):
+        if not isinstance(outputs, dict):
+            outputs = {f"out{i}": n for i, n in enumerate(outputs)}
+        self.outputs: dict[str, Node] = dict(outputs)
+        self.nodes: list[Node] = list(nodes) if nodes is not None else toposort(
+            self.outputs.values())
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    def leaves(self, op: str) -> list[Node]:
+        return [n for n in self.nodes if n.op == op]
+
+    @property
+    def inputs(self) -> list[Node]:
+        return self.leaves("input")
+
+    @property
+    def params(self) -> list[Node]:
+        return self.leaves("param")
+
+    @property
+    def states(self) -> list[Node]:
+        return self.leaves("state")
+
+    def users(self) -> dict[int, list[Node]]:
+        out: dict[int, list[Node]] = {n.id: [] for n in self.nodes}
+        for n in self.nodes:
+            for x in n.inputs:
+                out[x.id].append(n)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def names(self) -> dict[int, str]:
+        """Printable local names: leaves by their name, others %0, %1, ... in order."""
+        out, k = {}, 0
+        for n in self.nodes:
+            if n.name is not None and not n.inputs:
+                out[n.id] = n.name
+            else:
+                out[n.id] = f"%{k}"
+                k += 1
+        return out
+
+    def __str__(self) -> str:
+        names = self.names()
+        lines = []
+        for n in self.nodes:
+            args = [names[x.id] for x in n.inputs]
+            shown = {k: v for k, v in n.attrs.items() if k not in ("name", "value")}
+            if n.op == "const":
+                v = n.attrs["value"]
+                args.append(repr(v.item()) if v.size == 1 else f"<{v.size} values>")
+            args += [f"{k}={v!r}" for k, v in sorted(shown.items())]
+            lines.append(f"{names[n.id]} = {n.op}({', '.join(args)}) : "
+                         f"{fmt_type(n.shape, n.dtype)}")
+        outs = ", ".join(f"{k}={names[v.id]}" for k, v in self.outputs.items())
+        lines.append(f"return ({outs})")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Graph {len(self.nodes)} nodes, outputs {list(self.outputs)}>"
+
+    # Nodes reference nodes, so pickle would recurse once per node of depth; a graph travels
+    # as a flat table instead (what crosses a process boundary is data).
+    def __getstate__(self) -> dict[str, Any]:
+        index = {n.id: i for i, n in enumerate(self.nodes)}
+        table = [(n.op, tuple(index[x.id] for x in n.inputs), n.attrs, n.shape, n.dtype,
+                  n.where) for n in self.nodes]
+        return {"table": table, "outputs": {k: index[v.id] for k, v in self.outputs.items()},
+                "meta": self.meta}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        nodes: list[Node] = []
+        for op, ins, attrs, shape, dtype, where in state["table"]:
+            nodes.append(Node(op, tuple(nodes[i] for i in ins), attrs, shape, dtype, where))
+        self.nodes = nodes
+        self.outputs = {k: nodes[i] for k, i in state["outputs"].items()}
+        self.meta = state["meta"]
+
+
+LEAF_OPS = ("input", "param", "state", "const")
+
+
+def verify(graph: Graph, known_ops: Callable[[str], bool] | None = None) -> None:
+    """Check SSA, order, that every input exists, and (given ``known_ops``) that every op is
+    registered. Raises ShapeError naming the first bad node."""
+    seen: set[int] = set()
+    names = graph.names()
+    for n in graph.nodes:
+        if n.id in seen:
+            raise ShapeError(f"node {names[n.id]} ({n.op}) appears twice: not SSA")
+        for x in n.inputs:
+            if x.id not in seen:
+                raise ShapeError(
+                    f"node {names[n.id]} = {n.op}(...) at {n.where} uses a value that is not "
+                    f"defined before it ({x!r})")
+        if n.op in LEAF_OPS and n.inputs:
+            raise ShapeError(f"leaf {names[n.id]} ({n.op}) has inputs")
+        if n.op not in LEAF_OPS and known_ops is not None and not known_ops(n.op):
+            raise ShapeError(f"node {names[n.id]} at {n.where}: unknown op {n.op!r}")
+        seen.add(n.id)
+    for k, v in graph.outputs.items():
+        if v.id not in seen:
+            raise ShapeError(f"output {k!r} is not a node of the graph")
+

@@ -1,0 +1,9 @@
+"""The op library: one registry (ops.registry) and one module per op family.
+
+Importing this package registers every op. Imports only graph.ir.
+"""
+
+from shardgrad.ops import elementwise, linalg, reduce, shape  # noqa: F401  (registration)
+from shardgrad.ops.registry import REGISTRY, OpDef, apply, get, register
+
+__all__ = ["REGISTRY", "OpDef", "apply", "get", "register"]

@@ -1,0 +1,105 @@
+"""Reductions: sum, mean, max (axis, keepdims), as NumPy names them.
+
+Imports only ops.registry and graph.ir.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shardgrad.graph.ir import Node
+from shardgrad.ops.registry import OpDef, apply, itemsize, register
+
+
+def norm_axis(axis, ndim: int) -> tuple[int, ...]:
+    """``axis`` (None, int or sequence) as a sorted tuple of non-negative axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= int(a) < ndim:
+            raise ValueError(f"axis {a} is out of range for {ndim} dimensions")
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"repeated axis in {axis}")
+    return tuple(sorted(out))
+
+
+def _reduce_infer(x, axis, keepdims, **_):
+    axes = norm_axis(axis, len(x[0]))
+    shape = tuple(1 if i in axes else s for i, s in enumerate(x[0]) if keepdims or i not in axes)
+    return shape, x[1]
+
+
+def _reduce_cost(node: Node) -> tuple[float, float]:
+    x = node.inputs[0]
+    return float(x.size), float((x.size + node.size) * itemsize(x.dtype))
+
+
+def _keep(g: Node, x: Node, axis, keepdims) -> Node:
+    """g reshaped so it broadcasts against x (reinsert the reduced axes)."""
+    if keepdims:
+        return g
+    axes = norm_axis(axis, x.ndim)
+    return apply("reshape", g, shape=tuple(1 if i in axes else s for i, s in enumerate(x.shape)))
+
+
+def _sum_vjp(g, x, out, axis, keepdims):
+    return (apply("broadcast_to", _keep(g, x, axis, keepdims), shape=x.shape),)  # d sum = sum d
+
+
+register(OpDef("sum", infer=_reduce_infer,
+               forward=lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
+               vjp=_sum_vjp, jvp=lambda ts, x, out, axis, keepdims: None if ts[0] is None else
+               sum(ts[0], axis, keepdims), cost=_reduce_cost))
+
+
+def sum(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
+    axis = norm_axis(axis, x.ndim) if axis is not None else None
+    return apply("sum", x, axis=axis, keepdims=bool(keepdims))
+
+
+def mean(x, axis=None, keepdims=False) -> Node:
+    axes = norm_axis(axis, x.ndim)
+    count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    return sum(x, axes, keepdims) * (1.0 / max(count, 1))
+
+
+def _max_vjp(g, x, out, axis, keepdims):
+    # d max = [x == max] dx, split evenly between ties so the gradient sums to g
+    mask = apply("cast", apply("equal", x, _keep(out, x, axis, keepdims)), dtype=x.dtype)
+    share = mask / _keep(sum(mask, axis, keepdims), x, axis, keepdims)
+    return (share * _keep(g, x, axis, keepdims),)
+
+
+def _max_jvp(ts, x, out, axis, keepdims):
+    if ts[0] is None:
+        return None
+    mask = apply("cast", apply("equal", x, _keep(out, x, axis, keepdims)), dtype=x.dtype)
+    share = mask / _keep(sum(mask, axis, keepdims), x, axis, keepdims)
+    return sum(share * ts[0], axis, keepdims)
+
+
+register(OpDef("max", infer=_reduce_infer,
+               forward=lambda xp, x, axis, keepdims: xp.max(x, axis=axis, keepdims=keepdims),
+               vjp=_max_vjp, jvp=_max_jvp, cost=_reduce_cost))
+
+
+def max(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
+    axis = norm_axis(axis, x.ndim) if axis is not None else None
+    return apply("max", x, axis=axis, keepdims=bool(keepdims))
+
+
+def _argmax_infer(x, axis, **_):
+    shape = tuple(s for i, s in enumerate(x[0]) if i != axis)
+    return shape, "int64"
+
+
+register(OpDef("argmax", infer=_argmax_infer,
+               forward=lambda xp, x, axis: xp.argmax(x, axis=axis), cost=_reduce_cost,
+               nondiff=(0,)))
+
+
+def argmax(x, axis=-1) -> Node:
+    return apply("argmax", x, axis=norm_axis(axis, x.ndim)[0])

@@ -1,0 +1,149 @@
+"""The op registry: one OpDef per op, and the helpers every op family shares.
+
+Imports only graph.ir (and NumPy). Each op family module (elementwise, reduce, linalg, shape,
+nn, loss, collective) registers its stanzas here at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shardgrad.graph.ir import BUILDERS, Node, ShapeError, const, emit
+
+Type = tuple[tuple[int, ...], str]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """Everything the system knows about one op.
+
+    name     the op's name in the IR.
+    infer    ``infer(*input_types, **attrs) -> (shape, dtype)``; each input type is a
+             ``(shape, dtype)`` pair. Raise ValueError/TypeError with a short reason on bad
+             input: ``graph.ir.emit`` adds the op, the types and the user's source line.
+    forward  ``forward(xp, *arrays, **attrs) -> array``, written once against the array
+             module ``xp`` (numpy or cupy). Must not modify its inputs.
+    vjp      ``vjp(g, *inputs, out, **attrs) -> tuple[Node | None, ...]``: builds the nodes of
+             the gradient for each input from the upstream gradient ``g`` (a Node). ``None``
+             means no gradient flows to that input. ``None`` as the whole rule means the op is
+             not differentiable (comparisons, argmax, ...).
+    jvp      ``jvp(tangents, *inputs, out, **attrs) -> Node | None`` for forward mode, where
+             ``tangents[i]`` is a Node or None (zero). Optional: without it forward mode
+             transposes the VJP (autodiff.jvp does that).
+    cost     ``cost(node) -> (flops, bytes)`` estimate for the partitioner.
+    nondiff  indices of inputs that never get a gradient (labels, conditions, indices).
+    cuda     optional hand-written CUDA implementation, ``cuda(xp, *arrays, **attrs)``.
+    """
+
+    name: str
+    infer: Callable[..., Type]
+    forward: Callable[..., Any]
+    vjp: Callable[..., tuple[Node | None, ...]] | None = None
+    jvp: Callable[..., Node | None] | None = None
+    cost: Callable[[Node], tuple[float, float]] | None = None
+    nondiff: tuple[int, ...] = ()
+    cuda: Callable[..., Any] | None = None
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def register(opdef: OpDef) -> OpDef:
+    if opdef.name in REGISTRY:
+        raise ValueError(f"op {opdef.name!r} registered twice")
+    REGISTRY[opdef.name] = opdef
+    return opdef
+
+
+def get(name: str) -> OpDef:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ShapeError(f"unknown op {name!r}; known ops: {', '.join(sorted(REGISTRY))}") from None
+
+
+def builder(name: str) -> Callable[[Callable[..., Node]], Callable[..., Node]]:
+    """Decorator: expose a public builder under ``name`` for Node operators."""
+    def wrap(fn: Callable[..., Node]) -> Callable[..., Node]:
+        BUILDERS[name] = fn
+        return fn
+    return wrap
+
+
+def as_node(x: Any, like: Node | None = None) -> Node:
+    """A Node for ``x``: Nodes pass through; Python scalars take ``like``'s dtype (weak typing,
+    as NumPy and PyTorch do for ``x * 2``); arrays keep theirs."""
+    if isinstance(x, Node):
+        return x
+    if hasattr(x, "node") and isinstance(x.node, Node):  # a front-end Tensor
+        return x.node
+    if isinstance(x, bool | int | float) and like is not None:
+        return const(x, dtype=like.dtype)
+    return const(np.asarray(x))
+
+
+def apply(name: str, *inputs: Any, **attrs: Any) -> Node:
+    """Emit ``name(*inputs, **attrs)``, promoting Python scalars to consts."""
+    like = next((x for x in inputs if isinstance(x, Node)), None)
+    nodes = [as_node(x, like) for x in inputs]
+    return emit(get(name), nodes, attrs)
+
+
+# ---- shared shape rules, costs and VJP helpers -------------------------------------------------
+
+FLOAT_DTYPES = ("float16", "float32", "float64")
+
+
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    try:
+        return tuple(np.broadcast_shapes(*[tuple(s) for s in shapes]))
+    except ValueError:
+        raise ValueError("shapes " + " and ".join(str(tuple(s)) for s in shapes)
+                         + " cannot be broadcast together") from None
+
+
+def result_dtype(*dtypes: str) -> str:
+    kinds = set(dtypes)
+    if len(kinds) > 1:
+        raise TypeError("dtypes " + ", ".join(dtypes) + " differ; cast one explicitly")
+    return dtypes[0]
+
+
+def broadcast_infer(*types: Type, **_: Any) -> Type:
+    return broadcast_shapes(*[t[0] for t in types]), result_dtype(*[t[1] for t in types])
+
+
+def float_unary_infer(x: Type, **_: Any) -> Type:
+    if x[1] not in FLOAT_DTYPES:
+        raise TypeError(f"needs a floating-point input, got {x[1]}")
+    return x
+
+
+def same_infer(x: Type, **_: Any) -> Type:
+    return x
+
+
+def itemsize(dtype: str) -> int:
+    return np.dtype(dtype).itemsize
+
+
+def elementwise_cost(node: Node) -> tuple[float, float]:
+    nbytes = sum(x.size * itemsize(x.dtype) for x in node.inputs) + node.size * itemsize(
+        node.dtype)
+    return float(node.size), float(nbytes)
+
+
+def unbroadcast(g: Node, shape: tuple[int, ...]) -> Node:
+    """Sum ``g`` down to ``shape``: the adjoint of broadcasting."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        i + lead for i, s in enumerate(shape) if s == 1 and g.shape[i + lead] != 1)
+    out = apply("sum", g, axis=axes, keepdims=False) if axes else g
+    lead_kept = tuple(s for i, s in enumerate(g.shape) if i not in axes)
+    return out if lead_kept == shape else apply("reshape", out, shape=shape)
