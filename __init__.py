@@ -1,1 +1,46 @@
-"""shardgrad: one graph IR for the whole training step, run locally, over MPI or on Ray."""
+"""shardgrad: one graph IR for the whole training step, run locally, over MPI or on Ray.
+
+``import shardgrad as sg``: tensors and ops (``sg.tensor``, ``sg.no_grad``), layers
+(``sg.nn``), optimizers (``sg.optim``) and ``sg.compile_step``. The subpackages are graph/,
+ops/, partition/, runtime/ and cluster/ (see DESIGN.md).
+"""
+
+import sys as _sys
+
+from shardgrad.graph import nn, optim
+from shardgrad.graph.ir import Graph, Node, ShapeError
+from shardgrad.graph.nn import functional, manual_seed
+from shardgrad.graph.tensor import (
+    Tensor,
+    get_default_dtype,
+    is_grad_enabled,
+    no_grad,
+    ones,
+    set_default_dtype,
+    tensor,
+    zeros,
+)
+from shardgrad.runtime.interpreter import ExecutionError
+from shardgrad.runtime.step import Predictor, accuracy, compile_step
+
+# `import shardgrad.nn.functional as F` and `from shardgrad.optim import SGD` work as in torch.
+_sys.modules[__name__ + ".nn"] = nn
+_sys.modules[__name__ + ".nn.functional"] = functional
+_sys.modules[__name__ + ".optim"] = optim
+
+
+def _elementwise(name):
+    def fn(x):
+        return getattr(x, name)() if isinstance(x, Tensor) else getattr(tensor(x), name)()
+    fn.__name__ = name
+    return fn
+
+
+exp, log, sqrt, tanh, sigmoid, relu = (_elementwise(n) for n in
+                                       ("exp", "log", "sqrt", "tanh", "sigmoid", "relu"))
+
+__version__ = "0.1.0"
+__all__ = ["Tensor", "tensor", "zeros", "ones", "no_grad", "is_grad_enabled", "nn", "optim",
+           "functional", "compile_step", "Predictor", "accuracy", "manual_seed",
+           "set_default_dtype", "get_default_dtype", "Graph", "Node", "ShapeError",
+           "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu"]

@@ -5,6 +5,8 @@ Imports only ops.registry and graph.ir.
 
 from __future__ import annotations
 
+import builtins
+
 import numpy as np
 
 from shardgrad.graph.ir import Node
@@ -63,7 +65,7 @@ def sum(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
 def mean(x, axis=None, keepdims=False) -> Node:
     axes = norm_axis(axis, x.ndim)
     count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-    return sum(x, axes, keepdims) * (1.0 / max(count, 1))
+    return sum(x, axes, keepdims) * (1.0 / builtins.max(count, 1))
 
 
 def _max_vjp(g, x, out, axis, keepdims):

@@ -1,0 +1,69 @@
+"""Functional forms of the layers (``sg.nn.functional``), on Tensors, eager or traced.
+
+Each is a thin call into an op builder through ``graph.tensor.apply``. Imports graph.tensor
+and ops.
+"""
+
+from __future__ import annotations
+
+from shardgrad import ops
+from shardgrad.graph.tensor import Tensor, apply
+from shardgrad.ops import elementwise as E
+
+
+def relu(x: Tensor) -> Tensor:
+    return apply(E.relu, x)
+
+
+def gelu(x: Tensor) -> Tensor:
+    return apply(E.gelu, x)
+
+
+def tanh(x: Tensor) -> Tensor:
+    return apply(E.tanh, x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return apply(E.sigmoid, x)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T + b, with W of shape (out_features, in_features) as in PyTorch."""
+    out = x @ weight.T
+    return out if bias is None else out + bias
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return apply(ops.loss.softmax, x, axis=axis)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return apply(ops.loss.log_softmax, x, axis=axis)
+
+
+def cross_entropy(logits: Tensor, labels, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,)."""
+    return apply(ops.loss.cross_entropy, logits, labels, reduction=reduction)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0):
+    return apply(ops.nn.conv2d, x, weight, bias, stride=stride, padding=padding)
+
+
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
+    return apply(ops.nn.max_pool2d, x, kernel_size, stride=stride, padding=padding)
+
+
+def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
+    return apply(ops.nn.avg_pool2d, x, kernel_size, stride=stride, padding=padding)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int = 0) -> Tensor:
+    if not training or p == 0.0:
+        return x
+    return apply(ops.nn.dropout, x, p=p, seed=seed)
+
+
+def layer_norm(x: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    return apply(ops.nn.layer_norm, x, weight, bias, normalized_shape=tuple(normalized_shape),
+                 eps=eps)

@@ -1,0 +1,301 @@
+"""The user-facing Tensor: a handle on a Node, eager by default, symbolic while tracing.
+
+An eager tensor's value is computed as soon as the op is applied (the node and its value are
+kept so ``backward()`` can run the gradient graph); a symbolic tensor (a traced leaf, or any
+result of one) only builds nodes. The same user code therefore runs eagerly and traces into
+the training-step Graph. Imports graph.ir, graph.autodiff and ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from shardgrad import ops
+from shardgrad.graph.autodiff import backprop
+from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf
+from shardgrad.ops import elementwise as E
+from shardgrad.ops import linalg as L
+from shardgrad.ops import reduce as R
+from shardgrad.ops import shape as S
+from shardgrad.ops.registry import get
+
+# Eager values live beside their nodes and die with them (a node lives as long as a tensor or
+# a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
+_VALUES: weakref.WeakKeyDictionary[Node, Any] = weakref.WeakKeyDictionary()
+_LEAVES: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+_grad_enabled = [True]
+_default_dtype = ["float32"]
+
+
+def set_default_dtype(dtype) -> None:
+    _default_dtype[0] = str(np.dtype(dtype))
+
+
+def get_default_dtype() -> str:
+    return _default_dtype[0]
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside, results record no history and need no gradient (as torch.no_grad)."""
+    saved = _grad_enabled[0]
+    _grad_enabled[0] = False
+    try:
+        yield
+    finally:
+        _grad_enabled[0] = saved
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled[0]
+
+
+def _evaluate(outs: list[Node]) -> None:
+    """Compute eager values for ``outs`` and whatever they need that has none yet."""
+    todo: dict[int, Node] = {}
+    stack = [n for n in outs if n not in _VALUES]
+    while stack:
+        n = stack.pop()
+        if n.id in todo or n in _VALUES:
+            continue
+        todo[n.id] = n
+        stack.extend(x for x in n.inputs if x not in _VALUES)
+    for i in sorted(todo):
+        n = todo[i]
+        if n.op == "const":
+            _VALUES[n] = n.attrs["value"]
+        elif not n.inputs:
+            raise ShapeError(f"{n!r} has no value: it is a traced placeholder")
+        else:
+            args = [_VALUES[x] for x in n.inputs]
+            _VALUES[n] = get(n.op).forward(np, *args, **n.attrs)
+
+
+def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
+    node = leaf("input", value.shape, str(value.dtype), name=None) if requires_grad else Node(
+        "const", (), {"value": value}, value.shape, str(value.dtype))
+    _VALUES[node] = value
+    return node
+
+
+class Tensor:
+    """An n-d array that records the ops applied to it. PyTorch's names: ``requires_grad``,
+    ``grad``, ``backward()``, ``detach()``, ``numpy()``, ``item()``; NumPy's for array ops."""
+
+    __slots__ = ("node", "requires_grad", "grad", "__weakref__")
+    __array_priority__ = 100  # so ndarray <op> Tensor defers to Tensor's reflected op
+
+    def __init__(self, node: Node, requires_grad: bool = False):
+        self.node = node
+        self.requires_grad = requires_grad
+        self.grad: Tensor | None = None
+
+    # -- values -----------------------------------------------------------------------------
+    @property
+    def is_symbolic(self) -> bool:
+        return self.node not in _VALUES and self.node.op != "const"
+
+    @property
+    def data(self) -> np.ndarray:
+        if self.is_symbolic:
+            raise ShapeError(f"{self.node!r} is symbolic (being traced): it has no value yet")
+        if self.node not in _VALUES:
+            _evaluate([self.node])
+        return _VALUES[self.node]
+
+    @data.setter
+    def data(self, value) -> None:
+        """Replace the value in place (no history), keeping dtype and shape."""
+        value = np.asarray(value.data if isinstance(value, Tensor) else value)
+        if value.shape != self.shape:
+            raise ShapeError(f"cannot set data of shape {value.shape} on a tensor of shape "
+                             f"{self.shape}")
+        self._set_leaf(value.astype(self.dtype, copy=False))
+
+    def _set_leaf(self, value: np.ndarray) -> None:
+        self.node = _eager_leaf(value, self.requires_grad)
+        if self.requires_grad:
+            _LEAVES[self.node.id] = self
+
+    def assign_(self, other: Tensor) -> Tensor:
+        """Take ``other``'s value without its history (a buffer update). While tracing this
+        rebinds the tensor to the traced node, which becomes the state's new value."""
+        if other.is_symbolic:
+            self.node = other.node
+        else:
+            self._set_leaf(np.asarray(other.data))
+        return self
+
+    def numpy(self) -> np.ndarray:
+        return np.asarray(self.data)
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def detach(self) -> Tensor:
+        return Tensor(_eager_leaf(self.data, False))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.node.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.node.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.node.ndim
+
+    @property
+    def size(self) -> int:
+        return self.node.size
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        if self.is_symbolic:
+            return f"Tensor(<traced {self.node!r}>)"
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({np.array2string(self.numpy(), precision=4)}, dtype={self.dtype}{grad})"
+
+    # -- autograd ---------------------------------------------------------------------------
+    def backward(self, gradient=None) -> None:
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
+        if self.is_symbolic:
+            raise ShapeError("backward() of a traced tensor: use compile_step / autodiff.grad")
+        if not self.requires_grad:
+            raise ShapeError("backward() of a tensor that does not require grad (no leaf "
+                             "with requires_grad=True was used to compute it)")
+        if gradient is None:
+            if self.shape != ():
+                raise ShapeError(f"backward() without a gradient needs a scalar, got shape "
+                                 f"{self.shape}; pass gradient= of that shape")
+            seed = const(1, dtype=self.dtype)
+        else:
+            seed = _node_of(gradient, self.node)
+        history = Graph([self.node]).nodes
+        leaves = [n for n in history if n.id in _LEAVES]
+        gs = backprop([self.node], [seed], leaves)
+        _evaluate(gs)
+        for n, g in zip(leaves, gs, strict=True):
+            t, value = _LEAVES[n.id], _VALUES[g]
+            t.grad = Tensor(_eager_leaf(value if t.grad is None else t.grad.data + value, False))
+
+    # -- operators --------------------------------------------------------------------------
+    def __add__(self, y): return apply(E.add, self, y)
+    def __radd__(self, y): return apply(E.add, y, self)
+    def __sub__(self, y): return apply(E.sub, self, y)
+    def __rsub__(self, y): return apply(E.sub, y, self)
+    def __mul__(self, y): return apply(E.mul, self, y)
+    def __rmul__(self, y): return apply(E.mul, y, self)
+    def __truediv__(self, y): return apply(E.div, self, y)
+    def __rtruediv__(self, y): return apply(E.div, y, self)
+    def __pow__(self, y): return apply(E.pow, self, y)
+    def __rpow__(self, y): return apply(E.pow, y, self)
+    def __matmul__(self, y): return apply(L.matmul, self, y)
+    def __rmatmul__(self, y): return apply(L.matmul, y, self)
+    def __neg__(self): return apply(E.neg, self)
+    def __lt__(self, y): return apply(E.less, self, y)
+    def __le__(self, y): return apply(E.less_equal, self, y)
+    def __gt__(self, y): return apply(E.greater, self, y)
+    def __ge__(self, y): return apply(E.greater_equal, self, y)
+    def __getitem__(self, index): return apply(ops.shape.getitem, self, index)
+
+    def sum(self, axis=None, keepdims=False): return apply(R.sum, self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return apply(R.mean, self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return apply(R.max, self, axis, keepdims)
+    def argmax(self, axis=-1): return apply(R.argmax, self, axis)
+    def exp(self): return apply(E.exp, self)
+    def log(self): return apply(E.log, self)
+    def sqrt(self): return apply(E.sqrt, self)
+    def tanh(self): return apply(E.tanh, self)
+    def sigmoid(self): return apply(E.sigmoid, self)
+    def relu(self): return apply(E.relu, self)
+    def abs(self): return apply(E.abs, self)
+    def astype(self, dtype): return apply(E.cast, self, dtype)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+        return apply(S.reshape, self, tuple(shape))
+
+    def transpose(self, *axes):
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], tuple | list) else axes
+        return apply(S.transpose, self, tuple(axes) if axes else None)
+
+    def flatten(self, start_dim=0):
+        return self.reshape(self.shape[:start_dim] + (-1,))
+
+    @property
+    def T(self) -> Tensor:
+        return self.transpose()
+
+
+def _node_of(x, like: Node | None) -> Node:
+    """The node standing for ``x`` in an op (eager tensors cut their history when grad is off
+    or when the op is being traced: a traced graph never holds an eager past)."""
+    if isinstance(x, Tensor):
+        return x.node
+    if isinstance(x, np.ndarray | np.generic):
+        return const(np.asarray(x))
+    if isinstance(x, bool | int | float) and like is not None:
+        return const(x, dtype=like.dtype)
+    return const(np.asarray(x))
+
+
+def apply(fn: Callable[..., Any], *args, **kwargs):
+    """Apply a node builder ``fn`` (from ops) to tensors and plain values, eagerly or
+    symbolically; returns a Tensor, or a tuple of them for multi-result builders."""
+    tensors = [a for a in args if isinstance(a, Tensor)] + [
+        t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, Tensor)]
+    symbolic = any(t.is_symbolic for t in tensors)
+    track = _grad_enabled[0] and any(t.requires_grad for t in tensors)
+
+    def to_node(a):
+        if isinstance(a, Tensor):
+            if (symbolic or not track) and not a.is_symbolic:
+                return a.node if a.node.op == "const" else const(a.data)
+            return a.node
+        if isinstance(a, list):
+            return [to_node(t) for t in a]
+        return a
+
+    out = fn(*[to_node(a) for a in args], **kwargs)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    if not symbolic:
+        _evaluate(outs)
+    wrapped = [Tensor(n, requires_grad=track and np.dtype(n.dtype).kind == "f") for n in outs]
+    return tuple(wrapped) if isinstance(out, tuple) else wrapped[0]
+
+
+def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
+    """A new leaf tensor holding a copy of ``data`` (float data takes the default dtype)."""
+    arr = np.array(data.data if isinstance(data, Tensor) else data, dtype=dtype, copy=True)
+    if dtype is None and arr.dtype.kind == "f":
+        arr = arr.astype(_default_dtype[0])
+    if requires_grad and arr.dtype.kind != "f":
+        raise ShapeError(f"only floating-point tensors can require gradients, got {arr.dtype}")
+    t = Tensor(_eager_leaf(arr, False), requires_grad=requires_grad)
+    t._set_leaf(arr)
+    return t
+
+
+def placeholder(shape, dtype, op: str = "input", name: str | None = None) -> Tensor:
+    """A symbolic leaf for tracing: ``input`` (fed each call), ``param`` or ``state``."""
+    return Tensor(leaf(op, shape, dtype, name=name), requires_grad=op == "param")
+
+
+def zeros(*shape, dtype=None) -> Tensor:
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+    return tensor(np.zeros(shape, dtype or _default_dtype[0]))
+
+
+def ones(*shape, dtype=None) -> Tensor:
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+    return tensor(np.ones(shape, dtype or _default_dtype[0]))

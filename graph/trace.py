@@ -1,0 +1,114 @@
+"""Tracing a whole training step into one Graph: forward, loss, backward, optimizer update.
+
+The model's parameters and buffers and the optimizer's state are swapped for symbolic leaves
+while the user's code runs, so the same Python builds the graph; the eager tensors are put
+back afterwards. Imports graph (ir, autodiff, tensor, nn, optim) and ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from shardgrad.graph.autodiff import backprop
+from shardgrad.graph.ir import Graph, ShapeError, const
+from shardgrad.graph.nn import Module
+from shardgrad.graph.optim import Optimizer
+from shardgrad.graph.tensor import Tensor, placeholder
+
+
+@contextlib.contextmanager
+def _swapped(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
+    saved = [(t, t.node) for t, _ in pairs]
+    try:
+        for t, sym in pairs:
+            t.node = sym.node
+        yield
+    finally:
+        for t, node in saved:
+            t.node = node
+
+
+def _spec(a) -> tuple[tuple[int, ...], str]:
+    return tuple(a.shape), str(a.dtype)
+
+
+def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
+               x_spec: tuple[tuple[int, ...], str], y_spec: tuple[tuple[int, ...], str]
+               ) -> Graph:
+    """The training-step Graph for a batch of the given (shape, dtype) specs.
+
+    Leaves: inputs ``x``, ``y``, ``lr``, ``t``; params by ``named_parameters()`` names;
+    states for buffers (their names) and optimizer state (``optim/<param>/<key>``).
+    Outputs: ``loss``, ``grad/<param>``, ``param/<param>`` (updated), ``state/<name>``
+    (updated). ``meta``: ``params``, ``states`` (names in order), ``loss_scale`` =
+    ``"mean"`` (the loss averages over the batch).
+    """
+    named = list(model.named_parameters())
+    if not named:
+        raise ShapeError(f"{type(model).__name__} has no parameters to train")
+    dtype = named[0][1].dtype
+    name_of = {id(p): n for n, p in named}
+    swaps = [(p, placeholder(p.shape, p.dtype, "param", name=n)) for n, p in named]
+    buffers = list(model.named_buffers())
+    swaps += [(b, placeholder(b.shape, b.dtype, "state", name=n)) for n, b in buffers]
+    opt_states = []
+    if optimizer is not None:
+        for p, st in zip(optimizer.params, optimizer.state, strict=True):
+            if id(p) not in name_of:
+                raise ShapeError("the optimizer holds a parameter that is not the model's")
+            for k, v in st.items():
+                name = f"optim/{name_of[id(p)]}/{k}"
+                opt_states.append((name, v))
+                swaps.append((v, placeholder(v.shape, v.dtype, "state", name=name)))
+    leaves = {id(t): sym.node for t, sym in swaps}
+
+    x = placeholder(*x_spec, name="x")
+    y = placeholder(*y_spec, name="y")
+    with _swapped(swaps):
+        model.train()
+        loss = loss_fn(model(x), y)
+        if not isinstance(loss, Tensor) or loss.shape != ():
+            raise ShapeError(f"loss_fn must return a scalar Tensor, got {loss!r}")
+        new_buffers = {n: b.node for n, b in buffers}
+        params = [leaves[id(p)] for _, p in named]
+        grads = backprop([loss.node], [const(1, dtype=loss.dtype)], params)
+        outputs = {"loss": loss.node}
+        outputs.update({f"grad/{n}": g for (n, _), g in zip(named, grads, strict=True)})
+        if optimizer is not None:
+            lr = placeholder((), dtype, name="lr")
+            t = placeholder((), dtype, name="t")
+            grad_of = {id(p): Tensor(g) for (_, p), g in zip(named, grads, strict=True)}
+            for p, st in zip(optimizer.params, optimizer.state, strict=True):
+                pname = name_of[id(p)]
+                new_p, new_st = optimizer.rule(Tensor(leaves[id(p)]), grad_of[id(p)], st, lr, t)
+                outputs[f"param/{pname}"] = new_p.node
+                outputs.update({f"state/optim/{pname}/{k}": v.node for k, v in new_st.items()})
+        for n, node in new_buffers.items():
+            outputs[f"state/{n}"] = node
+    for n, b in buffers:
+        if f"state/{n}" in outputs and outputs[f"state/{n}"] is leaves[id(b)]:
+            del outputs[f"state/{n}"]
+    meta = {"params": [n for n, _ in named],
+            "states": [n for n, _ in buffers] + [n for n, _ in opt_states],
+            "loss_scale": "mean", "dtype": dtype}
+    return Graph(outputs, meta=meta)
+
+
+def trace_forward(model: Module, x_spec: tuple[tuple[int, ...], str]) -> Graph:
+    """The inference graph ``logits = model(x)`` in eval mode (for evaluation and export)."""
+    named = list(model.named_parameters())
+    swaps = [(p, placeholder(p.shape, p.dtype, "param", name=n)) for n, p in named]
+    swaps += [(b, placeholder(b.shape, b.dtype, "state", name=n))
+              for n, b in model.named_buffers()]
+    x = placeholder(*x_spec, name="x")
+    was_training = model.training
+    with _swapped(swaps):
+        model.eval()
+        out = model(x)
+    model.train(was_training)
+    return Graph({"logits": out.node}, meta={"params": [n for n, _ in named]})
+
+

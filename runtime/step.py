@@ -1,0 +1,123 @@
+"""compile_step: trace the whole training step once, then run it every step.
+
+The model's Parameter tensors stay the source of truth: each call feeds their values (and
+the buffers' and optimizer state's) to the executor and takes the updated ones back, so
+``model.state_dict()`` and eager use keep working between steps. Imports graph and runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from shardgrad.graph.ir import Graph
+from shardgrad.graph.nn import Module
+from shardgrad.graph.optim import Optimizer
+from shardgrad.graph.trace import trace_forward, trace_step
+from shardgrad.runtime.interpreter import Interpreter
+
+Executor = Callable[[Graph], Any]   # graph -> object with .run(feeds) -> dict of outputs
+
+
+def default_executor(graph: Graph):
+    return Interpreter(graph)
+
+
+class TrainStep:
+    """``loss = step(x, y)`` runs forward, backward and the optimizer update.
+
+    One Graph per distinct (x, y) batch type is traced, transformed (``transform``, e.g. the
+    data-parallel rewrite) and handed to ``executor`` once, then reused.
+    """
+
+    def __init__(self, model: Module, loss_fn: Callable, optimizer: Optimizer,
+                 executor: Executor | None = None,
+                 transform: Callable[[Graph], Graph] | None = None):
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.executor = executor or default_executor
+        self.transform = transform
+        self._compiled: dict[tuple, tuple[Graph, Any]] = {}
+        names = dict(model.named_parameters())
+        self._params = list(names.items())
+        self._buffers = list(model.named_buffers())
+        name_of = {id(p): n for n, p in self._params}
+        self._opt_states = [(f"optim/{name_of[id(p)]}/{k}", v)
+                            for p, st in zip(optimizer.params, optimizer.state, strict=True)
+                            for k, v in st.items()]
+        self.dtype = self._params[0][1].dtype
+
+    def graph_for(self, x, y) -> tuple[Graph, Any]:
+        key = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype))
+        if key not in self._compiled:
+            graph = trace_step(self.model, self.loss_fn, self.optimizer, key[:2], key[2:])
+            if self.transform is not None:
+                graph = self.transform(graph)
+            self._compiled[key] = (graph, self.executor(graph))
+        return self._compiled[key]
+
+    @property
+    def graph(self) -> Graph:
+        """The most recently built step graph."""
+        if not self._compiled:
+            raise RuntimeError("no step has been traced yet: call the step once or graph_for")
+        return next(reversed(self._compiled.values()))[0]
+
+    def feeds(self, x, y) -> dict[str, Any]:
+        opt = self.optimizer
+        feeds: dict[str, Any] = {"x": x, "y": y, "lr": np.asarray(opt.lr, self.dtype),
+                                 "t": np.asarray(opt.t + 1, self.dtype)}
+        feeds.update((n, p.data) for n, p in self._params)
+        feeds.update((n, b.data) for n, b in self._buffers)
+        feeds.update((n, v.data) for n, v in self._opt_states)
+        return feeds
+
+    def __call__(self, x, y) -> float:
+        x, y = np.asarray(x), np.asarray(y)
+        _, program = self.graph_for(x, y)
+        out = program.run(self.feeds(x, y))
+        self.write_back(out)
+        return float(out["loss"])
+
+    def write_back(self, out: dict[str, Any]) -> None:
+        self.optimizer.t += 1
+        for n, p in self._params:
+            p._set_leaf(out[f"param/{n}"])
+        for n, t in self._buffers + self._opt_states:
+            if f"state/{n}" in out:
+                t._set_leaf(out[f"state/{n}"])
+
+
+def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
+                 executor: Executor | None = None,
+                 transform: Callable[[Graph], Graph] | None = None) -> TrainStep:
+    """Trace ``loss_fn(model(x), y)``, its gradients and ``optimizer``'s update into one
+    Graph (built on the first call), and return the callable step."""
+    return TrainStep(model, loss_fn, optimizer, executor, transform)
+
+
+class Predictor:
+    """Batched inference with the eval-mode forward graph, built once per batch shape."""
+
+    def __init__(self, model: Module, executor: Executor | None = None):
+        self.model, self.executor = model, executor or default_executor
+        self._compiled: dict[tuple, Any] = {}
+
+    def __call__(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        key = (x.shape, str(x.dtype))
+        if key not in self._compiled:
+            self._compiled[key] = self.executor(trace_forward(self.model, key))
+        feeds = {"x": x, **{n: p.data for n, p in self.model.named_parameters()},
+                 **{n: b.data for n, b in self.model.named_buffers()}}
+        return self._compiled[key].run(feeds)["logits"]
+
+
+def accuracy(model: Module, x, y, batch_size: int = 512, executor: Executor | None = None
+             ) -> float:
+    predict = Predictor(model, executor)
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((predict(x[i:i + batch_size]).argmax(axis=1) == y[i:i + batch_size]).sum())
+    return correct / max(len(x), 1)
