@@ -275,9 +275,11 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
 
 
 def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
-    """A new leaf tensor holding a copy of ``data`` (float data takes the default dtype)."""
+    """A new leaf tensor holding a copy of ``data``. As in torch.tensor, NumPy arrays keep their
+    dtype and Python floats take the default dtype (float32 unless set_default_dtype)."""
+    keeps_dtype = isinstance(data, np.ndarray | np.generic | Tensor)   # as torch.tensor
     arr = np.array(data.data if isinstance(data, Tensor) else data, dtype=dtype, copy=True)
-    if dtype is None and arr.dtype.kind == "f":
+    if dtype is None and arr.dtype.kind == "f" and not keeps_dtype:
         arr = arr.astype(_default_dtype[0])
     if requires_grad and arr.dtype.kind != "f":
         raise ShapeError(f"only floating-point tensors can require gradients, got {arr.dtype}")

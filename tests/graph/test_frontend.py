@@ -1,0 +1,184 @@
+"""The PyTorch-like front end: eager tensors, backward, modules, optimizers, compile_step."""
+
+import numpy as np
+import pytest
+
+import shardgrad as sg
+from shardgrad.graph.ir import ShapeError
+
+
+def _mse(out, y):
+    return ((out - y) * (out - y)).mean()
+
+
+def _data(n=16, d=4, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), rng.normal(size=(n, k))
+
+
+def test_colah_eager_backward():
+    a, b = sg.tensor(2.0, requires_grad=True), sg.tensor(1.0, requires_grad=True)
+    e = (a + b) * (b + 1)
+    e.backward()
+    assert e.item() == 6.0 and a.grad.item() == 2.0 and b.grad.item() == 5.0
+
+
+def test_backward_accumulates_and_zero_grad():
+    w = sg.tensor([1.0, -2.0], requires_grad=True)
+    for _ in range(2):
+        (w * w).sum().backward()
+    np.testing.assert_allclose(w.grad.numpy(), 2 * 2 * np.array([1.0, -2.0]))
+
+
+def test_no_grad_records_nothing():
+    w = sg.tensor([1.0], requires_grad=True)
+    with sg.no_grad():
+        y = w * 3
+    assert not y.requires_grad
+    with pytest.raises(ShapeError, match="does not require grad"):
+        y.sum().backward()
+
+
+def test_non_scalar_backward_needs_gradient():
+    w = sg.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(ShapeError, match="scalar"):
+        (w * 2).backward()
+    (w * 2).backward(np.ones(2, np.float32))
+    np.testing.assert_allclose(w.grad.numpy(), [2.0, 2.0])
+
+
+def test_int_tensor_cannot_require_grad():
+    with pytest.raises(ShapeError, match="floating-point"):
+        sg.tensor([1, 2], requires_grad=True)
+
+
+def test_operator_shape_error_names_user_line():
+    a, b = sg.tensor(np.ones((2, 3), np.float32)), sg.tensor(np.ones((4, 5), np.float32))
+    with pytest.raises(ShapeError) as e:
+        a @ b
+    msg = str(e.value)
+    assert "matmul" in msg and "f32[2,3]" in msg and "f32[4,5]" in msg
+    assert "test_frontend.py" in msg
+
+
+def test_methods_match_numpy():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    t = sg.tensor(x)
+    np.testing.assert_allclose(t.sum(axis=1).numpy(), x.sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(t.mean(axis=0, keepdims=True).numpy(), x.mean(0, keepdims=True),
+                               rtol=1e-6)
+    np.testing.assert_allclose(t.max().numpy(), x.max())
+    np.testing.assert_allclose(t.T.numpy(), x.T)
+    np.testing.assert_allclose(t.reshape(4, 3).numpy(), x.reshape(4, 3))
+    np.testing.assert_allclose(t.exp().log().numpy(), x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(t.tanh().numpy(), np.tanh(x), rtol=1e-6)
+    np.testing.assert_allclose((2 - t).numpy(), 2 - x)
+    np.testing.assert_allclose((t ** 2).numpy(), x ** 2, rtol=1e-6)
+
+
+def _mlp(seed=0, dtype="float64"):
+    sg.set_default_dtype(dtype)
+    try:
+        sg.manual_seed(seed)
+        return sg.nn.Sequential(sg.nn.Linear(4, 8), sg.nn.Tanh(), sg.nn.Linear(8, 3))
+    finally:
+        sg.set_default_dtype("float32")
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: sg.optim.SGD(ps, lr=0.1),
+    lambda ps: sg.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    lambda ps: sg.optim.Adam(ps, lr=0.01, weight_decay=1e-3),
+    lambda ps: sg.optim.AdamW(ps, lr=0.01),
+])
+def test_compiled_step_equals_eager_training(make_opt):
+    x, y = _data()
+    model = _mlp()
+    start = model.state_dict()
+    opt = make_opt(list(model.parameters()))
+    eager_losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = _mse(model(sg.tensor(x)), sg.tensor(y))
+        loss.backward()
+        opt.step()
+        eager_losses.append(loss.item())
+    eager = model.state_dict()
+    model.load_state_dict(start)
+    step = sg.compile_step(model, _mse, make_opt(list(model.parameters())))
+    losses = [step(x, y) for _ in range(4)]
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-12)
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(v, eager[k], rtol=1e-12, atol=1e-15)
+    assert eager_losses[-1] < eager_losses[0]
+
+
+def test_sgd_matches_hand_written_update():
+    model = _mlp()
+    p0 = {k: v.copy() for k, v in model.state_dict().items()}
+    x, y = _data()
+    opt = sg.optim.SGD(model.parameters(), lr=0.5)
+    loss = _mse(model(sg.tensor(x)), sg.tensor(y))
+    loss.backward()
+    grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+    opt.step()
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(v, p0[k] - 0.5 * grads[k], rtol=1e-12)
+
+
+def test_adam_first_step_moves_each_weight_by_lr():
+    model = _mlp()
+    p0 = model.state_dict()
+    x, y = _data()
+    step = sg.compile_step(model, _mse, sg.optim.Adam(model.parameters(), lr=1e-3))
+    step(x, y)
+    for k, v in model.state_dict().items():   # |m_hat / sqrt(v_hat)| = 1 on step one
+        np.testing.assert_allclose(np.abs(v - p0[k]), 1e-3, rtol=1e-4)
+
+
+def test_state_dict_round_trip_and_errors():
+    model = _mlp()
+    sd = model.state_dict()
+    assert list(sd) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    other = _mlp(seed=1)
+    other.load_state_dict(sd)
+    for k, v in other.state_dict().items():
+        np.testing.assert_array_equal(v, sd[k])
+    bad = dict(sd)
+    bad.pop("0.bias")
+    bad["extra"] = np.zeros(1)
+    bad["2.weight"] = np.zeros((2, 2))
+    with pytest.raises(KeyError) as e:
+        other.load_state_dict(bad)
+    msg = str(e.value)
+    assert "0.bias" in msg and "extra" in msg and "2.weight" in msg and "(3, 8)" in msg
+    partial = {"0.weight": sd["0.weight"]}
+    other.load_state_dict(partial, strict=False)
+
+
+def test_linear_rejects_wrong_width():
+    model = _mlp()
+    with pytest.raises(ShapeError, match="Linear\\(4, 8\\)"):
+        model(sg.tensor(np.ones((2, 5))))
+
+
+def test_step_graph_structure():
+    model = _mlp()
+    step = sg.compile_step(model, _mse, sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    x, y = _data()
+    step(x, y)
+    g = step.graph
+    assert {n.name for n in g.params} == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert {"loss", "grad/0.weight", "param/2.bias",
+            "state/optim/0.bias/momentum_buffer"} <= set(g.outputs)
+    text = str(g)
+    assert "matmul(x, %" in text and "return (loss=" in text
+
+
+def test_modules_api():
+    model = sg.nn.Sequential(sg.nn.Linear(4, 8), sg.nn.ReLU(), sg.nn.Linear(8, 2))
+    assert len(list(model.parameters())) == 4
+    assert len(model) == 3 and isinstance(model[1], sg.nn.ReLU)
+    assert "Linear(in_features=4, out_features=8)" in repr(model)
+    model.eval()
+    assert not model[0].training
