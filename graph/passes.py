@@ -1,0 +1,239 @@
+"""Graph passes: pure Graph -> Graph rewrites (dead code, common subexpressions, constant
+folding) and the elementwise fusion analysis that executors and the CUDA backend share.
+
+No pass mutates its input. Imports graph.ir and ops.registry (to evaluate constants).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from shardgrad.graph.ir import Graph, Node, fmt_type
+from shardgrad.ops.registry import get
+
+# Ops whose result is not a pure function of inputs and attrs (communication, randomness):
+# never merged by cse, never evaluated by fold_constants.
+EFFECTFUL = frozenset({"send", "recv", "allreduce", "allgather", "reduce_scatter", "broadcast",
+                       "barrier", "dropout", "rand", "randn", "uniform", "normal", "bernoulli"})
+
+# Ops computed independently per element (inputs broadcast to the output shape): the only
+# members of fusion groups. An op family that adds an elementwise op lists it here.
+ELEMENTWISE = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "neg", "exp", "log",
+               "sqrt", "tanh", "sigmoid", "relu", "gelu", "step", "sign", "cast", "where", "equal",
+               "not_equal", "less", "less_equal", "greater", "greater_equal"}
+
+# Constant folding evaluates a node only when its result has at most this many elements, so a
+# folded graph never carries large arrays. broadcast_to is never folded: a broadcast view of a
+# small constant is cheaper to read than its materialization.
+FOLD_LIMIT = 4096
+NO_FOLD = EFFECTFUL | {"broadcast_to"}
+
+
+def _rebuild(n: Node, ins: tuple[Node, ...]) -> Node:
+    if all(a is b for a, b in zip(ins, n.inputs, strict=True)):
+        return n
+    return Node(n.op, ins, n.attrs, n.shape, n.dtype, n.where)
+
+
+def _sweep(graph: Graph, visit: Callable[[Node, tuple[Node, ...]], Node]) -> Graph:
+    """Rebuild ``graph`` front to back: ``visit(node, new_inputs)`` returns the node that
+    stands for ``node`` (itself, a rebuilt copy, an earlier node or a new leaf). Unlike
+    ``rewrite.replace``, the original order is kept, so liveness is not reshuffled."""
+    new: dict[int, Node] = {}
+    order: list[Node] = []
+    placed: set[int] = set()
+    for n in graph.nodes:
+        m = visit(n, tuple(new[x.id] for x in n.inputs))
+        new[n.id] = m
+        if m.id not in placed:
+            placed.add(m.id)
+            order.append(m)
+    outputs = {k: new[v.id] for k, v in graph.outputs.items()}
+    return dce(Graph(outputs, order, dict(graph.meta)))
+
+
+def dce(graph: Graph) -> Graph:
+    """Drop every node no output needs (unused leaves included); order is kept."""
+    live: set[int] = {n.id for n in graph.outputs.values()}
+    for n in reversed(graph.nodes):
+        if n.id in live:
+            live.update(x.id for x in n.inputs)
+    return Graph(graph.outputs, [n for n in graph.nodes if n.id in live], dict(graph.meta))
+
+
+def _key(value: Any) -> Any:
+    """A hashable, value-based key for an attribute (arrays by dtype, shape and bytes)."""
+    if isinstance(value, np.ndarray | np.generic):
+        arr = np.ascontiguousarray(value)
+        return ("ndarray", str(arr.dtype), arr.shape, arr.tobytes())
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _key(v)) for k, v in value.items())))
+    if isinstance(value, float) and value != value:
+        return ("nan",)
+    try:
+        hash(value)
+    except TypeError:
+        return ("object", id(value))  # unknown unhashable attribute: equal only to itself
+    return (type(value).__name__, value)
+
+
+def cse(graph: Graph) -> Graph:
+    """Merge nodes that compute the same thing: same op, same (merged) inputs, equal attrs
+    (constants compared by dtype, shape and bytes), same type. Leaves ``input``/``param``/
+    ``state`` merge when their name and type agree. Effectful ops are never merged."""
+    seen: dict[Any, Node] = {}
+
+    def visit(n: Node, ins: tuple[Node, ...]) -> Node:
+        m = _rebuild(n, ins)
+        if n.op in EFFECTFUL:
+            return m
+        key = (n.op, tuple(x.id for x in ins), _key(n.attrs), n.shape, n.dtype)
+        return seen.setdefault(key, m)
+
+    return _sweep(graph, visit)
+
+
+def fold_constants(graph: Graph, limit: int = FOLD_LIMIT) -> Graph:
+    """Replace each node whose inputs are all constants and whose result has at most ``limit``
+    elements by a ``const`` holding its value, computed with the op's NumPy forward (the same
+    kernel the reference interpreter runs, so results are bitwise unchanged). A node whose
+    kernel fails, or disagrees with its inferred type, is left for the executor to run."""
+
+    def visit(n: Node, ins: tuple[Node, ...]) -> Node:
+        m = _rebuild(n, ins)
+        if (not ins or n.op in NO_FOLD or n.size > limit
+                or any(x.op != "const" for x in ins)):
+            return m
+        try:
+            out = np.asarray(get(n.op).forward(np, *[x.attrs["value"] for x in ins],
+                                               **n.attrs))
+        except Exception:  # noqa: BLE001 - left for the executor to report with its node
+            return m
+        if out.shape != n.shape or str(out.dtype) != n.dtype:
+            return m
+        return Node("const", (), {"value": np.array(out)}, n.shape, n.dtype, n.where)
+
+    return _sweep(graph, visit)
+
+
+def simplify(graph: Graph) -> Graph:
+    """``cse(fold_constants(dce(graph)))``: what every executor runs before planning."""
+    return cse(fold_constants(dce(graph)))
+
+
+# ---- elementwise fusion ----------------------------------------------------------------------
+
+class Step(NamedTuple):
+    """One line of a fused kernel: ``op(*args, **attrs)``. An arg ``j`` below
+    ``len(group.inputs)`` names ``group.inputs[j]``; otherwise it names the member
+    ``group.nodes[j - len(group.inputs)]``."""
+
+    op: str
+    args: tuple[int, ...]
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
+class FusionGroup:
+    """A region of elementwise nodes that can run as one kernel over one index space.
+
+    nodes    the members, in topological order; all have the same ``shape``.
+    inputs   the values the group reads from outside it, each broadcastable to ``shape``
+             (constants included: a backend may inline 0-d ones).
+    outputs  the members whose value is needed outside the group (by another node or as a
+             graph output); every other member is an intermediate a kernel keeps in registers.
+    shape    the common output shape: one thread (or one loop iteration) per element.
+    expr     the expression DAG, one Step per member: ``expr[k]`` computes ``nodes[k]``.
+
+    The region is convex: no path leaves it and comes back, so running it as one kernel at
+    the position of its last member respects every dependency.
+    """
+
+    nodes: tuple[Node, ...]
+    inputs: tuple[Node, ...]
+    outputs: tuple[Node, ...]
+    shape: tuple[int, ...]
+    expr: tuple[Step, ...]
+
+    def __str__(self) -> str:
+        k = len(self.inputs)
+        names = [f"in{j}" for j in range(k)] + [f"t{j}" for j in range(len(self.nodes))]
+        body = "; ".join(
+            f"t{j} = {s.op}({', '.join(names[a] for a in s.args)}"
+            + "".join(f", {a}={v!r}" for a, v in sorted(s.attrs.items())) + ")"
+            for j, s in enumerate(self.expr))
+        outs = ", ".join(names[k + self.nodes.index(o)] for o in self.outputs)
+        ins = ", ".join(f"in{j}: {fmt_type(x.shape, x.dtype)}" for j, x in enumerate(self.inputs))
+        return f"fused[{','.join(map(str, self.shape))}]({ins}) {{ {body} }} -> ({outs})"
+
+
+def _convex(members: set[int], pos: dict[int, int], users: dict[int, list[Node]]) -> bool:
+    """True if no path leaves ``members`` and re-enters them."""
+    last = max(pos[i] for i in members)
+    stack = [u for i in members for u in users[i] if u.id not in members]
+    seen: set[int] = set()
+    while stack:
+        u = stack.pop()
+        if u.id in seen or pos[u.id] > last:
+            continue
+        seen.add(u.id)
+        for v in users[u.id]:
+            if v.id in members:
+                return False
+            stack.append(v)
+    return True
+
+
+def fusion_groups(graph: Graph) -> list[FusionGroup]:
+    """Partition the elementwise nodes of ``graph`` into convex same-shape FusionGroups
+    (singletons included), ordered by the position of each group's last member.
+
+    Greedy, producer into consumer, walking the graph backwards (as XLA's instruction fusion):
+    a node joins the group of its earliest same-shape elementwise user when the result stays
+    convex; a node with users elsewhere becomes one of that group's outputs.
+    """
+    pos = {n.id: i for i, n in enumerate(graph.nodes)}
+    users = graph.users()
+    out_ids = {n.id for n in graph.outputs.values()}
+    group_of: dict[int, int] = {}
+    members: dict[int, set[int]] = {}
+    for n in reversed(graph.nodes):
+        if n.op not in ELEMENTWISE:
+            continue
+        cands: list[int] = []
+        for u in sorted(users[n.id], key=lambda u: pos[u.id]):
+            g = group_of.get(u.id)
+            if g is not None and g not in cands and u.shape == n.shape:
+                cands.append(g)
+        for g in cands:
+            trial = members[g] | {n.id}
+            if _convex(trial, pos, users):
+                members[g] = trial
+                group_of[n.id] = g
+                break
+        else:
+            group_of[n.id] = n.id
+            members[n.id] = {n.id}
+    groups = []
+    for ids in members.values():
+        nodes = tuple(sorted((graph.nodes[pos[i]] for i in ids), key=lambda m: pos[m.id]))
+        inputs: list[Node] = []
+        for m in nodes:
+            for x in m.inputs:
+                if x.id not in ids and x not in inputs:
+                    inputs.append(x)
+        index = {x.id: j for j, x in enumerate(inputs)}
+        index.update({m.id: len(inputs) + j for j, m in enumerate(nodes)})
+        expr = tuple(Step(m.op, tuple(index[x.id] for x in m.inputs), dict(m.attrs))
+                     for m in nodes)
+        outputs = tuple(m for m in nodes if m.id in out_ids
+                        or any(u.id not in ids for u in users[m.id]))
+        groups.append(FusionGroup(nodes, tuple(inputs), outputs, nodes[-1].shape, expr))
+    groups.sort(key=lambda g: pos[g.nodes[-1].id])
+    return groups

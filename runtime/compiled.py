@@ -1,0 +1,412 @@
+"""The compiled executor: a Graph turned once into a flat schedule of kernel calls over
+pre-planned buffers (liveness-based reuse, ``out=`` and in-place kernels, views for shape ops,
+constants materialized once). Same interface and semantics as the reference Interpreter, and
+tested for equivalence against it.
+
+Imports graph and ops, and runtime.interpreter for its error type and feed checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from shardgrad.graph import passes
+from shardgrad.graph.ir import Graph, Node, fmt_type
+from shardgrad.ops.registry import get
+from shardgrad.runtime.interpreter import ExecutionError, describe, leaf_value
+
+FEEDS = ("input", "param", "state")
+FLOATS = ("float32", "float64")
+
+
+# ---- kernels that write into a given buffer ---------------------------------------------------
+
+class OutKernel(NamedTuple):
+    """``make(xp, node) -> (fn, tail)``: the node runs as ``fn(*inputs, *tail, out=buf)`` and
+    must give bitwise what the op's ``forward`` gives. ``inplace``: ``buf`` may be the buffer
+    of a same-shape input that dies here (true of elementwise ufuncs). ``accepts(node)``:
+    whether the kernel is exact for this node's dtypes (else the op's forward runs)."""
+
+    make: Callable[[Any, Node], tuple[Callable[..., Any], tuple[Any, ...]]]
+    inplace: bool
+    accepts: Callable[[Node], bool]
+
+
+def _same_dtype(kinds: str) -> Callable[[Node], bool]:
+    return lambda n: (np.dtype(n.dtype).kind in kinds
+                      and all(x.dtype == n.dtype for x in n.inputs))
+
+
+def _ufunc(name: str, kinds: str = "f", *tail: Any) -> OutKernel:
+    return OutKernel(lambda xp, n: (getattr(xp, name), tail), True, _same_dtype(kinds))
+
+
+def _compare(name: str) -> OutKernel:
+    return OutKernel(lambda xp, n: (getattr(xp, name), ()), True,
+                     lambda n: n.inputs[0].dtype == n.inputs[1].dtype)
+
+
+def _sigmoid(xp):
+    # the forward's own sequence, 0.5 * (tanh(0.5 * x) + 1), one pass each, in place
+    def run(x, out):
+        xp.multiply(x, 0.5, out=out)
+        xp.tanh(out, out=out)
+        xp.add(out, 1.0, out=out)
+        xp.multiply(out, 0.5, out=out)
+    return run
+
+
+def _where(xp):
+    def run(c, x, y, out):
+        xp.copyto(out, y)
+        xp.copyto(out, x, where=c)
+    return run
+
+
+def _reduce(name: str) -> Callable[[Any, Node], tuple[Callable[..., Any], tuple[Any, ...]]]:
+    return lambda xp, n: (partial(getattr(xp, name), axis=n.attrs["axis"],
+                                  keepdims=n.attrs["keepdims"]), ())
+
+
+OUT_KERNELS: dict[str, OutKernel] = {
+    "add": _ufunc("add", "fiu"), "sub": _ufunc("subtract", "fiu"),
+    "mul": _ufunc("multiply", "fiu"), "div": _ufunc("divide"), "pow": _ufunc("power"),
+    "maximum": _ufunc("maximum", "fiu"), "minimum": _ufunc("minimum", "fiu"),
+    "neg": _ufunc("negative", "fi"),
+    "exp": _ufunc("exp"), "log": _ufunc("log"), "sqrt": _ufunc("sqrt"), "tanh": _ufunc("tanh"),
+    "sign": _ufunc("sign"), "relu": _ufunc("maximum", "fi", 0),
+    "step": OutKernel(lambda xp, n: (xp.greater, (0,)), True, _same_dtype("f")),
+    "sigmoid": OutKernel(lambda xp, n: (_sigmoid(xp), ()), True, _same_dtype("f")),
+    "cast": OutKernel(lambda xp, n: (partial(xp.copyto, casting="unsafe"), ()), True,
+                      lambda n: True),
+    "where": OutKernel(lambda xp, n: (_where(xp), ()), False,
+                       lambda n: n.inputs[1].dtype == n.inputs[2].dtype == n.dtype),
+    "matmul": OutKernel(lambda xp, n: (xp.matmul, ()), False, _same_dtype("fiu")),
+    "sum": OutKernel(_reduce("sum"), False, lambda n: n.dtype in FLOATS),
+    "max": OutKernel(_reduce("max"), False, _same_dtype("fiu")),
+    "argmax": OutKernel(lambda xp, n: (partial(xp.argmax, axis=n.attrs["axis"]), ()), False,
+                        lambda n: n.dtype == "int64"),
+    **{c: _compare(c) for c in ("equal", "not_equal", "less", "less_equal", "greater",
+                                 "greater_equal")},
+}
+
+# Shape ops that NumPy and CuPy answer with a view; reshape only of a contiguous value.
+VIEWS: dict[str, Callable[..., Any]] = {
+    "reshape": lambda xp, x, shape: xp.reshape(x, shape),
+    "transpose": lambda xp, x, axes: xp.transpose(x, axes),
+    "broadcast_to": lambda xp, x, shape: xp.broadcast_to(x, shape),
+}
+
+
+# ---- the plan: what each node is, where its value lives, when its buffer dies ----------------
+
+@dataclass
+class _Value:
+    kind: str                 # feed | const | kernel | view | call
+    storage: int | None       # the buffer a kernel node writes (an index into Plan.storages)
+    holds: frozenset[int]     # storages the value may point into (views, unknown kernels)
+    contiguous: bool          # statically known to be C-contiguous (a reshape stays a view)
+
+
+@dataclass
+class _Storage:
+    dtype: str
+    size: int
+    pinned: bool = False      # an output lives here: never reused, one copy per parity
+    buffer: int = -1          # which physical buffer
+
+
+def _plan(graph: Graph) -> tuple[list[_Value], list[_Storage], list[int]]:
+    """Classify nodes, assign storages, and map storages onto physical buffers by liveness.
+    Returns (values, storages, buffer_sizes) where buffer_sizes[b] = (dtype, size)."""
+    pos = {n.id: i for i, n in enumerate(graph.nodes)}
+    values: list[_Value] = []
+    storages: list[_Storage] = []
+    for n in graph.nodes:
+        ins = [values[pos[x.id]] for x in n.inputs]
+        held = frozenset().union(*(v.holds for v in ins)) if ins else frozenset()
+        k = OUT_KERNELS.get(n.op)
+        if n.op in FEEDS:
+            values.append(_Value("feed", None, frozenset(), False))
+        elif n.op == "const":
+            values.append(_Value("const", None, frozenset(), True))
+        elif n.op in VIEWS and (n.op != "reshape" or ins[0].contiguous):
+            values.append(_Value("view", None, held, n.op == "reshape"))
+        elif k is not None and k.accepts(n):
+            storages.append(_Storage(n.dtype, n.size))
+            sid = len(storages) - 1
+            values.append(_Value("kernel", sid, frozenset({sid}), True))
+        else:
+            # an op's own forward may return a view of an input: keep the inputs alive with it
+            values.append(_Value("call", None, held, False))
+    last = {n.id: i for i, n in enumerate(graph.nodes)}
+    for i, n in enumerate(graph.nodes):
+        for x in n.inputs:
+            last[x.id] = i
+    for o in graph.outputs.values():
+        for s in values[pos[o.id]].holds:
+            storages[s].pinned = True
+    dies: dict[int, int] = {}
+    for n, v in zip(graph.nodes, values, strict=True):
+        for s in v.holds:
+            dies[s] = max(dies.get(s, -1), last[n.id])
+    dying: list[list[int]] = [[] for _ in graph.nodes]
+    for s, i in dies.items():
+        if not storages[s].pinned:
+            dying[i].append(s)
+
+    buffers: list[tuple[str, int]] = []
+    free: dict[tuple[str, int], list[int]] = {}
+
+    def release(s: int) -> None:
+        st = storages[s]
+        free.setdefault((st.dtype, st.size), []).append(st.buffer)
+
+    for i, (n, v) in enumerate(zip(graph.nodes, values, strict=True)):
+        early: list[int] = []
+        if v.kind == "kernel" and OUT_KERNELS[n.op].inplace:
+            # a dying input may become the output only where the ufunc reads it element for
+            # element in the same layout: its own buffer, same shape
+            ins = [(x, values[pos[x.id]]) for x in n.inputs]
+            early = [s for s in dying[i] if all(
+                s not in xv.holds or (xv.kind == "kernel" and x.shape == n.shape)
+                for x, xv in ins)]
+        for s in early:
+            release(s)
+        if v.storage is not None:
+            st = storages[v.storage]
+            if st.pinned:
+                buffers.append((st.dtype, st.size))
+                st.buffer = len(buffers) - 1
+            else:
+                pool = free.get((st.dtype, st.size))
+                if pool:
+                    st.buffer = pool.pop()
+                else:
+                    buffers.append((st.dtype, st.size))
+                    st.buffer = len(buffers) - 1
+        for s in dying[i]:
+            if s not in early:
+                release(s)
+    return values, storages, buffers
+
+
+def _peak_live_bytes(graph: Graph, values: list[_Value], storages: list[_Storage]) -> int:
+    """The planner's lower bound: the largest total size of storages live at one time."""
+    start = {v.storage: i for i, v in enumerate(values) if v.storage is not None}
+    end: dict[int, int] = {}
+    pos = {n.id: i for i, n in enumerate(graph.nodes)}
+    for i, n in enumerate(graph.nodes):
+        for x in n.inputs:
+            for s in values[pos[x.id]].holds:
+                end[s] = max(end.get(s, start[s]), i)
+    horizon = len(graph.nodes)
+    delta = [0] * (horizon + 2)
+    for s, st in enumerate(storages):
+        nbytes = st.size * np.dtype(st.dtype).itemsize
+        delta[start[s]] += nbytes
+        delta[(horizon if st.pinned else end.get(s, start[s])) + 1] -= nbytes
+    peak = live = 0
+    for d in delta:
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+# ---- the program ------------------------------------------------------------------------------
+
+class Program:
+    """A Graph compiled for repeated execution on ``xp`` (numpy or cupy). Build once with
+    ``compile(graph)``; call ``run`` every step.
+
+    ``run(feeds, outputs_into=None)`` takes leaf values keyed by leaf name (or Node) and returns
+    the outputs by name, exactly as ``Interpreter.run`` does (a failure is an ExecutionError
+    naming the node, op and source line).
+
+    Output contract: an output computed by a kernel lives in a buffer the Program owns. Output
+    buffers alternate between two sets, so the arrays returned by one run stay valid through
+    the next run and are overwritten by the run after it. Feeding the outputs of one run into
+    the next (the training loop: new parameters in, newer out) is therefore safe; a feed that
+    is one of the buffers about to be written is copied first. Copy an output to keep it longer.
+
+    ``outputs_into={name: array}`` writes those outputs into the caller's arrays instead (e.g.
+    views into one flat parameter buffer): directly from the kernel when no leaf read later in
+    the step shares memory with the array, else through the Program's buffer and a copy.
+    """
+
+    def __init__(self, graph: Graph, xp=np, rank: int | None = None, shard: str | None = None):
+        self.graph, self.xp, self.rank, self.shard = graph, xp, rank, shard
+        nodes = graph.nodes
+        pos = {n.id: i for i, n in enumerate(nodes)}
+        values, storages, buffer_specs = _plan(graph)
+        self.n_buffers = len(buffer_specs)
+        self.n_pinned = sum(st.pinned for st in storages)
+        self.planned_bytes = sum(size * np.dtype(dt).itemsize for dt, size in buffer_specs)
+        self.lower_bound_bytes = _peak_live_bytes(graph, values, storages)
+
+        flat = [xp.empty(size, dtype) for dtype, size in buffer_specs]
+        # the second set of buffers for pinned (output) storages: see the output contract
+        twin = {st.buffer: xp.empty(st.size, st.dtype) for st in storages if st.pinned}
+        self._parity = 0
+
+        slots: list[Any] = [None] * len(nodes)
+        fixed = [False] * len(nodes)
+        self._slots = slots
+        # per pinned kernel node: its slot and its buffer in each parity
+        self._pinned: list[tuple[int, tuple[Any, Any]]] = []
+        self._feeds: list[tuple[int, Node]] = []
+        steps: list[Callable[[], Any]] = []
+        step_nodes: list[Node] = []
+
+        for i, (n, v) in enumerate(zip(nodes, values, strict=True)):
+            ins = [pos[x.id] for x in n.inputs]
+            if v.kind == "feed":
+                self._feeds.append((i, n))
+                continue
+            if v.kind == "const":
+                slots[i] = xp.asarray(np.array(n.attrs["value"], order="C"))
+                fixed[i] = True
+                continue
+            if v.kind == "kernel":
+                st = storages[v.storage]
+                fn, tail = OUT_KERNELS[n.op].make(xp, n)
+                if st.pinned:
+                    a = flat[st.buffer].reshape(n.shape)
+                    b = twin[st.buffer].reshape(n.shape)
+                    self._pinned.append((i, (a, b)))
+                    steps.append(_out_step(fn, tail, slots, ins, i, fixed))
+                else:
+                    slots[i] = flat[st.buffer].reshape(n.shape)
+                    fixed[i] = True
+                    steps.append(_fixed_out_step(fn, tail, slots, ins, slots[i], fixed))
+                step_nodes.append(n)
+                continue
+            if v.kind == "view" and all(fixed[j] for j in ins):
+                slots[i] = VIEWS[n.op](xp, slots[ins[0]], **n.attrs)
+                fixed[i] = True
+                continue
+            fn = VIEWS[n.op] if v.kind == "view" else get(n.op).forward
+            steps.append(_call_step(partial(fn, xp, **n.attrs), slots, ins, i))
+            step_nodes.append(n)
+        self._steps, self._step_nodes = steps, step_nodes
+
+        users = graph.users()
+        self._out_slots = [(k, pos[o.id]) for k, o in graph.outputs.items()]
+        self._by_name = {k: pos[o.id] for k, o in graph.outputs.items()}
+        pinned_slots = {i for i, _ in self._pinned}
+        # leaves a direct write into a caller's array could clobber: read after the output
+        # node, or by it when its kernel is not elementwise-in-place
+        self._hazards: dict[int, list[int]] = {}
+        for i in pinned_slots:
+            o = nodes[i]
+            reads = [j for j, n in enumerate(nodes) if n.op in FEEDS and (
+                any(pos[u.id] > i for u in users[n.id])
+                or (o in users[n.id] and not OUT_KERNELS[o.op].inplace))]
+            self._hazards[i] = reads
+        self._owned = [{id(x) for _, ab in self._pinned for x in (ab[p], ab[p].base)}
+                       for p in (0, 1)]
+
+    # the schedule loop is the hot path: everything here was resolved at build time
+    def run(self, feeds: Mapping[Any, Any], outputs_into: Mapping[str, Any] | None = None
+            ) -> dict[str, Any]:
+        xp, slots = self.xp, self._slots
+        parity = self._parity
+        self._parity ^= 1
+        owned = self._owned[parity]
+        for i, n in self._feeds:
+            value = leaf_value(xp, n, feeds)
+            base = getattr(value, "base", None)
+            if id(value) in owned or (base is not None and id(base) in owned):
+                value = value.copy()
+            slots[i] = value
+        for i, bufs in self._pinned:
+            slots[i] = bufs[parity]
+        copies: list[tuple[int, Any]] = []
+        if outputs_into:
+            direct: set[int] = set()
+            for name, arr in outputs_into.items():
+                i = self._by_name[name]
+                node = self.graph.nodes[i]
+                if tuple(arr.shape) != node.shape or str(arr.dtype) != node.dtype:
+                    raise ExecutionError(
+                        f"outputs_into[{name!r}] is {fmt_type(arr.shape, str(arr.dtype))}, "
+                        f"output is {fmt_type(node.shape, node.dtype)}", node, self.rank)
+                if i in self._hazards and i not in direct and not any(
+                        xp.may_share_memory(arr, slots[j]) for j in self._hazards[i]):
+                    slots[i] = arr
+                    direct.add(i)
+                else:
+                    copies.append((i, arr))
+        i = 0
+        try:
+            for i, step in enumerate(self._steps):  # noqa: B007 - i names the failing node
+                step()
+        except Exception as e:  # noqa: BLE001 - re-raised with the node attached
+            n = self._step_nodes[i]
+            where = f" on rank {self.rank}" if self.rank is not None else ""
+            shard = f" in shard {self.shard}" if self.shard else ""
+            raise ExecutionError(
+                f"while executing {describe(self.graph, n)} (from {n.where}){shard}{where}: "
+                f"{type(e).__name__}: {e}", n, self.rank) from e
+        out = {k: slots[i] for k, i in self._out_slots}
+        for i, arr in copies:
+            xp.copyto(arr, slots[i])
+        if outputs_into:
+            out.update(outputs_into)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Plan facts: nodes, scheduled kernel calls, physical buffers (pinned output buffers
+        counted once per parity), planned bytes, and the lower bound on live bytes."""
+        return {"nodes": len(self.graph.nodes), "steps": len(self._steps),
+                "buffers": self.n_buffers + self.n_pinned, "planned_bytes": self.planned_bytes,
+                "lower_bound_bytes": self.lower_bound_bytes}
+
+
+def _fixed_out_step(fn, tail, slots, ins, out, fixed) -> Callable[[], Any]:
+    """A kernel writing into its own fixed buffer; a C-level partial when every input is
+    fixed too, else a closure that reads the varying inputs from their slots."""
+    if all(fixed[j] for j in ins):
+        return partial(fn, *[slots[j] for j in ins], *tail, out=out)
+    if len(ins) == 1:
+        (a,) = ins
+        return lambda: fn(slots[a], *tail, out=out)
+    if len(ins) == 2:
+        a, b = ins
+        return lambda: fn(slots[a], slots[b], *tail, out=out)
+    return lambda: fn(*[slots[j] for j in ins], *tail, out=out)
+
+
+def _out_step(fn, tail, slots, ins, i, fixed) -> Callable[[], Any]:
+    """A kernel writing into the buffer its slot holds this run (an output's)."""
+    if len(ins) == 2:
+        a, b = ins
+        return lambda: fn(slots[a], slots[b], *tail, out=slots[i])
+    return lambda: fn(*[slots[j] for j in ins], *tail, out=slots[i])
+
+
+def _call_step(fn, slots, ins, i) -> Callable[[], Any]:
+    """An op's own forward (or a view of a varying value): a fresh result every run."""
+    if len(ins) == 1:
+        (a,) = ins
+
+        def step():
+            slots[i] = fn(slots[a])
+        return step
+
+    def step_n():
+        slots[i] = fn(*[slots[j] for j in ins])
+    return step_n
+
+
+def compile(graph: Graph, xp=np, simplify: bool = True, rank: int | None = None,  # noqa: A001
+            shard: str | None = None) -> Program:
+    """Compile ``graph`` into a Program on ``xp``. With ``simplify`` (the default) the graph
+    first goes through ``passes.simplify`` (dead code, constant folding, common
+    subexpressions), which changes no result."""
+    return Program(passes.simplify(graph) if simplify else graph, xp, rank, shard)

@@ -1,0 +1,225 @@
+"""The compiled executor against the reference interpreter: same outputs bitwise (same kernels,
+same BLAS, no reassociation), on an MLP training step, colah's example and random graphs;
+buffers really reused; repeated runs, fed-back outputs and caller-owned outputs all safe."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardgrad.graph import autodiff
+from shardgrad.graph.ir import Graph, leaf
+from shardgrad.ops import elementwise as E
+from shardgrad.ops import reduce as R
+from shardgrad.ops.registry import apply
+from shardgrad.runtime.compiled import compile
+from shardgrad.runtime.interpreter import ExecutionError, Interpreter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "graph"))
+from graph_cases import feeds_for, mlp_step, random_graphs  # noqa: E402
+
+
+def assert_outputs_equal(ref, out):
+    assert ref.keys() <= out.keys()
+    for k in ref:
+        assert np.shape(out[k]) == np.shape(ref[k]), k
+        assert np.asarray(out[k]).dtype == np.asarray(ref[k]).dtype, k
+        np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+
+
+def snapshot(out):
+    return {k: np.array(v, copy=True) for k, v in out.items()}
+
+
+def test_mlp_training_step_matches_the_interpreter_bitwise():
+    g = mlp_step(batch=16, sizes=(12, 10, 8, 3))
+    feeds = feeds_for(g)
+    ref = Interpreter(g).run(feeds)
+    program = compile(g)
+    first = program.run(feeds)
+    kept = snapshot(first)
+    assert_outputs_equal(ref, first)
+    second = program.run(feeds)
+    assert_outputs_equal(ref, second)
+    assert_outputs_equal(kept, first)        # the previous run's outputs survive one more run
+    assert_outputs_equal(ref, program.run(feeds))
+
+
+def test_training_loop_feeding_outputs_back():
+    g = mlp_step(batch=8, sizes=(6, 5, 4, 3))
+    f_ref, f_cmp = feeds_for(g), feeds_for(g)
+    interp, program = Interpreter(g), compile(g)
+    losses = []
+    for _ in range(6):
+        ref, out = interp.run(f_ref), program.run(f_cmp)
+        assert_outputs_equal(ref, out)
+        losses.append(float(out["loss"]))
+        f_ref.update({k[6:]: v for k, v in ref.items() if k.startswith("param/")})
+        f_cmp.update({k[6:]: v for k, v in out.items() if k.startswith("param/")})
+    assert losses[-1] < losses[0]
+
+
+def test_colah_example():
+    a = leaf("input", (), "float64", name="a")
+    b = leaf("input", (), "float64", name="b")
+    g = autodiff.grad(Graph({"e": (a + b) * (b + 1.0)}), wrt=["a", "b"])
+    feeds = {"a": np.float64(2.0), "b": np.float64(1.0)}
+    out = compile(g).run(feeds)
+    assert_outputs_equal(Interpreter(g).run(feeds), out)
+    assert (out["e"], out["grad/a"], out["grad/b"]) == (6.0, 2.0, 5.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(random_graphs(), st.integers(0, 2**16), st.booleans())
+def test_random_graphs_match_the_interpreter(g, seed, simplify):
+    feeds = feeds_for(g, seed)
+    with np.errstate(all="ignore"):
+        ref = Interpreter(g).run(feeds)
+        program = compile(g, simplify=simplify)
+        assert_outputs_equal(ref, program.run(feeds))
+        other = feeds_for(g, seed + 1)
+        assert_outputs_equal(Interpreter(g).run(other), program.run(other))
+        assert_outputs_equal(ref, program.run(feeds))
+
+
+def test_buffers_are_reused():
+    g = mlp_step(batch=32, sizes=(16, 16, 16, 4))
+    stats = compile(g).stats()
+    assert stats["buffers"] < stats["nodes"]
+    x = leaf("input", (64, 64), "float32", name="x")
+    y = x
+    for i in range(20):
+        y = E.tanh(y) * 0.5 if i % 2 else E.exp(y) + x
+    program = compile(Graph({"y": R.sum(y, axis=0)}))
+    # the chain runs in place: one working buffer (plus the output's two)
+    assert program.stats()["buffers"] == 3
+    assert program.stats()["planned_bytes"] <= 64 * 64 * 4 + 64 * 4
+    feeds = {"x": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}
+    assert_outputs_equal(Interpreter(program.graph).run(feeds), program.run(feeds))
+
+
+def test_bias_add_and_relu_run_in_place():
+    x = leaf("input", (4, 3), "float32", name="x")
+    w = leaf("param", (3, 5), "float32", name="w")
+    b = leaf("param", (5,), "float32", name="b")
+    h = E.relu(x @ w + b)
+    program = compile(Graph({"out": R.sum(h @ apply("transpose", w, axes=(1, 0)))}))
+    steps = [n.op for n in program._step_nodes]
+    assert steps == ["matmul", "add", "relu", "transpose", "matmul", "sum"]  # w.T: a view of a feed
+    slots = program._slots
+    mm, add, relu = (slots[program.graph.nodes.index(n)] for n in program._step_nodes[:3])
+    assert np.shares_memory(mm, add) and np.shares_memory(add, relu)
+
+
+def test_views_of_changing_values_are_recomputed():
+    x = leaf("input", (3, 4), "float32", name="x")
+    t = apply("transpose", E.exp(x), axes=(1, 0))
+    r = apply("reshape", t, shape=(12,))      # not contiguous: a copy each run, never a snapshot
+    g = Graph({"r": r * 2.0, "t": t + 0.0})
+    program = compile(g)
+    for seed in range(3):
+        feeds = feeds_for(g, seed)
+        assert_outputs_equal(Interpreter(g).run(feeds), program.run(feeds))
+
+
+def test_outputs_into_updates_parameters_in_place_in_one_flat_buffer():
+    g = mlp_step(batch=8, sizes=(6, 5, 3))
+    f_ref = feeds_for(g)
+    params = [n for n in g.nodes if n.op == "param"]
+    flat = np.empty(sum(p.size for p in params), np.float32)
+    views, k = {}, 0
+    for p in params:
+        views[p.name] = flat[k:k + p.size].reshape(p.shape)
+        views[p.name][...] = f_ref[p.name]
+        k += p.size
+    f_cmp = {**f_ref, **views}
+    interp, program = Interpreter(g), compile(g)
+    into = {f"param/{name}": v for name, v in views.items()}
+    for _ in range(4):
+        ref = interp.run(f_ref)
+        out = program.run(f_cmp, outputs_into=into)
+        assert_outputs_equal(ref, out)
+        for name, v in views.items():
+            assert out[f"param/{name}"] is v
+        f_ref.update({k[6:]: v for k, v in ref.items() if k.startswith("param/")})
+    assert not np.array_equal(flat, np.concatenate([feeds_for(g)[p.name].ravel()
+                                                    for p in params]))
+
+
+def test_outputs_into_an_array_a_later_node_still_reads_is_copied_at_the_end():
+    x = leaf("input", (5,), "float64", name="x")
+    g = Graph({"a": x * 2.0, "b": E.exp(x) + 1.0, "c": x * 2.0})
+    xs = np.linspace(-1, 1, 5)
+    ref = Interpreter(g).run({"x": xs})
+    x_arr = xs.copy()
+    c_arr = np.empty(5)
+    out = compile(g).run({"x": x_arr}, outputs_into={"a": x_arr, "c": c_arr})
+    assert_outputs_equal(ref, out)
+    np.testing.assert_array_equal(x_arr, ref["a"])
+    np.testing.assert_array_equal(c_arr, ref["a"])
+
+
+def test_outputs_into_checks_types():
+    x = leaf("input", (5,), "float64", name="x")
+    program = compile(Graph({"a": x * 2.0}))
+    with pytest.raises(ExecutionError, match="outputs_into"):
+        program.run({"x": np.ones(5)}, outputs_into={"a": np.ones(4)})
+
+
+def test_feeding_a_buffer_that_is_about_to_be_written_is_safe():
+    x = leaf("input", (4,), "float64", name="x")
+    g = Graph({"y": E.tanh(x) * 3.0 + x})
+    program, interp = compile(g), Interpreter(g)
+    first = program.run({"x": np.arange(4.0)})
+    program.run({"x": np.ones(4)})
+    # ``first`` lives in the buffers the third run writes: it must be read before that
+    assert_outputs_equal(interp.run({"x": first["y"]}), program.run({"x": first["y"]}))
+
+
+def test_outputs_that_are_leaves_consts_or_shared():
+    x = leaf("input", (3,), "float32", name="x")
+    y = E.exp(x)
+    g = Graph({"x": x, "zero": autodiff.zeros_like(x), "y": y, "y_again": y,
+               "y_view": apply("reshape", y, shape=(3, 1))})
+    feeds = {"x": np.arange(3, dtype=np.float32)}
+    program = compile(g)
+    for _ in range(2):
+        out = program.run(feeds)
+        assert_outputs_equal(Interpreter(g).run(feeds), out)
+        assert out["x"] is feeds["x"] and out["y"] is out["y_again"]
+        assert np.shares_memory(out["y"], out["y_view"])
+
+
+def test_ops_without_an_out_kernel_run_their_forward():
+    x = leaf("input", (3, 4), "float32", name="x")
+    g = autodiff.grad(Graph({"l": R.sum(E.gelu(x * 2.0))}), wrt=["x"])
+    feeds = feeds_for(g)
+    program = compile(g)
+    assert "gelu" in [n.op for n in program._step_nodes]
+    for _ in range(2):
+        assert_outputs_equal(Interpreter(g).run(feeds), program.run(feeds))
+
+
+def test_errors_name_the_node_and_source_line():
+    x = leaf("input", (3,), "float64", name="x")
+    y = E.log(x * 2.0)
+    program = compile(Graph({"y": y + 1.0}))
+    with np.errstate(all="raise"), pytest.raises(ExecutionError) as err:
+        program.run({"x": np.array([1.0, -1.0, 2.0])})
+    assert err.value.node.op == "log" and err.value.node.where == y.where
+    assert "while executing" in str(err.value) and "log(" in str(err.value)
+    assert "test_compiled.py" in str(err.value)
+    with pytest.raises(ExecutionError, match="no value fed"):
+        program.run({})
+    with pytest.raises(ExecutionError, match="expects f64"):
+        program.run({"x": np.ones(3, np.float32)})
+
+
+def test_rank_and_shard_appear_in_errors():
+    x = leaf("input", (2,), "float64", name="x")
+    program = compile(Graph({"y": E.sqrt(x)}), rank=3, shard="stage1")
+    with np.errstate(all="raise"), pytest.raises(ExecutionError, match="shard stage1 on rank 3"):
+        program.run({"x": np.array([-1.0, 1.0])})
