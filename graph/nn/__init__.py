@@ -258,8 +258,11 @@ class LayerNorm(Module):
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else \
             tuple(normalized_shape)
         self.eps = eps
-        self.weight = Parameter(np.ones(self.normalized_shape)) if elementwise_affine else None
-        self.bias = Parameter(np.zeros(self.normalized_shape)) if elementwise_affine else None
+        dtype = get_default_dtype()
+        self.weight = Parameter(np.ones(self.normalized_shape, dtype)) if elementwise_affine \
+            else None
+        self.bias = Parameter(np.zeros(self.normalized_shape, dtype)) if elementwise_affine \
+            else None
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -272,8 +275,8 @@ class BatchNorm2d(Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.weight = Parameter(np.ones(num_features))
-        self.bias = Parameter(np.zeros(num_features))
+        self.weight = Parameter(np.ones(num_features, get_default_dtype()))
+        self.bias = Parameter(np.zeros(num_features, get_default_dtype()))
         self.register_buffer("running_mean", np.zeros(num_features, get_default_dtype()))
         self.register_buffer("running_var", np.ones(num_features, get_default_dtype()))
 
