@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from shardgrad.graph.ir import Node
+from shardgrad.graph.ir import Node, const
 from shardgrad.ops.registry import (
     OpDef,
     apply,
@@ -114,16 +114,27 @@ def div(x, y) -> Node:
     return apply("div", x, y)
 
 
+def _pow_dx(x, y):
+    """d x^y / dx = y x^(y-1), taken as 0 where y == 0 (x^-1 would give 0 * inf at x = 0)."""
+    if y.op == "const" and np.all(y.attrs["value"] != 0):
+        return y * x ** const(y.attrs["value"] - 1, dtype=y.dtype)      # fold y - 1 now
+    return where(equal(y, 0.0), 0.0, y * x ** (y - 1.0))
+
+
+def _pow_dy(x, out):
+    """d x^y / dy = x^y log x, taken as 0 at x = 0 (0 * -inf otherwise), as JAX does."""
+    return out * log(where(equal(x, 0.0), 1.0, x))
+
+
 def _pow_vjp(g, x, y, out):
     # d(x^y) = y x^(y-1) dx + x^y log(x) dy; the dy term only where y needs a gradient
-    gx = g * y * x ** (y - 1.0)
-    gy = None if y.op == "const" else unbroadcast(g * out * log(x), y.shape)
-    return unbroadcast(gx, x.shape), gy
+    gy = None if y.op == "const" else unbroadcast(g * _pow_dy(x, out), y.shape)
+    return unbroadcast(g * _pow_dx(x, y), x.shape), gy
 
 
 def _pow_jvp(ts, x, y, out):
-    return _sum_tangents(None if ts[0] is None else _t(ts[0] * y * x ** (y - 1.0), out),
-                         None if ts[1] is None else _t(ts[1] * out * log(x), out))
+    return _sum_tangents(None if ts[0] is None else _t(ts[0] * _pow_dx(x, y), out),
+                         None if ts[1] is None else _t(ts[1] * _pow_dy(x, out), out))
 
 
 register(OpDef("pow", infer=broadcast_infer, forward=lambda xp, x, y: x ** y, vjp=_pow_vjp,
@@ -135,20 +146,30 @@ def pow(x, y) -> Node:  # noqa: A001 - NumPy's name
     return apply("pow", x, y)
 
 
-def _maximum_vjp(g, x, y, out):
-    # d max(x,y) = [x>=y] dx + [x<y] dy  (ties go to x, as NumPy-based frameworks do)
-    mask = greater_equal(x, y)
-    zero = apply("mul", g, 0.0)
-    return (unbroadcast(where(mask, g, zero), x.shape),
-            unbroadcast(where(mask, zero, g), y.shape))
+def _share(x, y, dtype, first_wins):
+    """x's share of d max(x, y) (or of min with ``first_wins=less``): [x > y] + [x == y] / 2.
+    Ties split evenly, as the max reduction here, JAX and PyTorch do; a central difference at
+    a tie gives the same 1/2."""
+    return cast(first_wins(x, y), dtype) + cast(equal(x, y), dtype) * 0.5
 
 
-def _maximum_jvp(ts, x, y, out):
-    return where(greater_equal(x, y), _t_or_zero(ts[0], out), _t_or_zero(ts[1], out))
+def _extremum(name, first_wins):
+    def vjp(g, x, y, out):
+        s = _share(x, y, g.dtype, first_wins)    # d max(x,y) = s dx + (1 - s) dy
+        return unbroadcast(g * s, x.shape), unbroadcast(g - g * s, y.shape)
+
+    def jvp(ts, x, y, out):
+        s = _share(x, y, out.dtype, first_wins)
+        return _sum_tangents(None if ts[0] is None else _t(ts[0] * s, out),
+                             None if ts[1] is None else _t(ts[1] * (1.0 - s), out))
+
+    register(OpDef(name, infer=broadcast_infer,
+                   forward=lambda xp, x, y: getattr(xp, name)(x, y),
+                   vjp=vjp, jvp=jvp, cost=elementwise_cost))
 
 
-register(OpDef("maximum", infer=broadcast_infer, forward=lambda xp, x, y: xp.maximum(x, y),
-               vjp=_maximum_vjp, jvp=_maximum_jvp, cost=elementwise_cost))
+_extremum("maximum", lambda x, y: greater(x, y))
+_extremum("minimum", lambda x, y: less(x, y))
 
 
 def maximum(x, y) -> Node:
@@ -156,11 +177,7 @@ def maximum(x, y) -> Node:
 
 
 def minimum(x, y) -> Node:
-    return -maximum(-as_float(x), -as_float(y))
-
-
-def as_float(x):
-    return x if isinstance(x, Node) else float(x)
+    return apply("minimum", x, y)
 
 
 # ---- unary -------------------------------------------------------------------------------------
@@ -252,8 +269,8 @@ def _cast_vjp(g, x, out, dtype):
 
 
 register(OpDef("cast", infer=_cast_infer, forward=lambda xp, x, dtype: x.astype(dtype),
-               vjp=_cast_vjp, jvp=lambda ts, x, out, dtype: None if ts[0] is None else cast(
-                   ts[0], dtype), cost=elementwise_cost))
+               vjp=_cast_vjp, jvp=lambda ts, x, out, dtype: None if ts[0] is None or np.dtype(
+                   dtype).kind != "f" else cast(ts[0], dtype), cost=elementwise_cost))
 
 
 def cast(x, dtype) -> Node:

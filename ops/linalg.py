@@ -30,7 +30,7 @@ def _matmul_infer(x, y, **_):
         raise ValueError(f"inner dimensions differ: {k1} (last of {tuple(xs)}) vs {k2} "
                          f"({'second-to-last' if len(ys) > 1 else 'only'} of {tuple(ys)})")
     batch = broadcast_shapes(xs[:-2], ys[:-2])
-    shape = batch + (xs[-2],) * (len(xs) > 1) + (ys[-1],) * (len(ys) > 1)
+    shape = batch + tuple(xs[-2:-1]) + (tuple(ys[-1:]) if len(ys) > 1 else ())  # 1-d: dropped
     return shape, result_dtype(xd, yd)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from shardgrad.graph.ir import BUILDERS, Node, ShapeError, const, emit
+from shardgrad.graph.ir import BUILDERS, Node, ShapeError, const, emit, fmt_type, user_frame
 
 Type = tuple[tuple[int, ...], str]
 
@@ -147,3 +147,20 @@ def unbroadcast(g: Node, shape: tuple[int, ...]) -> Node:
     out = apply("sum", g, axis=axes, keepdims=False) if axes else g
     lead_kept = tuple(s for i, s in enumerate(g.shape) if i not in axes)
     return out if lead_kept == shape else apply("reshape", out, shape=shape)
+
+
+def zeros(shape: tuple[int, ...], dtype: str) -> Node:
+    """A zero Node of ``shape`` (a broadcast scalar: no memory until used)."""
+    return apply("broadcast_to", const(0, dtype=dtype), shape=tuple(shape))
+
+
+def is_int(dtype: str) -> bool:
+    return np.dtype(dtype).kind in "iu"
+
+
+def shape_error(op: str, inputs: Sequence[Node], reason: str, **attrs: Any) -> ShapeError:
+    """The error ``emit`` raises, for checks a builder makes before any node exists (composite
+    ops, index normalisation): names the op, the input types and the user's source line."""
+    types = ", ".join(fmt_type(x.shape, x.dtype) for x in inputs)
+    extra = f" with {attrs}" if attrs else ""
+    return ShapeError(f"{op}({types}){extra} at {user_frame()}: {reason}")
