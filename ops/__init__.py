@@ -3,7 +3,15 @@
 Importing this package registers every op. Imports only graph.ir.
 """
 
-from shardgrad.ops import elementwise, linalg, loss, nn, reduce, shape  # noqa: F401 (registers)
+from shardgrad.ops import (  # noqa: F401 (registers)
+    collective,
+    elementwise,
+    linalg,
+    loss,
+    nn,
+    reduce,
+    shape,
+)
 from shardgrad.ops.registry import REGISTRY, OpDef, apply, get, register
 
 __all__ = ["REGISTRY", "OpDef", "apply", "get", "register"]

@@ -46,6 +46,20 @@ class Communicator(abc.ABC):
     def recv_(self, buf: Any, source: int, tag: int = 0) -> Any:
         """Receive into ``buf`` from rank ``source``; returns ``buf``."""
 
+    def allgather_(self, x: Any, out: Any) -> Any:
+        """Every rank's ``x`` (the same shape on all ranks) stacked along axis 0 into ``out``,
+        in rank order; returns ``out``. This default pickles through ``allgather_obj``."""
+        m = len(x)
+        for r, part in enumerate(self.allgather_obj(x)):
+            out[r * m:(r + 1) * m] = part
+        return out
+
+    def iallreduce_(self, buf: Any, op: str = "sum") -> Request:
+        """Start ``allreduce_(buf, op)`` and return its Request; ``buf`` must not be read or
+        written until ``wait()`` returns. This default completes it at once."""
+        self.allreduce_(buf, op)
+        return Request()
+
     def barrier(self) -> None:
         """Block until every rank has reached the barrier."""
         self.allgather_obj(None)
@@ -61,6 +75,14 @@ class Communicator(abc.ABC):
 
 class CommError(RuntimeError):
     """A collective could not complete: a peer died, timed out or failed."""
+
+
+class Request:
+    """A started non-blocking operation; ``wait()`` blocks until it is done (raising
+    CommError on a timeout or a failed peer). This one is already done."""
+
+    def wait(self) -> None:
+        return None
 
 
 class SingleProcess(Communicator):
