@@ -29,7 +29,9 @@ class TrainStep:
     """``loss = step(x, y)`` runs forward, backward and the optimizer update.
 
     One Graph per distinct (x, y) batch type is traced, transformed (``transform``, e.g. the
-    data-parallel rewrite) and handed to ``executor`` once, then reused.
+    data-parallel rewrite) and handed to ``executor`` once, then reused. A transform with an
+    attribute ``split`` > 1 gets the step traced on batches that many times smaller and
+    returns a graph that takes the whole batch (deterministic data parallelism does that).
     """
 
     def __init__(self, model: Module, loss_fn: Callable, optimizer: Optimizer,
@@ -51,7 +53,16 @@ class TrainStep:
     def graph_for(self, x, y) -> tuple[Graph, Any]:
         key = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype))
         if key not in self._compiled:
-            graph = trace_step(self.model, self.loss_fn, self.optimizer, key[:2], key[2:])
+            split = getattr(self.transform, "split", 1)
+            if split > 1 and (key[0][:1] != key[2][:1] or key[0][0] % split):
+                raise ValueError(f"batch of {key[0][0]} rows (labels: {key[2][:1]}) cannot be "
+                                 f"split into {split} equal parts for this step's transform")
+            if split > 1:
+                key_traced = (((key[0][0] // split,) + key[0][1:], key[1]),
+                              ((key[2][0] // split,) + key[2][1:], key[3]))
+            else:
+                key_traced = (key[:2], key[2:])
+            graph = trace_step(self.model, self.loss_fn, self.optimizer, *key_traced)
             if self.transform is not None:
                 graph = self.transform(graph)
             self._compiled[key] = (graph, self.executor(graph))
