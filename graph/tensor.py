@@ -29,6 +29,7 @@ from shardgrad.ops.registry import get
 _VALUES: weakref.WeakKeyDictionary[Node, Any] = weakref.WeakKeyDictionary()
 _LEAVES: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 _grad_enabled = [True]
+_rng_salt: list[Tensor | None] = [None]   # the traced step counter, while a step is traced
 _default_dtype = ["float32"]
 
 
@@ -53,6 +54,22 @@ def no_grad():
 
 def is_grad_enabled() -> bool:
     return _grad_enabled[0]
+
+
+def rng_salt() -> Tensor | None:
+    """While a training step is traced, the int64 step-counter input that random ops (dropout)
+    mix into their seed so each step draws anew; None when running eagerly."""
+    return _rng_salt[0]
+
+
+@contextlib.contextmanager
+def tracing_salt(salt: Tensor):
+    saved = _rng_salt[0]
+    _rng_salt[0] = salt
+    try:
+        yield
+    finally:
+        _rng_salt[0] = saved
 
 
 def _evaluate(outs: list[Node]) -> None:
@@ -254,6 +271,7 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
     symbolically; returns a Tensor, or a tuple of them for multi-result builders."""
     tensors = [a for a in args if isinstance(a, Tensor)] + [
         t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, Tensor)]
+    tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
     symbolic = any(t.is_symbolic for t in tensors)
     track = _grad_enabled[0] and any(t.requires_grad for t in tensors)
 
@@ -262,11 +280,11 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
             if (symbolic or not track) and not a.is_symbolic:
                 return a.node if a.node.op == "const" else const(a.data)
             return a.node
-        if isinstance(a, list):
-            return [to_node(t) for t in a]
+        if isinstance(a, list | tuple):
+            return type(a)(to_node(t) for t in a)
         return a
 
-    out = fn(*[to_node(a) for a in args], **kwargs)
+    out = fn(*[to_node(a) for a in args], **{k: to_node(v) for k, v in kwargs.items()})
     outs = list(out) if isinstance(out, tuple) else [out]
     if not symbolic:
         _evaluate(outs)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-import numpy as np
-
 from shardgrad.graph.autodiff import backprop
 from shardgrad.graph.ir import Graph, ShapeError, const
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
-from shardgrad.graph.tensor import Tensor, placeholder
+from shardgrad.graph.tensor import Tensor, placeholder, tracing_salt
 
 
 @contextlib.contextmanager
@@ -40,7 +38,8 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
                ) -> Graph:
     """The training-step Graph for a batch of the given (shape, dtype) specs.
 
-    Leaves: inputs ``x``, ``y``, ``lr``, ``t``; params by ``named_parameters()`` names;
+    Leaves: inputs ``x``, ``y``, ``lr``, ``t`` (1-based step, float), ``step`` (int64, only
+    if random ops use it); params by ``named_parameters()`` names;
     states for buffers (their names) and optimizer state (``optim/<param>/<key>``).
     Outputs: ``loss``, ``grad/<param>``, ``param/<param>`` (updated), ``state/<name>``
     (updated). ``meta``: ``params``, ``states`` (names in order), ``loss_scale`` =
@@ -67,7 +66,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
 
     x = placeholder(*x_spec, name="x")
     y = placeholder(*y_spec, name="y")
-    with _swapped(swaps):
+    with _swapped(swaps), tracing_salt(placeholder((), "int64", name="step")):
         model.train()
         loss = loss_fn(model(x), y)
         if not isinstance(loss, Tensor) or loss.shape != ():

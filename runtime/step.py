@@ -78,7 +78,8 @@ class TrainStep:
     def feeds(self, x, y) -> dict[str, Any]:
         opt = self.optimizer
         feeds: dict[str, Any] = {"x": x, "y": y, "lr": np.asarray(opt.lr, self.dtype),
-                                 "t": np.asarray(opt.t + 1, self.dtype)}
+                                 "t": np.asarray(opt.t + 1, self.dtype),
+                                 "step": np.asarray(opt.t + 1, np.int64)}
         feeds.update((n, p.data) for n, p in self._params)
         feeds.update((n, b.data) for n, b in self._buffers)
         feeds.update((n, v.data) for n, v in self._opt_states)

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from shardgrad import ops
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import functional
 from shardgrad.graph.nn import functional as F
-from shardgrad.graph.tensor import Tensor, apply, get_default_dtype, tensor
-from shardgrad import ops
+from shardgrad.graph.tensor import Tensor, apply, get_default_dtype, rng_salt, tensor
 
 _rng = [np.random.default_rng(0)]
 
@@ -236,7 +236,7 @@ class Flatten(Module):
 
 class Dropout(Module):
     """Zeroes each element with probability p in training and scales the rest by 1/(1-p).
-    The mask is a function of (seed, call count), so runs are reproducible."""
+    The mask is a function of (seed, step or call count), so runs are reproducible."""
 
     _instances = [0]
 
@@ -247,9 +247,14 @@ class Dropout(Module):
         self.p = p
         Dropout._instances[0] += 1
         self.seed = Dropout._instances[0] if seed is None else seed
+        self.calls = 0
 
     def forward(self, x):
-        return F.dropout(x, self.p, self.training, seed=self.seed)
+        salt = rng_salt()
+        if salt is None:
+            self.calls += 1
+            salt = tensor(np.int64(self.calls))
+        return F.dropout(x, self.p, self.training, seed=self.seed, salt=salt)
 
 
 class LayerNorm(Module):

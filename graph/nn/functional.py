@@ -58,10 +58,13 @@ def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
     return apply(ops.nn.avg_pool2d, x, kernel_size, stride=stride, padding=padding)
 
 
-def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int = 0) -> Tensor:
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int = 0,
+            salt: Tensor | None = None) -> Tensor:
+    """Zero each element with probability ``p`` and scale the rest by 1/(1-p); the mask is a
+    function of (seed, salt, element index), identical on every device."""
     if not training or p == 0.0:
         return x
-    return apply(ops.nn.dropout, x, p=p, seed=seed)
+    return apply(ops.nn.dropout, x, p=p, seed=seed, salt=salt)
 
 
 def layer_norm(x: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5):

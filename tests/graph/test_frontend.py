@@ -182,3 +182,44 @@ def test_modules_api():
     assert "Linear(in_features=4, out_features=8)" in repr(model)
     model.eval()
     assert not model[0].training
+
+
+def test_dropout_draws_a_new_mask_each_compiled_step():
+    sg.manual_seed(0)
+    model = sg.nn.Sequential(sg.nn.Linear(4, 64), sg.nn.Dropout(0.5), sg.nn.Linear(64, 3))
+    step = sg.compile_step(model, _mse, sg.optim.SGD(model.parameters(), lr=0.0))
+    x, y = _data()
+    losses = [step(x.astype(np.float32), y.astype(np.float32)) for _ in range(3)]
+    assert len(set(losses)) == 3                     # lr=0: only the mask changes
+    assert "step" in {n.name for n in step.graph.inputs}
+    model.eval()
+    out = model(sg.tensor(x.astype(np.float32)))
+    np.testing.assert_array_equal(out.numpy(), model(sg.tensor(x.astype(np.float32))).numpy())
+
+
+def test_cnn_compiled_step_equals_eager():
+    sg.set_default_dtype("float64")
+    try:
+        sg.manual_seed(0)
+        model = sg.nn.Sequential(
+            sg.nn.Conv2d(1, 4, 3, padding=1), sg.nn.BatchNorm2d(4), sg.nn.ReLU(),
+            sg.nn.MaxPool2d(2), sg.nn.Flatten(), sg.nn.Linear(4 * 4 * 4, 10))
+    finally:
+        sg.set_default_dtype("float32")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 1, 8, 8)), rng.integers(0, 10, size=8)
+    start = model.state_dict()
+    opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = sg.nn.functional.cross_entropy(model(sg.tensor(x)), y)
+        loss.backward()
+        opt.step()
+    eager = model.state_dict()
+    model.load_state_dict(start)
+    step = sg.compile_step(model, sg.nn.functional.cross_entropy,
+                           sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    for _ in range(2):
+        step(x, y)
+    for k, v in model.state_dict().items():     # includes BatchNorm's running statistics
+        np.testing.assert_allclose(v, eager[k], rtol=1e-12, atol=1e-14, err_msg=k)
