@@ -1,0 +1,281 @@
+"""CUDA C source for a fused elementwise group: one kernel that reads the group's inputs once,
+keeps every intermediate in registers and writes only the values needed outside the group.
+
+Pure text generation (no CUDA call): the group is anything shaped like graph.passes'
+FusionGroup (``inputs``, ``nodes``, ``outputs``, ``shape``, ``expr`` of Steps). Shapes are
+static, so the element count and every broadcast index map are compiled in as constants.
+Imports ops.registry only (op knowledge lives in the C expression table below).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+CTYPES = {"float32": "float", "float64": "double", "int8": "signed char", "uint8": "unsigned char",
+          "int16": "short", "int32": "int", "int64": "long long", "uint32": "unsigned int",
+          "uint64": "unsigned long long", "bool": "bool"}
+FLOATS = ("float32", "float64")
+# int indices while i + the grid stride cannot overflow (the stride is below 2^24 threads)
+INT_INDEX_LIMIT = 2**31 - 2**24
+
+
+class Unsupported(ValueError):
+    """The group uses an op or dtype this generator has no C form for: run it op by op."""
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """``code`` defines ``extern "C" __global__ void name(in..., out...)``; ``args`` are the
+    indices into the group's inputs that are passed (in order; constants of one element are
+    compiled in), followed by one pointer per group output. ``size`` elements, one per
+    thread-iteration of a grid-stride loop."""
+
+    name: str
+    code: str
+    args: tuple[int, ...]
+    size: int
+
+
+def literal(value: Any, dtype: str) -> str:
+    """A C literal of ``value`` in ``dtype``, exact (shortest round-trip digits)."""
+    v = np.asarray(value).astype(dtype).item()
+    if dtype == "bool":
+        return "true" if v else "false"
+    if dtype in FLOATS:
+        if math.isnan(v) or math.isinf(v):
+            bits = "0x7fc00000" if math.isnan(v) else "0x7f800000"
+            inf = f"__int_as_float({bits})"
+            return f"(({CTYPES[dtype]}){'-' if v < 0 else ''}{inf})"
+        text = repr(float(v))
+        return f"{text}f" if dtype == "float32" else text
+    return f"(({CTYPES[dtype]}){int(v)}LL)" if dtype != "uint64" else f"{int(v)}ULL"
+
+
+def _math(dtype: str, name: str) -> str:
+    return f"{name}f" if dtype == "float32" else name
+
+
+def _float_only(dtype: str, op: str) -> None:
+    if dtype not in FLOATS:
+        raise Unsupported(f"{op} of {dtype}: only float32/float64 have a C form here")
+
+
+def _lit(x: float, dtype: str) -> str:
+    return literal(x, dtype)
+
+
+Expr = Callable[[list[str], list[str], str, dict[str, Any]], str]
+
+
+def _binary(sym: str) -> Expr:
+    return lambda a, dts, dt, attrs: f"({a[0]} {sym} {a[1]})"
+
+
+def _unary_fn(fn: str) -> Expr:
+    def make(a, dts, dt, attrs):
+        _float_only(dt, fn)
+        return f"{_math(dt, fn)}({a[0]})"
+    return make
+
+
+def _div(a, dts, dt, attrs):
+    _float_only(dt, "div")
+    return f"({a[0]} / {a[1]})"
+
+
+def _pow(a, dts, dt, attrs):
+    _float_only(dt, "pow")
+    return f"{_math(dt, 'pow')}({a[0]}, {a[1]})"
+
+
+def _extremum(greater: bool) -> Expr:
+    def make(a, dts, dt, attrs):
+        x, y, cmp = a[0], a[1], ">" if greater else "<"
+        if dt not in FLOATS:
+            return f"({x} {cmp} {y} ? {x} : {y})"
+        # NumPy's maximum/minimum propagate a NaN from either side
+        return f"(({x} != {x} || {x} {cmp} {y}) ? {x} : {y})"
+    return make
+
+
+def _relu(a, dts, dt, attrs):
+    x = a[0]
+    return f"({x} < {_lit(0, dt)} ? {_lit(0, dt)} : {x})"          # max(x, 0), NaN kept
+
+
+def _sigmoid(a, dts, dt, attrs):
+    _float_only(dt, "sigmoid")                # the forward's stable tanh form
+    return f"({_lit(0.5, dt)} * ({_math(dt, 'tanh')}({_lit(0.5, dt)} * {a[0]}) + {_lit(1, dt)}))"
+
+
+def _gelu(a, dts, dt, attrs):
+    _float_only(dt, "gelu")
+    x, c = a[0], _lit(math.sqrt(2.0 / math.pi), dt)
+    inner = f"{c} * ({x} + {_lit(0.044715, dt)} * {x} * {x} * {x})"
+    return f"({_lit(0.5, dt)} * {x} * ({_lit(1, dt)} + {_math(dt, 'tanh')}({inner})))"
+
+
+def _step(a, dts, dt, attrs):
+    return f"({a[0]} > {_lit(0, dts[0])} ? {_lit(1, dt)} : {_lit(0, dt)})"
+
+
+def _sign(a, dts, dt, attrs):
+    x = a[0]
+    body = f"(({CTYPES[dt]})(({x} > {_lit(0, dt)}) - ({x} < {_lit(0, dt)})))"
+    return f"({x} != {x} ? {x} : {body})" if dt in FLOATS else body
+
+
+def _cast(a, dts, dt, attrs):
+    if dt == "bool":
+        return f"({a[0]} != {_lit(0, dts[0])})"
+    return f"(({CTYPES[dt]}){a[0]})"
+
+
+def _neg(a, dts, dt, attrs):
+    if dt == "bool":
+        raise Unsupported("neg of bool")
+    return f"(-{a[0]})"
+
+
+EXPRS: dict[str, Expr] = {
+    "add": _binary("+"), "sub": _binary("-"), "mul": _binary("*"), "div": _div, "pow": _pow,
+    "maximum": _extremum(True), "minimum": _extremum(False), "neg": _neg,
+    "exp": _unary_fn("exp"), "log": _unary_fn("log"), "sqrt": _unary_fn("sqrt"),
+    "tanh": _unary_fn("tanh"), "sigmoid": _sigmoid, "relu": _relu, "gelu": _gelu,
+    "step": _step, "sign": _sign, "cast": _cast,
+    "where": lambda a, dts, dt, attrs: f"({a[0]} ? {a[1]} : {a[2]})",
+    "equal": _binary("=="), "not_equal": _binary("!="), "less": _binary("<"),
+    "less_equal": _binary("<="), "greater": _binary(">"), "greater_equal": _binary(">="),
+}
+
+
+def index_terms(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[tuple[int, int, int]]:
+    """How an input of ``in_shape`` (C-contiguous) is read at the output's linear index ``i``
+    under NumPy broadcasting: offset = sum over the terms (div, mod, stride) of
+    ``(i / div % mod) * stride``, ``mod`` 0 meaning no modulo. An empty list: offset 0."""
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    if len(in_shape) > len(out_shape):
+        raise ValueError(f"{in_shape} has more dimensions than {out_shape}")
+    padded = (1,) * (len(out_shape) - len(in_shape)) + in_shape
+    terms = []
+    out_div, in_stride = 1, 1
+    for d in reversed(range(len(out_shape))):
+        if padded[d] not in (1, out_shape[d]):
+            raise ValueError(f"{in_shape} does not broadcast to {out_shape}")
+        if padded[d] != 1:
+            mod = 0 if all(s == 1 for s in out_shape[:d]) else out_shape[d]
+            terms.append((out_div, mod, in_stride))
+            in_stride *= padded[d]
+        out_div *= out_shape[d]
+    # merge runs of dimensions read contiguously: (i / a % m1) * s + (i / (a m1) % m2) * s m1
+    merged: list[tuple[int, int, int]] = []
+    for div, mod, stride in terms:
+        if merged:
+            pdiv, pmod, pstride = merged[-1]
+            if pmod and div == pdiv * pmod and stride == pstride * pmod:
+                merged[-1] = (pdiv, mod * pmod if mod else 0, pstride)
+                continue
+        merged.append((div, mod, stride))
+    return merged
+
+
+def offsets(in_shape: Sequence[int], out_shape: Sequence[int]) -> np.ndarray:
+    """The flat input offset read for every output element (NumPy, for tests): what the
+    generated C index expression computes."""
+    i = np.arange(int(np.prod(out_shape, dtype=np.int64)), dtype=np.int64)
+    off = np.zeros_like(i)
+    for div, mod, stride in index_terms(in_shape, out_shape):
+        q = i // div
+        off += (q % mod if mod else q) * stride
+    return off
+
+
+def _index_expr(terms: list[tuple[int, int, int]], full: bool) -> str:
+    if full:
+        return "i"
+    if not terms:
+        return "0"
+    parts = []
+    for div, mod, stride in terms:
+        e = "i" if div == 1 else f"(i / {div})"
+        if mod:
+            e = f"({e} % {mod})"
+        parts.append(e if stride == 1 else f"{e} * {stride}")
+    return " + ".join(parts)
+
+
+def _is_inline_const(x) -> bool:
+    return x.op == "const" and x.size == 1 and x.dtype in CTYPES
+
+
+def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None) -> KernelSource:
+    """The CUDA C kernel computing ``group``. ``shapes[j]`` (default: the input node's shape)
+    is the shape of the C-contiguous array passed for input j; it must broadcast to
+    ``group.shape`` (so an executor may pass the operand of a broadcast_to instead of the
+    broadcast view). Raises Unsupported for an op or dtype without a C form."""
+    shapes = [tuple(x.shape) for x in group.inputs] if shapes is None else [
+        tuple(s) for s in shapes]
+    out_shape = tuple(group.shape)
+    size = int(np.prod(out_shape, dtype=np.int64))
+    for x in (*group.inputs, *group.nodes):
+        if x.dtype not in CTYPES:
+            raise Unsupported(f"dtype {x.dtype} has no C type here")
+    ctype = lambda n: CTYPES[n.dtype]
+    itype = "int" if size <= INT_INDEX_LIMIT else "long long"
+
+    names: list[str] = []
+    params: list[str] = []
+    loads: list[str] = []
+    hoisted: list[str] = []
+    passed: list[int] = []
+    for j, (x, shape) in enumerate(zip(group.inputs, shapes, strict=True)):
+        if _is_inline_const(x):
+            names.append(literal(np.asarray(x.attrs["value"]).reshape(()), x.dtype))
+            continue
+        passed.append(j)
+        params.append(f"const {ctype(x)}* __restrict__ in{j}")
+        terms = index_terms(shape, out_shape)
+        if not terms:
+            hoisted.append(f"    const {ctype(x)} a{j} = in{j}[0];")
+        else:
+            full = int(np.prod(shape, dtype=np.int64)) == size
+            loads.append(f"        const {ctype(x)} a{j} = in{j}[{_index_expr(terms, full)}];")
+        names.append(f"a{j}")
+    body: list[str] = []
+    dts = [x.dtype for x in group.inputs]
+    for m, (node, step) in enumerate(zip(group.nodes, group.expr, strict=True)):
+        if step.op not in EXPRS:
+            raise Unsupported(f"no C form for op {step.op!r}")
+        args = [names[a] for a in step.args]
+        expr = EXPRS[step.op](args, [dts[a] for a in step.args], node.dtype, step.attrs)
+        body.append(f"        const {ctype(node)} t{m} = {expr};")
+        names.append(f"t{m}")
+        dts.append(node.dtype)
+    stores = []
+    for o, out in enumerate(group.outputs):
+        m = group.nodes.index(out)
+        params.append(f"{ctype(out)}* __restrict__ out{o}")
+        stores.append(f"        out{o}[i] = t{m};")
+    text = "\n".join(params + hoisted + loads + body + stores)
+    name = "sg_fused_" + hashlib.sha1(f"{out_shape}\n{text}".encode()).hexdigest()[:16]
+    code = "\n".join([
+        f'extern "C" __global__ void {name}(' + ",\n        ".join(params) + ") {",
+        *hoisted,
+        f"    for ({itype} i = blockIdx.x * ({itype})blockDim.x + threadIdx.x; i < {size};",
+        f"         i += ({itype})blockDim.x * gridDim.x) {{",
+        *loads, *body, *stores,
+        "    }",
+        "}",
+        "",
+    ])
+    return KernelSource(name, code, tuple(passed), size)
+
+
+__all__ = ["EXPRS", "KernelSource", "Unsupported", "fused_source", "index_terms", "literal",
+           "offsets"]

@@ -1,0 +1,60 @@
+// im2col and its adjoint col2im for conv2d on NCHW images. cols has the layout
+// (C, KH, KW, N, OH, OW) that ops/nn.py's im2col gives: reshaped to (C*KH*KW, N*OH*OW) it is
+// the right operand of one matmul. col2im gathers (one thread per image pixel, summing the
+// window elements that read it in (i, j) order), so it needs no atomics and is deterministic.
+// Grid-stride loops; -DSG_T=float or double; no #include.
+#ifndef SG_T
+#define SG_T float
+#endif
+typedef SG_T T;
+
+// the geometry every kernel takes, as plain int arguments
+#define GEOM int N, int C, int H, int W, int KH, int KW, int SH, int SW, int PH, int PW, \
+             int OH, int OW
+
+extern "C" __global__ void im2col(const T* __restrict__ x, T* __restrict__ cols, GEOM) {
+    const long long total = (long long)C * KH * KW * N * OH * OW;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+         t += (long long)blockDim.x * gridDim.x) {
+        long long r = t;
+        const int ow = (int)(r % OW); r /= OW;
+        const int oh = (int)(r % OH); r /= OH;
+        const int n = (int)(r % N); r /= N;
+        const int j = (int)(r % KW); r /= KW;
+        const int i = (int)(r % KH); r /= KH;
+        const int c = (int)r;
+        const int h = oh * SH - PH + i, w = ow * SW - PW + j;
+        T v = (T)0;
+        if (h >= 0 && h < H && w >= 0 && w < W) v = x[(((long long)n * C + c) * H + h) * W + w];
+        cols[t] = v;
+    }
+}
+
+extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ x, GEOM) {
+    const long long total = (long long)N * C * H * W;
+    const long long plane = (long long)N * OH * OW;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+         t += (long long)blockDim.x * gridDim.x) {
+        long long r = t;
+        const int w = (int)(r % W); r /= W;
+        const int h = (int)(r % H); r /= H;
+        const int c = (int)(r % C); r /= C;
+        const int n = (int)r;
+        T acc = (T)0;
+        for (int i = 0; i < KH; ++i) {
+            const int hp = h + PH - i;
+            if (hp < 0 || hp % SH) continue;
+            const int oh = hp / SH;
+            if (oh >= OH) continue;
+            for (int j = 0; j < KW; ++j) {
+                const int wp = w + PW - j;
+                if (wp < 0 || wp % SW) continue;
+                const int ow = wp / SW;
+                if (ow >= OW) continue;
+                acc += cols[((long long)(c * KH + i) * KW + j) * plane
+                            + ((long long)n * OH + oh) * OW + ow];
+            }
+        }
+        x[t] = acc;
+    }
+}

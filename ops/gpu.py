@@ -1,0 +1,348 @@
+"""Hand-written CUDA kernels for the ops a training step spends its time in, and the table that
+attaches them to the OpDefs (``OpDef.cuda``). The CUDA C sources live beside this file in
+ops/cuda/*.cu; CuPy compiles each on first use (NVRTC) for the dtype it is called with.
+
+Every function takes the array module ``xp`` and never imports cupy itself; kernels are
+started through ``launch`` (CuPy's RawModule by default; tests swap in a host emulation).
+A call a kernel does not cover (a dtype other than float32/float64, a softmax over an inner
+axis) runs the op's generic ``forward``. Imports ops.registry only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shardgrad.ops.registry import REGISTRY, get
+
+SOURCES = Path(__file__).parent / "cuda"
+CTYPES = {"float32": "float", "float64": "double"}
+BLOCK = 256
+# Grid-stride kernels get at most this many blocks: 8 waves of 8 blocks of 256 threads on an
+# H100's 132 SMs, enough to hide memory latency without a block per element.
+MAX_BLOCKS = 8192
+
+Launch = Callable[..., None]
+
+
+@functools.cache
+def source(file: str) -> str:
+    """The text of ops/cuda/``file``."""
+    return (SOURCES / file).read_text()
+
+
+@functools.cache
+def _cupy_function(code: str, name: str, options: tuple[str, ...]):
+    import cupy
+    return cupy.RawModule(code=code, options=options).get_function(name)
+
+
+def cupy_launch(code: str, name: str, options: tuple[str, ...], grid: int, block: int,
+                args: tuple, shared_mem: int = 0) -> None:
+    """Compile ``code`` with NVRTC (cached per code, name and options) and launch ``name``
+    on the current stream."""
+    _cupy_function(code, name, options)((int(grid),), (int(block),), args,
+                                        shared_mem=shared_mem)
+
+
+launch: Launch = cupy_launch
+
+
+def run_kernel(file: str, name: str, dtype, grid: int, block: int, args: tuple) -> None:
+    """Launch kernel ``name`` of ops/cuda/``file`` compiled for element type ``dtype``."""
+    launch(source(file), name, (f"-DSG_T={CTYPES[str(np.dtype(dtype))]}",), grid, block, args)
+
+
+def blocks(total: int, block: int = BLOCK) -> int:
+    return max(1, min(-(-int(total) // block), MAX_BLOCKS))
+
+
+def row_block(cols: int) -> int:
+    """Threads per row for the row kernels: a power of two from 32 to 1024, about ``cols``."""
+    return min(1024, max(32, 1 << max(0, int(cols) - 1).bit_length()))
+
+
+def _capturing(xp) -> bool:
+    """Whether the current CUDA stream is being captured into a graph (no host syncs then)."""
+    cuda = getattr(xp, "cuda", None)
+    return cuda is not None and bool(cuda.get_current_stream().is_capturing())
+
+
+def _i32(*vals) -> tuple:
+    return tuple(np.int32(v) for v in vals)
+
+
+def _covered(*arrays) -> bool:
+    return all(str(a.dtype) in CTYPES for a in arrays) and len({a.dtype for a in arrays}) == 1
+
+
+def _c(xp, a):
+    return xp.ascontiguousarray(a)
+
+
+# ---- softmax family -------------------------------------------------------------------------
+
+def _rows(xp, x, log_out: int):
+    cols = x.shape[-1]
+    rows = x.size // max(cols, 1)
+    out = xp.empty(x.shape, x.dtype)
+    if x.size:
+        run_kernel("softmax.cu", "softmax_rows", x.dtype, min(rows, 1 << 20), row_block(cols),
+                   (_c(xp, x), out, *_i32(rows, cols, log_out)))
+    return out
+
+
+def softmax(xp, x, axis):
+    if not _covered(x) or axis != x.ndim - 1:
+        return get("softmax").forward(xp, x, axis=axis)
+    return _rows(xp, x, 0)
+
+
+def log_softmax(xp, x, axis):
+    if not _covered(x) or axis != x.ndim - 1:
+        return get("log_softmax").forward(xp, x, axis=axis)
+    return _rows(xp, x, 1)
+
+
+def cross_entropy(xp, logits, labels, reduction):
+    """Fused log-softmax + pick + reduce. A label outside [0, C) raises ValueError as the
+    generic forward does (one device sync), except while a CUDA graph is being captured."""
+    if not _covered(logits):
+        return get("cross_entropy").forward(xp, logits, labels, reduction=reduction)
+    n, c = logits.shape
+    nll = xp.empty((n,), logits.dtype)
+    bad = xp.zeros((1,), np.int32)
+    if n:
+        run_kernel("softmax.cu", "xent_fwd", logits.dtype, min(n, 1 << 20), row_block(c),
+                   (_c(xp, logits), _c(xp, labels.astype(np.int64, copy=False)), nll, bad,
+                    *_i32(n, c)))
+    if n and not _capturing(xp) and int(bad[0]):
+        wrong = labels[(labels < 0) | (labels >= c)]
+        raise ValueError(f"label {int(wrong[0])} out of range for {c} classes")
+    if reduction == "none":
+        return nll
+    return xp.sum(nll) / n if reduction == "mean" else xp.sum(nll)
+
+
+def softmax_xent_grad(xp, logits, labels, scale):
+    if not _covered(logits, scale):
+        return get("softmax_xent_grad").forward(xp, logits, labels, scale)
+    n, c = logits.shape
+    gx = xp.empty((n, c), logits.dtype)
+    if n:
+        run_kernel("softmax.cu", "xent_bwd", logits.dtype, min(n, 1 << 20), row_block(c),
+                   (_c(xp, logits), _c(xp, labels.astype(np.int64, copy=False)),
+                    _c(xp, scale), gx, *_i32(n, c), logits.dtype.type(1),
+                    np.int32(scale.size != 1)))
+    return gx
+
+
+# ---- bias + activation ------------------------------------------------------------------------
+
+ACTS = {"relu": 1, "gelu": 2, "tanh": 3}
+
+
+def bias_act(xp, x, b, act):
+    if not _covered(x, b):
+        return get("bias_act").forward(xp, x, b, act=act)
+    out = xp.empty(x.shape, x.dtype)
+    if x.size:
+        run_kernel("bias_act.cu", "bias_act_fwd", x.dtype, blocks(x.size), BLOCK,
+                   (_c(xp, x), _c(xp, b), out, np.int64(x.size), *_i32(b.size, ACTS[act])))
+    return out
+
+
+def bias_act_grad(xp, g, x, b, act):
+    if not _covered(g, x, b):
+        return get("bias_act_grad").forward(xp, g, x, b, act=act)
+    gz = xp.empty(x.shape, x.dtype)
+    if x.size:
+        run_kernel("bias_act.cu", "bias_act_bwd", x.dtype, blocks(x.size), BLOCK,
+                   (_c(xp, g), _c(xp, x), _c(xp, b), gz, np.int64(x.size),
+                    *_i32(b.size, ACTS[act])))
+    return gz
+
+
+# ---- conv2d's im2col / col2im and pooling ------------------------------------------------------
+
+def _geom(shape, kernel, stride, padding) -> tuple:
+    n, c, h, w = shape
+    oh = (h + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    ow = (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    return _i32(n, c, h, w, *kernel, *stride, *padding, oh, ow)
+
+
+def _out_hw(geom) -> tuple[int, int]:
+    return int(geom[-2]), int(geom[-1])
+
+
+def im2col(xp, x, kernel, stride, padding):
+    if not _covered(x):
+        return get("im2col").forward(xp, x, kernel=kernel, stride=stride, padding=padding)
+    geom = _geom(x.shape, kernel, stride, padding)
+    n, c = x.shape[:2]
+    cols = xp.empty((c, *kernel, n, *_out_hw(geom)), x.dtype)
+    if cols.size:
+        run_kernel("conv.cu", "im2col", x.dtype, blocks(cols.size), BLOCK,
+                   (_c(xp, x), cols, *geom))
+    return cols
+
+
+def col2im(xp, cols, shape, kernel, stride, padding):
+    if not _covered(cols):
+        return get("col2im").forward(xp, cols, shape=shape, kernel=kernel, stride=stride,
+                                     padding=padding)
+    out = xp.empty(tuple(shape), cols.dtype)
+    if out.size:
+        run_kernel("conv.cu", "col2im", cols.dtype, blocks(out.size), BLOCK,
+                   (_c(xp, cols), out, *_geom(shape, kernel, stride, padding)))
+    return out
+
+
+def _pool_out(xp, x, geom):
+    return xp.empty(tuple(x.shape[:2]) + _out_hw(geom), x.dtype)
+
+
+def _argmax(xp, x, geom):
+    """The first-max index of each window (and the max itself), one kernel."""
+    out = _pool_out(xp, x, geom)
+    arg = xp.empty(out.shape, np.int32)
+    if out.size:
+        run_kernel("pool.cu", "maxpool_fwd", x.dtype, blocks(out.size), BLOCK,
+                   (_c(xp, x), out, arg, *geom))
+    return out, arg
+
+
+def max_pool2d(xp, x, kernel, stride, padding):
+    if not _covered(x):
+        return get("max_pool2d").forward(xp, x, kernel=kernel, stride=stride, padding=padding)
+    geom = _geom(x.shape, kernel, stride, padding)
+    out = _pool_out(xp, x, geom)
+    if out.size:
+        run_kernel("pool.cu", "maxpool_fwd", x.dtype, blocks(out.size), BLOCK,
+                   (_c(xp, x), out, None, *geom))
+    return out
+
+
+def max_pool2d_grad(xp, g, x, kernel, stride, padding):
+    if not _covered(g, x):
+        return get("max_pool2d_grad").forward(xp, g, x, kernel=kernel, stride=stride,
+                                              padding=padding)
+    geom = _geom(x.shape, kernel, stride, padding)
+    _, arg = _argmax(xp, x, geom)
+    gx = xp.empty(x.shape, x.dtype)
+    if gx.size:
+        run_kernel("pool.cu", "maxpool_bwd", x.dtype, blocks(gx.size), BLOCK,
+                   (_c(xp, g), arg, gx, *geom))
+    return gx
+
+
+def max_pool2d_gather(xp, y, x, kernel, stride, padding):
+    if not _covered(y, x):
+        return get("max_pool2d_gather").forward(xp, y, x, kernel=kernel, stride=stride,
+                                                padding=padding)
+    geom = _geom(x.shape, kernel, stride, padding)
+    _, arg = _argmax(xp, x, geom)
+    out = _pool_out(xp, x, geom)
+    if out.size:
+        run_kernel("pool.cu", "maxpool_gather", x.dtype, blocks(out.size), BLOCK,
+                   (_c(xp, y), arg, out, *geom))
+    return out
+
+
+def avg_pool2d(xp, x, kernel, stride, padding):
+    if not _covered(x):
+        return get("avg_pool2d").forward(xp, x, kernel=kernel, stride=stride, padding=padding)
+    geom = _geom(x.shape, kernel, stride, padding)
+    out = _pool_out(xp, x, geom)
+    if out.size:
+        run_kernel("pool.cu", "avgpool_fwd", x.dtype, blocks(out.size), BLOCK,
+                   (_c(xp, x), out, *geom, x.dtype.type(1.0 / (kernel[0] * kernel[1]))))
+    return out
+
+
+def avg_pool2d_grad(xp, g, shape, kernel, stride, padding):
+    if not _covered(g):
+        return get("avg_pool2d_grad").forward(xp, g, shape=shape, kernel=kernel, stride=stride,
+                                              padding=padding)
+    geom = _geom(shape, kernel, stride, padding)
+    gx = xp.empty(tuple(shape), g.dtype)
+    if gx.size:
+        run_kernel("pool.cu", "avgpool_bwd", g.dtype, blocks(gx.size), BLOCK,
+                   (_c(xp, g), gx, *geom, g.dtype.type(1.0 / (kernel[0] * kernel[1]))))
+    return gx
+
+
+# ---- optimizer updates over a flat parameter buffer ---------------------------------------------
+
+def _flat(*arrays) -> None:
+    n = arrays[0].size
+    for a in arrays:
+        if a.ndim != 1 or a.size != n or a.dtype != arrays[0].dtype or not (
+                a.flags.c_contiguous):
+            raise ValueError("flat updates need 1-d contiguous buffers of one length and dtype")
+    if str(arrays[0].dtype) not in CTYPES:
+        raise TypeError(f"flat updates support float32 and float64, not {arrays[0].dtype}")
+
+
+def sgd_update_(p, g, buf=None, *, lr: float, momentum: float = 0.0,
+                weight_decay: float = 0.0, nesterov: bool = False) -> None:
+    """graph.optim.SGD's rule applied in place to the flat buffer ``p`` (and the momentum
+    buffer ``buf``, needed when momentum > 0), in one kernel."""
+    if momentum and buf is None:
+        raise ValueError("momentum needs a momentum buffer")
+    _flat(p, g, *(() if buf is None else (buf,)))
+    t = p.dtype.type
+    run_kernel("optim.cu", "sgd_update", p.dtype, blocks(p.size), BLOCK,
+               (p, g, p if buf is None else buf, np.int64(p.size), t(lr), t(momentum),
+                t(weight_decay), np.int32(bool(nesterov))))
+
+
+def adam_update_(p, g, m, v, *, lr: float, step: int, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decoupled: bool = False) -> None:
+    """graph.optim.Adam's (``decoupled``: AdamW's) rule applied in place to the flat buffers
+    ``p``, ``m``, ``v`` at 1-based ``step``, in one kernel."""
+    _flat(p, g, m, v)
+    t = p.dtype.type
+    b1, b2 = t(betas[0]), t(betas[1])
+    bc1, bc2 = t(1) - b1 ** t(step), t(1) - b2 ** t(step)
+    run_kernel("optim.cu", "adam_update", p.dtype, blocks(p.size), BLOCK,
+               (p, g, m, v, np.int64(p.size), t(lr), b1, b2, t(eps), t(weight_decay), bc1, bc2,
+                np.int32(bool(decoupled))))
+
+
+# ---- attaching the kernels to the ops ---------------------------------------------------------
+
+CUDA: dict[str, Callable[..., Any]] = {
+    "softmax": softmax, "log_softmax": log_softmax, "cross_entropy": cross_entropy,
+    "softmax_xent_grad": softmax_xent_grad, "bias_act": bias_act,
+    "bias_act_grad": bias_act_grad, "im2col": im2col, "col2im": col2im,
+    "max_pool2d": max_pool2d, "max_pool2d_grad": max_pool2d_grad,
+    "max_pool2d_gather": max_pool2d_gather, "avg_pool2d": avg_pool2d,
+    "avg_pool2d_grad": avg_pool2d_grad,
+}
+
+
+def attach() -> list[str]:
+    """Set ``OpDef.cuda`` for every registered op this module has a kernel for; returns
+    their names. Called once when ops/ is imported."""
+    done = []
+    for name, fn in CUDA.items():
+        opdef = REGISTRY.get(name)
+        if opdef is not None and opdef.cuda is not fn:
+            REGISTRY[name] = dataclasses.replace(opdef, cuda=fn)
+            done.append(name)
+    return done
+
+
+def kernel(opdef, xp) -> Callable[..., Any]:
+    """The implementation to run for ``opdef`` on ``xp``: the CUDA one on cupy where there is
+    one, else the generic forward."""
+    if opdef.cuda is not None and getattr(xp, "__name__", "") == "cupy":
+        return opdef.cuda
+    return opdef.forward
