@@ -29,10 +29,6 @@ def _swapped(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
             t.node = node
 
 
-def _spec(a) -> tuple[tuple[int, ...], str]:
-    return tuple(a.shape), str(a.dtype)
-
-
 def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
                x_spec: tuple[tuple[int, ...], str], y_spec: tuple[tuple[int, ...], str]
                ) -> Graph:

@@ -68,9 +68,14 @@ def _where(xp):
     return run
 
 
-def _reduce(name: str) -> Callable[[Any, Node], tuple[Callable[..., Any], tuple[Any, ...]]]:
-    return lambda xp, n: (partial(getattr(xp, name), axis=n.attrs["axis"],
-                                  keepdims=n.attrs["keepdims"]), ())
+def _reduce(name: str, ufunc: str) -> Callable[[Any, Node], tuple[Callable[..., Any], tuple]]:
+    # NumPy's sum/max are Python wrappers around ufunc.reduce: call that directly (same loop)
+    def make(xp, n):
+        fn = getattr(xp, ufunc).reduce if xp is np else getattr(xp, name)
+        axis = n.attrs["axis"]
+        return partial(fn, axis=tuple(axis) if axis is not None else None,
+                       keepdims=n.attrs["keepdims"]), ()
+    return make
 
 
 OUT_KERNELS: dict[str, OutKernel] = {
@@ -87,8 +92,8 @@ OUT_KERNELS: dict[str, OutKernel] = {
     "where": OutKernel(lambda xp, n: (_where(xp), ()), False,
                        lambda n: n.inputs[1].dtype == n.inputs[2].dtype == n.dtype),
     "matmul": OutKernel(lambda xp, n: (xp.matmul, ()), False, _same_dtype("fiu")),
-    "sum": OutKernel(_reduce("sum"), False, lambda n: n.dtype in FLOATS),
-    "max": OutKernel(_reduce("max"), False, _same_dtype("fiu")),
+    "sum": OutKernel(_reduce("sum", "add"), False, lambda n: n.dtype in FLOATS),
+    "max": OutKernel(_reduce("max", "maximum"), False, _same_dtype("fiu")),
     "argmax": OutKernel(lambda xp, n: (partial(xp.argmax, axis=n.attrs["axis"]), ()), False,
                         lambda n: n.dtype == "int64"),
     **{c: _compare(c) for c in ("equal", "not_equal", "less", "less_equal", "greater",
@@ -117,17 +122,30 @@ class _Value:
 class _Storage:
     dtype: str
     size: int
-    pinned: bool = False      # an output lives here: never reused, one copy per parity
-    buffer: int = -1          # which physical buffer
+    start: int                # position of the node that writes it
+    end: int = -1             # position of its last reader (through any view)
+    pinned: bool = False      # an output lives here: its own buffers, one per parity
+    offset: int = 0           # where it lives in the arena (not pinned)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
 
 
-def _plan(graph: Graph) -> tuple[list[_Value], list[_Storage], list[int]]:
-    """Classify nodes, assign storages, and map storages onto physical buffers by liveness.
-    Returns (values, storages, buffer_sizes) where buffer_sizes[b] = (dtype, size)."""
+ALIGN = 64   # arena offsets are cache-line aligned
+
+
+def _plan(graph: Graph) -> tuple[list[_Value], list[_Storage], int, int]:
+    """Classify nodes, give each kernel node a storage, and place the storages that are not
+    pinned in one arena by liveness. Returns (values, storages, arena bytes, blocks placed).
+
+    An elementwise kernel whose same-shape input dies at it writes over that input (an
+    in-place chain is one block); blocks are then placed greedy by size, each at the lowest
+    offset free for its whole lifetime (TFLite's and XNNPACK's offset planner)."""
     pos = {n.id: i for i, n in enumerate(graph.nodes)}
     values: list[_Value] = []
     storages: list[_Storage] = []
-    for n in graph.nodes:
+    for i, n in enumerate(graph.nodes):
         ins = [values[pos[x.id]] for x in n.inputs]
         held = frozenset().union(*(v.holds for v in ins)) if ins else frozenset()
         k = OUT_KERNELS.get(n.op)
@@ -138,7 +156,7 @@ def _plan(graph: Graph) -> tuple[list[_Value], list[_Storage], list[int]]:
         elif n.op in VIEWS and (n.op != "reshape" or ins[0].contiguous):
             values.append(_Value("view", None, held, n.op == "reshape"))
         elif k is not None and k.accepts(n):
-            storages.append(_Storage(n.dtype, n.size))
+            storages.append(_Storage(n.dtype, n.size, i))
             sid = len(storages) - 1
             values.append(_Value("kernel", sid, frozenset({sid}), True))
         else:
@@ -149,68 +167,62 @@ def _plan(graph: Graph) -> tuple[list[_Value], list[_Storage], list[int]]:
         for x in n.inputs:
             last[x.id] = i
     for o in graph.outputs.values():
-        for s in values[pos[o.id]].holds:
-            storages[s].pinned = True
-    dies: dict[int, int] = {}
+        for sid in values[pos[o.id]].holds:
+            storages[sid].pinned = True
     for n, v in zip(graph.nodes, values, strict=True):
-        for s in v.holds:
-            dies[s] = max(dies.get(s, -1), last[n.id])
-    dying: list[list[int]] = [[] for _ in graph.nodes]
-    for s, i in dies.items():
-        if not storages[s].pinned:
-            dying[i].append(s)
+        for sid in v.holds:
+            storages[sid].end = max(storages[sid].end, last[n.id])
 
-    buffers: list[tuple[str, int]] = []
-    free: dict[tuple[str, int], list[int]] = {}
-
-    def release(s: int) -> None:
-        st = storages[s]
-        free.setdefault((st.dtype, st.size), []).append(st.buffer)
-
+    # in-place chains: the output joins the block of a dying input it may overwrite
+    block = list(range(len(storages)))
     for i, (n, v) in enumerate(zip(graph.nodes, values, strict=True)):
-        early: list[int] = []
-        if v.kind == "kernel" and OUT_KERNELS[n.op].inplace:
-            # a dying input may become the output only where the ufunc reads it element for
-            # element in the same layout: its own buffer, same shape
-            ins = [(x, values[pos[x.id]]) for x in n.inputs]
-            early = [s for s in dying[i] if all(
-                s not in xv.holds or (xv.kind == "kernel" and x.shape == n.shape)
-                for x, xv in ins)]
-        for s in early:
-            release(s)
-        if v.storage is not None:
-            st = storages[v.storage]
-            if st.pinned:
-                buffers.append((st.dtype, st.size))
-                st.buffer = len(buffers) - 1
-            else:
-                pool = free.get((st.dtype, st.size))
-                if pool:
-                    st.buffer = pool.pop()
-                else:
-                    buffers.append((st.dtype, st.size))
-                    st.buffer = len(buffers) - 1
-        for s in dying[i]:
-            if s not in early:
-                release(s)
-    return values, storages, buffers
-
-
-def _peak_live_bytes(graph: Graph, values: list[_Value], storages: list[_Storage]) -> int:
-    """The planner's lower bound: the largest total size of storages live at one time."""
-    start = {v.storage: i for i, v in enumerate(values) if v.storage is not None}
-    end: dict[int, int] = {}
-    pos = {n.id: i for i, n in enumerate(graph.nodes)}
-    for i, n in enumerate(graph.nodes):
+        if v.kind != "kernel" or not OUT_KERNELS[n.op].inplace or storages[v.storage].pinned:
+            continue
         for x in n.inputs:
-            for s in values[pos[x.id]].holds:
-                end[s] = max(end.get(s, start[s]), i)
+            xv = values[pos[x.id]]
+            if xv.kind != "kernel" or x.shape != n.shape or x.dtype != n.dtype:
+                continue
+            st = storages[xv.storage]
+            # it must die here, and no other input may read it through a different layout
+            if st.pinned or st.end != i or any(
+                    xv.storage in values[pos[y.id]].holds and values[pos[y.id]] is not xv
+                    for y in n.inputs):
+                continue
+            block[v.storage] = block[xv.storage]
+            break
+
+    spans: dict[int, list[int]] = {}
+    for sid, st in enumerate(storages):
+        if st.pinned:
+            continue
+        b = block[sid]
+        span = spans.setdefault(b, [st.start, st.end, 0])
+        span[0], span[1] = min(span[0], st.start), max(span[1], st.end)
+        span[2] = max(span[2], -(-st.nbytes // ALIGN) * ALIGN)
+    placed: list[tuple[int, int, int, int]] = []      # (offset, nbytes, start, end)
+    offset_of: dict[int, int] = {}
+    for b, (start, end, nbytes) in sorted(spans.items(), key=lambda kv: (-kv[1][2], kv[1][0])):
+        offset = 0
+        for o, size, *_ in sorted(p for p in placed if p[2] <= end and start <= p[3]):
+            if offset + nbytes <= o:
+                break
+            offset = max(offset, o + size)
+        placed.append((offset, nbytes, start, end))
+        offset_of[b] = offset
+    for sid, st in enumerate(storages):
+        if not st.pinned:
+            st.offset = offset_of[block[sid]]
+    return values, storages, max((o + size for o, size, _, _ in placed), default=0), len(placed)
+
+
+def _peak_live_bytes(graph: Graph, storages: list[_Storage]) -> int:
+    """The planner's lower bound: the largest total size of values live at one time (an
+    output from its definition to the end of the step)."""
     horizon = len(graph.nodes)
     delta = [0] * (horizon + 2)
-    for s, st in enumerate(storages):
-        nbytes = st.size * np.dtype(st.dtype).itemsize
-        delta[start[s]] += nbytes
-        delta[(horizon if st.pinned else end.get(s, start[s])) + 1] -= nbytes
+    for st in storages:
+        delta[st.start] += st.nbytes
+        delta[(horizon if st.pinned else max(st.end, st.start)) + 1] -= st.nbytes
     peak = live = 0
     for d in delta:
         live += d
@@ -243,30 +255,28 @@ class Program:
         self.graph, self.xp, self.rank, self.shard = graph, xp, rank, shard
         nodes = graph.nodes
         pos = {n.id: i for i, n in enumerate(nodes)}
-        values, storages, buffer_specs = _plan(graph)
-        self.n_buffers = len(buffer_specs)
+        values, storages, arena_bytes, self.n_blocks = _plan(graph)
+        self.n_storages = len(storages)
+        self.arena_bytes = arena_bytes
+        self.pinned_bytes = sum(st.nbytes for st in storages if st.pinned)
         self.n_pinned = sum(st.pinned for st in storages)
-        self.planned_bytes = sum(size * np.dtype(dt).itemsize for dt, size in buffer_specs)
-        self.lower_bound_bytes = _peak_live_bytes(graph, values, storages)
-
-        flat = [xp.empty(size, dtype) for dtype, size in buffer_specs]
-        # the second set of buffers for pinned (output) storages: see the output contract
-        twin = {st.buffer: xp.empty(st.size, st.dtype) for st in storages if st.pinned}
+        self.lower_bound_bytes = _peak_live_bytes(graph, storages)
+        arena = xp.empty(arena_bytes, np.uint8)
         self._parity = 0
 
         slots: list[Any] = [None] * len(nodes)
         fixed = [False] * len(nodes)
         self._slots = slots
-        # per pinned kernel node: its slot and its buffer in each parity
-        self._pinned: list[tuple[int, tuple[Any, Any]]] = []
-        self._feeds: list[tuple[int, Node]] = []
+        # per pinned kernel node: its slot, its buffer in each parity, its type
+        self._pinned: list[tuple[int, list[Any], tuple[int, ...], str]] = []
+        self._feeds: list[tuple[int, Node, str | None, tuple[int, ...], np.dtype]] = []
         steps: list[Callable[[], Any]] = []
         step_nodes: list[Node] = []
 
         for i, (n, v) in enumerate(zip(nodes, values, strict=True)):
             ins = [pos[x.id] for x in n.inputs]
             if v.kind == "feed":
-                self._feeds.append((i, n))
+                self._feeds.append((i, n, n.name, n.shape, np.dtype(n.dtype)))
                 continue
             if v.kind == "const":
                 slots[i] = xp.asarray(np.array(n.attrs["value"], order="C"))
@@ -276,12 +286,12 @@ class Program:
                 st = storages[v.storage]
                 fn, tail = OUT_KERNELS[n.op].make(xp, n)
                 if st.pinned:
-                    a = flat[st.buffer].reshape(n.shape)
-                    b = twin[st.buffer].reshape(n.shape)
-                    self._pinned.append((i, (a, b)))
+                    # allocated on first use: outputs the caller directs elsewhere need none
+                    self._pinned.append((i, [None, None], n.shape, n.dtype))
                     steps.append(_out_step(fn, tail, slots, ins, i, fixed))
                 else:
-                    slots[i] = flat[st.buffer].reshape(n.shape)
+                    raw = arena[st.offset:st.offset + st.nbytes]
+                    slots[i] = raw.view(st.dtype).reshape(n.shape)
                     fixed[i] = True
                     steps.append(_fixed_out_step(fn, tail, slots, ins, slots[i], fixed))
                 step_nodes.append(n)
@@ -298,7 +308,7 @@ class Program:
         users = graph.users()
         self._out_slots = [(k, pos[o.id]) for k, o in graph.outputs.items()]
         self._by_name = {k: pos[o.id] for k, o in graph.outputs.items()}
-        pinned_slots = {i for i, _ in self._pinned}
+        pinned_slots = {p[0] for p in self._pinned}
         # leaves a direct write into a caller's array could clobber: read after the output
         # node, or by it when its kernel is not elementwise-in-place
         self._hazards: dict[int, list[int]] = {}
@@ -308,8 +318,7 @@ class Program:
                 any(pos[u.id] > i for u in users[n.id])
                 or (o in users[n.id] and not OUT_KERNELS[o.op].inplace))]
             self._hazards[i] = reads
-        self._owned = [{id(x) for _, ab in self._pinned for x in (ab[p], ab[p].base)}
-                       for p in (0, 1)]
+        self._owned: tuple[set[int], set[int]] = (set(), set())
 
     # the schedule loop is the hot path: everything here was resolved at build time
     def run(self, feeds: Mapping[Any, Any], outputs_into: Mapping[str, Any] | None = None
@@ -318,17 +327,17 @@ class Program:
         parity = self._parity
         self._parity ^= 1
         owned = self._owned[parity]
-        for i, n in self._feeds:
-            value = leaf_value(xp, n, feeds)
+        for i, n, name, shape, dtype in self._feeds:
+            value = feeds[n] if n in feeds else feeds.get(name)
+            if getattr(value, "shape", None) != shape or getattr(value, "dtype", None) != dtype:
+                value = leaf_value(xp, n, feeds)      # the reference's checks and messages
             base = getattr(value, "base", None)
             if id(value) in owned or (base is not None and id(base) in owned):
                 value = value.copy()
             slots[i] = value
-        for i, bufs in self._pinned:
-            slots[i] = bufs[parity]
         copies: list[tuple[int, Any]] = []
+        direct: set[int] = set()
         if outputs_into:
-            direct: set[int] = set()
             for name, arr in outputs_into.items():
                 i = self._by_name[name]
                 node = self.graph.nodes[i]
@@ -342,6 +351,12 @@ class Program:
                     direct.add(i)
                 else:
                     copies.append((i, arr))
+        for i, bufs, shape, dtype in self._pinned:
+            if i not in direct:
+                if bufs[parity] is None:
+                    bufs[parity] = xp.empty(shape, dtype)
+                    owned.add(id(bufs[parity]))
+                slots[i] = bufs[parity]
         i = 0
         try:
             for i, step in enumerate(self._steps):  # noqa: B007 - i names the failing node
@@ -361,10 +376,16 @@ class Program:
         return out
 
     def stats(self) -> dict[str, int]:
-        """Plan facts: nodes, scheduled kernel calls, physical buffers (pinned output buffers
-        counted once per parity), planned bytes, and the lower bound on live bytes."""
+        """Plan facts: nodes, scheduled kernel calls, values written by kernels, the distinct
+        buffers they share (arena blocks plus output storages), the arena, the outputs (each
+        with one buffer per parity, allocated on first use), and the lower bound on live bytes
+        within a step; ``planned_bytes`` is the arena plus one parity's outputs (the other
+        parity holds what the caller fed back)."""
         return {"nodes": len(self.graph.nodes), "steps": len(self._steps),
-                "buffers": self.n_buffers + self.n_pinned, "planned_bytes": self.planned_bytes,
+                "kernel_values": self.n_storages, "buffers": self.n_blocks + self.n_pinned,
+                "arena_bytes": self.arena_bytes, "outputs": self.n_pinned,
+                "output_bytes": self.pinned_bytes,
+                "planned_bytes": self.arena_bytes + self.pinned_bytes,
                 "lower_bound_bytes": self.lower_bound_bytes}
 
 
