@@ -1,0 +1,642 @@
+"""Pipeline parallelism: cut a training-step Graph into ``pp`` stages that run on different
+ranks, with micro-batches flowing through them. A policy assigns every forward node a stage
+(``stage_of(node) -> int``); one mechanism (``cut``) builds each stage's forward, backward
+and update programs and the transfers between stages. Pure: imports graph, ops and
+partition.schedule; nothing here runs a kernel except the optional profile it is handed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shardgrad.graph.autodiff import backprop, zeros_like
+from shardgrad.graph.ir import Graph, Node, const, leaf, toposort, verify
+from shardgrad.graph.rewrite import replace
+from shardgrad.ops import collective
+from shardgrad.ops.registry import elementwise_cost, get, itemsize
+from shardgrad.partition import schedule as sched
+from shardgrad.partition.schedule import Schedule, Transfer
+
+# Cost model of one node: flops / FLOP_RATE + bytes / MEM_RATE seconds, and a value crossing
+# stages costs bytes / BANDWIDTH. Measured on the 2-core development machine: NumPy float32
+# matmul 512^3 ran at 47 GFLOP/s, np.add over 64 MB arrays at 6.1 GB/s; DESIGN.md gives
+# mpi4py Allreduce of 16 MB on 2 ranks in 3 ms (5.3 GB/s). Only their ratios matter.
+FLOP_RATE = 5e10
+MEM_RATE = 6e9
+BANDWIDTH = 5e9
+
+BALANCES = ("cost", "profile")
+
+
+class PartitionError(ValueError):
+    """A pipeline request that cannot be met: too many stages, a split point that is not a
+    forward node, a policy that sends a value backwards. The message says what to change."""
+
+
+def _node_time(n: Node) -> float:
+    opdef = get(n.op)
+    flops, nbytes = (opdef.cost or elementwise_cost)(n)
+    return flops / FLOP_RATE + nbytes / MEM_RATE
+
+
+def _floating(n: Node) -> bool:
+    return np.dtype(n.dtype).kind == "f"
+
+
+# ---- what the step graph is made of ---------------------------------------------------------
+
+
+@dataclass
+class Parts:
+    """The step graph taken apart: forward nodes (ancestors of the loss) in order, the
+    computing ones among them, which values need a gradient, and the update outputs."""
+
+    graph: Graph
+    loss: Node
+    forward: list[Node]
+    compute: list[Node]
+    needs_grad: set[int]
+    update_outputs: dict[str, list[str]]   # param name -> output names (param/, state/optim/)
+
+    @staticmethod
+    def of(graph: Graph) -> Parts:
+        if "loss" not in graph.outputs or graph.outputs["loss"].shape != ():
+            raise PartitionError("pipeline needs a training-step graph with a scalar 'loss' "
+                                 "output (graph.trace.trace_step builds one)")
+        loss = graph.outputs["loss"]
+        forward = toposort([loss])
+        params = {n.name for n in graph.params}
+        update: dict[str, list[str]] = {p: [] for p in params}
+        for k in graph.outputs:
+            if k == "loss" or k.startswith("grad/"):
+                continue
+            owner = k[len("param/"):] if k.startswith("param/") else None
+            if k.startswith("state/optim/"):
+                owner = next((p for p in params if k.startswith(f"state/optim/{p}/")), None)
+            elif k.startswith("state/"):
+                raise PartitionError(
+                    f"output {k!r} updates a buffer in the forward pass (BatchNorm running "
+                    f"statistics): its value would depend on the micro-batches, so pipeline "
+                    f"parallelism does not support it; build the model without batch norm")
+            if owner not in update:
+                raise PartitionError(f"pipeline cannot place output {k!r}: expected loss, "
+                                     f"grad/<param>, param/<param> or state/optim/<param>/...")
+            update[owner].append(k)
+        needs: set[int] = set()
+        for n in forward:
+            if n.op == "param" or any(x.id in needs for x in n.inputs):
+                needs.add(n.id)
+        compute = [n for n in forward if n.inputs]
+        return Parts(graph, loss, forward, compute, needs, update)
+
+
+def vjp_nodes(n: Node, needs_grad: set[int]) -> list[Node]:
+    """The nodes n's VJP rule emits for the inputs that need a gradient (what backprop will
+    build for n), found by walking back from them to nodes older than the call."""
+    opdef = get(n.op)
+    if opdef.vjp is None or not _floating(n) or n.id not in needs_grad:
+        return []
+    g = leaf("input", n.shape, n.dtype, name="g")
+    gxs = opdef.vjp(g, *n.inputs, n, **n.attrs)
+    roots = [gx for i, (x, gx) in enumerate(zip(n.inputs, gxs, strict=True))
+             if gx is not None and x.id in needs_grad and i not in opdef.nondiff]
+    return [m for m in toposort(roots) if m.id > g.id and m.inputs]
+
+
+def estimated_times_of(nodes: Sequence[Node], needs_grad: set[int]) -> dict[int, float]:
+    return {n.id: _node_time(n) + sum(_node_time(m) for m in vjp_nodes(n, needs_grad))
+            for n in nodes}
+
+
+def estimated_times(parts: Parts) -> dict[int, float]:
+    """Seconds per forward compute node, forward plus its backward, from the ops' costs."""
+    return estimated_times_of(parts.compute, parts.needs_grad)
+
+
+# ---- policies: who computes what ------------------------------------------------------------
+
+
+def _values(parts: Parts) -> list[tuple[Node, int, list[int]]]:
+    """Each value that may cross a cut: (node, index of the compute node that makes it or,
+    for a param/state leaf, of its first user, sorted indices of its compute users)."""
+    index = {n.id: i for i, n in enumerate(parts.compute)}
+    users: dict[int, list[int]] = {}
+    for i, n in enumerate(parts.compute):
+        for x in n.inputs:
+            if x.op not in ("const", "input"):
+                users.setdefault(x.id, []).append(i)
+    out = []
+    for n in parts.forward:
+        us = sorted(set(users.get(n.id, [])))
+        if us:
+            out.append((n, index[n.id] if n.inputs else us[0], us))
+    return out
+
+
+def stage_costs(parts: Parts, times: Mapping[int, float]) -> Callable[[int, int], float]:
+    """``cost(i, j)``: seconds one micro-batch spends on a stage made of compute nodes i..j
+    (inclusive): their times plus, at BANDWIDTH, the bytes it receives and sends (each value
+    once per direction; twice when its gradient travels back too)."""
+    n = len(parts.compute)
+    prefix = np.concatenate([[0.0], np.cumsum([times[c.id] for c in parts.compute])])
+    vals = [(p, us, v.size * itemsize(v.dtype) * (2 if v.id in parts.needs_grad
+                                                    and _floating(v) else 1))
+            for v, p, us in _values(parts)]
+    send = np.zeros((n, n))
+    recv = np.zeros((n, n))
+    made_at: list[list[tuple[int, list[int], int]]] = [[] for _ in range(n)]
+    for p, us, b in vals:
+        made_at[p].append((p, us, b))
+    for j in range(n):
+        acc = 0.0
+        for i in range(j, -1, -1):
+            acc += sum(b for _, us, b in made_at[i] if us[-1] > j)
+            send[i, j] = acc
+    for i in range(n):
+        first = np.zeros(n + 1)
+        for p, us, b in vals:
+            if p < i:
+                later = [u for u in us if u >= i]
+                if later:
+                    first[later[0]] += b
+        recv[i, :] = np.cumsum(first[:n])
+    table = (prefix[None, 1:] - prefix[:-1, None]) + (send + recv) / BANDWIDTH
+    return lambda i, j: float(table[i, j])
+
+
+def balanced_starts(n: int, pp: int, cost: Callable[[int, int], float]) -> list[int]:
+    """The first index of each of ``pp`` contiguous non-empty stages over items 0..n-1 that
+    minimises the largest ``cost(first, last)``: dynamic programming, O(pp n^2)."""
+    if pp > n:
+        raise PartitionError(f"cannot cut {n} forward nodes into {pp} non-empty stages")
+    inf = float("inf")
+    best = [[inf] * n for _ in range(pp + 1)]   # best[k][j]: items 0..j in k stages
+    back = [[0] * n for _ in range(pp + 1)]
+    for j in range(n):
+        best[1][j] = cost(0, j)
+    for k in range(2, pp + 1):
+        for j in range(k - 1, n):
+            for i in range(k - 1, j + 1):       # stage k covers i..j
+                c = max(best[k - 1][i - 1], cost(i, j))
+                if c < best[k][j]:
+                    best[k][j], back[k][j] = c, i
+    starts, j = [], n - 1
+    for k in range(pp, 1, -1):
+        i = back[k][j]
+        starts.append(i)
+        j = i - 1
+    return [0] + starts[::-1]
+
+
+def cost_policy(parts: Parts, pp: int, times: Mapping[int, float]) -> dict[int, int]:
+    """Contiguous stages over the compute nodes in order, balanced by ``times`` and the
+    transfer cost at each cut (see ``stage_costs``)."""
+    starts = balanced_starts(len(parts.compute), pp, stage_costs(parts, times))
+    return _from_starts(parts, starts)
+
+
+def _from_starts(parts: Parts, starts: Sequence[int]) -> dict[int, int]:
+    bounds = list(starts[1:]) + [len(parts.compute)]
+    out, s = {}, 0
+    for i, n in enumerate(parts.compute):
+        while i >= bounds[s]:
+            s += 1
+        out[n.id] = s
+    return out
+
+
+def split_policy(parts: Parts, pp: int, points: Sequence[Any]) -> dict[int, int]:
+    """Stages that start at the given forward nodes: each point is a Node, a printed local
+    name such as ``"%12"`` (from ``print(graph)``), or a parameter name (the stage then
+    starts at that parameter's first user)."""
+    if len(points) != pp - 1:
+        raise PartitionError(f"{pp} stages need {pp - 1} split points, got {len(points)}: "
+                             f"{list(points)!r}")
+    index = {n.id: i for i, n in enumerate(parts.compute)}
+    names = parts.graph.names()
+    by_name = {names[n.id]: n for n in parts.graph.nodes}
+    first_user: dict[str, int] = {}
+    for i, n in enumerate(parts.compute):
+        for x in n.inputs:
+            if x.op == "param":
+                first_user.setdefault(x.name, i)
+    starts = [0]
+    for p in points:
+        node = p if isinstance(p, Node) else by_name.get(p) if isinstance(p, str) else None
+        if isinstance(p, str) and p in first_user:
+            i = first_user[p]
+        elif node is not None and node.id in index:
+            i = index[node.id]
+        else:
+            shown = p if isinstance(p, Node) else repr(p)
+            what = ("not a forward node of the step" if node is not None else
+                    "not a node of the graph")
+            raise PartitionError(
+                f"split point {shown} is {what}: use a forward node's name such as "
+                f"{names[parts.compute[len(parts.compute) // 2].id]!r} (see `shardgrad plan`) "
+                f"or a parameter name such as {next(iter(first_user), '0.weight')!r}")
+        if i <= starts[-1]:
+            raise PartitionError(f"split point {p!r} (forward node {i}) does not come after the "
+                                 f"previous one (node {starts[-1]}): split points must be in "
+                                 f"order and leave every stage non-empty")
+        starts.append(i)
+    return _from_starts(parts, starts)
+
+
+# ---- the mechanism: cut the graph at stage boundaries ---------------------------------------
+
+
+@dataclass
+class Stage:
+    """One stage's programs, each a standalone Graph an executor runs (no communication in
+    them: the runtime moves arrays as the schedule says).
+
+    forward   leaves: the stage's params and states (by name), ``x``/``y`` if it reads the
+              data, ``act/<value>`` received from earlier stages; outputs: ``loss`` (on the
+              last stage), ``act/<value>`` to send on, ``stash/<value>`` kept for backward.
+    backward  leaves: ``stash/...``, the forward leaves it needs (same names),
+              ``gact/<value>/<stage>`` gradients from later stages; outputs:
+              ``gact/<value>`` sent back to the value's stage, ``grad/<param>`` to accumulate.
+    update    leaves: ``grad/<param>`` (the sum over micro-batches and data-parallel ranks),
+              params, optimizer state, ``lr``, ``t``; outputs: ``param/``, ``state/optim/``,
+              and ``grad/<param>`` scaled to the full-batch gradient.
+    """
+
+    index: int
+    nodes: list[Node]
+    forward: Graph
+    backward: Graph
+    update: Graph
+    params: list[str]
+    states: list[str]
+    forward_time: float
+    backward_time: float
+    activation_bytes: int
+    param_bytes: int
+
+    @property
+    def time(self) -> float:
+        return self.forward_time + self.backward_time
+
+
+@dataclass
+class PipelinePlan:
+    """A step graph cut into stages: ``stages[s]`` runs on pipeline rank ``s``; ``transfers``
+    are the values that cross stages (every micro-batch); ``schedule`` orders the work.
+
+    ``micro_batches`` micro-batches of the traced batch make one step; the update runs once
+    after the flush on the gradients summed over micro-batches (and ``dp`` data-parallel
+    replicas), scaled so they equal the full-batch gradient of the mean loss.
+    """
+
+    graph: Graph
+    stages: list[Stage]
+    transfers: list[Transfer]
+    schedule: Schedule
+    micro_batches: int
+    dp: int
+    stage_of: dict[int, int] = field(repr=False)
+
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+    @property
+    def loss_stage(self) -> int:
+        return self.stage_of[self.graph.outputs["loss"].id]
+
+    def owner(self) -> dict[str, int]:
+        """Param and state name -> the stage that holds and updates it."""
+        return {n: s.index for s in self.stages for n in s.params + s.states}
+
+    def shard(self, stage: int) -> Graph:
+        """Stage ``stage``'s work on micro-batch 0 as one Graph, its communication as ops:
+        a ``recv`` where an activation (forward) or a gradient (backward) arrives, a ``send``
+        where one leaves, with the ranks (group "pp") and tags of the schedule. For reading
+        and drawing; the runtime runs the three programs and moves arrays itself."""
+        st, m = self.stages[stage], self.micro_batches
+        fmap, bmap, sends = {}, {}, []
+        for i, t in enumerate(self.transfers):
+            if t.dst == stage:
+                lf = next(n for n in st.forward.inputs if n.name == f"act/{t.name}")
+                fmap[lf.id] = collective.recv(collective.token(lf.dtype), lf.shape, lf.dtype,
+                                              t.src, sched.tag(i, "act", m, 0), "pp")
+                if t.grad:
+                    sends.append(("backward", f"gact/{t.name}", t.src, sched.tag(i, "grad", m, 0)))
+            if t.src == stage:
+                sends.append(("forward", f"act/{t.name}", t.dst, sched.tag(i, "act", m, 0)))
+                lf = next((n for n in st.backward.inputs if n.name == f"gact/{t.name}/{t.dst}"),
+                          None)
+                if lf is not None:
+                    bmap[lf.id] = collective.recv(collective.token(lf.dtype), lf.shape, lf.dtype,
+                                                  t.dst, sched.tag(i, "grad", m, 0), "pp")
+        fwd = replace(st.forward, fmap)
+        for n in st.backward.inputs:
+            if n.id in fmap:
+                bmap[n.id] = fmap[n.id]
+            elif n.name in fwd.outputs:
+                bmap[n.id] = fwd.outputs[n.name]
+        bwd = replace(st.backward, bmap)
+        update = replace(st.update, {n.id: bwd.outputs[n.name] for n in st.update.inputs
+                                     if n.name in bwd.outputs})
+        outputs = {"loss": fwd.outputs["loss"]} if "loss" in fwd.outputs else {}
+        for phase, name, peer, tg in sends:
+            value = (fwd if phase == "forward" else bwd).outputs[name]
+            outputs[f"send/{name}>{peer}"] = collective.send(value, peer, tg, "pp")
+        outputs.update(update.outputs)
+        return Graph(outputs, meta={"stage": stage})
+
+    def summary(self) -> str:
+        """Per stage: forward nodes, estimated time, parameters, activation bytes; then the
+        transfers and the schedule grid."""
+        names = self.graph.names()
+        lines = [f"pipeline: {self.pp} stages x {self.micro_batches} micro-batches, "
+                 f"{self.schedule.kind}, dp={self.dp}"]
+        for s in self.stages:
+            first = names[s.nodes[0].id] if s.nodes else "-"
+            last = names[s.nodes[-1].id] if s.nodes else "-"
+            lines.append(
+                f"stage {s.index}: {len(s.nodes)} forward nodes {first}..{last}, est "
+                f"{_us(s.forward_time)} fwd + {_us(s.backward_time)} bwd per micro-batch, "
+                f"activations {_human(s.activation_bytes)}/micro-batch, "
+                f"params {_human(s.param_bytes)} [{', '.join(s.params)}]")
+        for t in self.transfers:
+            lines.append(f"  {t.name}: stage {t.src} -> {t.dst}, {_human(t.nbytes)}"
+                         f"{' (+ gradient back)' if t.grad else ''}")
+        lines.append(str(self.schedule))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _check_stage_of(parts: Parts, pp: int, stage_of: Mapping[int, int]) -> None:
+    for n in parts.compute:
+        s = stage_of.get(n.id)
+        if not isinstance(s, int | np.integer) or not 0 <= s < pp:
+            raise PartitionError(f"stage_of gave {s!r} for forward node {n!r} ({n.op} at "
+                                 f"{n.where}): expected a stage in 0..{pp - 1}")
+        for x in n.inputs:
+            if x.inputs and stage_of[x.id] > s:
+                raise PartitionError(
+                    f"stage_of puts {n.op} at {n.where} on stage {s} but its input {x.op} on "
+                    f"stage {stage_of[x.id]}: a value may only flow to the same or a later "
+                    f"stage")
+    used = {stage_of[n.id] for n in parts.compute}
+    if len(used) != pp:
+        empty = sorted(set(range(pp)) - used)
+        raise PartitionError(f"stages {empty} get no forward node: use fewer stages or "
+                             f"another split")
+
+
+def cut(graph: Graph, pp: int, stage_of: Mapping[int, int] | Callable[[Node], int],
+        micro_batches: int = 1, schedule: str = "1f1b", dp: int = 1,
+        times: Mapping[int, float] | None = None) -> PipelinePlan:
+    """The mechanism: given a stage for every forward compute node (a mapping by node id or
+    a function of the node), build each stage's forward, backward and update programs.
+
+    A value used by a later stage is sent straight to it (also past stages in between: a
+    skip connection is one transfer); its gradient travels back the same way and is summed
+    where the value lives. A param or state lives with its first user's stage, which also
+    holds its optimizer state and update. Each stage's backward is the reverse-mode
+    derivative (``graph.autodiff.backprop``) of its own forward program, so every backward
+    node is on the stage of the forward node it differentiates by construction.
+    """
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+        raise PartitionError(f"pp must be an integer >= 1, got {pp!r}")
+    if not isinstance(micro_batches, int) or micro_batches < 1:
+        raise PartitionError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+    if not isinstance(dp, int) or dp < 1:
+        raise PartitionError(f"dp must be an integer >= 1, got {dp!r}")
+    parts = Parts.of(graph)
+    if pp > len(parts.compute):
+        raise PartitionError(f"cannot cut {len(parts.compute)} forward nodes into {pp} stages: "
+                             f"use pp <= {len(parts.compute)}")
+    if callable(stage_of):
+        stage_of = {n.id: stage_of(n) for n in parts.compute}
+    _check_stage_of(parts, pp, stage_of)
+    stage_of = {n.id: int(stage_of[n.id]) for n in parts.compute}
+    names = graph.names()
+    times = times or estimated_times(parts)
+
+    # Where every forward value lives and which later stages use it.
+    home: dict[int, int] = dict(stage_of)
+    users: dict[int, set[int]] = {}
+    for n in parts.compute:
+        for x in n.inputs:
+            users.setdefault(x.id, set()).add(stage_of[n.id])
+    for n in parts.forward:
+        if not n.inputs and n.op in ("param", "state"):
+            home[n.id] = min(users.get(n.id, {0}))
+    owner = {n.name: home.get(n.id, 0) for n in graph.nodes
+             if not n.inputs and n.op in ("param", "state")}
+    for p, outs in parts.update_outputs.items():
+        for k in outs:
+            if k.startswith("state/"):
+                owner[k[len("state/"):]] = owner[p]
+
+    transfers: list[Transfer] = []
+    for n in parts.forward:
+        if n.op in ("const", "input") or n.id not in home:
+            continue
+        for s in sorted(users.get(n.id, set())):
+            if s != home[n.id]:
+                name = n.name if not n.inputs else names[n.id]
+                grad = n.id in parts.needs_grad and _floating(n)
+                transfers.append(Transfer(name, home[n.id], s, grad,
+                                          n.size * itemsize(n.dtype)))
+    tname = {(t.name, t.dst): t for t in transfers}
+
+    stages = []
+    for s in range(pp):
+        stages.append(_build_stage(parts, s, stage_of, home, transfers, tname, names, owner,
+                                   micro_batches * dp, times))
+    f_time = [max(st.forward_time, 1e-12) for st in stages]
+    b_time = [max(st.backward_time, 1e-12) for st in stages]
+    plan_schedule = sched.build(schedule, pp, micro_batches, transfers, f_time, b_time)
+    return PipelinePlan(graph, stages, transfers, plan_schedule, micro_batches, dp, stage_of)
+
+
+def _build_stage(parts: Parts, s: int, stage_of: Mapping[int, int], home: Mapping[int, int],
+                 transfers: list[Transfer], tname: Mapping[tuple[str, int], Transfer],
+                 names: Mapping[int, str], owner: Mapping[str, int], replicas: int,
+                 times: Mapping[int, float]) -> Stage:
+    graph = parts.graph
+    new: dict[int, Node] = {}
+    recv_leaves: list[tuple[Node, Transfer]] = []
+
+    def local(x: Node) -> Node:
+        if x.id in new:
+            return new[x.id]
+        if x.op in ("const", "input") or (not x.inputs and home.get(x.id) == s):
+            new[x.id] = x
+        else:
+            name = x.name if not x.inputs else names[x.id]
+            t = tname[(name, s)]
+            new[x.id] = leaf("input", x.shape, x.dtype, name=f"act/{t.name}")
+            recv_leaves.append((new[x.id], t))
+        return new[x.id]
+
+    nodes = [n for n in parts.compute if stage_of[n.id] == s]
+    for n in nodes:
+        new[n.id] = Node(n.op, tuple(local(x) for x in n.inputs), n.attrs, n.shape, n.dtype,
+                         n.where)
+    outputs: dict[str, Node] = {}
+    if stage_of[parts.loss.id] == s:
+        outputs["loss"] = new[parts.loss.id]
+    sends = [t for t in transfers if t.src == s]
+    for t in sends:
+        orig = next(n for n in parts.forward if (n.name if not n.inputs else names[n.id])
+                    == t.name)
+        outputs[f"act/{t.name}"] = local(orig)
+
+    # Backward: reverse mode over this stage's forward, seeded by the loss (if here) and the
+    # gradients of the values sent on.
+    seeds, cots = [], []
+    if "loss" in outputs:
+        seeds.append(outputs["loss"])
+        cots.append(const(1, dtype=outputs["loss"].dtype))
+    for t in sends:
+        if t.grad:
+            v = outputs[f"act/{t.name}"]
+            seeds.append(v)
+            cots.append(leaf("input", v.shape, v.dtype, name=f"gact/{t.name}/{t.dst}"))
+    params = [n for n in graph.params if owner[n.name] == s]
+    diff_recvs = [(lf, t) for lf, t in recv_leaves if t.grad]
+    wrt = [new[p.id] if p.id in new else p for p in params] + [lf for lf, _ in diff_recvs]
+    grads = backprop(seeds, cots, wrt) if seeds else [zeros_like(w) for w in wrt]
+    bout: dict[str, Node] = {}
+    for p, g in zip(params, grads[:len(params)], strict=True):
+        bout[f"grad/{p.name}"] = g
+    for (_, t), g in zip(diff_recvs, grads[len(params):], strict=True):
+        bout[f"gact/{t.name}"] = g
+
+    fwd_ids = {n.id for n in new.values() if n.inputs}
+    stash: dict[int, Node] = {}
+    orig_of = {v.id: k for k, v in new.items()}
+    for n in toposort(bout.values()):
+        if n.id in fwd_ids:
+            continue
+        for x in n.inputs:
+            if x.id in fwd_ids:
+                stash[x.id] = x
+    for v in bout.values():
+        if v.id in fwd_ids:
+            stash[v.id] = v
+    mapping = {}
+    for i, x in stash.items():
+        key = f"stash/{names[orig_of[i]]}"
+        outputs[key] = x
+        mapping[i] = leaf("input", x.shape, x.dtype, name=key)
+    backward = replace(Graph(bout), mapping)
+    forward = Graph(outputs, meta={"stage": s})
+
+    update = _update_program(parts, [p.name for p in params], replicas)
+    states = [n for n, o in owner.items() if o == s and n not in {p.name for p in params}]
+    for g in (forward, backward, update):
+        verify(g)
+    kept = [n for n in backward.inputs if not n.name.startswith("gact/")]
+    # The stage's own programs priced by the ops' costs, rescaled to the times the policy
+    # used (measured ones with balance="profile") so both describe the same stage.
+    fwd_time = sum(_node_time(n) for n in forward.nodes if n.inputs)
+    bwd_time = sum(_node_time(n) for n in backward.nodes if n.inputs)
+    est = sum(estimated_times_of(nodes, parts.needs_grad).values())
+    if est > 0:
+        ratio = sum(times[n.id] for n in nodes) / est
+        fwd_time, bwd_time = fwd_time * ratio, bwd_time * ratio
+    return Stage(s, nodes, forward, backward, update, [p.name for p in params], states,
+                 fwd_time, bwd_time, sum(n.size * itemsize(n.dtype) for n in kept),
+                 sum(p.size * itemsize(p.dtype) for p in params))
+
+
+def _update_program(parts: Parts, params: list[str], replicas: int) -> Graph:
+    graph = parts.graph
+    scale = 1.0 / replicas if graph.meta.get("loss_scale", "mean") == "mean" else 1.0
+    outs = {k: graph.outputs[k] for p in params for k in parts.update_outputs[p]}
+    mapping: dict[int, Node] = {}
+    grads: dict[str, Node] = {}
+    for p in params:
+        g = graph.outputs.get(f"grad/{p}")
+        if g is None:
+            raise PartitionError(f"the step graph has no output grad/{p}")
+        total = leaf("input", g.shape, g.dtype, name=f"grad/{p}")
+        scaled = total * const(scale, dtype=g.dtype) if scale != 1.0 else total
+        if g.id in mapping:
+            raise PartitionError(f"grad/{p} is the same node as another parameter's gradient")
+        mapping[g.id] = scaled
+        grads[f"grad/{p}"] = scaled
+    update = replace(Graph(outs), mapping)
+    inner = {n.id for n in parts.forward if n.inputs}
+    for n in update.nodes:
+        if n.id in inner:
+            raise PartitionError(f"the optimizer update uses forward value {n!r} ({n.op} at "
+                                 f"{n.where}); pipeline updates may only read params, state, "
+                                 f"gradients, lr and t")
+    return Graph({**update.outputs, **grads}, meta={"params": params})
+
+
+def pipeline(graph: Graph, pp: int, balance: str | Sequence[Any] = "cost",
+             micro_batches: int = 1, schedule: str = "1f1b", dp: int = 1,
+             node_times: Mapping[int, float] | None = None) -> PipelinePlan:
+    """Cut the training-step ``graph`` of ONE micro-batch (traced at the micro-batch size)
+    into ``pp`` stages run on ``micro_batches`` micro-batches per step.
+
+    balance  "cost": contiguous stages balanced by the ops' cost estimates (forward plus
+             backward of each node) and the transfer cost at each cut, by dynamic
+             programming that minimises the slowest stage; "profile": the same, with
+             ``node_times`` measured by a short run (``runtime.pipeline.profile_times``);
+             a list of ``pp - 1`` split points (see ``split_policy``).
+    schedule "gpipe" | "1f1b".
+    dp       data-parallel replicas of the whole pipeline (their gradients are summed
+             before the update).
+    """
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+        raise PartitionError(f"pp must be an integer >= 1, got {pp!r}")
+    if schedule not in sched.SCHEDULES:
+        raise PartitionError(f"unknown schedule {schedule!r}; choose one of "
+                             f"{', '.join(sched.SCHEDULES)}")
+    parts = Parts.of(graph)
+    if pp > len(parts.compute):
+        raise PartitionError(f"cannot cut {len(parts.compute)} forward nodes into {pp} stages: "
+                             f"use pp <= {len(parts.compute)}")
+    if isinstance(balance, str):
+        if balance == "cost":
+            times = estimated_times(parts)
+        elif balance == "profile":
+            if node_times is None:
+                raise PartitionError("balance='profile' needs measured node_times: get them "
+                                     "with runtime.pipeline.profile_times(graph)")
+            missing = [n for n in parts.compute if n.id not in node_times]
+            if missing:
+                raise PartitionError(f"node_times lacks {len(missing)} forward nodes, e.g. "
+                                     f"{missing[0]!r}")
+            times = {n.id: float(node_times[n.id]) for n in parts.compute}
+        else:
+            raise PartitionError(f"unknown balance {balance!r}: use 'cost', 'profile' or a "
+                                 f"list of {pp - 1} split points")
+        stage_of = cost_policy(parts, pp, times)
+    else:
+        times = dict(node_times) if node_times is not None else estimated_times(parts)
+        stage_of = split_policy(parts, pp, list(balance))
+    return cut(graph, pp, stage_of, micro_batches, schedule, dp, times)
+
+
+__all__ = ["BALANCES", "BANDWIDTH", "FLOP_RATE", "MEM_RATE", "PartitionError", "Parts",
+           "PipelinePlan", "Stage", "balanced_starts", "cost_policy", "cut", "estimated_times",
+           "pipeline", "split_policy", "stage_costs", "vjp_nodes"]

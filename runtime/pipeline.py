@@ -1,0 +1,337 @@
+"""Pipeline execution: each rank runs one stage of a ``partition.pipeline`` plan, walking the
+schedule's actions (forward and backward programs per micro-batch, blocking point-to-point
+sends and receives of activations and gradients), then the optimizer update after the flush.
+On a dp x pp mesh each stage's gradient sums are allreduced within its data-parallel group.
+
+Side effects (communication, timing) live here. Imports graph, partition and runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shardgrad.graph.ir import Graph
+from shardgrad.ops.registry import get
+from shardgrad.partition.pipeline import Parts, PipelinePlan, pipeline, vjp_nodes
+from shardgrad.runtime.comm import Communicator, SingleProcess
+from shardgrad.runtime.interpreter import Interpreter, leaf_value
+
+Executor = Callable[..., Any]
+
+
+@dataclass
+class Mesh:
+    """This rank's place in a dp x pp mesh: world rank ``d * pp + s`` is stage ``s`` of
+    pipeline replica ``d``. ``pp_comm`` joins the stages of one replica (rank = stage),
+    ``dp_comm`` the ranks holding the same stage in every replica."""
+
+    dp: int
+    pp: int
+    stage: int
+    replica: int
+    pp_comm: Communicator
+    dp_comm: Communicator
+
+    @staticmethod
+    def of(comm: Communicator, dp: int, pp: int) -> Mesh:
+        if comm.world_size != dp * pp:
+            raise ValueError(f"a dp={dp} x pp={pp} mesh needs {dp * pp} ranks, got "
+                             f"{comm.world_size}")
+        stage, replica = comm.rank % pp, comm.rank // pp
+        pp_comm = comm if dp == 1 else comm.split(replica, stage)
+        dp_comm = (comm if pp == 1 else comm.split(stage, replica)) if dp > 1 \
+            else SingleProcess()
+        return Mesh(dp, pp, stage, replica, pp_comm, dp_comm)
+
+
+@dataclass
+class Stats:
+    """What one step did on this rank: per compute action (op, mb, start, end) in seconds
+    since the step began, time blocked in communication, and the most micro-batches (and
+    bytes) of activations held for backward at once."""
+
+    spans: list[tuple[str, int, float, float]] = field(default_factory=list)
+    comm_s: float = 0.0
+    wall_s: float = 0.0
+    peak_live: int = 0
+    peak_bytes: int = 0
+
+    @property
+    def busy_s(self) -> float:
+        return sum(e - s for _, _, s, e in self.spans)
+
+
+class StageRunner:
+    """Runs stage ``stage`` of ``plan``: ``step(state, x, y, lr, t)`` does one training step
+    (the schedule's actions, then the update) and returns the mean loss (on the loss stage,
+    else None) and the updated outputs (``param/``, ``state/``, ``grad/`` of this stage).
+
+    ``state`` holds this stage's params and states by name; ``x``/``y`` are this replica's
+    whole batch, cut into ``plan.micro_batches`` consecutive micro-batches.
+    """
+
+    def __init__(self, plan: PipelinePlan, stage: int, comm: Communicator,
+                 dp_comm: Communicator | None = None, executor: Executor | None = None,
+                 xp=np, rank: int | None = None):
+        if comm.world_size != plan.pp or comm.rank != stage:
+            raise ValueError(f"stage {stage} of a {plan.pp}-stage plan needs a pipeline "
+                             f"communicator of {plan.pp} ranks with rank {stage}, got rank "
+                             f"{comm.rank} of {comm.world_size}")
+        self.plan, self.stage, self.comm, self.xp = plan, stage, comm, xp
+        self.dp_comm = dp_comm or SingleProcess()
+        st = plan.stages[stage]
+        rank = comm.rank if rank is None else rank
+        make = executor or (lambda g, **kw: Interpreter(g, xp, **kw))
+        self.forward = make(st.forward, rank=rank, shard=f"pipeline stage {stage} forward")
+        self.backward = make(st.backward, rank=rank, shard=f"pipeline stage {stage} backward")
+        self.update = make(st.update, rank=rank, shard=f"pipeline stage {stage} update")
+        # Other executors may reuse their output buffers on the next run: copy what is kept.
+        self.copy = executor is not None
+        self.keep = [n.name for n in st.backward.inputs if not n.name.startswith("gact/")]
+        self.actions = plan.schedule.actions[stage]
+        self.params = st.params
+        self.leaf_types = {n.name: (n.shape, n.dtype) for g in (st.forward, st.backward,
+                                                                 st.update) for n in g.inputs}
+        self.stats = Stats()
+        # A value sent to several stages leaves the outbox after its last send.
+        last: dict[tuple, int] = {}
+        for i, a in enumerate(self.actions):
+            if a.op == "SEND":
+                last[(a.msg.kind, a.msg.name, a.mb)] = i
+        self.last_send = set(last.values())
+
+    def _recv_buffer(self, msg) -> tuple[str, Any]:
+        name = f"act/{msg.name}" if msg.kind == "act" else f"gact/{msg.name}/{msg.src}"
+        shape, dtype = self.leaf_types[name]
+        return name, self.xp.empty(shape, dtype)
+
+    def step(self, state: Mapping[str, Any], x, y, lr, t) -> tuple[Any, dict[str, Any]]:
+        xp, m = self.xp, self.plan.micro_batches
+        if len(x) % m or len(y) != len(x):
+            raise ValueError(f"a batch of {len(x)} rows (labels: {len(y)}) cannot be cut into "
+                             f"{m} equal micro-batches")
+        b = len(x) // m
+        xs = [x[i * b:(i + 1) * b] for i in range(m)]
+        ys = [y[i * b:(i + 1) * b] for i in range(m)]
+        inbox: dict[tuple[int, str], Any] = {}
+        outbox: dict[tuple[str, str, int], Any] = {}
+        kept: dict[int, dict[str, Any]] = {}
+        grads: dict[str, Any] = {}
+        losses = []
+        stats = Stats()
+        t0 = time.perf_counter()
+        now = lambda: time.perf_counter() - t0
+        for i, a in enumerate(self.actions):
+            if a.op == "RECV":
+                c0 = now()
+                name, buf = self._recv_buffer(a.msg)
+                inbox[(a.mb, name)] = self.comm.recv_(buf, a.msg.src, a.msg.tag)
+                stats.comm_s += now() - c0
+            elif a.op == "SEND":
+                c0 = now()
+                key = (a.msg.kind, a.msg.name, a.mb)
+                self.comm.send(xp.ascontiguousarray(outbox[key]), a.msg.dst, a.msg.tag)
+                stats.comm_s += now() - c0
+            elif a.op == "F":
+                s0 = now()
+                feeds = {**state, "x": xs[a.mb], "y": ys[a.mb]}
+                feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb
+                             and k.startswith("act/"))
+                out = self.forward.run(feeds)
+                if "loss" in out:
+                    losses.append(out["loss"])
+                live = {k: (out[k] if k in out else feeds[k]) for k in self.keep
+                        if k in out or k in feeds}
+                if self.copy:
+                    live = {k: xp.array(v, copy=True) for k, v in live.items()}
+                kept[a.mb] = live
+                for k, v in out.items():
+                    if k.startswith("act/"):
+                        outbox[("act", k[4:], a.mb)] = xp.array(v, copy=True) if self.copy else v
+                for k in [k for k in inbox if k[0] == a.mb and k[1].startswith("act/")]:
+                    del inbox[k]
+                stats.peak_live = max(stats.peak_live, len(kept))
+                stats.peak_bytes = max(stats.peak_bytes, sum(
+                    v.nbytes for d in kept.values() for v in d.values()))
+                stats.spans.append(("F", a.mb, s0, now()))
+            elif a.op == "B":
+                s0 = now()
+                feeds = {**state, **kept.pop(a.mb)}
+                feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb)
+                out = self.backward.run(feeds)
+                for k, v in out.items():
+                    if k.startswith("grad/"):
+                        if k in grads:
+                            xp.add(grads[k], v, out=grads[k])
+                        else:
+                            grads[k] = xp.array(v, copy=True)
+                    elif k.startswith("gact/"):
+                        outbox[("grad", k[5:], a.mb)] = xp.array(v, copy=True) if self.copy else v
+                for k in [k for k in inbox if k[0] == a.mb]:
+                    del inbox[k]
+                stats.spans.append(("B", a.mb, s0, now()))
+            if i in self.last_send:
+                outbox.pop((a.msg.kind, a.msg.name, a.mb))
+        stats.wall_s = now()
+        for p in self.params:
+            if f"grad/{p}" not in grads:
+                grads[f"grad/{p}"] = xp.zeros(*self.leaf_types[f"grad/{p}"])
+        if self.dp_comm.world_size > 1 and grads:
+            _allreduce_flat(self.dp_comm, grads, xp)
+        out = self.update.run({**state, **grads, "lr": lr, "t": t})
+        if self.copy:
+            out = {k: xp.array(v, copy=True) for k, v in out.items()}
+        self.stats = stats
+        loss = None
+        if losses:
+            loss = sum(losses[1:], losses[0]) / m if self.plan.graph.meta.get(
+                "loss_scale", "mean") == "mean" else sum(losses[1:], losses[0])
+        return loss, out
+
+
+def _allreduce_flat(comm: Communicator, grads: dict[str, Any], xp) -> None:
+    """Sum every gradient over ``comm`` with one allreduce per dtype (a flat buffer)."""
+    by_dtype: dict[str, list[str]] = {}
+    for k, v in grads.items():
+        by_dtype.setdefault(str(v.dtype), []).append(k)
+    for dtype, keys in by_dtype.items():
+        flat = xp.concatenate([grads[k].ravel() for k in keys]).astype(dtype, copy=False)
+        comm.allreduce_(flat)
+        start = 0
+        for k in keys:
+            n = grads[k].size
+            grads[k] = flat[start:start + n].reshape(grads[k].shape)
+            start += n
+
+
+def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[int, float]:
+    """Seconds per forward compute node of the step ``graph`` (forward plus its VJP nodes),
+    the minimum over ``repeats`` timed runs of the reference interpreter's kernels on
+    random data (integer inputs are zeros, valid as labels and indices)."""
+    parts = Parts.of(graph)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for n in parts.forward:
+        if not n.inputs and n.op != "const":
+            arr = (rng.standard_normal(n.shape) if np.dtype(n.dtype).kind == "f"
+                   else np.zeros(n.shape)).astype(n.dtype)
+            feeds[n.name] = xp.asarray(arr)
+    env: dict[int, Any] = {}
+    fwd = {n.id: float("inf") for n in parts.compute}
+    for n in parts.forward:
+        if not n.inputs:
+            env[n.id] = leaf_value(xp, n, feeds)
+    for n in parts.compute:
+        kernel = get(n.op).forward
+        args = [env[x.id] for x in n.inputs]
+        for _ in range(repeats):
+            s = time.perf_counter()
+            env[n.id] = kernel(xp, *args, **n.attrs)
+            fwd[n.id] = min(fwd[n.id], time.perf_counter() - s)
+    out = {}
+    for n in parts.compute:
+        vjp = vjp_nodes(n, parts.needs_grad)
+        g = xp.asarray(rng.standard_normal(n.shape).astype(n.dtype)) if vjp else None
+        best = 0.0
+        if vjp:
+            best = float("inf")
+            for _ in range(repeats):
+                local = dict(env)
+                s = time.perf_counter()
+                for m in vjp:
+                    args = [local[x.id] if x.id in local else (
+                        g if x.op == "input" and x.name == "g" else leaf_value(xp, x, feeds))
+                        for x in m.inputs]
+                    local[m.id] = get(m.op).forward(xp, *args, **m.attrs)
+                best = min(best, time.perf_counter() - s)
+        out[n.id] = fwd[n.id] + best
+    return out
+
+
+def sync_outputs(comm: Communicator, out: Mapping[str, Any]) -> dict[str, Any]:
+    """Every stage's updated ``param/`` and ``state/`` values, on every rank of ``comm``."""
+    mine = {k: np.asarray(v) for k, v in out.items() if k.startswith(("param/", "state/"))}
+    merged: dict[str, Any] = {}
+    for part in comm.allgather_obj(mine):
+        merged.update(part)
+    return merged
+
+
+class PipelineProgram:
+    """A whole training step pipelined across the ranks of ``mesh`` (the executor a
+    TrainStep gets): ``run(feeds)`` takes the full model's feeds and this replica's batch and
+    returns ``loss`` (on every rank) and every ``param/`` and ``state/`` output, synchronised
+    across the stages so each rank's model stays complete (evaluation, checkpoints)."""
+
+    def __init__(self, graph: Graph, mesh: Mesh, micro_batches: int, schedule: str = "1f1b",
+                 balance: Any = "cost", executor: Executor | None = None, xp=np,
+                 world: Communicator | None = None):
+        world = world or mesh.pp_comm
+        parts = Parts.of(graph)
+        times = None
+        if balance == "profile":
+            mine = profile_times(graph, xp) if world.rank == 0 else None
+            order = world.bcast_obj([mine[n.id] for n in parts.compute] if mine else None)
+            times = {n.id: t for n, t in zip(parts.compute, order, strict=True)}
+        self.plan = pipeline(graph, mesh.pp, balance, micro_batches, schedule, mesh.dp,
+                             node_times=times)
+        starts = [min(i for i, n in enumerate(parts.compute) if self.plan.stage_of[n.id] == s)
+                  for s in range(mesh.pp)]
+        if world.bcast_obj(starts) != starts:
+            raise RuntimeError(f"rank {world.rank} cut the pipeline at {starts}, rank 0 "
+                               f"elsewhere: the ranks traced different graphs")
+        self.mesh = mesh
+        self.runner = StageRunner(self.plan, mesh.stage, mesh.pp_comm, mesh.dp_comm, executor,
+                                  xp, rank=world.rank)
+        self.owned = set(self.plan.stages[mesh.stage].params + self.plan.stages[
+            mesh.stage].states)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        state = {k: v for k, v in feeds.items() if k in self.owned}
+        loss, out = self.runner.step(state, feeds["x"], feeds["y"], feeds["lr"], feeds["t"])
+        buf = np.zeros((), dtype=self.plan.graph.outputs["loss"].dtype)
+        if loss is not None:
+            buf[...] = loss
+        self.mesh.pp_comm.bcast_(buf, root=self.plan.loss_stage)
+        if self.mesh.dp > 1:
+            self.mesh.dp_comm.allreduce_(buf)
+            buf /= self.mesh.dp
+        merged = sync_outputs(self.mesh.pp_comm, out) if self.mesh.pp > 1 else dict(out)
+        return {"loss": buf, **merged}
+
+
+@dataclass(frozen=True)
+class PipelineTransform:
+    """The step transform that asks TrainStep to trace one micro-batch (``split``) and leaves
+    the graph as it is: PipelineProgram cuts it."""
+
+    split: int
+
+    def __call__(self, graph: Graph) -> Graph:
+        return graph
+
+
+def step_options(config: Mapping, comm: Communicator, executor: Executor | None = None
+                 ) -> dict[str, Any]:
+    """``runtime.train.step_options`` for ``parallel.pp`` > 1: a dp x pp mesh over ``comm``,
+    a TrainStep traced on one micro-batch, and the pipeline as its executor; this rank reads
+    the data shard of its replica."""
+    par = config["parallel"]
+    mesh = Mesh.of(comm, par["dp"], par["pp"])
+    m = par.get("microbatches", 1)
+
+    def make(graph: Graph) -> PipelineProgram:
+        return PipelineProgram(graph, mesh, m, par.get("schedule", "1f1b"),
+                               par.get("balance", "cost"), executor, world=comm)
+
+    return {"transform": PipelineTransform(m), "executor": make,
+            "data_rank": mesh.replica, "data_world_size": mesh.dp}
+
+
+__all__ = ["Mesh", "PipelineProgram", "PipelineTransform", "StageRunner", "Stats",
+           "profile_times", "step_options", "sync_outputs"]

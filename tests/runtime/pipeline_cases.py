@@ -1,0 +1,107 @@
+"""Shared by the pipeline equivalence tests: digits models, the local reference run, and the
+same steps pipelined on a communicator (threads in-process, or real ranks when this file
+runs under mpirun). As a script it runs the named cases and prints one JSON line on rank 0:
+
+    mpirun --allow-run-as-root --oversubscribe -n 4 python tests/runtime/pipeline_cases.py \
+        mlp4:1:4:2:gpipe mlp4:2:2:2:1f1b
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import numpy as np
+
+import shardgrad as sg
+from shardgrad.graph.nn import functional as F
+from shardgrad.runtime.pipeline import Mesh, PipelineProgram, PipelineTransform
+
+STEPS, BATCH = 3, 32
+_build_lock = threading.Lock()
+
+
+def digits(image: bool) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data[:STEPS * BATCH] / 16.0).astype("float64")
+    return (x.reshape(-1, 1, 8, 8) if image else x), d.target[:STEPS * BATCH].astype(np.int64)
+
+
+def build(kind: str):
+    """(model, optimizer, image input?) for ``kind``: "mlp" (64-32-10), "mlp4" (deep enough
+    for 4 stages: 64-32-32-32-10) or "cnn" (conv 1->4, pool, conv 4->8, pool, linear)."""
+    with _build_lock:
+        saved = sg.get_default_dtype()
+        sg.set_default_dtype("float64")
+        sg.manual_seed(0)
+        nn = sg.nn
+        if kind == "cnn":
+            model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Flatten(), nn.Linear(32, 10))
+            opt = sg.optim.Adam(model.parameters(), lr=0.01)
+        else:
+            widths = [64, 32, 10] if kind == "mlp" else [64, 32, 32, 32, 10]
+            layers = []
+            for a, b in zip(widths, widths[1:], strict=False):
+                layers += [nn.Linear(a, b), nn.Tanh()]
+            model = nn.Sequential(*layers[:-1])
+            opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sg.set_default_dtype(saved)
+    return model, opt, kind == "cnn"
+
+
+def reference(kind: str) -> dict[str, np.ndarray]:
+    """Final parameters of STEPS full-batch steps with the reference interpreter."""
+    model, opt, image = build(kind)
+    x, y = digits(image)
+    step = sg.compile_step(model, F.cross_entropy, opt)
+    for i in range(STEPS):
+        step(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
+    return {k: v.copy() for k, v in model.state_dict().items()}
+
+
+def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str) -> dict[str, np.ndarray]:
+    """The same steps on a dp x pp mesh over ``comm``: replica d takes rows [d*B/dp, ...)
+    of each global batch, in ``m`` micro-batches; every rank ends with the whole model."""
+    model, opt, image = build(kind)
+    x, y = digits(image)
+    mesh = Mesh.of(comm, dp, pp)
+    step = sg.compile_step(model, F.cross_entropy, opt,
+                           executor=lambda g: PipelineProgram(g, mesh, m, schedule, world=comm),
+                           transform=PipelineTransform(m))
+    per = BATCH // dp
+    for i in range(STEPS):
+        lo = i * BATCH + mesh.replica * per
+        step(x[lo:lo + per], y[lo:lo + per])
+    return {k: v.copy() for k, v in model.state_dict().items()}
+
+
+def max_rel_err(got: dict, want: dict) -> float:
+    assert sorted(got) == sorted(want)
+    return max(float(np.max(np.abs(got[k] - want[k])) / np.max(np.abs(want[k]))) for k in want)
+
+
+def parse(case: str) -> tuple[str, int, int, int, str]:
+    kind, dp, pp, m, schedule = case.split(":")
+    return kind, int(dp), int(pp), int(m), schedule
+
+
+def main(cases: list[str]) -> None:
+    from shardgrad.runtime.mpi import MPICommunicator
+
+    comm = MPICommunicator(timeout_s=60)
+    results = {}
+    for case in cases:
+        kind, dp, pp, m, schedule = parse(case)
+        got = pipelined(comm, kind, dp, pp, m, schedule)
+        results[case] = max_rel_err(got, reference(kind))
+    if comm.rank == 0:
+        print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
