@@ -1,11 +1,13 @@
 """Graph passes: pure Graph -> Graph rewrites (dead code, common subexpressions, constant
-folding) and the elementwise fusion analysis that executors and the CUDA backend share.
+folding, a memory-friendly order) and the elementwise fusion analysis that executors and the
+CUDA backend share.
 
 No pass mutates its input. Imports graph.ir and ops.registry (to evaluate constants).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -125,6 +127,41 @@ def fold_constants(graph: Graph, limit: int = FOLD_LIMIT) -> Graph:
 def simplify(graph: Graph) -> Graph:
     """``cse(fold_constants(dce(graph)))``: what every executor runs before planning."""
     return cse(fold_constants(dce(graph)))
+
+
+def schedule(graph: Graph) -> Graph:
+    """The same graph in a memory-friendlier order: a node that feeds exactly one output (an
+    optimizer update and the gradient matmul that feeds it, the loss tail) runs as soon as
+    its inputs exist, so a gradient dies right after it is made instead of living until the
+    update block at the end; every other node keeps its relative order."""
+    pos = {n.id: i for i, n in enumerate(graph.nodes)}
+    users = graph.users()
+    reach: dict[int, frozenset[str]] = {}
+    outs_of: dict[int, set[str]] = {}
+    for k, o in graph.outputs.items():
+        outs_of.setdefault(o.id, set()).add(k)
+    for n in reversed(graph.nodes):
+        r = set(outs_of.get(n.id, ()))
+        for u in users[n.id]:
+            r |= reach[u.id]
+        reach[n.id] = frozenset(r)
+    waiting = {n.id: len({x.id for x in n.inputs}) for n in graph.nodes}
+    ready: list[tuple[int, int, Node]] = []
+    order: list[Node] = []
+
+    def place(n: Node) -> None:
+        order.append(n)
+        for u in {u.id: u for u in users[n.id]}.values():
+            waiting[u.id] -= 1
+            if waiting[u.id] == 0:
+                heapq.heappush(ready, (0 if len(reach[u.id]) == 1 else 1, pos[u.id], u))
+
+    for n in graph.nodes:
+        if not n.inputs:                 # leaves cost nothing: all of them first
+            place(n)
+    while ready:
+        place(heapq.heappop(ready)[2])
+    return Graph(graph.outputs, order, dict(graph.meta))
 
 
 # ---- elementwise fusion ----------------------------------------------------------------------

@@ -429,5 +429,7 @@ def compile(graph: Graph, xp=np, simplify: bool = True, rank: int | None = None,
             shard: str | None = None) -> Program:
     """Compile ``graph`` into a Program on ``xp``. With ``simplify`` (the default) the graph
     first goes through ``passes.simplify`` (dead code, constant folding, common
-    subexpressions), which changes no result."""
-    return Program(passes.simplify(graph) if simplify else graph, xp, rank, shard)
+    subexpressions) and ``passes.schedule`` (gradients consumed as soon as they exist), which
+    change no result."""
+    return Program(passes.schedule(passes.simplify(graph)) if simplify else graph, xp, rank,
+                   shard)

@@ -133,6 +133,23 @@ def test_simplify_is_the_composition_and_shrinks_the_training_step():
     assert_same_results(g, s, feeds_for(g))
 
 
+def test_schedule_consumes_each_gradient_as_soon_as_it_exists():
+    g = passes.simplify(mlp_step(batch=8, sizes=(6, 5, 4, 3)))
+    before = snapshot(g)
+    s = passes.schedule(g)
+    assert snapshot(g) == before
+    assert sorted(n.id for n in s.nodes) == sorted(n.id for n in g.nodes)
+    verify(s)
+    assert_same_results(g, s, feeds_for(g))
+    order = [n.id for n in s.nodes]
+    for name in ("w0", "w1", "w2"):
+        update = s.outputs[f"param/{name}"]                 # sub(w, mul(lr, matmul(...)))
+        grad = update.inputs[1].inputs[1]
+        assert grad.op == "matmul"
+        assert order.index(update.id) - order.index(grad.id) == 2
+    assert not any(n.inputs for n in s.nodes[:len([m for m in s.nodes if not m.inputs])])
+
+
 # ---- fusion_groups ------------------------------------------------------------------------------
 
 def run_group(group, env):
@@ -224,7 +241,8 @@ def test_passes_on_random_graphs(g, seed):
     feeds = feeds_for(g, seed)
     before = snapshot(g)
     with np.errstate(all="ignore"):
-        for p in (passes.dce, passes.cse, passes.fold_constants, passes.simplify):
+        for p in (passes.dce, passes.cse, passes.fold_constants, passes.simplify,
+                  passes.schedule):
             out = p(g)
             verify(out, known_ops=lambda op: op in REGISTRY)
             assert_same_results(g, out, feeds)
@@ -233,7 +251,8 @@ def test_passes_on_random_graphs(g, seed):
     assert snapshot(g) == before
 
 
-@pytest.mark.parametrize("p", [passes.dce, passes.cse, passes.fold_constants, passes.simplify])
+@pytest.mark.parametrize("p", [passes.dce, passes.cse, passes.fold_constants, passes.simplify,
+                               passes.schedule])
 def test_passes_keep_meta(p):
     x = leaf("input", (2,), "float32", name="x")
     g = Graph({"y": x + 1.0}, meta={"grads": ["grad/x"]})
