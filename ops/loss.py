@@ -7,6 +7,7 @@ gradients of gradients work. Imports ops.registry, sibling op families and graph
 from __future__ import annotations
 
 from shardgrad.graph.ir import Node
+from shardgrad.ops.fused import softmax_xent_grad
 from shardgrad.ops.reduce import norm_axis, sum
 from shardgrad.ops.registry import (
     OpDef,
@@ -102,9 +103,9 @@ def _per_row(g, logits, reduction):
 
 
 def _cross_entropy_vjp(g, logits, labels, out, reduction):
-    # loss_i = -log softmax(x_i)[y_i]  =>  d loss_i / d x_i = softmax(x_i) - onehot(y_i)
-    p = softmax(logits, 1) - onehot(labels, logits.shape[1], logits.dtype)
-    return p * _per_row(g, logits, reduction), None
+    # loss_i = -log softmax(x_i)[y_i]  =>  d loss_i / d x_i = softmax(x_i) - onehot(y_i);
+    # one fused op (ops.fused), so a GPU computes the whole gradient in one kernel
+    return softmax_xent_grad(logits, labels, _per_row(g, logits, reduction)), None
 
 
 def _cross_entropy_jvp(ts, logits, labels, out, reduction):

@@ -17,7 +17,7 @@ from op_harness import (
     check_jvp,
 )
 
-from shardgrad.ops import REGISTRY, apply, loss, nn
+from shardgrad.ops import REGISTRY, apply, fused, loss, nn
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import reduce as R
 from shardgrad.ops import shape as S
@@ -32,6 +32,25 @@ def ref_sigmoid(x):
 
 def ref_gelu(x):
     return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+REF_ACT = {"relu": lambda z: np.maximum(z, 0), "gelu": ref_gelu, "tanh": np.tanh}
+
+
+def ref_dact(act, z):
+    z = z.astype(np.float64)
+    if act == "relu":
+        return (z > 0).astype(np.float64)
+    if act == "tanh":
+        return 1.0 - np.tanh(z) ** 2
+    c = np.sqrt(2.0 / np.pi)
+    t = np.tanh(c * (z + 0.044715 * z ** 3))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)
+
+
+def ref_xent_grad(x, y, s):
+    p = np.exp(ref_log_softmax(x))
+    return (p - np.eye(x.shape[1])[y]) * s
 
 
 def ref_log_softmax(x, axis=-1):
@@ -232,6 +251,15 @@ CASES = [
     *[OpCase("cross_entropy", lambda x, y, r=r: loss.cross_entropy(x, y, r),
              (F(4, 5, lo=-3, hi=3), I(4, hi=5)), lambda x, y, r=r: ref_cross_entropy(x, y, r),
              name=r) for r in ("mean", "sum", "none")],
+    # fused (ops.fused): one primitive for a chain, the chain's semantics
+    *[OpCase("softmax_xent_grad", fused.softmax_xent_grad,
+             (F(4, 5, lo=-3, hi=3), I(4, hi=5), F(*s)), ref_xent_grad, name=f"scale{s[0]}")
+      for s in ((4, 1), (1, 1))],
+    *[OpCase("bias_act", lambda x, b, a=a: fused.bias_act(x, b, a), (F(3, 4, lo=-2, hi=2), F(4)),
+             lambda x, b, a=a: REF_ACT[a](x + b), name=a) for a in REF_ACT],
+    *[OpCase("bias_act_grad", lambda g, x, b, a=a: apply("bias_act_grad", g, x, b, act=a),
+             (F(3, 4), F(3, 4, lo=-2, hi=2), F(4)),
+             lambda g, x, b, a=a: g * ref_dact(a, x + b), name=a) for a in REF_ACT],
     # nn
     OpCase("im2col", lambda x: apply("im2col", x, **K3S2P1), (F(2, 2, 5, 4),),
            lambda x: ref_im2col(x, (3, 3), (2, 2), (1, 1))),

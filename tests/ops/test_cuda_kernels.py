@@ -1,0 +1,160 @@
+"""The hand-written CUDA kernels of ops/cuda, run on the CPU: runtime.host_cuda compiles each
+source for the host (one thread standing for the grid) and ops.gpu's wrappers launch it on
+NumPy arrays. Each op's kernel path must give its generic forward (the reference semantics):
+float64 to 1e-12, float32 to 1e-5 relative. The same comparisons run on a real GPU in
+tests/ops/test_gpu_ops.py.
+"""
+
+import numpy as np
+import pytest
+
+import shardgrad as sg
+from shardgrad.ops import REGISTRY, gpu
+from shardgrad.ops.registry import get
+from shardgrad.runtime import host_cuda
+
+pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")
+
+DTYPES = ["float32", "float64"]
+WINDOWS = [dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1)),
+           dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0)),
+           dict(kernel=(3, 2), stride=(2, 1), padding=(1, 0)),
+           dict(kernel=(2, 3), stride=(1, 3), padding=(1, 1))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def host(request):
+    saved = gpu.launch
+    gpu.launch = host_cuda.HostLauncher()
+    yield gpu.launch
+    gpu.launch = saved
+
+
+def close(got, want, dtype):
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-12, atol=1e-14)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(got, want, **tol)
+
+
+def check(name, dtype, *args, **attrs):
+    want = np.asarray(get(name).forward(np, *args, **attrs))
+    got = np.asarray(REGISTRY[name].cuda(np, *args, **attrs))
+    close(got, want, dtype)
+
+
+def rand(rng, shape, dtype, lo=-2.0, hi=2.0):
+    return rng.uniform(lo, hi, shape).astype(dtype)
+
+
+def test_kernels_are_attached():
+    for name in gpu.CUDA:
+        assert REGISTRY[name].cuda is gpu.CUDA[name], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 13), (3, 1), (2, 5, 40), (4, 1500)])
+def test_softmax_family(dtype, shape):
+    rng = np.random.default_rng(0)
+    x = rand(rng, shape, dtype, -5, 5)
+    check("softmax", dtype, x, axis=len(shape) - 1)
+    check("log_softmax", dtype, x, axis=len(shape) - 1)
+    check("softmax", dtype, x, axis=0)         # inner axis: the generic path, same answer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_and_its_gradient(dtype, reduction):
+    rng = np.random.default_rng(1)
+    x, y = rand(rng, (9, 11), dtype, -4, 4), rng.integers(0, 11, 9)
+    check("cross_entropy", dtype, x, y, reduction=reduction)
+    for scale in (rand(rng, (9, 1), dtype), rand(rng, (1, 1), dtype)):
+        check("softmax_xent_grad", dtype, x, y, scale)
+
+
+def test_cross_entropy_rejects_bad_labels():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="label 4 out of range for 4 classes"):
+        gpu.cross_entropy(np, x, np.array([0, 4, 1]), "mean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["relu", "gelu", "tanh"])
+def test_bias_act(dtype, act):
+    rng = np.random.default_rng(2)
+    x, b, g = rand(rng, (6, 10), dtype), rand(rng, (10,), dtype), rand(rng, (6, 10), dtype)
+    check("bias_act", dtype, x, b, act=act)
+    check("bias_act_grad", dtype, g, x, b, act=act)
+    x3 = rand(rng, (2, 3, 10), dtype)
+    check("bias_act", dtype, x3, b, act=act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("win", WINDOWS, ids=lambda w: "k{kernel}s{stride}p{padding}".format(**w))
+def test_conv_and_pool_kernels(dtype, win):
+    rng = np.random.default_rng(3)
+    x = rand(rng, (2, 3, 9, 8), dtype)
+    x[0, 0, :2, :2] = 1.5                     # ties: the first maximum wins, as numpy.argmax
+    cols = get("im2col").forward(np, x, **win)
+    check("im2col", dtype, x, **win)
+    check("col2im", dtype, rand(rng, cols.shape, dtype), shape=x.shape, **win)
+    out = get("max_pool2d").forward(np, x, **win)
+    g = rand(rng, out.shape, dtype)
+    check("max_pool2d", dtype, x, **win)
+    check("max_pool2d_grad", dtype, g, x, **win)
+    check("max_pool2d_gather", dtype, rand(rng, x.shape, dtype), x, **win)
+    check("avg_pool2d", dtype, x, **win)
+    check("avg_pool2d_grad", dtype, g, shape=x.shape, **win)
+
+
+def test_uncovered_dtypes_take_the_generic_path():
+    x = np.random.default_rng(4).standard_normal((3, 4)).astype(np.float16)
+    np.testing.assert_array_equal(gpu.softmax(np, x, 1), get("softmax").forward(np, x, axis=1))
+
+
+def _rule_update(opt_cls, p, g, state, t, **kw):
+    """graph.optim's rule, eagerly on tensors: the semantics the flat kernels implement."""
+    opt = opt_cls([sg.tensor(p)], **kw)
+    new_p, new_state = opt.rule(sg.tensor(p), sg.tensor(g),
+                                {k: sg.tensor(v) for k, v in state.items()}, kw["lr"],
+                                sg.tensor(np.asarray(t, p.dtype)))
+    return new_p.numpy(), {k: v.numpy() for k, v in new_state.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [dict(momentum=0.0), dict(momentum=0.9),
+                                dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+                                dict(momentum=0.0, weight_decay=1e-2)])
+def test_flat_sgd_update_matches_optim_rule(dtype, kw):
+    rng = np.random.default_rng(5)
+    p, g, buf = (rand(rng, (1000,), dtype) for _ in range(3))
+    want_p, want_state = _rule_update(sg.optim.SGD, p, g, {"momentum_buffer": buf}
+                                      if kw["momentum"] else {}, 1, lr=0.1, **kw)
+    p2, buf2 = p.copy(), buf.copy()
+    gpu.sgd_update_(p2, g, buf2 if kw["momentum"] else None, lr=0.1, **kw)
+    close(p2, want_p.astype(dtype), dtype)
+    if kw["momentum"]:
+        close(buf2, want_state["momentum_buffer"].astype(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cls", [sg.optim.Adam, sg.optim.AdamW])
+def test_flat_adam_update_matches_optim_rule(dtype, cls):
+    rng = np.random.default_rng(6)
+    p, g = rand(rng, (777,), dtype), rand(rng, (777,), dtype)
+    m, v = rand(rng, (777,), dtype), rand(rng, (777,), dtype, 0.0, 1.0)
+    want_p, want = _rule_update(cls, p, g, {"exp_avg": m, "exp_avg_sq": v}, 4, lr=0.01,
+                                weight_decay=0.1)
+    p2, m2, v2 = p.copy(), m.copy(), v.copy()
+    gpu.adam_update_(p2, g, m2, v2, lr=0.01, step=4, weight_decay=0.1,
+                     decoupled=cls is sg.optim.AdamW)
+    close(p2, want_p, dtype)
+    close(m2, want["exp_avg"], dtype)
+    close(v2, want["exp_avg_sq"], dtype)
+
+
+def test_flat_updates_check_their_buffers():
+    p = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="1-d contiguous"):
+        gpu.sgd_update_(p, np.zeros(5, np.float32), lr=0.1)
+    with pytest.raises(ValueError, match="momentum buffer"):
+        gpu.sgd_update_(p, p.copy(), lr=0.1, momentum=0.9)
