@@ -1,0 +1,171 @@
+"""GPU buffers through a Communicator, on the CPU: the staging decision as a pure function,
+the CUDA-aware setting, and GPUCommunicator over real in-process ranks (ThreadCommunicator)
+with stand-in device arrays that record the stream synchronizations and host copies. The
+same paths on a GPU (CuPy arrays, pinned memory, NCCL) are in test_gpu_runtime.py.
+"""
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from shardgrad.runtime.comm import SingleProcess
+from shardgrad.runtime.gpu_comm import (
+    GPUCommunicator,
+    cuda_aware_setting,
+    make_gpu_comm,
+    probe_cuda_aware_mpi,
+    transfer_mode,
+)
+from shardgrad.runtime.threadcomm import ThreadGroup
+
+
+@pytest.mark.parametrize("on_device,aware,backend,want", [
+    (False, False, "mpi", "host"), (False, True, "mpi", "host"), (False, False, "nccl", "host"),
+    (True, False, "mpi", "stage"), (True, True, "mpi", "direct"), (True, False, "nccl", "nccl"),
+    (True, True, "nccl", "nccl"),
+])
+def test_transfer_mode(on_device, aware, backend, want):
+    assert transfer_mode(on_device, aware, backend) == want
+
+
+def test_transfer_mode_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="'mpi' or 'nccl'"):
+        transfer_mode(True, True, "gloo")
+
+
+@pytest.mark.parametrize("setting,probe,want", [
+    ("auto", True, True), ("auto", False, False), ("auto", None, False), ("on", None, True),
+    ("on", False, True), ("off", True, False), (True, None, True), (False, True, False),
+])
+def test_cuda_aware_setting(setting, probe, want):
+    assert cuda_aware_setting(setting, probe) is want
+
+
+def test_cuda_aware_setting_rejects_junk():
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        cuda_aware_setting("maybe", None)
+
+
+def test_probe_answers_without_a_gpu():
+    assert probe_cuda_aware_mpi() in (True, False, None)
+
+
+class FakeDevice(np.ndarray):
+    """A stand-in device array: a NumPy array that claims to live on a GPU and counts the
+    copies through ``get``/``set`` (CuPy's names)."""
+
+    log: list
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (0, False)}
+
+    def get(self, out=None):
+        self.log.append("get")
+        np.copyto(out, np.asarray(self))
+        return out
+
+    def set(self, arr):
+        self.log.append("set")
+        np.copyto(np.asarray(self), arr)
+
+
+def fake_xp(log):
+    stream = SimpleNamespace(synchronize=lambda: log.append("sync"))
+    cuda = SimpleNamespace(get_current_stream=lambda: stream,
+                           alloc_pinned_memory=lambda n: bytearray(n))
+    return SimpleNamespace(cuda=cuda)
+
+
+def device(values, log):
+    arr = np.array(values, dtype=np.float32).view(FakeDevice)
+    arr.log = log
+    return arr
+
+
+def run_ranks(n, fn):
+    comms = ThreadGroup(n, timeout_s=10).communicators()
+    out, errors = [None] * n, []
+
+    def work(r):
+        try:
+            out[r] = fn(comms[r])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors, errors
+    return out
+
+
+@pytest.mark.parametrize("aware", [False, True])
+def test_allreduce_of_device_buffers(aware):
+    def rank(comm):
+        log = []
+        g = GPUCommunicator(comm, cuda_aware=aware, xp=fake_xp(log))
+        buf = device(np.arange(5) + 10 * comm.rank, log)
+        g.allreduce_(buf)
+        return np.asarray(buf).copy(), log, g.staged_bytes
+    for values, log, staged in run_ranks(3, rank):
+        np.testing.assert_array_equal(values, 3 * np.arange(5) + 30)
+        assert log[0] == "sync"                       # the stream before anything leaves
+        if aware:
+            assert log == ["sync"] and staged == 0    # the buffer itself went to MPI
+        else:
+            assert log == ["sync", "get", "set", "sync"] and staged == 20
+
+
+def test_host_buffers_pass_straight_through():
+    def rank(comm):
+        log = []
+        g = GPUCommunicator(comm, xp=fake_xp(log))
+        buf = np.ones(4, np.float32) * (comm.rank + 1)
+        g.allreduce_(buf, "max")
+        return buf, log
+    for buf, log in run_ranks(2, rank):
+        np.testing.assert_array_equal(buf, 2.0)
+        assert log == []
+
+
+def test_bcast_send_recv_allgather_staged():
+    def rank(comm):
+        log = []
+        g = GPUCommunicator(comm, xp=fake_xp(log))
+        b = device([comm.rank + 1.0] * 3, log)
+        g.bcast_(b, root=1)
+        x = device([comm.rank] * 2, log)
+        out = device(np.zeros(4), log)
+        g.allgather_(x, out)
+        p = device([0.0, 0.0], log)
+        if comm.rank == 0:
+            g.send(device([7.0, 8.0], log), 1, tag=3)
+        else:
+            g.recv_(p, 0, tag=3)
+        return np.asarray(b).copy(), np.asarray(out).copy(), np.asarray(p).copy()
+    (b0, o0, p0), (b1, o1, p1) = run_ranks(2, rank)
+    np.testing.assert_array_equal(b0, [2, 2, 2])
+    np.testing.assert_array_equal(b1, [2, 2, 2])
+    np.testing.assert_array_equal(o0, [0, 0, 1, 1])
+    np.testing.assert_array_equal(p1, [7, 8])
+
+
+def test_pinned_buffers_are_reused_per_size():
+    log = []
+    g = GPUCommunicator(SingleProcess(), xp=fake_xp(log))
+    for _ in range(3):
+        g.allreduce_(device([1.0, 2.0], log))
+    g.allreduce_(device([1.0, 2.0, 3.0], log))
+    assert len(g._pinned) == 2
+
+
+def test_make_gpu_comm_follows_the_config():
+    assert make_gpu_comm(SingleProcess(), "mpi", "on").cuda_aware is True
+    assert make_gpu_comm(SingleProcess(), "mpi", "auto", probe=False).cuda_aware is False
+    assert make_gpu_comm(SingleProcess(), "mpi", "off", probe=True).cuda_aware is False
+    with pytest.raises(ValueError, match="'mpi' or 'nccl'"):
+        make_gpu_comm(SingleProcess(), "tcp")
