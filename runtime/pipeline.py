@@ -52,9 +52,11 @@ class Mesh:
 @dataclass
 class Stats:
     """What one step did on this rank: per compute action (op, mb, start, end) in seconds
-    since the step began, time blocked in communication, and the most micro-batches (and
-    bytes) of activations held for backward at once."""
+    since the step began (at ``t0``, on ``time.perf_counter``'s clock), time blocked in
+    communication, and the most micro-batches (and bytes) of activations held for backward
+    at once."""
 
+    t0: float = 0.0
     spans: list[tuple[str, int, float, float]] = field(default_factory=list)
     comm_s: float = 0.0
     wall_s: float = 0.0
@@ -123,8 +125,8 @@ class StageRunner:
         kept: dict[int, dict[str, Any]] = {}
         grads: dict[str, Any] = {}
         losses = []
-        stats = Stats()
         t0 = time.perf_counter()
+        stats = Stats(t0)
         now = lambda: time.perf_counter() - t0
         for i, a in enumerate(self.actions):
             if a.op == "RECV":

@@ -88,7 +88,8 @@ def test_balanced_starts_is_optimal_on_random_costs(seed):
     starts = balanced_starts(n, pp, cost)
     bounds = starts + [n]
     got = max(cost(bounds[k], bounds[k + 1] - 1) for k in range(pp))
-    assert len(starts) == pp and starts[0] == 0 and all(a < b for a, b in itertools.pairwise(bounds))
+    assert len(starts) == pp and starts[0] == 0
+    assert all(a < b for a, b in itertools.pairwise(bounds))
     assert got == pytest.approx(brute_force(n, pp, cost))
 
 
