@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from shardgrad.graph.autodiff import backprop, zeros_like
-from shardgrad.graph.ir import Graph, Node, const, leaf, toposort, verify
+from shardgrad.graph.ir import Graph, Node, const, fmt_type, leaf, toposort, verify
 from shardgrad.graph.rewrite import replace
 from shardgrad.ops import collective
 from shardgrad.ops.registry import elementwise_cost, get, itemsize
@@ -30,6 +30,8 @@ MEM_RATE = 6e9
 BANDWIDTH = 5e9
 
 BALANCES = ("cost", "profile")
+STAGE_COLOURS = ("#a6cee3", "#b2df8a", "#fdbf6f", "#cab2d6", "#fb9a99", "#ffff99", "#8dd3c7",
+                 "#d9d9d9")
 
 
 class PartitionError(ValueError):
@@ -349,6 +351,39 @@ class PipelinePlan:
             outputs[f"send/{name}>{peer}"] = collective.send(value, peer, tg, "pp")
         outputs.update(update.outputs)
         return Graph(outputs, meta={"stage": stage})
+
+    def to_dot(self) -> str:
+        """Graphviz DOT source of every stage's shard (``shard``), one cluster per stage in
+        its own colour, with a dashed edge from each send to the recv it pairs with."""
+        import graphviz
+
+        dot = graphviz.Digraph("pipeline", graph_attr={"rankdir": "TB", "fontname": "Helvetica"},
+                               node_attr={"shape": "box", "style": "filled,rounded",
+                                          "fontname": "Courier", "fontsize": "9"})
+        sends, recvs = {}, {}
+        for s in range(self.pp):
+            shard = self.shard(s)
+            names = shard.names()
+            colour = STAGE_COLOURS[s % len(STAGE_COLOURS)]
+            with dot.subgraph(name=f"cluster_{s}") as c:
+                st = self.stages[s]
+                c.attr(label=f"stage {s}: {len(st.nodes)} forward nodes, est "
+                             f"{_us(st.time)}/micro-batch, params {', '.join(st.params)}",
+                       color=colour, style="bold")
+                for n in shard.nodes:
+                    label = f"{names[n.id]} = {n.op} : {fmt_type(n.shape, n.dtype)}"
+                    shape = "ellipse" if not n.inputs else "box"
+                    c.node(f"s{s}n{n.id}", label, fillcolor=colour, shape=shape)
+                    for x in n.inputs:
+                        c.edge(f"s{s}n{x.id}", f"s{s}n{n.id}")
+                    if n.op == "send":
+                        sends[(s, n.attrs["dest"], n.attrs["tag"])] = f"s{s}n{n.id}"
+                    elif n.op == "recv":
+                        recvs[(n.attrs["source"], s, n.attrs["tag"])] = f"s{s}n{n.id}"
+        for key, node in sends.items():
+            dot.edge(node, recvs[key], color="red", style="dashed", constraint="false",
+                     label=f"tag {key[2]}", fontcolor="red", fontsize="8")
+        return dot.source
 
     def summary(self) -> str:
         """Per stage: forward nodes, estimated time, parameters, activation bytes; then the

@@ -239,3 +239,13 @@ def test_batch_norm_buffers_are_refused():
     graph = trace_step(model, mse, opt, ((4, 3), DT), ((4, 2), DT))
     with pytest.raises(PartitionError, match="running statistics"):
         pipeline(graph, 2)
+
+
+def test_dot_colours_stages_and_draws_each_send_to_its_recv():
+    plan = pipeline(skip_step(), 3, ["b.weight", "c.weight"], micro_batches=2)
+    src = plan.to_dot()
+    assert all(f"subgraph cluster_{s}" in src for s in range(3))
+    pairs = sum(2 if t.grad else 1 for t in plan.transfers)
+    assert src.count("style=dashed") == pairs == 6
+    shard_nodes = sum(len(plan.shard(s)) for s in range(3))
+    assert src.count("[label=") == shard_nodes + pairs   # nodes, then the labelled sends
