@@ -152,6 +152,20 @@ def _averaged(graph: Graph) -> list[tuple[Node, list[str]]]:
     return list(items.values())
 
 
+def _contiguous_source(node: Node) -> tuple[Node, tuple[int, ...] | None]:
+    """What to pack for ``node``: a transpose (nn.Linear's weight gradient is one, of a
+    C-contiguous matmul) is packed untransposed and transposed back after the reduction,
+    which commutes with it, so packing is a plain copy (a transposing copy cost 3-4x more)."""
+    if node.op == "transpose":
+        return node.inputs[0], node.attrs["axes"]
+    return node, None
+
+
+def _unpacked(flat: Node, offset: int, src: Node, axes: tuple[int, ...] | None) -> Node:
+    view = unpack(flat, offset, src.shape)
+    return view if axes is None else apply("transpose", view, axes=axes)
+
+
 def _schedule(outputs: dict[str, Node], priority: dict[int, float]) -> list[Node]:
     """Every node the outputs need, inputs first, otherwise in ascending ``priority``
     (unlisted nodes: by id, after the listed ones)."""
@@ -212,7 +226,8 @@ def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, g
     buckets = []
     for b, members in enumerate(groups):
         ready = max(pos[n.id] for n, _ in members)
-        flat = pack([n for n, _ in members], scale=1.0 / world_size)
+        sources = [_contiguous_source(n) for n, _ in members]
+        flat = pack([src for src, _ in sources], scale=1.0 / world_size)
         if overlap:
             started = apply("allreduce_start", flat, op="sum", group=group, tag=b, inplace=True)
             out = apply("allreduce_wait", started, tag=b)
@@ -227,9 +242,9 @@ def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, g
             late = ready + 0.5
         priority[out.id] = late
         offset = 0
-        for n, _ in members:
-            reduced[n.id] = unpack(out, offset, n.shape)
-            priority[reduced[n.id].id] = late
+        for (n, _), (src, axes) in zip(members, sources, strict=True):
+            reduced[n.id] = _unpacked(out, offset, src, axes)
+            priority.update({reduced[n.id].id: late, reduced[n.id].inputs[0].id: late})
             offset += n.size
         buckets.append(Bucket(b, members[0][0].dtype,
                               tuple(k for _, outs in members for k in outs),
@@ -253,8 +268,18 @@ def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, g
     return Graph(outputs, _schedule(outputs, priority), meta), buckets
 
 
+def _fold(parts: list[list[Node]], half: int) -> list[list[Node]]:
+    """Partial j becomes partial j + partial j + half, value by value."""
+    return [[a + b for a, b in zip(parts[j], parts[j + half], strict=True)]
+            for j in range(half)]
+
+
 def _deterministic(graph: Graph, world_size: int, chunks: int, group: str) -> Graph:
-    m = chunks // world_size
+    # The sum over chunks follows one tree, whatever world_size: while the count L of partial
+    # sums is even, partial j += partial j + L/2; then the rest left to right. Chunk j lives
+    # on rank j % world_size, so every fold whose stride L/2 is a multiple of world_size pairs
+    # two partials of the same rank: those run locally, before anything is gathered.
+    n_ranks, m = world_size, chunks // world_size
     data = {n.name: n for n in graph.inputs if n.name in DATA_INPUTS}
     if set(data) != set(DATA_INPUTS):
         raise ShapeError(f"deterministic data parallelism needs inputs {DATA_INPUTS}; the graph "
@@ -262,25 +287,38 @@ def _deterministic(graph: Graph, world_size: int, chunks: int, group: str) -> Gr
     full = {k: leaf("input", (x.shape[0] * m,) + x.shape[1:], x.dtype, name=k)
             for k, x in data.items()}
     items = _averaged(graph)
-    one = Graph({str(i): n for i, (n, _) in enumerate(items)})
-    per_chunk: list[Node] = []
+    sources = [_contiguous_source(n) for n, _ in items]
+    one = Graph({str(j): src for j, (src, _) in enumerate(sources)})
+    parts = []  # parts[i]: this rank's partial i, i.e. chunk (rank + i * world_size)
     for i in range(m):
         sub = replace(one, {x.id: batch_chunk(full[k], i, m) for k, x in data.items()})
-        per_chunk += [sub.outputs[str(j)] for j in range(len(items))]
-    size = sum(n.size for n, _ in items)
-    local = pack(per_chunk)
-    gathered = allgather(local, world_size, group) if world_size > 1 else local
-    # The block of chunk k = r + i * world_size (rank r's i-th) sits at r * m + i.
-    rows = [unpack(gathered, ((k % world_size) * m + k // world_size) * size, (size,))
-            for k in range(chunks)]
-    total = rows[0]
-    for row in rows[1:]:
-        total = total + row  # left to right in chunk order: the same bits for any world_size
-    mean = total * const(1.0 / chunks, dtype=total.dtype)
-    reduced, offset = {}, 0
-    for node, _ in items:
-        reduced[node.id] = unpack(mean, offset, node.shape)
-        offset += node.size
+        parts.append([sub.outputs[str(j)] for j in range(len(items))])
+    count = chunks
+    while count % 2 == 0 and (count // 2) % n_ranks == 0:
+        parts = _fold(parts, count // (2 * n_ranks))
+        count //= 2
+    if n_ranks > 1:
+        per_rank = count // n_ranks
+        gathered = allgather(pack([v for part in parts for v in part]), n_ranks, group)
+        size = sum(src.size for src, _ in sources)
+        parts = []
+        for j in range(count):  # partial j came from rank j % n_ranks, its (j // n_ranks)-th
+            offset = ((j % n_ranks) * per_rank + j // n_ranks) * size
+            row = []
+            for src, _ in sources:
+                row.append(unpack(gathered, offset, src.shape))
+                offset += src.size
+            parts.append(row)
+    while count % 2 == 0:
+        parts = _fold(parts, count // 2)
+        count //= 2
+    total = parts[0]
+    for part in parts[1:]:
+        total = [a + b for a, b in zip(total, part, strict=True)]
+    reduced = {}
+    for (node, _), (_, axes), value in zip(items, sources, total, strict=True):
+        mean = value * const(1.0 / chunks, dtype=value.dtype)
+        reduced[node.id] = mean if axes is None else apply("transpose", mean, axes=axes)
     grads = {graph.outputs[f"grad/{p}"].id for p in graph.meta["params"]}
     new = replace(graph, {i: v for i, v in reduced.items() if i in grads})
     outputs = dict(new.outputs)

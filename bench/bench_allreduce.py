@@ -1,0 +1,149 @@
+"""The gradient allreduce of a data-parallel step against a raw mpi4py in-place Allreduce of
+the same bytes, measured in the same run on 2 ranks (target: <= 1.1x).
+
+    python bench/bench_allreduce.py                  # starts mpirun -n 2 itself, JSON lines
+    python bench/bench_allreduce.py --ranks 4 --reps 300
+
+Model: MLP 784-512-512-10, float32, 128 samples per rank; its step graph is rewritten by
+partition.data_parallel and the bucket path it inserted (pack -> allreduce -> unpack) is run
+by the reference interpreter on the step's gradients. Per repetition, after a barrier, the
+variants run in rotating order: raw ``MPI.COMM_WORLD.Allreduce(IN_PLACE, buf)``; the plan's
+allreduce node (kernel time, watchdog on); the same without the watchdog; the whole bucket
+path (pack + allreduce + unpack). Medians over repetitions on rank 0; ratios are paired per
+repetition. Other processes share the 2 cores: rerun and compare medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SIZES = (784, 512, 512, 10)
+
+
+def launch(args) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(args.ranks),
+           sys.executable, __file__, "--worker", "--reps", str(args.reps),
+           "--bucket-mb", *map(str, args.bucket_mb)]
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+def bucket_path(plan):
+    """The nodes the plan inserted, as a graph over the gradients (fed as inputs)."""
+    from shardgrad.graph.ir import Graph, leaf
+    from shardgrad.graph.rewrite import replace
+
+    inserted = ("pack", "allreduce", "unpack", "transpose")
+    outs = {str(i): n for i, n in enumerate(plan.graph.nodes) if n.op == "unpack"}
+    sub = Graph(outs)
+    mapping = {x.id: leaf("input", x.shape, x.dtype, name=f"g{x.id}")
+               for n in sub.nodes if n.op in inserted for x in n.inputs
+               if x.op not in inserted}
+    return replace(sub, mapping)
+
+
+def measure(plan, comms, reps: int, rng) -> dict[str, np.ndarray]:
+    """Seconds per repetition of each variant (rank-local clocks)."""
+    from mpi4py import MPI
+
+    from shardgrad.ops import collective
+    from shardgrad.runtime.interpreter import Interpreter
+
+    world = MPI.COMM_WORLD
+    sub = bucket_path(plan)
+    feeds = {n.name: rng.standard_normal(n.shape).astype(n.dtype) for n in sub.inputs}
+    raw_buf = np.ones(sum(b.nbytes for b in plan.buckets) // 4, np.float32)
+    interp = Interpreter(sub)
+    kernel_time = [0.0]
+    for i, n in enumerate(sub.nodes):
+        if n.op == "allreduce":
+            def timed(*a, _inner=interp.kernels[i], **kw):
+                t = time.perf_counter()
+                out = _inner(*a, **kw)
+                kernel_time[0] += time.perf_counter() - t
+                return out
+            interp.kernels[i] = timed
+
+    def raw():
+        world.Allreduce(MPI.IN_PLACE, raw_buf)
+
+    def node(comm):
+        def run():
+            kernel_time[0] = 0.0
+            with collective.bind(comm):
+                interp.run(feeds)
+            return kernel_time[0]
+        return run
+
+    variants = {"raw": raw, "node": node(comms[0]), "node_no_watchdog": node(comms[1]),
+                "path": node(comms[0])}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for rep in range(reps + 10):
+        names = list(variants)
+        names = names[rep % len(names):] + names[:rep % len(names)]
+        for k in names:
+            world.Barrier()
+            t = time.perf_counter()
+            kernel = variants[k]()
+            elapsed = time.perf_counter() - t
+            if rep >= 10:
+                times[k].append(kernel if k.startswith("node") else elapsed)
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def worker(args) -> None:
+    from mpi4py import MPI
+
+    import shardgrad as sg
+    from shardgrad.graph.trace import trace_step
+    from shardgrad.partition.data_parallel import data_parallel
+    from shardgrad.runtime.mpi import MPICommunicator
+
+    world = MPI.COMM_WORLD
+    sg.manual_seed(0)
+    layers = []
+    for a, b in zip(SIZES, SIZES[1:], strict=False):
+        layers += [sg.nn.Linear(a, b), sg.nn.ReLU()]
+    model = sg.nn.Sequential(*layers[:-1])
+    opt = sg.optim.SGD(model.parameters(), lr=0.01)
+    graph = trace_step(model, sg.functional.cross_entropy, opt, ((128, 784), "float32"),
+                       ((128,), "int64"))
+    comms = (MPICommunicator(timeout_s=300.0), MPICommunicator(timeout_s=None))
+    rng = np.random.default_rng(world.rank)
+    for mb in args.bucket_mb:
+        plan = data_parallel(graph, world.size, bucket_bytes=int(mb * 2**20))
+        t = measure(plan, comms, args.reps, rng)
+        if world.rank == 0:
+            print(json.dumps({
+                "bench": "allreduce", "ranks": world.size, "bucket_mb": mb,
+                "buckets": len(plan.buckets), "bytes": sum(b.nbytes for b in plan.buckets),
+                "reps": args.reps,
+                "ms_median": {k: round(float(np.median(v)) * 1e3, 4) for k, v in t.items()},
+                "ratio_node_vs_raw": round(float(np.median(t["node"] / t["raw"])), 3),
+                "ratio_node_no_watchdog_vs_raw": round(float(np.median(
+                    t["node_no_watchdog"] / t["raw"])), 3),
+                "ratio_path_vs_raw": round(float(np.median(t["path"] / t["raw"])), 3),
+                "raw_ms_p10_p90": [round(float(np.percentile(t["raw"], q)) * 1e3, 4)
+                                   for q in (10, 90)],
+            }), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--bucket-mb", type=float, nargs="+", default=[25.0, 1.0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    worker(args) if args.worker else launch(args)
+
+
+if __name__ == "__main__":
+    main()
