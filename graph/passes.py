@@ -43,17 +43,23 @@ def _rebuild(n: Node, ins: tuple[Node, ...]) -> Node:
 
 def _sweep(graph: Graph, visit: Callable[[Node, tuple[Node, ...]], Node]) -> Graph:
     """Rebuild ``graph`` front to back: ``visit(node, new_inputs)`` returns the node that
-    stands for ``node`` (itself, a rebuilt copy, an earlier node or a new leaf). Unlike
+    stands for ``node`` (itself, a rebuilt copy, an earlier node, a new leaf or new nodes
+    built on the new inputs). Unlike
     ``rewrite.replace``, the original order is kept, so liveness is not reshuffled."""
     new: dict[int, Node] = {}
     order: list[Node] = []
     placed: set[int] = set()
-    for n in graph.nodes:
-        m = visit(n, tuple(new[x.id] for x in n.inputs))
-        new[n.id] = m
+
+    def put(m: Node) -> None:       # a new node may come with new inputs of its own
         if m.id not in placed:
+            for x in m.inputs:
+                put(x)
             placed.add(m.id)
             order.append(m)
+
+    for n in graph.nodes:
+        new[n.id] = visit(n, tuple(new[x.id] for x in n.inputs))
+        put(new[n.id])
     outputs = {k: new[v.id] for k, v in graph.outputs.items()}
     return dce(Graph(outputs, order, dict(graph.meta)))
 
@@ -120,6 +126,41 @@ def fold_constants(graph: Graph, limit: int = FOLD_LIMIT) -> Graph:
         if out.shape != n.shape or str(out.dtype) != n.dtype:
             return m
         return Node("const", (), {"value": np.array(out)}, n.shape, n.dtype, n.where)
+
+    return _sweep(graph, visit)
+
+
+def _transpose(x: Node, axes: tuple[int, ...], where: str) -> Node:
+    """``x`` permuted by ``axes``, cancelling against a transpose it is made of."""
+    if x.op == "transpose":
+        axes = tuple(x.attrs["axes"][a] for a in axes)
+        x = x.inputs[0]
+    if axes == tuple(range(x.ndim)):
+        return x
+    return Node("transpose", (x,), {"axes": axes}, tuple(x.shape[a] for a in axes), x.dtype,
+                where)
+
+
+def fold_transposes(graph: Graph) -> Graph:
+    """Transposes folded away: a transpose of a transpose composes (or cancels), and the
+    transpose of a 2-d matmul used nowhere else becomes the matmul of the transposed operands,
+    (A B)^T = B^T A^T, so the product is written in the layout its users read (BLAS takes
+    transposed operands for free). The same dot products in another operand order: equal on
+    the BLAS measured here, within rounding (1e-6 relative) in general."""
+    users = graph.users()
+    outputs = {o.id for o in graph.outputs.values()}
+
+    def visit(n: Node, ins: tuple[Node, ...]) -> Node:
+        m = _rebuild(n, ins)
+        if m.op != "transpose":
+            return m
+        x, axes, src = m.inputs[0], tuple(m.attrs["axes"]), n.inputs[0].id
+        if (x.op == "matmul" and axes == (1, 0) and len(users[src]) == 1
+                and src not in outputs and all(v.ndim == 2 for v in x.inputs)):
+            a, b = x.inputs
+            bt, at = _transpose(b, (1, 0), m.where), _transpose(a, (1, 0), m.where)
+            return Node("matmul", (bt, at), {}, m.shape, m.dtype, x.where)
+        return _transpose(x, axes, m.where) if x.op == "transpose" else m
 
     return _sweep(graph, visit)
 

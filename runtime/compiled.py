@@ -428,8 +428,9 @@ def _call_step(fn, slots, ins, i) -> Callable[[], Any]:
 def compile(graph: Graph, xp=np, simplify: bool = True, rank: int | None = None,  # noqa: A001
             shard: str | None = None) -> Program:
     """Compile ``graph`` into a Program on ``xp``. With ``simplify`` (the default) the graph
-    first goes through ``passes.simplify`` (dead code, constant folding, common
-    subexpressions) and ``passes.schedule`` (gradients consumed as soon as they exist), which
-    change no result."""
-    return Program(passes.schedule(passes.simplify(graph)) if simplify else graph, xp, rank,
-                   shard)
+    first goes through ``passes.fold_transposes`` (products written in the layout their users
+    read), ``passes.simplify`` (dead code, constant folding, common subexpressions) and
+    ``passes.schedule`` (gradients consumed as soon as they exist)."""
+    if simplify:
+        graph = passes.schedule(passes.simplify(passes.fold_transposes(graph)))
+    return Program(graph, xp, rank, shard)
