@@ -399,6 +399,12 @@ class PipelinePlan:
                 f"{_us(s.forward_time)} fwd + {_us(s.backward_time)} bwd per micro-batch, "
                 f"activations {_human(s.activation_bytes)}/micro-batch, "
                 f"params {_human(s.param_bytes)} [{', '.join(s.params)}]")
+            ops: dict[str, int] = {}
+            for n in s.nodes:
+                ops[n.op] = ops.get(n.op, 0) + 1
+            lines.append("  ops: " + ", ".join(f"{k}x {op}" if k > 1 else op
+                                                for op, k in ops.items()))
+        lines.append("transfers per micro-batch:")
         for t in self.transfers:
             lines.append(f"  {t.name}: stage {t.src} -> {t.dst}, {_human(t.nbytes)}"
                          f"{' (+ gradient back)' if t.grad else ''}")

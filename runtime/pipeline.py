@@ -107,6 +107,10 @@ class StageRunner:
                 last[(a.msg.kind, a.msg.name, a.mb)] = i
         self.last_send = set(last.values())
 
+    def _run(self, program, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        out = program.run(feeds)
+        return {k: self.xp.array(v, copy=True) for k, v in out.items()} if self.copy else out
+
     def _recv_buffer(self, msg) -> tuple[str, Any]:
         name = f"act/{msg.name}" if msg.kind == "act" else f"gact/{msg.name}/{msg.src}"
         shape, dtype = self.leaf_types[name]
@@ -144,17 +148,14 @@ class StageRunner:
                 feeds = {**state, "x": xs[a.mb], "y": ys[a.mb]}
                 feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb
                              and k.startswith("act/"))
-                out = self.forward.run(feeds)
+                out = self._run(self.forward, feeds)
                 if "loss" in out:
                     losses.append(out["loss"])
-                live = {k: (out[k] if k in out else feeds[k]) for k in self.keep
-                        if k in out or k in feeds}
-                if self.copy:
-                    live = {k: xp.array(v, copy=True) for k, v in live.items()}
-                kept[a.mb] = live
+                kept[a.mb] = {k: (out[k] if k in out else feeds[k]) for k in self.keep
+                              if k in out or k in feeds}
                 for k, v in out.items():
                     if k.startswith("act/"):
-                        outbox[("act", k[4:], a.mb)] = xp.array(v, copy=True) if self.copy else v
+                        outbox[("act", k[4:], a.mb)] = v
                 for k in [k for k in inbox if k[0] == a.mb and k[1].startswith("act/")]:
                     del inbox[k]
                 stats.peak_live = max(stats.peak_live, len(kept))
@@ -165,7 +166,7 @@ class StageRunner:
                 s0 = now()
                 feeds = {**state, **kept.pop(a.mb)}
                 feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb)
-                out = self.backward.run(feeds)
+                out = self._run(self.backward, feeds)
                 for k, v in out.items():
                     if k.startswith("grad/"):
                         if k in grads:
@@ -173,7 +174,7 @@ class StageRunner:
                         else:
                             grads[k] = xp.array(v, copy=True)
                     elif k.startswith("gact/"):
-                        outbox[("grad", k[5:], a.mb)] = xp.array(v, copy=True) if self.copy else v
+                        outbox[("grad", k[5:], a.mb)] = v
                 for k in [k for k in inbox if k[0] == a.mb]:
                     del inbox[k]
                 stats.spans.append(("B", a.mb, s0, now()))
@@ -185,9 +186,7 @@ class StageRunner:
                 grads[f"grad/{p}"] = xp.zeros(*self.leaf_types[f"grad/{p}"])
         if self.dp_comm.world_size > 1 and grads:
             _allreduce_flat(self.dp_comm, grads, xp)
-        out = self.update.run({**state, **grads, "lr": lr, "t": t})
-        if self.copy:
-            out = {k: xp.array(v, copy=True) for k, v in out.items()}
+        out = self._run(self.update, {**state, **grads, "lr": lr, "t": t})
         self.stats = stats
         loss = None
         if losses:
@@ -318,22 +317,5 @@ class PipelineTransform:
         return graph
 
 
-def step_options(config: Mapping, comm: Communicator, executor: Executor | None = None
-                 ) -> dict[str, Any]:
-    """``runtime.train.step_options`` for ``parallel.pp`` > 1: a dp x pp mesh over ``comm``,
-    a TrainStep traced on one micro-batch, and the pipeline as its executor; this rank reads
-    the data shard of its replica."""
-    par = config["parallel"]
-    mesh = Mesh.of(comm, par["dp"], par["pp"])
-    m = par.get("microbatches", 1)
-
-    def make(graph: Graph) -> PipelineProgram:
-        return PipelineProgram(graph, mesh, m, par.get("schedule", "1f1b"),
-                               par.get("balance", "cost"), executor, world=comm)
-
-    return {"transform": PipelineTransform(m), "executor": make,
-            "data_rank": mesh.replica, "data_world_size": mesh.dp}
-
-
 __all__ = ["Mesh", "PipelineProgram", "PipelineTransform", "StageRunner", "Stats",
-           "profile_times", "step_options", "sync_outputs"]
+           "profile_times", "sync_outputs"]

@@ -77,14 +77,17 @@ def reference(kind: str) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in model.state_dict().items()}
 
 
-def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str) -> dict[str, np.ndarray]:
+def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str,
+              executor=None) -> dict[str, np.ndarray]:
     """The same steps on a dp x pp mesh over ``comm``: replica d takes rows [d*B/dp, ...)
-    of each global batch, in ``m`` micro-batches; every rank ends with the whole model."""
+    of each global batch, in ``m`` micro-batches; every rank ends with the whole model.
+    ``executor`` runs the stages' programs (default: the reference interpreter)."""
     model, opt, image = build(kind)
     x, y = digits(image)
     mesh = Mesh.of(comm, dp, pp)
     step = sg.compile_step(model, F.cross_entropy, opt,
-                           executor=lambda g: PipelineProgram(g, mesh, m, schedule, world=comm),
+                           executor=lambda g: PipelineProgram(g, mesh, m, schedule,
+                                                              executor=executor, world=comm),
                            transform=PipelineTransform(m))
     per = BATCH // dp
     for i in range(STEPS):

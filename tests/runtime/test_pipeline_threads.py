@@ -40,6 +40,18 @@ def test_pipelined_steps_equal_the_local_run(kind, dp, pp, m, schedule):
         assert cases.max_rel_err(got, want) < 1e-9
 
 
+@pytest.mark.timeout(60)
+def test_stages_run_by_the_compiled_executor_equal_the_local_run():
+    # GPipe keeps all 4 micro-batches alive for backward: buffers the compiled Program
+    # reuses on its next runs must have been copied.
+    from shardgrad.runtime.compiled import Program
+
+    finals = run_ranks(2, lambda comm: cases.pipelined(comm, "cnn", 1, 2, 4, "gpipe", Program),
+                       timeout_s=30)
+    for got in finals:
+        assert cases.max_rel_err(got, reference("cnn")) < 1e-9
+
+
 def _deep_step(m, pp=4, width=16, batch=16):
     sg.set_default_dtype("float64")
     sg.manual_seed(0)
