@@ -152,13 +152,23 @@ def _averaged(graph: Graph) -> list[tuple[Node, list[str]]]:
     return list(items.values())
 
 
-def _contiguous_source(node: Node) -> tuple[Node, tuple[int, ...] | None]:
-    """What to pack for ``node``: a transpose (nn.Linear's weight gradient is one, of a
-    C-contiguous matmul) is packed untransposed and transposed back after the reduction,
-    which commutes with it, so packing is a plain copy (a transposing copy cost 3-4x more)."""
-    if node.op == "transpose":
-        return node.inputs[0], node.attrs["axes"]
-    return node, None
+def _contiguous_source(node: Node, users: dict[int, list[Node]]
+                       ) -> tuple[Node, tuple[int, ...] | None]:
+    """What to pack for ``node`` so that packing is a plain copy, and the transpose to apply
+    after unpacking (None: none). nn.Linear's weight gradient is the transpose of a 2-d matmul
+    used nowhere else: it becomes the product of the transposed operands, (A B)^T = B^T A^T,
+    written in the layout it is read in (passes.fold_transposes' rule; BLAS takes transposed
+    operands for free). Any other transpose is packed untransposed and transposed back after
+    the reduction, which commutes with it. A transposing copy costs 3-4x a plain one here."""
+    if node.op != "transpose":
+        return node, None
+    x, axes = node.inputs[0], tuple(node.attrs["axes"])
+    if x.op == "matmul" and axes == (1, 0) and len(users[x.id]) == 1 and all(
+            v.ndim == 2 for v in x.inputs):
+        a, b = x.inputs
+        return apply("matmul", apply("transpose", b, axes=(1, 0)),
+                     apply("transpose", a, axes=(1, 0))), None
+    return x, axes
 
 
 def _unpacked(flat: Node, offset: int, src: Node, axes: tuple[int, ...] | None) -> Node:
@@ -226,7 +236,11 @@ def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, g
     buckets = []
     for b, members in enumerate(groups):
         ready = max(pos[n.id] for n, _ in members)
-        sources = [_contiguous_source(n) for n, _ in members]
+        sources = [_contiguous_source(n, users) for n, _ in members]
+        for (n, _), (src, _) in zip(members, sources, strict=True):
+            for m in _walk([src]):  # nodes made for the source run where the value did
+                if m.id not in pos:
+                    priority[m.id] = pos[n.id] - 0.5
         flat = pack([src for src, _ in sources], scale=1.0 / world_size)
         if overlap:
             started = apply("allreduce_start", flat, op="sum", group=group, tag=b, inplace=True)
@@ -287,7 +301,8 @@ def _deterministic(graph: Graph, world_size: int, chunks: int, group: str) -> Gr
     full = {k: leaf("input", (x.shape[0] * m,) + x.shape[1:], x.dtype, name=k)
             for k, x in data.items()}
     items = _averaged(graph)
-    sources = [_contiguous_source(n) for n, _ in items]
+    users = graph.users()
+    sources = [_contiguous_source(n, users) for n, _ in items]
     one = Graph({str(j): src for j, (src, _) in enumerate(sources)})
     parts = []  # parts[i]: this rank's partial i, i.e. chunk (rank + i * world_size)
     for i in range(m):
