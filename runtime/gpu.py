@@ -45,15 +45,41 @@ class FusedKernel:
         return outs
 
 
+def _dependencies_first(actions: list[tuple]) -> list[tuple]:
+    """``actions`` (kind, payload, uses, defines) reordered so each comes after whatever
+    defines what it uses, otherwise keeping their order. A fused group sits at its last
+    member's position, but a node outside it that reads an earlier member may come before
+    that: such a group moves up to just before its first reader (convexity guarantees the
+    group does not depend on that reader)."""
+    producer = {d: i for i, act in enumerate(actions) for d in act[3]}
+    done: set[int] = set()
+    order: list[int] = []
+    for start in range(len(actions)):
+        stack = [(start, False)]
+        while stack:
+            j, expanded = stack.pop()
+            if j in done:
+                continue
+            if expanded:
+                done.add(j)
+                order.append(j)
+                continue
+            stack.append((j, True))
+            stack.extend((producer[u], False) for u in reversed(actions[j][2])
+                         if u in producer and producer[u] not in done)
+    return [actions[j] for j in order]
+
+
 class GPUExecutor:
     """Runs ``graph`` on ``device`` (default: the current GPU). Build once; call ``run``.
 
     ``run(feeds)`` takes leaf values by name (NumPy arrays are copied to the device, CuPy
     arrays used as they are) and returns the outputs by name as device arrays. Values are
     dropped after their last use unless ``keep_all`` (needed while capturing a CUDA graph,
-    whose replays reuse the memory of every value). ``fuse=False`` runs elementwise ops one
-    by one; ``simplify`` first runs passes.simplify (which changes no result); ``xp``
-    overrides the array module (tests run the kernels on NumPy through runtime.host_cuda).
+    whose replays reuse the memory of every value: ``kept`` then holds them all).
+    ``fuse=False`` runs elementwise ops one by one; ``simplify`` first runs passes.simplify
+    (which changes no result); ``xp`` overrides the array module (tests run the kernels on
+    NumPy through runtime.host_cuda).
     """
 
     def __init__(self, graph: Graph, device: str | Device = "cuda", fuse: bool = True,
@@ -87,6 +113,7 @@ class GPUExecutor:
             else:
                 fn = gpu.kernel(get(n.op), self.xp)
                 actions.append(("op", (n, fn), tuple(x.id for x in n.inputs), (n.id,)))
+        actions = _dependencies_first(actions)
         # drop what nothing reads any more (a broadcast_to whose fused users read its operand)
         live = {n.id for n in graph.outputs.values()}
         kept = []
@@ -106,6 +133,7 @@ class GPUExecutor:
                 self.free_after[a].append(nid)
         self._consts: dict[int, Any] = {}
         self.keep_all = False
+        self.kept: dict[int, Any] = {}
 
     def _leaf(self, n: Node, feeds: Mapping[Any, Any]):
         xp = self.xp
@@ -143,6 +171,8 @@ class GPUExecutor:
             if not self.keep_all:
                 for nid in self.free_after[a]:
                     env.pop(nid, None)
+        if self.keep_all:
+            self.kept = env
         return {k: env[v.id] for k, v in self.graph.outputs.items()}
 
 
@@ -213,7 +243,7 @@ class DeviceStep:
             finally:
                 self._graph = self._stream.end_capture()
                 self.exe.keep_all = False
-        self._keep = out              # the graph writes into these on every replay
+        self._keep = self.exe.kept    # every replay writes into these: never free them
         self.params = {k: self._static[k] for k in self.params}
         self.states = {k: self._static[k] for k in self.states}
         self._loss = out["loss"]

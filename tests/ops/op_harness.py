@@ -232,7 +232,7 @@ def check_device(case: OpCase, xp, seed: int = 0) -> None:
     g = Graph(names)
     if wrt:
         g = autodiff.grad(Graph({**names, "L": _objective(outs, seed + 1)[0]}),
-                          [xs[i] for i in wrt])
+                          [xs[i] for i in wrt], output="L")
     want = Interpreter(g, np).run(feeds(arrays))
     got = Interpreter(g, xp).run(feeds(arrays, xp))
     for k in want:

@@ -158,3 +158,25 @@ def test_flat_updates_check_their_buffers():
         gpu.sgd_update_(p, np.zeros(5, np.float32), lr=0.1)
     with pytest.raises(ValueError, match="momentum buffer"):
         gpu.sgd_update_(p, p.copy(), lr=0.1, momentum=0.9)
+
+
+def test_every_op_through_the_gpu_executor_on_the_host():
+    """test_gpu_ops' comparison (float32 outputs and gradients of every op case, fused and not)
+    with the GPU executor running the CUDA sources on the host: catches schedule errors (a
+    fused group must run before any outside reader of its members) without a GPU."""
+    from test_gpu_ops import F32_CASES, RTOL, f32_graph, rel_err
+
+    from shardgrad.runtime.gpu import GPUExecutor
+    from shardgrad.runtime.interpreter import Interpreter
+    for case in F32_CASES:
+        graph, feeds = f32_graph(case)
+        want = Interpreter(graph, np).run(feeds)
+        for fuse in (True, False):
+            got = GPUExecutor(graph, fuse=fuse, xp=np).run(feeds)
+            for k, w in want.items():
+                w, g = np.asarray(w), np.asarray(got[k])
+                assert g.dtype == w.dtype, (case.id, k)
+                if w.dtype.kind == "f":
+                    assert rel_err(g, w) <= RTOL, (case.id, k, fuse, rel_err(g, w))
+                else:
+                    np.testing.assert_array_equal(g, w, err_msg=f"{case.id} {k}")
