@@ -106,9 +106,10 @@ def resolve(spec: str | Device = "cpu", local_rank: int | None = None) -> Device
     dev = Device.parse(spec)
     if not dev.is_cuda:
         return dev
-    if local_rank is None:
-        from shardgrad.runtime.config import local_rank as env_local_rank
-        local_rank = env_local_rank()
+    if local_rank is None and dev.index is None:
+        from shardgrad.runtime import config
+        read = getattr(config, "local_rank", None)   # the launcher's variables, read there
+        local_rank = read() if read is not None else None
     return select(dev, local_rank, device_count())
 
 

@@ -78,3 +78,8 @@ def test_host_transfers_on_the_cpu():
     assert D.array_module(x) is np
     D.synchronize("cpu")
     assert D.use("cpu") is None
+
+
+def test_an_explicit_index_needs_no_local_rank(monkeypatch):
+    monkeypatch.setattr(D, "device_count", lambda: 2)
+    assert D.resolve("cuda:1") == Device("cuda", 1)
