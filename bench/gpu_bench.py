@@ -120,6 +120,8 @@ def step_part(kind: str, batch: int, steps: int) -> dict:
                 run()
             res[f"{label}_ms"] = 1e3 * timed(run, sync, steps)
             res[f"{label}_loss"] = float(run())
+            if step.capture_error:
+                res[f"{label}_capture_error"] = step.capture_error[:2000]
             if not capture:
                 res["fused_groups"] = step.exe.n_fused
                 res["kernel_calls"] = sum(a[0] != "leaf" for a in step.exe.actions)

@@ -197,6 +197,7 @@ class DeviceStep:
         self.params = {k: self.xp.array(v) for k, v in params.items()}
         self.states = {k: self.xp.array(v) for k, v in states.items()}
         self.capture = capture
+        self.capture_error: str | None = None    # why capture was given up, if it was
         self.calls = 0
         self._graph = None
 
@@ -221,7 +222,12 @@ class DeviceStep:
             self._swap(out)
             return out["loss"]
         if self._graph is None:
-            self._record(xp.asarray(x), xp.asarray(y), lr, t)
+            try:
+                self._record(xp.asarray(x), xp.asarray(y), lr, t)
+            except Exception as e:  # noqa: BLE001 - nothing ran: go on without a graph
+                self.capture, self.capture_error = False, f"{type(e).__name__}: {e}"
+                self.calls = 0
+                return self(x, y, lr, t)
         return self._replay(x, y, lr, t)
 
     def _record(self, x, y, lr, t) -> None:
@@ -241,8 +247,9 @@ class DeviceStep:
                     if f"state/{k}" in out:
                         xp.copyto(self._static[k], out[f"state/{k}"])
             finally:
-                self._graph = self._stream.end_capture()
                 self.exe.keep_all = False
+                graph = self._stream.end_capture()
+        self._graph = graph
         self._keep = self.exe.kept    # every replay writes into these: never free them
         self.params = {k: self._static[k] for k in self.params}
         self.states = {k: self._static[k] for k in self.states}
