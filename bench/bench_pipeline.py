@@ -115,7 +115,7 @@ def worker(comm, args) -> dict | None:
         return {
             "bench": "pipeline", "comm": args.comm, "p": p, "forward_ms": args.ms,
             "backward_ms": 2 * args.ms, "repeats": args.repeats,
-            "load_average_1min": os.getloadavg()[0],
+            "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
             "gpipe_max_rel_dev": max(r["rel_dev"] for r in gpipe) if gpipe else None,
             "gpipe_within_10pct": all(r["rel_dev"] <= 0.10 for r in gpipe),
             "1f1b_max_live": max(max(r["peak_live_micro_batches"]) for r in onef),

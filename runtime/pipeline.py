@@ -19,7 +19,7 @@ from shardgrad.graph.ir import Graph
 from shardgrad.ops.registry import get
 from shardgrad.partition.pipeline import Parts, PipelinePlan, pipeline, vjp_nodes
 from shardgrad.runtime.comm import Communicator, SingleProcess
-from shardgrad.runtime.interpreter import Interpreter, leaf_value
+from shardgrad.runtime.interpreter import ExecutionError, Interpreter, leaf_value
 
 Executor = Callable[..., Any]
 
@@ -87,7 +87,7 @@ class StageRunner:
         self.plan, self.stage, self.comm, self.xp = plan, stage, comm, xp
         self.dp_comm = dp_comm or SingleProcess()
         st = plan.stages[stage]
-        rank = comm.rank if rank is None else rank
+        self.rank = rank = comm.rank if rank is None else rank
         make = executor or (lambda g, **kw: Interpreter(g, xp, **kw))
         self.forward = make(st.forward, rank=rank, shard=f"pipeline stage {stage} forward")
         self.backward = make(st.backward, rank=rank, shard=f"pipeline stage {stage} backward")
@@ -107,8 +107,14 @@ class StageRunner:
                 last[(a.msg.kind, a.msg.name, a.mb)] = i
         self.last_send = set(last.values())
 
-    def _run(self, program, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        out = program.run(feeds)
+    def _run(self, program, feeds: Mapping[str, Any], what: str) -> dict[str, Any]:
+        try:
+            out = program.run(feeds)
+        except ExecutionError as e:
+            if e.rank is not None:
+                raise
+            raise ExecutionError(f"pipeline stage {self.stage}, {what}, on rank {self.rank}: {e}",
+                                 e.node, self.rank) from e
         return {k: self.xp.array(v, copy=True) for k, v in out.items()} if self.copy else out
 
     def _recv_buffer(self, msg) -> tuple[str, Any]:
@@ -148,7 +154,7 @@ class StageRunner:
                 feeds = {**state, "x": xs[a.mb], "y": ys[a.mb]}
                 feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb
                              and k.startswith("act/"))
-                out = self._run(self.forward, feeds)
+                out = self._run(self.forward, feeds, f"forward of micro-batch {a.mb}")
                 if "loss" in out:
                     losses.append(out["loss"])
                 kept[a.mb] = {k: (out[k] if k in out else feeds[k]) for k in self.keep
@@ -166,7 +172,7 @@ class StageRunner:
                 s0 = now()
                 feeds = {**state, **kept.pop(a.mb)}
                 feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb)
-                out = self._run(self.backward, feeds)
+                out = self._run(self.backward, feeds, f"backward of micro-batch {a.mb}")
                 for k, v in out.items():
                     if k.startswith("grad/"):
                         if k in grads:
@@ -186,7 +192,7 @@ class StageRunner:
                 grads[f"grad/{p}"] = xp.zeros(*self.leaf_types[f"grad/{p}"])
         if self.dp_comm.world_size > 1 and grads:
             _allreduce_flat(self.dp_comm, grads, xp)
-        out = self._run(self.update, {**state, **grads, "lr": lr, "t": t})
+        out = self._run(self.update, {**state, **grads, "lr": lr, "t": t}, "update")
         self.stats = stats
         loss = None
         if losses:

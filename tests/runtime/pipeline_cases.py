@@ -78,7 +78,7 @@ def reference(kind: str) -> dict[str, np.ndarray]:
 
 
 def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str,
-              executor=None) -> dict[str, np.ndarray]:
+              executor=None, balance="cost") -> dict[str, np.ndarray]:
     """The same steps on a dp x pp mesh over ``comm``: replica d takes rows [d*B/dp, ...)
     of each global batch, in ``m`` micro-batches; every rank ends with the whole model.
     ``executor`` runs the stages' programs (default: the reference interpreter)."""
@@ -86,7 +86,7 @@ def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str,
     x, y = digits(image)
     mesh = Mesh.of(comm, dp, pp)
     step = sg.compile_step(model, F.cross_entropy, opt,
-                           executor=lambda g: PipelineProgram(g, mesh, m, schedule,
+                           executor=lambda g: PipelineProgram(g, mesh, m, schedule, balance,
                                                               executor=executor, world=comm),
                            transform=PipelineTransform(m))
     per = BATCH // dp

@@ -52,6 +52,15 @@ def test_stages_run_by_the_compiled_executor_equal_the_local_run():
         assert cases.max_rel_err(got, reference("cnn")) < 1e-9
 
 
+@pytest.mark.timeout(60)
+def test_profiled_balance_is_measured_once_and_shared():
+    # rank 0 times the kernels and broadcasts: every rank cuts at the same nodes
+    finals = run_ranks(4, lambda comm: cases.pipelined(comm, "mlp4", 1, 4, 4, "1f1b",
+                                                       balance="profile"), timeout_s=30)
+    for got in finals:
+        assert cases.max_rel_err(got, reference("mlp4")) < 1e-9
+
+
 def _deep_step(m, pp=4, width=16, batch=16):
     sg.set_default_dtype("float64")
     sg.manual_seed(0)
@@ -101,3 +110,22 @@ def test_a_batch_that_does_not_split_into_micro_batches_is_refused():
 
     with pytest.raises(RuntimeError, match="cannot be cut into 4 equal micro-batches"):
         run_ranks(2, rank, timeout_s=10)
+
+
+def test_a_failing_stage_names_its_stage_and_rank_and_the_others_stop():
+    graph, state = _deep_step(2, pp=2)
+    plan = pipeline(graph, 2, ["2.weight"], micro_batches=2)
+
+    def rank(comm):
+        mine = {k: state[k] for k in plan.stages[comm.rank].params}
+        if comm.rank == 1:
+            mine["2.weight"] = mine["2.weight"][:, :3]
+        StageRunner(plan, comm.rank, comm).step(mine, np.zeros((16, 16)), np.zeros((16, 16)),
+                                                np.float64(0.1), np.float64(1))
+
+    # stage 0 waits for a gradient that never comes: its receive times out (3 s) instead of
+    # hanging, and the report is stage 1's error
+    with pytest.raises(RuntimeError, match=r"rank 1 failed: ExecutionError: pipeline stage 1, "
+                       r"forward of micro-batch 0, on rank 1: param '2.weight' expects "
+                       r"f64\[16,16\], got f64\[16,3\]"):
+        run_ranks(2, rank, timeout_s=3)
