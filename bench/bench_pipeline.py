@@ -88,7 +88,7 @@ def worker(comm, args) -> dict | None:
             bubbles, wall = [], []
             for r in range(args.repeats + 1):
                 comm.barrier()
-                runner.step(mine, x, y, np.float64(0.0), np.float64(1))
+                runner.step(mine, x, y, lr=np.float64(0.0))
                 st = runner.stats
                 rows = comm.allgather_obj([(st.t0 + s, st.t0 + e) for _, _, s, e in st.spans])
                 if r == 0:

@@ -69,12 +69,14 @@ class Stats:
 
 
 class StageRunner:
-    """Runs stage ``stage`` of ``plan``: ``step(state, x, y, lr, t)`` does one training step
-    (the schedule's actions, then the update) and returns the mean loss (on the loss stage,
-    else None) and the updated outputs (``param/``, ``state/``, ``grad/`` of this stage).
+    """Runs stage ``stage`` of ``plan``: ``step(state, x, y, **inputs)`` does one training
+    step (the schedule's actions, then the update) and returns the mean loss (on the loss
+    stage, else None) and the updated outputs (``param/``, ``state/``, ``grad/`` of this
+    stage).
 
     ``state`` holds this stage's params and states by name; ``x``/``y`` are this replica's
-    whole batch, cut into ``plan.micro_batches`` consecutive micro-batches.
+    whole batch, cut into ``plan.micro_batches`` consecutive micro-batches; ``inputs`` are
+    the step's other inputs (``lr``, ``t``, ``step``), fed whole to every program.
     """
 
     def __init__(self, plan: PipelinePlan, stage: int, comm: Communicator,
@@ -122,7 +124,7 @@ class StageRunner:
         shape, dtype = self.leaf_types[name]
         return name, self.xp.empty(shape, dtype)
 
-    def step(self, state: Mapping[str, Any], x, y, lr, t) -> tuple[Any, dict[str, Any]]:
+    def step(self, state: Mapping[str, Any], x, y, **inputs: Any) -> tuple[Any, dict[str, Any]]:
         xp, m = self.xp, self.plan.micro_batches
         if len(x) % m or len(y) != len(x):
             raise ValueError(f"a batch of {len(x)} rows (labels: {len(y)}) cannot be cut into "
@@ -151,7 +153,7 @@ class StageRunner:
                 stats.comm_s += now() - c0
             elif a.op == "F":
                 s0 = now()
-                feeds = {**state, "x": xs[a.mb], "y": ys[a.mb]}
+                feeds = {**state, **inputs, "x": xs[a.mb], "y": ys[a.mb]}
                 feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb
                              and k.startswith("act/"))
                 out = self._run(self.forward, feeds, f"forward of micro-batch {a.mb}")
@@ -170,7 +172,7 @@ class StageRunner:
                 stats.spans.append(("F", a.mb, s0, now()))
             elif a.op == "B":
                 s0 = now()
-                feeds = {**state, **kept.pop(a.mb)}
+                feeds = {**state, **inputs, **kept.pop(a.mb)}
                 feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb)
                 out = self._run(self.backward, feeds, f"backward of micro-batch {a.mb}")
                 for k, v in out.items():
@@ -192,7 +194,7 @@ class StageRunner:
                 grads[f"grad/{p}"] = xp.zeros(*self.leaf_types[f"grad/{p}"])
         if self.dp_comm.world_size > 1 and grads:
             _allreduce_flat(self.dp_comm, grads, xp)
-        out = self._run(self.update, {**state, **grads, "lr": lr, "t": t}, "update")
+        out = self._run(self.update, {**state, **inputs, **grads}, "update")
         self.stats = stats
         loss = None
         if losses:
@@ -295,12 +297,14 @@ class PipelineProgram:
         self.mesh = mesh
         self.runner = StageRunner(self.plan, mesh.stage, mesh.pp_comm, mesh.dp_comm, executor,
                                   xp, rank=world.rank)
-        self.owned = set(self.plan.stages[mesh.stage].params + self.plan.stages[
-            mesh.stage].states)
+        st = self.plan.stages[mesh.stage]
+        self.owned = set(st.params + st.states)
+        self.inputs = {n.name for n in graph.inputs} - {"x", "y"}   # lr, t, step
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         state = {k: v for k, v in feeds.items() if k in self.owned}
-        loss, out = self.runner.step(state, feeds["x"], feeds["y"], feeds["lr"], feeds["t"])
+        inputs = {k: v for k, v in feeds.items() if k in self.inputs}
+        loss, out = self.runner.step(state, feeds["x"], feeds["y"], **inputs)
         buf = np.zeros((), dtype=self.plan.graph.outputs["loss"].dtype)
         if loss is not None:
             buf[...] = loss

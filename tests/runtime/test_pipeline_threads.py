@@ -89,8 +89,7 @@ def test_activations_alive_per_stage(schedule, peaks):
     def rank(comm):
         st = plan.stages[comm.rank]
         runner = StageRunner(plan, comm.rank, comm)
-        loss, out = runner.step({k: state[k] for k in st.params}, x, y, np.float64(0.1),
-                                np.float64(1))
+        loss, out = runner.step({k: state[k] for k in st.params}, x, y, lr=np.float64(0.1))
         return loss, runner.stats
 
     results = run_ranks(pp, rank, timeout_s=30)
@@ -106,7 +105,7 @@ def test_a_batch_that_does_not_split_into_micro_batches_is_refused():
     def rank(comm):
         runner = StageRunner(plan, comm.rank, comm)
         runner.step({k: state[k] for k in plan.stages[comm.rank].params},
-                    np.zeros((10, 16)), np.zeros((10, 16)), np.float64(0.1), np.float64(1))
+                    np.zeros((10, 16)), np.zeros((10, 16)), lr=np.float64(0.1))
 
     with pytest.raises(RuntimeError, match="cannot be cut into 4 equal micro-batches"):
         run_ranks(2, rank, timeout_s=10)
@@ -121,7 +120,7 @@ def test_a_failing_stage_names_its_stage_and_rank_and_the_others_stop():
         if comm.rank == 1:
             mine["2.weight"] = mine["2.weight"][:, :3]
         StageRunner(plan, comm.rank, comm).step(mine, np.zeros((16, 16)), np.zeros((16, 16)),
-                                                np.float64(0.1), np.float64(1))
+                                                lr=np.float64(0.1))
 
     # stage 0 waits for a gradient that never comes: its receive times out (3 s) instead of
     # hanging, and the report is stage 1's error
