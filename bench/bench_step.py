@@ -189,15 +189,18 @@ def make(impl: str, graph_name: str, batch: int, sizes=SIZES):
     return make_shardgrad(impl, graph_name, batch)
 
 
-def _time(step, steps: int, warmup: int) -> list[float]:
+def _time(step, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds per step. With one BLAS thread the CPU time of the process
+    is what the step costs even on a machine busy with other work (wall time is not)."""
     for _ in range(warmup):
         step()
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - t)
-    return times
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return wall, cpu
 
 
 def worker(args) -> dict:
@@ -205,8 +208,9 @@ def worker(args) -> dict:
     if args.worker == "micro":
         return micro(args.micro_impl)
     step, program = make(args.worker, args.graph, args.batch)
-    times = _time(step, args.steps, args.warmup)
-    out = {"impl": args.worker, "batch": args.batch, "step_ms": 1e3 * float(np.median(times))}
+    wall, cpu = _time(step, args.steps, args.warmup)
+    out = {"impl": args.worker, "batch": args.batch, "step_ms": 1e3 * float(np.median(wall)),
+           "cpu_ms": 1e3 * float(np.median(cpu))}
     if program is not None and hasattr(program, "stats"):
         out["plan"] = program.stats()
     if args.worker in ("compiled", "interpreter", "numpy"):
@@ -230,19 +234,21 @@ def micro(impl: str) -> dict:
         import torch
         torch.set_num_threads(1)
         step = make_torch(4, MICRO_SIZES)
-        times = _time(step, 2000, 200)
-        return {"impl": "torch", "step_us": 1e6 * float(np.median(times))}
+        wall, cpu = _time(step, 2000, 200)
+        return {"impl": "torch", "step_us": 1e6 * float(np.median(wall)),
+                "cpu_us": 1e6 * float(np.median(cpu))}
     graph, feeds = graph_from_ops(4, MICRO_SIZES)
     from shardgrad.graph import passes
     from shardgrad.runtime.compiled import compile
     from shardgrad.runtime.interpreter import Interpreter
     program = compile(graph) if impl == "compiled" else Interpreter(passes.simplify(graph))
-    times = _time(lambda: program.run(feeds), 2000, 200)
+    wall, cpu = _time(lambda: program.run(feeds), 2000, 200)
     nodes = len(program.graph.nodes)
     kernels = sum(bool(n.inputs) for n in program.graph.nodes)
-    step_us = 1e6 * float(np.median(times))
-    out = {"impl": impl, "step_us": step_us, "graph_nodes": nodes, "op_nodes": kernels,
-           "us_per_op_node": step_us / kernels}
+    step_us, cpu_us = 1e6 * float(np.median(wall)), 1e6 * float(np.median(cpu))
+    out = {"impl": impl, "step_us": step_us, "cpu_us": cpu_us, "graph_nodes": nodes,
+           "op_nodes": kernels, "us_per_op_node": step_us / kernels,
+           "cpu_us_per_op_node": cpu_us / kernels}
     if impl == "compiled":
         out["kernel_calls"] = program.stats()["steps"]
     return out
@@ -250,9 +256,16 @@ def micro(impl: str) -> dict:
 
 # ---- driver ------------------------------------------------------------------------------------
 
+THREADS: int | None = None     # --threads: BLAS and torch threads in every worker
+
+
 def spawn(extra: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if THREADS:
+        env.update({k: str(THREADS) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                               "MKL_NUM_THREADS")})
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -275,6 +288,8 @@ def main() -> None:
     ap.add_argument("--graph", choices=sorted(GRAPHS), default="ops")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS))
     ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--threads", type=int, help="BLAS/torch threads per worker (default: "
+                    "the environment's); 1 keeps a shared, busy machine from oversubscribing")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--micro-impl", help=argparse.SUPPRESS)
@@ -283,6 +298,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    global THREADS
+    THREADS = args.threads
 
     try:
         import torch  # noqa: F401
@@ -292,32 +309,36 @@ def main() -> None:
     impls = [i for i in args.impls if i != "torch" or torch_version]
     lines = []
     env = {"numpy": np.__version__, "torch": torch_version, "cpus": os.cpu_count(),
+           "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2),
            "graph": args.graph}
     for batch in args.batches:
-        rounds: list[dict[str, float]] = []
+        rounds: dict[str, list[dict[str, float]]] = {"step_ms": [], "cpu_ms": []}
         extra: dict[str, dict] = {}
         for r in range(args.rounds):
             order = impls[r % len(impls):] + impls[:r % len(impls)]
-            times = {}
+            times: dict[str, dict[str, float]] = {"step_ms": {}, "cpu_ms": {}}
             for impl in order:
                 res = spawn(["--worker", impl, "--batch", str(batch), "--graph", args.graph,
                              "--steps", str(args.steps), "--warmup", str(args.warmup)])
-                times[impl] = res["step_ms"]
-                extra[impl] = {k: v for k, v in res.items() if k not in ("impl", "batch",
-                                                                         "step_ms")}
-            rounds.append(times)
-        line = {"bench": "mlp_step", "sizes": list(SIZES), "batch": batch, **env,
-                "step_ms": {i: round(float(np.median([x[i] for x in rounds])), 3)
-                            for i in impls},
-                "ratios": {name: _paired(rounds, num, den) for name, num, den in (
-                    ("torch/compiled", "torch", "compiled"),
-                    ("torch/compiled_inplace", "torch", "compiled_inplace"),
-                    ("compiled/numpy", "compiled", "numpy"),
-                    ("compiled_inplace/numpy", "compiled_inplace", "numpy"),
-                    ("interpreter/compiled", "interpreter", "compiled"),
-                    ("numpy/torch", "numpy", "torch"))
-                    if num in impls and den in impls},
-                "details": extra}
+                for key in times:
+                    times[key][impl] = res[key]
+                extra[impl] = {k: v for k, v in res.items() if k not in (
+                    "impl", "batch", "step_ms", "cpu_ms")}
+            for key in times:
+                rounds[key].append(times[key])
+        pairs = (("torch/compiled", "torch", "compiled"),
+                 ("torch/compiled_inplace", "torch", "compiled_inplace"),
+                 ("compiled/numpy", "compiled", "numpy"),
+                 ("compiled_inplace/numpy", "compiled_inplace", "numpy"),
+                 ("interpreter/compiled", "interpreter", "compiled"),
+                 ("numpy/torch", "numpy", "torch"))
+        line = {"bench": "mlp_step", "sizes": list(SIZES), "batch": batch, **env}
+        for key, name in (("step_ms", "ratios"), ("cpu_ms", "cpu_ratios")):
+            line[key] = {i: round(float(np.median([x[i] for x in rounds[key]])), 3)
+                         for i in impls}
+            line[name] = {label: _paired(rounds[key], num, den) for label, num, den in pairs
+                          if num in impls and den in impls}
+        line["details"] = extra
         plan = extra.get("compiled", {}).get("plan")
         if plan:
             line["memory"] = {"planned_bytes": plan["planned_bytes"],

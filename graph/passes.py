@@ -19,8 +19,9 @@ from shardgrad.ops.registry import get
 
 # Ops whose result is not a pure function of inputs and attrs (communication, randomness):
 # never merged by cse, never evaluated by fold_constants.
-EFFECTFUL = frozenset({"send", "recv", "allreduce", "allgather", "reduce_scatter", "broadcast",
-                       "barrier", "dropout", "rand", "randn", "uniform", "normal", "bernoulli"})
+EFFECTFUL = frozenset({"send", "recv", "allreduce", "allreduce_start", "allreduce_wait",
+                       "allgather", "reduce_scatter", "broadcast", "barrier", "rand", "randn",
+                       "uniform", "normal", "bernoulli"})
 
 # Ops computed independently per element (inputs broadcast to the output shape): the only
 # members of fusion groups. An op family that adds an elementwise op lists it here.
