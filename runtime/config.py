@@ -1,0 +1,238 @@
+"""Configuration: the one module that reads TOML configs, ``--set`` overrides and
+environment variables.
+
+A config is a plain dict of sections (``config["train"]["lr"]``) checked against SCHEMA,
+itself a plain dict of sections of ``Key``s: other parts extend it by adding entries, e.g.
+``SCHEMA["parallel"]["microbatches"] = Key(1, int, min=1, help=...)``. Imports only the
+standard library.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: the message names the key, the value and what is
+    allowed (the valid keys or choices)."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its default, its type (int, float, bool, str, or list for a list of
+    ``item``), and optional ``choices`` or bounds ``min`` / ``max`` (inclusive)."""
+
+    default: Any
+    type: type
+    choices: tuple[Any, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    item: type | None = None
+    help: str = ""
+
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` converted to this key's type (an int where a float is wanted), or a
+        ConfigError naming ``name``."""
+        bad = f"{name} = {value!r}"
+        if self.type is list:
+            if not isinstance(value, list) or not all(_is(v, self.item) for v in value):
+                raise ConfigError(f"{bad}: expected a list of {self.item.__name__}")
+            value = [self.item(v) for v in value]
+            nums = value
+        else:
+            if not _is(value, self.type):
+                raise ConfigError(f"{bad}: expected {self.type.__name__}, got "
+                                  f"{type(value).__name__}")
+            value = self.type(value)
+            nums = [value]
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{bad}: must be one of {', '.join(map(repr, self.choices))}")
+        if self.type in (int, float) or self.item in (int, float):
+            for v in nums:
+                if self.min is not None and v < self.min:
+                    raise ConfigError(f"{bad}: must be >= {self.min}")
+                if self.max is not None and v > self.max:
+                    raise ConfigError(f"{bad}: must be <= {self.max}")
+        return value
+
+
+def _is(value: Any, t: type | None) -> bool:
+    if t is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t) if t is not None else False
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "model": {
+        "kind": Key("mlp", str, choices=("mlp", "cnn"), help="multi-layer perceptron or CNN"),
+        "hidden": Key([128], list, item=int, min=1,
+                      help="hidden layer widths (mlp: all layers; cnn: after the convs)"),
+        "channels": Key([16, 32], list, item=int, min=1,
+                        help="cnn: output channels of each conv(3x3, pad 1) + pool(2) block"),
+        "activation": Key("relu", str, choices=("relu", "gelu", "tanh", "sigmoid")),
+        "dropout": Key(0.0, float, min=0.0, max=0.95, help="dropout after hidden layers"),
+        "batchnorm": Key(False, bool, help="batch norm after each conv / hidden linear"),
+    },
+    "data": {
+        "dataset": Key("digits", str, choices=("digits", "idx")),
+        "train_images": Key("", str, help="idx: training images file (.gz allowed)"),
+        "train_labels": Key("", str, help="idx: training labels file"),
+        "test_images": Key("", str, help="idx: test images (empty: split off the train set)"),
+        "test_labels": Key("", str, help="idx: test labels"),
+        "test_fraction": Key(0.2, float, min=0.01, max=0.99),
+        "split_seed": Key(0, int, min=0),
+    },
+    "train": {
+        "epochs": Key(10, int, min=1),
+        "batch_size": Key(64, int, min=1, help="GLOBAL batch size, split over the ranks"),
+        "lr": Key(0.1, float, min=0.0),
+        "lr_schedule": Key("constant", str, choices=("constant", "cosine"),
+                           help="cosine: lr * (1 + cos(pi * step / steps)) / 2"),
+        "optimizer": Key("sgd", str, choices=("sgd", "adam", "adamw")),
+        "momentum": Key(0.0, float, min=0.0, max=1.0),
+        "nesterov": Key(False, bool),
+        "weight_decay": Key(0.0, float, min=0.0),
+        "seed": Key(0, int, min=0, help="parameter init, dropout and data order"),
+        "dtype": Key("float32", str, choices=("float32", "float64")),
+        "log_every": Key(10, int, min=1, help="write a metrics record every N steps"),
+        "executor": Key("interpreter", str, choices=("interpreter", "compiled")),
+        "eval_batch_size": Key(512, int, min=1),
+    },
+    "parallel": {
+        "dp": Key(1, int, min=1, help="data-parallel ranks (the launcher's world size)"),
+        "pp": Key(1, int, min=1, help="pipeline stages"),
+        "deterministic": Key(False, bool,
+                             help="bit-identical results whatever the number of dp ranks"),
+        "bucket_mb": Key(4.0, float, min=0.0, help="gradient allreduce bucket size, MiB"),
+    },
+    "device": {
+        "type": Key("cpu", str, choices=("cpu",)),
+        "threads": Key(0, int, min=0,
+                       help="BLAS threads per process (0: the library's default). 1 is far "
+                            "faster for small models on a busy machine"),
+    },
+}
+
+
+def defaults(schema: Mapping[str, Mapping[str, Key]] | None = None) -> dict[str, dict]:
+    schema = SCHEMA if schema is None else schema
+    return {s: {k: copy.deepcopy(key.default) for k, key in keys.items()}
+            for s, keys in schema.items()}
+
+
+def _key(name: str, schema: Mapping[str, Mapping[str, Key]]) -> tuple[str, str, Key]:
+    section, dot, key = name.partition(".")
+    if section not in schema or not dot:
+        raise ConfigError(f"unknown config key {name!r}; valid keys: {valid_keys(schema)}")
+    if key not in schema[section]:
+        raise ConfigError(f"unknown config key {name!r}; valid keys in [{section}]: "
+                          f"{', '.join(section + '.' + k for k in schema[section])}")
+    return section, key, schema[section][key]
+
+
+def valid_keys(schema: Mapping[str, Mapping[str, Key]] | None = None) -> str:
+    schema = SCHEMA if schema is None else schema
+    return ", ".join(f"{s}.{k}" for s, keys in schema.items() for k in keys)
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``: the value is read as TOML (numbers,
+    booleans, lists, quoted strings) and, when that fails, kept as a bare string."""
+    name, eq, text = item.partition("=")
+    name = name.strip()
+    if not eq or not name:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return name, value
+
+
+def _merge(config: dict, name: str, value: Any, schema) -> None:
+    section, key, spec = _key(name, schema)
+    config[section][key] = spec.check(name, value)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
+                schema: Mapping[str, Mapping[str, Key]] | None = None) -> dict[str, dict]:
+    """Defaults, then the TOML file at ``path``, then each ``--set`` override, checked key by
+    key. Raises ConfigError (a bad key or value, an unreadable file)."""
+    schema = SCHEMA if schema is None else schema
+    config = defaults(schema)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config {os.fspath(path)!r}: {e}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{os.fspath(path)}: top-level key {section!r} must be a "
+                                  f"[section]; valid sections: {', '.join(schema)}")
+            for key, value in table.items():
+                _merge(config, f"{section}.{key}", value, schema)
+    for item in overrides:
+        _merge(config, *parse_set(item), schema)
+    return config
+
+
+def from_dict(data: Mapping[str, Mapping[str, Any]],
+              schema: Mapping[str, Mapping[str, Key]] | None = None) -> dict[str, dict]:
+    """A checked config from a (partial) nested dict, e.g. one echoed in summary.json."""
+    schema = SCHEMA if schema is None else schema
+    config = defaults(schema)
+    for section, table in data.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"config section {section!r} must be a table")
+        for key, value in table.items():
+            _merge(config, f"{section}.{key}", value, schema)
+    return config
+
+
+def config_hash(config: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
+    """SHA-256 of the config as canonical JSON, without the dotted keys in ``ignore``."""
+    skip = set(ignore)
+    kept = {s: {k: v for k, v in t.items() if f"{s}.{k}" not in skip}
+            for s, t in config.items()}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    keys = {f"{s}.{k}" for c in (a, b) for s, t in c.items() for k in t}
+    return sorted(k for k in keys
+                  if a.get(k.split(".")[0], {}).get(k.split(".", 1)[1])
+                  != b.get(k.split(".")[0], {}).get(k.split(".", 1)[1]))
+
+
+# Environment variables, all read here.
+ENV = {
+    "SHARDGRAD_PROGRESS": "0 hides the progress bar (default: shown on rank 0)",
+}
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The value of environment variable ``name`` (one of ENV, which documents it)."""
+    if name not in ENV:
+        raise KeyError(f"undocumented environment variable {name!r}: add it to config.ENV")
+    return os.environ.get(name, default)
+
+
+def progress_enabled() -> bool:
+    return env("SHARDGRAD_PROGRESS", "1") not in ("0", "false", "no", "")
+
+
+__all__ = ["ConfigError", "ENV", "Key", "SCHEMA", "config_hash", "defaults", "diff", "env",
+           "from_dict", "load_config", "parse_set", "progress_enabled", "valid_keys"]

@@ -1,0 +1,248 @@
+"""Data: scikit-learn's bundled digits, MNIST-format IDX files, and PyTorch's
+DistributedSampler rules for seeded, sharded batching.
+
+Everything here returns NumPy arrays; nothing is downloaded. Imports only NumPy, the
+standard library and scikit-learn (runtime/ is where files are read).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as promised: the message names the file, what was
+    expected and what was found."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test arrays: ``x`` float (N, ...) in [0, 1], ``y`` int64 (N,)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A stratified split: within each class, a fixed permutation (``default_rng(seed)``)
+    sends the first round(test_fraction * class size) samples to the test set. Both parts
+    keep the original sample order, so the split depends on nothing but (y, fraction, seed)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        test[rng.permutation(idx)[:round(test_fraction * len(idx))]] = True
+    return x[~test], y[~test], x[test], y[test]
+
+
+def load_digits(dtype="float32", image: bool = False, test_fraction: float = 0.2,
+                seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 samples, 10 classes, no download).
+
+    Pixels (0..16) are scaled to [0, 1]; ``x`` is (N, 64), or (N, 1, 8, 8) with ``image``.
+    The split is ``split(x, y, test_fraction, seed)``: 80/20 stratified by default, i.e.
+    1437 train and 360 test samples.
+    """
+    from sklearn.datasets import load_digits as _sk_digits
+
+    bunch = _sk_digits()
+    x = (bunch.data / 16.0).astype(dtype)
+    y = bunch.target.astype(np.int64)
+    if image:
+        x = x.reshape(-1, 1, 8, 8)
+    return Dataset(*split(x, y, test_fraction, seed), num_classes=10)
+
+
+# IDX: 2 zero bytes, a type code, the number of dimensions, then each dimension as a
+# big-endian uint32, then the data, big-endian (http://yann.lecun.com/exdb/mnist/).
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: gzip data is damaged or truncated ({e})") from None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """The array stored in an IDX file (plain or gzip-compressed, detected by content), in
+    native byte order. Raises DataError naming the file for a wrong magic number, an
+    unknown type code, a truncated header or data, or trailing bytes."""
+    path = os.fspath(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated IDX header: expected at least 4 bytes, found "
+                        f"{len(raw)}")
+    if raw[:2] != b"\x00\x00":
+        raise DataError(f"{path}: not an IDX file: expected magic bytes 00 00 <type> <ndim>, "
+                        f"found {raw[:4].hex(' ')}")
+    code, ndim = raw[2], raw[3]
+    if code not in IDX_TYPES:
+        known = ", ".join(f"0x{k:02X} ({np.dtype(v).name})" for k, v in IDX_TYPES.items())
+        raise DataError(f"{path}: unknown IDX type code 0x{code:02X}; expected one of {known}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header: {ndim} dimensions need {header} bytes, "
+                        f"found {len(raw)}")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    dt = np.dtype(IDX_TYPES[code])
+    need = header + math.prod(dims) * dt.itemsize
+    if len(raw) != need:
+        what = "truncated IDX data" if len(raw) < need else "trailing bytes after IDX data"
+        raise DataError(f"{path}: {what}: shape {dims} of {dt.name} needs {need} bytes, "
+                        f"found {len(raw)}")
+    return np.frombuffer(raw, dt, offset=header).reshape(dims).astype(dt.newbyteorder("="))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file (gzip-compressed when the name ends in .gz)."""
+    array = np.asarray(array)
+    code = {np.dtype(v).newbyteorder("="): k for k, v in IDX_TYPES.items()}.get(array.dtype)
+    if code is None:
+        raise DataError(f"{path}: IDX cannot store dtype {array.dtype}")
+    data = (bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+            + array.astype(IDX_TYPES[code]).tobytes())
+    opener = gzip.open if os.fspath(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(data)
+
+
+def _idx_pair(images: str, labels: str, dtype, image: bool) -> tuple[np.ndarray, np.ndarray]:
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim < 2:
+        raise DataError(f"{images}: expected images of shape (N, H, W) or (N, D), found "
+                        f"shape {x.shape}")
+    if y.ndim != 1:
+        raise DataError(f"{labels}: expected labels of shape (N,), found shape {y.shape}")
+    if len(x) != len(y):
+        raise DataError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels")
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    x = (x / scale).astype(dtype)
+    if image:
+        x = x.reshape(len(x), 1, *x.shape[1:]) if x.ndim == 3 else x
+    else:
+        x = x.reshape(len(x), -1)
+    return x, y.astype(np.int64)
+
+
+def load_idx_dataset(images: str, labels: str, test_images: str | None = None,
+                     test_labels: str | None = None, dtype="float32", image: bool = False,
+                     test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """An MNIST-format data set: uint8 images scaled to [0, 1], flattened to (N, H*W), or
+    (N, 1, H, W) with ``image``; labels int64. Without test files the test set is
+    ``split(x, y, test_fraction, seed)``."""
+    x, y = _idx_pair(images, labels, dtype, image)
+    if (test_images is None) != (test_labels is None):
+        raise DataError("give both test_images and test_labels, or neither")
+    if test_images is None:
+        parts = split(x, y, test_fraction, seed)
+    else:
+        parts = (x, y, *_idx_pair(test_images, test_labels, dtype, image))
+        if parts[2].shape[1:] != x.shape[1:]:
+            raise DataError(f"{test_images}: test images of shape {parts[2].shape[1:]} differ "
+                            f"from the training images' {x.shape[1:]}")
+    num_classes = int(max(parts[1].max(initial=0), parts[3].max(initial=0))) + 1
+    return Dataset(*parts, num_classes=num_classes)
+
+
+class DistributedSampler:
+    """The indices one rank reads each epoch, by the rules of PyTorch's
+    ``torch.utils.data.DistributedSampler``:
+
+    - every rank draws the same permutation of ``range(n)``, seeded by ``seed + epoch``
+      (``set_epoch`` changes it; NumPy's ``default_rng`` stands in for torch's generator);
+    - unless ``drop_last``, the list is padded by repeating its head until its length is
+      a multiple of ``world_size``; with ``drop_last`` the tail is cut instead;
+    - rank ``r`` takes ``indices[r::world_size]``, so all ranks get ``len(self)`` indices.
+    """
+
+    def __init__(self, n: int, world_size: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for world_size {world_size}")
+        if n < 1:
+            raise ValueError(f"cannot sample from an empty data set (n={n})")
+        self.n, self.world_size, self.rank = n, world_size, rank
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+        if drop_last and n % world_size:
+            self.num_samples = math.ceil((n - world_size) / world_size)
+        else:
+            self.num_samples = math.ceil(n / world_size)
+        self.total_size = self.num_samples * world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def global_indices(self) -> np.ndarray:
+        """The padded (or cut) epoch order shared by all ranks, before striding."""
+        if self.shuffle:
+            idx = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+        else:
+            idx = np.arange(self.n)
+        if self.drop_last:
+            return idx[:self.total_size]
+        pad = self.total_size - len(idx)
+        return np.concatenate([idx, np.resize(idx, pad)]) if pad else idx
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def indices(self) -> np.ndarray:
+        return self.global_indices()[self.rank:self.total_size:self.world_size]
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """Global steps per epoch for ``n`` samples and a global ``batch_size``."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def batches(x: np.ndarray, y: np.ndarray, sampler: DistributedSampler, batch_size: int,
+            drop_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This rank's (x, y) batches for the sampler's current epoch.
+
+    ``batch_size`` is the GLOBAL batch size; each rank yields batch_size / world_size rows.
+    Global batch b is positions [b*B, (b+1)*B) of ``sampler.global_indices()``, split across
+    ranks by the sampler's stride. With ``drop_last`` only the n // B full batches are made,
+    so padding never enters a batch and every global batch holds the same samples whatever
+    the world size.
+    """
+    world = sampler.world_size
+    if batch_size < world or batch_size % world:
+        raise ValueError(f"global batch size {batch_size} must be a positive multiple of the "
+                         f"world size {world}")
+    local = batch_size // world
+    idx = sampler.indices()
+    for b in range(num_batches(sampler.n, batch_size, drop_last)):
+        take = idx[b * local:(b + 1) * local]
+        yield x[take], y[take]
+
+
+__all__ = ["DataError", "Dataset", "DistributedSampler", "batches", "load_digits",
+           "load_idx_dataset", "num_batches", "read_idx", "split", "write_idx"]

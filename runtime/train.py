@@ -1,0 +1,386 @@
+"""A training run from a config: data, model, optimizer, the compiled step, epochs over a
+DistributedSampler, metrics, checkpoints, resume, and the final summary.
+
+The loop knows ranks only through a Communicator (default SingleProcess) and stays free of
+MPI: data parallelism plugs in through ``step_options`` (or train's ``transform`` /
+``executor`` arguments). Only rank 0 writes files. Imports graph and runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from shardgrad.graph import optim
+from shardgrad.graph.nn import Module, functional, manual_seed
+from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
+from shardgrad.runtime import config as cfg
+from shardgrad.runtime.comm import Communicator, SingleProcess
+from shardgrad.runtime.data import (
+    Dataset,
+    DistributedSampler,
+    batches,
+    load_digits,
+    load_idx_dataset,
+    num_batches,
+)
+from shardgrad.runtime.models import build_model, image_input
+from shardgrad.runtime.step import TrainStep, accuracy, compile_step
+
+# Keys a resumed run may change: they do not alter the trajectory up to the checkpoint.
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
+                     "train.executor")
+CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
+
+# Executors by config name: "module:attribute", the attribute called with a Graph and
+# returning an object with ``run(feeds)``. None is the reference interpreter.
+EXECUTORS: dict[str, str | None] = {
+    "interpreter": None,
+    "compiled": "shardgrad.runtime.compiled:Program",
+}
+
+
+def make_executor(name: str):
+    target = EXECUTORS[name]
+    if target is None:
+        return None
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        raise cfg.ConfigError(f"train.executor = {name!r}: {target} is not available in this "
+                              f"build; valid choices that work: interpreter") from None
+
+
+def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
+    """How to run the step on this communicator: the data-parallel (or pipeline) hook.
+
+    Returns a dict with any of ``transform`` (Graph -> Graph, e.g. inserting gradient
+    allreduce), ``executor`` (Graph -> runnable, e.g. one that executes collectives on
+    ``comm``), ``prepare(model, optimizer, step, x, y)`` (called once before the first step
+    with a local batch, e.g. to check replicas and broadcast rank 0's state), ``data_rank``
+    and ``data_world_size`` (which shard of the data this process reads; default
+    ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
+    """
+    if comm.world_size == 1:
+        return {}
+    raise cfg.ConfigError(
+        f"world_size {comm.world_size} (parallel.dp = {config['parallel']['dp']}): no "
+        f"data-parallel step transform is installed; pass train(transform=...) or fill "
+        f"runtime.train.step_options")
+
+
+def load_data(config: Mapping) -> Dataset:
+    d, dtype = config["data"], config["train"]["dtype"]
+    image = image_input(config)
+    if d["dataset"] == "digits":
+        return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
+                           seed=d["split_seed"])
+    for key in ("train_images", "train_labels"):
+        if not d[key]:
+            raise cfg.ConfigError(f"data.dataset = 'idx' needs data.{key} (a file path)")
+    return load_idx_dataset(d["train_images"], d["train_labels"], d["test_images"] or None,
+                            d["test_labels"] or None, dtype=dtype, image=image,
+                            test_fraction=d["test_fraction"], seed=d["split_seed"])
+
+
+def make_optimizer(config: Mapping, params) -> optim.Optimizer:
+    t = config["train"]
+    if t["optimizer"] == "sgd":
+        if t["nesterov"] and t["momentum"] <= 0:
+            raise cfg.ConfigError("train.nesterov = true needs train.momentum > 0")
+        return optim.SGD(params, lr=t["lr"], momentum=t["momentum"],
+                         weight_decay=t["weight_decay"], nesterov=t["nesterov"])
+    opt_cls = optim.Adam if t["optimizer"] == "adam" else optim.AdamW
+    return opt_cls(params, lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+def lr_at(config: Mapping, step: int, total_steps: int) -> float:
+    """The learning rate of the step that follows ``step`` completed steps."""
+    t = config["train"]
+    if t["lr_schedule"] == "cosine":
+        return t["lr"] * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+    return t["lr"]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: str) -> Iterator[None]:
+    saved = get_default_dtype()
+    set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        set_default_dtype(saved)
+
+
+def setup(config: Mapping, options: Mapping | None = None
+          ) -> tuple[Module, optim.Optimizer, TrainStep, Dataset]:
+    """Data, model (parameters drawn after ``manual_seed(train.seed)``, so identical on every
+    rank), optimizer, and the compiled step (traced on its first call)."""
+    options = options or {}
+    data = load_data(config)
+    with default_dtype(config["train"]["dtype"]):
+        manual_seed(config["train"]["seed"])
+        model = build_model(config, data.input_shape, data.num_classes)
+    optimizer = make_optimizer(config, model.parameters())
+    step = compile_step(model, functional.cross_entropy, optimizer,
+                        executor=options.get("executor") or make_executor(
+                            config["train"]["executor"]),
+                        transform=options.get("transform"))
+    return model, optimizer, step, data
+
+
+def params_sha256(model: Module) -> str:
+    """SHA-256 over the parameters in ``named_parameters()`` order: each array's bytes in C
+    order, little endian."""
+    h = hashlib.sha256()
+    for _, p in model.named_parameters():
+        a = np.asarray(p.numpy())
+        h.update(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()
+
+
+def _write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: readers see the old file or the new one,
+    never half of one."""
+    tmp = os.path.join(os.path.dirname(path) or ".",
+                       f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _write_atomic(path, write)
+
+
+def model_tensors(model: Module) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
+                    meta: Mapping[str, Any]) -> None:
+    """Parameters and buffers by name, optimizer state as ``optim.<key>``, and ``meta`` (as
+    strings) in the safetensors header; written atomically."""
+    tensors = model_tensors(model)
+    tensors.update({f"optim.{k}": np.ascontiguousarray(v)
+                    for k, v in optimizer.state_dict().items()})
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    _write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    with safetensors.safe_open(path, "np") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    return tensors, metadata
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint with the highest epoch in ``run_dir/checkpoints``, or None."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return None
+    found = [(int(m.group(1)), name) for name in os.listdir(ckpt_dir)
+             if (m := CHECKPOINT.match(name))]
+    return os.path.join(ckpt_dir, max(found)[1]) if found else None
+
+
+def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer
+             ) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    path = latest_checkpoint(resume)
+    if path is None:
+        raise FileNotFoundError(f"--resume {resume}: no checkpoints/epoch_<k>.safetensors "
+                                f"there to resume from")
+    tensors, meta = load_checkpoint(path)
+    saved = json.loads(meta.get("config", "{}"))
+    changed = [k for k in cfg.diff(saved, config) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise cfg.ConfigError(f"--resume {resume}: the config differs from the checkpoint's in "
+                              f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may "
+                              f"change on resume")
+    return tensors, meta, path
+
+
+def _load_state(tensors: Mapping[str, np.ndarray], model: Module,
+                optimizer: optim.Optimizer) -> None:
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
+    optimizer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
+
+
+class _Metrics:
+    """metrics.jsonl on rank 0 (other ranks write nothing); each record also goes to
+    ``on_record``."""
+
+    def __init__(self, path: str | None, on_record: Callable[[dict], None] | None):
+        self.path, self.on_record = path, on_record
+
+    def keep_until(self, source: str, step: int) -> None:
+        """Start from ``source``'s records up to ``step`` (a resumed run's history)."""
+        if self.path is None:
+            return
+        kept = []
+        if os.path.exists(source):
+            with open(source) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        _write_text(self.path, "".join(kept))
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.on_record is not None:
+            self.on_record(record)
+
+
+def _mean_over_ranks(comm: Communicator, value: float) -> float:
+    buf = np.asarray([value], dtype=np.float64)
+    return float(comm.allreduce_(buf)[0]) / comm.world_size
+
+
+def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None,
+          resume: str | None = None, transform: Callable | None = None,
+          executor: Callable | None = None,
+          on_record: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train as ``config`` says and return the summary (on every rank).
+
+    Writes, on rank 0 and when ``out_dir`` is given: ``metrics.jsonl`` (a ``"kind": "step"``
+    record every ``train.log_every`` steps and a ``"kind": "epoch"`` record per epoch, with
+    test accuracy), ``checkpoints/epoch_<k>.safetensors`` after epoch k, ``final.safetensors``
+    and ``summary.json``. ``resume`` is a run directory: training continues from its latest
+    checkpoint and ends with the same parameters as an uninterrupted run. ``transform`` and
+    ``executor`` override ``step_options(config, comm)``; ``on_record`` sees every record.
+    """
+    config = cfg.from_dict(config)
+    threads = config["device"]["threads"]
+    with threadpool_limits(threads or None, user_api="blas"):
+        return _train(config, out_dir, comm or SingleProcess(), resume, transform, executor,
+                      on_record)
+
+
+def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
+           transform: Callable | None, executor: Callable | None,
+           on_record: Callable[[dict], None] | None) -> dict[str, Any]:
+    options = dict(step_options(config, comm) if transform is None and executor is None
+                   else {"transform": transform, "executor": executor})
+    rank = options.get("data_rank", comm.rank)
+    world = options.get("data_world_size", comm.world_size)
+    t = config["train"]
+    if t["batch_size"] % world:
+        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (the global batch) must be "
+                              f"a multiple of the data-parallel world size {world}")
+    writer = comm.rank == 0 and out_dir is not None
+    if writer:
+        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+    metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl") if writer else None, on_record)
+
+    model, optimizer, step, data = setup(config, options)
+    sampler = DistributedSampler(len(data.y_train), world, rank, shuffle=True, seed=t["seed"])
+    per_epoch = num_batches(len(data.y_train), t["batch_size"])
+    if per_epoch == 0:
+        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} is larger than the "
+                              f"{len(data.y_train)} training samples")
+    total = per_epoch * t["epochs"]
+
+    start_epoch, steps_done, wall_before, resumed_from = 0, 0, 0.0, None
+    train_loss = float("nan")
+    if resume is not None:
+        state = comm.bcast_obj(_restore(config, resume, model, optimizer)
+                               if comm.rank == 0 else None)
+        tensors, meta, resumed_from = state
+        _load_state(tensors, model, optimizer)
+        start_epoch, steps_done = int(meta["epoch"]), int(meta["step"])
+        wall_before = float(meta.get("wall_s", 0.0))
+        train_loss = float(meta.get("train_loss", "nan"))
+        metrics.keep_until(os.path.join(resume, "metrics.jsonl"), steps_done)
+    elif writer:
+        _write_text(metrics.path, "")
+
+    prepare = options.get("prepare")
+    if prepare is not None:
+        sampler.set_epoch(start_epoch)
+        x0, y0 = next(batches(data.x_train, data.y_train, sampler, t["batch_size"]))
+        prepare(model, optimizer, step, x0, y0)
+
+    def evaluate() -> float:
+        acc = accuracy(model, data.x_test, data.y_test, t["eval_batch_size"],
+                       make_executor(t["executor"])) if comm.rank == 0 else None
+        return comm.bcast_obj(acc)
+
+    t0 = time.perf_counter()
+    wall = lambda: round(wall_before + time.perf_counter() - t0, 3)
+    bar = tqdm(total=total, initial=steps_done, unit="step", desc="train", leave=False,
+               disable=comm.rank != 0 or not cfg.progress_enabled())
+    try:
+        for epoch in range(start_epoch, t["epochs"]):
+            sampler.set_epoch(epoch)
+            losses = []
+            for x, y in batches(data.x_train, data.y_train, sampler, t["batch_size"]):
+                lr = lr_at(config, steps_done, total)
+                optimizer.lr = lr
+                loss = step(x, y)
+                losses.append(loss)
+                steps_done += 1
+                bar.update(1)
+                if steps_done % t["log_every"] == 0:
+                    loss = _mean_over_ranks(comm, loss)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    metrics.write({"kind": "step", "epoch": epoch + 1, "step": steps_done,
+                                   "loss": loss, "lr": lr, "wall_s": wall()})
+            train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
+            acc = evaluate()
+            if writer:
+                save_checkpoint(
+                    os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1}.safetensors"),
+                    model, optimizer,
+                    {"epoch": str(epoch + 1), "step": str(steps_done), "wall_s": str(wall()),
+                     "train_loss": repr(train_loss),
+                     "config_hash": cfg.config_hash(config, RESUMABLE_CHANGES),
+                     "config": json.dumps(config, sort_keys=True)})
+            metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": steps_done,
+                           "train_loss": train_loss, "test_accuracy": acc,
+                           "lr": lr_at(config, steps_done, total), "wall_s": wall()})
+    finally:
+        bar.close()
+
+    acc = evaluate()
+    summary = {
+        "test_accuracy": acc, "train_loss": train_loss, "steps": steps_done,
+        "epochs": t["epochs"], "wall_s": wall(), "world_size": comm.world_size,
+        "params_sha256": params_sha256(model),
+        "num_params": int(sum(p.size for p in model.parameters())),
+        "resumed_from": resumed_from, "config_hash": cfg.config_hash(config),
+        "config": config,
+    }
+    if writer:
+        tensors = model_tensors(model)
+        _write_atomic(os.path.join(out_dir, "final.safetensors"),
+                      lambda tmp: safetensors.numpy.save_file(tensors, tmp))
+        _write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+__all__ = ["EXECUTORS", "latest_checkpoint", "load_checkpoint", "load_data", "lr_at",
+           "make_executor", "make_optimizer", "params_sha256", "save_checkpoint", "setup",
+           "step_options", "train"]
