@@ -57,7 +57,7 @@ def load_digits(dtype="float32", image: bool = False, test_fraction: float = 0.2
 
     Pixels (0..16) are scaled to [0, 1]; ``x`` is (N, 64), or (N, 1, 8, 8) with ``image``.
     The split is ``split(x, y, test_fraction, seed)``: 80/20 stratified by default, i.e.
-    1437 train and 360 test samples.
+    1438 train and 359 test samples.
     """
     from sklearn.datasets import load_digits as _sk_digits
 

@@ -176,7 +176,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def model_tensors(model: Module) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}
+    return {k: np.asarray(v, order="C") for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
@@ -184,7 +184,7 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
     """Parameters and buffers by name, optimizer state as ``optim.<key>``, and ``meta`` (as
     strings) in the safetensors header; written atomically."""
     tensors = model_tensors(model)
-    tensors.update({f"optim.{k}": np.ascontiguousarray(v)
+    tensors.update({f"optim.{k}": np.asarray(v, order="C")
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     _write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
