@@ -40,12 +40,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    from shardgrad.runtime.dp import communicator
     from shardgrad.runtime.train import train
 
     config = load_config(args.config, args.sets)
+    comm = communicator(config)
     out = args.out or args.resume or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config))[0])
-    summary = train(config, out, resume=args.resume)
+    try:
+        summary = train(config, out, comm=comm, resume=args.resume)
+    except Exception as e:  # noqa: BLE001 - one failed rank stops the whole job, named
+        if comm.world_size > 1:
+            print(f"rank {comm.rank} failed: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)
+            comm.abort(2 if isinstance(e, USAGE_ERRORS) else 1)
+        raise
+    if comm.rank != 0:
+        return 0
     shown = {k: summary[k] for k in ("test_accuracy", "train_loss", "steps", "epochs", "wall_s",
                                      "world_size", "params_sha256")}
     print(json.dumps({**shown, "out": out}))

@@ -28,6 +28,7 @@ from shardgrad.graph import optim
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.runtime import config as cfg
+from shardgrad.runtime import dp
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.data import (
     Dataset,
@@ -75,12 +76,7 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     and ``data_world_size`` (which shard of the data this process reads; default
     ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
-    if comm.world_size == 1:
-        return {}
-    raise cfg.ConfigError(
-        f"world_size {comm.world_size} (parallel.dp = {config['parallel']['dp']}): no "
-        f"data-parallel step transform is installed; pass train(transform=...) or fill "
-        f"runtime.train.step_options")
+    return dp.step_options(config, comm, make_executor(config["train"]["executor"]))
 
 
 def load_data(config: Mapping) -> Dataset:

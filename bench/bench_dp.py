@@ -1,0 +1,182 @@
+"""Data-parallel training throughput: samples/s of 2 ranks against 1 (target >= 1.6x), the
+deterministic and overlap modes against the default, and PyTorch DDP (gloo) on the same
+setup when torch is installed (optional: ``pip install torch==2.13.0``).
+
+    python bench/bench_dp.py                         # JSON lines, one per measurement + summary
+    python bench/bench_dp.py --rounds 5 --steps 40 --out bench/dp.json
+
+Setup: MLP 784-512-512-10, float32, cross-entropy, SGD, 128 samples per rank, one BLAS thread
+per rank (OMP/OPENBLAS/MKL_NUM_THREADS=1), compiled executor. Every measurement is a fresh
+``mpirun -n R``; the variants alternate within each round and the figures are medians over
+rounds (ratios paired within a round). Other processes share the 2 cores: see the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SIZES = (784, 512, 512, 10)
+PER_RANK = 128
+
+
+def variants(args) -> list[tuple[str, int, list[str]]]:
+    out = []
+    for ranks in (1, 2):
+        out.append((f"shardgrad_dp{ranks}", ranks, ["--impl", "shardgrad"]))
+        out.append((f"shardgrad_det_dp{ranks}", ranks, ["--impl", "shardgrad",
+                                                        "--deterministic"]))
+    out.append(("shardgrad_overlap_dp2", 2, ["--impl", "shardgrad", "--overlap"]))
+    if args.torch:
+        out += [(f"torch_ddp{r}", r, ["--impl", "torch"]) for r in (1, 2)]
+    return out
+
+
+def launch(args) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               SHARDGRAD_PROGRESS="0")
+    results: dict[str, list[float]] = {}
+    lines = []
+    for rnd in range(args.rounds):
+        todo = variants(args)
+        todo = todo[rnd % len(todo):] + todo[:rnd % len(todo)]
+        for name, ranks, extra in todo:
+            cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks),
+                   sys.executable, __file__, "--worker", "--steps", str(args.steps),
+                   "--executor", args.executor, *extra]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            if proc.returncode:
+                raise SystemExit(f"{name} failed:\n{proc.stdout}\n{proc.stderr}")
+            rec = json.loads(proc.stdout.strip().splitlines()[-1])
+            rec.update(variant=name, round=rnd)
+            lines.append(rec)
+            print(json.dumps(rec), flush=True)
+            results.setdefault(name, []).append(rec["samples_per_s"])
+
+    def paired(a: str, b: str) -> float | None:
+        if a not in results or b not in results:
+            return None
+        return round(float(np.median(np.asarray(results[a]) / np.asarray(results[b]))), 3)
+
+    summary = {
+        "bench": "dp_summary", "rounds": args.rounds, "steps": args.steps,
+        "executor": args.executor,
+        "samples_per_s_median": {k: round(float(np.median(v)), 1) for k, v in results.items()},
+        "samples_per_s_min_max": {k: [round(min(v), 1), round(max(v), 1)]
+                                  for k, v in results.items()},
+        "speedup_dp2_vs_dp1": paired("shardgrad_dp2", "shardgrad_dp1"),
+        "deterministic_vs_default_dp1": paired("shardgrad_det_dp1", "shardgrad_dp1"),
+        "deterministic_vs_default_dp2": paired("shardgrad_det_dp2", "shardgrad_dp2"),
+        "overlap_vs_blocking_dp2": paired("shardgrad_overlap_dp2", "shardgrad_dp2"),
+        "torch_speedup_ddp2_vs_ddp1": paired("torch_ddp2", "torch_ddp1"),
+        "shardgrad_dp2_vs_torch_ddp2": paired("shardgrad_dp2", "torch_ddp2"),
+    }
+    print(json.dumps(summary), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in lines + [summary]))
+
+
+def _time_steps(step, barrier, steps: int) -> float:
+    for _ in range(5):
+        step()
+    barrier()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    barrier()
+    return time.perf_counter() - t
+
+
+def worker_shardgrad(args) -> dict:
+    import shardgrad as sg
+    from shardgrad.partition.data_parallel import DataParallel
+    from shardgrad.runtime.dp import bound_executor
+    from shardgrad.runtime.mpi import MPICommunicator
+    from shardgrad.runtime.train import make_executor
+
+    comm = MPICommunicator(timeout_s=300.0)
+    sg.manual_seed(0)
+    layers = []
+    for a, b in zip(SIZES, SIZES[1:], strict=False):
+        layers += [sg.nn.Linear(a, b), sg.nn.ReLU()]
+    model = sg.nn.Sequential(*layers[:-1])
+    opt = sg.optim.SGD(model.parameters(), lr=0.01)
+    transform = DataParallel(comm.world_size, deterministic=args.deterministic, chunks=4,
+                             overlap=args.overlap)
+    step = sg.compile_step(model, sg.functional.cross_entropy, opt,
+                           executor=bound_executor(make_executor(args.executor), comm),
+                           transform=transform)
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal((PER_RANK, SIZES[0])).astype(np.float32)
+    y = rng.integers(0, SIZES[-1], PER_RANK)
+    seconds = _time_steps(lambda: step(x, y), comm.barrier, args.steps)
+    return {"rank": comm.rank, "ranks": comm.world_size, "seconds": seconds}
+
+
+def worker_torch(args) -> dict:
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    torch.set_num_threads(1)
+    world = MPI.COMM_WORLD
+    port = world.bcast(29500 + os.getpid() % 1000 if world.rank == 0 else None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=world.rank,
+                            world_size=world.size)
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(SIZES, SIZES[1:], strict=False):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(*layers[:-1]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(world.rank)
+    x = torch.randn(PER_RANK, SIZES[0], generator=g)
+    y = torch.randint(0, SIZES[-1], (PER_RANK,), generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    seconds = _time_steps(step, world.Barrier, args.steps)
+    dist.destroy_process_group()
+    return {"rank": world.rank, "ranks": world.size, "seconds": seconds}
+
+
+def worker(args) -> None:
+    rec = worker_torch(args) if args.impl == "torch" else worker_shardgrad(args)
+    if rec["rank"] == 0:
+        rec["samples_per_s"] = round(rec["ranks"] * PER_RANK * args.steps / rec["seconds"], 1)
+        rec["ms_per_step"] = round(rec["seconds"] / args.steps * 1e3, 3)
+        print(json.dumps(rec), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--executor", default="compiled", choices=("compiled", "interpreter"))
+    p.add_argument("--no-torch", dest="torch", action="store_false")
+    p.add_argument("--out")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="shardgrad", help=argparse.SUPPRESS)
+    p.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.torch and not args.worker:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            args.torch = False
+    worker(args) if args.worker else launch(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Running a data-parallel plan: executors bound to a Communicator, parameters broadcast from
+rank 0, the start-up check that every rank runs the same program, and the fault-injection
+knob (``debug.*``) the fail-fast tests use. Imports graph, ops, partition and runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from shardgrad.graph.ir import Graph
+from shardgrad.graph.nn import Module
+from shardgrad.graph.optim import Optimizer
+from shardgrad.ops import collective
+from shardgrad.partition.data_parallel import DataParallel
+from shardgrad.partition.plan import graph_hash
+from shardgrad.runtime.comm import Communicator, SingleProcess
+from shardgrad.runtime.config import ConfigError, mpi_world_size
+from shardgrad.runtime.interpreter import Interpreter
+from shardgrad.runtime.step import TrainStep
+
+
+class ReplicaMismatch(RuntimeError):
+    """Ranks that should run the same step do not: the message names the first rank that
+    differs from rank 0 and how."""
+
+
+class InjectedFault(RuntimeError):
+    """The failure ``debug.fail_at_step`` asked for."""
+
+
+class Bound:
+    """Runs ``inner`` (anything with ``run(feeds)``) inside ``collective.bind(comm, **groups)``,
+    so the graph's collective ops reach ``comm``. ``fault`` is called before each run with
+    the 1-based run count (fault injection)."""
+
+    def __init__(self, inner: Any, comm: Communicator, groups: Mapping[str, Communicator],
+                 fault: Callable[[int], None] | None = None):
+        self.inner, self.comm, self.groups, self.fault = inner, comm, dict(groups), fault
+        self.runs = 0
+
+    def run(self, feeds):
+        self.runs += 1
+        if self.fault is not None:
+            self.fault(self.runs)
+        with collective.bind(self.comm, **self.groups):
+            return self.inner.run(feeds)
+
+
+def bound_executor(executor: Callable[[Graph], Any] | None, comm: Communicator,
+                   fault: Callable[[int], None] | None = None, **groups: Communicator
+                   ) -> Callable[[Graph], Bound]:
+    """``executor`` (default: the reference Interpreter) whose runs see ``comm``."""
+    make = executor or Interpreter
+    return lambda graph: Bound(make(graph), comm, groups, fault)
+
+
+def broadcast_state(model: Module, optimizer: Optimizer, comm: Communicator, root: int = 0
+                    ) -> None:
+    """Overwrite parameters, buffers and optimizer state with rank ``root``'s."""
+    tensors = [p for _, p in model.named_parameters()] + [b for _, b in model.named_buffers()]
+    tensors += [v for st in optimizer.state for v in st.values()]
+    for t in tensors:
+        buf = np.array(t.data, copy=True, order="C")
+        t.data = comm.bcast_(buf, root)
+    optimizer.t = comm.bcast_obj(optimizer.t, root)
+
+
+def check_replicas(comm: Communicator, graph: Graph, model: Module) -> None:
+    """Raise ReplicaMismatch on every rank unless all ranks have rank 0's parameter names,
+    shapes and dtypes and the same step graph (``graph_hash``)."""
+    shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+    everyone = comm.allgather_obj((graph_hash(graph), shapes))
+    ref_hash, ref_shapes = everyone[0]
+    for r, (h, theirs) in enumerate(everyone):
+        if theirs != ref_shapes:
+            diff = next((f"{a} vs {b}" for a, b in zip(ref_shapes, theirs, strict=False)
+                         if a != b), f"{len(ref_shapes)} vs {len(theirs)} parameters")
+            raise ReplicaMismatch(f"rank {r}'s parameters differ from rank 0's ({diff}): every "
+                                  f"rank must build the same model from the same config")
+        if h != ref_hash:
+            raise ReplicaMismatch(f"rank {r}'s training-step graph differs from rank 0's (hash "
+                                  f"{h[:12]} vs {ref_hash[:12]}): every rank must run the same "
+                                  f"code, config and local batch shape")
+
+
+def fault_injector(config: Mapping, rank: int) -> Callable[[int], None] | None:
+    """The ``debug.fail_at_step`` / ``debug.fail_rank`` / ``debug.fail_mode`` knob: on that
+    rank, before that step (1-based) runs, raise InjectedFault ("raise") or stop responding
+    ("hang", which the collective timeout or the launcher must catch). None when unset."""
+    d = config.get("debug", {})
+    at, who, mode = d.get("fail_at_step", 0), d.get("fail_rank", 0), d.get("fail_mode", "raise")
+    if not at or who != rank:
+        return None
+
+    def fault(step: int) -> None:
+        if step != at:
+            return
+        if mode == "hang":
+            while True:
+                time.sleep(3600)
+        raise InjectedFault(f"injected fault at step {at} (debug.fail_at_step={at}, "
+                            f"debug.fail_rank={who})")
+    return fault
+
+
+def step_options(config: Mapping, comm: Communicator,
+                 executor: Callable[[Graph], Any] | None = None) -> dict[str, Any]:
+    """The data-parallel hook of ``runtime.train``: ``transform`` (the DataParallel rewrite,
+    or None when there is nothing to rewrite), ``executor`` (``executor`` bound to ``comm``)
+    and ``prepare(model, optimizer, step, x, y)``, to call once before training with a local
+    batch: it checks that every rank runs the same step, then broadcasts rank 0's state."""
+    p = config["parallel"]
+    if p["dp"] != comm.world_size:
+        raise ConfigError(f"parallel.dp = {p['dp']} but this job has {comm.world_size} "
+                          f"process(es): start it with `mpirun -n {p['dp']} shardgrad train ...` "
+                          f"(as root add --allow-run-as-root --oversubscribe), or set "
+                          f"parallel.dp = {comm.world_size}")
+    if p["deterministic"] and p["chunks"] % comm.world_size:
+        raise ConfigError(f"parallel.chunks = {p['chunks']} must be a multiple of parallel.dp = "
+                          f"{comm.world_size} in deterministic mode")
+    batch = config["train"]["batch_size"]
+    if p["deterministic"] and batch % p["chunks"]:
+        raise ConfigError(f"train.batch_size = {batch} must be a multiple of parallel.chunks = "
+                          f"{p['chunks']} in deterministic mode")
+    transform = None
+    if comm.world_size > 1 or p["deterministic"]:
+        transform = DataParallel(comm.world_size, int(p["bucket_mb"] * 2**20),
+                                 p["deterministic"], p["chunks"], p["overlap"])
+
+    def prepare(model: Module, optimizer: Optimizer, step: TrainStep, x, y) -> None:
+        if comm.world_size > 1:
+            graph, _ = step.graph_for(np.asarray(x), np.asarray(y))
+            check_replicas(comm, graph, model)
+            broadcast_state(model, optimizer, comm)
+
+    return {"transform": transform, "prepare": prepare,
+            "executor": bound_executor(executor, comm, fault_injector(config, comm.rank))}
+
+
+def communicator(config: Mapping) -> Communicator:
+    """This process's communicator: MPI's world when an MPI launcher started the job (with
+    ``parallel.timeout_s`` as the collective timeout), else the single-process one."""
+    if mpi_world_size() is None:
+        return SingleProcess()
+    from shardgrad.runtime.mpi import MPICommunicator  # initializes MPI: only under mpirun
+
+    return MPICommunicator(timeout_s=config["parallel"]["timeout_s"])
