@@ -138,6 +138,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        help="BLAS threads per process (0: the library's default). 1 is far "
                             "faster for small models on a busy machine"),
     },
+    "cluster": {
+        "placement": Key("PACK", str, choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                         help="--launcher ray: Ray placement strategy of the ranks' slots"),
+        "cpus_per_rank": Key(1.0, float, min=0.01, help="--launcher ray: CPUs per slot"),
+        "max_restarts": Key(0, int, min=0,
+                            help="--launcher ray: restarts from the latest checkpoint after a "
+                                 "rank or its node fails"),
+        "start_timeout_s": Key(120.0, float, min=1.0,
+                               help="--launcher ray: how long to wait for the slots"),
+    },
 }
 
 
@@ -242,6 +252,8 @@ ENV = {
     "PMI_SIZE": "set by MPICH's mpiexec (Hydra): the job's number of processes",
     "OMPI_COMM_WORLD_LOCAL_RANK": "set by Open MPI's mpirun: this process's rank on its node",
     "MPI_LOCALRANKID": "set by MPICH's mpiexec: this process's rank on its node",
+    "RAY_ADDRESS": "--launcher ray: the Ray cluster to join (`ray job submit` sets it); unset: "
+                   "one running on this machine, else a new local one",
 }
 
 
