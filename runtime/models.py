@@ -1,7 +1,8 @@
 """The classifiers a config can name: ``model.kind = "mlp" | "cnn"``, built from sg.nn.
 
 Parameter initialisation draws from sg.nn's seeded generator, so the caller seeds it
-(``sg.manual_seed(train.seed)``) and every rank builds the same parameters. Imports graph.nn.
+(``sg.manual_seed(train.seed)``) and every rank builds the same parameters. Imports graph.nn
+and runtime.config (for its error type).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from shardgrad.graph import nn
+from shardgrad.runtime.config import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -38,13 +40,13 @@ def cnn(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0)
     MaxPool2d(2); then Flatten, the ``hidden`` dense layers and a Linear classifier. For 8x8
     digits and channels [16, 32]: 1x8x8 -> 16x4x4 -> 32x2x2 -> 128 -> ... -> 10."""
     if len(input_shape) != 3:
-        raise ValueError(f"model.kind = 'cnn' needs image input (C, H, W), got shape "
+        raise ConfigError(f"model.kind = 'cnn' needs image input (C, H, W), got shape "
                          f"{tuple(input_shape)}")
     c, h, w = input_shape
     layers: list[nn.Module] = []
     for out in m["channels"]:
         if h < 2 or w < 2:
-            raise ValueError(f"model.channels = {m['channels']}: too many pooling blocks for "
+            raise ConfigError(f"model.channels = {m['channels']}: too many pooling blocks for "
                              f"{tuple(input_shape)[1:]} images")
         layers.append(nn.Conv2d(c, out, 3, padding=1))
         if m["batchnorm"]:

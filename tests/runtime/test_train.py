@@ -78,6 +78,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "unknown config key 'train.epochz'" in lines[0] and "train.epochs" in lines[0]
     assert cli.main(["train", str(tmp_path / "missing.toml")]) == 2
     assert cli.main(["train", MLP, "--resume", str(tmp_path / "norun")]) == 2
+    assert cli.main(["train", MLP, "--set", "model.kind=cnn", "--set",
+                     "model.channels=[4,4,4,4]", "--out", str(tmp_path / "c")]) == 2
     assert cli.main(["graph", MLP, "--out", str(tmp_path / "g.dot"),
                      "--set", "data.dataset=idx"]) == 2
 
@@ -94,7 +96,7 @@ class _Stop(Exception):
 def test_resume_gives_the_same_parameters(tmp_path, monkeypatch, stop_at):
     monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")
     sets = ["train.optimizer=adam", "train.lr=0.01", "train.lr_schedule=cosine",
-            "model.batchnorm=true"]
+            "model.batchnorm=true", "model.dropout=0.2"]
     whole = _run(tmp_path, "whole", sets)
     kind, at = stop_at
 
