@@ -302,8 +302,15 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     start_epoch, steps_done, wall_before, resumed_from = 0, 0, 0.0, None
     train_loss = float("nan")
     if resume is not None:
-        state = comm.bcast_obj(_restore(config, resume, model, optimizer)
-                               if comm.rank == 0 else None)
+        state = None
+        if comm.rank == 0:
+            try:
+                state = _restore(config, resume, model, optimizer)
+            except (cfg.ConfigError, OSError) as e:   # every rank raises it, none waits
+                state = e
+        state = comm.bcast_obj(state)
+        if isinstance(state, Exception):
+            raise state
         tensors, meta, resumed_from = state
         _load_state(tensors, model, optimizer)
         start_epoch, steps_done = int(meta["epoch"]), int(meta["step"])
@@ -324,6 +331,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                        make_executor(t["executor"])) if comm.rank == 0 else None
         return comm.bcast_obj(acc)
 
+    acc = None
     t0 = time.perf_counter()
     wall = lambda: round(wall_before + time.perf_counter() - t0, 3)
     bar = tqdm(total=total, initial=steps_done, unit="step", desc="train", leave=False,
@@ -360,7 +368,8 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     finally:
         bar.close()
 
-    acc = evaluate()
+    if acc is None:
+        acc = evaluate()
     summary = {
         "test_accuracy": acc, "train_loss": train_loss, "steps": steps_done,
         "epochs": t["epochs"], "wall_s": wall(), "world_size": comm.world_size,
