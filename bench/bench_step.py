@@ -353,11 +353,10 @@ def main() -> None:
         for r in range(args.rounds):
             for impl in micro_impls[r % len(micro_impls):] + micro_impls[:r % len(micro_impls)]:
                 runs[impl].append(spawn(["--worker", "micro", "--micro-impl", impl]))
-        line = {"bench": "per_node_overhead", "sizes": list(MICRO_SIZES), "batch": 4, **env}
-        for impl, rs in runs.items():
-            line[impl] = {k: (round(float(np.median([x[k] for x in rs])), 3)
-                              if isinstance(rs[0][k], float) else rs[0][k])
-                          for k in rs[0] if k != "impl"}
+        line = {"bench": "per_node_overhead", "sizes": list(MICRO_SIZES), "batch": 4, **env,
+                "results": {impl: {k: (round(float(np.median([x[k] for x in rs])), 3)
+                                       if isinstance(rs[0][k], float) else rs[0][k])
+                                   for k in rs[0] if k != "impl"} for impl, rs in runs.items()}}
         lines.append(line)
         print(json.dumps(line), flush=True)
     if args.out:
