@@ -30,6 +30,7 @@ SIZES = (784, 512, 512, 10)
 def launch(args) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(args.ranks),
+           "--mca", "mpi_yield_when_idle", "0" if args.busy_poll else "1",
            sys.executable, __file__, "--worker", "--reps", str(args.reps),
            "--bucket-mb", *map(str, args.bucket_mb)]
     sys.exit(subprocess.call(cmd, env=env))
@@ -124,7 +125,8 @@ def worker(args) -> None:
             print(json.dumps({
                 "bench": "allreduce", "ranks": world.size, "bucket_mb": mb,
                 "buckets": len(plan.buckets), "bytes": sum(b.nbytes for b in plan.buckets),
-                "reps": args.reps,
+                "reps": args.reps, "yield_when_idle": os.environ.get(
+                    "OMPI_MCA_mpi_yield_when_idle"),
                 "ms_median": {k: round(float(np.median(v)) * 1e3, 4) for k, v in t.items()},
                 "ratio_node_vs_raw": round(float(np.median(t["node"] / t["raw"])), 3),
                 "ratio_node_no_watchdog_vs_raw": round(float(np.median(
@@ -140,6 +142,8 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--bucket-mb", type=float, nargs="+", default=[25.0, 1.0])
+    p.add_argument("--busy-poll", action="store_true",
+                   help="Open MPI busy-polls while waiting (default: yields, as shardgrad sets)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     worker(args) if args.worker else launch(args)

@@ -8,7 +8,8 @@ setup when torch is installed (optional: ``pip install torch==2.13.0``).
 Setup: MLP 784-512-512-10, float32, cross-entropy, SGD, 128 samples per rank, one BLAS thread
 per rank (OMP/OPENBLAS/MKL_NUM_THREADS=1), compiled executor. Every measurement is a fresh
 ``mpirun -n R``; the variants alternate within each round and the figures are medians over
-rounds (ratios paired within a round). Other processes share the 2 cores: see the spread.
+rounds (ratios paired within a round). Open MPI yields when idle (runtime.config's default;
+the busypoll variant turns it off). Other processes share the 2 cores: see the spread.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def variants(args) -> list[tuple[str, int, list[str]]]:
         out.append((f"shardgrad_det_dp{ranks}", ranks, ["--impl", "shardgrad",
                                                         "--deterministic"]))
     out.append(("shardgrad_overlap_dp2", 2, ["--impl", "shardgrad", "--overlap"]))
+    out.append(("shardgrad_busypoll_dp2", 2, ["--impl", "shardgrad", "--busy-poll"]))
     if args.torch:
         out += [(f"torch_ddp{r}", r, ["--impl", "torch"]) for r in (1, 2)]
     return out
@@ -47,7 +49,9 @@ def launch(args) -> None:
         todo = variants(args)
         todo = todo[rnd % len(todo):] + todo[:rnd % len(todo)]
         for name, ranks, extra in todo:
+            yield_when_idle = "0" if "--busy-poll" in extra else "1"  # runtime.config's default
             cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks),
+                   "--mca", "mpi_yield_when_idle", yield_when_idle,
                    sys.executable, __file__, "--worker", "--steps", str(args.steps),
                    "--executor", args.executor, *extra]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -74,6 +78,7 @@ def launch(args) -> None:
         "deterministic_vs_default_dp1": paired("shardgrad_det_dp1", "shardgrad_dp1"),
         "deterministic_vs_default_dp2": paired("shardgrad_det_dp2", "shardgrad_dp2"),
         "overlap_vs_blocking_dp2": paired("shardgrad_overlap_dp2", "shardgrad_dp2"),
+        "busypoll_vs_yield_dp2": paired("shardgrad_busypoll_dp2", "shardgrad_dp2"),
         "torch_speedup_ddp2_vs_ddp1": paired("torch_ddp2", "torch_ddp1"),
         "shardgrad_dp2_vs_torch_ddp2": paired("shardgrad_dp2", "torch_ddp2"),
     }
@@ -169,6 +174,7 @@ def main() -> None:
     p.add_argument("--impl", default="shardgrad", help=argparse.SUPPRESS)
     p.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--busy-poll", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.torch and not args.worker:
         try:

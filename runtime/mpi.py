@@ -1,6 +1,6 @@
 """The Communicator over MPI (mpi4py): in-place collectives on NumPy buffers, a collective
 timeout, and abort. Importing this module initializes MPI, so import it only in processes
-started by mpirun/mpiexec. Imports runtime.comm.
+started by mpirun/mpiexec. Imports runtime.comm and runtime.config (MPI's defaults).
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import threading
 import time
 from typing import Any
 
-from mpi4py import MPI
-
 from shardgrad.runtime.comm import CommError, Communicator, Request
+from shardgrad.runtime.config import set_mpi_defaults
+
+set_mpi_defaults()
+from mpi4py import MPI  # noqa: E402 - MPI reads its parameters when it starts, here
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
