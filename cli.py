@@ -2,6 +2,7 @@
 
   shardgrad train CONFIG [--out DIR] [--set KEY=VALUE]... [--resume DIR]
   shardgrad graph CONFIG --out FILE.dot [--set KEY=VALUE]...
+  shardgrad plan CONFIG [--set KEY=VALUE]...
 
 A bad config, a missing file or unreadable data prints one line to stderr and exits 2.
 Imports runtime and graph (the top of the import order).
@@ -36,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("config", help="TOML config file")
     g.add_argument("--out", required=True, help="the .dot file to write")
     g.add_argument("--set", dest="sets", **sets)
+    pl = sub.add_parser("plan", help="print the pipeline partition (parallel.pp stages) and "
+                                     "its schedule grid")
+    pl.add_argument("config", help="TOML config file")
+    pl.add_argument("--set", dest="sets", **sets)
     return p
 
 
@@ -65,14 +70,21 @@ def cmd_train(args) -> int:
 
 def write_graph(config, path: str) -> list[str]:
     """Trace one training step of ``config`` and write it to ``path`` as DOT, plus .svg and
-    .png beside it when Graphviz's ``dot`` program is installed; returns the files written."""
+    .png beside it when Graphviz's ``dot`` program is installed; returns the files written.
+    With ``parallel.pp`` > 1 it draws the pipeline plan: nodes coloured by stage, a dashed
+    edge from each send to its receive."""
     from shardgrad.graph.dot import to_dot
     from shardgrad.runtime.train import setup
 
-    _, _, step, data = setup(config)
-    b = min(config["train"]["batch_size"], len(data.y_train))
-    graph, _ = step.graph_for(data.x_train[:b], data.y_train[:b])
-    dot = to_dot(graph)
+    if config["parallel"]["pp"] > 1:
+        from shardgrad.runtime.pipeline import plan_for_config
+
+        dot = plan_for_config(config).to_dot()
+    else:
+        _, _, step, data = setup(config)
+        b = min(config["train"]["batch_size"], len(data.y_train))
+        graph, _ = step.graph_for(data.x_train[:b], data.y_train[:b])
+        dot = to_dot(graph)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(dot.source)
@@ -93,10 +105,17 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from shardgrad.runtime.pipeline import plan_for_config
+
+    print(plan_for_config(load_config(args.config, args.sets)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "graph": cmd_graph}[args.command](args)
+        return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from shardgrad.graph.autodiff import backprop, zeros_like
-from shardgrad.graph.ir import Graph, Node, const, fmt_type, leaf, toposort, verify
+from shardgrad.graph.dot import to_dot
+from shardgrad.graph.ir import Graph, Node, const, leaf, toposort, verify
 from shardgrad.graph.rewrite import replace
 from shardgrad.ops import collective
 from shardgrad.ops.registry import elementwise_cost, get, itemsize
@@ -54,8 +55,9 @@ def _floating(n: Node) -> bool:
 
 @dataclass
 class Parts:
-    """The step graph taken apart: forward nodes (ancestors of the loss) in order, the
-    computing ones among them, which values need a gradient, and the update outputs."""
+    """The step graph taken apart: forward nodes (ancestors of the loss and of the buffer
+    updates, e.g. BatchNorm's running statistics) in order, the computing ones among them,
+    which values need a gradient, and the update outputs."""
 
     graph: Graph
     loss: Node
@@ -63,6 +65,7 @@ class Parts:
     compute: list[Node]
     needs_grad: set[int]
     update_outputs: dict[str, list[str]]   # param name -> output names (param/, state/optim/)
+    buffers: dict[str, Node]               # forward-pass buffer updates: state/<name> -> node
 
     @staticmethod
     def of(graph: Graph) -> Parts:
@@ -70,9 +73,9 @@ class Parts:
             raise PartitionError("pipeline needs a training-step graph with a scalar 'loss' "
                                  "output (graph.trace.trace_step builds one)")
         loss = graph.outputs["loss"]
-        forward = toposort([loss])
         params = {n.name for n in graph.params}
         update: dict[str, list[str]] = {p: [] for p in params}
+        buffers: dict[str, Node] = {}
         for k in graph.outputs:
             if k == "loss" or k.startswith("grad/"):
                 continue
@@ -80,20 +83,22 @@ class Parts:
             if k.startswith("state/optim/"):
                 owner = next((p for p in params if k.startswith(f"state/optim/{p}/")), None)
             elif k.startswith("state/"):
-                raise PartitionError(
-                    f"output {k!r} updates a buffer in the forward pass (BatchNorm running "
-                    f"statistics): its value would depend on the micro-batches, so pipeline "
-                    f"parallelism does not support it; build the model without batch norm")
+                buffers[k] = graph.outputs[k]
+                continue
             if owner not in update:
                 raise PartitionError(f"pipeline cannot place output {k!r}: expected loss, "
-                                     f"grad/<param>, param/<param> or state/optim/<param>/...")
+                                     f"grad/<param>, param/<param>, state/optim/<param>/... or "
+                                     f"state/<buffer>")
             update[owner].append(k)
+        differentiated = {n.id for n in toposort([loss])}
+        forward = toposort([loss, *buffers.values()])
         needs: set[int] = set()
         for n in forward:
-            if n.op == "param" or any(x.id in needs for x in n.inputs):
+            if n.id in differentiated and (
+                    n.op == "param" or any(x.id in needs for x in n.inputs)):
                 needs.add(n.id)
         compute = [n for n in forward if n.inputs]
-        return Parts(graph, loss, forward, compute, needs, update)
+        return Parts(graph, loss, forward, compute, needs, update, buffers)
 
 
 def vjp_nodes(n: Node, needs_grad: set[int]) -> list[Node]:
@@ -259,7 +264,9 @@ class Stage:
 
     forward   leaves: the stage's params and states (by name), ``x``/``y`` if it reads the
               data, ``act/<value>`` received from earlier stages; outputs: ``loss`` (on the
-              last stage), ``act/<value>`` to send on, ``stash/<value>`` kept for backward.
+              last stage), ``act/<value>`` to send on, ``stash/<value>`` kept for backward,
+              ``state/<buffer>`` (buffers updated in the forward pass: the runtime averages
+              them over micro-batches and replicas, as data parallelism does over ranks).
     backward  leaves: ``stash/...``, the forward leaves it needs (same names),
               ``gact/<value>/<stage>`` gradients from later stages; outputs:
               ``gact/<value>`` sent back to the value's stage, ``grad/<param>`` to accumulate.
@@ -352,38 +359,26 @@ class PipelinePlan:
         outputs.update(update.outputs)
         return Graph(outputs, meta={"stage": stage})
 
-    def to_dot(self) -> str:
-        """Graphviz DOT source of every stage's shard (``shard``), one cluster per stage in
-        its own colour, with a dashed edge from each send to the recv it pairs with."""
-        import graphviz
-
-        dot = graphviz.Digraph("pipeline", graph_attr={"rankdir": "TB", "fontname": "Helvetica"},
-                               node_attr={"shape": "box", "style": "filled,rounded",
-                                          "fontname": "Courier", "fontsize": "9"})
+    def to_dot(self):
+        """A ``graphviz.Digraph`` of every stage's shard (``shard``) drawn by
+        ``graph.dot.to_dot``, each node in its stage's colour, and a dashed red edge from
+        each send to the receive it pairs with."""
+        shards = [self.shard(s) for s in range(self.pp)]
+        roles = {n.id: f"stage {s}" for s in reversed(range(self.pp)) for n in shards[s].nodes}
+        outputs = {f"stage {s}: {k}": v for s, g in enumerate(shards) for k, v in g.outputs.items()}
+        palette = {f"stage {s}": STAGE_COLOURS[s % len(STAGE_COLOURS)] for s in range(self.pp)}
+        dot = to_dot(Graph(outputs), roles, palette, name="pipeline")
         sends, recvs = {}, {}
-        for s in range(self.pp):
-            shard = self.shard(s)
-            names = shard.names()
-            colour = STAGE_COLOURS[s % len(STAGE_COLOURS)]
-            with dot.subgraph(name=f"cluster_{s}") as c:
-                st = self.stages[s]
-                c.attr(label=f"stage {s}: {len(st.nodes)} forward nodes, est "
-                             f"{_us(st.time)}/micro-batch, params {', '.join(st.params)}",
-                       color=colour, style="bold")
-                for n in shard.nodes:
-                    label = f"{names[n.id]} = {n.op} : {fmt_type(n.shape, n.dtype)}"
-                    shape = "ellipse" if not n.inputs else "box"
-                    c.node(f"s{s}n{n.id}", label, fillcolor=colour, shape=shape)
-                    for x in n.inputs:
-                        c.edge(f"s{s}n{x.id}", f"s{s}n{n.id}")
-                    if n.op == "send":
-                        sends[(s, n.attrs["dest"], n.attrs["tag"])] = f"s{s}n{n.id}"
-                    elif n.op == "recv":
-                        recvs[(n.attrs["source"], s, n.attrs["tag"])] = f"s{s}n{n.id}"
-        for key, node in sends.items():
-            dot.edge(node, recvs[key], color="red", style="dashed", constraint="false",
-                     label=f"tag {key[2]}", fontcolor="red", fontsize="8")
-        return dot.source
+        for s, g in enumerate(shards):
+            for n in g.nodes:
+                if n.op == "send":
+                    sends[(s, n.attrs["dest"], n.attrs["tag"])] = n
+                elif n.op == "recv":
+                    recvs[(n.attrs["source"], s, n.attrs["tag"])] = n
+        for key, n in sends.items():
+            dot.edge(f"n{n.id}", f"n{recvs[key].id}", color="red", style="dashed",
+                     constraint="false", label=f"tag {key[2]}", fontcolor="red", fontsize="8")
+        return dot
 
     def summary(self) -> str:
         """Per stage: forward nodes, estimated time, parameters, activation bytes; then the
@@ -541,6 +536,9 @@ def _build_stage(parts: Parts, s: int, stage_of: Mapping[int, int], home: Mappin
     outputs: dict[str, Node] = {}
     if stage_of[parts.loss.id] == s:
         outputs["loss"] = new[parts.loss.id]
+    for k, node in parts.buffers.items():
+        if node.inputs and stage_of[node.id] == s:
+            outputs[k] = new[node.id]
     sends = [t for t in transfers if t.src == s]
     for t in sends:
         orig = next(n for n in parts.forward if (n.name if not n.inputs else names[n.id])

@@ -44,7 +44,8 @@ class Key:
         ConfigError naming ``name``."""
         bad = f"{name} = {value!r}"
         if isinstance(self.type, tuple):
-            form = next((t for t in self.type if isinstance(value, list) == (t is list)), None)
+            form = next((t for t in self.type if (isinstance(value, list) if t is list
+                                                  else _is(value, t))), None)
             if form is None:
                 raise ConfigError(f"{bad}: expected "
                                   f"{' or '.join(t.__name__ for t in self.type)}")

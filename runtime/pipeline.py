@@ -8,8 +8,9 @@ Side effects (communication, timing) live here. Imports graph, partition and run
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,14 @@ import numpy as np
 
 from shardgrad.graph.ir import Graph
 from shardgrad.ops.registry import get
-from shardgrad.partition.pipeline import Parts, PipelinePlan, pipeline, vjp_nodes
+from shardgrad.partition.pipeline import (
+    PartitionError,
+    Parts,
+    PipelinePlan,
+    pipeline,
+    vjp_nodes,
+)
+from shardgrad.runtime import config as cfg
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter, leaf_value
 
@@ -72,7 +80,8 @@ class StageRunner:
     """Runs stage ``stage`` of ``plan``: ``step(state, x, y, **inputs)`` does one training
     step (the schedule's actions, then the update) and returns the mean loss (on the loss
     stage, else None) and the updated outputs (``param/``, ``state/``, ``grad/`` of this
-    stage).
+    stage; a buffer the forward pass updates, e.g. BatchNorm's running statistics, is the
+    mean of its micro-batches' and replicas' updates).
 
     ``state`` holds this stage's params and states by name; ``x``/``y`` are this replica's
     whole batch, cut into ``plan.micro_batches`` consecutive micro-batches; ``inputs`` are
@@ -99,6 +108,7 @@ class StageRunner:
         self.keep = [n.name for n in st.backward.inputs if not n.name.startswith("gact/")]
         self.actions = plan.schedule.actions[stage]
         self.params = st.params
+        self.buffers = [k for k in st.forward.outputs if k.startswith("state/")]
         self.leaf_types = {n.name: (n.shape, n.dtype) for g in (st.forward, st.backward,
                                                                  st.update) for n in g.inputs}
         self.stats = Stats()
@@ -136,6 +146,7 @@ class StageRunner:
         outbox: dict[tuple[str, str, int], Any] = {}
         kept: dict[int, dict[str, Any]] = {}
         grads: dict[str, Any] = {}
+        buffers: dict[str, Any] = {}
         losses = []
         t0 = time.perf_counter()
         stats = Stats(t0)
@@ -159,6 +170,11 @@ class StageRunner:
                 out = self._run(self.forward, feeds, f"forward of micro-batch {a.mb}")
                 if "loss" in out:
                     losses.append(out["loss"])
+                for k in self.buffers:
+                    if k in buffers:
+                        xp.add(buffers[k], out[k], out=buffers[k])
+                    else:
+                        buffers[k] = xp.array(out[k], copy=True)
                 kept[a.mb] = {k: (out[k] if k in out else feeds[k]) for k in self.keep
                               if k in out or k in feeds}
                 for k, v in out.items():
@@ -192,9 +208,12 @@ class StageRunner:
         for p in self.params:
             if f"grad/{p}" not in grads:
                 grads[f"grad/{p}"] = xp.zeros(*self.leaf_types[f"grad/{p}"])
-        if self.dp_comm.world_size > 1 and grads:
-            _allreduce_flat(self.dp_comm, grads, xp)
-        out = self._run(self.update, {**state, **inputs, **grads}, "update")
+        if self.dp_comm.world_size > 1 and (grads or buffers):
+            _allreduce_flat(self.dp_comm, {**grads, **buffers}, xp, into=(grads, buffers))
+        replicas = m * self.dp_comm.world_size
+        for v in buffers.values():
+            v /= replicas
+        out = {**self._run(self.update, {**state, **inputs, **grads}, "update"), **buffers}
         self.stats = stats
         loss = None
         if losses:
@@ -203,18 +222,22 @@ class StageRunner:
         return loss, out
 
 
-def _allreduce_flat(comm: Communicator, grads: dict[str, Any], xp) -> None:
-    """Sum every gradient over ``comm`` with one allreduce per dtype (a flat buffer)."""
+def _allreduce_flat(comm: Communicator, values: dict[str, Any], xp,
+                    into: tuple[dict[str, Any], ...]) -> None:
+    """Sum ``values`` over ``comm`` with one allreduce per dtype (a flat buffer), writing
+    the sums back under their names into whichever of ``into`` holds each."""
     by_dtype: dict[str, list[str]] = {}
-    for k, v in grads.items():
+    for k, v in values.items():
         by_dtype.setdefault(str(v.dtype), []).append(k)
     for dtype, keys in by_dtype.items():
-        flat = xp.concatenate([grads[k].ravel() for k in keys]).astype(dtype, copy=False)
+        flat = xp.concatenate([values[k].ravel() for k in keys]).astype(dtype, copy=False)
         comm.allreduce_(flat)
         start = 0
         for k in keys:
-            n = grads[k].size
-            grads[k] = flat[start:start + n].reshape(grads[k].shape)
+            n = values[k].size
+            for d in into:
+                if k in d:
+                    d[k] = flat[start:start + n].reshape(values[k].shape)
             start += n
 
 
@@ -327,5 +350,74 @@ class PipelineTransform:
         return graph
 
 
+def _checked(config: Mapping, world_size: int | None = None) -> tuple[int, int, int]:
+    par, batch = config["parallel"], config["train"]["batch_size"]
+    dp, pp, m = par["dp"], par["pp"], par["microbatches"]
+    if world_size is not None and world_size != dp * pp:
+        raise cfg.ConfigError(
+            f"parallel.dp = {dp} x parallel.pp = {pp} needs {dp * pp} processes but this job "
+            f"has {world_size}: start it with `mpirun -n {dp * pp} shardgrad train ...` (as "
+            f"root add --allow-run-as-root --oversubscribe)")
+    if batch % (dp * m):
+        raise cfg.ConfigError(f"train.batch_size = {batch} must be a multiple of parallel.dp x "
+                              f"parallel.microbatches = {dp} x {m}")
+    return dp, pp, m
+
+
+def step_options(config: Mapping, comm: Communicator, executor: Executor | None = None
+                 ) -> dict[str, Any]:
+    """``runtime.train.step_options`` for ``parallel.pp`` > 1: a dp x pp mesh over ``comm``,
+    a TrainStep traced on one micro-batch, and the pipeline as its executor; this rank reads
+    the data shard of its replica (``data_rank`` of ``data_world_size`` = dp). ``prepare``
+    gives every rank rank 0's state and checks that all traced the same step."""
+    from shardgrad.runtime import dp as data_parallel
+
+    dp, pp, m = _checked(config, comm.world_size)
+    par = config["parallel"]
+    mesh = Mesh.of(comm, dp, pp)
+
+    def make(graph: Graph) -> PipelineProgram:
+        with _as_config_error():
+            return PipelineProgram(graph, mesh, m, par["schedule"], par["balance"], executor,
+                                   world=comm)
+
+    def prepare(model, optimizer, step, x, y) -> None:
+        data_parallel.broadcast_state(model, optimizer, comm)
+        graph, _ = step.graph_for(np.asarray(x), np.asarray(y))
+        data_parallel.check_replicas(comm, graph, model)
+
+    return {"transform": PipelineTransform(m), "executor": make, "prepare": prepare,
+            "data_rank": mesh.replica, "data_world_size": dp}
+
+
+def plan_for_config(config: Mapping) -> PipelinePlan:
+    """The plan ``shardgrad train CONFIG`` runs with ``parallel.pp`` stages (built here in
+    one process: "profile" times this machine)."""
+    from shardgrad.graph.nn import functional
+    from shardgrad.graph.trace import trace_step
+    from shardgrad.runtime.train import setup
+
+    config = cfg.from_dict(config)
+    dp, pp, m = _checked(config)
+    model, optimizer, _, data = setup(config)
+    rows = config["train"]["batch_size"] // (dp * m)
+    graph = trace_step(model, functional.cross_entropy, optimizer,
+                       ((rows,) + data.input_shape, config["train"]["dtype"]),
+                       ((rows,), str(data.y_train.dtype)))
+    balance = config["parallel"]["balance"]
+    times = profile_times(graph) if balance == "profile" else None
+    with _as_config_error():
+        return pipeline(graph, pp, balance, m, config["parallel"]["schedule"], dp, times)
+
+
+@contextlib.contextmanager
+def _as_config_error() -> Iterator[None]:
+    """A pipeline the config asks for but cannot have is a config error (the CLI's exit 2)."""
+    try:
+        yield
+    except PartitionError as e:
+        raise cfg.ConfigError(f"parallel.pp / parallel.balance: {e}") from None
+
+
 __all__ = ["Mesh", "PipelineProgram", "PipelineTransform", "StageRunner", "Stats",
-           "profile_times", "sync_outputs"]
+           "plan_for_config", "profile_times", "step_options", "sync_outputs"]

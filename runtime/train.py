@@ -76,6 +76,10 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     and ``data_world_size`` (which shard of the data this process reads; default
     ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
+    if config["parallel"]["pp"] > 1:
+        from shardgrad.runtime import pipeline
+
+        return pipeline.step_options(config, comm, make_executor(config["train"]["executor"]))
     return dp.step_options(config, comm, make_executor(config["train"]["executor"]))
 
 

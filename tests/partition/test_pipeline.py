@@ -3,6 +3,7 @@ brute force), the mechanism's programs are well formed, skip connections and sha
 parameters are sent straight to the stages that use them, and bad requests fail clearly."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -232,20 +233,28 @@ def test_impossible_requests_fail_clearly():
         cut(graph, 2, lambda node: 0)
 
 
-def test_batch_norm_buffers_are_refused():
+def test_batch_norm_buffers_are_updated_on_the_stage_that_computes_them():
     sg.manual_seed(0)
-    model = sg.nn.Sequential(sg.nn.Linear(3, 4), sg.nn.BatchNorm1d(4), sg.nn.Linear(4, 2))
+    model = sg.nn.Sequential(sg.nn.Linear(3, 4), sg.nn.Tanh(), sg.nn.Linear(4, 4),
+                             sg.nn.BatchNorm1d(4), sg.nn.Linear(4, 2))
     opt = sg.optim.SGD(model.parameters(), lr=0.1)
     graph = trace_step(model, mse, opt, ((4, 3), DT), ((4, 2), DT))
-    with pytest.raises(PartitionError, match="running statistics"):
-        pipeline(graph, 2)
+    plan = pipeline(graph, 2, ["2.weight"], micro_batches=2)
+    assert {"state/3.running_mean", "state/3.running_var"} <= set(plan.stages[1].forward.outputs)
+    assert plan.owner()["3.running_mean"] == 1
 
 
 def test_dot_colours_stages_and_draws_each_send_to_its_recv():
+    from shardgrad.partition.pipeline import STAGE_COLOURS
+
     plan = pipeline(skip_step(), 3, ["b.weight", "c.weight"], micro_batches=2)
-    src = plan.to_dot()
-    assert all(f"subgraph cluster_{s}" in src for s in range(3))
+    src = plan.to_dot().source
+    red = [line for line in src.splitlines() if " color=red " in line]
     pairs = sum(2 if t.grad else 1 for t in plan.transfers)
-    assert src.count("style=dashed") == pairs == 6
-    shard_nodes = sum(len(plan.shard(s)) for s in range(3))
-    assert src.count("[label=") == shard_nodes + pairs   # nodes, then the labelled sends
+    assert pairs == 6 and len(red) == pairs
+    labels = dict(re.findall(r'^\s*(n\d+) \[label="(\S+) = (?:\S+)', src, re.M))
+    for line in red:
+        send, recv = re.match(r"\s*(n\d+) -> (n\d+)", line).groups()
+        assert send in labels and recv in labels
+    for s in range(3):
+        assert f'fillcolor="{STAGE_COLOURS[s]}"' in src and f"stage {s}" in src

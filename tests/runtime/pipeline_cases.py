@@ -45,7 +45,8 @@ def digits(image: bool) -> tuple[np.ndarray, np.ndarray]:
 
 def build(kind: str):
     """(model, optimizer, image input?) for ``kind``: "mlp" (64-32-10), "mlp4" (deep enough
-    for 4 stages: 64-32-32-32-10) or "cnn" (conv 1->4, pool, conv 4->8, pool, linear)."""
+    for 4 stages: 64-32-32-32-10), "mlpbn" (64-32-BatchNorm-10) or "cnn" (conv 1->4, pool,
+    conv 4->8, pool, linear)."""
     with _build_lock:
         saved = sg.get_default_dtype()
         sg.set_default_dtype("float64")
@@ -56,6 +57,10 @@ def build(kind: str):
                                   nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                   nn.Flatten(), nn.Linear(32, 10))
             opt = sg.optim.Adam(model.parameters(), lr=0.01)
+        elif kind == "mlpbn":
+            model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Tanh(),
+                                  nn.Linear(32, 10))
+            opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         else:
             widths = [64, 32, 10] if kind == "mlp" else [64, 32, 32, 32, 10]
             layers = []
@@ -67,18 +72,19 @@ def build(kind: str):
     return model, opt, kind == "cnn"
 
 
-def reference(kind: str) -> dict[str, np.ndarray]:
-    """Final parameters of STEPS full-batch steps with the reference interpreter."""
+def reference(kind: str, steps: int = STEPS) -> dict[str, np.ndarray]:
+    """Final parameters (and buffers) of ``steps`` full-batch steps with the reference
+    interpreter."""
     model, opt, image = build(kind)
     x, y = digits(image)
     step = sg.compile_step(model, F.cross_entropy, opt)
-    for i in range(STEPS):
+    for i in range(steps):
         step(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
     return {k: v.copy() for k, v in model.state_dict().items()}
 
 
 def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str,
-              executor=None, balance="cost") -> dict[str, np.ndarray]:
+              executor=None, balance="cost", steps: int = STEPS) -> dict[str, np.ndarray]:
     """The same steps on a dp x pp mesh over ``comm``: replica d takes rows [d*B/dp, ...)
     of each global batch, in ``m`` micro-batches; every rank ends with the whole model.
     ``executor`` runs the stages' programs (default: the reference interpreter)."""
@@ -90,7 +96,7 @@ def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str,
                                                               executor=executor, world=comm),
                            transform=PipelineTransform(m))
     per = BATCH // dp
-    for i in range(STEPS):
+    for i in range(steps):
         lo = i * BATCH + mesh.replica * per
         step(x[lo:lo + per], y[lo:lo + per])
     return {k: v.copy() for k, v in model.state_dict().items()}

@@ -128,3 +128,18 @@ def test_a_failing_stage_names_its_stage_and_rank_and_the_others_stop():
                        r"forward of micro-batch 0, on rank 1: param '2.weight' expects "
                        r"f64\[16,16\], got f64\[16,3\]"):
         run_ranks(2, rank, timeout_s=3)
+
+
+@pytest.mark.timeout(60)
+def test_batch_norm_statistics_are_per_micro_batch_and_their_updates_averaged():
+    # one micro-batch: the local run exactly; four: BatchNorm normalises each micro-batch
+    # by its own statistics (parameters differ), and the running mean, the average of the
+    # micro-batches' updates, is the full batch's (equal-sized micro-batches)
+    finals = run_ranks(2, lambda comm: cases.pipelined(comm, "mlpbn", 1, 2, 1, "1f1b"),
+                       timeout_s=30)
+    assert cases.max_rel_err(finals[0], reference("mlpbn")) < 1e-9
+    one = run_ranks(2, lambda comm: cases.pipelined(comm, "mlpbn", 1, 2, 4, "gpipe", steps=1),
+                    timeout_s=30)[0]
+    want = cases.reference("mlpbn", steps=1)
+    assert np.allclose(one["1.running_mean"], want["1.running_mean"], rtol=1e-12, atol=0)
+    assert cases.max_rel_err(one, want) > 1e-6
