@@ -1,8 +1,9 @@
 """Pipeline parallelism: cut a training-step Graph into ``pp`` stages that run on different
 ranks, with micro-batches flowing through them. A policy assigns every forward node a stage
 (``stage_of(node) -> int``); one mechanism (``cut``) builds each stage's forward, backward
-and update programs and the transfers between stages. Pure: imports graph, ops and
-partition.schedule; nothing here runs a kernel except the optional profile it is handed.
+and update programs and the transfers between stages. Pure: imports graph (IR, autodiff,
+rewrite, DOT), ops and partition.schedule, and runs no kernel (measured node times come in
+from runtime.pipeline.profile_times).
 """
 
 from __future__ import annotations
