@@ -153,6 +153,9 @@ def main() -> None:
             with open(args.out, "w") as f:
                 f.write(json.dumps(json.loads(line), indent=2) + "\n")
         return
+    from shardgrad.runtime.config import set_mpi_defaults
+
+    set_mpi_defaults()          # as the CLI does: ranks yield while they wait
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         sys.exit("bench_pipeline needs mpirun: pip install -e .[mpi]")
