@@ -103,8 +103,8 @@ def worker_shardgrad(args) -> dict:
     import shardgrad as sg
     from shardgrad.partition.data_parallel import DataParallel
     from shardgrad.runtime.dp import bound_executor
+    from shardgrad.runtime.compiled import Program
     from shardgrad.runtime.mpi import MPICommunicator
-    from shardgrad.runtime.train import make_executor
 
     comm = MPICommunicator(timeout_s=300.0)
     sg.manual_seed(0)
@@ -116,7 +116,8 @@ def worker_shardgrad(args) -> dict:
     transform = DataParallel(comm.world_size, deterministic=args.deterministic, chunks=4,
                              overlap=args.overlap)
     step = sg.compile_step(model, sg.functional.cross_entropy, opt,
-                           executor=bound_executor(make_executor(args.executor), comm),
+                           executor=bound_executor(Program if args.executor == "compiled" else None,
+                                                   comm),
                            transform=transform)
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((PER_RANK, SIZES[0])).astype(np.float32)
