@@ -8,8 +8,8 @@ Model: MLP 784-512-512-10, float32, 128 samples per rank; its step graph is rewr
 partition.data_parallel and the bucket path it inserted (pack -> allreduce -> unpack) is run
 by the reference interpreter on the step's gradients. Per repetition, after a barrier, the
 variants run in rotating order: raw ``MPI.COMM_WORLD.Allreduce(IN_PLACE, buf)``; the plan's
-allreduce node (kernel time, watchdog on); the same without the watchdog; the whole bucket
-path (pack + allreduce + unpack). Medians over repetitions on rank 0; ratios are paired per
+allreduce node (its kernel's time, from a barrier just before it; watchdog on); the same
+without the watchdog; the whole bucket path (pack + allreduce + unpack, skew included). Medians over repetitions on rank 0; ratios are paired per
 repetition. Other processes share the 2 cores: rerun and compare medians.
 """
 
@@ -66,6 +66,7 @@ def measure(plan, comms, reps: int, rng) -> dict[str, np.ndarray]:
     for i, n in enumerate(sub.nodes):
         if n.op == "allreduce":
             def timed(*a, _inner=interp.kernels[i], **kw):
+                world.Barrier()  # time the collective, not the ranks' skew in packing
                 t = time.perf_counter()
                 out = _inner(*a, **kw)
                 kernel_time[0] += time.perf_counter() - t

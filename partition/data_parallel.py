@@ -4,8 +4,9 @@ the ranks before the optimizer update, through collective op nodes. Imports grap
 
 Default mode packs the values to average into static buckets in the order they become
 ready, one flat buffer and one allreduce per bucket. Deterministic mode computes a fixed
-number of chunk gradients, gathers them all and sums them in chunk order, so the result does
-not depend on how many ranks share the work.
+number of chunk gradients and sums them along one fixed tree (locally where a rank holds
+both halves of a sum, after an allgather where it does not), so the result does not depend
+on how many ranks share the work.
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ def data_parallel(graph: Graph, world_size: int, bucket_bytes: int = DEFAULT_BUC
     Deterministic mode: ``graph`` must be traced on one chunk, 1/``chunks`` of the global
     batch. Each rank runs it on ``chunks // world_size`` chunks of its local batch (chunk k
     of the global batch is its rows k, k + chunks, ...; with runtime.data's strided sampler
-    that chunk is on rank k % world_size), all chunk results are gathered and summed in chunk
-    order on every rank: the same bits whatever ``world_size``.
+    that chunk is on rank k % world_size). The chunk results are summed along one tree
+    (while the count L of partial sums is even, partial j += partial j + L/2; then left to
+    right), each rank folding what it holds and gathering the rest: the same additions in
+    the same order, so the same bits, whatever ``world_size``.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
