@@ -1,6 +1,6 @@
 """The ``shardgrad`` command: ``train`` a config, or draw its training-step ``graph``.
 
-  shardgrad train CONFIG [--out DIR] [--set KEY=VALUE]... [--resume DIR]
+  shardgrad train CONFIG [--out DIR] [--set KEY=VALUE]... [--resume DIR] [--launcher ray]
   shardgrad graph CONFIG --out FILE.dot [--set KEY=VALUE]...
   shardgrad plan CONFIG [--set KEY=VALUE]...
 
@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default: runs/<config name>, or --resume's)")
     t.add_argument("--set", dest="sets", **sets)
     t.add_argument("--resume", metavar="DIR", help="continue from DIR's latest checkpoint")
+    t.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="local: this process (or each rank mpirun started); ray: Ray places, "
+                        "starts and watches parallel.dp ranks that talk over MPI")
     g = sub.add_parser("graph", help="write the training-step graph as DOT (and SVG/PNG)")
     g.add_argument("config", help="TOML config file")
     g.add_argument("--out", required=True, help="the .dot file to write")
@@ -49,9 +52,14 @@ def cmd_train(args) -> int:
     from shardgrad.runtime.train import train
 
     config = load_config(args.config, args.sets)
-    comm = communicator(config)
     out = args.out or args.resume or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config))[0])
+    if args.launcher == "ray":
+        from shardgrad.cluster.commands import failed_rank, ray_job_argv
+        from shardgrad.runtime.ray_launch import launch
+
+        return launch(config, out, args.resume, ray_job_argv, failed_rank)
+    comm = communicator(config)
     try:
         summary = train(config, out, comm=comm, resume=args.resume)
     except Exception as e:  # noqa: BLE001 - one failed rank stops the whole job, named

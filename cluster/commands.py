@@ -1,0 +1,119 @@
+"""Command builders for launching jobs: pure functions from hosts and options to argv lists,
+and the parsers for what the launchers hand back (an ssh-style agent's arguments, the rank
+that failed first in mpirun's output). No processes, no Ray, no MPI; imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+
+# Open MPI (PRRTE) settings that make one fake host per Ray actor work:
+# - plm_ssh_agent: start each host's daemon with our agent instead of ssh;
+# - map-by node: rank i on host i. The default (by slot) put both ranks under the first daemon
+#   once the daemons reported the same real hostname, so rank 1 did not run under its actor;
+# - coll ^han: with two daemons on one machine the ranks disagreed on their topology, one
+#   entered HAN's hierarchical barrier and the other tuned's, and the first barrier hung.
+RAY_MPIRUN_OPTIONS = ("--map-by", "node", "--mca", "coll", "^han")
+
+
+def mpirun_argv(program: Sequence[str], n: int, *, hosts: Sequence[str] = (),
+                agent: str | None = None, as_root: bool = False, oversubscribe: bool = False,
+                export: Sequence[str] = (), options: Sequence[str] = (),
+                mpirun: str = "mpirun") -> list[str]:
+    """Open MPI's ``mpirun`` starting ``n`` copies of ``program``.
+
+    ``hosts`` get one slot each, in order; ``agent`` replaces ssh for starting the daemon on
+    each host (called as ``AGENT HOST COMMAND...``); ``export`` names environment variables
+    passed on to the ranks (``-x``); ``options`` go before the program.
+    """
+    if n < 1:
+        raise ValueError(f"mpirun needs at least one process, got n = {n}")
+    if hosts and len(hosts) < n:
+        raise ValueError(f"{n} ranks need {n} hosts with one slot each, got {len(hosts)}")
+    argv = [mpirun, "-n", str(n)]
+    if as_root:
+        argv.append("--allow-run-as-root")
+    if oversubscribe:
+        argv.append("--oversubscribe")
+    if hosts:
+        argv += ["--host", ",".join(f"{h}:1" for h in hosts)]
+    if agent:
+        argv += ["--prtemca", "plm_ssh_agent", agent]
+    for name in export:
+        argv += ["-x", name]
+    return argv + list(options) + list(program)
+
+
+def train_argv(config_path: str, out_dir: str, resume: str | None = None,
+               python: str = sys.executable) -> list[str]:
+    """``shardgrad train`` as one rank runs it (``python -m shardgrad``, so the ranks use the
+    same interpreter as the launcher rather than whichever ``shardgrad`` is first on PATH)."""
+    argv = [python, "-m", "shardgrad", "train", config_path, "--out", out_dir]
+    return argv + (["--resume", resume] if resume else [])
+
+
+def agent_command(python: str = sys.executable) -> str:
+    """The ssh replacement mpirun calls to start a daemon on a Ray host (one string: PRRTE
+    splits it on spaces)."""
+    return f"{python} -m shardgrad.cluster.ray_agent"
+
+
+def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
+                 resume: str | None = None, *, as_root: bool = False,
+                 export: Sequence[str] = (), python: str = sys.executable) -> list[str]:
+    """The mpirun command the Ray launcher runs: one rank per host, rank i on ``hosts[i]``,
+    each host's daemon started by the Ray agent inside that host's actor."""
+    return mpirun_argv(train_argv(config_path, out_dir, resume, python), len(hosts),
+                       hosts=hosts, agent=agent_command(python), as_root=as_root,
+                       export=export, options=RAY_MPIRUN_OPTIONS)
+
+
+# ssh options that take a value (OpenSSH's getopt string, the letters followed by ':').
+_SSH_VALUE_OPTIONS = set("BbcDEeFIiJLlmOoPpRSWw")
+
+
+def ssh_target(argv: Sequence[str]) -> tuple[str, str]:
+    """``(host, command)`` from the arguments an ssh-style agent gets: options first (``-x``,
+    ``-T``, ``-o Key=Value``, ``-p 22``, ...), then the host, then the command words, joined by
+    spaces for the remote shell as ssh does."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+        flags = argv[i][1:]
+        for j, flag in enumerate(flags):
+            if flag in _SSH_VALUE_OPTIONS:
+                i += 1 if j + 1 < len(flags) else 2
+                break
+        else:
+            i += 1
+    if i < len(argv) and argv[i] == "--":
+        i += 1
+    if len(argv) - i < 2:
+        raise ValueError(f"expected [OPTIONS] HOST COMMAND..., got {' '.join(argv)!r}")
+    host = argv[i].rpartition("@")[2]
+    return host, " ".join(argv[i + 1:])
+
+
+# What names the failed rank in a job's output, most authoritative first: mpirun's report of
+# the first process that died or exited non-zero, then the ranks' own words (a rank that saw
+# its peer die may report a failure of its own before mpirun does).
+_FAILED_RANK = [
+    re.compile(r"process rank (\d+) with PID \d+ on node"),  # prterun: a signal or an abort
+    re.compile(r"Process name: \[[^,\]]+,(\d+)\]"),          # prterun: a non-zero exit code
+    re.compile(r"MPI_ABORT was invoked on rank (\d+)"),      # Open MPI and MPICH
+    re.compile(r"\brank (\d+) failed:"),                     # shardgrad's own line (cli.py)
+]
+
+
+def failed_rank(output: str) -> int | None:
+    """The rank that an MPI job's ``output`` (stdout and stderr) names as failed, or None."""
+    for pattern in _FAILED_RANK:
+        m = pattern.search(output)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+__all__ = ["RAY_MPIRUN_OPTIONS", "agent_command", "failed_rank", "mpirun_argv", "ray_job_argv",
+           "ssh_target", "train_argv"]

@@ -1,0 +1,422 @@
+"""The Ray launcher (``shardgrad train CONFIG --launcher ray``): Ray places, starts, watches
+and restarts the ranks; gradients still travel over MPI. A placement group reserves one
+bundle per rank, a ``Host`` actor in each bundle stands for a host, and mpirun starts each
+host's MPI daemon, and so its rank, inside that actor (cluster/ray_agent.py is mpirun's ssh).
+Imports ray and runtime (config, train).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from shardgrad.runtime import config as cfg
+
+NAMESPACE = "shardgrad"
+# How long mpirun gets to wind the job down after a host's actor died before it is killed; it
+# took 1-3 s here, and the job must stop within 30 s.
+STOP_GRACE_S = 10.0
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree[ppid].append(int(entry))
+    return tree
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the MPI daemon puts each rank in its own session, so a
+    process group or session would miss them)."""
+    tree, found, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += tree.get(p, [])
+    return found
+
+
+def _signal_all(pids: Sequence[int], sig: int) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class _Command:
+    """A shell command with its stdout and stderr collected by two threads into one queue."""
+
+    def __init__(self, command: str, env: Mapping[str, str]):
+        self.proc = subprocess.Popen(command, shell=True, env=dict(env), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+        self.chunks: queue.Queue = queue.Queue()
+        self.readers = [threading.Thread(target=self._pump, args=(f, fd), daemon=True)
+                        for f, fd in ((self.proc.stdout, 1), (self.proc.stderr, 2))]
+        for t in self.readers:
+            t.start()
+
+    def _pump(self, f, fd: int) -> None:
+        for chunk in iter(lambda: os.read(f.fileno(), 65536), b""):
+            self.chunks.put((fd, chunk))
+
+    def read(self, timeout: float) -> tuple[list[tuple[int, bytes]], int | None]:
+        out = []
+        try:
+            out.append(self.chunks.get(timeout=timeout))
+            while True:
+                out.append(self.chunks.get_nowait())
+        except queue.Empty:
+            pass
+        done = self.proc.poll() is not None and not any(t.is_alive() for t in self.readers)
+        return out, (self.proc.returncode if done and self.chunks.empty() else None)
+
+    def kill(self, grace_s: float = 2.0) -> None:
+        tree = _process_tree(self.proc.pid)
+        _signal_all(tree, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal_all(tree, signal.SIGKILL)
+        self.proc.poll()
+
+
+@ray.remote
+class Host:
+    """One rank's slot on a Ray node: it runs the commands that mpirun's agent sends to its
+    host name (Open MPI's daemon, which then starts the rank as its child), streams their
+    output back, and kills them when asked or stopped. Methods run on threads, so reads,
+    kills and the watch (``until_stopped``) do not wait for one another."""
+
+    def __init__(self):
+        self.commands: dict[int, _Command] = {}
+        self.stopped = threading.Event()
+
+    def info(self) -> dict[str, Any]:
+        return {"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+                "pid": os.getpid()}
+
+    def write(self, path: str, text: str) -> None:
+        """Write ``text`` to ``path`` on this node, atomically (actors sharing a node write
+        the same file)."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+    def start(self, command: str) -> int:
+        env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+        c = _Command(command, env)
+        self.commands[c.proc.pid] = c
+        return c.proc.pid
+
+    def read(self, pid: int, timeout: float = 1.0):
+        """Output chunks ``[(1 or 2, bytes), ...]`` of command ``pid`` (waiting up to
+        ``timeout`` s for the first), and its exit code once it has exited and all its output
+        was read (else None)."""
+        return self.commands[pid].read(timeout)
+
+    def kill(self, pid: int) -> None:
+        self.commands[pid].kill()
+
+    def until_stopped(self) -> None:
+        """Returns when ``stop`` is called; a caller holding this call learns of the actor's
+        death from the error it raises instead."""
+        self.stopped.wait()
+
+    def stop(self) -> None:
+        for c in self.commands.values():
+            c.kill()
+        self.stopped.set()
+
+
+def _gcs_running() -> bool:
+    """Whether a Ray GCS server runs on this machine. ``ray.init(address="auto")`` alone is
+    not enough: after a head was killed (not ``ray stop``-ped) it kept retrying the dead
+    address it found in /tmp/ray for minutes."""
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if os.path.basename(f.read().split(b"\0")[0]) == b"gcs_server":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def connect(num_cpus: int) -> str:
+    """Join the Ray cluster at RAY_ADDRESS, else one running on this machine, else start a
+    local one with at least ``num_cpus`` CPUs; returns the cluster's GCS address."""
+    if not ray.is_initialized():
+        address = cfg.env("RAY_ADDRESS") or ("auto" if _gcs_running() else None)
+        quiet = {"namespace": NAMESPACE, "logging_level": logging.WARNING}
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus),
+                     include_dashboard=False, **quiet)
+    return ray.get_runtime_context().gcs_address
+
+
+def to_toml(config: Mapping[str, Mapping[str, Any]]) -> str:
+    """A checked config as TOML (its values are strings, numbers, booleans and lists of them,
+    which JSON writes in TOML's syntax)."""
+    return "".join(f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items())
+                   for section, t in config.items())
+
+
+def _say(message: str) -> None:
+    print(f"shardgrad ray: {message}", file=sys.stderr, flush=True)
+
+
+def _cause(error: BaseException) -> str:
+    m = re.search(r"The actor is dead because (.*)", str(error))
+    return f"its Ray actor died: {m.group(1).rstrip('.')}" if m else f"its Ray actor died ({error})"
+
+
+class Job:
+    """The ranks' slots on the cluster: a placement group with one bundle per rank (bundle 0
+    on this node, so rank 0 writes its run directory here) and one ``Host`` actor per bundle,
+    named after its host. ``start_hosts`` (re)creates the actors; ``close`` releases all."""
+
+    def __init__(self, n: int, cpus: float, strategy: str, timeout_s: float):
+        self.id = uuid.uuid4().hex[:8]
+        self.n, self.cpus, self.timeout_s = n, cpus, timeout_s
+        self.hosts = [f"sg-{self.id}-{i}" for i in range(n)]
+        bundles = [{"CPU": cpus} for _ in range(n)]
+        bundles[0][f"node:{ray.util.get_node_ip_address()}"] = 0.001
+        self.pg = placement_group(bundles, strategy=strategy, name=f"shardgrad-{self.id}")
+        try:
+            ray.get(self.pg.ready(), timeout=timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise cfg.ConfigError(
+                f"could not reserve {n} slots of {cpus:g} CPU ({strategy}, rank 0 on this node) "
+                f"within cluster.start_timeout_s = {timeout_s:g} s; the cluster has "
+                f"{ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                f"{ray.available_resources().get('CPU', 0):g} free") from None
+        self.actors: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
+
+    def start_hosts(self) -> None:
+        self.stop_hosts()
+        self.actors = [
+            Host.options(name=host, namespace=NAMESPACE, num_cpus=self.cpus, max_concurrency=8,
+                         scheduling_strategy=PlacementGroupSchedulingStrategy(
+                             self.pg, placement_group_bundle_index=i)).remote()
+            for i, host in enumerate(self.hosts)]
+        self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout_s)
+
+    def where(self, rank: int) -> str:
+        info = self.infos[rank] if rank < len(self.infos) else {}
+        return f"rank {rank} (host {self.hosts[rank]} on {info.get('hostname', '?')} " \
+               f"{info.get('ip', '?')})"
+
+    def stop_hosts(self) -> None:
+        stops = [a.stop.remote() for a in self.actors]
+        try:
+            ray.wait(stops, num_returns=len(stops), timeout=5)
+        finally:
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []
+
+    def close(self) -> None:
+        try:
+            self.stop_hosts()
+        finally:
+            remove_placement_group(self.pg)
+
+
+# prterun prints "plm:ssh: Warning: setpgid(PID,PID) failed in parent with errno=Permission
+# denied(13)" for each agent that had already called exec, which POSIX allows to refuse; the
+# agents run, and are stopped, all the same.
+_NOISE = re.compile(rb"plm:ssh: Warning: setpgid\(\d+,\d+\) failed in parent")
+
+
+def _forward(stream, sink, tail: collections.deque) -> None:
+    for line in iter(stream.readline, b""):
+        if _NOISE.search(line):
+            continue
+        sink.buffer.write(line)
+        sink.flush()
+        tail.append(line.decode(errors="replace"))
+
+
+def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def supervise(job: Job, argv: Sequence[str], env: Mapping[str, str],
+              failed_rank: Callable[[str], int | None]) -> tuple[int, str | None]:
+    """Run mpirun (``argv``) while watching every host's actor: mpirun's output goes to ours,
+    and a dead actor stops the job. Returns mpirun's exit code and, on failure, what failed
+    (naming the rank: the dead actor's, else the one ``failed_rank`` finds in the output)."""
+    tail: collections.deque = collections.deque(maxlen=500)
+    proc = subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    readers = [threading.Thread(target=_forward, args=(s, sink, tail), daemon=True)
+               for s, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+    for t in readers:
+        t.start()
+    watches = {a.until_stopped.remote(): rank for rank, a in enumerate(job.actors)}
+    dead: tuple[int, str] | None = None
+    try:
+        while proc.poll() is None and dead is None:
+            done, _ = ray.wait(list(watches), timeout=0.5)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                    dead = (watches[ref], "its Ray actor was stopped")
+                except RayActorError as e:
+                    dead = (watches[ref], _cause(e))
+        if dead is not None:
+            _say(f"{job.where(dead[0])} failed: {dead[1]}; stopping the job")
+    finally:
+        _terminate(proc, STOP_GRACE_S)
+        for t in readers:
+            t.join(5)
+    if proc.returncode == 0 and dead is None:
+        return 0, None
+    if dead is None:
+        # mpirun may finish first when an actor died: its agent exits and mpirun aborts.
+        done, _ = ray.wait(list(watches), timeout=1.0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RayActorError as e:
+                dead = (watches[ref], _cause(e))
+    if dead is not None:
+        return proc.returncode or 1, f"{job.where(dead[0])} failed: {dead[1]}"
+    rank = failed_rank("".join(tail))
+    code = proc.returncode
+    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    who = job.where(rank) if rank is not None and rank < job.n else "a rank"
+    return code if code > 0 else 1, f"{who} failed; mpirun {how}"
+
+
+def run_on_host(host: str, command: str) -> int:
+    """mpirun's ssh (see cluster/ray_agent.py): run ``command`` in the ``Host`` actor named
+    ``host``, relay its output to ours and return its exit code; 255 (ssh's code for a lost
+    connection) when the actor cannot be found or dies. SIGTERM, SIGHUP and SIGINT kill the
+    command before this process exits."""
+    address = cfg.env("RAY_ADDRESS")
+    if not address:
+        print("shardgrad ray agent: RAY_ADDRESS is not set (the Ray launcher sets it for "
+              "mpirun)", file=sys.stderr)
+        return 255
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR,
+             log_to_driver=False)
+    try:
+        actor = ray.get_actor(host, namespace=NAMESPACE)
+    except ValueError:
+        print(f"shardgrad ray agent: no Ray actor stands for host {host!r} in namespace "
+              f"{NAMESPACE!r}", file=sys.stderr)
+        return 255
+
+    def interrupted(sig, frame):
+        raise SystemExit(128 + sig)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, interrupted)
+    pid, code = None, None
+    try:
+        pid = ray.get(actor.start.remote(command))
+        while code is None:
+            chunks, code = ray.get(actor.read.remote(pid, 1.0))
+            for fd, data in chunks:
+                sink = sys.stdout if fd == 1 else sys.stderr
+                sink.buffer.write(data)
+                sink.flush()
+        return code if code >= 0 else 128 - code
+    except RayActorError as e:
+        print(f"shardgrad ray agent: host {host}: {_cause(e)}", file=sys.stderr, flush=True)
+        return 255
+    finally:
+        if pid is not None and code is None:
+            try:
+                ray.get(actor.kill.remote(pid), timeout=5)
+            except (RayActorError, GetTimeoutError):
+                pass
+
+
+def launch(config: Mapping, out_dir: str, resume: str | None,
+           command: Callable[..., list[str]], failed_rank: Callable[[str], int | None]) -> int:
+    """Train ``config`` on ``parallel.dp`` ranks placed by Ray; returns the exit code.
+
+    ``command(hosts, config_path, out_dir, resume, as_root=, export=)`` builds the mpirun
+    argv (cluster.commands.ray_job_argv). On a failure with ``cluster.max_restarts`` left,
+    fresh actors start the job again from the latest checkpoint in ``out_dir``.
+    """
+    # Here, not at the top: every mpirun agent imports this module and needs none of train's.
+    from shardgrad.runtime.train import latest_checkpoint
+
+    c, n = config["cluster"], config["parallel"]["dp"]
+    out_dir = os.path.abspath(out_dir)
+    gcs = connect(int(n * c["cpus_per_rank"] + 0.999))
+    job = Job(n, c["cpus_per_rank"], c["placement"], c["start_timeout_s"])
+    # The ranks get the resolved config with the launcher's own keys at their defaults, so
+    # their checkpoints and summary match an mpirun run of the same config.
+    ranks_config = {**config, "cluster": cfg.defaults()["cluster"]}
+    config_path = os.path.join(tempfile.gettempdir(), f"shardgrad-{job.id}", "config.toml")
+    export = [name for name in cfg.ENV if name.startswith("SHARDGRAD_") and cfg.env(name)]
+    env = dict(os.environ, RAY_ADDRESS=gcs)
+    code = 1
+    try:
+        for attempt in range(c["max_restarts"] + 1):
+            job.start_hosts()
+            ray.get([a.write.remote(config_path, to_toml(ranks_config)) for a in job.actors])
+            if attempt:
+                resume = out_dir if latest_checkpoint(out_dir) else resume
+            _say(f"attempt {attempt + 1}: {n} ranks on "
+                 f"{', '.join(sorted({i['ip'] for i in job.infos}))}"
+                 + (f", resuming from {latest_checkpoint(resume)}" if resume else ""))
+            argv = command(job.hosts, config_path, out_dir, resume, as_root=os.geteuid() == 0,
+                           export=export)
+            code, failure = supervise(job, argv, env, failed_rank)
+            if failure is None:
+                return 0
+            restarts = c["max_restarts"]
+            _say(f"{failure}; " + (f"restart {attempt + 1} of {restarts}" if attempt < restarts
+                                    else "the job stopped"))
+    finally:
+        job.close()
+    return code
+
+
+__all__ = ["Host", "Job", "NAMESPACE", "connect", "launch", "run_on_host", "supervise",
+           "to_toml"]

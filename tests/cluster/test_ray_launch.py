@@ -1,0 +1,171 @@
+"""``shardgrad train --launcher ray`` on a real local Ray cluster (one for the module): the
+same parameters as ``mpirun -n 2``, a killed rank stops the job within 30 s naming the rank,
+and a dead actor with ``cluster.max_restarts`` restarts the job from the latest checkpoint."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shardgrad.runtime import config as cfg
+
+ray = pytest.importorskip("ray")
+ray_launch = pytest.importorskip("shardgrad.runtime.ray_launch")
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(120),
+              pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
+
+CONFIG = """
+[model]
+hidden = [32]
+
+[train]
+epochs = 2
+batch_size = 64
+dtype = "float64"
+lr = 0.1
+
+[parallel]
+deterministic = true
+
+[device]
+threads = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A fresh local Ray cluster; yields the launcher's environment and a config path."""
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    path = tmp_path_factory.mktemp("ray") / "mlp.toml"
+    path.write_text(CONFIG)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+               SHARDGRAD_PROGRESS="0")
+    yield env, str(path)
+    ray.shutdown()
+
+
+def shardgrad(args, env, launcher=(), background=False):
+    """``shardgrad train ARGS``: finished, or running in the background."""
+    cmd = [*launcher, sys.executable, "-m", "shardgrad", "train", *args]
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+
+
+def summary(out):
+    with open(out / "summary.json") as f:
+        return json.load(f)
+
+
+def wait_for(find, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = find()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"nothing found by {find.__name__} within {timeout} s")
+
+
+def test_to_toml_round_trips():
+    config = cfg.load_config(None, ["model.hidden=[64, 32]", "train.lr=1e-05",
+                                    'data.train_images="a \\"b\\"\\\\c"'])
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sg-toml-{os.getpid()}.toml")
+    with open(path, "w") as f:
+        f.write(ray_launch.to_toml(config))
+    try:
+        assert cfg.load_config(path) == config
+    finally:
+        os.remove(path)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    """The summary of ``mpirun -n 2 shardgrad train CONFIG --set parallel.dp=2``."""
+    env, config = cluster
+    out = tmp_path_factory.mktemp("mpi")
+    ran = shardgrad([config, "--out", str(out), "--set", "parallel.dp=2"], env,
+                    launcher=["mpirun", "-n", "2", "--allow-run-as-root", "--oversubscribe"])
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    return summary(out), sorted(os.listdir(out))
+
+
+def test_ray_run_matches_mpirun(cluster, reference, tmp_path):
+    env, config = cluster
+    ran = shardgrad([config, "--out", str(tmp_path), "--launcher", "ray", "--set",
+                     "parallel.dp=2"], env)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert json.loads(ran.stdout.splitlines()[-1])["params_sha256"] == \
+        reference[0]["params_sha256"]
+    s = summary(tmp_path)
+    assert {k: v for k, v in s.items() if k != "wall_s"} == \
+        {k: v for k, v in reference[0].items() if k != "wall_s"}
+    assert sorted(os.listdir(tmp_path)) == reference[1]
+
+
+def rank_process(out, rank):
+    """The pid of the rank ``rank`` that writes to ``out`` (found by its MPI environment)."""
+    def rank_pid():
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if str(out).encode() not in f.read():
+                        continue
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if f"OMPI_COMM_WORLD_RANK={rank}\0".encode() in f.read():
+                        return int(entry)
+            except (OSError, ValueError):
+                continue
+        return None
+    return wait_for(rank_pid)
+
+
+def test_killed_rank_stops_the_job_within_30s(cluster, tmp_path):
+    env, config = cluster
+    out = tmp_path / "killed"
+    # rank 1 stops responding before its first step; then it is killed with SIGKILL
+    job = shardgrad([config, "--out", str(out), "--launcher", "ray", "--set", "parallel.dp=2",
+                     "--set", "debug.fail_at_step=1", "--set", "debug.fail_rank=1",
+                     "--set", "debug.fail_mode='hang'"], env, background=True)
+    try:
+        os.kill(rank_process(out, 1), signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = job.communicate(timeout=30)
+        stopped = time.monotonic() - killed
+    finally:
+        job.kill()
+    assert job.returncode != 0 and stopped < 30
+    assert "shardgrad ray: rank 1 (host sg-" in err and "the job stopped" in err, err
+
+
+def test_dead_actor_restarts_from_latest_checkpoint(cluster, reference, tmp_path):
+    env, config = cluster
+    out = tmp_path / "restarted"
+    # rank 1 hangs in epoch 2 (step 30 of 44), so only a restart finishes the run; the resumed
+    # process runs 22 steps, so its own step 30 never comes. deterministic = true: the same
+    # parameters as the uninterrupted mpirun run.
+    sets = ["--set", "parallel.dp=2", "--set", "debug.fail_at_step=30", "--set",
+            "debug.fail_rank=1", "--set", "debug.fail_mode='hang'"]
+    job = shardgrad([config, "--out", str(out), "--launcher", "ray", *sets,
+                     "--set", "cluster.max_restarts=1"], env, background=True)
+    try:
+        wait_for(lambda: os.path.exists(out / "checkpoints" / "epoch_1.safetensors"))
+        actor = wait_for(lambda: [a["name"] for a in ray.util.list_named_actors(True)
+                                  if a["namespace"] == ray_launch.NAMESPACE
+                                  and a["name"].endswith("-1")])
+        ray.kill(ray.get_actor(actor[0], namespace=ray_launch.NAMESPACE))
+        stdout, err = job.communicate(timeout=90)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err
+    assert "its Ray actor died" in err and "restart 1 of 1" in err, err
+    s = summary(out)
+    assert s["resumed_from"].endswith("epoch_1.safetensors") and s["steps"] == 44
+    assert s["params_sha256"] == reference[0]["params_sha256"]
