@@ -113,7 +113,7 @@ VIEWS: dict[str, Callable[..., Any]] = {
 @dataclass
 class _Value:
     kind: str                 # feed | const | kernel | view | call
-    storage: int | None       # the buffer a kernel node writes (an index into Plan.storages)
+    storage: int | None       # the storage a kernel node writes (index into storages)
     holds: frozenset[int]     # storages the value may point into (views, unknown kernels)
     contiguous: bool          # statically known to be C-contiguous (a reshape stays a view)
 
@@ -288,7 +288,7 @@ class Program:
                 if st.pinned:
                     # allocated on first use: outputs the caller directs elsewhere need none
                     self._pinned.append((i, [None, None], n.shape, n.dtype))
-                    steps.append(_out_step(fn, tail, slots, ins, i, fixed))
+                    steps.append(_out_step(fn, tail, slots, ins, i))
                 else:
                     raw = arena[st.offset:st.offset + st.nbytes]
                     slots[i] = raw.view(st.dtype).reshape(n.shape)
@@ -403,7 +403,7 @@ def _fixed_out_step(fn, tail, slots, ins, out, fixed) -> Callable[[], Any]:
     return lambda: fn(*[slots[j] for j in ins], *tail, out=out)
 
 
-def _out_step(fn, tail, slots, ins, i, fixed) -> Callable[[], Any]:
+def _out_step(fn, tail, slots, ins, i) -> Callable[[], Any]:
     """A kernel writing into the buffer its slot holds this run (an output's)."""
     if len(ins) == 2:
         a, b = ins
