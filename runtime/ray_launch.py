@@ -374,6 +374,10 @@ def run_on_host(host: str, command: str) -> int:
                 pass
 
 
+def _interrupted(sig, frame):
+    raise KeyboardInterrupt
+
+
 def launch(config: Mapping, out_dir: str, resume: str | None,
            command: Callable[..., list[str]], failed_rank: Callable[[str], int | None]) -> int:
     """Train ``config`` on ``parallel.dp`` ranks placed by Ray; returns the exit code.
@@ -385,9 +389,14 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
     # Here, not at the top: every mpirun agent imports this module and needs none of train's.
     from shardgrad.runtime.train import latest_checkpoint
 
+
     c, n = config["cluster"], config["parallel"]["dp"]
     out_dir = os.path.abspath(out_dir)
     gcs = connect(int(n * c["cpus_per_rank"] + 0.999))
+    if threading.current_thread() is threading.main_thread():
+        # `ray job stop` sends SIGTERM: unwind, so that mpirun (in a session of its own) and
+        # the actors stop with us. Set after ray.init, whose handler would only dump a stack.
+        signal.signal(signal.SIGTERM, _interrupted)
     job = Job(n, c["cpus_per_rank"], c["placement"], c["start_timeout_s"])
     # The ranks get the resolved config with the launcher's own keys at their defaults, so
     # their checkpoints and summary match an mpirun run of the same config.
