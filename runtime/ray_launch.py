@@ -116,6 +116,7 @@ class Host:
 
     def __init__(self):
         self.commands: dict[int, _Command] = {}
+        self.written: list[str] = []
         self.stopped = threading.Event()
 
     def info(self) -> dict[str, Any]:
@@ -130,6 +131,7 @@ class Host:
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
+        self.written.append(path)
 
     def start(self, command: str) -> int:
         env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
@@ -154,6 +156,12 @@ class Host:
     def stop(self) -> None:
         for c in self.commands.values():
             c.kill()
+        for path in self.written:
+            for remove, target in ((os.remove, path), (os.rmdir, os.path.dirname(path))):
+                try:
+                    remove(target)
+                except OSError:
+                    pass
         self.stopped.set()
 
 
@@ -202,23 +210,29 @@ def _cause(error: BaseException) -> str:
 
 
 class Job:
-    """The ranks' slots on the cluster: a placement group with one bundle per rank (bundle 0
-    on this node, so rank 0 writes its run directory here) and one ``Host`` actor per bundle,
-    named after its host. ``start_hosts`` (re)creates the actors; ``close`` releases all."""
+    """The ranks' slots on the cluster: a placement group with one bundle per rank and one
+    ``Host`` actor per bundle, named after its host. Bundle 0 is on this node when it has the
+    CPUs (then rank 0 writes its run directory here, and a restart finds its checkpoints).
+    ``start_hosts`` (re)creates the actors; ``close`` releases all."""
 
     def __init__(self, n: int, cpus: float, strategy: str, timeout_s: float):
         self.id = uuid.uuid4().hex[:8]
         self.n, self.cpus, self.timeout_s = n, cpus, timeout_s
         self.hosts = [f"sg-{self.id}-{i}" for i in range(n)]
         bundles = [{"CPU": cpus} for _ in range(n)]
-        bundles[0][f"node:{ray.util.get_node_ip_address()}"] = 0.001
+        here = ray.util.get_node_ip_address()
+        self.pinned = any(node["Alive"] and node["NodeManagerAddress"] == here
+                          and node["Resources"].get("CPU", 0) >= cpus for node in ray.nodes())
+        if self.pinned:
+            bundles[0][f"node:{here}"] = 0.001
         self.pg = placement_group(bundles, strategy=strategy, name=f"shardgrad-{self.id}")
         try:
             ray.get(self.pg.ready(), timeout=timeout_s)
         except GetTimeoutError:
             remove_placement_group(self.pg)
             raise cfg.ConfigError(
-                f"could not reserve {n} slots of {cpus:g} CPU ({strategy}, rank 0 on this node) "
+                f"could not reserve {n} slots of {cpus:g} CPU ({strategy}"
+                f"{', rank 0 on this node' if self.pinned else ''}) "
                 f"within cluster.start_timeout_s = {timeout_s:g} s; the cluster has "
                 f"{ray.cluster_resources().get('CPU', 0):g} CPUs, "
                 f"{ray.available_resources().get('CPU', 0):g} free") from None
@@ -232,7 +246,11 @@ class Job:
                          scheduling_strategy=PlacementGroupSchedulingStrategy(
                              self.pg, placement_group_bundle_index=i)).remote()
             for i, host in enumerate(self.hosts)]
-        self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout_s)
+        try:
+            self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout_s)
+        except GetTimeoutError:
+            raise cfg.ConfigError(f"the {self.n} host actors did not start within "
+                                  f"cluster.start_timeout_s = {self.timeout_s:g} s") from None
 
     def where(self, rank: int) -> str:
         info = self.infos[rank] if rank < len(self.infos) else {}
@@ -320,13 +338,13 @@ def supervise(job: Job, argv: Sequence[str], env: Mapping[str, str],
                 ray.get(ref)
             except RayActorError as e:
                 dead = (watches[ref], _cause(e))
-    if dead is not None:
-        return proc.returncode or 1, f"{job.where(dead[0])} failed: {dead[1]}"
-    rank = failed_rank("".join(tail))
     code = proc.returncode
+    if dead is not None:
+        return max(code, 1), f"{job.where(dead[0])} failed: {dead[1]}"
+    rank = failed_rank("".join(tail))
     how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     who = job.where(rank) if rank is not None and rank < job.n else "a rank"
-    return code if code > 0 else 1, f"{who} failed; mpirun {how}"
+    return max(code, 1), f"{who} failed; mpirun {how}"
 
 
 def run_on_host(host: str, command: str) -> int:
@@ -389,7 +407,6 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
     # Here, not at the top: every mpirun agent imports this module and needs none of train's.
     from shardgrad.runtime.train import latest_checkpoint
 
-
     c, n = config["cluster"], config["parallel"]["dp"]
     out_dir = os.path.abspath(out_dir)
     gcs = connect(int(n * c["cpus_per_rank"] + 0.999))
@@ -414,6 +431,9 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
             _say(f"attempt {attempt + 1}: {n} ranks on "
                  f"{', '.join(sorted({i['ip'] for i in job.infos}))}"
                  + (f", resuming from {latest_checkpoint(resume)}" if resume else ""))
+            if not job.pinned:
+                _say(f"this node has no {job.cpus:g} CPU for rank 0: {job.where(0)} writes "
+                     f"{out_dir} there (restarts resume from it only on a shared filesystem)")
             argv = command(job.hosts, config_path, out_dir, resume, as_root=os.geteuid() == 0,
                            export=export)
             code, failure = supervise(job, argv, env, failed_rank)
