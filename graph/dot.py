@@ -7,25 +7,15 @@ Imports graph.ir and the graphviz package (which only builds DOT text here).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import graphviz
 
-from shardgrad.graph.ir import Graph, Node, fmt_type
+from shardgrad.graph.ir import Graph, Node, ancestors, fmt_type
 
 STEP_PALETTE = {"forward": "#cfe2ff", "backward": "#ffd8a8", "update": "#c3f0c8",
                 "leaf": "#eeeeee", "const": "#ffffff"}
 
-
-def _ancestors(roots: Iterable[Node]) -> set[int]:
-    seen: set[int] = set()
-    stack = list(roots)
-    while stack:
-        n = stack.pop()
-        if n.id not in seen:
-            seen.add(n.id)
-            stack.extend(n.inputs)
-    return seen
 
 
 def step_roles(graph: Graph) -> dict[int, str]:
@@ -34,9 +24,9 @@ def step_roles(graph: Graph) -> dict[int, str]:
     ``state/`` outputs, not by the loss or any ``grad/`` output; ``backward`` = the rest;
     leaves are ``leaf`` (inputs, params, states) or ``const``."""
     outs = graph.outputs
-    forward = _ancestors([outs["loss"]]) if "loss" in outs else set()
-    grads = _ancestors(v for k, v in outs.items() if k.startswith("grad/"))
-    updates = _ancestors(v for k, v in outs.items() if k.startswith(("param/", "state/")))
+    forward = ancestors([outs["loss"]]) if "loss" in outs else set()
+    grads = ancestors(v for k, v in outs.items() if k.startswith("grad/"))
+    updates = ancestors(v for k, v in outs.items() if k.startswith(("param/", "state/")))
     roles = {}
     for n in graph.nodes:
         if not n.inputs:

@@ -151,8 +151,7 @@ def emit(opdef: Any, inputs: Sequence[Node], attrs: dict[str, Any] | None = None
                 str(np.dtype(dtype)), where=where)
 
 
-def toposort(outputs: Iterable[Node]) -> list[Node]:
-    """Every node reachable from ``outputs``, inputs before users (by creation order)."""
+def _reachable(outputs: Iterable[Node]) -> dict[int, Node]:
     seen: dict[int, Node] = {}
     stack = list(outputs)
     while stack:
@@ -161,6 +160,17 @@ def toposort(outputs: Iterable[Node]) -> list[Node]:
             continue
         seen[n.id] = n
         stack.extend(n.inputs)
+    return seen
+
+
+def ancestors(outputs: Iterable[Node]) -> set[int]:
+    """The ids of ``outputs`` and every node they depend on."""
+    return set(_reachable(outputs))
+
+
+def toposort(outputs: Iterable[Node]) -> list[Node]:
+    """Every node reachable from ``outputs``, inputs before users (by creation order)."""
+    seen = _reachable(outputs)
     return [seen[i] for i in sorted(seen)]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf
+from shardgrad.graph.ir import Graph, Node, ShapeError, ancestors, const, leaf
 from shardgrad.graph.rewrite import replace
 from shardgrad.ops.collective import (
     allgather,
@@ -123,16 +123,6 @@ def _depends_on(graph: Graph, roots: set[int]) -> set[int]:
     return live
 
 
-def _ancestors(outputs: list[Node]) -> set[int]:
-    seen: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        n = stack.pop()
-        if n.id not in seen:
-            seen.add(n.id)
-            stack.extend(n.inputs)
-    return seen
-
 
 def _averaged(graph: Graph) -> list[tuple[Node, list[str]]]:
     """The nodes to average over ranks, each with the output names it stands for: the loss,
@@ -147,7 +137,7 @@ def _averaged(graph: Graph) -> list[tuple[Node, list[str]]]:
         node = graph.outputs[k]
         items.setdefault(node.id, (node, []))[1].append(k)
     grads = {graph.outputs[f"grad/{p}"].id for p in graph.meta["params"]}
-    inside = _ancestors([n for n, _ in items.values()])
+    inside = ancestors([n for n, _ in items.values()])
     for n in graph.nodes:
         if n.id in inside and n.id not in grads and any(x.id in grads for x in n.inputs):
             raise ShapeError(f"a gradient feeds another averaged value (node {n.op} at "
@@ -233,7 +223,7 @@ def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, g
 
     users = graph.users()
     averaged_ids = {n.id for n, _ in items}
-    feeding = _ancestors([n for n, _ in items])
+    feeding = ancestors([n for n, _ in items])
     priority: dict[int, float] = {n.id: float(i) for i, n in enumerate(graph.nodes)}
     reduced: dict[int, Node] = {}
     buckets = []
