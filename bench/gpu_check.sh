@@ -6,7 +6,7 @@
 #                                    # (or bench/out when OUT is unset)
 #
 # 1. the GPU tests (pytest -m gpu: every op's float32 outputs and gradients on the GPU against
-#    the CPU reference, the hand-written kernels, CUDA-graph replay, pinned staging, NCCL);
+#    the CPU reference, the hand-written kernels, DeviceStep, pinned staging, NCCL);
 # 2. benchmarks against PyTorch eager on the same GPU: the MLP 784-512-512-10 training step
 #    at batch 1024, the CNN step, a fused elementwise kernel against a device-to-device copy;
 # 3. the op table on cupy (test_op_cases, generic kernels). Every part runs in its own

@@ -155,23 +155,37 @@ EXPRS: dict[str, Expr] = {
 }
 
 
-def index_terms(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[tuple[int, int, int]]:
-    """How an input of ``in_shape`` (C-contiguous) is read at the output's linear index ``i``
-    under NumPy broadcasting: offset = sum over the terms (div, mod, stride) of
-    ``(i / div % mod) * stride``, ``mod`` 0 meaning no modulo. An empty list: offset 0."""
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous array of ``shape``."""
+    strides, step = [], 1
+    for s in reversed(tuple(shape)):
+        strides.append(step)
+        step *= s
+    return tuple(reversed(strides))
+
+
+def index_terms(in_shape: Sequence[int], out_shape: Sequence[int],
+                strides: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+    """How an input of ``in_shape`` with element ``strides`` (default C-contiguous; a
+    transposed view's are permuted) is read at the output's linear index ``i`` under NumPy
+    broadcasting: offset = sum over the terms (div, mod, stride) of ``(i / div % mod) *
+    stride``, ``mod`` 0 meaning no modulo. An empty list: offset 0."""
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     if len(in_shape) > len(out_shape):
         raise ValueError(f"{in_shape} has more dimensions than {out_shape}")
-    padded = (1,) * (len(out_shape) - len(in_shape)) + in_shape
+    strides = contiguous_strides(in_shape) if strides is None else tuple(strides)
+    if len(strides) != len(in_shape):
+        raise ValueError(f"strides {strides} do not match shape {in_shape}")
+    pad = len(out_shape) - len(in_shape)
+    padded, padded_strides = (1,) * pad + in_shape, (0,) * pad + strides
     terms = []
-    out_div, in_stride = 1, 1
+    out_div = 1
     for d in reversed(range(len(out_shape))):
         if padded[d] not in (1, out_shape[d]):
             raise ValueError(f"{in_shape} does not broadcast to {out_shape}")
         if padded[d] != 1:
             mod = 0 if all(s == 1 for s in out_shape[:d]) else out_shape[d]
-            terms.append((out_div, mod, in_stride))
-            in_stride *= padded[d]
+            terms.append((out_div, mod, padded_strides[d]))
         out_div *= out_shape[d]
     # merge runs of dimensions read contiguously: (i / a % m1) * s + (i / (a m1) % m2) * s m1
     merged: list[tuple[int, int, int]] = []
@@ -185,20 +199,19 @@ def index_terms(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[tuple
     return merged
 
 
-def offsets(in_shape: Sequence[int], out_shape: Sequence[int]) -> np.ndarray:
+def offsets(in_shape: Sequence[int], out_shape: Sequence[int],
+            strides: Sequence[int] | None = None) -> np.ndarray:
     """The flat input offset read for every output element (NumPy, for tests): what the
     generated C index expression computes."""
     i = np.arange(int(np.prod(out_shape, dtype=np.int64)), dtype=np.int64)
     off = np.zeros_like(i)
-    for div, mod, stride in index_terms(in_shape, out_shape):
+    for div, mod, stride in index_terms(in_shape, out_shape, strides):
         q = i // div
         off += (q % mod if mod else q) * stride
     return off
 
 
-def _index_expr(terms: list[tuple[int, int, int]], full: bool) -> str:
-    if full:
-        return "i"
+def _index_expr(terms: list[tuple[int, int, int]]) -> str:
     if not terms:
         return "0"
     parts = []
@@ -214,13 +227,17 @@ def _is_inline_const(x) -> bool:
     return x.op == "const" and x.size == 1 and x.dtype in CTYPES
 
 
-def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None) -> KernelSource:
-    """The CUDA C kernel computing ``group``. ``shapes[j]`` (default: the input node's shape)
-    is the shape of the C-contiguous array passed for input j; it must broadcast to
-    ``group.shape`` (so an executor may pass the operand of a broadcast_to instead of the
-    broadcast view). Raises Unsupported for an op or dtype without a C form."""
+def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
+                 strides: Sequence[tuple[int, ...] | None] | None = None) -> KernelSource:
+    """The CUDA C kernel computing ``group``. Input j is read from the C-contiguous array
+    passed for it as a view of shape ``shapes[j]`` (default: the input node's shape) with
+    element ``strides[j]`` into that array (default, or None: the array's own); the view
+    must broadcast to ``group.shape``. So an executor may pass the operand of a broadcast_to
+    or of a transpose instead of materializing the view. Raises Unsupported for an op or
+    dtype without a C form."""
     shapes = [tuple(x.shape) for x in group.inputs] if shapes is None else [
         tuple(s) for s in shapes]
+    strides = [None] * len(shapes) if strides is None else list(strides)
     out_shape = tuple(group.shape)
     size = int(np.prod(out_shape, dtype=np.int64))
     for x in (*group.inputs, *group.nodes):
@@ -234,18 +251,17 @@ def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None) -> Kern
     loads: list[str] = []
     hoisted: list[str] = []
     passed: list[int] = []
-    for j, (x, shape) in enumerate(zip(group.inputs, shapes, strict=True)):
+    for j, (x, shape, stride) in enumerate(zip(group.inputs, shapes, strides, strict=True)):
         if _is_inline_const(x):
             names.append(literal(np.asarray(x.attrs["value"]).reshape(()), x.dtype))
             continue
         passed.append(j)
         params.append(f"const {ctype(x)}* __restrict__ in{j}")
-        terms = index_terms(shape, out_shape)
+        terms = index_terms(shape, out_shape, stride)
         if not terms:
             hoisted.append(f"    const {ctype(x)} a{j} = in{j}[0];")
         else:
-            full = int(np.prod(shape, dtype=np.int64)) == size
-            loads.append(f"        const {ctype(x)} a{j} = in{j}[{_index_expr(terms, full)}];")
+            loads.append(f"        const {ctype(x)} a{j} = in{j}[{_index_expr(terms)}];")
         names.append(f"a{j}")
     body: list[str] = []
     dts = [x.dtype for x in group.inputs]
@@ -277,5 +293,5 @@ def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None) -> Kern
     return KernelSource(name, code, tuple(passed), size)
 
 
-__all__ = ["EXPRS", "KernelSource", "Unsupported", "fused_source", "index_terms", "literal",
-           "offsets"]
+__all__ = ["EXPRS", "KernelSource", "Unsupported", "contiguous_strides", "fused_source",
+           "index_terms", "literal", "offsets"]

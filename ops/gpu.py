@@ -67,12 +67,6 @@ def row_block(cols: int) -> int:
     return min(1024, max(32, 1 << max(0, int(cols) - 1).bit_length()))
 
 
-def _capturing(xp) -> bool:
-    """Whether the current CUDA stream is being captured into a graph (no host syncs then)."""
-    cuda = getattr(xp, "cuda", None)
-    return cuda is not None and bool(cuda.get_current_stream().is_capturing())
-
-
 def _i32(*vals) -> tuple:
     return tuple(np.int32(v) for v in vals)
 
@@ -111,7 +105,7 @@ def log_softmax(xp, x, axis):
 
 def cross_entropy(xp, logits, labels, reduction):
     """Fused log-softmax + pick + reduce. A label outside [0, C) raises ValueError as the
-    generic forward does (one device sync), except while a CUDA graph is being captured."""
+    generic forward does (one device sync)."""
     if not _covered(logits):
         return get("cross_entropy").forward(xp, logits, labels, reduction=reduction)
     n, c = logits.shape
@@ -121,7 +115,7 @@ def cross_entropy(xp, logits, labels, reduction):
         run_kernel("softmax.cu", "xent_fwd", logits.dtype, min(n, 1 << 20), row_block(c),
                    (_c(xp, logits), _c(xp, labels.astype(np.int64, copy=False)), nll, bad,
                     *_i32(n, c)))
-    if n and not _capturing(xp) and int(bad[0]):
+    if n and int(bad[0]):
         wrong = labels[(labels < 0) | (labels >= c)]
         raise ValueError(f"label {int(wrong[0])} out of range for {c} classes")
     if reduction == "none":
@@ -186,7 +180,7 @@ def im2col(xp, x, kernel, stride, padding):
         return get("im2col").forward(xp, x, kernel=kernel, stride=stride, padding=padding)
     geom = _geom(x.shape, kernel, stride, padding)
     n, c = x.shape[:2]
-    cols = xp.empty((c, *kernel, n, *_out_hw(geom)), x.dtype)
+    cols = xp.empty((n, c, *kernel, *_out_hw(geom)), x.dtype)
     if cols.size:
         run_kernel("conv.cu", "im2col", x.dtype, blocks(cols.size), BLOCK,
                    (_c(xp, x), cols, *geom))

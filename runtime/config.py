@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ class ConfigError(ValueError):
 class Key:
     """One config key: its default, its type (int, float, bool, str, or list for a list of
     ``item``; a tuple of those for a key with several forms, ``choices`` then applying to the
-    non-list form), and optional ``choices`` or bounds ``min`` / ``max`` (inclusive)."""
+    non-list form), and optional ``choices``, a ``pattern`` a str must match (the ``help``
+    then says what it means), or bounds ``min`` / ``max`` (inclusive)."""
 
     default: Any
     type: type
@@ -38,6 +40,7 @@ class Key:
     max: float | None = None
     item: type | None = None
     help: str = ""
+    pattern: str | None = None
 
     def check(self, name: str, value: Any) -> Any:
         """``value`` converted to this key's type (an int where a float is wanted), or a
@@ -64,6 +67,9 @@ class Key:
             nums = [value]
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"{bad}: must be one of {', '.join(map(repr, self.choices))}")
+        if self.pattern is not None and isinstance(value, str) and not re.fullmatch(
+                self.pattern, value):
+            raise ConfigError(f"{bad}: must be {self.help}")
         if self.type in (int, float) or self.item in (int, float):
             for v in nums:
                 if self.min is not None and v < self.min:
@@ -150,7 +156,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                          help="raise an exception, or hang (for the collective timeout)"),
     },
     "device": {
-        "type": Key("cpu", str, choices=("cpu",)),
+        "type": Key("cpu", str, pattern=r"cpu|cuda(:\d+)?",
+                    help="'cpu', 'cuda' (the GPU of the rank's local rank) or 'cuda:N'"),
+        "comm": Key("mpi", str, choices=("mpi", "nccl"),
+                    help="cuda: device buffers through MPI (staged or CUDA-aware) or NCCL"),
+        "cuda_aware_mpi": Key("auto", str, choices=("auto", "on", "off"),
+                              help="cuda + mpi: hand device buffers to MPI directly (auto: when "
+                                   "the MPI library says it is CUDA-aware; off: stage through "
+                                   "pinned host memory)"),
         "threads": Key(0, int, min=0,
                        help="BLAS threads per process (0: the library's default). 1 is far "
                             "faster for small models on a busy machine"),

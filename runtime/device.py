@@ -7,6 +7,7 @@ runtime.config (for the local rank, read from the launcher's environment variabl
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -64,17 +65,16 @@ def select(spec: str | Device, local_rank: int | None = None,
     if not dev.is_cuda:
         return dev
     if device_count is not None and device_count < 1:
-        raise DeviceError(f"device {str(dev)!r}: no CUDA device is visible (check the driver, "
-                          f"CUDA_VISIBLE_DEVICES, and that CuPy is installed: "
-                          f"pip install 'shardgrad[gpu]')")
+        raise DeviceError("no CUDA device is visible (check the driver and "
+                          "CUDA_VISIBLE_DEVICES)")
     if dev.index is None:
         if local_rank is not None and local_rank < 0:
             raise DeviceError(f"local rank {local_rank} is negative")
         index = (local_rank or 0) % (device_count or 1)
         return Device("cuda", index)
     if device_count is not None and dev.index >= device_count:
-        raise DeviceError(f"device {str(dev)!r}: only {device_count} CUDA device(s) visible "
-                          f"(cuda:0 .. cuda:{device_count - 1})")
+        raise DeviceError(f"{str(dev)!r} is not among the {device_count} CUDA device(s) "
+                          f"visible (cuda:0 .. cuda:{device_count - 1})")
     return dev
 
 
@@ -82,8 +82,9 @@ def _cupy():
     try:
         import cupy
     except ImportError as e:
-        raise DeviceError(f"a CUDA device needs CuPy, which failed to import ({e}); "
-                          f"install it with: pip install 'shardgrad[gpu]'") from None
+        if importlib.util.find_spec("cupy") is None:
+            raise DeviceError("CuPy is not installed: pip install -e '.[gpu]'") from None
+        raise DeviceError(f"CuPy failed to import: {e}") from None
     return cupy
 
 
@@ -102,10 +103,12 @@ def cuda_available() -> bool:
 
 def resolve(spec: str | Device = "cpu", local_rank: int | None = None) -> Device:
     """``select`` with the facts of this process: its local rank (from the launcher's
-    environment, read by runtime.config) and the CUDA devices it sees."""
+    environment, read by runtime.config) and the CUDA devices it sees. A DeviceError says
+    whether CuPy is missing, fails to import, or sees no such GPU."""
     dev = Device.parse(spec)
     if not dev.is_cuda:
         return dev
+    _cupy()
     if local_rank is None and dev.index is None:
         from shardgrad.runtime import config
         read = getattr(config, "local_rank", None)   # the launcher's variables, read there

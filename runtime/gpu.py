@@ -1,8 +1,8 @@
 """The GPU executor: runs a Graph on one CUDA device with CuPy arrays, each elementwise fusion
 group (graph.passes.fusion_groups) as one generated kernel (ops.codegen), every other op
 through its hand-written CUDA kernel where it has one (OpDef.cuda) or its generic forward on
-cupy (matmul is cuBLAS). ``DeviceStep`` keeps a training step's parameters and optimizer
-state on the device between steps and can replay the whole step as one CUDA graph.
+cupy (matmul is cuBLAS, which reads transposed views in place). ``DeviceStep`` keeps a
+training step's parameters and optimizer state on the device between steps.
 
 Semantics are the reference Interpreter's (tested against it). Side effects (CUDA launches)
 live here, in runtime/. Imports graph, ops and runtime (device, interpreter).
@@ -19,29 +19,43 @@ from shardgrad.graph import passes
 from shardgrad.graph.ir import Graph, Node
 from shardgrad.graph.passes import FusionGroup, fusion_groups
 from shardgrad.ops import gpu
-from shardgrad.ops.codegen import KernelSource, Unsupported, fused_source
+from shardgrad.ops.codegen import KernelSource, Unsupported, contiguous_strides, fused_source
 from shardgrad.ops.registry import get
 from shardgrad.runtime.device import Device, xp_for
 from shardgrad.runtime.interpreter import ExecutionError, describe, leaf_value
 
 
+def _view(x: Node) -> tuple[Node, tuple[int, ...], tuple[int, ...] | None]:
+    """(source, shape, strides): a ``broadcast_to`` or ``transpose`` node read as the view it
+    is of its operand (C-contiguous, ``strides`` in elements; None: the operand's own)."""
+    if x.op == "broadcast_to":
+        return x.inputs[0], x.inputs[0].shape, None
+    if x.op == "transpose":
+        base = contiguous_strides(x.inputs[0].shape)
+        return x.inputs[0], x.shape, tuple(base[a] for a in x.attrs["axes"])
+    return x, x.shape, None
+
+
 class FusedKernel:
     """One fusion group as one kernel: ``kernel(xp, inputs) -> outputs`` (the group's
-    outputs, in order). A group input that is a ``broadcast_to`` view is read through its
-    operand, so the view is never materialized."""
+    outputs, in order), ``inputs`` being the values of ``sources``. A group input that is a
+    ``broadcast_to`` or ``transpose`` view (a weight gradient out of a matmul, a conv output
+    in NCHW order) is read through its operand, so the view is never materialized."""
 
     def __init__(self, group: FusionGroup):
         self.group = group
-        self.sources = [x.inputs[0] if x.op == "broadcast_to" else x for x in group.inputs]
-        self.src: KernelSource = fused_source(group, [s.shape for s in self.sources])
+        views = [_view(x) for x in group.inputs]
+        self.sources = [v[0] for v in views]
+        self.src: KernelSource = fused_source(group, [v[1] for v in views],
+                                              [v[2] for v in views])
         self.out_types = [(o.shape, o.dtype) for o in group.outputs]
+        self.grid = gpu.blocks(self.src.size)
 
     def __call__(self, xp, inputs: list[Any]) -> list[Any]:
         outs = [xp.empty(shape, dtype) for shape, dtype in self.out_types]
         args = [xp.ascontiguousarray(inputs[j]) for j in self.src.args]
         if self.src.size:
-            gpu.launch(self.src.code, self.src.name, (), gpu.blocks(self.src.size), gpu.BLOCK,
-                       (*args, *outs))
+            gpu.launch(self.src.code, self.src.name, (), self.grid, gpu.BLOCK, (*args, *outs))
         return outs
 
 
@@ -74,12 +88,11 @@ class GPUExecutor:
     """Runs ``graph`` on ``device`` (default: the current GPU). Build once; call ``run``.
 
     ``run(feeds)`` takes leaf values by name (NumPy arrays are copied to the device, CuPy
-    arrays used as they are) and returns the outputs by name as device arrays. Values are
-    dropped after their last use unless ``keep_all`` (needed while capturing a CUDA graph,
-    whose replays reuse the memory of every value: ``kept`` then holds them all).
-    ``fuse=False`` runs elementwise ops one by one; ``simplify`` first runs passes.simplify
-    (which changes no result); ``xp`` overrides the array module (tests run the kernels on
-    NumPy through runtime.host_cuda).
+    arrays used as they are; a 0-d host value such as the learning rate is copied once and
+    reused while it stays the same) and returns the outputs by name as device arrays. Values
+    are dropped after their last use. ``fuse=False`` runs elementwise ops one by one;
+    ``simplify`` first runs passes.simplify (which changes no result); ``xp`` overrides the
+    array module (tests run the kernels on NumPy through runtime.host_cuda).
     """
 
     def __init__(self, graph: Graph, device: str | Device = "cuda", fuse: bool = True,
@@ -114,7 +127,7 @@ class GPUExecutor:
                 fn = gpu.kernel(get(n.op), self.xp)
                 actions.append(("op", (n, fn), tuple(x.id for x in n.inputs), (n.id,)))
         actions = _dependencies_first(actions)
-        # drop what nothing reads any more (a broadcast_to whose fused users read its operand)
+        # drop what nothing reads any more (a view whose fused readers read its operand)
         live = {n.id for n in graph.outputs.values()}
         kept = []
         for act in reversed(actions):
@@ -132,24 +145,33 @@ class GPUExecutor:
             if nid not in keep:
                 self.free_after[a].append(nid)
         self._consts: dict[int, Any] = {}
-        self.keep_all = False
-        self.kept: dict[int, Any] = {}
+        self._scalars: dict[int, tuple[Any, Any]] = {}   # leaf id -> (host value, on device)
 
-    def _leaf(self, n: Node, feeds: Mapping[Any, Any]):
+    def leaf(self, n: Node, feeds: Mapping[Any, Any]):
+        """The device value of leaf ``n``: a const's (copied once), or the one fed by name."""
         xp = self.xp
         if n.op == "const":
             if n.id not in self._consts:
                 self._consts[n.id] = xp.asarray(np.asarray(n.attrs["value"]))
             return self._consts[n.id]
         value = leaf_value(np, n, feeds)
-        return value if isinstance(value, xp.ndarray) else xp.asarray(value)
+        if isinstance(value, xp.ndarray):
+            return value
+        if np.ndim(value) != 0:
+            return xp.asarray(value)
+        # lr, t, step: each upload of a scalar costs a host-to-device copy, so keep the last
+        host = np.asarray(value).item()
+        hit = self._scalars.get(n.id)
+        if hit is None or hit[0] != host:
+            hit = self._scalars[n.id] = (host, xp.asarray(value))
+        return hit[1]
 
     def run(self, feeds: Mapping[Any, Any]) -> dict[str, Any]:
         xp, env = self.xp, {}
         for a, (kind, payload, uses) in enumerate(self.actions):
             try:
                 if kind == "leaf":
-                    env[payload.id] = self._leaf(payload, feeds)
+                    env[payload.id] = self.leaf(payload, feeds)
                 elif kind == "op":
                     n, fn = payload
                     env[n.id] = fn(xp, *[env[u] for u in uses], **n.attrs)
@@ -168,11 +190,8 @@ class GPUExecutor:
                 raise ExecutionError(f"while executing {describe(self.graph, n)}{what} (from "
                                      f"{n.where}) on the GPU{where}: {type(e).__name__}: {e}",
                                      n, self.rank) from e
-            if not self.keep_all:
-                for nid in self.free_after[a]:
-                    env.pop(nid, None)
-        if self.keep_all:
-            self.kept = env
+            for nid in self.free_after[a]:
+                env.pop(nid, None)
         return {k: env[v.id] for k, v in self.graph.outputs.items()}
 
 
@@ -181,91 +200,28 @@ class DeviceStep:
     with its parameters and states resident there.
 
     ``params`` / ``states`` map leaf names to arrays (copied to the device once). Each call
-    ``step(x, y, lr, t)`` feeds a batch, runs forward, backward and update, swaps the new
-    parameters and states in, and returns the loss as a 0-d device array (no host sync).
-    With ``capture=True`` the first call runs eagerly (compiling every kernel and creating
-    library handles), the second records the step into a CUDA graph with static buffers, and
-    every later call copies the batch into those buffers and replays the graph: one launch
-    instead of one per kernel.
+    ``step(x, y, lr, t)`` feeds a batch (host or device arrays), runs forward, backward and
+    update, swaps the new parameters and states in, and returns the loss as a 0-d device
+    array. The step's one host sync is cross_entropy's check that every label is in range.
     """
 
     def __init__(self, graph: Graph, params: Mapping[str, Any], states: Mapping[str, Any],
-                 device: str | Device = "cuda", capture: bool = False, fuse: bool = True,
-                 xp=None):
+                 device: str | Device = "cuda", fuse: bool = True, xp=None):
         self.exe = GPUExecutor(graph, device, fuse=fuse, xp=xp)
         self.xp = self.exe.xp
         self.params = {k: self.xp.array(v) for k, v in params.items()}
         self.states = {k: self.xp.array(v) for k, v in states.items()}
-        self.capture = capture
-        self.capture_error: str | None = None    # why capture was given up, if it was
-        self.calls = 0
-        self._graph = None
+        self.dtype = np.dtype(str(next(iter(self.params.values())).dtype))
 
-    def _feeds(self, x, y, lr, t) -> dict[str, Any]:
-        xp = self.xp
-        dtype = next(iter(self.params.values())).dtype
-        return {"x": x, "y": y, "lr": xp.asarray(lr, dtype), "t": xp.asarray(t, dtype),
-                **self.params, **self.states}
-
-    def _swap(self, out: Mapping[str, Any]) -> None:
+    def __call__(self, x, y, lr: float, t: float):
+        out = self.exe.run({"x": x, "y": y, "lr": np.asarray(lr, self.dtype),
+                            "t": np.asarray(t, self.dtype), **self.params, **self.states})
         for k in self.params:
             self.params[k] = out[f"param/{k}"]
         for k in self.states:
             if f"state/{k}" in out:
                 self.states[k] = out[f"state/{k}"]
-
-    def __call__(self, x, y, lr: float, t: float):
-        xp = self.xp
-        self.calls += 1
-        if not self.capture or self.calls == 1:
-            out = self.exe.run(self._feeds(xp.asarray(x), xp.asarray(y), lr, t))
-            self._swap(out)
-            return out["loss"]
-        if self._graph is None:
-            try:
-                self._record(xp.asarray(x), xp.asarray(y), lr, t)
-            except Exception as e:  # noqa: BLE001 - nothing ran: go on without a graph
-                self.capture, self.capture_error = False, f"{type(e).__name__}: {e}"
-                self.calls = 0
-                return self(x, y, lr, t)
-        return self._replay(x, y, lr, t)
-
-    def _record(self, x, y, lr, t) -> None:
-        xp = self.xp
-        feeds = self._feeds(x.copy(), y.copy(), lr, t)
-        self._static = {k: v for k, v in feeds.items()}
-        self._stream = xp.cuda.Stream(non_blocking=True)
-        self._stream.wait_event(xp.cuda.get_current_stream().record())
-        self.exe.keep_all = True
-        with self._stream:
-            self._stream.begin_capture()
-            try:
-                out = self.exe.run(self._static)
-                for k in self.params:
-                    xp.copyto(self._static[k], out[f"param/{k}"])
-                for k in self.states:
-                    if f"state/{k}" in out:
-                        xp.copyto(self._static[k], out[f"state/{k}"])
-            finally:
-                self.exe.keep_all = False
-                graph = self._stream.end_capture()
-        self._graph = graph
-        self._keep = self.exe.kept    # every replay writes into these: never free them
-        self.params = {k: self._static[k] for k in self.params}
-        self.states = {k: self._static[k] for k in self.states}
-        self._loss = out["loss"]
-
-    def _replay(self, x, y, lr, t):
-        xp, s = self.xp, self._static
-        s["x"][...] = xp.asarray(x)
-        s["y"][...] = xp.asarray(y)
-        s["lr"][...] = lr
-        s["t"][...] = t
-        cur = xp.cuda.get_current_stream()
-        self._stream.wait_event(cur.record())
-        self._graph.launch(stream=self._stream)
-        cur.wait_event(self._stream.record())
-        return self._loss
+        return out["loss"]
 
 
 __all__ = ["DeviceStep", "FusedKernel", "GPUExecutor"]

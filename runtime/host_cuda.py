@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -74,7 +75,7 @@ def _arg(a: Any):
 class HostLauncher:
     """``launch(code, name, options, grid, block, args)`` on the CPU (grid and block are
     ignored: the kernel runs as one thread looping over everything). Libraries are built once
-    per (code, options) into ``workdir``."""
+    per (code, options) into ``workdir``, one build at a time (ranks on threads share it)."""
 
     def __init__(self, workdir: str | None = None, cxx: str | None = None):
         self.cxx = cxx or compiler()
@@ -82,24 +83,29 @@ class HostLauncher:
             raise RuntimeError("no C++ compiler (g++) found: cannot emulate CUDA kernels")
         self.workdir = workdir or tempfile.mkdtemp(prefix="sg_host_cuda_")
         self._libs: dict[tuple[str, tuple[str, ...]], ctypes.CDLL] = {}
+        self._lock = threading.Lock()
         self.compiles = 0
 
     def library(self, code: str, options: tuple[str, ...] = ()) -> ctypes.CDLL:
         key = (code, tuple(options))
-        if key not in self._libs:
-            digest = hashlib.sha1(("\n".join(options) + code).encode()).hexdigest()[:16]
-            src = os.path.join(self.workdir, f"k{digest}.cpp")
-            lib = os.path.join(self.workdir, f"k{digest}.so")
-            with open(src, "w") as f:
-                f.write(SHIM + "\n" + code)
-            defines = [o for o in options if o.startswith("-D")]
-            cmd = [self.cxx, "-O0", "-std=c++17", "-shared", "-fPIC", "-w", *defines, src,
-                   "-o", lib]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise RuntimeError(f"host compile failed ({' '.join(cmd)}):\n{done.stderr}")
-            self.compiles += 1
-            self._libs[key] = ctypes.CDLL(lib)
+        with self._lock:
+            return self._libs[key] if key in self._libs else self._build(key)
+
+    def _build(self, key: tuple[str, tuple[str, ...]]) -> ctypes.CDLL:
+        code, options = key
+        digest = hashlib.sha1(("\n".join(options) + code).encode()).hexdigest()[:16]
+        src = os.path.join(self.workdir, f"k{digest}.cpp")
+        lib = os.path.join(self.workdir, f"k{digest}.so")
+        with open(src, "w") as f:
+            f.write(SHIM + "\n" + code)
+        defines = [o for o in options if o.startswith("-D")]
+        cmd = [self.cxx, "-O0", "-std=c++17", "-shared", "-fPIC", "-w", *defines, src,
+               "-o", lib]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"host compile failed ({' '.join(cmd)}):\n{done.stderr}")
+        self.compiles += 1
+        self._libs[key] = ctypes.CDLL(lib)
         return self._libs[key]
 
     def __call__(self, code: str, name: str, options: tuple[str, ...], grid: int, block: int,

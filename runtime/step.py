@@ -2,7 +2,9 @@
 
 The model's Parameter tensors stay the source of truth: each call feeds their values (and
 the buffers' and optimizer state's) to the executor and takes the updated ones back, so
-``model.state_dict()`` and eager use keep working between steps. Imports graph and runtime.
+``model.state_dict()`` and eager use keep working between steps. An executor on a GPU gives
+back device arrays: they stay in the tensors from step to step (nothing is copied per step)
+until ``TrainStep.to_host()``. Imports graph and runtime.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from shardgrad.graph.ir import Graph
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.trace import trace_forward, trace_step
+from shardgrad.runtime.device import is_device_array, to_host
 from shardgrad.runtime.interpreter import Interpreter
 
 Executor = Callable[[Graph], Any]   # graph -> object with .run(feeds) -> dict of outputs
@@ -99,6 +102,14 @@ class TrainStep:
         for n, t in self._buffers + self._opt_states:
             if f"state/{n}" in out:
                 t._set_leaf(out[f"state/{n}"])
+
+    def to_host(self) -> None:
+        """Copy the parameters, buffers and optimizer state that steps on a GPU left on the
+        device back into NumPy arrays (before evaluating, checkpointing or summarizing); the
+        next step uploads them again."""
+        for _, t in self._params + self._buffers + self._opt_states:
+            if is_device_array(t.data):
+                t.data = to_host(t.data)
 
 
 def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,

@@ -3,12 +3,16 @@ DistributedSampler, metrics, checkpoints, resume, and the final summary.
 
 The loop knows ranks only through a Communicator (default SingleProcess) and stays free of
 MPI: data parallelism plugs in through ``step_options`` (or train's ``transform`` /
-``executor`` arguments). Only rank 0 writes files. Imports graph and runtime.
+``executor`` arguments). With ``device.type`` "cuda" the step runs on runtime.gpu's executor,
+its state stays on the GPU between steps and device buffers cross ranks through
+runtime.gpu_comm; evaluation, checkpoints and the summary use host copies (evaluation on
+``train.executor``). Only rank 0 writes files. Imports graph and runtime.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -28,6 +32,7 @@ from shardgrad.graph import optim
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.runtime import config as cfg
+from shardgrad.runtime import device as dev
 from shardgrad.runtime import dp
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.data import (
@@ -76,11 +81,38 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     and ``data_world_size`` (which shard of the data this process reads; default
     ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
+    executor = make_executor(config["train"]["executor"])
+    if dev.Device.parse(config["device"]["type"]).is_cuda:
+        from shardgrad.runtime.gpu import GPUExecutor
+
+        executor = functools.partial(GPUExecutor, rank=comm.rank)   # on the current GPU
     if config["parallel"]["pp"] > 1:
         from shardgrad.runtime import pipeline
 
-        return pipeline.step_options(config, comm, make_executor(config["train"]["executor"]))
-    return dp.step_options(config, comm, make_executor(config["train"]["executor"]))
+        return pipeline.step_options(config, comm, executor)
+    return dp.step_options(config, comm, executor)
+
+
+def open_device(config: Mapping, comm: Communicator) -> Communicator:
+    """Make ``device.type`` current for this rank (``"cuda"``: the GPU of its local rank) and
+    return the communicator its step uses: on a GPU with several ranks, ``comm`` carrying
+    device buffers as ``device.comm`` / ``device.cuda_aware_mpi`` say. Raises ConfigError
+    when CuPy or the GPU is missing."""
+    spec = config["device"]["type"]
+    if not dev.Device.parse(spec).is_cuda:
+        return comm
+    if config["parallel"]["pp"] > 1:
+        raise cfg.ConfigError(f"device.type = {spec!r} runs data parallelism only: set "
+                              f"parallel.pp = 1, or device.type = 'cpu' for a pipeline")
+    try:
+        dev.use(dev.resolve(spec))
+    except dev.DeviceError as e:
+        raise cfg.ConfigError(f"device.type = {spec!r} but {e}") from None
+    if comm.world_size == 1:
+        return comm
+    from shardgrad.runtime.gpu_comm import make_gpu_comm
+
+    return make_gpu_comm(comm, config["device"]["comm"], config["device"]["cuda_aware_mpi"])
 
 
 def load_data(config: Mapping) -> Dataset:
@@ -282,6 +314,7 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
 def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
            transform: Callable | None, executor: Callable | None,
            on_record: Callable[[dict], None] | None) -> dict[str, Any]:
+    comm = open_device(config, comm)
     options = dict(step_options(config, comm) if transform is None and executor is None
                    else {"transform": transform, "executor": executor})
     rank = options.get("data_rank", comm.rank)
@@ -357,6 +390,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                     metrics.write({"kind": "step", "epoch": epoch + 1, "step": steps_done,
                                    "loss": loss, "lr": lr, "wall_s": wall()})
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
+            step.to_host()
             acc = evaluate()
             if writer:
                 save_checkpoint(
@@ -391,5 +425,5 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
 
 
 __all__ = ["EXECUTORS", "latest_checkpoint", "load_checkpoint", "load_data", "lr_at",
-           "make_executor", "make_optimizer", "params_sha256", "save_checkpoint", "setup",
-           "step_options", "train"]
+           "make_executor", "make_optimizer", "open_device", "params_sha256", "save_checkpoint",
+           "setup", "step_options", "train"]

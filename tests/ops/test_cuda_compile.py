@@ -1,6 +1,7 @@
 """Every CUDA source compiles for the H100/H200 (``nvcc -ptx -arch=sm_90``): each hand-written
 kernel file of ops/cuda for float and double, and the fused kernels generated for the groups of
-the test graphs (one translation unit). Skipped only where nvcc is absent. Also checks that the
+the test graphs, plain and as the GPU executor builds them (views read in place; one
+translation unit). Skipped only where nvcc is absent. Also checks that the
 sources stay NVRTC-compatible (no #include: CuPy compiles them with NVRTC, which has no
 standard headers) and that every kernel ops.gpu launches is defined.
 """
@@ -17,6 +18,7 @@ from cuda_cases import elementwise_graph, training_graphs
 
 from shardgrad.graph import passes
 from shardgrad.ops import codegen, gpu
+from shardgrad.runtime.gpu import FusedKernel
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc")
                                 else None)
@@ -34,8 +36,8 @@ def _generated_unit() -> str:
     kernels: dict[str, str] = {}
     for graph, _ in [elementwise_graph(), *training_graphs().values()]:
         for group in passes.fusion_groups(graph):
-            src = codegen.fused_source(group)
-            kernels[src.name] = src.code
+            for src in (codegen.fused_source(group), FusedKernel(group).src):
+                kernels[src.name] = src.code
     return "\n".join(kernels.values())
 
 

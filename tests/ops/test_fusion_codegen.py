@@ -54,11 +54,27 @@ def test_index_map_matches_numpy_broadcast(in_shape, out_shape):
     np.testing.assert_array_equal(src.ravel()[codegen.offsets(in_shape, out_shape)], want)
 
 
+@pytest.mark.parametrize("base,axes,out_shape", [
+    ((3, 4), (1, 0), (4, 3)), ((3, 4), (1, 0), (2, 4, 3)), ((2, 3, 5), (1, 0, 2), (3, 2, 5)),
+    ((2, 3, 4, 5), (1, 0, 2, 3), (3, 2, 4, 5)), ((2, 3, 4), (2, 0, 1), (4, 2, 3)),
+    ((4, 1), (1, 0), (3, 1, 4)), ((7, 5), (1, 0), (5, 7)),
+])
+def test_index_map_of_a_transposed_view_matches_numpy(base, axes, out_shape):
+    src = np.arange(int(np.prod(base)), dtype=np.int64).reshape(base)
+    view = src.transpose(axes)
+    strides = tuple(codegen.contiguous_strides(base)[a] for a in axes)
+    want = np.broadcast_to(view, out_shape).ravel()
+    np.testing.assert_array_equal(src.ravel()[codegen.offsets(view.shape, out_shape, strides)],
+                                  want)
+
+
 def test_index_map_merges_contiguous_dims():
     assert codegen.index_terms((2, 3, 4), (2, 3, 4)) == [(1, 0, 1)]
     assert codegen.index_terms((3, 4), (2, 3, 4)) == [(1, 12, 1)]
     assert codegen.index_terms((4, 1), (4, 3)) == [(3, 0, 1)]
     assert codegen.index_terms((), (4, 3)) == []
+    assert codegen.index_terms((4, 3), (4, 3), (1, 4)) == [(1, 3, 4), (3, 0, 1)]
+    assert codegen.index_terms((2, 3, 4), (2, 3, 4), (12, 4, 1)) == [(1, 0, 1)]
     with pytest.raises(ValueError, match="does not broadcast"):
         codegen.index_terms((2,), (4, 3))
 

@@ -39,7 +39,7 @@ def test_select(spec, local_rank, count, want):
 
 
 def test_select_errors_name_what_is_there():
-    with pytest.raises(DeviceError, match="only 2 CUDA device"):
+    with pytest.raises(DeviceError, match="'cuda:2' is not among the 2 CUDA device"):
         D.select("cuda:2", 0, 2)
     with pytest.raises(DeviceError, match="no CUDA device is visible"):
         D.select("cuda", 0, 0)
@@ -53,17 +53,25 @@ def test_cpu_uses_numpy_and_never_imports_cupy(monkeypatch):
     assert D.resolve("cpu") == Device("cpu")
     assert D.cuda_available() is False
     assert D.device_count() == 0
-    with pytest.raises(DeviceError, match="needs CuPy"):
+    with pytest.raises(DeviceError, match=r"CuPy is not installed: pip install -e '\.\[gpu\]'"):
         D.xp_for("cuda:0")
+    with pytest.raises(DeviceError, match="CuPy is not installed"):
+        D.resolve("cuda")
 
 
-def test_resolve_without_a_gpu_says_so(monkeypatch):
+@pytest.fixture
+def cupy_imports(monkeypatch):
+    """resolve() imports CuPy before it counts the devices: let it, without a GPU."""
+    monkeypatch.setattr(D, "_cupy", lambda: None)
+
+
+def test_resolve_without_a_gpu_says_so(monkeypatch, cupy_imports):
     monkeypatch.setattr(D, "device_count", lambda: 0)
     with pytest.raises(DeviceError, match="no CUDA device is visible"):
         D.resolve("cuda", local_rank=0)
 
 
-def test_resolve_takes_the_local_rank_gpu(monkeypatch):
+def test_resolve_takes_the_local_rank_gpu(monkeypatch, cupy_imports):
     monkeypatch.setattr(D, "device_count", lambda: 4)
     assert D.resolve("cuda", local_rank=6) == Device("cuda", 2)
 
@@ -80,6 +88,6 @@ def test_host_transfers_on_the_cpu():
     assert D.use("cpu") is None
 
 
-def test_an_explicit_index_needs_no_local_rank(monkeypatch):
+def test_an_explicit_index_needs_no_local_rank(monkeypatch, cupy_imports):
     monkeypatch.setattr(D, "device_count", lambda: 2)
     assert D.resolve("cuda:1") == Device("cuda", 1)

@@ -1,25 +1,33 @@
 """The GPU executor's logic on the CPU: its schedule (fusion groups as one generated kernel
-each, hand-written kernels for the ops that have one, liveness) runs with NumPy arrays while
-runtime.host_cuda executes the very CUDA C sources on the host. Outputs of whole training
-steps (MLP, CNN; SGD, AdamW) must match the reference interpreter, and DeviceStep must follow
-the same trajectory over several steps. The same checks on a GPU are in test_gpu_runtime.py.
+each, hand-written kernels for the ops that have one, views read in place, liveness) runs with
+NumPy arrays while runtime.host_cuda executes the very CUDA C sources on the host; with
+host_cupy standing in for cupy the executor takes its GPU path (hand-written kernels for
+softmax, cross-entropy, im2col, pooling). Outputs of whole training steps (MLP, CNN; SGD,
+AdamW) must match the reference interpreter, and DeviceStep must follow the same trajectory
+over several steps. The same checks on a GPU are in test_gpu_runtime.py.
 """
 
 import sys
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "ops"))
+sys.path.insert(0, str(Path(__file__).parent))
+import host_cupy  # noqa: E402
 from cuda_cases import training_graphs  # noqa: E402
 
-from shardgrad.graph.passes import ELEMENTWISE  # noqa: E402
+from shardgrad.graph.ir import Graph, leaf  # noqa: E402
+from shardgrad.graph.passes import ELEMENTWISE, fusion_groups  # noqa: E402
+from shardgrad.ops import elementwise as E  # noqa: E402
 from shardgrad.ops import gpu  # noqa: E402
+from shardgrad.ops import shape as S  # noqa: E402
 from shardgrad.ops.registry import get  # noqa: E402
 from shardgrad.runtime import host_cuda  # noqa: E402
-from shardgrad.runtime.gpu import DeviceStep, GPUExecutor  # noqa: E402
+from shardgrad.runtime.gpu import DeviceStep, FusedKernel, GPUExecutor  # noqa: E402
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter  # noqa: E402
 
 pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")
@@ -60,6 +68,62 @@ def test_step_matches_interpreter(cases, name, fuse):
         assert not set(ran_alone) & ELEMENTWISE, "every elementwise op runs in a fused kernel"
 
 
+@pytest.mark.parametrize("name", ["mlp-sgd", "mlp-adam", "cnn-sgd"])
+def test_gpu_path_matches_interpreter(cases, name):
+    graph, feeds = cases[name]
+    want = Interpreter(graph, np).run(feeds)
+    exe = GPUExecutor(graph, xp=host_cupy.module())
+    hand_written = {fn for kind, p, _ in exe.actions if kind == "op"
+                    for fn in [p[1]] if fn in gpu.CUDA.values()}
+    assert {gpu.cross_entropy, gpu.softmax_xent_grad} <= hand_written
+    if name == "cnn-sgd":
+        assert {gpu.im2col, gpu.col2im, gpu.max_pool2d, gpu.max_pool2d_grad} <= hand_written
+    got = exe.run(feeds)
+    for k in want:
+        assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, k
+        assert rel_err(got[k], want[k]) <= 1e-5, (k, rel_err(got[k], want[k]))
+
+
+@pytest.mark.parametrize("axes", [(1, 0), (1, 0, 2, 3), (2, 0, 1)])
+def test_fused_kernels_read_transposed_views_in_place(axes):
+    shape = (3, 4) if len(axes) == 2 else (2, 3, 4) if len(axes) == 3 else (2, 3, 2, 5)
+    x = leaf("input", shape, "float32", name="x")
+    view = S.transpose(x, axes)
+    c = leaf("input", view.shape[-1:], "float32", name="c")
+    graph = Graph({"y": E.relu(view * 2.0 + c)})
+    (group,) = fusion_groups(graph)
+    kernel = FusedKernel(group)
+    assert x in kernel.sources and view not in kernel.sources
+    exe = GPUExecutor(graph, xp=np)
+    assert [kind for kind, _, _ in exe.actions] == ["leaf", "leaf", "leaf", "group"]
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32),
+             "c": rng.standard_normal(view.shape[-1:]).astype(np.float32)}
+    np.testing.assert_allclose(exe.run(feeds)["y"], Interpreter(graph, np).run(feeds)["y"],
+                               rtol=1e-6)
+
+
+def test_conv_outputs_and_weight_gradients_are_not_copied_for_their_fused_readers(cases):
+    graph, _ = cases["cnn-sgd"]
+    exe = GPUExecutor(graph, xp=np)
+    outputs = {n.id for n in exe.graph.outputs.values()}
+    transposes = [p[0] for kind, p, _ in exe.actions if kind == "op" and p[0].op == "transpose"]
+    read_by_groups = {x.id for kind, k, _ in exe.actions if kind == "group"
+                      for x in k.group.inputs if x.op == "transpose"}
+    assert read_by_groups, "the conv outputs (NCHW transposes) feed the bias+relu groups"
+    assert not [t for t in transposes if t.id in read_by_groups and t.id not in outputs]
+
+
+def test_scalar_feeds_are_uploaded_once_while_unchanged(cases):
+    graph, feeds = cases["mlp-adam"]
+    exe = GPUExecutor(graph, xp=host_cupy.module())
+    lr = next(n for n in exe.graph.nodes if n.op == "input" and n.name == "lr")
+    first = exe.leaf(lr, {"lr": np.float32(0.1)})
+    assert exe.leaf(lr, {"lr": np.float32(0.1)}) is first
+    changed = exe.leaf(lr, {"lr": np.float32(0.2)})
+    assert changed is not first and float(changed) == np.float32(0.2)
+
+
 def test_hand_written_kernels_are_scheduled(cases):
     graph, _ = cases["cnn-sgd"]
     exe = GPUExecutor(graph, xp=np)
@@ -72,18 +136,22 @@ def test_hand_written_kernels_are_scheduled(cases):
     assert gpu.kernel(get("matmul"), cupy_like) is get("matmul").forward
 
 
-def test_failures_name_the_node(cases):
+@pytest.mark.parametrize("path", ["generic", "gpu"])
+def test_failures_name_the_node(cases, path):
     graph, feeds = cases["mlp-sgd"]
     bad = dict(feeds, y=np.full_like(feeds["y"], 99))
+    xp = np if path == "generic" else host_cupy.module()
     with pytest.raises(ExecutionError, match="cross_entropy.*label 99 out of range"):
-        GPUExecutor(graph, xp=np).run(bad)
+        GPUExecutor(graph, xp=xp).run(bad)
 
 
-def test_device_step_follows_the_interpreter(cases):
+@pytest.mark.parametrize("path", ["generic", "gpu"])
+def test_device_step_follows_the_interpreter(cases, path):
     graph, feeds = cases["mlp-adam"]
     params = {k: feeds[k] for k in graph.meta["params"]}
     states = {k: feeds[k] for k in graph.meta["states"] if k in feeds}
-    step = DeviceStep(graph, params, states, xp=np)
+    xp = np if path == "generic" else host_cupy.module()
+    step = DeviceStep(graph, params, states, xp=xp)
     ref = Interpreter(graph, np)
     cur = dict(feeds)
     rng = np.random.default_rng(7)
@@ -99,3 +167,11 @@ def test_device_step_follows_the_interpreter(cases):
         for k in states:
             cur[k] = want.get(f"state/{k}", cur[k])
             assert rel_err(step.states[k], cur[k]) <= 1e-5, k
+
+
+def test_host_launcher_builds_a_library_once_for_ranks_on_threads():
+    launcher = host_cuda.HostLauncher()
+    code = 'extern "C" __global__ void sg_twice(float* x) { x[0] *= 2; }'
+    with ThreadPoolExecutor(4) as pool:
+        libs = list(pool.map(lambda _: launcher.library(code), range(4)))
+    assert launcher.compiles == 1 and all(lib is libs[0] for lib in libs)

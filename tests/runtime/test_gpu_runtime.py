@@ -1,7 +1,7 @@
 """On a GPU: the GPU executor on whole training steps against the reference interpreter,
-DeviceStep's trajectory with and without CUDA-graph replay, device selection and transfers,
-and device buffers through the communicators (pinned staging over in-process ranks, NCCL on
-one rank). Skipped where CuPy or a CUDA device is missing.
+DeviceStep's trajectory over several steps, device selection and transfers, and device
+buffers through the communicators (pinned staging over in-process ranks, NCCL on one rank).
+Skipped where CuPy or a CUDA device is missing.
 """
 
 import sys
@@ -44,7 +44,7 @@ def test_device_selection_and_transfers():
     assert D.to_device(dx, "cuda") is dx
     D.synchronize()
     np.testing.assert_array_equal(D.to_host(dx), x)
-    with pytest.raises(D.DeviceError, match="only"):
+    with pytest.raises(D.DeviceError, match="is not among"):
         D.resolve(f"cuda:{D.device_count()}")
 
 
@@ -59,13 +59,12 @@ def test_gpu_step_matches_interpreter(cases, name):
 
 
 @pytest.mark.parametrize("name", ["mlp-adam", "cnn-sgd"])
-def test_device_step_capture_replays_the_same_trajectory(cases, name):
+def test_device_step_follows_the_interpreter(cases, name):
     from shardgrad.runtime.gpu import DeviceStep
     graph, feeds = cases[name]
     params = {k: feeds[k] for k in graph.meta["params"]}
     states = {k: feeds[k] for k in graph.meta["states"] if k in feeds}
-    eager = DeviceStep(graph, params, states)
-    replay = DeviceStep(graph, params, states, capture=True)
+    step = DeviceStep(graph, params, states)
     ref = Interpreter(graph, np)
     cur = dict(feeds)
     rng = np.random.default_rng(3)
@@ -73,14 +72,11 @@ def test_device_step_capture_replays_the_same_trajectory(cases, name):
         x = rng.standard_normal(feeds["x"].shape).astype(np.float32)
         y = rng.integers(0, 5, feeds["y"].shape)
         want = ref.run({**cur, "x": x, "y": y, "lr": np.float32(0.05), "t": np.float32(t)})
-        la, lb = eager(x, y, 0.05, t), replay(x, y, 0.05, t)
-        assert rel_err(la, want["loss"]) <= 1e-5 and rel_err(lb, want["loss"]) <= 1e-5, t
+        assert rel_err(step(x, y, 0.05, t), want["loss"]) <= 1e-5, t
         cur.update({k: want[f"param/{k}"] for k in params})
         cur.update({k: want[f"state/{k}"] for k in states if f"state/{k}" in want})
         for k in params:
-            assert rel_err(eager.params[k], cur[k]) <= 1e-4, (t, k)
-            assert rel_err(replay.params[k], cur[k]) <= 1e-4, (t, k)
-    assert replay._graph is not None
+            assert rel_err(step.params[k], cur[k]) <= 1e-4, (t, k)
 
 
 def test_staged_allreduce_of_cupy_buffers_over_threads():
