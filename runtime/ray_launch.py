@@ -184,7 +184,9 @@ def connect(num_cpus: int) -> str:
     local one with at least ``num_cpus`` CPUs; returns the cluster's GCS address."""
     if not ray.is_initialized():
         address = cfg.env("RAY_ADDRESS") or ("auto" if _gcs_running() else None)
-        quiet = {"namespace": NAMESPACE, "logging_level": logging.WARNING}
+        # The actors print nothing of use: what their commands print comes back through the
+        # agents, and their errors through the calls that failed.
+        quiet = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": False}
         if address:
             ray.init(address=address, **quiet)
         else:
@@ -342,7 +344,8 @@ def supervise(job: Job, argv: Sequence[str], env: Mapping[str, str],
     if dead is not None:
         return max(code, 1), f"{job.where(dead[0])} failed: {dead[1]}"
     rank = failed_rank("".join(tail))
-    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    how = (f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+           + (f" (signal {code - 128})" if code > 128 else ""))
     who = job.where(rank) if rank is not None and rank < job.n else "a rank"
     return max(code, 1), f"{who} failed; mpirun {how}"
 
