@@ -1,7 +1,8 @@
 // im2col and its adjoint col2im for conv2d on NCHW images. cols has the layout
-// (C, KH, KW, N, OH, OW) that ops/nn.py's im2col gives: reshaped to (C*KH*KW, N*OH*OW) it is
-// the right operand of one matmul. col2im gathers (one thread per image pixel, summing the
-// window elements that read it in (i, j) order), so it needs no atomics and is deterministic.
+// (N, C, KH, KW, OH, OW) that ops/nn.py's im2col gives: reshaped to (N, C*KH*KW, OH*OW) it is
+// the right operand of one batched matmul. col2im gathers (one thread per image pixel, summing
+// the window elements that read it in (i, j) order), so it needs no atomics and is
+// deterministic.
 // Grid-stride loops; -DSG_T=float or double; no #include.
 #ifndef SG_T
 #define SG_T float
@@ -13,16 +14,16 @@ typedef SG_T T;
              int OH, int OW
 
 extern "C" __global__ void im2col(const T* __restrict__ x, T* __restrict__ cols, GEOM) {
-    const long long total = (long long)C * KH * KW * N * OH * OW;
+    const long long total = (long long)N * C * KH * KW * OH * OW;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
         long long r = t;
         const int ow = (int)(r % OW); r /= OW;
         const int oh = (int)(r % OH); r /= OH;
-        const int n = (int)(r % N); r /= N;
         const int j = (int)(r % KW); r /= KW;
         const int i = (int)(r % KH); r /= KH;
-        const int c = (int)r;
+        const int c = (int)(r % C); r /= C;
+        const int n = (int)r;
         const int h = oh * SH - PH + i, w = ow * SW - PW + j;
         T v = (T)0;
         if (h >= 0 && h < H && w >= 0 && w < W) v = x[(((long long)n * C + c) * H + h) * W + w];
@@ -32,7 +33,6 @@ extern "C" __global__ void im2col(const T* __restrict__ x, T* __restrict__ cols,
 
 extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ x, GEOM) {
     const long long total = (long long)N * C * H * W;
-    const long long plane = (long long)N * OH * OW;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
         long long r = t;
@@ -40,6 +40,7 @@ extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ x,
         const int h = (int)(r % H); r /= H;
         const int c = (int)(r % C); r /= C;
         const int n = (int)r;
+        const T* cw = cols + ((long long)n * C + c) * KH * KW * OH * OW;
         T acc = (T)0;
         for (int i = 0; i < KH; ++i) {
             const int hp = h + PH - i;
@@ -51,8 +52,7 @@ extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ x,
                 if (wp < 0 || wp % SW) continue;
                 const int ow = wp / SW;
                 if (ow >= OW) continue;
-                acc += cols[((long long)(c * KH + i) * KW + j) * plane
-                            + ((long long)n * OH + oh) * OW + ow];
+                acc += cw[((long long)(i * KW + j) * OH + oh) * OW + ow];
             }
         }
         x[t] = acc;

@@ -98,7 +98,7 @@ def ref_unwindow(v, shape, k, s, p):
 
 
 def ref_im2col(x, k, s, p):
-    return ref_windows(x, k, s, p).transpose(1, 4, 5, 0, 2, 3)
+    return ref_windows(x, k, s, p).transpose(0, 1, 4, 5, 2, 3)
 
 
 def ref_conv2d(x, w, b=None, s=(1, 1), p=(0, 0)):
@@ -264,8 +264,8 @@ CASES = [
     OpCase("im2col", lambda x: apply("im2col", x, **K3S2P1), (F(2, 2, 5, 4),),
            lambda x: ref_im2col(x, (3, 3), (2, 2), (1, 1))),
     OpCase("col2im", lambda c: apply("col2im", c, shape=(2, 2, 5, 4), **K3S2P1),
-           (F(2, 3, 3, 2, 3, 2),),
-           lambda c: ref_unwindow(c.transpose(3, 0, 4, 5, 1, 2), (2, 2, 5, 4), (3, 3), (2, 2),
+           (F(2, 2, 3, 3, 3, 2),),
+           lambda c: ref_unwindow(c.transpose(0, 1, 4, 5, 2, 3), (2, 2, 5, 4), (3, 3), (2, 2),
                                   (1, 1))),
     OpCase("conv2d", lambda x, w, b: nn.conv2d(x, w, b, padding=1),
            (F(2, 3, 4, 4), F(4, 3, 3, 3), F(4)), lambda x, w, b: ref_conv2d(x, w, b, p=(1, 1))),

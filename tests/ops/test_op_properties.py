@@ -17,6 +17,7 @@ from shardgrad.ops import elementwise as E
 from shardgrad.ops import loss, nn
 from shardgrad.ops import reduce as R
 from shardgrad.ops import shape as S
+from shardgrad.ops.registry import get
 from shardgrad.runtime.interpreter import run
 
 SMALL = settings(max_examples=25, deadline=None)
@@ -254,3 +255,49 @@ def test_cast_to_int_has_no_tangent():
     g = autodiff.jvp(Graph({"i": E.cast(x, "int64")}), ["x"])
     out = run(g, {"x": np.ones(3), "tangent/x": np.ones(3)})
     assert out["jvp/i"].tolist() == [0, 0, 0]
+
+
+def _first_argmax_routes(g, x, k, s, p):
+    """Loop reference: each window's g to its first maximum in row-major order (a NaN is the
+    maximum, as numpy.argmax), the windows' reads of y back from the same positions."""
+    n, c, h, w = x.shape
+    xp_ = np.pad(x, ((0, 0), (0, 0), (p[0],) * 2, (p[1],) * 2), constant_values=-np.inf)
+    oh, ow = g.shape[2:]
+    gx = np.zeros(xp_.shape)
+    pos = np.zeros(g.shape + (2,), int)
+    for a in range(n):
+        for b in range(c):
+            for i in range(oh):
+                for j in range(ow):
+                    win = xp_[a, b, i * s[0]:i * s[0] + k[0], j * s[1]:j * s[1] + k[1]]
+                    di, dj = divmod(int(np.argmax(win)), k[1])
+                    pos[a, b, i, j] = i * s[0] + di, j * s[1] + dj
+                    gx[a, b, i * s[0] + di, j * s[1] + dj] += g[a, b, i, j]
+    return gx[:, :, p[0]:p[0] + h, p[1]:p[1] + w], pos
+
+
+@pytest.mark.parametrize("win", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)),
+                                 ((2, 3), (3, 3), (1, 1))])
+def test_max_pool_routes_ties_and_nan_to_the_first_maximum(win):
+    """ReLU outputs tie at 0 in most windows: the gradient goes to the first maximum only
+    (PyTorch's and the CUDA kernel's rule), on the disjoint-window fast path (2x2/2, with an
+    odd size left over) and the overlapping one; a NaN counts as the maximum."""
+    k, s, p = win
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.integers(-2, 3, (2, 3, 7, 7)), 0).astype(np.float64)
+    x[0, 0, 1, 1] = x[1, 2, 4, 5] = np.nan
+    out_hw = [(7 + 2 * p[d] - k[d]) // s[d] + 1 for d in (0, 1)]
+    g = rng.standard_normal((2, 3, *out_hw))
+    want, pos = _first_argmax_routes(g, x, k, s, p)
+    attrs = dict(kernel=k, stride=s, padding=p)
+    # overlapping windows add in another order than the loop: to rounding
+    np.testing.assert_allclose(get("max_pool2d_grad").forward(np, g, x, **attrs), want,
+                               rtol=1e-12, atol=1e-15)
+    y = rng.standard_normal(x.shape)
+    ypad = np.pad(y, ((0, 0), (0, 0), (p[0],) * 2, (p[1],) * 2))
+    a, b, i, j = np.indices(g.shape)
+    np.testing.assert_array_equal(get("max_pool2d_gather").forward(np, y, x, **attrs),
+                                  ypad[a, b, pos[..., 0], pos[..., 1]])
+    g[0, 1, 0, 0] = np.inf                  # an inf stays in its own window: no NaN elsewhere
+    got = get("max_pool2d_grad").forward(np, g, x, **attrs)
+    assert np.isnan(got).sum() == 0 and np.isinf(got).sum() == 1
