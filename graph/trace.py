@@ -15,6 +15,7 @@ from shardgrad.graph.ir import Graph, ShapeError, const
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.tensor import Tensor, placeholder, tracing_salt
+from shardgrad.ops.nn import batch_stats_sync
 
 
 @contextlib.contextmanager
@@ -88,7 +89,8 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
             del outputs[f"state/{n}"]
     meta = {"params": [n for n, _ in named],
             "states": [n for n, _ in buffers] + [n for n, _ in opt_states],
-            "loss_scale": "mean", "dtype": dtype}
+            "loss_scale": "mean", "dtype": dtype,
+            "batch_stats_synced": batch_stats_sync() is not None}
     return Graph(outputs, meta=meta)
 
 

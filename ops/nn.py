@@ -6,6 +6,10 @@ gradients work. Imports ops.registry, sibling op families and graph.ir.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import numpy as np
 
 from shardgrad.graph.ir import Node
@@ -404,11 +408,43 @@ def dropout(x, p=0.5, seed=0, training=True, salt=None) -> Node:
 
 # ---- normalisation (composites: autodiff of mean/sub/sqrt gives exact gradients) ----------------
 
-def _normalize(x, axes, eps, mu=None, var=None):
+_SYNC: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "sync_batch_stats", default=None)
+
+
+@contextlib.contextmanager
+def sync_batch_stats(group: str, world_size: int) -> Iterator[None]:
+    """Inside, batch_norm in training takes its statistics over the whole global batch: the
+    per-rank sums are allreduced over ``group`` (``world_size`` equal local batches), as
+    PyTorch's SyncBatchNorm, so data parallelism gives the single-process result."""
+    token = _SYNC.set((group, int(world_size)))
+    try:
+        yield
+    finally:
+        _SYNC.reset(token)
+
+
+def batch_stats_sync() -> tuple[str, int] | None:
+    """The (group, world_size) batch_norm statistics are synchronised over, if any."""
+    return _SYNC.get()
+
+
+def _batch_mean(v, axes):
+    sync = _SYNC.get()
+    if sync is None:
+        return mean(v, axes, keepdims=True)
+    group, world = sync
+    local = apply("sum", v, axis=axes, keepdims=True)
+    count = v.size // local.size
+    return apply("allreduce", local, op="sum", group=group) * (1.0 / (count * world))
+
+
+def _normalize(x, axes, eps, mu=None, var=None, mean_of=None):
     """(x - mu) / sqrt(var + eps), with the batch statistics where mu, var are not given."""
-    mu = mean(x, axes, keepdims=True) if mu is None else mu
+    mean_of = mean_of or (lambda v: mean(v, axes, keepdims=True))
+    mu = mean_of(x) if mu is None else mu
     xc = x - mu
-    var = mean(xc * xc, axes, keepdims=True) if var is None else var
+    var = mean_of(xc * xc) if var is None else var
     return xc / sqrt(var + eps), mu, var
 
 
@@ -434,7 +470,8 @@ def batch_norm(x, w=None, b=None, running_mean=None, running_var=None, training=
     """Batch normalisation over every axis but the channel axis 1, for (N, C) and (N, C, H, W)
     (any (N, C, ...)). Returns (out, new_running_mean, new_running_var): in training the batch
     statistics normalise and the running ones move by ``momentum`` (the variance unbiased, as
-    PyTorch); in eval the running statistics normalise and come back unchanged."""
+    PyTorch); in eval the running statistics normalise and come back unchanged. Inside
+    ``sync_batch_stats`` the statistics are those of the global batch over all ranks."""
     x = as_node(x)
     w, b, rm, rv = (None if v is None else as_node(v) for v in (w, b, running_mean, running_var))
     ins = [v for v in (x, w, b, rm, rv) if v is not None]
@@ -449,7 +486,8 @@ def batch_norm(x, w=None, b=None, running_mean=None, running_var=None, training=
     if training:
         if count < 2:
             raise shape_error("batch_norm", ins, "training needs more than one value per channel")
-        out, mu, var = _normalize(x, axes, eps)
+        out, mu, var = _normalize(x, axes, eps, mean_of=lambda v: _batch_mean(v, axes))
+        count *= _SYNC.get()[1] if _SYNC.get() else 1        # the unbiased running variance
         if rm is not None:
             rm = rm * (1.0 - momentum) + reshape(mu, (c,)) * momentum
         if rv is not None:
@@ -462,4 +500,5 @@ def batch_norm(x, w=None, b=None, running_mean=None, running_var=None, training=
     return (out if b is None else out + reshape(b, bshape)), rm, rv
 
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "dropout", "layer_norm", "batch_norm"]
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "dropout", "layer_norm", "batch_norm",
+           "sync_batch_stats"]

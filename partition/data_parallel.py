@@ -11,6 +11,7 @@ on how many ranks share the work.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from shardgrad.ops.collective import (
     pack,
     unpack,
 )
+from shardgrad.ops.nn import sync_batch_stats
 from shardgrad.ops.registry import apply, itemsize
 from shardgrad.partition.plan import Bucket, Plan
 
@@ -46,7 +48,16 @@ class DataParallel:
     chunks: int = 4
     overlap: bool = False
     group: str = "world"
+    sync_batchnorm: bool = True
     plans: list[Plan] = field(default_factory=list, compare=False, repr=False)
+
+    def trace_context(self) -> contextlib.AbstractContextManager:
+        """The context the step is traced in: batch_norm statistics over the global batch
+        (SyncBatchNorm), unless switched off or in deterministic mode, whose result must not
+        depend on how chunks map to ranks (there each chunk keeps its own statistics)."""
+        if self.sync_batchnorm and not self.deterministic and self.world_size > 1:
+            return sync_batch_stats(self.group, self.world_size)
+        return contextlib.nullcontext()
 
     @property
     def split(self) -> int:
@@ -70,7 +81,8 @@ def data_parallel(graph: Graph, world_size: int, bucket_bytes: int = DEFAULT_BUC
 
     Outputs keep their names and meanings for the global batch: ``loss`` and ``grad/<p>``
     become averages over the ranks, ``param/<p>`` and ``state/...`` the updates made with
-    them; batch statistics (``state/<buffer>`` that depend on the data) are averaged too.
+    them; batch statistics (``state/<buffer>`` that depend on the data) are averaged too,
+    unless the graph was traced with them synchronised (meta ``batch_stats_synced``).
 
     Default mode: those values are packed, in the order they become ready, into buckets of
     at most ``bucket_bytes`` (one dtype each; a bigger single value gets its own), each
@@ -129,7 +141,8 @@ def _averaged(graph: Graph) -> list[tuple[Node, list[str]]]:
     the gradients and the data-dependent floating-point state updates (batch statistics)."""
     data = _depends_on(graph, {n.id for n in graph.inputs if n.name in DATA_INPUTS})
     names = ["loss"] + [f"grad/{p}" for p in graph.meta["params"]]
-    names += [k for k in graph.outputs if k.startswith("state/")
+    synced = graph.meta.get("batch_stats_synced", False)   # already global: nothing to average
+    names += [k for k in graph.outputs if k.startswith("state/") and not synced
               and not k.startswith("state/optim/") and graph.outputs[k].id in data
               and graph.outputs[k].dtype.startswith("float")]
     items: dict[int, tuple[Node, list[str]]] = {}

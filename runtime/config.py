@@ -134,6 +134,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "chunks": Key(4, int, min=1,
                       help="deterministic mode: the global batch is cut into this many chunks "
                            "(a multiple of dp) whose gradients are summed in one fixed order"),
+        "sync_batchnorm": Key(True, bool,
+                              help="data parallelism: batch norm over the global batch (as "
+                                   "SyncBatchNorm), so dp ranks give the dp=1 result"),
         "overlap": Key(False, bool,
                        help="non-blocking gradient allreduce, waited for before the update "
                             "(off: MPI's Iallreduce measured slower than Allreduce here)"),

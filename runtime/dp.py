@@ -129,7 +129,8 @@ def step_options(config: Mapping, comm: Communicator,
     transform = None
     if comm.world_size > 1 or p["deterministic"]:
         transform = DataParallel(comm.world_size, int(p["bucket_mb"] * 2**20),
-                                 p["deterministic"], p["chunks"], p["overlap"])
+                                 p["deterministic"], p["chunks"], p["overlap"],
+                                 sync_batchnorm=p["sync_batchnorm"])
 
     def prepare(model: Module, optimizer: Optimizer, step: TrainStep, x, y) -> None:
         if comm.world_size > 1:

@@ -9,6 +9,7 @@ until ``TrainStep.to_host()``. Imports graph and runtime.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,8 @@ class TrainStep:
     One Graph per distinct (x, y) batch type is traced, transformed (``transform``, e.g. the
     data-parallel rewrite) and handed to ``executor`` once, then reused. A transform with an
     attribute ``split`` > 1 gets the step traced on batches that many times smaller and
-    returns a graph that takes the whole batch (deterministic data parallelism does that).
+    returns a graph that takes the whole batch (deterministic data parallelism does that);
+    one with ``trace_context()`` has the step traced inside it (SyncBatchNorm does that).
     """
 
     def __init__(self, model: Module, loss_fn: Callable, optimizer: Optimizer,
@@ -65,7 +67,9 @@ class TrainStep:
                               ((key[2][0] // split,) + key[2][1:], key[3]))
             else:
                 key_traced = (key[:2], key[2:])
-            graph = trace_step(self.model, self.loss_fn, self.optimizer, *key_traced)
+            context = getattr(self.transform, "trace_context", contextlib.nullcontext)
+            with context():
+                graph = trace_step(self.model, self.loss_fn, self.optimizer, *key_traced)
             if self.transform is not None:
                 graph = self.transform(graph)
             self._compiled[key] = (graph, self.executor(graph))

@@ -152,14 +152,28 @@ def test_deterministic_mode_is_bit_identical_for_any_world_size(reference):
     assert rel_err(states[1], reference[0]) < 1e-12
 
 
-def test_batch_statistics_are_averaged_over_ranks():
+@pytest.mark.parametrize("world", [2, 4])
+def test_batch_norm_is_synchronized_so_ranks_match_the_single_process_run(world):
+    model, opt = make(batchnorm=True)
+    step = compile_step(model, sg.functional.cross_entropy, opt)
+    for x, y in zip(*data(), strict=True):
+        step(x, y)
+    ref = model.state_dict()
+    results = train_on_ranks(world, batchnorm=True)
+    for state, _, dp_step in results:
+        assert rel_err(state, ref) < 1e-12          # running statistics included
+        assert dp_step.graph.meta["batch_stats_synced"]
+        assert any(n.op == "allreduce" and n.shape == (1, 16) for n in dp_step.graph.nodes)
+
+
+def test_unsynchronized_batch_statistics_are_averaged_over_ranks():
     model, opt = make(batchnorm=True)
     x, y = data(1)
     compile_step(model, sg.functional.cross_entropy, opt)(x[0], y[0])
     # the first norm layer sees the same inputs either way (later ones see locally normalized
-    # activations: batch norm is not synchronized), so its running mean is the global one
+    # activations), so its running mean is the global one
     ref = {"1.running_mean": model.state_dict()["1.running_mean"]}
-    state = train_on_ranks(2, batchnorm=True, steps=1)[0][0]
+    state = train_on_ranks(2, batchnorm=True, steps=1, sync_batchnorm=False)[0][0]
     assert rel_err({k: state[k] for k in ref}, ref) < 1e-12  # the mean of the local means
     plan = data_parallel(step_graph(batchnorm=True), 2)
     assert any(k.startswith("state/") and "running_mean" in k for k in plan.buckets[0].names)
