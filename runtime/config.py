@@ -120,7 +120,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, int, min=0, help="parameter init, dropout and data order"),
         "dtype": Key("float32", str, choices=("float32", "float64")),
         "log_every": Key(10, int, min=1, help="write a metrics record every N steps"),
-        "executor": Key("interpreter", str, choices=("interpreter", "compiled")),
+        "executor": Key("compiled", str, choices=("compiled", "interpreter"),
+                        help="compiled: planned buffers, the fast path; interpreter: the "
+                             "reference"),
         "eval_batch_size": Key(512, int, min=1),
     },
     "parallel": {

@@ -19,14 +19,16 @@ from shardgrad.graph.ir import Graph
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.trace import trace_forward, trace_step
+from shardgrad.runtime import compiled
 from shardgrad.runtime.device import is_device_array, to_host
-from shardgrad.runtime.interpreter import Interpreter
 
 Executor = Callable[[Graph], Any]   # graph -> object with .run(feeds) -> dict of outputs
 
 
 def default_executor(graph: Graph):
-    return Interpreter(graph)
+    """The compiled Program (graph passes, planned buffers): the fast path. Pass
+    ``executor=Interpreter`` for the reference."""
+    return compiled.compile(graph)
 
 
 class TrainStep:

@@ -52,17 +52,16 @@ RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
 
 # Executors by config name: "module:attribute", the attribute called with a Graph and
-# returning an object with ``run(feeds)``. None is the reference interpreter.
-EXECUTORS: dict[str, str | None] = {
-    "interpreter": None,
-    "compiled": "shardgrad.runtime.compiled:Program",
+# returning an object with ``run(feeds)``. "compiled" (the default) runs the graph passes
+# first; "interpreter" is the reference.
+EXECUTORS: dict[str, str] = {
+    "interpreter": "shardgrad.runtime.interpreter:Interpreter",
+    "compiled": "shardgrad.runtime.compiled:compile",
 }
 
 
 def make_executor(name: str):
     target = EXECUTORS[name]
-    if target is None:
-        return None
     module, _, attr = target.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
