@@ -62,19 +62,31 @@ def _windows(xp, xpad, kernel, stride, out_hw):
         strides=(sn, sc, sh, sw, sh * stride[0], sw * stride[1]))
 
 
-def _spread(xp, parts, shape, kernel, stride, padding):
+def _spread(xp, parts, shape, kernel, stride, padding, out=None):
     """The adjoint of _windows: sum each window element (i, j) back onto its input pixel.
-    ``parts(i, j)`` gives the (N, C, OH, OW) values for window element (i, j)."""
+    ``parts(i, j)`` gives the (N, C, OH, OW) values for window element (i, j). Into ``out``
+    when given (directly when there is no padding)."""
     (n, c, h, w), (ph, pw), (sh, sw) = shape, padding, stride
-    out = None
+    acc = out if out is not None and not ph and not pw else None
+    if acc is not None:
+        acc[...] = 0
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             v = parts(i, j)
-            if out is None:
-                out = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=v.dtype)
+            if acc is None:
+                acc = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=v.dtype)
             oh, ow = v.shape[2:]
-            out[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += v
-    return out[:, :, ph:ph + h, pw:pw + w]
+            acc[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += v
+    return _into(out, acc[:, :, ph:ph + h, pw:pw + w])
+
+
+def _into(out, value):
+    """``value``, written into ``out`` first when one is given (the compiled executor's
+    planned buffer: the window ops take ``out=``)."""
+    if out is None or out is value:
+        return value
+    out[...] = value
+    return out
 
 
 def _bytes_cost(node: Node) -> tuple[float, float]:
@@ -105,9 +117,10 @@ def _im2col_infer(x, kernel, stride, padding, **_):
     return (n, c, *kernel, oh, ow), x[1]
 
 
-def _im2col_fwd(xp, x, kernel, stride, padding):
-    return xp.ascontiguousarray(_windows(xp, _pad(xp, x, padding), kernel, stride,
-                                         _window_shape(x.shape, kernel, stride, padding)))
+def _im2col_fwd(xp, x, kernel, stride, padding, out=None):
+    win = _windows(xp, _pad(xp, x, padding), kernel, stride,
+                   _window_shape(x.shape, kernel, stride, padding))
+    return xp.ascontiguousarray(win) if out is None else _into(out, win)
 
 
 def _im2col_vjp(g, x, out, **a):
@@ -126,8 +139,8 @@ def _col2im_infer(cols, shape, kernel, stride, padding, **_):
     return tuple(shape), cols[1]
 
 
-def _col2im_fwd(xp, cols, shape, kernel, stride, padding):
-    return _spread(xp, lambda i, j: cols[:, :, i, j], shape, kernel, stride, padding)
+def _col2im_fwd(xp, cols, shape, kernel, stride, padding, out=None):
+    return _spread(xp, lambda i, j: cols[:, :, i, j], shape, kernel, stride, padding, out)
 
 
 def _col2im_vjp(g, cols, out, shape, **a):
@@ -186,7 +199,7 @@ def _window_parts(xp, x, kernel, stride, padding, fill=0.0):
             for j in range(kernel[1])]
 
 
-def _max_pool_fwd(xp, x, kernel, stride, padding):
+def _max_pool_fwd(xp, x, kernel, stride, padding, out=None):
     # over the KH window rows first (whole image rows, contiguous), then over the KW columns
     # (strided): 1.25x faster than KH*KW strided passes for 2x2 windows of f32[64,16,26,26]
     xpad = _pad(xp, x, padding, -np.inf)
@@ -194,7 +207,8 @@ def _max_pool_fwd(xp, x, kernel, stride, padding):
     rows = xpad[:, :, 0:sh * oh:sh].copy()
     for i in range(1, kh):
         xp.maximum(rows, xpad[:, :, i:i + sh * oh:sh], out=rows)
-    out = rows[..., 0:sw * ow:sw].copy()
+    first = rows[..., 0:sw * ow:sw]
+    out = first.copy() if out is None else _into(out, first)
     for j in range(1, kw):
         xp.maximum(out, rows[..., j:j + sw * ow:sw], out=out)
     return out
@@ -244,31 +258,31 @@ def _pool_pair_infer(y, x, kernel, stride, padding, to_input, **_):
     return tuple(want[0]), x[1]
 
 
-def _max_pool_grad_fwd(xp, g, x, kernel, stride, padding):
+def _max_pool_grad_fwd(xp, g, x, kernel, stride, padding, out=None):
     masks = _first_max(xp, x, kernel, stride, padding)
     zero = xp.zeros((), dtype=g.dtype)
     if stride[0] < kernel[0] or stride[1] < kernel[1] or not xp.isfinite(g).all():
         # overlapping windows (or an inf in g, which g * mask would spread as NaN): add up
         return _spread(xp, lambda i, j: xp.where(masks[i * kernel[1] + j][1], g, zero),
-                       x.shape, kernel, stride, padding)
+                       x.shape, kernel, stride, padding, out)
     # disjoint windows: each pixel takes g from at most one window, so each window element's
     # share is written, not added, into the pixels it covers (only the rest is zeroed). g *
     # mask, not where(): masks of ReLU outputs are random and where() branches (10x slower)
     (n, c, h, w), (ph, pw), (sh, sw) = x.shape, padding, stride
     shape = (n, c, h + 2 * ph, w + 2 * pw)
     oh, ow = g.shape[2:]
+    acc = out if out is not None and not ph and not pw else xp.empty(shape, dtype=g.dtype)
     if stride == kernel:
-        out = xp.empty(shape, dtype=g.dtype)
-        out[:, :, sh * oh:] = 0
-        out[:, :, :, sw * ow:] = 0
+        acc[:, :, sh * oh:] = 0
+        acc[:, :, :, sw * ow:] = 0
     else:
-        out = xp.zeros(shape, dtype=g.dtype)
+        acc[...] = 0
     share = xp.empty(g.shape, dtype=g.dtype)
     for k, hit in masks:
         i, j = divmod(k, kernel[1])
         xp.multiply(g, hit, out=share)      # contiguous, then one strided copy: 1.6x faster
-        out[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] = share
-    return out[:, :, ph:ph + h, pw:pw + w]
+        acc[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] = share
+    return _into(out, acc[:, :, ph:ph + h, pw:pw + w])
 
 
 def _max_pool_gather_fwd(xp, y, x, kernel, stride, padding):

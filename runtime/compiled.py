@@ -98,6 +98,11 @@ OUT_KERNELS: dict[str, OutKernel] = {
                         lambda n: n.dtype == "int64"),
     **{c: _compare(c) for c in ("equal", "not_equal", "less", "less_equal", "greater",
                                  "greater_equal")},
+    # ops/nn.py's window ops take out=: their results (im2col's columns are the step's largest
+    # value) then live in the arena and are reused like any other
+    **{op: OutKernel(lambda xp, n: (partial(get(n.op).forward, xp, **n.attrs), ()), False,
+                     lambda n: n.dtype in FLOATS)
+       for op in ("im2col", "col2im", "max_pool2d", "max_pool2d_grad")},
 }
 
 # Shape ops that NumPy and CuPy answer with a view; reshape only of a contiguous value.

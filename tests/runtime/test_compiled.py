@@ -253,3 +253,28 @@ def test_front_end_training_matches_the_interpreter(opt):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
     for k in ref_params:
         np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1)])
+def test_window_ops_write_into_planned_buffers(stride, padding):
+    """im2col, col2im, max_pool2d and its gradient take out=: they run as planned kernels (no
+    fresh array per step), bitwise equal to their forward, with and without padding, on
+    disjoint and overlapping pooling windows."""
+    from shardgrad.ops import nn
+    from shardgrad.runtime.compiled import _plan
+
+    x = leaf("input", (2, 3, 9, 9), "float64", name="x")
+    w = leaf("param", (4, 3, 3, 3), "float64", name="w")
+    w2 = leaf("param", (5, 4, 2, 2), "float64", name="w2")
+    h = E.relu(nn.conv2d(x, w, stride=stride, padding=padding))
+    h = nn.max_pool2d(h, 3, 2, 1) if padding else nn.max_pool2d(h, 2)
+    g = autodiff.grad(Graph({"l": R.sum(nn.conv2d(h, w2, padding=padding) ** 2.0)}),
+                      wrt=["x", "w", "w2"])
+    program = compile(g)
+    kinds = {n.op: v.kind for n, v in zip(program.graph.nodes, _plan(program.graph)[0],
+                                          strict=True)}
+    assert {kinds[op] for op in ("im2col", "col2im", "max_pool2d", "max_pool2d_grad")} == {
+        "kernel"}
+    for seed in range(2):
+        feeds = feeds_for(g, seed)
+        assert_outputs_equal(Interpreter(g).run(feeds), program.run(feeds))
