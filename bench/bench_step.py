@@ -1,10 +1,13 @@
-"""One training step of an MLP (784-512-512-10, float32, MSE loss, SGD), timed for shardgrad's
-compiled Program, the reference interpreter, a hand-written NumPy step and PyTorch eager (when
-torch is installed), plus the per-node overhead on a tiny MLP and the planner's memory figures.
+"""One training step of an MLP (784-512-512-10, float32, MSE loss, SGD) and of a CNN
+(conv(1->16,3x3)+ReLU+maxpool2+conv(16->32,3x3)+ReLU+maxpool2+linear(800->10) on 28x28, batch
+64, cross-entropy, SGD), timed for shardgrad's compiled Program, the reference interpreter, a
+hand-written NumPy step and PyTorch eager (when torch is installed), plus the per-node overhead
+on a tiny MLP and the planner's memory figures.
 
-    python bench/bench_step.py                       # batches 128 and 1024, JSON lines
+    python bench/bench_step.py                       # MLP batches 128 and 1024, CNN, per node
     python bench/bench_step.py --batches 128 --rounds 3 --out bench/step.json
-    python bench/bench_step.py --graph frontend      # the step graph traced by sg.compile_step
+    python bench/bench_step.py --graph frontend      # the MLP step traced by sg.compile_step
+    python bench/bench_step.py --benches cnn         # only the CNN (traced by sg.compile_step)
 
 Each measurement runs in a fresh process; implementations alternate round by round, and the
 ratios are paired (taken within a round, then the median over rounds), so slow drift of the
@@ -178,10 +181,151 @@ def make_torch(batch: int, sizes=SIZES):
     return step
 
 
+# ---- (b) the CNN step -------------------------------------------------------------------------
+
+CNN_BATCH = 64
+CNN_IMPLS = ("compiled", "interpreter", "numpy", "torch")
+
+
+def cnn_model():
+    """The sg model, seeded: its initial parameters are every implementation's."""
+    import shardgrad as sg
+
+    sg.manual_seed(0)
+    nn = sg.nn
+    return nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 5 * 5, 10))
+
+
+def cnn_batch(batch: int):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((batch, 1, 28, 28)).astype(np.float32),
+            rng.integers(0, 10, batch))
+
+
+def make_cnn_shardgrad(kind: str, batch: int):
+    """The step as users write it: sg.nn model, F.cross_entropy, sg.optim.SGD, traced once by
+    sg.compile_step; each call feeds the batch and takes the new parameters back."""
+    import shardgrad as sg
+    from shardgrad.runtime.compiled import compile
+    from shardgrad.runtime.interpreter import Interpreter
+
+    model = cnn_model()
+    step = sg.compile_step(model, sg.nn.functional.cross_entropy,
+                           sg.optim.SGD(model.parameters(), lr=LR),
+                           executor=compile if kind == "compiled" else Interpreter)
+    x, y = cnn_batch(batch)
+    _, program = step.graph_for(x, y)
+    return lambda: step(x, y), program
+
+
+def make_cnn_numpy(batch: int):
+    """A straightforward NumPy step: im2col rows (N*OH*OW, C*9) copied from a strided view, one
+    matmul per conv, pooling by reshape (the gradient goes to every tied maximum), col2im by
+    adding the 9 shifted slices."""
+    w0, b0, w1, b1, w2, b2 = (np.array(v) for v in cnn_model().state_dict().values())
+    x, y = cnn_batch(batch)
+    lr = np.float32(LR)
+    rows = np.arange(batch)
+
+    def im2col(a):
+        n, c, h, w = a.shape
+        s = a.strides
+        win = np.lib.stride_tricks.as_strided(a, (n, h - 2, w - 2, c, 3, 3),
+                                              (s[0], s[2], s[3], s[1], s[2], s[3]))
+        return win.reshape(n * (h - 2) * (w - 2), c * 9)
+
+    def col2im(cols, shape):
+        n, c, h, w = shape
+        cols = cols.reshape(n, h - 2, w - 2, c, 3, 3)
+        out = np.zeros(shape, cols.dtype)
+        for i in range(3):
+            for j in range(3):
+                out[:, :, i:i + h - 2, j:j + w - 2] += cols[..., i, j].transpose(0, 3, 1, 2)
+        return out
+
+    def conv(a, w, b):
+        n, _, h, wd = a.shape
+        cols = im2col(a)
+        out = cols @ w.reshape(len(w), -1).T + b
+        return out.reshape(n, h - 2, wd - 2, len(w)).transpose(0, 3, 1, 2), cols
+
+    def pool(a):
+        n, c, h, w = a.shape
+        a6 = a[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2)
+        return a6.max(axis=(3, 5)), a6
+
+    def pool_back(g, a6, out, shape):
+        mask = a6 == out[:, :, :, None, :, None]
+        gx = np.zeros(shape, g.dtype)
+        n, c, oh, _, ow, _ = a6.shape
+        gx[:, :, :2 * oh, :2 * ow] = (mask * g[:, :, :, None, :, None]).reshape(
+            n, c, 2 * oh, 2 * ow)
+        return gx
+
+    def conv_back(g, cols, w):
+        gr = g.transpose(0, 2, 3, 1).reshape(-1, len(w))
+        return (gr.T @ cols).reshape(w.shape), g.sum(axis=(0, 2, 3)), gr @ w.reshape(len(w), -1)
+
+    def step():
+        h0, c0 = conv(x, w0, b0)
+        a0 = np.maximum(h0, 0)
+        p0, a06 = pool(a0)
+        h1, c1 = conv(p0, w1, b1)
+        a1 = np.maximum(h1, 0)
+        p1, a16 = pool(a1)
+        f = p1.reshape(batch, -1)
+        z = f @ w2.T + b2
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        total = e.sum(axis=1, keepdims=True)
+        loss = np.mean(np.log(total[:, 0]) - z[rows, y])
+        g = e / total
+        g[rows, y] -= 1
+        g /= batch
+        gw2, gb2, gf = g.T @ f, g.sum(axis=0), g @ w2
+        ga1 = pool_back(gf.reshape(p1.shape), a16, p1, a1.shape)
+        gw1, gb1, gc1 = conv_back(ga1 * (h1 > 0), c1, w1)
+        ga0 = pool_back(col2im(gc1, p0.shape), a06, p0, a0.shape)
+        gw0, gb0, _ = conv_back(ga0 * (h0 > 0), c0, w0)
+        for p, gp in ((w0, gw0), (b0, gb0), (w1, gw1), (b1, gb1), (w2, gw2), (b2, gb2)):
+            p -= lr * gp
+        return loss
+    return step
+
+
+def make_cnn_torch(batch: int):
+    """PyTorch eager as people write it: nn.Conv2d, nn.MaxPool2d, cross_entropy, optim.SGD."""
+    import torch
+
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(32 * 5 * 5, 10))
+    state = cnn_model().state_dict()
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = (torch.from_numpy(v) for v in cnn_batch(batch))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
 IMPLS = ("compiled", "compiled_inplace", "interpreter", "numpy", "torch")
 
 
 def make(impl: str, graph_name: str, batch: int, sizes=SIZES):
+    if graph_name == "cnn":
+        if impl == "numpy":
+            return make_cnn_numpy(batch), None
+        if impl == "torch":
+            return make_cnn_torch(batch), None
+        return make_cnn_shardgrad(impl, batch)
     if impl == "numpy":
         return make_numpy(batch), None
     if impl == "torch":
@@ -279,15 +423,61 @@ def _paired(rounds: list[dict[str, float]], num: str, den: str) -> dict[str, flo
             "max": round(max(r), 3)}
 
 
+MLP_PAIRS = (("torch/compiled", "torch", "compiled"),
+             ("torch/compiled_inplace", "torch", "compiled_inplace"),
+             ("compiled/numpy", "compiled", "numpy"),
+             ("compiled_inplace/numpy", "compiled_inplace", "numpy"),
+             ("interpreter/compiled", "interpreter", "compiled"),
+             ("numpy/torch", "numpy", "torch"))
+
+
+def compare(args, line: dict, graph: str, batch: int, impls: list[str]) -> dict:
+    """Every implementation once per round, each in a fresh process, the order rotating round
+    by round; medians of the times and of the ratios paired within a round."""
+    rounds: dict[str, list[dict[str, float]]] = {"step_ms": [], "cpu_ms": []}
+    extra: dict[str, dict] = {}
+    for r in range(args.rounds):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        times: dict[str, dict[str, float]] = {"step_ms": {}, "cpu_ms": {}}
+        for impl in order:
+            res = spawn(["--worker", impl, "--batch", str(batch), "--graph", graph,
+                         "--steps", str(args.steps), "--warmup", str(args.warmup)])
+            for key in times:
+                times[key][impl] = res[key]
+            extra[impl] = {k: v for k, v in res.items() if k not in (
+                "impl", "batch", "step_ms", "cpu_ms")}
+        for key in times:
+            rounds[key].append(times[key])
+    for key, name in (("step_ms", "ratios"), ("cpu_ms", "cpu_ratios")):
+        line[key] = {i: round(float(np.median([x[i] for x in rounds[key]])), 3)
+                     for i in impls}
+        line[name] = {label: _paired(rounds[key], num, den) for label, num, den in MLP_PAIRS
+                      if num in impls and den in impls}
+    line["details"] = extra
+    plan = extra.get("compiled", {}).get("plan")
+    if plan:
+        line["memory"] = {"planned_bytes": plan["planned_bytes"],
+                          "lower_bound_bytes": plan["lower_bound_bytes"],
+                          "planned/lower_bound": round(plan["planned_bytes"]
+                                                       / plan["lower_bound_bytes"], 3)}
+    print(json.dumps(line), flush=True)
+    return line
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--benches", nargs="+", choices=("mlp", "cnn", "micro"),
+                    default=["mlp", "cnn", "micro"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[128, 1024],
+                    help="MLP batch sizes (the CNN's is 64)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--graph", choices=sorted(GRAPHS), default="ops")
+    ap.add_argument("--graph", choices=[*sorted(GRAPHS), "cnn"], default="ops",
+                    help="how the MLP step graph is built (cnn: the CNN worker's own)")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS))
-    ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--no-micro", action="store_true", help="same as leaving micro out of "
+                    "--benches")
     ap.add_argument("--threads", type=int, help="BLAS/torch threads per worker (default: "
                     "the environment's); 1 keeps a shared, busy machine from oversubscribing")
     ap.add_argument("--out", help="also append the JSON lines to this file")
@@ -298,6 +488,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    if args.graph == "cnn":
+        ap.error("--graph cnn is for the CNN's workers: run --benches cnn")
     global THREADS
     THREADS = args.threads
 
@@ -309,45 +501,18 @@ def main() -> None:
     impls = [i for i in args.impls if i != "torch" or torch_version]
     lines = []
     env = {"numpy": np.__version__, "torch": torch_version, "cpus": os.cpu_count(),
-           "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2),
-           "graph": args.graph}
-    for batch in args.batches:
-        rounds: dict[str, list[dict[str, float]]] = {"step_ms": [], "cpu_ms": []}
-        extra: dict[str, dict] = {}
-        for r in range(args.rounds):
-            order = impls[r % len(impls):] + impls[:r % len(impls)]
-            times: dict[str, dict[str, float]] = {"step_ms": {}, "cpu_ms": {}}
-            for impl in order:
-                res = spawn(["--worker", impl, "--batch", str(batch), "--graph", args.graph,
-                             "--steps", str(args.steps), "--warmup", str(args.warmup)])
-                for key in times:
-                    times[key][impl] = res[key]
-                extra[impl] = {k: v for k, v in res.items() if k not in (
-                    "impl", "batch", "step_ms", "cpu_ms")}
-            for key in times:
-                rounds[key].append(times[key])
-        pairs = (("torch/compiled", "torch", "compiled"),
-                 ("torch/compiled_inplace", "torch", "compiled_inplace"),
-                 ("compiled/numpy", "compiled", "numpy"),
-                 ("compiled_inplace/numpy", "compiled_inplace", "numpy"),
-                 ("interpreter/compiled", "interpreter", "compiled"),
-                 ("numpy/torch", "numpy", "torch"))
-        line = {"bench": "mlp_step", "sizes": list(SIZES), "batch": batch, **env}
-        for key, name in (("step_ms", "ratios"), ("cpu_ms", "cpu_ratios")):
-            line[key] = {i: round(float(np.median([x[i] for x in rounds[key]])), 3)
-                         for i in impls}
-            line[name] = {label: _paired(rounds[key], num, den) for label, num, den in pairs
-                          if num in impls and den in impls}
-        line["details"] = extra
-        plan = extra.get("compiled", {}).get("plan")
-        if plan:
-            line["memory"] = {"planned_bytes": plan["planned_bytes"],
-                              "lower_bound_bytes": plan["lower_bound_bytes"],
-                              "planned/lower_bound": round(plan["planned_bytes"]
-                                                           / plan["lower_bound_bytes"], 3)}
-        lines.append(line)
-        print(json.dumps(line), flush=True)
-    if not args.no_micro:
+           "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2)}
+    if "mlp" in args.benches:
+        for batch in args.batches:
+            line = {"bench": "mlp_step", "sizes": list(SIZES), "batch": batch, **env,
+                    "graph": args.graph}
+            lines.append(compare(args, line, args.graph, batch, impls))
+    if "cnn" in args.benches:
+        line = {"bench": "cnn_step", "input": [1, 28, 28], "batch": CNN_BATCH, **env,
+                "graph": "frontend"}
+        lines.append(compare(args, line, "cnn", CNN_BATCH,
+                             [i for i in impls if i in CNN_IMPLS]))
+    if "micro" in args.benches and not args.no_micro:
         micro_impls = ["compiled", "interpreter"] + (["torch"] if torch_version else [])
         runs: dict[str, list[dict]] = {i: [] for i in micro_impls}
         for r in range(args.rounds):
