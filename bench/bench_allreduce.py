@@ -9,8 +9,9 @@ partition.data_parallel and the bucket path it inserted (pack -> allreduce -> un
 by the reference interpreter on the step's gradients. Per repetition, after a barrier, the
 variants run in rotating order: raw ``MPI.COMM_WORLD.Allreduce(IN_PLACE, buf)``; the plan's
 allreduce node (its kernel's time, from a barrier just before it; watchdog on); the same
-without the watchdog; the whole bucket path (pack + allreduce + unpack, skew included). Medians over repetitions on rank 0; ratios are paired per
-repetition. Other processes share the 2 cores: rerun and compare medians.
+without the watchdog; the whole bucket path (pack + allreduce + unpack, skew included).
+Medians over repetitions on rank 0; ratios are paired per repetition. Other processes share
+the 2 cores: rerun and compare medians.
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ def _time_steps(step, barrier, steps: int) -> float:
 def worker_shardgrad(args) -> dict:
     import shardgrad as sg
     from shardgrad.partition.data_parallel import DataParallel
-    from shardgrad.runtime.dp import bound_executor
     from shardgrad.runtime.compiled import Program
+    from shardgrad.runtime.dp import bound_executor
     from shardgrad.runtime.mpi import MPICommunicator
 
     comm = MPICommunicator(timeout_s=300.0)
