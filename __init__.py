@@ -7,6 +7,7 @@ ops/, partition/, runtime/ and cluster/ (see DESIGN.md).
 
 import sys as _sys
 
+from shardgrad import ops as _ops
 from shardgrad.graph import nn, optim
 from shardgrad.graph.ir import Graph, Node, ShapeError
 from shardgrad.graph.nn import functional, manual_seed
@@ -20,6 +21,7 @@ from shardgrad.graph.tensor import (
     tensor,
     zeros,
 )
+from shardgrad.graph.tensor import apply as _apply
 from shardgrad.runtime.interpreter import ExecutionError
 from shardgrad.runtime.step import Predictor, accuracy, compile_step
 
@@ -39,8 +41,33 @@ def _elementwise(name):
 exp, log, sqrt, tanh, sigmoid, relu = (_elementwise(n) for n in
                                        ("exp", "log", "sqrt", "tanh", "sigmoid", "relu"))
 
+
+def concat(tensors, axis: int = 0) -> Tensor:
+    """Join tensors along ``axis`` (NumPy's concatenate, torch.cat)."""
+    return _apply(_ops.shape.concat, list(tensors), axis=axis)
+
+
+def where(condition, x, y) -> Tensor:
+    return _apply(_ops.elementwise.where, condition, x, y)
+
+
+def maximum(x, y) -> Tensor:
+    return _apply(_ops.elementwise.maximum, x, y)
+
+
+def minimum(x, y) -> Tensor:
+    return _apply(_ops.elementwise.minimum, x, y)
+
+
+def matmul(x, y) -> Tensor:
+    return _apply(_ops.linalg.matmul, x, y)
+
+
+cat = concat
+
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "zeros", "ones", "no_grad", "is_grad_enabled", "nn", "optim",
            "functional", "compile_step", "Predictor", "accuracy", "manual_seed",
            "set_default_dtype", "get_default_dtype", "Graph", "Node", "ShapeError",
-           "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu"]
+           "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "concat", "cat",
+           "where", "maximum", "minimum", "matmul"]

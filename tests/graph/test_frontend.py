@@ -223,3 +223,14 @@ def test_cnn_compiled_step_equals_eager():
         step(x, y)
     for k, v in model.state_dict().items():     # includes BatchNorm's running statistics
         np.testing.assert_allclose(v, eager[k], rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+def test_public_functions_build_differentiable_ops():
+    x = sg.tensor([[1.0, -2.0], [3.0, 0.5]], requires_grad=True)
+    y = sg.tensor([[0.5, 0.5], [0.5, 0.5]], requires_grad=True)
+    out = sg.cat([x, sg.maximum(x, y), sg.where(x > 0, x, y)], axis=1) @ sg.ones(6, 1)
+    out.sum().backward()
+    # maximum splits a tie (0.5 vs 0.5) evenly between its inputs
+    np.testing.assert_allclose(x.grad.numpy(), [[3.0, 1.0], [3.0, 2.5]])
+    np.testing.assert_allclose(y.grad.numpy(), [[0.0, 2.0], [0.0, 0.5]])
+    assert sg.concat is sg.cat
