@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -31,9 +30,9 @@ from tqdm import tqdm
 from shardgrad.graph import optim
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
+from shardgrad.runtime import compiled, dp
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
-from shardgrad.runtime import dp
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.data import (
     Dataset,
@@ -43,6 +42,7 @@ from shardgrad.runtime.data import (
     load_idx_dataset,
     num_batches,
 )
+from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.models import build_model, image_input
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 
@@ -51,23 +51,17 @@ RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor")
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
 
-# Executors by config name: "module:attribute", the attribute called with a Graph and
-# returning an object with ``run(feeds)``. "compiled" (the default) runs the graph passes
-# first; "interpreter" is the reference.
-EXECUTORS: dict[str, str] = {
-    "interpreter": "shardgrad.runtime.interpreter:Interpreter",
-    "compiled": "shardgrad.runtime.compiled:compile",
+# Executors by config name: each is called with a Graph and returns an object with
+# ``run(feeds)``. "compiled" (the default) runs the graph passes first; "interpreter" is
+# the reference.
+EXECUTORS: dict[str, Callable[[Any], Any]] = {
+    "interpreter": Interpreter,
+    "compiled": compiled.compile,
 }
 
 
 def make_executor(name: str):
-    target = EXECUTORS[name]
-    module, _, attr = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        raise cfg.ConfigError(f"train.executor = {name!r}: {target} is not available in this "
-                              f"build; valid choices that work: interpreter") from None
+    return EXECUTORS[name]
 
 
 def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
