@@ -102,7 +102,7 @@ def _time_steps(step, barrier, steps: int) -> float:
 def worker_shardgrad(args) -> dict:
     import shardgrad as sg
     from shardgrad.partition.data_parallel import DataParallel
-    from shardgrad.runtime.compiled import Program
+    from shardgrad.runtime.compiled import compile as compiled_executor
     from shardgrad.runtime.dp import bound_executor
     from shardgrad.runtime.mpi import MPICommunicator
 
@@ -115,10 +115,9 @@ def worker_shardgrad(args) -> dict:
     opt = sg.optim.SGD(model.parameters(), lr=0.01)
     transform = DataParallel(comm.world_size, deterministic=args.deterministic, chunks=4,
                              overlap=args.overlap)
+    make = compiled_executor if args.executor == "compiled" else None
     step = sg.compile_step(model, sg.functional.cross_entropy, opt,
-                           executor=bound_executor(Program if args.executor == "compiled" else None,
-                                                   comm),
-                           transform=transform)
+                           executor=bound_executor(make, comm), transform=transform)
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((PER_RANK, SIZES[0])).astype(np.float32)
     y = rng.integers(0, SIZES[-1], PER_RANK)
