@@ -24,8 +24,7 @@ import sys
 import time
 
 import numpy as np
-
-SIZES = (784, 512, 512, 10)
+from common import mlp
 
 
 def launch(args) -> None:
@@ -110,12 +109,7 @@ def worker(args) -> None:
     from shardgrad.runtime.mpi import MPICommunicator
 
     world = MPI.COMM_WORLD
-    sg.manual_seed(0)
-    layers = []
-    for a, b in zip(SIZES, SIZES[1:], strict=False):
-        layers += [sg.nn.Linear(a, b), sg.nn.ReLU()]
-    model = sg.nn.Sequential(*layers[:-1])
-    opt = sg.optim.SGD(model.parameters(), lr=0.01)
+    model, opt = mlp()
     graph = trace_step(model, sg.functional.cross_entropy, opt, ((128, 784), "float32"),
                        ((128,), "int64"))
     comms = (MPICommunicator(timeout_s=300.0), MPICommunicator(timeout_s=None))

@@ -22,8 +22,8 @@ import sys
 import time
 
 import numpy as np
+from common import SIZES, mlp
 
-SIZES = (784, 512, 512, 10)
 PER_RANK = 128
 
 
@@ -107,12 +107,7 @@ def worker_shardgrad(args) -> dict:
     from shardgrad.runtime.mpi import MPICommunicator
 
     comm = MPICommunicator(timeout_s=300.0)
-    sg.manual_seed(0)
-    layers = []
-    for a, b in zip(SIZES, SIZES[1:], strict=False):
-        layers += [sg.nn.Linear(a, b), sg.nn.ReLU()]
-    model = sg.nn.Sequential(*layers[:-1])
-    opt = sg.optim.SGD(model.parameters(), lr=0.01)
+    model, opt = mlp()
     transform = DataParallel(comm.world_size, deterministic=args.deterministic, chunks=4,
                              overlap=args.overlap)
     make = compiled_executor if args.executor == "compiled" else None
