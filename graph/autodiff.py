@@ -11,7 +11,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf, located, toposort
+from shardgrad.graph.ir import (
+    Graph,
+    Node,
+    ShapeError,
+    const,
+    descendants,
+    leaf,
+    located,
+    toposort,
+)
 from shardgrad.ops.registry import apply, get
 
 
@@ -27,14 +36,6 @@ def _check_wrt(wrt: Sequence[Node]) -> None:
                 f"{w.dtype} is not floating point")
 
 
-def _depends_on(nodes: list[Node], roots: Sequence[Node]) -> set[int]:
-    live = {r.id for r in roots}
-    for n in nodes:
-        if any(x.id in live for x in n.inputs):
-            live.add(n.id)
-    return live
-
-
 def backprop(outputs: Sequence[Node], cotangents: Sequence[Node],
              wrt: Sequence[Node]) -> list[Node]:
     """Reverse mode on nodes: the gradients of sum_i <outputs[i], cotangents[i]> with respect
@@ -42,7 +43,7 @@ def backprop(outputs: Sequence[Node], cotangents: Sequence[Node],
     zeros."""
     _check_wrt(wrt)
     nodes = toposort(outputs)
-    needed = _depends_on(nodes, wrt)
+    needed = descendants(nodes, wrt)
     ct: dict[int, Node] = {}
 
     def accumulate(x: Node, g: Node) -> None:

@@ -168,6 +168,16 @@ def ancestors(outputs: Iterable[Node]) -> set[int]:
     return set(_reachable(outputs))
 
 
+def descendants(nodes: Iterable[Node], roots: Iterable[Node]) -> set[int]:
+    """The ids of ``roots`` and of every node in ``nodes`` (topologically ordered) that
+    depends on one of them."""
+    live = {r.id for r in roots}
+    for n in nodes:
+        if any(x.id in live for x in n.inputs):
+            live.add(n.id)
+    return live
+
+
 def toposort(outputs: Iterable[Node]) -> list[Node]:
     """Every node reachable from ``outputs``, inputs before users (by creation order)."""
     seen = _reachable(outputs)

@@ -15,7 +15,7 @@ import contextlib
 import heapq
 from dataclasses import dataclass, field
 
-from shardgrad.graph.ir import Graph, Node, ShapeError, ancestors, const, leaf
+from shardgrad.graph.ir import Graph, Node, ShapeError, ancestors, const, descendants, leaf
 from shardgrad.graph.rewrite import replace
 from shardgrad.ops.collective import (
     allgather,
@@ -127,19 +127,10 @@ def _check_step(graph: Graph) -> None:
                          f"the batch; this graph's loss_scale is {graph.meta['loss_scale']!r}")
 
 
-def _depends_on(graph: Graph, roots: set[int]) -> set[int]:
-    live = set(roots)
-    for n in graph.nodes:
-        if any(x.id in live for x in n.inputs):
-            live.add(n.id)
-    return live
-
-
-
 def _averaged(graph: Graph) -> list[tuple[Node, list[str]]]:
     """The nodes to average over ranks, each with the output names it stands for: the loss,
     the gradients and the data-dependent floating-point state updates (batch statistics)."""
-    data = _depends_on(graph, {n.id for n in graph.inputs if n.name in DATA_INPUTS})
+    data = descendants(graph.nodes, [n for n in graph.inputs if n.name in DATA_INPUTS])
     names = ["loss"] + [f"grad/{p}" for p in graph.meta["params"]]
     synced = graph.meta.get("batch_stats_synced", False)   # already global: nothing to average
     names += [k for k in graph.outputs if k.startswith("state/") and not synced
