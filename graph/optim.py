@@ -2,7 +2,7 @@
 
 Each update rule is written once on Tensors, so it runs eagerly in ``step()`` and traces into
 the training-step Graph (where lr and the step count are graph inputs). State is a dict of
-tensors per parameter, as in PyTorch. Imports graph.tensor only.
+tensors per parameter, as in PyTorch. Imports graph.tensor and graph.device.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from shardgrad.graph.tensor import Tensor, no_grad, tensor
+from shardgrad.graph.device import to_device
+from shardgrad.graph.tensor import Tensor, no_grad, zeros
 
 
 class Optimizer:
@@ -34,7 +35,7 @@ class Optimizer:
         self.defaults = defaults
         self.t = 0
         self.state: list[dict[str, Tensor]] = [
-            {k: tensor(np.zeros(p.shape, p.dtype)) for k in self.state_keys}
+            {k: zeros(p.shape, dtype=p.dtype, device=p.device) for k in self.state_keys}
             for p in self.params]
 
     def rule(self, p, g, state, lr, t):
@@ -51,6 +52,9 @@ class Optimizer:
             for p, st in zip(self.params, self.state, strict=True):
                 if p.grad is None:
                     continue
+                for v in st.values():      # the model may have moved since (Module.to)
+                    if v.device != p.device:
+                        v._set_leaf(to_device(v.data, p.device))
                 new_p, new_state = self.rule(p.detach(), p.grad, st, self.lr, self.t)
                 p.data = new_p.data
                 for k, v in new_state.items():

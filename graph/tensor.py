@@ -3,7 +3,9 @@
 An eager tensor's value is computed as soon as the op is applied (the node and its value are
 kept so ``backward()`` can run the gradient graph); a symbolic tensor (a traced leaf, or any
 result of one) only builds nodes. The same user code therefore runs eagerly and traces into
-the training-step Graph. Imports graph.ir, graph.autodiff and ops.
+the training-step Graph. An eager value lives on a device (a NumPy array on the CPU, a CuPy
+array on a GPU, where ops run their hand-written CUDA kernels); the ops of one call must share
+it, as in PyTorch. Imports graph.ir, graph.device, graph.autodiff and ops.
 """
 
 from __future__ import annotations
@@ -17,11 +19,22 @@ import numpy as np
 
 from shardgrad import ops
 from shardgrad.graph.autodiff import backprop
+from shardgrad.graph.device import (
+    CPU,
+    Device,
+    DeviceError,
+    array_module,
+    device_of,
+    is_device_array,
+    to_device,
+    to_host,
+)
 from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
 from shardgrad.ops import reduce as R
 from shardgrad.ops import shape as S
+from shardgrad.ops.gpu import kernel
 from shardgrad.ops.registry import get
 
 # Eager values live beside their nodes and die with them (a node lives as long as a tensor or
@@ -89,8 +102,19 @@ def _evaluate(outs: list[Node]) -> None:
         elif not n.inputs:
             raise ShapeError(f"{n!r} has no value: it is a traced placeholder")
         else:
-            args = [_VALUES[x] for x in n.inputs]
-            _VALUES[n] = get(n.op).forward(np, *args, **n.attrs)
+            _VALUES[n] = _run(n, [_VALUES[x] for x in n.inputs])
+
+
+def _run(n: Node, args: list[Any]):
+    """Node ``n``'s value from its inputs' values: with NumPy, or on the GPU that holds its
+    device inputs (host inputs, constants such as a Python scalar, are copied there)."""
+    on = next((a for a in args if is_device_array(a)), None)
+    if on is None:
+        return get(n.op).forward(np, *args, **n.attrs)
+    xp = array_module(on)
+    with on.device:
+        args = [a if is_device_array(a) else xp.asarray(a) for a in args]
+        return kernel(get(n.op), xp)(xp, *args, **n.attrs)
 
 
 def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
@@ -127,14 +151,15 @@ class Tensor:
 
     @data.setter
     def data(self, value) -> None:
-        """Replace the value in place (no history), keeping dtype and shape."""
-        value = np.asarray(value.data if isinstance(value, Tensor) else value)
+        """Replace the value in place (no history), keeping dtype, shape and device (a value
+        from another device is copied to this tensor's)."""
+        value = to_device(value.data if isinstance(value, Tensor) else value, self.device)
         if value.shape != self.shape:
             raise ShapeError(f"cannot set data of shape {value.shape} on a tensor of shape "
                              f"{self.shape}")
         self._set_leaf(value.astype(self.dtype, copy=False))
 
-    def _set_leaf(self, value: np.ndarray) -> None:
+    def _set_leaf(self, value) -> None:
         self.node = _eager_leaf(value, self.requires_grad)
         if self.requires_grad:
             _LEAVES[self.node.id] = self
@@ -145,11 +170,44 @@ class Tensor:
         if other.is_symbolic:
             self.node = other.node
         else:
-            self._set_leaf(np.asarray(other.data))
+            value = other.data
+            self._set_leaf(value if is_device_array(value) else np.asarray(value))
         return self
 
     def numpy(self) -> np.ndarray:
-        return np.asarray(self.data)
+        """The value as a NumPy array (copied from the GPU if it lives there)."""
+        return to_host(self.data)
+
+    @property
+    def device(self) -> Device:
+        """Where the value lives: ``cpu`` or ``cuda:N``. A traced tensor has no value; it
+        reports the CPU (the executor that runs the graph decides where it computes)."""
+        return CPU if self.is_symbolic else device_of(self.data)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.is_cuda
+
+    def to(self, device) -> Tensor:
+        """This tensor on ``device`` (itself if already there), as torch.Tensor.to. The copy
+        is a new leaf: moving a tensor that has autograd history is refused, so move the
+        parameters (Module.to) and inputs before computing with them."""
+        value = self.data
+        moved = to_device(value, device)
+        if moved is value:
+            return self
+        if self.requires_grad and self.node.id not in _LEAVES:
+            raise DeviceError(f"Tensor.to({str(Device.parse(device))!r}) of a tensor with "
+                              f"autograd history ({self.node!r}): the move is not "
+                              f"differentiable here; move the leaves (Module.to(device), the "
+                              f"inputs) before computing, or detach() first")
+        return tensor(moved, requires_grad=self.requires_grad)
+
+    def cpu(self) -> Tensor:
+        return self.to(CPU)
+
+    def cuda(self, index: int | None = None) -> Tensor:
+        return self.to(Device("cuda", index))
 
     def item(self) -> float:
         return self.data.item()
@@ -180,7 +238,9 @@ class Tensor:
         if self.is_symbolic:
             return f"Tensor(<traced {self.node!r}>)"
         grad = ", requires_grad=True" if self.requires_grad else ""
-        return f"Tensor({np.array2string(self.numpy(), precision=4)}, dtype={self.dtype}{grad})"
+        where = f", device='{self.device}'" if self.is_cuda else ""
+        return (f"Tensor({np.array2string(self.numpy(), precision=4)}, dtype={self.dtype}"
+                f"{where}{grad})")
 
     # -- autograd ---------------------------------------------------------------------------
     def backward(self, gradient=None) -> None:
@@ -254,11 +314,22 @@ class Tensor:
         return self.transpose()
 
 
+def _const(value) -> Node:
+    """A constant node holding ``value`` where it lives (a GPU array stays on its GPU)."""
+    if not is_device_array(value):
+        return const(value)
+    node = Node("const", (), {"value": value}, value.shape, str(value.dtype))
+    _VALUES[node] = value
+    return node
+
+
 def _node_of(x, like: Node | None) -> Node:
     """The node standing for ``x`` in an op (eager tensors cut their history when grad is off
     or when the op is being traced: a traced graph never holds an eager past)."""
     if isinstance(x, Tensor):
         return x.node
+    if is_device_array(x):
+        return _const(x)
     if isinstance(x, np.ndarray | np.generic):
         return const(np.asarray(x))
     if isinstance(x, bool | int | float) and like is not None:
@@ -273,13 +344,17 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
         t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, Tensor)]
     tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
     symbolic = any(t.is_symbolic for t in tensors)
+    if not symbolic:
+        _same_device(fn, tensors)
     track = _grad_enabled[0] and any(t.requires_grad for t in tensors)
 
     def to_node(a):
         if isinstance(a, Tensor):
-            if (symbolic or not track) and not a.is_symbolic:
-                return a.node if a.node.op == "const" else const(a.data)
-            return a.node
+            if a.is_symbolic or (track and not symbolic):
+                return a.node
+            if symbolic and a.is_cuda:     # a graph being traced holds host constants
+                return const(to_host(a.data))
+            return a.node if a.node.op == "const" else _const(a.data)
         if isinstance(a, list | tuple):
             return type(a)(to_node(t) for t in a)
         return a
@@ -292,15 +367,30 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
     return tuple(wrapped) if isinstance(out, tuple) else wrapped[0]
 
 
-def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
-    """A new leaf tensor holding a copy of ``data``. As in torch.tensor, NumPy arrays keep their
-    dtype and Python floats take the default dtype (float32 unless set_default_dtype)."""
-    keeps_dtype = isinstance(data, np.ndarray | np.generic | Tensor)   # as torch.tensor
-    arr = np.array(data.data if isinstance(data, Tensor) else data, dtype=dtype, copy=True)
+def _same_device(fn, tensors: list[Tensor]) -> None:
+    """As PyTorch: the tensors of one op live on one device (a 0-d CPU tensor, like a Python
+    number, may join a GPU op)."""
+    devices = {t.device for t in tensors if t.ndim or t.is_cuda}
+    if len(devices) > 1:
+        name = getattr(fn, "__name__", str(fn))
+        raise DeviceError(f"{name}: expected all tensors on one device, found "
+                          f"{' and '.join(sorted(map(str, devices)))}; move them with "
+                          f".to(device) (or Module.to(device)) first")
+
+
+def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor:
+    """A new leaf tensor holding a copy of ``data`` on ``device`` (default: where ``data``
+    is, the CPU for Python and NumPy data). As in torch.tensor, arrays keep their dtype and
+    Python floats take the default dtype (float32 unless set_default_dtype)."""
+    src = data.data if isinstance(data, Tensor) else data
+    keeps_dtype = isinstance(data, np.ndarray | np.generic | Tensor) or is_device_array(src)
+    arr = array_module(src).array(src, dtype=dtype, copy=True)
     if dtype is None and arr.dtype.kind == "f" and not keeps_dtype:
         arr = arr.astype(_default_dtype[0])
     if requires_grad and arr.dtype.kind != "f":
         raise ShapeError(f"only floating-point tensors can require gradients, got {arr.dtype}")
+    if device is not None:
+        arr = to_device(arr, device)
     t = Tensor(_eager_leaf(arr, False), requires_grad=requires_grad)
     t._set_leaf(arr)
     return t
@@ -311,11 +401,11 @@ def placeholder(shape, dtype, op: str = "input", name: str | None = None) -> Ten
     return Tensor(leaf(op, shape, dtype, name=name), requires_grad=op == "param")
 
 
-def zeros(*shape, dtype=None) -> Tensor:
+def zeros(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
     shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
-    return tensor(np.zeros(shape, dtype or _default_dtype[0]))
+    return tensor(np.zeros(shape, dtype or _default_dtype[0]), requires_grad, device=device)
 
 
-def ones(*shape, dtype=None) -> Tensor:
+def ones(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
     shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
-    return tensor(np.ones(shape, dtype or _default_dtype[0]))
+    return tensor(np.ones(shape, dtype or _default_dtype[0]), requires_grad, device=device)

@@ -2,7 +2,8 @@
 
 The model's Parameter tensors stay the source of truth: each call feeds their values (and
 the buffers' and optimizer state's) to the executor and takes the updated ones back, so
-``model.state_dict()`` and eager use keep working between steps. An executor on a GPU gives
+``model.state_dict()`` and eager use keep working between steps. A model on a GPU
+(``model.to("cuda")``) gets runtime.gpu's executor by default; an executor on a GPU gives
 back device arrays: they stay in the tensors from step to step (nothing is copied per step)
 until ``TrainStep.to_host()``. Imports graph and runtime.
 """
@@ -10,6 +11,7 @@ until ``TrainStep.to_host()``. Imports graph and runtime.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +20,10 @@ import numpy as np
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
+from shardgrad.graph.tensor import Tensor
 from shardgrad.graph.trace import trace_forward, trace_step
 from shardgrad.runtime import compiled
+from shardgrad.runtime import device as dev
 from shardgrad.runtime.device import is_device_array, to_host
 
 Executor = Callable[[Graph], Any]   # graph -> object with .run(feeds) -> dict of outputs
@@ -29,6 +33,32 @@ def default_executor(graph: Graph):
     """The compiled Program (graph passes, planned buffers): the fast path. Pass
     ``executor=Interpreter`` for the reference."""
     return compiled.compile(graph)
+
+
+def executor_for(model: Module) -> Executor:
+    """The default executor for where ``model``'s parameters live: the compiled Program on
+    the CPU, runtime.gpu's GPUExecutor on their GPU."""
+    where = next((p.device for p in model.parameters()), dev.CPU)
+    if not where.is_cuda:
+        return default_executor
+    from shardgrad.runtime.gpu import GPUExecutor
+
+    return functools.partial(GPUExecutor, device=where)
+
+
+def _on_device(executor):
+    """A context making the executor's GPU current while it runs (nothing for the CPU)."""
+    where = getattr(executor, "keywords", {}).get("device")
+    if where is None or not dev.Device.parse(where).is_cuda:
+        return contextlib.nullcontext()
+    return dev.base._cupy().cuda.Device(dev.Device.parse(where).index or 0)
+
+
+def _batch(v):
+    """A batch as the executor takes it: a Tensor's value, a GPU array as it is, anything
+    else as a NumPy array."""
+    v = v.data if isinstance(v, Tensor) else v
+    return v if is_device_array(v) else np.asarray(v)
 
 
 class TrainStep:
@@ -45,20 +75,28 @@ class TrainStep:
                  executor: Executor | None = None,
                  transform: Callable[[Graph], Graph] | None = None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.executor = executor or default_executor
+        self.executor = executor or executor_for(model)
         self.transform = transform
         self._compiled: dict[tuple, tuple[Graph, Any]] = {}
         names = dict(model.named_parameters())
         self._params = list(names.items())
+        if not self._params:
+            raise ValueError(f"{type(model).__name__} has no parameters to train")
         self._buffers = list(model.named_buffers())
         name_of = {id(p): n for n, p in self._params}
+        foreign = [i for i, p in enumerate(optimizer.params) if id(p) not in name_of]
+        if foreign:
+            raise ValueError(f"the optimizer's parameters {foreign} (by position) are not "
+                             f"parameters of the {type(model).__name__} being trained")
         self._opt_states = [(f"optim/{name_of[id(p)]}/{k}", v)
                             for p, st in zip(optimizer.params, optimizer.state, strict=True)
                             for k, v in st.items()]
         self.dtype = self._params[0][1].dtype
 
     def graph_for(self, x, y) -> tuple[Graph, Any]:
-        key = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype))
+        # which parameters are frozen is part of the traced graph (they get no update)
+        frozen = tuple(n for n, p in self._params if not p.requires_grad)
+        key = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype), frozen)
         if key not in self._compiled:
             split = getattr(self.transform, "split", 1)
             if split > 1 and (key[0][:1] != key[2][:1] or key[0][0] % split):
@@ -68,7 +106,7 @@ class TrainStep:
                 key_traced = (((key[0][0] // split,) + key[0][1:], key[1]),
                               ((key[2][0] // split,) + key[2][1:], key[3]))
             else:
-                key_traced = (key[:2], key[2:])
+                key_traced = (key[:2], key[2:4])
             context = getattr(self.transform, "trace_context", contextlib.nullcontext)
             with context():
                 graph = trace_step(self.model, self.loss_fn, self.optimizer, *key_traced)
@@ -95,16 +133,18 @@ class TrainStep:
         return feeds
 
     def __call__(self, x, y) -> float:
-        x, y = np.asarray(x), np.asarray(y)
+        x, y = _batch(x), _batch(y)
         _, program = self.graph_for(x, y)
-        out = program.run(self.feeds(x, y))
+        with _on_device(self.executor):
+            out = program.run(self.feeds(x, y))
         self.write_back(out)
         return float(out["loss"])
 
     def write_back(self, out: dict[str, Any]) -> None:
         self.optimizer.t += 1
         for n, p in self._params:
-            p._set_leaf(out[f"param/{n}"])
+            if f"param/{n}" in out:            # frozen or not the optimizer's: unchanged
+                p._set_leaf(out[f"param/{n}"])
         for n, t in self._buffers + self._opt_states:
             if f"state/{n}" in out:
                 t._set_leaf(out[f"state/{n}"])
@@ -115,7 +155,7 @@ class TrainStep:
         next step uploads them again."""
         for _, t in self._params + self._buffers + self._opt_states:
             if is_device_array(t.data):
-                t.data = to_host(t.data)
+                t._set_leaf(to_host(t.data))
 
 
 def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
@@ -130,22 +170,30 @@ class Predictor:
     """Batched inference with the eval-mode forward graph, built once per batch shape."""
 
     def __init__(self, model: Module, executor: Executor | None = None):
-        self.model, self.executor = model, executor or default_executor
+        self.model, self.executor = model, executor or executor_for(model)
         self._compiled: dict[tuple, Any] = {}
 
     def __call__(self, x) -> np.ndarray:
-        x = np.asarray(x)
+        """The logits for batch ``x``, as a NumPy array (copied from the GPU if need be)."""
+        x = _batch(x)
         key = (x.shape, str(x.dtype))
         if key not in self._compiled:
             self._compiled[key] = self.executor(trace_forward(self.model, key))
         feeds = {"x": x, **{n: p.data for n, p in self.model.named_parameters()},
                  **{n: b.data for n, b in self.model.named_buffers()}}
-        return self._compiled[key].run(feeds)["logits"]
+        with _on_device(self.executor):
+            return to_host(self._compiled[key].run(feeds)["logits"])
 
 
 def accuracy(model: Module, x, y, batch_size: int = 512, executor: Executor | None = None
              ) -> float:
+    """The fraction of rows of ``x`` whose largest logit is at the integer label in ``y``."""
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"accuracy needs one integer label per row of x: got labels of shape "
+                         f"{y.shape} for {len(x)} rows")
     predict = Predictor(model, executor)
+    x, y = _batch(x), to_host(_batch(y))
     correct = 0
     for i in range(0, len(x), batch_size):
         correct += int((predict(x[i:i + batch_size]).argmax(axis=1) == y[i:i + batch_size]).sum())

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from shardgrad import ops
+from shardgrad.graph.device import CPU, Device, to_device
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import functional
 from shardgrad.graph.nn import functional as F
@@ -112,8 +113,22 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
+    def to(self, device) -> Module:
+        """Move every parameter and buffer to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``)
+        in place, as torch.nn.Module.to: the Parameter objects stay the same, so an optimizer
+        made before keeps its parameters (its state follows them on its next step)."""
+        for t in [*self.parameters(), *(b for _, b in self.named_buffers())]:
+            t._set_leaf(to_device(t.data, device))
+        return self
+
+    def cuda(self, index: int | None = None) -> Module:
+        return self.to(Device("cuda", index))
+
+    def cpu(self) -> Module:
+        return self.to(CPU)
+
     def state_dict(self) -> OrderedDict[str, np.ndarray]:
-        """Parameters and buffers as NumPy arrays (copies), by dotted name."""
+        """Parameters and buffers as NumPy arrays (copies, from the GPU too), by dotted name."""
         out = OrderedDict((k, p.numpy().copy()) for k, p in self.named_parameters())
         out.update((k, b.numpy().copy()) for k, b in self.named_buffers())
         return out
@@ -134,7 +149,7 @@ class Module:
             raise KeyError(f"load_state_dict for {type(self).__name__}: "
                            + ", ".join(p for p in parts if p))
         for k in set(own) & set(state):
-            own[k].data = np.asarray(state[k])
+            own[k].data = state[k]     # copied onto the device the tensor lives on
 
     def extra_repr(self) -> str:
         return ""

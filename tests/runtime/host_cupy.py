@@ -2,6 +2,10 @@
 the GPU executor takes its GPU path (ops.gpu.kernel picks the hand-written CUDA kernels by the
 module's name) while runtime.host_cuda runs those kernels on the host, plus the few
 ``cupy.cuda`` calls the runtime makes (one visible device, no-op synchronization).
+
+``device_module()`` goes further for code that tells host from device arrays (eager tensors):
+its arrays are ``DeviceArray``s, which say they live on a GPU and, like CuPy's, refuse to mix
+with NumPy arrays, so a value that stays on the host by mistake fails as it would on a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ class _Device:
     def synchronize(self) -> None:
         pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
 
 def module(devices: int = 1) -> types.ModuleType:
     """A fresh module named "cupy" holding NumPy's namespace and a ``cuda`` namespace that
@@ -35,4 +45,99 @@ def module(devices: int = 1) -> types.ModuleType:
     return cupy
 
 
-__all__ = ["module"]
+def _refuse_host(values) -> None:
+    for v in values:
+        if isinstance(v, list | tuple):
+            _refuse_host(v)
+        elif type(v) is np.ndarray:   # as CuPy: no implicit host-to-device conversion
+            raise TypeError(f"Unsupported type {type(v)} (a NumPy array given to cupy)")
+
+
+def _on_device(value):
+    if type(value) is np.ndarray or isinstance(value, np.generic):   # CuPy gives 0-d arrays
+        return np.asarray(value).view(DeviceArray)
+    if isinstance(value, tuple):
+        return tuple(_on_device(v) for v in value)
+    return value
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array that says it is on GPU 0 (``__cuda_array_interface__``, ``device``,
+    ``get()``) and, as a CuPy array, takes no NumPy array as an operand."""
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "version": 3,
+                "data": (self.ctypes.data, False), "strides": self.strides}
+
+    @property
+    def device(self) -> _Device:
+        return _Device(0)
+
+    def get(self, out=None) -> np.ndarray:
+        host = np.array(self.view(np.ndarray))
+        if out is None:
+            return host
+        np.copyto(out, host)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed (as CuPy): "
+                        "use .get()")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _refuse_host(inputs)
+        plain = [x.view(np.ndarray) if isinstance(x, DeviceArray) else x for x in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(o.view(np.ndarray) for o in kwargs["out"])
+        return _on_device(getattr(ufunc, method)(*plain, **kwargs))
+
+    def __array_function__(self, func, types, args, kwargs):
+        _refuse_host(args)
+        return _on_device(func._implementation(*_plain(args), **_plain(kwargs)))
+
+    def __getitem__(self, index):
+        return _on_device(self.view(np.ndarray)[_plain(index)])
+
+    def __setitem__(self, index, value):
+        _refuse_host([value])
+        self.view(np.ndarray)[_plain(index)] = _plain(value)
+
+    def item(self, *args):
+        return self.view(np.ndarray).item(*args)
+
+
+def _plain(value):
+    if isinstance(value, DeviceArray):
+        return value.view(np.ndarray)
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _creates_on_device(fn, uploads: bool = False):
+    def wrapped(*args, **kwargs):
+        if not uploads:
+            _refuse_host(args)
+        return _on_device(fn(*_plain(args), **_plain(kwargs)))
+    wrapped.__name__ = getattr(fn, "__name__", "fn")
+    return wrapped
+
+
+def device_module(devices: int = 1) -> types.ModuleType:
+    """``module(devices)`` whose functions make DeviceArrays: ``asarray``/``array`` take host
+    data (the upload), every other function and ufunc refuses NumPy arrays."""
+    cupy = module(devices)
+    for name, fn in vars(np).items():
+        if callable(fn) and not isinstance(fn, type | np.ufunc) and not name.startswith("_"):
+            setattr(cupy, name, _creates_on_device(fn, uploads=name in ("array", "asarray")))
+    cupy.ndarray = DeviceArray
+    cupy.asnumpy = lambda x: x.get() if isinstance(x, DeviceArray) else np.asarray(x)
+    cupy.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
+        as_strided=_creates_on_device(np.lib.stride_tricks.as_strided)))
+    return cupy
+
+
+__all__ = ["DeviceArray", "device_module", "module"]

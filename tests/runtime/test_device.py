@@ -62,7 +62,7 @@ def test_cpu_uses_numpy_and_never_imports_cupy(monkeypatch):
 @pytest.fixture
 def cupy_imports(monkeypatch):
     """resolve() imports CuPy before it counts the devices: let it, without a GPU."""
-    monkeypatch.setattr(D, "_cupy", lambda: None)
+    monkeypatch.setattr(D.base, "_cupy", lambda: None)
 
 
 def test_resolve_without_a_gpu_says_so(monkeypatch, cupy_imports):

@@ -45,7 +45,7 @@ def host_gpu(monkeypatch):
     """CuPy "installed" with ``host_gpu.devices`` GPUs; returns the ranks of the GPU
     executor's runs."""
     cupy = host_cupy.module()
-    monkeypatch.setattr(D, "_cupy", lambda: cupy)
+    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
     monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
     monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")
     runs = []
@@ -86,7 +86,7 @@ def test_missing_gpus_and_pipelines_are_config_errors(host_gpu, monkeypatch):
         tr.train(config('device.type="cuda:1"'), None)
     with pytest.raises(ConfigError, match="runs data parallelism only"):
         tr.train(config('device.type="cuda"', "parallel.pp=2"), None)
-    monkeypatch.setattr(D, "_cupy", lambda: host_cupy.module(devices=0))
+    monkeypatch.setattr(D.base, "_cupy", lambda: host_cupy.module(devices=0))
     with pytest.raises(ConfigError, match="'cuda' but no CUDA device is visible"):
         tr.train(config('device.type="cuda"'), None)
     assert not host_gpu
