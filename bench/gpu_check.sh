@@ -52,7 +52,8 @@ for name in ${GPU_CHECK_PARTS:-env tests mlp cnn fused optable}; do
          nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv \
              >>"$OUTDIR/env.log" 2>&1 || true ;;
     tests) part tests 110 "$PY" -m pytest -v -rfE -p no:cacheprovider --timeout 100 -m gpu \
-             tests/ops/test_gpu_ops.py tests/runtime/test_gpu_runtime.py ;;
+             tests/ops/test_gpu_ops.py tests/runtime/test_gpu_runtime.py \
+             tests/runtime/test_tensor_device.py ;;
     mlp) part mlp 50 "$PY" bench/gpu_bench.py --part mlp --steps 20 ;;
     cnn) part cnn 40 "$PY" bench/gpu_bench.py --part cnn --steps 10 ;;
     fused) part fused 25 "$PY" bench/gpu_bench.py --part fused ;;
