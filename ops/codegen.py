@@ -85,7 +85,8 @@ def _unary_fn(fn: str) -> Expr:
 
 
 def _div(a, dts, dt, attrs):
-    _float_only(dt, "div")
+    for d in (dt, *dts):                # int / int is a float in NumPy but integer division in C
+        _float_only(d, "div")
     return f"({a[0]} / {a[1]})"
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from shardgrad.graph.ir import Node, const
 from shardgrad.ops.registry import (
+    FLOAT_DTYPES,
     OpDef,
     apply,
     as_node,
@@ -105,7 +106,12 @@ def _div_jvp(ts, x, y, out):
                          None if ts[1] is None else _t(-(out * ts[1]) / y, out))
 
 
-register(OpDef("div", infer=broadcast_infer, forward=lambda xp, x, y: x / y, vjp=_div_vjp,
+def _div_infer(x, y, **_):
+    shape, dtype = broadcast_infer(x, y)
+    return shape, dtype if dtype in FLOAT_DTYPES else "float64"     # NumPy's true division
+
+
+register(OpDef("div", infer=_div_infer, forward=lambda xp, x, y: x / y, vjp=_div_vjp,
                jvp=_div_jvp, cost=elementwise_cost))
 
 

@@ -10,7 +10,14 @@ import builtins
 import numpy as np
 
 from shardgrad.graph.ir import Node
-from shardgrad.ops.registry import OpDef, apply, itemsize, register
+from shardgrad.ops.registry import (
+    FLOAT_DTYPES,
+    OpDef,
+    apply,
+    itemsize,
+    register,
+    shape_error,
+)
 
 
 def norm_axis(axis, ndim: int) -> tuple[int, ...]:
@@ -51,7 +58,13 @@ def _sum_vjp(g, x, out, axis, keepdims):
     return (apply("broadcast_to", _keep(g, x, axis, keepdims), shape=x.shape),)  # d sum = sum d
 
 
-register(OpDef("sum", infer=_reduce_infer,
+def _sum_infer(x, axis, keepdims, **_):
+    shape, dtype = _reduce_infer(x, axis, keepdims)
+    kind = np.dtype(dtype).kind                  # NumPy sums bools and small ints in 64 bits
+    return shape, {"b": "int64", "i": "int64", "u": "uint64"}.get(kind, dtype)
+
+
+register(OpDef("sum", infer=_sum_infer,
                forward=lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
                vjp=_sum_vjp, jvp=lambda ts, x, out, axis, keepdims: None if ts[0] is None else
                sum(ts[0], axis, keepdims), cost=_reduce_cost))
@@ -63,6 +76,9 @@ def sum(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
 
 
 def mean(x, axis=None, keepdims=False) -> Node:
+    if x.dtype not in FLOAT_DTYPES:             # as torch.mean: an integer mean would truncate
+        raise shape_error("mean", [x], f"needs a floating-point input, got {x.dtype}; cast it "
+                          f"first (x.astype('float32'))")
     axes = norm_axis(axis, x.ndim)
     count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
     return sum(x, axes, keepdims) * (1.0 / builtins.max(count, 1))

@@ -81,9 +81,23 @@ def as_node(x: Any, like: Node | None = None) -> Node:
         return x
     if hasattr(x, "node") and isinstance(x.node, Node):  # a front-end Tensor
         return x.node
-    if isinstance(x, bool | int | float) and like is not None:
+    if isinstance(x, bool | int | float) and like is not None and _holds(like.dtype, x):
         return const(x, dtype=like.dtype)
+    # a scalar that like's dtype cannot hold (1.5 with an int tensor, 2 with a bool one) keeps
+    # its own dtype, so the op's dtype rule reports the mismatch instead of truncating it
     return const(np.asarray(x))
+
+
+def _holds(dtype: str, x: bool | int | float) -> bool:
+    """Whether a tensor of ``dtype`` holds the Python scalar ``x`` exactly enough to take it
+    weakly: floats take any number; integers take ints in range; bools take bools."""
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        return True
+    if kind in "iu":
+        info = np.iinfo(dtype)
+        return isinstance(x, int) and info.min <= x <= info.max
+    return isinstance(x, bool)
 
 
 def apply(name: str, *inputs: Any, **attrs: Any) -> Node:

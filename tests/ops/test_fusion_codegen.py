@@ -137,6 +137,15 @@ def test_unsupported_dtype_is_reported():
         codegen.fused_source(group)
 
 
+def test_integer_division_has_no_c_form():
+    from shardgrad.graph.ir import leaf
+    from shardgrad.ops import elementwise as E
+    i = leaf("input", (3,), "int64", name="i")
+    (group,) = passes.fusion_groups(Graph({"y": E.exp(i / 2) + 1.0}))   # C's / would truncate
+    with pytest.raises(codegen.Unsupported, match="div of int64"):
+        codegen.fused_source(group)
+
+
 @needs_cxx
 def test_generated_kernels_run_on_the_host_match_interpreter(cases, launcher):
     """Each group's CUDA C, compiled for the host and run on the interpreter's input values,

@@ -92,3 +92,36 @@ def test_conv2d_channel_mismatch():
                 "conv2d(f32[2,3,8,8], f32[4,2,3,3])", "3 channels", "expects 2")
     raises_here(lambda: nn.conv2d(x_(2, 3, 8, 8), x_(4, 3, 3, 3), x_(5)), "conv2d", "bias")
     raises_here(lambda: nn.conv2d(x_(2, 3, 2, 2), x_(4, 3, 3, 3)), "conv2d", "do not fit")
+
+
+def test_python_scalar_the_dtype_cannot_hold_is_refused_not_truncated():
+    i, b = x_(3, dtype="int64"), x_(3, dtype="bool")
+    raises_here(lambda: i * 1.5, "mul(i64[3], f64[])", "differ")           # was i * 1
+    raises_here(lambda: 0.5 + i, "add(f64[], i64[3])", "differ")
+    raises_here(lambda: E.less(i, 1.5), "less(i64[3], f64[])", "differ")  # was i < 1
+    raises_here(lambda: b * 2, "mul(b1[3], i64[])", "differ")              # was b * True
+    raises_here(lambda: x_(3, dtype="int8") + 1000, "add(int8[3], i64[])", "differ")
+    assert (i * 2).dtype == "int64" and (x_(3) * 2).dtype == "float32"
+    assert (x_(3) + True).dtype == "float32" and (b * True).dtype == "bool"
+
+
+def test_integer_division_sum_and_mean_give_numpy_dtypes_or_refuse():
+    i, b = x_(3, dtype="int64", name="i"), x_(3, dtype="bool", name="b")
+    feeds = {"i": np.array([1, 2, 3]), "b": np.array([True, False, True])}
+    graph = Graph({"half": i / 2, "rdiv": 2 / i, "count": rsum(b),
+                   "total": rsum(x_(3, dtype="uint8", name="u"))})
+    out = run(graph, {**feeds, "u": np.array([200, 100, 50], np.uint8)})
+    for k, n in graph.outputs.items():            # the node's dtype is the value's dtype
+        assert str(out[k].dtype) == n.dtype, (k, out[k].dtype, n.dtype)
+    np.testing.assert_array_equal(out["half"], [0.5, 1.0, 1.5])
+    assert out["count"] == 2 and out["total"] == 350
+    from shardgrad.ops.reduce import mean
+    raises_here(lambda: mean(i), "mean(i64[3])", "floating-point")         # was sum * 0 == 0
+    raises_here(lambda: mean(b, axis=0), "mean(b1[3])", "floating-point")
+
+
+def test_window_stride_must_be_positive():
+    raises_here(lambda: nn.conv2d(x_(1, 3, 5, 5), x_(2, 3, 3, 3), stride=0), "conv2d",
+                "must be positive")
+    raises_here(lambda: nn.max_pool2d(x_(1, 3, 5, 5), 2, stride=(1, 0)), "max_pool2d",
+                "must be positive")
