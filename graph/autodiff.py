@@ -52,6 +52,10 @@ def backprop(outputs: Sequence[Node], cotangents: Sequence[Node],
         ct[x.id] = g if x.id not in ct else ct[x.id] + g
 
     for o, g in zip(outputs, cotangents, strict=True):
+        if g.shape != o.shape or g.dtype != o.dtype:
+            raise ShapeError(f"the gradient given for {o!r} (created at {o.where}) is "
+                             f"{g.dtype}{list(g.shape)}: it must match the output's "
+                             f"{o.dtype}{list(o.shape)}")
         if o.id in needed:
             accumulate(o, g)
     for n in reversed(nodes):

@@ -30,24 +30,41 @@ def _swapped(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
             t.node = node
 
 
+@contextlib.contextmanager
+def _mode(model: Module, training: bool) -> Iterator[None]:
+    """``model.train(training)`` inside; every sub-module's own mode restored afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            object.__setattr__(m, "training", mode)          # as Module.train sets it
+
+
 def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
                x_spec: tuple[tuple[int, ...], str], y_spec: tuple[tuple[int, ...], str]
                ) -> Graph:
     """The training-step Graph for a batch of the given (shape, dtype) specs.
 
     Leaves: inputs ``x``, ``y``, ``lr``, ``t`` (1-based step, float), ``step`` (int64, only
-    if random ops use it); params by ``named_parameters()`` names;
-    states for buffers (their names) and optimizer state (``optim/<param>/<key>``).
+    if random ops use it); params by ``named_parameters()`` names (those with
+    ``requires_grad``); states for buffers and frozen parameters (their names) and optimizer
+    state (``optim/<param>/<key>``). The model's train/eval mode is restored afterwards.
     Outputs: ``loss``, ``grad/<param>``, ``param/<param>`` (updated), ``state/<name>``
     (updated). ``meta``: ``params``, ``states`` (names in order), ``loss_scale`` =
     ``"mean"`` (the loss averages over the batch).
     """
-    named = list(model.named_parameters())
+    every = list(model.named_parameters())
+    named = [(n, p) for n, p in every if p.requires_grad]
     if not named:
         raise ShapeError(f"{type(model).__name__} has no parameters to train")
+    frozen = [(n, p) for n, p in every if not p.requires_grad]
     dtype = named[0][1].dtype
-    name_of = {id(p): n for n, p in named}
+    name_of = {id(p): n for n, p in every}
     swaps = [(p, placeholder(p.shape, p.dtype, "param", name=n)) for n, p in named]
+    # a frozen parameter (requires_grad=False) is read, not differentiated or updated
+    swaps += [(p, placeholder(p.shape, p.dtype, "state", name=n)) for n, p in frozen]
     buffers = list(model.named_buffers())
     swaps += [(b, placeholder(b.shape, b.dtype, "state", name=n)) for n, b in buffers]
     opt_states = []
@@ -63,8 +80,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
 
     x = placeholder(*x_spec, name="x")
     y = placeholder(*y_spec, name="y")
-    with _swapped(swaps), tracing_salt(placeholder((), "int64", name="step")):
-        model.train()
+    with _swapped(swaps), _mode(model, True), tracing_salt(placeholder((), "int64", name="step")):
         loss = loss_fn(model(x), y)
         if not isinstance(loss, Tensor) or loss.shape != ():
             raise ShapeError(f"loss_fn must return a scalar Tensor, got {loss!r}")
@@ -78,6 +94,8 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
             t = placeholder((), dtype, name="t")
             grad_of = {id(p): Tensor(g) for (_, p), g in zip(named, grads, strict=True)}
             for p, st in zip(optimizer.params, optimizer.state, strict=True):
+                if id(p) not in grad_of:
+                    continue                       # frozen: no gradient, no update (as torch)
                 pname = name_of[id(p)]
                 new_p, new_st = optimizer.rule(Tensor(leaves[id(p)]), grad_of[id(p)], st, lr, t)
                 outputs[f"param/{pname}"] = new_p.node
@@ -88,7 +106,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
         if f"state/{n}" in outputs and outputs[f"state/{n}"] is leaves[id(b)]:
             del outputs[f"state/{n}"]
     meta = {"params": [n for n, _ in named],
-            "states": [n for n, _ in buffers] + [n for n, _ in opt_states],
+            "states": [n for n, _ in buffers + frozen] + [n for n, _ in opt_states],
             "loss_scale": "mean", "dtype": dtype,
             "batch_stats_synced": batch_stats_sync() is not None}
     return Graph(outputs, meta=meta)
@@ -101,11 +119,8 @@ def trace_forward(model: Module, x_spec: tuple[tuple[int, ...], str]) -> Graph:
     swaps += [(b, placeholder(b.shape, b.dtype, "state", name=n))
               for n, b in model.named_buffers()]
     x = placeholder(*x_spec, name="x")
-    was_training = model.training
-    with _swapped(swaps):
-        model.eval()
+    with _swapped(swaps), _mode(model, False):
         out = model(x)
-    model.train(was_training)
     return Graph({"logits": out.node}, meta={"params": [n for n, _ in named]})
 
 

@@ -99,7 +99,7 @@ def _per_row(g, logits, reduction):
     n = logits.shape[0]
     if reduction == "none":
         return apply("reshape", g, shape=(n, 1))
-    return apply("reshape", g * (1.0 / n) if reduction == "mean" else g, shape=(1, 1))
+    return apply("reshape", g * (1.0 / max(n, 1)) if reduction == "mean" else g, shape=(1, 1))
 
 
 def _cross_entropy_vjp(g, logits, labels, out, reduction):
@@ -115,7 +115,7 @@ def _cross_entropy_jvp(ts, logits, labels, out, reduction):
     per_row = sum(p * ts[0], 1)
     if reduction == "none":
         return per_row
-    return sum(per_row) * (1.0 / logits.shape[0]) if reduction == "mean" else sum(per_row)
+    return sum(per_row) * (1.0 / max(logits.shape[0], 1)) if reduction == "mean" else sum(per_row)
 
 
 def _cross_entropy_cost(node: Node) -> tuple[float, float]:

@@ -37,9 +37,12 @@ def _window_shape(x, kernel, stride, padding) -> tuple[int, int]:
     """(OH, OW) of sliding a ``kernel`` over the padded (N, C, H, W) input ``x``."""
     if len(x) != 4:
         raise ValueError(f"needs an (N, C, H, W) input, got {tuple(x)}")
+    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"kernel {kernel} and stride {stride} must be positive and padding "
+                         f"{padding} non-negative")
     sizes = zip(x[2:], kernel, stride, padding, strict=True)
     out = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in sizes)
-    if min(kernel) < 1 or min(stride) < 1 or min(padding) < 0 or min(out) < 1:
+    if min(out) < 1:
         raise ValueError(f"kernel {kernel}, stride {stride}, padding {padding} do not fit an "
                          f"input of {tuple(x[2:])}")
     return out

@@ -234,3 +234,13 @@ def test_public_functions_build_differentiable_ops():
     np.testing.assert_allclose(x.grad.numpy(), [[3.0, 1.0], [3.0, 2.5]])
     np.testing.assert_allclose(y.grad.numpy(), [[0.0, 2.0], [0.0, 0.5]])
     assert sg.concat is sg.cat
+
+
+def test_backward_gradient_must_match_the_output():
+    w = sg.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(ShapeError, match=r"gradient given for .* is float32\[2, 2\]: it must "
+                                         r"match the output's float32\[2\]"):
+        (w * 2).backward(np.ones((2, 2), np.float32))
+    with pytest.raises(ShapeError, match=r"float64\[2\]: it must match the output's float32"):
+        (w * 2).backward(np.ones(2))
+    assert w.grad is None
