@@ -1,7 +1,8 @@
 """shardgrad: one graph IR for the whole training step, run locally, over MPI or on Ray.
 
 ``import shardgrad as sg``: tensors and ops (``sg.tensor``, ``sg.no_grad``), layers
-(``sg.nn``), optimizers (``sg.optim``) and ``sg.compile_step``. The subpackages are graph/,
+(``sg.nn``), optimizers (``sg.optim``), ``sg.compile_step`` and, for scripts run under
+mpirun, ``sg.distributed``. The subpackages are graph/,
 ops/, partition/, runtime/ and cluster/ (see DESIGN.md).
 """
 
@@ -22,6 +23,7 @@ from shardgrad.graph.tensor import (
     zeros,
 )
 from shardgrad.graph.tensor import apply as _apply
+from shardgrad.runtime import distributed
 from shardgrad.runtime.interpreter import ExecutionError
 from shardgrad.runtime.step import Predictor, accuracy, compile_step
 
@@ -29,6 +31,7 @@ from shardgrad.runtime.step import Predictor, accuracy, compile_step
 _sys.modules[__name__ + ".nn"] = nn
 _sys.modules[__name__ + ".nn.functional"] = functional
 _sys.modules[__name__ + ".optim"] = optim
+_sys.modules[__name__ + ".distributed"] = distributed
 
 
 def _elementwise(name):
@@ -67,6 +70,7 @@ cat = concat
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "zeros", "ones", "no_grad", "is_grad_enabled", "nn", "optim",
+           "distributed",
            "functional", "compile_step", "Predictor", "accuracy", "manual_seed",
            "set_default_dtype", "get_default_dtype", "Graph", "Node", "ShapeError",
            "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "concat", "cat",

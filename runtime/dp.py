@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from shardgrad.graph.device import array_module
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
@@ -50,6 +51,19 @@ class Bound:
             return self.inner.run(feeds)
 
 
+class Faulted:
+    """Runs ``inner`` after calling ``fault`` with the 1-based run count (fault injection
+    for an executor that binds its own communicators, as the pipeline's does)."""
+
+    def __init__(self, inner: Any, fault: Callable[[int], None]):
+        self.inner, self.fault, self.runs = inner, fault, 0
+
+    def run(self, feeds):
+        self.runs += 1
+        self.fault(self.runs)
+        return self.inner.run(feeds)
+
+
 def bound_executor(executor: Callable[[Graph], Any] | None, comm: Communicator,
                    fault: Callable[[int], None] | None = None, **groups: Communicator
                    ) -> Callable[[Graph], Bound]:
@@ -64,7 +78,7 @@ def broadcast_state(model: Module, optimizer: Optimizer, comm: Communicator, roo
     tensors = [p for _, p in model.named_parameters()] + [b for _, b in model.named_buffers()]
     tensors += [v for st in optimizer.state for v in st.values()]
     for t in tensors:
-        buf = np.array(t.data, copy=True, order="C")
+        buf = array_module(t.data).array(t.data, copy=True, order="C")   # host or GPU
         t.data = comm.bcast_(buf, root)
     optimizer.t = comm.bcast_obj(optimizer.t, root)
 

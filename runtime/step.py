@@ -35,10 +35,15 @@ def default_executor(graph: Graph):
     return compiled.compile(graph)
 
 
+def device_of(model: Module) -> dev.Device:
+    """Where ``model``'s parameters live (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), dev.CPU)
+
+
 def executor_for(model: Module) -> Executor:
     """The default executor for where ``model``'s parameters live: the compiled Program on
     the CPU, runtime.gpu's GPUExecutor on their GPU."""
-    where = next((p.device for p in model.parameters()), dev.CPU)
+    where = device_of(model)
     if not where.is_cuda:
         return default_executor
     from shardgrad.runtime.gpu import GPUExecutor
@@ -46,12 +51,11 @@ def executor_for(model: Module) -> Executor:
     return functools.partial(GPUExecutor, device=where)
 
 
-def _on_device(executor):
-    """A context making the executor's GPU current while it runs (nothing for the CPU)."""
-    where = getattr(executor, "keywords", {}).get("device")
-    if where is None or not dev.Device.parse(where).is_cuda:
+def _current(where: dev.Device):
+    """A context making GPU ``where`` current while a step runs (nothing for the CPU)."""
+    if not where.is_cuda:
         return contextlib.nullcontext()
-    return dev.base._cupy().cuda.Device(dev.Device.parse(where).index or 0)
+    return dev.base._cupy().cuda.Device(where.index or 0)
 
 
 def _batch(v):
@@ -76,6 +80,7 @@ class TrainStep:
                  transform: Callable[[Graph], Graph] | None = None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.executor = executor or executor_for(model)
+        self.device = device_of(model)
         self.transform = transform
         self._compiled: dict[tuple, tuple[Graph, Any]] = {}
         names = dict(model.named_parameters())
@@ -135,7 +140,7 @@ class TrainStep:
     def __call__(self, x, y) -> float:
         x, y = _batch(x), _batch(y)
         _, program = self.graph_for(x, y)
-        with _on_device(self.executor):
+        with _current(self.device):
             out = program.run(self.feeds(x, y))
         self.write_back(out)
         return float(out["loss"])
@@ -171,6 +176,7 @@ class Predictor:
 
     def __init__(self, model: Module, executor: Executor | None = None):
         self.model, self.executor = model, executor or executor_for(model)
+        self.device = device_of(model)
         self._compiled: dict[tuple, Any] = {}
 
     def __call__(self, x) -> np.ndarray:
@@ -181,7 +187,7 @@ class Predictor:
             self._compiled[key] = self.executor(trace_forward(self.model, key))
         feeds = {"x": x, **{n: p.data for n, p in self.model.named_parameters()},
                  **{n: b.data for n, b in self.model.named_buffers()}}
-        with _on_device(self.executor):
+        with _current(self.device):
             return to_host(self._compiled[key].run(feeds)["logits"])
 
 

@@ -218,3 +218,15 @@ def test_a_device_constant_in_a_traced_model_becomes_a_host_constant(cuda):
     assert step(x, y) == pytest.approx(eager.item(), rel=1e-12)
     consts = [n for n in step.graph.nodes if n.op == "const"]
     assert consts and not any(on_device(n.attrs["value"]) for n in consts)
+
+
+def test_data_parallel_step_of_one_process_runs_a_gpu_model_there(cuda):
+    x, y = data(n=32)
+    losses = {}
+    for where in ("cpu", "cuda"):
+        model = mlp().to(where)
+        opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        step = sg.distributed.data_parallel_step(model, F.cross_entropy, opt)
+        losses[where] = [step(x, y) for _ in range(3)]
+        assert all(on_device(p.data) == (where == "cuda") for p in model.parameters())
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-10)
