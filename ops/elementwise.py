@@ -323,7 +323,8 @@ register(OpDef("where", infer=_where_infer, forward=lambda xp, c, x, y: xp.where
 
 
 def where(c, x, y) -> Node:
-    like = x if isinstance(x, Node) else y      # a scalar branch takes the other's dtype
+    # a scalar branch takes the other's dtype; two scalars keep their own (NumPy's where)
+    like = x if isinstance(x, Node) else y if isinstance(y, Node) else None
     return apply("where", c, as_node(x, like), as_node(y, like))
 
 

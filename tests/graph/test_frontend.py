@@ -236,6 +236,13 @@ def test_public_functions_build_differentiable_ops():
     assert sg.concat is sg.cat
 
 
+def test_where_with_scalar_branches():
+    x = sg.tensor([-1.0, 2.0])
+    np.testing.assert_array_equal(sg.where(x > 0, 1.0, 0.0).numpy(), [0.0, 1.0])  # was an
+    assert sg.where(x > 0, 1, 0).dtype == "int64"         # AttributeError: 'float' ... 'dtype'
+    assert sg.where(x > 0, x, 0).dtype == sg.where(x > 0, 0.0, x).dtype == "float32"
+
+
 def test_backward_gradient_must_match_the_output():
     w = sg.tensor([1.0, 2.0], requires_grad=True)
     with pytest.raises(ShapeError, match=r"gradient given for .* is float32\[2, 2\]: it must "
