@@ -401,7 +401,8 @@ def _interrupted(sig, frame):
 
 def launch(config: Mapping, out_dir: str, resume: str | None,
            command: Callable[..., list[str]], failed_rank: Callable[[str], int | None]) -> int:
-    """Train ``config`` on ``parallel.dp`` ranks placed by Ray; returns the exit code.
+    """Train ``config`` on ``parallel.dp`` x ``parallel.pp`` ranks placed by Ray; returns the
+    exit code.
 
     ``command(hosts, config_path, out_dir, resume, as_root=, export=)`` builds the mpirun
     argv (cluster.commands.ray_job_argv). On a failure with ``cluster.max_restarts`` left,
@@ -410,7 +411,7 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
     # Here, not at the top: every mpirun agent imports this module and needs none of train's.
     from shardgrad.runtime.train import latest_checkpoint
 
-    c, n = config["cluster"], config["parallel"]["dp"]
+    c, n = config["cluster"], config["parallel"]["dp"] * config["parallel"]["pp"]
     out_dir = os.path.abspath(out_dir)
     gcs = connect(int(n * c["cpus_per_rank"] + 0.999))
     if threading.current_thread() is threading.main_thread():

@@ -110,6 +110,19 @@ def test_ray_run_matches_mpirun(cluster, reference, tmp_path):
     assert sorted(os.listdir(tmp_path)) == reference[1]
 
 
+def test_ray_runs_a_pipeline_on_dp_times_pp_ranks(cluster, tmp_path):
+    env, config = cluster
+    sets = ["--set", "parallel.pp=2", "--set", "parallel.deterministic=false"]
+    mpi = shardgrad([config, "--out", str(tmp_path / "mpi"), *sets], env,
+                    launcher=["mpirun", "-n", "2", "--allow-run-as-root", "--oversubscribe"])
+    assert mpi.returncode == 0, mpi.stdout + mpi.stderr
+    ran = shardgrad([config, "--out", str(tmp_path / "ray"), "--launcher", "ray", *sets], env)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "2 ranks on" in ran.stderr
+    assert summary(tmp_path / "ray")["params_sha256"] == \
+        summary(tmp_path / "mpi")["params_sha256"]
+
+
 def rank_process(out, rank):
     """The pid of the rank ``rank`` that writes to ``out`` (found by its MPI environment)."""
     def rank_pid():
