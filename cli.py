@@ -4,7 +4,8 @@
   shardgrad graph CONFIG --out FILE.dot [--set KEY=VALUE]...
   shardgrad plan CONFIG [--set KEY=VALUE]...
 
-A bad config, a missing file or unreadable data prints one line to stderr and exits 2.
+A bad config, a missing file, unreadable data or checkpoint prints one line to stderr and exits
+2; a diverged run (NaN or infinite loss) one line and exits 1.
 Imports runtime and graph (the top of the import order).
 """
 
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from shardgrad.runtime.dp import communicator
-    from shardgrad.runtime.train import train
+    from shardgrad.runtime.train import Diverged, train
 
     config = load_config(args.config, args.sets)
     out = args.out or args.resume or os.path.join(
@@ -62,11 +63,16 @@ def cmd_train(args) -> int:
     comm = communicator(config)
     try:
         summary = train(config, out, comm=comm, resume=args.resume)
-    except Exception as e:  # noqa: BLE001 - one failed rank stops the whole job, named
+    except BaseException as e:  # an interrupted rank too: its peers would wait on it
         if comm.world_size > 1:
-            print(f"rank {comm.rank} failed: {type(e).__name__}: {e}", file=sys.stderr,
-                  flush=True)
-            comm.abort(2 if isinstance(e, USAGE_ERRORS) else 1)
+            cause = ("interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt)
+                     else f"{type(e).__name__}: {e}")
+            print(f"rank {comm.rank} failed: {cause}", file=sys.stderr, flush=True)
+            comm.abort(2 if isinstance(e, USAGE_ERRORS) else
+                       130 if isinstance(e, KeyboardInterrupt) else 1)
+        if isinstance(e, Diverged):
+            print(f"shardgrad train: error: {e}", file=sys.stderr)
+            return 1
         raise
     if comm.rank != 0:
         return 0

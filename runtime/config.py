@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import tomllib
@@ -72,6 +73,8 @@ class Key:
             raise ConfigError(f"{bad}: must be {self.help}")
         if self.type in (int, float) or self.item in (int, float):
             for v in nums:
+                if isinstance(v, float) and not math.isfinite(v):   # NaN passes any bound
+                    raise ConfigError(f"{bad}: must be a finite number")
                 if self.min is not None and v < self.min:
                     raise ConfigError(f"{bad}: must be >= {self.min}")
                 if self.max is not None and v > self.max:

@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from shardgrad.graph import optim
+from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.runtime import compiled, dp
@@ -35,6 +36,7 @@ from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.data import (
+    DataError,
     Dataset,
     DistributedSampler,
     batches,
@@ -50,6 +52,17 @@ from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor")
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
+
+
+class CheckpointError(DataError):
+    """A checkpoint that cannot be resumed from (unreadable, not a training checkpoint, or
+    another model's tensors): the message names the file."""
+
+
+class Diverged(RuntimeError):
+    """The training loss or the parameters became NaN or infinite: the message names the
+    step. Raised instead of training on (and checkpointing) garbage."""
+
 
 # Executors by config name: each is called with a Graph and returns an object with
 # ``run(feeds)``. "compiled" (the default) runs the graph passes first; "interpreter" is
@@ -216,20 +229,43 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    with safetensors.safe_open(path, "np") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    """The tensors and metadata of a safetensors file; CheckpointError when it is not one
+    (truncated, overwritten, another format)."""
+    try:
+        with safetensors.safe_open(path, "np") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); delete it to "
+                              f"resume from an earlier checkpoint") from None
     return tensors, metadata
+
+
+def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(epoch, path) of each checkpoint in ``run_dir/checkpoints``, by epoch."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((int(m.group(1)), os.path.join(ckpt_dir, name))
+                  for name in os.listdir(ckpt_dir) if (m := CHECKPOINT.match(name)))
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
     """The checkpoint with the highest epoch in ``run_dir/checkpoints``, or None."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        return None
-    found = [(int(m.group(1)), name) for name in os.listdir(ckpt_dir)
-             if (m := CHECKPOINT.match(name))]
-    return os.path.join(ckpt_dir, max(found)[1]) if found else None
+    found = _checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _clear_stale(out_dir: str, after_epoch: int) -> None:
+    """Remove checkpoints past ``after_epoch`` (an earlier run's, which a later --resume would
+    otherwise take for this run's) and temporary files a killed writer left."""
+    for epoch, path in _checkpoints(out_dir):
+        if epoch > after_epoch:
+            os.remove(path)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    for name in os.listdir(ckpt_dir):
+        if name.startswith(".") and ".tmp-" in name:
+            os.remove(os.path.join(ckpt_dir, name))
 
 
 def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer
@@ -239,12 +275,27 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
         raise FileNotFoundError(f"--resume {resume}: no checkpoints/epoch_<k>.safetensors "
                                 f"there to resume from")
     tensors, meta = load_checkpoint(path)
-    saved = json.loads(meta.get("config", "{}"))
+    try:
+        saved = json.loads(meta["config"])
+        int(meta["epoch"]), int(meta["step"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a shardgrad training checkpoint (its metadata "
+                              f"lacks a valid {e}); delete it to resume from an earlier one"
+                              ) from None
     changed = [k for k in cfg.diff(saved, config) if k not in RESUMABLE_CHANGES]
     if changed:
         raise cfg.ConfigError(f"--resume {resume}: the config differs from the checkpoint's in "
                               f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may "
                               f"change on resume")
+    if int(meta["epoch"]) > config["train"]["epochs"]:
+        raise cfg.ConfigError(f"--resume {resume}: train.epochs = {config['train']['epochs']} "
+                              f"but {path} is from epoch {meta['epoch']}; set train.epochs >= "
+                              f"{meta['epoch']}")
+    try:
+        _load_state(tensors, model, optimizer)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} does not fit this model: "
+                              f"{e.args[0] if e.args else e}") from None
     return tensors, meta, path
 
 
@@ -252,6 +303,16 @@ def _load_state(tensors: Mapping[str, np.ndarray], model: Module,
                 optimizer: optim.Optimizer) -> None:
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
     optimizer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
+
+
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line as a record, or None for a blank line or one torn by a run
+    killed while appending it."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 class _Metrics:
@@ -268,7 +329,10 @@ class _Metrics:
         kept = []
         if os.path.exists(source):
             with open(source) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                for line in f:
+                    record = _record(line)
+                    if record is not None and record["step"] <= step:
+                        kept.append(line.rstrip("\n") + "\n")
         _write_text(self.path, "".join(kept))
 
     def write(self, record: dict) -> None:
@@ -277,6 +341,20 @@ class _Metrics:
                 f.write(json.dumps(record) + "\n")
         if self.on_record is not None:
             self.on_record(record)
+
+
+def _unfit(e: ShapeError) -> cfg.ConfigError:
+    """A step that cannot be traced for the config's model and batches (e.g. batch norm over
+    one sample) is a config error, like a bad key: one line, exit 2."""
+    return cfg.ConfigError(f"the model this config builds cannot train on its batches: {e}")
+
+
+def _check_finite(model: Module, steps_done: int, epoch: int) -> None:
+    """Diverged unless every parameter and buffer is finite (before it is checkpointed)."""
+    for name, a in model_tensors(model).items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise Diverged(f"{name} holds NaN or infinite values after step {steps_done} "
+                           f"(epoch {epoch + 1}): training diverged; try a lower train.lr")
 
 
 def _mean_over_ranks(comm: Communicator, value: float) -> float:
@@ -336,25 +414,31 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         if comm.rank == 0:
             try:
                 state = _restore(config, resume, model, optimizer)
-            except (cfg.ConfigError, OSError) as e:   # every rank raises it, none waits
+            except (cfg.ConfigError, DataError, OSError) as e:   # every rank raises it
                 state = e
         state = comm.bcast_obj(state)
         if isinstance(state, Exception):
             raise state
         tensors, meta, resumed_from = state
-        _load_state(tensors, model, optimizer)
+        if comm.rank != 0:
+            _load_state(tensors, model, optimizer)
         start_epoch, steps_done = int(meta["epoch"]), int(meta["step"])
         wall_before = float(meta.get("wall_s", 0.0))
         train_loss = float(meta.get("train_loss", "nan"))
         metrics.keep_until(os.path.join(resume, "metrics.jsonl"), steps_done)
     elif writer:
         _write_text(metrics.path, "")
+    if writer:
+        _clear_stale(out_dir, start_epoch)
 
     prepare = options.get("prepare")
     if prepare is not None:
         sampler.set_epoch(start_epoch)
         x0, y0 = next(batches(data.x_train, data.y_train, sampler, t["batch_size"]))
-        prepare(model, optimizer, step, x0, y0)
+        try:
+            prepare(model, optimizer, step, x0, y0)
+        except ShapeError as e:
+            raise _unfit(e) from e
 
     def evaluate() -> float:
         acc = accuracy(model, data.x_test, data.y_test, t["eval_batch_size"],
@@ -374,8 +458,12 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
                 loss = step(x, y)
-                losses.append(loss)
                 steps_done += 1
+                if not math.isfinite(loss):
+                    raise Diverged(f"the training loss is {loss} at step {steps_done} (epoch "
+                                   f"{epoch + 1}, lr {lr:g}): training diverged (lower train.lr, "
+                                   f"or check the data for NaN)")
+                losses.append(loss)
                 bar.update(1)
                 if steps_done % t["log_every"] == 0:
                     loss = _mean_over_ranks(comm, loss)
@@ -386,6 +474,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
             step.to_host()
             acc = evaluate()
             if writer:
+                _check_finite(model, steps_done, epoch)
                 save_checkpoint(
                     os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1}.safetensors"),
                     model, optimizer,
@@ -396,6 +485,8 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
             metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": steps_done,
                            "train_loss": train_loss, "test_accuracy": acc,
                            "lr": lr_at(config, steps_done, total), "wall_s": wall()})
+    except ShapeError as e:
+        raise _unfit(e) from e
     finally:
         bar.close()
 
@@ -417,6 +508,6 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     return summary
 
 
-__all__ = ["EXECUTORS", "latest_checkpoint", "load_checkpoint", "load_data", "lr_at",
-           "make_executor", "make_optimizer", "open_device", "params_sha256", "save_checkpoint",
-           "setup", "step_options", "train"]
+__all__ = ["EXECUTORS", "CheckpointError", "Diverged", "latest_checkpoint", "load_checkpoint",
+           "load_data", "lr_at", "make_executor", "make_optimizer", "open_device",
+           "params_sha256", "save_checkpoint", "setup", "step_options", "train"]

@@ -1,0 +1,157 @@
+"""What a user gets from ``shardgrad train`` when something is wrong from outside: a diverged
+run, a non-finite config value, a corrupt or foreign checkpoint, a run directory holding an
+earlier run's checkpoints, a torn metrics line, a model that cannot take its batches."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from shardgrad import cli
+from shardgrad.runtime import train as tr
+from shardgrad.runtime.config import ConfigError, load_config
+
+CONFIG = """
+[data]
+dataset = "idx"
+train_images = "{dir}/images.idx"
+train_labels = "{dir}/labels.idx"
+
+[model]
+hidden = [16]
+
+[train]
+epochs = 3
+batch_size = 64
+dtype = "float64"
+lr = 0.1
+momentum = 0.9
+log_every = 5
+
+[device]
+threads = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    """Ten Gaussian blobs as 8x8 IDX images: a run takes milliseconds."""
+    from shardgrad.runtime.data import write_idx
+
+    d = tmp_path_factory.mktemp("faults")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 600)
+    x = rng.normal(size=(10, 8, 8))[y] * 40 + 128 + rng.normal(scale=30, size=(600, 8, 8))
+    write_idx(d / "images.idx", np.clip(x, 0, 255).astype(np.uint8))
+    write_idx(d / "labels.idx", y.astype(np.uint8))
+    path = d / "blobs.toml"
+    path.write_text(CONFIG.format(dir=d))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")
+
+
+def _main(capsys, *argv):
+    """``shardgrad ARGV`` in this process: (exit code, stderr lines)."""
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_diverging_run_stops_naming_the_step_and_writes_no_garbage(config, tmp_path, capsys):
+    out = tmp_path / "run"
+    with np.errstate(all="ignore"):
+        code, err = _main(capsys, "train", config, "--out", str(out), "--set", "train.lr=1e200")
+    assert code == 1
+    assert err[-1].startswith("shardgrad train: error: the training loss is nan at step "), err
+    assert "(epoch 1, lr 1e+200): training diverged" in err[-1]
+    assert os.listdir(out / "checkpoints") == []
+    assert not (out / "final.safetensors").exists() and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("item", ["train.lr=nan", "train.lr=inf", "parallel.timeout_s=inf",
+                                  "train.momentum=nan"])
+def test_non_finite_numbers_are_config_errors(config, item):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_config(config, [item])
+
+
+def _first_run(config, tmp_path, epochs=1):
+    out = tmp_path / "run"
+    tr.train(load_config(config, [f"train.epochs={epochs}"]), str(out))
+    return out
+
+
+def test_a_truncated_checkpoint_is_a_one_line_error_naming_it(config, tmp_path, capsys):
+    out = _first_run(config, tmp_path)
+    path = out / "checkpoints" / "epoch_1.safetensors"
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    code, err = _main(capsys, "train", config, "--resume", str(out))
+    assert code == 2 and len(err) == 1, err
+    assert f"{path} is not a readable safetensors file" in err[0]
+
+
+def test_a_checkpoint_without_training_metadata_is_named(config, tmp_path, capsys):
+    out = _first_run(config, tmp_path)
+    (out / "final.safetensors").replace(out / "checkpoints" / "epoch_2.safetensors")
+    code, err = _main(capsys, "train", config, "--resume", str(out))
+    assert code == 2 and len(err) == 1, err
+    assert "epoch_2.safetensors is not a shardgrad training checkpoint" in err[0]
+
+
+@pytest.mark.parametrize("change", ["shape", "missing"])
+def test_a_checkpoint_of_another_model_is_named(config, tmp_path, capsys, change):
+    out = _first_run(config, tmp_path)
+    path = str(out / "checkpoints" / "epoch_1.safetensors")
+    tensors, meta = tr.load_checkpoint(path)
+    if change == "shape":
+        tensors["0.weight"] = np.ascontiguousarray(tensors["0.weight"][:, :5])
+    else:
+        del tensors["optim.0.momentum_buffer"]
+    safetensors.numpy.save_file(tensors, path, meta)
+    code, err = _main(capsys, "train", config, "--resume", str(out))
+    assert code == 2 and len(err) == 1, err
+    assert f"{path} does not fit this model" in err[0]
+
+
+def test_a_fresh_run_in_a_used_directory_drops_the_old_checkpoints(config, tmp_path):
+    whole = tr.train(load_config(config, ["train.epochs=2"]), str(tmp_path / "whole"))
+    out = _first_run(config, tmp_path, epochs=3)
+    (out / "checkpoints" / ".epoch_4.safetensors.tmp-1").write_bytes(b"killed mid-write")
+    _first_run(config, tmp_path, epochs=1)   # the same directory, from scratch
+    assert os.listdir(out / "checkpoints") == ["epoch_1.safetensors"]
+    resumed = tr.train(load_config(config, ["train.epochs=2"]), str(out), resume=str(out))
+    assert resumed["resumed_from"].endswith("epoch_1.safetensors")
+    assert resumed["params_sha256"] == whole["params_sha256"]
+
+
+def test_resume_with_fewer_epochs_than_the_checkpoint_is_a_config_error(config, tmp_path):
+    out = _first_run(config, tmp_path, epochs=2)
+    with pytest.raises(ConfigError, match="train.epochs = 1 but .*epoch_2.safetensors is from "
+                                          "epoch 2"):
+        tr.train(load_config(config, ["train.epochs=1"]), str(out), resume=str(out))
+
+
+def test_resume_drops_a_metrics_line_torn_by_a_kill(config, tmp_path):
+    whole = tr.train(load_config(config, ["train.epochs=2"]), str(tmp_path / "whole"))
+    out = _first_run(config, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "epoch": 2, "st')
+    tr.train(load_config(config, ["train.epochs=2"]), str(out), resume=str(out))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    expected = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rs: [{k: v for k, v in json.loads(r).items() if k != "wall_s"} for r in rs]
+    assert strip(lines) == strip(expected)
+    assert whole["steps"] == json.loads(lines[-1])["step"]
+
+
+def test_batch_norm_over_one_sample_is_a_config_error(config, tmp_path, capsys):
+    code, err = _main(capsys, "train", config, "--out", str(tmp_path / "bn"), "--set",
+                      "model.batchnorm=true", "--set", "train.batch_size=1")
+    assert code == 2 and len(err) == 1, err
+    assert "cannot train on its batches" in err[0] and "batch_norm" in err[0]
