@@ -41,7 +41,7 @@ register(OpDef("log_softmax", infer=float_unary_infer, forward=_log_softmax_fwd,
 def log_softmax(x, axis=-1) -> Node:
     """x - logsumexp(x, axis), computed stably in one kernel."""
     x = as_node(x)
-    return apply("log_softmax", x, axis=norm_axis(axis, x.ndim)[0])
+    return apply("log_softmax", x, axis=norm_axis(axis, x.ndim, "log_softmax", [x])[0])
 
 
 def _softmax_fwd(xp, x, axis):
@@ -60,7 +60,7 @@ register(OpDef("softmax", infer=float_unary_infer, forward=_softmax_fwd, vjp=_so
 
 def softmax(x, axis=-1) -> Node:
     x = as_node(x)
-    return apply("softmax", x, axis=norm_axis(axis, x.ndim)[0])
+    return apply("softmax", x, axis=norm_axis(axis, x.ndim, "softmax", [x])[0])
 
 
 # ---- cross_entropy ------------------------------------------------------------------------------

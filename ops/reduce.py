@@ -20,18 +20,23 @@ from shardgrad.ops.registry import (
 )
 
 
-def norm_axis(axis, ndim: int) -> tuple[int, ...]:
-    """``axis`` (None, int or sequence) as a sorted tuple of non-negative axes."""
+def norm_axis(axis, ndim: int, op: str | None = None, inputs=()) -> tuple[int, ...]:
+    """``axis`` (None, int or sequence) as a sorted tuple of non-negative axes. A bad axis is a
+    ValueError, or, given the builder's ``op`` and ``inputs``, a ShapeError naming them and
+    the user's line."""
     if axis is None:
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
-    out = []
+    out, reason = [], None
     for a in axes:
         if not -ndim <= int(a) < ndim:
-            raise ValueError(f"axis {a} is out of range for {ndim} dimensions")
+            reason = f"axis {a} is out of range for {ndim} dimensions"
+            break
         out.append(int(a) % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"repeated axis in {axis}")
+    if reason is None and len(set(out)) != len(out):
+        reason = f"repeated axis in {axis}"
+    if reason is not None:
+        raise shape_error(op, list(inputs), reason) if op else ValueError(reason)
     return tuple(sorted(out))
 
 
@@ -71,7 +76,7 @@ register(OpDef("sum", infer=_sum_infer,
 
 
 def sum(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
-    axis = norm_axis(axis, x.ndim) if axis is not None else None
+    axis = norm_axis(axis, x.ndim, "sum", [x]) if axis is not None else None
     return apply("sum", x, axis=axis, keepdims=bool(keepdims))
 
 
@@ -79,7 +84,7 @@ def mean(x, axis=None, keepdims=False) -> Node:
     if x.dtype not in FLOAT_DTYPES:             # as torch.mean: an integer mean would truncate
         raise shape_error("mean", [x], f"needs a floating-point input, got {x.dtype}; cast it "
                           f"first (x.astype('float32'))")
-    axes = norm_axis(axis, x.ndim)
+    axes = norm_axis(axis, x.ndim, "mean", [x])
     count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
     return sum(x, axes, keepdims) * (1.0 / builtins.max(count, 1))
 
@@ -105,7 +110,7 @@ register(OpDef("max", infer=_reduce_infer,
 
 
 def max(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
-    axis = norm_axis(axis, x.ndim) if axis is not None else None
+    axis = norm_axis(axis, x.ndim, "max", [x]) if axis is not None else None
     return apply("max", x, axis=axis, keepdims=bool(keepdims))
 
 
@@ -120,4 +125,4 @@ register(OpDef("argmax", infer=_argmax_infer,
 
 
 def argmax(x, axis=-1) -> Node:
-    return apply("argmax", x, axis=norm_axis(axis, x.ndim)[0])
+    return apply("argmax", x, axis=norm_axis(axis, x.ndim, "argmax", [x])[0])

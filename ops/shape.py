@@ -101,7 +101,8 @@ def broadcast_to(x, shape) -> Node:
 
 
 def expand_dims(x, axis) -> Node:
-    axes = norm_axis(axis, x.ndim + (1 if isinstance(axis, int) else len(axis)))
+    axes = norm_axis(axis, x.ndim + (1 if isinstance(axis, int) else len(axis)),
+                     "expand_dims", [x])
     shape = list(x.shape)
     for a in axes:
         shape.insert(a, 1)
@@ -109,7 +110,7 @@ def expand_dims(x, axis) -> Node:
 
 
 def squeeze(x, axis=None) -> Node:
-    axes = norm_axis(axis, x.ndim) if axis is not None else tuple(
+    axes = norm_axis(axis, x.ndim, "squeeze", [x]) if axis is not None else tuple(
         i for i, s in enumerate(x.shape) if s == 1)
     for a in axes:
         if x.shape[a] != 1:
@@ -167,7 +168,7 @@ def concat(xs, axis=0) -> Node:
     xs = [as_node(x) for x in xs]
     if not xs:
         raise shape_error("concat", [], "needs at least one input")
-    return apply("concat", *xs, axis=norm_axis(axis, max(xs[0].ndim, 1))[0])
+    return apply("concat", *xs, axis=norm_axis(axis, max(xs[0].ndim, 1), "concat", xs)[0])
 
 
 # ---- getitem: basic indexing (ints, slices, None, Ellipsis) -------------------------------------
@@ -266,7 +267,7 @@ def getitem(x, index) -> Node:
     x = as_node(x)
     try:
         norm = _norm_index(index, x.shape)
-    except (TypeError, IndexError) as e:
+    except (TypeError, IndexError, ValueError) as e:        # ValueError: a slice step of 0
         raise shape_error("getitem", [x], str(e), index=index) from None
     if len(norm) == x.ndim and all(it == ("s", 0, n, 1) for it, n in zip(norm, x.shape,
                                                                           strict=True)):
@@ -327,7 +328,7 @@ def gather(x, idx, axis=-1) -> Node:
     """numpy.take_along_axis: ``out[..., j, ...] = x[..., idx[..., j, ...], ...]`` along
     ``axis`` (e.g. the logit of each label: ``gather(logits, labels[:, None], 1)``)."""
     x, idx = as_node(x), as_node(idx)
-    return apply("gather", x, idx, axis=norm_axis(axis, max(x.ndim, 1))[0])
+    return apply("gather", x, idx, axis=norm_axis(axis, max(x.ndim, 1), "gather", [x, idx])[0])
 
 
 # ---- onehot -------------------------------------------------------------------------------------

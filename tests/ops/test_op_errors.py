@@ -125,3 +125,12 @@ def test_window_stride_must_be_positive():
                 "must be positive")
     raises_here(lambda: nn.max_pool2d(x_(1, 3, 5, 5), 2, stride=(1, 0)), "max_pool2d",
                 "must be positive")
+
+
+def test_bad_axis_or_index_names_the_op_and_line():
+    a = x_(3, 4)
+    raises_here(lambda: rsum(a, axis=2), "sum(f32[3,4])", "axis 2 is out of range")
+    raises_here(lambda: loss.softmax(a, axis=-3), "softmax(f32[3,4])", "axis -3")
+    raises_here(lambda: S.concat([a, a], axis=2), "concat(f32[3,4], f32[3,4])", "out of range")
+    raises_here(lambda: S.squeeze(a, axis=(0, 0)), "squeeze", "repeated axis")
+    raises_here(lambda: S.getitem(a, slice(None, None, 0)), "getitem", "step cannot be zero")
