@@ -68,5 +68,6 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int = 0,
 
 
 def layer_norm(x: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
-    return apply(ops.nn.layer_norm, x, weight, bias, normalized_shape=tuple(normalized_shape),
-                 eps=eps)
+    """Normalise over the trailing ``normalized_shape`` dims (an int or a tuple, as torch)."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    return apply(ops.nn.layer_norm, x, weight, bias, normalized_shape=tuple(shape), eps=eps)

@@ -251,3 +251,9 @@ def test_backward_gradient_must_match_the_output():
     with pytest.raises(ShapeError, match=r"float64\[2\]: it must match the output's float32"):
         (w * 2).backward(np.ones(2))
     assert w.grad is None
+
+
+def test_functional_layer_norm_takes_an_int_shape_as_torch():
+    x = sg.tensor(np.arange(6.0).reshape(2, 3))
+    np.testing.assert_allclose(sg.nn.functional.layer_norm(x, 3).numpy(),
+                               sg.nn.functional.layer_norm(x, (3,)).numpy())
