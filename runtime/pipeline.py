@@ -375,11 +375,13 @@ def step_options(config: Mapping, comm: Communicator, executor: Executor | None 
     dp, pp, m = _checked(config, comm.world_size)
     par = config["parallel"]
     mesh = Mesh.of(comm, dp, pp)
+    fault = data_parallel.fault_injector(config, comm.rank)
 
-    def make(graph: Graph) -> PipelineProgram:
+    def make(graph: Graph) -> Any:
         with _as_config_error():
-            return PipelineProgram(graph, mesh, m, par["schedule"], par["balance"], executor,
-                                   world=comm)
+            program = PipelineProgram(graph, mesh, m, par["schedule"], par["balance"],
+                                      executor, world=comm)
+        return program if fault is None else data_parallel.Faulted(program, fault)
 
     def prepare(model, optimizer, step, x, y) -> None:
         data_parallel.broadcast_state(model, optimizer, comm)

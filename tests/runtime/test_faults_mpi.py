@@ -1,0 +1,134 @@
+"""Faults from outside a real ``mpirun`` job: Ctrl-C (SIGINT) to one rank stops every rank
+naming it, and ``--resume`` then ends where the uninterrupted run ends; a diverged run and a
+pipeline stage's injected fault stop the job the same way."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from shardgrad.runtime import train as tr
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120),
+              pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
+
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+CONFIG = """
+[data]
+dataset = "idx"
+train_images = "{dir}/images.idx"
+train_labels = "{dir}/labels.idx"
+
+[model]
+hidden = [16]
+
+[train]
+epochs = 2
+batch_size = 64
+dtype = "float64"
+lr = 0.1
+momentum = 0.9
+
+[device]
+threads = 1
+"""
+ENV = dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    from shardgrad.runtime.data import write_idx
+
+    d = tmp_path_factory.mktemp("faults_mpi")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 600)
+    x = rng.normal(size=(10, 8, 8))[y] * 40 + 128 + rng.normal(scale=30, size=(600, 8, 8))
+    write_idx(d / "images.idx", np.clip(x, 0, 255).astype(np.uint8))
+    write_idx(d / "labels.idx", y.astype(np.uint8))
+    path = d / "blobs.toml"
+    path.write_text(CONFIG.format(dir=d))
+    return str(path)
+
+
+def _cmd(config, ranks, *args):
+    return MPIRUN + ["-n", str(ranks), sys.executable, "-m", "shardgrad", "train", config,
+                     *args]
+
+
+def _sets(*items):
+    return [a for s in items for a in ("--set", s)]
+
+
+def _rank_pid(tag: str, rank: int) -> int | None:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if (env.get(b"SHARDGRAD_TEST_TAG") == tag.encode()
+                and env.get(b"OMPI_COMM_WORLD_RANK") == str(rank).encode()):
+            return int(pid)
+    return None
+
+
+def test_ctrl_c_on_one_rank_stops_the_job_and_resume_matches_the_whole_run(config, tmp_path):
+    out, tag = tmp_path / "cut", uuid.uuid4().hex
+    proc = subprocess.Popen(_cmd(config, 2, "--out", str(out), *_sets(
+        "parallel.dp=2", "train.epochs=1000")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=dict(ENV, SHARDGRAD_TEST_TAG=tag))
+    try:
+        deadline = time.monotonic() + 60
+        while tr.latest_checkpoint(str(out)) is None or _rank_pid(tag, 1) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(_rank_pid(tag, 1), signal.SIGINT)
+        t = time.perf_counter()
+        _, stderr = proc.communicate(timeout=30)
+        assert time.perf_counter() - t < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert "rank 1 failed: interrupted (KeyboardInterrupt)" in stderr, stderr
+    names = os.listdir(out / "checkpoints")
+    assert all(tr.CHECKPOINT.match(n) for n in names), names   # no half-written file left
+    epochs = max(int(tr.CHECKPOINT.match(n).group(1)) for n in names) + 1
+
+    runs = {}
+    for name, args in (("cut", ["--resume", str(out)]), ("whole", ["--out", str(tmp_path)])):
+        done = subprocess.run(_cmd(config, 2, *args, *_sets("parallel.dp=2",
+                                                            f"train.epochs={epochs}")),
+                              capture_output=True, text=True, timeout=60, env=ENV)
+        assert done.returncode == 0, done.stderr
+        runs[name] = done.stdout
+    assert '"params_sha256"' in runs["cut"]
+    pick = lambda s: s[s.index('"params_sha256"'):].split(",")[0]
+    assert pick(runs["cut"]) == pick(runs["whole"])
+
+
+def test_a_diverged_data_parallel_run_stops_every_rank_naming_the_step(config, tmp_path):
+    proc = subprocess.run(_cmd(config, 2, "--out", str(tmp_path), *_sets(
+        "parallel.dp=2", "train.lr=1e200")), capture_output=True, text=True, timeout=60,
+        env=ENV)
+    assert proc.returncode != 0
+    assert "failed: Diverged: the training loss is nan at step 2 (epoch 1" in proc.stderr, \
+        proc.stderr
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_debug_fail_at_step_reaches_a_pipeline_stage(config, tmp_path):
+    proc = subprocess.run(_cmd(config, 2, "--out", str(tmp_path), *_sets(
+        "parallel.pp=2", "debug.fail_at_step=3", "debug.fail_rank=1")), capture_output=True,
+        text=True, timeout=60, env=ENV)
+    assert proc.returncode != 0
+    assert ("rank 1 failed: InjectedFault: injected fault at step 3 (debug.fail_at_step=3, "
+            "debug.fail_rank=1)") in proc.stderr, proc.stderr
+    assert not (tmp_path / "final.safetensors").exists()
