@@ -1,12 +1,15 @@
 """Functional forms of the layers (``sg.nn.functional``), on Tensors, eager or traced.
 
-Each is a thin call into an op builder through ``graph.tensor.apply``. Imports graph.tensor
-and ops.
+Each is a thin call into an op builder through ``graph.tensor.apply`` (the losses mse_loss
+and nll_loss are composites of them). Imports graph.tensor and ops.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from shardgrad import ops
+from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.tensor import Tensor, apply
 from shardgrad.ops import elementwise as E
 
@@ -44,6 +47,33 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 def cross_entropy(logits: Tensor, labels, reduction: str = "mean") -> Tensor:
     """Softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,)."""
     return apply(ops.loss.cross_entropy, logits, labels, reduction=reduction)
+
+
+def _reduced(loss: Tensor, reduction: str, name: str) -> Tensor:
+    if reduction not in ops.loss.REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {ops.loss.REDUCTIONS}, not "
+                         f"{reduction!r}")
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+def mse_loss(input: Tensor, target, reduction: str = "mean") -> Tensor:  # noqa: A002 - torch's
+    """(input - target)^2 averaged over every element (or summed, or kept), as
+    torch.nn.functional.mse_loss; the shapes must broadcast."""
+    d = input - target
+    return _reduced(d * d, reduction, "mse_loss")
+
+
+def nll_loss(log_probs: Tensor, labels, reduction: str = "mean") -> Tensor:
+    """-log_probs[i, labels[i]] for log-probabilities (N, C) and integer labels (N,), as
+    torch.nn.functional.nll_loss: nll_loss(log_softmax(z), y) == cross_entropy(z, y)."""
+    n = log_probs.shape[0] if log_probs.ndim else 0
+    shape = labels.shape if isinstance(labels, Tensor) else np.shape(labels)
+    if log_probs.ndim != 2 or tuple(shape) != (n,):
+        raise ShapeError(f"nll_loss needs log-probabilities (N, C) and labels (N,), got "
+                         f"{log_probs.shape} and {tuple(shape)}")
+    column = apply(ops.shape.reshape, labels, (n, 1))
+    picked = apply(ops.shape.gather, log_probs, column, axis=1)
+    return _reduced(-picked.reshape(n), reduction, "nll_loss")
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0):

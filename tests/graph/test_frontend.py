@@ -257,3 +257,36 @@ def test_functional_layer_norm_takes_an_int_shape_as_torch():
     x = sg.tensor(np.arange(6.0).reshape(2, 3))
     np.testing.assert_allclose(sg.nn.functional.layer_norm(x, 3).numpy(),
                                sg.nn.functional.layer_norm(x, (3,)).numpy())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mse_and_nll_losses_match_their_formulas(reduction):
+    F = sg.nn.functional
+    rng = np.random.default_rng(0)
+    z, t = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    y = np.array([0, 3, 1, 1, 2], np.int32)
+    reduce = {"mean": np.mean, "sum": np.sum, "none": lambda v: v}[reduction]
+    np.testing.assert_allclose(F.mse_loss(sg.tensor(z), t, reduction).numpy(),
+                               reduce((z - t) ** 2))
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    a = sg.tensor(z, requires_grad=True)
+    nll = F.nll_loss(F.log_softmax(a), y, reduction)
+    np.testing.assert_allclose(nll.numpy(), reduce(-logp[np.arange(5), y]))
+    if reduction != "none":                 # nll_loss(log_softmax(z), y) == cross_entropy(z, y)
+        np.testing.assert_allclose(nll.numpy(), F.cross_entropy(sg.tensor(z), y, reduction)
+                                   .numpy())
+        nll.backward()
+        onehot = np.eye(4)[y]
+        scale = 1 / 5 if reduction == "mean" else 1.0
+        np.testing.assert_allclose(a.grad.numpy(), (np.exp(logp) - onehot) * scale, atol=1e-12)
+
+
+def test_loss_functions_reject_bad_input():
+    F = sg.nn.functional
+    z = sg.tensor(np.zeros((5, 4)))
+    with pytest.raises(ShapeError, match=r"nll_loss needs .* got \(5, 4\) and \(3,\)"):
+        F.nll_loss(z, np.zeros(3, np.int64))
+    with pytest.raises(ShapeError, match="indices must be integers"):
+        F.nll_loss(z, np.zeros(5))
+    with pytest.raises(ValueError, match="mse_loss: reduction must be one of"):
+        F.mse_loss(z, np.zeros((5, 4)), reduction="avg")
