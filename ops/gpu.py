@@ -1,6 +1,7 @@
 """Hand-written CUDA kernels for the ops a training step spends its time in, and the table that
 attaches them to the OpDefs (``OpDef.cuda``). The CUDA C sources live beside this file in
-ops/cuda/*.cu; CuPy compiles each on first use (NVRTC) for the dtype it is called with.
+ops/cuda/*.cu (with the headers they share, *.cuh); CuPy compiles each on first use (NVRTC)
+for the dtype it is called with.
 
 Every function takes the array module ``xp`` and never imports cupy itself; kernels are
 started through ``launch`` (CuPy's RawModule by default; tests swap in a host emulation).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,17 @@ MAX_BLOCKS = 8192
 Launch = Callable[..., None]
 
 
+# a header of ops/cuda included by name: #include "window.cuh"
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([\w.]+)"[ \t]*$', re.M)
+
+
 @functools.cache
 def source(file: str) -> str:
-    """The text of ops/cuda/``file``."""
-    return (SOURCES / file).read_text()
+    """The text of ops/cuda/``file`` with each ``#include "name"`` replaced by the text of
+    ops/cuda/``name``: one self-contained unit, so NVRTC needs no include path (nor the host
+    emulation), and CuPy's on-disk kernel cache, which hashes the source text and options but
+    not the files an ``-I`` path would pull in, rebuilds when a header changes."""
+    return _LOCAL_INCLUDE.sub(lambda m: source(m.group(1)), (SOURCES / file).read_text())
 
 
 @functools.cache

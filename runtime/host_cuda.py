@@ -6,8 +6,11 @@ no-ops) and declares the libm functions the kernels call. Every kernel here is w
 grid-stride loops and block reductions that stay correct at one thread, so the same source
 computes the same values. ``HostLauncher`` compiles a source with the system C++ compiler
 into a shared library and calls the kernel through ctypes on NumPy arrays; installed as
-``ops.gpu.launch`` it lets ops/gpu.py and the GPU executor run on NumPy. Side effects
-(compiler processes, temporary files) live here, in runtime/. Imports nothing from shardgrad.
+``ops.gpu.launch`` it lets ops/gpu.py and the GPU executor run on NumPy. It also checks each
+call against the kernel's C signature (count, pointer element types, exact scalar types): a
+mismatch the host ABI would forgive (an int64 where an int is declared) shifts every later
+argument of a real launch. Side effects (compiler processes, temporary files) live here, in
+runtime/. Imports nothing from shardgrad.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -46,6 +50,52 @@ static const int warpSize = 1;
 template <class T> static inline T __shfl_xor_sync(unsigned, T v, int) { return v; }
 static inline float __int_as_float(int i) { float f; __builtin_memcpy(&f, &i, 4); return f; }
 """
+
+
+# the NumPy dtype of each C type a kernel parameter may have (T resolved through its typedef)
+DTYPES = {"float": "float32", "double": "float64", "int": "int32", "long long": "int64",
+          "unsigned int": "uint32", "unsigned long long": "uint64", "short": "int16",
+          "signed char": "int8", "unsigned char": "uint8", "bool": "bool"}
+_KERNEL = re.compile(r'extern\s+"C"\s+(?:__global__\s+)?void\s+(\w+)\s*\(([^)]*)\)\s*\{')
+_TYPEDEF_T = re.compile(r"typedef\s+([\w ]+?)\s+T\s*;")
+
+Param = tuple[str, bool, str | None]          # (declaration, is a pointer, NumPy dtype or None)
+
+
+def signatures(text: str) -> dict[str, list[Param]]:
+    """The parameters of every ``extern "C"`` kernel defined in ``text`` (preprocessed, where
+    it has macros)."""
+    t = _TYPEDEF_T.search(text)
+    found = {}
+    for name, params in _KERNEL.findall(text):
+        parsed = []
+        for decl in (d.strip() for d in params.split(",") if d.strip()):
+            words = decl.replace("*", " * ").split()
+            base = [w for w in words[:-1] if w not in ("const", "__restrict__", "*")]
+            ctype = " ".join(base)
+            if ctype == "T" and t is not None:
+                ctype = t.group(1).strip()
+            parsed.append((" ".join(decl.split()), "*" in words, DTYPES.get(ctype)))
+        found[name] = parsed
+    return found
+
+
+def check_args(name: str, params: list[Param], args: tuple) -> None:
+    """Raise TypeError unless ``args`` match kernel ``name``'s ``params`` as CuPy passes
+    them: one argument per parameter, arrays (or None) of the pointee's dtype for pointers,
+    NumPy scalars of exactly the declared type for values."""
+    if len(args) != len(params):
+        raise TypeError(f"kernel {name} takes {len(params)} arguments, got {len(args)}")
+    for k, ((decl, pointer, dtype), a) in enumerate(zip(params, args, strict=True)):
+        if pointer:
+            ok = a is None or (isinstance(a, np.ndarray) and (dtype is None or a.dtype == dtype))
+        else:
+            ok = isinstance(a, np.generic) and (dtype is None or a.dtype == dtype)
+        if not ok:
+            got = (f"{type(a).__name__} of {a.dtype}" if hasattr(a, "dtype")
+                   else type(a).__name__)
+            raise TypeError(f"kernel {name} argument {k} ({decl}) takes "
+                            f"{'an array of ' if pointer else 'a NumPy '}{dtype}, got {got}")
 
 
 def compiler() -> str | None:
@@ -83,6 +133,7 @@ class HostLauncher:
             raise RuntimeError("no C++ compiler (g++) found: cannot emulate CUDA kernels")
         self.workdir = workdir or tempfile.mkdtemp(prefix="sg_host_cuda_")
         self._libs: dict[tuple[str, tuple[str, ...]], ctypes.CDLL] = {}
+        self._params: dict[tuple[str, tuple[str, ...]], dict[str, list[Param]]] = {}
         self._lock = threading.Lock()
         self.compiles = 0
 
@@ -99,20 +150,35 @@ class HostLauncher:
         with open(src, "w") as f:
             f.write(SHIM + "\n" + code)
         defines = [o for o in options if o.startswith("-D")]
-        cmd = [self.cxx, "-O0", "-std=c++17", "-shared", "-fPIC", "-w", *defines, src,
-               "-o", lib]
+        # no fused multiply-adds (some hosts contract by default): NumPy's rounding, op by op
+        cmd = [self.cxx, "-O0", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-w",
+               *defines, src, "-o", lib]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"host compile failed ({' '.join(cmd)}):\n{done.stderr}")
+        if "#define" not in code:                   # generated kernels: no macros to expand
+            self._params[key] = signatures(code)
+        else:
+            pre = subprocess.run([self.cxx, "-E", "-P", "-std=c++17", *defines, src],
+                                 capture_output=True, text=True, timeout=120)
+            self._params[key] = signatures(pre.stdout) if pre.returncode == 0 else {}
         self.compiles += 1
         self._libs[key] = ctypes.CDLL(lib)
         return self._libs[key]
 
+    def signature(self, code: str, options: tuple[str, ...], name: str) -> list[Param] | None:
+        """Kernel ``name``'s parameters as ``__call__`` checks them (None: not parsed)."""
+        self.library(code, options)
+        return self._params[(code, tuple(options))].get(name)
+
     def __call__(self, code: str, name: str, options: tuple[str, ...], grid: int, block: int,
                  args: tuple, shared_mem: int = 0) -> None:
         fn = getattr(self.library(code, options), name)
+        params = self.signature(code, options, name)
+        if params is not None:
+            check_args(name, params, args)
         fn.restype = None
         fn(*[_arg(a) for a in args])
 
 
-__all__ = ["HostLauncher", "SHIM", "compiler"]
+__all__ = ["DTYPES", "HostLauncher", "SHIM", "check_args", "compiler", "signatures"]

@@ -2,21 +2,17 @@
 // (N, C, KH, KW, OH, OW) that ops/nn.py's im2col gives: reshaped to (N, C*KH*KW, OH*OW) it is
 // the right operand of one batched matmul. col2im gathers (one thread per image pixel, summing
 // the window elements that read it in (i, j) order), so it needs no atomics and is
-// deterministic.
-// Grid-stride loops; -DSG_T=float or double; no #include.
+// deterministic. Grid-stride loops; -DSG_T=float or double; includes only window.cuh.
 #ifndef SG_T
 #define SG_T float
 #endif
 typedef SG_T T;
 
-// the geometry every kernel takes, as plain int arguments
-#define GEOM int N, int C, int H, int W, int KH, int KW, int SH, int SW, int PH, int PW, \
-             int OH, int OW
+#include "window.cuh"
 
 extern "C" __global__ void im2col(const T* __restrict__ x, T* __restrict__ cols, GEOM) {
     const long long total = (long long)N * C * KH * KW * OH * OW;
-    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
-         t += (long long)blockDim.x * gridDim.x) {
+    GRID_STRIDE(t, total) {
         long long r = t;
         const int ow = (int)(r % OW); r /= OW;
         const int oh = (int)(r % OH); r /= OH;
@@ -33,8 +29,7 @@ extern "C" __global__ void im2col(const T* __restrict__ x, T* __restrict__ cols,
 
 extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ x, GEOM) {
     const long long total = (long long)N * C * H * W;
-    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
-         t += (long long)blockDim.x * gridDim.x) {
+    GRID_STRIDE(t, total) {
         long long r = t;
         const int w = (int)(r % W); r /= W;
         const int h = (int)(r % H); r /= H;
@@ -42,19 +37,10 @@ extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ x,
         const int n = (int)r;
         const T* cw = cols + ((long long)n * C + c) * KH * KW * OH * OW;
         T acc = (T)0;
-        for (int i = 0; i < KH; ++i) {
-            const int hp = h + PH - i;
-            if (hp < 0 || hp % SH) continue;
-            const int oh = hp / SH;
-            if (oh >= OH) continue;
-            for (int j = 0; j < KW; ++j) {
-                const int wp = w + PW - j;
-                if (wp < 0 || wp % SW) continue;
-                const int ow = wp / SW;
-                if (ow >= OW) continue;
-                acc += cw[((long long)(i * KW + j) * OH + oh) * OW + ow];
-            }
-        }
+        for_windows_reading(h, w, KH, KW, SH, SW, PH, PW, OH, OW,
+                            [&](int i, int j, int oh, int ow) {
+            acc += cw[((long long)(i * KW + j) * OH + oh) * OW + ow];
+        });
         x[t] = acc;
     }
 }

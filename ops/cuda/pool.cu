@@ -2,19 +2,13 @@
 // max pooling pads with -inf and routes the gradient to the first maximum of each window
 // (row-major order, as numpy.argmax); average pooling pads with zeros that count in the mean.
 // Backward kernels gather per input pixel (no atomics, deterministic). Grid-stride loops;
-// -DSG_T=float or double; no #include.
+// -DSG_T=float or double; includes only window.cuh.
 #ifndef SG_T
 #define SG_T float
 #endif
 typedef SG_T T;
 
-// the geometry every kernel takes, as plain int arguments
-#define GEOM int N, int C, int H, int W, int KH, int KW, int SH, int SW, int PH, int PW, \
-             int OH, int OW
-
-#define GRID_STRIDE(t, total) \
-    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < (total); \
-         t += (long long)blockDim.x * gridDim.x)
+#include "window.cuh"
 
 __device__ __forceinline__ T sg_neg_inf() { return -(T)__int_as_float(0x7f800000); }
 
@@ -50,20 +44,11 @@ extern "C" __global__ void maxpool_bwd(const T* __restrict__ gy, const int* __re
         const int w = (int)(t % W), h = (int)((t / W) % H);
         const long long base = (t / ((long long)W * H)) * OH * OW;
         T acc = (T)0;
-        for (int i = 0; i < KH; ++i) {
-            const int hp = h + PH - i;
-            if (hp < 0 || hp % SH) continue;
-            const int oh = hp / SH;
-            if (oh >= OH) continue;
-            for (int j = 0; j < KW; ++j) {
-                const int wp = w + PW - j;
-                if (wp < 0 || wp % SW) continue;
-                const int ow = wp / SW;
-                if (ow >= OW) continue;
-                const long long o = base + (long long)oh * OW + ow;
-                if (arg[o] == i * KW + j) acc += gy[o];
-            }
-        }
+        for_windows_reading(h, w, KH, KW, SH, SW, PH, PW, OH, OW,
+                            [&](int i, int j, int oh, int ow) {
+            const long long o = base + (long long)oh * OW + ow;
+            if (arg[o] == i * KW + j) acc += gy[o];
+        });
         gx[t] = acc;
     }
 }
@@ -106,19 +91,10 @@ extern "C" __global__ void avgpool_bwd(const T* __restrict__ gy, T* __restrict__
         const int w = (int)(t % W), h = (int)((t / W) % H);
         const long long base = (t / ((long long)W * H)) * OH * OW;
         T acc = (T)0;
-        for (int i = 0; i < KH; ++i) {
-            const int hp = h + PH - i;
-            if (hp < 0 || hp % SH) continue;
-            const int oh = hp / SH;
-            if (oh >= OH) continue;
-            for (int j = 0; j < KW; ++j) {
-                const int wp = w + PW - j;
-                if (wp < 0 || wp % SW) continue;
-                const int ow = wp / SW;
-                if (ow >= OW) continue;
-                acc += gy[base + (long long)oh * OW + ow] * scale;
-            }
-        }
+        for_windows_reading(h, w, KH, KW, SH, SW, PH, PW, OH, OW,
+                            [&](int i, int j, int oh, int ow) {
+            acc += gy[base + (long long)oh * OW + ow] * scale;
+        });
         gx[t] = acc;
     }
 }

@@ -1,9 +1,13 @@
-"""Every CUDA source compiles for the H100/H200 (``nvcc -ptx -arch=sm_90``): each hand-written
-kernel file of ops/cuda for float and double, and the fused kernels generated for the groups of
-the test graphs, plain and as the GPU executor builds them (views read in place; one
-translation unit). Skipped only where nvcc is absent. Also checks that the
-sources stay NVRTC-compatible (no #include: CuPy compiles them with NVRTC, which has no
-standard headers) and that every kernel ops.gpu launches is defined.
+"""Every CUDA source compiles for the H100/H200 (``nvcc -ptx -arch=sm_90``, with the flags
+CuPy's RawModule gives NVRTC: ``-std=c++14`` by default, ``-ftz=true`` always): each
+hand-written kernel file of ops/cuda for float and double, as ops.gpu.source hands it to NVRTC
+(its shared headers, ops/cuda/*.cuh, pasted in), and the fused kernels generated for the groups
+of the test graphs, plain and as the GPU executor builds them (views read in place; one
+translation unit); and each kernel, built for sm_90 by ptxas, fits the block size ops.gpu
+launches it with (registers and static shared memory: a kernel over the limit compiles but
+fails every launch). Skipped only where nvcc is absent. Also checks that the sources stay
+NVRTC-compatible (no system #include: NVRTC has no standard headers; only ops/cuda headers,
+which source() inlines) and that every kernel ops.gpu launches is defined.
 """
 
 import os
@@ -24,10 +28,13 @@ NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/lo
                                 else None)
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 SOURCES = sorted(gpu.SOURCES.glob("*.cu"))
+HEADERS = sorted(gpu.SOURCES.glob("*.cuh"))
+CUPY_FLAGS = ("-std=c++14", "-ftz=true")
+INCLUDE = re.compile(r"^\s*#\s*include\s*(\S+)", re.M)
 
 
 def _nvcc(src: Path, out: Path, *flags: str) -> tuple[str, int, str]:
-    cmd = [NVCC, "-ptx", "-arch=sm_90", *flags, str(src), "-o", str(out)]
+    cmd = [NVCC, "-ptx", "-arch=sm_90", *CUPY_FLAGS, *flags, str(src), "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     return " ".join(cmd), done.returncode, done.stderr
 
@@ -43,11 +50,25 @@ def _generated_unit() -> str:
 
 def test_sources_are_nvrtc_compatible():
     assert SOURCES, "no CUDA sources found in ops/cuda"
+    included = set()
+    for path in SOURCES + HEADERS:
+        names = INCLUDE.findall(path.read_text())
+        for name in names:
+            assert name.startswith('"') and (gpu.SOURCES / name.strip('"')).is_file(), (
+                f"{path.name} includes {name}: NVRTC has no standard headers; only "
+                f"ops/cuda headers, which gpu.source inlines")
+        included.update(name.strip('"') for name in names)
     for path in SOURCES:
-        text = path.read_text()
-        assert not re.search(r"^\s*#\s*include", text, re.M), (
-            f"{path.name}: NVRTC has no standard headers")
-        assert "SG_T" in text, f"{path.name}: element type must come from -DSG_T"
+        assert not INCLUDE.search(gpu.source(path.name)), path.name
+        assert "SG_T" in path.read_text(), f"{path.name}: element type must come from -DSG_T"
+    assert {h.name for h in HEADERS} <= included, "a header no kernel includes is never compiled"
+
+
+def test_source_inlines_the_shared_window_header():
+    header = (gpu.SOURCES / "window.cuh").read_text()
+    for file in ("conv.cu", "pool.cu"):
+        assert header in gpu.source(file), file
+        assert "for_windows_reading(" in (gpu.SOURCES / file).read_text(), file
 
 
 def test_every_launched_kernel_is_defined():
@@ -61,8 +82,12 @@ def test_every_launched_kernel_is_defined():
 def test_every_cuda_source_compiles_for_sm90(tmp_path):
     unit = tmp_path / "fused.cu"
     unit.write_text(_generated_unit())
+    units = []
+    for src in SOURCES:
+        units.append(tmp_path / src.name)        # what NVRTC compiles: headers inlined
+        units[-1].write_text(gpu.source(src.name))
     jobs = [(src, tmp_path / f"{src.stem}_{t}.ptx", f"-DSG_T={t}")
-            for src in SOURCES for t in ("float", "double")]
+            for src in units for t in ("float", "double")]
     jobs.append((unit, tmp_path / "fused.ptx", "-DSG_UNUSED"))
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         results = list(pool.map(lambda j: _nvcc(*j), jobs))
@@ -73,3 +98,48 @@ def test_every_cuda_source_compiles_for_sm90(tmp_path):
         assert ".target sm_90" in ptx and ".entry" in ptx, out.name
     fused_entries = re.findall(r"\.entry (sg_fused_\w+)", (tmp_path / "fused.ptx").read_text())
     assert len(fused_entries) == unit.read_text().count('extern "C" __global__') >= 10
+
+
+def _launch_blocks() -> dict[tuple[str, str], int]:
+    """(file, kernel) -> the most threads per block ops.gpu launches it with."""
+    text = Path(gpu.__file__).read_text()
+    calls = re.findall(r'run_kernel\("(\w+\.cu)", "(\w+)"(.{0,80})', text, re.S)
+    return {(f, k): gpu.row_block(2**40) if "row_block(" in rest else gpu.BLOCK
+            for f, k, rest in calls}
+
+
+@needs_nvcc
+def test_every_kernel_fits_its_launch_block(tmp_path):
+    blocks = _launch_blocks()
+    # at 256 threads a block fits whatever ptxas does (255 registers at most): check the files
+    # with larger blocks or with shared memory
+    files = {f for (f, _), threads in blocks.items() if threads * 255 > 65536} | {
+        f for f, _ in blocks if "__shared__" in gpu.source(f)}
+    assert "softmax.cu" in files
+    jobs = []
+    for file in sorted(files):
+        (tmp_path / file).write_text(gpu.source(file))
+        jobs += [(tmp_path / file, tmp_path / f"{file}_{t}.cubin", t) for t in ("float", "double")]
+
+    def build(job):
+        src, out, t = job
+        cmd = [NVCC, "-cubin", "-arch=sm_90", *CUPY_FLAGS, f"-DSG_T={t}", "--resource-usage",
+               str(src), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        return src.name, t, done.stdout + done.stderr
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        reports = list(pool.map(build, jobs))
+    seen = set()
+    for file, t, report in reports:
+        for name, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|$)",
+                                     report, re.S):
+            regs = int(re.search(r"Used (\d+) registers", body).group(1))
+            smem = re.search(r"(\d+) bytes smem", body)
+            threads = blocks.get((file, name), gpu.BLOCK)
+            # registers are allocated 8 per thread at a time; an SM's 65536 bound a block
+            assert -(-regs // 8) * 8 * threads <= 65536, (file, t, name, regs, threads)
+            assert (int(smem.group(1)) if smem else 0) <= 48 * 1024, (file, t, name)
+            seen.add((file, name))
+    assert {fk for fk in blocks if fk[0] in files} <= seen

@@ -1,9 +1,13 @@
 """The hand-written CUDA kernels of ops/cuda, run on the CPU: runtime.host_cuda compiles each
 source for the host (one thread standing for the grid) and ops.gpu's wrappers launch it on
 NumPy arrays. Each op's kernel path must give its generic forward (the reference semantics):
-float64 to 1e-12, float32 to 1e-5 relative. The same comparisons run on a real GPU in
-tests/ops/test_gpu_ops.py.
+float64 to 1e-12, float32 to 1e-5 relative; the gather kernels (col2im, the pooling backward
+kernels: ops/cuda/window.cuh) sum in the reference's order, so on the host they give it bit for
+bit. The same comparisons run on a real GPU in tests/ops/test_gpu_ops.py.
 """
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +23,10 @@ DTYPES = ["float32", "float64"]
 WINDOWS = [dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1)),
            dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0)),
            dict(kernel=(3, 2), stride=(2, 1), padding=(1, 0)),
-           dict(kernel=(2, 3), stride=(1, 3), padding=(1, 1))]
+           dict(kernel=(2, 3), stride=(1, 3), padding=(1, 1)),
+           dict(kernel=(5, 4), stride=(2, 3), padding=(2, 1))]
+# sums in (i, j) window order with no multiply-add to contract: equal to the reference exactly
+GATHERS = ("col2im", "max_pool2d_grad", "avg_pool2d_grad")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,6 +47,8 @@ def check(name, dtype, *args, **attrs):
     want = np.asarray(get(name).forward(np, *args, **attrs))
     got = np.asarray(REGISTRY[name].cuda(np, *args, **attrs))
     close(got, want, dtype)
+    if name in GATHERS:
+        np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 def rand(rng, shape, dtype, lo=-2.0, hi=2.0):
@@ -52,13 +61,14 @@ def test_kernels_are_attached():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(7, 13), (3, 1), (2, 5, 40), (4, 1500)])
+@pytest.mark.parametrize("shape", [(7, 13), (3, 1), (2, 5, 40), (4, 1500), (0, 5), (1, 1)])
 def test_softmax_family(dtype, shape):
     rng = np.random.default_rng(0)
     x = rand(rng, shape, dtype, -5, 5)
     check("softmax", dtype, x, axis=len(shape) - 1)
     check("log_softmax", dtype, x, axis=len(shape) - 1)
-    check("softmax", dtype, x, axis=0)         # inner axis: the generic path, same answer
+    if x.shape[0]:
+        check("softmax", dtype, x, axis=0)     # inner axis: the generic path, same answer
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -86,6 +96,8 @@ def test_bias_act(dtype, act):
     check("bias_act_grad", dtype, g, x, b, act=act)
     x3 = rand(rng, (2, 3, 10), dtype)
     check("bias_act", dtype, x3, b, act=act)
+    check("bias_act", dtype, x3[:0], b, act=act)
+    check("bias_act_grad", dtype, g[:0], x[:0], b, act=act)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -104,6 +116,80 @@ def test_conv_and_pool_kernels(dtype, win):
     check("max_pool2d_gather", dtype, rand(rng, x.shape, dtype), x, **win)
     check("avg_pool2d", dtype, x, **win)
     check("avg_pool2d_grad", dtype, g, shape=x.shape, **win)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (0, 2, 4, 4), (2, 0, 3, 3), (1, 1, 5, 3),
+                                   (3, 1, 1, 7)])
+def test_conv_and_pool_kernels_at_edge_shapes(shape):
+    """Sizes 0 and 1, a window as large as the image, a single row: ops.gpu's wrappers launch
+    nothing for an empty output and the kernels' geometry holds at the borders."""
+    rng = np.random.default_rng(7)
+    x = rand(rng, shape, "float64")
+    wins = [dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0)),
+            dict(kernel=tuple(min(k, 2) for k in shape[2:]), stride=(1, 1), padding=(0, 0)),
+            dict(kernel=tuple(shape[2:]), stride=(2, 2), padding=(0, 0)),
+            dict(kernel=(3, 3), stride=(1, 2), padding=(1, 1))]
+    for win in wins:
+        cols = get("im2col").forward(np, x, **win)
+        out = get("max_pool2d").forward(np, x, **win)
+        g = rand(rng, out.shape, "float64")
+        check("im2col", "float64", x, **win)
+        check("col2im", "float64", rand(rng, cols.shape, "float64"), shape=x.shape, **win)
+        check("max_pool2d", "float64", x, **win)
+        check("max_pool2d_grad", "float64", g, x, **win)
+        check("max_pool2d_gather", "float64", rand(rng, x.shape, "float64"), x, **win)
+        check("avg_pool2d", "float64", x, **win)
+        check("avg_pool2d_grad", "float64", g, shape=x.shape, **win)
+
+
+def test_kernels_take_non_contiguous_inputs():
+    """Transposed and strided views (as the GPU executor may hand over) are copied to the
+    C-contiguous layout the kernels index; the host launcher refuses anything else, so a
+    wrapper that forgot would fail here."""
+    rng = np.random.default_rng(8)
+    win = WINDOWS[2]
+    x = rand(rng, (3, 9, 8, 2), "float32").transpose(3, 0, 1, 2)      # (2, 3, 9, 8), strided
+    assert not x.flags.c_contiguous
+    g = rand(rng, get("max_pool2d").forward(np, x, **win).shape[::-1], "float32").T
+    cols = rand(rng, get("im2col").forward(np, x, **win).shape[::-1], "float32").T
+    for name, args, attrs in [
+            ("im2col", (x,), win), ("col2im", (cols,), dict(shape=x.shape, **win)),
+            ("max_pool2d", (x,), win), ("max_pool2d_grad", (g, x), win),
+            ("max_pool2d_gather", (x[:, ::-1], x), win), ("avg_pool2d", (x,), win),
+            ("avg_pool2d_grad", (g,), dict(shape=x.shape, **win))]:
+        check(name, "float32", *args, **attrs)
+    logits = rand(rng, (11, 7), "float32").T                             # (7, 11)
+    y = rng.integers(0, 11, 14)[::2]
+    check("softmax", "float32", logits, axis=1)
+    check("log_softmax", "float32", logits, axis=1)
+    check("cross_entropy", "float32", logits, y, reduction="mean")
+    check("softmax_xent_grad", "float32", logits, y, rand(rng, (1, 7), "float32").T)
+    b = rand(rng, (22,), "float32")[::2]
+    check("bias_act", "float32", logits, b, act="gelu")
+    check("bias_act_grad", "float32", logits[::-1], logits, b, act="gelu")
+
+
+def test_host_launcher_checks_arguments_against_the_kernel_signature(host):
+    """What x86-64 ctypes forgives and CuPy does not: CuPy packs each argument at its own size,
+    so an int64 for an ``int`` parameter shifts every later one; the host launcher refuses
+    it, as it refuses a wrong count or an array of the wrong element type."""
+    code, opts = gpu.source("bias_act.cu"), ("-DSG_T=float",)
+    x, b, out = np.ones((2, 3), np.float32), np.ones(3, np.float32), np.empty((2, 3), np.float32)
+    host(code, "bias_act_fwd", opts, 1, 1, (x, b, out, np.int64(6), *gpu._i32(3, 1)))
+    np.testing.assert_array_equal(out, 2.0)
+    bad = {"long long n": (x, b, out, np.int32(6), *gpu._i32(3, 1)),
+           "int cols": (x, b, out, np.int64(6), np.int64(3), np.int32(1)),
+           "const T\\* __restrict__ b": (x, b.astype(np.float64), out, np.int64(6),
+                                          *gpu._i32(3, 1)),
+           "int act": (x, b, out, np.int64(6), np.int32(3), 1),
+           "takes 6 arguments, got 5": (x, b, out, np.int64(6), np.int32(3))}
+    for match, args in bad.items():
+        with pytest.raises(TypeError, match=match):
+            host(code, "bias_act_fwd", opts, 1, 1, args)
+    launched = re.findall(r'run_kernel\("(\w+\.cu)", "(\w+)"', Path(gpu.__file__).read_text())
+    for file, name in launched:                    # every launch is checked, none skipped
+        params = host.signature(gpu.source(file), ("-DSG_T=double",), name)
+        assert params and all(dtype for _, _, dtype in params), (file, name, params)
 
 
 def test_uncovered_dtypes_take_the_generic_path():
@@ -153,6 +239,9 @@ def test_flat_adam_update_matches_optim_rule(dtype, cls):
 
 
 def test_flat_updates_check_their_buffers():
+    empty = np.zeros(0, np.float32)
+    gpu.sgd_update_(empty, empty.copy(), empty.copy(), lr=0.1, momentum=0.9)
+    gpu.adam_update_(empty, *(empty.copy() for _ in range(3)), lr=0.1, step=1)
     p = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="1-d contiguous"):
         gpu.sgd_update_(p, np.zeros(5, np.float32), lr=0.1)

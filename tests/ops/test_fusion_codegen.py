@@ -146,6 +146,25 @@ def test_integer_division_has_no_c_form():
         codegen.fused_source(group)
 
 
+def test_index_type_widens_where_the_grid_stride_could_overflow_int():
+    """int indices only while i + the grid stride stays below 2^31: the stride is what ops.gpu
+    launches (at most MAX_BLOCKS blocks of BLOCK threads), so the two modules' constants must
+    agree. A 1024 x 512 x 28 x 28 activation indexes with int, 4 x 512 x 1024 x 1024 with
+    long long (and its broadcast bias's index terms with it)."""
+    from shardgrad.graph.ir import leaf
+    from shardgrad.ops import elementwise as E
+    from shardgrad.ops import gpu
+    assert gpu.MAX_BLOCKS * gpu.BLOCK <= 2**31 - codegen.INT_INDEX_LIMIT
+    limit = codegen.INT_INDEX_LIMIT
+    for shape, itype in [((1024, 512, 28, 28), "int"), ((4, 512, 1024, 1024), "long long"),
+                         ((limit,), "int"), ((limit + 1,), "long long")]:
+        x = leaf("input", shape, "float32", name="x")
+        b = leaf("input", shape[1:2] + (1,) * (len(shape) - 2), "float32", name="b")
+        (group,) = passes.fusion_groups(Graph({"y": E.exp(x + b) + 1.0}))
+        code = codegen.fused_source(group).code
+        assert f"for ({itype} i = " in code and f"i < {int(np.prod(shape))};" in code, shape
+
+
 @needs_cxx
 def test_generated_kernels_run_on_the_host_match_interpreter(cases, launcher):
     """Each group's CUDA C, compiled for the host and run on the interpreter's input values,
@@ -158,6 +177,7 @@ def test_generated_kernels_run_on_the_host_match_interpreter(cases, launcher):
             ins = [np.ascontiguousarray(env[group.inputs[j].id]) for j in src.args]
             outs = [np.full(o.shape, 77, o.dtype) for o in group.outputs]
             launcher(src.code, src.name, (), 1, 1, (*ins, *outs))
+            assert len(launcher.signature(src.code, (), src.name)) == len(ins) + len(outs)
             for o, got in zip(group.outputs, outs, strict=True):
                 want = env[o.id]
                 if want.dtype.kind == "f":
