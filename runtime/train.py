@@ -428,8 +428,9 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         metrics.keep_until(os.path.join(resume, "metrics.jsonl"), steps_done)
     elif writer:
         _write_text(metrics.path, "")
-    if writer:
-        _clear_stale(out_dir, start_epoch)
+    if writer:   # keep the checkpoints this run resumes along, none of another run's
+        same = resume is not None and os.path.realpath(resume) == os.path.realpath(out_dir)
+        _clear_stale(out_dir, start_epoch if same else 0)
 
     prepare = options.get("prepare")
     if prepare is not None:

@@ -130,6 +130,14 @@ def test_a_fresh_run_in_a_used_directory_drops_the_old_checkpoints(config, tmp_p
     assert resumed["params_sha256"] == whole["params_sha256"]
 
 
+def test_resume_into_another_directory_keeps_none_of_its_old_checkpoints(config, tmp_path):
+    src = _first_run(config, tmp_path)
+    other = tmp_path / "other"
+    tr.train(load_config(config, ["train.epochs=3", "train.lr=0.05"]), str(other))
+    tr.train(load_config(config, ["train.epochs=2"]), str(other), resume=str(src))
+    assert os.listdir(other / "checkpoints") == ["epoch_2.safetensors"]
+
+
 def test_resume_with_fewer_epochs_than_the_checkpoint_is_a_config_error(config, tmp_path):
     out = _first_run(config, tmp_path, epochs=2)
     with pytest.raises(ConfigError, match="train.epochs = 1 but .*epoch_2.safetensors is from "
