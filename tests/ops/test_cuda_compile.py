@@ -64,6 +64,17 @@ def test_sources_are_nvrtc_compatible():
     assert {h.name for h in HEADERS} <= included, "a header no kernel includes is never compiled"
 
 
+def test_every_cuda_file_ships_in_the_wheel():
+    import fnmatch
+    import tomllib
+    root = gpu.SOURCES.parent.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = data["package-data"]["shardgrad.ops"]
+    for path in SOURCES + HEADERS:
+        rel = path.relative_to(gpu.SOURCES.parent).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not package data"
+
+
 def test_source_inlines_the_shared_window_header():
     header = (gpu.SOURCES / "window.cuh").read_text()
     for file in ("conv.cu", "pool.cu"):
