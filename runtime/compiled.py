@@ -61,6 +61,13 @@ def _sigmoid(xp):
     return run
 
 
+def _cast(xp):
+    # copyto takes (dst, src): the kernel convention is fn(src, out=dst)
+    def run(x, out):
+        xp.copyto(out, x, casting="unsafe")
+    return run
+
+
 def _where(xp):
     def run(c, x, y, out):
         xp.copyto(out, y)
@@ -87,8 +94,7 @@ OUT_KERNELS: dict[str, OutKernel] = {
     "sign": _ufunc("sign"), "relu": _ufunc("maximum", "fi", 0),
     "step": OutKernel(lambda xp, n: (xp.greater, (0,)), True, _same_dtype("f")),
     "sigmoid": OutKernel(lambda xp, n: (_sigmoid(xp), ()), True, _same_dtype("f")),
-    "cast": OutKernel(lambda xp, n: (partial(xp.copyto, casting="unsafe"), ()), True,
-                      lambda n: True),
+    "cast": OutKernel(lambda xp, n: (_cast(xp), ()), True, lambda n: True),
     "where": OutKernel(lambda xp, n: (_where(xp), ()), False,
                        lambda n: n.inputs[1].dtype == n.inputs[2].dtype == n.dtype),
     "matmul": OutKernel(lambda xp, n: (xp.matmul, ()), False, _same_dtype("fiu")),
