@@ -48,9 +48,12 @@ from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.models import build_model, image_input
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 
-# Keys a resumed run may change: they do not alter the trajectory up to the checkpoint.
+# Keys a resumed run may change: they do not alter the trajectory up to the checkpoint, and
+# after it only how long it runs and how it is run, or never reach training at all: the Ray
+# launcher's cluster.* and the fault injection debug.* (a run a fault stopped resumes without).
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
-                     "train.executor")
+                     "train.executor", "device.threads", "parallel.timeout_s",
+                     *(f"{s}.{k}" for s in ("cluster", "debug") for k in cfg.SCHEMA[s]))
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
 
 
@@ -285,7 +288,8 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
     changed = [k for k in cfg.diff(saved, config) if k not in RESUMABLE_CHANGES]
     if changed:
         raise cfg.ConfigError(f"--resume {resume}: the config differs from the checkpoint's in "
-                              f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may "
+                              f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES[:6])}, "
+                              f"cluster.* and debug.* may "
                               f"change on resume")
     if int(meta["epoch"]) > config["train"]["epochs"]:
         raise cfg.ConfigError(f"--resume {resume}: train.epochs = {config['train']['epochs']} "

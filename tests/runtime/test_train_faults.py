@@ -138,6 +138,19 @@ def test_resume_into_another_directory_keeps_none_of_its_old_checkpoints(config,
     assert os.listdir(other / "checkpoints") == ["epoch_2.safetensors"]
 
 
+def test_a_run_an_injected_fault_stopped_resumes_without_the_debug_keys(config, tmp_path):
+    from shardgrad.runtime.dp import InjectedFault
+
+    whole = tr.train(load_config(config), str(tmp_path / "whole"))
+    out = str(tmp_path / "cut")
+    with pytest.raises(InjectedFault):
+        tr.train(load_config(config, ["debug.fail_at_step=10", "parallel.timeout_s=5",
+                                      "cluster.max_restarts=2"]), out)
+    assert tr.latest_checkpoint(out).endswith("epoch_1.safetensors")
+    resumed = tr.train(load_config(config), out, resume=out)
+    assert resumed["params_sha256"] == whole["params_sha256"]
+
+
 def test_resume_with_fewer_epochs_than_the_checkpoint_is_a_config_error(config, tmp_path):
     out = _first_run(config, tmp_path, epochs=2)
     with pytest.raises(ConfigError, match="train.epochs = 1 but .*epoch_2.safetensors is from "
