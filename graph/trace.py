@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from shardgrad.graph.autodiff import backprop
-from shardgrad.graph.ir import Graph, ShapeError, const
+from shardgrad.graph.ir import Graph, ShapeError, const, toposort
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.tensor import Tensor, placeholder, tracing_salt
@@ -92,10 +92,13 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
         if optimizer is not None:
             lr = placeholder((), dtype, name="lr")
             t = placeholder((), dtype, name="t")
-            grad_of = {id(p): Tensor(g) for (_, p), g in zip(named, grads, strict=True)}
+            # a parameter the loss does not use gets no update, as in torch (its grad is None)
+            used = {n.id for n in toposort([loss.node])}
+            grad_of = {id(p): Tensor(g) for (_, p), g in zip(named, grads, strict=True)
+                       if leaves[id(p)].id in used}
             for p, st in zip(optimizer.params, optimizer.state, strict=True):
                 if id(p) not in grad_of:
-                    continue                       # frozen: no gradient, no update (as torch)
+                    continue                       # frozen or unused: no update
                 pname = name_of[id(p)]
                 new_p, new_st = optimizer.rule(Tensor(leaves[id(p)]), grad_of[id(p)], st, lr, t)
                 outputs[f"param/{pname}"] = new_p.node

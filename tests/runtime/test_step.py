@@ -48,6 +48,36 @@ def test_frozen_and_unoptimized_parameters_stay_put_as_in_eager(make_opt):
     assert not np.array_equal(after["2.weight"], before["2.weight"])
 
 
+def test_a_parameter_the_loss_does_not_use_is_not_updated_as_in_eager():
+    class Net(sg.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.aux = sg.nn.Linear(4, 3), sg.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.body(x)                    # aux is unused: its grad stays None
+
+    models = []
+    for compiled in (True, False):
+        sg.manual_seed(0)
+        model = Net()
+        opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        if compiled:
+            step = sg.compile_step(model, F.cross_entropy, opt)
+            for x, y in _batches():
+                step(x, y)
+        else:
+            _eager_steps(model, opt, _batches())
+        models.append(model.state_dict())
+    sg.manual_seed(0)
+    fresh = Net().state_dict()
+    for k in ("aux.weight", "aux.bias"):       # weight decay moved them in compiled steps
+        np.testing.assert_array_equal(models[0][k], fresh[k])
+        np.testing.assert_array_equal(models[1][k], fresh[k])
+    np.testing.assert_allclose(models[0]["body.weight"], models[1]["body.weight"], rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_unfreezing_retraces_the_step():
     model = _model()
     model[0].weight.requires_grad = False
