@@ -261,10 +261,14 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def _clear_stale(out_dir: str, after_epoch: int) -> None:
     """Remove checkpoints past ``after_epoch`` (an earlier run's, which a later --resume would
-    otherwise take for this run's) and temporary files a killed writer left."""
+    otherwise take for this run's), temporary files a killed writer left, and with
+    ``after_epoch`` 0 an earlier run's final parameters and summary."""
     for epoch, path in _checkpoints(out_dir):
         if epoch > after_epoch:
             os.remove(path)
+    for name in ("final.safetensors", "summary.json") if after_epoch == 0 else ():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     for name in os.listdir(ckpt_dir):
         if name.startswith(".") and ".tmp-" in name:

@@ -119,12 +119,23 @@ def test_a_checkpoint_of_another_model_is_named(config, tmp_path, capsys, change
     assert f"{path} does not fit this model" in err[0]
 
 
-def test_a_fresh_run_in_a_used_directory_drops_the_old_checkpoints(config, tmp_path):
+class _Stop(Exception):
+    pass
+
+
+def _stop_at_epoch_1(record):
+    if record["kind"] == "epoch":
+        raise _Stop
+
+
+def test_a_fresh_run_in_a_used_directory_drops_the_old_run_files(config, tmp_path):
     whole = tr.train(load_config(config, ["train.epochs=2"]), str(tmp_path / "whole"))
     out = _first_run(config, tmp_path, epochs=3)
     (out / "checkpoints" / ".epoch_4.safetensors.tmp-1").write_bytes(b"killed mid-write")
-    _first_run(config, tmp_path, epochs=1)   # the same directory, from scratch
+    with pytest.raises(_Stop):                # the same directory, from scratch, killed
+        tr.train(load_config(config, ["train.epochs=2"]), str(out), on_record=_stop_at_epoch_1)
     assert os.listdir(out / "checkpoints") == ["epoch_1.safetensors"]
+    assert not (out / "summary.json").exists() and not (out / "final.safetensors").exists()
     resumed = tr.train(load_config(config, ["train.epochs=2"]), str(out), resume=str(out))
     assert resumed["resumed_from"].endswith("epoch_1.safetensors")
     assert resumed["params_sha256"] == whole["params_sha256"]
