@@ -124,6 +124,9 @@ def trace_forward(model: Module, x_spec: tuple[tuple[int, ...], str]) -> Graph:
     x = placeholder(*x_spec, name="x")
     with _swapped(swaps), _mode(model, False):
         out = model(x)
+    if not isinstance(out, Tensor):
+        raise ShapeError(f"{type(model).__name__}(x) must return one Tensor of logits for "
+                         f"inference (Predictor, accuracy), got {type(out).__name__}")
     return Graph({"logits": out.node}, meta={"params": [n for n, _ in named]})
 
 

@@ -127,3 +127,17 @@ def test_empty_batch_gives_nan_loss_and_zero_gradients_as_torch():
     with np.errstate(invalid="ignore"):                  # was a ZeroDivisionError while tracing
         assert np.isnan(step(np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
     np.testing.assert_array_equal(model.weight.numpy(), w)
+
+
+def test_predictor_needs_a_model_returning_one_tensor():
+    class TwoHeads(sg.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = sg.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x), self.fc(x) * 2.0
+
+    with pytest.raises(sg.ShapeError, match="TwoHeads.x. must return one Tensor of logits "
+                                            "for inference .Predictor, accuracy., got tuple"):
+        sg.accuracy(TwoHeads(), *_batches(1)[0])      # was AttributeError: 'tuple' ... 'node'
