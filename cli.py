@@ -18,10 +18,12 @@ import shutil
 import subprocess
 import sys
 
+from shardgrad.graph.ir import ShapeError
 from shardgrad.runtime.config import ConfigError, load_config
 from shardgrad.runtime.data import DataError
 
-USAGE_ERRORS = (ConfigError, DataError, OSError)
+# ShapeError: the config's model cannot be traced for its batches (batch norm over one row).
+USAGE_ERRORS = (ConfigError, DataError, OSError, ShapeError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -187,3 +187,15 @@ def test_batch_norm_over_one_sample_is_a_config_error(config, tmp_path, capsys):
                       "model.batchnorm=true", "--set", "train.batch_size=1")
     assert code == 2 and len(err) == 1, err
     assert "cannot train on its batches" in err[0] and "batch_norm" in err[0]
+
+
+@pytest.mark.parametrize("command", ["plan", "graph"])
+def test_plan_and_graph_of_a_model_that_cannot_take_its_batches_are_one_line(
+        config, tmp_path, capsys, command):
+    sets = ["--set", "model.batchnorm=true", "--set", "train.batch_size=64"]
+    sets += (["--set", "parallel.pp=2", "--set", "parallel.microbatches=64"]
+             if command == "plan" else ["--set", "train.batch_size=1", "--out",
+                                        str(tmp_path / "g.dot")])
+    code, err = _main(capsys, command, config, *sets)
+    assert code == 2 and len(err) == 1, err
+    assert "batch_norm" in err[0] and "more than one value per channel" in err[0]
