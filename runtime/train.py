@@ -133,6 +133,13 @@ def load_data(config: Mapping) -> Dataset:
     for key in ("train_images", "train_labels"):
         if not d[key]:
             raise cfg.ConfigError(f"data.dataset = 'idx' needs data.{key} (a file path)")
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        path = d[key]
+        if path and not os.path.isfile(path):
+            where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+            raise cfg.ConfigError(f"data.{key} = {path!r}: "
+                                  f"{'is a directory' if os.path.isdir(path) else 'no such file'}"
+                                  f"{where}")
     return load_idx_dataset(d["train_images"], d["train_labels"], d["test_images"] or None,
                             d["test_labels"] or None, dtype=dtype, image=image,
                             test_fraction=d["test_fraction"], seed=d["split_seed"])

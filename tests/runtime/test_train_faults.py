@@ -199,3 +199,10 @@ def test_plan_and_graph_of_a_model_that_cannot_take_its_batches_are_one_line(
     code, err = _main(capsys, command, config, *sets)
     assert code == 2 and len(err) == 1, err
     assert "batch_norm" in err[0] and "more than one value per channel" in err[0]
+
+
+def test_a_missing_data_file_names_its_key(config, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = _main(capsys, "train", config, "--set", "data.train_labels=labels.idx")
+    assert code == 2 and len(err) == 1, err
+    assert f"data.train_labels = 'labels.idx': no such file (relative to {tmp_path})" in err[0]
