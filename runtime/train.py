@@ -266,6 +266,19 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
+def _make_run_dir(out_dir: str) -> None:
+    """Create ``out_dir/checkpoints``, or a ConfigError naming the run directory (rather than
+    an OSError at the first checkpoint, after the first epoch's work)."""
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        if not os.access(ckpt_dir, os.W_OK | os.X_OK) or not os.access(out_dir, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        raise cfg.ConfigError(f"cannot write the run directory {out_dir!r} (--out): "
+                              f"{e.strerror or e}") from None
+
+
 def _clear_stale(out_dir: str, after_epoch: int) -> None:
     """Remove checkpoints past ``after_epoch`` (an earlier run's, which a later --resume would
     otherwise take for this run's), temporary files a killed writer left, and with
@@ -411,7 +424,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                               f"a multiple of the data-parallel world size {world}")
     writer = comm.rank == 0 and out_dir is not None
     if writer:
-        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+        _make_run_dir(out_dir)
     metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl") if writer else None, on_record)
 
     model, optimizer, step, data = setup(config, options)

@@ -206,3 +206,16 @@ def test_a_missing_data_file_names_its_key(config, tmp_path, capsys, monkeypatch
     code, err = _main(capsys, "train", config, "--set", "data.train_labels=labels.idx")
     assert code == 2 and len(err) == 1, err
     assert f"data.train_labels = 'labels.idx': no such file (relative to {tmp_path})" in err[0]
+
+
+def test_an_unusable_run_directory_is_named_before_any_work(config, tmp_path, capsys,
+                                                            monkeypatch):
+    (tmp_path / "file").write_text("")
+    code, err = _main(capsys, "train", config, "--out", str(tmp_path / "file" / "run"))
+    assert code == 2 and len(err) == 1, err
+    assert f"cannot write the run directory '{tmp_path / 'file' / 'run'}' (--out): Not a " \
+           f"directory" in err[0]
+    monkeypatch.setattr(os, "access", lambda path, mode: False)   # root may write anywhere
+    code, err = _main(capsys, "train", config, "--out", str(tmp_path / "ro"))
+    assert code == 2 and err == [f"shardgrad train: error: cannot write the run directory "
+                                 f"'{tmp_path / 'ro'}' (--out): not writable"], err
