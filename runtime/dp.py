@@ -101,12 +101,18 @@ def check_replicas(comm: Communicator, graph: Graph, model: Module) -> None:
                                   f"code, config and local batch shape")
 
 
-def fault_injector(config: Mapping, rank: int) -> Callable[[int], None] | None:
+def fault_injector(config: Mapping, rank: int, world_size: int | None = None
+                   ) -> Callable[[int], None] | None:
     """The ``debug.fail_at_step`` / ``debug.fail_rank`` / ``debug.fail_mode`` knob: on that
     rank, before that step (1-based) runs, raise InjectedFault ("raise") or stop responding
-    ("hang", which the collective timeout or the launcher must catch). None when unset."""
+    ("hang", which the collective timeout or the launcher must catch). None when unset.
+    ConfigError when ``debug.fail_rank`` is not a rank of a ``world_size`` job (no fault
+    would fire, and a fault test would pass for nothing)."""
     d = config.get("debug", {})
     at, who, mode = d.get("fail_at_step", 0), d.get("fail_rank", 0), d.get("fail_mode", "raise")
+    if at and world_size is not None and who >= world_size:
+        raise ConfigError(f"debug.fail_rank = {who} but this job has {world_size} process(es), "
+                          f"ranks 0..{world_size - 1}")
     if not at or who != rank:
         return None
 
@@ -152,8 +158,9 @@ def step_options(config: Mapping, comm: Communicator,
             check_replicas(comm, graph, model)
             broadcast_state(model, optimizer, comm)
 
+    fault = fault_injector(config, comm.rank, comm.world_size)
     return {"transform": transform, "prepare": prepare,
-            "executor": bound_executor(executor, comm, fault_injector(config, comm.rank))}
+            "executor": bound_executor(executor, comm, fault)}
 
 
 def communicator(config: Mapping) -> Communicator:

@@ -375,7 +375,7 @@ def step_options(config: Mapping, comm: Communicator, executor: Executor | None 
     dp, pp, m = _checked(config, comm.world_size)
     par = config["parallel"]
     mesh = Mesh.of(comm, dp, pp)
-    fault = data_parallel.fault_injector(config, comm.rank)
+    fault = data_parallel.fault_injector(config, comm.rank, comm.world_size)
 
     def make(graph: Graph) -> Any:
         with _as_config_error():

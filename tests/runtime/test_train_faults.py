@@ -219,3 +219,9 @@ def test_an_unusable_run_directory_is_named_before_any_work(config, tmp_path, ca
     code, err = _main(capsys, "train", config, "--out", str(tmp_path / "ro"))
     assert code == 2 and err == [f"shardgrad train: error: cannot write the run directory "
                                  f"'{tmp_path / 'ro'}' (--out): not writable"], err
+
+
+def test_a_fault_aimed_at_a_rank_the_job_lacks_is_a_config_error(config, tmp_path):
+    with pytest.raises(ConfigError, match=r"debug.fail_rank = 1 but this job has 1 process"):
+        tr.train(load_config(config, ["debug.fail_at_step=2", "debug.fail_rank=1"]),
+                 str(tmp_path))
