@@ -42,6 +42,29 @@ def _mode(model: Module, training: bool) -> Iterator[None]:
             object.__setattr__(m, "training", mode)          # as Module.train sets it
 
 
+def unique_parameters(model: Module) -> list[tuple[str, Tensor]]:
+    """``model.named_parameters()`` with a shared parameter (tied weights, a module reached
+    by two attributes) once, under its first name, as torch's named_parameters()."""
+    seen: set[int] = set()
+    out = []
+    for n, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((n, p))
+    return out
+
+
+def unique_optimizer_state(optimizer: Optimizer) -> list[tuple[Tensor, dict[str, Tensor]]]:
+    """The optimizer's (param, state) pairs, a parameter listed twice taken at its first."""
+    seen: set[int] = set()
+    out = []
+    for p, st in zip(optimizer.params, optimizer.state, strict=True):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((p, st))
+    return out
+
+
 def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
                x_spec: tuple[tuple[int, ...], str], y_spec: tuple[tuple[int, ...], str]
                ) -> Graph:
@@ -55,7 +78,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
     (updated). ``meta``: ``params``, ``states`` (names in order), ``loss_scale`` =
     ``"mean"`` (the loss averages over the batch).
     """
-    every = list(model.named_parameters())
+    every = unique_parameters(model)
     named = [(n, p) for n, p in every if p.requires_grad]
     if not named:
         raise ShapeError(f"{type(model).__name__} has no parameters to train")
@@ -69,7 +92,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
     swaps += [(b, placeholder(b.shape, b.dtype, "state", name=n)) for n, b in buffers]
     opt_states = []
     if optimizer is not None:
-        for p, st in zip(optimizer.params, optimizer.state, strict=True):
+        for p, st in unique_optimizer_state(optimizer):
             if id(p) not in name_of:
                 raise ShapeError("the optimizer holds a parameter that is not the model's")
             for k, v in st.items():
@@ -96,7 +119,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
             used = {n.id for n in toposort([loss.node])}
             grad_of = {id(p): Tensor(g) for (_, p), g in zip(named, grads, strict=True)
                        if leaves[id(p)].id in used}
-            for p, st in zip(optimizer.params, optimizer.state, strict=True):
+            for p, st in unique_optimizer_state(optimizer):
                 if id(p) not in grad_of:
                     continue                       # frozen or unused: no update
                 pname = name_of[id(p)]
@@ -117,7 +140,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
 
 def trace_forward(model: Module, x_spec: tuple[tuple[int, ...], str]) -> Graph:
     """The inference graph ``logits = model(x)`` in eval mode (for evaluation and export)."""
-    named = list(model.named_parameters())
+    named = unique_parameters(model)
     swaps = [(p, placeholder(p.shape, p.dtype, "param", name=n)) for n, p in named]
     swaps += [(b, placeholder(b.shape, b.dtype, "state", name=n))
               for n, b in model.named_buffers()]

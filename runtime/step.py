@@ -21,7 +21,12 @@ from shardgrad.graph.ir import Graph
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.tensor import Tensor
-from shardgrad.graph.trace import trace_forward, trace_step
+from shardgrad.graph.trace import (
+    trace_forward,
+    trace_step,
+    unique_optimizer_state,
+    unique_parameters,
+)
 from shardgrad.runtime import compiled
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.device import is_device_array, to_host
@@ -83,8 +88,7 @@ class TrainStep:
         self.device = device_of(model)
         self.transform = transform
         self._compiled: dict[tuple, tuple[Graph, Any]] = {}
-        names = dict(model.named_parameters())
-        self._params = list(names.items())
+        self._params = unique_parameters(model)         # the names trace_step gives them
         if not self._params:
             raise ValueError(f"{type(model).__name__} has no parameters to train")
         self._buffers = list(model.named_buffers())
@@ -94,7 +98,7 @@ class TrainStep:
             raise ValueError(f"the optimizer's parameters {foreign} (by position) are not "
                              f"parameters of the {type(model).__name__} being trained")
         self._opt_states = [(f"optim/{name_of[id(p)]}/{k}", v)
-                            for p, st in zip(optimizer.params, optimizer.state, strict=True)
+                            for p, st in unique_optimizer_state(optimizer)
                             for k, v in st.items()]
         self.dtype = self._params[0][1].dtype
 

@@ -78,6 +78,34 @@ def test_a_parameter_the_loss_does_not_use_is_not_updated_as_in_eager():
                                atol=1e-6)
 
 
+def test_tied_weights_are_one_parameter_in_the_step():
+    class Tied(sg.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = sg.nn.Linear(4, 4)
+            self.again = self.enc                      # the same module under two names
+            self.dec = sg.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.dec(self.again(self.enc(x).tanh()).tanh())
+
+    sg.manual_seed(0)
+    model = Tied()
+    w0 = model.enc.weight.numpy().copy()
+    x, y = _batches(1)[0]
+    x = sg.tensor(x)
+    F.cross_entropy(model(x), sg.tensor(y)).backward()   # eager: the full gradient of enc
+    g = model.enc.weight.grad.numpy()
+    # one SGD update of the shared weight by its whole gradient (as torch, whose
+    # named_parameters() lists it once); was KeyError 'param/enc.weight'
+    step = sg.compile_step(model, F.cross_entropy, sg.optim.SGD(model.parameters(), lr=0.1))
+    step(x.numpy(), y)
+    np.testing.assert_allclose(model.enc.weight.numpy(), w0 - 0.1 * g, rtol=1e-5, atol=1e-6)
+    assert model.again.weight is model.enc.weight
+    assert [k for k in step.graph.meta["params"] if k.endswith("weight")] == ["enc.weight",
+                                                                             "dec.weight"]
+
+
 def test_unfreezing_retraces_the_step():
     model = _model()
     model[0].weight.requires_grad = False
