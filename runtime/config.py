@@ -155,6 +155,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "timeout_s": Key(300.0, float, min=0.0,
                          help="a collective still blocked after this many seconds aborts the "
                               "whole job, naming the op and the rank (0: wait forever)"),
+        "start_timeout_s": Key(300.0, float, min=0.0,
+                               help="under mpirun: a rank still waiting for MPI to start after "
+                                    "this many seconds (a peer never started) ends the job "
+                                    "(0: wait forever)"),
     },
     "debug": {
         "fail_at_step": Key(0, int, min=0,

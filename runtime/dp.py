@@ -5,6 +5,7 @@ knob (``debug.*``) the fail-fast tests use. Imports graph, ops, partition and ru
 
 from __future__ import annotations
 
+import faulthandler
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -165,9 +166,23 @@ def step_options(config: Mapping, comm: Communicator,
 
 def communicator(config: Mapping) -> Communicator:
     """This process's communicator: MPI's world when an MPI launcher started the job (with
-    ``parallel.timeout_s`` as the collective timeout), else the single-process one."""
+    ``parallel.timeout_s`` as the collective timeout, ``parallel.start_timeout_s`` bounding
+    MPI's start), else the single-process one."""
     if mpi_world_size() is None:
         return SingleProcess()
+    start_s = config["parallel"]["start_timeout_s"]
+    if start_s:
+        # MPI's start waits for every rank while holding the GIL, so no Python thread can end
+        # the wait for a rank that never starts: faulthandler's C thread prints "Timeout" and
+        # where it waited (_start_mpi), and exits; mpirun then ends the job.
+        faulthandler.dump_traceback_later(start_s, exit=True)
+    try:
+        return _start_mpi(config["parallel"]["timeout_s"])
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _start_mpi(timeout_s: float) -> Communicator:
     from shardgrad.runtime.mpi import MPICommunicator  # initializes MPI: only under mpirun
 
-    return MPICommunicator(timeout_s=config["parallel"]["timeout_s"])
+    return MPICommunicator(timeout_s=timeout_s)

@@ -53,6 +53,7 @@ from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 # launcher's cluster.* and the fault injection debug.* (a run a fault stopped resumes without).
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor", "device.threads", "parallel.timeout_s",
+                     "parallel.start_timeout_s",
                      *(f"{s}.{k}" for s in ("cluster", "debug") for k in cfg.SCHEMA[s]))
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
 
@@ -312,7 +313,7 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
     changed = [k for k in cfg.diff(saved, config) if k not in RESUMABLE_CHANGES]
     if changed:
         raise cfg.ConfigError(f"--resume {resume}: the config differs from the checkpoint's in "
-                              f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES[:6])}, "
+                              f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES[:7])}, "
                               f"cluster.* and debug.* may "
                               f"change on resume")
     if int(meta["epoch"]) > config["train"]["epochs"]:

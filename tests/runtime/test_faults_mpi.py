@@ -132,3 +132,15 @@ def test_debug_fail_at_step_reaches_a_pipeline_stage(config, tmp_path):
     assert ("rank 1 failed: InjectedFault: injected fault at step 3 (debug.fail_at_step=3, "
             "debug.fail_rank=1)") in proc.stderr, proc.stderr
     assert not (tmp_path / "final.safetensors").exists()
+
+
+def test_a_rank_that_never_starts_ends_the_job_after_start_timeout_s(config, tmp_path):
+    train = " ".join([sys.executable, "-m", "shardgrad", "train", config, "--out",
+                      str(tmp_path), *_sets("parallel.dp=2", "parallel.start_timeout_s=3")])
+    script = f'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then exec sleep 600; fi; exec {train}'
+    t = time.perf_counter()
+    proc = subprocess.run(MPIRUN + ["-n", "2", "bash", "-c", script], capture_output=True,
+                          text=True, timeout=60, env=ENV)
+    assert time.perf_counter() - t < 30
+    assert proc.returncode != 0
+    assert "Timeout (0:00:03)!" in proc.stderr and "in _start_mpi" in proc.stderr, proc.stderr
