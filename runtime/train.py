@@ -310,6 +310,10 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
         raise CheckpointError(f"{path} is not a shardgrad training checkpoint (its metadata "
                               f"lacks a valid {e}); delete it to resume from an earlier one"
                               ) from None
+    try:   # keys added to the schema since the checkpoint was written take their defaults
+        saved = cfg.from_dict(saved)
+    except (cfg.ConfigError, AttributeError) as e:
+        raise CheckpointError(f"{path} holds a config this version cannot use: {e}") from None
     changed = [k for k in cfg.diff(saved, config) if k not in RESUMABLE_CHANGES]
     if changed:
         raise cfg.ConfigError(f"--resume {resume}: the config differs from the checkpoint's in "

@@ -162,6 +162,29 @@ def test_a_run_an_injected_fault_stopped_resumes_without_the_debug_keys(config, 
     assert resumed["params_sha256"] == whole["params_sha256"]
 
 
+@pytest.mark.parametrize("edit", ["older", "unknown"])
+def test_a_checkpoint_from_another_schema_version(config, tmp_path, edit):
+    """A key added since the checkpoint was written takes its default (it was refused as a
+    change); a key this version lacks is named."""
+    whole = tr.train(load_config(config, ["train.epochs=2"]), str(tmp_path / "whole"))
+    out = _first_run(config, tmp_path)
+    path = str(out / "checkpoints" / "epoch_1.safetensors")
+    tensors, meta = tr.load_checkpoint(path)
+    saved = json.loads(meta["config"])
+    if edit == "older":
+        del saved["model"]["dropout"], saved["parallel"]["sync_batchnorm"]
+    else:
+        saved["train"]["warmup"] = 5
+    safetensors.numpy.save_file(tensors, path, {**meta, "config": json.dumps(saved)})
+    resume = lambda: tr.train(load_config(config, ["train.epochs=2"]), str(out), resume=str(out))
+    if edit == "older":
+        assert resume()["params_sha256"] == whole["params_sha256"]
+    else:
+        with pytest.raises(tr.CheckpointError, match="holds a config this version cannot use: "
+                                                     "unknown config key 'train.warmup'"):
+            resume()
+
+
 def test_resume_with_fewer_epochs_than_the_checkpoint_is_a_config_error(config, tmp_path):
     out = _first_run(config, tmp_path, epochs=2)
     with pytest.raises(ConfigError, match="train.epochs = 1 but .*epoch_2.safetensors is from "
