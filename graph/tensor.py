@@ -160,9 +160,29 @@ class Tensor:
         self._set_leaf(value.astype(self.dtype, copy=False))
 
     def _set_leaf(self, value) -> None:
+        if _LEAVES.get(self.node.id) is self:      # the old value's node leaves the table
+            del _LEAVES[self.node.id]
         self.node = _eager_leaf(value, self.requires_grad)
         if self.requires_grad:
             _LEAVES[self.node.id] = self
+
+    def requires_grad_(self, requires_grad: bool = True) -> Tensor:
+        """Start (or stop) recording this leaf's gradient, in place, as in torch."""
+        if requires_grad and np.dtype(self.dtype).kind != "f":
+            raise ShapeError(f"only floating-point tensors can require gradients, got "
+                             f"{self.dtype}")
+        if requires_grad and not self.requires_grad and self.is_symbolic:
+            raise ShapeError("requires_grad_() of a traced tensor")
+        self.requires_grad = requires_grad
+        if requires_grad and self.node.id not in _LEAVES and self.node.op == "const":
+            self._set_leaf(self.data)
+        return self
+
+    def zero_(self) -> Tensor:
+        """Set every element to zero in place (no history), as in torch."""
+        value = self.data
+        self._set_leaf(array_module(value).zeros(self.shape, self.dtype))
+        return self
 
     def assign_(self, other: Tensor) -> Tensor:
         """Take ``other``'s value without its history (a buffer update). While tracing this
@@ -232,7 +252,42 @@ class Tensor:
         return self.node.size
 
     def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
+
+    def __iter__(self):
+        if not self.shape:
+            raise TypeError("iteration over a 0-d tensor")
+        return (self[i] for i in range(self.shape[0]))
+
+    def _scalar(self, what: str):
+        if self.is_symbolic:
+            raise ShapeError(f"{what} of a traced tensor ({self.node!r}): its value is not known "
+                             f"while the step is traced, so Python control flow cannot depend "
+                             f"on it (use sg.where, or compute it outside the step)")
+        if self.size != 1:
+            raise ValueError(f"{what} of a tensor with {self.size} elements (shape "
+                             f"{self.shape}) is ambiguous: only one-element tensors convert")
+        return self.data.item()
+
+    def __bool__(self) -> bool:
+        return bool(self._scalar("bool()"))
+
+    def __float__(self) -> float:
+        return float(self._scalar("float()"))
+
+    def __int__(self) -> int:
+        return int(self._scalar("int()"))
+
+    def __index__(self) -> int:
+        if np.dtype(self.dtype).kind not in "iub":
+            raise TypeError(f"only integer tensors can be used as an index, got {self.dtype}")
+        return int(self._scalar("index"))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        value = self.numpy()
+        return value if dtype is None else value.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
         if self.is_symbolic:
@@ -243,8 +298,16 @@ class Tensor:
                 f"{where}{grad})")
 
     # -- autograd ---------------------------------------------------------------------------
-    def backward(self, gradient=None) -> None:
-        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
+    def backward(self, gradient=None, retain_graph: bool | None = None,
+                 create_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+        The history is kept (``retain_graph`` is accepted for torch's sake), so a second call
+        accumulates again; ``create_graph`` (gradients with history) is not supported here:
+        use graph.autodiff.grad on a traced graph for higher derivatives."""
+        if create_graph:
+            raise NotImplementedError("backward(create_graph=True): eager gradients carry no "
+                                      "history; differentiate a traced graph twice with "
+                                      "shardgrad.graph.autodiff.grad instead")
         if self.is_symbolic:
             raise ShapeError("backward() of a traced tensor: use compile_step / autodiff.grad")
         if not self.requires_grad:
@@ -258,7 +321,7 @@ class Tensor:
         else:
             seed = _node_of(gradient, self.node)
         history = Graph([self.node]).nodes
-        leaves = [n for n in history if n.id in _LEAVES]
+        leaves = [n for n in history if n.id in _LEAVES and _LEAVES[n.id].requires_grad]
         gs = backprop([self.node], [seed], leaves)
         _evaluate(gs)
         for n, g in zip(leaves, gs, strict=True):
@@ -283,6 +346,9 @@ class Tensor:
     def __le__(self, y): return apply(E.less_equal, self, y)
     def __gt__(self, y): return apply(E.greater, self, y)
     def __ge__(self, y): return apply(E.greater_equal, self, y)
+    def __eq__(self, y): return apply(E.equal, self, y)      # elementwise, as in torch
+    def __ne__(self, y): return apply(E.not_equal, self, y)
+    __hash__ = object.__hash__
     def __getitem__(self, index): return apply(ops.shape.getitem, self, index)
 
     def sum(self, axis=None, keepdims=False): return apply(R.sum, self, axis, keepdims)
@@ -385,6 +451,9 @@ def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor
     src = data.data if isinstance(data, Tensor) else data
     keeps_dtype = isinstance(data, np.ndarray | np.generic | Tensor) or is_device_array(src)
     arr = array_module(src).array(src, dtype=dtype, copy=True)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"tensor() takes numbers (bool, int, float), got {arr.dtype} from "
+                        f"{type(data).__name__} {str(data)[:60]!r}")
     if dtype is None and arr.dtype.kind == "f" and not keeps_dtype:
         arr = arr.astype(_default_dtype[0])
     if requires_grad and arr.dtype.kind != "f":

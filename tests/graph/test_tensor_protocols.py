@@ -1,0 +1,107 @@
+"""A Tensor behaves as Python and NumPy code expects a torch.Tensor to: truth value, float/int/
+index conversion, len and iteration, ``np.asarray``, elementwise ``==``, ``requires_grad_``,
+``zero_``, frozen leaves left out of ``backward``, and no growth of the leaf table over steps.
+"""
+
+import numpy as np
+import pytest
+
+import shardgrad as sg
+from shardgrad.graph import tensor as T
+from shardgrad.graph.ir import ShapeError
+
+
+def test_scalar_conversions_and_truth_value():
+    t = sg.tensor([1.0, 2.0, 3.0])
+    s = t.sum()
+    assert float(s) == 6.0 and int(sg.tensor(3)) == 3 and bool(s > 1) is True
+    assert bool(sg.tensor([0.0])) is False
+    assert [10, 11, 12][sg.tensor(2)] == 12
+    with pytest.raises(ValueError, match=r"bool\(\) of a tensor with 3 elements .* ambiguous"):
+        bool(t)
+    with pytest.raises(ValueError, match="float"):
+        float(t)
+    with pytest.raises(TypeError, match="only integer tensors can be used as an index"):
+        [1, 2][sg.tensor(1.0)]
+
+
+def test_len_iteration_and_numpy_conversion():
+    t = sg.tensor(np.arange(6.0).reshape(3, 2))
+    assert len(t) == 3
+    rows = list(t)
+    assert len(rows) == 3 and all(isinstance(r, sg.Tensor) for r in rows)
+    np.testing.assert_array_equal(rows[1].numpy(), [2.0, 3.0])
+    np.testing.assert_array_equal(np.asarray(t), np.arange(6.0).reshape(3, 2))
+    assert np.asarray(t, dtype=np.float32).dtype == np.float32
+    with pytest.raises(TypeError, match="len"):
+        len(sg.tensor(1.0))
+    with pytest.raises(TypeError, match="iteration over a 0-d tensor"):
+        iter(sg.tensor(1.0))
+    r = np.ones(3) + sg.tensor(np.ones(3), requires_grad=True)   # the Tensor's op, not NumPy's
+    assert isinstance(r, sg.Tensor) and r.requires_grad
+
+
+def test_equality_is_elementwise_and_tensors_stay_hashable():
+    pred, y = sg.tensor([0, 2, 1]), sg.tensor([0, 1, 1])
+    assert int((pred == y).sum()) == 2
+    np.testing.assert_array_equal((pred != y).numpy(), [False, True, False])
+    assert len({pred, y}) == 2 and pred in {pred: 1}
+
+
+def test_traced_tensors_refuse_python_control_flow():
+    model = sg.nn.Linear(2, 2)
+
+    def loss(out, y):
+        if out.sum() > 0:      # depends on a value the trace does not have
+            return sg.functional.cross_entropy(out, y)
+        return sg.functional.cross_entropy(-out, y)
+
+    step = sg.compile_step(model, loss, sg.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ShapeError, match=r"bool\(\) of a traced tensor .* sg.where"):
+        step(np.ones((4, 2), np.float32), np.zeros(4, np.int64))
+
+
+def test_non_numeric_data_is_refused():
+    for bad in ("abc", [None, 1.0], {"a": 1}):
+        with pytest.raises(TypeError, match=r"tensor\(\) takes numbers"):
+            sg.tensor(bad)
+
+
+def test_frozen_leaves_get_no_gradient():
+    w = sg.tensor([1.0, 2.0], requires_grad=True)
+    frozen = sg.tensor([3.0, 4.0], requires_grad=True)
+    frozen.requires_grad = False
+    (w * frozen).sum().backward()
+    np.testing.assert_array_equal(w.grad.numpy(), [3.0, 4.0])
+    assert frozen.grad is None
+
+
+def test_requires_grad_and_zero_in_place():
+    z = sg.tensor([1.0, 2.0])
+    assert z.requires_grad_() is z and z.requires_grad
+    (z * z).sum().backward()
+    np.testing.assert_array_equal(z.grad.numpy(), [2.0, 4.0])
+    z.grad.zero_()
+    np.testing.assert_array_equal(z.grad.numpy(), [0.0, 0.0])
+    with pytest.raises(ShapeError, match="only floating-point"):
+        sg.tensor([1, 2]).requires_grad_()
+    with pytest.raises(NotImplementedError, match="create_graph"):
+        (z * z).sum().backward(create_graph=True)
+    (z * z).sum().backward(retain_graph=True)          # accepted, as in torch
+
+
+def test_the_leaf_table_does_not_grow_with_steps():
+    model = sg.nn.Linear(3, 2)
+    opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = sg.tensor(np.ones((4, 3), np.float32))
+
+    def train(steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+
+    train(2)
+    before = len(T._LEAVES)
+    train(30)
+    assert len(T._LEAVES) == before
