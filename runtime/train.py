@@ -53,8 +53,14 @@ from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 # launcher's cluster.* and the fault injection debug.* (a run a fault stopped resumes without).
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor", "device.threads", "parallel.timeout_s",
-                     "parallel.start_timeout_s",
-                     *(f"{s}.{k}" for s in ("cluster", "debug") for k in cfg.SCHEMA[s]))
+                     "parallel.start_timeout_s", "cluster.*", "debug.*")
+
+
+def resumable(key: str) -> bool:
+    """Whether a resumed run may change the dotted config ``key`` (RESUMABLE_CHANGES)."""
+    return key in RESUMABLE_CHANGES or f"{key.partition('.')[0]}.*" in RESUMABLE_CHANGES
+
+
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
 
 
@@ -290,10 +296,10 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
     for name in ("final.safetensors", "summary.json") if after_epoch == 0 else ():
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, name))
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    for name in os.listdir(ckpt_dir):
-        if name.startswith(".") and ".tmp-" in name:
-            os.remove(os.path.join(ckpt_dir, name))
+    for where in (out_dir, os.path.join(out_dir, "checkpoints")):
+        for name in os.listdir(where):
+            if name.startswith(".") and ".tmp-" in name:   # _write_atomic's names
+                os.remove(os.path.join(where, name))
 
 
 def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer
@@ -314,11 +320,10 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
         saved = cfg.from_dict(saved)
     except (cfg.ConfigError, AttributeError) as e:
         raise CheckpointError(f"{path} holds a config this version cannot use: {e}") from None
-    changed = [k for k in cfg.diff(saved, config) if k not in RESUMABLE_CHANGES]
+    changed = [k for k in cfg.diff(saved, config) if not resumable(k)]
     if changed:
         raise cfg.ConfigError(f"--resume {resume}: the config differs from the checkpoint's in "
-                              f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES[:7])}, "
-                              f"cluster.* and debug.* may "
+                              f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may "
                               f"change on resume")
     if int(meta["epoch"]) > config["train"]["epochs"]:
         raise cfg.ConfigError(f"--resume {resume}: train.epochs = {config['train']['epochs']} "
@@ -514,7 +519,9 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                     model, optimizer,
                     {"epoch": str(epoch + 1), "step": str(steps_done), "wall_s": str(wall()),
                      "train_loss": repr(train_loss),
-                     "config_hash": cfg.config_hash(config, RESUMABLE_CHANGES),
+                     "config_hash": cfg.config_hash(
+                         config, [f"{s}.{k}" for s in config for k in config[s]
+                                  if resumable(f"{s}.{k}")]),
                      "config": json.dumps(config, sort_keys=True)})
             metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": steps_done,
                            "train_loss": train_loss, "test_accuracy": acc,
