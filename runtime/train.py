@@ -208,6 +208,12 @@ def params_sha256(model: Module) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)   # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` then rename over ``path``: readers see the old file or the new one,
     never half of one."""
@@ -217,6 +223,8 @@ def _write_atomic(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            # as open() would create it (safetensors writes 0600: others could not read it)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

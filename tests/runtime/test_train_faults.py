@@ -248,3 +248,12 @@ def test_a_fault_aimed_at_a_rank_the_job_lacks_is_a_config_error(config, tmp_pat
     with pytest.raises(ConfigError, match=r"debug.fail_rank = 1 but this job has 1 process"):
         tr.train(load_config(config, ["debug.fail_at_step=2", "debug.fail_rank=1"]),
                  str(tmp_path))
+
+
+def test_run_files_have_the_permissions_open_gives(config, tmp_path):
+    out = _first_run(config, tmp_path)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (out / "final.safetensors", out / "checkpoints" / "epoch_1.safetensors",
+                 out / "summary.json"):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~mask), path
