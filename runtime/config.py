@@ -245,7 +245,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as e:
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config {os.fspath(path)!r}: {e}") from None
         for section, table in data.items():
             if not isinstance(table, dict):

@@ -257,3 +257,11 @@ def test_run_files_have_the_permissions_open_gives(config, tmp_path):
     for path in (out / "final.safetensors", out / "checkpoints" / "epoch_1.safetensors",
                  out / "summary.json"):
         assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~mask), path
+
+
+def test_a_config_that_is_not_utf8_text_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"[train]\nepochs = 2 # \xff\xfe\n")
+    code, err = _main(capsys, "train", str(path))
+    assert code == 2 and len(err) == 1, err
+    assert f"cannot read config '{path}': 'utf-8' codec can't decode" in err[0]
