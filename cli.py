@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 from shardgrad.graph.ir import ShapeError
-from shardgrad.runtime.config import ConfigError, load_config
+from shardgrad.runtime.config import ConfigError, load_config, mpi_world_size
 from shardgrad.runtime.data import DataError
 
 # ShapeError: the config's model cannot be traced for its batches (batch norm over one row).
@@ -58,6 +58,9 @@ def cmd_train(args) -> int:
     out = args.out or args.resume or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config))[0])
     if args.launcher == "ray":
+        if mpi_world_size() is not None:   # each rank would start a whole Ray job of its own
+            raise ConfigError("--launcher ray starts the ranks itself (parallel.dp x "
+                              "parallel.pp of them): run it without mpirun/mpiexec")
         from shardgrad.cluster.commands import failed_rank, ray_job_argv
         from shardgrad.runtime.ray_launch import launch
 

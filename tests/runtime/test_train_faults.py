@@ -265,3 +265,10 @@ def test_a_config_that_is_not_utf8_text_is_a_one_line_error(tmp_path, capsys):
     code, err = _main(capsys, "train", str(path))
     assert code == 2 and len(err) == 1, err
     assert f"cannot read config '{path}': 'utf-8' codec can't decode" in err[0]
+
+
+def test_launcher_ray_under_mpirun_is_refused(config, capsys, monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    code, err = _main(capsys, "train", config, "--launcher", "ray")
+    assert code == 2 and len(err) == 1, err
+    assert "--launcher ray starts the ranks itself" in err[0]
