@@ -5,6 +5,7 @@ knob (``debug.*``) the fail-fast tests use. Imports graph, ops, partition and ru
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import time
 from collections.abc import Callable, Mapping
@@ -174,8 +175,10 @@ def communicator(config: Mapping) -> Communicator:
     if start_s:
         # MPI's start waits for every rank while holding the GIL, so no Python thread can end
         # the wait for a rank that never starts: faulthandler's C thread prints "Timeout" and
-        # where it waited (_start_mpi), and exits; mpirun then ends the job.
-        faulthandler.dump_traceback_later(start_s, exit=True)
+        # where it waited (_start_mpi), and exits; mpirun then ends the job. It needs a real
+        # stderr (a file descriptor): without one, the start is not bounded.
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            faulthandler.dump_traceback_later(start_s, exit=True)
     try:
         return _start_mpi(config["parallel"]["timeout_s"])
     finally:
@@ -183,6 +186,10 @@ def communicator(config: Mapping) -> Communicator:
 
 
 def _start_mpi(timeout_s: float) -> Communicator:
-    from shardgrad.runtime.mpi import MPICommunicator  # initializes MPI: only under mpirun
+    try:
+        from shardgrad.runtime.mpi import MPICommunicator  # initializes MPI: only under mpirun
+    except ImportError as e:
+        raise ConfigError(f"an MPI launcher started this process but {e.name or 'mpi4py'} "
+                          f"cannot be imported ({e}): pip install -e '.[mpi]'") from None
 
     return MPICommunicator(timeout_s=timeout_s)

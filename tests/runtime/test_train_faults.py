@@ -272,3 +272,16 @@ def test_launcher_ray_under_mpirun_is_refused(config, capsys, monkeypatch):
     code, err = _main(capsys, "train", config, "--launcher", "ray")
     assert code == 2 and len(err) == 1, err
     assert "--launcher ray starts the ranks itself" in err[0]
+
+
+def test_under_mpirun_without_mpi4py_the_error_says_what_to_install(config, capsys,
+                                                                   monkeypatch):
+    import sys
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)       # import mpi4py raises ImportError
+    monkeypatch.delitem(sys.modules, "shardgrad.runtime.mpi", raising=False)
+    code, err = _main(capsys, "train", config)
+    assert code == 2 and len(err) == 1, err
+    assert "an MPI launcher started this process but mpi4py cannot be imported" in err[0]
+    assert "pip install -e '.[mpi]'" in err[0]
