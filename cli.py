@@ -3,6 +3,7 @@
   shardgrad train CONFIG [--out DIR] [--set KEY=VALUE]... [--resume DIR] [--launcher ray]
   shardgrad graph CONFIG --out FILE.dot [--set KEY=VALUE]...
   shardgrad plan CONFIG [--set KEY=VALUE]...
+  shardgrad launch -n N [--launcher mpi|ray] [--set cluster.KEY=VALUE]... -- PROGRAM [ARGS]...
 
 A bad config, a missing file, unreadable data or checkpoint prints one line to stderr and exits
 2; a diverged run (NaN or infinite loss) one line and exits 1.
@@ -12,6 +13,7 @@ Imports runtime and graph (the top of the import order).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -38,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue from DIR's latest checkpoint")
     t.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="local: this process (or each rank mpirun started); ray: Ray places, "
-                        "starts and watches parallel.dp ranks that talk over MPI")
+                        "starts and watches parallel.dp x parallel.pp ranks that talk over "
+                        "MPI")
     g = sub.add_parser("graph", help="write the training-step graph as DOT (and SVG/PNG)")
     g.add_argument("config", help="TOML config file")
     g.add_argument("--out", required=True, help="the .dot file to write")
@@ -47,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
                                      "its schedule grid")
     pl.add_argument("config", help="TOML config file")
     pl.add_argument("--set", dest="sets", **sets)
+    la = sub.add_parser("launch", help="run your own program (e.g. a script calling "
+                                       "sg.distributed.init()) as N MPI ranks")
+    la.add_argument("-n", type=int, required=True, help="number of ranks")
+    la.add_argument("--launcher", choices=("mpi", "ray"), default="mpi",
+                    help="mpi: mpirun on this machine; ray: Ray places, starts and watches "
+                         "the ranks (cluster.* keys) on the cluster at RAY_ADDRESS")
+    la.add_argument("--set", dest="sets", **sets)
+    la.add_argument("program", nargs=argparse.REMAINDER,
+                    help="the command each rank runs, after --")
     return p
 
 
@@ -131,10 +143,35 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    """Each rank runs ``args.program`` in this directory; mpirun's (or Ray's) exit code."""
+    from shardgrad.cluster.commands import failed_rank, mpirun_argv, ray_program_argv
+
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        raise ConfigError("launch needs the program to run after --, e.g. "
+                          "shardgrad launch -n 2 -- python train.py")
+    if args.n < 1:
+        raise ConfigError(f"-n {args.n}: the number of ranks must be at least 1")
+    config = load_config(None, args.sets)
+    if args.launcher == "ray":
+        from shardgrad.runtime.ray_launch import launch_program
+
+        command = functools.partial(ray_program_argv, wdir=os.getcwd())
+        return launch_program(program, args.n, config["cluster"], command, failed_rank)
+    if shutil.which("mpirun") is None:
+        raise ConfigError("mpirun is not installed: pip install -e '.[mpi]'")
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    argv = mpirun_argv(program, args.n, as_root=root,
+                       oversubscribe=args.n > (os.cpu_count() or 1))
+    return subprocess.call(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan}[args.command](args)
+        return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan,
+                "launch": cmd_launch}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

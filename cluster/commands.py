@@ -60,14 +60,24 @@ def agent_command(python: str = sys.executable) -> str:
     return f"{python} -m shardgrad.cluster.ray_agent"
 
 
+def ray_program_argv(hosts: Sequence[str], program: Sequence[str], *, as_root: bool = False,
+                     export: Sequence[str] = (), wdir: str | None = None,
+                     python: str = sys.executable) -> list[str]:
+    """The mpirun command the Ray launcher runs: ``program`` as one rank per host, rank i on
+    ``hosts[i]``, each host's daemon started by the Ray agent inside that host's actor; the
+    ranks start in ``wdir`` when given."""
+    options = RAY_MPIRUN_OPTIONS + (("--wdir", wdir) if wdir else ())
+    return mpirun_argv(program, len(hosts), hosts=hosts, agent=agent_command(python),
+                       as_root=as_root, export=export, options=options)
+
+
 def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
                  resume: str | None = None, *, as_root: bool = False,
                  export: Sequence[str] = (), python: str = sys.executable) -> list[str]:
-    """The mpirun command the Ray launcher runs: one rank per host, rank i on ``hosts[i]``,
-    each host's daemon started by the Ray agent inside that host's actor."""
-    return mpirun_argv(train_argv(config_path, out_dir, resume, python), len(hosts),
-                       hosts=hosts, agent=agent_command(python), as_root=as_root,
-                       export=export, options=RAY_MPIRUN_OPTIONS)
+    """``shardgrad train`` of ``config_path`` as the Ray launcher runs it (see
+    ``ray_program_argv``)."""
+    return ray_program_argv(hosts, train_argv(config_path, out_dir, resume, python),
+                            as_root=as_root, export=export, python=python)
 
 
 # ssh options that take a value (OpenSSH's getopt string, the letters followed by ':').
@@ -116,4 +126,4 @@ def failed_rank(output: str) -> int | None:
 
 
 __all__ = ["RAY_MPIRUN_OPTIONS", "agent_command", "failed_rank", "mpirun_argv", "ray_job_argv",
-           "ssh_target", "train_argv"]
+           "ray_program_argv", "ssh_target", "train_argv"]

@@ -399,6 +399,37 @@ def _interrupted(sig, frame):
     raise KeyboardInterrupt
 
 
+def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
+              argv_for: Callable[[int], list[str]],
+              failed_rank: Callable[[str], int | None]) -> int:
+    """Run the job with fresh host actors up to ``1 + max_restarts`` times (``argv_for(k)``
+    is attempt k's mpirun argv), until one succeeds; returns the exit code. Closes the job."""
+    code = 1
+    try:
+        for attempt in range(max_restarts + 1):
+            job.start_hosts()
+            code, failure = supervise(job, argv_for(attempt), env, failed_rank)
+            if failure is None:
+                return 0
+            _say(f"{failure}; " + (f"restart {attempt + 1} of {max_restarts}"
+                                    if attempt < max_restarts else "the job stopped"))
+    finally:
+        job.close()
+    return code
+
+
+def _start(n: int, c: Mapping[str, Any]) -> tuple[Job, dict[str, str]]:
+    """Connect to the cluster, reserve ``n`` slots as ``cluster`` settings ``c`` say; returns
+    the job and the environment mpirun runs in."""
+    gcs = connect(int(n * c["cpus_per_rank"] + 0.999))
+    if threading.current_thread() is threading.main_thread():
+        # `ray job stop` sends SIGTERM: unwind, so that mpirun (in a session of its own) and
+        # the actors stop with us. Set after ray.init, whose handler would only dump a stack.
+        signal.signal(signal.SIGTERM, _interrupted)
+    job = Job(n, c["cpus_per_rank"], c["placement"], c["start_timeout_s"])
+    return job, dict(os.environ, RAY_ADDRESS=gcs)
+
+
 def launch(config: Mapping, out_dir: str, resume: str | None,
            command: Callable[..., list[str]], failed_rank: Callable[[str], int | None]) -> int:
     """Train ``config`` on ``parallel.dp`` x ``parallel.pp`` ranks placed by Ray; returns the
@@ -413,43 +444,49 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
 
     c, n = config["cluster"], config["parallel"]["dp"] * config["parallel"]["pp"]
     out_dir = os.path.abspath(out_dir)
-    gcs = connect(int(n * c["cpus_per_rank"] + 0.999))
-    if threading.current_thread() is threading.main_thread():
-        # `ray job stop` sends SIGTERM: unwind, so that mpirun (in a session of its own) and
-        # the actors stop with us. Set after ray.init, whose handler would only dump a stack.
-        signal.signal(signal.SIGTERM, _interrupted)
-    job = Job(n, c["cpus_per_rank"], c["placement"], c["start_timeout_s"])
+    job, env = _start(n, c)
     # The ranks get the resolved config with the launcher's own keys at their defaults, so
     # their checkpoints and summary match an mpirun run of the same config.
     ranks_config = {**config, "cluster": cfg.defaults()["cluster"]}
     config_path = os.path.join(tempfile.gettempdir(), f"shardgrad-{job.id}", "config.toml")
     export = [name for name in cfg.ENV if name.startswith("SHARDGRAD_") and cfg.env(name)]
-    env = dict(os.environ, RAY_ADDRESS=gcs)
-    code = 1
-    try:
-        for attempt in range(c["max_restarts"] + 1):
-            job.start_hosts()
-            ray.get([a.write.remote(config_path, to_toml(ranks_config)) for a in job.actors])
-            if attempt:
-                resume = out_dir if latest_checkpoint(out_dir) else resume
-            _say(f"attempt {attempt + 1}: {n} ranks on "
-                 f"{', '.join(sorted({i['ip'] for i in job.infos}))}"
-                 + (f", resuming from {latest_checkpoint(resume)}" if resume else ""))
-            if not job.pinned:
-                _say(f"this node has no {job.cpus:g} CPU for rank 0: {job.where(0)} writes "
-                     f"{out_dir} there (restarts resume from it only on a shared filesystem)")
-            argv = command(job.hosts, config_path, out_dir, resume, as_root=os.geteuid() == 0,
-                           export=export)
-            code, failure = supervise(job, argv, env, failed_rank)
-            if failure is None:
-                return 0
-            restarts = c["max_restarts"]
-            _say(f"{failure}; " + (f"restart {attempt + 1} of {restarts}" if attempt < restarts
-                                    else "the job stopped"))
-    finally:
-        job.close()
-    return code
+
+    def argv_for(attempt: int) -> list[str]:
+        nonlocal resume
+        ray.get([a.write.remote(config_path, to_toml(ranks_config)) for a in job.actors])
+        if attempt:
+            resume = out_dir if latest_checkpoint(out_dir) else resume
+        _say(f"attempt {attempt + 1}: {n} ranks on "
+             f"{', '.join(sorted({i['ip'] for i in job.infos}))}"
+             + (f", resuming from {latest_checkpoint(resume)}" if resume else ""))
+        if not job.pinned:
+            _say(f"this node has no {job.cpus:g} CPU for rank 0: {job.where(0)} writes "
+                 f"{out_dir} there (restarts resume from it only on a shared filesystem)")
+        return command(job.hosts, config_path, out_dir, resume, as_root=os.geteuid() == 0,
+                       export=export)
+
+    return _attempts(job, c["max_restarts"], env, argv_for, failed_rank)
 
 
-__all__ = ["Host", "Job", "NAMESPACE", "connect", "launch", "run_on_host", "supervise",
-           "to_toml"]
+def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
+                   command: Callable[..., list[str]],
+                   failed_rank: Callable[[str], int | None]) -> int:
+    """Run ``program`` (e.g. ``python train.py``, which calls ``sg.distributed.init()``) as
+    ``n`` MPI ranks placed by Ray, with ``cluster`` settings (the config's ``cluster``
+    section); returns the exit code. A restart runs the program again from its start.
+
+    ``command(hosts, program, as_root=)`` builds the mpirun argv
+    (cluster.commands.ray_program_argv).
+    """
+    job, env = _start(n, cluster)
+
+    def argv_for(attempt: int) -> list[str]:
+        _say(f"attempt {attempt + 1}: {n} ranks on "
+             f"{', '.join(sorted({i['ip'] for i in job.infos}))}")
+        return command(job.hosts, program, as_root=os.geteuid() == 0)
+
+    return _attempts(job, cluster["max_restarts"], env, argv_for, failed_rank)
+
+
+__all__ = ["Host", "Job", "NAMESPACE", "connect", "launch", "launch_program", "run_on_host",
+           "supervise", "to_toml"]

@@ -23,6 +23,30 @@ def test_mpirun_with_hosts_agent_and_exports():
                     "--map-by", "node", "python", "train.py"]
 
 
+def test_ray_program_runs_in_the_launch_directory():
+    argv = commands.ray_program_argv(["h0", "h1"], PROGRAM, as_root=True, wdir="/work/here",
+                                     python="/py")
+    assert argv == ["mpirun", "-n", "2", "--allow-run-as-root", "--host", "h0:1,h1:1",
+                    "--prtemca", "plm_ssh_agent", "/py -m shardgrad.cluster.ray_agent",
+                    *commands.RAY_MPIRUN_OPTIONS, "--wdir", "/work/here", "python", "train.py"]
+    train = commands.ray_job_argv(["h0"], "c.toml", "out", python="/py")
+    assert train[-7:] == ["/py", "-m", "shardgrad", "train", "c.toml", "--out", "out"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["launch", "-n", "2"], "launch needs the program to run after --"),
+    (["launch", "-n", "0", "--", "python", "x.py"], "-n 0: the number of ranks"),
+    (["launch", "-n", "2", "--set", "cluster.cpus_per_rank=0", "--launcher", "ray", "--",
+      "python", "x.py"], "cluster.cpus_per_rank"),
+])
+def test_launch_usage_errors_are_one_line(argv, message, capsys):
+    from shardgrad import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shardgrad launch: error: ") and message in err
+
+
 @pytest.mark.parametrize("n, hosts, match", [(0, (), "at least one"),
                                              (3, ("a", "b"), "3 hosts")])
 def test_mpirun_rejects(n, hosts, match):

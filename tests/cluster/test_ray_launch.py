@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ ray_launch = pytest.importorskip("shardgrad.runtime.ray_launch")
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """
 [model]
 hidden = [32]
@@ -182,3 +184,20 @@ def test_dead_actor_restarts_from_latest_checkpoint(cluster, reference, tmp_path
     s = summary(out)
     assert s["resumed_from"].endswith("epoch_1.safetensors") and s["steps"] == 44
     assert s["params_sha256"] == reference[0]["params_sha256"]
+
+
+@pytest.mark.parametrize("launcher", ["mpi", "ray"])
+def test_launch_runs_a_users_script_as_ranks(cluster, launcher):
+    """``shardgrad launch -n 2 [--launcher ray] -- python SCRIPT`` (a relative path: the ranks
+    start in the launcher's directory) gives what the script gives in one process."""
+    env, _ = cluster
+    script = ["examples/digits_ddp.py", "--epochs", "1", "--dtype", "float64"]
+    alone = subprocess.run([sys.executable, *script], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=90)
+    ran = subprocess.run([sys.executable, "-m", "shardgrad", "launch", "-n", "2", "--launcher",
+                          launcher, "--", sys.executable, *script], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=90)
+    assert alone.returncode == 0 and ran.returncode == 0, ran.stdout + ran.stderr
+    a, b = json.loads(alone.stdout), json.loads(ran.stdout.splitlines()[-1])
+    assert b["world_size"] == 2
+    assert b["epoch_loss"] == pytest.approx(a["epoch_loss"], rel=1e-12)
