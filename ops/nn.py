@@ -501,10 +501,11 @@ def batch_norm(x, w=None, b=None, running_mean=None, running_var=None, training=
     bshape = (1, c) + (1,) * (x.ndim - 2)
     count = x.size // max(c, 1)
     if training:
+        count *= _SYNC.get()[1] if _SYNC.get() else 1        # values per channel, all ranks
         if count < 2:
-            raise shape_error("batch_norm", ins, "training needs more than one value per channel")
+            raise shape_error("batch_norm", ins, "training needs more than one value per channel"
+                              + (" over all ranks" if _SYNC.get() else ""))
         out, mu, var = _normalize(x, axes, eps, mean_of=lambda v: _batch_mean(v, axes))
-        count *= _SYNC.get()[1] if _SYNC.get() else 1        # the unbiased running variance
         if rm is not None:
             rm = rm * (1.0 - momentum) + reshape(mu, (c,)) * momentum
         if rv is not None:

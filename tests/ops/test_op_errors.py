@@ -134,3 +134,14 @@ def test_bad_axis_or_index_names_the_op_and_line():
     raises_here(lambda: S.concat([a, a], axis=2), "concat(f32[3,4], f32[3,4])", "out of range")
     raises_here(lambda: S.squeeze(a, axis=(0, 0)), "squeeze", "repeated axis")
     raises_here(lambda: S.getitem(a, slice(None, None, 0)), "getitem", "step cannot be zero")
+
+
+def test_batch_norm_counts_the_values_of_all_ranks_when_synchronised():
+    x = leaf("input", (1, 4), "float32")           # one row on this rank
+    with pytest.raises(ShapeError, match="more than one value per channel"):
+        nn.batch_norm(x)
+    with nn.sync_batch_stats("world", 2):         # two rows over two ranks: fine
+        out, _, _ = nn.batch_norm(x)
+    assert out.shape == (1, 4)
+    with nn.sync_batch_stats("world", 1), pytest.raises(ShapeError, match="over all ranks"):
+        nn.batch_norm(x)
