@@ -1,4 +1,5 @@
-"""PyTorch-like modules (``sg.nn``): Module, Linear, Conv2d, pooling, activations, norms.
+"""PyTorch-like modules (``sg.nn``): Module, containers, Linear, Conv2d, pooling, activations,
+norms, losses.
 
 Modules hold Parameters (leaf tensors that require grad) and buffers (tensors updated
 without gradient, e.g. BatchNorm's running statistics). Imports graph.tensor and ops.
@@ -17,7 +18,7 @@ from shardgrad.graph.device import CPU, Device, to_device
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import functional
 from shardgrad.graph.nn import functional as F
-from shardgrad.graph.tensor import Tensor, apply, get_default_dtype, rng_salt, tensor
+from shardgrad.graph.tensor import Tensor, apply, get_default_dtype, rng_salt, tensor, zeros
 
 _rng = [np.random.default_rng(0)]
 
@@ -38,6 +39,33 @@ class Parameter(Tensor):
         self._set_leaf(t.data)
 
 
+def _typename(v) -> str:
+    t = type(v)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _checked(value, kind: type | None, what: str, name: str, expected: str):
+    """``value`` if it is None or a ``kind``, else torch's TypeError for the assignment."""
+    if value is None or (kind is not None and isinstance(value, kind)):
+        return value
+    raise TypeError(f"cannot assign {_typename(value)!r} as {what} {name!r} ({expected} or None "
+                    f"expected)")
+
+
+def _clear_grad(p: Tensor, set_to_none: bool) -> None:
+    if set_to_none or p.grad is None:
+        p.grad = None
+    else:
+        p.grad = zeros(p.shape, dtype=p.dtype, device=p.device)
+
+
+def _positive(owner: str, **sizes) -> None:
+    """ValueError naming the first size (an int or a tuple of them) that is not positive."""
+    for name, v in sizes.items():
+        if min(_pair(v) if not isinstance(v, int | np.integer) else (v,)) < 1:
+            raise ValueError(f"{owner}: {name} must be positive, got {v}")
+
+
 def _uniform(shape, bound: float) -> Parameter:
     return Parameter(_rng[0].uniform(-bound, bound, size=shape).astype(get_default_dtype()))
 
@@ -55,14 +83,28 @@ class Module:
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__()")
-        for table in (self._parameters, self._modules, self._buffers):
-            table.pop(name, None)
+        # as torch: a registered name keeps its kind, so a stray value cannot silently take a
+        # parameter out of training (None is allowed and stays registered)
         if isinstance(value, Parameter):
+            self._forget(name, keep=self._parameters)
             self._parameters[name] = value
+        elif name in self._parameters:
+            self._parameters[name] = _checked(value, None, "parameter", name, "sg.nn.Parameter")
         elif isinstance(value, Module):
+            self._forget(name, keep=self._modules)
             self._modules[name] = value
+        elif name in self._modules:
+            self._modules[name] = _checked(value, None, "child module", name, "sg.nn.Module")
+        elif name in self._buffers:
+            self._buffers[name] = _checked(value, Tensor, "buffer", name, "sg.Tensor")
         else:
             object.__setattr__(self, name, value)
+
+    def _forget(self, name: str, keep: dict | None = None) -> None:
+        """Drop ``name`` from every table but ``keep`` (where a new value keeps its place)."""
+        for table in (self._parameters, self._modules, self._buffers, self.__dict__):
+            if table is not keep:
+                table.pop(name, None)
 
     def __getattr__(self, name):
         for table in ("_parameters", "_modules", "_buffers"):
@@ -72,7 +114,15 @@ class Module:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def register_buffer(self, name: str, value) -> None:
-        self._buffers[name] = value if isinstance(value, Tensor) else tensor(value)
+        self._forget(name, keep=self._buffers)
+        self._buffers[name] = value if isinstance(value, Tensor) or value is None \
+            else tensor(value)
+
+    def add_module(self, name: str, module: Module | None) -> None:
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"{_typename(module)} is not a Module subclass")
+        self._forget(name, keep=self._modules)
+        self._modules[name] = module
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
@@ -80,26 +130,71 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+    def named_modules(self, memo: set[int] | None = None, prefix: str = "",
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, Module]]:
+        """Every module once, depth first, by dotted name: a module reached by two attribute
+        names is yielded under its first (all of them with ``remove_duplicate=False``)."""
+        memo = set() if memo is None else memo
+        if remove_duplicate:
+            if id(self) in memo:
+                return
+            memo.add(id(self))
         yield prefix, self
         for name, m in self._modules.items():
-            yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
+            if m is not None:
+                yield from m.named_modules(memo, f"{prefix}.{name}" if prefix else name,
+                                           remove_duplicate)
 
     def modules(self) -> Iterator[Module]:
         return (m for _, m in self.named_modules())
 
-    def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
-        for prefix, m in self.named_modules():
-            for name, p in m._parameters.items():
-                yield (f"{prefix}.{name}" if prefix else name), p
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        seen: set[int] = set()
+        for name, m in self._modules.items():
+            if m is not None and id(m) not in seen:
+                seen.add(id(m))
+                yield name, m
+
+    def children(self) -> Iterator[Module]:
+        return (m for _, m in self.named_children())
+
+    def _named_members(self, table: str, remove_duplicate: bool) -> Iterator[tuple[str, Tensor]]:
+        seen: set[int] = set()
+        for prefix, m in self.named_modules(remove_duplicate=remove_duplicate):
+            for name, v in getattr(m, table).items():
+                if v is None or (remove_duplicate and id(v) in seen):
+                    continue
+                seen.add(id(v))
+                yield (f"{prefix}.{name}" if prefix else name), v
+
+    def named_parameters(self, remove_duplicate: bool = True) -> Iterator[tuple[str, Parameter]]:
+        """Every parameter once (tied weights under their first name), as torch; so an
+        optimizer given ``parameters()`` updates a shared weight once per step."""
+        return self._named_members("_parameters", remove_duplicate)
 
     def parameters(self) -> Iterator[Parameter]:
         return (p for _, p in self.named_parameters())
 
-    def named_buffers(self) -> Iterator[tuple[str, Tensor]]:
-        for prefix, m in self.named_modules():
-            for name, b in m._buffers.items():
-                yield (f"{prefix}.{name}" if prefix else name), b
+    def named_buffers(self, remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
+        return self._named_members("_buffers", remove_duplicate)
+
+    def buffers(self) -> Iterator[Tensor]:
+        return (b for _, b in self.named_buffers())
+
+    def apply(self, fn) -> Module:
+        """``fn(m)`` for every sub-module, children first, then ``fn(self)``; returns self."""
+        for m in self.children():
+            m.apply(fn)
+        fn(self)
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
+        """Freeze (False) or unfreeze every parameter in place, as torch; returns self."""
+        for p in self.parameters():
+            p.requires_grad = requires_grad
+            if not p.is_symbolic:
+                p._set_leaf(p.data)    # a frozen leaf gets no gradient from backward()
+        return self
 
     def train(self, mode: bool = True) -> Module:
         for m in self.modules():
@@ -109,9 +204,9 @@ class Module:
     def eval(self) -> Module:
         return self.train(False)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.parameters():
-            p.grad = None
+            _clear_grad(p, set_to_none)
 
     def to(self, device) -> Module:
         """Move every parameter and buffer to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``)
@@ -128,15 +223,18 @@ class Module:
         return self.to(CPU)
 
     def state_dict(self) -> OrderedDict[str, np.ndarray]:
-        """Parameters and buffers as NumPy arrays (copies, from the GPU too), by dotted name."""
-        out = OrderedDict((k, p.numpy().copy()) for k, p in self.named_parameters())
-        out.update((k, b.numpy().copy()) for k, b in self.named_buffers())
+        """Parameters and buffers as NumPy arrays (copies, from the GPU too), by dotted name;
+        a shared one under each of its names, as torch."""
+        out = OrderedDict((k, p.numpy().copy())
+                          for k, p in self.named_parameters(remove_duplicate=False))
+        out.update((k, b.numpy().copy()) for k, b in self.named_buffers(remove_duplicate=False))
         return out
 
     def load_state_dict(self, state, strict: bool = True) -> None:
         """Copy arrays into parameters and buffers. With ``strict`` every key must match; a
         mismatch names the missing, unexpected and mis-shaped keys."""
-        own = dict(self.named_parameters()) | dict(self.named_buffers())
+        own = dict(self.named_parameters(remove_duplicate=False)) | dict(
+            self.named_buffers(remove_duplicate=False))
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         shaped = sorted(f"{k}: expected {own[k].shape}, got {tuple(np.shape(state[k]))}"
@@ -156,7 +254,7 @@ class Module:
 
     def __repr__(self) -> str:
         inner = "".join(f"\n  ({k}): " + repr(m).replace("\n", "\n  ")
-                        for k, m in self._modules.items())
+                        for k, m in self._modules.items() if m is not None)
         return f"{type(self).__name__}({self.extra_repr()}{inner}{chr(10) if inner else ''})"
 
 
@@ -166,6 +264,7 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
+        _positive("Linear", in_features=in_features, out_features=out_features)
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
         self.weight = _uniform((out_features, in_features), bound)
@@ -186,20 +285,43 @@ def _pair(v) -> tuple[int, int]:
 
 
 class Conv2d(Module):
-    """2-d convolution over NCHW input; weight (out, in, kh, kw); PyTorch's default init."""
+    """2-d convolution over NCHW input; weight (out, in, kh, kw); PyTorch's default init.
+    ``padding`` is an int, a pair, ``"valid"`` (none) or ``"same"`` (output as large as the
+    input, stride 1 only; an even kernel pads one more at the bottom and right, as torch)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True):
         super().__init__()
+        _positive("Conv2d", in_channels=in_channels, out_channels=out_channels,
+                  kernel_size=kernel_size, stride=stride)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (_pair(kernel_size), _pair(stride),
-                                                       _pair(padding))
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"Conv2d: padding must be an int, a pair, 'same' or 'valid', "
+                                 f"got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("Conv2d: padding='same' is not supported for strided "
+                                 "convolutions")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding)
+            if min(self.padding) < 0:
+                raise ValueError(f"Conv2d: padding must be non-negative, got {padding}")
         bound = 1.0 / math.sqrt(in_channels * self.kernel_size[0] * self.kernel_size[1])
         self.weight = _uniform((out_channels, in_channels) + self.kernel_size, bound)
         self.bias = _uniform((out_channels,), bound) if bias else None
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        if self.padding == "valid":
+            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=0)
+        if self.padding != "same":
+            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        # k - 1 padding in all: (k - 1) // 2 before, the rest after. The op pads evenly, so an
+        # even kernel is padded k // 2 on both sides and the first output row/column dropped.
+        out = F.conv2d(x, self.weight, self.bias, padding=tuple(k // 2 for k in self.kernel_size))
+        kh, kw = self.kernel_size
+        return out if kh % 2 and kw % 2 else out[:, :, 1 - kh % 2:, 1 - kw % 2:]
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -288,45 +410,102 @@ class LayerNorm(Module):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class BatchNorm2d(Module):
-    """Batch normalisation over N, H, W of NCHW input (or N of NC input), with running
-    statistics (buffers) used in eval mode, as torch.nn.BatchNorm2d."""
+class _BatchNorm(Module):
+    """Batch normalisation over every axis but the channel axis 1, with running statistics
+    (buffers) used in eval mode, as torch.nn.BatchNorm*d. ``momentum=None`` makes the running
+    statistics a cumulative average (weight 1/num_batches_tracked; that buffer exists only
+    then)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+    ndims: tuple[int, ...] = ()
+    shape_text = ""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
         super().__init__()
+        _positive(type(self).__name__, num_features=num_features)
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.weight = Parameter(np.ones(num_features, get_default_dtype()))
         self.bias = Parameter(np.zeros(num_features, get_default_dtype()))
         self.register_buffer("running_mean", np.zeros(num_features, get_default_dtype()))
         self.register_buffer("running_var", np.ones(num_features, get_default_dtype()))
+        if momentum is None:
+            self.register_buffer("num_batches_tracked", np.asarray(0, np.int64))
 
     def forward(self, x):
-        if x.ndim not in (2, 4) or x.shape[1] != self.num_features:
-            raise ShapeError(f"BatchNorm2d({self.num_features}) got input of shape {x.shape}: "
-                             f"expected (N, {self.num_features}[, H, W])")
+        name = f"{type(self).__name__}({self.num_features})"
+        if x.ndim not in self.ndims:
+            raise ShapeError(f"{name} expected {' or '.join(f'{d}D' for d in self.ndims)} "
+                             f"input {self.shape_text}, got shape {x.shape}")
+        if x.shape[1] != self.num_features:
+            raise ShapeError(f"{name} got input of shape {x.shape}: expected "
+                             f"{self.num_features} channels at axis 1 {self.shape_text}")
+        momentum = self.momentum
+        if self.training and momentum is None:
+            self.num_batches_tracked.assign_(self.num_batches_tracked + 1)
+            momentum = 1.0 / self.num_batches_tracked.astype(self.running_mean.dtype)
         out, mean, var = apply(ops.nn.batch_norm, x, self.weight, self.bias, self.running_mean,
                                self.running_var, training=self.training,
-                               momentum=self.momentum, eps=self.eps)
+                               momentum=momentum, eps=self.eps)
         if self.training:
             self.running_mean.assign_(mean)
             self.running_var.assign_(var)
         return out
 
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
-BatchNorm1d = BatchNorm2d
+
+class BatchNorm1d(_BatchNorm):
+    """Over (N, C) or (N, C, L) input, as torch.nn.BatchNorm1d."""
+
+    ndims, shape_text = (2, 3), "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Over (N, C, H, W) input, as torch.nn.BatchNorm2d."""
+
+    ndims, shape_text = (4,), "(N, C, H, W)"
 
 
 class Sequential(Module):
-    def __init__(self, *layers: Module):
-        super().__init__()
-        for i, layer in enumerate(layers):
-            setattr(self, str(i), layer)
+    """Modules applied in order, as torch.nn.Sequential: given as arguments (named "0", "1",
+    ...) or as one OrderedDict of names to modules."""
 
-    def __getitem__(self, i: int) -> Module:
-        return list(self._modules.values())[i]
+    def __init__(self, *layers):
+        super().__init__()
+        if len(layers) == 1 and isinstance(layers[0], OrderedDict):
+            for name, layer in layers[0].items():
+                if not isinstance(layer, Module):
+                    raise TypeError(f"Sequential: entry {name!r} is {_typename(layer)}, not a "
+                                    f"Module instance")
+                self.add_module(name, layer)
+            return
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                what = f"the class {layer.__module__}.{layer.__qualname__} (call it to make " \
+                    f"an instance)" if isinstance(layer, type) else _typename(layer)
+                hint = " (pass modules as separate arguments or an OrderedDict)" \
+                    if isinstance(layer, list | tuple | dict) else ""
+                raise TypeError(f"Sequential: argument {i} is {what}, not a Module "
+                                f"instance{hint}")
+            self.add_module(str(i), layer)
+
+    def __getitem__(self, i):
+        items = list(self._modules.items())
+        if isinstance(i, slice):
+            return Sequential(OrderedDict(items[i]))
+        return items[i][1]
 
     def __len__(self) -> int:
         return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+    def append(self, module: Module) -> Sequential:
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential.append: {_typename(module)} is not a Module instance")
+        self.add_module(str(len(self)), module)
+        return self
 
     def forward(self, x):
         for layer in self._modules.values():
@@ -334,6 +513,86 @@ class Sequential(Module):
         return x
 
 
+class ModuleList(Module):
+    """A list of sub-modules that registers them (named "0", "1", ...), as torch.nn.ModuleList;
+    it has no forward of its own."""
+
+    def __init__(self, modules=None):
+        super().__init__()
+        for m in modules or ():
+            self.append(m)
+
+    def _index(self, i: int) -> str:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} is out of range for a ModuleList of {len(self)}")
+        return str(i % len(self))
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ModuleList(list(self._modules.values())[i])
+        return self._modules[self._index(i)]
+
+    def __setitem__(self, i: int, module: Module) -> None:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleList: {_typename(module)} is not a Module instance")
+        self._modules[self._index(i)] = module
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+    def append(self, module: Module) -> ModuleList:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleList: entry {len(self)} is {_typename(module)}, not a "
+                            f"Module instance")
+        self.add_module(str(len(self)), module)
+        return self
+
+    def extend(self, modules) -> ModuleList:
+        for m in modules:
+            self.append(m)
+        return self
+
+
+class Identity(Module):
+    """Returns its input (extra arguments are ignored), as torch.nn.Identity."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def forward(self, x):
+        return x
+
+
+class _Loss(Module):
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in ops.loss.REDUCTIONS:
+            raise ValueError(f"{type(self).__name__}: reduction must be one of "
+                             f"{ops.loss.REDUCTIONS}, not {reduction!r}")
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+
+class CrossEntropyLoss(_Loss):
+    """``F.cross_entropy(logits, labels, reduction)`` as a module."""
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.cross_entropy(input, target, reduction=self.reduction)
+
+
+class MSELoss(_Loss):
+    """``F.mse_loss(input, target, reduction)`` as a module."""
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.mse_loss(input, target, reduction=self.reduction)
+
+
 __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "GELU",
            "Tanh", "Sigmoid", "Flatten", "Dropout", "LayerNorm", "BatchNorm2d", "BatchNorm1d",
-           "Sequential", "functional", "manual_seed"]
+           "Sequential", "ModuleList", "Identity", "CrossEntropyLoss", "MSELoss", "functional",
+           "manual_seed"]
