@@ -2,12 +2,13 @@
 
 Each update rule is written once on Tensors, so it runs eagerly in ``step()`` and traces into
 the training-step Graph (where lr and the step count are graph inputs). State is a dict of
-tensors per parameter, as in PyTorch. Imports graph.tensor and graph.device.
+tensors per parameter, and ``param_groups`` shows the one group of parameters and
+hyper-parameters, as in PyTorch. Imports graph.tensor and graph.device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, MutableMapping
 
 import numpy as np
 
@@ -15,35 +16,118 @@ from shardgrad.graph.device import to_device
 from shardgrad.graph.tensor import Tensor, no_grad, zeros
 
 
+class ParamGroup(MutableMapping):
+    """The optimizer's one parameter group as torch code sees it (``opt.param_groups[0]``):
+    "params" and the hyper-parameters, read from and written to the optimizer's attributes,
+    so ``g["lr"] = x`` (an LR schedule) changes the next eager and compiled step. Other keys
+    (e.g. a scheduler's "initial_lr") are kept for the caller, as in torch's dict, unused."""
+
+    def __init__(self, optimizer: Optimizer):
+        self._opt = optimizer
+
+    def _keys(self) -> tuple[str, ...]:
+        return ("params", "lr", *self._opt.defaults, *self._opt.group_extras)
+
+    def __getitem__(self, key):
+        if key in self._opt.group_extras:
+            return self._opt.group_extras[key]
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self._opt, key)
+
+    def __setitem__(self, key, value) -> None:
+        if key == "params":
+            raise KeyError("a param group's 'params' are fixed: build a new optimizer")
+        if key in ("lr", *self._opt.defaults):
+            self._opt.set_hyperparameter(key, value)
+        else:
+            self._opt.group_extras[key] = value
+
+    def __delitem__(self, key) -> None:
+        if key not in self._opt.group_extras:
+            raise KeyError(f"a param group's {key!r} cannot be deleted")
+        del self._opt.group_extras[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def __repr__(self) -> str:
+        return repr({k: self[k] for k in self._keys() if k != "params"})
+
+
+def _check(name: str, value, ok: bool) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value}")
+
+
 class Optimizer:
     """Holds the parameters, hyper-parameters and per-parameter state.
 
     ``rule(p, g, state, lr, t) -> (new_p, new_state)`` is the update for one parameter;
     ``p``, ``g`` and the state are Tensors (eager or traced), ``lr`` and ``t`` (the 1-based
-    step count) numbers or scalar Tensors.
+    step count) numbers or scalar Tensors. There is one parameter group: ``param_groups``
+    shows it as torch does; its hyper-parameters are this object's attributes (``defaults``
+    names them), which ``hyperparameters()`` lists for a compiled step to retrace on change.
     """
 
     state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable[Tensor], lr: float, **defaults):
-        self.params = list(params)
+        if isinstance(params, Tensor):
+            raise TypeError(f"params argument given to the optimizer should be an iterable of "
+                            f"Tensors, but got a Tensor of shape {params.shape}")
+        self.params = []
+        seen: set[int] = set()
+        for i, p in enumerate(params):
+            if isinstance(p, dict):
+                raise TypeError(f"{type(self).__name__}: parameter groups (dicts) are not "
+                                f"supported: pass the tensors (one group)")
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but params[{i}] is "
+                                f"{type(p).__module__}.{type(p).__qualname__}")
+            if p.requires_grad and not p.is_symbolic and p.node.op != "input":
+                raise ValueError(f"can't optimize a non-leaf Tensor (params[{i}], computed by "
+                                 f"{p.node.op})")
+            if id(p) not in seen:             # listed twice: one update per step, as traced
+                seen.add(id(p))
+                self.params.append(p)
         if not self.params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
-        if lr < 0:
-            raise ValueError(f"invalid learning rate {lr}")
+        _check("learning rate (lr)", lr, lr >= 0)
         self.lr = float(lr)
         self.defaults = defaults
+        self.group_extras: dict = {}
         self.t = 0
         self.state: list[dict[str, Tensor]] = [
             {k: zeros(p.shape, dtype=p.dtype, device=p.device) for k in self.state_keys}
             for p in self.params]
 
+    @property
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup(self)]
+
+    def set_hyperparameter(self, key: str, value) -> None:
+        """Set ``lr`` or one of ``defaults`` (as ``param_groups[0][key] = value``)."""
+        setattr(self, key, float(value) if key == "lr" else value)
+        self.defaults[key] = value
+
+    def hyperparameters(self) -> tuple:
+        """The values the update rule reads as constants (lr and t are graph inputs)."""
+        return tuple((k, getattr(self, k)) for k in self.defaults)
+
     def rule(self, p, g, state, lr, t):
         raise NotImplementedError
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients (or, with ``set_to_none=False``, zero those there are)."""
         for p in self.params:
-            p.grad = None
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad = zeros(p.shape, dtype=p.dtype, device=p.device)
 
     def step(self) -> None:
         """One eager update of every parameter that has a gradient."""
@@ -68,10 +152,20 @@ class Optimizer:
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Take the arrays of ``state_dict()``; different keys or a mis-shaped entry are an
+        error naming them (nothing is loaded then)."""
         want = set(self.state_dict())
         if set(state) != want:
             raise KeyError(f"optimizer state keys differ: missing {sorted(want - set(state))}, "
                            f"unexpected {sorted(set(state) - want)}")
+        shaped = [f"{i}.{k}: expected {v.shape}, got {tuple(np.shape(state[f'{i}.{k}']))}"
+                  for i, st in enumerate(self.state) for k, v in st.items()
+                  if tuple(np.shape(state[f"{i}.{k}"])) != v.shape]
+        if np.shape(state["step"]) != ():
+            shaped.append(f"step: expected (), got {tuple(np.shape(state['step']))}")
+        if shaped:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: mis-shaped entries "
+                             f"[{'; '.join(shaped)}]")
         for i, st in enumerate(self.state):
             for k in st:
                 st[k].data = state[f"{i}.{k}"]
@@ -84,12 +178,23 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
+        _check("momentum value", momentum, momentum >= 0)
+        _check("weight_decay value", weight_decay, weight_decay >= 0)
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum requires momentum > 0")
         self.state_keys = ("momentum_buffer",) if momentum else ()
         super().__init__(params, lr, momentum=momentum, weight_decay=weight_decay,
                          nesterov=nesterov)
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
+
+    def set_hyperparameter(self, key: str, value) -> None:
+        if key == "momentum" and bool(value) != bool(self.state_keys):
+            raise ValueError(f"{type(self).__name__} built with momentum={self.momentum} cannot "
+                             f"switch to momentum={value} (its momentum buffers exist only "
+                             f"with momentum > 0): build a new optimizer")
+        if key == "nesterov" and value and self.momentum <= 0:
+            raise ValueError("Nesterov momentum requires momentum > 0")
+        super().set_hyperparameter(key, value)
 
     def rule(self, p, g, state, lr, t):
         d = g + self.weight_decay * p if self.weight_decay else g
@@ -110,9 +215,21 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
+        for i, b in enumerate(betas):
+            _check(f"beta parameter at index {i} (betas)", b, 0.0 <= b < 1.0)
+        _check("epsilon value (eps)", eps, eps >= 0)
+        _check("weight_decay value", weight_decay, weight_decay >= 0)
         super().__init__(params, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self.b1, self.b2 = betas
         self.eps, self.weight_decay = eps, weight_decay
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return (self.b1, self.b2)
+
+    @betas.setter
+    def betas(self, value) -> None:
+        self.b1, self.b2 = (float(b) for b in value)
 
     def rule(self, p, g, state, lr, t):
         if self.weight_decay and not self.decoupled:

@@ -103,9 +103,11 @@ class TrainStep:
         self.dtype = self._params[0][1].dtype
 
     def graph_for(self, x, y) -> tuple[Graph, Any]:
-        # which parameters are frozen is part of the traced graph (they get no update)
+        # which parameters are frozen is part of the traced graph (they get no update), and so
+        # are the optimizer's hyper-parameters other than lr (param_groups may change them)
         frozen = tuple(n for n, p in self._params if not p.requires_grad)
-        key = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype), frozen)
+        key = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype), frozen,
+               self.optimizer.hyperparameters())
         if key not in self._compiled:
             split = getattr(self.transform, "split", 1)
             if split > 1 and (key[0][:1] != key[2][:1] or key[0][0] % split):
