@@ -192,8 +192,6 @@ class Module:
         """Freeze (False) or unfreeze every parameter in place, as torch; returns self."""
         for p in self.parameters():
             p.requires_grad = requires_grad
-            if not p.is_symbolic:
-                p._set_leaf(p.data)    # a frozen leaf gets no gradient from backward()
         return self
 
     def train(self, mode: bool = True) -> Module:
