@@ -19,6 +19,7 @@ import numpy as np
 
 _ids = itertools.count()
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CORE_DIRS = (os.path.join(_PKG_DIR, "graph", ""), os.path.join(_PKG_DIR, "ops", ""))
 
 DTYPE_SHORT = {"float16": "f16", "float32": "f32", "float64": "f64", "int32": "i32",
                "int64": "i64", "bool": "b1", "uint8": "u8", "uint64": "u64"}
@@ -48,20 +49,32 @@ def located(where: str):
         _where_stack.pop()
 
 
+def _frame_at(f) -> str:
+    fn = f.f_code.co_filename
+    return f"{os.path.relpath(fn) if not os.path.isabs(fn) else fn}:{f.f_lineno}"
+
+
 def user_frame() -> str:
-    """The first stack frame outside shardgrad and the standard library, as 'file:line'."""
+    """The first stack frame outside shardgrad and the standard library, as 'file:line'.
+    Without one (a model the ``shardgrad`` command built from a config), the innermost frame
+    of shardgrad above the op library: the model code that applied the op."""
     if _where_stack:
         return _where_stack[-1]
-    f = sys._getframe(1)
+    f, fallback = sys._getframe(1), None
     while f is not None:
         fn = f.f_code.co_filename
         inside = fn.startswith(_PKG_DIR) and not fn.startswith(
             (os.path.join(_PKG_DIR, "tests"), os.path.join(_PKG_DIR, "examples"),
              os.path.join(_PKG_DIR, "bench")))
-        if not inside and "importlib" not in fn and not fn.startswith("<frozen"):
-            return f"{os.path.relpath(fn) if not os.path.isabs(fn) else fn}:{f.f_lineno}"
+        if inside:
+            if fallback is None and not fn.startswith(_CORE_DIRS):
+                fallback = f
+        elif os.path.basename(fn) == "shardgrad":           # the console script's stub
+            pass
+        elif "importlib" not in fn and not fn.startswith("<frozen"):
+            return _frame_at(f)
         f = f.f_back
-    return "<unknown>"
+    return "<unknown>" if fallback is None else _frame_at(fallback)
 
 
 def fmt_type(shape: Sequence[int], dtype: str) -> str:
