@@ -1,8 +1,8 @@
 """shardgrad: one graph IR for the whole training step, run locally, over MPI or on Ray.
 
 ``import shardgrad as sg``: tensors and ops (``sg.tensor``, ``sg.no_grad``), layers
-(``sg.nn``), optimizers (``sg.optim``), ``sg.compile_step`` and, for scripts run under
-mpirun, ``sg.distributed``. The subpackages are graph/,
+(``sg.nn``), optimizers (``sg.optim``), ``sg.compile_step``, ``sg.save`` / ``sg.load``
+and, for scripts run under mpirun, ``sg.distributed``. The subpackages are graph/,
 ops/, partition/, runtime/ and cluster/ (see DESIGN.md).
 """
 
@@ -25,6 +25,7 @@ from shardgrad.graph.tensor import (
 from shardgrad.graph.tensor import apply as _apply
 from shardgrad.runtime import distributed
 from shardgrad.runtime.interpreter import ExecutionError
+from shardgrad.runtime.serialize import load, save
 from shardgrad.runtime.step import Predictor, accuracy, compile_step
 
 # `import shardgrad.nn.functional as F` and `from shardgrad.optim import SGD` work as in torch.
@@ -70,7 +71,7 @@ cat = concat
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "zeros", "ones", "no_grad", "is_grad_enabled", "nn", "optim",
-           "distributed",
+           "distributed", "save", "load",
            "functional", "compile_step", "Predictor", "accuracy", "manual_seed",
            "set_default_dtype", "get_default_dtype", "Graph", "Node", "ShapeError",
            "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "concat", "cat",
