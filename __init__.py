@@ -1,15 +1,17 @@
 """shardgrad: one graph IR for the whole training step, run locally, over MPI or on Ray.
 
 ``import shardgrad as sg``: tensors and ops (``sg.tensor``, ``sg.no_grad``), layers
-(``sg.nn``), optimizers (``sg.optim``), ``sg.compile_step``, ``sg.save`` / ``sg.load``
-and, for scripts run under mpirun, ``sg.distributed``. The subpackages are graph/,
-ops/, partition/, runtime/ and cluster/ (see DESIGN.md).
+(``sg.nn``), optimizers and LR schedules (``sg.optim``, ``sg.optim.lr_scheduler``), data
+loading (``sg.utils.data``), ``sg.compile_step``, ``sg.save`` / ``sg.load`` and, for scripts
+run under mpirun, ``sg.distributed``. The subpackages are graph/, ops/, partition/, runtime/
+and cluster/ (see DESIGN.md).
 """
 
 import sys as _sys
+import types as _types
 
 from shardgrad import ops as _ops
-from shardgrad.graph import nn, optim
+from shardgrad.graph import lr_scheduler, nn, optim
 from shardgrad.graph.ir import Graph, Node, ShapeError
 from shardgrad.graph.nn import functional, manual_seed
 from shardgrad.graph.tensor import (
@@ -24,6 +26,7 @@ from shardgrad.graph.tensor import (
 )
 from shardgrad.graph.tensor import apply as _apply
 from shardgrad.runtime import distributed
+from shardgrad.runtime import loader as _loader
 from shardgrad.runtime.interpreter import ExecutionError
 from shardgrad.runtime.serialize import load, save
 from shardgrad.runtime.step import Predictor, accuracy, compile_step
@@ -31,8 +34,15 @@ from shardgrad.runtime.step import Predictor, accuracy, compile_step
 # `import shardgrad.nn.functional as F` and `from shardgrad.optim import SGD` work as in torch.
 _sys.modules[__name__ + ".nn"] = nn
 _sys.modules[__name__ + ".nn.functional"] = functional
+optim.lr_scheduler = lr_scheduler
 _sys.modules[__name__ + ".optim"] = optim
+_sys.modules[__name__ + ".optim.lr_scheduler"] = lr_scheduler
 _sys.modules[__name__ + ".distributed"] = distributed
+utils = _types.ModuleType(__name__ + ".utils", "As torch.utils: ``utils.data`` (TensorDataset, "
+                          "DataLoader).")
+utils.data = _loader
+_sys.modules[__name__ + ".utils"] = utils
+_sys.modules[__name__ + ".utils.data"] = _loader
 
 
 def _elementwise(name):
@@ -71,7 +81,7 @@ cat = concat
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "zeros", "ones", "no_grad", "is_grad_enabled", "nn", "optim",
-           "distributed", "save", "load",
+           "distributed", "utils", "save", "load",
            "functional", "compile_step", "Predictor", "accuracy", "manual_seed",
            "set_default_dtype", "get_default_dtype", "Graph", "Node", "ShapeError",
            "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "concat", "cat",

@@ -110,8 +110,14 @@ class Optimizer:
         return [ParamGroup(self)]
 
     def set_hyperparameter(self, key: str, value) -> None:
-        """Set ``lr`` or one of ``defaults`` (as ``param_groups[0][key] = value``)."""
-        setattr(self, key, float(value) if key == "lr" else value)
+        """Set ``lr`` or one of ``defaults`` (as ``param_groups[0][key] = value``). lr is a
+        graph input, not a rule constant: it stays out of ``defaults`` (a new lr retraced
+        the compiled step, every step of an LR schedule)."""
+        if key == "lr":
+            _check("learning rate (lr)", value, value >= 0)
+            self.lr = float(value)
+            return
+        setattr(self, key, value)
         self.defaults[key] = value
 
     def hyperparameters(self) -> tuple:

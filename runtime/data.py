@@ -223,11 +223,11 @@ def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
-def batches(x: np.ndarray, y: np.ndarray, sampler: DistributedSampler, batch_size: int,
-            drop_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """This rank's (x, y) batches for the sampler's current epoch.
+def batch_indices(sampler: DistributedSampler, batch_size: int, drop_last: bool = True
+                  ) -> Iterator[np.ndarray]:
+    """The sample indices of this rank's batches for the sampler's current epoch.
 
-    ``batch_size`` is the GLOBAL batch size; each rank yields batch_size / world_size rows.
+    ``batch_size`` is the GLOBAL batch size; each rank takes batch_size / world_size indices.
     Global batch b is positions [b*B, (b+1)*B) of ``sampler.global_indices()``, split across
     ranks by the sampler's stride. With ``drop_last`` only the n // B full batches are made,
     so padding never enters a batch and every global batch holds the same samples whatever
@@ -240,9 +240,16 @@ def batches(x: np.ndarray, y: np.ndarray, sampler: DistributedSampler, batch_siz
     local = batch_size // world
     idx = sampler.indices()
     for b in range(num_batches(sampler.n, batch_size, drop_last)):
-        take = idx[b * local:(b + 1) * local]
+        yield idx[b * local:(b + 1) * local]
+
+
+def batches(x: np.ndarray, y: np.ndarray, sampler: DistributedSampler, batch_size: int,
+            drop_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This rank's (x, y) batches for the sampler's current epoch, by ``batch_indices``
+    (``batch_size`` is global)."""
+    for take in batch_indices(sampler, batch_size, drop_last):
         yield x[take], y[take]
 
 
-__all__ = ["DataError", "Dataset", "DistributedSampler", "batches", "load_digits",
-           "load_idx_dataset", "num_batches", "read_idx", "split", "write_idx"]
+__all__ = ["DataError", "Dataset", "DistributedSampler", "batch_indices", "batches",
+           "load_digits", "load_idx_dataset", "num_batches", "read_idx", "split", "write_idx"]
