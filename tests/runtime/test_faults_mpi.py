@@ -9,22 +9,20 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from shardgrad.runtime import train as tr
+
+sys.path.insert(0, str(Path(__file__).parent))
+from blobs import blobs_config  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
 CONFIG = """
-[data]
-dataset = "idx"
-train_images = "{dir}/images.idx"
-train_labels = "{dir}/labels.idx"
-
 [model]
 hidden = [16]
 
@@ -43,17 +41,7 @@ ENV = dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1", OPENBLAS_NUM
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    from shardgrad.runtime.data import write_idx
-
-    d = tmp_path_factory.mktemp("faults_mpi")
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 10, 600)
-    x = rng.normal(size=(10, 8, 8))[y] * 40 + 128 + rng.normal(scale=30, size=(600, 8, 8))
-    write_idx(d / "images.idx", np.clip(x, 0, 255).astype(np.uint8))
-    write_idx(d / "labels.idx", y.astype(np.uint8))
-    path = d / "blobs.toml"
-    path.write_text(CONFIG.format(dir=d))
-    return str(path)
+    return blobs_config(tmp_path_factory.mktemp("faults_mpi"), CONFIG)
 
 
 def _cmd(config, ranks, *args):

@@ -4,6 +4,8 @@ earlier run's checkpoints, a torn metrics line, a model that cannot take its bat
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +15,10 @@ from shardgrad import cli
 from shardgrad.runtime import train as tr
 from shardgrad.runtime.config import ConfigError, load_config
 
-CONFIG = """
-[data]
-dataset = "idx"
-train_images = "{dir}/images.idx"
-train_labels = "{dir}/labels.idx"
+sys.path.insert(0, str(Path(__file__).parent))
+from blobs import blobs_config  # noqa: E402
 
+CONFIG = """
 [model]
 hidden = [16]
 
@@ -37,18 +37,7 @@ threads = 1
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    """Ten Gaussian blobs as 8x8 IDX images: a run takes milliseconds."""
-    from shardgrad.runtime.data import write_idx
-
-    d = tmp_path_factory.mktemp("faults")
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 10, 600)
-    x = rng.normal(size=(10, 8, 8))[y] * 40 + 128 + rng.normal(scale=30, size=(600, 8, 8))
-    write_idx(d / "images.idx", np.clip(x, 0, 255).astype(np.uint8))
-    write_idx(d / "labels.idx", y.astype(np.uint8))
-    path = d / "blobs.toml"
-    path.write_text(CONFIG.format(dir=d))
-    return str(path)
+    return blobs_config(tmp_path_factory.mktemp("faults"), CONFIG)
 
 
 @pytest.fixture(autouse=True)
