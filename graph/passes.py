@@ -26,8 +26,8 @@ EFFECTFUL = frozenset({"send", "recv", "allreduce", "allreduce_start", "allreduc
 # Ops computed independently per element (inputs broadcast to the output shape): the only
 # members of fusion groups. An op family that adds an elementwise op lists it here.
 ELEMENTWISE = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "neg", "exp", "log",
-               "sqrt", "tanh", "sigmoid", "relu", "gelu", "step", "sign", "cast", "where", "equal",
-               "not_equal", "less", "less_equal", "greater", "greater_equal"}
+               "sqrt", "tanh", "erf", "sigmoid", "relu", "gelu", "step", "sign", "cast", "where",
+               "equal", "not_equal", "less", "less_equal", "greater", "greater_equal"}
 
 # Constant folding evaluates a node only when its result has at most this many elements, so a
 # folded graph never carries large arrays. broadcast_to is never folded: a broadcast view of a

@@ -225,7 +225,7 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def _gelu_fwd(xp, x):
-    # tanh approximation (as PyTorch's approximate="tanh"): no erf in NumPy
+    # the tanh approximation (PyTorch's approximate="tanh"); gelu_erf below is the exact form
     return 0.5 * x * (1.0 + xp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
 
 
@@ -237,6 +237,29 @@ def _gelu_grad(x, out):
 
 
 gelu = _unary("gelu", _gelu_fwd, _gelu_grad, "x Phi(x), tanh approximation")
+
+
+def _erf_fwd(xp, x):
+    # NumPy has no erf: SciPy's (scikit-learn's dependency and ours), CuPy's for GPU arrays,
+    # each imported on first use (importing scipy.special takes 0.5 s)
+    if isinstance(x, np.ndarray | np.generic):
+        from scipy.special import erf as f
+    else:
+        from cupyx.scipy.special import erf as f
+    out = f(x)
+    return out if out.dtype == x.dtype else out.astype(x.dtype)    # float16 runs as float32
+
+
+_ERF_C = 2.0 / math.sqrt(math.pi)
+erf = _unary("erf", _erf_fwd, lambda x, out: _ERF_C * exp(-(x * x)),
+             "erf x;  d erf x = 2/sqrt(pi) e^(-x^2) dx")
+_SQRT_HALF = math.sqrt(0.5)
+
+
+def gelu_erf(x) -> Node:
+    """x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, exact (torch's GELU(approximate="none"), in
+    torch's order of operations): a composite, its gradient erf's by the chain rule."""
+    return x * 0.5 * (1.0 + erf(x * _SQRT_HALF))
 
 
 def abs(x) -> Node:  # noqa: A001 - NumPy's name
@@ -329,5 +352,5 @@ def where(c, x, y) -> Node:
 
 
 __all__ = ["add", "sub", "mul", "div", "pow", "neg", "exp", "log", "sqrt", "tanh", "sigmoid",
-           "relu", "gelu", "maximum", "minimum", "abs", "where", "cast", "step", "sign",
-           "equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]
+           "relu", "gelu", "erf", "gelu_erf", "maximum", "minimum", "abs", "where", "cast", "step",
+           "sign", "equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]

@@ -13,13 +13,19 @@ from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.tensor import Tensor, apply
 from shardgrad.ops import elementwise as E
 
+GELU_APPROXIMATIONS = ("none", "tanh")
+
 
 def relu(x: Tensor) -> Tensor:
     return apply(E.relu, x)
 
 
-def gelu(x: Tensor) -> Tensor:
-    return apply(E.gelu, x)
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """x Phi(x), as torch: exact, through erf (``approximate="none"``), or the tanh
+    approximation (``"tanh"``, one op with its own derivative)."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return apply(E.gelu if approximate == "tanh" else E.gelu_erf, x)
 
 
 def tanh(x: Tensor) -> Tensor:

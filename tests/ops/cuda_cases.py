@@ -71,7 +71,7 @@ def elementwise_graph():
     d = leaf("input", (2, 4, 3), "float64", name="d")
     pos = E.exp(x) + 0.5
     y = E.relu(x * r + c) - E.sigmoid(x) / (E.sqrt(pos) + s)
-    y = y + E.gelu(x) * E.tanh(r) + E.log(pos + 1.0) ** 1.5 - E.neg(E.step(x))
+    y = y + E.gelu(x) * E.tanh(r) + E.log(pos + 1.0) ** 1.5 - E.neg(E.step(x)) + E.erf(x)
     y = E.maximum(y, c) + E.minimum(x, r) * E.sign(x)
     y = E.where(E.less_equal(x, 0.25), y, -y) + E.cast(E.equal(i, 2), "float32")
     k = i * 3 - E.maximum(i, 1) + E.cast(E.not_equal(i, 0), "int64")

@@ -5,6 +5,7 @@ Hessian-vector-product check of op_harness. A registry op without a case fails t
 
 import numpy as np
 import pytest
+import scipy.special
 from op_harness import (
     B,
     F,
@@ -195,6 +196,9 @@ CASES = [
     OpCase("sigmoid", E.sigmoid, (F(2, 3, lo=-4, hi=4),), ref_sigmoid),
     OpCase("relu", E.relu, (F(2, 3),), lambda x: np.maximum(x, 0)),
     OpCase("gelu", E.gelu, (F(2, 3, lo=-3, hi=3),), ref_gelu),
+    OpCase("erf", E.erf, (F(2, 3, lo=-2.5, hi=2.5),), scipy.special.erf),
+    OpCase("erf", E.gelu_erf, (F(2, 3, lo=-3, hi=3),),
+           lambda x: 0.5 * x * (1.0 + scipy.special.erf(x / np.sqrt(2.0))), name="gelu-exact"),
     OpCase("cast", lambda x: E.cast(x, "float64"), (F(2, 3),), lambda x: x.astype("float64"),
            extra={"f32": False}),
     OpCase("cast", lambda x: E.cast(x, "int64"), (F(2, 3, lo=-5, hi=5),),
