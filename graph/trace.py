@@ -42,18 +42,6 @@ def _mode(model: Module, training: bool) -> Iterator[None]:
             object.__setattr__(m, "training", mode)          # as Module.train sets it
 
 
-def unique_parameters(model: Module) -> list[tuple[str, Tensor]]:
-    """``model.named_parameters()`` with a shared parameter (tied weights, a module reached
-    by two attributes) once, under its first name, as torch's named_parameters()."""
-    seen: set[int] = set()
-    out = []
-    for n, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((n, p))
-    return out
-
-
 def unique_optimizer_state(optimizer: Optimizer) -> list[tuple[Tensor, dict[str, Tensor]]]:
     """The optimizer's (param, state) pairs, a parameter listed twice taken at its first."""
     seen: set[int] = set()
@@ -78,7 +66,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
     (updated). ``meta``: ``params``, ``states`` (names in order), ``loss_scale`` =
     ``"mean"`` (the loss averages over the batch).
     """
-    every = unique_parameters(model)
+    every = list(model.named_parameters())
     named = [(n, p) for n, p in every if p.requires_grad]
     if not named:
         raise ShapeError(f"{type(model).__name__} has no parameters to train")
@@ -140,7 +128,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
 
 def trace_forward(model: Module, x_spec: tuple[tuple[int, ...], str]) -> Graph:
     """The inference graph ``logits = model(x)`` in eval mode (for evaluation and export)."""
-    named = unique_parameters(model)
+    named = list(model.named_parameters())
     swaps = [(p, placeholder(p.shape, p.dtype, "param", name=n)) for n, p in named]
     swaps += [(b, placeholder(b.shape, b.dtype, "state", name=n))
               for n, b in model.named_buffers()]

@@ -25,7 +25,6 @@ from shardgrad.graph.trace import (
     trace_forward,
     trace_step,
     unique_optimizer_state,
-    unique_parameters,
 )
 from shardgrad.runtime import compiled
 from shardgrad.runtime import device as dev
@@ -88,7 +87,7 @@ class TrainStep:
         self.device = device_of(model)
         self.transform = transform
         self._compiled: dict[tuple, tuple[Graph, Any]] = {}
-        self._params = unique_parameters(model)         # the names trace_step gives them
+        self._params = list(model.named_parameters())   # the names trace_step gives them
         if not self._params:
             raise ValueError(f"{type(model).__name__} has no parameters to train")
         self._buffers = list(model.named_buffers())
