@@ -1,4 +1,5 @@
-"""The ``shardgrad`` command: ``train`` a config, or draw its training-step ``graph``.
+"""The ``shardgrad`` command: ``train`` a config, draw its training-step ``graph``, print its
+pipeline ``plan``, or ``launch`` your own script as MPI ranks.
 
   shardgrad train CONFIG [--out DIR] [--set KEY=VALUE]... [--resume DIR] [--launcher ray]
   shardgrad graph CONFIG --out FILE.dot [--set KEY=VALUE]...
