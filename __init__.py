@@ -13,16 +13,25 @@ import types as _types
 from shardgrad import ops as _ops
 from shardgrad.graph import lr_scheduler, nn, optim
 from shardgrad.graph.ir import Graph, Node, ShapeError
-from shardgrad.graph.nn import functional, manual_seed
+from shardgrad.graph.nn import functional
 from shardgrad.graph.tensor import (
     Tensor,
+    arange,
+    full,
     get_default_dtype,
     is_grad_enabled,
+    manual_seed,
     no_grad,
     ones,
+    ones_like,
+    rand,
+    randint,
+    randn,
     set_default_dtype,
+    stack,
     tensor,
     zeros,
+    zeros_like,
 )
 from shardgrad.graph.tensor import apply as _apply
 from shardgrad.runtime import distributed
@@ -80,7 +89,8 @@ def matmul(x, y) -> Tensor:
 cat = concat
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "tensor", "zeros", "ones", "no_grad", "is_grad_enabled", "nn", "optim",
+__all__ = ["Tensor", "tensor", "zeros", "ones", "full", "zeros_like", "ones_like", "arange",
+           "randn", "rand", "randint", "stack", "no_grad", "is_grad_enabled", "nn", "optim",
            "distributed", "utils", "save", "load",
            "functional", "compile_step", "Predictor", "accuracy", "manual_seed",
            "set_default_dtype", "get_default_dtype", "Graph", "Node", "ShapeError",

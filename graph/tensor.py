@@ -470,11 +470,89 @@ def placeholder(shape, dtype, op: str = "input", name: str | None = None) -> Ten
     return Tensor(leaf(op, shape, dtype, name=name), requires_grad=op == "param")
 
 
-def zeros(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+def _shape(shape) -> tuple[int, ...]:
+    """``f(2, 3)`` and ``f((2, 3))`` alike, as torch's factory functions."""
     shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
-    return tensor(np.zeros(shape, dtype or _default_dtype[0]), requires_grad, device=device)
+    if not all(isinstance(d, int | np.integer) and d >= 0 for d in shape):
+        raise ShapeError(f"a shape is non-negative integers, got {tuple(shape)}")
+    return tuple(int(d) for d in shape)
+
+
+def zeros(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return full(_shape(shape), 0, dtype, device, requires_grad)
 
 
 def ones(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
-    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
-    return tensor(np.ones(shape, dtype or _default_dtype[0]), requires_grad, device=device)
+    return full(_shape(shape), 1, dtype, device, requires_grad)
+
+
+def full(shape, fill_value, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    """A tensor of ``shape`` holding ``fill_value`` (the default float dtype unless given)."""
+    shape = _shape((shape,) if isinstance(shape, int | np.integer) else (tuple(shape),))
+    arr = np.full(shape, fill_value, dtype or _default_dtype[0])
+    return tensor(arr, requires_grad, device=device)
+
+
+def zeros_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return full(t.shape, 0, dtype or t.dtype, device or t.device, requires_grad)
+
+
+def ones_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return full(t.shape, 1, dtype or t.dtype, device or t.device, requires_grad)
+
+
+# The generator of parameter initialisation and sg.randn / rand / randint (torch's global one).
+_rng = [np.random.default_rng(0)]
+
+
+def manual_seed(seed: int) -> None:
+    """Seed parameter initialisation and sg.randn / rand / randint (data order, dropout and
+    the data split have their own seeds)."""
+    _rng[0] = np.random.default_rng(seed)
+
+
+def randn(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    """Standard normal samples (from the generator manual_seed seeds)."""
+    arr = _rng[0].standard_normal(_shape(shape)).astype(dtype or _default_dtype[0])
+    return tensor(arr, requires_grad, device=device)
+
+
+def rand(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    """Uniform samples in [0, 1)."""
+    arr = _rng[0].random(_shape(shape)).astype(dtype or _default_dtype[0])
+    return tensor(arr, requires_grad, device=device)
+
+
+def randint(low: int, high: int | None = None, size=(), dtype="int64", device=None) -> Tensor:
+    """Integers in [low, high) (``randint(high, size=...)`` starts at 0), as torch.randint."""
+    low, high = (0, low) if high is None else (low, high)
+    if high <= low:
+        raise ValueError(f"randint: high ({high}) must be greater than low ({low})")
+    shape = _shape((size,) if isinstance(size, int | np.integer) else (tuple(size),))
+    return tensor(_rng[0].integers(low, high, shape).astype(dtype), device=device)
+
+
+def arange(start, end=None, step=1, dtype=None, device=None) -> Tensor:
+    """``start, start + step, ...`` below ``end`` (``arange(n)`` is 0 .. n-1): int64 for
+    integer arguments, else the default float dtype, as torch.arange."""
+    start, end = (0, start) if end is None else (start, end)
+    if step == 0:
+        raise ValueError("arange: step must be non-zero")
+    integral = all(isinstance(v, int | np.integer) for v in (start, end, step))
+    arr = np.arange(start, end, step, dtype=dtype or ("int64" if integral else
+                                                      _default_dtype[0]))
+    return tensor(arr, device=device)
+
+
+def stack(tensors, axis: int = 0) -> Tensor:
+    """Join same-shaped tensors along a new ``axis`` (torch.stack, NumPy's stack)."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ShapeError("stack of no tensors")
+    ndim = (tensors[0].ndim if isinstance(tensors[0], Tensor) else np.ndim(tensors[0])) + 1
+    if not -ndim <= axis < ndim:
+        raise ShapeError(f"stack: axis {axis} out of range for {ndim - 1}-d tensors")
+    axis %= ndim
+    parts = [apply(S.expand_dims, t if isinstance(t, Tensor) else tensor(t), axis)
+             for t in tensors]
+    return apply(S.concat, parts, axis=axis)

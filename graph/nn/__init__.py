@@ -18,14 +18,16 @@ from shardgrad.graph.device import CPU, Device, to_device
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import functional
 from shardgrad.graph.nn import functional as F
-from shardgrad.graph.tensor import Tensor, apply, get_default_dtype, rng_salt, tensor, zeros
-
-_rng = [np.random.default_rng(0)]
-
-
-def manual_seed(seed: int) -> None:
-    """Seed parameter initialisation (and nothing else: data order has its own seed)."""
-    _rng[0] = np.random.default_rng(seed)
+from shardgrad.graph.tensor import (
+    Tensor,
+    _rng,
+    apply,
+    get_default_dtype,
+    manual_seed,
+    rng_salt,
+    tensor,
+    zeros,
+)
 
 
 class Parameter(Tensor):

@@ -105,3 +105,44 @@ def test_the_leaf_table_does_not_grow_with_steps():
     before = len(T._LEAVES)
     train(30)
     assert len(T._LEAVES) == before
+
+
+def test_factory_functions_as_torch():
+    assert sg.zeros(2, 3).shape == (2, 3) and sg.ones((4,)).numpy().sum() == 4
+    assert sg.zeros().shape == () and sg.full((2, 2), 7.0).numpy().tolist() == [[7, 7], [7, 7]]
+    assert sg.full(3, 1.5).dtype == "float32"
+    t = sg.randn(5, 4, dtype="float64")
+    assert sg.zeros_like(t).dtype == "float64" and sg.ones_like(t).shape == (5, 4)
+    assert sg.arange(4).numpy().tolist() == [0, 1, 2, 3] and sg.arange(4).dtype == "int64"
+    assert sg.arange(0, 1, 0.25).dtype == "float32" and len(sg.arange(0, 1, 0.25)) == 4
+    r = sg.randint(3, 7, size=(100,))
+    assert r.dtype == "int64" and 3 <= int(r.numpy().min()) and int(r.numpy().max()) < 7
+    u = sg.rand(1000).numpy()
+    assert 0 <= u.min() and u.max() < 1
+    w = sg.randn(3, requires_grad=True)
+    assert w.requires_grad
+    with pytest.raises(ShapeError, match="non-negative integers"):
+        sg.zeros(2, -1)
+    with pytest.raises(ValueError, match="high .* must be greater than low"):
+        sg.randint(5, 5)
+
+
+def test_manual_seed_drives_randn_and_parameter_init():
+    sg.manual_seed(3)
+    a, la = sg.randn(4), sg.nn.Linear(2, 2)
+    sg.manual_seed(3)
+    b, lb = sg.randn(4), sg.nn.Linear(2, 2)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(la.weight.numpy(), lb.weight.numpy())
+
+
+def test_stack_joins_along_a_new_axis_with_gradients():
+    xs = [sg.tensor(np.full(3, float(i)), requires_grad=True) for i in range(4)]
+    s = sg.stack(xs, axis=1)
+    assert s.shape == (3, 4)
+    np.testing.assert_array_equal(s.numpy(), np.stack([x.numpy() for x in xs], axis=1))
+    (s * sg.tensor(np.arange(12.0).reshape(3, 4))).sum().backward()
+    np.testing.assert_array_equal(xs[2].grad.numpy(), [2.0, 6.0, 10.0])
+    assert sg.stack(xs, axis=-1).shape == (3, 4)
+    with pytest.raises(ShapeError, match="axis 2 out of range"):
+        sg.stack(xs, axis=2)
