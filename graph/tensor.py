@@ -10,6 +10,7 @@ it, as in PyTorch. Imports graph.ir, graph.device, graph.autodiff and ops.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import weakref
 from collections.abc import Callable
@@ -351,10 +352,58 @@ class Tensor:
     __hash__ = object.__hash__
     def __getitem__(self, index): return apply(ops.shape.getitem, self, index)
 
-    def sum(self, axis=None, keepdims=False): return apply(R.sum, self, axis, keepdims)
-    def mean(self, axis=None, keepdims=False): return apply(R.mean, self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return apply(R.max, self, axis, keepdims)
-    def argmax(self, axis=-1): return apply(R.argmax, self, axis)
+    # Reductions take NumPy's axis= / keepdims= or torch's dim= / keepdim=; with dim=, max
+    # and min return (values, indices) as torch does.
+    def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return apply(R.sum, self, *_axis("sum", axis, keepdims, dim, keepdim))
+
+    def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return apply(R.mean, self, *_axis("mean", axis, keepdims, dim, keepdim))
+
+    def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        values = apply(R.max, self, *_axis("max", axis, keepdims, dim, keepdim))
+        if dim is None:
+            return values
+        indices = self.argmax(dim)
+        return MinMax(values, indices.reshape(values.shape) if keepdim else indices)
+
+    def min(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        out = (-self).max(axis, keepdims, dim=dim, keepdim=keepdim)
+        return -out if dim is None else MinMax(-out.values, out.indices)
+
+    def argmax(self, axis=-1, *, dim=None):
+        return apply(R.argmax, self, _axis("argmax", axis, False, dim, None)[0])
+
+    def argmin(self, axis=-1, *, dim=None):
+        return (-self).argmax(axis, dim=dim)
+
+    def var(self, axis=None, keepdims=False, ddof=0):
+        """NumPy's variance (``ddof=1``: the unbiased one torch.var gives by default)."""
+        d = self - self.mean(axis, keepdims=True)
+        total = (d * d).sum(axis, keepdims=keepdims)
+        n = self.size // max(total.size, 1) - ddof
+        return total * (1.0 / n if n > 0 else float("nan"))     # NumPy: nan for n <= ddof
+
+    def std(self, axis=None, keepdims=False, ddof=0):
+        return self.var(axis, keepdims, ddof).sqrt()
+
+    def softmax(self, axis=-1, *, dim=None):
+        return apply(ops.loss.softmax, self, axis=_axis("softmax", axis, False, dim, None)[0])
+
+    def log_softmax(self, axis=-1, *, dim=None):
+        return apply(ops.loss.log_softmax, self,
+                     axis=_axis("log_softmax", axis, False, dim, None)[0])
+
+    def clamp(self, min=None, max=None):  # noqa: A002 - torch's names
+        out = self if min is None else apply(E.maximum, self, min)
+        return out if max is None else apply(E.minimum, out, max)
+
+    def float(self): return self.astype("float32")
+    def double(self): return self.astype("float64")
+    def long(self): return self.astype("int64")
+    def int(self): return self.astype("int32")
+    def numel(self) -> int: return self.size
+    def dim(self) -> int: return self.ndim
     def exp(self): return apply(E.exp, self)
     def log(self): return apply(E.log, self)
     def sqrt(self): return apply(E.sqrt, self)
@@ -372,8 +421,21 @@ class Tensor:
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], tuple | list) else axes
         return apply(S.transpose, self, tuple(axes) if axes else None)
 
-    def flatten(self, start_dim=0):
-        return self.reshape(self.shape[:start_dim] + (-1,))
+    def flatten(self, start_dim=0, end_dim=-1):
+        start, end = start_dim % max(self.ndim, 1), end_dim % max(self.ndim, 1)
+        return self.reshape(self.shape[:start] + (-1,) + self.shape[end + 1:])
+
+    def view(self, *shape):
+        return self.reshape(*shape)
+
+    def unsqueeze(self, dim: int):
+        return apply(S.expand_dims, self, dim)
+
+    def squeeze(self, dim=None):
+        return apply(S.squeeze, self, dim)
+
+    def permute(self, *dims):
+        return self.transpose(*dims)
 
     @property
     def T(self) -> Tensor:
@@ -387,6 +449,16 @@ def _const(value) -> Node:
     node = Node("const", (), {"value": value}, value.shape, str(value.dtype))
     _VALUES[node] = value
     return node
+
+
+MinMax = collections.namedtuple("MinMax", "values indices")
+
+
+def _axis(op: str, axis, keepdims, dim, keepdim) -> tuple:
+    """(axis, keepdims) from NumPy's names or torch's (not both)."""
+    if dim is not None and axis not in (None, -1):
+        raise TypeError(f"{op}: give axis= (NumPy) or dim= (torch), not both")
+    return (axis if dim is None else dim), bool(keepdims if keepdim is None else keepdim)
 
 
 def _node_of(x, like: Node | None) -> Node:

@@ -42,12 +42,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out if bias is None else out + bias
 
 
-def softmax(x: Tensor, axis: int = -1) -> Tensor:
-    return apply(ops.loss.softmax, x, axis=axis)
+def softmax(x: Tensor, axis: int = -1, *, dim: int | None = None) -> Tensor:
+    return x.softmax(axis, dim=dim)
 
 
-def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
-    return apply(ops.loss.log_softmax, x, axis=axis)
+def log_softmax(x: Tensor, axis: int = -1, *, dim: int | None = None) -> Tensor:
+    return x.log_softmax(axis, dim=dim)
 
 
 def cross_entropy(logits: Tensor, labels, reduction: str = "mean") -> Tensor:

@@ -146,3 +146,26 @@ def test_stack_joins_along_a_new_axis_with_gradients():
     assert sg.stack(xs, axis=-1).shape == (3, 4)
     with pytest.raises(ShapeError, match="axis 2 out of range"):
         sg.stack(xs, axis=2)
+
+
+def test_torch_names_for_reductions_and_views():
+    a = np.array([[1.0, 5.0, 3.0], [4.0, 2.0, 6.0]])
+    x = sg.tensor(a, requires_grad=True)
+    values, indices = x.max(dim=1)
+    np.testing.assert_array_equal(values.numpy(), a.max(axis=1))
+    np.testing.assert_array_equal(indices.numpy(), a.argmax(axis=1))
+    assert x.max(dim=1, keepdim=True).indices.shape == (2, 1)
+    np.testing.assert_array_equal(x.min(dim=0).values.numpy(), a.min(axis=0))
+    assert float(x.min()) == 1.0 and x.argmin(dim=1).numpy().tolist() == [0, 1]
+    assert x.sum(dim=0, keepdim=True).shape == (1, 3) and float(x.mean(dim=None)) == a.mean()
+    np.testing.assert_allclose(x.var().numpy(), a.var())
+    np.testing.assert_allclose(x.std(axis=0, ddof=1).numpy(), a.std(axis=0, ddof=1))
+    np.testing.assert_allclose(sg.functional.softmax(x, dim=1).sum(axis=1).numpy(), [1, 1])
+    np.testing.assert_array_equal(x.clamp(2, 4).numpy(), a.clip(2, 4))
+    assert x.view(3, 2).shape == (3, 2) and x.unsqueeze(0).squeeze(0).shape == (2, 3)
+    assert x.permute(1, 0).shape == (3, 2) and x.unsqueeze(1).flatten(1, 2).shape == (2, 3)
+    assert (x.long().dtype, x.float().dtype, x.numel(), x.dim()) == ("int64", "float32", 6, 2)
+    x.min(dim=1).values.sum().backward()                  # the minima get the gradient
+    np.testing.assert_array_equal(x.grad.numpy(), [[1, 0, 0], [0, 1, 0]])
+    with pytest.raises(TypeError, match="axis= .* or dim= .*, not both"):
+        x.sum(axis=0, dim=1)
