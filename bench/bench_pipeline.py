@@ -4,6 +4,7 @@ stage holds at once under GPipe (m micro-batches) and 1F1B (at most p - stage).
 
     python bench/bench_pipeline.py                        # p = 4, m = 1 2 4 8 16, JSON
     python bench/bench_pipeline.py --p 2 --ms 5 --m 2 4 --out bench/pipeline.json
+    python bench/bench_pipeline.py --step                 # pp = 2 step time, before/after
 
 Each stage is one layer ``h = wait(h @ W)``, where ``wait`` is a bench-only op that sleeps
 ``ms`` (forward) or ``2 ms`` (backward) and copies its input: sleeping ranks take no CPU, so
@@ -11,6 +12,14 @@ p ranks on a 2-core machine behave like p devices and the measurement shows the 
 not the contention. The bubble is 1 - busy / (p * T): busy is the time all ranks spent in
 forward and backward programs, T the span from the first start to the last end (ranks share
 the machine's monotonic clock). Median over ``--repeats`` steps after one warm-up step.
+
+``--step`` times whole training steps of an MLP (``--layers`` Linear+Tanh of ``--width``,
+float32, SGD with momentum, ``--batch`` rows in ``--micro`` micro-batches) on ``--p`` ranks,
+three ways in turn, ``--rounds`` times in the same processes: "before" as the runtime was
+(blocking sends; every stage's parameters and optimizer state allgathered after each step),
+"local" (each stage keeps its own; blocking sends) and "after" (each stage keeps its own;
+non-blocking sends). A step's time is the slowest rank's, after a barrier; the medians'
+ratios are the speed-ups, and all ways must end with the same parameters (bit for bit).
 """
 
 from __future__ import annotations
@@ -124,6 +133,90 @@ def worker(comm, args) -> dict | None:
     return None
 
 
+def step_worker(comm, args) -> dict | None:
+    """One rank's share of ``--step``; rank 0 returns the summary."""
+    import hashlib
+
+    from threadpoolctl import threadpool_limits
+
+    import shardgrad as sg
+    from shardgrad.graph.nn import functional as F
+    from shardgrad.runtime.comm import Communicator, SingleProcess
+    from shardgrad.runtime.pipeline import (
+        Mesh,
+        PipelineProgram,
+        PipelineTransform,
+        gather,
+        sync_outputs,
+    )
+
+    class Blocking(Communicator):
+        """``comm`` with blocking sends (``isend`` is the Communicator's default)."""
+
+        rank, world_size = comm.rank, comm.world_size
+        allreduce_, bcast_, bcast_obj = comm.allreduce_, comm.bcast_, comm.bcast_obj
+        allgather_obj, send, recv_ = comm.allgather_obj, comm.send, comm.recv_
+
+    class Before:
+        """The program as it ran before: the whole model synchronised after every step."""
+
+        def __init__(self, program):
+            self.program = program
+
+        def run(self, feeds):
+            out = self.program.run(feeds)
+            self.program.mesh.held = None
+            return {**out, **sync_outputs(self.program.mesh.pp_comm, out)}
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, args.width)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch)
+    ways = ["before", "local", "after"]
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    shas: set[str] = set()
+    with threadpool_limits(1):
+        for r in range(args.rounds):
+            for way in ways[r % 3:] + ways[:r % 3]:
+                sg.manual_seed(0)
+                layers = []
+                for _ in range(args.layers):
+                    layers += [sg.nn.Linear(args.width, args.width), sg.nn.Tanh()]
+                model = sg.nn.Sequential(*layers, sg.nn.Linear(args.width, 10))
+                opt = sg.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+                pp_comm = comm if way == "after" else Blocking()
+                mesh = Mesh(1, comm.world_size, comm.rank, 0, pp_comm, SingleProcess())
+
+                def make(g, mesh=mesh, way=way):
+                    program = PipelineProgram(g, mesh, args.micro, "1f1b", world=comm)
+                    return Before(program) if way == "before" else program
+
+                step = sg.compile_step(model, F.cross_entropy, opt, executor=make,
+                                       transform=PipelineTransform(args.micro))
+                step(x, y)                                  # trace, cut, warm up
+                for _ in range(args.repeats):
+                    comm.barrier()
+                    t = time.perf_counter()
+                    step(x, y)
+                    times[way].append(max(comm.allgather_obj(time.perf_counter() - t)))
+                gather(step, mesh)
+                h = hashlib.sha256()
+                for _, p in model.named_parameters():
+                    h.update(np.ascontiguousarray(p.numpy()).tobytes())
+                shas.add(h.hexdigest())
+    if comm.rank != 0:
+        return None
+    before, local, after = (float(np.median(times[w])) for w in ways)
+    return {"bench": "pipeline_step", "comm": args.comm, "p": comm.world_size,
+            "width": args.width, "layers": args.layers, "batch": args.batch,
+            "micro_batches": args.micro, "steps_per_round": args.repeats,
+            "rounds": args.rounds, "cpus": os.cpu_count(),
+            "load_average_1min": os.getloadavg()[0],
+            "step_s_before": round(before, 4), "step_s_local": round(local, 4),
+            "step_s_after": round(after, 4), "speedup": round(before / after, 3),
+            "speedup_local_state": round(before / local, 3),
+            "speedup_isend": round(local / after, 3), "same_params": len(shas) == 1}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--p", type=int, default=4, help="stages = MPI ranks")
@@ -133,21 +226,31 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--comm", choices=("mpi", "threads"), default="mpi",
                     help="ranks as mpirun processes or as threads of this process")
+    ap.add_argument("--step", action="store_true",
+                    help="time pp training steps of an MLP before/after (see above)")
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     register_wait()
+    if args.step and "--p" not in sys.argv:
+        args.p = 2
+    work = step_worker if args.step else worker
     if args.worker:
         from shardgrad.runtime.mpi import MPICommunicator
 
-        summary = worker(MPICommunicator(timeout_s=120), args)
+        summary = work(MPICommunicator(timeout_s=120), args)
         if summary is not None:
             print(json.dumps(summary), flush=True)
         return
     if args.comm == "threads":
         from shardgrad.runtime.threadcomm import run_ranks
 
-        line = json.dumps(run_ranks(args.p, lambda comm: worker(comm, args), timeout_s=300)[0])
+        line = json.dumps(run_ranks(args.p, lambda comm: work(comm, args), timeout_s=300)[0])
         print(line)
         if args.out:
             with open(args.out, "w") as f:
@@ -161,7 +264,10 @@ def main() -> None:
         sys.exit("bench_pipeline needs mpirun: pip install -e .[mpi]")
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n",
            str(args.p), sys.executable, os.path.abspath(__file__), "--worker", "--ms",
-           str(args.ms), "--repeats", str(args.repeats), "--m", *map(str, args.m)]
+           str(args.ms), "--repeats", str(args.repeats), "--m", *map(str, args.m),
+           *(["--step"] if args.step else []), "--width", str(args.width), "--layers",
+           str(args.layers), "--batch", str(args.batch), "--micro", str(args.micro),
+           "--rounds", str(args.rounds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         sys.exit(f"mpirun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

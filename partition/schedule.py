@@ -46,7 +46,8 @@ class Message:
 @dataclass(frozen=True)
 class Action:
     """``F``/``B``: run the stage's forward/backward program on micro-batch ``mb``;
-    ``SEND``/``RECV``: move ``msg`` (blocking on both ends)."""
+    ``SEND``/``RECV``: move ``msg`` (the runtime starts a send and waits for it at the end of
+    the step; a receive blocks)."""
 
     op: str
     mb: int
@@ -64,8 +65,11 @@ class Action:
 class Schedule:
     """Who does what, in which order: ``actions[stage]`` is that stage's list.
 
-    Communication is blocking and ordered so that the lists are deadlock-free even when a
-    send waits for its receive (rendezvous), the strictest MPI semantics.
+    Communication is ordered so that the lists are deadlock-free even when a send waits for
+    its receive (rendezvous), the strictest MPI semantics. The runtime's sends are
+    non-blocking (waited on at the end of the step) and its receives blocking: a weaker
+    constraint, so an order that finishes with rendezvous sends finishes with those too
+    (every receive is posted without waiting on a send, and completes the send it matches).
     """
 
     kind: str

@@ -54,6 +54,13 @@ class Communicator(abc.ABC):
             out[r * m:(r + 1) * m] = part
         return out
 
+    def isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
+        """Start ``send(buf, dest, tag)`` and return its Request; ``buf`` must stay alive and
+        unwritten until ``wait()`` returns. A receive matches it as it matches ``send``. This
+        default sends at once (blocking) and returns a done Request."""
+        self.send(buf, dest, tag)
+        return Request()
+
     def iallreduce_(self, buf: Any, op: str = "sum") -> Request:
         """Start ``allreduce_(buf, op)`` and return its Request; ``buf`` must not be read or
         written until ``wait()`` returns. This default completes it at once."""

@@ -65,13 +65,27 @@ class _MPIRequest(Request):
             time.sleep(0)
 
 
+class _SendRequest(Request):
+    """An ``Isend``: holds its buffer until done; ``wait`` blocks under the watchdog, as a
+    blocking send would (an unmatched send past parallel.timeout_s aborts the job)."""
+
+    def __init__(self, comm: MPICommunicator, request: MPI.Request, what: str, buf: Any):
+        self.comm, self.request, self.what, self.buf = comm, request, what, buf
+
+    def wait(self) -> None:
+        if self.buf is not None:
+            self.comm._guarded(self.what, self.request.Wait)
+            self.buf = None
+
+
 class MPICommunicator(Communicator):
     """``comm`` (default MPI.COMM_WORLD) as a Communicator.
 
     Array collectives are in place on C-contiguous NumPy buffers (``MPI.IN_PLACE``), with no
     pickling. With ``timeout_s``, a blocking collective that has not completed after that
     many seconds prints ``rank R failed: CommError: <op> ...`` and aborts the whole job
-    (every rank exits non-zero); ``iallreduce_`` requests raise CommError from ``wait``.
+    (every rank exits non-zero), as does an ``isend`` request's ``wait``; ``iallreduce_``
+    requests raise CommError from ``wait``.
     """
 
     _watchdog: _Watchdog | None = None
@@ -122,6 +136,10 @@ class MPICommunicator(Communicator):
     def send(self, buf, dest, tag=0):
         self._guarded(f"send of {buf.nbytes} bytes to rank {dest}", self.comm.Send, buf, dest,
                       tag)
+
+    def isend(self, buf, dest, tag=0):
+        return _SendRequest(self, self.comm.Isend(buf, dest, tag),
+                            f"send of {buf.nbytes} bytes to rank {dest}", buf)
 
     def recv_(self, buf, source, tag=0):
         self._guarded(f"recv of {buf.nbytes} bytes from rank {source}", self.comm.Recv, buf,

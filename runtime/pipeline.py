@@ -1,7 +1,9 @@
 """Pipeline execution: each rank runs one stage of a ``partition.pipeline`` plan, walking the
-schedule's actions (forward and backward programs per micro-batch, blocking point-to-point
-sends and receives of activations and gradients), then the optimizer update after the flush.
+schedule's actions (forward and backward programs per micro-batch, non-blocking sends and
+blocking receives of activations and gradients), then the optimizer update after the flush.
 On a dp x pp mesh each stage's gradient sums are allreduced within its data-parallel group.
+A stage's parameters and optimizer state stay on its ranks between steps; ``gather``
+assembles the whole model when it is read (evaluation, checkpoints, the summary).
 
 Side effects (communication, timing) live here. Imports graph, partition and runtime.
 """
@@ -36,7 +38,12 @@ Executor = Callable[..., Any]
 class Mesh:
     """This rank's place in a dp x pp mesh: world rank ``d * pp + s`` is stage ``s`` of
     pipeline replica ``d``. ``pp_comm`` joins the stages of one replica (rank = stage),
-    ``dp_comm`` the ranks holding the same stage in every replica."""
+    ``dp_comm`` the ranks holding the same stage in every replica.
+
+    ``held`` says where the model's current values are: None when every rank holds all of
+    them (at the start, after ``gather``), else the stage holding each (by output name,
+    ``param/<p>``, ``state/<s>``): the one whose pipelined steps update it (on the others
+    it is stale until a gather). The same on every rank."""
 
     dp: int
     pp: int
@@ -44,6 +51,11 @@ class Mesh:
     replica: int
     pp_comm: Communicator
     dp_comm: Communicator
+    held: dict[str, int] | None = None
+
+    def mine(self) -> list[str]:
+        """The output names of the values this rank holds current for the others."""
+        return [k for k, s in (self.held or {}).items() if s == self.stage]
 
     @staticmethod
     def of(comm: Communicator, dp: int, pp: int) -> Mesh:
@@ -82,6 +94,11 @@ class StageRunner:
     stage, else None) and the updated outputs (``param/``, ``state/``, ``grad/`` of this
     stage; a buffer the forward pass updates, e.g. BatchNorm's running statistics, is the
     mean of its micro-batches' and replicas' updates).
+
+    Sends are ``comm.isend``: the stage computes on while a value is in flight. Each sent
+    buffer is a fresh array (the reference interpreter allocates its outputs, other
+    executors' are copied) that nothing writes and that stays referenced with its request
+    until the request is waited on, after the update at the end of the step.
 
     ``state`` holds this stage's params and states by name; ``x``/``y`` are this replica's
     whole batch, cut into ``plan.micro_batches`` consecutive micro-batches; ``inputs`` are
@@ -144,6 +161,7 @@ class StageRunner:
         ys = [y[i * b:(i + 1) * b] for i in range(m)]
         inbox: dict[tuple[int, str], Any] = {}
         outbox: dict[tuple[str, str, int], Any] = {}
+        sending: list[tuple[Any, Any]] = []    # (request, buffer) until the end of the step
         kept: dict[int, dict[str, Any]] = {}
         grads: dict[str, Any] = {}
         buffers: dict[str, Any] = {}
@@ -159,8 +177,8 @@ class StageRunner:
                 stats.comm_s += now() - c0
             elif a.op == "SEND":
                 c0 = now()
-                key = (a.msg.kind, a.msg.name, a.mb)
-                self.comm.send(xp.ascontiguousarray(outbox[key]), a.msg.dst, a.msg.tag)
+                buf = xp.ascontiguousarray(outbox[(a.msg.kind, a.msg.name, a.mb)])
+                sending.append((self.comm.isend(buf, a.msg.dst, a.msg.tag), buf))
                 stats.comm_s += now() - c0
             elif a.op == "F":
                 s0 = now()
@@ -214,6 +232,11 @@ class StageRunner:
         for v in buffers.values():
             v /= replicas
         out = {**self._run(self.update, {**state, **inputs, **grads}, "update"), **buffers}
+        c0 = now()
+        for request, _ in sending:
+            request.wait()
+        sending.clear()
+        stats.comm_s += now() - c0
         self.stats = stats
         loss = None
         if losses:
@@ -286,7 +309,8 @@ def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[
 
 
 def sync_outputs(comm: Communicator, out: Mapping[str, Any]) -> dict[str, Any]:
-    """Every stage's updated ``param/`` and ``state/`` values, on every rank of ``comm``."""
+    """Every rank's ``param/`` and ``state/`` values in ``out``, on every rank of ``comm``
+    (one allgather)."""
     mine = {k: np.asarray(v) for k, v in out.items() if k.startswith(("param/", "state/"))}
     merged: dict[str, Any] = {}
     for part in comm.allgather_obj(mine):
@@ -297,8 +321,10 @@ def sync_outputs(comm: Communicator, out: Mapping[str, Any]) -> dict[str, Any]:
 class PipelineProgram:
     """A whole training step pipelined across the ranks of ``mesh`` (the executor a
     TrainStep gets): ``run(feeds)`` takes the full model's feeds and this replica's batch and
-    returns ``loss`` (on every rank) and every ``param/`` and ``state/`` output, synchronised
-    across the stages so each rank's model stays complete (evaluation, checkpoints)."""
+    returns ``loss`` (on every rank) and this stage's ``param/`` and ``state/`` outputs only:
+    the other stages' values in this rank's model go stale (``mesh.held``) until ``gather``.
+    The step's only collectives are the loss's broadcast (and its allreduce over replicas)
+    and, with dp > 1, the gradient allreduce within the stage's data-parallel group."""
 
     def __init__(self, graph: Graph, mesh: Mesh, micro_batches: int, schedule: str = "1f1b",
                  balance: Any = "cost", executor: Executor | None = None, xp=np,
@@ -322,9 +348,17 @@ class PipelineProgram:
                                   xp, rank=world.rank)
         st = self.plan.stages[mesh.stage]
         self.owned = set(st.params + st.states)
+        self.holders = {f"{kind}/{n}": s.index for s in self.plan.stages
+                        for kind, names in (("param", s.params), ("state", s.states))
+                        for n in names}
         self.inputs = {n.name for n in graph.inputs} - {"x", "y"}   # lr, t, step
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        if self.mesh.held not in (None, self.holders):
+            # a step retraced with another cut: take the values it needs from their holders
+            mine = {k: feeds[k.split("/", 1)[1]] for k in self.mesh.mine()}
+            feeds = {**feeds, **{k.split("/", 1)[1]: v
+                                 for k, v in sync_outputs(self.mesh.pp_comm, mine).items()}}
         state = {k: v for k, v in feeds.items() if k in self.owned}
         inputs = {k: v for k, v in feeds.items() if k in self.inputs}
         loss, out = self.runner.step(state, feeds["x"], feeds["y"], **inputs)
@@ -335,8 +369,24 @@ class PipelineProgram:
         if self.mesh.dp > 1:
             self.mesh.dp_comm.allreduce_(buf)
             buf /= self.mesh.dp
-        merged = sync_outputs(self.mesh.pp_comm, out) if self.mesh.pp > 1 else dict(out)
-        return {"loss": buf, **merged}
+        if self.mesh.pp > 1:
+            self.mesh.held = self.holders
+        return {"loss": buf, **{k: v for k, v in out.items()
+                                if k.startswith(("param/", "state/"))}}
+
+
+def gather(step: Any, mesh: Mesh) -> None:
+    """Make ``step``'s model (a runtime.step.TrainStep's) whole on every rank of ``mesh``:
+    each stage's current parameters, buffers and optimizer state, gathered by one allgather
+    over the pipeline from the ranks that hold them. Every rank of the mesh calls it at the
+    same point; a no-op when the model is whole already (before the first step, after a
+    gather)."""
+    if mesh.held is None:
+        return
+    values = step.feeds(None, None)
+    mine = {k: values[k.split("/", 1)[1]] for k in mesh.mine()}
+    step.load_outputs(sync_outputs(mesh.pp_comm, mine))
+    mesh.held = None
 
 
 @dataclass(frozen=True)
@@ -369,7 +419,8 @@ def step_options(config: Mapping, comm: Communicator, executor: Executor | None 
     """``runtime.train.step_options`` for ``parallel.pp`` > 1: a dp x pp mesh over ``comm``,
     a TrainStep traced on one micro-batch, and the pipeline as its executor; this rank reads
     the data shard of its replica (``data_rank`` of ``data_world_size`` = dp). ``prepare``
-    gives every rank rank 0's state and checks that all traced the same step."""
+    gives every rank rank 0's state and checks that all traced the same step; ``gather(step)``
+    assembles the whole model on every rank (before it is read)."""
     from shardgrad.runtime import dp as data_parallel
 
     dp, pp, m = _checked(config, comm.world_size)
@@ -389,7 +440,8 @@ def step_options(config: Mapping, comm: Communicator, executor: Executor | None 
         data_parallel.check_replicas(comm, graph, model)
 
     return {"transform": PipelineTransform(m), "executor": make, "prepare": prepare,
-            "data_rank": mesh.replica, "data_world_size": dp}
+            "gather": lambda step: gather(step, mesh), "data_rank": mesh.replica,
+            "data_world_size": dp}
 
 
 def plan_for_config(config: Mapping) -> PipelinePlan:
@@ -421,5 +473,5 @@ def _as_config_error() -> Iterator[None]:
         raise cfg.ConfigError(f"parallel.pp / parallel.balance: {e}") from None
 
 
-__all__ = ["Mesh", "PipelineProgram", "PipelineTransform", "StageRunner", "Stats",
+__all__ = ["Mesh", "PipelineProgram", "PipelineTransform", "StageRunner", "Stats", "gather",
            "plan_for_config", "profile_times", "step_options", "sync_outputs"]

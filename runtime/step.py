@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -152,6 +152,11 @@ class TrainStep:
 
     def write_back(self, out: dict[str, Any]) -> None:
         self.optimizer.t += 1
+        self.load_outputs(out)
+
+    def load_outputs(self, out: Mapping[str, Any]) -> None:
+        """Set the parameters (``param/<name>``), buffers and optimizer state
+        (``state/<name>``) found in ``out``, a step's outputs, leaving the rest as they are."""
         for n, p in self._params:
             if f"param/{n}" in out:            # frozen or not the optimizer's: unchanged
                 p._set_leaf(out[f"param/{n}"])

@@ -93,8 +93,10 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     Returns a dict with any of ``transform`` (Graph -> Graph, e.g. inserting gradient
     allreduce), ``executor`` (Graph -> runnable, e.g. one that executes collectives on
     ``comm``), ``prepare(model, optimizer, step, x, y)`` (called once before the first step
-    with a local batch, e.g. to check replicas and broadcast rank 0's state), ``data_rank``
-    and ``data_world_size`` (which shard of the data this process reads; default
+    with a local batch, e.g. to check replicas and broadcast rank 0's state), ``gather(step)``
+    (called on every rank before the model is read: evaluation, checkpoints, the summary;
+    a pipeline assembles its stages' parameters there), ``data_rank`` and
+    ``data_world_size`` (which shard of the data this process reads; default
     ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
     executor = make_executor(config["train"]["executor"])
@@ -479,6 +481,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         _clear_stale(out_dir, start_epoch if same else 0)
 
     prepare = options.get("prepare")
+    gather = options.get("gather") or (lambda step: None)   # a pipeline keeps stages apart
     if prepare is not None:
         sampler.set_epoch(start_epoch)
         x0, y0 = next(batches(data.x_train, data.y_train, sampler, t["batch_size"]))
@@ -519,6 +522,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                                    "loss": loss, "lr": lr, "wall_s": wall()})
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
             step.to_host()
+            gather(step)
             acc = evaluate()
             if writer:
                 _check_finite(model, steps_done, epoch)

@@ -19,7 +19,7 @@ import numpy as np
 
 import shardgrad as sg
 from shardgrad.graph.nn import functional as F
-from shardgrad.runtime.pipeline import Mesh, PipelineProgram, PipelineTransform
+from shardgrad.runtime.pipeline import Mesh, PipelineProgram, PipelineTransform, gather
 
 STEPS, BATCH = 3, 32
 _build_lock = threading.Lock()
@@ -86,7 +86,8 @@ def reference(kind: str, steps: int = STEPS) -> dict[str, np.ndarray]:
 def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str,
               executor=None, balance="cost", steps: int = STEPS) -> dict[str, np.ndarray]:
     """The same steps on a dp x pp mesh over ``comm``: replica d takes rows [d*B/dp, ...)
-    of each global batch, in ``m`` micro-batches; every rank ends with the whole model.
+    of each global batch, in ``m`` micro-batches; every rank ends with the whole model
+    (``gather``: between steps each stage holds only its own parameters).
     ``executor`` runs the stages' programs (default: the reference interpreter)."""
     model, opt, image = build(kind)
     x, y = digits(image)
@@ -99,6 +100,7 @@ def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str,
     for i in range(steps):
         lo = i * BATCH + mesh.replica * per
         step(x[lo:lo + per], y[lo:lo + per])
+    gather(step, mesh)
     return {k: v.copy() for k, v in model.state_dict().items()}
 
 

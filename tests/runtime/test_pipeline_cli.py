@@ -2,6 +2,7 @@
 config errors (exit 2), and ``mpirun -n 4 ... train`` on a dp = 2 x pp = 2 mesh ending with
 the single-process run's parameters (float64, 1e-9 relative)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -76,3 +77,43 @@ def test_mpirun_train_on_a_dp2_x_pp2_mesh_equals_the_local_run(tmp_path):
     assert sorted(got) == sorted(want)
     for k in want:
         assert np.max(np.abs(got[k] - want[k])) <= 1e-9 * np.max(np.abs(want[k])), k
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")
+def test_mpirun_pipeline_checkpoints_the_whole_model_and_resumes_exactly(tmp_path):
+    # stages keep their parameters between steps; the checkpoints and final parameters are
+    # the whole model (the local run's, optimizer state included), and a pipeline run killed
+    # in epoch 2 and resumed from epoch 1's checkpoint ends with the uninterrupted run's bits
+    common = ["train.epochs=2", "train.dtype=\"float64\"", "model.batchnorm=false",
+              "model.hidden=[32, 32]", "device.threads=1"]
+    pipe = ["parallel.pp=2", "parallel.microbatches=4"]
+    env = {**os.environ, "SHARDGRAD_PROGRESS": "0"}
+
+    def mpirun(out, *extra):
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable,
+               "-m", "shardgrad.cli", "train", MLP, "--out", str(out),
+               *sets(*common, *pipe), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=100, env=env,
+                              cwd=ROOT)
+
+    proc = mpirun(tmp_path / "whole")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = mpirun(tmp_path / "killed", *sets("debug.fail_at_step=50"))
+    assert proc.returncode != 0 and "injected fault at step 50" in proc.stderr, proc.stderr
+    proc = mpirun(tmp_path / "killed", "--resume", str(tmp_path / "killed"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    whole, resumed = (json.loads((tmp_path / d / "summary.json").read_text())
+                      for d in ("whole", "killed"))
+    assert resumed["resumed_from"].endswith("epoch_1.safetensors")
+    assert resumed["params_sha256"] == whole["params_sha256"]
+
+    local = tr.train(load_config(MLP, common), str(tmp_path / "local"))
+    assert whole["test_accuracy"] == local["test_accuracy"]
+    for name in ("checkpoints/epoch_1.safetensors", "final.safetensors"):
+        got = safetensors.numpy.load_file(tmp_path / "whole" / name)
+        want = safetensors.numpy.load_file(tmp_path / "local" / name)
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert np.max(np.abs(got[k] - want[k])) <= 1e-9 * np.max(np.abs(want[k])), (name, k)
