@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -62,13 +62,26 @@ def save(obj: Any, path: str | os.PathLike) -> None:
     single = not isinstance(obj, Mapping)
     _flatten({_SINGLE: obj} if single else obj, "", arrays, values)
     header = {_FORMAT: json.dumps({"version": 1, "single": single, "values": values})}
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-"
-                                                     f"{os.getpid()}")
+    write_atomic(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp, header))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)   # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: readers see the old file or the new one,
+    never half of one. The file gets the permissions open() would give (safetensors writes
+    0600, which others sharing a run directory could not read)."""
+    tmp = os.path.join(os.path.dirname(path) or ".",
+                       f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        safetensors.numpy.save_file(arrays, tmp, header)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)          # as open() would (safetensors writes 0600)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -100,4 +113,4 @@ def load(path: str | os.PathLike) -> Any:
     return out[_SINGLE] if info["single"] else out
 
 
-__all__ = ["load", "save"]
+__all__ = ["load", "save", "write_atomic"]

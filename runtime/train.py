@@ -46,6 +46,7 @@ from shardgrad.runtime.data import (
 )
 from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.models import build_model, image_input
+from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 
 # Keys a resumed run may change: they do not alter the trajectory up to the checkpoint, and
@@ -210,34 +211,11 @@ def params_sha256(model: Module) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)   # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: readers see the old file or the new one,
-    never half of one."""
-    tmp = os.path.join(os.path.dirname(path) or ".",
-                       f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-            # as open() would create it (safetensors writes 0600: others could not read it)
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_text(path: str, text: str) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def model_tensors(model: Module) -> dict[str, np.ndarray]:
@@ -252,7 +230,7 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
     tensors.update({f"optim.{k}": np.asarray(v, order="C")
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    _write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
+    write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -308,7 +286,7 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
             os.remove(os.path.join(out_dir, name))
     for where in (out_dir, os.path.join(out_dir, "checkpoints")):
         for name in os.listdir(where):
-            if name.startswith(".") and ".tmp-" in name:   # _write_atomic's names
+            if name.startswith(".") and ".tmp-" in name:   # write_atomic's names
                 os.remove(os.path.join(where, name))
 
 
@@ -555,7 +533,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     }
     if writer:
         tensors = model_tensors(model)
-        _write_atomic(os.path.join(out_dir, "final.safetensors"),
+        write_atomic(os.path.join(out_dir, "final.safetensors"),
                       lambda tmp: safetensors.numpy.save_file(tensors, tmp))
         _write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
