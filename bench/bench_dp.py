@@ -1,9 +1,13 @@
 """Data-parallel training throughput: samples/s of 2 ranks against 1 (target >= 1.6x), the
-deterministic and overlap modes against the default, and PyTorch DDP (gloo) on the same
-setup when torch is installed (optional: ``pip install torch==2.13.0``).
+deterministic and overlap modes against the default, the default against packing buckets
+by copying (``copy_dp2``: the compiled executor's ``elide_packs=False``, as before gradients
+were computed into their buckets), and PyTorch DDP (gloo) on the same setup when torch is
+installed (optional: ``pip install torch==2.13.0``).
 
     python bench/bench_dp.py                         # JSON lines, one per measurement + summary
     python bench/bench_dp.py --rounds 5 --steps 40 --out bench/dp.json
+    python bench/bench_dp.py --rounds 15 --steps 200 --only shardgrad_dp1 shardgrad_dp2 \
+        shardgrad_copy_dp2               # more rounds of the comparisons that matter to you
 
 Setup: MLP 784-512-512-10, float32, cross-entropy, SGD, 128 samples per rank, one BLAS thread
 per rank (OMP/OPENBLAS/MKL_NUM_THREADS=1), compiled executor. Every measurement is a fresh
@@ -15,6 +19,7 @@ the busypoll variant turns it off). Other processes share the 2 cores: see the s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -35,9 +40,10 @@ def variants(args) -> list[tuple[str, int, list[str]]]:
                                                         "--deterministic"]))
     out.append(("shardgrad_overlap_dp2", 2, ["--impl", "shardgrad", "--overlap"]))
     out.append(("shardgrad_busypoll_dp2", 2, ["--impl", "shardgrad", "--busy-poll"]))
+    out.append(("shardgrad_copy_dp2", 2, ["--impl", "shardgrad", "--copy-packs"]))
     if args.torch:
         out += [(f"torch_ddp{r}", r, ["--impl", "torch"]) for r in (1, 2)]
-    return out
+    return [v for v in out if not args.only or v[0] in args.only]
 
 
 def launch(args) -> None:
@@ -75,6 +81,8 @@ def launch(args) -> None:
         "samples_per_s_min_max": {k: [round(min(v), 1), round(max(v), 1)]
                                   for k, v in results.items()},
         "speedup_dp2_vs_dp1": paired("shardgrad_dp2", "shardgrad_dp1"),
+        "speedup_copy_dp2_vs_dp1": paired("shardgrad_copy_dp2", "shardgrad_dp1"),
+        "in_place_vs_copy_dp2": paired("shardgrad_dp2", "shardgrad_copy_dp2"),
         "deterministic_vs_default_dp1": paired("shardgrad_det_dp1", "shardgrad_dp1"),
         "deterministic_vs_default_dp2": paired("shardgrad_det_dp2", "shardgrad_dp2"),
         "overlap_vs_blocking_dp2": paired("shardgrad_overlap_dp2", "shardgrad_dp2"),
@@ -110,7 +118,9 @@ def worker_shardgrad(args) -> dict:
     model, opt = mlp()
     transform = DataParallel(comm.world_size, deterministic=args.deterministic, chunks=4,
                              overlap=args.overlap)
-    make = compiled_executor if args.executor == "compiled" else None
+    make = None
+    if args.executor == "compiled":
+        make = functools.partial(compiled_executor, elide_packs=not args.copy_packs)
     step = sg.compile_step(model, sg.functional.cross_entropy, opt,
                            executor=bound_executor(make, comm), transform=transform)
     rng = np.random.default_rng(comm.rank)
@@ -165,11 +175,13 @@ def main() -> None:
     p.add_argument("--executor", default="compiled", choices=("compiled", "interpreter"))
     p.add_argument("--no-torch", dest="torch", action="store_false")
     p.add_argument("--out")
+    p.add_argument("--only", nargs="+", help="run only these variants (names as printed)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="shardgrad", help=argparse.SUPPRESS)
     p.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--busy-poll", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--copy-packs", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.torch and not args.worker:
         try:

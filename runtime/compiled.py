@@ -1,7 +1,7 @@
 """The compiled executor: a Graph turned once into a flat schedule of kernel calls over
 pre-planned buffers (liveness-based reuse, ``out=`` and in-place kernels, views for shape ops,
-constants materialized once). Same interface and semantics as the reference Interpreter, and
-tested for equivalence against it.
+constants materialized once, values computed straight into the bucket that packs them). Same
+interface and semantics as the reference Interpreter, and tested for equivalence against it.
 
 Imports graph and ops, and runtime.interpreter for its error type and feed checks.
 """
@@ -123,7 +123,7 @@ VIEWS: dict[str, Callable[..., Any]] = {
 
 @dataclass
 class _Value:
-    kind: str                 # feed | const | kernel | view | call
+    kind: str                 # feed | const | kernel | view | call | pack | slice (of a pack)
     storage: int | None       # the storage a kernel node writes (index into storages)
     holds: frozenset[int]     # storages the value may point into (views, unknown kernels)
     contiguous: bool          # statically known to be C-contiguous (a reshape stays a view)
@@ -146,21 +146,29 @@ class _Storage:
 ALIGN = 64   # arena offsets are cache-line aligned
 
 
-def _plan(graph: Graph) -> tuple[list[_Value], list[_Storage], int, int]:
-    """Classify nodes, give each kernel node a storage, and place the storages that are not
-    pinned in one arena by liveness. Returns (values, storages, arena bytes, blocks placed).
-
-    An elementwise kernel whose same-shape input dies at it writes over that input (an
-    in-place chain is one block); blocks are then placed greedy by size, each at the lowest
-    offset free for its whole lifetime (TFLite's and XNNPACK's offset planner)."""
+def _classify(graph: Graph, slices: Mapping[int, tuple[int, int]], packs: bool
+               ) -> tuple[list[_Value], list[_Storage]]:
+    """Each node's kind and the storages kernel nodes write. ``slices[node id] = (pack id,
+    offset)``: that node writes straight into its slice of the pack's storage. ``packs``:
+    pack nodes write a planned buffer (else their forward returns a fresh one)."""
     pos = {n.id: i for i, n in enumerate(graph.nodes)}
     values: list[_Value] = []
     storages: list[_Storage] = []
+    pack_storage: dict[int, int] = {}
     for i, n in enumerate(graph.nodes):
         ins = [values[pos[x.id]] for x in n.inputs]
         held = frozenset().union(*(v.holds for v in ins)) if ins else frozenset()
         k = OUT_KERNELS.get(n.op)
-        if n.op in FEEDS:
+        if n.id in slices or (packs and n.op == "pack"):
+            pack_id = slices[n.id][0] if n.id in slices else n.id
+            if pack_id not in pack_storage:     # the first of its members to run opens it
+                storages.append(_Storage(graph.nodes[pos[pack_id]].dtype,
+                                         graph.nodes[pos[pack_id]].size, i))
+                pack_storage[pack_id] = len(storages) - 1
+            sid = pack_storage[pack_id]
+            values.append(_Value("slice" if n.id in slices else "pack", sid, frozenset({sid}),
+                                 True))
+        elif n.op in FEEDS:
             values.append(_Value("feed", None, frozenset(), False))
         elif n.op == "const":
             values.append(_Value("const", None, frozenset(), True))
@@ -173,6 +181,57 @@ def _plan(graph: Graph) -> tuple[list[_Value], list[_Storage], int, int]:
         else:
             # an op's own forward may return a view of an input: keep the inputs alive with it
             values.append(_Value("call", None, held, False))
+    return values, storages
+
+
+def _slices(graph: Graph, values: list[_Value]) -> dict[int, tuple[int, int]]:
+    """The pack inputs that can be computed straight into their slice of the pack's buffer
+    (PyTorch DDP's gradient_as_bucket_view), as {node id: (pack id, offset)}: a kernel value
+    written by an out= kernel (a slice of a flat buffer is C-contiguous), packed once, no
+    output's, and read by nothing but the pack itself after the pack runs (the pack scales
+    the slice in place and an allreduce may reduce into it: a later reader would see that)."""
+    pos = {n.id: i for i, n in enumerate(graph.nodes)}
+    outputs = frozenset().union(*(values[pos[o.id]].holds for o in graph.outputs.values()))
+    last_read: dict[int, int] = {}       # storage -> last position reading it, the packs aside
+    direct: dict[int, list[int]] = {}    # storage -> positions of packs reading its own node
+    for i, n in enumerate(graph.nodes):
+        for x in n.inputs:
+            v = values[pos[x.id]]
+            for sid in v.holds:
+                if n.op == "pack" and v.kind == "kernel" and v.storage == sid:
+                    direct.setdefault(sid, []).append(i)
+                else:
+                    last_read[sid] = max(last_read.get(sid, -1), i)
+    out: dict[int, tuple[int, int]] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.op != "pack":
+            continue
+        offset = 0
+        for x in n.inputs:
+            v = values[pos[x.id]]
+            if (v.kind == "kernel" and x.dtype == n.dtype and v.storage not in outputs
+                    and direct[v.storage] == [i] and last_read.get(v.storage, -1) < i):
+                out[x.id] = (n.id, offset)
+            offset += x.size
+    return out
+
+
+def _plan(graph: Graph, elide: bool = True
+          ) -> tuple[list[_Value], list[_Storage], int, int, dict[int, tuple[int, int]]]:
+    """Classify nodes, give each kernel node a storage, and place the storages that are not
+    pinned in one arena by liveness. Returns (values, storages, arena bytes, blocks placed,
+    slices: the pack inputs written into their pack's buffer, see ``_slices``).
+
+    With ``elide``, pack nodes write a planned buffer and the inputs ``_slices`` allows are
+    computed straight into it. An elementwise kernel whose same-shape input dies at it
+    writes over that input (an in-place chain is one block); blocks are then placed greedy
+    by size, each at the lowest offset free for its whole lifetime (TFLite's and XNNPACK's
+    offset planner)."""
+    values, storages = _classify(graph, {}, elide)
+    slices = _slices(graph, values) if elide else {}
+    if slices:
+        values, storages = _classify(graph, slices, elide)
+    pos = {n.id: i for i, n in enumerate(graph.nodes)}
     last = {n.id: i for i, n in enumerate(graph.nodes)}
     for i, n in enumerate(graph.nodes):
         for x in n.inputs:
@@ -223,7 +282,8 @@ def _plan(graph: Graph) -> tuple[list[_Value], list[_Storage], int, int]:
     for sid, st in enumerate(storages):
         if not st.pinned:
             st.offset = offset_of[block[sid]]
-    return values, storages, max((o + size for o, size, _, _ in placed), default=0), len(placed)
+    arena_bytes = max((o + size for o, size, _, _ in placed), default=0)
+    return values, storages, arena_bytes, len(placed), slices
 
 
 def _peak_live_bytes(graph: Graph, storages: list[_Storage]) -> int:
@@ -260,13 +320,22 @@ class Program:
     ``outputs_into={name: array}`` writes those outputs into the caller's arrays instead (e.g.
     views into one flat parameter buffer): directly from the kernel when no leaf read later in
     the step shares memory with the array, else through the Program's buffer and a copy.
+
+    ``elide_packs`` (default True): a ``pack`` (the data-parallel bucket) writes a planned
+    buffer, and each value it packs that an out= kernel computes, that no output holds and
+    that nothing but the pack reads after the pack runs, is computed straight into its slice
+    there; the pack then only scales those slices in place (the same multiply, so the same
+    bits). ``packed_in_place`` and ``pack_copies`` count the values written there and copied.
     """
 
-    def __init__(self, graph: Graph, xp=np, rank: int | None = None, shard: str | None = None):
+    def __init__(self, graph: Graph, xp=np, rank: int | None = None, shard: str | None = None,
+                 elide_packs: bool = True):
         self.graph, self.xp, self.rank, self.shard = graph, xp, rank, shard
         nodes = graph.nodes
         pos = {n.id: i for i, n in enumerate(nodes)}
-        values, storages, arena_bytes, self.n_blocks = _plan(graph)
+        values, storages, arena_bytes, self.n_blocks, slices = _plan(graph, elide_packs)
+        self.packed_in_place = len(slices)
+        self.pack_copies = sum(len(n.inputs) for n in nodes if n.op == "pack") - len(slices)
         self.n_storages = len(storages)
         self.arena_bytes = arena_bytes
         self.pinned_bytes = sum(st.nbytes for st in storages if st.pinned)
@@ -280,6 +349,9 @@ class Program:
         self._slots = slots
         # per pinned kernel node: its slot, its buffer in each parity, its type
         self._pinned: list[tuple[int, list[Any], tuple[int, ...], str]] = []
+        # per value written into a pinned pack's buffer: its slot, the pack's slot, where it
+        # lies there, its shape, and its view of the pack's buffer in each parity
+        self._sliced: list[tuple[int, int, int, int, tuple[int, ...], list[Any]]] = []
         self._feeds: list[tuple[int, Node, str | None, tuple[int, ...], np.dtype]] = []
         steps: list[Callable[[], Any]] = []
         step_nodes: list[Node] = []
@@ -292,6 +364,34 @@ class Program:
             if v.kind == "const":
                 slots[i] = xp.asarray(np.array(n.attrs["value"], order="C"))
                 fixed[i] = True
+                continue
+            if v.kind == "pack":
+                st = storages[v.storage]
+                if st.pinned:
+                    self._pinned.append((i, [None, None], n.shape, n.dtype))
+                else:
+                    slots[i] = arena[st.offset:st.offset + st.nbytes].view(st.dtype)
+                    fixed[i] = True
+                parts = _pack_parts(n, ins, slices)
+                if parts:
+                    steps.append(_pack_step(xp, slots, i, parts, n))
+                    step_nodes.append(n)
+                continue
+            if v.kind == "slice":
+                st = storages[v.storage]
+                fn, tail = OUT_KERNELS[n.op].make(xp, n)
+                pack, offset = slices[n.id]
+                if st.pinned:
+                    self._sliced.append((i, pos[pack], offset, offset + n.size, n.shape,
+                                         [None, None]))
+                    steps.append(_out_step(fn, tail, slots, ins, i))
+                else:
+                    start = st.offset + offset * np.dtype(n.dtype).itemsize
+                    raw = arena[start:start + n.size * np.dtype(n.dtype).itemsize]
+                    slots[i] = raw.view(st.dtype).reshape(n.shape)
+                    fixed[i] = True
+                    steps.append(_fixed_out_step(fn, tail, slots, ins, slots[i], fixed))
+                step_nodes.append(n)
                 continue
             if v.kind == "kernel":
                 st = storages[v.storage]
@@ -319,7 +419,7 @@ class Program:
         users = graph.users()
         self._out_slots = [(k, pos[o.id]) for k, o in graph.outputs.items()]
         self._by_name = {k: pos[o.id] for k, o in graph.outputs.items()}
-        pinned_slots = {p[0] for p in self._pinned}
+        pinned_slots = {p[0] for p in self._pinned if values[p[0]].kind == "kernel"}
         # leaves a direct write into a caller's array could clobber: read after the output
         # node, or by it when its kernel is not elementwise-in-place
         self._hazards: dict[int, list[int]] = {}
@@ -368,6 +468,10 @@ class Program:
                     bufs[parity] = xp.empty(shape, dtype)
                     owned.add(id(bufs[parity]))
                 slots[i] = bufs[parity]
+        for i, pack, start, stop, shape, views in self._sliced:
+            if views[parity] is None:
+                views[parity] = slots[pack][start:stop].reshape(shape)
+            slots[i] = views[parity]
         i = 0
         try:
             for i, step in enumerate(self._steps):  # noqa: B007 - i names the failing node
@@ -397,7 +501,8 @@ class Program:
                 "arena_bytes": self.arena_bytes, "outputs": self.n_pinned,
                 "output_bytes": self.pinned_bytes,
                 "planned_bytes": self.arena_bytes + self.pinned_bytes,
-                "lower_bound_bytes": self.lower_bound_bytes}
+                "lower_bound_bytes": self.lower_bound_bytes,
+                "packed_in_place": self.packed_in_place, "pack_copies": self.pack_copies}
 
 
 def _fixed_out_step(fn, tail, slots, ins, out, fixed) -> Callable[[], Any]:
@@ -422,6 +527,43 @@ def _out_step(fn, tail, slots, ins, i) -> Callable[[], Any]:
     return lambda: fn(*[slots[j] for j in ins], *tail, out=slots[i])
 
 
+def _pack_parts(n: Node, ins: list[int], slices: Mapping[int, tuple[int, int]]
+                ) -> list[tuple[int, int, tuple[int, ...], int | None]]:
+    """What pack ``n``'s step does, as (start, stop, shape, slot) ranges of its buffer: copy
+    the input in ``slot`` there, or (slot None) scale in place a run of inputs that were
+    computed there (nothing at all when the scale is 1)."""
+    parts: list[tuple[int, int, tuple[int, ...], int | None]] = []
+    start = 0
+    for x, j in zip(n.inputs, ins, strict=True):
+        stop = start + x.size
+        if slices.get(x.id, (None,))[0] != n.id:
+            parts.append((start, stop, x.shape, j))
+        elif n.attrs.get("scale", 1.0) != 1.0:
+            if parts and parts[-1][3] is None and parts[-1][1] == start:
+                parts[-1] = (parts[-1][0], stop, (stop - parts[-1][0],), None)
+            else:
+                parts.append((start, stop, (x.size,), None))
+        start = stop
+    return parts
+
+
+def _pack_step(xp, slots, i, parts, n: Node) -> Callable[[], Any]:
+    """Pack ``n``'s forward into the buffer in slot ``i``: the same multiply (or copy) per
+    element, so the same bits, whether an input is copied in or was computed in place."""
+    scale = n.attrs.get("scale", 1.0)
+    factor = np.dtype(n.dtype).type(scale)
+
+    def step():
+        flat = slots[i]
+        for start, stop, shape, j in parts:
+            view = flat[start:stop].reshape(shape)
+            if scale == 1.0:
+                view[...] = slots[j]
+            else:
+                xp.multiply(view if j is None else slots[j], factor, out=view)
+    return step
+
+
 def _call_step(fn, slots, ins, i) -> Callable[[], Any]:
     """An op's own forward (or a view of a varying value): a fresh result every run."""
     if len(ins) == 1:
@@ -437,11 +579,14 @@ def _call_step(fn, slots, ins, i) -> Callable[[], Any]:
 
 
 def compile(graph: Graph, xp=np, simplify: bool = True, rank: int | None = None,  # noqa: A001
-            shard: str | None = None) -> Program:
+            shard: str | None = None, elide_packs: bool = True) -> Program:
     """Compile ``graph`` into a Program on ``xp``. With ``simplify`` (the default) the graph
     first goes through ``passes.fold_transposes`` (products written in the layout their users
     read), ``passes.simplify`` (dead code, constant folding, common subexpressions) and
-    ``passes.schedule`` (gradients consumed as soon as they exist)."""
+    ``passes.schedule`` (gradients consumed as soon as they exist). With ``elide_packs`` (the
+    default) a pack writes a planned buffer and the values it packs are computed straight
+    into their slices of it where that is safe, as PyTorch DDP's gradient_as_bucket_view
+    (``stats()["packed_in_place"]`` counts them); else each pack copies into a fresh buffer."""
     if simplify:
         graph = passes.schedule(passes.simplify(passes.fold_transposes(graph)))
-    return Program(graph, xp, rank, shard)
+    return Program(graph, xp, rank, shard, elide_packs)
