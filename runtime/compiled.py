@@ -61,6 +61,15 @@ def _sigmoid(xp):
     return run
 
 
+def _erf(xp):
+    # the forward's own ufunc (SciPy's on NumPy, CuPy's on GPU arrays), which takes out=
+    if xp is np:
+        from scipy.special import erf
+    else:
+        from cupyx.scipy.special import erf
+    return erf
+
+
 def _cast(xp):
     # copyto takes (dst, src): the kernel convention is fn(src, out=dst)
     def run(x, out):
@@ -94,6 +103,8 @@ OUT_KERNELS: dict[str, OutKernel] = {
     "sign": _ufunc("sign"), "relu": _ufunc("maximum", "fi", 0),
     "step": OutKernel(lambda xp, n: (xp.greater, (0,)), True, _same_dtype("f")),
     "sigmoid": OutKernel(lambda xp, n: (_sigmoid(xp), ()), True, _same_dtype("f")),
+    "erf": OutKernel(lambda xp, n: (_erf(xp), ()), True,
+                     lambda n: n.dtype in FLOATS and n.inputs[0].dtype == n.dtype),
     "cast": OutKernel(lambda xp, n: (_cast(xp), ()), True, lambda n: True),
     "where": OutKernel(lambda xp, n: (_where(xp), ()), False,
                        lambda n: n.inputs[1].dtype == n.inputs[2].dtype == n.dtype),

@@ -15,6 +15,7 @@ from shardgrad.graph.ir import Graph, leaf
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import reduce as R
 from shardgrad.ops.registry import apply
+from shardgrad.runtime import compiled as C
 from shardgrad.runtime.compiled import compile
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter
 
@@ -207,6 +208,21 @@ def test_ops_without_an_out_kernel_run_their_forward():
     feeds = feeds_for(g)
     program = compile(g)
     assert "gelu" in [n.op for n in program._step_nodes]
+    for _ in range(2):
+        assert_outputs_equal(Interpreter(g).run(feeds), program.run(feeds))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_erf_writes_into_a_planned_buffer_bitwise(dtype, monkeypatch):
+    """erf (exact GELU's core) runs its out= kernel, with the forward's results."""
+    kernel, made = C.OUT_KERNELS["erf"], []
+    monkeypatch.setitem(C.OUT_KERNELS, "erf", kernel._replace(
+        make=lambda xp, n: made.append(n) or kernel.make(xp, n)))
+    x = leaf("input", (5, 7), dtype, name="x")
+    g = autodiff.grad(Graph({"l": R.sum(E.erf(x * 0.7) * x)}), wrt=["x"])
+    feeds = feeds_for(g)
+    program = compile(g)
+    assert [n.op for n in made] == ["erf"]
     for _ in range(2):
         assert_outputs_equal(Interpreter(g).run(feeds), program.run(feeds))
 
