@@ -319,14 +319,19 @@ class Tensor:
                 raise ShapeError(f"backward() without a gradient needs a scalar, got shape "
                                  f"{self.shape}; pass gradient= of that shape")
             seed = const(1, dtype=self.dtype)
+            if self.is_cuda:     # the gradient is computed where the value lives
+                seed = _const(to_device(seed.attrs["value"], self.device))
         else:
+            if self.is_cuda and not isinstance(gradient, Tensor):
+                gradient = to_device(gradient, self.device)
             seed = _node_of(gradient, self.node)
         history = Graph([self.node]).nodes
         leaves = [n for n in history if n.id in _LEAVES and _LEAVES[n.id].requires_grad]
         gs = backprop([self.node], [seed], leaves)
         _evaluate(gs)
         for n, g in zip(leaves, gs, strict=True):
-            t, value = _LEAVES[n.id], _VALUES[g]
+            # a gradient made of constants alone (x.sum()'s) is computed on the host
+            t, value = _LEAVES[n.id], to_device(_VALUES[g], _LEAVES[n.id].device)
             t.grad = Tensor(_eager_leaf(value if t.grad is None else t.grad.data + value, False))
 
     # -- operators --------------------------------------------------------------------------

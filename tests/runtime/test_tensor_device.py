@@ -111,6 +111,22 @@ def test_eager_ops_and_gradients_stay_on_the_device(cuda):
     assert back.device == "cpu" and back.requires_grad and isinstance(back.data, np.ndarray)
 
 
+def test_gradients_of_constants_alone_are_on_the_leafs_device(cuda):
+    # x.sum()'s and a bias's gradient are the seed broadcast: no device operand computes them
+    x = sg.tensor(np.arange(6.0).reshape(2, 3), device="cuda", requires_grad=True)
+    b = sg.tensor(np.zeros(3), device="cuda", requires_grad=True)
+    x.sum().backward()
+    (x + b).mean().backward()
+    assert on_device(x.grad.data) and on_device(b.grad.data)
+    np.testing.assert_allclose(b.grad.numpy(), np.full(3, 1 / 3))
+    x.grad = None
+    x.backward(np.full((2, 3), 2.0))                       # a host gradient is moved over
+    assert on_device(x.grad.data)
+    np.testing.assert_allclose(x.grad.numpy(), np.full((2, 3), 2.0))
+    sg.optim.SGD([x, b], lr=0.1).step()                     # was: sub on cpu and cuda:0
+    assert on_device(x.data) and on_device(b.data)
+
+
 def test_mixed_devices_are_an_error_naming_both(cuda):
     a = sg.tensor(np.ones(3), device="cuda")
     with pytest.raises(DeviceError, match=r"add: expected all tensors on one device, found "
