@@ -373,14 +373,22 @@ class Tensor:
         return MinMax(values, indices.reshape(values.shape) if keepdim else indices)
 
     def min(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
-        out = (-self).max(axis, keepdims, dim=dim, keepdim=keepdim)
-        return -out if dim is None else MinMax(-out.values, out.indices)
+        out = self._negated().max(axis, keepdims, dim=dim, keepdim=keepdim)
+        if np.dtype(self.dtype).kind == "f":
+            return -out if dim is None else MinMax(-out.values, out.indices)
+        back = (0 - (out if dim is None else out.values)).astype(self.dtype)
+        return back if dim is None else MinMax(back, out.indices)
 
     def argmax(self, axis=-1, *, dim=None):
         return apply(R.argmax, self, _axis("argmax", axis, False, dim, None)[0])
 
     def argmin(self, axis=-1, *, dim=None):
-        return (-self).argmax(axis, dim=dim)
+        return self._negated().argmax(axis, dim=dim)
+
+    def _negated(self):
+        """-self for min/argmin: neg takes floats only, so integers and bools are negated
+        in int64 (an unsigned value negated in its own dtype would wrap)."""
+        return -self if np.dtype(self.dtype).kind == "f" else 0 - self.astype("int64")
 
     def var(self, axis=None, keepdims=False, ddof=0):
         """NumPy's variance (``ddof=1``: the unbiased one torch.var gives by default)."""

@@ -148,6 +148,19 @@ def test_stack_joins_along_a_new_axis_with_gradients():
         sg.stack(xs, axis=2)
 
 
+@pytest.mark.parametrize("dtype", ["int64", "uint8", "bool"])
+def test_min_and_argmin_of_integers_and_bools(dtype):
+    # neg takes floats only (min and argmin raised), and an unsigned value negated wraps
+    a = np.array([[4, 5, 3], [0, 9, 2]]).astype(dtype)
+    x = sg.tensor(a)
+    assert x.min().dtype == dtype and x.min().item() == a.min()
+    np.testing.assert_array_equal(x.argmin(), a.argmin(axis=-1))
+    values, indices = x.min(dim=1)
+    assert values.dtype == dtype
+    np.testing.assert_array_equal(values.numpy(), a.min(axis=1))
+    np.testing.assert_array_equal(indices.numpy(), a.argmin(axis=1))
+
+
 def test_torch_names_for_reductions_and_views():
     a = np.array([[1.0, 5.0, 3.0], [4.0, 2.0, 6.0]])
     x = sg.tensor(a, requires_grad=True)
