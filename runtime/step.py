@@ -204,12 +204,12 @@ class Predictor:
 def accuracy(model: Module, x, y, batch_size: int = 512, executor: Executor | None = None
              ) -> float:
     """The fraction of rows of ``x`` whose largest logit is at the integer label in ``y``."""
-    y = np.asarray(y)
+    y = to_host(_batch(y))         # labels may be on the GPU (np.asarray refuses CuPy's)
     if y.ndim != 1 or len(y) != len(x):
         raise ValueError(f"accuracy needs one integer label per row of x: got labels of shape "
                          f"{y.shape} for {len(x)} rows")
     predict = Predictor(model, executor)
-    x, y = _batch(x), to_host(_batch(y))
+    x = _batch(x)
     correct = 0
     for i in range(0, len(x), batch_size):
         correct += int((predict(x[i:i + batch_size]).argmax(axis=1) == y[i:i + batch_size]).sum())

@@ -208,6 +208,8 @@ def test_compile_step_runs_a_gpu_model_on_the_gpu_executor(cuda):
             assert isinstance(sg.Predictor(model)(x), np.ndarray)
             acc = sg.accuracy(model, sg.tensor(x, device="cuda"), y)
             runs["acc"] = (acc, sg.accuracy(runs["cpu"][1].eval(), x, y))
+            for labels in (cuda.asarray(y), sg.tensor(y, device="cuda")):   # labels there too
+                assert sg.accuracy(model, feed_x, labels) == acc
     assert runs["cuda"][0] == pytest.approx(runs["cpu"][0], rel=1e-10)
     assert runs["acc"][0] == runs["acc"][1]
 
