@@ -42,17 +42,6 @@ def _mode(model: Module, training: bool) -> Iterator[None]:
             object.__setattr__(m, "training", mode)          # as Module.train sets it
 
 
-def unique_optimizer_state(optimizer: Optimizer) -> list[tuple[Tensor, dict[str, Tensor]]]:
-    """The optimizer's (param, state) pairs, a parameter listed twice taken at its first."""
-    seen: set[int] = set()
-    out = []
-    for p, st in zip(optimizer.params, optimizer.state, strict=True):
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((p, st))
-    return out
-
-
 def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
                x_spec: tuple[tuple[int, ...], str], y_spec: tuple[tuple[int, ...], str]
                ) -> Graph:
@@ -80,7 +69,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
     swaps += [(b, placeholder(b.shape, b.dtype, "state", name=n)) for n, b in buffers]
     opt_states = []
     if optimizer is not None:
-        for p, st in unique_optimizer_state(optimizer):
+        for p, st in zip(optimizer.params, optimizer.state, strict=True):
             if id(p) not in name_of:
                 raise ShapeError("the optimizer holds a parameter that is not the model's")
             for k, v in st.items():
@@ -107,7 +96,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
             used = {n.id for n in toposort([loss.node])}
             grad_of = {id(p): Tensor(g) for (_, p), g in zip(named, grads, strict=True)
                        if leaves[id(p)].id in used}
-            for p, st in unique_optimizer_state(optimizer):
+            for p, st in zip(optimizer.params, optimizer.state, strict=True):
                 if id(p) not in grad_of:
                     continue                       # frozen or unused: no update
                 pname = name_of[id(p)]

@@ -21,11 +21,7 @@ from shardgrad.graph.ir import Graph
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.tensor import Tensor
-from shardgrad.graph.trace import (
-    trace_forward,
-    trace_step,
-    unique_optimizer_state,
-)
+from shardgrad.graph.trace import trace_forward, trace_step
 from shardgrad.runtime import compiled
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.device import is_device_array, to_host
@@ -97,7 +93,7 @@ class TrainStep:
             raise ValueError(f"the optimizer's parameters {foreign} (by position) are not "
                              f"parameters of the {type(model).__name__} being trained")
         self._opt_states = [(f"optim/{name_of[id(p)]}/{k}", v)
-                            for p, st in unique_optimizer_state(optimizer)
+                            for p, st in zip(optimizer.params, optimizer.state, strict=True)
                             for k, v in st.items()]
         self.dtype = self._params[0][1].dtype
 
