@@ -8,7 +8,7 @@ pipeline ``plan``, or ``launch`` your own script as MPI ranks.
 
 A bad config, a missing file, unreadable data or checkpoint prints one line to stderr and exits
 2; a diverged run (NaN or infinite loss) one line and exits 1.
-Imports runtime and graph (the top of the import order).
+Imports runtime and graph, and cluster's command builders (the top of the import order).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 norms, losses.
 
 Modules hold Parameters (leaf tensors that require grad) and buffers (tensors updated
-without gradient, e.g. BatchNorm's running statistics). Imports graph.tensor and ops.
+without gradient, e.g. BatchNorm's running statistics). Imports graph.ir, graph.device,
+graph.tensor and ops.
 """
 
 from __future__ import annotations

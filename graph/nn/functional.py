@@ -1,7 +1,7 @@
 """Functional forms of the layers (``sg.nn.functional``), on Tensors, eager or traced.
 
 Each is a thin call into an op builder through ``graph.tensor.apply`` (the losses mse_loss
-and nll_loss are composites of them). Imports graph.tensor and ops.
+and nll_loss are composites of them). Imports graph.ir, graph.tensor and ops.
 """
 
 from __future__ import annotations
