@@ -34,6 +34,7 @@ from shardgrad.graph.tensor import (
     zeros_like,
 )
 from shardgrad.graph.tensor import apply as _apply
+from shardgrad.graph.tensor import join_axis as _join_axis
 from shardgrad.runtime import distributed
 from shardgrad.runtime import loader as _loader
 from shardgrad.runtime.interpreter import ExecutionError
@@ -65,9 +66,9 @@ exp, log, sqrt, tanh, sigmoid, relu = (_elementwise(n) for n in
                                        ("exp", "log", "sqrt", "tanh", "sigmoid", "relu"))
 
 
-def concat(tensors, axis: int = 0) -> Tensor:
-    """Join tensors along ``axis`` (NumPy's concatenate, torch.cat)."""
-    return _apply(_ops.shape.concat, list(tensors), axis=axis)
+def concat(tensors, axis: int = 0, *, dim: int | None = None) -> Tensor:
+    """Join tensors along ``axis`` (NumPy's concatenate, torch.cat with ``dim=``)."""
+    return _apply(_ops.shape.concat, list(tensors), axis=_join_axis("concat", axis, dim))
 
 
 def where(condition, x, y) -> Tensor:

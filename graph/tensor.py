@@ -629,8 +629,16 @@ def arange(start, end=None, step=1, dtype=None, device=None) -> Tensor:
     return tensor(arr, device=device)
 
 
-def stack(tensors, axis: int = 0) -> Tensor:
+def join_axis(op: str, axis: int, dim: int | None) -> int:
+    """The axis of a join (stack, concat): NumPy's ``axis=`` (default 0) or torch's ``dim=``."""
+    if dim is not None and axis != 0:
+        raise TypeError(f"{op}: give axis= (NumPy) or dim= (torch), not both")
+    return axis if dim is None else dim
+
+
+def stack(tensors, axis: int = 0, *, dim: int | None = None) -> Tensor:
     """Join same-shaped tensors along a new ``axis`` (torch.stack, NumPy's stack)."""
+    axis = join_axis("stack", axis, dim)
     tensors = list(tensors)
     if not tensors:
         raise ShapeError("stack of no tensors")

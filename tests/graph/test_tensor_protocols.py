@@ -148,6 +148,18 @@ def test_stack_joins_along_a_new_axis_with_gradients():
         sg.stack(xs, axis=2)
 
 
+def test_stack_and_cat_take_torchs_dim():
+    a, b = sg.tensor(np.ones((2, 3))), sg.tensor(np.zeros((2, 3)))
+    assert sg.stack([a, b], dim=1).shape == (2, 2, 3)
+    assert sg.stack([a, b], dim=-1).shape == (2, 3, 2)
+    np.testing.assert_array_equal(sg.cat([a, b], dim=1).numpy(),
+                                  np.concatenate([np.ones((2, 3)), np.zeros((2, 3))], axis=1))
+    with pytest.raises(TypeError, match=r"stack: give axis= \(NumPy\) or dim= \(torch\)"):
+        sg.stack([a, b], axis=1, dim=1)
+    with pytest.raises(TypeError, match="concat: give axis="):
+        sg.cat([a, b], axis=1, dim=0)
+
+
 @pytest.mark.parametrize("dtype", ["int64", "uint8", "bool"])
 def test_min_and_argmin_of_integers_and_bools(dtype):
     # neg takes floats only (min and argmin raised), and an unsigned value negated wraps
