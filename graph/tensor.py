@@ -609,7 +609,9 @@ def rand(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor
 
 
 def randint(low: int, high: int | None = None, size=(), dtype="int64", device=None) -> Tensor:
-    """Integers in [low, high) (``randint(high, size=...)`` starts at 0), as torch.randint."""
+    """Integers in [low, high) (``randint(high, size)`` starts at 0), as torch.randint."""
+    if isinstance(high, tuple | list):             # torch.randint(high, size)
+        high, size = None, high
     low, high = (0, low) if high is None else (low, high)
     if high <= low:
         raise ValueError(f"randint: high ({high}) must be greater than low ({low})")

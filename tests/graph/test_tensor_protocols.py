@@ -117,6 +117,9 @@ def test_factory_functions_as_torch():
     assert sg.arange(0, 1, 0.25).dtype == "float32" and len(sg.arange(0, 1, 0.25)) == 4
     r = sg.randint(3, 7, size=(100,))
     assert r.dtype == "int64" and 3 <= int(r.numpy().min()) and int(r.numpy().max()) < 7
+    below = sg.randint(10, (50,)).numpy()          # torch.randint(high, size): from 0
+    assert below.shape == (50,) and 0 <= below.min() and below.max() < 10
+    assert sg.randint(3, 7, (2, 2)).shape == (2, 2)
     u = sg.rand(1000).numpy()
     assert 0 <= u.min() and u.max() < 1
     w = sg.randn(3, requires_grad=True)
