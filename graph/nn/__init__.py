@@ -212,9 +212,12 @@ class Module:
     def to(self, device) -> Module:
         """Move every parameter and buffer to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``)
         in place, as torch.nn.Module.to: the Parameter objects stay the same, so an optimizer
-        made before keeps its parameters (its state follows them on its next step)."""
+        made before keeps its parameters (its state follows them on its next step), and their
+        gradients move with them."""
         for t in [*self.parameters(), *(b for _, b in self.named_buffers())]:
             t._set_leaf(to_device(t.data, device))
+            if t.grad is not None:
+                t.grad._set_leaf(to_device(t.grad.data, device))
         return self
 
     def cuda(self, index: int | None = None) -> Module:

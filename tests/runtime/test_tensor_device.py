@@ -127,6 +127,18 @@ def test_gradients_of_constants_alone_are_on_the_leafs_device(cuda):
     assert on_device(x.data) and on_device(b.data)
 
 
+def test_module_to_moves_the_gradients_too(cuda):
+    sg.manual_seed(0)
+    model = sg.nn.Linear(3, 2)
+    F.cross_entropy(model(sg.tensor(np.ones((4, 3), "float32"))), np.array([0, 1, 0, 1])) \
+        .backward()
+    opt = sg.optim.SGD(model.parameters(), lr=0.1)
+    model.to("cuda")                                       # between backward and step
+    assert all(on_device(p.grad.data) for p in model.parameters())
+    opt.step()                                             # was: sub on cpu and cuda:0
+    assert all(on_device(p.data) for p in model.parameters())
+
+
 def test_mixed_devices_are_an_error_naming_both(cuda):
     a = sg.tensor(np.ones(3), device="cuda")
     with pytest.raises(DeviceError, match=r"add: expected all tensors on one device, found "
