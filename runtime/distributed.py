@@ -28,7 +28,7 @@ from shardgrad.runtime import dp
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.config import mpi_world_size
 from shardgrad.runtime.data import DistributedSampler, batches
-from shardgrad.runtime.step import Executor, TrainStep, _batch, executor_for
+from shardgrad.runtime.step import Executor, TrainStep, _batch, device_of, executor_for
 
 _WORLD: list[Communicator | None] = [None]
 
@@ -108,7 +108,7 @@ def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
         raise ValueError(f"chunks = {chunks} must be a positive multiple of the "
                          f"{comm.world_size} rank(s) in deterministic mode")
     executor = executor or executor_for(model)
-    on_gpu = next(model.parameters()).is_cuda
+    on_gpu = device_of(model).is_cuda
     if on_gpu and comm.world_size > 1:
         from shardgrad.runtime.gpu_comm import make_gpu_comm
 

@@ -113,3 +113,6 @@ def test_bad_options_name_the_option():
     with pytest.raises(ValueError, match=r"chunks = 0 must be a positive multiple"):
         sg.distributed.data_parallel_step(model, F.cross_entropy, opt, deterministic=True,
                                           chunks=0)
+    # a model without parameters: TrainStep's error, not a bare StopIteration
+    with pytest.raises(ValueError, match=r"Identity has no parameters to train"):
+        sg.distributed.data_parallel_step(sg.nn.Identity(), F.cross_entropy, opt)
