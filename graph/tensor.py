@@ -174,8 +174,10 @@ class Tensor:
                              f"{self.dtype}")
         if requires_grad and not self.requires_grad and self.is_symbolic:
             raise ShapeError("requires_grad_() of a traced tensor")
+        was = self.requires_grad
         self.requires_grad = requires_grad
-        if requires_grad and self.node.id not in _LEAVES and self.node.op == "const":
+        if requires_grad and not was and self.node.id not in _LEAVES:
+            # it records no history (made without grad, e.g. sg.randn(3) * 0.01): a new leaf
             self._set_leaf(self.data)
         return self
 

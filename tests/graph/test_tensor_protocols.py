@@ -76,6 +76,16 @@ def test_frozen_leaves_get_no_gradient():
     assert frozen.grad is None
 
 
+def test_requires_grad_of_a_result_made_without_grad_makes_it_a_leaf():
+    # torch's nn tutorial: w = torch.randn(784, 10) / math.sqrt(784); w.requires_grad_()
+    w = sg.tensor([1.0, 2.0]) * 2.0
+    w.requires_grad_()
+    (w * w).sum().backward()                              # its gradient was silently None
+    np.testing.assert_array_equal(w.grad.numpy(), [4.0, 8.0])
+    sg.optim.SGD([w], lr=0.5).step()                      # was: can't optimize a non-leaf
+    np.testing.assert_array_equal(w.numpy(), [0.0, 0.0])
+
+
 def test_requires_grad_and_zero_in_place():
     z = sg.tensor([1.0, 2.0])
     assert z.requires_grad_() is z and z.requires_grad
