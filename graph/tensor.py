@@ -129,13 +129,30 @@ class Tensor:
     """An n-d array that records the ops applied to it. PyTorch's names: ``requires_grad``,
     ``grad``, ``backward()``, ``detach()``, ``numpy()``, ``item()``; NumPy's for array ops."""
 
-    __slots__ = ("node", "requires_grad", "grad", "__weakref__")
+    __slots__ = ("node", "_requires_grad", "grad", "__weakref__")
     __array_priority__ = 100  # so ndarray <op> Tensor defers to Tensor's reflected op
 
     def __init__(self, node: Node, requires_grad: bool = False):
         self.node = node
-        self.requires_grad = requires_grad
+        self._requires_grad = requires_grad
         self.grad: Tensor | None = None
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, requires_grad: bool) -> None:
+        """As torch: turning it on makes a tensor that records no history (made without grad,
+        or frozen and then given new data) a leaf, however the flag is set: requires_grad_(),
+        ``p.requires_grad = True``, Module.requires_grad_()."""
+        requires_grad = bool(requires_grad)
+        if requires_grad and np.dtype(self.dtype).kind != "f":
+            raise ShapeError(f"only floating-point tensors can require gradients, got "
+                             f"{self.dtype}")
+        was, self._requires_grad = self._requires_grad, requires_grad
+        if requires_grad and not was and not self.is_symbolic and self.node.id not in _LEAVES:
+            self._set_leaf(self.data)
 
     # -- values -----------------------------------------------------------------------------
     @property
@@ -168,17 +185,11 @@ class Tensor:
             _LEAVES[self.node.id] = self
 
     def requires_grad_(self, requires_grad: bool = True) -> Tensor:
-        """Start (or stop) recording this leaf's gradient, in place, as in torch."""
-        if requires_grad and np.dtype(self.dtype).kind != "f":
-            raise ShapeError(f"only floating-point tensors can require gradients, got "
-                             f"{self.dtype}")
+        """Start (or stop) recording this leaf's gradient, in place, as in torch (a tensor
+        made without grad, e.g. ``sg.randn(3) * 0.01``, becomes a leaf: see requires_grad)."""
         if requires_grad and not self.requires_grad and self.is_symbolic:
             raise ShapeError("requires_grad_() of a traced tensor")
-        was = self.requires_grad
         self.requires_grad = requires_grad
-        if requires_grad and not was and self.node.id not in _LEAVES:
-            # it records no history (made without grad, e.g. sg.randn(3) * 0.01): a new leaf
-            self._set_leaf(self.data)
         return self
 
     def zero_(self) -> Tensor:

@@ -239,6 +239,24 @@ def test_requires_grad_freezes_in_eager_and_compiled_steps():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("unfreeze", ["module", "attribute"])
+def test_unfreezing_after_new_data_records_gradients(unfreeze):
+    # frozen, a parameter given new data (a checkpoint, Module.to) was a leaf no more, so
+    # unfreezing it only set the flag and backward left its gradient None silently
+    model = nn.Linear(3, 2)
+    model.requires_grad_(False)
+    model.load_state_dict(model.state_dict())
+    if unfreeze == "module":
+        model.requires_grad_()
+    else:
+        for p in model.parameters():
+            p.requires_grad = True
+    model(sg.tensor(np.ones((1, 3), np.float32))).sum().backward()
+    np.testing.assert_array_equal(model.weight.grad.numpy(), np.ones((2, 3)))
+    with pytest.raises(sg.ShapeError, match="only floating-point"):
+        sg.tensor([1, 2]).requires_grad = True
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_loss_modules_match_torch(reduction):
     z = _rng().normal(size=(5, 4)).astype(np.float32)
