@@ -448,7 +448,11 @@ class Tensor:
         return apply(S.transpose, self, tuple(axes) if axes else None)
 
     def flatten(self, start_dim=0, end_dim=-1):
-        start, end = start_dim % max(self.ndim, 1), end_dim % max(self.ndim, 1)
+        n = max(self.ndim, 1)                       # a 0-d tensor flattens to one element
+        if not (-n <= start_dim < n and -n <= end_dim < n) or start_dim % n > end_dim % n:
+            raise ShapeError(f"flatten({start_dim}, {end_dim}) of a {self.ndim}-d tensor: the "
+                             f"dims must lie in [{-n}, {n - 1}], start_dim not after end_dim")
+        start, end = start_dim % n, end_dim % n
         return self.reshape(self.shape[:start] + (-1,) + self.shape[end + 1:])
 
     def view(self, *shape):

@@ -207,3 +207,9 @@ def test_torch_names_for_reductions_and_views():
     np.testing.assert_array_equal(x.grad.numpy(), [[1, 0, 0], [0, 1, 0]])
     with pytest.raises(TypeError, match="axis= .* or dim= .*, not both"):
         x.sum(axis=0, dim=1)
+    # out of range or start after end: torch's error (was a wrapped dim or an inserted one)
+    with pytest.raises(ShapeError, match=r"flatten\(2, 1\) of a 3-d tensor"):
+        x.unsqueeze(0).flatten(2, 1)
+    with pytest.raises(ShapeError, match=r"flatten\(3, -1\)"):
+        x.unsqueeze(0).flatten(3)
+    assert sg.tensor(2.0).flatten().shape == (1,)
