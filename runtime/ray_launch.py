@@ -430,6 +430,11 @@ def _start(n: int, c: Mapping[str, Any]) -> tuple[Job, dict[str, str]]:
     return job, dict(os.environ, RAY_ADDRESS=gcs)
 
 
+def _exported() -> list[str]:
+    """The SHARDGRAD_* variables set here, which mpirun passes on to the ranks (``-x``)."""
+    return [name for name in cfg.ENV if name.startswith("SHARDGRAD_") and cfg.env(name)]
+
+
 def launch(config: Mapping, out_dir: str, resume: str | None,
            command: Callable[..., list[str]], failed_rank: Callable[[str], int | None]) -> int:
     """Train ``config`` on ``parallel.dp`` x ``parallel.pp`` ranks placed by Ray; returns the
@@ -449,7 +454,7 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
     # their checkpoints and summary match an mpirun run of the same config.
     ranks_config = {**config, "cluster": cfg.defaults()["cluster"]}
     config_path = os.path.join(tempfile.gettempdir(), f"shardgrad-{job.id}", "config.toml")
-    export = [name for name in cfg.ENV if name.startswith("SHARDGRAD_") and cfg.env(name)]
+    export = _exported()
 
     def argv_for(attempt: int) -> list[str]:
         nonlocal resume
@@ -475,7 +480,7 @@ def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
     ``n`` MPI ranks placed by Ray, with ``cluster`` settings (the config's ``cluster``
     section); returns the exit code. A restart runs the program again from its start.
 
-    ``command(hosts, program, as_root=)`` builds the mpirun argv
+    ``command(hosts, program, as_root=, export=)`` builds the mpirun argv
     (cluster.commands.ray_program_argv).
     """
     job, env = _start(n, cluster)
@@ -483,7 +488,7 @@ def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
     def argv_for(attempt: int) -> list[str]:
         _say(f"attempt {attempt + 1}: {n} ranks on "
              f"{', '.join(sorted({i['ip'] for i in job.infos}))}")
-        return command(job.hosts, program, as_root=os.geteuid() == 0)
+        return command(job.hosts, program, as_root=os.geteuid() == 0, export=_exported())
 
     return _attempts(job, cluster["max_restarts"], env, argv_for, failed_rank)
 
