@@ -75,7 +75,7 @@ def cmd_train(args) -> int:
             raise ConfigError("--launcher ray starts the ranks itself (parallel.dp x "
                               "parallel.pp of them): run it without mpirun/mpiexec")
         from shardgrad.cluster.commands import failed_rank, ray_job_argv
-        from shardgrad.runtime.ray_launch import launch
+        from shardgrad.cluster.ray_launch import launch
 
         return launch(config, out, args.resume, ray_job_argv, failed_rank)
     comm = communicator(config)
@@ -109,7 +109,7 @@ def write_graph(config, path: str) -> list[str]:
     from shardgrad.runtime.train import setup
 
     if config["parallel"]["pp"] > 1:
-        from shardgrad.runtime.pipeline import plan_for_config
+        from shardgrad.runtime.train import plan_for_config
 
         dot = plan_for_config(config).to_dot()
     else:
@@ -138,7 +138,7 @@ def cmd_graph(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from shardgrad.runtime.pipeline import plan_for_config
+    from shardgrad.runtime.train import plan_for_config
 
     print(plan_for_config(load_config(args.config, args.sets)))
     return 0
@@ -156,7 +156,7 @@ def cmd_launch(args) -> int:
         raise ConfigError(f"-n {args.n}: the number of ranks must be at least 1")
     config = load_config(None, args.sets)
     if args.launcher == "ray":
-        from shardgrad.runtime.ray_launch import launch_program
+        from shardgrad.cluster.ray_launch import launch_program
 
         command = functools.partial(ray_program_argv, wdir=os.getcwd())
         return launch_program(program, args.n, config["cluster"], command, failed_rank)

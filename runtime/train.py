@@ -31,7 +31,10 @@ from shardgrad.graph import optim
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
-from shardgrad.runtime import compiled, dp
+from shardgrad.graph.trace import trace_step
+from shardgrad.partition.pipeline import PipelinePlan
+from shardgrad.partition.pipeline import pipeline as partition_pipeline
+from shardgrad.runtime import compiled, dp, pipeline
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.comm import Communicator, SingleProcess
@@ -106,8 +109,6 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
 
         executor = functools.partial(GPUExecutor, rank=comm.rank)   # on the current GPU
     if config["parallel"]["pp"] > 1:
-        from shardgrad.runtime import pipeline
-
         return pipeline.step_options(config, comm, executor)
     return dp.step_options(config, comm, executor)
 
@@ -199,6 +200,23 @@ def setup(config: Mapping, options: Mapping | None = None
                             config["train"]["executor"]),
                         transform=options.get("transform"))
     return model, optimizer, step, data
+
+
+def plan_for_config(config: Mapping) -> PipelinePlan:
+    """The plan ``shardgrad train CONFIG`` runs with ``parallel.pp`` stages (built here in
+    one process: "profile" times this machine)."""
+    config = cfg.from_dict(config)
+    replicas, pp, m = pipeline.mesh_shape(config)
+    model, optimizer, _, data = setup(config)
+    rows = config["train"]["batch_size"] // (replicas * m)
+    graph = trace_step(model, functional.cross_entropy, optimizer,
+                       ((rows,) + data.input_shape, config["train"]["dtype"]),
+                       ((rows,), str(data.y_train.dtype)))
+    balance = config["parallel"]["balance"]
+    times = pipeline.profile_times(graph) if balance == "profile" else None
+    with pipeline.as_config_error():
+        return partition_pipeline(graph, pp, balance, m, config["parallel"]["schedule"], replicas,
+                                  times)
 
 
 def params_sha256(model: Module) -> str:
@@ -541,4 +559,5 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
 
 __all__ = ["EXECUTORS", "CheckpointError", "Diverged", "latest_checkpoint", "load_checkpoint",
            "load_data", "lr_at", "make_executor", "make_optimizer", "open_device",
-           "params_sha256", "save_checkpoint", "setup", "step_options", "train"]
+           "params_sha256", "plan_for_config", "save_checkpoint", "setup", "step_options",
+           "train"]
