@@ -19,7 +19,7 @@ from shardgrad.ops.registry import get
 
 # Ops whose result is not a pure function of inputs and attrs (communication, randomness):
 # never merged by cse, never evaluated by fold_constants.
-EFFECTFUL = frozenset({"send", "recv", "allreduce", "allreduce_start", "allreduce_wait",
+EFFECTFUL = frozenset({"send", "isend", "recv", "allreduce", "allreduce_start", "allreduce_wait",
                        "allgather", "reduce_scatter", "broadcast", "barrier", "rand", "randn",
                        "uniform", "normal", "bernoulli"})
 
