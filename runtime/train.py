@@ -34,7 +34,7 @@ from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.graph.trace import trace_step
 from shardgrad.partition.pipeline import PipelinePlan
 from shardgrad.partition.pipeline import pipeline as partition_pipeline
-from shardgrad.runtime import compiled, dp, pipeline
+from shardgrad.runtime import compiled, dp, pipeline, world
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.comm import Communicator, SingleProcess
@@ -55,9 +55,12 @@ from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 # Keys a resumed run may change: they do not alter the trajectory up to the checkpoint, and
 # after it only how long it runs and how it is run, or never reach training at all: the Ray
 # launcher's cluster.* and the fault injection debug.* (a run a fault stopped resumes without).
+# Checkpoints hold the whole model, so a run resumes at any world size and on any device.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor", "device.threads", "parallel.timeout_s",
-                     "parallel.start_timeout_s", "cluster.*", "debug.*")
+                     "parallel.start_timeout_s", "cluster.*", "debug.*", "parallel.dp",
+                     "parallel.pp", "parallel.microbatches", "parallel.schedule",
+                     "parallel.balance", "device.type", "device.comm", "device.cuda_aware_mpi")
 
 
 def resumable(key: str) -> bool:
@@ -128,11 +131,8 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
         dev.use(dev.resolve(spec))
     except dev.DeviceError as e:
         raise cfg.ConfigError(f"device.type = {spec!r} but {e}") from None
-    if comm.world_size == 1:
-        return comm
-    from shardgrad.runtime.gpu_comm import make_gpu_comm
-
-    return make_gpu_comm(comm, config["device"]["comm"], config["device"]["cuda_aware_mpi"])
+    return world.device_comm(comm, spec, config["device"]["comm"],
+                             config["device"]["cuda_aware_mpi"])
 
 
 def load_data(config: Mapping) -> Dataset:
