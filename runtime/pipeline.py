@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from shardgrad.graph.device import to_host
 from shardgrad.graph.ir import Graph
 from shardgrad.ops import collective
 from shardgrad.ops.registry import get
@@ -301,7 +302,7 @@ def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[
 def sync_outputs(comm: Communicator, out: Mapping[str, Any]) -> dict[str, Any]:
     """Every rank's ``param/`` and ``state/`` values in ``out``, on every rank of ``comm``
     (one allgather)."""
-    mine = {k: np.asarray(v) for k, v in out.items() if k.startswith(("param/", "state/"))}
+    mine = {k: to_host(v) for k, v in out.items() if k.startswith(("param/", "state/"))}
     merged: dict[str, Any] = {}
     for part in comm.allgather_obj(mine):
         merged.update(part)
@@ -364,7 +365,7 @@ class PipelineProgram:
         loss, out = self.runner.step(state, feeds["x"], feeds["y"], **inputs)
         buf = np.zeros((), dtype=self.plan.graph.outputs["loss"].dtype)
         if loss is not None:
-            buf[...] = loss
+            buf[...] = to_host(loss)
         self.mesh.pp_comm.bcast_(buf, root=self.plan.loss_stage)
         if self.mesh.dp > 1:
             self.mesh.dp_comm.allreduce_(buf)
@@ -416,8 +417,8 @@ def mesh_shape(config: Mapping, world_size: int | None = None) -> tuple[int, int
     return dp, pp, m
 
 
-def step_options(config: Mapping, comm: Communicator, executor: Executor | None = None
-                 ) -> dict[str, Any]:
+def step_options(config: Mapping, comm: Communicator, executor: Executor | None = None,
+                 xp=np) -> dict[str, Any]:
     """``runtime.train.step_options`` for ``parallel.pp`` > 1: a dp x pp mesh over ``comm``,
     a TrainStep traced on one micro-batch, and the pipeline as its executor; this rank reads
     the data shard of its replica (``data_rank`` of ``data_world_size`` = dp). ``prepare``
@@ -430,8 +431,8 @@ def step_options(config: Mapping, comm: Communicator, executor: Executor | None 
 
     def make(graph: Graph) -> Any:
         with as_config_error():
-            plan = plan_pipeline(graph, mesh, m, par["schedule"], par["balance"], world=comm)
-        program = PipelineProgram(plan, mesh, executor, world=comm)
+            plan = plan_pipeline(graph, mesh, m, par["schedule"], par["balance"], xp, comm)
+        program = PipelineProgram(plan, mesh, executor, xp, world=comm)
         return program if fault is None else data_parallel.Faulted(program, fault)
 
     def prepare(model, optimizer, step, x, y) -> None:

@@ -12,7 +12,6 @@ runtime.gpu_comm; evaluation, checkpoints and the summary use host copies (evalu
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -28,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from shardgrad.graph import optim
+from shardgrad.graph.device import xp_for
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
@@ -106,13 +106,16 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     ``data_world_size`` (which shard of the data this process reads; default
     ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
-    executor = make_executor(config["train"]["executor"])
+    executor, xp = make_executor(config["train"]["executor"]), np
     if dev.Device.parse(config["device"]["type"]).is_cuda:
         from shardgrad.runtime.gpu import GPUExecutor
 
-        executor = functools.partial(GPUExecutor, rank=comm.rank)   # on the current GPU
+        def executor(graph, rank=comm.rank, shard=None):   # on the current GPU
+            return GPUExecutor(graph, rank=rank)
+
+        xp = xp_for(config["device"]["type"])
     if config["parallel"]["pp"] > 1:
-        return pipeline.step_options(config, comm, executor)
+        return pipeline.step_options(config, comm, executor, xp)
     return dp.step_options(config, comm, executor)
 
 
@@ -124,9 +127,10 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
     spec = config["device"]["type"]
     if not dev.Device.parse(spec).is_cuda:
         return comm
-    if config["parallel"]["pp"] > 1:
-        raise cfg.ConfigError(f"device.type = {spec!r} runs data parallelism only: set "
-                              f"parallel.pp = 1, or device.type = 'cpu' for a pipeline")
+    if config["parallel"]["pp"] > 1 and config["device"]["comm"] == "nccl":
+        raise cfg.ConfigError("device.comm = 'nccl' carries data parallelism only (NCCL matches "
+                              "sends by order, not tag): set device.comm = 'mpi' for a "
+                              "pipeline (parallel.pp > 1)")
     try:
         dev.use(dev.resolve(spec))
     except dev.DeviceError as e:
