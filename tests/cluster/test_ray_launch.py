@@ -15,8 +15,8 @@ import pytest
 
 from shardgrad.runtime import config as cfg
 
-ray = pytest.importorskip("ray")
-ray_launch = pytest.importorskip("shardgrad.runtime.ray_launch")
+import ray
+from shardgrad.runtime import ray_launch
 
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
