@@ -31,7 +31,7 @@ from shardgrad.graph import optim
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
-from shardgrad.runtime import compiled, dp
+from shardgrad.runtime import compiled, dp, rundir
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.comm import Communicator, SingleProcess
@@ -403,9 +403,11 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
     """
     config = cfg.from_dict(config)
     threads = config["device"]["threads"]
-    with threadpool_limits(threads or None, user_api="blas"):
-        return _train(config, out_dir, comm or SingleProcess(), resume, transform, executor,
-                      on_record)
+    comm = comm or SingleProcess()
+    # rank 0 writes the run directory: it holds the directory's lock for the whole run
+    with threadpool_limits(threads or None, user_api="blas"), \
+            rundir.hold(out_dir if comm.rank == 0 else None):
+        return _train(config, out_dir, comm, resume, transform, executor, on_record)
 
 
 def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
