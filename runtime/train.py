@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -31,9 +30,10 @@ from shardgrad.graph import optim
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
-from shardgrad.runtime import compiled, dp, rundir
+from shardgrad.runtime import checkpoint, compiled, dp, rundir, serialize
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
+from shardgrad.runtime.checkpoint import CheckpointError
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.data import (
     DataError,
@@ -63,11 +63,6 @@ def resumable(key: str) -> bool:
 
 
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
-
-
-class CheckpointError(DataError):
-    """A checkpoint that cannot be resumed from (unreadable, not a training checkpoint, or
-    another model's tensors): the message names the file."""
 
 
 class Diverged(RuntimeError):
@@ -230,20 +225,17 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
     tensors.update({f"optim.{k}": np.asarray(v, order="C")
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
+    serialize.save_file(path, tensors, metadata)
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of a safetensors file; CheckpointError when it is not one
-    (truncated, overwritten, another format)."""
+    (truncated, overwritten, another format, a directory) or a tensor does not match the
+    checksum stored with it."""
     try:
-        with safetensors.safe_open(path, "np") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except safetensors.SafetensorError as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); delete it to "
-                              f"resume from an earlier checkpoint") from None
-    return tensors, metadata
+        return serialize.read_file(path)   # checks each tensor's SHA-256
+    except serialize.FileError as e:
+        raise CheckpointError(f"{e}; delete it to resume from an earlier checkpoint") from None
 
 
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -290,20 +282,15 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
                 os.remove(os.path.join(where, name))
 
 
-def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer
+def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer,
+             per_epoch: int | None = None
              ) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     path = latest_checkpoint(resume)
     if path is None:
         raise FileNotFoundError(f"--resume {resume}: no checkpoints/epoch_<k>.safetensors "
                                 f"there to resume from")
     tensors, meta = load_checkpoint(path)
-    try:
-        saved = json.loads(meta["config"])
-        int(meta["epoch"]), int(meta["step"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a shardgrad training checkpoint (its metadata "
-                              f"lacks a valid {e}); delete it to resume from an earlier one"
-                              ) from None
+    _, _, saved = checkpoint.read_meta(path, meta, per_epoch)
     try:   # keys added to the schema since the checkpoint was written take their defaults
         saved = cfg.from_dict(saved)
     except (cfg.ConfigError, AttributeError) as e:
@@ -317,6 +304,9 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
         raise cfg.ConfigError(f"--resume {resume}: train.epochs = {config['train']['epochs']} "
                               f"but {path} is from epoch {meta['epoch']}; set train.epochs >= "
                               f"{meta['epoch']}")
+    expected = model_tensors(model)
+    expected.update({f"optim.{k}": np.asarray(v) for k, v in optimizer.state_dict().items()})
+    checkpoint.check_tensors(path, tensors, expected, config["train"]["dtype"])
     try:
         _load_state(tensors, model, optimizer)
     except (KeyError, ValueError) as e:
@@ -363,8 +353,12 @@ class _Metrics:
 
     def write(self, record: dict) -> None:
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:   # e.g. the disk filled: name the file (a torn line is read
+                raise serialize.WriteError(   # back as none, see _record)
+                    e.errno, f"cannot write {self.path}: {e.strerror or e}") from None
         if self.on_record is not None:
             self.on_record(record)
 
@@ -441,7 +435,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         state = None
         if comm.rank == 0:
             try:
-                state = _restore(config, resume, model, optimizer)
+                state = _restore(config, resume, model, optimizer, per_epoch)
             except (cfg.ConfigError, DataError, OSError) as e:   # every rank raises it
                 state = e
         state = comm.bcast_obj(state)
@@ -535,8 +529,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     }
     if writer:
         tensors = model_tensors(model)
-        write_atomic(os.path.join(out_dir, "final.safetensors"),
-                      lambda tmp: safetensors.numpy.save_file(tensors, tmp))
+        serialize.save_file(os.path.join(out_dir, "final.safetensors"), tensors)
         _write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 

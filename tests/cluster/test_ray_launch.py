@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from shardgrad.runtime import config as cfg
-
-import ray
 from shardgrad.runtime import ray_launch
 
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(120),
