@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -34,9 +33,10 @@ from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.graph.trace import trace_step
 from shardgrad.partition.pipeline import PipelinePlan
 from shardgrad.partition.pipeline import pipeline as partition_pipeline
-from shardgrad.runtime import compiled, dp, pipeline
+from shardgrad.runtime import checkpoint, compiled, dp, pipeline, rundir, serialize
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
+from shardgrad.runtime.checkpoint import CheckpointError
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.data import (
     DataError,
@@ -66,11 +66,6 @@ def resumable(key: str) -> bool:
 
 
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
-
-
-class CheckpointError(DataError):
-    """A checkpoint that cannot be resumed from (unreadable, not a training checkpoint, or
-    another model's tensors): the message names the file."""
 
 
 class Diverged(RuntimeError):
@@ -248,20 +243,17 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
     tensors.update({f"optim.{k}": np.asarray(v, order="C")
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
+    serialize.save_file(path, tensors, metadata)
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of a safetensors file; CheckpointError when it is not one
-    (truncated, overwritten, another format)."""
+    (truncated, overwritten, another format, a directory) or a tensor does not match the
+    checksum stored with it."""
     try:
-        with safetensors.safe_open(path, "np") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except safetensors.SafetensorError as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); delete it to "
-                              f"resume from an earlier checkpoint") from None
-    return tensors, metadata
+        return serialize.read_file(path)   # checks each tensor's SHA-256
+    except serialize.FileError as e:
+        raise CheckpointError(f"{e}; delete it to resume from an earlier checkpoint") from None
 
 
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -308,20 +300,15 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
                 os.remove(os.path.join(where, name))
 
 
-def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer
+def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer,
+             per_epoch: int | None = None
              ) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     path = latest_checkpoint(resume)
     if path is None:
         raise FileNotFoundError(f"--resume {resume}: no checkpoints/epoch_<k>.safetensors "
                                 f"there to resume from")
     tensors, meta = load_checkpoint(path)
-    try:
-        saved = json.loads(meta["config"])
-        int(meta["epoch"]), int(meta["step"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a shardgrad training checkpoint (its metadata "
-                              f"lacks a valid {e}); delete it to resume from an earlier one"
-                              ) from None
+    _, _, saved = checkpoint.read_meta(path, meta, per_epoch)
     try:   # keys added to the schema since the checkpoint was written take their defaults
         saved = cfg.from_dict(saved)
     except (cfg.ConfigError, AttributeError) as e:
@@ -335,6 +322,9 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
         raise cfg.ConfigError(f"--resume {resume}: train.epochs = {config['train']['epochs']} "
                               f"but {path} is from epoch {meta['epoch']}; set train.epochs >= "
                               f"{meta['epoch']}")
+    expected = model_tensors(model)
+    expected.update({f"optim.{k}": np.asarray(v) for k, v in optimizer.state_dict().items()})
+    checkpoint.check_tensors(path, tensors, expected, config["train"]["dtype"])
     try:
         _load_state(tensors, model, optimizer)
     except (KeyError, ValueError) as e:
@@ -381,8 +371,12 @@ class _Metrics:
 
     def write(self, record: dict) -> None:
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:   # e.g. the disk filled: name the file (a torn line is read
+                raise serialize.WriteError(   # back as none, see _record)
+                    e.errno, f"cannot write {self.path}: {e.strerror or e}") from None
         if self.on_record is not None:
             self.on_record(record)
 
@@ -421,9 +415,11 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
     """
     config = cfg.from_dict(config)
     threads = config["device"]["threads"]
-    with threadpool_limits(threads or None, user_api="blas"):
-        return _train(config, out_dir, comm or SingleProcess(), resume, transform, executor,
-                      on_record)
+    comm = comm or SingleProcess()
+    # rank 0 writes the run directory: it holds the directory's lock for the whole run
+    with threadpool_limits(threads or None, user_api="blas"), \
+            rundir.hold(out_dir if comm.rank == 0 else None):
+        return _train(config, out_dir, comm, resume, transform, executor, on_record)
 
 
 def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
@@ -457,7 +453,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         state = None
         if comm.rank == 0:
             try:
-                state = _restore(config, resume, model, optimizer)
+                state = _restore(config, resume, model, optimizer, per_epoch)
             except (cfg.ConfigError, DataError, OSError) as e:   # every rank raises it
                 state = e
         state = comm.bcast_obj(state)
@@ -551,8 +547,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     }
     if writer:
         tensors = model_tensors(model)
-        write_atomic(os.path.join(out_dir, "final.safetensors"),
-                      lambda tmp: safetensors.numpy.save_file(tensors, tmp))
+        serialize.save_file(os.path.join(out_dir, "final.safetensors"), tensors)
         _write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
