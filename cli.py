@@ -7,6 +7,7 @@ pipeline ``plan``, ``launch`` your own script as MPI ranks, or ``config show`` e
   shardgrad plan CONFIG [--set KEY=VALUE]...
   shardgrad launch -n N [--launcher local|mpi|ray] [--set cluster.KEY=VALUE]... -- PROGRAM...
   shardgrad config show [CONFIG] [--set KEY=VALUE]...
+  shardgrad report RUN_DIR
   shardgrad --version
 
 A bad config, a missing file, unreadable data or checkpoint prints one line to stderr and exits
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--set", dest="sets", **sets)
     la.add_argument("program", nargs=argparse.REMAINDER,
                     help="the command each rank runs, after --")
+    rp = sub.add_parser("report", help="draw a run's curves (report.png) and write its "
+                                       "summary (report.md) into its directory")
+    rp.add_argument("run_dir", help="a run directory (train --out)")
     co = sub.add_parser("config", help="show the resolved config: every key, its default and "
                                        "its help")
     co.add_argument("action", choices=("show",))
@@ -282,6 +286,14 @@ def show_config(config, schema=None) -> str:
     return "\n".join(lines)
 
 
+def cmd_report(args) -> int:
+    from shardgrad.runtime.report import report
+
+    for path in report(args.run_dir):
+        print(path)
+    return 0
+
+
 def cmd_config(args) -> int:
     print(show_config(load_config(args.config, args.sets)), end="")
     return 0
@@ -291,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan,
-                "launch": cmd_launch, "config": cmd_config}[args.command](args)
+                "launch": cmd_launch, "config": cmd_config,
+                "report": cmd_report}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2
