@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from shardgrad.graph import optim
 from shardgrad.graph.ir import ShapeError
@@ -49,6 +48,7 @@ from shardgrad.runtime.data import (
 )
 from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.models import build_model, image_input
+from shardgrad.runtime.monitor import Monitor
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 
@@ -57,7 +57,7 @@ from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 # launcher's cluster.* and the fault injection debug.* (a run a fault stopped resumes without).
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor", "device.threads", "parallel.timeout_s",
-                     "parallel.start_timeout_s", "cluster.*", "debug.*")
+                     "parallel.start_timeout_s", "cluster.*", "debug.*", "log.*")
 
 
 def resumable(key: str) -> bool:
@@ -370,6 +370,7 @@ class _Metrics:
         _write_text(self.path, "".join(kept))
 
     def write(self, record: dict) -> None:
+        self.last = record
         if self.path is not None:
             try:
                 with open(self.path, "a") as f:
@@ -490,28 +491,30 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     acc = None
     t0 = time.perf_counter()
     wall = lambda: round(wall_before + time.perf_counter() - t0, 3)
-    bar = tqdm(total=total, initial=steps_done, unit="step", desc="train", leave=False,
-               disable=comm.rank != 0 or not cfg.progress_enabled())
+    mon = Monitor(config, out_dir if writer else None, comm.rank, total, steps_done)
     try:
         for epoch in range(start_epoch, t["epochs"]):
             sampler.set_epoch(epoch)
+            mon.epoch_begin(epoch)
             losses = []
             for x, y in batches(data.x_train, data.y_train, sampler, t["batch_size"]):
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
+                mon.step_begin()
                 loss = step(x, y)
+                mon.step_end()
                 steps_done += 1
                 if not math.isfinite(loss):
                     raise Diverged(f"the training loss is {loss} at step {steps_done} (epoch "
                                    f"{epoch + 1}, lr {lr:g}): training diverged (lower train.lr, "
                                    f"or check the data for NaN)")
                 losses.append(loss)
-                bar.update(1)
                 if steps_done % t["log_every"] == 0:
                     loss = _mean_over_ranks(comm, loss)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     metrics.write({"kind": "step", "epoch": epoch + 1, "step": steps_done,
-                                   "loss": loss, "lr": lr, "wall_s": wall()})
+                                   "loss": loss, "lr": lr, "wall_s": wall(),
+                                   "samples_per_s": mon.rate(steps_done)})
+                    mon.record(metrics.last)
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
             step.to_host()
             gather(step)
@@ -530,10 +533,11 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
             metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": steps_done,
                            "train_loss": train_loss, "test_accuracy": acc,
                            "lr": lr_at(config, steps_done, total), "wall_s": wall()})
+            mon.record(metrics.last)
     except ShapeError as e:
         raise _unfit(e) from e
     finally:
-        bar.close()
+        mon.close()
 
     if acc is None:
         acc = evaluate()
@@ -543,7 +547,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         "params_sha256": params_sha256(model),
         "num_params": int(sum(p.size for p in model.parameters())),
         "resumed_from": resumed_from, "config_hash": cfg.config_hash(config),
-        "config": config,
+        **mon.summary(), "config": config,
     }
     if writer:
         tensors = model_tensors(model)
