@@ -59,6 +59,7 @@ def cnn(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0)
 
 
 BUILDERS = {"mlp": mlp, "cnn": cnn}
+IMAGE_MODELS = ("cnn",)
 
 
 def build_model(config: Mapping, input_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -70,7 +71,7 @@ def build_model(config: Mapping, input_shape: Sequence[int], num_classes: int) -
 
 def image_input(config: Mapping) -> bool:
     """Whether the model wants (N, C, H, W) images rather than flat vectors."""
-    return config["model"]["kind"] == "cnn"
+    return config["model"]["kind"] in IMAGE_MODELS
 
 
 __all__ = ["ACTIVATIONS", "BUILDERS", "build_model", "cnn", "image_input", "mlp"]
