@@ -92,7 +92,14 @@ def _is(value: Any, t: type | None) -> bool:
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "model": {
-        "kind": Key("mlp", str, choices=("mlp", "cnn"), help="multi-layer perceptron or CNN"),
+        "kind": Key("mlp", str, choices=("mlp", "cnn", "resnet"),
+                    help="multi-layer perceptron, CNN, or ResNet (residual blocks with batch "
+                         "norm, global average pooling: model.depth, model.width)"),
+        "depth": Key(8, int, min=8,
+                     help="resnet: layers, 6n + 2 for n blocks in each of its 3 stages (8, 14, "
+                          "20, ...)"),
+        "width": Key(16, int, min=1,
+                     help="resnet: channels of the first stage (then 2x and 4x)"),
         "hidden": Key([128], list, item=int, min=1,
                       help="hidden layer widths (mlp: all layers; cnn: after the convs)"),
         "channels": Key([16, 32], list, item=int, min=1,
