@@ -32,7 +32,7 @@ from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.graph.trace import trace_step
 from shardgrad.partition.pipeline import PipelinePlan
 from shardgrad.partition.pipeline import pipeline as partition_pipeline
-from shardgrad.runtime import checkpoint, compiled, dp, pipeline, rundir, serialize
+from shardgrad.runtime import checkpoint, compiled, datasets, dp, pipeline, rundir, serialize
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.checkpoint import CheckpointError
@@ -49,6 +49,7 @@ from shardgrad.runtime.data import (
 from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.models import build_model, image_input
 from shardgrad.runtime.monitor import Monitor
+from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 
@@ -136,6 +137,8 @@ def load_data(config: Mapping) -> Dataset:
     if d["dataset"] == "digits":
         return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
                            seed=d["split_seed"])
+    if d["dataset"] != "idx":
+        return load_named(config)
     for key in ("train_images", "train_labels"):
         if not d[key]:
             raise cfg.ConfigError(f"data.dataset = 'idx' needs data.{key} (a file path)")
@@ -146,9 +149,32 @@ def load_data(config: Mapping) -> Dataset:
             raise cfg.ConfigError(f"data.{key} = {path!r}: "
                                   f"{'is a directory' if os.path.isdir(path) else 'no such file'}"
                                   f"{where}")
-    return load_idx_dataset(d["train_images"], d["train_labels"], d["test_images"] or None,
+    data = load_idx_dataset(d["train_images"], d["train_labels"], d["test_images"] or None,
                             d["test_labels"] or None, dtype=dtype, image=image,
                             test_fraction=d["test_fraction"], seed=d["split_seed"])
+    return datasets.finish(data.x_train, data.y_train, data.x_test, data.y_test,
+                           d["num_classes"] or None, d["train_labels"])
+
+
+def load_named(config: Mapping) -> Dataset:
+    """mnist5k, the downloaded sets, a folder of images or an .npz file (runtime.datasets)."""
+    d, dtype = config["data"], config["train"]["dtype"]
+    image, classes = image_input(config), d["num_classes"] or None
+    split_args = {"test_fraction": d["test_fraction"], "seed": d["split_seed"]}
+    name = d["dataset"]
+    if name == "mnist5k":
+        return datasets.load_mnist5k(dtype, image, num_classes=classes, **split_args)
+    if name in ("mnist", "fashion_mnist"):
+        return datasets.load_idx_download(name, dtype, image, classes)
+    if name == "cifar10":
+        return datasets.load_cifar10(dtype, image, classes)
+    if not d["path"]:
+        raise cfg.ConfigError(f"data.dataset = {name!r} needs data.path (a "
+                              f"{'directory' if name == 'folder' else '.npz file'})")
+    if name == "folder":
+        return datasets.load_folder(d["path"], dtype, image, num_classes=classes,
+                                    **split_args)[0]
+    return datasets.load_npz(d["path"], dtype, image, num_classes=classes, **split_args)
 
 
 def make_optimizer(config: Mapping, params) -> optim.Optimizer:
@@ -396,6 +422,18 @@ def _check_finite(model: Module, steps_done: int, epoch: int) -> None:
                            f"(epoch {epoch + 1}): training diverged; try a lower train.lr")
 
 
+def _loader_options(config: Mapping, data: Dataset) -> tuple[Augment, Any]:
+    """The training batches' augmentation and, on a GPU, their copy to the device."""
+    d = config["data"]
+    augment = Augment(len(data.y_train), d["random_crop"], d["hflip"], config["train"]["seed"])
+    if augment and data.x_train.ndim != 4:
+        raise cfg.ConfigError(f"data.random_crop / data.hflip augment images (N, C, H, W), but "
+                              f"model.kind = {config['model']['kind']!r} takes the data as "
+                              f"shape {data.x_train.shape}: use an image model (cnn, resnet)")
+    spec = dev.Device.parse(config["device"]["type"])
+    return augment, device_copier(dev.resolve(spec) if spec.is_cuda else None)
+
+
 def _mean_over_ranks(comm: Communicator, value: float) -> float:
     buf = np.asarray([value], dtype=np.float64)
     return float(comm.allreduce_(buf)[0]) / comm.world_size
@@ -483,6 +521,8 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         except ShapeError as e:
             raise _unfit(e) from e
 
+    augment, to_device = _loader_options(config, data)
+
     def evaluate() -> float:
         acc = accuracy(model, data.x_test, data.y_test, t["eval_batch_size"],
                        make_executor(t["executor"])) if comm.rank == 0 else None
@@ -494,10 +534,11 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     mon = Monitor(config, out_dir if writer else None, comm.rank, total, steps_done)
     try:
         for epoch in range(start_epoch, t["epochs"]):
-            sampler.set_epoch(epoch)
             mon.epoch_begin(epoch)
             losses = []
-            for x, y in batches(data.x_train, data.y_train, sampler, t["batch_size"]):
+            for x, y in prefetch(epoch_batches(data.x_train, data.y_train, sampler,
+                                               t["batch_size"], epoch, augment, to_device),
+                                 config["data"]["prefetch"]):
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
                 mon.step_begin()

@@ -612,3 +612,8 @@ __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", 
            "Tanh", "Sigmoid", "Flatten", "Dropout", "LayerNorm", "BatchNorm2d", "BatchNorm1d",
            "Sequential", "ModuleList", "Identity", "CrossEntropyLoss", "MSELoss", "functional",
            "manual_seed"]
+
+
+from shardgrad.graph.nn.resnet import BasicBlock, GlobalAvgPool, ResNet  # noqa: E402 - uses the above
+
+__all__ += ["BasicBlock", "GlobalAvgPool", "ResNet"]
