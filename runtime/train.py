@@ -434,6 +434,17 @@ def _loader_options(config: Mapping, data: Dataset) -> tuple[Augment, Any]:
     return augment, device_copier(dev.resolve(spec) if spec.is_cuda else None)
 
 
+def _read_losses(losses: list, first: int, epoch: int, config: Mapping, total: int) -> None:
+    """Turn an epoch's losses into floats in place (a GPU step's loss is a device Tensor, read
+    only when logged: one sync), Diverged at the first that is not finite."""
+    for i, v in enumerate(losses):
+        v = losses[i] = float(v)
+        if not math.isfinite(v):
+            raise Diverged(f"the training loss is {v} at step {first + i} (epoch {epoch + 1}, "
+                           f"lr {lr_at(config, first + i - 1, total):g}): training diverged "
+                           f"(lower train.lr, or check the data for NaN)")
+
+
 def _mean_over_ranks(comm: Communicator, value: float) -> float:
     buf = np.asarray([value], dtype=np.float64)
     return float(comm.allreduce_(buf)[0]) / comm.world_size
@@ -535,7 +546,9 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     try:
         for epoch in range(start_epoch, t["epochs"]):
             mon.epoch_begin(epoch)
-            losses = []
+            losses: list = []
+            first = steps_done + 1
+            read_losses = functools.partial(_read_losses, losses, first, epoch, config, total)
             for x, y in prefetch(epoch_batches(data.x_train, data.y_train, sampler,
                                                t["batch_size"], epoch, augment, to_device),
                                  config["data"]["prefetch"]):
@@ -545,17 +558,17 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                 loss = step(x, y)
                 mon.step_end()
                 steps_done += 1
-                if not math.isfinite(loss):
-                    raise Diverged(f"the training loss is {loss} at step {steps_done} (epoch "
-                                   f"{epoch + 1}, lr {lr:g}): training diverged (lower train.lr, "
-                                   f"or check the data for NaN)")
                 losses.append(loss)
+                if isinstance(loss, float) and not math.isfinite(loss):
+                    read_losses()
                 if steps_done % t["log_every"] == 0:
-                    loss = _mean_over_ranks(comm, loss)
+                    read_losses()
+                    loss = _mean_over_ranks(comm, losses[-1])
                     metrics.write({"kind": "step", "epoch": epoch + 1, "step": steps_done,
                                    "loss": loss, "lr": lr, "wall_s": wall(),
                                    "samples_per_s": mon.rate(steps_done)})
                     mon.record(metrics.last)
+            read_losses()
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
             step.to_host()
             gather(step)
