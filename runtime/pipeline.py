@@ -20,7 +20,7 @@ import numpy as np
 from shardgrad.graph.device import to_host
 from shardgrad.graph.ir import Graph
 from shardgrad.ops import collective
-from shardgrad.ops.registry import get
+from shardgrad.ops.registry import kernel_for
 from shardgrad.partition.pipeline import (
     PartitionError,
     Parts,
@@ -273,7 +273,7 @@ def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[
         if not n.inputs:
             env[n.id] = leaf_value(xp, n, feeds)
     for n in parts.compute:
-        kernel = get(n.op).forward
+        kernel = kernel_for(n, xp)
         args = [env[x.id] for x in n.inputs]
         for _ in range(repeats):
             s = time.perf_counter()
@@ -293,7 +293,7 @@ def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[
                     args = [local[x.id] if x.id in local else (
                         g if x.op == "input" and x.name == "g" else leaf_value(xp, x, feeds))
                         for x in m.inputs]
-                    local[m.id] = get(m.op).forward(xp, *args, **m.attrs)
+                    local[m.id] = kernel_for(m, xp)(xp, *args, **m.attrs)
                 best = min(best, time.perf_counter() - s)
         out[n.id] = fwd[n.id] + best
     return out
