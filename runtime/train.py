@@ -12,7 +12,6 @@ runtime.gpu_comm; evaluation, checkpoints and the summary use host copies (evalu
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -31,9 +30,9 @@ from shardgrad.graph import optim
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
-from shardgrad.runtime import compiled, dp
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
+from shardgrad.runtime import dp
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.data import (
     DataError,
@@ -44,7 +43,7 @@ from shardgrad.runtime.data import (
     load_idx_dataset,
     num_batches,
 )
-from shardgrad.runtime.interpreter import Interpreter
+from shardgrad.runtime.executors import EXECUTORS, choose_executor
 from shardgrad.runtime.models import build_model, image_input
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
@@ -75,17 +74,9 @@ class Diverged(RuntimeError):
     step. Raised instead of training on (and checkpointing) garbage."""
 
 
-# Executors by config name: each is called with a Graph and returns an object with
-# ``run(feeds)``. "compiled" (the default) runs the graph passes first; "interpreter" is
-# the reference.
-EXECUTORS: dict[str, Callable[[Any], Any]] = {
-    "interpreter": Interpreter,
-    "compiled": compiled.compile,
-}
-
-
 def make_executor(name: str):
-    return EXECUTORS[name]
+    """The CPU executor named ``name`` (runtime.executors chooses)."""
+    return choose_executor(name)
 
 
 def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
@@ -100,11 +91,9 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     ``data_world_size`` (which shard of the data this process reads; default
     ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
-    executor = make_executor(config["train"]["executor"])
-    if dev.Device.parse(config["device"]["type"]).is_cuda:
-        from shardgrad.runtime.gpu import GPUExecutor
-
-        executor = functools.partial(GPUExecutor, rank=comm.rank)   # on the current GPU
+    # on a GPU: the current one, which open_device chose for this rank
+    kind = "cuda" if dev.Device.parse(config["device"]["type"]).is_cuda else "cpu"
+    executor = choose_executor(config["train"]["executor"], kind, comm.rank)
     if config["parallel"]["pp"] > 1:
         from shardgrad.runtime import pipeline
 
