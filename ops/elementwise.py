@@ -255,6 +255,10 @@ sqrt = _unary("sqrt", lambda xp, x: xp.sqrt(x), lambda x, out: 0.5 / out,
               "sqrt x;  d sqrt x = dx / (2 sqrt x)", ufunc_out("sqrt"), unary_fn_expr("sqrt"))
 tanh = _unary("tanh", lambda xp, x: xp.tanh(x), lambda x, out: 1.0 - out * out,
               "tanh x;  d tanh x = (1 - tanh^2 x) dx", ufunc_out("tanh"), unary_fn_expr("tanh"))
+sin = _unary("sin", lambda xp, x: xp.sin(x), lambda x, out: cos(x), "sin x;  d sin x = cos x dx",
+             ufunc_out("sin"), unary_fn_expr("sin"))
+cos = _unary("cos", lambda xp, x: xp.cos(x), lambda x, out: -sin(x),
+             "cos x;  d cos x = -sin x dx", ufunc_out("cos"), unary_fn_expr("cos"))
 
 
 def _sigmoid_fwd(xp, x):
@@ -449,6 +453,37 @@ def sign(x) -> Node:
     return apply("sign", x)
 
 
+# ---- floor division and remainder (Python's and torch's: the remainder takes y's sign) ---------
+
+register(OpDef("floor_divide", infer=broadcast_infer,
+               forward=lambda xp, x, y: xp.floor_divide(x, y), cost=elementwise_cost,
+               nondiff=(0, 1)))
+
+
+def floor_divide(x, y) -> Node:
+    """floor(x / y), piecewise constant: no gradient (torch's ``//``)."""
+    return apply("floor_divide", x, y)
+
+
+def _remainder_vjp(g, x, y, out):
+    # x mod y = x - y floor(x/y)  =>  d = dx - floor(x/y) dy (floor is flat between jumps)
+    return unbroadcast(g, x.shape), unbroadcast(-(g * floor_divide(x, y)), y.shape)
+
+
+def _remainder_jvp(ts, x, y, out):
+    return _sum_tangents(_t(ts[0], out),
+                         None if ts[1] is None else _t(-(ts[1] * floor_divide(x, y)), out))
+
+
+register(OpDef("remainder", infer=broadcast_infer, forward=lambda xp, x, y: xp.remainder(x, y),
+               vjp=_remainder_vjp, jvp=_remainder_jvp, cost=elementwise_cost))
+
+
+def remainder(x, y) -> Node:
+    """x - y floor(x / y), the sign of y's (Python's and torch's ``%``)."""
+    return apply("remainder", x, y)
+
+
 # ---- where ---------------------------------------------------------------------------------------
 
 def _where_infer(c, x, y, **_):
@@ -488,6 +523,7 @@ def where(c, x, y) -> Node:
     return apply("where", c, as_node(x, like), as_node(y, like))
 
 
-__all__ = ["add", "sub", "mul", "div", "pow", "neg", "exp", "log", "sqrt", "tanh", "sigmoid",
+__all__ = ["add", "sub", "mul", "div", "pow", "neg", "exp", "log", "sqrt", "tanh", "sin", "cos",
+           "floor_divide", "remainder", "sigmoid",
            "relu", "gelu", "erf", "gelu_erf", "maximum", "minimum", "abs", "where", "cast", "step",
            "sign", "equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]

@@ -11,10 +11,12 @@ axis) runs the op's generic ``forward``. Imports ops.registry only.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,21 +112,58 @@ def log_softmax(xp, x, axis):
     return _rows(xp, x, 1)
 
 
+class DeferredChecks:
+    """Input checks a step's kernels record on the device instead of synchronizing: inside
+    ``with checks:`` cross_entropy sets a persistent flag (the bad label itself) and goes
+    on; ``raise_if_set()`` reads the flags (one device-to-host copy each) and raises the
+    error the immediate check would have raised. A flag stays set until read, so a check
+    read after several steps still reports the bad label of any of them."""
+
+    def __init__(self):
+        self._flags: dict[tuple, Any] = {}       # (what, classes) -> int32[1] on the device
+        self._token = None
+
+    def flag(self, xp, what: str, classes: int):
+        key = (what, classes)
+        if key not in self._flags:
+            self._flags[key] = xp.zeros((1,), np.int32)
+        return self._flags[key]
+
+    def raise_if_set(self) -> None:
+        for (what, classes), flag in self._flags.items():
+            value = int(flag[0])
+            if value:
+                flag.fill(0)
+                raise ValueError(f"{what} {value} out of range for {classes} classes")
+
+    def __enter__(self):
+        self._token = _DEFERRED.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _DEFERRED.reset(self._token)
+
+
+_DEFERRED: contextvars.ContextVar[DeferredChecks | None] = contextvars.ContextVar(
+    "shardgrad_deferred_checks", default=None)
+
+
 def cross_entropy(xp, logits, labels, reduction):
     """Fused log-softmax + pick + reduce. A label outside [0, C) raises ValueError as the
-    generic forward does (one device sync)."""
+    generic forward does: at once (one device sync), or, inside ``DeferredChecks``, when the
+    checks are read (no sync in the step)."""
     if not _covered(logits):
         return get("cross_entropy").forward(xp, logits, labels, reduction=reduction)
     n, c = logits.shape
     nll = xp.empty((n,), logits.dtype)
-    bad = xp.zeros((1,), np.int32)
+    deferred = _DEFERRED.get()
+    bad = deferred.flag(xp, "label", c) if deferred is not None else xp.zeros((1,), np.int32)
     if n:
         run_kernel("softmax.cu", "xent_fwd", logits.dtype, min(n, 1 << 20), row_block(c),
                    (_c(xp, logits), _c(xp, labels.astype(np.int64, copy=False)), nll, bad,
                     *_i32(n, c)))
-    if n and int(bad[0]):
-        wrong = labels[(labels < 0) | (labels >= c)]
-        raise ValueError(f"label {int(wrong[0])} out of range for {c} classes")
+    if n and deferred is None and int(bad[0]):
+        raise ValueError(f"label {int(bad[0])} out of range for {c} classes")
     if reduction == "none":
         return nll
     return xp.sum(nll) / n if reduction == "mean" else xp.sum(nll)

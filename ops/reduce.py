@@ -1,4 +1,5 @@
-"""Reductions: sum, mean, max (axis, keepdims), as NumPy names them.
+"""Reductions: sum, mean, max (axis, keepdims), argmax, and the scans and orderings along an
+axis (cumsum, argsort), as NumPy names them.
 
 Imports only ops.registry and graph.ir.
 """
@@ -144,3 +145,54 @@ register(OpDef("argmax", infer=_argmax_infer,
 
 def argmax(x, axis=-1) -> Node:
     return apply("argmax", x, axis=norm_axis(axis, x.ndim, "argmax", [x])[0])
+
+
+# ---- along one axis: cumsum, argsort ------------------------------------------------------------
+
+def _flip(x: Node, axis: int) -> Node:
+    return apply("getitem", x, index=tuple(("s", x.shape[axis] - 1, None, -1) if i == axis and
+                                           x.shape[axis] else ("s", 0, s, 1)
+                                           for i, s in enumerate(x.shape)))
+
+
+def _cumsum_vjp(g, x, out, axis):
+    # out_i = sum_{j<=i} x_j  =>  gx_j = sum_{i>=j} g_i: a cumsum of g from the far end
+    return (_flip(cumsum(_flip(g, axis), axis), axis),)
+
+
+def _cumsum_infer(x, axis, **_):
+    return tuple(x[0]), _sum_infer(x, None, False)[1]
+
+
+def _cumsum_fwd(xp, x, axis):
+    out = xp.cumsum(x, axis=axis)
+    dtype = _sum_infer((x.shape, str(x.dtype)), None, False)[1]
+    return out if out.dtype == dtype else out.astype(dtype)
+
+
+register(OpDef("cumsum", infer=_cumsum_infer, forward=_cumsum_fwd, vjp=_cumsum_vjp,
+               jvp=lambda ts, x, out, axis: None if ts[0] is None else cumsum(ts[0], axis),
+               cost=_reduce_cost))
+
+
+def cumsum(x, axis=-1) -> Node:
+    """Running sums along ``axis`` (numpy.cumsum, torch.cumsum; integers sum in 64 bits)."""
+    return apply("cumsum", x, axis=norm_axis(axis, builtins.max(x.ndim, 1), "cumsum", [x])[0])
+
+
+def _argsort_fwd(xp, x, axis, descending):
+    # stable both ways: descending sorts -x (ties keep their order, as torch.sort(stable=True))
+    if descending and x.dtype.kind in "bu":
+        x = x.astype(xp.int64)
+    return xp.argsort(-x if descending else x, axis=axis, kind="stable")
+
+
+register(OpDef("argsort", infer=lambda x, axis, descending, **_: (tuple(x[0]), "int64"),
+               forward=_argsort_fwd, cost=_reduce_cost, nondiff=(0,)))
+
+
+def argsort(x, axis=-1, descending=False) -> Node:
+    """Indices that sort ``x`` along ``axis`` (stable); sort and topk gather with them, so
+    their gradient is gather's (scatter of g back to where each value came from)."""
+    return apply("argsort", x, axis=norm_axis(axis, builtins.max(x.ndim, 1), "argsort", [x])[0],
+                 descending=bool(descending))
