@@ -226,6 +226,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        help="BLAS threads per process (0: the library's default). 1 is far "
                             "faster for small models on a busy machine"),
     },
+    "log": {
+        "tensorboard": Key(False, bool,
+                           help="also write TensorBoard event files to RUN_DIR/tensorboard "
+                                "(needs tensorboardX: pip install 'shardgrad[tensorboard]')"),
+    },
     "cluster": {
         "placement": Key("PACK", str, choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                          help="--launcher ray: Ray placement strategy of the ranks' slots"),
