@@ -92,7 +92,8 @@ def _is(value: Any, t: type | None) -> bool:
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "model": {
-        "kind": Key("mlp", str, choices=("mlp", "cnn"), help="multi-layer perceptron or CNN"),
+        "kind": Key("mlp", str, choices=("mlp", "cnn", "transformer"),
+                    help="multi-layer perceptron, CNN, or a transformer text classifier"),
         "hidden": Key([128], list, item=int, min=1,
                       help="hidden layer widths (mlp: all layers; cnn: after the convs)"),
         "channels": Key([16, 32], list, item=int, min=1,
@@ -100,9 +101,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "activation": Key("relu", str, choices=("relu", "gelu", "tanh", "sigmoid")),
         "dropout": Key(0.0, float, min=0.0, max=0.95, help="dropout after hidden layers"),
         "batchnorm": Key(False, bool, help="batch norm after each conv / hidden linear"),
+        "vocab_size": Key(0, int, min=0,
+                          help="transformer: token ids' vocabulary (0: the data's largest + 1)"),
+        "d_model": Key(64, int, min=1, help="transformer: embedding width"),
+        "heads": Key(4, int, min=1, help="transformer: attention heads (divide d_model)"),
+        "layers": Key(1, int, min=1, help="transformer: encoder layers"),
+        "ff": Key(128, int, min=1, help="transformer: feed-forward width"),
     },
     "data": {
-        "dataset": Key("digits", str, choices=("digits", "idx")),
+        "dataset": Key("digits", str, choices=("digits", "idx", "text"),
+                       help="text: a generated sentiment corpus of token ids, with negation"),
         "train_images": Key("", str, help="idx: training images file (.gz allowed)"),
         "train_labels": Key("", str, help="idx: training labels file"),
         "test_images": Key("", str, help="idx: test images (empty: split off the train set)"),

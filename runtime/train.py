@@ -42,10 +42,11 @@ from shardgrad.runtime.data import (
     batches,
     load_digits,
     load_idx_dataset,
+    load_text,
     num_batches,
 )
 from shardgrad.runtime.interpreter import Interpreter
-from shardgrad.runtime.models import build_model, image_input
+from shardgrad.runtime.models import build_model, image_input, vocab_size
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 
@@ -137,6 +138,8 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
 def load_data(config: Mapping) -> Dataset:
     d, dtype = config["data"], config["train"]["dtype"]
     image = image_input(config)
+    if d["dataset"] == "text":
+        return load_text(test_fraction=d["test_fraction"], seed=d["split_seed"])
     if d["dataset"] == "digits":
         return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
                            seed=d["split_seed"])
@@ -192,7 +195,8 @@ def setup(config: Mapping, options: Mapping | None = None
     data = load_data(config)
     with default_dtype(config["train"]["dtype"]):
         manual_seed(config["train"]["seed"])
-        model = build_model(config, data.input_shape, data.num_classes)
+        model = build_model(config, data.input_shape, data.num_classes,
+                            vocab_size(data.x_train))
     optimizer = make_optimizer(config, model.parameters())
     step = compile_step(model, functional.cross_entropy, optimizer,
                         executor=options.get("executor") or make_executor(
