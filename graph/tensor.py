@@ -35,8 +35,7 @@ from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
 from shardgrad.ops import reduce as R
 from shardgrad.ops import shape as S
-from shardgrad.ops.gpu import kernel
-from shardgrad.ops.registry import get
+from shardgrad.ops.registry import kernel_for
 
 # Eager values live beside their nodes and die with them (a node lives as long as a tensor or
 # a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
@@ -111,11 +110,11 @@ def _run(n: Node, args: list[Any]):
     device inputs (host inputs, constants such as a Python scalar, are copied there)."""
     on = next((a for a in args if is_device_array(a)), None)
     if on is None:
-        return get(n.op).forward(np, *args, **n.attrs)
+        return kernel_for(n, "cpu")(np, *args, **n.attrs)
     xp = array_module(on)
     with on.device:
         args = [a if is_device_array(a) else xp.asarray(a) for a in args]
-        return kernel(get(n.op), xp)(xp, *args, **n.attrs)
+        return kernel_for(n, xp)(xp, *args, **n.attrs)
 
 
 def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:

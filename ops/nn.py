@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from shardgrad.graph.ir import Node
+from shardgrad.ops import gpu
 from shardgrad.ops.elementwise import sqrt
 from shardgrad.ops.linalg import matmul
 from shardgrad.ops.reduce import mean
@@ -21,12 +22,17 @@ from shardgrad.ops.registry import (
     OpDef,
     apply,
     as_node,
+    forward_out,
     is_int,
     itemsize,
     register,
     shape_error,
 )
 from shardgrad.ops.shape import reshape
+
+# the window ops' forwards take out=: their results (im2col's columns are the step's largest
+# value) then live in the compiled program's arena and are reused like any other
+_WINDOW_OUT = forward_out(lambda n: n.dtype in FLOAT_DTYPES[1:])
 
 
 def _pair(v) -> tuple[int, int]:
@@ -132,7 +138,7 @@ def _im2col_vjp(g, x, out, **a):
 
 register(OpDef("im2col", infer=_im2col_infer, forward=_im2col_fwd, vjp=_im2col_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else apply("im2col", ts[0], **a),
-               cost=_bytes_cost))
+               cost=_bytes_cost, out=_WINDOW_OUT, cuda=gpu.im2col))
 
 
 def _col2im_infer(cols, shape, kernel, stride, padding, **_):
@@ -152,7 +158,8 @@ def _col2im_vjp(g, cols, out, shape, **a):
 
 register(OpDef("col2im", infer=_col2im_infer, forward=_col2im_fwd, vjp=_col2im_vjp,
                jvp=lambda ts, c, out, shape, **a: None if ts[0] is None else
-               apply("col2im", ts[0], shape=shape, **a), cost=_bytes_cost))
+               apply("col2im", ts[0], shape=shape, **a), cost=_bytes_cost, out=_WINDOW_OUT,
+               cuda=gpu.col2im))
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, groups=1) -> Node:
@@ -261,7 +268,8 @@ def _max_pool_vjp(g, x, out, **a):
 
 register(OpDef("max_pool2d", infer=_pool_infer, forward=_max_pool_fwd, vjp=_max_pool_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else
-               apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost))
+               apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost, out=_WINDOW_OUT,
+               cuda=gpu.max_pool2d))
 
 
 def _pool_pair_infer(y, x, kernel, stride, padding, to_input, **_):
@@ -321,12 +329,14 @@ register(OpDef("max_pool2d_grad", infer=lambda g, x, **a: _pool_pair_infer(g, x,
                                                                            to_input=True),
                forward=_max_pool_grad_fwd, vjp=_max_pool_grad_vjp,
                jvp=lambda ts, y, x, out, **a: None if ts[0] is None else
-               apply("max_pool2d_grad", ts[0], x, **a), cost=_window_cost, nondiff=(1,)))
+               apply("max_pool2d_grad", ts[0], x, **a), cost=_window_cost, nondiff=(1,),
+               out=_WINDOW_OUT, cuda=gpu.max_pool2d_grad))
 register(OpDef("max_pool2d_gather", infer=lambda y, x, **a: _pool_pair_infer(y, x, **a,
                                                                              to_input=False),
                forward=_max_pool_gather_fwd, vjp=_max_pool_gather_vjp,
                jvp=lambda ts, y, x, out, **a: None if ts[0] is None else
-               apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost, nondiff=(1,)))
+               apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost, nondiff=(1,),
+               cuda=gpu.max_pool2d_gather))
 
 
 def _pool_attrs(kernel, stride, padding) -> dict:
@@ -357,7 +367,7 @@ def _avg_pool_vjp(g, x, out, **a):
 
 register(OpDef("avg_pool2d", infer=_pool_infer, forward=_avg_pool_fwd, vjp=_avg_pool_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else
-               apply("avg_pool2d", ts[0], **a), cost=_window_cost))
+               apply("avg_pool2d", ts[0], **a), cost=_window_cost, cuda=gpu.avg_pool2d))
 
 
 def _avg_pool_grad_infer(g, shape, kernel, stride, padding, **_):
@@ -379,7 +389,8 @@ def _avg_pool_grad_vjp(g, y, out, shape, **a):
 register(OpDef("avg_pool2d_grad", infer=_avg_pool_grad_infer, forward=_avg_pool_grad_fwd,
                vjp=_avg_pool_grad_vjp,
                jvp=lambda ts, y, out, shape, **a: None if ts[0] is None else
-               apply("avg_pool2d_grad", ts[0], shape=shape, **a), cost=_window_cost))
+               apply("avg_pool2d_grad", ts[0], shape=shape, **a), cost=_window_cost,
+               cuda=gpu.avg_pool2d_grad))
 
 
 def avg_pool2d(x, kernel, stride=None, padding=0) -> Node:

@@ -7,6 +7,7 @@ Imports only ops.registry and graph.ir.
 from __future__ import annotations
 
 import builtins
+from functools import partial
 
 import numpy as np
 
@@ -14,9 +15,11 @@ from shardgrad.graph.ir import Node
 from shardgrad.ops.registry import (
     FLOAT_DTYPES,
     OpDef,
+    OutKernel,
     apply,
     itemsize,
     register,
+    same_dtype,
     shape_error,
 )
 
@@ -60,6 +63,16 @@ def _keep(g: Node, x: Node, axis, keepdims) -> Node:
     return apply("reshape", g, shape=tuple(1 if i in axes else s for i, s in enumerate(x.shape)))
 
 
+def _reduce_out(name: str, ufunc: str):
+    # NumPy's sum/max are Python wrappers around ufunc.reduce: call that directly (same loop)
+    def make(xp, n):
+        fn = getattr(xp, ufunc).reduce if xp is np else getattr(xp, name)
+        axis = n.attrs["axis"]
+        return partial(fn, axis=tuple(axis) if axis is not None else None,
+                       keepdims=n.attrs["keepdims"]), ()
+    return make
+
+
 def _sum_vjp(g, x, out, axis, keepdims):
     return (apply("broadcast_to", _keep(g, x, axis, keepdims), shape=x.shape),)  # d sum = sum d
 
@@ -73,7 +86,9 @@ def _sum_infer(x, axis, keepdims, **_):
 register(OpDef("sum", infer=_sum_infer,
                forward=lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
                vjp=_sum_vjp, jvp=lambda ts, x, out, axis, keepdims: None if ts[0] is None else
-               sum(ts[0], axis, keepdims), cost=_reduce_cost))
+               sum(ts[0], axis, keepdims), cost=_reduce_cost,
+               out=OutKernel(_reduce_out("sum", "add"), False,
+                             lambda n: n.dtype in FLOAT_DTYPES[1:])))
 
 
 def sum(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
@@ -107,7 +122,8 @@ def _max_jvp(ts, x, out, axis, keepdims):
 
 register(OpDef("max", infer=_reduce_infer,
                forward=lambda xp, x, axis, keepdims: xp.max(x, axis=axis, keepdims=keepdims),
-               vjp=_max_vjp, jvp=_max_jvp, cost=_reduce_cost))
+               vjp=_max_vjp, jvp=_max_jvp, cost=_reduce_cost,
+               out=OutKernel(_reduce_out("max", "maximum"), False, same_dtype("fiu"))))
 
 
 def max(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
@@ -122,7 +138,9 @@ def _argmax_infer(x, axis, **_):
 
 register(OpDef("argmax", infer=_argmax_infer,
                forward=lambda xp, x, axis: xp.argmax(x, axis=axis), cost=_reduce_cost,
-               nondiff=(0,)))
+               nondiff=(0,),
+               out=OutKernel(lambda xp, n: (partial(xp.argmax, axis=n.attrs["axis"]), ()),
+                             False, lambda n: n.dtype == "int64")))
 
 
 def argmax(x, axis=-1) -> Node:

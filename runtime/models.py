@@ -1,5 +1,5 @@
-"""The classifiers a config can name: ``model.kind = "mlp" | "cnn" | "transformer"``, built
-from sg.nn.
+"""The classifiers a config can name: ``model.kind = "mlp" | "cnn" | "resnet" |
+"transformer"``, from sg.nn.
 
 Parameter initialisation draws from sg.nn's seeded generator, so the caller seeds it
 (``sg.manual_seed(train.seed)``) and every rank builds the same parameters. Imports graph.nn
@@ -84,6 +84,18 @@ class TextTransformer(nn.Module):
         return self.head((h * keep).sum(1) / keep.sum(1).clip(min=1.0))
 
 
+def resnet(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0
+           ) -> nn.Module:
+    """sg.nn.ResNet(model.depth, model.width) for (C, H, W) images."""
+    if len(input_shape) != 3:
+        raise ConfigError(f"model.kind = 'resnet' needs image input (C, H, W), got shape "
+                          f"{tuple(input_shape)}")
+    if (m["depth"] - 2) % 6:
+        raise ConfigError(f"model.depth = {m['depth']}: a ResNet has 6n + 2 layers (8, 14, 20, "
+                          f"32, ...)")
+    return nn.ResNet(m["depth"], m["width"], input_shape[0], num_classes)
+
+
 def transformer(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0,
                 vocab: int = 0) -> nn.Module:
     """A text classifier over integer token ids (N, T): see TextTransformer."""
@@ -101,7 +113,8 @@ def transformer(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: 
                            m["layers"], m["ff"], m["dropout"])
 
 
-BUILDERS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+BUILDERS = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "transformer": transformer}
+IMAGE_MODELS = ("cnn", "resnet")
 
 
 def vocab_size(x) -> int:
@@ -122,8 +135,8 @@ def build_model(config: Mapping, input_shape: Sequence[int], num_classes: int,
 
 def image_input(config: Mapping) -> bool:
     """Whether the model wants (N, C, H, W) images rather than flat vectors."""
-    return config["model"]["kind"] == "cnn"
+    return config["model"]["kind"] in IMAGE_MODELS
 
 
-__all__ = ["ACTIVATIONS", "BUILDERS", "TextTransformer", "build_model", "cnn", "image_input",
-           "mlp", "transformer", "vocab_size"]
+__all__ = ["ACTIVATIONS", "BUILDERS", "IMAGE_MODELS", "TextTransformer", "build_model", "cnn",
+           "image_input", "mlp", "resnet", "transformer", "vocab_size"]

@@ -903,3 +903,8 @@ __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", 
            "manual_seed", "Conv1d", "Embedding", "AdaptiveAvgPool2d", "SiLU", "LeakyReLU",
            "Softmax", "GroupNorm", "NLLLoss", "BCEWithLogitsLoss", "MultiheadAttention",
            "TransformerEncoderLayer"]
+
+
+from shardgrad.graph.nn.resnet import BasicBlock, GlobalAvgPool, ResNet  # noqa: E402 - uses the above
+
+__all__ += ["BasicBlock", "GlobalAvgPool", "ResNet"]
