@@ -44,10 +44,11 @@ from shardgrad.runtime.data import (
     batches,
     load_digits,
     load_idx_dataset,
+    load_text,
     num_batches,
 )
 from shardgrad.runtime.executors import EXECUTORS, choose_executor
-from shardgrad.runtime.models import build_model, image_input
+from shardgrad.runtime.models import build_model, image_input, vocab_size
 from shardgrad.runtime.monitor import Monitor
 from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
@@ -124,6 +125,8 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
 def load_data(config: Mapping) -> Dataset:
     d, dtype = config["data"], config["train"]["dtype"]
     image = image_input(config)
+    if d["dataset"] == "text":
+        return load_text(test_fraction=d["test_fraction"], seed=d["split_seed"])
     if d["dataset"] == "digits":
         return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
                            seed=d["split_seed"])
@@ -251,7 +254,8 @@ def setup(config: Mapping, options: Mapping | None = None
     data = load_data(config)
     with default_dtype(config["train"]["dtype"]):
         manual_seed(config["train"]["seed"])
-        model = build_model(config, data.input_shape, data.num_classes)
+        model = build_model(config, data.input_shape, data.num_classes,
+                            vocab_size(data.x_train))
     optimizer = make_optimizer(config, model.parameters())
     optimizer.max_grad_norm = config["train"]["grad_clip"] or None
     step = compile_step(model, loss_function(config), optimizer,
