@@ -23,7 +23,7 @@ from typing import Any
 
 from shardgrad.cluster.commands import mpirun_argv, train_argv
 from shardgrad.runtime import config as cfg
-from shardgrad.runtime.ray_launch import connect, to_toml
+from shardgrad.cluster.ray_launch import connect, to_toml
 
 METRIC = "test_accuracy"
 # Ray Tune's distributions a --search may name, with how many numbers each takes.

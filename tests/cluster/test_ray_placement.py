@@ -15,7 +15,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
-ray_launch = pytest.importorskip("shardgrad.runtime.ray_launch")
+ray_launch = pytest.importorskip("shardgrad.cluster.ray_launch")
 
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(150),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
