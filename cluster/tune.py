@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shardgrad.cluster.commands import mpirun_argv, train_argv
-from shardgrad.runtime import config as cfg
 from shardgrad.cluster.ray_launch import connect, to_toml
+from shardgrad.runtime import config as cfg
 
 METRIC = "test_accuracy"
 # Ray Tune's distributions a --search may name, with how many numbers each takes.
