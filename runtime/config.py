@@ -243,6 +243,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "placement": Key("PACK", str, choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                          help="--launcher ray: Ray placement strategy of the ranks' slots"),
         "cpus_per_rank": Key(1.0, float, min=0.01, help="--launcher ray: CPUs per slot"),
+        "gpus_per_rank": Key(-1.0, float, min=-1.0,
+                             help="--launcher ray: GPUs per slot, which its rank alone sees "
+                                  "(CUDA_VISIBLE_DEVICES); -1: 1 when device.type is cuda, "
+                                  "else 0"),
         "max_restarts": Key(0, int, min=0,
                             help="--launcher ray: restarts from the latest checkpoint after a "
                                  "rank or its node fails"),
