@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
 def _ray_launch():
     """cluster.ray_launch, or a ConfigError saying how to install Ray."""
     try:
+        import ray  # noqa: F401 - a launcher imported earlier would hide a missing Ray
+
         from shardgrad.cluster import ray_launch
     except ImportError as e:
         if (e.name or "").split(".")[0] != "ray":
