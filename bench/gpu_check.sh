@@ -2,14 +2,16 @@
 # The GPU check, one script for a machine with one CUDA GPU, CuPy (cupy-cuda13x), PyTorch and
 # mpi4py, no network and no Ray. Run it from anywhere in the repository:
 #
-#     bash bench/gpu_check.sh        # under 5 minutes; logs and gpu_check.json in $OUT
+#     bash bench/gpu_check.sh        # under 8 minutes; logs and gpu_check.json in $OUT
 #                                    # (or bench/out when OUT is unset)
 #
 # 1. the GPU tests (pytest -m gpu: every op's float32 outputs and gradients on the GPU against
 #    the CPU reference, the hand-written kernels, DeviceStep, pinned staging, NCCL);
 # 2. benchmarks against PyTorch eager on the same GPU: the MLP 784-512-512-10 training step
 #    at batch 1024, the CNN step, a fused elementwise kernel against a device-to-device copy;
-# 3. the op table on cupy (test_op_cases, generic kernels). Every part runs in its own
+# 3. the op table on cupy (test_op_cases, generic kernels);
+# 4. pipelines on the GPU (bench/gpu_pipeline.py): pp = 2 on 2 ranks and dp = 2 x pp = 2 on 4,
+#    sharing GPU 0, against the CPU pipeline in float32 and float64. Every part runs in its own
 #    process under its own time limit, so one failure loses nothing else; the last line
 #    printed is the JSON summary.
 set -u
@@ -42,11 +44,11 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $O
     echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s"
 }
 
-# Worst case, every part at its limit: 25 + 110 + 50 + 40 + 25 + 40 = 290 s.
+# Worst case, every part at its limit: 25 + 110 + 50 + 40 + 25 + 40 + 150 = 440 s.
 rm -f "$OUTDIR"/env.log "$OUTDIR"/tests.log "$OUTDIR"/mlp.log "$OUTDIR"/cnn.log \
-    "$OUTDIR"/fused.log "$OUTDIR"/optable.log
+    "$OUTDIR"/fused.log "$OUTDIR"/optable.log "$OUTDIR"/pipeline.log
 # GPU_CHECK_PARTS picks and orders parts (default: all, as below) when device time is short.
-for name in ${GPU_CHECK_PARTS:-env tests mlp cnn fused optable}; do
+for name in ${GPU_CHECK_PARTS:-env tests mlp cnn fused optable pipeline}; do
   case $name in
     env) part env 25 "$PY" bench/gpu_bench.py --part env
          nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv \
@@ -59,6 +61,7 @@ for name in ${GPU_CHECK_PARTS:-env tests mlp cnn fused optable}; do
     fused) part fused 25 "$PY" bench/gpu_bench.py --part fused ;;
     optable) part optable 40 "$PY" -m pytest -q -rfE -p no:cacheprovider --timeout 30 \
              tests/ops/test_op_cases.py -k "test_forward and cupy" ;;
+    pipeline) part pipeline 150 "$PY" bench/gpu_pipeline.py ;;
     *) echo "unknown part $name" ;;
   esac
 done
