@@ -136,7 +136,9 @@ class DeviceProgram:
     def __init__(self, graph: Graph, state: DeviceState):
         self.state = state
         updated = [n for n in graph.meta["params"] if f"param/{n}" in graph.outputs]
-        self.flat = state.kind is not None and sorted(updated) == sorted(state.flat_names)
+        # loss scaling skips a step's update in the graph: the traced update runs then
+        self.flat = state.kind is not None and sorted(updated) == sorted(state.flat_names) and (
+            not graph.meta.get("loss_scaling"))
         if self.flat:
             keep = {"loss", *(f"grad/{n}" for n in state.flat_names)}
             keep |= {k for k in graph.outputs if k.startswith("state/")

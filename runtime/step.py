@@ -17,16 +17,18 @@ from typing import Any
 
 import numpy as np
 
+from shardgrad.graph import passes
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
-from shardgrad.graph.tensor import Tensor
+from shardgrad.graph.tensor import Tensor, tensor, zeros
 from shardgrad.graph.trace import trace_forward, trace_step
 from shardgrad.runtime import compiled
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.device import is_device_array, to_host
 
 Executor = Callable[[Graph], Any]   # graph -> object with .run(feeds) -> dict of outputs
+INIT_SCALE = 2.0 ** 16      # torch.amp.GradScaler's init_scale
 
 
 def default_executor(graph: Graph):
@@ -77,8 +79,10 @@ class TrainStep:
 
     def __init__(self, model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
-                 transform: Callable[[Graph], Graph] | None = None):
+                 transform: Callable[[Graph], Graph] | None = None, precision: str = "fp32"):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        passes.low_dtype(precision)                 # a bad name or missing package: now
+        self.precision = precision
         self.executor = executor or executor_for(model)
         self.device = device_of(model)
         # a GPU model on the default executor: the step owns its state there (runtime.gpu_step)
@@ -102,6 +106,12 @@ class TrainStep:
         self._opt_states = [(f"optim/{name_of[id(p)]}/{k}", v)
                             for p, st in zip(optimizer.params, optimizer.state, strict=True)
                             for k, v in st.items()]
+        if precision == "fp16":     # the dynamic loss scale, as torch's GradScaler starts it
+            self.loss_scale = tensor(np.asarray(INIT_SCALE, self._params[0][1].dtype),
+                                     device=self.device)
+            self._opt_states += [("amp/scale", self.loss_scale),
+                                 ("amp/growth", zeros((), dtype=self._params[0][1].dtype,
+                                                      device=self.device))]
         self.dtype = self._params[0][1].dtype
 
     def graph_for(self, x, y) -> tuple[Graph, Any]:
@@ -122,9 +132,12 @@ class TrainStep:
                 key_traced = (key[:2], key[2:4])
             context = getattr(self.transform, "trace_context", contextlib.nullcontext)
             with context():
-                graph = trace_step(self.model, self.loss_fn, self.optimizer, *key_traced)
+                graph = trace_step(self.model, self.loss_fn, self.optimizer, *key_traced,
+                                   loss_scaling=self.precision == "fp16")
             if self.transform is not None:
                 graph = self.transform(graph)
+            # the CPU emulates low precision (rounding around float32 GEMMs): docs/gpu.md
+            graph = passes.autocast(graph, self.precision, emulate=not self.device.is_cuda)
             self._compiled[key] = (graph, self.executor(graph))
         return self._compiled[key]
 
@@ -178,7 +191,9 @@ class TrainStep:
             with _current(self.device):
                 if self._state is None:
                     self._state = gpu_step.DeviceState(
-                        self._params, self._buffers, opt, self.device,
+                        self._params, self._buffers + [
+                            s for s in self._opt_states if s[0].startswith("amp/")],
+                        opt, self.device,
                         dev.xp_for(self.device))
                     self._checks = gpu_step.gpu_ops.DeferredChecks()
                 _, self._program = self.graph_for(x, y)
@@ -239,10 +254,13 @@ class TrainStep:
 
 def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
-                 transform: Callable[[Graph], Graph] | None = None) -> TrainStep:
+                 transform: Callable[[Graph], Graph] | None = None,
+                 precision: str = "fp32") -> TrainStep:
     """Trace ``loss_fn(model(x), y)``, its gradients and ``optimizer``'s update into one
-    Graph (built on the first call), and return the callable step."""
-    return TrainStep(model, loss_fn, optimizer, executor, transform)
+    Graph (built on the first call), and return the callable step. ``precision`` "bf16" or
+    "fp16" runs matmuls and convolutions in that dtype (graph.passes.autocast), the rest in
+    float32; fp16 adds dynamic loss scaling (``step.loss_scale``), as torch's GradScaler."""
+    return TrainStep(model, loss_fn, optimizer, executor, transform, precision)
 
 
 class Predictor:

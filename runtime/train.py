@@ -197,7 +197,8 @@ def setup(config: Mapping, options: Mapping | None = None
     step = compile_step(model, functional.cross_entropy, optimizer,
                         executor=options.get("executor") or make_executor(
                             config["train"]["executor"]),
-                        transform=options.get("transform"))
+                        transform=options.get("transform"),
+                        precision=config["train"].get("precision", "fp32"))
     return model, optimizer, step, data
 
 
