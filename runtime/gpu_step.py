@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from shardgrad.graph import passes
 from shardgrad.graph.device import to_device
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.optim import SGD, Adam, AdamW, Optimizer
@@ -150,6 +151,8 @@ class DeviceProgram:
         else:
             self.copies = [(k, state.views[k.split("/", 1)[1]]) for k in graph.outputs
                            if k.startswith(("param/", "state/"))]
+        # products written in the layout their users read, as the CPU program does
+        graph = passes.fold_transposes(graph)
         self.graph = graph
         self.reads_step = any(n.op == "input" and n.name == "step" for n in graph.nodes)
         self.exe = GPUExecutor(graph, state.device, xp=state.xp)

@@ -19,6 +19,7 @@ import shardgrad as sg  # noqa: E402
 from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph import ir  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
+from shardgrad.runtime import device as D  # noqa: E402
 from shardgrad.runtime import host_cuda  # noqa: E402
 
 F = sg.nn.functional
@@ -33,11 +34,23 @@ def launcher():
 
 
 @pytest.fixture
-def cuda(monkeypatch, launcher):
+def host(monkeypatch, launcher):
+    """The stand-in for CuPy (DeviceArrays, kernels run on the host)."""
     cupy = host_cupy.device_module()
     monkeypatch.setattr(base, "_cupy", lambda: cupy)
     monkeypatch.setattr(gpu_ops, "launch", launcher)
     return cupy
+
+
+@pytest.fixture(params=["host", pytest.param("gpu", marks=pytest.mark.gpu)])
+def cuda(request):
+    """The array module standing for CuPy: the stand-in, or CuPy on a real GPU."""
+    if request.param == "gpu":
+        if not D.cuda_available():
+            pytest.skip("needs CuPy and a CUDA device")
+        import cupy
+        return cupy
+    return request.getfixturevalue("host")
 
 
 class Counts:
@@ -60,7 +73,7 @@ NO_LAUNCH = {"empty", "empty_like", "reshape", "broadcast_to", "transpose", "rav
 
 
 @pytest.fixture
-def counts(cuda, monkeypatch, launcher):
+def counts(host, monkeypatch, launcher):
     c = Counts()
     dev = host_cupy.DeviceArray
 
@@ -76,21 +89,21 @@ def counts(cuda, monkeypatch, launcher):
         monkeypatch.setattr(dev, name, counted("launches")(getattr(dev, name)))
     # the module's functions (cupy.copyto, cupy.sum, ...), but not those that only allocate or
     # make a view: on CuPy they launch nothing
-    for name, fn in vars(cuda).items():
+    for name, fn in vars(host).items():
         if getattr(fn, "__qualname__", "").startswith("_creates_on_device") and name not in (
                 NO_LAUNCH):
-            monkeypatch.setattr(cuda, name, counted("launches")(fn))
+            monkeypatch.setattr(host, name, counted("launches")(fn))
     monkeypatch.setattr(gpu_ops, "launch", counted("launches")(launcher))
     for name in ("item", "get", "tolist", "__float__", "__int__", "__bool__", "__index__"):
         monkeypatch.setattr(dev, name, counted("syncs")(getattr(dev, name)))
     for name in ("asarray", "array"):
-        fn = getattr(cuda, name)
+        fn = getattr(host, name)
 
         def upload(x, *a, _fn=fn, **k):
             if not isinstance(x, dev):
                 c.uploads += 1
             return _fn(x, *a, **k)
-        monkeypatch.setattr(cuda, name, upload)
+        monkeypatch.setattr(host, name, upload)
     init = ir.Node.__init__
 
     def node_init(self, *a, **k):
@@ -249,11 +262,11 @@ BUDGETS = {  # model, optimizer, batch shape, launches at most
 
 
 @pytest.mark.parametrize("name", list(BUDGETS))
-def test_step_budget(cuda, counts, name):
+def test_step_budget(host, counts, name):
     make, opt_name, shape, launches = BUDGETS[name]
     model = make().to("cuda")
     step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS[opt_name](model.parameters()))
-    data = [(cuda.asarray(x), cuda.asarray(y)) for x, y in batches(shape, n=3)]
+    data = [(host.asarray(x), host.asarray(y)) for x, y in batches(shape, n=3)]
     losses = [step(x, y) for x, y in data[:2]]     # warm-up: trace, compile, bind
     before = vars(counts).copy()
     loss = step(*data[2])
