@@ -157,6 +157,7 @@ class DeviceProgram:
         self.reads_step = any(n.op == "input" and n.name == "step" for n in graph.nodes)
         self.exe = GPUExecutor(graph, state.device, xp=state.xp)
         self.path = f"flat-{state.kind}" if self.flat else "graph-update"
+        self.update = FlatUpdate(state) if self.flat else None
 
     def run(self, feeds: Mapping[str, Any], checks: gpu_ops.DeferredChecks):
         xp, opt = self.state.xp, self.state.optimizer
@@ -165,17 +166,41 @@ class DeviceProgram:
         for name, view in self.copies:
             xp.copyto(view, out[name])
         if self.flat:
-            flat = self.state.flat
-            if self.state.kind == "sgd":
-                gpu_ops.sgd_update_(flat["param"], flat["grad"], flat.get("momentum_buffer"),
-                                    lr=opt.lr, momentum=opt.momentum,
-                                    weight_decay=opt.weight_decay, nesterov=opt.nesterov)
-            else:
-                gpu_ops.adam_update_(flat["param"], flat["grad"], flat["exp_avg"],
-                                     flat["exp_avg_sq"], lr=opt.lr, step=opt.t + 1,
-                                     betas=opt.betas, eps=opt.eps,
-                                     weight_decay=opt.weight_decay, decoupled=opt.decoupled)
+            self.update(opt)
         return out["loss"]
 
 
-__all__ = ["DeviceProgram", "DeviceState", "StepLoss", "flat_kind"]
+class FlatUpdate:
+    """ops.gpu's flat SGD / Adam update over a DeviceState's buffers, its launch prepared once
+    (source, options, grid, buffers): a step only builds the scalar arguments, the same
+    values ``sgd_update_`` / ``adam_update_`` pass (a fifth of a small step's host time went
+    to their checks and lookups)."""
+
+    def __init__(self, state: DeviceState):
+        flat = state.flat
+        p = flat["param"]
+        gpu_ops._flat(*flat.values())
+        self.kind, self.t = state.kind, p.dtype.type
+        self.code = gpu_ops.source("optim.cu")
+        self.options = (f"-DSG_T={gpu_ops.CTYPES[str(p.dtype)]}",)
+        self.grid, n = gpu_ops.blocks(p.size), np.int64(p.size)
+        if self.kind == "sgd":
+            self.name = "sgd_update"
+            self.head = (p, flat["grad"], flat.get("momentum_buffer", p), n)
+        else:
+            self.name = "adam_update"
+            self.head = (p, flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], n)
+
+    def __call__(self, opt: Optimizer) -> None:
+        t = self.t
+        if self.kind == "sgd":
+            tail = (t(opt.lr), t(opt.momentum), t(opt.weight_decay), np.int32(bool(opt.nesterov)))
+        else:
+            b1, b2, step = t(opt.b1), t(opt.b2), t(opt.t + 1)
+            tail = (t(opt.lr), b1, b2, t(opt.eps), t(opt.weight_decay), t(1) - b1 ** step,
+                    t(1) - b2 ** step, np.int32(bool(opt.decoupled)))
+        gpu_ops.launch(self.code, self.name, self.options, self.grid, gpu_ops.BLOCK,
+                       self.head + tail)
+
+
+__all__ = ["DeviceProgram", "DeviceState", "FlatUpdate", "StepLoss", "flat_kind"]
