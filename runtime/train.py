@@ -109,7 +109,12 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
         from shardgrad.runtime import pipeline
 
         return pipeline.step_options(config, comm, executor)
-    return dp.step_options(config, comm, executor)
+    options = dp.step_options(config, comm, executor)
+    if (dev.Device.parse(config["device"]["type"]).is_cuda and options["transform"] is None
+            and comm.world_size == 1 and not config.get("debug", {}).get("fail_at_step")):
+        # one GPU: compile_step's own path (the model on the device, the state owned there)
+        options.update(executor=None, device=dev.resolve(config["device"]["type"]))
+    return options
 
 
 def open_device(config: Mapping, comm: Communicator) -> Communicator:
@@ -193,10 +198,12 @@ def setup(config: Mapping, options: Mapping | None = None
     with default_dtype(config["train"]["dtype"]):
         manual_seed(config["train"]["seed"])
         model = build_model(config, data.input_shape, data.num_classes)
+    if options.get("device") is not None:
+        model.to(options["device"])
     optimizer = make_optimizer(config, model.parameters())
     step = compile_step(model, functional.cross_entropy, optimizer,
-                        executor=options.get("executor") or make_executor(
-                            config["train"]["executor"]),
+                        executor=None if options.get("device") is not None else (
+                            options.get("executor") or make_executor(config["train"]["executor"])),
                         transform=options.get("transform"),
                         precision=config["train"].get("precision", "fp32"))
     return model, optimizer, step, data
