@@ -79,8 +79,10 @@ class TrainStep:
 
     def __init__(self, model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
-                 transform: Callable[[Graph], Graph] | None = None, precision: str = "fp32"):
+                 transform: Callable[[Graph], Graph] | None = None, precision: str = "fp32",
+                 cuda_graph: bool = True):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.cuda_graph = cuda_graph
         passes.low_dtype(precision)                 # a bad name or missing package: now
         self.precision = precision
         self.executor = executor or executor_for(model)
@@ -209,7 +211,7 @@ class TrainStep:
         if self._program.reads_step:   # random ops' salt
             feeds["step"] = np.asarray(opt.t + 1, np.int64)
         with _current(self.device):
-            loss = self._program.run(feeds, self._checks)
+            loss = self._program.run(feeds, self._checks, self.cuda_graph)
         opt.t += 1
         self._steps += 1
         return gpu_step.StepLoss(loss, self._checks)
@@ -219,12 +221,14 @@ class TrainStep:
         feeds the parameters and takes the new ones back; the CPU, or a custom executor or
         transform), ``flat-sgd`` / ``flat-adam`` (state owned on the GPU, one update kernel)
         or ``graph-update`` (state owned on the GPU, the traced update); ``cuda_graph`` says
-        whether steps replay a captured CUDA Graph (not yet: plain launches); ``rebinds``
-        counts tensors copied in because user code replaced their values."""
+        whether steps replay a captured CUDA Graph and ``graph`` why not (``captured``, or
+        the reason plain launches run); ``rebinds`` counts tensors copied in because user
+        code replaced their values."""
         out: dict[str, Any] = {"device": str(self.device), "steps": self._steps,
                                "cuda_graph": False, "path": "host-feeds"}
         if self._resident and getattr(self, "_program", None) is not None:
             out.update(path=self._program.path, rebinds=self._state.rebinds,
+                       cuda_graph=self._program.cuda_graph, graph=self._program.graph_note,
                        fused_groups=self._program.exe.n_fused,
                        launch_actions=len(self._program.exe.actions))
         return out
@@ -255,12 +259,14 @@ class TrainStep:
 def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
                  transform: Callable[[Graph], Graph] | None = None,
-                 precision: str = "fp32") -> TrainStep:
+                 precision: str = "fp32", cuda_graph: bool = True) -> TrainStep:
     """Trace ``loss_fn(model(x), y)``, its gradients and ``optimizer``'s update into one
     Graph (built on the first call), and return the callable step. ``precision`` "bf16" or
     "fp16" runs matmuls and convolutions in that dtype (graph.passes.autocast), the rest in
-    float32; fp16 adds dynamic loss scaling (``step.loss_scale``), as torch's GradScaler."""
-    return TrainStep(model, loss_fn, optimizer, executor, transform, precision)
+    float32; fp16 adds dynamic loss scaling (``step.loss_scale``), as torch's GradScaler.
+    On a GPU, ``cuda_graph`` (default) captures the step after a warm-up and replays it
+    where it can (``stats()`` says whether it does and why not)."""
+    return TrainStep(model, loss_fn, optimizer, executor, transform, precision, cuda_graph)
 
 
 class Predictor:

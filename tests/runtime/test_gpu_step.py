@@ -276,3 +276,107 @@ def test_step_budget(host, counts, name):
     assert used["nodes"] <= 1, used                # the loss Tensor's own
     assert used["launches"] <= launches, used
     assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in losses)
+
+
+# ---- CUDA Graph replay: the control flow, with capture emulated on the stand-in ----------
+
+class _Stream:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+
+class _Event:
+    def record(self, stream=None):
+        pass
+
+
+class _Graph:
+    """An emulated capture: launching it runs the captured function again (the launches a
+    real graph replays), its loss written into the array capture handed out."""
+
+    def __init__(self, fn, loss, corrupt=False):
+        self.fn, self.loss, self.corrupt, self.launches = fn, loss, corrupt, 0
+
+    def launch(self, stream=None):
+        self.launches += 1
+        out = self.fn()
+        self.loss[...] = out + 1.0 if self.corrupt else out
+
+
+@pytest.fixture
+def capture(host, monkeypatch):
+    """Stream capture on the stand-in: returns the graphs made; ``capture.fail`` / ``.corrupt``
+    make the next capture raise or its replay give wrong values."""
+    from shardgrad.runtime import gpu_step
+    made = []
+    cuda = host.cuda
+    for k, v in {"Stream": lambda **kw: _Stream(), "Event": lambda **kw: _Event(),
+                 "MemoryPool": lambda: type("Pool", (), {"malloc": None})(),
+                 "using_allocator": lambda malloc: _Stream(),
+                 "get_current_stream": lambda: _Stream()}.items():
+        monkeypatch.setattr(cuda, k, v, raising=False)
+
+    def fake(xp, stream, fn):
+        if made_opts["fail"]:
+            raise RuntimeError("cuBLAS is disabled during stream capture")
+        g = _Graph(fn, xp.empty((), np.float32), made_opts["corrupt"])
+        made.append(g)
+        return g, g.loss
+    made_opts = {"fail": False, "corrupt": False}
+    monkeypatch.setattr(gpu_step, "_capture", fake)
+    made_opts["made"] = made
+    return made_opts
+
+
+@pytest.mark.parametrize("case", ["mlp-momentum", "mlp-adam", "batchnorm"])
+def test_a_captured_step_replays_the_cpu_trajectory(host, capture, case):
+    make, opt = {"mlp-momentum": (mlp, "nesterov"), "mlp-adam": (mlp, "adam"),
+                 "batchnorm": (bn_mlp, "momentum-wd")}[case]
+    out = run_both(host, make, OPTIMIZERS[opt], batches((16, 20), n=6))
+    assert out["cuda"][0] == pytest.approx(out["cpu"][0], rel=1e-5)
+    want, got = out["cpu"][1].state_dict(), out["cuda"][1].state_dict()
+    for k in want:              # each batch copied in, BatchNorm's statistics updated once
+        assert rel(got[k], want[k]) < 1e-5, k
+    stats = out["cuda"][3].stats()
+    assert stats["cuda_graph"] and stats["graph"] == "captured", stats
+    (graph,) = capture["made"]
+    assert graph.launches == 6 - 2        # after 2 warm-up steps: checked once, then 3 replays
+
+
+@pytest.mark.parametrize("how", ["fail", "corrupt"])
+def test_a_step_that_cannot_be_captured_runs_plain_launches(host, capture, how):
+    capture[how] = True
+    out = run_both(host, mlp, OPTIMIZERS["momentum-wd"], batches((16, 20), n=5))
+    assert out["cuda"][0] == pytest.approx(out["cpu"][0], rel=1e-5)
+    want, got = out["cpu"][1].state_dict(), out["cuda"][1].state_dict()
+    for k in want:
+        assert rel(got[k], want[k]) < 1e-5, k
+    stats = out["cuda"][3].stats()
+    assert not stats["cuda_graph"]
+    assert stats["graph"] == ("not captured: RuntimeError: cuBLAS is disabled during stream "
+                              "capture" if how == "fail" else
+                              "not captured: the replay differed from plain launches")
+
+
+def test_capture_is_not_tried_where_it_cannot_work(host):
+    model = mlp().to("cuda")
+    step = sg.compile_step(model, F.cross_entropy, Clipped(model.parameters(), lr=0.1))
+    for x, y in batches((16, 20), n=4):
+        step(x, y)
+    assert step.stats()["graph"] == "not captured: the traced update reads lr and t from the host"
+    model = mlp().to("cuda")
+    step = sg.compile_step(model, F.cross_entropy, sg.optim.SGD(model.parameters(), lr=0.1))
+    for x, y in batches((16, 20), n=4):
+        step(x, y)
+    assert step.stats()["graph"] == "not captured: this CuPy has no stream capture"
+    off = sg.compile_step(model, F.cross_entropy, sg.optim.SGD(model.parameters(), lr=0.1),
+                          cuda_graph=False)
+    for x, y in batches((16, 20), n=4):
+        off(x, y)
+    assert off.stats()["graph"] == "off" and not off.stats()["cuda_graph"]
