@@ -1,7 +1,7 @@
-"""Hand-written CUDA kernels for the ops a training step spends its time in, and the table that
-attaches them to the OpDefs (``OpDef.cuda``). The CUDA C sources live beside this file in
-ops/cuda/*.cu (with the headers they share, *.cuh); CuPy compiles each on first use (NVRTC)
-for the dtype it is called with.
+"""Hand-written CUDA kernels for the ops a training step spends its time in: each op's stanza
+names its function here as ``OpDef.cuda`` (executors find it through ``kernel_for``). The CUDA
+C sources live beside this file in ops/cuda/*.cu (with the headers they share, *.cuh); CuPy
+compiles each on first use (NVRTC) for the dtype it is called with.
 
 Every function takes the array module ``xp`` and never imports cupy itself; kernels are
 started through ``launch`` (CuPy's RawModule by default; tests swap in a host emulation).
@@ -12,7 +12,6 @@ axis) runs the op's generic ``forward``. Imports ops.registry only.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import functools
 import re
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from shardgrad.ops.registry import REGISTRY, get
+from shardgrad.ops.registry import get
 
 SOURCES = Path(__file__).parent / "cuda"
 CTYPES = {"float32": "float", "float64": "double"}
@@ -355,35 +354,3 @@ def adam_update_(p, g, m, v, *, lr: float, step: int, betas=(0.9, 0.999), eps: f
     run_kernel("optim.cu", "adam_update", p.dtype, blocks(p.size), BLOCK,
                (p, g, m, v, np.int64(p.size), t(lr), b1, b2, t(eps), t(weight_decay), bc1, bc2,
                 np.int32(bool(decoupled))))
-
-
-# ---- attaching the kernels to the ops ---------------------------------------------------------
-
-CUDA: dict[str, Callable[..., Any]] = {
-    "softmax": softmax, "log_softmax": log_softmax, "cross_entropy": cross_entropy,
-    "softmax_xent_grad": softmax_xent_grad, "bias_act": bias_act,
-    "bias_act_grad": bias_act_grad, "im2col": im2col, "col2im": col2im,
-    "max_pool2d": max_pool2d, "max_pool2d_grad": max_pool2d_grad,
-    "max_pool2d_gather": max_pool2d_gather, "avg_pool2d": avg_pool2d,
-    "avg_pool2d_grad": avg_pool2d_grad,
-}
-
-
-def attach() -> list[str]:
-    """Set ``OpDef.cuda`` for every registered op this module has a kernel for; returns
-    their names. Called once when ops/ is imported."""
-    done = []
-    for name, fn in CUDA.items():
-        opdef = REGISTRY.get(name)
-        if opdef is not None and opdef.cuda is not fn:
-            REGISTRY[name] = dataclasses.replace(opdef, cuda=fn)
-            done.append(name)
-    return done
-
-
-def kernel(opdef, xp) -> Callable[..., Any]:
-    """The implementation to run for ``opdef`` on ``xp``: the CUDA one on cupy where there is
-    one, else the generic forward."""
-    if opdef.cuda is not None and getattr(xp, "__name__", "") == "cupy":
-        return opdef.cuda
-    return opdef.forward

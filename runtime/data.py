@@ -69,6 +69,39 @@ def load_digits(dtype="float32", image: bool = False, test_fraction: float = 0.2
     return Dataset(*split(x, y, test_fraction, seed), num_classes=10)
 
 
+# A generated corpus for text classifiers: sentences of filler words with 1 or 3 sentiment
+# words, each negated by a preceding "not" with probability 0.3; the label is the sign of the
+# summed polarity. A bag of words cannot tell "not good" from "good", so attention has to.
+TEXT_PAD, TEXT_NOT, TEXT_WORDS = 0, 1, 10      # ids: padding, "not", then 10 positive, 10
+TEXT_VOCAB = 64                                # negative and the rest filler
+
+
+def load_text(n: int = 8000, length: int = 16, test_fraction: float = 0.2,
+              seed: int = 0) -> Dataset:
+    """``n`` generated token-id sentences (int64 (N, length), 0-padded at the end, 6 to
+    ``length`` tokens) labelled negative (0) or positive (1); the same for the same ``seed``
+    (which also draws the split)."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, length), np.int64)
+    y = np.zeros(n, np.int64)
+    first_filler = 2 + 2 * TEXT_WORDS
+    for i in range(n):
+        size = int(rng.integers(6, length + 1))
+        row = rng.integers(first_filler, TEXT_VOCAB, size)
+        k = int(rng.choice([1, 3]))
+        spots = np.sort(rng.choice(np.arange(1, size), k, replace=False))
+        total = 0
+        for at in spots:
+            positive = bool(rng.random() < 0.5)
+            row[at] = 2 + int(rng.integers(TEXT_WORDS)) + (0 if positive else TEXT_WORDS)
+            negated = rng.random() < 0.3 and row[at - 1] >= first_filler
+            if negated:
+                row[at - 1] = TEXT_NOT
+            total += (1 if positive else -1) * (-1 if negated else 1)
+        x[i, :size], y[i] = row, int(total > 0)
+    return Dataset(*split(x, y, test_fraction, seed), num_classes=2)
+
+
 # IDX: 2 zero bytes, a type code, the number of dimensions, then each dimension as a
 # big-endian uint32, then the data, big-endian (http://yann.lecun.com/exdb/mnist/).
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -168,6 +201,36 @@ def load_idx_dataset(images: str, labels: str, test_images: str | None = None,
     return Dataset(*parts, num_classes=num_classes)
 
 
+def validate_labels(y: np.ndarray, num_classes: int | None = None, where: str = "labels"
+                    ) -> int:
+    """The number of classes of labels ``y``: ``num_classes`` when given, else max(y) + 1.
+
+    Raises DataError naming ``where`` (the file or data set) unless ``y`` is one integer label
+    per sample, each in [0, num_classes): float labels, negative labels and labels past the
+    last class are refused here, at load, rather than failing inside the loss later.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{where}: expected labels of shape (N,), found shape {y.shape}")
+    if y.dtype.kind not in "iu" and not (y.dtype.kind == "b" and y.size == 0):
+        raise DataError(f"{where}: labels must be integers (class indices), found dtype "
+                        f"{y.dtype}")
+    if num_classes is not None and num_classes < 1:
+        raise DataError(f"{where}: num_classes must be at least 1, got {num_classes}")
+    if y.size == 0:
+        return num_classes or 0
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        at = int(np.flatnonzero(y < 0)[0])
+        raise DataError(f"{where}: label {int(y[at])} at index {at} is negative; labels must "
+                        f"be class indices in [0, num_classes)")
+    if num_classes is not None and hi >= num_classes:
+        at = int(np.flatnonzero(y >= num_classes)[0])
+        raise DataError(f"{where}: label {int(y[at])} at index {at} is out of range for "
+                        f"{num_classes} classes (labels must be in [0, {num_classes}))")
+    return num_classes if num_classes is not None else hi + 1
+
+
 class DistributedSampler:
     """The indices one rank reads each epoch, by the rules of PyTorch's
     ``torch.utils.data.DistributedSampler``:
@@ -252,4 +315,5 @@ def batches(x: np.ndarray, y: np.ndarray, sampler: DistributedSampler, batch_siz
 
 
 __all__ = ["DataError", "Dataset", "DistributedSampler", "batch_indices", "batches",
-           "load_digits", "load_idx_dataset", "num_batches", "read_idx", "split", "write_idx"]
+           "load_digits", "load_idx_dataset", "num_batches", "read_idx", "split",
+           "validate_labels", "write_idx"]

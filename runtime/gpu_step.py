@@ -137,9 +137,10 @@ class DeviceProgram:
     def __init__(self, graph: Graph, state: DeviceState):
         self.state = state
         updated = [n for n in graph.meta["params"] if f"param/{n}" in graph.outputs]
-        # loss scaling skips a step's update in the graph: the traced update runs then
+        # loss scaling (skips a step's update) and gradient clipping (scales the gradients
+        # by their global norm) are in the traced update: that one runs then
         self.flat = state.kind is not None and sorted(updated) == sorted(state.flat_names) and (
-            not graph.meta.get("loss_scaling"))
+            not graph.meta.get("loss_scaling")) and not state.optimizer.max_grad_norm
         if self.flat:
             keep = {"loss", *(f"grad/{n}" for n in state.flat_names)}
             keep |= {k for k in graph.outputs if k.startswith("state/")

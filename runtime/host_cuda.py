@@ -32,6 +32,7 @@ extern "C" {
 double exp(double); float expf(float); double log(double); float logf(float);
 double tanh(double); float tanhf(float); double sqrt(double); float sqrtf(float);
 double pow(double, double); float powf(float, float); double erf(double); float erff(float);
+double sin(double); float sinf(float); double cos(double); float cosf(float);
 }
 static inline float exp(float x) { return expf(x); }
 static inline float log(float x) { return logf(x); }
@@ -39,6 +40,8 @@ static inline float tanh(float x) { return tanhf(x); }
 static inline float sqrt(float x) { return sqrtf(x); }
 static inline float pow(float x, float y) { return powf(x, y); }
 static inline float erf(float x) { return erff(x); }
+static inline float sin(float x) { return sinf(x); }
+static inline float cos(float x) { return cosf(x); }
 struct sg_dim3 { unsigned int x, y, z; };
 static const sg_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
 static const sg_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};

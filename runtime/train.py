@@ -23,17 +23,19 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from shardgrad.graph import optim
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
-from shardgrad.runtime import compiled, dp
+from shardgrad.graph.trace import trace_step
+from shardgrad.partition.pipeline import PipelinePlan
+from shardgrad.partition.pipeline import pipeline as partition_pipeline
+from shardgrad.runtime import checkpoint, datasets, dp, pipeline, rundir, serialize
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
+from shardgrad.runtime.checkpoint import CheckpointError
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.data import (
     DataError,
@@ -42,10 +44,13 @@ from shardgrad.runtime.data import (
     batches,
     load_digits,
     load_idx_dataset,
+    load_text,
     num_batches,
 )
-from shardgrad.runtime.interpreter import Interpreter
-from shardgrad.runtime.models import build_model, image_input
+from shardgrad.runtime.executors import EXECUTORS, choose_executor
+from shardgrad.runtime.models import build_model, image_input, vocab_size
+from shardgrad.runtime.monitor import Monitor
+from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 
@@ -54,7 +59,7 @@ from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 # launcher's cluster.* and the fault injection debug.* (a run a fault stopped resumes without).
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor", "device.threads", "parallel.timeout_s",
-                     "parallel.start_timeout_s", "cluster.*", "debug.*")
+                     "parallel.start_timeout_s", "cluster.*", "debug.*", "log.*")
 
 
 def resumable(key: str) -> bool:
@@ -65,27 +70,14 @@ def resumable(key: str) -> bool:
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
 
 
-class CheckpointError(DataError):
-    """A checkpoint that cannot be resumed from (unreadable, not a training checkpoint, or
-    another model's tensors): the message names the file."""
-
-
 class Diverged(RuntimeError):
     """The training loss or the parameters became NaN or infinite: the message names the
     step. Raised instead of training on (and checkpointing) garbage."""
 
 
-# Executors by config name: each is called with a Graph and returns an object with
-# ``run(feeds)``. "compiled" (the default) runs the graph passes first; "interpreter" is
-# the reference.
-EXECUTORS: dict[str, Callable[[Any], Any]] = {
-    "interpreter": Interpreter,
-    "compiled": compiled.compile,
-}
-
-
 def make_executor(name: str):
-    return EXECUTORS[name]
+    """The CPU executor named ``name`` (runtime.executors chooses)."""
+    return choose_executor(name)
 
 
 def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
@@ -100,14 +92,10 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     ``data_world_size`` (which shard of the data this process reads; default
     ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
-    executor = make_executor(config["train"]["executor"])
-    if dev.Device.parse(config["device"]["type"]).is_cuda:
-        from shardgrad.runtime.gpu import GPUExecutor
-
-        executor = functools.partial(GPUExecutor, rank=comm.rank)   # on the current GPU
+    # on a GPU: the current one, which open_device chose for this rank
+    kind = "cuda" if dev.Device.parse(config["device"]["type"]).is_cuda else "cpu"
+    executor = choose_executor(config["train"]["executor"], kind, comm.rank)
     if config["parallel"]["pp"] > 1:
-        from shardgrad.runtime import pipeline
-
         return pipeline.step_options(config, comm, executor)
     options = dp.step_options(config, comm, executor)
     if (dev.Device.parse(config["device"]["type"]).is_cuda and options["transform"] is None
@@ -142,9 +130,13 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
 def load_data(config: Mapping) -> Dataset:
     d, dtype = config["data"], config["train"]["dtype"]
     image = image_input(config)
+    if d["dataset"] == "text":
+        return load_text(test_fraction=d["test_fraction"], seed=d["split_seed"])
     if d["dataset"] == "digits":
         return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
                            seed=d["split_seed"])
+    if d["dataset"] != "idx":
+        return load_named(config)
     for key in ("train_images", "train_labels"):
         if not d[key]:
             raise cfg.ConfigError(f"data.dataset = 'idx' needs data.{key} (a file path)")
@@ -155,9 +147,32 @@ def load_data(config: Mapping) -> Dataset:
             raise cfg.ConfigError(f"data.{key} = {path!r}: "
                                   f"{'is a directory' if os.path.isdir(path) else 'no such file'}"
                                   f"{where}")
-    return load_idx_dataset(d["train_images"], d["train_labels"], d["test_images"] or None,
+    data = load_idx_dataset(d["train_images"], d["train_labels"], d["test_images"] or None,
                             d["test_labels"] or None, dtype=dtype, image=image,
                             test_fraction=d["test_fraction"], seed=d["split_seed"])
+    return datasets.finish(data.x_train, data.y_train, data.x_test, data.y_test,
+                           d["num_classes"] or None, d["train_labels"])
+
+
+def load_named(config: Mapping) -> Dataset:
+    """mnist5k, the downloaded sets, a folder of images or an .npz file (runtime.datasets)."""
+    d, dtype = config["data"], config["train"]["dtype"]
+    image, classes = image_input(config), d["num_classes"] or None
+    split_args = {"test_fraction": d["test_fraction"], "seed": d["split_seed"]}
+    name = d["dataset"]
+    if name == "mnist5k":
+        return datasets.load_mnist5k(dtype, image, num_classes=classes, **split_args)
+    if name in ("mnist", "fashion_mnist"):
+        return datasets.load_idx_download(name, dtype, image, classes)
+    if name == "cifar10":
+        return datasets.load_cifar10(dtype, image, classes)
+    if not d["path"]:
+        raise cfg.ConfigError(f"data.dataset = {name!r} needs data.path (a "
+                              f"{'directory' if name == 'folder' else '.npz file'})")
+    if name == "folder":
+        return datasets.load_folder(d["path"], dtype, image, num_classes=classes,
+                                    **split_args)[0]
+    return datasets.load_npz(d["path"], dtype, image, num_classes=classes, **split_args)
 
 
 def make_optimizer(config: Mapping, params) -> optim.Optimizer:
@@ -172,11 +187,58 @@ def make_optimizer(config: Mapping, params) -> optim.Optimizer:
 
 
 def lr_at(config: Mapping, step: int, total_steps: int) -> float:
-    """The learning rate of the step that follows ``step`` completed steps."""
+    """The learning rate of the step that follows ``step`` completed steps (of
+    ``total_steps``): a linear warm-up over ``train.warmup_steps``, then ``train.lr_schedule``
+    over the rest (step and multistep count epochs of total_steps / train.epochs steps)."""
     t = config["train"]
-    if t["lr_schedule"] == "cosine":
-        return t["lr"] * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
-    return t["lr"]
+    warm, lr = t["warmup_steps"], t["lr"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    s, span = step - warm, max(total_steps - warm, 1)
+    kind = t["lr_schedule"]
+    if kind == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * s / span))
+    if kind == "linear":
+        return lr * max(0.0, 1.0 - s / span)
+    if kind in ("step", "multistep"):
+        epoch = step // max(total_steps // t["epochs"], 1)
+        decays = (epoch // t["lr_step_size"] if kind == "step"
+                  else sum(epoch >= m for m in t["lr_milestones"]))
+        return lr * t["lr_gamma"] ** decays
+    return lr
+
+
+def accumulated(config: Mapping) -> dict:
+    """``config`` with ``train.accumulate`` = k folded into how the step runs: each optimizer
+    step takes k batches of ``train.batch_size`` at once (the loop's batch is k times larger)
+    and the step graph, traced on one of them, runs k times and sums the gradients: as k more
+    pipeline micro-batches (pp > 1), or k times the chunks of deterministic data parallelism
+    (the dp ranks' chunks, one each, when it was off)."""
+    if config["train"]["grad_clip"] and config["parallel"]["pp"] > 1:
+        # the global norm sums every stage's gradients: a cross-stage reduction the pipeline
+        # partition does not make (it refuses an update that reads non-gradient values)
+        raise cfg.ConfigError("train.grad_clip needs the gradients of all pipeline stages; it "
+                              "runs with parallel.pp = 1 (any parallel.dp) for now")
+    k = config["train"]["accumulate"]
+    if k == 1:
+        return config
+    run = {s: dict(v) for s, v in config.items()}
+    run["train"]["batch_size"] *= k
+    par = run["parallel"]
+    if par["pp"] > 1:
+        par["microbatches"] *= k
+    else:
+        par["chunks"] = (par["chunks"] if par["deterministic"] else par["dp"]) * k
+        par["deterministic"] = True
+    return run
+
+
+def loss_function(config: Mapping) -> Callable:
+    """Cross-entropy, with ``train.label_smoothing`` when set."""
+    eps = config["train"]["label_smoothing"]
+    if not eps:
+        return functional.cross_entropy
+    return functools.partial(functional.cross_entropy, label_smoothing=eps)
 
 
 @contextlib.contextmanager
@@ -197,16 +259,35 @@ def setup(config: Mapping, options: Mapping | None = None
     data = load_data(config)
     with default_dtype(config["train"]["dtype"]):
         manual_seed(config["train"]["seed"])
-        model = build_model(config, data.input_shape, data.num_classes)
+        model = build_model(config, data.input_shape, data.num_classes,
+                            vocab_size(data.x_train))
     if options.get("device") is not None:
         model.to(options["device"])
     optimizer = make_optimizer(config, model.parameters())
-    step = compile_step(model, functional.cross_entropy, optimizer,
+    optimizer.max_grad_norm = config["train"]["grad_clip"] or None
+    step = compile_step(model, loss_function(config), optimizer,
                         executor=None if options.get("device") is not None else (
                             options.get("executor") or make_executor(config["train"]["executor"])),
                         transform=options.get("transform"),
                         precision=config["train"].get("precision", "fp32"))
     return model, optimizer, step, data
+
+
+def plan_for_config(config: Mapping) -> PipelinePlan:
+    """The plan ``shardgrad train CONFIG`` runs with ``parallel.pp`` stages (built here in
+    one process: "profile" times this machine)."""
+    config = cfg.from_dict(config)
+    replicas, pp, m = pipeline.mesh_shape(config)
+    model, optimizer, _, data = setup(config)
+    rows = config["train"]["batch_size"] // (replicas * m)
+    graph = trace_step(model, functional.cross_entropy, optimizer,
+                       ((rows,) + data.input_shape, config["train"]["dtype"]),
+                       ((rows,), str(data.y_train.dtype)))
+    balance = config["parallel"]["balance"]
+    times = pipeline.profile_times(graph) if balance == "profile" else None
+    with pipeline.as_config_error():
+        return partition_pipeline(graph, pp, balance, m, config["parallel"]["schedule"], replicas,
+                                  times)
 
 
 def params_sha256(model: Module) -> str:
@@ -238,20 +319,17 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
     tensors.update({f"optim.{k}": np.asarray(v, order="C")
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
+    serialize.save_file(path, tensors, metadata)
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of a safetensors file; CheckpointError when it is not one
-    (truncated, overwritten, another format)."""
+    (truncated, overwritten, another format, a directory) or a tensor does not match the
+    checksum stored with it."""
     try:
-        with safetensors.safe_open(path, "np") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except safetensors.SafetensorError as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); delete it to "
-                              f"resume from an earlier checkpoint") from None
-    return tensors, metadata
+        return serialize.read_file(path)   # checks each tensor's SHA-256
+    except serialize.FileError as e:
+        raise CheckpointError(f"{e}; delete it to resume from an earlier checkpoint") from None
 
 
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -298,20 +376,22 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
                 os.remove(os.path.join(where, name))
 
 
-def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer
+def _keep_last(out_dir: str, keep: int) -> None:
+    """Remove all but the ``keep`` latest epoch checkpoints (``keep`` 0: keep all)."""
+    if keep:
+        for _, path in _checkpoints(out_dir)[:-keep]:
+            os.remove(path)
+
+
+def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer,
+             per_epoch: int | None = None
              ) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     path = latest_checkpoint(resume)
     if path is None:
         raise FileNotFoundError(f"--resume {resume}: no checkpoints/epoch_<k>.safetensors "
                                 f"there to resume from")
     tensors, meta = load_checkpoint(path)
-    try:
-        saved = json.loads(meta["config"])
-        int(meta["epoch"]), int(meta["step"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a shardgrad training checkpoint (its metadata "
-                              f"lacks a valid {e}); delete it to resume from an earlier one"
-                              ) from None
+    _, _, saved = checkpoint.read_meta(path, meta, per_epoch)
     try:   # keys added to the schema since the checkpoint was written take their defaults
         saved = cfg.from_dict(saved)
     except (cfg.ConfigError, AttributeError) as e:
@@ -325,6 +405,9 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
         raise cfg.ConfigError(f"--resume {resume}: train.epochs = {config['train']['epochs']} "
                               f"but {path} is from epoch {meta['epoch']}; set train.epochs >= "
                               f"{meta['epoch']}")
+    expected = model_tensors(model)
+    expected.update({f"optim.{k}": np.asarray(v) for k, v in optimizer.state_dict().items()})
+    checkpoint.check_tensors(path, tensors, expected, config["train"]["dtype"])
     try:
         _load_state(tensors, model, optimizer)
     except (KeyError, ValueError) as e:
@@ -370,9 +453,14 @@ class _Metrics:
         _write_text(self.path, "".join(kept))
 
     def write(self, record: dict) -> None:
+        self.last = record
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:   # e.g. the disk filled: name the file (a torn line is read
+                raise serialize.WriteError(   # back as none, see _record)
+                    e.errno, f"cannot write {self.path}: {e.strerror or e}") from None
         if self.on_record is not None:
             self.on_record(record)
 
@@ -389,6 +477,18 @@ def _check_finite(model: Module, steps_done: int, epoch: int) -> None:
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise Diverged(f"{name} holds NaN or infinite values after step {steps_done} "
                            f"(epoch {epoch + 1}): training diverged; try a lower train.lr")
+
+
+def _loader_options(config: Mapping, data: Dataset) -> tuple[Augment, Any]:
+    """The training batches' augmentation and, on a GPU, their copy to the device."""
+    d = config["data"]
+    augment = Augment(len(data.y_train), d["random_crop"], d["hflip"], config["train"]["seed"])
+    if augment and data.x_train.ndim != 4:
+        raise cfg.ConfigError(f"data.random_crop / data.hflip augment images (N, C, H, W), but "
+                              f"model.kind = {config['model']['kind']!r} takes the data as "
+                              f"shape {data.x_train.shape}: use an image model (cnn, resnet)")
+    spec = dev.Device.parse(config["device"]["type"])
+    return augment, device_copier(dev.resolve(spec) if spec.is_cuda else None)
 
 
 def _read_losses(losses: list, first: int, epoch: int, config: Mapping, total: int) -> None:
@@ -422,20 +522,24 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
     """
     config = cfg.from_dict(config)
     threads = config["device"]["threads"]
-    with threadpool_limits(threads or None, user_api="blas"):
-        return _train(config, out_dir, comm or SingleProcess(), resume, transform, executor,
-                      on_record)
+    comm = comm or SingleProcess()
+    # rank 0 writes the run directory: it holds the directory's lock for the whole run
+    with threadpool_limits(threads or None, user_api="blas"), \
+            rundir.hold(out_dir if comm.rank == 0 else None):
+        return _train(config, out_dir, comm, resume, transform, executor, on_record)
 
 
 def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
            transform: Callable | None, executor: Callable | None,
            on_record: Callable[[dict], None] | None) -> dict[str, Any]:
     comm = open_device(config, comm)
-    options = dict(step_options(config, comm) if transform is None and executor is None
+    run = accumulated(config)
+    options = dict(step_options(run, comm) if transform is None and executor is None
                    else {"transform": transform, "executor": executor})
     rank = options.get("data_rank", comm.rank)
     world = options.get("data_world_size", comm.world_size)
     t = config["train"]
+    batch = run["train"]["batch_size"]    # train.accumulate batches of train.batch_size
     if t["batch_size"] % world:
         raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (the global batch) must be "
                               f"a multiple of the data-parallel world size {world}")
@@ -446,10 +550,11 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
 
     model, optimizer, step, data = setup(config, options)
     sampler = DistributedSampler(len(data.y_train), world, rank, shuffle=True, seed=t["seed"])
-    per_epoch = num_batches(len(data.y_train), t["batch_size"])
+    per_epoch = num_batches(len(data.y_train), batch)
     if per_epoch == 0:
-        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} is larger than the "
-                              f"{len(data.y_train)} training samples")
+        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (x train.accumulate = "
+                              f"{t['accumulate']}) is larger than the {len(data.y_train)} "
+                              f"training samples")
     total = per_epoch * t["epochs"]
 
     start_epoch, steps_done, wall_before, resumed_from = 0, 0, 0.0, None
@@ -458,7 +563,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         state = None
         if comm.rank == 0:
             try:
-                state = _restore(config, resume, model, optimizer)
+                state = _restore(config, resume, model, optimizer, per_epoch)
             except (cfg.ConfigError, DataError, OSError) as e:   # every rank raises it
                 state = e
         state = comm.bcast_obj(state)
@@ -481,11 +586,13 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     gather = options.get("gather") or (lambda step: None)   # a pipeline keeps stages apart
     if prepare is not None:
         sampler.set_epoch(start_epoch)
-        x0, y0 = next(batches(data.x_train, data.y_train, sampler, t["batch_size"]))
+        x0, y0 = next(batches(data.x_train, data.y_train, sampler, batch))
         try:
             prepare(model, optimizer, step, x0, y0)
         except ShapeError as e:
             raise _unfit(e) from e
+
+    augment, to_device = _loader_options(config, data)
 
     def evaluate() -> float:
         acc = accuracy(model, data.x_test, data.y_test, t["eval_batch_size"],
@@ -495,29 +602,32 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     acc = None
     t0 = time.perf_counter()
     wall = lambda: round(wall_before + time.perf_counter() - t0, 3)
-    bar = tqdm(total=total, initial=steps_done, unit="step", desc="train", leave=False,
-               disable=comm.rank != 0 or not cfg.progress_enabled())
+    mon = Monitor(config, out_dir if writer else None, comm.rank, total, steps_done)
     try:
         for epoch in range(start_epoch, t["epochs"]):
-            sampler.set_epoch(epoch)
+            mon.epoch_begin(epoch)
             losses: list = []
             first = steps_done + 1
             read_losses = functools.partial(_read_losses, losses, first, epoch, config, total)
-            for x, y in batches(data.x_train, data.y_train, sampler, t["batch_size"]):
+            for x, y in prefetch(epoch_batches(data.x_train, data.y_train, sampler, batch,
+                                               epoch, augment, to_device),
+                                 config["data"]["prefetch"]):
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
+                mon.step_begin()
                 loss = step(x, y)
+                mon.step_end()
                 steps_done += 1
                 losses.append(loss)
                 if isinstance(loss, float) and not math.isfinite(loss):
                     read_losses()
-                bar.update(1)
                 if steps_done % t["log_every"] == 0:
                     read_losses()
                     loss = _mean_over_ranks(comm, losses[-1])
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                     metrics.write({"kind": "step", "epoch": epoch + 1, "step": steps_done,
-                                   "loss": loss, "lr": lr, "wall_s": wall()})
+                                   "loss": loss, "lr": lr, "wall_s": wall(),
+                                   "samples_per_s": mon.rate(steps_done)})
+                    mon.record(metrics.last)
             read_losses()
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
             step.to_host()
@@ -534,13 +644,15 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                          config, [f"{s}.{k}" for s in config for k in config[s]
                                   if resumable(f"{s}.{k}")]),
                      "config": json.dumps(config, sort_keys=True)})
+                _keep_last(out_dir, t["keep_checkpoints"])
             metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": steps_done,
                            "train_loss": train_loss, "test_accuracy": acc,
                            "lr": lr_at(config, steps_done, total), "wall_s": wall()})
+            mon.record(metrics.last)
     except ShapeError as e:
         raise _unfit(e) from e
     finally:
-        bar.close()
+        mon.close()
 
     if acc is None:
         acc = evaluate()
@@ -550,16 +662,16 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         "params_sha256": params_sha256(model),
         "num_params": int(sum(p.size for p in model.parameters())),
         "resumed_from": resumed_from, "config_hash": cfg.config_hash(config),
-        "config": config,
+        **mon.summary(), "config": config,
     }
     if writer:
         tensors = model_tensors(model)
-        write_atomic(os.path.join(out_dir, "final.safetensors"),
-                      lambda tmp: safetensors.numpy.save_file(tensors, tmp))
+        serialize.save_file(os.path.join(out_dir, "final.safetensors"), tensors)
         _write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 __all__ = ["EXECUTORS", "CheckpointError", "Diverged", "latest_checkpoint", "load_checkpoint",
            "load_data", "lr_at", "make_executor", "make_optimizer", "open_device",
-           "params_sha256", "save_checkpoint", "setup", "step_options", "train"]
+           "params_sha256", "plan_for_config", "save_checkpoint", "setup", "step_options",
+           "train"]

@@ -145,6 +145,12 @@ class Clipped(sg.optim.SGD):
         return p - lr * g.clamp(-0.05, 0.05), {}
 
 
+def _clipped_sgd(ps):
+    opt = sg.optim.SGD(ps, lr=0.5, momentum=0.9)
+    opt.max_grad_norm = 0.05          # train.grad_clip: the traced update clips
+    return opt
+
+
 OPTIMIZERS = {
     "sgd": lambda ps: sg.optim.SGD(ps, lr=0.1),
     "momentum-wd": lambda ps: sg.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
@@ -152,9 +158,11 @@ OPTIMIZERS = {
     "adam": lambda ps: sg.optim.Adam(ps, lr=0.01, weight_decay=1e-3),
     "adamw": lambda ps: sg.optim.AdamW(ps, lr=0.01),
     "custom": lambda ps: Clipped(ps, lr=0.1),
+    "grad-clip": _clipped_sgd,
 }
 PATHS = {"sgd": "flat-sgd", "momentum-wd": "flat-sgd", "nesterov": "flat-sgd",
-         "adam": "flat-adam", "adamw": "flat-adam", "custom": "graph-update"}
+         "adam": "flat-adam", "adamw": "flat-adam", "custom": "graph-update",
+         "grad-clip": "graph-update"}
 
 
 def rel(a, b) -> float:
