@@ -146,8 +146,30 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "epochs": Key(10, int, min=1),
         "batch_size": Key(64, int, min=1, help="GLOBAL batch size, split over the ranks"),
         "lr": Key(0.1, float, min=0.0),
-        "lr_schedule": Key("constant", str, choices=("constant", "cosine"),
-                           help="cosine: lr * (1 + cos(pi * step / steps)) / 2"),
+        "lr_schedule": Key("constant", str,
+                           choices=("constant", "cosine", "linear", "step", "multistep"),
+                           help="after warm-up, over the remaining s of S steps: cosine: lr * (1 "
+                                "+ cos(pi s / S)) / 2; linear: lr * (1 - s / S); step: lr * "
+                                "lr_gamma ** (epoch // lr_step_size); multistep: lr * lr_gamma "
+                                "** (milestones in lr_milestones passed)"),
+        "warmup_steps": Key(0, int, min=0,
+                            help="linear warm-up: step i < warmup_steps uses lr * (i + 1) / "
+                                 "warmup_steps; the schedule starts after it"),
+        "lr_step_size": Key(10, int, min=1, help="step schedule: epochs between decays"),
+        "lr_gamma": Key(0.1, float, min=0.0, help="step / multistep schedules: decay factor"),
+        "lr_milestones": Key([], list, item=int, min=1,
+                             help="multistep schedule: epochs after which lr *= lr_gamma"),
+        "grad_clip": Key(0.0, float, min=0.0,
+                         help="clip the gradients' global L2 norm to this (as torch's "
+                              "clip_grad_norm_; 0: off)"),
+        "accumulate": Key(1, int, min=1,
+                          help="gradient accumulation: each optimizer step sums the gradients "
+                               "of this many batches of train.batch_size"),
+        "label_smoothing": Key(0.0, float, min=0.0, max=1.0,
+                               help="cross-entropy against (1 - e) one-hot + e / classes, as "
+                                    "torch's label_smoothing"),
+        "keep_checkpoints": Key(0, int, min=0,
+                                help="keep only the last K epoch checkpoints (0: keep all)"),
         "optimizer": Key("sgd", str, choices=("sgd", "adam", "adamw")),
         "momentum": Key(0.0, float, min=0.0, max=1.0),
         "nesterov": Key(False, bool),
@@ -221,6 +243,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "placement": Key("PACK", str, choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                          help="--launcher ray: Ray placement strategy of the ranks' slots"),
         "cpus_per_rank": Key(1.0, float, min=0.01, help="--launcher ray: CPUs per slot"),
+        "gpus_per_rank": Key(-1.0, float, min=-1.0,
+                             help="--launcher ray: GPUs per slot, which its rank alone sees "
+                                  "(CUDA_VISIBLE_DEVICES); -1: 1 when device.type is cuda, "
+                                  "else 0"),
         "max_restarts": Key(0, int, min=0,
                             help="--launcher ray: restarts from the latest checkpoint after a "
                                  "rank or its node fails"),

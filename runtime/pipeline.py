@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from shardgrad.graph.ir import Graph
+from shardgrad.graph.walk import EnvWalk
 from shardgrad.ops.registry import kernel_for
 from shardgrad.partition.pipeline import (
     PartitionError,
@@ -292,21 +293,34 @@ def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[
     out = {}
     for n in parts.compute:
         vjp = vjp_nodes(n, parts.needs_grad)
-        g = xp.asarray(rng.standard_normal(n.shape).astype(n.dtype)) if vjp else None
         best = 0.0
         if vjp:
+            g = xp.asarray(rng.standard_normal(n.shape).astype(n.dtype))
+            walk, known = _vjp_walk(graph, vjp, env, xp, lambda x, g=g: g if x.op == "input"
+                                    and x.name == "g" else leaf_value(xp, x, feeds))
             best = float("inf")
             for _ in range(repeats):
-                local = dict(env)
                 s = time.perf_counter()
-                for m in vjp:
-                    args = [local[x.id] if x.id in local else (
-                        g if x.op == "input" and x.name == "g" else leaf_value(xp, x, feeds))
-                        for x in m.inputs]
-                    local[m.id] = kernel_for(m, xp)(xp, *args, **m.attrs)
+                walk.run_env(known)
                 best = min(best, time.perf_counter() - s)
         out[n.id] = fwd[n.id] + best
     return out
+
+
+def _vjp_walk(graph: Graph, vjp: list, env: Mapping[int, Any], xp, leaf
+              ) -> tuple[EnvWalk, dict[int, Any]]:
+    """The executor core's walk over one node's VJP nodes, and the forward's values it reads
+    (from ``env``); any other input (the upstream gradient ``g``, constants) is a leaf read
+    by ``leaf``."""
+    walk = EnvWalk(graph)
+    made = {m.id for m in vjp}
+    known = {x.id: env[x.id] for m in vjp for x in m.inputs if x.id in env}
+    for x in {x.id: x for m in vjp for x in m.inputs
+              if x.id not in made and x.id not in known}.values():
+        walk.add_leaf(x, leaf)
+    walk.add_nodes(vjp, xp, leaf, xp)
+    walk.finish(())
+    return walk, known
 
 
 def sync_outputs(comm: Communicator, out: Mapping[str, Any]) -> dict[str, Any]:

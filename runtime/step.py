@@ -11,7 +11,6 @@ until ``TrainStep.to_host()``. Imports graph and runtime.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,17 +21,15 @@ from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.tensor import Tensor
 from shardgrad.graph.trace import trace_forward, trace_step
-from shardgrad.runtime import compiled
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.device import is_device_array, to_host
-
-Executor = Callable[[Graph], Any]   # graph -> object with .run(feeds) -> dict of outputs
+from shardgrad.runtime.executors import Executor, choose_executor
 
 
 def default_executor(graph: Graph):
     """The compiled Program (graph passes, planned buffers): the fast path. Pass
     ``executor=Interpreter`` for the reference."""
-    return compiled.compile(graph)
+    return choose_executor("compiled")(graph)
 
 
 def device_of(model: Module) -> dev.Device:
@@ -44,11 +41,7 @@ def executor_for(model: Module) -> Executor:
     """The default executor for where ``model``'s parameters live: the compiled Program on
     the CPU, runtime.gpu's GPUExecutor on their GPU."""
     where = device_of(model)
-    if not where.is_cuda:
-        return default_executor
-    from shardgrad.runtime.gpu import GPUExecutor
-
-    return functools.partial(GPUExecutor, device=where)
+    return choose_executor("compiled", where) if where.is_cuda else default_executor
 
 
 def _current(where: dev.Device):
