@@ -126,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_code(e: BaseException) -> int:
+    return 2 if isinstance(e, USAGE_ERRORS) else 130 if isinstance(e, KeyboardInterrupt) else 1
+
+
 def _ray_launch():
     """cluster.ray_launch, or a ConfigError saying how to install Ray."""
     try:
@@ -169,7 +173,7 @@ def _ranks(args, config) -> tuple[int | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from shardgrad.runtime.dp import communicator
+    from shardgrad.runtime import world
     from shardgrad.runtime.train import Diverged, train
 
     config = load_config(args.config, args.sets)
@@ -192,16 +196,12 @@ def cmd_train(args) -> int:
         for item in [*args.sets, *dp_set]:
             program += ["--set", item]
         return _mpirun(program, n)
-    comm = communicator(config)
+    par = config["parallel"]
+    comm = world.start(par["timeout_s"], par["start_timeout_s"], exit_code=_exit_code)
     try:
         summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
-        if comm.world_size > 1:
-            cause = ("interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt)
-                     else f"{type(e).__name__}: {e}")
-            print(f"rank {comm.rank} failed: {cause}", file=sys.stderr, flush=True)
-            comm.abort(2 if isinstance(e, USAGE_ERRORS) else
-                       130 if isinstance(e, KeyboardInterrupt) else 1)
+        world.fail(comm, e, _exit_code(e))
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)
             return 1

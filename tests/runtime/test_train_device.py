@@ -84,8 +84,8 @@ def test_cli_exits_2_with_that_line(tmp_path):
 def test_missing_gpus_and_pipelines_are_config_errors(host_gpu, monkeypatch):
     with pytest.raises(ConfigError, match=r"'cuda:1' but 'cuda:1' is not among the 1 CUDA"):
         tr.train(config('device.type="cuda:1"'), None)
-    with pytest.raises(ConfigError, match="runs data parallelism only"):
-        tr.train(config('device.type="cuda"', "parallel.pp=2"), None)
+    with pytest.raises(ConfigError, match="device.comm = 'nccl' carries data parallelism only"):
+        tr.train(config('device.type="cuda"', "parallel.pp=2", 'device.comm="nccl"'), None)
     monkeypatch.setattr(D.base, "_cupy", lambda: host_cupy.module(devices=0))
     with pytest.raises(ConfigError, match="'cuda' but no CUDA device is visible"):
         tr.train(config('device.type="cuda"'), None)
