@@ -107,7 +107,12 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
 
     if config["parallel"]["pp"] > 1:
         return pipeline.step_options(config, comm, executor, xp)
-    return dp.step_options(config, comm, executor)
+    options = dp.step_options(config, comm, executor)
+    if (dev.Device.parse(config["device"]["type"]).is_cuda and options["transform"] is None
+            and comm.world_size == 1 and not config.get("debug", {}).get("fail_at_step")):
+        # one GPU: compile_step's own path (the model on the device, the state owned there)
+        options.update(executor=None, device=dev.resolve(config["device"]["type"]))
+    return options
 
 
 def open_device(config: Mapping, comm: Communicator) -> Communicator:
@@ -264,12 +269,15 @@ def setup(config: Mapping, options: Mapping | None = None
         manual_seed(config["train"]["seed"])
         model = build_model(config, data.input_shape, data.num_classes,
                             vocab_size(data.x_train))
+    if options.get("device") is not None:
+        model.to(options["device"])
     optimizer = make_optimizer(config, model.parameters())
     optimizer.max_grad_norm = config["train"]["grad_clip"] or None
     step = compile_step(model, loss_function(config), optimizer,
-                        executor=options.get("executor") or make_executor(
-                            config["train"]["executor"]),
-                        transform=options.get("transform"))
+                        executor=None if options.get("device") is not None else (
+                            options.get("executor") or make_executor(config["train"]["executor"])),
+                        transform=options.get("transform"),
+                        precision=config["train"].get("precision", "fp32"))
     return model, optimizer, step, data
 
 
