@@ -130,7 +130,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         f.write(data)
 
 
-def _idx_pair(images: str, labels: str, dtype, image: bool) -> tuple[np.ndarray, np.ndarray]:
+def _idx_pair(images: str, labels: str, dtype, image: bool, num_classes: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     x, y = read_idx(images), read_idx(labels)
     if x.ndim < 2:
         raise DataError(f"{images}: expected images of shape (N, H, W) or (N, D), found "
@@ -139,13 +140,48 @@ def _idx_pair(images: str, labels: str, dtype, image: bool) -> tuple[np.ndarray,
         raise DataError(f"{labels}: expected labels of shape (N,), found shape {y.shape}")
     if len(x) != len(y):
         raise DataError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels")
+    if len(x) == 0:
+        raise DataError(f"{images} holds no images (its first dimension is 0)")
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     x = (x / scale).astype(dtype)
     if image:
         x = x.reshape(len(x), 1, *x.shape[1:]) if x.ndim == 3 else x
     else:
         x = x.reshape(len(x), -1)
-    return x, y.astype(np.int64)
+    return x, check_labels(y, labels, num_classes)
+
+
+def check_labels(y: np.ndarray, path: str, num_classes: int | None = None) -> np.ndarray:
+    """Class labels as int64, or DataError naming ``path`` and the first bad value: labels
+    must be whole numbers from 0, and either below ``num_classes`` or (without it) every
+    class from 0 to the largest label must occur, so a stray label (200 among 0..9) does
+    not silently make a model with 201 outputs."""
+    y = np.asarray(y)
+    if y.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if bad.size:
+            raise DataError(f"{path}: label {float(y[bad[0]])!r} at index {bad[0]} is not a whole "
+                            f"number: labels are class indices 0, 1, 2, ...")
+    elif y.dtype.kind not in "iu":
+        raise DataError(f"{path}: labels of dtype {y.dtype}: expected class indices")
+    bad = np.flatnonzero(y < 0)
+    if bad.size:
+        raise DataError(f"{path}: label {y[bad[0]]:g} at index {bad[0]} is negative: labels "
+                        f"are class indices 0, 1, 2, ...")
+    y = y.astype(np.int64)
+    if num_classes is not None:
+        bad = np.flatnonzero(y >= num_classes)
+        if bad.size:
+            raise DataError(f"{path}: label {y[bad[0]]} at index {bad[0]} is not one of the "
+                            f"{num_classes} classes (0..{num_classes - 1})")
+    elif y.size:
+        absent = np.setdiff1d(np.arange(y.max() + 1), y)
+        if absent.size:
+            top = int(np.argmax(y))
+            raise DataError(f"{path}: label {y[top]} at index {top}, but {absent.size} "
+                            f"class(es) below it never occur (first: {absent[0]}): labels "
+                            f"must be 0..K-1 with every class present")
+    return y
 
 
 def load_idx_dataset(images: str, labels: str, test_images: str | None = None,
@@ -160,7 +196,8 @@ def load_idx_dataset(images: str, labels: str, test_images: str | None = None,
     if test_images is None:
         parts = split(x, y, test_fraction, seed)
     else:
-        parts = (x, y, *_idx_pair(test_images, test_labels, dtype, image))
+        parts = (x, y, *_idx_pair(test_images, test_labels, dtype, image,
+                                  int(y.max()) + 1))
         if parts[2].shape[1:] != x.shape[1:]:
             raise DataError(f"{test_images}: test images of shape {parts[2].shape[1:]} differ "
                             f"from the training images' {x.shape[1:]}")
@@ -252,4 +289,5 @@ def batches(x: np.ndarray, y: np.ndarray, sampler: DistributedSampler, batch_siz
 
 
 __all__ = ["DataError", "Dataset", "DistributedSampler", "batch_indices", "batches",
-           "load_digits", "load_idx_dataset", "num_batches", "read_idx", "split", "write_idx"]
+           "check_labels", "load_digits", "load_idx_dataset", "num_batches", "read_idx",
+           "split", "write_idx"]
