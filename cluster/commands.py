@@ -105,10 +105,13 @@ def ssh_target(argv: Sequence[str]) -> tuple[str, str]:
     return host, " ".join(argv[i + 1:])
 
 
-# What names the failed rank in a job's output, most authoritative first: mpirun's report of
+# What names the failed rank in a job's output, most authoritative first: a rank that a peer
+# found hung, or that a signal ended; then mpirun's report of
 # the first process that died or exited non-zero, then the ranks' own words (a rank that saw
 # its peer die may report a failure of its own before mpirun does).
 _FAILED_RANK = [
+    re.compile(r"\brank (\d+) hangs:"),                      # a peer's watchdog (runtime/mpi.py)
+    re.compile(r"\brank (\d+) was terminated by"),           # a signal to a rank (cli.py)
     re.compile(r"process rank (\d+) with PID \d+ on node"),  # prterun: a signal or an abort
     re.compile(r"Process name: \[[^,\]]+,(\d+)\]"),          # prterun: a non-zero exit code
     re.compile(r"MPI_ABORT was invoked on rank (\d+)"),      # Open MPI and MPICH
