@@ -18,8 +18,10 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 from shardgrad.graph.ir import ShapeError
 from shardgrad.runtime.config import ConfigError, load_config, mpi_world_size
@@ -63,10 +65,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind (releasing the run directory), then say so."""
+
+    def __init__(self, sig: int):
+        super().__init__(sig)
+        self.sig = sig
+
+    def __str__(self) -> str:
+        return f"terminated by {signal.Signals(self.sig).name}"
+
+
+def _terminate(sig, frame):
+    raise Terminated(sig)
+
+
 def cmd_train(args) -> int:
     from shardgrad.runtime.dp import communicator
     from shardgrad.runtime.train import Diverged, train
 
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _terminate)
     config = load_config(args.config, args.sets)
     out = args.out or args.resume or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config))[0])
@@ -83,11 +103,17 @@ def cmd_train(args) -> int:
         summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
         if comm.world_size > 1:
+            if isinstance(e, Terminated):
+                print(f"rank {comm.rank} was {e}", file=sys.stderr, flush=True)
+                comm.abort(128 + e.sig)
             cause = ("interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt)
                      else f"{type(e).__name__}: {e}")
             print(f"rank {comm.rank} failed: {cause}", file=sys.stderr, flush=True)
             comm.abort(2 if isinstance(e, USAGE_ERRORS) else
                        130 if isinstance(e, KeyboardInterrupt) else 1)
+        if isinstance(e, Terminated):
+            print(f"shardgrad train: {e}", file=sys.stderr)
+            return 128 + e.sig
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)
             return 1
