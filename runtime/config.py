@@ -310,10 +310,7 @@ def env(name: str, default: str | None = None) -> str | None:
 # cores beside other work) the waiting rank starves the one it waits for. Yielding when idle
 # ran 220 steps of examples/digits_mlp.toml on 2 ranks in 0.29-0.84 s against 0.52-2.7 s.
 # Set before MPI starts, unless the launcher set it (``mpirun --mca mpi_yield_when_idle 0``).
-# osc ^ucx: the watchdog's progress window (runtime/mpi.py) is shared memory, which osc/sm
-# serves; Open MPI 5.0.11's osc/ucx printed "OSC UCX component priority set inside component
-# query failed" on each rank when the window was made.
-MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1", "OMPI_MCA_osc": "^ucx"}
+MPI_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
 def set_mpi_defaults() -> None:

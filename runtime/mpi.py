@@ -5,10 +5,14 @@ started by mpirun/mpiexec. Imports runtime.comm and runtime.config (MPI's defaul
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -23,26 +27,42 @@ _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
 
 class _Progress:
-    """Each rank's heartbeat and whether it waits in a communication call, in memory that
-    its peers on the same host read directly (an MPI shared-memory window): reading needs no
+    """Each rank's heartbeat and whether it waits in a communication call, in a small
+    memory-mapped file its peers on the same host read directly (/dev/shm): reading needs no
     call on the other rank, so a stopped or stuck rank can be told from one that waits.
     Slots: heartbeat (monotonic ns, set by the watchdog's tick), waiting (1 inside a guarded
-    call), since (ns of the last entry or exit), pid."""
+    call), since (ns of the last entry or exit), pid. Not an MPI shared window: under the Ray
+    launcher's one-daemon-per-rank hosts on one machine, making one hung."""
 
     FIELDS = 4
 
     def __init__(self):
         world = MPI.COMM_WORLD
         self.rank, self.size = world.Get_rank(), world.Get_size()
-        node = world.Split_type(MPI.COMM_TYPE_SHARED)
-        self.win = MPI.Win.Allocate_shared(8 * self.FIELDS, 8, comm=node)
-        ranks = node.allgather(self.rank)
-        self.slots = {r: np.frombuffer(self.win.Shared_query(i)[0], np.int64, self.FIELDS)
-                      for i, r in enumerate(ranks)}
-        self.mine = self.slots[self.rank]
+        job = world.bcast(uuid.uuid4().hex if self.rank == 0 else None, 0)
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        self.dir = os.path.join(base, f"shardgrad-progress-{job}")
+        os.makedirs(self.dir, exist_ok=True)
+        self.mine = self._map(self.rank, create=True)
         now = time.monotonic_ns()
         self.mine[:] = (now, 0, now, os.getpid())
-        node.Barrier()   # every slot written before anyone reads one
+        atexit.register(self._remove)
+        world.Barrier()   # every slot written before anyone reads one
+
+    def _map(self, rank: int, create: bool = False) -> np.ndarray | None:
+        path = os.path.join(self.dir, str(rank))
+        try:
+            if create:
+                with open(path, "wb") as f:
+                    f.write(bytes(8 * self.FIELDS))
+            return np.memmap(path, np.int64, "r+" if create else "r", shape=(self.FIELDS,))
+        except (OSError, ValueError):   # not on this host (or not yet there)
+            return None
+
+    def _remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(self.dir, str(self.rank)))
+            os.rmdir(self.dir)   # the last rank out removes the directory
 
     def beat(self) -> None:
         self.mine[0] = time.monotonic_ns()
@@ -54,10 +74,11 @@ class _Progress:
     def findings(self, stale_s: float) -> tuple[list[int], list[str]]:
         """The ranks that keep this one waiting and why: no heartbeat for ``stale_s`` (stopped,
         or stuck without releasing the GIL), or running outside any communication call."""
-        now, hung, notes = time.monotonic_ns(), [], []
+        now, hung, notes, unknown = time.monotonic_ns(), [], [], 0
         for r in range(self.size):
-            slot = self.slots.get(r)
-            if r == self.rank or slot is None:
+            slot = self._map(r) if r != self.rank else None
+            if slot is None:
+                unknown += r != self.rank
                 continue
             beat, waiting, since, pid = (int(v) for v in slot)
             if (now - beat) / 1e9 > stale_s:
@@ -69,9 +90,8 @@ class _Progress:
                 hung.append(r)
                 notes.append(f"rank {r} hangs: running but in no communication call for "
                              f"{(now - since) / 1e9:.1f} s")
-        others = self.size - len(self.slots)
-        if others:
-            notes.append(f"{others} rank(s) on other hosts cannot be checked from here")
+        if unknown:
+            notes.append(f"{unknown} rank(s) on other hosts cannot be checked from here")
         elif not notes:
             notes.append("every other rank waits in a communication call: they called "
                          "different ones")
