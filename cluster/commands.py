@@ -75,8 +75,10 @@ def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
                  resume: str | None = None, *, as_root: bool = False,
                  export: Sequence[str] = (), python: str = sys.executable) -> list[str]:
     """``shardgrad train`` of ``config_path`` as the Ray launcher runs it (see
-    ``ray_program_argv``)."""
-    return ray_program_argv(hosts, train_argv(config_path, out_dir, resume, python),
+    ``ray_program_argv``), each rank under cluster/rank.py, which names a rank a signal
+    killed."""
+    rank = [python, "-m", "shardgrad.cluster.rank"]
+    return ray_program_argv(hosts, rank + train_argv(config_path, out_dir, resume, python),
                             as_root=as_root, export=export, python=python)
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,6 +119,7 @@ class Host:
         self.commands: dict[int, _Command] = {}
         self.written: list[str] = []
         self.stopped = threading.Event()
+        self.notes_dir = tempfile.mkdtemp(prefix="shardgrad-notes-")
 
     def info(self) -> dict[str, Any]:
         return {"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
@@ -134,7 +136,8 @@ class Host:
         self.written.append(path)
 
     def start(self, command: str) -> int:
-        env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+        env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+                   SHARDGRAD_RANK_NOTES=self.notes_dir)
         c = _Command(command, env)
         self.commands[c.proc.pid] = c
         return c.proc.pid
@@ -147,6 +150,18 @@ class Host:
 
     def kill(self, pid: int) -> None:
         self.commands[pid].kill()
+
+    def notes(self) -> list[tuple[int, int, float]]:
+        """(rank, signal, time) of each rank here that a signal killed (cluster/rank.py)."""
+        found = []
+        for name in os.listdir(self.notes_dir):
+            try:
+                with open(os.path.join(self.notes_dir, name)) as f:
+                    rank, sig, when = f.read().split()
+                found.append((int(rank), int(sig), float(when)))
+            except (OSError, ValueError):
+                continue
+        return found
 
     def until_stopped(self) -> None:
         """Returns when ``stop`` is called; a caller holding this call learns of the actor's
@@ -162,6 +177,7 @@ class Host:
                     remove(target)
                 except OSError:
                     pass
+        shutil.rmtree(self.notes_dir, ignore_errors=True)
         self.stopped.set()
 
 
@@ -343,11 +359,27 @@ def supervise(job: Job, argv: Sequence[str], env: Mapping[str, str],
     code = proc.returncode
     if dead is not None:
         return max(code, 1), f"{job.where(dead[0])} failed: {dead[1]}"
+    killed = _killed(job)
+    if killed is not None:
+        return max(code, 1), f"{job.where(killed[0])} failed: killed by " \
+                             f"{signal.Signals(killed[1]).name}"
     rank = failed_rank("".join(tail))
     how = (f"killed by signal {-code}" if code < 0 else f"exit code {code}"
            + (f" (signal {code - 128})" if code > 128 else ""))
     who = job.where(rank) if rank is not None and rank < job.n else "a rank"
     return max(code, 1), f"{who} failed; mpirun {how}"
+
+
+def _killed(job: Job) -> tuple[int, int] | None:
+    """(rank, signal) of the first rank a signal killed, from the hosts' notes: a peer that
+    lost it may abort the job first, and mpirun then names that peer."""
+    try:
+        notes = [n for found in ray.get([a.notes.remote() for a in job.actors], timeout=5)
+                 for n in found]
+    except (RayActorError, GetTimeoutError):
+        return None
+    first = min(notes, key=lambda n: n[2], default=None)
+    return None if first is None else (first[0], first[1])
 
 
 def run_on_host(host: str, command: str) -> int:
