@@ -158,7 +158,7 @@ def check_labels(y: np.ndarray, path: str, num_classes: int | None = None) -> np
     not silently make a model with 201 outputs."""
     y = np.asarray(y)
     if y.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)) | (np.abs(y) > 2**53))
         if bad.size:
             raise DataError(f"{path}: label {float(y[bad[0]])!r} at index {bad[0]} is not a whole "
                             f"number: labels are class indices 0, 1, 2, ...")
