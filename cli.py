@@ -1,10 +1,13 @@
 """The ``shardgrad`` command: ``train`` a config, draw its training-step ``graph``, print its
-pipeline ``plan``, ``launch`` your own script as MPI ranks, or ``config show`` every key.
+pipeline ``plan``, ``tune`` it by a sweep, ``launch`` your own script as MPI ranks, or
+``config show`` every key.
 
   shardgrad train [-n N] CONFIG [--out DIR] [--set KEY=VALUE]... [--resume DIR]
                   [--launcher local|mpi|ray]
   shardgrad graph CONFIG --out FILE.dot|.svg|.png [--set KEY=VALUE]...
-  shardgrad plan CONFIG [--set KEY=VALUE]...
+  shardgrad plan CONFIG [--set KEY=VALUE]... [--launcher ray]
+  shardgrad tune CONFIG [--set K=V]... --search KEY=SPEC... [--trials N] [--ranks-per-trial R]
+                 [--scheduler asha|fifo] [--out DIR]
   shardgrad launch -n N [--launcher local|mpi|ray] [--set cluster.KEY=VALUE]... -- PROGRAM...
   shardgrad config show [CONFIG] [--set KEY=VALUE]...
   shardgrad report RUN_DIR
@@ -85,6 +88,24 @@ def _parser() -> argparse.ArgumentParser:
                                      "its schedule grid")
     pl.add_argument("config", help="TOML config file")
     pl.add_argument("--set", dest="sets", **sets)
+    pl.add_argument("--launcher", choices=("local", "ray"), default="local",
+                    help="ray: also show the node each rank's slot would be asked on")
+    tu = sub.add_parser("tune", help="sweep: train a config many times with values drawn "
+                                     "from --search, scheduled by Ray Tune (ASHA stops poor "
+                                     "trials early)")
+    tu.add_argument("config", help="TOML config file")
+    tu.add_argument("--set", dest="sets", **sets)
+    tu.add_argument("--search", action="append", default=[], metavar="KEY=SPEC",
+                    help="a key to search: a distribution (uniform|loguniform|randint(LOW,HIGH),"
+                         " q[log]uniform(LOW,HIGH,Q)) or a TOML list of choices (repeatable)")
+    tu.add_argument("--trials", type=int, default=8, help="number of trials (default 8)")
+    tu.add_argument("--ranks-per-trial", type=int, default=1,
+                    help="MPI ranks per trial (data parallel; mpirun when > 1)")
+    tu.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                    help="asha: stop poor trials early on their test accuracy; fifo: run all")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    tu.add_argument("--out", help="sweep directory (default: runs/tune-<config name>); "
+                                  "the same --out resumes an interrupted sweep")
     la = sub.add_parser("launch", help="run your own program (e.g. a script calling "
                                        "sg.distributed.init()) as N MPI ranks")
     la.add_argument("-n", type=int, required=True, help="number of ranks")
@@ -237,7 +258,21 @@ def cmd_graph(args) -> int:
 def cmd_plan(args) -> int:
     from shardgrad.runtime.train import plan_for_config
 
-    print(plan_for_config(load_config(args.config, args.sets)))
+    config = load_config(args.config, args.sets)
+    if config["parallel"]["pp"] > 1 or args.launcher == "local":
+        print(plan_for_config(config))
+    if args.launcher == "ray":
+        print(_ray_launch().planned_placement(config))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from shardgrad.cluster.tune import sweep
+
+    out = args.out or os.path.join(
+        "runs", "tune-" + os.path.splitext(os.path.basename(args.config))[0])
+    print(sweep(args.config, args.sets, args.search, args.trials, out, args.ranks_per_trial,
+                args.scheduler, args.seed))
     return 0
 
 
@@ -304,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan,
                 "launch": cmd_launch, "config": cmd_config,
-                "report": cmd_report}[args.command](args)
+                "report": cmd_report, "tune": cmd_tune}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from shardgrad.graph.autodiff import backprop
 from shardgrad.graph.ir import Graph, ShapeError, const, toposort
 from shardgrad.graph.nn import Module
-from shardgrad.graph.optim import Optimizer
+from shardgrad.graph.optim import Optimizer, clip_grad_norm
 from shardgrad.graph.tensor import Tensor, placeholder, tracing_salt
 from shardgrad.ops.nn import batch_stats_sync
 
@@ -96,6 +96,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
             used = {n.id for n in toposort([loss.node])}
             grad_of = {id(p): Tensor(g) for (_, p), g in zip(named, grads, strict=True)
                        if leaves[id(p)].id in used}
+            grad_of = clip_grad_norm(grad_of, optimizer.max_grad_norm)
             for p, st in zip(optimizer.params, optimizer.state, strict=True):
                 if id(p) not in grad_of:
                     continue                       # frozen or unused: no update

@@ -44,10 +44,11 @@ from shardgrad.runtime.data import (
     batches,
     load_digits,
     load_idx_dataset,
+    load_text,
     num_batches,
 )
 from shardgrad.runtime.executors import EXECUTORS, choose_executor
-from shardgrad.runtime.models import build_model, image_input
+from shardgrad.runtime.models import build_model, image_input, vocab_size
 from shardgrad.runtime.monitor import Monitor
 from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
@@ -124,6 +125,8 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
 def load_data(config: Mapping) -> Dataset:
     d, dtype = config["data"], config["train"]["dtype"]
     image = image_input(config)
+    if d["dataset"] == "text":
+        return load_text(test_fraction=d["test_fraction"], seed=d["split_seed"])
     if d["dataset"] == "digits":
         return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
                            seed=d["split_seed"])
@@ -179,11 +182,58 @@ def make_optimizer(config: Mapping, params) -> optim.Optimizer:
 
 
 def lr_at(config: Mapping, step: int, total_steps: int) -> float:
-    """The learning rate of the step that follows ``step`` completed steps."""
+    """The learning rate of the step that follows ``step`` completed steps (of
+    ``total_steps``): a linear warm-up over ``train.warmup_steps``, then ``train.lr_schedule``
+    over the rest (step and multistep count epochs of total_steps / train.epochs steps)."""
     t = config["train"]
-    if t["lr_schedule"] == "cosine":
-        return t["lr"] * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
-    return t["lr"]
+    warm, lr = t["warmup_steps"], t["lr"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    s, span = step - warm, max(total_steps - warm, 1)
+    kind = t["lr_schedule"]
+    if kind == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * s / span))
+    if kind == "linear":
+        return lr * max(0.0, 1.0 - s / span)
+    if kind in ("step", "multistep"):
+        epoch = step // max(total_steps // t["epochs"], 1)
+        decays = (epoch // t["lr_step_size"] if kind == "step"
+                  else sum(epoch >= m for m in t["lr_milestones"]))
+        return lr * t["lr_gamma"] ** decays
+    return lr
+
+
+def accumulated(config: Mapping) -> dict:
+    """``config`` with ``train.accumulate`` = k folded into how the step runs: each optimizer
+    step takes k batches of ``train.batch_size`` at once (the loop's batch is k times larger)
+    and the step graph, traced on one of them, runs k times and sums the gradients: as k more
+    pipeline micro-batches (pp > 1), or k times the chunks of deterministic data parallelism
+    (the dp ranks' chunks, one each, when it was off)."""
+    if config["train"]["grad_clip"] and config["parallel"]["pp"] > 1:
+        # the global norm sums every stage's gradients: a cross-stage reduction the pipeline
+        # partition does not make (it refuses an update that reads non-gradient values)
+        raise cfg.ConfigError("train.grad_clip needs the gradients of all pipeline stages; it "
+                              "runs with parallel.pp = 1 (any parallel.dp) for now")
+    k = config["train"]["accumulate"]
+    if k == 1:
+        return config
+    run = {s: dict(v) for s, v in config.items()}
+    run["train"]["batch_size"] *= k
+    par = run["parallel"]
+    if par["pp"] > 1:
+        par["microbatches"] *= k
+    else:
+        par["chunks"] = (par["chunks"] if par["deterministic"] else par["dp"]) * k
+        par["deterministic"] = True
+    return run
+
+
+def loss_function(config: Mapping) -> Callable:
+    """Cross-entropy, with ``train.label_smoothing`` when set."""
+    eps = config["train"]["label_smoothing"]
+    if not eps:
+        return functional.cross_entropy
+    return functools.partial(functional.cross_entropy, label_smoothing=eps)
 
 
 @contextlib.contextmanager
@@ -204,9 +254,11 @@ def setup(config: Mapping, options: Mapping | None = None
     data = load_data(config)
     with default_dtype(config["train"]["dtype"]):
         manual_seed(config["train"]["seed"])
-        model = build_model(config, data.input_shape, data.num_classes)
+        model = build_model(config, data.input_shape, data.num_classes,
+                            vocab_size(data.x_train))
     optimizer = make_optimizer(config, model.parameters())
-    step = compile_step(model, functional.cross_entropy, optimizer,
+    optimizer.max_grad_norm = config["train"]["grad_clip"] or None
+    step = compile_step(model, loss_function(config), optimizer,
                         executor=options.get("executor") or make_executor(
                             config["train"]["executor"]),
                         transform=options.get("transform"))
@@ -314,6 +366,13 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
         for name in os.listdir(where):
             if name.startswith(".") and ".tmp-" in name:   # write_atomic's names
                 os.remove(os.path.join(where, name))
+
+
+def _keep_last(out_dir: str, keep: int) -> None:
+    """Remove all but the ``keep`` latest epoch checkpoints (``keep`` 0: keep all)."""
+    if keep:
+        for _, path in _checkpoints(out_dir)[:-keep]:
+            os.remove(path)
 
 
 def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer,
@@ -466,11 +525,13 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
            transform: Callable | None, executor: Callable | None,
            on_record: Callable[[dict], None] | None) -> dict[str, Any]:
     comm = open_device(config, comm)
-    options = dict(step_options(config, comm) if transform is None and executor is None
+    run = accumulated(config)
+    options = dict(step_options(run, comm) if transform is None and executor is None
                    else {"transform": transform, "executor": executor})
     rank = options.get("data_rank", comm.rank)
     world = options.get("data_world_size", comm.world_size)
     t = config["train"]
+    batch = run["train"]["batch_size"]    # train.accumulate batches of train.batch_size
     if t["batch_size"] % world:
         raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (the global batch) must be "
                               f"a multiple of the data-parallel world size {world}")
@@ -481,10 +542,11 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
 
     model, optimizer, step, data = setup(config, options)
     sampler = DistributedSampler(len(data.y_train), world, rank, shuffle=True, seed=t["seed"])
-    per_epoch = num_batches(len(data.y_train), t["batch_size"])
+    per_epoch = num_batches(len(data.y_train), batch)
     if per_epoch == 0:
-        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} is larger than the "
-                              f"{len(data.y_train)} training samples")
+        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (x train.accumulate = "
+                              f"{t['accumulate']}) is larger than the {len(data.y_train)} "
+                              f"training samples")
     total = per_epoch * t["epochs"]
 
     start_epoch, steps_done, wall_before, resumed_from = 0, 0, 0.0, None
@@ -516,7 +578,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     gather = options.get("gather") or (lambda step: None)   # a pipeline keeps stages apart
     if prepare is not None:
         sampler.set_epoch(start_epoch)
-        x0, y0 = next(batches(data.x_train, data.y_train, sampler, t["batch_size"]))
+        x0, y0 = next(batches(data.x_train, data.y_train, sampler, batch))
         try:
             prepare(model, optimizer, step, x0, y0)
         except ShapeError as e:
@@ -539,8 +601,8 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
             losses: list = []
             first = steps_done + 1
             read_losses = functools.partial(_read_losses, losses, first, epoch, config, total)
-            for x, y in prefetch(epoch_batches(data.x_train, data.y_train, sampler,
-                                               t["batch_size"], epoch, augment, to_device),
+            for x, y in prefetch(epoch_batches(data.x_train, data.y_train, sampler, batch,
+                                               epoch, augment, to_device),
                                  config["data"]["prefetch"]):
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
@@ -574,6 +636,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                          config, [f"{s}.{k}" for s in config for k in config[s]
                                   if resumable(f"{s}.{k}")]),
                      "config": json.dumps(config, sort_keys=True)})
+                _keep_last(out_dir, t["keep_checkpoints"])
             metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": steps_done,
                            "train_loss": train_loss, "test_accuracy": acc,
                            "lr": lr_at(config, steps_done, total), "wall_s": wall()})
