@@ -38,3 +38,12 @@ def test_traits_are_consistent():
         "reduce_scatter"}
     assert {"add", "mul", "exp", "where", "cast", "relu", "less"} <= {
         n for n, d in REGISTRY.items() if d.elementwise and d.cuda_expr is not None}
+
+
+def test_view_ops_declare_it():
+    assert {n: d.view for n, d in REGISTRY.items() if d.view} == {
+        "reshape": "contiguous", "transpose": "any", "broadcast_to": "any"}
+    x = np.arange(6.0).reshape(2, 3)
+    for name, attrs in (("reshape", {"shape": (3, 2)}), ("transpose", {"axes": (1, 0)}),
+                        ("broadcast_to", {"shape": (4, 2, 3)})):
+        assert np.shares_memory(kernel_for(name, "cpu")(np, x, **attrs), x), name
