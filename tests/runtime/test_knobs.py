@@ -14,9 +14,9 @@ import safetensors.numpy
 import torch
 
 import shardgrad as sg
+from shardgrad.runtime import train as train_module
 from shardgrad.runtime.config import ConfigError, load_config
 from shardgrad.runtime.threadcomm import run_ranks
-from shardgrad.runtime import train as train_module
 from shardgrad.runtime.train import lr_at, train
 from shardgrad.runtime.train import setup as _setup
 
