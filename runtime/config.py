@@ -177,6 +177,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, int, min=0, help="parameter init, dropout and data order"),
         "dtype": Key("float32", str, choices=("float32", "float64")),
         "log_every": Key(10, int, min=1, help="write a metrics record every N steps"),
+        "precision": Key("fp32", str, choices=("fp32", "bf16", "fp16"),
+                         help="matmuls and convolutions in bf16/fp16 (fp16 with dynamic loss "
+                              "scaling), the rest float32; emulated on the CPU (docs/gpu.md)"),
         "executor": Key("compiled", str, choices=("compiled", "interpreter"),
                         help="compiled: planned buffers, the fast path; interpreter: the "
                              "reference"),

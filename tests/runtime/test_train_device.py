@@ -85,8 +85,8 @@ def test_cli_exits_2_with_that_line(tmp_path):
 def test_missing_gpus_and_pipelines_are_config_errors(host_gpu, monkeypatch):
     with pytest.raises(ConfigError, match=r"'cuda:1' but 'cuda:1' is not among the 1 CUDA"):
         tr.train(config('device.type="cuda:1"'), None)
-    with pytest.raises(ConfigError, match="runs data parallelism only"):
-        tr.train(config('device.type="cuda"', "parallel.pp=2"), None)
+    with pytest.raises(ConfigError, match="device.comm = 'nccl' carries data parallelism only"):
+        tr.train(config('device.type="cuda"', "parallel.pp=2", 'device.comm="nccl"'), None)
     monkeypatch.setattr(D.base, "_cupy", lambda: host_cupy.module(devices=0))
     with pytest.raises(ConfigError, match="'cuda' but no CUDA device is visible"):
         tr.train(config('device.type="cuda"'), None)
@@ -94,13 +94,16 @@ def test_missing_gpus_and_pipelines_are_config_errors(host_gpu, monkeypatch):
 
 
 def test_cuda_training_runs_the_step_on_the_gpu_executor(host_gpu, tmp_path, monkeypatch):
+    cupy = host_cupy.device_module()          # arrays that say they are on the GPU
+    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
     pulls = []
     to_host = TrainStep.to_host
     monkeypatch.setattr(TrainStep, "to_host", lambda self: pulls.append(1) or to_host(self))
     cpu = tr.train(config("train.epochs=2"), None)
     out = tmp_path / "run"
     gpu = tr.train(config("train.epochs=2", 'device.type="cuda"'), str(out))
-    assert host_gpu == [0] * gpu["steps"] and gpu["steps"] == cpu["steps"] == 22
+    # one process: compile_step's own GPU path (runtime.gpu_step), its executor rank-less
+    assert host_gpu == [None] * gpu["steps"] and gpu["steps"] == cpu["steps"] == 22
     assert len(pulls) == 4                 # once an epoch in each run, before evaluating
     assert abs(gpu["train_loss"] - cpu["train_loss"]) <= 1e-4 * abs(cpu["train_loss"])
     assert abs(gpu["test_accuracy"] - cpu["test_accuracy"]) <= 0.01
