@@ -78,6 +78,9 @@ class TrainStep:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.cuda_graph = cuda_graph
         passes.low_dtype(precision)                 # a bad name or missing package: now
+        if precision == "fp16" and transform is not None:
+            raise ValueError("precision = 'fp16' (dynamic loss scaling) with a step transform "
+                             "(data parallelism, pipelines) is not supported yet: use 'bf16'")
         self.precision = precision
         self.executor = executor or executor_for(model)
         self.device = device_of(model)
