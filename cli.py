@@ -11,6 +11,9 @@ pipeline ``plan``, ``tune`` it by a sweep, ``launch`` your own script as MPI ran
   shardgrad launch -n N [--launcher local|mpi|ray] [--set cluster.KEY=VALUE]... -- PROGRAM...
   shardgrad config show [CONFIG] [--set KEY=VALUE]...
   shardgrad report RUN_DIR
+  shardgrad evaluate RUN_DIR [--set data.KEY=VALUE]... [--out DIR]
+  shardgrad predict RUN_DIR INPUT...
+  shardgrad export RUN_DIR --format onnx --out FILE
   shardgrad --version
 
 A bad config, a missing file, unreadable data or checkpoint prints one line to stderr and exits
@@ -118,12 +121,32 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="draw a run's curves (report.png) and write its "
                                        "summary (report.md) into its directory")
     rp.add_argument("run_dir", help="a run directory (train --out)")
+    ev = sub.add_parser("evaluate", help="a trained run's top-1/top-5 and per-class accuracy "
+                                         "and confusion matrix on its test split (JSON, text, "
+                                         "PNG)")
+    ev.add_argument("run_dir", help="a run directory (train --out)")
+    ev.add_argument("--set", dest="sets", **{**sets, "help": "change a data.* key (another "
+                                                          "data set or split)"})
+    ev.add_argument("--out", help="where to write evaluation.json, confusion.txt/.png "
+                                  "(default: RUN_DIR)")
+    pr = sub.add_parser("predict", help="labels and probabilities of a trained run's model for "
+                                        "an .npz (array x) or image files")
+    pr.add_argument("run_dir", help="a run directory (train --out)")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="one .npz, or PNG/JPEG files")
+    ex = sub.add_parser("export", help="write a trained run's eval-mode forward graph as ONNX")
+    ex.add_argument("run_dir", help="a run directory (train --out)")
+    ex.add_argument("--format", choices=("onnx",), default="onnx")
+    ex.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
     co = sub.add_parser("config", help="show the resolved config: every key, its default and "
                                        "its help")
     co.add_argument("action", choices=("show",))
     co.add_argument("config", nargs="?", help="TOML config file (default: the defaults)")
     co.add_argument("--set", dest="sets", **sets)
     return p
+
+
+def _exit_code(e: BaseException) -> int:
+    return 2 if isinstance(e, USAGE_ERRORS) else 130 if isinstance(e, KeyboardInterrupt) else 1
 
 
 def _ray_launch():
@@ -169,7 +192,7 @@ def _ranks(args, config) -> tuple[int | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from shardgrad.runtime.dp import communicator
+    from shardgrad.runtime import world
     from shardgrad.runtime.train import Diverged, train
 
     config = load_config(args.config, args.sets)
@@ -192,16 +215,12 @@ def cmd_train(args) -> int:
         for item in [*args.sets, *dp_set]:
             program += ["--set", item]
         return _mpirun(program, n)
-    comm = communicator(config)
+    par = config["parallel"]
+    comm = world.start(par["timeout_s"], par["start_timeout_s"], exit_code=_exit_code)
     try:
         summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
-        if comm.world_size > 1:
-            cause = ("interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt)
-                     else f"{type(e).__name__}: {e}")
-            print(f"rank {comm.rank} failed: {cause}", file=sys.stderr, flush=True)
-            comm.abort(2 if isinstance(e, USAGE_ERRORS) else
-                       130 if isinstance(e, KeyboardInterrupt) else 1)
+        world.fail(comm, e, _exit_code(e))
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)
             return 1
@@ -331,6 +350,31 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from shardgrad.runtime.inference import confusion_text, evaluate
+
+    result = evaluate(args.run_dir, args.sets, args.out)
+    print(confusion_text(result["confusion_matrix"]), end="")
+    shown = {k: v for k, v in result.items() if k != "confusion_matrix"}
+    print(json.dumps(shown))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from shardgrad.runtime.inference import predict
+
+    for row in predict(args.run_dir, args.inputs):
+        print(json.dumps(row))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from shardgrad.runtime.onnx_export import export_run
+
+    print(export_run(args.run_dir, args.out))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(show_config(load_config(args.config, args.sets)), end="")
     return 0
@@ -341,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan,
                 "launch": cmd_launch, "config": cmd_config,
-                "report": cmd_report, "tune": cmd_tune}[args.command](args)
+                "report": cmd_report, "tune": cmd_tune, "evaluate": cmd_evaluate,
+                "predict": cmd_predict, "export": cmd_export}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

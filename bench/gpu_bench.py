@@ -109,11 +109,11 @@ def _stand_in() -> None:
     import os
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "runtime"))
+    import host_cuda
     import host_cupy
 
     from shardgrad.graph import device as base
     from shardgrad.ops import gpu as gpu_ops
-    from shardgrad.runtime import host_cuda
     cupy = host_cupy.device_module()
     sys.modules["cupy"] = cupy
     base._cupy = lambda: cupy

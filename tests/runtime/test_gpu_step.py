@@ -1,5 +1,5 @@
 """compile_step on a GPU model (runtime.gpu_step), on the CPU: host_cupy's DeviceArrays stand
-for CuPy arrays and runtime.host_cuda runs the CUDA kernels. The step owns its state on the
+for CuPy arrays and host_cuda runs the CUDA kernels. The step owns its state on the
 device (the model's tensors are views, state_dict reads them), follows the CPU step's
 trajectory for SGD / Adam / AdamW / a custom optimizer / BatchNorm buffers, returns the loss
 as a lazy 0-d device Tensor, defers the label check to the loss read, and keeps its per-step
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
@@ -20,7 +21,6 @@ from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph import ir  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
-from shardgrad.runtime import host_cuda  # noqa: E402
 
 F = sg.nn.functional
 nn = sg.nn

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
@@ -22,7 +23,6 @@ from shardgrad.graph import passes, trace  # noqa: E402
 from shardgrad.graph.ir import Graph, leaf  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.ops.linalg import matmul  # noqa: E402
-from shardgrad.runtime import host_cuda  # noqa: E402
 from shardgrad.runtime import train as tr  # noqa: E402
 from shardgrad.runtime.compiled import compile as compile_graph  # noqa: E402
 from shardgrad.runtime.config import ConfigError, load_config  # noqa: E402

@@ -1,7 +1,7 @@
 """``device.type`` in training, on the CPU: the config key, the errors when CuPy or the GPU is
 missing, and the wiring (the step on the GPU executor, its state back on the host for
 evaluation and checkpoints, device buffers through gpu_comm on several ranks) with host_cupy
-standing in for cupy and runtime.host_cuda running the CUDA kernels. The same run on a real
+standing in for cupy and host_cuda running the CUDA kernels. The same run on a real
 GPU is bench/gpu_check.sh's business.
 """
 
@@ -17,12 +17,13 @@ import pytest
 import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
-from shardgrad.runtime import gpu_comm, host_cuda  # noqa: E402
+from shardgrad.runtime import gpu_comm  # noqa: E402
 from shardgrad.runtime import train as tr  # noqa: E402
 from shardgrad.runtime.config import ConfigError, load_config  # noqa: E402
 from shardgrad.runtime.gpu import GPUExecutor  # noqa: E402
@@ -84,8 +85,8 @@ def test_cli_exits_2_with_that_line(tmp_path):
 def test_missing_gpus_and_pipelines_are_config_errors(host_gpu, monkeypatch):
     with pytest.raises(ConfigError, match=r"'cuda:1' but 'cuda:1' is not among the 1 CUDA"):
         tr.train(config('device.type="cuda:1"'), None)
-    with pytest.raises(ConfigError, match="runs data parallelism only"):
-        tr.train(config('device.type="cuda"', "parallel.pp=2"), None)
+    with pytest.raises(ConfigError, match="device.comm = 'nccl' carries data parallelism only"):
+        tr.train(config('device.type="cuda"', "parallel.pp=2", 'device.comm="nccl"'), None)
     monkeypatch.setattr(D.base, "_cupy", lambda: host_cupy.module(devices=0))
     with pytest.raises(ConfigError, match="'cuda' but no CUDA device is visible"):
         tr.train(config('device.type="cuda"'), None)
