@@ -1,10 +1,13 @@
 """The ``shardgrad`` command: ``train`` a config, draw its training-step ``graph``, print its
-pipeline ``plan``, ``launch`` your own script as MPI ranks, or ``config show`` every key.
+pipeline ``plan``, ``tune`` it by a sweep, ``launch`` your own script as MPI ranks, or
+``config show`` every key.
 
   shardgrad train [-n N] CONFIG [--out DIR] [--set KEY=VALUE]... [--resume DIR]
                   [--launcher local|mpi|ray]
   shardgrad graph CONFIG --out FILE.dot|.svg|.png [--set KEY=VALUE]...
-  shardgrad plan CONFIG [--set KEY=VALUE]...
+  shardgrad plan CONFIG [--set KEY=VALUE]... [--launcher ray]
+  shardgrad tune CONFIG [--set K=V]... --search KEY=SPEC... [--trials N] [--ranks-per-trial R]
+                 [--scheduler asha|fifo] [--out DIR]
   shardgrad launch -n N [--launcher local|mpi|ray] [--set cluster.KEY=VALUE]... -- PROGRAM...
   shardgrad config show [CONFIG] [--set KEY=VALUE]...
   shardgrad report RUN_DIR
@@ -88,6 +91,24 @@ def _parser() -> argparse.ArgumentParser:
                                      "its schedule grid")
     pl.add_argument("config", help="TOML config file")
     pl.add_argument("--set", dest="sets", **sets)
+    pl.add_argument("--launcher", choices=("local", "ray"), default="local",
+                    help="ray: also show the node each rank's slot would be asked on")
+    tu = sub.add_parser("tune", help="sweep: train a config many times with values drawn "
+                                     "from --search, scheduled by Ray Tune (ASHA stops poor "
+                                     "trials early)")
+    tu.add_argument("config", help="TOML config file")
+    tu.add_argument("--set", dest="sets", **sets)
+    tu.add_argument("--search", action="append", default=[], metavar="KEY=SPEC",
+                    help="a key to search: a distribution (uniform|loguniform|randint(LOW,HIGH),"
+                         " q[log]uniform(LOW,HIGH,Q)) or a TOML list of choices (repeatable)")
+    tu.add_argument("--trials", type=int, default=8, help="number of trials (default 8)")
+    tu.add_argument("--ranks-per-trial", type=int, default=1,
+                    help="MPI ranks per trial (data parallel; mpirun when > 1)")
+    tu.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                    help="asha: stop poor trials early on their test accuracy; fifo: run all")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    tu.add_argument("--out", help="sweep directory (default: runs/tune-<config name>); "
+                                  "the same --out resumes an interrupted sweep")
     la = sub.add_parser("launch", help="run your own program (e.g. a script calling "
                                        "sg.distributed.init()) as N MPI ranks")
     la.add_argument("-n", type=int, required=True, help="number of ranks")
@@ -124,9 +145,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_code(e: BaseException) -> int:
+    return 2 if isinstance(e, USAGE_ERRORS) else 130 if isinstance(e, KeyboardInterrupt) else 1
+
+
 def _ray_launch():
     """cluster.ray_launch, or a ConfigError saying how to install Ray."""
     try:
+        import ray  # noqa: F401 - a launcher imported earlier would hide a missing Ray
+
         from shardgrad.cluster import ray_launch
     except ImportError as e:
         if (e.name or "").split(".")[0] != "ray":
@@ -165,7 +192,7 @@ def _ranks(args, config) -> tuple[int | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from shardgrad.runtime.dp import communicator
+    from shardgrad.runtime import world
     from shardgrad.runtime.train import Diverged, train
 
     config = load_config(args.config, args.sets)
@@ -188,16 +215,12 @@ def cmd_train(args) -> int:
         for item in [*args.sets, *dp_set]:
             program += ["--set", item]
         return _mpirun(program, n)
-    comm = communicator(config)
+    par = config["parallel"]
+    comm = world.start(par["timeout_s"], par["start_timeout_s"], exit_code=_exit_code)
     try:
         summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
-        if comm.world_size > 1:
-            cause = ("interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt)
-                     else f"{type(e).__name__}: {e}")
-            print(f"rank {comm.rank} failed: {cause}", file=sys.stderr, flush=True)
-            comm.abort(2 if isinstance(e, USAGE_ERRORS) else
-                       130 if isinstance(e, KeyboardInterrupt) else 1)
+        world.fail(comm, e, _exit_code(e))
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)
             return 1
@@ -256,7 +279,21 @@ def cmd_graph(args) -> int:
 def cmd_plan(args) -> int:
     from shardgrad.runtime.train import plan_for_config
 
-    print(plan_for_config(load_config(args.config, args.sets)))
+    config = load_config(args.config, args.sets)
+    if config["parallel"]["pp"] > 1 or args.launcher == "local":
+        print(plan_for_config(config))
+    if args.launcher == "ray":
+        print(_ray_launch().planned_placement(config))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from shardgrad.cluster.tune import sweep
+
+    out = args.out or os.path.join(
+        "runs", "tune-" + os.path.splitext(os.path.basename(args.config))[0])
+    print(sweep(args.config, args.sets, args.search, args.trials, out, args.ranks_per_trial,
+                args.scheduler, args.seed))
     return 0
 
 
@@ -348,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan,
                 "launch": cmd_launch, "config": cmd_config,
-                "report": cmd_report, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                "export": cmd_export}[args.command](args)
+                "report": cmd_report, "tune": cmd_tune, "evaluate": cmd_evaluate,
+                "predict": cmd_predict, "export": cmd_export}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from shardgrad.runtime import config as cfg
 
-
 # Figures in metrics.jsonl and summary.json read off the clock: they differ between two runs
 # that compute the same thing.
 TIMINGS = ("wall_s", "step_time_s", "samples_per_s")

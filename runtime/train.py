@@ -26,13 +26,14 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from shardgrad.graph import optim
+from shardgrad.graph.device import xp_for
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.graph.trace import trace_step
 from shardgrad.partition.pipeline import PipelinePlan
 from shardgrad.partition.pipeline import pipeline as partition_pipeline
-from shardgrad.runtime import checkpoint, compiled, datasets, dp, pipeline, rundir, serialize
+from shardgrad.runtime import checkpoint, datasets, dp, pipeline, rundir, serialize, world
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.checkpoint import CheckpointError
@@ -44,10 +45,11 @@ from shardgrad.runtime.data import (
     batches,
     load_digits,
     load_idx_dataset,
+    load_text,
     num_batches,
 )
-from shardgrad.runtime.interpreter import Interpreter
-from shardgrad.runtime.models import build_model, image_input
+from shardgrad.runtime.executors import EXECUTORS, choose_executor
+from shardgrad.runtime.models import build_model, image_input, vocab_size
 from shardgrad.runtime.monitor import Monitor
 from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
@@ -56,9 +58,12 @@ from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 # Keys a resumed run may change: they do not alter the trajectory up to the checkpoint, and
 # after it only how long it runs and how it is run, or never reach training at all: the Ray
 # launcher's cluster.* and the fault injection debug.* (a run a fault stopped resumes without).
+# Checkpoints hold the whole model, so a run resumes at any world size and on any device.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor", "device.threads", "parallel.timeout_s",
-                     "parallel.start_timeout_s", "cluster.*", "debug.*", "log.*")
+                     "parallel.start_timeout_s", "cluster.*", "debug.*", "log.*", "parallel.dp",
+                     "parallel.pp", "parallel.microbatches", "parallel.schedule",
+                     "parallel.balance", "device.type", "device.comm", "device.cuda_aware_mpi")
 
 
 def resumable(key: str) -> bool:
@@ -74,17 +79,9 @@ class Diverged(RuntimeError):
     step. Raised instead of training on (and checkpointing) garbage."""
 
 
-# Executors by config name: each is called with a Graph and returns an object with
-# ``run(feeds)``. "compiled" (the default) runs the graph passes first; "interpreter" is
-# the reference.
-EXECUTORS: dict[str, Callable[[Any], Any]] = {
-    "interpreter": Interpreter,
-    "compiled": compiled.compile,
-}
-
-
 def make_executor(name: str):
-    return EXECUTORS[name]
+    """The CPU executor named ``name`` (runtime.executors chooses)."""
+    return choose_executor(name)
 
 
 def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
@@ -99,14 +96,23 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     ``data_world_size`` (which shard of the data this process reads; default
     ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
-    executor = make_executor(config["train"]["executor"])
-    if dev.Device.parse(config["device"]["type"]).is_cuda:
-        from shardgrad.runtime.gpu import GPUExecutor
+    # on a GPU: the current one, which open_device chose for this rank
+    kind = "cuda" if dev.Device.parse(config["device"]["type"]).is_cuda else "cpu"
+    chosen = choose_executor(config["train"]["executor"], kind, comm.rank)
+    xp = xp_for(kind)
 
-        executor = functools.partial(GPUExecutor, rank=comm.rank)   # on the current GPU
+    def executor(graph, **names):
+        # a pipeline stage names its rank and shard; the GPU executor's errors the rank only
+        return chosen(graph) if kind == "cuda" or not names else chosen(graph, **names)
+
     if config["parallel"]["pp"] > 1:
-        return pipeline.step_options(config, comm, executor)
-    return dp.step_options(config, comm, executor)
+        return pipeline.step_options(config, comm, executor, xp)
+    options = dp.step_options(config, comm, executor)
+    if (dev.Device.parse(config["device"]["type"]).is_cuda and options["transform"] is None
+            and comm.world_size == 1 and not config.get("debug", {}).get("fail_at_step")):
+        # one GPU: compile_step's own path (the model on the device, the state owned there)
+        options.update(executor=None, device=dev.resolve(config["device"]["type"]))
+    return options
 
 
 def open_device(config: Mapping, comm: Communicator) -> Communicator:
@@ -117,23 +123,23 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
     spec = config["device"]["type"]
     if not dev.Device.parse(spec).is_cuda:
         return comm
-    if config["parallel"]["pp"] > 1:
-        raise cfg.ConfigError(f"device.type = {spec!r} runs data parallelism only: set "
-                              f"parallel.pp = 1, or device.type = 'cpu' for a pipeline")
+    if config["parallel"]["pp"] > 1 and config["device"]["comm"] == "nccl":
+        raise cfg.ConfigError("device.comm = 'nccl' carries data parallelism only (NCCL matches "
+                              "sends by order, not tag): set device.comm = 'mpi' for a "
+                              "pipeline (parallel.pp > 1)")
     try:
         dev.use(dev.resolve(spec))
     except dev.DeviceError as e:
         raise cfg.ConfigError(f"device.type = {spec!r} but {e}") from None
-    if comm.world_size == 1:
-        return comm
-    from shardgrad.runtime.gpu_comm import make_gpu_comm
-
-    return make_gpu_comm(comm, config["device"]["comm"], config["device"]["cuda_aware_mpi"])
+    return world.device_comm(comm, spec, config["device"]["comm"],
+                             config["device"]["cuda_aware_mpi"])
 
 
 def load_data(config: Mapping) -> Dataset:
     d, dtype = config["data"], config["train"]["dtype"]
     image = image_input(config)
+    if d["dataset"] == "text":
+        return load_text(test_fraction=d["test_fraction"], seed=d["split_seed"])
     if d["dataset"] == "digits":
         return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
                            seed=d["split_seed"])
@@ -261,13 +267,17 @@ def setup(config: Mapping, options: Mapping | None = None
     data = load_data(config)
     with default_dtype(config["train"]["dtype"]):
         manual_seed(config["train"]["seed"])
-        model = build_model(config, data.input_shape, data.num_classes)
+        model = build_model(config, data.input_shape, data.num_classes,
+                            vocab_size(data.x_train))
+    if options.get("device") is not None:
+        model.to(options["device"])
     optimizer = make_optimizer(config, model.parameters())
     optimizer.max_grad_norm = config["train"]["grad_clip"] or None
     step = compile_step(model, loss_function(config), optimizer,
-                        executor=options.get("executor") or make_executor(
-                            config["train"]["executor"]),
-                        transform=options.get("transform"))
+                        executor=None if options.get("device") is not None else (
+                            options.get("executor") or make_executor(config["train"]["executor"])),
+                        transform=options.get("transform"),
+                        precision=config["train"].get("precision", "fp32"))
     return model, optimizer, step, data
 
 
