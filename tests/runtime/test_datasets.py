@@ -336,8 +336,8 @@ def test_prefetch_copies_batches_to_the_gpu(monkeypatch):
     """On a GPU the prefetch thread hands the step device arrays (CuPy stand-in: the host
     CUDA emulation, whose arrays say they are on GPU 0 and refuse NumPy operands)."""
     sys.path.insert(0, os.path.dirname(__file__))
-    import host_cupy
     import host_cuda
+    import host_cupy
 
     from shardgrad.graph.device import Device
     from shardgrad.ops import gpu as gpu_ops
