@@ -256,13 +256,26 @@ class TrainStep:
 def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
                  transform: Callable[[Graph], Graph] | None = None,
-                 precision: str = "fp32", cuda_graph: bool = True) -> TrainStep:
+                 precision: str = "fp32", cuda_graph: bool = True,
+                 accumulate: int = 1) -> TrainStep:
     """Trace ``loss_fn(model(x), y)``, its gradients and ``optimizer``'s update into one
     Graph (built on the first call), and return the callable step. ``precision`` "bf16" or
     "fp16" runs matmuls and convolutions in that dtype (graph.passes.autocast), the rest in
     float32; fp16 adds dynamic loss scaling (``step.loss_scale``), as torch's GradScaler.
     On a GPU, ``cuda_graph`` (default) captures the step after a warm-up and replays it
-    where it can (``stats()`` says whether it does and why not)."""
+    where it can (``stats()`` says whether it does and why not).
+
+    ``accumulate`` k > 1: gradient accumulation. Call the step with k batches at once (x of
+    k * B rows); it is traced on B rows, runs k times and updates once with the mean of the
+    k gradients (``train.accumulate`` does the same)."""
+    if accumulate > 1:
+        if transform is not None:
+            raise ValueError("compile_step: accumulate with a transform: give the transform "
+                             "the chunks (DataParallel(..., deterministic=True, chunks=k * "
+                             "world_size))")
+        from shardgrad.partition.data_parallel import DataParallel
+
+        transform = DataParallel(1, deterministic=True, chunks=accumulate)
     return TrainStep(model, loss_fn, optimizer, executor, transform, precision, cuda_graph)
 
 
