@@ -8,6 +8,7 @@ pipeline ``plan``, ``launch`` your own script as MPI ranks, or ``config show`` e
   shardgrad launch -n N [--launcher local|mpi|ray] [--set cluster.KEY=VALUE]... -- PROGRAM...
   shardgrad config show [CONFIG] [--set KEY=VALUE]...
   shardgrad report RUN_DIR
+  shardgrad trace RUN_DIR [--out FILE.json]
   shardgrad --version
 
 A bad config, a missing file, unreadable data or checkpoint prints one line to stderr and exits
@@ -97,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="draw a run's curves (report.png) and write its "
                                        "summary (report.md) into its directory")
     rp.add_argument("run_dir", help="a run directory (train --out)")
+    tr = sub.add_parser("trace", help="merge a run's per-rank timelines (debug.trace = true) "
+                                      "and print each rank's compute / communication / idle")
+    tr.add_argument("run_dir", help="a run directory trained with --set debug.trace=true")
+    tr.add_argument("--out", help="the merged Chrome trace (default RUN_DIR/trace/all.json; "
+                                  "open it in ui.perfetto.dev or chrome://tracing)")
     co = sub.add_parser("config", help="show the resolved config: every key, its default and "
                                        "its help")
     co.add_argument("action", choices=("show",))
@@ -191,23 +197,36 @@ def cmd_train(args) -> int:
     return 0
 
 
+def executed_graph(config):
+    """The training-step graph rank 0 of ``config``'s data-parallel job executes (after the
+    data-parallel rewrite and the executor's passes): the graph whose node names
+    (``%k``) a ``debug.trace`` timeline records."""
+    from shardgrad.runtime.comm import SingleProcess
+    from shardgrad.runtime.train import setup, step_options
+
+    shape = SingleProcess()          # the job's shape: step_options reads only its size
+    shape.world_size = config["parallel"]["dp"]
+    options = step_options(config, shape)
+    _, _, step, data = setup(config, options)
+    b = min(config["train"]["batch_size"], len(data.y_train)) // shape.world_size
+    graph, runner = step.graph_for(data.x_train[:b], data.y_train[:b])
+    return getattr(getattr(runner, "inner", runner), "graph", graph)
+
+
 def write_graph(config, path: str) -> list[str]:
-    """Trace one training step of ``config`` and write it to ``path`` as DOT, plus .svg and
-    .png beside it when Graphviz's ``dot`` program is installed; returns the files written.
+    """Trace one training step of ``config`` and write the graph rank 0 executes
+    (``executed_graph``) to ``path`` as DOT, plus .svg and .png beside it when Graphviz's
+    ``dot`` program is installed; returns the files written.
     With ``parallel.pp`` > 1 it draws the pipeline plan: nodes coloured by stage, a dashed
     edge from each send to its receive."""
     from shardgrad.graph.dot import to_dot
-    from shardgrad.runtime.train import setup
 
     if config["parallel"]["pp"] > 1:
         from shardgrad.runtime.pipeline import plan_for_config
 
         dot = plan_for_config(config).to_dot()
     else:
-        _, _, step, data = setup(config)
-        b = min(config["train"]["batch_size"], len(data.y_train))
-        graph, _ = step.graph_for(data.x_train[:b], data.y_train[:b])
-        dot = to_dot(graph)
+        dot = to_dot(executed_graph(config))
     stem, ext = os.path.splitext(path)
     rendered = ext.lower() in RENDERED
     if rendered and not shutil.which("dot"):   # else x.svg would hold DOT text
@@ -294,6 +313,46 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    from shardgrad.runtime import trace
+
+    files = trace.rank_files(args.run_dir)
+    if not files:
+        raise ConfigError(f"{args.run_dir} holds no trace/rank<R>.json: train with --out "
+                          f"{args.run_dir} --set debug.trace=true first")
+    out = args.out or os.path.join(args.run_dir, "trace", "all.json")
+    stats = trace.summarize(trace.merge([p for _, p in files], out))
+    print(f"merged {len(files)} rank(s) into {out}")
+    print(trace.table(stats))
+    config = _run_config(args.run_dir)
+    if config is not None and config["parallel"]["pp"] > 1:
+        from shardgrad.partition.schedule import simulate
+        from shardgrad.runtime.pipeline import plan_for_config
+
+        plan = plan_for_config(config)
+        predicted = simulate(plan.schedule, [s.forward_time for s in plan.stages],
+                             [s.backward_time for s in plan.stages]).bubble()
+        measured = [s["bubble"] for s in stats.values() if s["bubble"] is not None]
+        if measured:
+            print(f"pipeline bubble: measured {sum(measured) / len(measured):.0%} (mean over "
+                  f"{len(measured)} stage rank(s): "
+                  f"{', '.join(f'{b:.0%}' for b in measured)}), plan predicts "
+                  f"{predicted:.0%} ({config['parallel']['schedule']}, "
+                  f"{plan.pp} stages x {plan.micro_batches} micro-batches, op cost estimates)")
+    return 0
+
+
+def _run_config(run_dir: str):
+    """The config summary.json echoes, or None."""
+    from shardgrad.runtime.config import from_dict
+
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return from_dict(json.load(f)["config"])
+
+
 def cmd_config(args) -> int:
     print(show_config(load_config(args.config, args.sets)), end="")
     return 0
@@ -304,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan,
                 "launch": cmd_launch, "config": cmd_config,
-                "report": cmd_report}[args.command](args)
+                "report": cmd_report, "trace": cmd_trace}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import numpy as np
 from shardgrad.graph import passes
 from shardgrad.graph.ir import Graph, Node, fmt_type
 from shardgrad.ops.registry import get
+from shardgrad.runtime import trace
 from shardgrad.runtime.interpreter import ExecutionError, describe, leaf_value
 
 FEEDS = ("input", "param", "state")
@@ -483,10 +484,16 @@ class Program:
             if views[parity] is None:
                 views[parity] = slots[pack][start:stop].reshape(shape)
             slots[i] = views[parity]
-        i = 0
+        i, tracer = 0, trace.current()
         try:
-            for i, step in enumerate(self._steps):  # noqa: B007 - i names the failing node
-                step()
+            if tracer is None:
+                for i, step in enumerate(self._steps):  # noqa: B007 - i names the failing node
+                    step()
+            else:
+                for i, step in enumerate(self._steps):
+                    start = tracer.clock()
+                    step()
+                    tracer.node(self.graph, self._step_nodes[i], start)
         except Exception as e:  # noqa: BLE001 - re-raised with the node attached
             n = self._step_nodes[i]
             where = f" on rank {self.rank}" if self.rank is not None else ""

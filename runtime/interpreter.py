@@ -14,6 +14,7 @@ import numpy as np
 
 from shardgrad.graph.ir import Graph, Node, fmt_type
 from shardgrad.ops.registry import get
+from shardgrad.runtime import trace
 
 
 class ExecutionError(RuntimeError):
@@ -69,7 +70,7 @@ class Interpreter:
 
     def run(self, feeds: Mapping[Any, Any], known: Mapping[int, Any] | None = None
             ) -> dict[str, Any]:
-        xp, env = self.xp, dict(known or {})
+        xp, env, tracer = self.xp, dict(known or {}), trace.current()
         for i, n in enumerate(self.graph.nodes):
             if n.id in env:
                 pass
@@ -77,7 +78,10 @@ class Interpreter:
                 env[n.id] = leaf_value(xp, n, feeds)
             else:
                 try:
+                    start = tracer and tracer.clock()
                     env[n.id] = self.kernels[i](xp, *[env[x.id] for x in n.inputs], **n.attrs)
+                    if tracer:
+                        tracer.node(self.graph, n, start)
                 except Exception as e:  # noqa: BLE001 - re-raised with the node attached
                     where = f" on rank {self.rank}" if self.rank is not None else ""
                     shard = f" in shard {self.shard}" if self.shard else ""

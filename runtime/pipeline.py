@@ -28,6 +28,7 @@ from shardgrad.partition.pipeline import (
     vjp_nodes,
 )
 from shardgrad.runtime import config as cfg
+from shardgrad.runtime import trace
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter, leaf_value
 
@@ -136,9 +137,15 @@ class StageRunner:
                 last[(a.msg.kind, a.msg.name, a.mb)] = i
         self.last_send = set(last.values())
 
-    def _run(self, program, feeds: Mapping[str, Any], what: str) -> dict[str, Any]:
+    def _run(self, program, feeds: Mapping[str, Any], what: str, mb: int | None = None
+             ) -> dict[str, Any]:
+        tracer = trace.current()
         try:
-            out = program.run(feeds)
+            if tracer is None:
+                out = program.run(feeds)
+            else:
+                with tracer.annotate(stage=self.stage, mb=mb, action=what.split()[0]):
+                    out = program.run(feeds)
         except ExecutionError as e:
             if e.rank is not None:
                 raise
@@ -185,7 +192,7 @@ class StageRunner:
                 feeds = {**state, **inputs, "x": xs[a.mb], "y": ys[a.mb]}
                 feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb
                              and k.startswith("act/"))
-                out = self._run(self.forward, feeds, f"forward of micro-batch {a.mb}")
+                out = self._run(self.forward, feeds, f"forward of micro-batch {a.mb}", a.mb)
                 if "loss" in out:
                     losses.append(out["loss"])
                 for k in self.buffers:
@@ -208,7 +215,7 @@ class StageRunner:
                 s0 = now()
                 feeds = {**state, **inputs, **kept.pop(a.mb)}
                 feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb)
-                out = self._run(self.backward, feeds, f"backward of micro-batch {a.mb}")
+                out = self._run(self.backward, feeds, f"backward of micro-batch {a.mb}", a.mb)
                 for k, v in out.items():
                     if k.startswith("grad/"):
                         if k in grads:

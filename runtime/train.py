@@ -30,7 +30,7 @@ from shardgrad.graph import optim
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
-from shardgrad.runtime import compiled, dp
+from shardgrad.runtime import compiled, dp, trace
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.comm import Communicator, SingleProcess
@@ -45,7 +45,7 @@ from shardgrad.runtime.data import (
 )
 from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.models import build_model, image_input
-from shardgrad.runtime.monitor import Monitor
+from shardgrad.runtime.monitor import Monitor, traced_comm
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 
@@ -230,7 +230,8 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
     tensors.update({f"optim.{k}": np.asarray(v, order="C")
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
+    with trace.span("checkpoint", "io", path=os.path.basename(path)):
+        write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -412,7 +413,7 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
 def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
            transform: Callable | None, executor: Callable | None,
            on_record: Callable[[dict], None] | None) -> dict[str, Any]:
-    comm = open_device(config, comm)
+    comm = traced_comm(config, open_device(config, comm))
     options = dict(step_options(config, comm) if transform is None and executor is None
                    else {"transform": transform, "executor": executor})
     rank = options.get("data_rank", comm.rank)
@@ -477,13 +478,13 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     acc = None
     t0 = time.perf_counter()
     wall = lambda: round(wall_before + time.perf_counter() - t0, 3)
-    mon = Monitor(config, out_dir if writer else None, comm.rank, total, steps_done)
+    mon = Monitor(config, out_dir, comm.rank, total, steps_done, comm.world_size)
     try:
         for epoch in range(start_epoch, t["epochs"]):
             sampler.set_epoch(epoch)
             mon.epoch_begin(epoch)
             losses = []
-            for x, y in batches(data.x_train, data.y_train, sampler, t["batch_size"]):
+            for x, y in mon.data(batches(data.x_train, data.y_train, sampler, t["batch_size"])):
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
                 mon.step_begin()
@@ -502,9 +503,12 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                                    "samples_per_s": mon.rate(steps_done)})
                     mon.record(metrics.last)
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
-            step.to_host()
-            gather(step)
-            acc = evaluate()
+            with mon.span("to_host", "copy"):
+                step.to_host()
+            with mon.span("gather"):
+                gather(step)
+            with mon.span("evaluate"):
+                acc = evaluate()
             if writer:
                 _check_finite(model, steps_done, epoch)
                 save_checkpoint(
