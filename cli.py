@@ -112,9 +112,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _ray_launch():
-    """runtime.ray_launch, or a ConfigError saying how to install Ray."""
+    """cluster.ray_launch, or a ConfigError saying how to install Ray."""
     try:
-        from shardgrad.runtime import ray_launch
+        from shardgrad.cluster import ray_launch
     except ImportError as e:
         if (e.name or "").split(".")[0] != "ray":
             raise
@@ -222,7 +222,7 @@ def write_graph(config, path: str) -> list[str]:
     from shardgrad.graph.dot import to_dot
 
     if config["parallel"]["pp"] > 1:
-        from shardgrad.runtime.pipeline import plan_for_config
+        from shardgrad.runtime.train import plan_for_config
 
         dot = plan_for_config(config).to_dot()
     else:
@@ -254,7 +254,7 @@ def cmd_graph(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from shardgrad.runtime.pipeline import plan_for_config
+    from shardgrad.runtime.train import plan_for_config
 
     print(plan_for_config(load_config(args.config, args.sets)))
     return 0
@@ -327,7 +327,7 @@ def cmd_trace(args) -> int:
     config = _run_config(args.run_dir)
     if config is not None and config["parallel"]["pp"] > 1:
         from shardgrad.partition.schedule import simulate
-        from shardgrad.runtime.pipeline import plan_for_config
+        from shardgrad.runtime.train import plan_for_config
 
         plan = plan_for_config(config)
         predicted = simulate(plan.schedule, [s.forward_time for s in plan.stages],

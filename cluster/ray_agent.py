@@ -3,7 +3,7 @@
   python -m shardgrad.cluster.ray_agent [SSH OPTIONS] HOST COMMAND...
 
 runs COMMAND in the Ray actor that stands for HOST and relays its output and exit code
-(runtime/ray_launch.py has the actor). Imports cluster.commands and runtime.ray_launch.
+(cluster/ray_launch.py has the actor). Imports cluster.commands and cluster.ray_launch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"shardgrad ray agent: {e}", file=sys.stderr)
         return 255
-    from shardgrad.runtime.ray_launch import run_on_host
+    from shardgrad.cluster.ray_launch import run_on_host
 
     return run_on_host(host, command)
 

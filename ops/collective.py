@@ -87,7 +87,8 @@ def _allreduce_vjp(g, x, out, op="sum", group="world", inplace=False):
 
 register(OpDef("allreduce", infer=_allreduce_infer, forward=_allreduce_fwd, vjp=_allreduce_vjp,
                jvp=lambda ts, x, out, op="sum", group="world", inplace=False:
-               None if ts[0] is None else allreduce(ts[0], op, group), cost=_comm_cost))
+               None if ts[0] is None else allreduce(ts[0], op, group), cost=_comm_cost,
+               effectful=True))
 
 
 def allreduce(x: Node, op: str = "sum", group: str = "world", inplace: bool = False) -> Node:
@@ -116,10 +117,10 @@ def _wait_fwd(xp, x, tag=0):
 register(OpDef("allreduce_start", infer=_allreduce_infer, forward=_start_fwd,
                vjp=lambda g, x, out, op="sum", group="world", tag=0, inplace=False:
                _allreduce_vjp(g, x, out, op, group),  # start+wait is allreduce: see above
-               cost=_comm_cost))
+               cost=_comm_cost, effectful=True))
 register(OpDef("allreduce_wait", infer=lambda x, **_: x, forward=_wait_fwd,
                vjp=lambda g, x, out, tag=0: (g,),  # wait is the identity on values
-               cost=lambda node: (0.0, 0.0)))
+               cost=lambda node: (0.0, 0.0), effectful=True))
 
 
 # ---- allgather / reduce_scatter (along axis 0; world_size fixes the shapes) ---------------------
@@ -159,11 +160,11 @@ def _check_size(comm, world_size: int, op: str) -> None:
 register(OpDef("allgather", infer=_allgather_infer, forward=_allgather_fwd,
                vjp=lambda g, x, out, world_size, group="world":
                (reduce_scatter(g, world_size, group),),  # y = [x_0;..;x_N-1] => dx_r = sum_s g_s[r]
-               cost=_comm_cost))
+               cost=_comm_cost, effectful=True))
 register(OpDef("reduce_scatter", infer=_reduce_scatter_infer, forward=_reduce_scatter_fwd,
                vjp=lambda g, x, out, world_size, group="world":
                (allgather(g, world_size, group),),  # y_r = sum_s x_s[r] => dx_s = [g_0;..;g_N-1]
-               cost=_comm_cost))
+               cost=_comm_cost, effectful=True))
 
 
 def allgather(x: Node, world_size: int, group: str = "world") -> Node:
@@ -198,11 +199,12 @@ def _recv_fwd(xp, token, shape, dtype, source, tag=0, group="world"):
 register(OpDef("send", infer=lambda x, dest, tag=0, group="world": ((0,), x[1]), forward=_send_fwd,
                vjp=lambda g, x, out, dest, tag=0, group="world":
                (recv(g, x.shape, x.dtype, dest, tag, group),),  # adjoint of sending: receiving dx
-               cost=_comm_cost))
+               cost=_comm_cost, effectful=True))
 register(OpDef("recv", infer=_recv_infer, forward=_recv_fwd,
                vjp=lambda g, token, out, shape, dtype, source, tag=0, group="world":
                (send(g, source, tag, group),),  # adjoint of receiving: sending dx back
-               cost=lambda node: (0.0, float(2 * node.size * itemsize(node.dtype)))))
+               cost=lambda node: (0.0, float(2 * node.size * itemsize(node.dtype))),
+               effectful=True))
 
 
 def token(dtype: str = "float32") -> Node:

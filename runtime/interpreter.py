@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from shardgrad.graph.ir import Graph, Node, fmt_type
-from shardgrad.ops.registry import get
+from shardgrad.ops.registry import kernel_for
 from shardgrad.runtime import trace
 
 
@@ -57,7 +57,7 @@ class Interpreter:
 
     def __init__(self, graph: Graph, xp=np, rank: int | None = None, shard: str | None = None):
         self.graph, self.xp, self.rank, self.shard = graph, xp, rank, shard
-        self.kernels = [None if not n.inputs else get(n.op).forward for n in graph.nodes]
+        self.kernels = [None if not n.inputs else kernel_for(n, "cpu") for n in graph.nodes]
         last: dict[int, int] = {}
         for i, n in enumerate(graph.nodes):
             for x in n.inputs:

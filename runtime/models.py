@@ -1,4 +1,4 @@
-"""The classifiers a config can name: ``model.kind = "mlp" | "cnn"``, built from sg.nn.
+"""The classifiers a config can name: ``model.kind = "mlp" | "cnn" | "resnet"``, from sg.nn.
 
 Parameter initialisation draws from sg.nn's seeded generator, so the caller seeds it
 (``sg.manual_seed(train.seed)``) and every rank builds the same parameters. Imports graph.nn
@@ -58,7 +58,20 @@ def cnn(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0)
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
-BUILDERS = {"mlp": mlp, "cnn": cnn}
+def resnet(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0
+           ) -> nn.Module:
+    """sg.nn.ResNet(model.depth, model.width) for (C, H, W) images."""
+    if len(input_shape) != 3:
+        raise ConfigError(f"model.kind = 'resnet' needs image input (C, H, W), got shape "
+                          f"{tuple(input_shape)}")
+    if (m["depth"] - 2) % 6:
+        raise ConfigError(f"model.depth = {m['depth']}: a ResNet has 6n + 2 layers (8, 14, 20, "
+                          f"32, ...)")
+    return nn.ResNet(m["depth"], m["width"], input_shape[0], num_classes)
+
+
+BUILDERS = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+IMAGE_MODELS = ("cnn", "resnet")
 
 
 def build_model(config: Mapping, input_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -70,7 +83,8 @@ def build_model(config: Mapping, input_shape: Sequence[int], num_classes: int) -
 
 def image_input(config: Mapping) -> bool:
     """Whether the model wants (N, C, H, W) images rather than flat vectors."""
-    return config["model"]["kind"] == "cnn"
+    return config["model"]["kind"] in IMAGE_MODELS
 
 
-__all__ = ["ACTIVATIONS", "BUILDERS", "build_model", "cnn", "image_input", "mlp"]
+__all__ = ["ACTIVATIONS", "BUILDERS", "IMAGE_MODELS", "build_model", "cnn", "image_input", "mlp",
+           "resnet"]

@@ -154,7 +154,7 @@ def traced_comm(config: Mapping, comm):
 
 
 def _cuda_event():
-    from shardgrad.graph.device import _cupy   # the CuPy the GPU executor runs on
+    from shardgrad.graph.device import _cupy  # the CuPy the GPU executor runs on
 
     return _cupy().cuda.Event()
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from shardgrad.graph.ir import Graph
-from shardgrad.ops.registry import get
+from shardgrad.ops.registry import kernel_for
 from shardgrad.partition.pipeline import (
     PartitionError,
     Parts,
@@ -28,6 +28,7 @@ from shardgrad.partition.pipeline import (
     vjp_nodes,
 )
 from shardgrad.runtime import config as cfg
+from shardgrad.runtime import dp as data_parallel
 from shardgrad.runtime import trace
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter, leaf_value
@@ -289,7 +290,7 @@ def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[
         if not n.inputs:
             env[n.id] = leaf_value(xp, n, feeds)
     for n in parts.compute:
-        kernel = get(n.op).forward
+        kernel = kernel_for(n, xp)
         args = [env[x.id] for x in n.inputs]
         for _ in range(repeats):
             s = time.perf_counter()
@@ -309,7 +310,7 @@ def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[
                     args = [local[x.id] if x.id in local else (
                         g if x.op == "input" and x.name == "g" else leaf_value(xp, x, feeds))
                         for x in m.inputs]
-                    local[m.id] = get(m.op).forward(xp, *args, **m.attrs)
+                    local[m.id] = kernel_for(m, xp)(xp, *args, **m.attrs)
                 best = min(best, time.perf_counter() - s)
         out[n.id] = fwd[n.id] + best
     return out
@@ -407,7 +408,9 @@ class PipelineTransform:
         return graph
 
 
-def _checked(config: Mapping, world_size: int | None = None) -> tuple[int, int, int]:
+def mesh_shape(config: Mapping, world_size: int | None = None) -> tuple[int, int, int]:
+    """(dp, pp, micro-batches) of ``config``; ConfigError when ``world_size`` ranks or the
+    batch size cannot hold them."""
     par, batch = config["parallel"], config["train"]["batch_size"]
     dp, pp, m = par["dp"], par["pp"], par["microbatches"]
     if world_size is not None and world_size != dp * pp:
@@ -428,15 +431,13 @@ def step_options(config: Mapping, comm: Communicator, executor: Executor | None 
     the data shard of its replica (``data_rank`` of ``data_world_size`` = dp). ``prepare``
     gives every rank rank 0's state and checks that all traced the same step; ``gather(step)``
     assembles the whole model on every rank (before it is read)."""
-    from shardgrad.runtime import dp as data_parallel
-
-    dp, pp, m = _checked(config, comm.world_size)
+    dp, pp, m = mesh_shape(config, comm.world_size)
     par = config["parallel"]
     mesh = Mesh.of(comm, dp, pp)
     fault = data_parallel.fault_injector(config, comm.rank, comm.world_size)
 
     def make(graph: Graph) -> Any:
-        with _as_config_error():
+        with as_config_error():
             program = PipelineProgram(graph, mesh, m, par["schedule"], par["balance"],
                                       executor, world=comm)
         return program if fault is None else data_parallel.Faulted(program, fault)
@@ -451,28 +452,8 @@ def step_options(config: Mapping, comm: Communicator, executor: Executor | None 
             "data_world_size": dp}
 
 
-def plan_for_config(config: Mapping) -> PipelinePlan:
-    """The plan ``shardgrad train CONFIG`` runs with ``parallel.pp`` stages (built here in
-    one process: "profile" times this machine)."""
-    from shardgrad.graph.nn import functional
-    from shardgrad.graph.trace import trace_step
-    from shardgrad.runtime.train import setup
-
-    config = cfg.from_dict(config)
-    dp, pp, m = _checked(config)
-    model, optimizer, _, data = setup(config)
-    rows = config["train"]["batch_size"] // (dp * m)
-    graph = trace_step(model, functional.cross_entropy, optimizer,
-                       ((rows,) + data.input_shape, config["train"]["dtype"]),
-                       ((rows,), str(data.y_train.dtype)))
-    balance = config["parallel"]["balance"]
-    times = profile_times(graph) if balance == "profile" else None
-    with _as_config_error():
-        return pipeline(graph, pp, balance, m, config["parallel"]["schedule"], dp, times)
-
-
 @contextlib.contextmanager
-def _as_config_error() -> Iterator[None]:
+def as_config_error() -> Iterator[None]:
     """A pipeline the config asks for but cannot have is a config error (the CLI's exit 2)."""
     try:
         yield
@@ -480,5 +461,6 @@ def _as_config_error() -> Iterator[None]:
         raise cfg.ConfigError(f"parallel.pp / parallel.balance: {e}") from None
 
 
-__all__ = ["Mesh", "PipelineProgram", "PipelineTransform", "StageRunner", "Stats", "gather",
-           "plan_for_config", "profile_times", "step_options", "sync_outputs"]
+__all__ = ["Mesh", "PipelineProgram", "PipelineTransform", "StageRunner", "Stats",
+           "as_config_error", "gather", "mesh_shape", "profile_times", "step_options",
+           "sync_outputs"]

@@ -81,6 +81,13 @@ class TrainStep:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.executor = executor or executor_for(model)
         self.device = device_of(model)
+        # a GPU model on the default executor: the step owns its state there (runtime.gpu_step)
+        self._resident = executor is None and transform is None and self.device.is_cuda
+        if self._resident:
+            self.executor = self._device_program
+        self._state = None
+        self._last: tuple = ()
+        self._steps = 0
         self.transform = transform
         self._compiled: dict[tuple, tuple[Graph, Any]] = {}
         self._params = list(model.named_parameters())   # the names trace_step gives them
@@ -138,13 +145,74 @@ class TrainStep:
         feeds.update((n, v.data) for n, v in self._opt_states)
         return feeds
 
-    def __call__(self, x, y) -> float:
+    def __call__(self, x, y) -> float | Tensor:
+        """Run one step on batch ``(x, y)``. Returns the loss: a float on the CPU, a 0-d
+        device Tensor for a model on a GPU (``float(loss)`` waits for the GPU; see
+        runtime.gpu_step.StepLoss)."""
         x, y = _batch(x), _batch(y)
+        if self._resident:
+            return self._device_step(x, y)
         _, program = self.graph_for(x, y)
         with _current(self.device):
             out = program.run(self.feeds(x, y))
         self.write_back(out)
+        self._steps += 1
         return float(out["loss"])
+
+    def _device_program(self, graph: Graph):
+        from shardgrad.runtime import gpu_step
+
+        return gpu_step.DeviceProgram(graph, self._state)
+
+    def _device_step(self, x, y) -> Tensor:
+        from shardgrad.runtime import gpu_step
+
+        opt = self.optimizer
+        # the cache key: the batch types, the frozen set and the rule's constants (compared,
+        # not rebuilt into a tuple of tuples, on the hot path)
+        hyper = opt.hyperparameters()
+        last = self._last
+        if not (last and last[0] == x.shape and last[1] == x.dtype and last[2] == y.shape
+                and last[3] == y.dtype and last[4] == hyper and all(
+                    p.requires_grad for _, p in self._params)):
+            with _current(self.device):
+                if self._state is None:
+                    self._state = gpu_step.DeviceState(
+                        self._params, self._buffers, opt, self.device,
+                        dev.xp_for(self.device))
+                    self._checks = gpu_step.gpu_ops.DeferredChecks()
+                _, self._program = self.graph_for(x, y)
+                key = (x.shape, x.dtype, y.shape, y.dtype, hyper)
+                self._feeds = dict(self._state.feeds)
+                self._last = key if all(p.requires_grad for _, p in self._params) else ()
+        state, feeds = self._state, self._feeds
+        state.refresh()
+        feeds["x"], feeds["y"] = x, y
+        if not self._program.flat:     # scalars the traced update reads (uploaded on change)
+            feeds["lr"] = np.asarray(opt.lr, self.dtype)
+            feeds["t"] = np.asarray(opt.t + 1, self.dtype)
+        if self._program.reads_step:   # random ops' salt
+            feeds["step"] = np.asarray(opt.t + 1, np.int64)
+        with _current(self.device):
+            loss = self._program.run(feeds, self._checks)
+        opt.t += 1
+        self._steps += 1
+        return gpu_step.StepLoss(loss, self._checks)
+
+    def stats(self) -> dict[str, Any]:
+        """Which path the last step took and its facts: ``path`` is ``host-feeds`` (each step
+        feeds the parameters and takes the new ones back; the CPU, or a custom executor or
+        transform), ``flat-sgd`` / ``flat-adam`` (state owned on the GPU, one update kernel)
+        or ``graph-update`` (state owned on the GPU, the traced update); ``cuda_graph`` says
+        whether steps replay a captured CUDA Graph (not yet: plain launches); ``rebinds``
+        counts tensors copied in because user code replaced their values."""
+        out: dict[str, Any] = {"device": str(self.device), "steps": self._steps,
+                               "cuda_graph": False, "path": "host-feeds"}
+        if self._resident and getattr(self, "_program", None) is not None:
+            out.update(path=self._program.path, rebinds=self._state.rebinds,
+                       fused_groups=self._program.exe.n_fused,
+                       launch_actions=len(self._program.exe.actions))
+        return out
 
     def write_back(self, out: dict[str, Any]) -> None:
         self.optimizer.t += 1

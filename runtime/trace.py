@@ -127,7 +127,7 @@ class Tracer:
 
 
 def _elapsed_ms(start_event: Any, end_event: Any) -> float:
-    from shardgrad.graph.device import _cupy   # only GPU runs record CUDA events
+    from shardgrad.graph.device import _cupy  # only GPU runs record CUDA events
 
     return float(_cupy().cuda.get_elapsed_time(start_event, end_event))
 

@@ -23,16 +23,28 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 from threadpoolctl import threadpool_limits
 
 from shardgrad.graph import optim
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
-from shardgrad.runtime import compiled, dp, trace
+from shardgrad.graph.trace import trace_step
+from shardgrad.partition.pipeline import PipelinePlan
+from shardgrad.partition.pipeline import pipeline as partition_pipeline
+from shardgrad.runtime import (
+    checkpoint,
+    compiled,
+    datasets,
+    dp,
+    pipeline,
+    rundir,
+    serialize,
+    trace,
+)
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
+from shardgrad.runtime.checkpoint import CheckpointError
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.data import (
     DataError,
@@ -46,6 +58,7 @@ from shardgrad.runtime.data import (
 from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.models import build_model, image_input
 from shardgrad.runtime.monitor import Monitor, traced_comm
+from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 
@@ -63,11 +76,6 @@ def resumable(key: str) -> bool:
 
 
 CHECKPOINT = re.compile(r"^epoch_(\d+)\.safetensors$")
-
-
-class CheckpointError(DataError):
-    """A checkpoint that cannot be resumed from (unreadable, not a training checkpoint, or
-    another model's tensors): the message names the file."""
 
 
 class Diverged(RuntimeError):
@@ -106,8 +114,6 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
 
         executor = functools.partial(GPUExecutor, rank=comm.rank)   # on the current GPU
     if config["parallel"]["pp"] > 1:
-        from shardgrad.runtime import pipeline
-
         return pipeline.step_options(config, comm, executor)
     return dp.step_options(config, comm, executor)
 
@@ -140,6 +146,8 @@ def load_data(config: Mapping) -> Dataset:
     if d["dataset"] == "digits":
         return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
                            seed=d["split_seed"])
+    if d["dataset"] != "idx":
+        return load_named(config)
     for key in ("train_images", "train_labels"):
         if not d[key]:
             raise cfg.ConfigError(f"data.dataset = 'idx' needs data.{key} (a file path)")
@@ -150,9 +158,32 @@ def load_data(config: Mapping) -> Dataset:
             raise cfg.ConfigError(f"data.{key} = {path!r}: "
                                   f"{'is a directory' if os.path.isdir(path) else 'no such file'}"
                                   f"{where}")
-    return load_idx_dataset(d["train_images"], d["train_labels"], d["test_images"] or None,
+    data = load_idx_dataset(d["train_images"], d["train_labels"], d["test_images"] or None,
                             d["test_labels"] or None, dtype=dtype, image=image,
                             test_fraction=d["test_fraction"], seed=d["split_seed"])
+    return datasets.finish(data.x_train, data.y_train, data.x_test, data.y_test,
+                           d["num_classes"] or None, d["train_labels"])
+
+
+def load_named(config: Mapping) -> Dataset:
+    """mnist5k, the downloaded sets, a folder of images or an .npz file (runtime.datasets)."""
+    d, dtype = config["data"], config["train"]["dtype"]
+    image, classes = image_input(config), d["num_classes"] or None
+    split_args = {"test_fraction": d["test_fraction"], "seed": d["split_seed"]}
+    name = d["dataset"]
+    if name == "mnist5k":
+        return datasets.load_mnist5k(dtype, image, num_classes=classes, **split_args)
+    if name in ("mnist", "fashion_mnist"):
+        return datasets.load_idx_download(name, dtype, image, classes)
+    if name == "cifar10":
+        return datasets.load_cifar10(dtype, image, classes)
+    if not d["path"]:
+        raise cfg.ConfigError(f"data.dataset = {name!r} needs data.path (a "
+                              f"{'directory' if name == 'folder' else '.npz file'})")
+    if name == "folder":
+        return datasets.load_folder(d["path"], dtype, image, num_classes=classes,
+                                    **split_args)[0]
+    return datasets.load_npz(d["path"], dtype, image, num_classes=classes, **split_args)
 
 
 def make_optimizer(config: Mapping, params) -> optim.Optimizer:
@@ -201,6 +232,23 @@ def setup(config: Mapping, options: Mapping | None = None
     return model, optimizer, step, data
 
 
+def plan_for_config(config: Mapping) -> PipelinePlan:
+    """The plan ``shardgrad train CONFIG`` runs with ``parallel.pp`` stages (built here in
+    one process: "profile" times this machine)."""
+    config = cfg.from_dict(config)
+    replicas, pp, m = pipeline.mesh_shape(config)
+    model, optimizer, _, data = setup(config)
+    rows = config["train"]["batch_size"] // (replicas * m)
+    graph = trace_step(model, functional.cross_entropy, optimizer,
+                       ((rows,) + data.input_shape, config["train"]["dtype"]),
+                       ((rows,), str(data.y_train.dtype)))
+    balance = config["parallel"]["balance"]
+    times = pipeline.profile_times(graph) if balance == "profile" else None
+    with pipeline.as_config_error():
+        return partition_pipeline(graph, pp, balance, m, config["parallel"]["schedule"], replicas,
+                                  times)
+
+
 def params_sha256(model: Module) -> str:
     """SHA-256 over the parameters in ``named_parameters()`` order: each array's bytes in C
     order, little endian."""
@@ -231,20 +279,17 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     with trace.span("checkpoint", "io", path=os.path.basename(path)):
-        write_atomic(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata))
+        serialize.save_file(path, tensors, metadata)
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of a safetensors file; CheckpointError when it is not one
-    (truncated, overwritten, another format)."""
+    (truncated, overwritten, another format, a directory) or a tensor does not match the
+    checksum stored with it."""
     try:
-        with safetensors.safe_open(path, "np") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except safetensors.SafetensorError as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); delete it to "
-                              f"resume from an earlier checkpoint") from None
-    return tensors, metadata
+        return serialize.read_file(path)   # checks each tensor's SHA-256
+    except serialize.FileError as e:
+        raise CheckpointError(f"{e}; delete it to resume from an earlier checkpoint") from None
 
 
 def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -291,20 +336,15 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
                 os.remove(os.path.join(where, name))
 
 
-def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer
+def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer,
+             per_epoch: int | None = None
              ) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     path = latest_checkpoint(resume)
     if path is None:
         raise FileNotFoundError(f"--resume {resume}: no checkpoints/epoch_<k>.safetensors "
                                 f"there to resume from")
     tensors, meta = load_checkpoint(path)
-    try:
-        saved = json.loads(meta["config"])
-        int(meta["epoch"]), int(meta["step"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a shardgrad training checkpoint (its metadata "
-                              f"lacks a valid {e}); delete it to resume from an earlier one"
-                              ) from None
+    _, _, saved = checkpoint.read_meta(path, meta, per_epoch)
     try:   # keys added to the schema since the checkpoint was written take their defaults
         saved = cfg.from_dict(saved)
     except (cfg.ConfigError, AttributeError) as e:
@@ -318,6 +358,9 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
         raise cfg.ConfigError(f"--resume {resume}: train.epochs = {config['train']['epochs']} "
                               f"but {path} is from epoch {meta['epoch']}; set train.epochs >= "
                               f"{meta['epoch']}")
+    expected = model_tensors(model)
+    expected.update({f"optim.{k}": np.asarray(v) for k, v in optimizer.state_dict().items()})
+    checkpoint.check_tensors(path, tensors, expected, config["train"]["dtype"])
     try:
         _load_state(tensors, model, optimizer)
     except (KeyError, ValueError) as e:
@@ -365,8 +408,12 @@ class _Metrics:
     def write(self, record: dict) -> None:
         self.last = record
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:   # e.g. the disk filled: name the file (a torn line is read
+                raise serialize.WriteError(   # back as none, see _record)
+                    e.errno, f"cannot write {self.path}: {e.strerror or e}") from None
         if self.on_record is not None:
             self.on_record(record)
 
@@ -383,6 +430,29 @@ def _check_finite(model: Module, steps_done: int, epoch: int) -> None:
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise Diverged(f"{name} holds NaN or infinite values after step {steps_done} "
                            f"(epoch {epoch + 1}): training diverged; try a lower train.lr")
+
+
+def _loader_options(config: Mapping, data: Dataset) -> tuple[Augment, Any]:
+    """The training batches' augmentation and, on a GPU, their copy to the device."""
+    d = config["data"]
+    augment = Augment(len(data.y_train), d["random_crop"], d["hflip"], config["train"]["seed"])
+    if augment and data.x_train.ndim != 4:
+        raise cfg.ConfigError(f"data.random_crop / data.hflip augment images (N, C, H, W), but "
+                              f"model.kind = {config['model']['kind']!r} takes the data as "
+                              f"shape {data.x_train.shape}: use an image model (cnn, resnet)")
+    spec = dev.Device.parse(config["device"]["type"])
+    return augment, device_copier(dev.resolve(spec) if spec.is_cuda else None)
+
+
+def _read_losses(losses: list, first: int, epoch: int, config: Mapping, total: int) -> None:
+    """Turn an epoch's losses into floats in place (a GPU step's loss is a device Tensor, read
+    only when logged: one sync), Diverged at the first that is not finite."""
+    for i, v in enumerate(losses):
+        v = losses[i] = float(v)
+        if not math.isfinite(v):
+            raise Diverged(f"the training loss is {v} at step {first + i} (epoch {epoch + 1}, "
+                           f"lr {lr_at(config, first + i - 1, total):g}): training diverged "
+                           f"(lower train.lr, or check the data for NaN)")
 
 
 def _mean_over_ranks(comm: Communicator, value: float) -> float:
@@ -405,9 +475,11 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
     """
     config = cfg.from_dict(config)
     threads = config["device"]["threads"]
-    with threadpool_limits(threads or None, user_api="blas"):
-        return _train(config, out_dir, comm or SingleProcess(), resume, transform, executor,
-                      on_record)
+    comm = comm or SingleProcess()
+    # rank 0 writes the run directory: it holds the directory's lock for the whole run
+    with threadpool_limits(threads or None, user_api="blas"), \
+            rundir.hold(out_dir if comm.rank == 0 else None):
+        return _train(config, out_dir, comm, resume, transform, executor, on_record)
 
 
 def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
@@ -441,7 +513,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         state = None
         if comm.rank == 0:
             try:
-                state = _restore(config, resume, model, optimizer)
+                state = _restore(config, resume, model, optimizer, per_epoch)
             except (cfg.ConfigError, DataError, OSError) as e:   # every rank raises it
                 state = e
         state = comm.bcast_obj(state)
@@ -470,6 +542,8 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         except ShapeError as e:
             raise _unfit(e) from e
 
+    augment, to_device = _loader_options(config, data)
+
     def evaluate() -> float:
         acc = accuracy(model, data.x_test, data.y_test, t["eval_batch_size"],
                        make_executor(t["executor"])) if comm.rank == 0 else None
@@ -481,27 +555,31 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     mon = Monitor(config, out_dir, comm.rank, total, steps_done, comm.world_size)
     try:
         for epoch in range(start_epoch, t["epochs"]):
-            sampler.set_epoch(epoch)
             mon.epoch_begin(epoch)
-            losses = []
-            for x, y in mon.data(batches(data.x_train, data.y_train, sampler, t["batch_size"])):
+            losses: list = []
+            first = steps_done + 1
+            read_losses = functools.partial(_read_losses, losses, first, epoch, config, total)
+            for x, y in mon.data(prefetch(epoch_batches(data.x_train, data.y_train, sampler,
+                                                        t["batch_size"], epoch, augment,
+                                                        to_device),
+                                          config["data"]["prefetch"])):
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
                 mon.step_begin()
                 loss = step(x, y)
                 mon.step_end()
                 steps_done += 1
-                if not math.isfinite(loss):
-                    raise Diverged(f"the training loss is {loss} at step {steps_done} (epoch "
-                                   f"{epoch + 1}, lr {lr:g}): training diverged (lower train.lr, "
-                                   f"or check the data for NaN)")
                 losses.append(loss)
+                if isinstance(loss, float) and not math.isfinite(loss):
+                    read_losses()
                 if steps_done % t["log_every"] == 0:
-                    loss = _mean_over_ranks(comm, loss)
+                    read_losses()
+                    loss = _mean_over_ranks(comm, losses[-1])
                     metrics.write({"kind": "step", "epoch": epoch + 1, "step": steps_done,
                                    "loss": loss, "lr": lr, "wall_s": wall(),
                                    "samples_per_s": mon.rate(steps_done)})
                     mon.record(metrics.last)
+            read_losses()
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
             with mon.span("to_host", "copy"):
                 step.to_host()
@@ -541,12 +619,12 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     }
     if writer:
         tensors = model_tensors(model)
-        write_atomic(os.path.join(out_dir, "final.safetensors"),
-                      lambda tmp: safetensors.numpy.save_file(tensors, tmp))
+        serialize.save_file(os.path.join(out_dir, "final.safetensors"), tensors)
         _write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 __all__ = ["EXECUTORS", "CheckpointError", "Diverged", "latest_checkpoint", "load_checkpoint",
            "load_data", "lr_at", "make_executor", "make_optimizer", "open_device",
-           "params_sha256", "save_checkpoint", "setup", "step_options", "train"]
+           "params_sha256", "plan_for_config", "save_checkpoint", "setup", "step_options",
+           "train"]

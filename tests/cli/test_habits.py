@@ -72,7 +72,7 @@ def test_train_and_launch_take_the_same_launcher_names():
 ])
 def test_launcher_ray_without_ray_says_what_to_install(argv, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)    # import ray raises ImportError
-    monkeypatch.delitem(sys.modules, "shardgrad.runtime.ray_launch", raising=False)
+    monkeypatch.delitem(sys.modules, "shardgrad.cluster.ray_launch", raising=False)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Ray is not installed: pip install" in err

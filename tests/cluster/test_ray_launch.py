@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
+from shardgrad.cluster import ray_launch
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime.monitor import TIMINGS
-
-ray = pytest.importorskip("ray")
-ray_launch = pytest.importorskip("shardgrad.runtime.ray_launch")
 
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]

@@ -2,6 +2,7 @@
 same BLAS, no reassociation), on an MLP training step, colah's example and random graphs;
 buffers really reused; repeated runs, fed-back outputs and caller-owned outputs all safe."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -14,8 +15,7 @@ from shardgrad.graph import autodiff
 from shardgrad.graph.ir import Graph, leaf
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import reduce as R
-from shardgrad.ops.registry import apply
-from shardgrad.runtime import compiled as C
+from shardgrad.ops.registry import REGISTRY, apply, kernel_for
 from shardgrad.runtime.compiled import compile
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter
 
@@ -215,9 +215,9 @@ def test_ops_without_an_out_kernel_run_their_forward():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_erf_writes_into_a_planned_buffer_bitwise(dtype, monkeypatch):
     """erf (exact GELU's core) runs its out= kernel, with the forward's results."""
-    kernel, made = C.OUT_KERNELS["erf"], []
-    monkeypatch.setitem(C.OUT_KERNELS, "erf", kernel._replace(
-        make=lambda xp, n: made.append(n) or kernel.make(xp, n)))
+    kernel, made = kernel_for("erf", "cpu", "out"), []
+    monkeypatch.setitem(REGISTRY, "erf", dataclasses.replace(REGISTRY["erf"], out=kernel._replace(
+        make=lambda xp, n: made.append(n) or kernel.make(xp, n))))
     x = leaf("input", (5, 7), dtype, name="x")
     g = autodiff.grad(Graph({"l": R.sum(E.erf(x * 0.7) * x)}), wrt=["x"])
     feeds = feeds_for(g)

@@ -4,6 +4,10 @@ with stand-in device arrays that record the stream synchronizations and host cop
 same paths on a GPU (CuPy arrays, pinned memory, NCCL) are in test_gpu_runtime.py.
 """
 
+import ctypes
+import re
+import subprocess
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -13,6 +17,7 @@ import pytest
 from shardgrad.runtime.comm import SingleProcess
 from shardgrad.runtime.gpu_comm import (
     GPUCommunicator,
+    NCCLCommunicator,
     cuda_aware_setting,
     make_gpu_comm,
     probe_cuda_aware_mpi,
@@ -48,8 +53,12 @@ def test_cuda_aware_setting_rejects_junk():
         cuda_aware_setting("maybe", None)
 
 
-def test_probe_answers_without_a_gpu():
-    assert probe_cuda_aware_mpi() in (True, False, None)
+def test_probe_gives_the_mpi_librarys_own_answer():
+    # Open MPI's ompi_info reports how the library was built: the probe must agree with it
+    info = subprocess.run(["ompi_info", "--parsable", "--all"], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+    built = re.search(r"opal_built_with_cuda_support:value:(true|false)", info).group(1)
+    assert probe_cuda_aware_mpi() is (built == "true")
 
 
 class FakeDevice(np.ndarray):
@@ -99,6 +108,7 @@ def run_ranks(n, fn):
         t.start()
     for t in threads:
         t.join(20)
+    assert not any(t.is_alive() for t in threads), "a rank's thread did not end within 20 s"
     assert not errors, errors
     return out
 
@@ -169,3 +179,104 @@ def test_make_gpu_comm_follows_the_config():
     assert make_gpu_comm(SingleProcess(), "mpi", "off", probe=True).cuda_aware is False
     with pytest.raises(ValueError, match="'mpi' or 'nccl'"):
         make_gpu_comm(SingleProcess(), "tcp")
+
+
+class FakeNccl:
+    """cupy.cuda.nccl over threads: each NcclCommunicator reads and writes the device memory
+    its calls name by pointer, as NCCL does, so NCCLCommunicator's pointers, counts, dtypes,
+    roots and the unique id's broadcast are exercised on several ranks without a GPU."""
+
+    NCCL_SUM, NCCL_MAX, NCCL_MIN = 0, 1, 2
+    NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64, NCCL_INT32, NCCL_INT64, NCCL_UINT8, NCCL_INT8 = \
+        range(7)
+    DTYPES = [np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8, np.int8]
+
+    def __init__(self):
+        self.groups, self.lock = {}, threading.Lock()
+
+    def get_unique_id(self):
+        return tuple(np.random.default_rng().integers(0, 256, 128).tolist())
+
+    def NcclCommunicator(self, n, uid, rank):   # noqa: N802 - cupy's name
+        with self.lock:
+            group = self.groups.setdefault(uid, SimpleNamespace(
+                barrier=threading.Barrier(n, timeout=10), slots=[None] * n, ranks=set()))
+            assert rank not in group.ranks, "two ranks joined under one id and rank"
+            group.ranks.add(rank)
+        return _FakeNcclComm(self, group, rank)
+
+
+class _FakeNcclComm:
+    def __init__(self, nccl, group, rank):
+        self.nccl, self.group, self.rank = nccl, group, rank
+
+    def _view(self, ptr, count, dtype):
+        kind = self.nccl.DTYPES[dtype]
+        buf = (ctypes.c_byte * (count * np.dtype(kind).itemsize)).from_address(ptr)
+        return np.frombuffer(buf, dtype=kind)
+
+    def _exchange(self, value):
+        g = self.group
+        g.slots[self.rank] = value
+        g.barrier.wait()
+        values = list(g.slots)
+        g.barrier.wait()
+        return values
+
+    def allReduce(self, send, recv, count, dtype, op, stream):   # noqa: N802 - cupy's name
+        parts = self._exchange(self._view(send, count, dtype).copy())
+        reduce = [np.sum, np.max, np.min][op]
+        self._view(recv, count, dtype)[:] = reduce(np.stack(parts), axis=0)
+
+    def bcast(self, ptr, count, dtype, root, stream):
+        parts = self._exchange(self._view(ptr, count, dtype).copy())
+        self._view(ptr, count, dtype)[:] = parts[root]
+
+    def allGather(self, send, recv, count, dtype, stream):   # noqa: N802 - cupy's name
+        parts = self._exchange(self._view(send, count, dtype).copy())
+        self._view(recv, count * len(parts), dtype)[:] = np.concatenate(parts)
+
+
+class NcclDevice(FakeDevice):
+    @property
+    def data(self):   # CuPy's device pointer
+        return SimpleNamespace(ptr=self.ctypes.data)
+
+
+def test_nccl_communicator_on_three_ranks(monkeypatch):
+    nccl = FakeNccl()
+    cuda = SimpleNamespace(nccl=nccl)
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(cuda=cuda))
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+
+    def rank(comm):
+        log = []
+        xp = fake_xp(log)
+        xp.cuda.get_current_stream().ptr = 0
+        g = NCCLCommunicator(comm, xp=xp)
+        r = comm.rank
+        total = np.array([1.5, -2.0, 4.0], np.float32) * (r + 1)
+        total = total.view(NcclDevice)
+        total.log = log
+        g.allreduce_(total)
+        biggest = (np.arange(4, dtype=np.int64) * (r - 1)).view(NcclDevice)
+        biggest.log = log
+        g.allreduce_(biggest, "max")
+        root = (np.full(5, r, np.float64)).view(NcclDevice)
+        root.log = log
+        g.bcast_(root, root=2)
+        out = np.zeros(6, np.int32).view(NcclDevice)
+        out.log = log
+        g.allgather_(np.array([r, 10 * r], np.int32).view(NcclDevice), out)
+        host = np.ones(2) * r
+        g.allreduce_(host)                              # host buffers go to the inner comm
+        return [np.asarray(a).copy() for a in (total, biggest, root, out, host)], log
+    results = run_ranks(3, rank)
+    assert len(nccl.groups) == 1                        # one id, broadcast from rank 0
+    for (total, biggest, root, out, host), log in results:
+        np.testing.assert_array_equal(total, np.array([1.5, -2.0, 4.0], np.float32) * 6)
+        np.testing.assert_array_equal(biggest, np.arange(4) * 1)
+        np.testing.assert_array_equal(root, np.full(5, 2.0))
+        np.testing.assert_array_equal(out, [0, 0, 1, 10, 2, 20])
+        np.testing.assert_array_equal(host, [3.0, 3.0])
+        assert log.count("sync") == 4 and "get" not in log   # nothing staged through the host

@@ -99,6 +99,7 @@ def test_staged_allreduce_of_cupy_buffers_over_threads():
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a rank's thread did not end within 60 s"
     for values, staged in out:
         np.testing.assert_array_equal(values, np.arange(1000, dtype=np.float32) * 3)
         assert staged == 8000

@@ -80,7 +80,7 @@ def test_load_errors_name_the_file(tmp_path):
         sg.load(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ValueError, match="bad.safetensors is not a safetensors file"):
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
         sg.load(bad)
 
 

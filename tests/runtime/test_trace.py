@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -122,7 +121,20 @@ def test_gpu_steps_are_timed_with_cuda_events(tmp_path, monkeypatch):
         def synchronize(self):
             pass
 
-    cupy.cuda.Event = Event
+    class Stream:   # the prefetching copier's; host copies are synchronous
+        def __init__(self, non_blocking=False):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def synchronize(self):
+            pass
+
+    cupy.cuda.Event, cupy.cuda.Stream = Event, Stream
     cupy.cuda.get_elapsed_time = lambda a, b: 0.25
     monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
     monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())

@@ -2,7 +2,7 @@
 and restarts the ranks; gradients still travel over MPI. A placement group reserves one
 bundle per rank, a ``Host`` actor in each bundle stands for a host, and mpirun starts each
 host's MPI daemon, and so its rank, inside that actor (cluster/ray_agent.py is mpirun's ssh).
-Imports ray and runtime (config, train).
+Imports ray and runtime (config, train); runtime never imports it.
 """
 
 from __future__ import annotations
