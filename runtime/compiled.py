@@ -398,10 +398,10 @@ class Program:
                 for i, step in enumerate(self._steps):  # noqa: B007 - i names the failing node
                     step()
             else:
-                for i, step in enumerate(self._steps):
-                    start = tracer.clock()
+                times, clock = tracer.walk(self.graph, self._step_nodes), tracer.clock
+                for i, step in enumerate(self._steps):  # noqa: B007 - as above
                     step()
-                    tracer.node(self.graph, self._step_nodes[i], start)
+                    times.append(clock())
         except Exception as e:  # noqa: BLE001 - re-raised with the node attached
             n = self._step_nodes[i]
             where = f" on rank {self.rank}" if self.rank is not None else ""

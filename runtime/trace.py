@@ -41,6 +41,7 @@ class Tracer:
         self.rank = rank
         self.t0 = time.perf_counter_ns()
         self.nodes: list[tuple[int, int, Graph, Node, tuple]] = []
+        self.walks: list[tuple[Graph, Sequence[Node], tuple, list[int]]] = []
         self.spans: list[dict[str, Any]] = []
         self.context: tuple = ()           # (("stage", 0), ("mb", 1)) while a pipeline runs
         self._names: dict[int, tuple[Graph, dict[int, str]]] = {}
@@ -51,6 +52,14 @@ class Tracer:
     def node(self, graph: Graph, node: Node, start: int) -> None:
         """Node ``node`` of ``graph`` ran from ``start`` (``clock()``) until now."""
         self.nodes.append((start, time.perf_counter_ns(), graph, node, self.context))
+
+    def walk(self, graph: Graph, nodes: Sequence[Node]) -> list[int]:
+        """A list holding the clock now, to which an executor appends the clock after each
+        of ``nodes`` (of ``graph``) runs, in order: one clock read and one append a node
+        (the compiled program's hot loop)."""
+        times = [time.perf_counter_ns()]
+        self.walks.append((graph, nodes, self.context, times))
+        return times
 
     def span(self, name: str, cat: str, start: int, end: int | None = None,
              **args: Any) -> None:
@@ -97,7 +106,9 @@ class Tracer:
             {"ph": "M", "name": "process_sort_index", "pid": pid, "args": {"sort_index": pid}}]
         out += [{"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
                  "args": {"name": name}} for name, tid in TRACKS.items()]
-        for start, end, graph, n, ctx in self.nodes:
+        walked = [(start, end, graph, n, ctx) for graph, nodes, ctx, times in self.walks
+                  for n, start, end in zip(nodes, times, times[1:], strict=False)]
+        for start, end, graph, n, ctx in self.nodes + walked:
             comm = n.op in COMM_OPS
             args = {"node": self._name(graph, n), "op": n.op, **dict(ctx),
                     "shape": list(n.shape), "where": n.where}
