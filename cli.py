@@ -9,6 +9,8 @@ pipeline ``plan``, ``launch`` your own script as MPI ranks, or ``config show`` e
   shardgrad config show [CONFIG] [--set KEY=VALUE]...
   shardgrad report RUN_DIR
   shardgrad trace RUN_DIR [--out FILE.json]
+  shardgrad simulate CONFIG --ranks N [--pp P] [--microbatches M] [--gpus-per-node G]
+                     [--link shm|nvlink|infiniband|ethernet] [--recommend] [--json]
   shardgrad --version
 
 A bad config, a missing file, unreadable data or checkpoint prints one line to stderr and exits
@@ -103,6 +105,22 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("run_dir", help="a run directory trained with --set debug.trace=true")
     tr.add_argument("--out", help="the merged Chrome trace (default RUN_DIR/trace/all.json; "
                                   "open it in ui.perfetto.dev or chrome://tracing)")
+    si = sub.add_parser("simulate", help="predict step time, memory, traffic and bubble on N "
+                                         "ranks (op times measured here + alpha-beta network)")
+    si.add_argument("config", help="TOML config file")
+    si.add_argument("--ranks", type=int, required=True, help="number of ranks N")
+    si.add_argument("--pp", type=int, help="pipeline stages (default parallel.pp); dp = N / pp")
+    si.add_argument("--microbatches", type=int,
+                    help="pipeline micro-batches (default parallel.microbatches)")
+    si.add_argument("--gpus-per-node", type=int, metavar="G",
+                    help="ranks a node: traffic between nodes crosses --link, inside a node "
+                         "shared memory (CPU) or NVLink (GPU); default: one node")
+    si.add_argument("--link", default="shm", choices=("shm", "nvlink", "infiniband", "ethernet"),
+                    help="alpha-beta preset of the network (docs/performance.md)")
+    si.add_argument("--recommend", action="store_true",
+                    help="simulate every (dp, pp, micro-batches) of N ranks, fastest first")
+    si.add_argument("--json", action="store_true", help="print one JSON object")
+    si.add_argument("--set", dest="sets", **sets)
     co = sub.add_parser("config", help="show the resolved config: every key, its default and "
                                        "its help")
     co.add_argument("action", choices=("show",))
@@ -353,6 +371,38 @@ def _run_config(run_dir: str):
         return from_dict(json.load(f)["config"])
 
 
+def cmd_simulate(args) -> int:
+    from shardgrad.runtime import simulate as sim
+
+    config = load_config(args.config, args.sets)
+    kw = {"gpus_per_node": args.gpus_per_node, "link": args.link}
+    if args.recommend:
+        ranked = sim.recommend(config, args.ranks, **kw)
+        if not ranked:
+            raise ConfigError(f"no (dp, pp, micro-batches) of {args.ranks} ranks fits "
+                              f"train.batch_size = {config['train']['batch_size']}")
+        if args.json:
+            print(json.dumps({**ranked[0], "recommended": ranked[0], "candidates": ranked}))
+            return 0
+        for r in ranked:
+            print(_sim_line(r))
+        best = ranked[0]
+        print(f"recommended: dp={best['dp']} pp={best['pp']} microbatches="
+              f"{best['microbatches']} ({best['step_time_s'] * 1e3:.3f} ms a step)")
+        return 0
+    r = sim.simulate(config, args.ranks, args.pp, args.microbatches, **kw)
+    print(json.dumps(r) if args.json else _sim_line(r))
+    return 0
+
+
+def _sim_line(r) -> str:
+    return (f"dp={r['dp']} pp={r['pp']} microbatches={r['microbatches']} link={r['link']}: "
+            f"step {r['step_time_s'] * 1e3:.3f} ms (compute {r['compute_s'] * 1e3:.3f}, "
+            f"allreduce {r['comm_s'] * 1e3:.3f}), bubble {r['bubble']:.0%}, "
+            f"{r['bytes_sent_per_rank'] / 1024:.1f} KiB sent/rank, peak "
+            f"{r['peak_memory_bytes'] / 2**20:.2f} MiB, {r['samples_per_s']:.0f} samples/s")
+
+
 def cmd_config(args) -> int:
     print(show_config(load_config(args.config, args.sets)), end="")
     return 0
@@ -363,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan,
                 "launch": cmd_launch, "config": cmd_config,
-                "report": cmd_report, "trace": cmd_trace}[args.command](args)
+                "report": cmd_report, "trace": cmd_trace,
+                "simulate": cmd_simulate}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2
