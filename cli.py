@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -339,8 +340,12 @@ def cmd_trace(args) -> int:
         raise ConfigError(f"{args.run_dir} holds no trace/rank<R>.json: train with --out "
                           f"{args.run_dir} --set debug.trace=true first")
     out = args.out or os.path.join(args.run_dir, "trace", "all.json")
-    stats = trace.summarize(trace.merge([p for _, p in files], out))
+    events = trace.merge([p for _, p in files], out)
+    stats = trace.summarize(events)
     print(f"merged {len(files)} rank(s) into {out}")
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = os.path.join(os.path.dirname(out), "timeline.png")
+        print(f"step {trace.plot(events, png)} drawn in {png}")
     print(trace.table(stats))
     config = _run_config(args.run_dir)
     if config is not None and config["parallel"]["pp"] > 1:

@@ -316,6 +316,52 @@ def summarize(events: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, float]
     return out
 
 
+COLOURS = {"op": "#4c78a8", "comm": "#e45756", "data": "#72b7b2", "host": "#b279a2",
+           "copy": "#b279a2", "io": "#9d755d", "gpu": "#54a24b", "step": "#dddddd"}
+
+
+def plot(events: Sequence[Mapping[str, Any]], path: str, step: int | None = None) -> int:
+    """Draw training step ``step`` (default: the middle one) of every rank as a timeline PNG
+    (matplotlib): a row per rank and track, each span coloured by category. Returns the
+    step drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spans = [e for e in events if e.get("ph") == "X"]
+    ranks = sorted({e["pid"] for e in spans})
+    steps = sorted({e["args"]["step"] for e in spans if e["cat"] == "step"})
+    step = steps[len(steps) // 2] if step is None else step
+    windows = {e["pid"]: (e["ts"], e["ts"] + e["dur"]) for e in spans
+               if e["cat"] == "step" and e["args"]["step"] == step}
+    start = min(w[0] for w in windows.values())
+    end = max(w[1] for w in windows.values())
+    tracks = [t for t in ("step", "op", "comm", "gpu") if any(e["tid"] == TRACKS[t]
+                                                           for e in spans)]
+    fig, ax = plt.subplots(figsize=(11, 0.5 + 0.45 * len(ranks) * len(tracks)))
+    labels = []
+    for i, (rank, track) in enumerate((r, t) for r in ranks for t in tracks):
+        labels.append(f"rank {rank} {track}")
+        bars = [(e["ts"] - start, e["dur"], COLOURS.get(e["cat"], "#999999")) for e in spans
+                if e["pid"] == rank and e["tid"] == TRACKS[track]
+                and e["ts"] < end and e["ts"] + e["dur"] > start]
+        if bars:
+            ax.broken_barh([(x / 1e3, d / 1e3) for x, d, _ in bars], (i - 0.4, 0.8),
+                           facecolors=[c for _, _, c in bars], linewidth=0)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, (end - start) / 1e3)
+    ax.set_xlabel(f"ms since step {step} began")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[c]) for c in ("op", "comm", "step")]
+    ax.legend(handles, ["compute node", "communication", "step"], loc="upper right",
+              fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return step
+
+
 def table(stats: Mapping[int, Mapping[str, float]]) -> str:
     """``summarize``'s figures, one line a rank."""
     lines = [f"{'rank':>4} {'steps':>5} {'step ms':>8} {'compute ms':>11} {'comm ms':>8} "
@@ -328,4 +374,4 @@ def table(stats: Mapping[int, Mapping[str, float]]) -> str:
 
 
 __all__ = ["COMM_OPS", "TRACKS", "TracedComm", "Tracer", "current", "merge", "rank_files",
-           "span", "summarize", "table", "traced_iter", "tracing"]
+           "plot", "span", "summarize", "table", "traced_iter", "tracing"]
