@@ -1,16 +1,22 @@
 """The ``shardgrad`` command: ``train`` a config, draw its training-step ``graph``, print its
-pipeline ``plan``, ``launch`` your own script as MPI ranks, or ``config show`` every key.
+pipeline ``plan``, ``tune`` it by a sweep, ``launch`` your own script as MPI ranks, or
+``config show`` every key.
 
   shardgrad train [-n N] CONFIG [--out DIR] [--set KEY=VALUE]... [--resume DIR]
                   [--launcher local|mpi|ray]
   shardgrad graph CONFIG --out FILE.dot|.svg|.png [--set KEY=VALUE]...
-  shardgrad plan CONFIG [--set KEY=VALUE]...
+  shardgrad plan CONFIG [--set KEY=VALUE]... [--launcher ray]
+  shardgrad tune CONFIG [--set K=V]... --search KEY=SPEC... [--trials N] [--ranks-per-trial R]
+                 [--scheduler asha|fifo] [--out DIR]
   shardgrad launch -n N [--launcher local|mpi|ray] [--set cluster.KEY=VALUE]... -- PROGRAM...
   shardgrad config show [CONFIG] [--set KEY=VALUE]...
   shardgrad report RUN_DIR
   shardgrad trace RUN_DIR [--out FILE.json]
   shardgrad simulate CONFIG --ranks N [--pp P] [--microbatches M] [--gpus-per-node G]
                      [--link shm|nvlink|infiniband|ethernet] [--recommend] [--json]
+  shardgrad evaluate RUN_DIR [--set data.KEY=VALUE]... [--out DIR]
+  shardgrad predict RUN_DIR INPUT...
+  shardgrad export RUN_DIR --format onnx --out FILE
   shardgrad --version
 
 A bad config, a missing file, unreadable data or checkpoint prints one line to stderr and exits
@@ -89,6 +95,24 @@ def _parser() -> argparse.ArgumentParser:
                                      "its schedule grid")
     pl.add_argument("config", help="TOML config file")
     pl.add_argument("--set", dest="sets", **sets)
+    pl.add_argument("--launcher", choices=("local", "ray"), default="local",
+                    help="ray: also show the node each rank's slot would be asked on")
+    tu = sub.add_parser("tune", help="sweep: train a config many times with values drawn "
+                                     "from --search, scheduled by Ray Tune (ASHA stops poor "
+                                     "trials early)")
+    tu.add_argument("config", help="TOML config file")
+    tu.add_argument("--set", dest="sets", **sets)
+    tu.add_argument("--search", action="append", default=[], metavar="KEY=SPEC",
+                    help="a key to search: a distribution (uniform|loguniform|randint(LOW,HIGH),"
+                         " q[log]uniform(LOW,HIGH,Q)) or a TOML list of choices (repeatable)")
+    tu.add_argument("--trials", type=int, default=8, help="number of trials (default 8)")
+    tu.add_argument("--ranks-per-trial", type=int, default=1,
+                    help="MPI ranks per trial (data parallel; mpirun when > 1)")
+    tu.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                    help="asha: stop poor trials early on their test accuracy; fifo: run all")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    tu.add_argument("--out", help="sweep directory (default: runs/tune-<config name>); "
+                                  "the same --out resumes an interrupted sweep")
     la = sub.add_parser("launch", help="run your own program (e.g. a script calling "
                                        "sg.distributed.init()) as N MPI ranks")
     la.add_argument("-n", type=int, required=True, help="number of ranks")
@@ -122,6 +146,22 @@ def _parser() -> argparse.ArgumentParser:
                     help="simulate every (dp, pp, micro-batches) of N ranks, fastest first")
     si.add_argument("--json", action="store_true", help="print one JSON object")
     si.add_argument("--set", dest="sets", **sets)
+    ev = sub.add_parser("evaluate", help="a trained run's top-1/top-5 and per-class accuracy "
+                                         "and confusion matrix on its test split (JSON, text, "
+                                         "PNG)")
+    ev.add_argument("run_dir", help="a run directory (train --out)")
+    ev.add_argument("--set", dest="sets", **{**sets, "help": "change a data.* key (another "
+                                                          "data set or split)"})
+    ev.add_argument("--out", help="where to write evaluation.json, confusion.txt/.png "
+                                  "(default: RUN_DIR)")
+    pr = sub.add_parser("predict", help="labels and probabilities of a trained run's model for "
+                                        "an .npz (array x) or image files")
+    pr.add_argument("run_dir", help="a run directory (train --out)")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="one .npz, or PNG/JPEG files")
+    ex = sub.add_parser("export", help="write a trained run's eval-mode forward graph as ONNX")
+    ex.add_argument("run_dir", help="a run directory (train --out)")
+    ex.add_argument("--format", choices=("onnx",), default="onnx")
+    ex.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
     co = sub.add_parser("config", help="show the resolved config: every key, its default and "
                                        "its help")
     co.add_argument("action", choices=("show",))
@@ -130,9 +170,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_code(e: BaseException) -> int:
+    return 2 if isinstance(e, USAGE_ERRORS) else 130 if isinstance(e, KeyboardInterrupt) else 1
+
+
 def _ray_launch():
     """cluster.ray_launch, or a ConfigError saying how to install Ray."""
     try:
+        import ray  # noqa: F401 - a launcher imported earlier would hide a missing Ray
+
         from shardgrad.cluster import ray_launch
     except ImportError as e:
         if (e.name or "").split(".")[0] != "ray":
@@ -171,7 +217,7 @@ def _ranks(args, config) -> tuple[int | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from shardgrad.runtime.dp import communicator
+    from shardgrad.runtime import world
     from shardgrad.runtime.train import Diverged, train
 
     config = load_config(args.config, args.sets)
@@ -194,16 +240,12 @@ def cmd_train(args) -> int:
         for item in [*args.sets, *dp_set]:
             program += ["--set", item]
         return _mpirun(program, n)
-    comm = communicator(config)
+    par = config["parallel"]
+    comm = world.start(par["timeout_s"], par["start_timeout_s"], exit_code=_exit_code)
     try:
         summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
-        if comm.world_size > 1:
-            cause = ("interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt)
-                     else f"{type(e).__name__}: {e}")
-            print(f"rank {comm.rank} failed: {cause}", file=sys.stderr, flush=True)
-            comm.abort(2 if isinstance(e, USAGE_ERRORS) else
-                       130 if isinstance(e, KeyboardInterrupt) else 1)
+        world.fail(comm, e, _exit_code(e))
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)
             return 1
@@ -275,7 +317,21 @@ def cmd_graph(args) -> int:
 def cmd_plan(args) -> int:
     from shardgrad.runtime.train import plan_for_config
 
-    print(plan_for_config(load_config(args.config, args.sets)))
+    config = load_config(args.config, args.sets)
+    if config["parallel"]["pp"] > 1 or args.launcher == "local":
+        print(plan_for_config(config))
+    if args.launcher == "ray":
+        print(_ray_launch().planned_placement(config))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from shardgrad.cluster.tune import sweep
+
+    out = args.out or os.path.join(
+        "runs", "tune-" + os.path.splitext(os.path.basename(args.config))[0])
+    print(sweep(args.config, args.sets, args.search, args.trials, out, args.ranks_per_trial,
+                args.scheduler, args.seed))
     return 0
 
 
@@ -406,6 +462,29 @@ def _sim_line(r) -> str:
             f"allreduce {r['comm_s'] * 1e3:.3f}), bubble {r['bubble']:.0%}, "
             f"{r['bytes_sent_per_rank'] / 1024:.1f} KiB sent/rank, peak "
             f"{r['peak_memory_bytes'] / 2**20:.2f} MiB, {r['samples_per_s']:.0f} samples/s")
+def cmd_evaluate(args) -> int:
+    from shardgrad.runtime.inference import confusion_text, evaluate
+
+    result = evaluate(args.run_dir, args.sets, args.out)
+    print(confusion_text(result["confusion_matrix"]), end="")
+    shown = {k: v for k, v in result.items() if k != "confusion_matrix"}
+    print(json.dumps(shown))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from shardgrad.runtime.inference import predict
+
+    for row in predict(args.run_dir, args.inputs):
+        print(json.dumps(row))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from shardgrad.runtime.onnx_export import export_run
+
+    print(export_run(args.run_dir, args.out))
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -418,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan,
                 "launch": cmd_launch, "config": cmd_config,
-                "report": cmd_report, "trace": cmd_trace,
+                "report": cmd_report, "tune": cmd_tune, "evaluate": cmd_evaluate,
+                "predict": cmd_predict, "export": cmd_export, "trace": cmd_trace,
                 "simulate": cmd_simulate}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)

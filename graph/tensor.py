@@ -31,6 +31,7 @@ from shardgrad.graph.device import (
     to_host,
 )
 from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf
+from shardgrad.graph.walk import Walk, describe
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
 from shardgrad.ops import reduce as R
@@ -95,6 +96,7 @@ def _evaluate(outs: list[Node]) -> None:
             continue
         todo[n.id] = n
         stack.extend(x for x in n.inputs if x not in _VALUES)
+    walk = _EagerWalk()
     for i in sorted(todo):
         n = todo[i]
         if n.op == "const":
@@ -102,7 +104,24 @@ def _evaluate(outs: list[Node]) -> None:
         elif not n.inputs:
             raise ShapeError(f"{n!r} has no value: it is a traced placeholder")
         else:
-            _VALUES[n] = _run(n, [_VALUES[x] for x in n.inputs])
+            walk.steps.append(lambda n=n: _VALUES.__setitem__(
+                n, _run(n, [_VALUES[x] for x in n.inputs])))
+            walk.step_nodes.append(n)
+    walk.execute()
+
+
+class _EagerWalk(Walk):
+    """Eager evaluation as a backend of the executor core (graph.walk): a step per node still
+    without a value, each kept in _VALUES beside its node (they live as long as the node). A
+    kernel's error keeps its type (user code may catch a ValueError, as with PyTorch), with
+    the node, op and user line added as a note."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def error(self, node: Node, exc: BaseException, note: str = "") -> BaseException:
+        exc.add_note(f"while executing {describe(None, node)} (from {node.where})")
+        return exc
 
 
 def _run(n: Node, args: list[Any]):

@@ -3,7 +3,8 @@ JSON, RUN_DIR/trace/rank<R>.json: every executed graph node (its name as ``shard
 draws it, op, stage, micro-batch), every communication (kind, bytes, peer), data loading,
 host-device copies, evaluation and checkpoints; on a GPU each step's device time by CUDA
 events. ``summarize`` turns the files into compute / communication / idle per rank.
-Imports graph.ir only; executors call ``current()`` and ``Tracer.node`` from their walk.
+Imports graph (ir, walk): the executor core (graph.walk) records each step into the
+installed Tracer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from shardgrad.graph import walk
 from shardgrad.graph.ir import Graph, Node
 
 # Graph ops that move data between ranks: their nodes are communication, not compute.
@@ -90,7 +92,9 @@ class Tracer:
         time, so recording them never waits for the GPU."""
         self._gpu.append((start_event, end_event, step, time.perf_counter_ns()))
 
-    def _name(self, graph: Graph, node: Node) -> str:
+    def _name(self, graph: Graph | None, node: Node) -> str:
+        if graph is None:   # an eager op's walk
+            return f"%{node.id}"
         entry = self._names.get(id(graph))
         if entry is None or entry[0] is not graph:
             entry = self._names[id(graph)] = (graph, graph.names())
@@ -109,6 +113,8 @@ class Tracer:
         walked = [(start, end, graph, n, ctx) for graph, nodes, ctx, times in self.walks
                   for n, start, end in zip(nodes, times, times[1:], strict=False)]
         for start, end, graph, n, ctx in self.nodes + walked:
+            if not n.inputs:   # a leaf's step only fetches its value
+                continue
             comm = n.op in COMM_OPS
             args = {"node": self._name(graph, n), "op": n.op, **dict(ctx),
                     "shape": list(n.shape), "where": n.where}
@@ -165,10 +171,12 @@ def tracing(rank: int = 0, path: str | None = None) -> Iterator[Tracer]:
     global _current
     saved, tracer = _current, Tracer(rank)
     _current = tracer
+    saved_walk = walk.set_tracer(tracer)
     try:
         yield tracer
     finally:
         _current = saved
+        walk.set_tracer(saved_walk)
         if path is not None:
             tracer.write(path)
 

@@ -908,3 +908,6 @@ __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", 
 from shardgrad.graph.nn.resnet import BasicBlock, GlobalAvgPool, ResNet  # noqa: E402 - uses the above
 
 __all__ += ["BasicBlock", "GlobalAvgPool", "ResNet"]
+from shardgrad.graph.nn import utils  # noqa: E402 - sg.nn.utils.clip_grad_norm_, as torch
+
+__all__ += ["utils"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 from shardgrad import cli  # noqa: E402
@@ -88,8 +89,10 @@ def test_trace_command_merges_and_sums(run, capsys):
     assert cli.main(["trace", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"merged 1 rank(s) into {out / 'trace' / 'all.json'}"
-    assert lines[1].split()[:6] == ["rank", "steps", "step", "ms", "compute", "ms"]
-    row = lines[2].split()
+    png = out / "trace" / "timeline.png"
+    assert lines[1].endswith(f"drawn in {png}") and png.read_bytes()[:4] == b"\x89PNG"
+    assert lines[2].split()[:6] == ["rank", "steps", "step", "ms", "compute", "ms"]
+    row = lines[3].split()
     assert row[0] == "0" and int(row[1]) == summary["steps"] - 1    # the first step excluded
     events = _events(out / "trace" / "all.json")
     stats = trace.summarize(events)[0]
@@ -109,7 +112,6 @@ def test_gpu_steps_are_timed_with_cuda_events(tmp_path, monkeypatch):
     """On the CuPy stand-in: a CUDA event pair per step, read when the trace is written."""
     from shardgrad.ops import gpu as gpu_ops
     from shardgrad.runtime import device as D
-    from shardgrad.runtime import host_cuda
 
     cupy = host_cupy.module()
     recorded = []
@@ -172,7 +174,7 @@ def test_two_data_parallel_ranks_trace_their_allreduces(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["trace", str(tmp_path / "dp2")]) == 0
     out = capsys.readouterr().out.splitlines()
-    rows = {int(ln.split()[0]): ln.split() for ln in out[2:4]}
+    rows = {int(ln.split()[0]): ln.split() for ln in out[3:5]}
     assert set(rows) == {0, 1} and all(float(r[5]) > 0 for r in rows.values())   # comm ms
 
 
