@@ -62,8 +62,9 @@ def _elementwise(name):
     return fn
 
 
-exp, log, sqrt, tanh, sigmoid, relu = (_elementwise(n) for n in
-                                       ("exp", "log", "sqrt", "tanh", "sigmoid", "relu"))
+exp, log, sqrt, tanh, sigmoid, relu, sin, cos, abs = (  # noqa: A001 - torch's names
+    _elementwise(n) for n in ("exp", "log", "sqrt", "tanh", "sigmoid", "relu", "sin", "cos",
+                              "abs"))
 
 
 def concat(tensors, axis: int = 0, *, dim: int | None = None) -> Tensor:
@@ -95,5 +96,6 @@ __all__ = ["Tensor", "tensor", "zeros", "ones", "full", "zeros_like", "ones_like
            "distributed", "utils", "save", "load",
            "functional", "compile_step", "Predictor", "accuracy", "manual_seed",
            "set_default_dtype", "get_default_dtype", "Graph", "Node", "ShapeError",
-           "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "concat", "cat",
+           "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "sin", "cos", "abs",
+           "concat", "cat",
            "where", "maximum", "minimum", "matmul"]

@@ -15,25 +15,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shardgrad.graph.ir import Graph, Node, fmt_type
-from shardgrad.ops.registry import get
-
-# Ops whose result is not a pure function of inputs and attrs (communication, randomness):
-# never merged by cse, never evaluated by fold_constants.
-EFFECTFUL = frozenset({"send", "recv", "allreduce", "allreduce_start", "allreduce_wait",
-                       "allgather", "reduce_scatter", "broadcast", "barrier", "rand", "randn",
-                       "uniform", "normal", "bernoulli"})
-
-# Ops computed independently per element (inputs broadcast to the output shape): the only
-# members of fusion groups. An op family that adds an elementwise op lists it here.
-ELEMENTWISE = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "neg", "exp", "log",
-               "sqrt", "tanh", "erf", "sigmoid", "relu", "gelu", "step", "sign", "cast", "where",
-               "equal", "not_equal", "less", "less_equal", "greater", "greater_equal"}
+from shardgrad.ops.registry import is_effectful, is_elementwise, kernel_for
 
 # Constant folding evaluates a node only when its result has at most this many elements, so a
 # folded graph never carries large arrays. broadcast_to is never folded: a broadcast view of a
-# small constant is cheaper to read than its materialization.
+# small constant is cheaper to read than its materialization. Effectful ops (OpDef.effectful:
+# communication, randomness) are never merged by cse nor folded.
 FOLD_LIMIT = 4096
-NO_FOLD = EFFECTFUL | {"broadcast_to"}
 
 
 def _rebuild(n: Node, ins: tuple[Node, ...]) -> Node:
@@ -100,7 +88,7 @@ def cse(graph: Graph) -> Graph:
 
     def visit(n: Node, ins: tuple[Node, ...]) -> Node:
         m = _rebuild(n, ins)
-        if n.op in EFFECTFUL:
+        if is_effectful(n.op):
             return m
         key = (n.op, tuple(x.id for x in ins), _key(n.attrs), n.shape, n.dtype)
         return seen.setdefault(key, m)
@@ -116,11 +104,11 @@ def fold_constants(graph: Graph, limit: int = FOLD_LIMIT) -> Graph:
 
     def visit(n: Node, ins: tuple[Node, ...]) -> Node:
         m = _rebuild(n, ins)
-        if (not ins or n.op in NO_FOLD or n.size > limit
+        if (not ins or n.op == "broadcast_to" or is_effectful(n.op) or n.size > limit
                 or any(x.op != "const" for x in ins)):
             return m
         try:
-            out = np.asarray(get(n.op).forward(np, *[x.attrs["value"] for x in ins],
+            out = np.asarray(kernel_for(n, "cpu")(np, *[x.attrs["value"] for x in ins],
                                                **n.attrs))
         except Exception:  # noqa: BLE001 - left for the executor to report with its node
             return m
@@ -283,7 +271,7 @@ def fusion_groups(graph: Graph) -> list[FusionGroup]:
     group_of: dict[int, int] = {}
     members: dict[int, set[int]] = {}
     for n in reversed(graph.nodes):
-        if n.op not in ELEMENTWISE:
+        if not is_elementwise(n.op):
             continue
         cands: list[int] = []
         for u in sorted(users[n.id], key=lambda u: pos[u.id]):
@@ -316,3 +304,51 @@ def fusion_groups(graph: Graph) -> list[FusionGroup]:
         groups.append(FusionGroup(nodes, tuple(inputs), outputs, nodes[-1].shape, expr))
     groups.sort(key=lambda g: pos[g.nodes[-1].id])
     return groups
+
+
+# ---- mixed precision ---------------------------------------------------------------------------
+
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def low_dtype(precision: str) -> str | None:
+    """The storage dtype of ``precision`` ("fp32" | "bf16" | "fp16"): None for fp32. bfloat16
+    is NumPy's through ml_dtypes (which CuPy uses too); a missing package or an unknown name
+    is a ValueError of one line."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision = {precision!r}: must be one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        try:
+            import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy
+        except ImportError:
+            raise ValueError("precision = 'bf16' needs ml_dtypes: pip install ml_dtypes") from None
+    return PRECISIONS[precision]
+
+
+def autocast(graph: Graph, precision: str, emulate: bool = False) -> Graph:
+    """Mixed precision as a rewrite: every float32 matmul (the linear layers, and conv2d's
+    im2col product, forward and backward) reads its operands rounded to ``precision``'s
+    dtype and gives its product in it, then cast back to float32; everything else (master
+    weights, optimizer, reductions, softmax, the loss) stays float32, as torch.autocast.
+    ``emulate`` (the CPU): the product is computed in float32 from the rounded operands and
+    rounded itself (cast there and back), which is what a low-precision GEMM accumulating in
+    float32 gives, without NumPy's slow float16/bfloat16 loops; else the matmul runs in the
+    low dtype (cuBLAS accumulates in float32). ``fp32`` returns ``graph`` unchanged."""
+    low = low_dtype(precision)
+    if low is None:
+        return graph
+    from shardgrad.ops.elementwise import cast
+    from shardgrad.ops.linalg import matmul
+
+    def visit(n: Node, ins: tuple[Node, ...]) -> Node:
+        if n.op != "matmul" or n.dtype != "float32":
+            return _rebuild(n, ins)
+        a, b = (cast(x, low) for x in ins)
+        if emulate:
+            a, b = cast(a, n.dtype), cast(b, n.dtype)
+            return cast(cast(matmul(a, b), low), n.dtype)
+        return cast(matmul(a, b), n.dtype)
+
+    out = _sweep(graph, visit)
+    out.meta["precision"] = precision
+    return out

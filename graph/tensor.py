@@ -31,12 +31,12 @@ from shardgrad.graph.device import (
     to_host,
 )
 from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf
+from shardgrad.graph.walk import Walk, describe
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
 from shardgrad.ops import reduce as R
 from shardgrad.ops import shape as S
-from shardgrad.ops.gpu import kernel
-from shardgrad.ops.registry import get
+from shardgrad.ops.registry import kernel_for
 
 # Eager values live beside their nodes and die with them (a node lives as long as a tensor or
 # a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
@@ -96,6 +96,7 @@ def _evaluate(outs: list[Node]) -> None:
             continue
         todo[n.id] = n
         stack.extend(x for x in n.inputs if x not in _VALUES)
+    walk = _EagerWalk()
     for i in sorted(todo):
         n = todo[i]
         if n.op == "const":
@@ -103,7 +104,24 @@ def _evaluate(outs: list[Node]) -> None:
         elif not n.inputs:
             raise ShapeError(f"{n!r} has no value: it is a traced placeholder")
         else:
-            _VALUES[n] = _run(n, [_VALUES[x] for x in n.inputs])
+            walk.steps.append(lambda n=n: _VALUES.__setitem__(
+                n, _run(n, [_VALUES[x] for x in n.inputs])))
+            walk.step_nodes.append(n)
+    walk.execute()
+
+
+class _EagerWalk(Walk):
+    """Eager evaluation as a backend of the executor core (graph.walk): a step per node still
+    without a value, each kept in _VALUES beside its node (they live as long as the node). A
+    kernel's error keeps its type (user code may catch a ValueError, as with PyTorch), with
+    the node, op and user line added as a note."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def error(self, node: Node, exc: BaseException, note: str = "") -> BaseException:
+        exc.add_note(f"while executing {describe(None, node)} (from {node.where})")
+        return exc
 
 
 def _run(n: Node, args: list[Any]):
@@ -111,11 +129,30 @@ def _run(n: Node, args: list[Any]):
     device inputs (host inputs, constants such as a Python scalar, are copied there)."""
     on = next((a for a in args if is_device_array(a)), None)
     if on is None:
-        return get(n.op).forward(np, *args, **n.attrs)
+        return kernel_for(n, "cpu")(np, *args, **n.attrs)
     xp = array_module(on)
     with on.device:
-        args = [a if is_device_array(a) else xp.asarray(a) for a in args]
-        return kernel(get(n.op), xp)(xp, *args, **n.attrs)
+        args = [a if is_device_array(a) else _to_device_once(xp, a, on.device.id)
+                for a in args]
+        return kernel_for(n, xp)(xp, *args, **n.attrs)
+
+
+# Python scalars of eager ops on a GPU (0.9 * buf, p - lr * g), by (device, dtype, value): each
+# is uploaded once, not once an op (a host-to-device copy each); bounded, cleared when full.
+_DEVICE_SCALARS: dict[tuple, Any] = {}
+
+
+def _to_device_once(xp, a, device_id: int):
+    if np.ndim(a) != 0:
+        return xp.asarray(a)
+    a = np.asarray(a)
+    key = (device_id, a.dtype.str, a.item())
+    hit = _DEVICE_SCALARS.get(key)
+    if hit is None:
+        if len(_DEVICE_SCALARS) >= 4096:
+            _DEVICE_SCALARS.clear()
+        hit = _DEVICE_SCALARS[key] = xp.asarray(a)
+    return hit
 
 
 def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
@@ -333,7 +370,10 @@ class Tensor:
                                  f"{self.shape}; pass gradient= of that shape")
             seed = const(1, dtype=self.dtype)
             if self.is_cuda:     # the gradient is computed where the value lives
-                seed = _const(to_device(seed.attrs["value"], self.device))
+                value = self.data
+                with value.device:
+                    seed = _const(_to_device_once(array_module(value), seed.attrs["value"],
+                                                  value.device.id))
         else:
             if self.is_cuda and not isinstance(gradient, Tensor):
                 gradient = to_device(gradient, self.device)
@@ -361,6 +401,11 @@ class Tensor:
     def __matmul__(self, y): return apply(L.matmul, self, y)
     def __rmatmul__(self, y): return apply(L.matmul, y, self)
     def __neg__(self): return apply(E.neg, self)
+    def __abs__(self): return self.abs()
+    def __floordiv__(self, y): return apply(E.floor_divide, self, y)
+    def __rfloordiv__(self, y): return apply(E.floor_divide, y, self)
+    def __mod__(self, y): return apply(E.remainder, self, y)
+    def __rmod__(self, y): return apply(E.remainder, y, self)
     def __lt__(self, y): return apply(E.less, self, y)
     def __le__(self, y): return apply(E.less_equal, self, y)
     def __gt__(self, y): return apply(E.greater, self, y)
@@ -424,6 +469,115 @@ class Tensor:
         out = self if min is None else apply(E.maximum, self, min)
         return out if max is None else apply(E.minimum, out, max)
 
+    def clip(self, min=None, max=None):  # noqa: A002 - torch's and NumPy's names
+        return self.clamp(min, max)
+
+    def where(self, condition, y):
+        """``condition ? self : y`` elementwise (torch.Tensor.where)."""
+        return apply(E.where, condition, self, y)
+
+    def masked_fill(self, mask, value):
+        """``value`` where the bool ``mask`` is true, else self (torch.Tensor.masked_fill)."""
+        return apply(E.where, mask, value, self)
+
+    def gather(self, dim: int, index):
+        """``out[i][j] = self[i][index[i][j]]`` along ``dim`` (torch.gather; NumPy's
+        take_along_axis): index has self's number of dims."""
+        return apply(S.gather, self, index, dim)
+
+    def cumsum(self, dim: int):
+        return apply(R.cumsum, self, dim)
+
+    def sort(self, dim: int = -1, descending: bool = False):
+        """(values, indices) sorted along ``dim`` (stable); the values' gradient flows back to
+        where each came from, as torch.sort."""
+        indices = apply(R.argsort, self, dim, descending)
+        return MinMax(self.gather(dim, indices), indices)
+
+    def topk(self, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):  # noqa: A002
+        """(values, indices) of the ``k`` largest (or smallest) along ``dim``, as torch.topk
+        (always sorted; ties keep their order)."""
+        d = dim % max(self.ndim, 1)
+        if not 0 <= k <= (self.shape[d] if self.ndim else 1):
+            raise ShapeError(f"topk: k={k} out of range for dimension {dim} of size "
+                             f"{self.shape[d] if self.ndim else 1}")
+        order = apply(R.argsort, self, dim, largest)
+        indices = order[(slice(None),) * d + (slice(0, k),)]
+        return MinMax(self.gather(dim, indices), indices)
+
+    def norm(self, p=2, dim=None, keepdim: bool = False):
+        """The vector p-norm over ``dim`` (all elements by default): p = 2, 1, inf or any
+        positive number, as torch.norm / torch.linalg.vector_norm."""
+        a = self.abs()
+        if p == float("inf"):
+            return a.max(dim, keepdim)
+        if p == 1:
+            return a.sum(dim, keepdim)
+        if p == 2:
+            return (self * self).sum(dim, keepdim).sqrt()
+        if not p > 0:
+            raise ValueError(f"norm: p must be positive or inf, got {p}")
+        return (a ** float(p)).sum(dim, keepdim) ** (1.0 / p)
+
+    def expand(self, *sizes):
+        """A broadcast view at ``sizes`` (-1 keeps a dimension; new ones lead), as torch."""
+        sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], tuple | list) else sizes
+        lead = len(sizes) - self.ndim
+        if lead < 0:
+            raise ShapeError(f"expand{tuple(sizes)}: fewer sizes than the {self.ndim} dims of "
+                             f"{self.shape}")
+        shape = tuple(self.shape[i - lead] if s == -1 and i >= lead else s
+                      for i, s in enumerate(sizes))
+        try:
+            return apply(S.broadcast_to, self, shape)
+        except (ShapeError, ValueError) as e:
+            raise ShapeError(f"expand: {self.shape} cannot expand to {tuple(sizes)}: {e}") from None
+
+    def expand_as(self, other):
+        return self.expand(other.shape)
+
+    def repeat(self, *sizes):
+        """Tile ``sizes[i]`` copies along each dim (torch.Tensor.repeat, NumPy's tile): a
+        reshape to (1, s) pairs, a broadcast to (r, s), a reshape to r*s."""
+        sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], tuple | list) else sizes
+        if len(sizes) < self.ndim:
+            raise ShapeError(f"repeat{tuple(sizes)}: needs at least {self.ndim} sizes for "
+                             f"{self.shape}")
+        shape = (1,) * (len(sizes) - self.ndim) + self.shape
+        pairs = self.reshape(tuple(d for s in shape for d in (1, s)))
+        tiled = pairs.expand(tuple(d for r, s in zip(sizes, shape, strict=True) for d in (r, s)))
+        return tiled.reshape(tuple(r * s for r, s in zip(sizes, shape, strict=True)))
+
+    def split(self, split_size_or_sections, dim: int = 0):
+        """Pieces along ``dim``: of ``split_size`` each (the last may be smaller) or of the
+        listed sizes, as torch.split."""
+        d = dim % max(self.ndim, 1)
+        n = self.shape[d]
+        if isinstance(split_size_or_sections, int | np.integer):
+            step = int(split_size_or_sections)
+            if step < 1:
+                raise ValueError(f"split: split_size must be positive, got {step}")
+            sizes = [min(step, n - i) for i in range(0, n, step)] or [0]
+        else:
+            sizes = [int(v) for v in split_size_or_sections]
+            if sum(sizes) != n or min(sizes, default=0) < 0:
+                raise ShapeError(f"split: sections {sizes} must sum to {n}, the size of "
+                                 f"dimension {dim}")
+        ends = np.cumsum(sizes).tolist()
+        return tuple(self[(slice(None),) * d + (slice(e - k, e),)]
+                     for k, e in zip(sizes, ends, strict=True))
+
+    def chunk(self, chunks: int, dim: int = 0):
+        """``chunks`` pieces (or fewer) of ceil(size / chunks) along ``dim``, as torch.chunk."""
+        if chunks < 1:
+            raise ValueError(f"chunk: chunks must be positive, got {chunks}")
+        n = self.shape[dim % max(self.ndim, 1)]
+        return self.split(max(-(-n // chunks), 1), dim)
+
+    def tolist(self):
+        """The value as nested Python lists of numbers (torch.Tensor.tolist)."""
+        return self.numpy().tolist()
+
     def float(self): return self.astype("float32")
     def double(self): return self.astype("float64")
     def long(self): return self.astype("int64")
@@ -434,6 +588,8 @@ class Tensor:
     def log(self): return apply(E.log, self)
     def sqrt(self): return apply(E.sqrt, self)
     def tanh(self): return apply(E.tanh, self)
+    def sin(self): return apply(E.sin, self)
+    def cos(self): return apply(E.cos, self)
     def sigmoid(self): return apply(E.sigmoid, self)
     def relu(self): return apply(E.relu, self)
     def abs(self): return apply(E.abs, self)

@@ -1,7 +1,7 @@
 """The op library: one registry (ops.registry) and one module per op family.
 
-Importing this package registers every op and attaches the hand-written CUDA kernels of
-ops.gpu (OpDef.cuda). Imports only graph.ir.
+Importing this package registers every op; each op's stanza names all its pieces (kernels for
+each device included), found through ``kernel_for``. Imports only graph.ir.
 """
 
 from shardgrad.ops import (  # noqa: F401 (registers)
@@ -15,8 +15,6 @@ from shardgrad.ops import (  # noqa: F401 (registers)
     reduce,
     shape,
 )
-from shardgrad.ops.registry import REGISTRY, OpDef, apply, get, register
+from shardgrad.ops.registry import REGISTRY, OpDef, apply, get, kernel_for, register
 
-gpu.attach()
-
-__all__ = ["REGISTRY", "OpDef", "apply", "get", "register"]
+__all__ = ["REGISTRY", "OpDef", "apply", "get", "kernel_for", "register"]

@@ -4,18 +4,21 @@ keeps every intermediate in registers and writes only the values needed outside 
 Pure text generation (no CUDA call): the group is anything shaped like graph.passes'
 FusionGroup (``inputs``, ``nodes``, ``outputs``, ``shape``, ``expr`` of Steps). Shapes are
 static, so the element count and every broadcast index map are compiled in as constants.
-Imports ops.registry only (op knowledge lives in the C expression table below).
+Imports ops.registry only: each op's C expression is its OpDef's ``cuda_expr`` (built with
+the helpers here), found through ``kernel_for(op, "cuda", "expr")``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from shardgrad.ops.registry import REGISTRY, CudaExpr, kernel_for
 
 CTYPES = {"float32": "float", "float64": "double", "int8": "signed char", "uint8": "unsigned char",
           "int16": "short", "int32": "int", "int64": "long long", "uint32": "unsigned int",
@@ -57,103 +60,28 @@ def literal(value: Any, dtype: str) -> str:
     return f"(({CTYPES[dtype]}){int(v)}LL)" if dtype != "uint64" else f"{int(v)}ULL"
 
 
-def _math(dtype: str, name: str) -> str:
+def cmath(dtype: str, name: str) -> str:
+    """The C math function ``name`` for ``dtype`` (``expf`` for float32, ``exp`` for float64)."""
     return f"{name}f" if dtype == "float32" else name
 
 
-def _float_only(dtype: str, op: str) -> None:
+def float_only(dtype: str, op: str) -> None:
+    """Raise Unsupported unless ``dtype`` is float32 or float64."""
     if dtype not in FLOATS:
         raise Unsupported(f"{op} of {dtype}: only float32/float64 have a C form here")
 
 
-def _lit(x: float, dtype: str) -> str:
-    return literal(x, dtype)
-
-
-Expr = Callable[[list[str], list[str], str, dict[str, Any]], str]
-
-
-def _binary(sym: str) -> Expr:
+def binary_expr(sym: str) -> CudaExpr:
+    """The C expression of an op that is the C operator ``sym``."""
     return lambda a, dts, dt, attrs: f"({a[0]} {sym} {a[1]})"
 
 
-def _unary_fn(fn: str) -> Expr:
+def unary_fn_expr(fn: str) -> CudaExpr:
+    """The C expression of a float op that is the C math function ``fn``."""
     def make(a, dts, dt, attrs):
-        _float_only(dt, fn)
-        return f"{_math(dt, fn)}({a[0]})"
+        float_only(dt, fn)
+        return f"{cmath(dt, fn)}({a[0]})"
     return make
-
-
-def _div(a, dts, dt, attrs):
-    for d in (dt, *dts):                # int / int is a float in NumPy but integer division in C
-        _float_only(d, "div")
-    return f"({a[0]} / {a[1]})"
-
-
-def _pow(a, dts, dt, attrs):
-    _float_only(dt, "pow")
-    return f"{_math(dt, 'pow')}({a[0]}, {a[1]})"
-
-
-def _extremum(greater: bool) -> Expr:
-    def make(a, dts, dt, attrs):
-        x, y, cmp = a[0], a[1], ">" if greater else "<"
-        if dt not in FLOATS:
-            return f"({x} {cmp} {y} ? {x} : {y})"
-        # NumPy's maximum/minimum propagate a NaN from either side
-        return f"(({x} != {x} || {x} {cmp} {y}) ? {x} : {y})"
-    return make
-
-
-def _relu(a, dts, dt, attrs):
-    x = a[0]
-    return f"({x} < {_lit(0, dt)} ? {_lit(0, dt)} : {x})"          # max(x, 0), NaN kept
-
-
-def _sigmoid(a, dts, dt, attrs):
-    _float_only(dt, "sigmoid")                # the forward's stable tanh form
-    return f"({_lit(0.5, dt)} * ({_math(dt, 'tanh')}({_lit(0.5, dt)} * {a[0]}) + {_lit(1, dt)}))"
-
-
-def _gelu(a, dts, dt, attrs):
-    _float_only(dt, "gelu")
-    x, c = a[0], _lit(math.sqrt(2.0 / math.pi), dt)
-    inner = f"{c} * ({x} + {_lit(0.044715, dt)} * {x} * {x} * {x})"
-    return f"({_lit(0.5, dt)} * {x} * ({_lit(1, dt)} + {_math(dt, 'tanh')}({inner})))"
-
-
-def _step(a, dts, dt, attrs):
-    return f"({a[0]} > {_lit(0, dts[0])} ? {_lit(1, dt)} : {_lit(0, dt)})"
-
-
-def _sign(a, dts, dt, attrs):
-    x = a[0]
-    body = f"(({CTYPES[dt]})(({x} > {_lit(0, dt)}) - ({x} < {_lit(0, dt)})))"
-    return f"({x} != {x} ? {x} : {body})" if dt in FLOATS else body
-
-
-def _cast(a, dts, dt, attrs):
-    if dt == "bool":
-        return f"({a[0]} != {_lit(0, dts[0])})"
-    return f"(({CTYPES[dt]}){a[0]})"
-
-
-def _neg(a, dts, dt, attrs):
-    if dt == "bool":
-        raise Unsupported("neg of bool")
-    return f"(-{a[0]})"
-
-
-EXPRS: dict[str, Expr] = {
-    "add": _binary("+"), "sub": _binary("-"), "mul": _binary("*"), "div": _div, "pow": _pow,
-    "maximum": _extremum(True), "minimum": _extremum(False), "neg": _neg,
-    "exp": _unary_fn("exp"), "log": _unary_fn("log"), "sqrt": _unary_fn("sqrt"),
-    "tanh": _unary_fn("tanh"), "erf": _unary_fn("erf"), "sigmoid": _sigmoid, "relu": _relu,
-    "gelu": _gelu, "step": _step, "sign": _sign, "cast": _cast,
-    "where": lambda a, dts, dt, attrs: f"({a[0]} ? {a[1]} : {a[2]})",
-    "equal": _binary("=="), "not_equal": _binary("!="), "less": _binary("<"),
-    "less_equal": _binary("<="), "greater": _binary(">"), "greater_equal": _binary(">="),
-}
 
 
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -267,10 +195,12 @@ def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
     body: list[str] = []
     dts = [x.dtype for x in group.inputs]
     for m, (node, step) in enumerate(zip(group.nodes, group.expr, strict=True)):
-        if step.op not in EXPRS:
+        opdef = REGISTRY.get(step.op)
+        expr_of = None if opdef is None else kernel_for(opdef, "cuda", "expr")
+        if expr_of is None:
             raise Unsupported(f"no C form for op {step.op!r}")
         args = [names[a] for a in step.args]
-        expr = EXPRS[step.op](args, [dts[a] for a in step.args], node.dtype, step.attrs)
+        expr = expr_of(args, [dts[a] for a in step.args], node.dtype, step.attrs)
         body.append(f"        const {ctype(node)} t{m} = {expr};")
         names.append(f"t{m}")
         dts.append(node.dtype)
@@ -294,5 +224,5 @@ def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
     return KernelSource(name, code, tuple(passed), size)
 
 
-__all__ = ["EXPRS", "KernelSource", "Unsupported", "contiguous_strides", "fused_source",
-           "index_terms", "literal", "offsets"]
+__all__ = ["KernelSource", "Unsupported", "binary_expr", "cmath", "contiguous_strides",
+           "float_only", "fused_source", "index_terms", "literal", "offsets", "unary_fn_expr"]

@@ -27,6 +27,14 @@ class Binding:
     def __init__(self, groups: dict[str, Any]):
         self.groups = groups
         self.pending: dict[int, Any] = {}
+        self.sending: list[tuple[Any, Any]] = []   # isend's (request, buffer) until waited on
+
+    def wait_sends(self) -> None:
+        """Wait for every ``isend`` started under this binding (each buffer stays referenced,
+        and so unwritten, until its send is done)."""
+        while self.sending:
+            request, _ = self.sending.pop(0)
+            request.wait()
 
 
 _BINDING: ContextVar[Binding | None] = ContextVar("shardgrad_collective_binding", default=None)
@@ -87,7 +95,8 @@ def _allreduce_vjp(g, x, out, op="sum", group="world", inplace=False):
 
 register(OpDef("allreduce", infer=_allreduce_infer, forward=_allreduce_fwd, vjp=_allreduce_vjp,
                jvp=lambda ts, x, out, op="sum", group="world", inplace=False:
-               None if ts[0] is None else allreduce(ts[0], op, group), cost=_comm_cost))
+               None if ts[0] is None else allreduce(ts[0], op, group), cost=_comm_cost,
+               effectful=True))
 
 
 def allreduce(x: Node, op: str = "sum", group: str = "world", inplace: bool = False) -> Node:
@@ -116,10 +125,10 @@ def _wait_fwd(xp, x, tag=0):
 register(OpDef("allreduce_start", infer=_allreduce_infer, forward=_start_fwd,
                vjp=lambda g, x, out, op="sum", group="world", tag=0, inplace=False:
                _allreduce_vjp(g, x, out, op, group),  # start+wait is allreduce: see above
-               cost=_comm_cost))
+               cost=_comm_cost, effectful=True))
 register(OpDef("allreduce_wait", infer=lambda x, **_: x, forward=_wait_fwd,
                vjp=lambda g, x, out, tag=0: (g,),  # wait is the identity on values
-               cost=lambda node: (0.0, 0.0)))
+               cost=lambda node: (0.0, 0.0), effectful=True))
 
 
 # ---- allgather / reduce_scatter (along axis 0; world_size fixes the shapes) ---------------------
@@ -159,11 +168,11 @@ def _check_size(comm, world_size: int, op: str) -> None:
 register(OpDef("allgather", infer=_allgather_infer, forward=_allgather_fwd,
                vjp=lambda g, x, out, world_size, group="world":
                (reduce_scatter(g, world_size, group),),  # y = [x_0;..;x_N-1] => dx_r = sum_s g_s[r]
-               cost=_comm_cost))
+               cost=_comm_cost, effectful=True))
 register(OpDef("reduce_scatter", infer=_reduce_scatter_infer, forward=_reduce_scatter_fwd,
                vjp=lambda g, x, out, world_size, group="world":
                (allgather(g, world_size, group),),  # y_r = sum_s x_s[r] => dx_s = [g_0;..;g_N-1]
-               cost=_comm_cost))
+               cost=_comm_cost, effectful=True))
 
 
 def allgather(x: Node, world_size: int, group: str = "world") -> Node:
@@ -185,6 +194,12 @@ def _send_fwd(xp, x, dest, tag=0, group="world"):
     return xp.empty((0,), x.dtype)
 
 
+def _isend_fwd(xp, x, dest, tag=0, group="world"):
+    buf = xp.ascontiguousarray(x)
+    _BINDING.get().sending.append((communicator(group, "isend").isend(buf, dest, tag), buf))
+    return xp.empty((0,), x.dtype)
+
+
 def _recv_infer(token, shape, dtype, source, tag=0, group="world"):
     if tuple(token[0]) != (0,):
         raise ValueError(f"recv's first input must be a token (shape (0,)), got {tuple(token[0])}")
@@ -198,11 +213,19 @@ def _recv_fwd(xp, token, shape, dtype, source, tag=0, group="world"):
 register(OpDef("send", infer=lambda x, dest, tag=0, group="world": ((0,), x[1]), forward=_send_fwd,
                vjp=lambda g, x, out, dest, tag=0, group="world":
                (recv(g, x.shape, x.dtype, dest, tag, group),),  # adjoint of sending: receiving dx
-               cost=_comm_cost))
+               cost=_comm_cost, effectful=True))
+# isend: send without waiting; the binding's wait_sends() completes it (x must not be written
+# until then: a partitioner feeds it only values no other node writes).
+register(OpDef("isend", infer=lambda x, dest, tag=0, group="world": ((0,), x[1]),
+               forward=_isend_fwd,
+               vjp=lambda g, x, out, dest, tag=0, group="world":
+               (recv(g, x.shape, x.dtype, dest, tag, group),),  # as send's: receiving dx
+               cost=_comm_cost, effectful=True))
 register(OpDef("recv", infer=_recv_infer, forward=_recv_fwd,
                vjp=lambda g, token, out, shape, dtype, source, tag=0, group="world":
                (send(g, source, tag, group),),  # adjoint of receiving: sending dx back
-               cost=lambda node: (0.0, float(2 * node.size * itemsize(node.dtype)))))
+               cost=lambda node: (0.0, float(2 * node.size * itemsize(node.dtype))),
+               effectful=True))
 
 
 def token(dtype: str = "float32") -> Node:
@@ -213,6 +236,12 @@ def token(dtype: str = "float32") -> Node:
 def send(x: Node, dest: int, tag: int = 0, group: str = "world") -> Node:
     """Send ``x`` to rank ``dest`` of ``group``; returns a token."""
     return apply("send", x, dest=int(dest), tag=int(tag), group=group)
+
+
+def isend(x: Node, dest: int, tag: int = 0, group: str = "world") -> Node:
+    """Start sending ``x`` to rank ``dest`` of ``group``; returns a token. The send completes
+    at the binding's ``wait_sends()``."""
+    return apply("isend", x, dest=int(dest), tag=int(tag), group=group)
 
 
 def recv(after: Node, shape: Sequence[int], dtype: str, source: int, tag: int = 0,

@@ -11,9 +11,20 @@ import math
 import numpy as np
 
 from shardgrad.graph.ir import Node, const
+from shardgrad.ops.codegen import (
+    CTYPES,
+    FLOATS,
+    Unsupported,
+    binary_expr,
+    cmath,
+    float_only,
+    literal,
+    unary_fn_expr,
+)
 from shardgrad.ops.registry import (
     FLOAT_DTYPES,
     OpDef,
+    OutKernel,
     apply,
     as_node,
     broadcast_infer,
@@ -21,7 +32,9 @@ from shardgrad.ops.registry import (
     elementwise_cost,
     float_unary_infer,
     register,
+    same_dtype,
     same_infer,
+    ufunc_out,
     unbroadcast,
 )
 
@@ -53,7 +66,8 @@ def _add_vjp(g, x, y, out):
 
 register(OpDef("add", infer=broadcast_infer, forward=lambda xp, x, y: x + y, vjp=_add_vjp,
                jvp=lambda ts, x, y, out: _sum_tangents(_t(ts[0], out), _t(ts[1], out)),
-               cost=elementwise_cost))
+               cost=elementwise_cost, out=ufunc_out("add", "fiu"), cuda_expr=binary_expr("+"),
+               elementwise=True))
 
 
 @builder("add")
@@ -70,7 +84,8 @@ def _sub_jvp(ts, x, y, out):
 
 
 register(OpDef("sub", infer=broadcast_infer, forward=lambda xp, x, y: x - y, vjp=_sub_vjp,
-               jvp=_sub_jvp, cost=elementwise_cost))
+               jvp=_sub_jvp, cost=elementwise_cost, out=ufunc_out("subtract", "fiu"),
+               cuda_expr=binary_expr("-"), elementwise=True))
 
 
 @builder("sub")
@@ -88,7 +103,8 @@ def _mul_jvp(ts, x, y, out):
 
 
 register(OpDef("mul", infer=broadcast_infer, forward=lambda xp, x, y: x * y, vjp=_mul_vjp,
-               jvp=_mul_jvp, cost=elementwise_cost))
+               jvp=_mul_jvp, cost=elementwise_cost, out=ufunc_out("multiply", "fiu"),
+               cuda_expr=binary_expr("*"), elementwise=True))
 
 
 @builder("mul")
@@ -111,8 +127,15 @@ def _div_infer(x, y, **_):
     return shape, dtype if dtype in FLOAT_DTYPES else "float64"     # NumPy's true division
 
 
+def _div_c(a, dts, dt, attrs):
+    for d in (dt, *dts):                # int / int is a float in NumPy but integer division in C
+        float_only(d, "div")
+    return f"({a[0]} / {a[1]})"
+
+
 register(OpDef("div", infer=_div_infer, forward=lambda xp, x, y: x / y, vjp=_div_vjp,
-               jvp=_div_jvp, cost=elementwise_cost))
+               jvp=_div_jvp, cost=elementwise_cost, out=ufunc_out("divide"), cuda_expr=_div_c,
+               elementwise=True))
 
 
 @builder("div")
@@ -143,8 +166,14 @@ def _pow_jvp(ts, x, y, out):
                          None if ts[1] is None else _t(ts[1] * _pow_dy(x, out), out))
 
 
+def _pow_c(a, dts, dt, attrs):
+    float_only(dt, "pow")
+    return f"{cmath(dt, 'pow')}({a[0]}, {a[1]})"
+
+
 register(OpDef("pow", infer=broadcast_infer, forward=lambda xp, x, y: x ** y, vjp=_pow_vjp,
-               jvp=_pow_jvp, cost=elementwise_cost))
+               jvp=_pow_jvp, cost=elementwise_cost, out=ufunc_out("power"), cuda_expr=_pow_c,
+               elementwise=True))
 
 
 @builder("pow")
@@ -159,7 +188,7 @@ def _share(x, y, dtype, first_wins):
     return cast(first_wins(x, y), dtype) + cast(equal(x, y), dtype) * 0.5
 
 
-def _extremum(name, first_wins):
+def _extremum(name, first_wins, cmp):
     def vjp(g, x, y, out):
         s = _share(x, y, g.dtype, first_wins)    # d max(x,y) = s dx + (1 - s) dy
         return unbroadcast(g * s, x.shape), unbroadcast(g - g * s, y.shape)
@@ -169,13 +198,21 @@ def _extremum(name, first_wins):
         return _sum_tangents(None if ts[0] is None else _t(ts[0] * s, out),
                              None if ts[1] is None else _t(ts[1] * (1.0 - s), out))
 
+    def c_expr(a, dts, dt, attrs):
+        x, y = a[0], a[1]
+        if dt not in FLOATS:
+            return f"({x} {cmp} {y} ? {x} : {y})"
+        # NumPy's maximum/minimum propagate a NaN from either side
+        return f"(({x} != {x} || {x} {cmp} {y}) ? {x} : {y})"
+
     register(OpDef(name, infer=broadcast_infer,
                    forward=lambda xp, x, y: getattr(xp, name)(x, y),
-                   vjp=vjp, jvp=jvp, cost=elementwise_cost))
+                   vjp=vjp, jvp=jvp, cost=elementwise_cost, out=ufunc_out(name, "fiu"),
+                   cuda_expr=c_expr, elementwise=True))
 
 
-_extremum("maximum", lambda x, y: greater(x, y))
-_extremum("minimum", lambda x, y: less(x, y))
+_extremum("maximum", lambda x, y: greater(x, y), ">")
+_extremum("minimum", lambda x, y: less(x, y), "<")
 
 
 def maximum(x, y) -> Node:
@@ -188,12 +225,13 @@ def minimum(x, y) -> Node:
 
 # ---- unary -------------------------------------------------------------------------------------
 
-def _unary(name, forward, dfdx, doc):
-    """Register an elementwise unary op whose derivative ``dfdx(x, out)`` builds nodes."""
+def _unary(name, forward, dfdx, doc, out=None, cuda_expr=None):
+    """Register an elementwise unary op whose derivative ``dfdx(x, out)`` builds nodes, with
+    its ``out=`` kernel and C expression (``OpDef.out``, ``OpDef.cuda_expr``)."""
     register(OpDef(name, infer=float_unary_infer, forward=forward,
                    vjp=lambda g, x, out: (g * dfdx(x, out),),
                    jvp=lambda ts, x, out: None if ts[0] is None else ts[0] * dfdx(x, out),
-                   cost=elementwise_cost))
+                   cost=elementwise_cost, out=out, cuda_expr=cuda_expr, elementwise=True))
 
     def build(x) -> Node:
         return apply(name, x)
@@ -201,13 +239,26 @@ def _unary(name, forward, dfdx, doc):
     return build
 
 
-neg = builder("neg")(_unary("neg", lambda xp, x: -x, lambda x, out: -1.0, "-x;  d(-x) = -dx"))
-exp = _unary("exp", lambda xp, x: xp.exp(x), lambda x, out: out, "e^x;  d e^x = e^x dx")
-log = _unary("log", lambda xp, x: xp.log(x), lambda x, out: 1.0 / x, "ln x;  d ln x = dx / x")
+def _neg_c(a, dts, dt, attrs):
+    if dt == "bool":
+        raise Unsupported("neg of bool")
+    return f"(-{a[0]})"
+
+
+neg = builder("neg")(_unary("neg", lambda xp, x: -x, lambda x, out: -1.0, "-x;  d(-x) = -dx",
+                            ufunc_out("negative", "fi"), _neg_c))
+exp = _unary("exp", lambda xp, x: xp.exp(x), lambda x, out: out, "e^x;  d e^x = e^x dx",
+             ufunc_out("exp"), unary_fn_expr("exp"))
+log = _unary("log", lambda xp, x: xp.log(x), lambda x, out: 1.0 / x, "ln x;  d ln x = dx / x",
+             ufunc_out("log"), unary_fn_expr("log"))
 sqrt = _unary("sqrt", lambda xp, x: xp.sqrt(x), lambda x, out: 0.5 / out,
-              "sqrt x;  d sqrt x = dx / (2 sqrt x)")
+              "sqrt x;  d sqrt x = dx / (2 sqrt x)", ufunc_out("sqrt"), unary_fn_expr("sqrt"))
 tanh = _unary("tanh", lambda xp, x: xp.tanh(x), lambda x, out: 1.0 - out * out,
-              "tanh x;  d tanh x = (1 - tanh^2 x) dx")
+              "tanh x;  d tanh x = (1 - tanh^2 x) dx", ufunc_out("tanh"), unary_fn_expr("tanh"))
+sin = _unary("sin", lambda xp, x: xp.sin(x), lambda x, out: cos(x), "sin x;  d sin x = cos x dx",
+             ufunc_out("sin"), unary_fn_expr("sin"))
+cos = _unary("cos", lambda xp, x: xp.cos(x), lambda x, out: -sin(x),
+             "cos x;  d cos x = -sin x dx", ufunc_out("cos"), unary_fn_expr("cos"))
 
 
 def _sigmoid_fwd(xp, x):
@@ -215,11 +266,35 @@ def _sigmoid_fwd(xp, x):
     return 0.5 * (xp.tanh(0.5 * x) + 1.0)
 
 
+def _sigmoid_out(xp, n):
+    # the forward's own sequence, 0.5 * (tanh(0.5 * x) + 1), one pass each, in place
+    def run(x, out):
+        xp.multiply(x, 0.5, out=out)
+        xp.tanh(out, out=out)
+        xp.add(out, 1.0, out=out)
+        xp.multiply(out, 0.5, out=out)
+    return run, ()
+
+
+def _sigmoid_c(a, dts, dt, attrs):
+    float_only(dt, "sigmoid")                # the forward's stable tanh form
+    half, one = literal(0.5, dt), literal(1, dt)
+    return f"({half} * ({cmath(dt, 'tanh')}({half} * {a[0]}) + {one}))"
+
+
 sigmoid = _unary("sigmoid", _sigmoid_fwd, lambda x, out: out * (1.0 - out),
-                 "1/(1+e^-x);  d s = s (1 - s) dx")
+                 "1/(1+e^-x);  d s = s (1 - s) dx",
+                 OutKernel(_sigmoid_out, True, same_dtype("f")), _sigmoid_c)
+
+
+def _relu_c(a, dts, dt, attrs):
+    x, zero = a[0], literal(0, dt)
+    return f"({x} < {zero} ? {zero} : {x})"          # max(x, 0), NaN kept
+
+
 # relu is its own primitive (not maximum(x, 0)) so the backward is one mask, not a where+mul
 relu = _unary("relu", lambda xp, x: xp.maximum(x, 0), lambda x, out: step(x),
-              "max(x, 0);  d relu = [x > 0] dx")
+              "max(x, 0);  d relu = [x > 0] dx", ufunc_out("maximum", "fi", 0), _relu_c)
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -236,7 +311,14 @@ def _gelu_grad(x, out):
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 0.134145 * x * x)
 
 
-gelu = _unary("gelu", _gelu_fwd, _gelu_grad, "x Phi(x), tanh approximation")
+def _gelu_c(a, dts, dt, attrs):
+    float_only(dt, "gelu")
+    x, c = a[0], literal(_GELU_C, dt)
+    inner = f"{c} * ({x} + {literal(0.044715, dt)} * {x} * {x} * {x})"
+    return f"({literal(0.5, dt)} * {x} * ({literal(1, dt)} + {cmath(dt, 'tanh')}({inner})))"
+
+
+gelu = _unary("gelu", _gelu_fwd, _gelu_grad, "x Phi(x), tanh approximation", None, _gelu_c)
 
 
 def _erf_fwd(xp, x):
@@ -250,9 +332,21 @@ def _erf_fwd(xp, x):
     return out if out.dtype == x.dtype else out.astype(x.dtype)    # float16 runs as float32
 
 
+def _erf_out(xp, n):
+    # the forward's own ufunc (SciPy's on NumPy, CuPy's on GPU arrays), which takes out=
+    if xp is np:
+        from scipy.special import erf as f
+    else:
+        from cupyx.scipy.special import erf as f
+    return f, ()
+
+
 _ERF_C = 2.0 / math.sqrt(math.pi)
 erf = _unary("erf", _erf_fwd, lambda x, out: _ERF_C * exp(-(x * x)),
-             "erf x;  d erf x = 2/sqrt(pi) e^(-x^2) dx")
+             "erf x;  d erf x = 2/sqrt(pi) e^(-x^2) dx",
+             OutKernel(_erf_out, True,
+                       lambda n: n.dtype in FLOATS and n.inputs[0].dtype == n.dtype),
+             unary_fn_expr("erf"))
 _SQRT_HALF = math.sqrt(0.5)
 
 
@@ -273,12 +367,20 @@ def _compare_infer(x, y, **_):
     return shape, "bool"
 
 
-_COMPARISONS = {"equal": "__eq__", "not_equal": "__ne__", "less": "__lt__",
-                "less_equal": "__le__", "greater": "__gt__", "greater_equal": "__ge__"}
-for _name, _method in _COMPARISONS.items():
+def _compare_out(name: str) -> OutKernel:
+    return OutKernel(lambda xp, n: (getattr(xp, name), ()), True,
+                     lambda n: n.inputs[0].dtype == n.inputs[1].dtype)
+
+
+# op: (Python operator method, C operator)
+_COMPARISONS = {"equal": ("__eq__", "=="), "not_equal": ("__ne__", "!="),
+                "less": ("__lt__", "<"), "less_equal": ("__le__", "<="),
+                "greater": ("__gt__", ">"), "greater_equal": ("__ge__", ">=")}
+for _name, (_method, _sym) in _COMPARISONS.items():
     register(OpDef(_name, infer=_compare_infer,
                    forward=(lambda m: lambda xp, x, y: getattr(x, m)(y))(_method),
-                   cost=elementwise_cost, nondiff=(0, 1)))
+                   cost=elementwise_cost, nondiff=(0, 1), out=_compare_out(_name),
+                   cuda_expr=binary_expr(_sym), elementwise=True))
 
 
 def equal(x, y): return apply("equal", x, y)
@@ -297,17 +399,38 @@ def _cast_vjp(g, x, out, dtype):
     return (cast(g, x.dtype),) if np.dtype(x.dtype).kind == "f" else (None,)  # d cast = cast d
 
 
+def _cast_out(xp, n):
+    # copyto takes (dst, src): the kernel convention is fn(src, out=dst)
+    def run(x, out):
+        xp.copyto(out, x, casting="unsafe")
+    return run, ()
+
+
+def _cast_c(a, dts, dt, attrs):
+    if dt == "bool":
+        return f"({a[0]} != {literal(0, dts[0])})"
+    return f"(({CTYPES[dt]}){a[0]})"
+
+
 register(OpDef("cast", infer=_cast_infer, forward=lambda xp, x, dtype: x.astype(dtype),
                vjp=_cast_vjp, jvp=lambda ts, x, out, dtype: None if ts[0] is None or np.dtype(
-                   dtype).kind != "f" else cast(ts[0], dtype), cost=elementwise_cost))
+                   dtype).kind != "f" else cast(ts[0], dtype), cost=elementwise_cost,
+               out=OutKernel(_cast_out, True, lambda n: True), cuda_expr=_cast_c,
+               elementwise=True))
 
 
 def cast(x, dtype) -> Node:
     return apply("cast", x, dtype=str(np.dtype(dtype)))
 
 
+def _step_c(a, dts, dt, attrs):
+    return f"({a[0]} > {literal(0, dts[0])} ? {literal(1, dt)} : {literal(0, dt)})"
+
+
 register(OpDef("step", infer=same_infer, forward=lambda xp, x: (x > 0).astype(x.dtype),
-               cost=elementwise_cost, nondiff=(0,)))
+               cost=elementwise_cost, nondiff=(0,),
+               out=OutKernel(lambda xp, n: (xp.greater, (0,)), True, same_dtype("f")),
+               cuda_expr=_step_c, elementwise=True))
 
 
 def step(x) -> Node:
@@ -315,12 +438,50 @@ def step(x) -> Node:
     return apply("step", x)
 
 
+def _sign_c(a, dts, dt, attrs):
+    x, zero = a[0], literal(0, dt)
+    body = f"(({CTYPES[dt]})(({x} > {zero}) - ({x} < {zero})))"
+    return f"({x} != {x} ? {x} : {body})" if dt in FLOATS else body
+
+
 register(OpDef("sign", infer=same_infer, forward=lambda xp, x: xp.sign(x),
-               cost=elementwise_cost, nondiff=(0,)))
+               cost=elementwise_cost, nondiff=(0,), out=ufunc_out("sign"), cuda_expr=_sign_c,
+               elementwise=True))
 
 
 def sign(x) -> Node:
     return apply("sign", x)
+
+
+# ---- floor division and remainder (Python's and torch's: the remainder takes y's sign) ---------
+
+register(OpDef("floor_divide", infer=broadcast_infer,
+               forward=lambda xp, x, y: xp.floor_divide(x, y), cost=elementwise_cost,
+               nondiff=(0, 1)))
+
+
+def floor_divide(x, y) -> Node:
+    """floor(x / y), piecewise constant: no gradient (torch's ``//``)."""
+    return apply("floor_divide", x, y)
+
+
+def _remainder_vjp(g, x, y, out):
+    # x mod y = x - y floor(x/y)  =>  d = dx - floor(x/y) dy (floor is flat between jumps)
+    return unbroadcast(g, x.shape), unbroadcast(-(g * floor_divide(x, y)), y.shape)
+
+
+def _remainder_jvp(ts, x, y, out):
+    return _sum_tangents(_t(ts[0], out),
+                         None if ts[1] is None else _t(-(ts[1] * floor_divide(x, y)), out))
+
+
+register(OpDef("remainder", infer=broadcast_infer, forward=lambda xp, x, y: xp.remainder(x, y),
+               vjp=_remainder_vjp, jvp=_remainder_jvp, cost=elementwise_cost))
+
+
+def remainder(x, y) -> Node:
+    """x - y floor(x / y), the sign of y's (Python's and torch's ``%``)."""
+    return apply("remainder", x, y)
 
 
 # ---- where ---------------------------------------------------------------------------------------
@@ -341,8 +502,19 @@ def _where_jvp(ts, c, x, y, out):
     return where(c, _t_or_zero(ts[1], out), _t_or_zero(ts[2], out))
 
 
+def _where_out(xp, n):
+    def run(c, x, y, out):
+        xp.copyto(out, y)
+        xp.copyto(out, x, where=c)
+    return run, ()
+
+
 register(OpDef("where", infer=_where_infer, forward=lambda xp, c, x, y: xp.where(c, x, y),
-               vjp=_where_vjp, jvp=_where_jvp, cost=elementwise_cost, nondiff=(0,)))
+               vjp=_where_vjp, jvp=_where_jvp, cost=elementwise_cost, nondiff=(0,),
+               out=OutKernel(_where_out, False,
+                             lambda n: n.inputs[1].dtype == n.inputs[2].dtype == n.dtype),
+               cuda_expr=lambda a, dts, dt, attrs: f"({a[0]} ? {a[1]} : {a[2]})",
+               elementwise=True))
 
 
 def where(c, x, y) -> Node:
@@ -351,6 +523,7 @@ def where(c, x, y) -> Node:
     return apply("where", c, as_node(x, like), as_node(y, like))
 
 
-__all__ = ["add", "sub", "mul", "div", "pow", "neg", "exp", "log", "sqrt", "tanh", "sigmoid",
+__all__ = ["add", "sub", "mul", "div", "pow", "neg", "exp", "log", "sqrt", "tanh", "sin", "cos",
+           "floor_divide", "remainder", "sigmoid",
            "relu", "gelu", "erf", "gelu_erf", "maximum", "minimum", "abs", "where", "cast", "step",
            "sign", "equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from shardgrad.graph.ir import Node
+from shardgrad.ops import gpu
 from shardgrad.ops.elementwise import tanh
 from shardgrad.ops.reduce import sum
 from shardgrad.ops.registry import (
@@ -72,7 +73,7 @@ def _bias_act_vjp(g, x, b, out, act):
 
 register(OpDef("bias_act", infer=_bias_infer,
                forward=lambda xp, x, b, act: get(act).forward(xp, x + b),
-               vjp=_bias_act_vjp, cost=elementwise_cost))
+               vjp=_bias_act_vjp, cost=elementwise_cost, cuda=gpu.bias_act))
 
 
 def _bias_grad_infer(g, x, b, act, **_):
@@ -94,7 +95,7 @@ def _bias_act_grad_vjp(h, g, x, b, out, act):
 
 register(OpDef("bias_act_grad", infer=_bias_grad_infer,
                forward=lambda xp, g, x, b, act: g * _dact_fwd(xp, x + b, act),
-               vjp=_bias_act_grad_vjp, cost=elementwise_cost))
+               vjp=_bias_act_grad_vjp, cost=elementwise_cost, cuda=gpu.bias_act_grad))
 
 
 def bias_act(x, b, act="relu") -> Node:
@@ -137,7 +138,8 @@ def _xent_grad_vjp(h, logits, labels, scale, out, **_):
 
 
 register(OpDef("softmax_xent_grad", infer=_xent_grad_infer, forward=_xent_grad_fwd,
-               vjp=_xent_grad_vjp, cost=elementwise_cost, nondiff=(1,)))
+               vjp=_xent_grad_vjp, cost=elementwise_cost, nondiff=(1,),
+               cuda=gpu.softmax_xent_grad))
 
 
 def softmax_xent_grad(logits, labels, scale) -> Node:

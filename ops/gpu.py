@@ -1,7 +1,7 @@
-"""Hand-written CUDA kernels for the ops a training step spends its time in, and the table that
-attaches them to the OpDefs (``OpDef.cuda``). The CUDA C sources live beside this file in
-ops/cuda/*.cu (with the headers they share, *.cuh); CuPy compiles each on first use (NVRTC)
-for the dtype it is called with.
+"""Hand-written CUDA kernels for the ops a training step spends its time in: each op's stanza
+names its function here as ``OpDef.cuda`` (executors find it through ``kernel_for``). The CUDA
+C sources live beside this file in ops/cuda/*.cu (with the headers they share, *.cuh); CuPy
+compiles each on first use (NVRTC) for the dtype it is called with.
 
 Every function takes the array module ``xp`` and never imports cupy itself; kernels are
 started through ``launch`` (CuPy's RawModule by default; tests swap in a host emulation).
@@ -11,7 +11,7 @@ axis) runs the op's generic ``forward``. Imports ops.registry only.
 
 from __future__ import annotations
 
-import dataclasses
+import contextvars
 import functools
 import re
 from collections.abc import Callable
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from shardgrad.ops.registry import REGISTRY, get
+from shardgrad.ops.registry import get
 
 SOURCES = Path(__file__).parent / "cuda"
 CTYPES = {"float32": "float", "float64": "double"}
@@ -112,21 +112,58 @@ def log_softmax(xp, x, axis):
     return _rows(xp, x, 1)
 
 
+class DeferredChecks:
+    """Input checks a step's kernels record on the device instead of synchronizing: inside
+    ``with checks:`` cross_entropy sets a persistent flag (the bad label itself) and goes
+    on; ``raise_if_set()`` reads the flags (one device-to-host copy each) and raises the
+    error the immediate check would have raised. A flag stays set until read, so a check
+    read after several steps still reports the bad label of any of them."""
+
+    def __init__(self):
+        self._flags: dict[tuple, Any] = {}       # (what, classes) -> int32[1] on the device
+        self._token = None
+
+    def flag(self, xp, what: str, classes: int):
+        key = (what, classes)
+        if key not in self._flags:
+            self._flags[key] = xp.zeros((1,), np.int32)
+        return self._flags[key]
+
+    def raise_if_set(self) -> None:
+        for (what, classes), flag in self._flags.items():
+            value = int(flag[0])
+            if value:
+                flag.fill(0)
+                raise ValueError(f"{what} {value} out of range for {classes} classes")
+
+    def __enter__(self):
+        self._token = _DEFERRED.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _DEFERRED.reset(self._token)
+
+
+_DEFERRED: contextvars.ContextVar[DeferredChecks | None] = contextvars.ContextVar(
+    "shardgrad_deferred_checks", default=None)
+
+
 def cross_entropy(xp, logits, labels, reduction):
     """Fused log-softmax + pick + reduce. A label outside [0, C) raises ValueError as the
-    generic forward does (one device sync)."""
+    generic forward does: at once (one device sync), or, inside ``DeferredChecks``, when the
+    checks are read (no sync in the step)."""
     if not _covered(logits):
         return get("cross_entropy").forward(xp, logits, labels, reduction=reduction)
     n, c = logits.shape
     nll = xp.empty((n,), logits.dtype)
-    bad = xp.zeros((1,), np.int32)
+    deferred = _DEFERRED.get()
+    bad = deferred.flag(xp, "label", c) if deferred is not None else xp.zeros((1,), np.int32)
     if n:
         run_kernel("softmax.cu", "xent_fwd", logits.dtype, min(n, 1 << 20), row_block(c),
                    (_c(xp, logits), _c(xp, labels.astype(np.int64, copy=False)), nll, bad,
                     *_i32(n, c)))
-    if n and int(bad[0]):
-        wrong = labels[(labels < 0) | (labels >= c)]
-        raise ValueError(f"label {int(wrong[0])} out of range for {c} classes")
+    if n and deferred is None and int(bad[0]):
+        raise ValueError(f"label {int(bad[0])} out of range for {c} classes")
     if reduction == "none":
         return nll
     return xp.sum(nll) / n if reduction == "mean" else xp.sum(nll)
@@ -317,35 +354,3 @@ def adam_update_(p, g, m, v, *, lr: float, step: int, betas=(0.9, 0.999), eps: f
     run_kernel("optim.cu", "adam_update", p.dtype, blocks(p.size), BLOCK,
                (p, g, m, v, np.int64(p.size), t(lr), b1, b2, t(eps), t(weight_decay), bc1, bc2,
                 np.int32(bool(decoupled))))
-
-
-# ---- attaching the kernels to the ops ---------------------------------------------------------
-
-CUDA: dict[str, Callable[..., Any]] = {
-    "softmax": softmax, "log_softmax": log_softmax, "cross_entropy": cross_entropy,
-    "softmax_xent_grad": softmax_xent_grad, "bias_act": bias_act,
-    "bias_act_grad": bias_act_grad, "im2col": im2col, "col2im": col2im,
-    "max_pool2d": max_pool2d, "max_pool2d_grad": max_pool2d_grad,
-    "max_pool2d_gather": max_pool2d_gather, "avg_pool2d": avg_pool2d,
-    "avg_pool2d_grad": avg_pool2d_grad,
-}
-
-
-def attach() -> list[str]:
-    """Set ``OpDef.cuda`` for every registered op this module has a kernel for; returns
-    their names. Called once when ops/ is imported."""
-    done = []
-    for name, fn in CUDA.items():
-        opdef = REGISTRY.get(name)
-        if opdef is not None and opdef.cuda is not fn:
-            REGISTRY[name] = dataclasses.replace(opdef, cuda=fn)
-            done.append(name)
-    return done
-
-
-def kernel(opdef, xp) -> Callable[..., Any]:
-    """The implementation to run for ``opdef`` on ``xp``: the CUDA one on cupy where there is
-    one, else the generic forward."""
-    if opdef.cuda is not None and getattr(xp, "__name__", "") == "cupy":
-        return opdef.cuda
-    return opdef.forward

@@ -8,12 +8,14 @@ from __future__ import annotations
 from shardgrad.graph.ir import Node
 from shardgrad.ops.registry import (
     OpDef,
+    OutKernel,
     apply,
     broadcast_shapes,
     builder,
     itemsize,
     register,
     result_dtype,
+    same_dtype,
     unbroadcast,
 )
 
@@ -64,7 +66,8 @@ def _matmul_jvp(ts, x, y, out):
 
 
 register(OpDef("matmul", infer=_matmul_infer, forward=lambda xp, x, y: xp.matmul(x, y),
-               vjp=_matmul_vjp, jvp=_matmul_jvp, cost=_matmul_cost))
+               vjp=_matmul_vjp, jvp=_matmul_jvp, cost=_matmul_cost,
+               out=OutKernel(lambda xp, n: (xp.matmul, ()), False, same_dtype("fiu"))))
 
 
 @builder("matmul")

@@ -7,6 +7,7 @@ gradients of gradients work. Imports ops.registry, sibling op families and graph
 from __future__ import annotations
 
 from shardgrad.graph.ir import Node
+from shardgrad.ops import gpu
 from shardgrad.ops.fused import softmax_xent_grad
 from shardgrad.ops.reduce import norm_axis, sum
 from shardgrad.ops.registry import (
@@ -35,7 +36,8 @@ def _log_softmax_jvp(ts, x, out, axis):
 
 
 register(OpDef("log_softmax", infer=float_unary_infer, forward=_log_softmax_fwd,
-               vjp=_log_softmax_vjp, jvp=_log_softmax_jvp, cost=elementwise_cost))
+               vjp=_log_softmax_vjp, jvp=_log_softmax_jvp, cost=elementwise_cost,
+               cuda=gpu.log_softmax))
 
 
 def log_softmax(x, axis=-1) -> Node:
@@ -55,7 +57,8 @@ def _softmax_vjp(g, x, out, axis):
 
 register(OpDef("softmax", infer=float_unary_infer, forward=_softmax_fwd, vjp=_softmax_vjp,
                jvp=lambda ts, x, out, axis: None if ts[0] is None else
-               out * (ts[0] - sum(out * ts[0], axis, True)), cost=elementwise_cost))
+               out * (ts[0] - sum(out * ts[0], axis, True)), cost=elementwise_cost,
+               cuda=gpu.softmax))
 
 
 def softmax(x, axis=-1) -> Node:
@@ -124,7 +127,7 @@ def _cross_entropy_cost(node: Node) -> tuple[float, float]:
 
 register(OpDef("cross_entropy", infer=_cross_entropy_infer, forward=_cross_entropy_fwd,
                vjp=_cross_entropy_vjp, jvp=_cross_entropy_jvp, cost=_cross_entropy_cost,
-               nondiff=(1,)))
+               nondiff=(1,), cuda=gpu.cross_entropy))
 
 
 def cross_entropy(logits, labels, reduction="mean") -> Node:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from shardgrad.graph.ir import Node
+from shardgrad.ops import gpu
 from shardgrad.ops.elementwise import sqrt
 from shardgrad.ops.linalg import matmul
 from shardgrad.ops.reduce import mean
@@ -21,12 +22,17 @@ from shardgrad.ops.registry import (
     OpDef,
     apply,
     as_node,
+    forward_out,
     is_int,
     itemsize,
     register,
     shape_error,
 )
 from shardgrad.ops.shape import reshape
+
+# the window ops' forwards take out=: their results (im2col's columns are the step's largest
+# value) then live in the compiled program's arena and are reused like any other
+_WINDOW_OUT = forward_out(lambda n: n.dtype in FLOAT_DTYPES[1:])
 
 
 def _pair(v) -> tuple[int, int]:
@@ -132,7 +138,7 @@ def _im2col_vjp(g, x, out, **a):
 
 register(OpDef("im2col", infer=_im2col_infer, forward=_im2col_fwd, vjp=_im2col_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else apply("im2col", ts[0], **a),
-               cost=_bytes_cost))
+               cost=_bytes_cost, out=_WINDOW_OUT, cuda=gpu.im2col))
 
 
 def _col2im_infer(cols, shape, kernel, stride, padding, **_):
@@ -152,19 +158,27 @@ def _col2im_vjp(g, cols, out, shape, **a):
 
 register(OpDef("col2im", infer=_col2im_infer, forward=_col2im_fwd, vjp=_col2im_vjp,
                jvp=lambda ts, c, out, shape, **a: None if ts[0] is None else
-               apply("col2im", ts[0], shape=shape, **a), cost=_bytes_cost))
+               apply("col2im", ts[0], shape=shape, **a), cost=_bytes_cost, out=_WINDOW_OUT,
+               cuda=gpu.col2im))
 
 
-def conv2d(x, w, b=None, stride=1, padding=0) -> Node:
-    """2-D cross-correlation, x (N, C, H, W) with w (O, C, KH, KW), plus bias b (O,):
-    out (N, O, OH*OW) = w (O, C*KH*KW) @ im2col(x) (N, C*KH*KW, OH*OW), as PyTorch's conv2d."""
+def conv2d(x, w, b=None, stride=1, padding=0, groups=1) -> Node:
+    """2-D cross-correlation, x (N, C, H, W) with w (O, C/groups, KH, KW), plus bias b (O,):
+    out (N, O, OH*OW) = w (O, C*KH*KW) @ im2col(x) (N, C*KH*KW, OH*OW), as PyTorch's conv2d.
+    With ``groups`` G the channels split into G groups, each convolved with its O/G filters:
+    one batched matmul (G, O/G, K) @ (N, G, K, OH*OW) (depthwise: G = C)."""
     x, w = as_node(x), as_node(w)
     ins = [x, w] if b is None else [x, w, as_node(b)]
     if x.ndim != 4 or w.ndim != 4:
         raise shape_error("conv2d", ins, "needs x (N, C, H, W) and w (O, C, KH, KW)")
     (n, c), (o, wc, kh, kw) = x.shape[:2], w.shape
-    if c != wc:
-        raise shape_error("conv2d", ins, f"input has {c} channels but the weight expects {wc}")
+    if groups < 1 or c % groups or o % groups:
+        raise shape_error("conv2d", ins, f"groups={groups} must divide the {c} input and {o} "
+                          f"output channels")
+    if c != wc * groups:
+        raise shape_error("conv2d", ins, f"input has {c} channels but the weight expects "
+                          f"{wc * groups}" + (f" ({wc} a group, {groups} groups)"
+                                              if groups > 1 else ""))
     if b is not None and ins[2].shape != (o,):
         raise shape_error("conv2d", ins, f"bias must have shape ({o},)")
     attrs = {"kernel": (kh, kw), "stride": _pair(stride), "padding": _pair(padding)}
@@ -174,7 +188,12 @@ def conv2d(x, w, b=None, stride=1, padding=0) -> Node:
         raise shape_error("conv2d", ins, str(e)) from None
     cols = apply("im2col", x, **attrs)
     oh, ow = cols.shape[-2:]
-    out = matmul(reshape(w, (o, c * kh * kw)), reshape(cols, (n, c * kh * kw, oh * ow)))
+    if groups == 1:
+        out = matmul(reshape(w, (o, c * kh * kw)), reshape(cols, (n, c * kh * kw, oh * ow)))
+    else:
+        k = wc * kh * kw
+        out = matmul(reshape(w, (groups, o // groups, k)),
+                     reshape(cols, (n, groups, k, oh * ow)))
     out = reshape(out, (n, o, oh, ow))
     return out if b is None else out + reshape(ins[2], (1, o, 1, 1))
 
@@ -249,7 +268,8 @@ def _max_pool_vjp(g, x, out, **a):
 
 register(OpDef("max_pool2d", infer=_pool_infer, forward=_max_pool_fwd, vjp=_max_pool_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else
-               apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost))
+               apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost, out=_WINDOW_OUT,
+               cuda=gpu.max_pool2d))
 
 
 def _pool_pair_infer(y, x, kernel, stride, padding, to_input, **_):
@@ -309,12 +329,14 @@ register(OpDef("max_pool2d_grad", infer=lambda g, x, **a: _pool_pair_infer(g, x,
                                                                            to_input=True),
                forward=_max_pool_grad_fwd, vjp=_max_pool_grad_vjp,
                jvp=lambda ts, y, x, out, **a: None if ts[0] is None else
-               apply("max_pool2d_grad", ts[0], x, **a), cost=_window_cost, nondiff=(1,)))
+               apply("max_pool2d_grad", ts[0], x, **a), cost=_window_cost, nondiff=(1,),
+               out=_WINDOW_OUT, cuda=gpu.max_pool2d_grad))
 register(OpDef("max_pool2d_gather", infer=lambda y, x, **a: _pool_pair_infer(y, x, **a,
                                                                              to_input=False),
                forward=_max_pool_gather_fwd, vjp=_max_pool_gather_vjp,
                jvp=lambda ts, y, x, out, **a: None if ts[0] is None else
-               apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost, nondiff=(1,)))
+               apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost, nondiff=(1,),
+               cuda=gpu.max_pool2d_gather))
 
 
 def _pool_attrs(kernel, stride, padding) -> dict:
@@ -345,7 +367,7 @@ def _avg_pool_vjp(g, x, out, **a):
 
 register(OpDef("avg_pool2d", infer=_pool_infer, forward=_avg_pool_fwd, vjp=_avg_pool_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else
-               apply("avg_pool2d", ts[0], **a), cost=_window_cost))
+               apply("avg_pool2d", ts[0], **a), cost=_window_cost, cuda=gpu.avg_pool2d))
 
 
 def _avg_pool_grad_infer(g, shape, kernel, stride, padding, **_):
@@ -367,7 +389,8 @@ def _avg_pool_grad_vjp(g, y, out, shape, **a):
 register(OpDef("avg_pool2d_grad", infer=_avg_pool_grad_infer, forward=_avg_pool_grad_fwd,
                vjp=_avg_pool_grad_vjp,
                jvp=lambda ts, y, out, shape, **a: None if ts[0] is None else
-               apply("avg_pool2d_grad", ts[0], shape=shape, **a), cost=_window_cost))
+               apply("avg_pool2d_grad", ts[0], shape=shape, **a), cost=_window_cost,
+               cuda=gpu.avg_pool2d_grad))
 
 
 def avg_pool2d(x, kernel, stride=None, padding=0) -> Node:
@@ -421,6 +444,70 @@ def dropout(x, p=0.5, seed=0, training=True, salt=None) -> Node:
         return x
     ins = [x] if salt is None else [x, as_node(salt)]
     return x * apply("dropout_mask", *ins, p=float(p), seed=int(seed))
+
+
+# ---- embedding: a row lookup and its adjoint, the row scatter-add ------------------------------
+# A pair of primitives, not gather + scatter_add along axis 0: those need the index broadcast
+# to every column, and scatter_add's one-hot matmul holds (N*T, D, V) values.
+
+def _embedding_infer(w, idx, **_):
+    _float(w)
+    if len(w[0]) != 2:
+        raise ValueError(f"needs a weight (num_embeddings, dim), got {tuple(w[0])}")
+    if not is_int(idx[1]):
+        raise TypeError(f"indices must be integers, got {idx[1]}")
+    return tuple(idx[0]) + (w[0][1],), w[1]
+
+
+def _embedding_fwd(xp, w, idx):
+    if idx.size and bool(((idx < 0) | (idx >= w.shape[0])).any()):
+        bad = idx[(idx < 0) | (idx >= w.shape[0])][0]
+        raise IndexError(f"index {int(bad)} out of range for {w.shape[0]} embeddings")
+    return xp.take(w, idx, axis=0)
+
+
+def _embedding_vjp(g, w, idx, out):
+    return apply("embedding_grad", g, idx, num=w.shape[0]), None   # gw[v] = sum of g where idx = v
+
+
+register(OpDef("embedding", infer=_embedding_infer, forward=_embedding_fwd, vjp=_embedding_vjp,
+               jvp=lambda ts, w, idx, out: None if ts[0] is None else
+               apply("embedding", ts[0], idx), cost=_bytes_cost, nondiff=(1,)))
+
+
+def _embedding_grad_infer(g, idx, num, **_):
+    _float(g)
+    if not is_int(idx[1]) or tuple(g[0][:-1]) != tuple(idx[0]):
+        raise ValueError(f"g {tuple(g[0])} must be the indices' shape {tuple(idx[0])} plus one "
+                         f"dim, with integer indices")
+    return (num, g[0][-1]), g[1]
+
+
+def _embedding_grad_fwd(xp, g, idx, num):
+    out = xp.zeros((num, g.shape[-1]), dtype=g.dtype)
+    rows, flat = g.reshape(-1, g.shape[-1]), idx.reshape(-1)
+    if xp is np:
+        np.add.at(out, flat, rows)          # repeated indices accumulate
+    else:
+        import cupyx
+        cupyx.scatter_add(out, flat, rows)
+    return out
+
+
+def _embedding_grad_vjp(g, y, idx, out, num):
+    return apply("embedding", g, idx), None     # linear in y: the adjoint of a scatter is a gather
+
+
+register(OpDef("embedding_grad", infer=_embedding_grad_infer, forward=_embedding_grad_fwd,
+               vjp=_embedding_grad_vjp, jvp=lambda ts, y, idx, out, num: None if ts[0] is None
+               else apply("embedding_grad", ts[0], idx, num=num), cost=_bytes_cost,
+               nondiff=(1,)))
+
+
+def embedding(idx, w) -> Node:
+    """Rows of ``w`` (num_embeddings, dim) at integer ``idx`` (any shape): idx.shape + (dim,),
+    as torch.nn.functional.embedding."""
+    return apply("embedding", as_node(w), as_node(idx))
 
 
 # ---- normalisation (composites: autodiff of mean/sub/sqrt gives exact gradients) ----------------
@@ -518,5 +605,5 @@ def batch_norm(x, w=None, b=None, running_mean=None, running_var=None, training=
     return (out if b is None else out + reshape(b, bshape)), rm, rv
 
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "dropout", "layer_norm", "batch_norm",
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "dropout", "embedding", "layer_norm", "batch_norm",
            "sync_batch_stats"]

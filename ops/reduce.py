@@ -1,4 +1,5 @@
-"""Reductions: sum, mean, max (axis, keepdims), as NumPy names them.
+"""Reductions: sum, mean, max (axis, keepdims), argmax, and the scans and orderings along an
+axis (cumsum, argsort), as NumPy names them.
 
 Imports only ops.registry and graph.ir.
 """
@@ -6,6 +7,7 @@ Imports only ops.registry and graph.ir.
 from __future__ import annotations
 
 import builtins
+from functools import partial
 
 import numpy as np
 
@@ -13,9 +15,11 @@ from shardgrad.graph.ir import Node
 from shardgrad.ops.registry import (
     FLOAT_DTYPES,
     OpDef,
+    OutKernel,
     apply,
     itemsize,
     register,
+    same_dtype,
     shape_error,
 )
 
@@ -59,6 +63,16 @@ def _keep(g: Node, x: Node, axis, keepdims) -> Node:
     return apply("reshape", g, shape=tuple(1 if i in axes else s for i, s in enumerate(x.shape)))
 
 
+def _reduce_out(name: str, ufunc: str):
+    # NumPy's sum/max are Python wrappers around ufunc.reduce: call that directly (same loop)
+    def make(xp, n):
+        fn = getattr(xp, ufunc).reduce if xp is np else getattr(xp, name)
+        axis = n.attrs["axis"]
+        return partial(fn, axis=tuple(axis) if axis is not None else None,
+                       keepdims=n.attrs["keepdims"]), ()
+    return make
+
+
 def _sum_vjp(g, x, out, axis, keepdims):
     return (apply("broadcast_to", _keep(g, x, axis, keepdims), shape=x.shape),)  # d sum = sum d
 
@@ -72,7 +86,9 @@ def _sum_infer(x, axis, keepdims, **_):
 register(OpDef("sum", infer=_sum_infer,
                forward=lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
                vjp=_sum_vjp, jvp=lambda ts, x, out, axis, keepdims: None if ts[0] is None else
-               sum(ts[0], axis, keepdims), cost=_reduce_cost))
+               sum(ts[0], axis, keepdims), cost=_reduce_cost,
+               out=OutKernel(_reduce_out("sum", "add"), False,
+                             lambda n: n.dtype in FLOAT_DTYPES[1:])))
 
 
 def sum(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
@@ -106,7 +122,8 @@ def _max_jvp(ts, x, out, axis, keepdims):
 
 register(OpDef("max", infer=_reduce_infer,
                forward=lambda xp, x, axis, keepdims: xp.max(x, axis=axis, keepdims=keepdims),
-               vjp=_max_vjp, jvp=_max_jvp, cost=_reduce_cost))
+               vjp=_max_vjp, jvp=_max_jvp, cost=_reduce_cost,
+               out=OutKernel(_reduce_out("max", "maximum"), False, same_dtype("fiu"))))
 
 
 def max(x, axis=None, keepdims=False) -> Node:  # noqa: A001 - NumPy's name
@@ -121,8 +138,61 @@ def _argmax_infer(x, axis, **_):
 
 register(OpDef("argmax", infer=_argmax_infer,
                forward=lambda xp, x, axis: xp.argmax(x, axis=axis), cost=_reduce_cost,
-               nondiff=(0,)))
+               nondiff=(0,),
+               out=OutKernel(lambda xp, n: (partial(xp.argmax, axis=n.attrs["axis"]), ()),
+                             False, lambda n: n.dtype == "int64")))
 
 
 def argmax(x, axis=-1) -> Node:
     return apply("argmax", x, axis=norm_axis(axis, x.ndim, "argmax", [x])[0])
+
+
+# ---- along one axis: cumsum, argsort ------------------------------------------------------------
+
+def _flip(x: Node, axis: int) -> Node:
+    return apply("getitem", x, index=tuple(("s", x.shape[axis] - 1, None, -1) if i == axis and
+                                           x.shape[axis] else ("s", 0, s, 1)
+                                           for i, s in enumerate(x.shape)))
+
+
+def _cumsum_vjp(g, x, out, axis):
+    # out_i = sum_{j<=i} x_j  =>  gx_j = sum_{i>=j} g_i: a cumsum of g from the far end
+    return (_flip(cumsum(_flip(g, axis), axis), axis),)
+
+
+def _cumsum_infer(x, axis, **_):
+    return tuple(x[0]), _sum_infer(x, None, False)[1]
+
+
+def _cumsum_fwd(xp, x, axis):
+    out = xp.cumsum(x, axis=axis)
+    dtype = _sum_infer((x.shape, str(x.dtype)), None, False)[1]
+    return out if out.dtype == dtype else out.astype(dtype)
+
+
+register(OpDef("cumsum", infer=_cumsum_infer, forward=_cumsum_fwd, vjp=_cumsum_vjp,
+               jvp=lambda ts, x, out, axis: None if ts[0] is None else cumsum(ts[0], axis),
+               cost=_reduce_cost))
+
+
+def cumsum(x, axis=-1) -> Node:
+    """Running sums along ``axis`` (numpy.cumsum, torch.cumsum; integers sum in 64 bits)."""
+    return apply("cumsum", x, axis=norm_axis(axis, builtins.max(x.ndim, 1), "cumsum", [x])[0])
+
+
+def _argsort_fwd(xp, x, axis, descending):
+    # stable both ways: descending sorts -x (ties keep their order, as torch.sort(stable=True))
+    if descending and x.dtype.kind in "bu":
+        x = x.astype(xp.int64)
+    return xp.argsort(-x if descending else x, axis=axis, kind="stable")
+
+
+register(OpDef("argsort", infer=lambda x, axis, descending, **_: (tuple(x[0]), "int64"),
+               forward=_argsort_fwd, cost=_reduce_cost, nondiff=(0,)))
+
+
+def argsort(x, axis=-1, descending=False) -> Node:
+    """Indices that sort ``x`` along ``axis`` (stable); sort and topk gather with them, so
+    their gradient is gather's (scatter of g back to where each value came from)."""
+    return apply("argsort", x, axis=norm_axis(axis, builtins.max(x.ndim, 1), "argsort", [x])[0],
+                 descending=bool(descending))

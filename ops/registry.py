@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -17,16 +18,37 @@ from shardgrad.graph.ir import BUILDERS, Node, ShapeError, const, emit, fmt_type
 Type = tuple[tuple[int, ...], str]
 
 
+class OutKernel(NamedTuple):
+    """An op's kernel that writes into a given buffer (the compiled program's ``out=`` form).
+
+    ``make(xp, node) -> (fn, tail)``: the node runs as ``fn(*inputs, *tail, out=buf)`` and
+    must give bitwise what the op's ``forward`` gives. ``inplace``: ``buf`` may be the buffer
+    of a same-shape input that dies there (true of elementwise ufuncs). ``accepts(node)``:
+    whether the kernel is exact for this node's dtypes (else the op's forward runs)."""
+
+    make: Callable[[Any, Node], tuple[Callable[..., Any], tuple[Any, ...]]]
+    inplace: bool
+    accepts: Callable[[Node], bool]
+
+
+# ``expr(args, arg_dtypes, dtype, attrs) -> str``: the op as one C expression over the C
+# expressions ``args`` (of dtypes ``arg_dtypes``), of result ``dtype``; raises
+# ops.codegen.Unsupported for a dtype it has no exact C form for.
+CudaExpr = Callable[[list[str], list[str], str, dict[str, Any]], str]
+
+
 @dataclass(frozen=True)
 class OpDef:
-    """Everything the system knows about one op.
+    """Everything the system knows about one op: an op is one stanza in ops/<family>.py, and
+    every executor finds each piece of it here, through ``kernel_for(op, device, form)``.
 
     name     the op's name in the IR.
     infer    ``infer(*input_types, **attrs) -> (shape, dtype)``; each input type is a
              ``(shape, dtype)`` pair. Raise ValueError/TypeError with a short reason on bad
              input: ``graph.ir.emit`` adds the op, the types and the user's source line.
     forward  ``forward(xp, *arrays, **attrs) -> array``, written once against the array
-             module ``xp`` (numpy or cupy). Must not modify its inputs.
+             module ``xp`` (numpy or cupy). Must not modify its inputs. The reference
+             interpreter runs exactly this; it is the op's semantics.
     vjp      ``vjp(g, *inputs, out, **attrs) -> tuple[Node | None, ...]``: builds the nodes of
              the gradient for each input from the upstream gradient ``g`` (a Node). ``None``
              means no gradient flows to that input. ``None`` as the whole rule means the op is
@@ -36,7 +58,27 @@ class OpDef:
              transposes the VJP (autodiff.jvp does that).
     cost     ``cost(node) -> (flops, bytes)`` estimate for the partitioner.
     nondiff  indices of inputs that never get a gradient (labels, conditions, indices).
-    cuda     optional hand-written CUDA implementation, ``cuda(xp, *arrays, **attrs)``.
+    out      optional OutKernel: the forward writing into a planned buffer (``out=``), used
+             by the compiled program (runtime.compiled) on any device. Without it the op runs
+             its ``forward`` there and the result is a fresh array.
+    cuda     optional hand-written CUDA implementation, ``cuda(xp, *arrays, **attrs)`` with
+             ``forward``'s signature and results (ops.gpu holds them, sources in ops/cuda/);
+             run on a CUDA device in place of ``forward``.
+    cuda_expr  optional C expression (see CudaExpr) of an elementwise op, so the op can be a
+             member of a generated fused kernel (ops.codegen); an elementwise op without one
+             runs alone.
+    elementwise  computed independently per element, inputs broadcast to the output's shape:
+             the only ops graph.passes.fusion_groups puts in fusion groups.
+    effectful  the result is not a pure function of inputs and attrs (communication,
+             randomness): never merged by cse, never evaluated by constant folding.
+    view     ``forward`` returns a view of its input, never a copy: "any" (whatever the
+             input's layout: transpose, broadcast_to) or "contiguous" (only of a C-contiguous
+             input: reshape). The compiled program then plans no buffer for it.
+
+    A new op declares its pieces in its stanza, in this order: the forward (and ``out`` /
+    ``cuda`` / ``cuda_expr`` forms beside it when it has them), the VJP with its math, then
+    ``register(OpDef(...))`` naming them all, then its public builder. Nothing else is
+    edited: no table elsewhere lists ops. docs/internals.md walks through an example.
     """
 
     name: str
@@ -46,7 +88,12 @@ class OpDef:
     jvp: Callable[..., Node | None] | None = None
     cost: Callable[[Node], tuple[float, float]] | None = None
     nondiff: tuple[int, ...] = ()
+    out: OutKernel | None = None
     cuda: Callable[..., Any] | None = None
+    cuda_expr: CudaExpr | None = None
+    elementwise: bool = False
+    effectful: bool = False
+    view: str | None = None
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -64,6 +111,55 @@ def get(name: str) -> OpDef:
         return REGISTRY[name]
     except KeyError:
         raise ShapeError(f"unknown op {name!r}; known ops: {', '.join(sorted(REGISTRY))}") from None
+
+
+DEVICE_KINDS = ("cpu", "cuda")
+FORMS = ("call", "out", "expr")
+
+
+def device_kind(device: Any) -> str:
+    """``"cpu"`` or ``"cuda"`` for a device name (``"cuda:1"``), a Device, or an array module
+    (CuPy, or a stand-in named ``cupy``, is ``"cuda"``; anything else ``"cpu"``)."""
+    if isinstance(device, str):
+        kind = device.split(":")[0].strip().lower()
+    elif hasattr(device, "type") and isinstance(device.type, str):
+        kind = device.type
+    else:
+        kind = "cuda" if getattr(device, "__name__", "") == "cupy" else "cpu"
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"unknown device {device!r}: expected one of {DEVICE_KINDS}")
+    return kind
+
+
+def kernel_for(op: str | OpDef | Node, device: Any, form: str = "call") -> Any:
+    """The one place executors find an op's kernel on a device (the device owns its kernels).
+
+    ``form="call"``: ``fn(xp, *arrays, **attrs) -> array``, the hand-written CUDA kernel on a
+    CUDA device where the op has one, else its ``forward``. ``form="out"``: the op's
+    OutKernel (written against ``xp``, so the same on every device), or None. ``form="expr"``:
+    on a CUDA device the op's C expression for fused kernels, or None (and None on the CPU).
+    ``device`` is anything ``device_kind`` reads; ``op`` an op name, OpDef or Node."""
+    opdef = op if isinstance(op, OpDef) else get(op.op if isinstance(op, Node) else op)
+    kind = device_kind(device)
+    if form == "call":
+        return opdef.cuda if kind == "cuda" and opdef.cuda is not None else opdef.forward
+    if form == "out":
+        return opdef.out
+    if form == "expr":
+        return opdef.cuda_expr if kind == "cuda" else None
+    raise ValueError(f"unknown kernel form {form!r}: expected one of {FORMS}")
+
+
+def is_elementwise(op: str) -> bool:
+    """Whether ``op`` is a registered elementwise op (OpDef.elementwise)."""
+    opdef = REGISTRY.get(op)
+    return opdef is not None and opdef.elementwise
+
+
+def is_effectful(op: str) -> bool:
+    """Whether ``op`` is a registered effectful op (OpDef.effectful)."""
+    opdef = REGISTRY.get(op)
+    return opdef is not None and opdef.effectful
 
 
 def builder(name: str) -> Callable[[Callable[..., Node]], Callable[..., Node]]:
@@ -149,6 +245,25 @@ def elementwise_cost(node: Node) -> tuple[float, float]:
     nbytes = sum(x.size * itemsize(x.dtype) for x in node.inputs) + node.size * itemsize(
         node.dtype)
     return float(node.size), float(nbytes)
+
+
+def same_dtype(kinds: str) -> Callable[[Node], bool]:
+    """OutKernel.accepts: the node's dtype is of a NumPy kind in ``kinds`` and every input's
+    dtype is the node's."""
+    return lambda n: (np.dtype(n.dtype).kind in kinds
+                      and all(x.dtype == n.dtype for x in n.inputs))
+
+
+def ufunc_out(name: str, kinds: str = "f", *tail: Any) -> OutKernel:
+    """The OutKernel of an op that is the ufunc ``xp.<name>`` (called with extra trailing
+    arguments ``tail``), exact for same-dtype inputs of the kinds ``kinds``, in place."""
+    return OutKernel(lambda xp, n: (getattr(xp, name), tail), True, same_dtype(kinds))
+
+
+def forward_out(accepts: Callable[[Node], bool]) -> OutKernel:
+    """The OutKernel of an op whose own ``forward`` takes ``out=`` (the window ops)."""
+    return OutKernel(lambda xp, n: (partial(get(n.op).forward, xp, **n.attrs), ()), False,
+                     accepts)
 
 
 def unbroadcast(g: Node, shape: tuple[int, ...]) -> Node:

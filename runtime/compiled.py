@@ -1,9 +1,10 @@
 """The compiled executor: a Graph turned once into a flat schedule of kernel calls over
 pre-planned buffers (liveness-based reuse, ``out=`` and in-place kernels, views for shape ops,
 constants materialized once, values computed straight into the bucket that packs them). Same
-interface and semantics as the reference Interpreter, and tested for equivalence against it.
+interface and semantics as the reference Interpreter, and tested for equivalence against it:
+a backend of graph.walk's executor core (its steps are the schedule, run by the one loop).
 
-Imports graph and ops, and runtime.interpreter for its error type and feed checks.
+Imports graph and ops.
 """
 
 from __future__ import annotations
@@ -11,123 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from shardgrad.graph import passes
 from shardgrad.graph.ir import Graph, Node, fmt_type
-from shardgrad.ops.registry import get
-from shardgrad.runtime.interpreter import ExecutionError, describe, leaf_value
+from shardgrad.graph.walk import ExecutionError, Walk, leaf_value
+from shardgrad.ops.registry import OutKernel, device_kind, get, kernel_for
 
 FEEDS = ("input", "param", "state")
-FLOATS = ("float32", "float64")
-
-
-# ---- kernels that write into a given buffer ---------------------------------------------------
-
-class OutKernel(NamedTuple):
-    """``make(xp, node) -> (fn, tail)``: the node runs as ``fn(*inputs, *tail, out=buf)`` and
-    must give bitwise what the op's ``forward`` gives. ``inplace``: ``buf`` may be the buffer
-    of a same-shape input that dies here (true of elementwise ufuncs). ``accepts(node)``:
-    whether the kernel is exact for this node's dtypes (else the op's forward runs)."""
-
-    make: Callable[[Any, Node], tuple[Callable[..., Any], tuple[Any, ...]]]
-    inplace: bool
-    accepts: Callable[[Node], bool]
-
-
-def _same_dtype(kinds: str) -> Callable[[Node], bool]:
-    return lambda n: (np.dtype(n.dtype).kind in kinds
-                      and all(x.dtype == n.dtype for x in n.inputs))
-
-
-def _ufunc(name: str, kinds: str = "f", *tail: Any) -> OutKernel:
-    return OutKernel(lambda xp, n: (getattr(xp, name), tail), True, _same_dtype(kinds))
-
-
-def _compare(name: str) -> OutKernel:
-    return OutKernel(lambda xp, n: (getattr(xp, name), ()), True,
-                     lambda n: n.inputs[0].dtype == n.inputs[1].dtype)
-
-
-def _sigmoid(xp):
-    # the forward's own sequence, 0.5 * (tanh(0.5 * x) + 1), one pass each, in place
-    def run(x, out):
-        xp.multiply(x, 0.5, out=out)
-        xp.tanh(out, out=out)
-        xp.add(out, 1.0, out=out)
-        xp.multiply(out, 0.5, out=out)
-    return run
-
-
-def _erf(xp):
-    # the forward's own ufunc (SciPy's on NumPy, CuPy's on GPU arrays), which takes out=
-    if xp is np:
-        from scipy.special import erf
-    else:
-        from cupyx.scipy.special import erf
-    return erf
-
-
-def _cast(xp):
-    # copyto takes (dst, src): the kernel convention is fn(src, out=dst)
-    def run(x, out):
-        xp.copyto(out, x, casting="unsafe")
-    return run
-
-
-def _where(xp):
-    def run(c, x, y, out):
-        xp.copyto(out, y)
-        xp.copyto(out, x, where=c)
-    return run
-
-
-def _reduce(name: str, ufunc: str) -> Callable[[Any, Node], tuple[Callable[..., Any], tuple]]:
-    # NumPy's sum/max are Python wrappers around ufunc.reduce: call that directly (same loop)
-    def make(xp, n):
-        fn = getattr(xp, ufunc).reduce if xp is np else getattr(xp, name)
-        axis = n.attrs["axis"]
-        return partial(fn, axis=tuple(axis) if axis is not None else None,
-                       keepdims=n.attrs["keepdims"]), ()
-    return make
-
-
-OUT_KERNELS: dict[str, OutKernel] = {
-    "add": _ufunc("add", "fiu"), "sub": _ufunc("subtract", "fiu"),
-    "mul": _ufunc("multiply", "fiu"), "div": _ufunc("divide"), "pow": _ufunc("power"),
-    "maximum": _ufunc("maximum", "fiu"), "minimum": _ufunc("minimum", "fiu"),
-    "neg": _ufunc("negative", "fi"),
-    "exp": _ufunc("exp"), "log": _ufunc("log"), "sqrt": _ufunc("sqrt"), "tanh": _ufunc("tanh"),
-    "sign": _ufunc("sign"), "relu": _ufunc("maximum", "fi", 0),
-    "step": OutKernel(lambda xp, n: (xp.greater, (0,)), True, _same_dtype("f")),
-    "sigmoid": OutKernel(lambda xp, n: (_sigmoid(xp), ()), True, _same_dtype("f")),
-    "erf": OutKernel(lambda xp, n: (_erf(xp), ()), True,
-                     lambda n: n.dtype in FLOATS and n.inputs[0].dtype == n.dtype),
-    "cast": OutKernel(lambda xp, n: (_cast(xp), ()), True, lambda n: True),
-    "where": OutKernel(lambda xp, n: (_where(xp), ()), False,
-                       lambda n: n.inputs[1].dtype == n.inputs[2].dtype == n.dtype),
-    "matmul": OutKernel(lambda xp, n: (xp.matmul, ()), False, _same_dtype("fiu")),
-    "sum": OutKernel(_reduce("sum", "add"), False, lambda n: n.dtype in FLOATS),
-    "max": OutKernel(_reduce("max", "maximum"), False, _same_dtype("fiu")),
-    "argmax": OutKernel(lambda xp, n: (partial(xp.argmax, axis=n.attrs["axis"]), ()), False,
-                        lambda n: n.dtype == "int64"),
-    **{c: _compare(c) for c in ("equal", "not_equal", "less", "less_equal", "greater",
-                                 "greater_equal")},
-    # ops/nn.py's window ops take out=: their results (im2col's columns are the step's largest
-    # value) then live in the arena and are reused like any other
-    **{op: OutKernel(lambda xp, n: (partial(get(n.op).forward, xp, **n.attrs), ()), False,
-                     lambda n: n.dtype in FLOATS)
-       for op in ("im2col", "col2im", "max_pool2d", "max_pool2d_grad")},
-}
-
-# Shape ops that NumPy and CuPy answer with a view; reshape only of a contiguous value.
-VIEWS: dict[str, Callable[..., Any]] = {
-    "reshape": lambda xp, x, shape: xp.reshape(x, shape),
-    "transpose": lambda xp, x, axes: xp.transpose(x, axes),
-    "broadcast_to": lambda xp, x, shape: xp.broadcast_to(x, shape),
-}
 
 
 # ---- the plan: what each node is, where its value lives, when its buffer dies ----------------
@@ -157,8 +51,19 @@ class _Storage:
 ALIGN = 64   # arena offsets are cache-line aligned
 
 
-def _classify(graph: Graph, slices: Mapping[int, tuple[int, int]], packs: bool
-               ) -> tuple[list[_Value], list[_Storage]]:
+def _view(n: Node) -> str | None:
+    """OpDef.view: whether the op's forward returns a view ("any", "contiguous")."""
+    return get(n.op).view if n.inputs else None
+
+
+def _out_kernel(n: Node, device: str) -> OutKernel | None:
+    """The node's out= kernel (OpDef.out) when it is exact for the node's dtypes."""
+    k = kernel_for(n.op, device, "out") if n.inputs else None
+    return k if k is not None and k.accepts(n) else None
+
+
+def _classify(graph: Graph, slices: Mapping[int, tuple[int, int]], packs: bool, device: str
+              ) -> tuple[list[_Value], list[_Storage]]:
     """Each node's kind and the storages kernel nodes write. ``slices[node id] = (pack id,
     offset)``: that node writes straight into its slice of the pack's storage. ``packs``:
     pack nodes write a planned buffer (else their forward returns a fresh one)."""
@@ -169,7 +74,6 @@ def _classify(graph: Graph, slices: Mapping[int, tuple[int, int]], packs: bool
     for i, n in enumerate(graph.nodes):
         ins = [values[pos[x.id]] for x in n.inputs]
         held = frozenset().union(*(v.holds for v in ins)) if ins else frozenset()
-        k = OUT_KERNELS.get(n.op)
         if n.id in slices or (packs and n.op == "pack"):
             pack_id = slices[n.id][0] if n.id in slices else n.id
             if pack_id not in pack_storage:     # the first of its members to run opens it
@@ -183,9 +87,9 @@ def _classify(graph: Graph, slices: Mapping[int, tuple[int, int]], packs: bool
             values.append(_Value("feed", None, frozenset(), False))
         elif n.op == "const":
             values.append(_Value("const", None, frozenset(), True))
-        elif n.op in VIEWS and (n.op != "reshape" or ins[0].contiguous):
-            values.append(_Value("view", None, held, n.op == "reshape"))
-        elif k is not None and k.accepts(n):
+        elif _view(n) == "any" or (_view(n) == "contiguous" and ins[0].contiguous):
+            values.append(_Value("view", None, held, _view(n) == "contiguous"))
+        elif _out_kernel(n, device) is not None:
             storages.append(_Storage(n.dtype, n.size, i))
             sid = len(storages) - 1
             values.append(_Value("kernel", sid, frozenset({sid}), True))
@@ -227,7 +131,7 @@ def _slices(graph: Graph, values: list[_Value]) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _plan(graph: Graph, elide: bool = True
+def _plan(graph: Graph, elide: bool = True, device: str = "cpu"
           ) -> tuple[list[_Value], list[_Storage], int, int, dict[int, tuple[int, int]]]:
     """Classify nodes, give each kernel node a storage, and place the storages that are not
     pinned in one arena by liveness. Returns (values, storages, arena bytes, blocks placed,
@@ -238,10 +142,10 @@ def _plan(graph: Graph, elide: bool = True
     writes over that input (an in-place chain is one block); blocks are then placed greedy
     by size, each at the lowest offset free for its whole lifetime (TFLite's and XNNPACK's
     offset planner)."""
-    values, storages = _classify(graph, {}, elide)
+    values, storages = _classify(graph, {}, elide, device)
     slices = _slices(graph, values) if elide else {}
     if slices:
-        values, storages = _classify(graph, slices, elide)
+        values, storages = _classify(graph, slices, elide, device)
     pos = {n.id: i for i, n in enumerate(graph.nodes)}
     last = {n.id: i for i, n in enumerate(graph.nodes)}
     for i, n in enumerate(graph.nodes):
@@ -257,7 +161,8 @@ def _plan(graph: Graph, elide: bool = True
     # in-place chains: the output joins the block of a dying input it may overwrite
     block = list(range(len(storages)))
     for i, (n, v) in enumerate(zip(graph.nodes, values, strict=True)):
-        if v.kind != "kernel" or not OUT_KERNELS[n.op].inplace or storages[v.storage].pinned:
+        if (v.kind != "kernel" or not kernel_for(n, device, "out").inplace
+                or storages[v.storage].pinned):
             continue
         for x in n.inputs:
             xv = values[pos[x.id]]
@@ -314,7 +219,7 @@ def _peak_live_bytes(graph: Graph, storages: list[_Storage]) -> int:
 
 # ---- the program ------------------------------------------------------------------------------
 
-class Program:
+class Program(Walk):
     """A Graph compiled for repeated execution on ``xp`` (numpy or cupy). Build once with
     ``compile(graph)``; call ``run`` every step.
 
@@ -341,10 +246,12 @@ class Program:
 
     def __init__(self, graph: Graph, xp=np, rank: int | None = None, shard: str | None = None,
                  elide_packs: bool = True):
-        self.graph, self.xp, self.rank, self.shard = graph, xp, rank, shard
+        super().__init__(graph, rank, shard)
+        self.xp = xp
         nodes = graph.nodes
         pos = {n.id: i for i, n in enumerate(nodes)}
-        values, storages, arena_bytes, self.n_blocks, slices = _plan(graph, elide_packs)
+        self.device = device = device_kind(xp)
+        values, storages, arena_bytes, self.n_blocks, slices = _plan(graph, elide_packs, device)
         self.packed_in_place = len(slices)
         self.pack_copies = sum(len(n.inputs) for n in nodes if n.op == "pack") - len(slices)
         self.n_storages = len(storages)
@@ -364,8 +271,7 @@ class Program:
         # lies there, its shape, and its view of the pack's buffer in each parity
         self._sliced: list[tuple[int, int, int, int, tuple[int, ...], list[Any]]] = []
         self._feeds: list[tuple[int, Node, str | None, tuple[int, ...], np.dtype]] = []
-        steps: list[Callable[[], Any]] = []
-        step_nodes: list[Node] = []
+        steps, step_nodes = self.steps, self.step_nodes
 
         for i, (n, v) in enumerate(zip(nodes, values, strict=True)):
             ins = [pos[x.id] for x in n.inputs]
@@ -390,7 +296,7 @@ class Program:
                 continue
             if v.kind == "slice":
                 st = storages[v.storage]
-                fn, tail = OUT_KERNELS[n.op].make(xp, n)
+                fn, tail = kernel_for(n, device, "out").make(xp, n)
                 pack, offset = slices[n.id]
                 if st.pinned:
                     self._sliced.append((i, pos[pack], offset, offset + n.size, n.shape,
@@ -406,7 +312,7 @@ class Program:
                 continue
             if v.kind == "kernel":
                 st = storages[v.storage]
-                fn, tail = OUT_KERNELS[n.op].make(xp, n)
+                fn, tail = kernel_for(n, device, "out").make(xp, n)
                 if st.pinned:
                     # allocated on first use: outputs the caller directs elsewhere need none
                     self._pinned.append((i, [None, None], n.shape, n.dtype))
@@ -419,13 +325,12 @@ class Program:
                 step_nodes.append(n)
                 continue
             if v.kind == "view" and all(fixed[j] for j in ins):
-                slots[i] = VIEWS[n.op](xp, slots[ins[0]], **n.attrs)
+                slots[i] = kernel_for(n, device)(xp, slots[ins[0]], **n.attrs)
                 fixed[i] = True
                 continue
-            fn = VIEWS[n.op] if v.kind == "view" else get(n.op).forward
+            fn = kernel_for(n, device)
             steps.append(_call_step(partial(fn, xp, **n.attrs), slots, ins, i))
             step_nodes.append(n)
-        self._steps, self._step_nodes = steps, step_nodes
 
         users = graph.users()
         self._out_slots = [(k, pos[o.id]) for k, o in graph.outputs.items()]
@@ -438,7 +343,7 @@ class Program:
             o = nodes[i]
             reads = [j for j, n in enumerate(nodes) if n.op in FEEDS and (
                 any(pos[u.id] > i for u in users[n.id])
-                or (o in users[n.id] and not OUT_KERNELS[o.op].inplace))]
+                or (o in users[n.id] and not kernel_for(o, device, "out").inplace))]
             self._hazards[i] = reads
         self._owned: tuple[set[int], set[int]] = (set(), set())
 
@@ -483,17 +388,7 @@ class Program:
             if views[parity] is None:
                 views[parity] = slots[pack][start:stop].reshape(shape)
             slots[i] = views[parity]
-        i = 0
-        try:
-            for i, step in enumerate(self._steps):  # noqa: B007 - i names the failing node
-                step()
-        except Exception as e:  # noqa: BLE001 - re-raised with the node attached
-            n = self._step_nodes[i]
-            where = f" on rank {self.rank}" if self.rank is not None else ""
-            shard = f" in shard {self.shard}" if self.shard else ""
-            raise ExecutionError(
-                f"while executing {describe(self.graph, n)} (from {n.where}){shard}{where}: "
-                f"{type(e).__name__}: {e}", n, self.rank) from e
+        self.execute()
         out = {k: slots[i] for k, i in self._out_slots}
         for i, arr in copies:
             xp.copyto(arr, slots[i])
@@ -507,7 +402,7 @@ class Program:
         with one buffer per parity, allocated on first use), and the lower bound on live bytes
         within a step; ``planned_bytes`` is the arena plus one parity's outputs (the other
         parity holds what the caller fed back)."""
-        return {"nodes": len(self.graph.nodes), "steps": len(self._steps),
+        return {"nodes": len(self.graph.nodes), "steps": len(self.steps),
                 "kernel_values": self.n_storages, "buffers": self.n_blocks + self.n_pinned,
                 "arena_bytes": self.arena_bytes, "outputs": self.n_pinned,
                 "output_bytes": self.pinned_bytes,

@@ -69,6 +69,39 @@ def load_digits(dtype="float32", image: bool = False, test_fraction: float = 0.2
     return Dataset(*split(x, y, test_fraction, seed), num_classes=10)
 
 
+# A generated corpus for text classifiers: sentences of filler words with 1 or 3 sentiment
+# words, each negated by a preceding "not" with probability 0.3; the label is the sign of the
+# summed polarity. A bag of words cannot tell "not good" from "good", so attention has to.
+TEXT_PAD, TEXT_NOT, TEXT_WORDS = 0, 1, 10      # ids: padding, "not", then 10 positive, 10
+TEXT_VOCAB = 64                                # negative and the rest filler
+
+
+def load_text(n: int = 8000, length: int = 16, test_fraction: float = 0.2,
+              seed: int = 0) -> Dataset:
+    """``n`` generated token-id sentences (int64 (N, length), 0-padded at the end, 6 to
+    ``length`` tokens) labelled negative (0) or positive (1); the same for the same ``seed``
+    (which also draws the split)."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, length), np.int64)
+    y = np.zeros(n, np.int64)
+    first_filler = 2 + 2 * TEXT_WORDS
+    for i in range(n):
+        size = int(rng.integers(6, length + 1))
+        row = rng.integers(first_filler, TEXT_VOCAB, size)
+        k = int(rng.choice([1, 3]))
+        spots = np.sort(rng.choice(np.arange(1, size), k, replace=False))
+        total = 0
+        for at in spots:
+            positive = bool(rng.random() < 0.5)
+            row[at] = 2 + int(rng.integers(TEXT_WORDS)) + (0 if positive else TEXT_WORDS)
+            negated = rng.random() < 0.3 and row[at - 1] >= first_filler
+            if negated:
+                row[at - 1] = TEXT_NOT
+            total += (1 if positive else -1) * (-1 if negated else 1)
+        x[i, :size], y[i] = row, int(total > 0)
+    return Dataset(*split(x, y, test_fraction, seed), num_classes=2)
+
+
 # IDX: 2 zero bytes, a type code, the number of dimensions, then each dimension as a
 # big-endian uint32, then the data, big-endian (http://yann.lecun.com/exdb/mnist/).
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -148,40 +181,10 @@ def _idx_pair(images: str, labels: str, dtype, image: bool, num_classes: int | N
         x = x.reshape(len(x), 1, *x.shape[1:]) if x.ndim == 3 else x
     else:
         x = x.reshape(len(x), -1)
-    return x, check_labels(y, labels, num_classes)
-
-
-def check_labels(y: np.ndarray, path: str, num_classes: int | None = None) -> np.ndarray:
-    """Class labels as int64, or DataError naming ``path`` and the first bad value: labels
-    must be whole numbers from 0, and either below ``num_classes`` or (without it) every
-    class from 0 to the largest label must occur, so a stray label (200 among 0..9) does
-    not silently make a model with 201 outputs."""
-    y = np.asarray(y)
-    if y.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)) | (np.abs(y) > 2**53))
-        if bad.size:
-            raise DataError(f"{path}: label {float(y[bad[0]])!r} at index {bad[0]} is not a whole "
-                            f"number: labels are class indices 0, 1, 2, ...")
-    elif y.dtype.kind not in "iu":
-        raise DataError(f"{path}: labels of dtype {y.dtype}: expected class indices")
-    bad = np.flatnonzero(y < 0)
-    if bad.size:
-        raise DataError(f"{path}: label {y[bad[0]]:g} at index {bad[0]} is negative: labels "
-                        f"are class indices 0, 1, 2, ...")
-    y = y.astype(np.int64)
-    if num_classes is not None:
-        bad = np.flatnonzero(y >= num_classes)
-        if bad.size:
-            raise DataError(f"{path}: label {y[bad[0]]} at index {bad[0]} is not one of the "
-                            f"{num_classes} classes (0..{num_classes - 1})")
-    elif y.size:
-        absent = np.setdiff1d(np.arange(y.max() + 1), y)
-        if absent.size:
-            top = int(np.argmax(y))
-            raise DataError(f"{path}: label {y[top]} at index {top}, but {absent.size} "
-                            f"class(es) below it never occur (first: {absent[0]}): labels "
-                            f"must be 0..K-1 with every class present")
-    return y
+    # the training labels must name every class up to the largest (a stray 200 among 0..9
+    # would make a 201-class model); test labels, any of the training's classes
+    validate_labels(y, num_classes, labels, complete=num_classes is None)
+    return x, y.astype(np.int64)
 
 
 def load_idx_dataset(images: str, labels: str, test_images: str | None = None,
@@ -203,6 +206,49 @@ def load_idx_dataset(images: str, labels: str, test_images: str | None = None,
                             f"from the training images' {x.shape[1:]}")
     num_classes = int(max(parts[1].max(initial=0), parts[3].max(initial=0))) + 1
     return Dataset(*parts, num_classes=num_classes)
+
+
+def validate_labels(y: np.ndarray, num_classes: int | None = None, where: str = "labels",
+                    complete: bool = False) -> int:
+    """The number of classes of labels ``y``: ``num_classes`` when given, else max(y) + 1.
+
+    Raises DataError naming ``where`` (the file or data set) unless ``y`` is one integer label
+    per sample, each in [0, num_classes): float labels, negative labels and labels past the
+    last class are refused here, at load, rather than failing inside the loss later. With
+    ``complete`` (and no ``num_classes``), every class from 0 to the largest label must occur.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{where}: expected labels of shape (N,), found shape {y.shape}")
+    if y.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if bad.size:
+            raise DataError(f"{where}: label {float(y[bad[0]])!r} at index {bad[0]} is not a "
+                            f"whole number; labels must be class indices")
+    if y.dtype.kind not in "iu" and not (y.dtype.kind == "b" and y.size == 0):
+        raise DataError(f"{where}: labels must be integers (class indices), found dtype "
+                        f"{y.dtype}")
+    if num_classes is not None and num_classes < 1:
+        raise DataError(f"{where}: num_classes must be at least 1, got {num_classes}")
+    if y.size == 0:
+        return num_classes or 0
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        at = int(np.flatnonzero(y < 0)[0])
+        raise DataError(f"{where}: label {int(y[at])} at index {at} is negative; labels must "
+                        f"be class indices in [0, num_classes)")
+    if num_classes is not None and hi >= num_classes:
+        at = int(np.flatnonzero(y >= num_classes)[0])
+        raise DataError(f"{where}: label {int(y[at])} at index {at} is out of range for "
+                        f"{num_classes} classes (labels must be in [0, {num_classes}))")
+    classes = np.unique(y) if complete and num_classes is None else None
+    if classes is not None and len(classes) != hi + 1:
+        gaps = np.flatnonzero(classes != np.arange(len(classes)))
+        first = int(gaps[0]) if gaps.size else len(classes)
+        raise DataError(f"{where}: label {hi} at index {int(np.argmax(y))}, but "
+                        f"{hi + 1 - len(classes)} class(es) below it never occur (first: "
+                        f"{first}); labels must be 0..K-1 with every class present")
+    return num_classes if num_classes is not None else hi + 1
 
 
 class DistributedSampler:
@@ -289,5 +335,5 @@ def batches(x: np.ndarray, y: np.ndarray, sampler: DistributedSampler, batch_siz
 
 
 __all__ = ["DataError", "Dataset", "DistributedSampler", "batch_indices", "batches",
-           "check_labels", "load_digits", "load_idx_dataset", "num_batches", "read_idx",
-           "split", "write_idx"]
+           "load_digits", "load_idx_dataset", "num_batches", "read_idx", "split",
+           "validate_labels", "write_idx"]

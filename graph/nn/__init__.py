@@ -301,10 +301,14 @@ class Conv2d(Module):
     input, stride 1 only; an even kernel pads one more at the bottom and right, as torch)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 bias: bool = True):
+                 bias: bool = True, groups: int = 1):
         super().__init__()
         _positive("Conv2d", in_channels=in_channels, out_channels=out_channels,
-                  kernel_size=kernel_size, stride=stride)
+                  kernel_size=kernel_size, stride=stride, groups=groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: groups={groups} must divide in_channels={in_channels} "
+                             f"and out_channels={out_channels}")
+        self.groups = groups
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         if isinstance(padding, str):
@@ -319,24 +323,100 @@ class Conv2d(Module):
             self.padding = _pair(padding)
             if min(self.padding) < 0:
                 raise ValueError(f"Conv2d: padding must be non-negative, got {padding}")
-        bound = 1.0 / math.sqrt(in_channels * self.kernel_size[0] * self.kernel_size[1])
-        self.weight = _uniform((out_channels, in_channels) + self.kernel_size, bound)
+        fan_in = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1.0 / math.sqrt(fan_in)
+        self.weight = _uniform((out_channels, in_channels // groups) + self.kernel_size, bound)
         self.bias = _uniform((out_channels,), bound) if bias else None
 
     def forward(self, x):
+        g = self.groups
         if self.padding == "valid":
-            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=0)
+            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=0, groups=g)
         if self.padding != "same":
-            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                            groups=g)
         # k - 1 padding in all: (k - 1) // 2 before, the rest after. The op pads evenly, so an
         # even kernel is padded k // 2 on both sides and the first output row/column dropped.
-        out = F.conv2d(x, self.weight, self.bias, padding=tuple(k // 2 for k in self.kernel_size))
+        out = F.conv2d(x, self.weight, self.bias, padding=tuple(k // 2 for k in self.kernel_size),
+                       groups=g)
         kh, kw = self.kernel_size
         return out if kh % 2 and kw % 2 else out[:, :, 1 - kh % 2:, 1 - kw % 2:]
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}")
+                f"stride={self.stride}, padding={self.padding}"
+                + (f", groups={self.groups}" if self.groups != 1 else ""))
+
+
+class Conv1d(Module):
+    """1-d convolution over (N, C, L) input; weight (out, in/groups, k); PyTorch's default
+    init. A height-1 Conv2d underneath, so it shares its kernels and gradients."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True, groups: int = 1):
+        super().__init__()
+        _positive("Conv1d", in_channels=in_channels, out_channels=out_channels,
+                  kernel_size=kernel_size, stride=stride, groups=groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv1d: groups={groups} must divide in_channels={in_channels} "
+                             f"and out_channels={out_channels}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding = int(kernel_size), int(stride), int(padding)
+        bound = 1.0 / math.sqrt(in_channels // groups * self.kernel_size)
+        self.weight = _uniform((out_channels, in_channels // groups, self.kernel_size), bound)
+        self.bias = _uniform((out_channels,), bound) if bias else None
+
+    def forward(self, x):
+        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}")
+
+
+class Embedding(Module):
+    """A lookup table of ``num_embeddings`` vectors of ``embedding_dim``, N(0, 1) at init as
+    torch's. With ``padding_idx`` that row starts at zero, and lookups of it give zeros and
+    pass no gradient to it (torch keeps the row's own value; here the row stays zero unless
+    set by hand)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__()
+        _positive("Embedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(f"Embedding: padding_idx {padding_idx} out of range for "
+                             f"{num_embeddings} embeddings")
+        self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
+        w = _rng[0].standard_normal((num_embeddings, embedding_dim)).astype(get_default_dtype())
+        if self.padding_idx is not None:
+            w[self.padding_idx] = 0
+        self.weight = Parameter(w)
+
+    def forward(self, x):
+        out = F.embedding(x, self.weight)
+        if self.padding_idx is None:
+            return out
+        return out * (x != self.padding_idx).astype(out.dtype).unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
+
+
+class AdaptiveAvgPool2d(Module):
+    """Mean over adaptive bins to an ``output_size`` (int, pair, None keeps a dim), as torch;
+    AdaptiveAvgPool2d(1) is global average pooling."""
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
 
 
 class MaxPool2d(Module):
@@ -385,6 +465,35 @@ class Sigmoid(Module):
         return F.sigmoid(x)
 
 
+class SiLU(Module):
+    def forward(self, x):
+        return F.silu(x)
+
+
+class LeakyReLU(Module):
+    def __init__(self, negative_slope: float = 0.01):
+        super().__init__()
+        self.negative_slope = negative_slope
+
+    def forward(self, x):
+        return F.leaky_relu(x, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+
+class Softmax(Module):
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return F.softmax(x, dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
 class Flatten(Module):
     def __init__(self, start_dim: int = 1):
         super().__init__()
@@ -431,6 +540,32 @@ class LayerNorm(Module):
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GroupNorm(Module):
+    """Normalise ``num_groups`` groups of channels of (N, C, ...) input, with a per-channel
+    affine transform (ones and zeros at init), as torch.nn.GroupNorm."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True):
+        super().__init__()
+        _positive("GroupNorm", num_groups=num_groups, num_channels=num_channels)
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: num_groups={num_groups} must divide "
+                             f"num_channels={num_channels}")
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
+        dtype = get_default_dtype()
+        self.weight = Parameter(np.ones(num_channels, dtype)) if affine else None
+        self.bias = Parameter(np.zeros(num_channels, dtype)) if affine else None
+
+    def forward(self, x):
+        if x.ndim < 2 or x.shape[1] != self.num_channels:
+            raise ShapeError(f"GroupNorm({self.num_groups}, {self.num_channels}) got input of "
+                             f"shape {x.shape}: expected {self.num_channels} channels at axis 1")
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
 
 
 class _BatchNorm(Module):
@@ -602,10 +737,15 @@ class _Loss(Module):
 
 
 class CrossEntropyLoss(_Loss):
-    """``F.cross_entropy(logits, labels, reduction)`` as a module."""
+    """``F.cross_entropy(logits, labels, reduction, label_smoothing)`` as a module."""
+
+    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__(reduction)
+        self.label_smoothing = label_smoothing
 
     def forward(self, input, target):  # noqa: A002 - torch's name
-        return F.cross_entropy(input, target, reduction=self.reduction)
+        return F.cross_entropy(input, target, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing)
 
 
 class MSELoss(_Loss):
@@ -615,7 +755,171 @@ class MSELoss(_Loss):
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
+class NLLLoss(_Loss):
+    """``F.nll_loss(log_probs, labels, reduction)`` as a module."""
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.nll_loss(input, target, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(_Loss):
+    """Sigmoid + binary cross-entropy in one stable expression, for binary or multi-label
+    targets of the logits' shape, with optional ``weight`` and ``pos_weight`` (torch's)."""
+
+    def __init__(self, weight=None, reduction: str = "mean", pos_weight=None):
+        super().__init__(reduction)
+        self.register_buffer("weight", None if weight is None else _as_tensor(weight))
+        self.register_buffer("pos_weight", None if pos_weight is None else _as_tensor(pos_weight))
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, self.reduction,
+                                                  self.pos_weight)
+
+
+def _as_tensor(v) -> Tensor:
+    return v if isinstance(v, Tensor) else tensor(np.asarray(v, get_default_dtype()))
+
+
+class MultiheadAttention(Module):
+    """Multi-head scaled dot-product attention, as torch.nn.MultiheadAttention (same
+    parameter names: in_proj_weight (3E, E), in_proj_bias, out_proj), inputs (L, N, E), or
+    (N, L, E) with ``batch_first``. forward returns (output, attention weights averaged over
+    heads, or None with ``need_weights=False``). ``key_padding_mask`` (N, S) and a bool
+    ``attn_mask`` (L, S) are True where a position is ignored, as torch's; a float attn_mask is
+    added to the scores."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False):
+        super().__init__()
+        _positive("MultiheadAttention", embed_dim=embed_dim, num_heads=num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"MultiheadAttention: num_heads={num_heads} must divide "
+                             f"embed_dim={embed_dim}")
+        self.embed_dim, self.num_heads, self.batch_first = embed_dim, num_heads, batch_first
+        self.dropout = dropout
+        bound = math.sqrt(6.0 / (embed_dim + 3 * embed_dim))     # xavier_uniform, as torch
+        self.in_proj_weight = _uniform((3 * embed_dim, embed_dim), bound)
+        dtype = get_default_dtype()
+        self.in_proj_bias = Parameter(np.zeros(3 * embed_dim, dtype)) if bias else None
+        self.out_proj = Linear(embed_dim, embed_dim, bias=bias)
+        if bias:
+            self.out_proj.bias = Parameter(np.zeros(embed_dim, dtype))
+        self.attn_drop = Dropout(dropout)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True,
+                attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+        if not self.batch_first:
+            query, key, value = (t.transpose(1, 0, 2) for t in (query, key, value))
+        n, lq, e = query.shape
+        if e != self.embed_dim:
+            raise ShapeError(f"MultiheadAttention({self.embed_dim}) got query of shape "
+                             f"{query.shape}: last dimension must be {self.embed_dim}")
+        h, hd, s_len = self.num_heads, e // self.num_heads, key.shape[1]
+        w, b = self.in_proj_weight, self.in_proj_bias
+
+        def heads(t, i):
+            proj = F.linear(t, w[i * e:(i + 1) * e], None if b is None else b[i * e:(i + 1) * e])
+            return proj.reshape(n, t.shape[1], h, hd).transpose(0, 2, 1, 3)
+        q, k, v = heads(query, 0), heads(key, 1), heads(value, 2)
+        masks = []                  # additive: 0 where attended, -inf where ignored
+        if attn_mask is not None:
+            masks.append(_additive(attn_mask, query.dtype).reshape(
+                _mask_shape(attn_mask, n, h, lq, s_len)))
+        elif is_causal:
+            masks.append(_additive(np.triu(np.ones((lq, s_len), bool), 1), query.dtype))
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (n, s_len):
+                raise ShapeError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)}: "
+                                 f"expected ({n}, {s_len})")
+            masks.append(_additive(key_padding_mask, query.dtype).reshape(n, 1, 1, s_len))
+        mask = None
+        for m in masks:
+            mask = m if mask is None else mask + m
+        weights = F.attention_weights(q, k, mask)
+        out = self.attn_drop(weights) @ v if self.dropout else weights @ v
+        out = self.out_proj(out.transpose(0, 2, 1, 3).reshape(n, lq, e))
+        if not self.batch_first:
+            out = out.transpose(1, 0, 2)
+        if not need_weights:
+            return out, None
+        return out, (weights.mean(1) if average_attn_weights else weights)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
+
+
+def _mask_shape(mask, n, h, lq, s_len) -> tuple[int, ...]:
+    """An attention mask (L, S) or (N*H, L, S) as (1 or N, 1 or H, L, S)."""
+    if tuple(mask.shape) == (lq, s_len):
+        return (1, 1, lq, s_len)
+    if tuple(mask.shape) == (n * h, lq, s_len):
+        return (n, h, lq, s_len)
+    raise ShapeError(f"attn_mask of shape {tuple(mask.shape)}: expected ({lq}, {s_len}) or "
+                     f"({n * h}, {lq}, {s_len})")
+
+
+def _additive(mask, dtype: str) -> Tensor:
+    """A mask as scores to add: a bool one (True: ignored) as 0 / -inf, a float one as is."""
+    mask = mask if isinstance(mask, Tensor) else tensor(np.asarray(mask))
+    if mask.dtype != "bool":
+        return mask.astype(dtype)
+    inf, zero = (tensor(np.asarray(v, dtype)) for v in (-np.inf, 0.0))
+    return zero.where(mask == False, inf)  # noqa: E712
+
+
+class TransformerEncoderLayer(Module):
+    """Self-attention and a feed-forward block, each with dropout, a residual connection and
+    LayerNorm (after, or before with ``norm_first``), as torch.nn.TransformerEncoderLayer
+    (same sub-module names, so torch's state_dict loads)."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
+                 dropout: float = 0.1, activation="relu", layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout, bias, batch_first)
+        self.linear1 = Linear(d_model, dim_feedforward, bias)
+        self.dropout = Dropout(dropout)
+        self.linear2 = Linear(dim_feedforward, d_model, bias)
+        self.norm_first = norm_first
+        self.norm1 = LayerNorm(d_model, layer_norm_eps)
+        self.norm2 = LayerNorm(d_model, layer_norm_eps)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        if isinstance(activation, str):
+            if activation not in ("relu", "gelu"):
+                raise ValueError(f"TransformerEncoderLayer: activation must be 'relu', 'gelu' "
+                                 f"or a callable, got {activation!r}")
+            activation = F.relu if activation == "relu" else F.gelu
+        self.activation = activation
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        x = src
+        if self.norm_first:
+            x = x + self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            return x + self._ff(self.norm2(x))
+        x = self.norm1(x + self._sa(x, src_mask, src_key_padding_mask, is_causal))
+        return self.norm2(x + self._ff(x))
+
+    def _sa(self, x, mask, padding_mask, is_causal):
+        out = self.self_attn(x, x, x, key_padding_mask=padding_mask, need_weights=False,
+                             attn_mask=mask, is_causal=is_causal)[0]
+        return self.dropout1(out)
+
+    def _ff(self, x):
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
 __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "GELU",
            "Tanh", "Sigmoid", "Flatten", "Dropout", "LayerNorm", "BatchNorm2d", "BatchNorm1d",
            "Sequential", "ModuleList", "Identity", "CrossEntropyLoss", "MSELoss", "functional",
-           "manual_seed"]
+           "manual_seed", "Conv1d", "Embedding", "AdaptiveAvgPool2d", "SiLU", "LeakyReLU",
+           "Softmax", "GroupNorm", "NLLLoss", "BCEWithLogitsLoss", "MultiheadAttention",
+           "TransformerEncoderLayer"]
+
+
+from shardgrad.graph.nn.resnet import BasicBlock, GlobalAvgPool, ResNet  # noqa: E402 - uses the above
+
+__all__ += ["BasicBlock", "GlobalAvgPool", "ResNet"]
+from shardgrad.graph.nn import utils  # noqa: E402 - sg.nn.utils.clip_grad_norm_, as torch
+
+__all__ += ["utils"]

@@ -1,7 +1,8 @@
 """Functional forms of the layers (``sg.nn.functional``), on Tensors, eager or traced.
 
-Each is a thin call into an op builder through ``graph.tensor.apply`` (the losses mse_loss
-and nll_loss are composites of them). Imports graph.ir, graph.tensor and ops.
+Each is a thin call into an op builder through ``graph.tensor.apply``, or a composite of them
+(the losses, silu, leaky_relu, group_norm, adaptive pooling, attention), so its gradient is
+the primitives' by the chain rule. Imports graph.ir, graph.tensor and ops.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 
 from shardgrad import ops
 from shardgrad.graph.ir import ShapeError
-from shardgrad.graph.tensor import Tensor, apply
+from shardgrad.graph.tensor import Tensor, apply, tensor
 from shardgrad.ops import elementwise as E
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -36,6 +37,16 @@ def sigmoid(x: Tensor) -> Tensor:
     return apply(E.sigmoid, x)
 
 
+def silu(x: Tensor) -> Tensor:
+    """x sigmoid(x) (swish), a composite: d = (s + x s (1 - s)) dx by the chain rule."""
+    return x * x.sigmoid()
+
+
+def leaky_relu(x: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """x where x > 0, else negative_slope * x (at 0 the slope, as torch's backward)."""
+    return x.where(x > 0, x * negative_slope)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x W^T + b, with W of shape (out_features, in_features) as in PyTorch."""
     out = x @ weight.T
@@ -50,9 +61,22 @@ def log_softmax(x: Tensor, axis: int = -1, *, dim: int | None = None) -> Tensor:
     return x.log_softmax(axis, dim=dim)
 
 
-def cross_entropy(logits: Tensor, labels, reduction: str = "mean") -> Tensor:
-    """Softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,)."""
-    return apply(ops.loss.cross_entropy, logits, labels, reduction=reduction)
+def cross_entropy(logits: Tensor, labels, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,); with
+    ``label_smoothing`` e, against (1 - e) one-hot + e / C, as torch: (1 - e) nll + e mean_c
+    (-log p_c)."""
+    loss = apply(ops.loss.cross_entropy, logits, labels, reduction=reduction)
+    if not label_smoothing:
+        return loss
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    uniform = -logits.log_softmax(-1).mean(axis=-1)
+    if reduction == "mean":
+        uniform = uniform.mean()
+    elif reduction == "sum":
+        uniform = uniform.sum()
+    return loss * (1.0 - label_smoothing) + uniform * label_smoothing
 
 
 def _reduced(loss: Tensor, reduction: str, name: str) -> Tensor:
@@ -82,8 +106,96 @@ def nll_loss(log_probs: Tensor, labels, reduction: str = "mean") -> Tensor:
     return _reduced(-picked.reshape(n), reduction, "nll_loss")
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0):
-    return apply(ops.nn.conv2d, x, weight, bias, stride=stride, padding=padding)
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+           groups: int = 1):
+    return apply(ops.nn.conv2d, x, weight, bias, stride=stride, padding=padding, groups=groups)
+
+
+def conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1,
+           padding: int = 0, groups: int = 1):
+    """x (N, C, L) with weight (O, C/groups, K): conv2d over a height-1 image."""
+    if x.ndim != 3 or weight.ndim != 3:
+        raise ShapeError(f"conv1d needs x (N, C, L) and weight (O, C, K), got {x.shape} and "
+                         f"{weight.shape}")
+    out = conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, stride=(1, int(stride)),
+                 padding=(0, int(padding)), groups=groups)
+    return out.squeeze(2)
+
+
+def embedding(input, weight: Tensor) -> Tensor:  # noqa: A002 - torch's name
+    """Rows of ``weight`` (num_embeddings, dim) at the integer ``input``: input.shape + (dim,)."""
+    return apply(ops.nn.embedding, input, weight)
+
+
+def adaptive_avg_pool2d(x: Tensor, output_size) -> Tensor:
+    """Mean over torch's adaptive bins: output cell i covers [floor(i H / oh), ceil((i+1) H /
+    oh)); an even split is one avg_pool2d, otherwise a mean per bin."""
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    if x.ndim != 4:
+        raise ShapeError(f"adaptive_avg_pool2d needs (N, C, H, W), got {x.shape}")
+    h, w = x.shape[2:]
+    oh, ow = h if oh is None else int(oh), w if ow is None else int(ow)
+    if h % oh == 0 and w % ow == 0:
+        return x if (oh, ow) == (h, w) else avg_pool2d(x, (h // oh, w // ow))
+
+    def bins(t, axis, n, size):
+        parts = [t[(slice(None),) * axis + (slice(i * size // n, -(-(i + 1) * size // n)),)]
+                 .mean(axis, keepdims=True) for i in range(n)]
+        return parts[0] if n == 1 else apply(ops.shape.concat, parts, axis=axis)
+    return bins(bins(x, 2, oh, h), 3, ow, w)
+
+
+def group_norm(x: Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+    """Normalise each of ``num_groups`` channel groups of x (N, C, ...) over its channels and
+    positions, then scale and shift per channel (torch.nn.functional.group_norm)."""
+    n, c = x.shape[:2]
+    if c % num_groups:
+        raise ShapeError(f"group_norm: {num_groups} groups do not divide {c} channels")
+    out = layer_norm(x.reshape(n, num_groups, -1), (x.size // max(n * num_groups, 1),),
+                     eps=eps).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    out = out if weight is None else out * weight.reshape(shape)
+    return out if bias is None else out + bias.reshape(shape)
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target, weight=None,  # noqa: A002
+                                     reduction: str = "mean", pos_weight=None) -> Tensor:
+    """-[p y log s(x) + (1 - y) log(1 - s(x))] per element, computed stably as
+    (1 - y) x + (1 + (p - 1) y) (log(1 + e^-|x|) + max(-x, 0)), as torch's; the targets may be
+    any probabilities (binary or multi-label), ``pos_weight`` p broadcasts over the classes."""
+    target = target if isinstance(target, Tensor) else tensor(np.asarray(target, input.dtype))
+    if target.shape != input.shape:
+        raise ShapeError(f"binary_cross_entropy_with_logits: target {target.shape} must have "
+                         f"the input's shape {input.shape}")
+    soft = (1.0 + (-input.abs()).exp()).log() + (-input).relu()
+    lw = soft if pos_weight is None else (1.0 + (pos_weight - 1.0) * target) * soft
+    loss = (1.0 - target) * input + lw
+    return _reduced(loss if weight is None else loss * weight, reduction,
+                    "binary_cross_entropy_with_logits")
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None,
+                                 dropout_p: float = 0.0, is_causal: bool = False,
+                                 training: bool = True, seed: int = 0, salt=None) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v over the last two dims, as torch's: a bool mask is
+    True where attention is allowed, a float mask is added to the scores."""
+    weights = attention_weights(q, k, attn_mask, is_causal)
+    return dropout(weights, dropout_p, training, seed, salt) @ v
+
+
+def attention_weights(q: Tensor, k: Tensor, attn_mask=None, is_causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) (see scaled_dot_product_attention); a row with every
+    position masked gives NaN, as torch's."""
+    scores = (q @ k.transpose(tuple(range(k.ndim - 2)) + (k.ndim - 1, k.ndim - 2))) * (
+        1.0 / float(np.sqrt(q.shape[-1])))
+    if is_causal:
+        attn_mask = np.tril(np.ones((q.shape[-2], k.shape[-2]), bool))
+    if attn_mask is not None:
+        if str(getattr(attn_mask, "dtype", "")) == "bool":
+            scores = scores.masked_fill(attn_mask == False, float("-inf"))  # noqa: E712
+        else:
+            scores = scores + attn_mask
+    return scores.softmax(-1)
 
 
 def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:

@@ -96,7 +96,9 @@ extern "C" __global__ void xent_fwd(const T* __restrict__ x, const long long* __
         if (threadIdx.x == 0) {
             const long long k = y[r];
             if (k < 0 || k >= cols) {
-                *bad = 1;
+                // the label itself, so the error names it when the flag is read (never 0:
+                // 0 is in range), clamped to int
+                *bad = k < -2147483647LL ? -2147483647 : k > 2147483647LL ? 2147483647 : (int)k;
                 nll[r] = 0;
             } else {
                 nll[r] = -((xr[k] - m) - log(s));

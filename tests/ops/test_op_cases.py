@@ -107,6 +107,20 @@ def ref_conv2d(x, w, b=None, s=(1, 1), p=(0, 0)):
     return out if b is None else out + b[None, :, None, None]
 
 
+def ref_group_conv2d(x, w, b, groups):
+    xs, ws = np.split(x, groups, 1), np.split(w, groups, 0)
+    out = np.concatenate([ref_conv2d(a, v, s=(1, 1), p=(1, 1))
+                          for a, v in zip(xs, ws, strict=True)], 1)
+    return out if b is None else out + b[None, :, None, None]
+
+
+def ref_embedding_grad(g, idx):
+    out = np.zeros((5, g.shape[-1]))
+    for pos in np.ndindex(idx.shape):
+        out[idx[pos]] += g[pos]
+    return out
+
+
 def ref_argmax_onehot(x, k, s, p):
     win = ref_windows(x, k, s, p, -np.inf)
     flat = win.reshape(win.shape[:4] + (-1,))
@@ -193,6 +207,17 @@ CASES = [
     OpCase("log", E.log, (F(2, 3, **POS),), np.log),
     OpCase("sqrt", E.sqrt, (F(2, 3, **POS),), np.sqrt),
     OpCase("tanh", E.tanh, (F(2, 3),), np.tanh),
+    OpCase("sin", E.sin, (F(2, 3, lo=-4, hi=4),), np.sin),
+    OpCase("cos", E.cos, (F(2, 3, lo=-4, hi=4),), np.cos),
+    OpCase("floor_divide", E.floor_divide, (F(2, 3, lo=-5, hi=5), F(3, **POS)), np.floor_divide,
+           grad=False),
+    OpCase("floor_divide", lambda x, y: E.floor_divide(x - 4, y + 1), (I(2, 3, hi=9), I(3, hi=4)),
+           lambda x, y: np.floor_divide(x - 4, y + 1), grad=False, name="int"),
+    # away from the jumps of floor(x / y): x / y in (k + 0.1, k + 0.9)
+    OpCase("remainder", E.remainder, (F(2, 3, lo=2.3, hi=2.7), F(3, lo=1.0, hi=1.1)),
+           np.remainder),
+    OpCase("remainder", lambda x: E.remainder(x, -1.5), (F(2, 3, lo=-3.6, hi=-3.1),),
+           lambda x: np.remainder(x, -1.5), name="negative-divisor"),
     OpCase("sigmoid", E.sigmoid, (F(2, 3, lo=-4, hi=4),), ref_sigmoid),
     OpCase("relu", E.relu, (F(2, 3),), lambda x: np.maximum(x, 0)),
     OpCase("gelu", E.gelu, (F(2, 3, lo=-3, hi=3),), ref_gelu),
@@ -217,6 +242,14 @@ CASES = [
     OpCase("max", lambda x: R.max(x, keepdims=True), (F(3, 4),),
            lambda x: x.max(keepdims=True), name="all"),
     OpCase("argmax", lambda x: R.argmax(x, 1), (F(3, 4),), lambda x: x.argmax(1), grad=False),
+    OpCase("cumsum", lambda x: R.cumsum(x, 1), (F(2, 4, 3),), lambda x: np.cumsum(x, 1)),
+    OpCase("cumsum", lambda x: R.cumsum(x, 0), (F(5),), np.cumsum, name="1d"),
+    OpCase("argsort", lambda x: R.argsort(x, 1), (F(3, 5),),
+           lambda x: np.argsort(x, 1, kind="stable"), grad=False),
+    OpCase("argsort", lambda x: R.argsort(x, 0, descending=True), (F(4, 3),),
+           lambda x: np.argsort(-x, 0, kind="stable"), grad=False, name="descending"),
+    OpCase("gather", lambda x: S.gather(x, R.argsort(x, 1, True), 1), (F(3, 5),),
+           lambda x: -np.sort(-x, 1), name="sort-values"),
     # linear algebra
     OpCase("matmul", matmul, (F(2, 3), F(3, 4)), np.matmul),
     OpCase("matmul", matmul, (F(2, 2, 3), F(3, 2)), np.matmul, name="batched"),
@@ -275,6 +308,16 @@ CASES = [
            (F(2, 3, 4, 4), F(4, 3, 3, 3), F(4)), lambda x, w, b: ref_conv2d(x, w, b, p=(1, 1))),
     OpCase("conv2d", lambda x, w: nn.conv2d(x, w, stride=(2, 1)), (F(2, 2, 5, 4), F(3, 2, 2, 3)),
            lambda x, w: ref_conv2d(x, w, s=(2, 1)), name="stride-rect"),
+    OpCase("conv2d", lambda x, w, b: nn.conv2d(x, w, b, padding=1, groups=2),
+           (F(2, 4, 4, 3), F(6, 2, 3, 3), F(6)), lambda x, w, b: ref_group_conv2d(x, w, b, 2),
+           name="groups"),
+    OpCase("conv2d", lambda x, w: nn.conv2d(x, w, padding=1, groups=3),
+           (F(1, 3, 4, 4), F(3, 1, 3, 3)), lambda x, w: ref_group_conv2d(x, w, None, 3),
+           name="depthwise"),
+    OpCase("embedding", lambda w, i: nn.embedding(i, w), (F(5, 3), I(2, 4, hi=5)),
+           lambda w, i: w[i]),
+    OpCase("embedding_grad", lambda g, i: apply("embedding_grad", g, i, num=5),
+           (F(2, 4, 3), I(2, 4, hi=5)), ref_embedding_grad),
     OpCase("max_pool2d", lambda x: nn.max_pool2d(x, 2), (F(2, 2, 4, 4),),
            lambda x: ref_windows(x, (2, 2), (2, 2), (0, 0)).max((-2, -1))),
     OpCase("max_pool2d", lambda x: nn.max_pool2d(x, 3, 2, 1), (F(1, 2, 5, 4),),

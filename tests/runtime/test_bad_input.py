@@ -50,12 +50,12 @@ def _labels(tmp_path, y):
 
 
 @pytest.mark.parametrize("y,says", [
-    (np.r_[np.arange(10), -1].astype(np.int8), "label -1 at index 10 is negative: labels are "
-                                               "class indices 0, 1, 2, ..."),
-    (np.r_[np.arange(10), 3.7], "label 3.7 at index 10 is not a whole number: labels are "
-                                "class indices 0, 1, 2, ..."),
+    (np.r_[np.arange(10), -1].astype(np.int8), "label -1 at index 10 is negative; labels must "
+                                               "be class indices in [0, num_classes)"),
+    (np.r_[np.arange(10), 3.7], "label 3.7 at index 10 is not a whole number; labels must be "
+                                "class indices"),
     (np.r_[np.arange(10), 200].astype(np.uint8), "label 200 at index 10, but 190 class(es) "
-                                                 "below it never occur (first: 10): labels "
+                                                 "below it never occur (first: 10); labels "
                                                  "must be 0..K-1 with every class present"),
 ])
 def test_bad_labels_are_one_line_naming_file_and_value(config, tmp_path, capsys, y, says):
@@ -76,7 +76,8 @@ def test_a_test_label_outside_the_training_classes_is_named(config, tmp_path, ca
                       "--set", f"data.test_images='{tmp_path / 'test_images.idx'}'",
                       "--set", f"data.test_labels='{tmp_path / 'test_labels.idx'}'")
     assert code == 2 and err == [f"shardgrad train: error: {tmp_path / 'test_labels.idx'}: "
-                                 f"label 12 at index 1 is not one of the 10 classes (0..9)"], err
+                                 f"label 12 at index 1 is out of range for 10 classes (labels "
+                                 f"must be in [0, 10))"], err
 
 
 def test_an_idx_file_with_no_images(config, tmp_path, capsys):

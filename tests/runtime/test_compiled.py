@@ -2,6 +2,7 @@
 same BLAS, no reassociation), on an MLP training step, colah's example and random graphs;
 buffers really reused; repeated runs, fed-back outputs and caller-owned outputs all safe."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -14,8 +15,7 @@ from shardgrad.graph import autodiff
 from shardgrad.graph.ir import Graph, leaf
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import reduce as R
-from shardgrad.ops.registry import apply
-from shardgrad.runtime import compiled as C
+from shardgrad.ops.registry import REGISTRY, apply, kernel_for
 from shardgrad.runtime.compiled import compile
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter
 
@@ -116,10 +116,10 @@ def test_bias_add_and_relu_run_in_place():
     b = leaf("param", (5,), "float32", name="b")
     h = E.relu(x @ w + b)
     program = compile(Graph({"out": R.sum(h @ apply("transpose", w, axes=(1, 0)))}))
-    steps = [n.op for n in program._step_nodes]
+    steps = [n.op for n in program.step_nodes]
     assert steps == ["matmul", "add", "relu", "transpose", "matmul", "sum"]  # w.T: a view of a feed
     slots = program._slots
-    mm, add, relu = (slots[program.graph.nodes.index(n)] for n in program._step_nodes[:3])
+    mm, add, relu = (slots[program.graph.nodes.index(n)] for n in program.step_nodes[:3])
     assert np.shares_memory(mm, add) and np.shares_memory(add, relu)
 
 
@@ -207,7 +207,7 @@ def test_ops_without_an_out_kernel_run_their_forward():
     g = autodiff.grad(Graph({"l": R.sum(E.gelu(x * 2.0))}), wrt=["x"])
     feeds = feeds_for(g)
     program = compile(g)
-    assert "gelu" in [n.op for n in program._step_nodes]
+    assert "gelu" in [n.op for n in program.step_nodes]
     for _ in range(2):
         assert_outputs_equal(Interpreter(g).run(feeds), program.run(feeds))
 
@@ -215,9 +215,9 @@ def test_ops_without_an_out_kernel_run_their_forward():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_erf_writes_into_a_planned_buffer_bitwise(dtype, monkeypatch):
     """erf (exact GELU's core) runs its out= kernel, with the forward's results."""
-    kernel, made = C.OUT_KERNELS["erf"], []
-    monkeypatch.setitem(C.OUT_KERNELS, "erf", kernel._replace(
-        make=lambda xp, n: made.append(n) or kernel.make(xp, n)))
+    kernel, made = kernel_for("erf", "cpu", "out"), []
+    monkeypatch.setitem(REGISTRY, "erf", dataclasses.replace(REGISTRY["erf"], out=kernel._replace(
+        make=lambda xp, n: made.append(n) or kernel.make(xp, n))))
     x = leaf("input", (5, 7), dtype, name="x")
     g = autodiff.grad(Graph({"l": R.sum(E.erf(x * 0.7) * x)}), wrt=["x"])
     feeds = feeds_for(g)
@@ -235,7 +235,7 @@ def test_casts_match_the_interpreter():
                "int": E.cast(x, "int32"), "same": E.cast(x * 2.0, "float32")})
     feeds = {"x": np.array([[1.7, -2.0, 3.0], [0.0, -0.5, 9.25]], np.float32)}
     program = compile(g)
-    assert "cast" in [n.op for n in program._step_nodes]
+    assert "cast" in [n.op for n in program.step_nodes]
     for _ in range(2):
         assert_outputs_equal(Interpreter(g).run(feeds), program.run(feeds))
 

@@ -1,6 +1,6 @@
 """The GPU executor's logic on the CPU: its schedule (fusion groups as one generated kernel
 each, hand-written kernels for the ops that have one, views read in place, liveness) runs with
-NumPy arrays while runtime.host_cuda executes the very CUDA C sources on the host; with
+NumPy arrays while host_cuda executes the very CUDA C sources on the host; with
 host_cupy standing in for cupy the executor takes its GPU path (hand-written kernels for
 softmax, cross-entropy, im2col, pooling). Outputs of whole training steps (MLP, CNN; SGD,
 AdamW) must match the reference interpreter, and DeviceStep must follow the same trajectory
@@ -17,17 +17,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "ops"))
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 from cuda_cases import training_graphs  # noqa: E402
+from device_step import DeviceStep  # noqa: E402
 
 from shardgrad.graph.ir import Graph, leaf  # noqa: E402
-from shardgrad.graph.passes import ELEMENTWISE, fusion_groups  # noqa: E402
+from shardgrad.graph.passes import fusion_groups  # noqa: E402
 from shardgrad.ops import elementwise as E  # noqa: E402
 from shardgrad.ops import gpu  # noqa: E402
 from shardgrad.ops import shape as S  # noqa: E402
-from shardgrad.ops.registry import get  # noqa: E402
-from shardgrad.runtime import host_cuda  # noqa: E402
-from shardgrad.runtime.gpu import DeviceStep, FusedKernel, GPUExecutor  # noqa: E402
+from shardgrad.ops.registry import get, kernel_for  # noqa: E402
+from shardgrad.runtime.gpu import FusedKernel, GPUExecutor  # noqa: E402
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter  # noqa: E402
 
 pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")
@@ -65,7 +66,8 @@ def test_step_matches_interpreter(cases, name, fuse):
     if fuse:
         assert exe.n_fused >= 5 and len(exe.actions) < len(graph.nodes)
         ran_alone = [p[0].op for kind, p, _ in exe.actions if kind == "op"]
-        assert not set(ran_alone) & ELEMENTWISE, "every elementwise op runs in a fused kernel"
+        assert not [op for op in ran_alone if get(op).elementwise], \
+            "every elementwise op runs in a fused kernel"
 
 
 @pytest.mark.parametrize("name", ["mlp-sgd", "mlp-adam", "cnn-sgd"])
@@ -73,8 +75,8 @@ def test_gpu_path_matches_interpreter(cases, name):
     graph, feeds = cases[name]
     want = Interpreter(graph, np).run(feeds)
     exe = GPUExecutor(graph, xp=host_cupy.module())
-    hand_written = {fn for kind, p, _ in exe.actions if kind == "op"
-                    for fn in [p[1]] if fn in gpu.CUDA.values()}
+    hand_written = {p[1] for kind, p, _ in exe.actions if kind == "op"
+                    if p[1] is get(p[0].op).cuda}
     assert {gpu.cross_entropy, gpu.softmax_xent_grad} <= hand_written
     if name == "cnn-sgd":
         assert {gpu.im2col, gpu.col2im, gpu.max_pool2d, gpu.max_pool2d_grad} <= hand_written
@@ -131,9 +133,9 @@ def test_hand_written_kernels_are_scheduled(cases):
     assert {"im2col", "col2im", "max_pool2d", "max_pool2d_grad", "cross_entropy",
             "softmax_xent_grad", "matmul"} <= ops
     cupy_like = types.ModuleType("cupy")             # on cupy the CUDA kernel is chosen
-    assert gpu.kernel(get("im2col"), cupy_like) is gpu.im2col
-    assert gpu.kernel(get("im2col"), np) is get("im2col").forward
-    assert gpu.kernel(get("matmul"), cupy_like) is get("matmul").forward
+    assert kernel_for("im2col", cupy_like) is gpu.im2col
+    assert kernel_for("im2col", np) is get("im2col").forward
+    assert kernel_for("matmul", cupy_like) is get("matmul").forward
 
 
 @pytest.mark.parametrize("path", ["generic", "gpu"])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
@@ -22,7 +23,6 @@ from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph.device import Device, DeviceError  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
-from shardgrad.runtime import host_cuda  # noqa: E402
 
 F = sg.nn.functional
 
@@ -211,9 +211,13 @@ def test_compile_step_runs_a_gpu_model_on_the_gpu_executor(cuda):
         opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         step = sg.compile_step(model, F.cross_entropy, opt)
         feed_x = sg.tensor(x, device=where) if where == "cuda" else x   # either works
-        runs[where] = ([step(feed_x, y) for _ in range(5)], model)
+        losses = [step(feed_x, y) for _ in range(5)]
+        runs[where] = ([float(v) for v in losses], model)
         if where == "cuda":
-            assert type(step._compiled[next(iter(step._compiled))][1]).__name__ == \
+            # the loss is a 0-d Tensor on the device (as torch's); the state is the step's
+            assert all(isinstance(v, sg.Tensor) and on_device(v.data) for v in losses)
+            assert step.stats()["path"] == "flat-sgd"
+            assert type(step._compiled[next(iter(step._compiled))][1].exe).__name__ == \
                 "GPUExecutor"
             assert all(on_device(p.data) for p in model.parameters())
             model.eval()
@@ -245,7 +249,7 @@ def test_a_device_constant_in_a_traced_model_becomes_a_host_constant(cuda):
     x, y = data()
     step = sg.compile_step(model, F.cross_entropy, sg.optim.SGD(model.parameters(), lr=0.1))
     eager = F.cross_entropy(model(sg.tensor(x, device="cuda")), sg.tensor(y, device="cuda"))
-    assert step(x, y) == pytest.approx(eager.item(), rel=1e-12)
+    assert float(step(x, y)) == pytest.approx(eager.item(), rel=1e-12)
     consts = [n for n in step.graph.nodes if n.op == "const"]
     assert consts and not any(on_device(n.attrs["value"]) for n in consts)
 

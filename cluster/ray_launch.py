@@ -2,17 +2,19 @@
 and restarts the ranks; gradients still travel over MPI. A placement group reserves one
 bundle per rank, a ``Host`` actor in each bundle stands for a host, and mpirun starts each
 host's MPI daemon, and so its rank, inside that actor (cluster/ray_agent.py is mpirun's ssh).
-Imports ray and runtime (config, train).
+Imports ray and runtime (config, train); runtime never imports it.
 """
 
 from __future__ import annotations
 
 import collections
+import hmac
 import json
 import logging
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +32,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from shardgrad.cluster import ray_agent
+from shardgrad.cluster.placement import Node, describe, place
 from shardgrad.runtime import config as cfg
 
 NAMESPACE = "shardgrad"
@@ -115,15 +119,64 @@ class Host:
     output back, and kills them when asked or stopped. Methods run on threads, so reads,
     kills and the watch (``until_stopped``) do not wait for one another."""
 
-    def __init__(self):
+    def __init__(self, token: str):
         self.commands: dict[int, _Command] = {}
+        # The GPUs Ray assigned to this slot: its commands, and so its rank, see those only.
+        self.gpus = [str(g) for g in ray.get_gpu_ids()]
         self.written: list[str] = []
         self.stopped = threading.Event()
         self.notes_dir = tempfile.mkdtemp(prefix="shardgrad-notes-")
+        # mpirun's agent (cluster/ray_agent.py) connects here, proving itself by the job's
+        # token: a plain socket spares it importing ray and joining the cluster.
+        self.token = token
+        self.server = socket.create_server(("", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
 
     def info(self) -> dict[str, Any]:
         return {"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "gpus": self.gpus, "port": self.server.getsockname()[1]}
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:   # closed by stop()
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        """One agent's connection: a JSON line with the token and the command, then the
+        command's output and exit code as frames (ray_agent.FRAME). An agent that goes away
+        (mpirun stopped it) takes its command with it."""
+        with conn:
+            try:
+                request = json.loads(conn.makefile("rb").readline())
+                if not hmac.compare_digest(str(request["token"]), self.token):
+                    return
+                pid = self.start(str(request["command"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                return
+            threading.Thread(target=self._hangup, args=(conn, pid), daemon=True).start()
+            code = None
+            try:
+                while code is None:
+                    chunks, code = self.read(pid, 1.0)
+                    frames = b"".join(ray_agent.FRAME.pack(fd, len(data)) + data
+                                       for fd, data in chunks)
+                    conn.sendall(frames + (ray_agent.FRAME.pack(0, code) if code is not None
+                                           else b""))
+            except OSError:
+                self.kill(pid)
+
+    def _hangup(self, conn: socket.socket, pid: int) -> None:
+        try:
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+        if self.commands[pid].proc.poll() is None:
+            self.kill(pid)
 
     def write(self, path: str, text: str) -> None:
         """Write ``text`` to ``path`` on this node, atomically (actors sharing a node write
@@ -138,6 +191,8 @@ class Host:
     def start(self, command: str) -> int:
         env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
                    SHARDGRAD_RANK_NOTES=self.notes_dir)
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
         c = _Command(command, env)
         self.commands[c.proc.pid] = c
         return c.proc.pid
@@ -169,6 +224,7 @@ class Host:
         self.stopped.wait()
 
     def stop(self) -> None:
+        self.server.close()
         for c in self.commands.values():
             c.kill()
         for path in self.written:
@@ -227,48 +283,127 @@ def _cause(error: BaseException) -> str:
     return f"its Ray actor died: {m.group(1).rstrip('.')}" if m else f"its Ray actor died ({error})"
 
 
-class Job:
-    """The ranks' slots on the cluster: a placement group with one bundle per rank and one
-    ``Host`` actor per bundle, named after its host. Bundle 0 is on this node when it has the
-    CPUs (then rank 0 writes its run directory here, and a restart finds its checkpoints).
-    ``start_hosts`` (re)creates the actors; ``close`` releases all."""
+def gpus_per_rank(config: Mapping[str, Mapping[str, Any]]) -> float:
+    """``cluster.gpus_per_rank``, its -1 (the default) resolved: 1 when ``device.type`` is a
+    GPU, else 0."""
+    gpus = config["cluster"]["gpus_per_rank"]
+    if gpus == -1:
+        return 1.0 if config["device"]["type"].startswith("cuda") else 0.0
+    if gpus < 0:
+        raise cfg.ConfigError(f"cluster.gpus_per_rank = {gpus:g}: must be >= 0, or -1 for 1 "
+                              f"when device.type is cuda, else 0")
+    return gpus
 
-    def __init__(self, n: int, cpus: float, strategy: str, timeout_s: float):
+
+def nodes() -> list[Node]:
+    """The cluster's live nodes as the placement policy sees them."""
+    return [Node(n["NodeID"], n["NodeManagerAddress"], n["Resources"].get("CPU", 0.0),
+                 n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n["Alive"]]
+
+
+def stage_placement(dp: int, pp: int, cpus: float, gpus: float) -> list[str] | None:
+    """The node id of each rank's slot under the stage-aware policy (cluster.placement), or
+    None when the cluster's nodes cannot hold the job now (then Ray's strategy decides, as
+    nodes join)."""
+    live = nodes()
+    try:
+        where = place(dp, pp, live, cpus, gpus, first=ray.get_runtime_context().get_node_id())
+    except ValueError:
+        return None
+    return [live[i].id for i in where]
+
+
+def planned_placement(config: Mapping[str, Mapping[str, Any]]) -> str:
+    """What ``shardgrad train CONFIG --launcher ray`` would ask the cluster for, as lines: its
+    slots and, for pp > 1, the node of each rank. Joins the cluster at RAY_ADDRESS or one
+    running here; with none, plans for this machine as a one-node cluster (starts nothing)."""
+    c, pp = config["cluster"], config["parallel"]["pp"]
+    dp, cpus, gpus = config["parallel"]["dp"], c["cpus_per_rank"], gpus_per_rank(config)
+    if cfg.env("RAY_ADDRESS") or _gcs_running():
+        connect(1)
+        live, first, where_from = nodes(), ray.get_runtime_context().get_node_id(), "the cluster"
+    else:
+        # as connect() would start it
+        local_cpus = max(os.cpu_count() or 1, int(dp * pp * cpus + 0.999))
+        live = [Node("local", socket.gethostname(), float(local_cpus), 0.0)]
+        first, where_from = "local", "a local Ray cluster (none is running here)"
+    if pp == 1:
+        slot = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus > 0 else "")
+        return (f"Ray placement: {dp} slot(s) of {slot}, one per rank, placed by Ray's "
+                f"{c['placement']} strategy (cluster.placement) on {where_from}")
+    try:
+        where = place(dp, pp, live, cpus, gpus, first=first)
+    except ValueError as e:
+        return f"Ray placement on {where_from}: {e}; Ray's {c['placement']} strategy decides " \
+               f"once nodes join (within cluster.start_timeout_s)"
+    return describe(where, live, pp, cpus, gpus) + f"\n  (nodes of {where_from})"
+
+
+def _amount(resource: str) -> str:
+    return (f"{ray.cluster_resources().get(resource, 0):g} {resource}s, "
+            f"{ray.available_resources().get(resource, 0):g} free")
+
+
+class Job:
+    """The ranks' slots on the cluster: a placement group with one bundle per rank (its CPUs
+    and GPUs, on node ``on[rank]`` when given) and one ``Host`` actor per bundle, named after
+    its host. Without ``on``, bundle 0 is on this node when it has the resources (then rank 0
+    writes its run directory here, and a restart finds its checkpoints). ``start_hosts``
+    (re)creates the actors; ``close`` releases all."""
+
+    def __init__(self, n: int, cpus: float, strategy: str, timeout_s: float, gpus: float = 0.0,
+                 on: Sequence[str] | None = None):
         self.id = uuid.uuid4().hex[:8]
-        self.n, self.cpus, self.timeout_s = n, cpus, timeout_s
+        self.n, self.cpus, self.gpus, self.timeout_s = n, cpus, gpus, timeout_s
         self.hosts = [f"sg-{self.id}-{i}" for i in range(n)]
-        bundles = [{"CPU": cpus} for _ in range(n)]
-        here = ray.util.get_node_ip_address()
-        self.pinned = any(node["Alive"] and node["NodeManagerAddress"] == here
-                          and node["Resources"].get("CPU", 0) >= cpus for node in ray.nodes())
-        if self.pinned:
-            bundles[0][f"node:{here}"] = 0.001
-        self.pg = placement_group(bundles, strategy=strategy, name=f"shardgrad-{self.id}")
+        self.token = secrets.token_hex(16)
+        bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})} for _ in range(n)]
+        here = ray.get_runtime_context().get_node_id()
+        if on is not None:
+            self.pinned = on[0] == here
+            how = "stage-aware"
+            labels = [{"ray.io/node-id": node} for node in on]
+        else:
+            self.pinned = any(node.id == here and node.slots(cpus, gpus) for node in nodes())
+            how = strategy + (", rank 0 on this node" if self.pinned else "")
+            labels = None
+            if self.pinned:
+                bundles[0][f"node:{ray.util.get_node_ip_address()}"] = 0.001
+        self.pg = placement_group(bundles, strategy=strategy, name=f"shardgrad-{self.id}",
+                                  bundle_label_selector=labels)
         try:
             ray.get(self.pg.ready(), timeout=timeout_s)
         except GetTimeoutError:
             remove_placement_group(self.pg)
+            slot = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus > 0 else "")
             raise cfg.ConfigError(
-                f"could not reserve {n} slots of {cpus:g} CPU ({strategy}"
-                f"{', rank 0 on this node' if self.pinned else ''}) "
-                f"within cluster.start_timeout_s = {timeout_s:g} s; the cluster has "
-                f"{ray.cluster_resources().get('CPU', 0):g} CPUs, "
-                f"{ray.available_resources().get('CPU', 0):g} free") from None
+                f"could not reserve {n} slots of {slot} ({how}) within "
+                f"cluster.start_timeout_s = {timeout_s:g} s; the cluster has {_amount('CPU')}"
+                + (f"; {_amount('GPU')}" if gpus > 0 else "")) from None
         self.actors: list[Any] = []
         self.infos: list[dict[str, Any]] = []
+        self.startup: dict[str, float] = {}   # seconds per start-up phase, for the log
 
     def start_hosts(self) -> None:
+        t0 = time.monotonic()
         self.stop_hosts()
         self.actors = [
-            Host.options(name=host, namespace=NAMESPACE, num_cpus=self.cpus, max_concurrency=8,
+            Host.options(name=host, namespace=NAMESPACE, num_cpus=self.cpus,
+                         num_gpus=self.gpus, max_concurrency=8,
                          scheduling_strategy=PlacementGroupSchedulingStrategy(
-                             self.pg, placement_group_bundle_index=i)).remote()
+                             self.pg, placement_group_bundle_index=i)).remote(self.token)
             for i, host in enumerate(self.hosts)]
         try:
             self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout_s)
         except GetTimeoutError:
             raise cfg.ConfigError(f"the {self.n} host actors did not start within "
                                   f"cluster.start_timeout_s = {self.timeout_s:g} s") from None
+        self.startup["host actors"] = time.monotonic() - t0
+
+    def agent_env(self) -> dict[str, str]:
+        """What mpirun's agents need to reach the host actors (ray_agent.HOSTS_VARIABLE)."""
+        hosts = {h: [i["ip"], i["port"]] for h, i in zip(self.hosts, self.infos, strict=True)}
+        return {ray_agent.HOSTS_VARIABLE: json.dumps({"token": self.token, "hosts": hosts})}
 
     def where(self, rank: int) -> str:
         info = self.infos[rank] if rank < len(self.infos) else {}
@@ -382,51 +517,6 @@ def _killed(job: Job) -> tuple[int, int] | None:
     return None if first is None else (first[0], first[1])
 
 
-def run_on_host(host: str, command: str) -> int:
-    """mpirun's ssh (see cluster/ray_agent.py): run ``command`` in the ``Host`` actor named
-    ``host``, relay its output to ours and return its exit code; 255 (ssh's code for a lost
-    connection) when the actor cannot be found or dies. SIGTERM, SIGHUP and SIGINT kill the
-    command before this process exits."""
-    address = cfg.env("RAY_ADDRESS")
-    if not address:
-        print("shardgrad ray agent: RAY_ADDRESS is not set (the Ray launcher sets it for "
-              "mpirun)", file=sys.stderr)
-        return 255
-    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR,
-             log_to_driver=False)
-    try:
-        actor = ray.get_actor(host, namespace=NAMESPACE)
-    except ValueError:
-        print(f"shardgrad ray agent: no Ray actor stands for host {host!r} in namespace "
-              f"{NAMESPACE!r}", file=sys.stderr)
-        return 255
-
-    def interrupted(sig, frame):
-        raise SystemExit(128 + sig)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, interrupted)
-    pid, code = None, None
-    try:
-        pid = ray.get(actor.start.remote(command))
-        while code is None:
-            chunks, code = ray.get(actor.read.remote(pid, 1.0))
-            for fd, data in chunks:
-                sink = sys.stdout if fd == 1 else sys.stderr
-                sink.buffer.write(data)
-                sink.flush()
-        return code if code >= 0 else 128 - code
-    except RayActorError as e:
-        print(f"shardgrad ray agent: host {host}: {_cause(e)}", file=sys.stderr, flush=True)
-        return 255
-    finally:
-        if pid is not None and code is None:
-            try:
-                ray.get(actor.kill.remote(pid), timeout=5)
-            except (RayActorError, GetTimeoutError):
-                pass
-
-
 def _interrupted(sig, frame):
     raise KeyboardInterrupt
 
@@ -440,7 +530,8 @@ def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
     try:
         for attempt in range(max_restarts + 1):
             job.start_hosts()
-            code, failure = supervise(job, argv_for(attempt), env, failed_rank)
+            code, failure = supervise(job, argv_for(attempt), {**env, **job.agent_env()},
+                                      failed_rank)
             if failure is None:
                 return 0
             _say(f"{failure}; " + (f"restart {attempt + 1} of {max_restarts}"
@@ -450,16 +541,35 @@ def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
     return code
 
 
-def _start(n: int, c: Mapping[str, Any]) -> tuple[Job, dict[str, str]]:
-    """Connect to the cluster, reserve ``n`` slots as ``cluster`` settings ``c`` say; returns
-    the job and the environment mpirun runs in."""
+def _start(n: int, c: Mapping[str, Any], gpus: float,
+           pp: int = 1) -> tuple[Job, dict[str, str]]:
+    """Connect to the cluster, reserve ``n`` slots of ``gpus`` GPUs each as ``cluster``
+    settings ``c`` say (stage-aware when the ``n`` ranks are ``n / pp`` pipelines of ``pp``
+    stages, pp > 1); returns the job and the environment mpirun runs in."""
+    t0 = time.monotonic()
     gcs = connect(int(n * c["cpus_per_rank"] + 0.999))
+    t1 = time.monotonic()
     if threading.current_thread() is threading.main_thread():
         # `ray job stop` sends SIGTERM: unwind, so that mpirun (in a session of its own) and
         # the actors stop with us. Set after ray.init, whose handler would only dump a stack.
         signal.signal(signal.SIGTERM, _interrupted)
-    job = Job(n, c["cpus_per_rank"], c["placement"], c["start_timeout_s"])
+    on = stage_placement(n // pp, pp, c["cpus_per_rank"], gpus) if pp > 1 else None
+    job = Job(n, c["cpus_per_rank"], c["placement"], c["start_timeout_s"], gpus, on)
+    job.startup = {"connect": t1 - t0, "placement group": time.monotonic() - t1}
     return job, dict(os.environ, RAY_ADDRESS=gcs)
+
+
+def _say_startup(job: Job) -> None:
+    _say("start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in job.startup.items())
+         + "; then mpirun starts the ranks")
+
+
+def _say_slots(job: Job) -> None:
+    """One line per rank: the node and GPUs its slot got (when the job asked for GPUs or
+    pinned its slots to nodes)."""
+    for rank, info in enumerate(job.infos):
+        _say(f"rank {rank}: node {info['ip']} (id {info['node_id'][:8]})"
+             + (f", GPU {','.join(info['gpus'])}" if job.gpus > 0 else ""))
 
 
 def _exported() -> list[str]:
@@ -479,9 +589,10 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
     # Here, not at the top: every mpirun agent imports this module and needs none of train's.
     from shardgrad.runtime.train import latest_checkpoint
 
-    c, n = config["cluster"], config["parallel"]["dp"] * config["parallel"]["pp"]
+    c, pp = config["cluster"], config["parallel"]["pp"]
+    n = config["parallel"]["dp"] * pp
     out_dir = os.path.abspath(out_dir)
-    job, env = _start(n, c)
+    job, env = _start(n, c, gpus_per_rank(config), pp)
     # The ranks get the resolved config with the launcher's own keys at their defaults, so
     # their checkpoints and summary match an mpirun run of the same config.
     ranks_config = {**config, "cluster": cfg.defaults()["cluster"]}
@@ -496,6 +607,9 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
         _say(f"attempt {attempt + 1}: {n} ranks on "
              f"{', '.join(sorted({i['ip'] for i in job.infos}))}"
              + (f", resuming from {latest_checkpoint(resume)}" if resume else ""))
+        _say_startup(job)
+        if job.gpus > 0 or pp > 1:
+            _say_slots(job)
         if not job.pinned:
             _say(f"this node has no {job.cpus:g} CPU for rank 0: {job.where(0)} writes "
                  f"{out_dir} there (restarts resume from it only on a shared filesystem)")
@@ -515,15 +629,17 @@ def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
     ``command(hosts, program, as_root=, export=)`` builds the mpirun argv
     (cluster.commands.ray_program_argv).
     """
-    job, env = _start(n, cluster)
+    job, env = _start(n, cluster, gpus_per_rank({"cluster": cluster, "device": {"type": "cpu"}}))
 
     def argv_for(attempt: int) -> list[str]:
         _say(f"attempt {attempt + 1}: {n} ranks on "
              f"{', '.join(sorted({i['ip'] for i in job.infos}))}")
+        if job.gpus > 0:
+            _say_slots(job)
         return command(job.hosts, program, as_root=os.geteuid() == 0, export=_exported())
 
     return _attempts(job, cluster["max_restarts"], env, argv_for, failed_rank)
 
 
-__all__ = ["Host", "Job", "NAMESPACE", "connect", "launch", "launch_program", "run_on_host",
-           "supervise", "to_toml"]
+__all__ = ["Host", "Job", "NAMESPACE", "connect", "gpus_per_rank", "launch", "launch_program",
+           "nodes", "planned_placement", "stage_placement", "supervise", "to_toml"]

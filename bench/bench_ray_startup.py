@@ -1,0 +1,104 @@
+"""Start-up and step time of ``shardgrad train --launcher ray`` against ``mpirun -n N shardgrad
+train`` on one machine, with a Ray cluster already running (started here, as a user's would
+be), in fresh processes, alternating and paired.
+
+    python bench/bench_ray_startup.py                      # digits MLP, 2 ranks, 5 pairs
+    python bench/bench_ray_startup.py --pairs 7 --ranks 2 --epochs 2
+
+Time to first step: from the command's start to the first step record in metrics.jsonl
+(``train.log_every = 1``; polled every 10 ms). Step time: median gap between consecutive step
+records' ``wall_s`` (the first epoch's first 3 steps left out). The Ray runs' own phase
+times come from the launcher's ``start-up:`` line. Prints one JSON object; other processes
+share the cores, so it quotes the load (``os.getloadavg``) and per-pair differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = re.compile(r"start-up: (.*)")
+
+
+def run(launcher: str, config: str, ranks: int, epochs: int, env: dict) -> dict:
+    out = tempfile.mkdtemp(prefix=f"sg-{launcher}-")
+    sets = ["--set", f"parallel.dp={ranks}", "--set", "train.log_every=1",
+            "--set", f"train.epochs={epochs}"]
+    cmd = [sys.executable, "-m", "shardgrad", "train", config, "--out", out, *sets]
+    if launcher == "ray":
+        cmd += ["--launcher", "ray"]
+    else:
+        cmd = ["mpirun", "-n", str(ranks), "--allow-run-as-root", "--oversubscribe", *cmd]
+    metrics = os.path.join(out, "metrics.jsonl")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    first = None
+    while proc.poll() is None and first is None:
+        try:
+            with open(metrics) as f:
+                if '"kind": "step"' in f.read():
+                    first = time.monotonic() - t0
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    stdout, stderr = proc.communicate(timeout=600)
+    total = time.monotonic() - t0
+    if proc.returncode:
+        raise SystemExit(f"{launcher} run failed:\n{stderr[-2000:]}")
+    steps = [json.loads(line) for line in open(metrics)]
+    walls = [r["wall_s"] for r in steps if r.get("kind") == "step"][3:]
+    gaps = [b - a for a, b in zip(walls, walls[1:], strict=False)]
+    m = PHASES.search(stderr)
+    return {"first_step_s": first, "total_s": total, "step_time_s": statistics.median(gaps),
+            "phases": m.group(1) if m else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=os.path.join(ROOT, "examples", "digits_mlp.toml"))
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=2)
+    args = p.parse_args()
+    import ray
+
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.ranks),
+             include_dashboard=False, logging_level="ERROR")
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+               SHARDGRAD_PROGRESS="0")
+    runs: dict[str, list[dict]] = {"mpirun": [], "ray": []}
+    load = [os.getloadavg()[0]]
+    run("ray", args.config, args.ranks, 1, env)   # warm the cluster's worker pool once
+    for i in range(args.pairs):
+        for launcher in (("mpirun", "ray") if i % 2 == 0 else ("ray", "mpirun")):
+            runs[launcher].append(run(launcher, args.config, args.ranks, args.epochs, env))
+        load.append(os.getloadavg()[0])
+    ray.shutdown()
+
+    def stats(key: str) -> dict:
+        out = {}
+        for launcher, rs in runs.items():
+            xs = [r[key] for r in rs]
+            out[launcher] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+        diffs = [r[key] - m[key] for r, m in zip(runs["ray"], runs["mpirun"], strict=True)]
+        out["ray_minus_mpirun"] = {"median": statistics.median(diffs), "min": min(diffs),
+                                   "max": max(diffs)}
+        return out
+
+    print(json.dumps({"ranks": args.ranks, "pairs": args.pairs, "epochs": args.epochs,
+                      "load_1min": load, "first_step_s": stats("first_step_s"),
+                      "step_time_s": stats("step_time_s"), "total_s": stats("total_s"),
+                      "ray_phases": [r["phases"] for r in runs["ray"]]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The command-line habits torchrun and Lightning users bring: ``--version``, ``config show``,
+``train -n N`` starting its own ranks, one set of launcher names, and one line saying what to
+install when Ray or Graphviz's ``dot`` is missing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from shardgrad import cli
+from shardgrad.runtime.config import SCHEMA, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MLP = os.path.join(ROOT, "examples", "digits_mlp.toml")
+
+
+def _cli(*args, timeout=120, env=None):
+    env = {**os.environ, "SHARDGRAD_PROGRESS": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "shardgrad", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_version_prints_the_installed_version():
+    r = _cli("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"shardgrad {cli.version()}"
+    assert cli.version()[0].isdigit()
+
+
+def test_config_show_lists_every_key_with_default_and_help_as_loadable_toml(tmp_path, capsys):
+    assert cli.main(["config", "show", MLP, "--set", "train.lr=0.05"]) == 0
+    text = capsys.readouterr().out
+    blocks = {b.splitlines()[0]: b.splitlines()[1:] for b in text.strip().split("\n\n")}
+    for section, keys in SCHEMA.items():
+        assert len(blocks[f"[{section}]"]) == len(keys)
+        for name, key in keys.items():
+            line = next(ln for ln in blocks[f"[{section}]"] if ln.startswith(f"{name} = "))
+            assert f"default {json.dumps(key.default)}" in line
+            assert key.help in line
+    shown = tmp_path / "shown.toml"
+    shown.write_text(text)
+    assert tomllib.loads(text)["train"]["lr"] == 0.05
+    assert load_config(shown) == load_config(MLP, ["train.lr=0.05"])   # the resolved config
+
+
+def test_config_show_without_a_config_is_the_defaults(capsys):
+    assert cli.main(["config", "show"]) == 0
+    assert load_config(None) == tomllib.loads(capsys.readouterr().out)
+
+
+def test_train_help_points_at_config_show(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "shardgrad config show" in capsys.readouterr().out
+
+
+def test_train_and_launch_take_the_same_launcher_names():
+    parser = cli._parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    names = {cmd: next(a for a in subs[cmd]._actions if a.dest == "launcher").choices
+             for cmd in ("train", "launch")}
+    assert tuple(names["train"]) == tuple(names["launch"]) == cli.LAUNCHERS
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", MLP, "--launcher", "ray"],
+    ["launch", "-n", "2", "--launcher", "ray", "--", "python", "x.py"],
+])
+def test_launcher_ray_without_ray_says_what_to_install(argv, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)    # import ray raises ImportError
+    monkeypatch.delitem(sys.modules, "shardgrad.cluster.ray_launch", raising=False)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Ray is not installed: pip install" in err
+
+
+def test_graph_svg_without_graphviz_says_what_to_install(tmp_path, monkeypatch, capsys):
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda n, *a, **k: None if n == "dot" else real(n))
+    out = tmp_path / "x.svg"
+    assert cli.main(["graph", MLP, "--out", str(out), "--set", "model.hidden=[8]"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "install Graphviz" in err and "x.dot" in err
+    assert not out.exists()      # no DOT text under an .svg name
+    assert cli.main(["graph", MLP, "--out", str(tmp_path / "x.dot"), "--set",
+                     "model.hidden=[8]"]) == 0
+    assert (tmp_path / "x.dot").read_text().startswith("digraph")
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz's dot")
+def test_graph_svg_with_graphviz_renders_it(tmp_path):
+    assert cli.main(["graph", MLP, "--out", str(tmp_path / "x.svg"), "--set",
+                     "model.hidden=[8]"]) == 0
+    assert "<svg" in (tmp_path / "x.svg").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "-n", "3", MLP, "--set", "parallel.pp=2"], "multiple of parallel.pp = 2"),
+    (["train", "-n", "0", MLP], "-n 0"),
+])
+def test_train_n_bad_counts_are_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")
+def test_train_n_starts_the_ranks_and_sets_dp(tmp_path):
+    """``shardgrad train -n 2`` = ``mpirun -n 2 shardgrad train --set parallel.dp=2``."""
+    small = ["--set", "train.epochs=1", "--set", "model.hidden=[16]", "--set", "device.threads=1"]
+    r = _cli("train", "-n", "2", MLP, "--out", str(tmp_path / "n2"), *small, timeout=140)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "n2" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["config"]["parallel"]["dp"] == 2
+    assert json.loads(r.stdout.strip().splitlines()[-1])["world_size"] == 2
