@@ -224,7 +224,7 @@ def validate_labels(y: np.ndarray, num_classes: int | None = None, where: str = 
         bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
         if bad.size:
             raise DataError(f"{where}: label {float(y[bad[0]])!r} at index {bad[0]} is not a "
-                            f"whole number; labels must be class indices")
+                            f"whole number; labels must be integers (class indices)")
     if y.dtype.kind not in "iu" and not (y.dtype.kind == "b" and y.size == 0):
         raise DataError(f"{where}: labels must be integers (class indices), found dtype "
                         f"{y.dtype}")

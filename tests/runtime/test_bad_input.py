@@ -53,7 +53,7 @@ def _labels(tmp_path, y):
     (np.r_[np.arange(10), -1].astype(np.int8), "label -1 at index 10 is negative; labels must "
                                                "be class indices in [0, num_classes)"),
     (np.r_[np.arange(10), 3.7], "label 3.7 at index 10 is not a whole number; labels must be "
-                                "class indices"),
+                                "integers (class indices)"),
     (np.r_[np.arange(10), 200].astype(np.uint8), "label 200 at index 10, but 190 class(es) "
                                                  "below it never occur (first: 10); labels "
                                                  "must be 0..K-1 with every class present"),
