@@ -1,14 +1,19 @@
 """Command builders for launching jobs: pure functions from hosts and options to argv lists,
 and the parsers for what the launchers hand back (an ssh-style agent's arguments, the rank
-that failed first in mpirun's output). No processes, no Ray, no MPI; imports nothing of ours.
+that failed first in mpirun's output). No processes, no Ray, no MPI; imports only the Ray
+agent's argument parser (cluster/ray_agent.py, standard library only).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Sequence
 
+from shardgrad.cluster.ray_agent import ssh_target
+
+AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_agent.py")
 # Open MPI (PRRTE) settings that make one fake host per Ray actor work:
 # - plm_ssh_agent: start each host's daemon with our agent instead of ssh;
 # - map-by node: rank i on host i. The default (by slot) put both ranks under the first daemon
@@ -56,8 +61,9 @@ def train_argv(config_path: str, out_dir: str, resume: str | None = None,
 
 def agent_command(python: str = sys.executable) -> str:
     """The ssh replacement mpirun calls to start a daemon on a Ray host (one string: PRRTE
-    splits it on spaces)."""
-    return f"{python} -m shardgrad.cluster.ray_agent"
+    splits it on spaces). Run by path, without site: it needs the standard library only, and
+    ``-m shardgrad...`` would import the whole package first."""
+    return f"{python} -S {AGENT}"
 
 
 def ray_program_argv(hosts: Sequence[str], program: Sequence[str], *, as_root: bool = False,
@@ -80,31 +86,6 @@ def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
                             as_root=as_root, export=export, python=python)
 
 
-# ssh options that take a value (OpenSSH's getopt string, the letters followed by ':').
-_SSH_VALUE_OPTIONS = set("BbcDEeFIiJLlmOoPpRSWw")
-
-
-def ssh_target(argv: Sequence[str]) -> tuple[str, str]:
-    """``(host, command)`` from the arguments an ssh-style agent gets: options first (``-x``,
-    ``-T``, ``-o Key=Value``, ``-p 22``, ...), then the host, then the command words, joined by
-    spaces for the remote shell as ssh does."""
-    i = 0
-    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
-        flags = argv[i][1:]
-        for j, flag in enumerate(flags):
-            if flag in _SSH_VALUE_OPTIONS:
-                i += 1 if j + 1 < len(flags) else 2
-                break
-        else:
-            i += 1
-    if i < len(argv) and argv[i] == "--":
-        i += 1
-    if len(argv) - i < 2:
-        raise ValueError(f"expected [OPTIONS] HOST COMMAND..., got {' '.join(argv)!r}")
-    host = argv[i].rpartition("@")[2]
-    return host, " ".join(argv[i + 1:])
-
-
 # What names the failed rank in a job's output, most authoritative first: mpirun's report of
 # the first process that died or exited non-zero, then the ranks' own words (a rank that saw
 # its peer die may report a failure of its own before mpirun does).
@@ -125,5 +106,5 @@ def failed_rank(output: str) -> int | None:
     return None
 
 
-__all__ = ["RAY_MPIRUN_OPTIONS", "agent_command", "failed_rank", "mpirun_argv", "ray_job_argv",
-           "ray_program_argv", "ssh_target", "train_argv"]
+__all__ = ["AGENT", "RAY_MPIRUN_OPTIONS", "agent_command", "failed_rank", "mpirun_argv",
+           "ray_job_argv", "ray_program_argv", "ssh_target", "train_argv"]

@@ -68,12 +68,12 @@ def place(dp: int, pp: int, nodes: Sequence[Node], cpus: float, gpus: float = 0.
 
 def describe(where: Sequence[int], nodes: Sequence[Node], pp: int, cpus: float,
              gpus: float = 0.0) -> str:
-    """The placement ``where`` (from ``place``) as lines, one per node:
+    """The placement ``where`` (from ``place``) as lines, one per node that holds ranks:
     ``node 10.0.0.1 (id 1a2b3c4d): ranks 0 1 = replica 0 stages 0-1``."""
     lines = [f"Ray placement: {len(where)} slots of {_resources(cpus, gpus)}, "
              f"one per rank (rank = replica * {pp} + stage)"]
-    for i, node in enumerate(nodes):
-        ranks = [r for r, at in enumerate(where) if at == i]
+    for i in dict.fromkeys(where):   # the nodes in the order of their first rank
+        node, ranks = nodes[i], [r for r, at in enumerate(where) if at == i]
         if ranks:
             parts = ", ".join(f"replica {r // pp} stage {r % pp}" for r in ranks)
             lines.append(f"  node {node.name} (id {node.id[:8]}): ranks "

@@ -8,11 +8,13 @@ Imports ray and runtime (config, train); runtime never imports it.
 from __future__ import annotations
 
 import collections
+import hmac
 import json
 import logging
 import os
 import queue
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,6 +31,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from shardgrad.cluster import ray_agent
 from shardgrad.cluster.placement import Node, describe, place
 from shardgrad.runtime import config as cfg
 
@@ -115,17 +118,63 @@ class Host:
     output back, and kills them when asked or stopped. Methods run on threads, so reads,
     kills and the watch (``until_stopped``) do not wait for one another."""
 
-    def __init__(self):
+    def __init__(self, token: str):
         self.commands: dict[int, _Command] = {}
         # The GPUs Ray assigned to this slot: its commands, and so its rank, see those only.
         self.gpus = [str(g) for g in ray.get_gpu_ids()]
         self.written: list[str] = []
         self.stopped = threading.Event()
+        # mpirun's agent (cluster/ray_agent.py) connects here, proving itself by the job's
+        # token: a plain socket spares it importing ray and joining the cluster.
+        self.token = token
+        self.server = socket.create_server(("", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
 
     def info(self) -> dict[str, Any]:
         return {"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
                 "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "gpus": self.gpus}
+                "gpus": self.gpus, "port": self.server.getsockname()[1]}
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:   # closed by stop()
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        """One agent's connection: a JSON line with the token and the command, then the
+        command's output and exit code as frames (ray_agent.FRAME). An agent that goes away
+        (mpirun stopped it) takes its command with it."""
+        with conn:
+            try:
+                request = json.loads(conn.makefile("rb").readline())
+                if not hmac.compare_digest(str(request["token"]), self.token):
+                    return
+                pid = self.start(str(request["command"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                return
+            threading.Thread(target=self._hangup, args=(conn, pid), daemon=True).start()
+            code = None
+            try:
+                while code is None:
+                    chunks, code = self.read(pid, 1.0)
+                    frames = b"".join(ray_agent.FRAME.pack(fd, len(data)) + data
+                                       for fd, data in chunks)
+                    conn.sendall(frames + (ray_agent.FRAME.pack(0, code) if code is not None
+                                           else b""))
+            except OSError:
+                self.kill(pid)
+
+    def _hangup(self, conn: socket.socket, pid: int) -> None:
+        try:
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+        if self.commands[pid].proc.poll() is None:
+            self.kill(pid)
 
     def write(self, path: str, text: str) -> None:
         """Write ``text`` to ``path`` on this node, atomically (actors sharing a node write
@@ -160,6 +209,7 @@ class Host:
         self.stopped.wait()
 
     def stop(self) -> None:
+        self.server.close()
         for c in self.commands.values():
             c.kill()
         for path in self.written:
@@ -290,6 +340,7 @@ class Job:
         self.id = uuid.uuid4().hex[:8]
         self.n, self.cpus, self.gpus, self.timeout_s = n, cpus, gpus, timeout_s
         self.hosts = [f"sg-{self.id}-{i}" for i in range(n)]
+        self.token = secrets.token_hex(16)
         bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})} for _ in range(n)]
         here = ray.get_runtime_context().get_node_id()
         if on is not None:
@@ -324,7 +375,7 @@ class Job:
             Host.options(name=host, namespace=NAMESPACE, num_cpus=self.cpus,
                          num_gpus=self.gpus, max_concurrency=8,
                          scheduling_strategy=PlacementGroupSchedulingStrategy(
-                             self.pg, placement_group_bundle_index=i)).remote()
+                             self.pg, placement_group_bundle_index=i)).remote(self.token)
             for i, host in enumerate(self.hosts)]
         try:
             self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout_s)
@@ -332,6 +383,11 @@ class Job:
             raise cfg.ConfigError(f"the {self.n} host actors did not start within "
                                   f"cluster.start_timeout_s = {self.timeout_s:g} s") from None
         self.startup["host actors"] = time.monotonic() - t0
+
+    def agent_env(self) -> dict[str, str]:
+        """What mpirun's agents need to reach the host actors (ray_agent.HOSTS_VARIABLE)."""
+        hosts = {h: [i["ip"], i["port"]] for h, i in zip(self.hosts, self.infos, strict=True)}
+        return {ray_agent.HOSTS_VARIABLE: json.dumps({"token": self.token, "hosts": hosts})}
 
     def where(self, rank: int) -> str:
         info = self.infos[rank] if rank < len(self.infos) else {}
@@ -429,51 +485,6 @@ def supervise(job: Job, argv: Sequence[str], env: Mapping[str, str],
     return max(code, 1), f"{who} failed; mpirun {how}"
 
 
-def run_on_host(host: str, command: str) -> int:
-    """mpirun's ssh (see cluster/ray_agent.py): run ``command`` in the ``Host`` actor named
-    ``host``, relay its output to ours and return its exit code; 255 (ssh's code for a lost
-    connection) when the actor cannot be found or dies. SIGTERM, SIGHUP and SIGINT kill the
-    command before this process exits."""
-    address = cfg.env("RAY_ADDRESS")
-    if not address:
-        print("shardgrad ray agent: RAY_ADDRESS is not set (the Ray launcher sets it for "
-              "mpirun)", file=sys.stderr)
-        return 255
-    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR,
-             log_to_driver=False)
-    try:
-        actor = ray.get_actor(host, namespace=NAMESPACE)
-    except ValueError:
-        print(f"shardgrad ray agent: no Ray actor stands for host {host!r} in namespace "
-              f"{NAMESPACE!r}", file=sys.stderr)
-        return 255
-
-    def interrupted(sig, frame):
-        raise SystemExit(128 + sig)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, interrupted)
-    pid, code = None, None
-    try:
-        pid = ray.get(actor.start.remote(command))
-        while code is None:
-            chunks, code = ray.get(actor.read.remote(pid, 1.0))
-            for fd, data in chunks:
-                sink = sys.stdout if fd == 1 else sys.stderr
-                sink.buffer.write(data)
-                sink.flush()
-        return code if code >= 0 else 128 - code
-    except RayActorError as e:
-        print(f"shardgrad ray agent: host {host}: {_cause(e)}", file=sys.stderr, flush=True)
-        return 255
-    finally:
-        if pid is not None and code is None:
-            try:
-                ray.get(actor.kill.remote(pid), timeout=5)
-            except (RayActorError, GetTimeoutError):
-                pass
-
-
 def _interrupted(sig, frame):
     raise KeyboardInterrupt
 
@@ -487,7 +498,8 @@ def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
     try:
         for attempt in range(max_restarts + 1):
             job.start_hosts()
-            code, failure = supervise(job, argv_for(attempt), env, failed_rank)
+            code, failure = supervise(job, argv_for(attempt), {**env, **job.agent_env()},
+                                      failed_rank)
             if failure is None:
                 return 0
             _say(f"{failure}; " + (f"restart {attempt + 1} of {max_restarts}"
@@ -598,4 +610,4 @@ def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
 
 
 __all__ = ["Host", "Job", "NAMESPACE", "connect", "gpus_per_rank", "launch", "launch_program",
-           "nodes", "planned_placement", "run_on_host", "stage_placement", "supervise", "to_toml"]
+           "nodes", "planned_placement", "stage_placement", "supervise", "to_toml"]

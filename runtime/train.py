@@ -26,13 +26,14 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from shardgrad.graph import optim
+from shardgrad.graph.device import xp_for
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.graph.trace import trace_step
 from shardgrad.partition.pipeline import PipelinePlan
 from shardgrad.partition.pipeline import pipeline as partition_pipeline
-from shardgrad.runtime import checkpoint, datasets, dp, pipeline, rundir, serialize
+from shardgrad.runtime import checkpoint, datasets, dp, pipeline, rundir, serialize, trace, world
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.checkpoint import CheckpointError
@@ -49,7 +50,7 @@ from shardgrad.runtime.data import (
 )
 from shardgrad.runtime.executors import EXECUTORS, choose_executor
 from shardgrad.runtime.models import build_model, image_input, vocab_size
-from shardgrad.runtime.monitor import Monitor
+from shardgrad.runtime.monitor import Monitor, traced_comm
 from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
@@ -57,9 +58,12 @@ from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 # Keys a resumed run may change: they do not alter the trajectory up to the checkpoint, and
 # after it only how long it runs and how it is run, or never reach training at all: the Ray
 # launcher's cluster.* and the fault injection debug.* (a run a fault stopped resumes without).
+# Checkpoints hold the whole model, so a run resumes at any world size and on any device.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor", "device.threads", "parallel.timeout_s",
-                     "parallel.start_timeout_s", "cluster.*", "debug.*", "log.*")
+                     "parallel.start_timeout_s", "cluster.*", "debug.*", "log.*", "parallel.dp",
+                     "parallel.pp", "parallel.microbatches", "parallel.schedule",
+                     "parallel.balance", "device.type", "device.comm", "device.cuda_aware_mpi")
 
 
 def resumable(key: str) -> bool:
@@ -94,10 +98,21 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     """
     # on a GPU: the current one, which open_device chose for this rank
     kind = "cuda" if dev.Device.parse(config["device"]["type"]).is_cuda else "cpu"
-    executor = choose_executor(config["train"]["executor"], kind, comm.rank)
+    chosen = choose_executor(config["train"]["executor"], kind, comm.rank)
+    xp = xp_for(kind)
+
+    def executor(graph, **names):
+        # a pipeline stage names its rank and shard; the GPU executor's errors the rank only
+        return chosen(graph) if kind == "cuda" or not names else chosen(graph, **names)
+
     if config["parallel"]["pp"] > 1:
-        return pipeline.step_options(config, comm, executor)
-    return dp.step_options(config, comm, executor)
+        return pipeline.step_options(config, comm, executor, xp)
+    options = dp.step_options(config, comm, executor)
+    if (dev.Device.parse(config["device"]["type"]).is_cuda and options["transform"] is None
+            and comm.world_size == 1 and not config.get("debug", {}).get("fail_at_step")):
+        # one GPU: compile_step's own path (the model on the device, the state owned there)
+        options.update(executor=None, device=dev.resolve(config["device"]["type"]))
+    return options
 
 
 def open_device(config: Mapping, comm: Communicator) -> Communicator:
@@ -108,18 +123,16 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
     spec = config["device"]["type"]
     if not dev.Device.parse(spec).is_cuda:
         return comm
-    if config["parallel"]["pp"] > 1:
-        raise cfg.ConfigError(f"device.type = {spec!r} runs data parallelism only: set "
-                              f"parallel.pp = 1, or device.type = 'cpu' for a pipeline")
+    if config["parallel"]["pp"] > 1 and config["device"]["comm"] == "nccl":
+        raise cfg.ConfigError("device.comm = 'nccl' carries data parallelism only (NCCL matches "
+                              "sends by order, not tag): set device.comm = 'mpi' for a "
+                              "pipeline (parallel.pp > 1)")
     try:
         dev.use(dev.resolve(spec))
     except dev.DeviceError as e:
         raise cfg.ConfigError(f"device.type = {spec!r} but {e}") from None
-    if comm.world_size == 1:
-        return comm
-    from shardgrad.runtime.gpu_comm import make_gpu_comm
-
-    return make_gpu_comm(comm, config["device"]["comm"], config["device"]["cuda_aware_mpi"])
+    return world.device_comm(comm, spec, config["device"]["comm"],
+                             config["device"]["cuda_aware_mpi"])
 
 
 def load_data(config: Mapping) -> Dataset:
@@ -214,6 +227,12 @@ def accumulated(config: Mapping) -> dict:
         # partition does not make (it refuses an update that reads non-gradient values)
         raise cfg.ConfigError("train.grad_clip needs the gradients of all pipeline stages; it "
                               "runs with parallel.pp = 1 (any parallel.dp) for now")
+    p = config["parallel"]
+    if config["train"].get("precision") == "fp16" and (
+            p["dp"] > 1 or p["pp"] > 1 or p["deterministic"] or config["train"]["accumulate"] > 1):
+        # the skip decision reads each rank's (each chunk's) own gradients: they could disagree
+        raise cfg.ConfigError("train.precision = 'fp16' (dynamic loss scaling) runs in one "
+                              "process, without accumulation, for now: use 'bf16'")
     k = config["train"]["accumulate"]
     if k == 1:
         return config
@@ -256,12 +275,15 @@ def setup(config: Mapping, options: Mapping | None = None
         manual_seed(config["train"]["seed"])
         model = build_model(config, data.input_shape, data.num_classes,
                             vocab_size(data.x_train))
+    if options.get("device") is not None:
+        model.to(options["device"])
     optimizer = make_optimizer(config, model.parameters())
     optimizer.max_grad_norm = config["train"]["grad_clip"] or None
     step = compile_step(model, loss_function(config), optimizer,
-                        executor=options.get("executor") or make_executor(
-                            config["train"]["executor"]),
-                        transform=options.get("transform"))
+                        executor=None if options.get("device") is not None else (
+                            options.get("executor") or make_executor(config["train"]["executor"])),
+                        transform=options.get("transform"),
+                        precision=config["train"].get("precision", "fp32"))
     return model, optimizer, step, data
 
 
@@ -311,7 +333,8 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
     tensors.update({f"optim.{k}": np.asarray(v, order="C")
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    serialize.save_file(path, tensors, metadata)
+    with trace.span("checkpoint", "io", path=os.path.basename(path)):
+        serialize.save_file(path, tensors, metadata)
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -524,7 +547,7 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
 def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
            transform: Callable | None, executor: Callable | None,
            on_record: Callable[[dict], None] | None) -> dict[str, Any]:
-    comm = open_device(config, comm)
+    comm = traced_comm(config, open_device(config, comm))
     run = accumulated(config)
     options = dict(step_options(run, comm) if transform is None and executor is None
                    else {"transform": transform, "executor": executor})
@@ -594,16 +617,16 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     acc = None
     t0 = time.perf_counter()
     wall = lambda: round(wall_before + time.perf_counter() - t0, 3)
-    mon = Monitor(config, out_dir if writer else None, comm.rank, total, steps_done)
+    mon = Monitor(config, out_dir, comm.rank, total, steps_done, comm.world_size)
     try:
         for epoch in range(start_epoch, t["epochs"]):
             mon.epoch_begin(epoch)
             losses: list = []
             first = steps_done + 1
             read_losses = functools.partial(_read_losses, losses, first, epoch, config, total)
-            for x, y in prefetch(epoch_batches(data.x_train, data.y_train, sampler, batch,
-                                               epoch, augment, to_device),
-                                 config["data"]["prefetch"]):
+            for x, y in mon.data(prefetch(epoch_batches(data.x_train, data.y_train, sampler,
+                                                        batch, epoch, augment, to_device),
+                                          config["data"]["prefetch"])):
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
                 mon.step_begin()
@@ -622,9 +645,12 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                     mon.record(metrics.last)
             read_losses()
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
-            step.to_host()
-            gather(step)
-            acc = evaluate()
+            with mon.span("to_host", "copy"):
+                step.to_host()
+            with mon.span("gather"):
+                gather(step)
+            with mon.span("evaluate"):
+                acc = evaluate()
             if writer:
                 _check_finite(model, steps_done, epoch)
                 save_checkpoint(

@@ -27,7 +27,7 @@ def test_ray_program_runs_in_the_launch_directory():
     argv = commands.ray_program_argv(["h0", "h1"], PROGRAM, as_root=True, wdir="/work/here",
                                      python="/py")
     assert argv == ["mpirun", "-n", "2", "--allow-run-as-root", "--host", "h0:1,h1:1",
-                    "--prtemca", "plm_ssh_agent", "/py -m shardgrad.cluster.ray_agent",
+                    "--prtemca", "plm_ssh_agent", f"/py -S {commands.AGENT}",
                     *commands.RAY_MPIRUN_OPTIONS, "--wdir", "/work/here", "python", "train.py"]
     train = commands.ray_job_argv(["h0"], "c.toml", "out", python="/py")
     assert train[-7:] == ["/py", "-m", "shardgrad", "train", "c.toml", "--out", "out"]
@@ -65,7 +65,7 @@ def test_ray_job_argv_puts_rank_i_on_host_i_through_the_agent():
     argv = commands.ray_job_argv(["sg-1a-0", "sg-1a-1"], "/tmp/c.toml", "/runs/x", as_root=True,
                                  export=["SHARDGRAD_PROGRESS"], python="/py")
     assert argv == ["mpirun", "-n", "2", "--allow-run-as-root", "--host", "sg-1a-0:1,sg-1a-1:1",
-                    "--prtemca", "plm_ssh_agent", "/py -m shardgrad.cluster.ray_agent",
+                    "--prtemca", "plm_ssh_agent", f"/py -S {commands.AGENT}",
                     "-x", "SHARDGRAD_PROGRESS", *commands.RAY_MPIRUN_OPTIONS,
                     "/py", "-m", "shardgrad", "train", "/tmp/c.toml", "--out", "/runs/x"]
     assert argv[argv.index("--map-by") + 1] == "node"
