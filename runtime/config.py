@@ -224,6 +224,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "fail_rank": Key(0, int, min=0, help="fault injection: the rank that fails"),
         "fail_mode": Key("raise", str, choices=("raise", "hang"),
                          help="raise an exception, or hang (for the collective timeout)"),
+        "trace": Key(False, bool,
+                     help="write each rank's timeline to RUN_DIR/trace/rank<R>.json (Chrome "
+                          "trace / Perfetto: ops, communication, data, copies, checkpoints); "
+                          "`shardgrad trace RUN_DIR` merges and sums them"),
     },
     "device": {
         "type": Key("cpu", str, pattern=r"cpu|cuda(:\d+)?",

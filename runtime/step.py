@@ -1,11 +1,11 @@
 """compile_step: trace the whole training step once, then run it every step.
 
-The model's Parameter tensors stay the source of truth: each call feeds their values (and
-the buffers' and optimizer state's) to the executor and takes the updated ones back, so
+On the CPU (or with a custom executor or transform) each call feeds the model's tensors
+(parameters, buffers, optimizer state) to the executor and takes the updated ones back, so
 ``model.state_dict()`` and eager use keep working between steps. A model on a GPU
-(``model.to("cuda")``) gets runtime.gpu's executor by default; an executor on a GPU gives
-back device arrays: they stay in the tensors from step to step (nothing is copied per step)
-until ``TrainStep.to_host()``. Imports graph and runtime.
+(``model.to("cuda")``) takes runtime.gpu_step's path: the step owns that state on the
+device, the tensors are views of it, and the loss comes back as a 0-d device Tensor.
+Imports graph and runtime.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class TrainStep:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.cuda_graph = cuda_graph
         passes.low_dtype(precision)                 # a bad name or missing package: now
+        if precision == "fp16" and transform is not None:
+            raise ValueError("precision = 'fp16' (dynamic loss scaling) with a step transform "
+                             "(data parallelism, pipelines) is not supported yet: use 'bf16'")
         self.precision = precision
         self.executor = executor or executor_for(model)
         self.device = device_of(model)
