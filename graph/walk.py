@@ -67,6 +67,20 @@ def last_uses(uses: Sequence[Iterable[int]], keep: Iterable[int] = ()) -> list[l
     return free
 
 
+# The timeline recorder runtime.trace installs while ``debug.trace`` is on (graph/ may not
+# import runtime/, so it is handed in): anything with ``walk(graph, nodes) -> list`` and
+# ``clock() -> int``.
+_tracer: Any = None
+
+
+def set_tracer(tracer: Any) -> Any:
+    """Install ``tracer`` (None: tracing off) for every walk in this process; returns the
+    one it replaces."""
+    global _tracer
+    saved, _tracer = _tracer, tracer
+    return saved
+
+
 class Walk:
     """The executor core: a graph, a schedule of zero-argument steps (``steps``, each the
     work of ``step_nodes[i]``, the node a failure is reported against), and the one loop that
@@ -95,11 +109,18 @@ class Walk:
 
     def execute(self) -> None:
         """Run every step in order (the hot loop: everything was resolved when the steps were
-        built)."""
-        i = 0
+        built). With a tracer installed (``set_tracer``), the clock after each step is
+        appended to the list its ``walk(graph, step_nodes)`` returns."""
+        i, tracer = 0, _tracer
         try:
-            for i, step in enumerate(self.steps):  # noqa: B007 - i names the failing node
-                step()
+            if tracer is None:
+                for i, step in enumerate(self.steps):  # noqa: B007 - i names the failing node
+                    step()
+            else:
+                times, clock = tracer.walk(self.graph, self.step_nodes), tracer.clock
+                for i, step in enumerate(self.steps):  # noqa: B007 - as above
+                    step()
+                    times.append(clock())
         except ExecutionError:
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with the node attached
@@ -212,4 +233,5 @@ def _bind(fn, xp, attrs) -> Callable[..., Any]:
     return lambda *a: fn(xp, *a, **attrs)
 
 
-__all__ = ["EnvWalk", "ExecutionError", "Walk", "describe", "last_uses", "leaf_value"]
+__all__ = ["EnvWalk", "ExecutionError", "Walk", "describe", "last_uses", "leaf_value",
+           "set_tracer"]

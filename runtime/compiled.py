@@ -19,17 +19,9 @@ import numpy as np
 from shardgrad.graph import passes
 from shardgrad.graph.ir import Graph, Node, fmt_type
 from shardgrad.graph.walk import ExecutionError, Walk, leaf_value
-from shardgrad.ops.registry import OutKernel, device_kind, kernel_for
+from shardgrad.ops.registry import OutKernel, device_kind, get, kernel_for
 
 FEEDS = ("input", "param", "state")
-
-
-# Shape ops that NumPy and CuPy answer with a view; reshape only of a contiguous value.
-VIEWS: dict[str, Callable[..., Any]] = {
-    "reshape": lambda xp, x, shape: xp.reshape(x, shape),
-    "transpose": lambda xp, x, axes: xp.transpose(x, axes),
-    "broadcast_to": lambda xp, x, shape: xp.broadcast_to(x, shape),
-}
 
 
 # ---- the plan: what each node is, where its value lives, when its buffer dies ----------------
@@ -57,6 +49,11 @@ class _Storage:
 
 
 ALIGN = 64   # arena offsets are cache-line aligned
+
+
+def _view(n: Node) -> str | None:
+    """OpDef.view: whether the op's forward returns a view ("any", "contiguous")."""
+    return get(n.op).view if n.inputs else None
 
 
 def _out_kernel(n: Node, device: str) -> OutKernel | None:
@@ -90,8 +87,8 @@ def _classify(graph: Graph, slices: Mapping[int, tuple[int, int]], packs: bool, 
             values.append(_Value("feed", None, frozenset(), False))
         elif n.op == "const":
             values.append(_Value("const", None, frozenset(), True))
-        elif n.op in VIEWS and (n.op != "reshape" or ins[0].contiguous):
-            values.append(_Value("view", None, held, n.op == "reshape"))
+        elif _view(n) == "any" or (_view(n) == "contiguous" and ins[0].contiguous):
+            values.append(_Value("view", None, held, _view(n) == "contiguous"))
         elif _out_kernel(n, device) is not None:
             storages.append(_Storage(n.dtype, n.size, i))
             sid = len(storages) - 1
@@ -328,10 +325,10 @@ class Program(Walk):
                 step_nodes.append(n)
                 continue
             if v.kind == "view" and all(fixed[j] for j in ins):
-                slots[i] = VIEWS[n.op](xp, slots[ins[0]], **n.attrs)
+                slots[i] = kernel_for(n, device)(xp, slots[ins[0]], **n.attrs)
                 fixed[i] = True
                 continue
-            fn = VIEWS[n.op] if v.kind == "view" else kernel_for(n, device)
+            fn = kernel_for(n, device)
             steps.append(_call_step(partial(fn, xp, **n.attrs), slots, ins, i))
             step_nodes.append(n)
 

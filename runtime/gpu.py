@@ -2,7 +2,6 @@
 group (graph.passes.fusion_groups) as one generated kernel (ops.codegen), every other op
 through ``kernel_for(op, "cuda")``: its hand-written CUDA kernel where it has one, else its
 generic forward on cupy (matmul is cuBLAS, which reads transposed views in place).
-``DeviceStep`` keeps a training step's parameters and optimizer state on the device.
 
 Semantics are the reference Interpreter's (tested against it). Side effects (CUDA launches)
 live here, in runtime/. Imports graph, ops and runtime (device, interpreter).
@@ -93,7 +92,7 @@ class GPUExecutor(EnvWalk):
     are dropped after their last use (the executor core's walk, graph.walk, over one step per
     leaf, op or fused group). ``fuse=False`` runs elementwise ops one by one;
     ``simplify`` first runs passes.simplify (which changes no result); ``xp`` overrides the
-    array module (tests run the kernels on NumPy through runtime.host_cuda).
+    array module (tests run the kernels on NumPy through tests/runtime/host_cuda.py).
     """
 
     def __init__(self, graph: Graph, device: str | Device = "cuda", fuse: bool = True,
@@ -200,33 +199,4 @@ def _bind_group(kernel: FusedKernel, xp):
     return lambda *a: kernel(xp, list(a))
 
 
-class DeviceStep:
-    """A training-step Graph (graph.trace.trace_step's leaves and outputs) run on one GPU
-    with its parameters and states resident there.
-
-    ``params`` / ``states`` map leaf names to arrays (copied to the device once). Each call
-    ``step(x, y, lr, t)`` feeds a batch (host or device arrays), runs forward, backward and
-    update, swaps the new parameters and states in, and returns the loss as a 0-d device
-    array. The step's one host sync is cross_entropy's check that every label is in range.
-    """
-
-    def __init__(self, graph: Graph, params: Mapping[str, Any], states: Mapping[str, Any],
-                 device: str | Device = "cuda", fuse: bool = True, xp=None):
-        self.exe = GPUExecutor(graph, device, fuse=fuse, xp=xp)
-        self.xp = self.exe.xp
-        self.params = {k: self.xp.array(v) for k, v in params.items()}
-        self.states = {k: self.xp.array(v) for k, v in states.items()}
-        self.dtype = np.dtype(str(next(iter(self.params.values())).dtype))
-
-    def __call__(self, x, y, lr: float, t: float):
-        out = self.exe.run({"x": x, "y": y, "lr": np.asarray(lr, self.dtype),
-                            "t": np.asarray(t, self.dtype), **self.params, **self.states})
-        for k in self.params:
-            self.params[k] = out[f"param/{k}"]
-        for k in self.states:
-            if f"state/{k}" in out:
-                self.states[k] = out[f"state/{k}"]
-        return out["loss"]
-
-
-__all__ = ["DeviceStep", "FusedKernel", "GPUExecutor"]
+__all__ = ["FusedKernel", "GPUExecutor"]

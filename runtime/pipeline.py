@@ -31,6 +31,7 @@ from shardgrad.partition.pipeline import (
 )
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import dp as data_parallel
+from shardgrad.runtime import trace
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter, leaf_value
 
@@ -149,8 +150,14 @@ class StageRunner:
         self.last_send = set(last.values())
 
     def _run(self, name: str, feeds: Mapping[str, Any], what: str) -> dict[str, Any]:
+        tracer = trace.current()
         try:
-            out = self.runs[name].run(feeds)
+            if tracer is None:
+                out = self.runs[name].run(feeds)
+            else:   # the timeline's nodes say which stage, program and micro-batch ran them
+                mb = int(what.rsplit(" ", 1)[1]) if "micro-batch" in what else None
+                with tracer.annotate(stage=self.stage, action=name, mb=mb):
+                    out = self.runs[name].run(feeds)
         except ExecutionError as e:
             if e.rank is not None:
                 raise

@@ -33,7 +33,7 @@ from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.graph.trace import trace_step
 from shardgrad.partition.pipeline import PipelinePlan
 from shardgrad.partition.pipeline import pipeline as partition_pipeline
-from shardgrad.runtime import checkpoint, datasets, dp, pipeline, rundir, serialize, world
+from shardgrad.runtime import checkpoint, datasets, dp, pipeline, rundir, serialize, trace, world
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.checkpoint import CheckpointError
@@ -50,7 +50,7 @@ from shardgrad.runtime.data import (
 )
 from shardgrad.runtime.executors import EXECUTORS, choose_executor
 from shardgrad.runtime.models import build_model, image_input, vocab_size
-from shardgrad.runtime.monitor import Monitor
+from shardgrad.runtime.monitor import Monitor, traced_comm
 from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
@@ -227,6 +227,12 @@ def accumulated(config: Mapping) -> dict:
         # partition does not make (it refuses an update that reads non-gradient values)
         raise cfg.ConfigError("train.grad_clip needs the gradients of all pipeline stages; it "
                               "runs with parallel.pp = 1 (any parallel.dp) for now")
+    p = config["parallel"]
+    if config["train"].get("precision") == "fp16" and (
+            p["dp"] > 1 or p["pp"] > 1 or p["deterministic"] or config["train"]["accumulate"] > 1):
+        # the skip decision reads each rank's (each chunk's) own gradients: they could disagree
+        raise cfg.ConfigError("train.precision = 'fp16' (dynamic loss scaling) runs in one "
+                              "process, without accumulation, for now: use 'bf16'")
     k = config["train"]["accumulate"]
     if k == 1:
         return config
@@ -327,7 +333,8 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
     tensors.update({f"optim.{k}": np.asarray(v, order="C")
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    serialize.save_file(path, tensors, metadata)
+    with trace.span("checkpoint", "io", path=os.path.basename(path)):
+        serialize.save_file(path, tensors, metadata)
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -540,7 +547,7 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
 def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
            transform: Callable | None, executor: Callable | None,
            on_record: Callable[[dict], None] | None) -> dict[str, Any]:
-    comm = open_device(config, comm)
+    comm = traced_comm(config, open_device(config, comm))
     run = accumulated(config)
     options = dict(step_options(run, comm) if transform is None and executor is None
                    else {"transform": transform, "executor": executor})
@@ -610,16 +617,16 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     acc = None
     t0 = time.perf_counter()
     wall = lambda: round(wall_before + time.perf_counter() - t0, 3)
-    mon = Monitor(config, out_dir if writer else None, comm.rank, total, steps_done)
+    mon = Monitor(config, out_dir, comm.rank, total, steps_done, comm.world_size)
     try:
         for epoch in range(start_epoch, t["epochs"]):
             mon.epoch_begin(epoch)
             losses: list = []
             first = steps_done + 1
             read_losses = functools.partial(_read_losses, losses, first, epoch, config, total)
-            for x, y in prefetch(epoch_batches(data.x_train, data.y_train, sampler, batch,
-                                               epoch, augment, to_device),
-                                 config["data"]["prefetch"]):
+            for x, y in mon.data(prefetch(epoch_batches(data.x_train, data.y_train, sampler,
+                                                        batch, epoch, augment, to_device),
+                                          config["data"]["prefetch"])):
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
                 mon.step_begin()
@@ -638,9 +645,12 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                     mon.record(metrics.last)
             read_losses()
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
-            step.to_host()
-            gather(step)
-            acc = evaluate()
+            with mon.span("to_host", "copy"):
+                step.to_host()
+            with mon.span("gather"):
+                gather(step)
+            with mon.span("evaluate"):
+                acc = evaluate()
             if writer:
                 _check_finite(model, steps_done, epoch)
                 save_checkpoint(

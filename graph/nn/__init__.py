@@ -70,7 +70,14 @@ def _positive(owner: str, **sizes) -> None:
 
 
 def _uniform(shape, bound: float) -> Parameter:
-    return Parameter(_rng[0].uniform(-bound, bound, size=shape).astype(get_default_dtype()))
+    # Drawn in float64 chunks straight into the parameter's dtype: the same values as one
+    # uniform(size=shape) call (the generator draws element by element), without a float64
+    # copy of the whole parameter beside a float32 one.
+    out = np.empty(shape, dtype=get_default_dtype())
+    flat = out.reshape(-1)
+    for i in range(0, flat.size, 1 << 20):
+        flat[i:i + (1 << 20)] = _rng[0].uniform(-bound, bound, size=min(1 << 20, flat.size - i))
+    return Parameter(out)
 
 
 class Module:
@@ -730,10 +737,15 @@ class _Loss(Module):
 
 
 class CrossEntropyLoss(_Loss):
-    """``F.cross_entropy(logits, labels, reduction)`` as a module."""
+    """``F.cross_entropy(logits, labels, reduction, label_smoothing)`` as a module."""
+
+    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__(reduction)
+        self.label_smoothing = label_smoothing
 
     def forward(self, input, target):  # noqa: A002 - torch's name
-        return F.cross_entropy(input, target, reduction=self.reduction)
+        return F.cross_entropy(input, target, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing)
 
 
 class MSELoss(_Loss):
@@ -908,3 +920,6 @@ __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", 
 from shardgrad.graph.nn.resnet import BasicBlock, GlobalAvgPool, ResNet  # noqa: E402 - uses the above
 
 __all__ += ["BasicBlock", "GlobalAvgPool", "ResNet"]
+from shardgrad.graph.nn import utils  # noqa: E402 - sg.nn.utils.clip_grad_norm_, as torch
+
+__all__ += ["utils"]

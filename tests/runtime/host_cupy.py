@@ -1,6 +1,6 @@
 """A stand-in for the cupy module on machines without a GPU: NumPy under the name "cupy", so
 the GPU executor takes its GPU path (ops.registry.kernel_for picks the hand-written CUDA
-kernels by the module's name) while runtime.host_cuda runs those kernels on the host, plus the few
+kernels by the module's name) while host_cuda runs those kernels on the host, plus the few
 ``cupy.cuda`` calls the runtime makes (one visible device, no-op synchronization).
 
 ``device_module()`` goes further for code that tells host from device arrays (eager tensors):

@@ -1,5 +1,5 @@
 """compile_step on a GPU model (runtime.gpu_step), on the CPU: host_cupy's DeviceArrays stand
-for CuPy arrays and runtime.host_cuda runs the CUDA kernels. The step owns its state on the
+for CuPy arrays and host_cuda runs the CUDA kernels. The step owns its state on the
 device (the model's tensors are views, state_dict reads them), follows the CPU step's
 trajectory for SGD / Adam / AdamW / a custom optimizer / BatchNorm buffers, returns the loss
 as a lazy 0-d device Tensor, defers the label check to the loss read, and keeps its per-step
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
@@ -20,7 +21,6 @@ from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph import ir  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
-from shardgrad.runtime import host_cuda  # noqa: E402
 
 F = sg.nn.functional
 nn = sg.nn
@@ -388,3 +388,23 @@ def test_capture_is_not_tried_where_it_cannot_work(host):
     for x, y in batches((16, 20), n=4):
         off(x, y)
     assert off.stats()["graph"] == "off" and not off.stats()["cuda_graph"]
+
+
+def test_eager_ops_upload_a_python_scalar_once(host, counts):
+    x = sg.tensor(np.ones((4, 3), np.float32), device="cuda")
+    (x * 0.5 + 1.0).sum().item()
+    before = counts.uploads
+    for _ in range(5):
+        y = (x * 0.5 + 1.0).sum()
+    assert counts.uploads == before                 # the 0.5 and the 1.0 are on the device
+    assert y.item() == pytest.approx(18.0)
+    model = mlp().to("cuda")                         # an eager training step: the optimizer's
+    opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)     # scalars too
+    xs, ys = (host.asarray(v) for v in batches((16, 20), n=1)[0])
+    for i in range(3):
+        if i == 2:
+            before = counts.uploads
+        opt.zero_grad()
+        F.cross_entropy(model(sg.Tensor(sg.tensor(xs).node)), sg.tensor(ys)).backward()
+        opt.step()
+    assert counts.uploads == before

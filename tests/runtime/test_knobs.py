@@ -14,9 +14,9 @@ import safetensors.numpy
 import torch
 
 import shardgrad as sg
+from shardgrad.runtime import train as train_module
 from shardgrad.runtime.config import ConfigError, load_config
 from shardgrad.runtime.threadcomm import run_ranks
-from shardgrad.runtime import train as train_module
 from shardgrad.runtime.train import lr_at, train
 from shardgrad.runtime.train import setup as _setup
 
@@ -100,10 +100,17 @@ def test_grad_clip_matches_torch(compiled):
             opt.zero_grad()
             sg.nn.functional.cross_entropy(model(sg.tensor(x)), y).backward()
             opt.step()
+            clipped = [p.grad.numpy().copy() for p in model.parameters()]
         topt.zero_grad()
         torch.nn.functional.cross_entropy(ref(torch.tensor(x)), torch.tensor(y)).backward()
         norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
         assert norm > 0.05                                  # the clip is active
+        if not compiled:   # sg.nn.utils.clip_grad_norm_ as torch's, on the unclipped grads
+            ours = sg.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            assert float(ours) == pytest.approx(float(norm), rel=1e-10)
+            for p, q, before in zip(model.parameters(), ref.parameters(), clipped, strict=True):
+                np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-10)
+                assert np.abs(before).max() > np.abs(p.grad.numpy()).max()
         topt.step()
     got = dict(ref.named_parameters())
     for k, v in model.state_dict().items():
@@ -200,3 +207,27 @@ def test_keep_checkpoints(tmp_path):
           str(tmp_path / "run"))
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [
         "epoch_2.safetensors", "epoch_3.safetensors"]
+
+
+def test_python_accumulate_and_cross_entropy_module():
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((32, 5)), rng.integers(0, 3, 32)
+    finals = []
+    for k in (1, 4):
+        sg.set_default_dtype("float64")
+        try:
+            sg.manual_seed(0)
+            model = sg.nn.Sequential(sg.nn.Linear(5, 7), sg.nn.Tanh(), sg.nn.Linear(7, 3))
+        finally:
+            sg.set_default_dtype("float32")
+        loss = sg.nn.CrossEntropyLoss(label_smoothing=0.1)
+        step = sg.compile_step(model, loss, sg.optim.SGD(model.parameters(), lr=0.3),
+                               accumulate=k)
+        for _ in range(3):
+            step(x, y)
+        finals.append(model.state_dict())
+    _close(finals[1], finals[0], 1e-12)
+    torch_loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch.tensor(x[:, :3]),
+                                                                torch.tensor(y))
+    ours = sg.nn.CrossEntropyLoss(label_smoothing=0.1)(sg.tensor(x[:, :3]), y)
+    assert float(ours) == pytest.approx(float(torch_loss), rel=1e-12)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
@@ -22,7 +23,6 @@ from shardgrad.graph import passes, trace  # noqa: E402
 from shardgrad.graph.ir import Graph, leaf  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.ops.linalg import matmul  # noqa: E402
-from shardgrad.runtime import host_cuda  # noqa: E402
 from shardgrad.runtime import train as tr  # noqa: E402
 from shardgrad.runtime.compiled import compile as compile_graph  # noqa: E402
 from shardgrad.runtime.config import ConfigError, load_config  # noqa: E402
@@ -92,6 +92,12 @@ def test_a_bad_precision_is_one_line():
                         precision="fp8")
     with pytest.raises(ConfigError, match="train.precision"):
         load_config(str(ROOT / "examples" / "digits_mlp.toml"), ['train.precision="fp8"'])
+    # fp16's skip reads each rank's own gradients: refused across ranks, with the way out
+    with pytest.raises(ConfigError, match=r"^train.precision = 'fp16' \(dynamic loss scaling\) "
+                                          r"runs in one process, without accumulation, for "
+                                          r"now: use 'bf16'$"):
+        tr.train(load_config(str(ROOT / "examples" / "digits_mlp.toml"),
+                             ['train.precision="fp16"', "parallel.deterministic=true"]), None)
 
 
 @pytest.mark.filterwarnings("ignore:overflow|invalid value:RuntimeWarning")   # the overflow itself

@@ -1,7 +1,7 @@
 """``device.type`` in training, on the CPU: the config key, the errors when CuPy or the GPU is
 missing, and the wiring (the step on the GPU executor, its state back on the host for
 evaluation and checkpoints, device buffers through gpu_comm on several ranks) with host_cupy
-standing in for cupy and runtime.host_cuda running the CUDA kernels. The same run on a real
+standing in for cupy and host_cuda running the CUDA kernels. The same run on a real
 GPU is bench/gpu_check.sh's business.
 """
 
@@ -17,12 +17,13 @@ import pytest
 import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
-from shardgrad.runtime import gpu_comm, host_cuda  # noqa: E402
+from shardgrad.runtime import gpu_comm  # noqa: E402
 from shardgrad.runtime import train as tr  # noqa: E402
 from shardgrad.runtime.config import ConfigError, load_config  # noqa: E402
 from shardgrad.runtime.gpu import GPUExecutor  # noqa: E402
