@@ -277,7 +277,7 @@ def fused_part(n: int) -> dict:
             "target_fraction": 0.7, "meets_target": fused_gbs / copy_gbs >= 0.7}
 
 
-def cli_part(epochs: int, stand_in: bool) -> dict:
+def cli_part(epochs: int, stand_in: bool, timeout: float = 35.0) -> dict:
     """One ``shardgrad train`` run of examples/digits_mlp.toml on the GPU, as a user starts it
     (``--set device.type="cuda"``): its exit code, wall time and summary.json."""
     import os
@@ -291,8 +291,12 @@ def cli_part(epochs: int, stand_in: bool) -> dict:
     if stand_in:
         return {"part": "cli", "command": " ".join(cmd), "skipped": "stand-in: no GPU"}
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "SHARDGRAD_PROGRESS": "0"})
+    try:
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "SHARDGRAD_PROGRESS": "0"})
+    except subprocess.TimeoutExpired as e:
+        return {"part": "cli", "command": " ".join(cmd[1:]), "exit": None,
+                "timed_out_after_s": timeout, "stderr_tail": str(e.stderr or "")[-1500:]}
     res = {"part": "cli", "command": " ".join(cmd[1:]), "exit": done.returncode,
            "wall_s": time.perf_counter() - t0, "stderr_tail": done.stderr[-1500:]}
     try:

@@ -44,7 +44,7 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $O
     echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s"
 }
 
-# Worst case, every part at its limit: 20 + 140 + 45 + 90 = 295 s.
+# Worst case, every part at its limit: 20 + 130 + 40 + 100 = 290 s.
 rm -f "$OUTDIR"/env.log "$OUTDIR"/steps.log "$OUTDIR"/cli.log "$OUTDIR"/tests.log
 # GPU_CHECK_PARTS picks and orders parts (default: all, as below) when device time is short.
 for name in ${GPU_CHECK_PARTS:-env steps cli tests}; do
@@ -52,9 +52,9 @@ for name in ${GPU_CHECK_PARTS:-env steps cli tests}; do
     env) part env 20 "$PY" bench/gpu_bench.py --part env
          nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv \
              >>"$OUTDIR/env.log" 2>&1 || true ;;
-    steps) part steps 140 "$PY" bench/gpu_bench.py --part steps --steps 20 ;;
-    cli) part cli 45 "$PY" bench/gpu_bench.py --part cli --epochs 3 ;;
-    tests) part tests 90 "$PY" -m pytest -v -rfE -p no:cacheprovider --timeout 80 -m gpu \
+    steps) part steps 130 "$PY" bench/gpu_bench.py --part steps --steps 20 ;;
+    cli) part cli 40 "$PY" bench/gpu_bench.py --part cli --epochs 3 ;;
+    tests) part tests 100 "$PY" -m pytest -v -rfE -p no:cacheprovider --timeout 90 -m gpu \
              tests/ops/test_gpu_ops.py tests/runtime/test_gpu_runtime.py \
              tests/runtime/test_tensor_device.py tests/runtime/test_gpu_step.py ;;
     fused) part fused 25 "$PY" bench/gpu_bench.py --part fused ;;

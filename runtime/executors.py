@@ -2,8 +2,8 @@
 device the step runs on. runtime.train, runtime.step (and so runtime.distributed) ask here.
 
 An executor is ``make(graph) -> runnable`` with ``run(feeds) -> outputs by name``; every one
-is a backend of the executor core (graph.walk). Imports runtime (compiled, interpreter,
-device; gpu on first use, as it needs the CUDA kernels only there).
+is a backend of the executor core (graph.walk). Imports runtime (compiled, interpreter, gpu,
+device).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from shardgrad.graph.ir import Graph
 from shardgrad.runtime import compiled
 from shardgrad.runtime import device as dev
+from shardgrad.runtime.gpu import GPUExecutor
 from shardgrad.runtime.interpreter import Interpreter
 
 Executor = Callable[[Graph], Any]   # graph -> object with .run(feeds) -> dict of outputs
@@ -34,8 +35,6 @@ def choose_executor(name: str = "compiled", device: str | dev.Device = "cpu",
     is named in the GPU executor's errors."""
     where = device if isinstance(device, dev.Device) else dev.Device.parse(device)
     if where.is_cuda:
-        from shardgrad.runtime.gpu import GPUExecutor
-
         return functools.partial(GPUExecutor, device=where, rank=rank)
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}: expected one of {sorted(EXECUTORS)}")

@@ -11,6 +11,7 @@ step waits for the GPU or uploads from the host. Imports graph, ops and runtime.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -273,7 +274,8 @@ class GraphReplay:
             _leave(xp, stream, events[1])
         except Exception as e:  # noqa: BLE001 - then wait for it from the host, once
             note = f"not captured: {type(e).__name__}: {e}"[:300]
-            stream.synchronize()
+            with contextlib.suppress(Exception):
+                stream.synchronize()
         if program.flat:
             program.update(state.optimizer)
         if note != "captured":

@@ -1,11 +1,11 @@
 """compile_step: trace the whole training step once, then run it every step.
 
-The model's Parameter tensors stay the source of truth: each call feeds their values (and
-the buffers' and optimizer state's) to the executor and takes the updated ones back, so
+On the CPU (or with a custom executor or transform) each call feeds the model's tensors
+(parameters, buffers, optimizer state) to the executor and takes the updated ones back, so
 ``model.state_dict()`` and eager use keep working between steps. A model on a GPU
-(``model.to("cuda")``) gets runtime.gpu's executor by default; an executor on a GPU gives
-back device arrays: they stay in the tensors from step to step (nothing is copied per step)
-until ``TrainStep.to_host()``. Imports graph and runtime.
+(``model.to("cuda")``) takes runtime.gpu_step's path: the step owns that state on the
+device, the tensors are views of it, and the loss comes back as a 0-d device Tensor.
+Imports graph and runtime.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class TrainStep:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.cuda_graph = cuda_graph
         passes.low_dtype(precision)                 # a bad name or missing package: now
+        if precision == "fp16" and transform is not None:
+            raise ValueError("precision = 'fp16' (dynamic loss scaling) with a step transform "
+                             "(data parallelism, pipelines) is not supported yet: use 'bf16'")
         self.precision = precision
         self.executor = executor or executor_for(model)
         self.device = device_of(model)
@@ -253,13 +256,26 @@ class TrainStep:
 def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
                  transform: Callable[[Graph], Graph] | None = None,
-                 precision: str = "fp32", cuda_graph: bool = True) -> TrainStep:
+                 precision: str = "fp32", cuda_graph: bool = True,
+                 accumulate: int = 1) -> TrainStep:
     """Trace ``loss_fn(model(x), y)``, its gradients and ``optimizer``'s update into one
     Graph (built on the first call), and return the callable step. ``precision`` "bf16" or
     "fp16" runs matmuls and convolutions in that dtype (graph.passes.autocast), the rest in
     float32; fp16 adds dynamic loss scaling (``step.loss_scale``), as torch's GradScaler.
     On a GPU, ``cuda_graph`` (default) captures the step after a warm-up and replays it
-    where it can (``stats()`` says whether it does and why not)."""
+    where it can (``stats()`` says whether it does and why not).
+
+    ``accumulate`` k > 1: gradient accumulation. Call the step with k batches at once (x of
+    k * B rows); it is traced on B rows, runs k times and updates once with the mean of the
+    k gradients (``train.accumulate`` does the same)."""
+    if accumulate > 1:
+        if transform is not None:
+            raise ValueError("compile_step: accumulate with a transform: give the transform "
+                             "the chunks (DataParallel(..., deterministic=True, chunks=k * "
+                             "world_size))")
+        from shardgrad.partition.data_parallel import DataParallel
+
+        transform = DataParallel(1, deterministic=True, chunks=accumulate)
     return TrainStep(model, loss_fn, optimizer, executor, transform, precision, cuda_graph)
 
 

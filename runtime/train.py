@@ -227,6 +227,12 @@ def accumulated(config: Mapping) -> dict:
         # partition does not make (it refuses an update that reads non-gradient values)
         raise cfg.ConfigError("train.grad_clip needs the gradients of all pipeline stages; it "
                               "runs with parallel.pp = 1 (any parallel.dp) for now")
+    p = config["parallel"]
+    if config["train"].get("precision") == "fp16" and (
+            p["dp"] > 1 or p["pp"] > 1 or p["deterministic"] or config["train"]["accumulate"] > 1):
+        # the skip decision reads each rank's (each chunk's) own gradients: they could disagree
+        raise cfg.ConfigError("train.precision = 'fp16' (dynamic loss scaling) runs in one "
+                              "process, without accumulation, for now: use 'bf16'")
     k = config["train"]["accumulate"]
     if k == 1:
         return config

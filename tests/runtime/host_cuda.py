@@ -36,10 +36,9 @@ WARP = 32
 # of the reservation cost nothing
 STACK_BYTES = 64 * 1024
 
+# Every kernel: the CUDA built-ins for a host thread. No system headers, so a generated kernel
+# builds in tens of milliseconds.
 SHIM = r"""
-#include <stdlib.h>
-#include <string.h>
-#include <ucontext.h>
 extern "C" {
 double exp(double); float expf(float); double log(double); float logf(float);
 double tanh(double); float tanhf(float); double sqrt(double); float sqrtf(float);
@@ -64,6 +63,23 @@ static const int warpSize = 32;
 #define __shared__ static thread_local
 static inline float __int_as_float(int i) { float f; __builtin_memcpy(&f, &i, 4); return f; }
 
+// Runs every block of the grid, its threads one after another (no barrier in the source).
+template <class F> static int sg_run_plain(unsigned grid, unsigned block, F&& body) {
+    gridDim.x = grid; gridDim.y = gridDim.z = 1;
+    blockDim.x = block; blockDim.y = blockDim.z = 1;
+    threadIdx.y = threadIdx.z = blockIdx.y = blockIdx.z = 0;
+    for (unsigned b = 0; b < grid; ++b) {
+        blockIdx.x = b;
+        for (unsigned t = 0; t < block; ++t) { threadIdx.x = t; body(); }
+    }
+    return 0;
+}
+"""
+
+# Kernels whose source synchronizes: each block's threads as fibers, barriers and shuffles.
+FIBERS = r"""
+#include <stdlib.h>
+#include <ucontext.h>
 enum { SG_RUN, SG_BLOCK, SG_WARP, SG_DONE };
 struct sg_fiber { ucontext_t ctx; int state; };
 static thread_local sg_fiber* sg_fibers;
@@ -80,11 +96,11 @@ static void sg_yield(int state) {
 }
 static inline void __syncthreads() { sg_yield(SG_BLOCK); }
 template <class T> static inline T sg_shfl(T v, int src) {
-    memcpy(&sg_xchg[sg_cur], &v, sizeof(T));
+    __builtin_memcpy(&sg_xchg[sg_cur], &v, sizeof(T));
     sg_yield(SG_WARP);                      // every lane has written its value
     T r = v;
     if (src >= 0 && src < (int)blockDim.x && src / warpSize == sg_cur / warpSize)
-        memcpy(&r, &sg_xchg[src], sizeof(T));
+        __builtin_memcpy(&r, &sg_xchg[src], sizeof(T));
     sg_yield(SG_WARP);                      // every lane has read before any writes again
     return r;
 }
@@ -160,18 +176,6 @@ static int sg_run_fibers(unsigned grid, unsigned block, void (*body)(void*), voi
     free(stacks);
     free(f);
     return status;
-}
-
-// Runs every block of the grid, its threads one after another (no barrier in the source).
-template <class F> static int sg_run_plain(unsigned grid, unsigned block, F&& body) {
-    gridDim.x = grid; gridDim.y = gridDim.z = 1;
-    blockDim.x = block; blockDim.y = blockDim.z = 1;
-    threadIdx.y = threadIdx.z = blockIdx.y = blockIdx.z = 0;
-    for (unsigned b = 0; b < grid; ++b) {
-        blockIdx.x = b;
-        for (unsigned t = 0; t < block; ++t) { threadIdx.x = t; body(); }
-    }
-    return 0;
 }
 extern "C" unsigned long long sg_fiber_switches() { return sg_switches; }
 """.replace("SG_STACK", str(STACK_BYTES))
@@ -307,7 +311,9 @@ class HostLauncher:
                 raise RuntimeError(f"host preprocessing failed:\n{pre.stderr}")
             text = pre.stdout
         with open(src, "w") as f:
-            f.write(SHIM + "\n" + code + "\n" + wrappers(text, bool(_SYNCS.search(code))))
+            fibers = bool(_SYNCS.search(code))
+            f.write(SHIM + (FIBERS if fibers else "") + "\n" + code + "\n"
+                    + wrappers(text, fibers))
         # no fused multiply-adds (some hosts contract by default): NumPy's rounding, op by op
         cmd = [self.cxx, "-O0", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-w",
                *defines, src, "-o", lib]
@@ -351,5 +357,5 @@ class HostLauncher:
             self.threads[name] = max(self.threads.get(name, 0), int(block))
 
 
-__all__ = ["DTYPES", "HostLauncher", "SHIM", "WARP", "check_args", "compiler", "signatures",
-           "wrappers"]
+__all__ = ["DTYPES", "FIBERS", "HostLauncher", "SHIM", "WARP", "check_args", "compiler",
+           "signatures", "wrappers"]

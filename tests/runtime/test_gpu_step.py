@@ -388,3 +388,23 @@ def test_capture_is_not_tried_where_it_cannot_work(host):
     for x, y in batches((16, 20), n=4):
         off(x, y)
     assert off.stats()["graph"] == "off" and not off.stats()["cuda_graph"]
+
+
+def test_eager_ops_upload_a_python_scalar_once(host, counts):
+    x = sg.tensor(np.ones((4, 3), np.float32), device="cuda")
+    (x * 0.5 + 1.0).sum().item()
+    before = counts.uploads
+    for _ in range(5):
+        y = (x * 0.5 + 1.0).sum()
+    assert counts.uploads == before                 # the 0.5 and the 1.0 are on the device
+    assert y.item() == pytest.approx(18.0)
+    model = mlp().to("cuda")                         # an eager training step: the optimizer's
+    opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)     # scalars too
+    xs, ys = (host.asarray(v) for v in batches((16, 20), n=1)[0])
+    for i in range(3):
+        if i == 2:
+            before = counts.uploads
+        opt.zero_grad()
+        F.cross_entropy(model(sg.Tensor(sg.tensor(xs).node)), sg.tensor(ys)).backward()
+        opt.step()
+    assert counts.uploads == before

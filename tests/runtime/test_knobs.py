@@ -207,3 +207,27 @@ def test_keep_checkpoints(tmp_path):
           str(tmp_path / "run"))
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [
         "epoch_2.safetensors", "epoch_3.safetensors"]
+
+
+def test_python_accumulate_and_cross_entropy_module():
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((32, 5)), rng.integers(0, 3, 32)
+    finals = []
+    for k in (1, 4):
+        sg.set_default_dtype("float64")
+        try:
+            sg.manual_seed(0)
+            model = sg.nn.Sequential(sg.nn.Linear(5, 7), sg.nn.Tanh(), sg.nn.Linear(7, 3))
+        finally:
+            sg.set_default_dtype("float32")
+        loss = sg.nn.CrossEntropyLoss(label_smoothing=0.1)
+        step = sg.compile_step(model, loss, sg.optim.SGD(model.parameters(), lr=0.3),
+                               accumulate=k)
+        for _ in range(3):
+            step(x, y)
+        finals.append(model.state_dict())
+    _close(finals[1], finals[0], 1e-12)
+    torch_loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch.tensor(x[:, :3]),
+                                                                torch.tensor(y))
+    ours = sg.nn.CrossEntropyLoss(label_smoothing=0.1)(sg.tensor(x[:, :3]), y)
+    assert float(ours) == pytest.approx(float(torch_loss), rel=1e-12)

@@ -1,5 +1,5 @@
 """Pipelines with ``device.type = "cuda"`` under real ``mpirun``, on the CuPy stand-in
-(host_cupy; runtime.host_cuda runs the CUDA kernels): pp = 2 and dp = 2 x pp = 2, the ranks
+(host_cupy; host_cuda runs the CUDA kernels): pp = 2 and dp = 2 x pp = 2, the ranks
 sharing GPU 0, each stage's programs on the GPU executor and its sends, receives and
 allreduce through the GPU communicator, end within 1e-10 (float64) of the CPU pipeline.
 The same run on a real GPU is bench/gpu_check.sh's business. Each run bounded by a timeout.
@@ -32,11 +32,12 @@ def worker(out: str, sets: list[str]) -> None:
     """One rank: the CPU pipeline, then the same run on the stand-in GPU; rank 0 writes both
     runs' final parameters and which executors and communicators ran."""
     sys.path.insert(0, str(Path(__file__).parent))
+    import host_cuda
     import host_cupy
 
     from shardgrad.ops import gpu as gpu_ops
     from shardgrad.runtime import device as D
-    from shardgrad.runtime import gpu_comm, host_cuda, world
+    from shardgrad.runtime import gpu_comm, world
     from shardgrad.runtime import train as tr
     from shardgrad.runtime.config import load_config
     from shardgrad.runtime.gpu import GPUExecutor

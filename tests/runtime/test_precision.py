@@ -92,6 +92,12 @@ def test_a_bad_precision_is_one_line():
                         precision="fp8")
     with pytest.raises(ConfigError, match="train.precision"):
         load_config(str(ROOT / "examples" / "digits_mlp.toml"), ['train.precision="fp8"'])
+    # fp16's skip reads each rank's own gradients: refused across ranks, with the way out
+    with pytest.raises(ConfigError, match=r"^train.precision = 'fp16' \(dynamic loss scaling\) "
+                                          r"runs in one process, without accumulation, for "
+                                          r"now: use 'bf16'$"):
+        tr.train(load_config(str(ROOT / "examples" / "digits_mlp.toml"),
+                             ['train.precision="fp16"', "parallel.deterministic=true"]), None)
 
 
 @pytest.mark.filterwarnings("ignore:overflow|invalid value:RuntimeWarning")   # the overflow itself
