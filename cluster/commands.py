@@ -95,6 +95,7 @@ def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
 _FAILED_RANK = [
     re.compile(r"\brank (\d+) hangs:"),                      # a peer's watchdog (runtime/mpi.py)
     re.compile(r"\brank (\d+) was terminated by"),           # a signal to a rank (cli.py)
+    re.compile(r"\brank (\d+) was killed by"),               # cluster/rank.py (Ray launcher)
     re.compile(r"process rank (\d+) with PID \d+ on node"),  # prterun: a signal or an abort
     re.compile(r"Process name: \[[^,\]]+,(\d+)\]"),          # prterun: a non-zero exit code
     re.compile(r"MPI_ABORT was invoked on rank (\d+)"),      # Open MPI and MPICH

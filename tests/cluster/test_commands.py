@@ -126,6 +126,13 @@ prterun has exited due to process rank 1 with PID 0 on node vm calling
     ("rank 3 failed: CommError: allreduce(sum) of 8 bytes on rank 3 did not complete", 3),
     ("MPI_ABORT was invoked on rank 2 in communicator MPI_COMM_WORLD", 2),
     ("all good\n", None),
+    # the peer that waited aborts (and is named by prterun), the hung or killed rank is meant
+    ("rank 0 failed: CommError: allreduce(sum) of 8 bytes on rank 0 did not complete within "
+     "3 s (parallel.timeout_s): rank 2 hangs: no heartbeat from its pid 9 for 3.8 s\n"
+     "prterun has exited due to process rank 0 with PID 0 on node vm calling", 2),
+    ("rank 1 was killed by SIGKILL (pid 7)\nprterun has exited due to process rank 0 with "
+     "PID 0 on node vm calling", 1),
+    ("rank 3 was terminated by SIGTERM\nMPI_ABORT was invoked on rank 3", 3),
 ])
 def test_failed_rank(output, rank):
     assert commands.failed_rank(output) == rank
