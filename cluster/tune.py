@@ -18,11 +18,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from shardgrad.cluster.commands import mpirun_argv, train_argv
-from shardgrad.cluster.ray_launch import connect, to_toml
+from shardgrad.cluster.ray_launch import connect, to_toml, unniced
 from shardgrad.runtime import config as cfg
 
 METRIC = "test_accuracy"
@@ -105,12 +105,18 @@ def _epochs(path: str) -> list[dict[str, Any]]:
     return records
 
 
-def _die_with_parent() -> None:
-    # A trial that Tune stops (ASHA) is killed with its actor; its training, and mpirun's
-    # ranks, must not outlive it. SIGTERM: mpirun passes it on to its ranks.
-    import ctypes
+def _trial_preexec() -> Callable[[], None]:
+    unnice = unniced()   # the trial's worker runs at Ray's worker niceness; its training not
 
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    def preexec() -> None:
+        unnice()
+        # A trial that Tune stops (ASHA) is killed with its actor; its training, and mpirun's
+        # ranks, must not outlive it. SIGTERM: mpirun passes it on to its ranks.
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return preexec
 
 
 def run_trial(params: Mapping[str, Any], base: Mapping[str, Any], out: str, ranks: int,
@@ -135,7 +141,7 @@ def run_trial(params: Mapping[str, Any], base: Mapping[str, Any], out: str, rank
     reported = 0
     with open(os.path.join(run_dir, "train.log"), "ab") as log:
         proc = subprocess.Popen(argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, preexec_fn=_trial_preexec())
         try:
             while True:
                 done = proc.poll() is not None
