@@ -11,6 +11,12 @@ pipeline ``plan``, ``tune`` it by a sweep, ``launch`` your own script as MPI ran
   shardgrad launch -n N [--launcher local|mpi|ray] [--set cluster.KEY=VALUE]... -- PROGRAM...
   shardgrad config show [CONFIG] [--set KEY=VALUE]...
   shardgrad report RUN_DIR
+  shardgrad trace RUN_DIR [--out FILE.json]
+  shardgrad simulate CONFIG --ranks N [--pp P] [--microbatches M] [--gpus-per-node G]
+                     [--link shm|nvlink|infiniband|ethernet] [--recommend] [--json]
+  shardgrad evaluate RUN_DIR [--set data.KEY=VALUE]... [--out DIR]
+  shardgrad predict RUN_DIR INPUT...
+  shardgrad export RUN_DIR --format onnx --out FILE
   shardgrad --version
 
 A bad config, a missing file, unreadable data or checkpoint prints one line to stderr and exits
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -118,6 +125,43 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="draw a run's curves (report.png) and write its "
                                        "summary (report.md) into its directory")
     rp.add_argument("run_dir", help="a run directory (train --out)")
+    tr = sub.add_parser("trace", help="merge a run's per-rank timelines (debug.trace = true) "
+                                      "and print each rank's compute / communication / idle")
+    tr.add_argument("run_dir", help="a run directory trained with --set debug.trace=true")
+    tr.add_argument("--out", help="the merged Chrome trace (default RUN_DIR/trace/all.json; "
+                                  "open it in ui.perfetto.dev or chrome://tracing)")
+    si = sub.add_parser("simulate", help="predict step time, memory, traffic and bubble on N "
+                                         "ranks (op times measured here + alpha-beta network)")
+    si.add_argument("config", help="TOML config file")
+    si.add_argument("--ranks", type=int, required=True, help="number of ranks N")
+    si.add_argument("--pp", type=int, help="pipeline stages (default parallel.pp); dp = N / pp")
+    si.add_argument("--microbatches", type=int,
+                    help="pipeline micro-batches (default parallel.microbatches)")
+    si.add_argument("--gpus-per-node", type=int, metavar="G",
+                    help="ranks a node: traffic between nodes crosses --link, inside a node "
+                         "shared memory (CPU) or NVLink (GPU); default: one node")
+    si.add_argument("--link", default="shm", choices=("shm", "nvlink", "infiniband", "ethernet"),
+                    help="alpha-beta preset of the network (docs/performance.md)")
+    si.add_argument("--recommend", action="store_true",
+                    help="simulate every (dp, pp, micro-batches) of N ranks, fastest first")
+    si.add_argument("--json", action="store_true", help="print one JSON object")
+    si.add_argument("--set", dest="sets", **sets)
+    ev = sub.add_parser("evaluate", help="a trained run's top-1/top-5 and per-class accuracy "
+                                         "and confusion matrix on its test split (JSON, text, "
+                                         "PNG)")
+    ev.add_argument("run_dir", help="a run directory (train --out)")
+    ev.add_argument("--set", dest="sets", **{**sets, "help": "change a data.* key (another "
+                                                          "data set or split)"})
+    ev.add_argument("--out", help="where to write evaluation.json, confusion.txt/.png "
+                                  "(default: RUN_DIR)")
+    pr = sub.add_parser("predict", help="labels and probabilities of a trained run's model for "
+                                        "an .npz (array x) or image files")
+    pr.add_argument("run_dir", help="a run directory (train --out)")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="one .npz, or PNG/JPEG files")
+    ex = sub.add_parser("export", help="write a trained run's eval-mode forward graph as ONNX")
+    ex.add_argument("run_dir", help="a run directory (train --out)")
+    ex.add_argument("--format", choices=("onnx",), default="onnx")
+    ex.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
     co = sub.add_parser("config", help="show the resolved config: every key, its default and "
                                        "its help")
     co.add_argument("action", choices=("show",))
@@ -126,9 +170,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_code(e: BaseException) -> int:
+    return 2 if isinstance(e, USAGE_ERRORS) else 130 if isinstance(e, KeyboardInterrupt) else 1
+
+
 def _ray_launch():
     """cluster.ray_launch, or a ConfigError saying how to install Ray."""
     try:
+        import ray  # noqa: F401 - a launcher imported earlier would hide a missing Ray
+
         from shardgrad.cluster import ray_launch
     except ImportError as e:
         if (e.name or "").split(".")[0] != "ray":
@@ -167,7 +217,7 @@ def _ranks(args, config) -> tuple[int | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from shardgrad.runtime.dp import communicator
+    from shardgrad.runtime import world
     from shardgrad.runtime.train import Diverged, train
 
     config = load_config(args.config, args.sets)
@@ -190,16 +240,12 @@ def cmd_train(args) -> int:
         for item in [*args.sets, *dp_set]:
             program += ["--set", item]
         return _mpirun(program, n)
-    comm = communicator(config)
+    par = config["parallel"]
+    comm = world.start(par["timeout_s"], par["start_timeout_s"], exit_code=_exit_code)
     try:
         summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
-        if comm.world_size > 1:
-            cause = ("interrupted (KeyboardInterrupt)" if isinstance(e, KeyboardInterrupt)
-                     else f"{type(e).__name__}: {e}")
-            print(f"rank {comm.rank} failed: {cause}", file=sys.stderr, flush=True)
-            comm.abort(2 if isinstance(e, USAGE_ERRORS) else
-                       130 if isinstance(e, KeyboardInterrupt) else 1)
+        world.fail(comm, e, _exit_code(e))
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)
             return 1
@@ -212,23 +258,36 @@ def cmd_train(args) -> int:
     return 0
 
 
+def executed_graph(config):
+    """The training-step graph rank 0 of ``config``'s data-parallel job executes (after the
+    data-parallel rewrite and the executor's passes): the graph whose node names
+    (``%k``) a ``debug.trace`` timeline records."""
+    from shardgrad.runtime.comm import SingleProcess
+    from shardgrad.runtime.train import setup, step_options
+
+    shape = SingleProcess()          # the job's shape: step_options reads only its size
+    shape.world_size = config["parallel"]["dp"]
+    options = step_options(config, shape)
+    _, _, step, data = setup(config, options)
+    b = min(config["train"]["batch_size"], len(data.y_train)) // shape.world_size
+    graph, runner = step.graph_for(data.x_train[:b], data.y_train[:b])
+    return getattr(getattr(runner, "inner", runner), "graph", graph)
+
+
 def write_graph(config, path: str) -> list[str]:
-    """Trace one training step of ``config`` and write it to ``path`` as DOT, plus .svg and
-    .png beside it when Graphviz's ``dot`` program is installed; returns the files written.
+    """Trace one training step of ``config`` and write the graph rank 0 executes
+    (``executed_graph``) to ``path`` as DOT, plus .svg and .png beside it when Graphviz's
+    ``dot`` program is installed; returns the files written.
     With ``parallel.pp`` > 1 it draws the pipeline plan: nodes coloured by stage, a dashed
     edge from each send to its receive."""
     from shardgrad.graph.dot import to_dot
-    from shardgrad.runtime.train import setup
 
     if config["parallel"]["pp"] > 1:
         from shardgrad.runtime.train import plan_for_config
 
         dot = plan_for_config(config).to_dot()
     else:
-        _, _, step, data = setup(config)
-        b = min(config["train"]["batch_size"], len(data.y_train))
-        graph, _ = step.graph_for(data.x_train[:b], data.y_train[:b])
-        dot = to_dot(graph)
+        dot = to_dot(executed_graph(config))
     stem, ext = os.path.splitext(path)
     rendered = ext.lower() in RENDERED
     if rendered and not shutil.which("dot"):   # else x.svg would hold DOT text
@@ -329,6 +388,105 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    from shardgrad.runtime import trace
+
+    files = trace.rank_files(args.run_dir)
+    if not files:
+        raise ConfigError(f"{args.run_dir} holds no trace/rank<R>.json: train with --out "
+                          f"{args.run_dir} --set debug.trace=true first")
+    out = args.out or os.path.join(args.run_dir, "trace", "all.json")
+    events = trace.merge([p for _, p in files], out)
+    stats = trace.summarize(events)
+    print(f"merged {len(files)} rank(s) into {out}")
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = os.path.join(os.path.dirname(out), "timeline.png")
+        print(f"step {trace.plot(events, png)} drawn in {png}")
+    print(trace.table(stats))
+    config = _run_config(args.run_dir)
+    if config is not None and config["parallel"]["pp"] > 1:
+        from shardgrad.partition.schedule import simulate
+        from shardgrad.runtime.train import plan_for_config
+
+        plan = plan_for_config(config)
+        predicted = simulate(plan.schedule, [s.forward_time for s in plan.stages],
+                             [s.backward_time for s in plan.stages]).bubble()
+        measured = [s["bubble"] for s in stats.values() if s["bubble"] is not None]
+        if measured:
+            print(f"pipeline bubble: measured {sum(measured) / len(measured):.0%} (mean over "
+                  f"{len(measured)} stage rank(s): "
+                  f"{', '.join(f'{b:.0%}' for b in measured)}), plan predicts "
+                  f"{predicted:.0%} ({config['parallel']['schedule']}, "
+                  f"{plan.pp} stages x {plan.micro_batches} micro-batches, op cost estimates)")
+    return 0
+
+
+def _run_config(run_dir: str):
+    """The config summary.json echoes, or None."""
+    from shardgrad.runtime.config import from_dict
+
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return from_dict(json.load(f)["config"])
+
+
+def cmd_simulate(args) -> int:
+    from shardgrad.runtime import simulate as sim
+
+    config = load_config(args.config, args.sets)
+    kw = {"gpus_per_node": args.gpus_per_node, "link": args.link}
+    if args.recommend:
+        ranked = sim.recommend(config, args.ranks, **kw)
+        if not ranked:
+            raise ConfigError(f"no (dp, pp, micro-batches) of {args.ranks} ranks fits "
+                              f"train.batch_size = {config['train']['batch_size']}")
+        if args.json:
+            print(json.dumps({**ranked[0], "recommended": ranked[0], "candidates": ranked}))
+            return 0
+        for r in ranked:
+            print(_sim_line(r))
+        best = ranked[0]
+        print(f"recommended: dp={best['dp']} pp={best['pp']} microbatches="
+              f"{best['microbatches']} ({best['step_time_s'] * 1e3:.3f} ms a step)")
+        return 0
+    r = sim.simulate(config, args.ranks, args.pp, args.microbatches, **kw)
+    print(json.dumps(r) if args.json else _sim_line(r))
+    return 0
+
+
+def _sim_line(r) -> str:
+    return (f"dp={r['dp']} pp={r['pp']} microbatches={r['microbatches']} link={r['link']}: "
+            f"step {r['step_time_s'] * 1e3:.3f} ms (compute {r['compute_s'] * 1e3:.3f}, "
+            f"allreduce {r['comm_s'] * 1e3:.3f}), bubble {r['bubble']:.0%}, "
+            f"{r['bytes_sent_per_rank'] / 1024:.1f} KiB sent/rank, peak "
+            f"{r['peak_memory_bytes'] / 2**20:.2f} MiB, {r['samples_per_s']:.0f} samples/s")
+def cmd_evaluate(args) -> int:
+    from shardgrad.runtime.inference import confusion_text, evaluate
+
+    result = evaluate(args.run_dir, args.sets, args.out)
+    print(confusion_text(result["confusion_matrix"]), end="")
+    shown = {k: v for k, v in result.items() if k != "confusion_matrix"}
+    print(json.dumps(shown))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from shardgrad.runtime.inference import predict
+
+    for row in predict(args.run_dir, args.inputs):
+        print(json.dumps(row))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from shardgrad.runtime.onnx_export import export_run
+
+    print(export_run(args.run_dir, args.out))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(show_config(load_config(args.config, args.sets)), end="")
     return 0
@@ -339,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "graph": cmd_graph, "plan": cmd_plan,
                 "launch": cmd_launch, "config": cmd_config,
-                "report": cmd_report, "tune": cmd_tune}[args.command](args)
+                "report": cmd_report, "tune": cmd_tune, "evaluate": cmd_evaluate,
+                "predict": cmd_predict, "export": cmd_export, "trace": cmd_trace,
+                "simulate": cmd_simulate}[args.command](args)
     except USAGE_ERRORS as e:
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -147,6 +147,7 @@ def step_worker(comm, args) -> dict | None:
         PipelineProgram,
         PipelineTransform,
         gather,
+        plan_pipeline,
         sync_outputs,
     )
 
@@ -187,7 +188,8 @@ def step_worker(comm, args) -> dict | None:
                 mesh = Mesh(1, comm.world_size, comm.rank, 0, pp_comm, SingleProcess())
 
                 def make(g, mesh=mesh, way=way):
-                    program = PipelineProgram(g, mesh, args.micro, "1f1b", world=comm)
+                    plan = plan_pipeline(g, mesh, args.micro, "1f1b", world=comm)
+                    program = PipelineProgram(plan, mesh, world=comm)
                     return Before(program) if way == "before" else program
 
                 step = sg.compile_step(model, F.cross_entropy, opt, executor=make,

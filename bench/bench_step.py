@@ -2,12 +2,18 @@
 (conv(1->16,3x3)+ReLU+maxpool2+conv(16->32,3x3)+ReLU+maxpool2+linear(800->10) on 28x28, batch
 64, cross-entropy, SGD), timed for shardgrad's compiled Program, the reference interpreter, a
 hand-written NumPy step and PyTorch eager (when torch is installed), plus the per-node overhead
-on a tiny MLP and the planner's memory figures.
+on a tiny MLP and the planner's memory figures. Two more: ``gelu``, the MLP with exact GELU
+(torch's nn.GELU()) traced by sg.compile_step, and ``eager``, the MLP step run eagerly
+(model(x), loss.backward(), opt.step()) against the same in torch.
 
     python bench/bench_step.py                       # MLP batches 128 and 1024, CNN, per node
     python bench/bench_step.py --batches 128 --rounds 3 --out bench/step.json
     python bench/bench_step.py --graph frontend      # the MLP step traced by sg.compile_step
     python bench/bench_step.py --benches cnn         # only the CNN (traced by sg.compile_step)
+    python bench/bench_step.py --benches cnn gelu eager --threads 1 2   # issue 12's targets
+
+``--threads N [M ...]``: every bench at each count, set in each worker as ``device.threads``
+sets it (threadpoolctl's BLAS limit, plus the OpenMP/BLAS variables) and torch.set_num_threads.
 
 Each measurement runs in a fresh process; implementations alternate round by round, and the
 ratios are paired (taken within a round, then the median over rounds), so slow drift of the
@@ -316,10 +322,115 @@ def make_cnn_torch(batch: int):
     return step
 
 
+# ---- (c) the exact-GELU MLP, traced; (d) the MLP step run eagerly ----------------------------
+
+GELU_BATCH = 128
+GELU_IMPLS = ("compiled", "interpreter", "torch")
+EAGER_BATCH = 128
+EAGER_IMPLS = ("sg_eager", "torch")
+
+
+def _mlp_module(nn, act, sizes=SIZES):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _mlp_batch(batch: int):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((batch, SIZES[0])).astype(np.float32),
+            rng.standard_normal((batch, SIZES[-1])).astype(np.float32))
+
+
+def _mse(out, y):
+    d = out - y
+    return (d * d).mean()
+
+
+def make_gelu_shardgrad(kind: str, batch: int):
+    import shardgrad as sg
+    from shardgrad.runtime.compiled import compile
+    from shardgrad.runtime.interpreter import Interpreter
+
+    sg.manual_seed(0)
+    model = _mlp_module(sg.nn, sg.nn.GELU)
+    step = sg.compile_step(model, _mse, sg.optim.SGD(model.parameters(), lr=LR),
+                           executor=compile if kind == "compiled" else Interpreter)
+    x, y = _mlp_batch(batch)
+    _, program = step.graph_for(x, y)
+    return lambda: step(x, y), program
+
+
+def _torch_copy(model, sg_model):
+    import torch
+    model.load_state_dict({k: torch.from_numpy(np.array(v))
+                           for k, v in sg_model.state_dict().items()})
+
+
+def make_gelu_torch(batch: int):
+    import torch
+
+    import shardgrad as sg
+
+    sg.manual_seed(0)
+    model = _mlp_module(torch.nn, torch.nn.GELU)
+    _torch_copy(model, _mlp_module(sg.nn, sg.nn.GELU))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = (torch.from_numpy(v) for v in _mlp_batch(batch))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def make_eager_shardgrad(batch: int):
+    """sg's eager step as a torch user writes it: each op computed as it is applied."""
+    import shardgrad as sg
+
+    sg.manual_seed(0)
+    model = _mlp_module(sg.nn, sg.nn.ReLU)
+    opt = sg.optim.SGD(model.parameters(), lr=LR)
+    x, y = (sg.tensor(v) for v in _mlp_batch(batch))
+
+    def step():
+        opt.zero_grad()
+        _mse(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def make_eager_torch(batch: int):
+    import torch
+
+    import shardgrad as sg
+
+    sg.manual_seed(0)
+    model = _mlp_module(torch.nn, torch.nn.ReLU)
+    _torch_copy(model, _mlp_module(sg.nn, sg.nn.ReLU))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = (torch.from_numpy(v) for v in _mlp_batch(batch))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return step
+
+
 IMPLS = ("compiled", "compiled_inplace", "interpreter", "numpy", "torch")
 
 
 def make(impl: str, graph_name: str, batch: int, sizes=SIZES):
+    if graph_name == "gelu":
+        return (make_gelu_torch(batch), None) if impl == "torch" else make_gelu_shardgrad(
+            impl, batch)
+    if graph_name == "eager":
+        return (make_eager_torch if impl == "torch" else make_eager_shardgrad)(batch), None
     if graph_name == "cnn":
         if impl == "numpy":
             return make_cnn_numpy(batch), None
@@ -349,6 +460,8 @@ def _time(step, steps: int, warmup: int) -> tuple[list[float], list[float]]:
 
 def worker(args) -> dict:
     """One measurement in this (fresh) process."""
+    if args.threads:
+        _limit_threads(args.threads[0])
     if args.worker == "micro":
         return micro(args.micro_impl)
     step, program = make(args.worker, args.graph, args.batch)
@@ -364,6 +477,18 @@ def worker(args) -> dict:
         out["step_peak_alloc_bytes"] = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()
     return out
+
+
+def _limit_threads(n: int) -> None:
+    """As device.threads does for a training run (threadpoolctl's BLAS limit, kept for the
+    process's life), and torch's intra-op threads."""
+    from threadpoolctl import threadpool_limits
+    _limit_threads.keep = threadpool_limits(n, user_api="blas")
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
 
 
 # ---- per-node overhead -----------------------------------------------------------------------
@@ -407,6 +532,7 @@ def spawn(extra: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *extra]
     env = dict(os.environ)
     if THREADS:
+        cmd += ["--threads", str(THREADS)]
         env.update({k: str(THREADS) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                                "MKL_NUM_THREADS")})
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -428,7 +554,8 @@ MLP_PAIRS = (("torch/compiled", "torch", "compiled"),
              ("compiled/numpy", "compiled", "numpy"),
              ("compiled_inplace/numpy", "compiled_inplace", "numpy"),
              ("interpreter/compiled", "interpreter", "compiled"),
-             ("numpy/torch", "numpy", "torch"))
+             ("numpy/torch", "numpy", "torch"),
+             ("torch/sg_eager", "torch", "sg_eager"))
 
 
 def compare(args, line: dict, graph: str, batch: int, impls: list[str]) -> dict:
@@ -466,20 +593,21 @@ def compare(args, line: dict, graph: str, batch: int, impls: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--benches", nargs="+", choices=("mlp", "cnn", "micro"),
+    ap.add_argument("--benches", nargs="+", choices=("mlp", "cnn", "gelu", "eager", "micro"),
                     default=["mlp", "cnn", "micro"])
     ap.add_argument("--batches", type=int, nargs="+", default=[128, 1024],
                     help="MLP batch sizes (the CNN's is 64)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--graph", choices=[*sorted(GRAPHS), "cnn"], default="ops",
+    ap.add_argument("--graph", choices=[*sorted(GRAPHS), "cnn", "gelu", "eager"], default="ops",
                     help="how the MLP step graph is built (cnn: the CNN worker's own)")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS))
     ap.add_argument("--no-micro", action="store_true", help="same as leaving micro out of "
                     "--benches")
-    ap.add_argument("--threads", type=int, help="BLAS/torch threads per worker (default: "
-                    "the environment's); 1 keeps a shared, busy machine from oversubscribing")
+    ap.add_argument("--threads", type=int, nargs="+",
+                    help="BLAS/torch threads per worker, as device.threads (default: the "
+                         "environment's); several: every bench at each count")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--micro-impl", help=argparse.SUPPRESS)
@@ -488,10 +616,20 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    if args.graph == "cnn":
-        ap.error("--graph cnn is for the CNN's workers: run --benches cnn")
+    if args.graph in ("cnn", "gelu", "eager"):
+        ap.error(f"--graph {args.graph} is for its bench's workers: run --benches {args.graph}")
+    lines = []
+    for threads in args.threads or [None]:
+        lines += run_benches(args, threads)
+    if args.out:
+        with open(args.out, "a") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+
+
+def run_benches(args, threads: int | None) -> list[dict]:
     global THREADS
-    THREADS = args.threads
+    THREADS = threads
 
     try:
         import torch  # noqa: F401
@@ -501,7 +639,7 @@ def main() -> None:
     impls = [i for i in args.impls if i != "torch" or torch_version]
     lines = []
     env = {"numpy": np.__version__, "torch": torch_version, "cpus": os.cpu_count(),
-           "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2)}
+           "threads": threads, "load_avg_1m": round(os.getloadavg()[0], 2)}
     if "mlp" in args.benches:
         for batch in args.batches:
             line = {"bench": "mlp_step", "sizes": list(SIZES), "batch": batch, **env,
@@ -512,6 +650,15 @@ def main() -> None:
                 "graph": "frontend"}
         lines.append(compare(args, line, "cnn", CNN_BATCH,
                              [i for i in impls if i in CNN_IMPLS]))
+    if "gelu" in args.benches:
+        line = {"bench": "gelu_mlp_step", "sizes": list(SIZES), "batch": GELU_BATCH, **env,
+                "graph": "frontend", "activation": "GELU(approximate='none')"}
+        lines.append(compare(args, line, "gelu", GELU_BATCH,
+                             [i for i in impls if i in GELU_IMPLS]))
+    if "eager" in args.benches:
+        line = {"bench": "eager_mlp_step", "sizes": list(SIZES), "batch": EAGER_BATCH, **env}
+        lines.append(compare(args, line, "eager", EAGER_BATCH,
+                             [i for i in [*impls, "sg_eager"] if i in EAGER_IMPLS]))
     if "micro" in args.benches and not args.no_micro:
         micro_impls = ["compiled", "interpreter"] + (["torch"] if torch_version else [])
         runs: dict[str, list[dict]] = {i: [] for i in micro_impls}
@@ -524,10 +671,7 @@ def main() -> None:
                                    for k in rs[0] if k != "impl"} for impl, rs in runs.items()}}
         lines.append(line)
         print(json.dumps(line), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
+    return lines
 
 
 if __name__ == "__main__":

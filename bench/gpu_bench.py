@@ -1,17 +1,23 @@
-"""GPU benchmarks, each against a baseline measured in the same process on the same GPU:
+"""GPU benchmarks through shardgrad's public API, each against PyTorch measured in the same
+process on the same GPU:
 
-    python bench/gpu_bench.py --part env      # device, driver, library versions
-    python bench/gpu_bench.py --part mlp      # MLP 784-512-512-10 step, batch 1024, vs torch
-    python bench/gpu_bench.py --part cnn      # CNN step (2 conv+pool blocks), vs torch eager
-    python bench/gpu_bench.py --part fused    # a fused elementwise kernel vs a D2D copy
+    python bench/gpu_bench.py --part env                  # device, driver, library versions
+    python bench/gpu_bench.py --part steps                # every case of issue 10's table
+    python bench/gpu_bench.py --part steps --cases mlp512-b1024 cnn16-b256
+    python bench/gpu_bench.py --part cli                  # shardgrad train on the GPU, one run
+    python bench/gpu_bench.py --part fused                # a fused elementwise kernel vs a copy
+    python bench/gpu_bench.py --part steps --stand-in     # the same code on the CPU (host_cupy
+                                                          # and torch on the CPU): checks the
+                                                          # script, times nothing of a GPU
 
-Each part prints one JSON object. Training steps (forward, backward, SGD with momentum) run
-as shardgrad's GPUExecutor through DeviceStep against PyTorch eager on the same model, batch
-and optimizer; ``speed`` is torch's time over ours (above 1: faster than torch). Times are
-medians of several timed blocks after a warm-up, each block ended by a synchronize.
-Bandwidth counts bytes read plus bytes written.
+Training steps go through what a user writes: ``model.to("cuda")``, ``sg.compile_step`` (or,
+for the eager case, ``loss.backward(); opt.step()``), batches already on the device; torch
+runs the same model, batch and optimizer eagerly (and under ``torch.autocast`` for the bf16
+and fp16 cases, with a GradScaler for fp16; torch.compile as a reference where it compiles).
+``speed`` is torch eager's time over ours (above 1: faster than torch). Times are medians of
+several timed blocks after a warm-up, each block ended by a synchronize. Prints one JSON
+object per part (the steps part: one per case, then a summary line).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -52,101 +58,182 @@ def env_part() -> dict:
     return info
 
 
-def _torch_models():
-    import torch.nn as tnn
+# name: (model kind, widths, batch, optimizer, activation, precision, eager)
+CASES = {
+    "mlp512-b1024": ("mlp", (512, 512), 1024, "sgd", "relu", "fp32", False),
+    "mlp512-b128": ("mlp", (512, 512), 128, "sgd", "relu", "fp32", False),
+    "mlp4096-b4096": ("mlp", (4096, 4096), 4096, "sgd", "relu", "fp32", False),
+    "mlp512-gelu-b1024": ("mlp", (512, 512), 1024, "sgd", "gelu", "fp32", False),
+    "mlp512-adam-b1024": ("mlp", (512, 512), 1024, "adam", "relu", "fp32", False),
+    "cnn16-b256": ("cnn", (16, 32), 256, "sgd", "relu", "fp32", False),
+    "cnn64-b256": ("cnn", (64, 128), 256, "sgd", "relu", "fp32", False),
+    "eager-mlp512-b256": ("mlp", (512, 512), 256, "sgd", "relu", "fp32", True),
+    "bf16-mlp4096-b4096": ("mlp", (4096, 4096), 4096, "sgd", "relu", "bf16", False),
+    "fp16-mlp4096-b4096": ("mlp", (4096, 4096), 4096, "sgd", "relu", "fp16", False),
+}
+# issue 10's targets: speed against torch eager float32 (bf16/fp16: against torch autocast)
+TARGETS = {"mlp512-b1024": 2.0, "mlp512-b128": 2.0, "mlp4096-b4096": 1.0,
+           "mlp512-gelu-b1024": 2.0, "mlp512-adam-b1024": 2.0, "cnn16-b256": 1.0,
+           "cnn64-b256": 1.0, "eager-mlp512-b256": 0.5, "bf16-mlp4096-b4096": 1.0}
+LR, MOMENTUM = 0.01, 0.9
 
-    def mlp():
-        return tnn.Sequential(tnn.Linear(784, 512), tnn.ReLU(), tnn.Linear(512, 512), tnn.ReLU(),
-                              tnn.Linear(512, 10))
 
-    def cnn():
-        return tnn.Sequential(tnn.Conv2d(1, 16, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2),
-                              tnn.Conv2d(16, 32, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2),
-                              tnn.Flatten(), tnn.Linear(32 * 7 * 7, 128), tnn.ReLU(),
-                              tnn.Linear(128, 10))
-    return {"mlp": mlp, "cnn": cnn}
-
-
-def _sg_model(kind: str):
+def _sg_model(kind: str, widths, act: str):
     import shardgrad as sg
+    nn = sg.nn
+    a = (lambda: nn.GELU()) if act == "gelu" else (lambda: nn.ReLU())
     if kind == "mlp":
-        return sg.nn.Sequential(sg.nn.Linear(784, 512), sg.nn.ReLU(), sg.nn.Linear(512, 512),
-                                sg.nn.ReLU(), sg.nn.Linear(512, 10))
-    return sg.nn.Sequential(sg.nn.Conv2d(1, 16, 3, padding=1), sg.nn.ReLU(), sg.nn.MaxPool2d(2),
-                            sg.nn.Conv2d(16, 32, 3, padding=1), sg.nn.ReLU(), sg.nn.MaxPool2d(2),
-                            sg.nn.Flatten(), sg.nn.Linear(32 * 7 * 7, 128), sg.nn.ReLU(),
-                            sg.nn.Linear(128, 10))
+        return nn.Sequential(nn.Linear(784, widths[0]), a(), nn.Linear(widths[0], widths[1]),
+                             a(), nn.Linear(widths[1], 10))
+    c1, c2 = widths
+    return nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), a(), nn.MaxPool2d(2),
+                         nn.Conv2d(c1, c2, 3, padding=1), a(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(c2 * 7 * 7, 128), a(), nn.Linear(128, 10))
 
 
-def step_part(kind: str, batch: int, steps: int) -> dict:
+def _torch_model(kind: str, widths, act: str):
+    import torch.nn as tnn
+    a = (lambda: tnn.GELU()) if act == "gelu" else (lambda: tnn.ReLU())
+    if kind == "mlp":
+        return tnn.Sequential(tnn.Linear(784, widths[0]), a(), tnn.Linear(widths[0], widths[1]),
+                              a(), tnn.Linear(widths[1], 10))
+    c1, c2 = widths
+    return tnn.Sequential(tnn.Conv2d(1, c1, 3, padding=1), a(), tnn.MaxPool2d(2),
+                          tnn.Conv2d(c1, c2, 3, padding=1), a(), tnn.MaxPool2d(2),
+                          tnn.Flatten(), tnn.Linear(c2 * 7 * 7, 128), a(), tnn.Linear(128, 10))
+
+
+def _stand_in() -> None:
+    """CuPy replaced by tests/runtime/host_cupy's stand-in, the CUDA kernels run on the host:
+    the whole script runs on a CPU (to check it; nothing it times is a GPU's)."""
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "runtime"))
+    import host_cuda
+    import host_cupy
+
+    from shardgrad.graph import device as base
+    from shardgrad.ops import gpu as gpu_ops
+    cupy = host_cupy.device_module()
+    sys.modules["cupy"] = cupy
+    base._cupy = lambda: cupy
+    gpu_ops.launch = host_cuda.HostLauncher()
+
+
+def step_case(name: str, steps: int, stand_in: bool, torch_compile: bool) -> dict:
     import cupy as cp
     import torch
     import torch.nn.functional as TF
 
     import shardgrad as sg
-    from shardgrad.graph.trace import trace_step
-    from shardgrad.runtime.gpu import DeviceStep
 
+    kind, widths, batch, opt_name, act, precision, eager = CASES[name]
+    if stand_in:          # the shapes of the case, scaled down: the code paths are the point
+        batch = min(batch, 16)
+        widths = tuple(min(w, 32) for w in widths)
     shape = (batch, 784) if kind == "mlp" else (batch, 1, 28, 28)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     y = rng.integers(0, 10, batch)
-    lr, mom = 0.01, 0.9
-    res: dict = {"part": kind, "batch": batch, "optimizer": "SGD(momentum=0.9)"}
-
-    sg.manual_seed(0)
-    model = _sg_model(kind)
-    opt = sg.optim.SGD(model.parameters(), lr=lr, momentum=mom)
-    graph = trace_step(model, sg.nn.functional.cross_entropy, opt, (shape, "float32"),
-                       ((batch,), "int64"))
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = {n: p.numpy() for n, p in model.named_parameters()}
-    states = {f"optim/{names[id(p)]}/{k}": v.numpy()
-              for p, st in zip(opt.params, opt.state, strict=True) for k, v in st.items()}
-    dx, dy = cp.asarray(x), cp.asarray(y)
-    sync = cp.cuda.Device().synchronize
+    tdev = "cpu" if stand_in else "cuda"
+    res: dict = {"part": "step", "case": name, "batch": batch, "widths": list(widths),
+                 "optimizer": "Adam" if opt_name == "adam" else f"SGD(momentum={MOMENTUM})",
+                 "activation": act, "precision": precision, "eager": eager,
+                 "stand_in": stand_in}
+    sync = cp.cuda.get_current_stream().synchronize
 
     try:
-        step = DeviceStep(graph, params, states)
-        t = [0]
+        sg.manual_seed(0)
+        model = _sg_model(kind, widths, act).to("cuda")
+        opt = (sg.optim.Adam(model.parameters(), lr=1e-3) if opt_name == "adam"
+               else sg.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+        dx, dy = sg.tensor(x, device="cuda"), sg.tensor(y, device="cuda")
+        if eager:
+            F = sg.nn.functional
 
-        def run():
-            t[0] += 1
-            return step(dx, dy, lr, t[0])
-        for _ in range(5):
+            def run():
+                opt.zero_grad()
+                loss = F.cross_entropy(model(dx), dy)
+                loss.backward()
+                opt.step()
+                return loss
+        else:
+            kw = {} if precision == "fp32" else {"precision": precision}
+            step = sg.compile_step(model, sg.nn.functional.cross_entropy, opt, **kw)
+
+            def run():
+                return step(dx, dy)
+        for _ in range(3):
             run()
         res["shardgrad_ms"] = 1e3 * timed(run, sync, steps)
         res["shardgrad_loss"] = float(run())
-        res["fused_groups"] = step.exe.n_fused
-        res["kernel_calls"] = sum(a[0] != "leaf" for a in step.exe.actions)
+        if not eager:
+            res["shardgrad_stats"] = step.stats()
     except Exception as e:  # noqa: BLE001 - reported, the torch measurement goes on
-        res["shardgrad_error"] = f"{type(e).__name__}: {e}"[:2000]
+        res["shardgrad_error"] = f"{type(e).__name__}: {e}"[:1000]
 
     try:
         torch.manual_seed(0)
-        tm = _torch_models()[kind]().cuda()
-        topt = torch.optim.SGD(tm.parameters(), lr=lr, momentum=mom)
-        tx, ty = torch.as_tensor(x, device="cuda"), torch.as_tensor(y, device="cuda")
+        tm = _torch_model(kind, widths, act).to(tdev)
+        topt = (torch.optim.Adam(tm.parameters(), lr=1e-3) if opt_name == "adam"
+                else torch.optim.SGD(tm.parameters(), lr=LR, momentum=MOMENTUM))
+        tx, ty = torch.as_tensor(x, device=tdev), torch.as_tensor(y, device=tdev)
+        tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        scaler = torch.amp.GradScaler(tdev) if precision == "fp16" else None
 
         def trun():
             topt.zero_grad(set_to_none=True)
-            loss = TF.cross_entropy(tm(tx), ty)
-            loss.backward()
-            topt.step()
+            if low is None:
+                loss = TF.cross_entropy(tm(tx), ty)
+            else:
+                with torch.autocast(tdev, dtype=low):
+                    loss = TF.cross_entropy(tm(tx), ty)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(topt)
+                scaler.update()
+            else:
+                loss.backward()
+                topt.step()
             return loss
-        for _ in range(5):
+        for _ in range(3):
             trun()
-        res["torch_eager_ms"] = 1e3 * timed(trun, torch.cuda.synchronize, steps)
+        key = "torch_eager_ms" if low is None else f"torch_autocast_{precision}_ms"
+        res[key] = 1e3 * timed(trun, tsync, steps)
         res["torch_loss"] = trun().detach().item()
         res["torch_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        if low is not None:
+            res["torch_eager_ms"] = res[key]       # the baseline the speed is taken against
+        if torch_compile:       # a reference, no target: last, as it may take long
+            t0 = time.perf_counter()
+            ctrun = torch.compile(trun)
+            for _ in range(3):
+                ctrun()
+            res["torch_compile_warmup_s"] = time.perf_counter() - t0
+            res["torch_compile_ms"] = 1e3 * timed(ctrun, tsync, steps)
     except Exception as e:  # noqa: BLE001 - reported
-        res["torch_error"] = f"{type(e).__name__}: {e}"[:2000]
-    target = 1.0 if kind == "mlp" else 0.7
-    res["target_speed"] = target
+        res["torch_error"] = f"{type(e).__name__}: {e}"[:1000]
     if "shardgrad_ms" in res and "torch_eager_ms" in res:
         res["speed"] = res["torch_eager_ms"] / res["shardgrad_ms"]
-    res["meets_target"] = res.get("speed", 0.0) >= target
+    if name in TARGETS:
+        res["target_speed"] = TARGETS[name]
+        res["meets_target"] = res.get("speed", 0.0) >= TARGETS[name]
     return res
+
+
+def steps_part(cases, steps: int, stand_in: bool, torch_compile: bool) -> list[dict]:
+    out = []
+    for name in cases:
+        res = step_case(name, steps, stand_in, False)
+        print(json.dumps(res), flush=True)
+        out.append(res)
+    if torch_compile and "mlp512-b1024" in cases:
+        res = step_case("mlp512-b1024", steps, stand_in, True)
+        res["case"] = "torch-compile-mlp512-b1024"
+        print(json.dumps(res), flush=True)
+        out.append(res)
+    return out
 
 
 def fused_part(n: int) -> dict:
@@ -190,21 +277,61 @@ def fused_part(n: int) -> dict:
             "target_fraction": 0.7, "meets_target": fused_gbs / copy_gbs >= 0.7}
 
 
+def cli_part(epochs: int, stand_in: bool, timeout: float = 35.0) -> dict:
+    """One ``shardgrad train`` run of examples/digits_mlp.toml on the GPU, as a user starts it
+    (``--set device.type="cuda"``): its exit code, wall time and summary.json."""
+    import os
+    import subprocess
+    import tempfile
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    out = tempfile.mkdtemp(prefix="sg_gpu_cli_")
+    cmd = [sys.executable, "-m", "shardgrad", "train", "examples/digits_mlp.toml", "--out", out,
+           "--set", 'device.type="cuda"', "--set", f"train.epochs={epochs}"]
+    if stand_in:
+        return {"part": "cli", "command": " ".join(cmd), "skipped": "stand-in: no GPU"}
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "SHARDGRAD_PROGRESS": "0"})
+    except subprocess.TimeoutExpired as e:
+        return {"part": "cli", "command": " ".join(cmd[1:]), "exit": None,
+                "timed_out_after_s": timeout, "stderr_tail": str(e.stderr or "")[-1500:]}
+    res = {"part": "cli", "command": " ".join(cmd[1:]), "exit": done.returncode,
+           "wall_s": time.perf_counter() - t0, "stderr_tail": done.stderr[-1500:]}
+    try:
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        res.update({k: summary.get(k) for k in ("test_accuracy", "train_loss", "steps",
+                                                "wall_s", "epochs")})
+        res["train_wall_s"] = summary.get("wall_s")
+    except OSError as e:
+        res["summary_error"] = str(e)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", required=True, choices=("env", "mlp", "cnn", "fused"))
+    ap.add_argument("--part", required=True, choices=("env", "steps", "fused", "cli"))
+    ap.add_argument("--epochs", type=int, default=3, help="the cli part's training epochs")
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--elements", type=int, default=1 << 26)
+    ap.add_argument("--stand-in", action="store_true",
+                    help="run on the CPU with tests/runtime/host_cupy standing for CuPy")
+    ap.add_argument("--no-torch-compile", action="store_true")
     args = ap.parse_args(argv)
+    if args.stand_in:
+        _stand_in()
     if args.part == "env":
-        res = env_part()
+        print(json.dumps(env_part()), flush=True)
+    elif args.part == "cli":
+        print(json.dumps(cli_part(args.epochs, args.stand_in)), flush=True)
     elif args.part == "fused":
-        res = fused_part(args.elements)
+        print(json.dumps(fused_part(args.elements)), flush=True)
     else:
-        batch = args.batch or (1024 if args.part == "mlp" else 256)
-        res = step_part(args.part, batch, args.steps)
-    print(json.dumps(res), flush=True)
+        res = steps_part(args.cases, args.steps, args.stand_in, not args.no_torch_compile)
+        print(json.dumps({"part": "steps", "cases": {r["case"]: r for r in res}}), flush=True)
     return 0
 
 

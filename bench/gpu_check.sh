@@ -5,13 +5,15 @@
 #     bash bench/gpu_check.sh        # under 5 minutes; logs and gpu_check.json in $OUT
 #                                    # (or bench/out when OUT is unset)
 #
-# 1. the GPU tests (pytest -m gpu: every op's float32 outputs and gradients on the GPU against
-#    the CPU reference, the hand-written kernels, DeviceStep, pinned staging, NCCL);
-# 2. benchmarks against PyTorch eager on the same GPU: the MLP 784-512-512-10 training step
-#    at batch 1024, the CNN step, a fused elementwise kernel against a device-to-device copy;
-# 3. the op table on cupy (test_op_cases, generic kernels). Every part runs in its own
-#    process under its own time limit, so one failure loses nothing else; the last line
-#    printed is the JSON summary.
+# 1. env: device, driver and library versions;
+# 2. steps: every case of issue 10's table through the public API (model.to("cuda"),
+#    sg.compile_step, the eager loop), against PyTorch eager on the same GPU, plus bf16/fp16
+#    against torch.autocast and torch.compile's step as a reference (bench/gpu_bench.py);
+# 3. cli: one `shardgrad train --set device.type="cuda"` run of the digits MLP;
+# 4. tests: the GPU tests (pytest -m gpu: ops and kernels against the CPU reference, the GPU
+#    step against the CPU step, device transfers, pinned staging, NCCL).
+# Every part runs in its own process under its own time limit, so one failure loses nothing
+# else; the last line printed is the JSON summary.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -42,23 +44,20 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $O
     echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s"
 }
 
-# Worst case, every part at its limit: 25 + 110 + 50 + 40 + 25 + 40 = 290 s.
-rm -f "$OUTDIR"/env.log "$OUTDIR"/tests.log "$OUTDIR"/mlp.log "$OUTDIR"/cnn.log \
-    "$OUTDIR"/fused.log "$OUTDIR"/optable.log
+# Worst case, every part at its limit: 20 + 130 + 40 + 100 = 290 s.
+rm -f "$OUTDIR"/env.log "$OUTDIR"/steps.log "$OUTDIR"/cli.log "$OUTDIR"/tests.log
 # GPU_CHECK_PARTS picks and orders parts (default: all, as below) when device time is short.
-for name in ${GPU_CHECK_PARTS:-env tests mlp cnn fused optable}; do
+for name in ${GPU_CHECK_PARTS:-env steps cli tests}; do
   case $name in
-    env) part env 25 "$PY" bench/gpu_bench.py --part env
+    env) part env 20 "$PY" bench/gpu_bench.py --part env
          nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv \
              >>"$OUTDIR/env.log" 2>&1 || true ;;
-    tests) part tests 110 "$PY" -m pytest -v -rfE -p no:cacheprovider --timeout 100 -m gpu \
+    steps) part steps 130 "$PY" bench/gpu_bench.py --part steps --steps 20 ;;
+    cli) part cli 40 "$PY" bench/gpu_bench.py --part cli --epochs 3 ;;
+    tests) part tests 100 "$PY" -m pytest -v -rfE -p no:cacheprovider --timeout 90 -m gpu \
              tests/ops/test_gpu_ops.py tests/runtime/test_gpu_runtime.py \
-             tests/runtime/test_tensor_device.py ;;
-    mlp) part mlp 50 "$PY" bench/gpu_bench.py --part mlp --steps 20 ;;
-    cnn) part cnn 40 "$PY" bench/gpu_bench.py --part cnn --steps 10 ;;
+             tests/runtime/test_tensor_device.py tests/runtime/test_gpu_step.py ;;
     fused) part fused 25 "$PY" bench/gpu_bench.py --part fused ;;
-    optable) part optable 40 "$PY" -m pytest -q -rfE -p no:cacheprovider --timeout 30 \
-             tests/ops/test_op_cases.py -k "test_forward and cupy" ;;
     *) echo "unknown part $name" ;;
   esac
 done

@@ -26,13 +26,27 @@ def summarize(outdir: str, start: int, status_file: str) -> dict:
             parts[name] = {"exit": int(rc), "seconds": int(secs),
                            "timed_out": rc in ("124", "137")}
     out: dict = {"total_seconds": int(time.time()) - start, "parts": parts}
-    for name in ("env", "mlp", "cnn", "fused"):
+    for name in ("env", "steps", "cli", "fused"):
         objs = [line for line in read(outdir, name).splitlines() if line.startswith("{")]
         try:
             out[name] = json.loads(objs[-1]) if objs else None
         except json.JSONDecodeError:
             out[name] = None
-    for name in ("tests", "optable"):
+    # each case's line, also those printed before the part was stopped at its time limit
+    cases = {}
+    for line in read(outdir, "steps").splitlines():
+        if line.startswith('{"part": "step"'):
+            try:
+                case = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            cases[case["case"]] = case
+    out["steps"] = cases
+    out["speeds"] = {k: {"speed": v.get("speed"), "target": v.get("target_speed"),
+                         "meets_target": v.get("meets_target"),
+                         "error": v.get("shardgrad_error")}
+                     for k, v in cases.items()}
+    for name in ("tests",):
         text = read(outdir, name)
         counts = [line for line in text.splitlines()
                   if re.search(r"\d+ (passed|failed|error|skipped)", line)]

@@ -63,6 +63,20 @@ def _check(name: str, value, ok: bool) -> None:
         raise ValueError(f"Invalid {name}: {value}")
 
 
+def clip_grad_norm(grads: dict, max_norm: float | None) -> dict:
+    """``grads`` (Tensors, eager or traced) scaled by min(1, max_norm / (||g|| + 1e-6)), ||g||
+    the L2 norm of all of them together, as torch.nn.utils.clip_grad_norm_ (``max_norm`` None
+    or 0: unchanged). In a traced step it reads the gradients data parallelism averaged."""
+    if not max_norm or not grads:
+        return grads
+    total = None
+    for g in grads.values():
+        sq = (g * g).sum()
+        total = sq if total is None else total + sq
+    coef = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
+    return {k: g * coef for k, g in grads.items()}
+
+
 class Optimizer:
     """Holds the parameters, hyper-parameters and per-parameter state.
 
@@ -74,6 +88,9 @@ class Optimizer:
     """
 
     state_keys: tuple[str, ...] = ()
+    #: clip the gradients' global L2 norm to this before each update (None: off), eager or
+    #: compiled, as calling torch.nn.utils.clip_grad_norm_ before every optimizer.step()
+    max_grad_norm: float | None = None
 
     def __init__(self, params: Iterable[Tensor], lr: float, **defaults):
         if isinstance(params, Tensor):
@@ -122,7 +139,8 @@ class Optimizer:
 
     def hyperparameters(self) -> tuple:
         """The values the update rule reads as constants (lr and t are graph inputs)."""
-        return tuple((k, getattr(self, k)) for k in self.defaults)
+        return tuple((k, getattr(self, k)) for k in self.defaults) + (
+            ("max_grad_norm", self.max_grad_norm),)
 
     def rule(self, p, g, state, lr, t):
         raise NotImplementedError
@@ -139,13 +157,15 @@ class Optimizer:
         """One eager update of every parameter that has a gradient."""
         self.t += 1
         with no_grad():
+            grads = clip_grad_norm({id(p): p.grad for p in self.params if p.grad is not None},
+                                   self.max_grad_norm)
             for p, st in zip(self.params, self.state, strict=True):
                 if p.grad is None:
                     continue
                 for v in st.values():      # the model may have moved since (Module.to)
                     if v.device != p.device:
                         v._set_leaf(to_device(v.data, p.device))
-                new_p, new_state = self.rule(p.detach(), p.grad, st, self.lr, self.t)
+                new_p, new_state = self.rule(p.detach(), grads[id(p)], st, self.lr, self.t)
                 p.data = new_p.data
                 for k, v in new_state.items():
                     st[k].assign_(v)
@@ -257,4 +277,4 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay)
 
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm"]

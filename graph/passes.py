@@ -304,3 +304,51 @@ def fusion_groups(graph: Graph) -> list[FusionGroup]:
         groups.append(FusionGroup(nodes, tuple(inputs), outputs, nodes[-1].shape, expr))
     groups.sort(key=lambda g: pos[g.nodes[-1].id])
     return groups
+
+
+# ---- mixed precision ---------------------------------------------------------------------------
+
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def low_dtype(precision: str) -> str | None:
+    """The storage dtype of ``precision`` ("fp32" | "bf16" | "fp16"): None for fp32. bfloat16
+    is NumPy's through ml_dtypes (which CuPy uses too); a missing package or an unknown name
+    is a ValueError of one line."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision = {precision!r}: must be one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        try:
+            import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy
+        except ImportError:
+            raise ValueError("precision = 'bf16' needs ml_dtypes: pip install ml_dtypes") from None
+    return PRECISIONS[precision]
+
+
+def autocast(graph: Graph, precision: str, emulate: bool = False) -> Graph:
+    """Mixed precision as a rewrite: every float32 matmul (the linear layers, and conv2d's
+    im2col product, forward and backward) reads its operands rounded to ``precision``'s
+    dtype and gives its product in it, then cast back to float32; everything else (master
+    weights, optimizer, reductions, softmax, the loss) stays float32, as torch.autocast.
+    ``emulate`` (the CPU): the product is computed in float32 from the rounded operands and
+    rounded itself (cast there and back), which is what a low-precision GEMM accumulating in
+    float32 gives, without NumPy's slow float16/bfloat16 loops; else the matmul runs in the
+    low dtype (cuBLAS accumulates in float32). ``fp32`` returns ``graph`` unchanged."""
+    low = low_dtype(precision)
+    if low is None:
+        return graph
+    from shardgrad.ops.elementwise import cast
+    from shardgrad.ops.linalg import matmul
+
+    def visit(n: Node, ins: tuple[Node, ...]) -> Node:
+        if n.op != "matmul" or n.dtype != "float32":
+            return _rebuild(n, ins)
+        a, b = (cast(x, low) for x in ins)
+        if emulate:
+            a, b = cast(a, n.dtype), cast(b, n.dtype)
+            return cast(cast(matmul(a, b), low), n.dtype)
+        return cast(matmul(a, b), n.dtype)
+
+    out = _sweep(graph, visit)
+    out.meta["precision"] = precision
+    return out

@@ -31,6 +31,7 @@ from shardgrad.graph.device import (
     to_host,
 )
 from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf
+from shardgrad.graph.walk import Walk, describe
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
 from shardgrad.ops import reduce as R
@@ -95,6 +96,7 @@ def _evaluate(outs: list[Node]) -> None:
             continue
         todo[n.id] = n
         stack.extend(x for x in n.inputs if x not in _VALUES)
+    walk = _EagerWalk()
     for i in sorted(todo):
         n = todo[i]
         if n.op == "const":
@@ -102,7 +104,24 @@ def _evaluate(outs: list[Node]) -> None:
         elif not n.inputs:
             raise ShapeError(f"{n!r} has no value: it is a traced placeholder")
         else:
-            _VALUES[n] = _run(n, [_VALUES[x] for x in n.inputs])
+            walk.steps.append(lambda n=n: _VALUES.__setitem__(
+                n, _run(n, [_VALUES[x] for x in n.inputs])))
+            walk.step_nodes.append(n)
+    walk.execute()
+
+
+class _EagerWalk(Walk):
+    """Eager evaluation as a backend of the executor core (graph.walk): a step per node still
+    without a value, each kept in _VALUES beside its node (they live as long as the node). A
+    kernel's error keeps its type (user code may catch a ValueError, as with PyTorch), with
+    the node, op and user line added as a note."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def error(self, node: Node, exc: BaseException, note: str = "") -> BaseException:
+        exc.add_note(f"while executing {describe(None, node)} (from {node.where})")
+        return exc
 
 
 def _run(n: Node, args: list[Any]):
@@ -113,8 +132,27 @@ def _run(n: Node, args: list[Any]):
         return kernel_for(n, "cpu")(np, *args, **n.attrs)
     xp = array_module(on)
     with on.device:
-        args = [a if is_device_array(a) else xp.asarray(a) for a in args]
+        args = [a if is_device_array(a) else _to_device_once(xp, a, on.device.id)
+                for a in args]
         return kernel_for(n, xp)(xp, *args, **n.attrs)
+
+
+# Python scalars of eager ops on a GPU (0.9 * buf, p - lr * g), by (device, dtype, value): each
+# is uploaded once, not once an op (a host-to-device copy each); bounded, cleared when full.
+_DEVICE_SCALARS: dict[tuple, Any] = {}
+
+
+def _to_device_once(xp, a, device_id: int):
+    if np.ndim(a) != 0:
+        return xp.asarray(a)
+    a = np.asarray(a)
+    key = (device_id, a.dtype.str, a.item())
+    hit = _DEVICE_SCALARS.get(key)
+    if hit is None:
+        if len(_DEVICE_SCALARS) >= 4096:
+            _DEVICE_SCALARS.clear()
+        hit = _DEVICE_SCALARS[key] = xp.asarray(a)
+    return hit
 
 
 def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
@@ -332,7 +370,10 @@ class Tensor:
                                  f"{self.shape}; pass gradient= of that shape")
             seed = const(1, dtype=self.dtype)
             if self.is_cuda:     # the gradient is computed where the value lives
-                seed = _const(to_device(seed.attrs["value"], self.device))
+                value = self.data
+                with value.device:
+                    seed = _const(_to_device_once(array_module(value), seed.attrs["value"],
+                                                  value.device.id))
         else:
             if self.is_cuda and not isinstance(gradient, Tensor):
                 gradient = to_device(gradient, self.device)

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator
 from shardgrad.graph.autodiff import backprop
 from shardgrad.graph.ir import Graph, ShapeError, const, toposort
 from shardgrad.graph.nn import Module
-from shardgrad.graph.optim import Optimizer
+from shardgrad.graph.optim import Optimizer, clip_grad_norm
 from shardgrad.graph.tensor import Tensor, placeholder, tracing_salt
+from shardgrad.ops import elementwise as E
 from shardgrad.ops.nn import batch_stats_sync
 
 
@@ -42,9 +43,32 @@ def _mode(model: Module, training: bool) -> Iterator[None]:
             object.__setattr__(m, "training", mode)          # as Module.train sets it
 
 
+GROWTH_INTERVAL = 2000      # torch.amp.GradScaler's defaults: x2 after this many finite steps,
+BACKOFF = 0.5               # x0.5 after a step with an inf or NaN gradient (skipped)
+
+
+def _loss_scaled_update(outputs: dict, scale: Tensor, growth: Tensor, grads: list[Tensor],
+                        olds: dict[str, Tensor]) -> None:
+    """Dynamic loss scaling in the graph, as torch's GradScaler: the gradients came out
+    multiplied by ``scale``; if any is inf or NaN the step's updates are skipped (each
+    ``param/`` and ``state/optim/`` output takes its old value) and the scale halves, else
+    after GROWTH_INTERVAL finite steps in a row it doubles."""
+    total = grads[0].sum()
+    for g in grads[1:]:
+        total = total + g.sum()
+    bad = ((total * 0.0) != 0.0).node    # inf * 0 and NaN * 0 are NaN, and NaN != 0
+    for k, old in olds.items():
+        outputs[k] = E.where(bad, old.node, outputs[k])
+    count = Tensor(E.where(bad, (growth * 0.0).node, (growth + 1.0).node))
+    grow = (count >= float(GROWTH_INTERVAL)).node
+    outputs["state/amp/scale"] = E.where(bad, (scale * BACKOFF).node,
+                                         E.where(grow, (scale * 2.0).node, scale.node))
+    outputs["state/amp/growth"] = E.where(grow, (count * 0.0).node, count.node)
+
+
 def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
-               x_spec: tuple[tuple[int, ...], str], y_spec: tuple[tuple[int, ...], str]
-               ) -> Graph:
+               x_spec: tuple[tuple[int, ...], str], y_spec: tuple[tuple[int, ...], str],
+               loss_scaling: bool = False) -> Graph:
     """The training-step Graph for a batch of the given (shape, dtype) specs.
 
     Leaves: inputs ``x``, ``y``, ``lr``, ``t`` (1-based step, float), ``step`` (int64, only
@@ -54,6 +78,11 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
     Outputs: ``loss``, ``grad/<param>``, ``param/<param>`` (updated), ``state/<name>``
     (updated). ``meta``: ``params``, ``states`` (names in order), ``loss_scale`` =
     ``"mean"`` (the loss averages over the batch).
+
+    ``loss_scaling`` (fp16): backward starts from the state ``amp/scale`` instead of 1, the
+    gradients are unscaled before the update, and a step whose gradients hold an inf or NaN
+    keeps the old parameters and optimizer state; states ``amp/scale`` and ``amp/growth``
+    are updated as torch's GradScaler updates its scale (see ``_loss_scaled_update``).
     """
     every = list(model.named_parameters())
     named = [(n, p) for n, p in every if p.requires_grad]
@@ -86,7 +115,15 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
             raise ShapeError(f"loss_fn must return a scalar Tensor, got {loss!r}")
         new_buffers = {n: b.node for n, b in buffers}
         params = [leaves[id(p)] for _, p in named]
-        grads = backprop([loss.node], [const(1, dtype=loss.dtype)], params)
+        seed = const(1, dtype=loss.dtype)
+        if loss_scaling:      # fp16: the backward pass starts from the scale, not from 1
+            scale = placeholder((), dtype, "state", name="amp/scale")
+            growth = placeholder((), dtype, "state", name="amp/growth")
+            seed = scale.node
+        grads = backprop([loss.node], [seed], params)
+        if loss_scaling:
+            scaled = [Tensor(g) for g in grads]
+            grads = [(g * (1.0 / scale)).node for g in scaled]
         outputs = {"loss": loss.node}
         outputs.update({f"grad/{n}": g for (n, _), g in zip(named, grads, strict=True)})
         if optimizer is not None:
@@ -94,8 +131,10 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
             t = placeholder((), dtype, name="t")
             # a parameter the loss does not use gets no update, as in torch (its grad is None)
             used = {n.id for n in toposort([loss.node])}
+            olds: dict[str, Tensor] = {}
             grad_of = {id(p): Tensor(g) for (_, p), g in zip(named, grads, strict=True)
                        if leaves[id(p)].id in used}
+            grad_of = clip_grad_norm(grad_of, optimizer.max_grad_norm)
             for p, st in zip(optimizer.params, optimizer.state, strict=True):
                 if id(p) not in grad_of:
                     continue                       # frozen or unused: no update
@@ -103,14 +142,22 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
                 new_p, new_st = optimizer.rule(Tensor(leaves[id(p)]), grad_of[id(p)], st, lr, t)
                 outputs[f"param/{pname}"] = new_p.node
                 outputs.update({f"state/optim/{pname}/{k}": v.node for k, v in new_st.items()})
+                olds[f"param/{pname}"] = Tensor(leaves[id(p)])
+                olds.update({f"state/optim/{pname}/{k}": st[k] for k in new_st})
+            if loss_scaling:
+                _loss_scaled_update(outputs, scale, growth,
+                                    [s for s, (_, p) in zip(scaled, named, strict=True)
+                                     if id(p) in grad_of], olds)
         for n, node in new_buffers.items():
             outputs[f"state/{n}"] = node
     for n, b in buffers:
         if f"state/{n}" in outputs and outputs[f"state/{n}"] is leaves[id(b)]:
             del outputs[f"state/{n}"]
     meta = {"params": [n for n, _ in named],
-            "states": [n for n, _ in buffers + frozen] + [n for n, _ in opt_states],
+            "states": [n for n, _ in buffers + frozen] + [n for n, _ in opt_states]
+            + (["amp/scale", "amp/growth"] if loss_scaling and optimizer is not None else []),
             "loss_scale": "mean", "dtype": dtype,
+            "loss_scaling": bool(loss_scaling and optimizer is not None),
             "batch_stats_synced": batch_stats_sync() is not None}
     return Graph(outputs, meta=meta)
 

@@ -27,6 +27,14 @@ class Binding:
     def __init__(self, groups: dict[str, Any]):
         self.groups = groups
         self.pending: dict[int, Any] = {}
+        self.sending: list[tuple[Any, Any]] = []   # isend's (request, buffer) until waited on
+
+    def wait_sends(self) -> None:
+        """Wait for every ``isend`` started under this binding (each buffer stays referenced,
+        and so unwritten, until its send is done)."""
+        while self.sending:
+            request, _ = self.sending.pop(0)
+            request.wait()
 
 
 _BINDING: ContextVar[Binding | None] = ContextVar("shardgrad_collective_binding", default=None)
@@ -186,6 +194,12 @@ def _send_fwd(xp, x, dest, tag=0, group="world"):
     return xp.empty((0,), x.dtype)
 
 
+def _isend_fwd(xp, x, dest, tag=0, group="world"):
+    buf = xp.ascontiguousarray(x)
+    _BINDING.get().sending.append((communicator(group, "isend").isend(buf, dest, tag), buf))
+    return xp.empty((0,), x.dtype)
+
+
 def _recv_infer(token, shape, dtype, source, tag=0, group="world"):
     if tuple(token[0]) != (0,):
         raise ValueError(f"recv's first input must be a token (shape (0,)), got {tuple(token[0])}")
@@ -199,6 +213,13 @@ def _recv_fwd(xp, token, shape, dtype, source, tag=0, group="world"):
 register(OpDef("send", infer=lambda x, dest, tag=0, group="world": ((0,), x[1]), forward=_send_fwd,
                vjp=lambda g, x, out, dest, tag=0, group="world":
                (recv(g, x.shape, x.dtype, dest, tag, group),),  # adjoint of sending: receiving dx
+               cost=_comm_cost, effectful=True))
+# isend: send without waiting; the binding's wait_sends() completes it (x must not be written
+# until then: a partitioner feeds it only values no other node writes).
+register(OpDef("isend", infer=lambda x, dest, tag=0, group="world": ((0,), x[1]),
+               forward=_isend_fwd,
+               vjp=lambda g, x, out, dest, tag=0, group="world":
+               (recv(g, x.shape, x.dtype, dest, tag, group),),  # as send's: receiving dx
                cost=_comm_cost, effectful=True))
 register(OpDef("recv", infer=_recv_infer, forward=_recv_fwd,
                vjp=lambda g, token, out, shape, dtype, source, tag=0, group="world":
@@ -215,6 +236,12 @@ def token(dtype: str = "float32") -> Node:
 def send(x: Node, dest: int, tag: int = 0, group: str = "world") -> Node:
     """Send ``x`` to rank ``dest`` of ``group``; returns a token."""
     return apply("send", x, dest=int(dest), tag=int(tag), group=group)
+
+
+def isend(x: Node, dest: int, tag: int = 0, group: str = "world") -> Node:
+    """Start sending ``x`` to rank ``dest`` of ``group``; returns a token. The send completes
+    at the binding's ``wait_sends()``."""
+    return apply("isend", x, dest=int(dest), tag=int(tag), group=group)
 
 
 def recv(after: Node, shape: Sequence[int], dtype: str, source: int, tag: int = 0,

@@ -71,6 +71,9 @@ class OpDef:
              the only ops graph.passes.fusion_groups puts in fusion groups.
     effectful  the result is not a pure function of inputs and attrs (communication,
              randomness): never merged by cse, never evaluated by constant folding.
+    view     ``forward`` returns a view of its input, never a copy: "any" (whatever the
+             input's layout: transpose, broadcast_to) or "contiguous" (only of a C-contiguous
+             input: reshape). The compiled program then plans no buffer for it.
 
     A new op declares its pieces in its stanza, in this order: the forward (and ``out`` /
     ``cuda`` / ``cuda_expr`` forms beside it when it has them), the VJP with its math, then
@@ -90,6 +93,7 @@ class OpDef:
     cuda_expr: CudaExpr | None = None
     elementwise: bool = False
     effectful: bool = False
+    view: str | None = None
 
 
 REGISTRY: dict[str, OpDef] = {}

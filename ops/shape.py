@@ -44,7 +44,7 @@ def _reshape_infer(x, shape, **_):
 register(OpDef("reshape", infer=_reshape_infer,
                forward=lambda xp, x, shape: xp.reshape(x, shape),
                vjp=lambda g, x, out, shape: (reshape(g, x.shape),),  # reshape is a relabelling
-               jvp=_linear_jvp("reshape"), cost=_view_cost))
+               jvp=_linear_jvp("reshape"), cost=_view_cost, view="contiguous"))
 
 
 def reshape(x, shape) -> Node:
@@ -68,7 +68,7 @@ def _transpose_infer(x, axes, **_):
 register(OpDef("transpose", infer=_transpose_infer,
                forward=lambda xp, x, axes: xp.transpose(x, axes),
                vjp=lambda g, x, out, axes: (transpose(g, tuple(np.argsort(axes))),),  # P^-1 g
-               jvp=_linear_jvp("transpose"), cost=_view_cost))
+               jvp=_linear_jvp("transpose"), cost=_view_cost, view="any"))
 
 
 @builder("transpose")
@@ -92,7 +92,7 @@ def _broadcast_to_infer(x, shape, **_):
 register(OpDef("broadcast_to", infer=_broadcast_to_infer,
                forward=lambda xp, x, shape: xp.broadcast_to(x, shape),
                vjp=lambda g, x, out, shape: (unbroadcast(g, x.shape),),  # adjoint: sum back
-               jvp=_linear_jvp("broadcast_to"), cost=_view_cost))
+               jvp=_linear_jvp("broadcast_to"), cost=_view_cost, view="any"))
 
 
 def broadcast_to(x, shape) -> Node:

@@ -8,6 +8,7 @@ from runtime.pipeline.profile_times).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -294,6 +295,81 @@ class Stage:
 
 
 @dataclass
+class RankProgram:
+    """Everything one pipeline rank runs, as IR: ``graphs`` by name and ``actions``, its
+    stage's schedule, each naming the graph it runs (``action_graph``). The runtime walks
+    the actions, runs each graph with the rank's communicators bound (groups "pp" and "dp")
+    and carries values between graphs by name; it computes and moves nothing itself.
+
+    forward, backward, update   the Stage's programs (see ``Stage``)
+    recv/<tag>                  RECV: ``recv`` of one message; output ``act/<value>`` or
+                                ``gact/<value>/<stage>``, the leaf its consumer reads
+    send/<tag>                  SEND: ``isend`` of ``act/<value>`` or ``gact/<value>``; the
+                                sends complete after the update (``Binding.wait_sends``)
+    accumulate                  after each B but the first: ``sum/<k> + <k>`` for the
+                                ``grad/`` outputs (the sum over micro-batches)
+    accumulate_buffers          after each F but the first: the same for ``state/`` buffers
+    reduce                      after the flush: gradients and buffers allreduced over the
+                                data-parallel group "dp" (one flat buffer per dtype), buffers
+                                divided by micro-batches x replicas; absent when it would
+                                change nothing
+    """
+
+    stage: int
+    graphs: dict[str, Graph]
+    actions: list[Any]
+    grads: list[str]
+    buffers: list[str]
+
+    @staticmethod
+    def action_graph(a: Any) -> str:
+        if a.op in ("SEND", "RECV"):
+            return f"{a.op.lower()}/{a.msg.tag}"
+        return {"F": "forward", "B": "backward"}[a.op]
+
+    def describe(self) -> str:
+        """One line: the graphs and their communication nodes per step."""
+        count = collections.Counter(n.op for g in self.graphs.values() for n in g.nodes
+                                    if n.op in ("isend", "recv", "allreduce"))
+        big = [f"{k} {len(self.graphs[k])} nodes" for k in ("forward", "backward", "reduce",
+                                                             "update") if k in self.graphs]
+        comm = ", ".join(f"{k} {op}" for op, k in sorted(count.items())) or "no communication"
+        return f"{', '.join(big)}; {comm} per step"
+
+
+def _reduce_program(names: list[str], leaves: Mapping[str, Node], dp: int,
+                    buffers: list[str], replicas: int) -> Graph | None:
+    """Sum ``names`` over the "dp" group (one packed allreduce per dtype, in ``names``
+    order), then divide ``buffers`` by ``replicas``: the values the update reads."""
+    if dp == 1 and not buffers:
+        return None
+    ins = {k: leaf("input", leaves[k].shape, leaves[k].dtype, name=k) for k in names}
+    out = dict(ins)
+    if dp > 1:
+        by_dtype: dict[str, list[str]] = {}
+        for k in names:
+            by_dtype.setdefault(ins[k].dtype, []).append(k)
+        for keys in by_dtype.values():
+            flat = collective.allreduce(collective.pack([ins[k] for k in keys]), group="dp",
+                                        inplace=True)
+            start = 0
+            for k in keys:
+                out[k] = collective.unpack(flat, start, ins[k].shape)
+                start += ins[k].size
+    for k in buffers:
+        out[k] = out[k] / const(replicas, dtype=out[k].dtype)
+    return Graph(out)
+
+
+def _sum_program(names: list[str], leaves: Mapping[str, Node]) -> Graph:
+    outs = {}
+    for k in names:
+        acc = leaf("input", leaves[k].shape, leaves[k].dtype, name=f"sum/{k}")
+        outs[k] = acc + leaf("input", leaves[k].shape, leaves[k].dtype, name=k)
+    return Graph(outs)
+
+
+@dataclass
 class PipelinePlan:
     """A step graph cut into stages: ``stages[s]`` runs on pipeline rank ``s``; ``transfers``
     are the values that cross stages (every micro-batch); ``schedule`` orders the work.
@@ -323,41 +399,78 @@ class PipelinePlan:
         """Param and state name -> the stage that holds and updates it."""
         return {n: s.index for s in self.stages for n in s.params + s.states}
 
+    def program(self, stage: int) -> RankProgram:
+        """Stage ``stage``'s rank program: its three programs, a ``recv`` or ``isend`` graph
+        for every message of its schedule, the micro-batch sums and the data-parallel
+        reduction, all IR (see ``RankProgram``). Pure; built on first use."""
+        cache = self.__dict__.setdefault("_programs", {})
+        if stage not in cache:
+            cache[stage] = self._program(stage)
+        return cache[stage]
+
+    def _program(self, stage: int) -> RankProgram:
+        st = self.stages[stage]
+        leaves = {n.name: n for g in (st.forward, st.backward, st.update) for n in g.inputs}
+        graphs: dict[str, Graph] = {"forward": st.forward, "backward": st.backward,
+                                    "update": st.update}
+        actions = self.schedule.actions[stage]
+        for a in actions:
+            m = a.msg
+            if a.op == "RECV":
+                name = f"act/{m.name}" if m.kind == "act" else f"gact/{m.name}/{m.src}"
+                v = leaves[name]
+                graphs[f"recv/{m.tag}"] = Graph({name: collective.recv(
+                    collective.token(v.dtype), v.shape, v.dtype, m.src, m.tag, "pp")})
+            elif a.op == "SEND":
+                name = f"act/{m.name}" if m.kind == "act" else f"gact/{m.name}"
+                v = (st.forward if m.kind == "act" else st.backward).outputs[name]
+                x = leaf("input", v.shape, v.dtype, name=name)
+                graphs[f"send/{m.tag}"] = Graph({f"sent/{name}>{m.dst}": collective.isend(
+                    x, m.dst, m.tag, "pp")})
+        grads = [k for k in st.backward.outputs if k.startswith("grad/")]
+        buffers = [k for k in st.forward.outputs if k.startswith("state/")]
+        values = {**{k: st.backward.outputs[k] for k in grads},
+                  **{k: st.forward.outputs[k] for k in buffers}}
+        graphs["accumulate"] = _sum_program(grads, values)
+        graphs["accumulate_buffers"] = _sum_program(buffers, values)
+        reduce = _reduce_program(grads + buffers, values, self.dp, buffers,
+                                 self.micro_batches * self.dp)
+        if reduce is not None:
+            graphs["reduce"] = reduce
+        return RankProgram(stage, graphs, actions, grads, buffers)
+
     def shard(self, stage: int) -> Graph:
-        """Stage ``stage``'s work on micro-batch 0 as one Graph, its communication as ops:
-        a ``recv`` where an activation (forward) or a gradient (backward) arrives, a ``send``
-        where one leaves, with the ranks (group "pp") and tags of the schedule. For reading
-        and drawing; the runtime runs the three programs and moves arrays itself."""
-        st, m = self.stages[stage], self.micro_batches
-        fmap, bmap, sends = {}, {}, []
-        for i, t in enumerate(self.transfers):
-            if t.dst == stage:
-                lf = next(n for n in st.forward.inputs if n.name == f"act/{t.name}")
-                fmap[lf.id] = collective.recv(collective.token(lf.dtype), lf.shape, lf.dtype,
-                                              t.src, sched.tag(i, "act", m, 0), "pp")
-                if t.grad:
-                    sends.append(("backward", f"gact/{t.name}", t.src, sched.tag(i, "grad", m, 0)))
-            if t.src == stage:
-                sends.append(("forward", f"act/{t.name}", t.dst, sched.tag(i, "act", m, 0)))
-                lf = next((n for n in st.backward.inputs if n.name == f"gact/{t.name}/{t.dst}"),
-                          None)
-                if lf is not None:
-                    bmap[lf.id] = collective.recv(collective.token(lf.dtype), lf.shape, lf.dtype,
-                                                  t.dst, sched.tag(i, "grad", m, 0), "pp")
-        fwd = replace(st.forward, fmap)
-        for n in st.backward.inputs:
-            if n.id in fmap:
-                bmap[n.id] = fmap[n.id]
-            elif n.name in fwd.outputs:
-                bmap[n.id] = fwd.outputs[n.name]
-        bwd = replace(st.backward, bmap)
-        update = replace(st.update, {n.id: bwd.outputs[n.name] for n in st.update.inputs
-                                     if n.name in bwd.outputs})
+        """Stage ``stage``'s rank program (``program``) on micro-batch 0 joined into one
+        Graph: the ``recv`` nodes feed the forward and backward programs, the ``isend``
+        nodes take their outputs, the data-parallel ``reduce`` (if any) feeds the update.
+        The nodes are the ones that run; only the joining is for reading and drawing."""
+        prog, st = self.program(stage), self.stages[stage]
+        recvs: dict[str, Node] = {}
+        sends: list[Graph] = []
+        for a in prog.actions:
+            if a.mb == 0 and a.op == "RECV":
+                recvs.update(prog.graphs[prog.action_graph(a)].outputs)
+            elif a.mb == 0 and a.op == "SEND":
+                sends.append(prog.graphs[prog.action_graph(a)])
+        fwd = replace(st.forward, {n.id: recvs[n.name] for n in st.forward.inputs
+                                   if n.name in recvs})
+        bwd = replace(st.backward, {n.id: recvs[n.name] if n.name in recvs else
+                                    fwd.outputs[n.name] for n in st.backward.inputs
+                                    if n.name in recvs or n.name in fwd.outputs})
+        sums = {**{k: bwd.outputs[k] for k in prog.grads},
+                **{k: fwd.outputs[k] for k in prog.buffers}}
+        if "reduce" in prog.graphs:
+            red = prog.graphs["reduce"]
+            sums = dict(replace(red, {n.id: sums[n.name] for n in red.inputs}).outputs)
+        update = replace(st.update, {n.id: sums[n.name] for n in st.update.inputs
+                                     if n.name in sums})
         outputs = {"loss": fwd.outputs["loss"]} if "loss" in fwd.outputs else {}
-        for phase, name, peer, tg in sends:
-            value = (fwd if phase == "forward" else bwd).outputs[name]
-            outputs[f"send/{name}>{peer}"] = collective.send(value, peer, tg, "pp")
+        for g in sends:
+            (x,) = g.inputs
+            value = (fwd if x.name.startswith("act/") else bwd).outputs[x.name]
+            outputs.update(replace(g, {x.id: value}).outputs)
         outputs.update(update.outputs)
+        outputs.update((k, sums[k]) for k in prog.buffers)
         return Graph(outputs, meta={"stage": stage})
 
     def to_dot(self):
@@ -372,7 +485,7 @@ class PipelinePlan:
         sends, recvs = {}, {}
         for s, g in enumerate(shards):
             for n in g.nodes:
-                if n.op == "send":
+                if n.op == "isend":
                     sends[(s, n.attrs["dest"], n.attrs["tag"])] = n
                 elif n.op == "recv":
                     recvs[(n.attrs["source"], s, n.attrs["tag"])] = n
@@ -400,6 +513,7 @@ class PipelinePlan:
                 ops[n.op] = ops.get(n.op, 0) + 1
             lines.append("  ops: " + ", ".join(f"{k}x {op}" if k > 1 else op
                                                 for op, k in ops.items()))
+            lines.append("  rank program: " + self.program(s.index).describe())
         lines.append("transfers per micro-batch:")
         for t in self.transfers:
             lines.append(f"  {t.name}: stage {t.src} -> {t.dst}, {_human(t.nbytes)}"
@@ -678,5 +792,5 @@ def pipeline(graph: Graph, pp: int, balance: str | Sequence[Any] = "cost",
 
 
 __all__ = ["BALANCES", "BANDWIDTH", "FLOP_RATE", "MEM_RATE", "PartitionError", "Parts",
-           "PipelinePlan", "Stage", "balanced_starts", "cost_policy", "cut", "estimated_times",
-           "pipeline", "split_policy", "stage_costs", "vjp_nodes"]
+           "PipelinePlan", "RankProgram", "Stage", "balanced_starts", "cost_policy", "cut",
+           "estimated_times", "pipeline", "split_policy", "stage_costs", "vjp_nodes"]

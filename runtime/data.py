@@ -69,6 +69,39 @@ def load_digits(dtype="float32", image: bool = False, test_fraction: float = 0.2
     return Dataset(*split(x, y, test_fraction, seed), num_classes=10)
 
 
+# A generated corpus for text classifiers: sentences of filler words with 1 or 3 sentiment
+# words, each negated by a preceding "not" with probability 0.3; the label is the sign of the
+# summed polarity. A bag of words cannot tell "not good" from "good", so attention has to.
+TEXT_PAD, TEXT_NOT, TEXT_WORDS = 0, 1, 10      # ids: padding, "not", then 10 positive, 10
+TEXT_VOCAB = 64                                # negative and the rest filler
+
+
+def load_text(n: int = 8000, length: int = 16, test_fraction: float = 0.2,
+              seed: int = 0) -> Dataset:
+    """``n`` generated token-id sentences (int64 (N, length), 0-padded at the end, 6 to
+    ``length`` tokens) labelled negative (0) or positive (1); the same for the same ``seed``
+    (which also draws the split)."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, length), np.int64)
+    y = np.zeros(n, np.int64)
+    first_filler = 2 + 2 * TEXT_WORDS
+    for i in range(n):
+        size = int(rng.integers(6, length + 1))
+        row = rng.integers(first_filler, TEXT_VOCAB, size)
+        k = int(rng.choice([1, 3]))
+        spots = np.sort(rng.choice(np.arange(1, size), k, replace=False))
+        total = 0
+        for at in spots:
+            positive = bool(rng.random() < 0.5)
+            row[at] = 2 + int(rng.integers(TEXT_WORDS)) + (0 if positive else TEXT_WORDS)
+            negated = rng.random() < 0.3 and row[at - 1] >= first_filler
+            if negated:
+                row[at - 1] = TEXT_NOT
+            total += (1 if positive else -1) * (-1 if negated else 1)
+        x[i, :size], y[i] = row, int(total > 0)
+    return Dataset(*split(x, y, test_fraction, seed), num_classes=2)
+
+
 # IDX: 2 zero bytes, a type code, the number of dimensions, then each dimension as a
 # big-endian uint32, then the data, big-endian (http://yann.lecun.com/exdb/mnist/).
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

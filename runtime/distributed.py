@@ -18,34 +18,23 @@ as under ``shardgrad train``. Imports graph, partition and runtime.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.partition.data_parallel import DataParallel
-from shardgrad.runtime import dp
-from shardgrad.runtime.comm import Communicator, SingleProcess
-from shardgrad.runtime.config import mpi_world_size
+from shardgrad.runtime import dp, world
+from shardgrad.runtime.comm import Communicator
 from shardgrad.runtime.data import DistributedSampler, batches
 from shardgrad.runtime.step import Executor, TrainStep, _batch, device_of, executor_for
 
-_WORLD: list[Communicator | None] = [None]
-
 
 def init(timeout_s: float = 300.0) -> Communicator:
-    """This process's communicator, made on the first call: MPI's world when an MPI launcher
-    started the process (a collective blocked ``timeout_s`` seconds aborts the job; 0: never),
-    else a single process. Under MPI an uncaught exception then aborts every rank."""
-    if _WORLD[0] is None:
-        if mpi_world_size() is None:
-            _WORLD[0] = SingleProcess()
-        else:
-            from shardgrad.runtime.mpi import MPICommunicator  # initializes MPI
-
-            _WORLD[0] = MPICommunicator(timeout_s=timeout_s or None)
-            _abort_on_uncaught(_WORLD[0])
-    return _WORLD[0]
+    """This process's communicator, made on the first call (``runtime.world.start``, as
+    ``shardgrad train`` does): MPI's world when an MPI launcher started the process (a
+    collective blocked ``timeout_s`` seconds aborts the job; 0: never), else a single
+    process. Under MPI an uncaught exception then aborts every rank."""
+    return world.start(timeout_s)
 
 
 def rank() -> int:
@@ -54,20 +43,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return init().world_size
-
-
-def _abort_on_uncaught(comm: Communicator) -> None:
-    """Its peers would wait for a rank that died of an exception: print it, then abort all."""
-    previous = sys.excepthook
-
-    def hook(kind, value, tb):
-        previous(kind, value, tb)
-        cause = ("interrupted (KeyboardInterrupt)" if issubclass(kind, KeyboardInterrupt)
-                 else f"{kind.__name__}: {value}")
-        print(f"rank {comm.rank} failed: {cause}", file=sys.stderr, flush=True)
-        comm.abort(130 if issubclass(kind, KeyboardInterrupt) else 1)
-
-    sys.excepthook = hook
 
 
 class DataParallelStep(TrainStep):
@@ -84,9 +59,7 @@ class DataParallelStep(TrainStep):
     def __call__(self, x, y) -> float:
         if not self._synced:
             x, y = _batch(x), _batch(y)
-            graph, _ = self.graph_for(x, y)
-            dp.check_replicas(self.comm, graph, self.model)
-            dp.broadcast_state(self.model, self.optimizer, self.comm)
+            dp.synchronize(self.comm, self.model, self.optimizer, self, x, y)
             self._synced = True
         return super().__call__(x, y)
 
@@ -109,14 +82,10 @@ def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                          f"{comm.world_size} rank(s) in deterministic mode")
     executor = executor or executor_for(model)
     on_gpu = device_of(model).is_cuda
-    if on_gpu and comm.world_size > 1:
-        from shardgrad.runtime.gpu_comm import make_gpu_comm
-
-        comm = make_gpu_comm(comm)
-    transform = None
-    if comm.world_size > 1 or deterministic:
-        transform = DataParallel(comm.world_size, int(bucket_mb * 2**20), deterministic,
-                                 chunks, sync_batchnorm=sync_batchnorm)
+    if on_gpu:
+        comm = world.device_comm(comm, "cuda")
+    transform = dp.rewrite(comm.world_size, bucket_mb, deterministic, chunks,
+                           sync_batchnorm=sync_batchnorm)
     return DataParallelStep(model, loss_fn, optimizer, comm, transform, executor)
 
 

@@ -5,8 +5,6 @@ knob (``debug.*``) the fail-fast tests use. Imports graph, ops, partition and ru
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,8 +18,8 @@ from shardgrad.graph.optim import Optimizer
 from shardgrad.ops import collective
 from shardgrad.partition.data_parallel import DataParallel
 from shardgrad.partition.plan import graph_hash
-from shardgrad.runtime.comm import Communicator, SingleProcess
-from shardgrad.runtime.config import ConfigError, mpi_world_size
+from shardgrad.runtime.comm import Communicator
+from shardgrad.runtime.config import ConfigError
 from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.step import TrainStep
 
@@ -103,6 +101,28 @@ def check_replicas(comm: Communicator, graph: Graph, model: Module) -> None:
                                   f"code, config and local batch shape")
 
 
+def rewrite(world_size: int, bucket_mb: float, deterministic: bool, chunks: int,
+            overlap: bool = False, sync_batchnorm: bool = True) -> DataParallel | None:
+    """The data-parallel step transform for ``world_size`` ranks (``shardgrad train`` and
+    ``sg.distributed`` alike), or None when it would change nothing (one rank, not
+    deterministic)."""
+    if world_size == 1 and not deterministic:
+        return None
+    return DataParallel(world_size, int(bucket_mb * 2**20), deterministic, chunks, overlap,
+                        sync_batchnorm=sync_batchnorm)
+
+
+def synchronize(comm: Communicator, model: Module, optimizer: Optimizer, step: TrainStep,
+                x, y) -> None:
+    """Before the first step of a data-parallel job (``shardgrad train`` and
+    ``sg.distributed`` alike): check that every rank traced the same step for a local batch
+    ``x``, ``y``, then give every rank rank 0's parameters, buffers and optimizer state."""
+    if comm.world_size > 1:
+        graph, _ = step.graph_for(np.asarray(x), np.asarray(y))
+        check_replicas(comm, graph, model)
+        broadcast_state(model, optimizer, comm)
+
+
 def fault_injector(config: Mapping, rank: int, world_size: int | None = None
                    ) -> Callable[[int], None] | None:
     """The ``debug.fail_at_step`` / ``debug.fail_rank`` / ``debug.fail_mode`` knob: on that
@@ -148,48 +168,12 @@ def step_options(config: Mapping, comm: Communicator,
     if p["deterministic"] and batch % p["chunks"]:
         raise ConfigError(f"train.batch_size = {batch} must be a multiple of parallel.chunks = "
                           f"{p['chunks']} in deterministic mode")
-    transform = None
-    if comm.world_size > 1 or p["deterministic"]:
-        transform = DataParallel(comm.world_size, int(p["bucket_mb"] * 2**20),
-                                 p["deterministic"], p["chunks"], p["overlap"],
-                                 sync_batchnorm=p["sync_batchnorm"])
+    transform = rewrite(comm.world_size, p["bucket_mb"], p["deterministic"], p["chunks"],
+                        p["overlap"], p["sync_batchnorm"])
 
     def prepare(model: Module, optimizer: Optimizer, step: TrainStep, x, y) -> None:
-        if comm.world_size > 1:
-            graph, _ = step.graph_for(np.asarray(x), np.asarray(y))
-            check_replicas(comm, graph, model)
-            broadcast_state(model, optimizer, comm)
+        synchronize(comm, model, optimizer, step, x, y)
 
     fault = fault_injector(config, comm.rank, comm.world_size)
     return {"transform": transform, "prepare": prepare,
             "executor": bound_executor(executor, comm, fault)}
-
-
-def communicator(config: Mapping) -> Communicator:
-    """This process's communicator: MPI's world when an MPI launcher started the job (with
-    ``parallel.timeout_s`` as the collective timeout, ``parallel.start_timeout_s`` bounding
-    MPI's start), else the single-process one."""
-    if mpi_world_size() is None:
-        return SingleProcess()
-    start_s = config["parallel"]["start_timeout_s"]
-    if start_s:
-        # MPI's start waits for every rank while holding the GIL, so no Python thread can end
-        # the wait for a rank that never starts: faulthandler's C thread prints "Timeout" and
-        # where it waited (_start_mpi), and exits; mpirun then ends the job. It needs a real
-        # stderr (a file descriptor): without one, the start is not bounded.
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            faulthandler.dump_traceback_later(start_s, exit=True)
-    try:
-        return _start_mpi(config["parallel"]["timeout_s"])
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-
-
-def _start_mpi(timeout_s: float) -> Communicator:
-    try:
-        from shardgrad.runtime.mpi import MPICommunicator  # initializes MPI: only under mpirun
-    except ImportError as e:
-        raise ConfigError(f"an MPI launcher started this process but {e.name or 'mpi4py'} "
-                          f"cannot be imported ({e}): pip install -e '.[mpi]'") from None
-
-    return MPICommunicator(timeout_s=timeout_s)

@@ -2,7 +2,6 @@
 group (graph.passes.fusion_groups) as one generated kernel (ops.codegen), every other op
 through ``kernel_for(op, "cuda")``: its hand-written CUDA kernel where it has one, else its
 generic forward on cupy (matmul is cuBLAS, which reads transposed views in place).
-``DeviceStep`` keeps a training step's parameters and optimizer state on the device.
 
 Semantics are the reference Interpreter's (tested against it). Side effects (CUDA launches)
 live here, in runtime/. Imports graph, ops and runtime (device, interpreter).
@@ -18,11 +17,11 @@ import numpy as np
 from shardgrad.graph import passes
 from shardgrad.graph.ir import Graph, Node
 from shardgrad.graph.passes import FusionGroup, fusion_groups
+from shardgrad.graph.walk import EnvWalk, leaf_value
 from shardgrad.ops import gpu
 from shardgrad.ops.codegen import KernelSource, Unsupported, contiguous_strides, fused_source
 from shardgrad.ops.registry import device_kind, kernel_for
 from shardgrad.runtime.device import Device, xp_for
-from shardgrad.runtime.interpreter import ExecutionError, describe, leaf_value
 
 
 def _view(x: Node) -> tuple[Node, tuple[int, ...], tuple[int, ...] | None]:
@@ -84,21 +83,22 @@ def _dependencies_first(actions: list[tuple]) -> list[tuple]:
     return [actions[j] for j in order]
 
 
-class GPUExecutor:
+class GPUExecutor(EnvWalk):
     """Runs ``graph`` on ``device`` (default: the current GPU). Build once; call ``run``.
 
     ``run(feeds)`` takes leaf values by name (NumPy arrays are copied to the device, CuPy
     arrays used as they are; a 0-d host value such as the learning rate is copied once and
     reused while it stays the same) and returns the outputs by name as device arrays. Values
-    are dropped after their last use. ``fuse=False`` runs elementwise ops one by one;
+    are dropped after their last use (the executor core's walk, graph.walk, over one step per
+    leaf, op or fused group). ``fuse=False`` runs elementwise ops one by one;
     ``simplify`` first runs passes.simplify (which changes no result); ``xp`` overrides the
-    array module (tests run the kernels on NumPy through runtime.host_cuda).
+    array module (tests run the kernels on NumPy through tests/runtime/host_cuda.py).
     """
 
     def __init__(self, graph: Graph, device: str | Device = "cuda", fuse: bool = True,
                  simplify: bool = True, xp=None, rank: int | None = None):
         graph = passes.simplify(graph) if simplify else graph
-        self.graph, self.rank = graph, rank
+        super().__init__(graph, rank, on=" on the GPU")
         self.xp = xp if xp is not None else xp_for(device)
         # the kernels follow the array module: CuPy (or its stand-in) takes the CUDA ones
         self.device_kind = device_kind(self.xp)
@@ -137,17 +137,26 @@ class GPUExecutor:
                 live.update(act[2])
                 kept.append(act[:3])
         self.actions: list[tuple[str, Any, tuple[int, ...]]] = kept[::-1]
-        last: dict[int, int] = {}
-        for a, (_, _, uses) in enumerate(self.actions):
-            for u in uses:
-                last[u] = a
-        keep = {n.id for n in graph.outputs.values()}
-        self.free_after: list[list[int]] = [[] for _ in self.actions]
-        for nid, a in last.items():
-            if nid not in keep:
-                self.free_after[a].append(nid)
         self._consts: dict[int, Any] = {}
         self._scalars: dict[int, tuple[Any, Any]] = {}   # leaf id -> (host value, on device)
+        # a fed device array of the leaf's name, shape and dtype is used as it is: checked
+        # without str(dtype) (its cost was a quarter of a small step's host time)
+        self._types = {n.id: (n.name, n.shape, np.dtype(n.dtype)) for n in graph.nodes
+                       if not n.inputs and n.op != "const"}
+        self._feeds: Mapping[Any, Any] = {}
+        xp = self.xp
+        for kind, payload, uses in self.actions:
+            if kind == "leaf":
+                self.add_leaf(payload, lambda n: self.leaf(n, self._feeds))
+            elif kind == "op":
+                n, fn = payload
+                self.add(n, _bind(fn, xp, n.attrs), uses, n.id)
+            else:
+                self.add(payload.group.nodes[-1], _bind_group(payload, xp), uses,
+                         [o.id for o in payload.group.outputs],
+                         note=f" (fused group of {len(payload.group.nodes)} ops: "
+                              f"{', '.join(m.op for m in payload.group.nodes)})")
+        self.finish(n.id for n in graph.outputs.values())
 
     def leaf(self, n: Node, feeds: Mapping[Any, Any]):
         """The device value of leaf ``n``: a const's (copied once), or the one fed by name."""
@@ -156,6 +165,11 @@ class GPUExecutor:
             if n.id not in self._consts:
                 self._consts[n.id] = xp.asarray(np.asarray(n.attrs["value"]))
             return self._consts[n.id]
+        name, shape, dtype = self._types[n.id]
+        value = feeds.get(name) if n not in feeds else None
+        if (value is not None and isinstance(value, xp.ndarray) and value.shape == shape
+                and value.dtype == dtype):
+            return value
         value = leaf_value(np, n, feeds)
         if isinstance(value, xp.ndarray):
             return value
@@ -169,61 +183,20 @@ class GPUExecutor:
         return hit[1]
 
     def run(self, feeds: Mapping[Any, Any]) -> dict[str, Any]:
-        xp, env = self.xp, {}
-        for a, (kind, payload, uses) in enumerate(self.actions):
-            try:
-                if kind == "leaf":
-                    env[payload.id] = self.leaf(payload, feeds)
-                elif kind == "op":
-                    n, fn = payload
-                    env[n.id] = fn(xp, *[env[u] for u in uses], **n.attrs)
-                else:
-                    outs = payload(xp, [env[u] for u in uses])
-                    for o, v in zip(payload.group.outputs, outs, strict=True):
-                        env[o.id] = v
-            except ExecutionError:
-                raise
-            except Exception as e:  # noqa: BLE001 - re-raised with the node attached
-                n = payload if kind == "leaf" else payload[0] if kind == "op" else (
-                    payload.group.nodes[-1])
-                where = f" on rank {self.rank}" if self.rank is not None else ""
-                what = "" if kind != "group" else f" (fused group of {len(payload.group.nodes)}"\
-                    f" ops: {', '.join(m.op for m in payload.group.nodes)})"
-                raise ExecutionError(f"while executing {describe(self.graph, n)}{what} (from "
-                                     f"{n.where}) on the GPU{where}: {type(e).__name__}: {e}",
-                                     n, self.rank) from e
-            for nid in self.free_after[a]:
-                env.pop(nid, None)
+        self._feeds = feeds
+        try:
+            env = self.run_env()
+        finally:
+            self._feeds = {}
         return {k: env[v.id] for k, v in self.graph.outputs.items()}
 
 
-class DeviceStep:
-    """A training-step Graph (graph.trace.trace_step's leaves and outputs) run on one GPU
-    with its parameters and states resident there.
-
-    ``params`` / ``states`` map leaf names to arrays (copied to the device once). Each call
-    ``step(x, y, lr, t)`` feeds a batch (host or device arrays), runs forward, backward and
-    update, swaps the new parameters and states in, and returns the loss as a 0-d device
-    array. The step's one host sync is cross_entropy's check that every label is in range.
-    """
-
-    def __init__(self, graph: Graph, params: Mapping[str, Any], states: Mapping[str, Any],
-                 device: str | Device = "cuda", fuse: bool = True, xp=None):
-        self.exe = GPUExecutor(graph, device, fuse=fuse, xp=xp)
-        self.xp = self.exe.xp
-        self.params = {k: self.xp.array(v) for k, v in params.items()}
-        self.states = {k: self.xp.array(v) for k, v in states.items()}
-        self.dtype = np.dtype(str(next(iter(self.params.values())).dtype))
-
-    def __call__(self, x, y, lr: float, t: float):
-        out = self.exe.run({"x": x, "y": y, "lr": np.asarray(lr, self.dtype),
-                            "t": np.asarray(t, self.dtype), **self.params, **self.states})
-        for k in self.params:
-            self.params[k] = out[f"param/{k}"]
-        for k in self.states:
-            if f"state/{k}" in out:
-                self.states[k] = out[f"state/{k}"]
-        return out["loss"]
+def _bind(fn, xp, attrs):
+    return lambda *a: fn(xp, *a, **attrs)
 
 
-__all__ = ["DeviceStep", "FusedKernel", "GPUExecutor"]
+def _bind_group(kernel: FusedKernel, xp):
+    return lambda *a: kernel(xp, list(a))
+
+
+__all__ = ["FusedKernel", "GPUExecutor"]

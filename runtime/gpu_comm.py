@@ -170,6 +170,20 @@ class GPUCommunicator(Communicator):
             return self.inner.send(buf, dest, tag)
         return self.inner.send(self._out(buf, "send"), dest, tag)
 
+    def isend(self, buf, dest, tag=0) -> Request:
+        mode = self.mode(buf)
+        if mode == "host":
+            return self.inner.isend(buf, dest, tag)
+        self._sync()
+        if mode == "direct":
+            return self.inner.isend(buf, dest, tag)
+        # a host copy of its own (not the cached pinned one, which the next send of this size
+        # reuses) that the request keeps alive until it is waited on
+        host = np.empty(buf.shape, buf.dtype)
+        buf.get(out=host)
+        self.staged_bytes += buf.nbytes
+        return self.inner.isend(host, dest, tag)
+
     def recv_(self, buf, source, tag=0):
         mode = self.mode(buf)
         if mode == "host":
@@ -253,6 +267,11 @@ class NCCLCommunicator(GPUCommunicator):
         if self.mode(buf) == "host":
             return self.inner.send(buf, dest, tag)
         self._call("send", self.comm.send, buf.data.ptr, buf.size, self._dtype(buf), dest)
+
+    def isend(self, buf, dest, tag=0) -> Request:
+        # NCCL matches sends by order, not tag: blocking, as Communicator's default
+        self.send(buf, dest, tag)
+        return Request()
 
     def recv_(self, buf, source, tag=0):
         if self.mode(buf) == "host":

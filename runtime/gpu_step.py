@@ -11,11 +11,13 @@ step waits for the GPU or uploads from the host. Imports graph, ops and runtime.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from shardgrad.graph import passes
 from shardgrad.graph.device import to_device
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.optim import SGD, Adam, AdamW, Optimizer
@@ -136,7 +138,10 @@ class DeviceProgram:
     def __init__(self, graph: Graph, state: DeviceState):
         self.state = state
         updated = [n for n in graph.meta["params"] if f"param/{n}" in graph.outputs]
-        self.flat = state.kind is not None and sorted(updated) == sorted(state.flat_names)
+        # loss scaling (skips a step's update) and gradient clipping (scales the gradients
+        # by their global norm) are in the traced update: that one runs then
+        self.flat = state.kind is not None and sorted(updated) == sorted(state.flat_names) and (
+            not graph.meta.get("loss_scaling")) and not state.optimizer.max_grad_norm
         if self.flat:
             keep = {"loss", *(f"grad/{n}" for n in state.flat_names)}
             keep |= {k for k in graph.outputs if k.startswith("state/")
@@ -148,29 +153,193 @@ class DeviceProgram:
         else:
             self.copies = [(k, state.views[k.split("/", 1)[1]]) for k in graph.outputs
                            if k.startswith(("param/", "state/"))]
+        # products written in the layout their users read, as the CPU program does
+        graph = passes.fold_transposes(graph)
         self.graph = graph
         self.reads_step = any(n.op == "input" and n.name == "step" for n in graph.nodes)
         self.exe = GPUExecutor(graph, state.device, xp=state.xp)
         self.path = f"flat-{state.kind}" if self.flat else "graph-update"
+        self.update = FlatUpdate(state) if self.flat else None
 
-    def run(self, feeds: Mapping[str, Any], checks: gpu_ops.DeferredChecks):
-        xp, opt = self.state.xp, self.state.optimizer
+        self.replay: GraphReplay | None = None
+        self.calls = 0
+        self.cuda_graph = False
+        self.graph_note = "off"
+
+    def body(self, feeds: Mapping[str, Any], checks: gpu_ops.DeferredChecks):
+        """Forward and backward, their results copied into the state's storage (what a CUDA
+        Graph captures: no scalar from the host)."""
+        xp = self.state.xp
         with checks:
             out = self.exe.run(feeds)
         for name, view in self.copies:
             xp.copyto(view, out[name])
-        if self.flat:
-            flat = self.state.flat
-            if self.state.kind == "sgd":
-                gpu_ops.sgd_update_(flat["param"], flat["grad"], flat.get("momentum_buffer"),
-                                    lr=opt.lr, momentum=opt.momentum,
-                                    weight_decay=opt.weight_decay, nesterov=opt.nesterov)
-            else:
-                gpu_ops.adam_update_(flat["param"], flat["grad"], flat["exp_avg"],
-                                     flat["exp_avg_sq"], lr=opt.lr, step=opt.t + 1,
-                                     betas=opt.betas, eps=opt.eps,
-                                     weight_decay=opt.weight_decay, decoupled=opt.decoupled)
         return out["loss"]
 
+    def run(self, feeds: Mapping[str, Any], checks: gpu_ops.DeferredChecks,
+            use_graph: bool = False):
+        self.calls += 1
+        if use_graph and self.replay is None and self.calls > WARMUP and (
+                self.graph_note == "off"):
+            self.replay, self.graph_note, loss = GraphReplay.build(self, feeds, checks)
+            self.cuda_graph = self.replay is not None
+            if loss is not None:
+                return loss
+        if self.replay is not None:
+            return self.replay(feeds)
+        loss = self.body(feeds, checks)
+        if self.flat:
+            self.update(self.state.optimizer)
+        return loss
 
-__all__ = ["DeviceProgram", "DeviceState", "StepLoss", "flat_kind"]
+
+WARMUP = 2      # plain steps of a program before its capture (kernels compiled, pool warm)
+
+
+def _capture(xp, stream, fn):
+    """Record what ``fn()`` queues on ``stream`` as a CUDA Graph (nothing runs); returns
+    (the graph, what fn returned)."""
+    stream.begin_capture()
+    try:
+        result = fn()
+    finally:
+        graph = stream.end_capture()
+    return graph, result
+
+
+class GraphReplay:
+    """A DeviceProgram's forward and backward captured once as a CUDA Graph on a non-default
+    stream and replayed each step: the batch copied into static input buffers, the graph
+    launched, the update (scalars as kernel arguments) and a copy of the loss after it, all
+    on that stream, ordered after and before the caller's stream by events. The values the
+    graph writes live in a memory pool of its own, so nothing else reuses them between
+    replays. ``build`` checks the first replay against plain launches of the same step and
+    falls back to plain launches (returning None and the reason) when capture fails (CuPy
+    refuses its cuBLAS wrappers while capturing, cupy#6290) or the results differ."""
+
+    def __init__(self, program, stream, graph, pool, static, loss, events):
+        self.program, self.stream, self.graph, self.pool = program, stream, graph, pool
+        self.static, self.loss, self.events = static, loss, events
+
+    @staticmethod
+    def build(program, feeds, checks) -> tuple[GraphReplay | None, str, Any]:
+        """Run this step (plain launches) and capture it: (the replay or None, what happened,
+        this step's loss or None when it has not run: then the caller runs it)."""
+        state = program.state
+        xp = state.xp
+        cuda = xp.cuda
+        if not program.flat:
+            return None, "not captured: the traced update reads lr and t from the host", None
+        if program.reads_step:
+            return None, "not captured: random ops read the step count from the host", None
+        if not all(hasattr(cuda, a) for a in ("Stream", "Event", "MemoryPool",
+                                                  "using_allocator")):
+            return None, "not captured: this CuPy has no stream capture", None
+        loss = plain = None
+        targets = [view for _, view in program.copies]
+        note = "captured"
+        try:
+            stream = cuda.Stream(non_blocking=True)
+            pool = cuda.MemoryPool()
+            static = {k: xp.empty(feeds[k].shape, feeds[k].dtype) for k in ("x", "y")}
+            events = (cuda.Event(disable_timing=True), cuda.Event(disable_timing=True))
+            fed = dict(feeds, **static)
+            kept = [view for name, view in program.copies if not name.startswith("grad/")]
+            _enter(xp, stream, events[0])
+            with stream, cuda.using_allocator(pool.malloc):
+                for k in static:
+                    xp.copyto(static[k], xp.asarray(feeds[k]))
+                before = [v.copy() for v in kept]          # buffers the step updates
+                loss = program.body(fed, checks)           # this step, plain; the pool warms
+                plain = [v.copy() for v in targets] + [loss.copy()]
+                for v, b in zip(kept, before, strict=True):
+                    xp.copyto(v, b)
+                graph, static_loss = _capture(xp, stream, lambda: program.body(fed, checks))
+                graph.launch(stream)
+                same = all(bool(xp.allclose(g, w, rtol=1e-5, atol=1e-7, equal_nan=True))
+                           for g, w in zip([*targets, static_loss], plain, strict=True))
+                if not same:
+                    note = "not captured: the replay differed from plain launches"
+        except Exception as e:  # noqa: BLE001 - any failure means plain launches, reported
+            note = f"not captured: {type(e).__name__}: {e}"[:300]
+        if loss is None:
+            return None, note, None
+        # the step completes on the caller's stream whatever happened to the capture
+        if note != "captured" and plain is not None:
+            for v, w in zip(targets, plain[:-1], strict=True):
+                xp.copyto(v, w)
+        elif plain is None:                     # failed between its forward and the copy
+            loss = program.body(feeds, checks)
+        try:
+            _leave(xp, stream, events[1])
+        except Exception as e:  # noqa: BLE001 - then wait for it from the host, once
+            note = f"not captured: {type(e).__name__}: {e}"[:300]
+            with contextlib.suppress(Exception):
+                stream.synchronize()
+        if program.flat:
+            program.update(state.optimizer)
+        if note != "captured":
+            return None, note, loss if plain is None else plain[-1]
+        replay = GraphReplay(program, stream, graph, pool, static, static_loss, events)
+        return replay, note, plain[-1]
+
+    def __call__(self, feeds):
+        xp, program = self.program.state.xp, self.program
+        _enter(xp, self.stream, self.events[0])
+        with self.stream:
+            for k, buf in self.static.items():
+                xp.copyto(buf, xp.asarray(feeds[k]))
+            self.graph.launch(self.stream)
+            if program.flat:
+                program.update(program.state.optimizer)
+            loss = self.loss.copy()
+        _leave(xp, self.stream, self.events[1])
+        return loss
+
+
+def _enter(xp, stream, event) -> None:
+    """``stream`` waits for what the caller's stream has queued (no host wait)."""
+    event.record(xp.cuda.get_current_stream())
+    stream.wait_event(event)
+
+
+def _leave(xp, stream, event) -> None:
+    """The caller's stream waits for what ``stream`` has queued (no host wait)."""
+    event.record(stream)
+    xp.cuda.get_current_stream().wait_event(event)
+
+
+class FlatUpdate:
+    """ops.gpu's flat SGD / Adam update over a DeviceState's buffers, its launch prepared once
+    (source, options, grid, buffers): a step only builds the scalar arguments, the same
+    values ``sgd_update_`` / ``adam_update_`` pass (a fifth of a small step's host time went
+    to their checks and lookups)."""
+
+    def __init__(self, state: DeviceState):
+        flat = state.flat
+        p = flat["param"]
+        gpu_ops._flat(*flat.values())
+        self.kind, self.t = state.kind, p.dtype.type
+        self.code = gpu_ops.source("optim.cu")
+        self.options = (f"-DSG_T={gpu_ops.CTYPES[str(p.dtype)]}",)
+        self.grid, n = gpu_ops.blocks(p.size), np.int64(p.size)
+        if self.kind == "sgd":
+            self.name = "sgd_update"
+            self.head = (p, flat["grad"], flat.get("momentum_buffer", p), n)
+        else:
+            self.name = "adam_update"
+            self.head = (p, flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], n)
+
+    def __call__(self, opt: Optimizer) -> None:
+        t = self.t
+        if self.kind == "sgd":
+            tail = (t(opt.lr), t(opt.momentum), t(opt.weight_decay), np.int32(bool(opt.nesterov)))
+        else:
+            b1, b2, step = t(opt.b1), t(opt.b2), t(opt.t + 1)
+            tail = (t(opt.lr), b1, b2, t(opt.eps), t(opt.weight_decay), t(1) - b1 ** step,
+                    t(1) - b2 ** step, np.int32(bool(opt.decoupled)))
+        gpu_ops.launch(self.code, self.name, self.options, self.grid, gpu_ops.BLOCK,
+                       self.head + tail)
+
+
+__all__ = ["DeviceProgram", "DeviceState", "FlatUpdate", "GraphReplay", "StepLoss", "flat_kind"]

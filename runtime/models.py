@@ -1,4 +1,5 @@
-"""The classifiers a config can name: ``model.kind = "mlp" | "cnn" | "resnet"``, from sg.nn.
+"""The classifiers a config can name: ``model.kind = "mlp" | "cnn" | "resnet" |
+"transformer"``, from sg.nn.
 
 Parameter initialisation draws from sg.nn's seeded generator, so the caller seeds it
 (``sg.manual_seed(train.seed)``) and every rank builds the same parameters. Imports graph.nn
@@ -11,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from shardgrad.graph import nn
+from shardgrad.graph.tensor import arange
 from shardgrad.runtime.config import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -58,6 +60,30 @@ def cnn(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0)
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
+class TextTransformer(nn.Module):
+    """Token ids (N, T), 0 for padding -> token + learned position embeddings -> ``layers``
+    TransformerEncoderLayers (padding masked out) -> mean over the real tokens -> Linear."""
+
+    def __init__(self, vocab: int, length: int, num_classes: int, d_model: int, heads: int,
+                 layers: int, ff: int, dropout: float):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d_model, padding_idx=0)
+        self.positions = nn.Embedding(length, d_model)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True)
+            for _ in range(layers))
+        self.head = nn.Linear(d_model, num_classes)
+        self.length = length
+
+    def forward(self, x):
+        pad = x == 0
+        h = self.tokens(x) + self.positions(arange(self.length)).unsqueeze(0)
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=pad)
+        keep = (x != 0).astype(h.dtype).unsqueeze(-1)
+        return self.head((h * keep).sum(1) / keep.sum(1).clip(min=1.0))
+
+
 def resnet(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0
            ) -> nn.Module:
     """sg.nn.ResNet(model.depth, model.width) for (C, H, W) images."""
@@ -70,14 +96,40 @@ def resnet(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int =
     return nn.ResNet(m["depth"], m["width"], input_shape[0], num_classes)
 
 
-BUILDERS = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+def transformer(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0,
+                vocab: int = 0) -> nn.Module:
+    """A text classifier over integer token ids (N, T): see TextTransformer."""
+    if len(input_shape) != 1:
+        raise ConfigError(f"model.kind = 'transformer' needs token ids (N, T), got samples of "
+                          f"shape {tuple(input_shape)}")
+    vocab = m["vocab_size"] or vocab
+    if vocab < 1:
+        raise ConfigError("model.kind = 'transformer' needs integer token ids (data.dataset = "
+                          "'text') or model.vocab_size")
+    if m["d_model"] % m["heads"]:
+        raise ConfigError(f"model.heads = {m['heads']} must divide model.d_model = "
+                          f"{m['d_model']}")
+    return TextTransformer(vocab, input_shape[0], num_classes, m["d_model"], m["heads"],
+                           m["layers"], m["ff"], m["dropout"])
+
+
+BUILDERS = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "transformer": transformer}
 IMAGE_MODELS = ("cnn", "resnet")
 
 
-def build_model(config: Mapping, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """The model ``config["model"]`` describes, for inputs of ``input_shape`` (one sample).
-    Seed sg.nn first (``sg.manual_seed``): this draws the initial parameters."""
+def vocab_size(x) -> int:
+    """The vocabulary integer token ids ``x`` need (largest id + 1); 0 for non-integer data."""
+    return int(x.max()) + 1 if x.dtype.kind in "iu" and x.size else 0
+
+
+def build_model(config: Mapping, input_shape: Sequence[int], num_classes: int,
+                vocab: int = 0) -> nn.Module:
+    """The model ``config["model"]`` describes, for inputs of ``input_shape`` (one sample;
+    ``vocab``: the token ids' vocabulary, for text). Seed sg.nn first (``sg.manual_seed``):
+    this draws the initial parameters."""
     m = config["model"]
+    if m["kind"] == "transformer":
+        return transformer(m, input_shape, num_classes, config["train"]["seed"], vocab)
     return BUILDERS[m["kind"]](m, input_shape, num_classes, config["train"]["seed"])
 
 
@@ -86,5 +138,5 @@ def image_input(config: Mapping) -> bool:
     return config["model"]["kind"] in IMAGE_MODELS
 
 
-__all__ = ["ACTIVATIONS", "BUILDERS", "IMAGE_MODELS", "build_model", "cnn", "image_input", "mlp",
-           "resnet"]
+__all__ = ["ACTIVATIONS", "BUILDERS", "IMAGE_MODELS", "TextTransformer", "build_model", "cnn",
+           "image_input", "mlp", "resnet", "transformer", "vocab_size"]

@@ -1,11 +1,13 @@
 """What a training run shows while it runs: the progress bar (epoch, loss, last test
-accuracy), one readable line per epoch on stderr, TensorBoard event files (``log.tensorboard``)
-and the step timings behind summary.json's ``step_time_s`` and ``samples_per_s``.
-The training loop calls one Monitor; only rank 0 shows or writes. Imports runtime.config.
+accuracy), one readable line per epoch on stderr, TensorBoard event files (``log.tensorboard``),
+the step timings behind summary.json's ``step_time_s`` and ``samples_per_s``, and each rank's
+timeline (``debug.trace``, runtime.trace). The training loop calls one Monitor; only rank 0
+shows, every rank writes its own timeline. Imports runtime (config, device, trace).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
@@ -16,7 +18,8 @@ from typing import Any
 from tqdm import tqdm
 
 from shardgrad.runtime import config as cfg
-
+from shardgrad.runtime import device as dev
+from shardgrad.runtime import trace
 
 # Figures in metrics.jsonl and summary.json read off the clock: they differ between two runs
 # that compute the same thing.
@@ -32,10 +35,21 @@ class Monitor:
     it)."""
 
     def __init__(self, config: Mapping, out_dir: str | None, rank: int, total: int,
-                 initial: int = 0):
+                 initial: int = 0, world_size: int = 1):
         self.rank, self.epochs = rank, config["train"]["epochs"]
         self.batch_size = config["train"]["batch_size"]
         self.show = rank == 0
+        self.steps = initial
+        self.tracer = self.trace_path = self._cm = None
+        if config["debug"]["trace"] and out_dir is not None:
+            self.trace_path = os.path.join(out_dir, "trace", f"rank{rank}.json")
+            if rank == 0:   # an earlier, larger job's timelines would be merged with these
+                for r, path in trace.rank_files(out_dir):
+                    if r >= world_size:
+                        os.remove(path)
+            self._cm = trace.tracing(rank, self.trace_path)
+            self.tracer = self._cm.__enter__()
+        self.cuda = dev.Device.parse(config["device"]["type"]).is_cuda
         self.bar = tqdm(total=total, initial=initial, unit="step", desc="train", leave=False,
                         disable=not self.show or not cfg.progress_enabled())
         self.times: list[float] = []
@@ -51,11 +65,40 @@ class Monitor:
         self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
 
     def step_begin(self) -> None:
+        if self.tracer is not None:
+            self._context = self.tracer.context
+            self.tracer.context += (("in", "step"),)   # the graph `shardgrad graph` draws
+            if self.cuda:
+                self._events = _cuda_event(), _cuda_event()
+                self._events[0].record()
         self._t0 = time.perf_counter()
 
     def step_end(self) -> None:
-        self.times.append(time.perf_counter() - self._t0)
+        t1 = time.perf_counter()
+        self.times.append(t1 - self._t0)
+        self.steps += 1
+        if self.tracer is not None:
+            self.tracer.context = self._context
+            ns = lambda t: int(t * 1e9)   # perf_counter and perf_counter_ns share a clock
+            self.tracer.span("step", "step", ns(self._t0), ns(t1), step=self.steps)
+            if self.cuda:
+                self._events[1].record()
+                self.tracer.gpu_step(self.steps, *self._events)
         self.bar.update(1)
+
+    def data(self, batches):
+        """``batches``, each one's loading recorded on the timeline."""
+        return trace.traced_iter(batches) if self.tracer is not None else batches
+
+    @contextlib.contextmanager
+    def span(self, name: str, cat: str = "host", **args: Any):
+        """A context recording ``name`` on the timeline; the nodes run inside (evaluation's)
+        carry ``"in": name``."""
+        if self.tracer is None:
+            yield
+            return
+        with self.tracer.timed(name, cat, **args), self.tracer.annotate(**{"in": name}):
+            yield
 
     def rate(self, steps: int) -> float:
         """Samples a second since the previous call (data loading and logging included)."""
@@ -100,6 +143,20 @@ class Monitor:
         self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+            self._cm = None
+
+
+def traced_comm(config: Mapping, comm):
+    """``comm``, its calls recorded on the timeline when ``debug.trace`` is on."""
+    return trace.TracedComm(comm) if config["debug"]["trace"] else comm
+
+
+def _cuda_event():
+    from shardgrad.graph.device import _cupy  # the CuPy the GPU executor runs on
+
+    return _cupy().cuda.Event()
 
 
 def epoch_line(rec: Mapping[str, Any], epochs: int, step_time_s: float | None) -> str:
@@ -121,4 +178,4 @@ def _tensorboard(logdir: str):
     return SummaryWriter(logdir)
 
 
-__all__ = ["TIMINGS", "Monitor", "epoch_line"]
+__all__ = ["TIMINGS", "Monitor", "epoch_line", "traced_comm"]

@@ -1,11 +1,10 @@
-"""Pipeline execution: each rank runs one stage of a ``partition.pipeline`` plan, walking the
-schedule's actions (forward and backward programs per micro-batch, non-blocking sends and
-blocking receives of activations and gradients), then the optimizer update after the flush.
-On a dp x pp mesh each stage's gradient sums are allreduced within its data-parallel group.
-A stage's parameters and optimizer state stay on its ranks between steps; ``gather``
-assembles the whole model when it is read (evaluation, checkpoints, the summary).
+"""Pipeline execution: each rank runs its stage's rank program (``partition.pipeline``'s
+``PipelinePlan.program``: forward, backward and update graphs, a recv or isend graph per
+message, the micro-batch sums and the data-parallel allreduce, all IR) in its schedule's
+order, with its communicators bound. A stage's parameters and optimizer state stay on its
+ranks between steps; ``gather`` assembles the whole model when it is read.
 
-Side effects (communication, timing) live here. Imports graph, partition and runtime.
+Side effects (communication, timing) live here. Imports graph, ops, partition and runtime.
 """
 
 from __future__ import annotations
@@ -18,7 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from shardgrad.graph.device import to_host
 from shardgrad.graph.ir import Graph
+from shardgrad.graph.walk import EnvWalk
+from shardgrad.ops import collective
 from shardgrad.ops.registry import kernel_for
 from shardgrad.partition.pipeline import (
     PartitionError,
@@ -29,6 +31,7 @@ from shardgrad.partition.pipeline import (
 )
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import dp as data_parallel
+from shardgrad.runtime import trace
 from shardgrad.runtime.comm import Communicator, SingleProcess
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter, leaf_value
 
@@ -91,15 +94,22 @@ class Stats:
 
 class StageRunner:
     """Runs stage ``stage`` of ``plan``: ``step(state, x, y, **inputs)`` does one training
-    step (the schedule's actions, then the update) and returns the mean loss (on the loss
-    stage, else None) and the updated outputs (``param/``, ``state/``, ``grad/`` of this
-    stage; a buffer the forward pass updates, e.g. BatchNorm's running statistics, is the
-    mean of its micro-batches' and replicas' updates).
+    step and returns the mean loss (on the loss stage, else None) and the updated outputs
+    (``param/``, ``state/``, ``grad/`` of this stage; a buffer the forward pass updates, e.g.
+    BatchNorm's running statistics, is the mean of its micro-batches' and replicas' updates).
 
-    Sends are ``comm.isend``: the stage computes on while a value is in flight. Each sent
+    The stage is its rank program (``plan.program(stage)``) driven by its schedule: each
+    action runs one of the program's graphs (forward, backward, a ``recv`` or an ``isend``,
+    the micro-batch sums), then ``reduce`` (the data-parallel allreduce) and ``update`` run
+    after the flush, with ``comm`` bound as group "pp" and ``dp_comm`` as "dp". The runner
+    only carries values from one graph to the next by name. Forward, backward and update
+    run on ``executor`` (default the reference interpreter on ``xp``); the small glue graphs
+    (communication, sums) on the interpreter.
+
+    Sends are ``isend`` nodes: the stage computes on while a value is in flight. Each sent
     buffer is a fresh array (the reference interpreter allocates its outputs, other
-    executors' are copied) that nothing writes and that stays referenced with its request
-    until the request is waited on, after the update at the end of the step.
+    executors' are copied) that nothing writes and that the binding keeps referenced until
+    the sends are waited on, after the update at the end of the step.
 
     ``state`` holds this stage's params and states by name; ``x``/``y`` are this replica's
     whole batch, cut into ``plan.micro_batches`` consecutive micro-batches; ``inputs`` are
@@ -113,22 +123,24 @@ class StageRunner:
             raise ValueError(f"stage {stage} of a {plan.pp}-stage plan needs a pipeline "
                              f"communicator of {plan.pp} ranks with rank {stage}, got rank "
                              f"{comm.rank} of {comm.world_size}")
-        self.plan, self.stage, self.comm, self.xp = plan, stage, comm, xp
         self.dp_comm = dp_comm or SingleProcess()
+        if self.dp_comm.world_size != plan.dp:
+            raise ValueError(f"a plan for dp={plan.dp} replicas needs a data-parallel "
+                             f"communicator of {plan.dp} ranks, got {self.dp_comm.world_size}")
+        self.plan, self.stage, self.comm, self.xp = plan, stage, comm, xp
+        self.program = prog = plan.program(stage)
         st = plan.stages[stage]
         self.rank = rank = comm.rank if rank is None else rank
         make = executor or (lambda g, **kw: Interpreter(g, xp, **kw))
-        self.forward = make(st.forward, rank=rank, shard=f"pipeline stage {stage} forward")
-        self.backward = make(st.backward, rank=rank, shard=f"pipeline stage {stage} backward")
-        self.update = make(st.update, rank=rank, shard=f"pipeline stage {stage} update")
+        self.runs = {name: (make if name in ("forward", "backward", "update") else
+                            lambda g, **kw: Interpreter(g, xp, **kw))(
+                                g, rank=rank, shard=f"pipeline stage {stage} {name}")
+                     for name, g in prog.graphs.items()}
         # Other executors may reuse their output buffers on the next run: copy what is kept.
         self.copy = executor is not None
         self.keep = [n.name for n in st.backward.inputs if not n.name.startswith("gact/")]
-        self.actions = plan.schedule.actions[stage]
+        self.actions = prog.actions
         self.params = st.params
-        self.buffers = [k for k in st.forward.outputs if k.startswith("state/")]
-        self.leaf_types = {n.name: (n.shape, n.dtype) for g in (st.forward, st.backward,
-                                                                 st.update) for n in g.inputs}
         self.stats = Stats()
         # A value sent to several stages leaves the outbox after its last send.
         last: dict[tuple, int] = {}
@@ -137,32 +149,45 @@ class StageRunner:
                 last[(a.msg.kind, a.msg.name, a.mb)] = i
         self.last_send = set(last.values())
 
-    def _run(self, program, feeds: Mapping[str, Any], what: str) -> dict[str, Any]:
+    def _run(self, name: str, feeds: Mapping[str, Any], what: str) -> dict[str, Any]:
+        tracer = trace.current()
         try:
-            out = program.run(feeds)
+            if tracer is None:
+                out = self.runs[name].run(feeds)
+            else:   # the timeline's nodes say which stage, program and micro-batch ran them
+                mb = int(what.rsplit(" ", 1)[1]) if "micro-batch" in what else None
+                with tracer.annotate(stage=self.stage, action=name, mb=mb):
+                    out = self.runs[name].run(feeds)
         except ExecutionError as e:
             if e.rank is not None:
                 raise
             raise ExecutionError(f"pipeline stage {self.stage}, {what}, on rank {self.rank}: {e}",
                                  e.node, self.rank) from e
-        return {k: self.xp.array(v, copy=True) for k, v in out.items()} if self.copy else out
+        if self.copy and name in ("forward", "backward", "update"):
+            return {k: self.xp.array(v, copy=True) for k, v in out.items()}
+        return out
 
-    def _recv_buffer(self, msg) -> tuple[str, Any]:
-        name = f"act/{msg.name}" if msg.kind == "act" else f"gact/{msg.name}/{msg.src}"
-        shape, dtype = self.leaf_types[name]
-        return name, self.xp.empty(shape, dtype)
+    def _sum(self, name: str, acc: dict[str, Any], out: Mapping[str, Any],
+             keys: list[str], what: str) -> None:
+        """``acc[k] += out[k]`` for ``keys``, by the program's ``name`` graph (the first
+        micro-batch's values start the sums)."""
+        if not acc:
+            acc.update((k, out[k]) for k in keys)
+        elif keys:
+            acc.update(self._run(name, {**{f"sum/{k}": acc[k] for k in keys},
+                                        **{k: out[k] for k in keys}}, what))
 
     def step(self, state: Mapping[str, Any], x, y, **inputs: Any) -> tuple[Any, dict[str, Any]]:
-        xp, m = self.xp, self.plan.micro_batches
+        m = self.plan.micro_batches
         if len(x) % m or len(y) != len(x):
             raise ValueError(f"a batch of {len(x)} rows (labels: {len(y)}) cannot be cut into "
                              f"{m} equal micro-batches")
         b = len(x) // m
         xs = [x[i * b:(i + 1) * b] for i in range(m)]
         ys = [y[i * b:(i + 1) * b] for i in range(m)]
+        prog = self.program
         inbox: dict[tuple[int, str], Any] = {}
         outbox: dict[tuple[str, str, int], Any] = {}
-        sending: list[tuple[Any, Any]] = []    # (request, buffer) until the end of the step
         kept: dict[int, dict[str, Any]] = {}
         grads: dict[str, Any] = {}
         buffers: dict[str, Any] = {}
@@ -170,99 +195,72 @@ class StageRunner:
         t0 = time.perf_counter()
         stats = Stats(t0)
         now = lambda: time.perf_counter() - t0
-        for i, a in enumerate(self.actions):
-            if a.op == "RECV":
-                c0 = now()
-                name, buf = self._recv_buffer(a.msg)
-                inbox[(a.mb, name)] = self.comm.recv_(buf, a.msg.src, a.msg.tag)
-                stats.comm_s += now() - c0
-            elif a.op == "SEND":
-                c0 = now()
-                buf = xp.ascontiguousarray(outbox[(a.msg.kind, a.msg.name, a.mb)])
-                sending.append((self.comm.isend(buf, a.msg.dst, a.msg.tag), buf))
-                stats.comm_s += now() - c0
-            elif a.op == "F":
-                s0 = now()
-                feeds = {**state, **inputs, "x": xs[a.mb], "y": ys[a.mb]}
-                feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb
-                             and k.startswith("act/"))
-                out = self._run(self.forward, feeds, f"forward of micro-batch {a.mb}")
-                if "loss" in out:
-                    losses.append(out["loss"])
-                for k in self.buffers:
-                    if k in buffers:
-                        xp.add(buffers[k], out[k], out=buffers[k])
-                    else:
-                        buffers[k] = xp.array(out[k], copy=True)
-                kept[a.mb] = {k: (out[k] if k in out else feeds[k]) for k in self.keep
-                              if k in out or k in feeds}
-                for k, v in out.items():
-                    if k.startswith("act/"):
-                        outbox[("act", k[4:], a.mb)] = v
-                for k in [k for k in inbox if k[0] == a.mb and k[1].startswith("act/")]:
-                    del inbox[k]
-                stats.peak_live = max(stats.peak_live, len(kept))
-                stats.peak_bytes = max(stats.peak_bytes, sum(
-                    v.nbytes for d in kept.values() for v in d.values()))
-                stats.spans.append(("F", a.mb, s0, now()))
-            elif a.op == "B":
-                s0 = now()
-                feeds = {**state, **inputs, **kept.pop(a.mb)}
-                feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb)
-                out = self._run(self.backward, feeds, f"backward of micro-batch {a.mb}")
-                for k, v in out.items():
-                    if k.startswith("grad/"):
-                        if k in grads:
-                            xp.add(grads[k], v, out=grads[k])
-                        else:
-                            grads[k] = xp.array(v, copy=True)
-                    elif k.startswith("gact/"):
-                        outbox[("grad", k[5:], a.mb)] = v
-                for k in [k for k in inbox if k[0] == a.mb]:
-                    del inbox[k]
-                stats.spans.append(("B", a.mb, s0, now()))
-            if i in self.last_send:
-                outbox.pop((a.msg.kind, a.msg.name, a.mb))
-        stats.wall_s = now()
-        for p in self.params:
-            if f"grad/{p}" not in grads:
-                grads[f"grad/{p}"] = xp.zeros(*self.leaf_types[f"grad/{p}"])
-        if self.dp_comm.world_size > 1 and (grads or buffers):
-            _allreduce_flat(self.dp_comm, {**grads, **buffers}, xp, into=(grads, buffers))
-        replicas = m * self.dp_comm.world_size
-        for v in buffers.values():
-            v /= replicas
-        out = {**self._run(self.update, {**state, **inputs, **grads}, "update"), **buffers}
-        c0 = now()
-        for request, _ in sending:
-            request.wait()
-        sending.clear()
-        stats.comm_s += now() - c0
+        with collective.bind(self.comm, pp=self.comm, dp=self.dp_comm) as binding:
+            for i, a in enumerate(self.actions):
+                graph = prog.action_graph(a)
+                if a.op == "RECV":
+                    c0 = now()
+                    inbox.update(((a.mb, k), v) for k, v in self._run(
+                        graph, {}, f"receive of micro-batch {a.mb}").items())
+                    stats.comm_s += now() - c0
+                elif a.op == "SEND":
+                    c0 = now()
+                    name = f"{'act' if a.msg.kind == 'act' else 'gact'}/{a.msg.name}"
+                    self._run(graph, {name: outbox[(a.msg.kind, a.msg.name, a.mb)]},
+                              f"send of micro-batch {a.mb}")
+                    stats.comm_s += now() - c0
+                elif a.op == "F":
+                    s0 = now()
+                    feeds = {**state, **inputs, "x": xs[a.mb], "y": ys[a.mb]}
+                    feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb
+                                 and k.startswith("act/"))
+                    out = self._run(graph, feeds, f"forward of micro-batch {a.mb}")
+                    if "loss" in out:
+                        losses.append(out["loss"])
+                    self._sum("accumulate_buffers", buffers, out, prog.buffers,
+                              f"buffer sums of micro-batch {a.mb}")
+                    kept[a.mb] = {k: (out[k] if k in out else feeds[k]) for k in self.keep
+                                  if k in out or k in feeds}
+                    for k, v in out.items():
+                        if k.startswith("act/"):
+                            outbox[("act", k[4:], a.mb)] = v
+                    for k in [k for k in inbox if k[0] == a.mb and k[1].startswith("act/")]:
+                        del inbox[k]
+                    stats.peak_live = max(stats.peak_live, len(kept))
+                    stats.peak_bytes = max(stats.peak_bytes, sum(
+                        v.nbytes for d in kept.values() for v in d.values()))
+                    stats.spans.append(("F", a.mb, s0, now()))
+                elif a.op == "B":
+                    s0 = now()
+                    feeds = {**state, **inputs, **kept.pop(a.mb)}
+                    feeds.update((k, v) for (mb, k), v in inbox.items() if mb == a.mb)
+                    out = self._run(graph, feeds, f"backward of micro-batch {a.mb}")
+                    self._sum("accumulate", grads, out, prog.grads,
+                              f"gradient sums of micro-batch {a.mb}")
+                    for k, v in out.items():
+                        if k.startswith("gact/"):
+                            outbox[("grad", k[5:], a.mb)] = v
+                    for k in [k for k in inbox if k[0] == a.mb]:
+                        del inbox[k]
+                    stats.spans.append(("B", a.mb, s0, now()))
+                if i in self.last_send:
+                    outbox.pop((a.msg.kind, a.msg.name, a.mb))
+            stats.wall_s = now()
+            sums = {**grads, **buffers}
+            if "reduce" in prog.graphs:
+                sums = self._run("reduce", sums, "gradient reduction")
+            out = {**self._run("update", {**state, **inputs,
+                                          **{k: sums[k] for k in prog.grads}}, "update"),
+                   **{k: sums[k] for k in prog.buffers}}
+            c0 = now()
+            binding.wait_sends()
+            stats.comm_s += now() - c0
         self.stats = stats
         loss = None
         if losses:
             loss = sum(losses[1:], losses[0]) / m if self.plan.graph.meta.get(
                 "loss_scale", "mean") == "mean" else sum(losses[1:], losses[0])
         return loss, out
-
-
-def _allreduce_flat(comm: Communicator, values: dict[str, Any], xp,
-                    into: tuple[dict[str, Any], ...]) -> None:
-    """Sum ``values`` over ``comm`` with one allreduce per dtype (a flat buffer), writing
-    the sums back under their names into whichever of ``into`` holds each."""
-    by_dtype: dict[str, list[str]] = {}
-    for k, v in values.items():
-        by_dtype.setdefault(str(v.dtype), []).append(k)
-    for dtype, keys in by_dtype.items():
-        flat = xp.concatenate([values[k].ravel() for k in keys]).astype(dtype, copy=False)
-        comm.allreduce_(flat)
-        start = 0
-        for k in keys:
-            n = values[k].size
-            for d in into:
-                if k in d:
-                    d[k] = flat[start:start + n].reshape(values[k].shape)
-            start += n
 
 
 def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[int, float]:
@@ -292,31 +290,66 @@ def profile_times(graph: Graph, xp=np, repeats: int = 3, seed: int = 0) -> dict[
     out = {}
     for n in parts.compute:
         vjp = vjp_nodes(n, parts.needs_grad)
-        g = xp.asarray(rng.standard_normal(n.shape).astype(n.dtype)) if vjp else None
         best = 0.0
         if vjp:
+            g = xp.asarray(rng.standard_normal(n.shape).astype(n.dtype))
+            walk, known = _vjp_walk(graph, vjp, env, xp, lambda x, g=g: g if x.op == "input"
+                                    and x.name == "g" else leaf_value(xp, x, feeds))
             best = float("inf")
             for _ in range(repeats):
-                local = dict(env)
                 s = time.perf_counter()
-                for m in vjp:
-                    args = [local[x.id] if x.id in local else (
-                        g if x.op == "input" and x.name == "g" else leaf_value(xp, x, feeds))
-                        for x in m.inputs]
-                    local[m.id] = kernel_for(m, xp)(xp, *args, **m.attrs)
+                walk.run_env(known)
                 best = min(best, time.perf_counter() - s)
         out[n.id] = fwd[n.id] + best
     return out
 
 
+def _vjp_walk(graph: Graph, vjp: list, env: Mapping[int, Any], xp, leaf
+              ) -> tuple[EnvWalk, dict[int, Any]]:
+    """The executor core's walk over one node's VJP nodes, and the forward's values it reads
+    (from ``env``); any other input (the upstream gradient ``g``, constants) is a leaf read
+    by ``leaf``."""
+    walk = EnvWalk(graph)
+    made = {m.id for m in vjp}
+    known = {x.id: env[x.id] for m in vjp for x in m.inputs if x.id in env}
+    for x in {x.id: x for m in vjp for x in m.inputs
+              if x.id not in made and x.id not in known}.values():
+        walk.add_leaf(x, leaf)
+    walk.add_nodes(vjp, xp, leaf, xp)
+    walk.finish(())
+    return walk, known
+
+
 def sync_outputs(comm: Communicator, out: Mapping[str, Any]) -> dict[str, Any]:
     """Every rank's ``param/`` and ``state/`` values in ``out``, on every rank of ``comm``
     (one allgather)."""
-    mine = {k: np.asarray(v) for k, v in out.items() if k.startswith(("param/", "state/"))}
+    mine = {k: to_host(v) for k, v in out.items() if k.startswith(("param/", "state/"))}
     merged: dict[str, Any] = {}
     for part in comm.allgather_obj(mine):
         merged.update(part)
     return merged
+
+
+def plan_pipeline(graph: Graph, mesh: Mesh, micro_batches: int, schedule: str = "1f1b",
+                  balance: Any = "cost", xp=np, world: Communicator | None = None
+                  ) -> PipelinePlan:
+    """``partition.pipeline.pipeline`` for this rank of ``mesh``, agreed by every rank of
+    ``world`` (default the pipeline group): with ``balance="profile"`` rank 0 times the
+    nodes and broadcasts them; a rank that cut elsewhere (it traced another graph) raises."""
+    world = world or mesh.pp_comm
+    parts = Parts.of(graph)
+    times = None
+    if balance == "profile":
+        mine = profile_times(graph, xp) if world.rank == 0 else None
+        order = world.bcast_obj([mine[n.id] for n in parts.compute] if mine else None)
+        times = {n.id: t for n, t in zip(parts.compute, order, strict=True)}
+    plan = pipeline(graph, mesh.pp, balance, micro_batches, schedule, mesh.dp, node_times=times)
+    starts = [min(i for i, n in enumerate(parts.compute) if plan.stage_of[n.id] == s)
+              for s in range(mesh.pp)]
+    if world.bcast_obj(starts) != starts:
+        raise RuntimeError(f"rank {world.rank} cut the pipeline at {starts}, rank 0 "
+                           f"elsewhere: the ranks traced different graphs")
+    return plan
 
 
 class PipelineProgram:
@@ -327,23 +360,11 @@ class PipelineProgram:
     The step's only collectives are the loss's broadcast (and its allreduce over replicas)
     and, with dp > 1, the gradient allreduce within the stage's data-parallel group."""
 
-    def __init__(self, graph: Graph, mesh: Mesh, micro_batches: int, schedule: str = "1f1b",
-                 balance: Any = "cost", executor: Executor | None = None, xp=np,
-                 world: Communicator | None = None):
+    def __init__(self, plan: PipelinePlan, mesh: Mesh, executor: Executor | None = None,
+                 xp=np, world: Communicator | None = None):
         world = world or mesh.pp_comm
-        parts = Parts.of(graph)
-        times = None
-        if balance == "profile":
-            mine = profile_times(graph, xp) if world.rank == 0 else None
-            order = world.bcast_obj([mine[n.id] for n in parts.compute] if mine else None)
-            times = {n.id: t for n, t in zip(parts.compute, order, strict=True)}
-        self.plan = pipeline(graph, mesh.pp, balance, micro_batches, schedule, mesh.dp,
-                             node_times=times)
-        starts = [min(i for i, n in enumerate(parts.compute) if self.plan.stage_of[n.id] == s)
-                  for s in range(mesh.pp)]
-        if world.bcast_obj(starts) != starts:
-            raise RuntimeError(f"rank {world.rank} cut the pipeline at {starts}, rank 0 "
-                               f"elsewhere: the ranks traced different graphs")
+        graph = plan.graph
+        self.plan = plan
         self.mesh = mesh
         self.runner = StageRunner(self.plan, mesh.stage, mesh.pp_comm, mesh.dp_comm, executor,
                                   xp, rank=world.rank)
@@ -365,7 +386,7 @@ class PipelineProgram:
         loss, out = self.runner.step(state, feeds["x"], feeds["y"], **inputs)
         buf = np.zeros((), dtype=self.plan.graph.outputs["loss"].dtype)
         if loss is not None:
-            buf[...] = loss
+            buf[...] = to_host(loss)
         self.mesh.pp_comm.bcast_(buf, root=self.plan.loss_stage)
         if self.mesh.dp > 1:
             self.mesh.dp_comm.allreduce_(buf)
@@ -417,8 +438,8 @@ def mesh_shape(config: Mapping, world_size: int | None = None) -> tuple[int, int
     return dp, pp, m
 
 
-def step_options(config: Mapping, comm: Communicator, executor: Executor | None = None
-                 ) -> dict[str, Any]:
+def step_options(config: Mapping, comm: Communicator, executor: Executor | None = None,
+                 xp=np) -> dict[str, Any]:
     """``runtime.train.step_options`` for ``parallel.pp`` > 1: a dp x pp mesh over ``comm``,
     a TrainStep traced on one micro-batch, and the pipeline as its executor; this rank reads
     the data shard of its replica (``data_rank`` of ``data_world_size`` = dp). ``prepare``
@@ -431,8 +452,8 @@ def step_options(config: Mapping, comm: Communicator, executor: Executor | None 
 
     def make(graph: Graph) -> Any:
         with as_config_error():
-            program = PipelineProgram(graph, mesh, m, par["schedule"], par["balance"],
-                                      executor, world=comm)
+            plan = plan_pipeline(graph, mesh, m, par["schedule"], par["balance"], xp, comm)
+        program = PipelineProgram(plan, mesh, executor, xp, world=comm)
         return program if fault is None else data_parallel.Faulted(program, fault)
 
     def prepare(model, optimizer, step, x, y) -> None:
@@ -455,5 +476,6 @@ def as_config_error() -> Iterator[None]:
 
 
 __all__ = ["Mesh", "PipelineProgram", "PipelineTransform", "StageRunner", "Stats",
-           "as_config_error", "gather", "mesh_shape", "profile_times", "step_options",
+           "as_config_error", "gather", "mesh_shape", "plan_pipeline", "profile_times",
+           "step_options",
            "sync_outputs"]

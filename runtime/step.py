@@ -1,38 +1,38 @@
 """compile_step: trace the whole training step once, then run it every step.
 
-The model's Parameter tensors stay the source of truth: each call feeds their values (and
-the buffers' and optimizer state's) to the executor and takes the updated ones back, so
+On the CPU (or with a custom executor or transform) each call feeds the model's tensors
+(parameters, buffers, optimizer state) to the executor and takes the updated ones back, so
 ``model.state_dict()`` and eager use keep working between steps. A model on a GPU
-(``model.to("cuda")``) gets runtime.gpu's executor by default; an executor on a GPU gives
-back device arrays: they stay in the tensors from step to step (nothing is copied per step)
-until ``TrainStep.to_host()``. Imports graph and runtime.
+(``model.to("cuda")``) takes runtime.gpu_step's path: the step owns that state on the
+device, the tensors are views of it, and the loss comes back as a 0-d device Tensor.
+Imports graph and runtime.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from shardgrad.graph import passes
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
-from shardgrad.graph.tensor import Tensor
+from shardgrad.graph.tensor import Tensor, tensor, zeros
 from shardgrad.graph.trace import trace_forward, trace_step
-from shardgrad.runtime import compiled
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.device import is_device_array, to_host
+from shardgrad.runtime.executors import Executor, choose_executor
 
-Executor = Callable[[Graph], Any]   # graph -> object with .run(feeds) -> dict of outputs
+INIT_SCALE = 2.0 ** 16      # torch.amp.GradScaler's init_scale
 
 
 def default_executor(graph: Graph):
     """The compiled Program (graph passes, planned buffers): the fast path. Pass
     ``executor=Interpreter`` for the reference."""
-    return compiled.compile(graph)
+    return choose_executor("compiled")(graph)
 
 
 def device_of(model: Module) -> dev.Device:
@@ -44,11 +44,7 @@ def executor_for(model: Module) -> Executor:
     """The default executor for where ``model``'s parameters live: the compiled Program on
     the CPU, runtime.gpu's GPUExecutor on their GPU."""
     where = device_of(model)
-    if not where.is_cuda:
-        return default_executor
-    from shardgrad.runtime.gpu import GPUExecutor
-
-    return functools.partial(GPUExecutor, device=where)
+    return choose_executor("compiled", where) if where.is_cuda else default_executor
 
 
 def _current(where: dev.Device):
@@ -77,8 +73,15 @@ class TrainStep:
 
     def __init__(self, model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
-                 transform: Callable[[Graph], Graph] | None = None):
+                 transform: Callable[[Graph], Graph] | None = None, precision: str = "fp32",
+                 cuda_graph: bool = True):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.cuda_graph = cuda_graph
+        passes.low_dtype(precision)                 # a bad name or missing package: now
+        if precision == "fp16" and transform is not None:
+            raise ValueError("precision = 'fp16' (dynamic loss scaling) with a step transform "
+                             "(data parallelism, pipelines) is not supported yet: use 'bf16'")
+        self.precision = precision
         self.executor = executor or executor_for(model)
         self.device = device_of(model)
         # a GPU model on the default executor: the step owns its state there (runtime.gpu_step)
@@ -102,6 +105,12 @@ class TrainStep:
         self._opt_states = [(f"optim/{name_of[id(p)]}/{k}", v)
                             for p, st in zip(optimizer.params, optimizer.state, strict=True)
                             for k, v in st.items()]
+        if precision == "fp16":     # the dynamic loss scale, as torch's GradScaler starts it
+            self.loss_scale = tensor(np.asarray(INIT_SCALE, self._params[0][1].dtype),
+                                     device=self.device)
+            self._opt_states += [("amp/scale", self.loss_scale),
+                                 ("amp/growth", zeros((), dtype=self._params[0][1].dtype,
+                                                      device=self.device))]
         self.dtype = self._params[0][1].dtype
 
     def graph_for(self, x, y) -> tuple[Graph, Any]:
@@ -122,9 +131,12 @@ class TrainStep:
                 key_traced = (key[:2], key[2:4])
             context = getattr(self.transform, "trace_context", contextlib.nullcontext)
             with context():
-                graph = trace_step(self.model, self.loss_fn, self.optimizer, *key_traced)
+                graph = trace_step(self.model, self.loss_fn, self.optimizer, *key_traced,
+                                   loss_scaling=self.precision == "fp16")
             if self.transform is not None:
                 graph = self.transform(graph)
+            # the CPU emulates low precision (rounding around float32 GEMMs): docs/gpu.md
+            graph = passes.autocast(graph, self.precision, emulate=not self.device.is_cuda)
             self._compiled[key] = (graph, self.executor(graph))
         return self._compiled[key]
 
@@ -178,7 +190,9 @@ class TrainStep:
             with _current(self.device):
                 if self._state is None:
                     self._state = gpu_step.DeviceState(
-                        self._params, self._buffers, opt, self.device,
+                        self._params, self._buffers + [
+                            s for s in self._opt_states if s[0].startswith("amp/")],
+                        opt, self.device,
                         dev.xp_for(self.device))
                     self._checks = gpu_step.gpu_ops.DeferredChecks()
                 _, self._program = self.graph_for(x, y)
@@ -194,7 +208,7 @@ class TrainStep:
         if self._program.reads_step:   # random ops' salt
             feeds["step"] = np.asarray(opt.t + 1, np.int64)
         with _current(self.device):
-            loss = self._program.run(feeds, self._checks)
+            loss = self._program.run(feeds, self._checks, self.cuda_graph)
         opt.t += 1
         self._steps += 1
         return gpu_step.StepLoss(loss, self._checks)
@@ -204,12 +218,14 @@ class TrainStep:
         feeds the parameters and takes the new ones back; the CPU, or a custom executor or
         transform), ``flat-sgd`` / ``flat-adam`` (state owned on the GPU, one update kernel)
         or ``graph-update`` (state owned on the GPU, the traced update); ``cuda_graph`` says
-        whether steps replay a captured CUDA Graph (not yet: plain launches); ``rebinds``
-        counts tensors copied in because user code replaced their values."""
+        whether steps replay a captured CUDA Graph and ``graph`` why not (``captured``, or
+        the reason plain launches run); ``rebinds`` counts tensors copied in because user
+        code replaced their values."""
         out: dict[str, Any] = {"device": str(self.device), "steps": self._steps,
                                "cuda_graph": False, "path": "host-feeds"}
         if self._resident and getattr(self, "_program", None) is not None:
             out.update(path=self._program.path, rebinds=self._state.rebinds,
+                       cuda_graph=self._program.cuda_graph, graph=self._program.graph_note,
                        fused_groups=self._program.exe.n_fused,
                        launch_actions=len(self._program.exe.actions))
         return out
@@ -239,10 +255,28 @@ class TrainStep:
 
 def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
-                 transform: Callable[[Graph], Graph] | None = None) -> TrainStep:
+                 transform: Callable[[Graph], Graph] | None = None,
+                 precision: str = "fp32", cuda_graph: bool = True,
+                 accumulate: int = 1) -> TrainStep:
     """Trace ``loss_fn(model(x), y)``, its gradients and ``optimizer``'s update into one
-    Graph (built on the first call), and return the callable step."""
-    return TrainStep(model, loss_fn, optimizer, executor, transform)
+    Graph (built on the first call), and return the callable step. ``precision`` "bf16" or
+    "fp16" runs matmuls and convolutions in that dtype (graph.passes.autocast), the rest in
+    float32; fp16 adds dynamic loss scaling (``step.loss_scale``), as torch's GradScaler.
+    On a GPU, ``cuda_graph`` (default) captures the step after a warm-up and replays it
+    where it can (``stats()`` says whether it does and why not).
+
+    ``accumulate`` k > 1: gradient accumulation. Call the step with k batches at once (x of
+    k * B rows); it is traced on B rows, runs k times and updates once with the mean of the
+    k gradients (``train.accumulate`` does the same)."""
+    if accumulate > 1:
+        if transform is not None:
+            raise ValueError("compile_step: accumulate with a transform: give the transform "
+                             "the chunks (DataParallel(..., deterministic=True, chunks=k * "
+                             "world_size))")
+        from shardgrad.partition.data_parallel import DataParallel
+
+        transform = DataParallel(1, deterministic=True, chunks=accumulate)
+    return TrainStep(model, loss_fn, optimizer, executor, transform, precision, cuda_graph)
 
 
 class Predictor:

@@ -26,13 +26,14 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from shardgrad.graph import optim
+from shardgrad.graph.device import xp_for
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import Module, functional, manual_seed
 from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.graph.trace import trace_step
 from shardgrad.partition.pipeline import PipelinePlan
 from shardgrad.partition.pipeline import pipeline as partition_pipeline
-from shardgrad.runtime import checkpoint, compiled, datasets, dp, pipeline, rundir, serialize
+from shardgrad.runtime import checkpoint, datasets, dp, pipeline, rundir, serialize, trace, world
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.checkpoint import CheckpointError
@@ -44,11 +45,12 @@ from shardgrad.runtime.data import (
     batches,
     load_digits,
     load_idx_dataset,
+    load_text,
     num_batches,
 )
-from shardgrad.runtime.interpreter import Interpreter
-from shardgrad.runtime.models import build_model, image_input
-from shardgrad.runtime.monitor import Monitor
+from shardgrad.runtime.executors import EXECUTORS, choose_executor
+from shardgrad.runtime.models import build_model, image_input, vocab_size
+from shardgrad.runtime.monitor import Monitor, traced_comm
 from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
 from shardgrad.runtime.step import TrainStep, accuracy, compile_step
@@ -56,9 +58,12 @@ from shardgrad.runtime.step import TrainStep, accuracy, compile_step
 # Keys a resumed run may change: they do not alter the trajectory up to the checkpoint, and
 # after it only how long it runs and how it is run, or never reach training at all: the Ray
 # launcher's cluster.* and the fault injection debug.* (a run a fault stopped resumes without).
+# Checkpoints hold the whole model, so a run resumes at any world size and on any device.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor", "device.threads", "parallel.timeout_s",
-                     "parallel.start_timeout_s", "cluster.*", "debug.*", "log.*")
+                     "parallel.start_timeout_s", "cluster.*", "debug.*", "log.*", "parallel.dp",
+                     "parallel.pp", "parallel.microbatches", "parallel.schedule",
+                     "parallel.balance", "device.type", "device.comm", "device.cuda_aware_mpi")
 
 
 def resumable(key: str) -> bool:
@@ -74,17 +79,9 @@ class Diverged(RuntimeError):
     step. Raised instead of training on (and checkpointing) garbage."""
 
 
-# Executors by config name: each is called with a Graph and returns an object with
-# ``run(feeds)``. "compiled" (the default) runs the graph passes first; "interpreter" is
-# the reference.
-EXECUTORS: dict[str, Callable[[Any], Any]] = {
-    "interpreter": Interpreter,
-    "compiled": compiled.compile,
-}
-
-
 def make_executor(name: str):
-    return EXECUTORS[name]
+    """The CPU executor named ``name`` (runtime.executors chooses)."""
+    return choose_executor(name)
 
 
 def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
@@ -99,14 +96,23 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     ``data_world_size`` (which shard of the data this process reads; default
     ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
-    executor = make_executor(config["train"]["executor"])
-    if dev.Device.parse(config["device"]["type"]).is_cuda:
-        from shardgrad.runtime.gpu import GPUExecutor
+    # on a GPU: the current one, which open_device chose for this rank
+    kind = "cuda" if dev.Device.parse(config["device"]["type"]).is_cuda else "cpu"
+    chosen = choose_executor(config["train"]["executor"], kind, comm.rank)
+    xp = xp_for(kind)
 
-        executor = functools.partial(GPUExecutor, rank=comm.rank)   # on the current GPU
+    def executor(graph, **names):
+        # a pipeline stage names its rank and shard; the GPU executor's errors the rank only
+        return chosen(graph) if kind == "cuda" or not names else chosen(graph, **names)
+
     if config["parallel"]["pp"] > 1:
-        return pipeline.step_options(config, comm, executor)
-    return dp.step_options(config, comm, executor)
+        return pipeline.step_options(config, comm, executor, xp)
+    options = dp.step_options(config, comm, executor)
+    if (dev.Device.parse(config["device"]["type"]).is_cuda and options["transform"] is None
+            and comm.world_size == 1 and not config.get("debug", {}).get("fail_at_step")):
+        # one GPU: compile_step's own path (the model on the device, the state owned there)
+        options.update(executor=None, device=dev.resolve(config["device"]["type"]))
+    return options
 
 
 def open_device(config: Mapping, comm: Communicator) -> Communicator:
@@ -117,23 +123,23 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
     spec = config["device"]["type"]
     if not dev.Device.parse(spec).is_cuda:
         return comm
-    if config["parallel"]["pp"] > 1:
-        raise cfg.ConfigError(f"device.type = {spec!r} runs data parallelism only: set "
-                              f"parallel.pp = 1, or device.type = 'cpu' for a pipeline")
+    if config["parallel"]["pp"] > 1 and config["device"]["comm"] == "nccl":
+        raise cfg.ConfigError("device.comm = 'nccl' carries data parallelism only (NCCL matches "
+                              "sends by order, not tag): set device.comm = 'mpi' for a "
+                              "pipeline (parallel.pp > 1)")
     try:
         dev.use(dev.resolve(spec))
     except dev.DeviceError as e:
         raise cfg.ConfigError(f"device.type = {spec!r} but {e}") from None
-    if comm.world_size == 1:
-        return comm
-    from shardgrad.runtime.gpu_comm import make_gpu_comm
-
-    return make_gpu_comm(comm, config["device"]["comm"], config["device"]["cuda_aware_mpi"])
+    return world.device_comm(comm, spec, config["device"]["comm"],
+                             config["device"]["cuda_aware_mpi"])
 
 
 def load_data(config: Mapping) -> Dataset:
     d, dtype = config["data"], config["train"]["dtype"]
     image = image_input(config)
+    if d["dataset"] == "text":
+        return load_text(test_fraction=d["test_fraction"], seed=d["split_seed"])
     if d["dataset"] == "digits":
         return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
                            seed=d["split_seed"])
@@ -189,11 +195,64 @@ def make_optimizer(config: Mapping, params) -> optim.Optimizer:
 
 
 def lr_at(config: Mapping, step: int, total_steps: int) -> float:
-    """The learning rate of the step that follows ``step`` completed steps."""
+    """The learning rate of the step that follows ``step`` completed steps (of
+    ``total_steps``): a linear warm-up over ``train.warmup_steps``, then ``train.lr_schedule``
+    over the rest (step and multistep count epochs of total_steps / train.epochs steps)."""
     t = config["train"]
-    if t["lr_schedule"] == "cosine":
-        return t["lr"] * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
-    return t["lr"]
+    warm, lr = t["warmup_steps"], t["lr"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    s, span = step - warm, max(total_steps - warm, 1)
+    kind = t["lr_schedule"]
+    if kind == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * s / span))
+    if kind == "linear":
+        return lr * max(0.0, 1.0 - s / span)
+    if kind in ("step", "multistep"):
+        epoch = step // max(total_steps // t["epochs"], 1)
+        decays = (epoch // t["lr_step_size"] if kind == "step"
+                  else sum(epoch >= m for m in t["lr_milestones"]))
+        return lr * t["lr_gamma"] ** decays
+    return lr
+
+
+def accumulated(config: Mapping) -> dict:
+    """``config`` with ``train.accumulate`` = k folded into how the step runs: each optimizer
+    step takes k batches of ``train.batch_size`` at once (the loop's batch is k times larger)
+    and the step graph, traced on one of them, runs k times and sums the gradients: as k more
+    pipeline micro-batches (pp > 1), or k times the chunks of deterministic data parallelism
+    (the dp ranks' chunks, one each, when it was off)."""
+    if config["train"]["grad_clip"] and config["parallel"]["pp"] > 1:
+        # the global norm sums every stage's gradients: a cross-stage reduction the pipeline
+        # partition does not make (it refuses an update that reads non-gradient values)
+        raise cfg.ConfigError("train.grad_clip needs the gradients of all pipeline stages; it "
+                              "runs with parallel.pp = 1 (any parallel.dp) for now")
+    p = config["parallel"]
+    if config["train"].get("precision") == "fp16" and (
+            p["dp"] > 1 or p["pp"] > 1 or p["deterministic"] or config["train"]["accumulate"] > 1):
+        # the skip decision reads each rank's (each chunk's) own gradients: they could disagree
+        raise cfg.ConfigError("train.precision = 'fp16' (dynamic loss scaling) runs in one "
+                              "process, without accumulation, for now: use 'bf16'")
+    k = config["train"]["accumulate"]
+    if k == 1:
+        return config
+    run = {s: dict(v) for s, v in config.items()}
+    run["train"]["batch_size"] *= k
+    par = run["parallel"]
+    if par["pp"] > 1:
+        par["microbatches"] *= k
+    else:
+        par["chunks"] = (par["chunks"] if par["deterministic"] else par["dp"]) * k
+        par["deterministic"] = True
+    return run
+
+
+def loss_function(config: Mapping) -> Callable:
+    """Cross-entropy, with ``train.label_smoothing`` when set."""
+    eps = config["train"]["label_smoothing"]
+    if not eps:
+        return functional.cross_entropy
+    return functools.partial(functional.cross_entropy, label_smoothing=eps)
 
 
 @contextlib.contextmanager
@@ -214,12 +273,17 @@ def setup(config: Mapping, options: Mapping | None = None
     data = load_data(config)
     with default_dtype(config["train"]["dtype"]):
         manual_seed(config["train"]["seed"])
-        model = build_model(config, data.input_shape, data.num_classes)
+        model = build_model(config, data.input_shape, data.num_classes,
+                            vocab_size(data.x_train))
+    if options.get("device") is not None:
+        model.to(options["device"])
     optimizer = make_optimizer(config, model.parameters())
-    step = compile_step(model, functional.cross_entropy, optimizer,
-                        executor=options.get("executor") or make_executor(
-                            config["train"]["executor"]),
-                        transform=options.get("transform"))
+    optimizer.max_grad_norm = config["train"]["grad_clip"] or None
+    step = compile_step(model, loss_function(config), optimizer,
+                        executor=None if options.get("device") is not None else (
+                            options.get("executor") or make_executor(config["train"]["executor"])),
+                        transform=options.get("transform"),
+                        precision=config["train"].get("precision", "fp32"))
     return model, optimizer, step, data
 
 
@@ -269,7 +333,8 @@ def save_checkpoint(path: str, model: Module, optimizer: optim.Optimizer,
     tensors.update({f"optim.{k}": np.asarray(v, order="C")
                     for k, v in optimizer.state_dict().items()})
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    serialize.save_file(path, tensors, metadata)
+    with trace.span("checkpoint", "io", path=os.path.basename(path)):
+        serialize.save_file(path, tensors, metadata)
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -324,6 +389,13 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
         for name in os.listdir(where):
             if name.startswith(".") and ".tmp-" in name:   # write_atomic's names
                 os.remove(os.path.join(where, name))
+
+
+def _keep_last(out_dir: str, keep: int) -> None:
+    """Remove all but the ``keep`` latest epoch checkpoints (``keep`` 0: keep all)."""
+    if keep:
+        for _, path in _checkpoints(out_dir)[:-keep]:
+            os.remove(path)
 
 
 def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer,
@@ -475,12 +547,14 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
 def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
            transform: Callable | None, executor: Callable | None,
            on_record: Callable[[dict], None] | None) -> dict[str, Any]:
-    comm = open_device(config, comm)
-    options = dict(step_options(config, comm) if transform is None and executor is None
+    comm = traced_comm(config, open_device(config, comm))
+    run = accumulated(config)
+    options = dict(step_options(run, comm) if transform is None and executor is None
                    else {"transform": transform, "executor": executor})
     rank = options.get("data_rank", comm.rank)
     world = options.get("data_world_size", comm.world_size)
     t = config["train"]
+    batch = run["train"]["batch_size"]    # train.accumulate batches of train.batch_size
     if t["batch_size"] % world:
         raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (the global batch) must be "
                               f"a multiple of the data-parallel world size {world}")
@@ -491,10 +565,11 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
 
     model, optimizer, step, data = setup(config, options)
     sampler = DistributedSampler(len(data.y_train), world, rank, shuffle=True, seed=t["seed"])
-    per_epoch = num_batches(len(data.y_train), t["batch_size"])
+    per_epoch = num_batches(len(data.y_train), batch)
     if per_epoch == 0:
-        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} is larger than the "
-                              f"{len(data.y_train)} training samples")
+        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (x train.accumulate = "
+                              f"{t['accumulate']}) is larger than the {len(data.y_train)} "
+                              f"training samples")
     total = per_epoch * t["epochs"]
 
     start_epoch, steps_done, wall_before, resumed_from = 0, 0, 0.0, None
@@ -526,7 +601,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     gather = options.get("gather") or (lambda step: None)   # a pipeline keeps stages apart
     if prepare is not None:
         sampler.set_epoch(start_epoch)
-        x0, y0 = next(batches(data.x_train, data.y_train, sampler, t["batch_size"]))
+        x0, y0 = next(batches(data.x_train, data.y_train, sampler, batch))
         try:
             prepare(model, optimizer, step, x0, y0)
         except ShapeError as e:
@@ -542,16 +617,16 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     acc = None
     t0 = time.perf_counter()
     wall = lambda: round(wall_before + time.perf_counter() - t0, 3)
-    mon = Monitor(config, out_dir if writer else None, comm.rank, total, steps_done)
+    mon = Monitor(config, out_dir, comm.rank, total, steps_done, comm.world_size)
     try:
         for epoch in range(start_epoch, t["epochs"]):
             mon.epoch_begin(epoch)
             losses: list = []
             first = steps_done + 1
             read_losses = functools.partial(_read_losses, losses, first, epoch, config, total)
-            for x, y in prefetch(epoch_batches(data.x_train, data.y_train, sampler,
-                                               t["batch_size"], epoch, augment, to_device),
-                                 config["data"]["prefetch"]):
+            for x, y in mon.data(prefetch(epoch_batches(data.x_train, data.y_train, sampler,
+                                                        batch, epoch, augment, to_device),
+                                          config["data"]["prefetch"])):
                 lr = lr_at(config, steps_done, total)
                 optimizer.lr = lr
                 mon.step_begin()
@@ -570,9 +645,12 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                     mon.record(metrics.last)
             read_losses()
             train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
-            step.to_host()
-            gather(step)
-            acc = evaluate()
+            with mon.span("to_host", "copy"):
+                step.to_host()
+            with mon.span("gather"):
+                gather(step)
+            with mon.span("evaluate"):
+                acc = evaluate()
             if writer:
                 _check_finite(model, steps_done, epoch)
                 save_checkpoint(
@@ -584,6 +662,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
                          config, [f"{s}.{k}" for s in config for k in config[s]
                                   if resumable(f"{s}.{k}")]),
                      "config": json.dumps(config, sort_keys=True)})
+                _keep_last(out_dir, t["keep_checkpoints"])
             metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": steps_done,
                            "train_loss": train_loss, "test_accuracy": acc,
                            "lr": lr_at(config, steps_done, total), "wall_s": wall()})

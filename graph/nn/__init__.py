@@ -730,10 +730,15 @@ class _Loss(Module):
 
 
 class CrossEntropyLoss(_Loss):
-    """``F.cross_entropy(logits, labels, reduction)`` as a module."""
+    """``F.cross_entropy(logits, labels, reduction, label_smoothing)`` as a module."""
+
+    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__(reduction)
+        self.label_smoothing = label_smoothing
 
     def forward(self, input, target):  # noqa: A002 - torch's name
-        return F.cross_entropy(input, target, reduction=self.reduction)
+        return F.cross_entropy(input, target, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing)
 
 
 class MSELoss(_Loss):
@@ -908,3 +913,6 @@ __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", 
 from shardgrad.graph.nn.resnet import BasicBlock, GlobalAvgPool, ResNet  # noqa: E402 - uses the above
 
 __all__ += ["BasicBlock", "GlobalAvgPool", "ResNet"]
+from shardgrad.graph.nn import utils  # noqa: E402 - sg.nn.utils.clip_grad_norm_, as torch
+
+__all__ += ["utils"]

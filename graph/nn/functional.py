@@ -61,9 +61,22 @@ def log_softmax(x: Tensor, axis: int = -1, *, dim: int | None = None) -> Tensor:
     return x.log_softmax(axis, dim=dim)
 
 
-def cross_entropy(logits: Tensor, labels, reduction: str = "mean") -> Tensor:
-    """Softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,)."""
-    return apply(ops.loss.cross_entropy, logits, labels, reduction=reduction)
+def cross_entropy(logits: Tensor, labels, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,); with
+    ``label_smoothing`` e, against (1 - e) one-hot + e / C, as torch: (1 - e) nll + e mean_c
+    (-log p_c)."""
+    loss = apply(ops.loss.cross_entropy, logits, labels, reduction=reduction)
+    if not label_smoothing:
+        return loss
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    uniform = -logits.log_softmax(-1).mean(axis=-1)
+    if reduction == "mean":
+        uniform = uniform.mean()
+    elif reduction == "sum":
+        uniform = uniform.sum()
+    return loss * (1.0 - label_smoothing) + uniform * label_smoothing
 
 
 def _reduced(loss: Tensor, reduction: str, name: str) -> Tensor:

@@ -339,3 +339,29 @@ def test_transformer_encoder_layer_causal_mask():
     causal = np.triu(np.ones((5, 5), bool), 1)
     check_module(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), theirs,
                  X(2, 5, 8), call=lambda m, x: m(x, src_mask=_mask(m, causal)))
+
+
+# ---- bad input: one clear error naming what is wrong ------------------------------------------
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: sg.tensor(X(3, 4)).topk(5, 1), "k=5 out of range"),
+    (lambda: sg.tensor(X(3, 4)).split([1, 2], 1), "must sum to 4"),
+    (lambda: sg.tensor(X(3, 4)).expand(3, 5), "cannot expand"),
+    (lambda: sg.tensor(X(3, 4)).repeat(2), "at least 2 sizes"),
+    (lambda: sg.tensor(X(3, 4)).chunk(0), "chunks must be positive"),
+    (lambda: sg.tensor(X(3, 4)).norm(-1), "p must be positive"),
+    (lambda: nn.Conv2d(4, 6, 3, groups=4), "must divide"),
+    (lambda: nn.Conv2d(4, 4, 3, groups=2)(sg.tensor(X(1, 3, 5, 5))), "groups"),
+    (lambda: nn.GroupNorm(4, 6), "must divide"),
+    (lambda: nn.GroupNorm(2, 4)(sg.tensor(X(2, 3, 5))), "expected 4 channels"),
+    (lambda: nn.Embedding(5, 2)(sg.tensor(X(3))), "indices must be integers"),
+    (lambda: nn.MultiheadAttention(6, 4), "must divide"),
+    (lambda: nn.MultiheadAttention(4, 2)(*[sg.tensor(X(3, 2, 4))] * 3,
+                                         key_padding_mask=sg.tensor(np.zeros((3, 3), bool))),
+     "key_padding_mask of shape"),
+    (lambda: nn.BCEWithLogitsLoss()(sg.tensor(X(3, 2)), sg.tensor(X(3))), "must have the input"),
+    (lambda: nn.TransformerEncoderLayer(4, 2, activation="tanh"), "activation must be"),
+])
+def test_bad_input_is_one_clear_error(make, message):
+    with pytest.raises((ValueError, TypeError, IndexError), match=message):
+        make()

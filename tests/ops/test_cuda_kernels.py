@@ -1,4 +1,4 @@
-"""The hand-written CUDA kernels of ops/cuda, run on the CPU: runtime.host_cuda compiles each
+"""The hand-written CUDA kernels of ops/cuda, run on the CPU: host_cuda compiles each
 source for the host (one thread standing for the grid) and ops.gpu's wrappers launch it on
 NumPy arrays. Each op's kernel path must give its generic forward (the reference semantics):
 float64 to 1e-12, float32 to 1e-5 relative; the gather kernels (col2im, the pooling backward
@@ -7,6 +7,7 @@ bit. The same comparisons run on a real GPU in tests/ops/test_gpu_ops.py.
 """
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ import pytest
 import shardgrad as sg
 from shardgrad.ops import REGISTRY, gpu
 from shardgrad.ops.registry import get, kernel_for
-from shardgrad.runtime import host_cuda
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
+import host_cuda  # noqa: E402
 
 pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")
 

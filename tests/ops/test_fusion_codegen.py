@@ -1,11 +1,13 @@
 """The fused-kernel generator (ops.codegen) on the CPU: broadcast index maps against NumPy,
 a NumPy evaluation of each group's expression tree (through those index maps) against the
 reference interpreter, and the generated CUDA C itself compiled for the host
-(runtime.host_cuda) and run on NumPy arrays against the interpreter. nvcc compilation of the
+(host_cuda) and run on NumPy arrays against the interpreter. nvcc compilation of the
 same sources is in test_cuda_compile.py.
 """
 
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,10 @@ from shardgrad.graph import passes
 from shardgrad.graph.ir import Graph
 from shardgrad.ops import codegen
 from shardgrad.ops.registry import get
-from shardgrad.runtime import host_cuda
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
+import host_cuda  # noqa: E402
+
 from shardgrad.runtime.interpreter import Interpreter
 
 needs_cxx = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")

@@ -109,7 +109,8 @@ def ref_conv2d(x, w, b=None, s=(1, 1), p=(0, 0)):
 
 def ref_group_conv2d(x, w, b, groups):
     xs, ws = np.split(x, groups, 1), np.split(w, groups, 0)
-    out = np.concatenate([ref_conv2d(a, v, s=(1, 1), p=(1, 1)) for a, v in zip(xs, ws)], 1)
+    out = np.concatenate([ref_conv2d(a, v, s=(1, 1), p=(1, 1))
+                          for a, v in zip(xs, ws, strict=True)], 1)
     return out if b is None else out + b[None, :, None, None]
 
 

@@ -153,9 +153,40 @@ def test_programs_are_well_formed_and_params_live_with_their_stage(schedule):
     assert [(t.src, t.dst) for t in plan.transfers] == [(0, 1), (1, 2)]
     shard = plan.shard(1)
     assert [n.attrs["source"] for n in shard.nodes if n.op == "recv"] == [0, 2]
-    assert sorted(n.attrs["dest"] for n in shard.nodes if n.op == "send") == [0, 2]
+    assert sorted(n.attrs["dest"] for n in shard.nodes if n.op == "isend") == [0, 2]
     text = str(plan)
     assert "stage 2:" in text and schedule in text and "F0" in text
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_rank_programs_hold_the_communication_as_nodes(dp):
+    """Every message of a stage's schedule is a recv or isend graph of its rank program
+    (group "pp", the schedule's tag and peer); with dp > 1 the gradient sum over replicas is
+    an allreduce node (group "dp") feeding the update; the shard joins micro-batch 0's."""
+    plan = pipeline(mlp_step(batch=2), 3, micro_batches=4, dp=dp)
+    for s in range(plan.pp):
+        prog = plan.program(s)
+        assert prog.actions is plan.schedule.actions[s]
+        for a in prog.actions:
+            g = prog.graphs[prog.action_graph(a)]
+            verify(g, known_ops=REGISTRY.__contains__)
+            if a.op in ("SEND", "RECV"):
+                (node,) = [n for n in g.nodes if n.inputs and n.op != "const"]
+                assert node.op == ("isend" if a.op == "SEND" else "recv")
+                assert node.attrs["tag"] == a.msg.tag and node.attrs["group"] == "pp"
+                peer = node.attrs["dest" if a.op == "SEND" else "source"]
+                assert peer == (a.msg.dst if a.op == "SEND" else a.msg.src)
+        reduce = prog.graphs.get("reduce")
+        allreduces = [n for n in (reduce.nodes if reduce else []) if n.op == "allreduce"]
+        assert [n.attrs["group"] for n in allreduces] == ["dp"] * (dp > 1)
+        if dp > 1:
+            assert set(reduce.outputs) == {f"grad/{p}" for p in plan.stages[s].params}
+        comm = lambda nodes: sorted((n.op, n.attrs.get("tag", -1), n.attrs["group"])
+                                    for n in nodes if n.op in ("isend", "recv", "allreduce"))
+        first = [prog.graphs[prog.action_graph(a)] for a in prog.actions
+                 if a.mb == 0 and a.op in ("SEND", "RECV")] + ([reduce] if reduce else [])
+        assert comm(plan.shard(s).nodes) == comm(n for g in first for n in g.nodes)
+    assert "rank program:" in str(plan)
 
 
 def test_skip_connection_is_sent_straight_to_its_stage():

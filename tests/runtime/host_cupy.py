@@ -1,6 +1,6 @@
 """A stand-in for the cupy module on machines without a GPU: NumPy under the name "cupy", so
 the GPU executor takes its GPU path (ops.registry.kernel_for picks the hand-written CUDA
-kernels by the module's name) while runtime.host_cuda runs those kernels on the host, plus the few
+kernels by the module's name) while host_cuda runs those kernels on the host, plus the few
 ``cupy.cuda`` calls the runtime makes (one visible device, no-op synchronization).
 
 ``device_module()`` goes further for code that tells host from device arrays (eager tensors):
@@ -38,11 +38,28 @@ def module(devices: int = 1) -> types.ModuleType:
     cupy = types.ModuleType("cupy")
     cupy.__dict__.update({k: v for k, v in vars(np).items() if not k.startswith("__")})
     cupy.random, cupy.linalg = np.random, np.linalg      # NumPy loads these lazily
-    stream = types.SimpleNamespace(synchronize=lambda: None)
+    stream = _Stream()
     cupy.cuda = types.SimpleNamespace(
-        Device=_Device, get_current_stream=lambda: stream,
+        Device=_Device, get_current_stream=lambda: stream, Stream=_Stream,
         runtime=types.SimpleNamespace(getDeviceCount=lambda: devices))
     return cupy
+
+
+class _Stream:
+    """cupy.cuda.Stream on the host: work runs at once, so entering it and synchronizing
+    do nothing."""
+
+    def __init__(self, null: bool = False, non_blocking: bool = False):
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def _refuse_host(values) -> None:

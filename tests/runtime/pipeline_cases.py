@@ -19,7 +19,13 @@ import numpy as np
 
 import shardgrad as sg
 from shardgrad.graph.nn import functional as F
-from shardgrad.runtime.pipeline import Mesh, PipelineProgram, PipelineTransform, gather
+from shardgrad.runtime.pipeline import (
+    Mesh,
+    PipelineProgram,
+    PipelineTransform,
+    gather,
+    plan_pipeline,
+)
 
 STEPS, BATCH = 3, 32
 _build_lock = threading.Lock()
@@ -93,8 +99,9 @@ def pipelined(comm, kind: str, dp: int, pp: int, m: int, schedule: str,
     x, y = digits(image)
     mesh = Mesh.of(comm, dp, pp)
     step = sg.compile_step(model, F.cross_entropy, opt,
-                           executor=lambda g: PipelineProgram(g, mesh, m, schedule, balance,
-                                                              executor=executor, world=comm),
+                           executor=lambda g: PipelineProgram(
+                               plan_pipeline(g, mesh, m, schedule, balance, world=comm), mesh,
+                               executor=executor, world=comm),
                            transform=PipelineTransform(m))
     per = BATCH // dp
     for i in range(steps):

@@ -116,10 +116,10 @@ def test_bias_add_and_relu_run_in_place():
     b = leaf("param", (5,), "float32", name="b")
     h = E.relu(x @ w + b)
     program = compile(Graph({"out": R.sum(h @ apply("transpose", w, axes=(1, 0)))}))
-    steps = [n.op for n in program._step_nodes]
+    steps = [n.op for n in program.step_nodes]
     assert steps == ["matmul", "add", "relu", "transpose", "matmul", "sum"]  # w.T: a view of a feed
     slots = program._slots
-    mm, add, relu = (slots[program.graph.nodes.index(n)] for n in program._step_nodes[:3])
+    mm, add, relu = (slots[program.graph.nodes.index(n)] for n in program.step_nodes[:3])
     assert np.shares_memory(mm, add) and np.shares_memory(add, relu)
 
 
@@ -207,7 +207,7 @@ def test_ops_without_an_out_kernel_run_their_forward():
     g = autodiff.grad(Graph({"l": R.sum(E.gelu(x * 2.0))}), wrt=["x"])
     feeds = feeds_for(g)
     program = compile(g)
-    assert "gelu" in [n.op for n in program._step_nodes]
+    assert "gelu" in [n.op for n in program.step_nodes]
     for _ in range(2):
         assert_outputs_equal(Interpreter(g).run(feeds), program.run(feeds))
 
@@ -235,7 +235,7 @@ def test_casts_match_the_interpreter():
                "int": E.cast(x, "int32"), "same": E.cast(x * 2.0, "float32")})
     feeds = {"x": np.array([[1.7, -2.0, 3.0], [0.0, -0.5, 9.25]], np.float32)}
     program = compile(g)
-    assert "cast" in [n.op for n in program._step_nodes]
+    assert "cast" in [n.op for n in program.step_nodes]
     for _ in range(2):
         assert_outputs_equal(Interpreter(g).run(feeds), program.run(feeds))
 

@@ -330,3 +330,36 @@ def test_gzip_fixture_roundtrip(tmp_path):
     """The IDX fixture bytes the download tests serve are gzip (as the published files)."""
     assert gzip.decompress(_idx_bytes(np.arange(3, dtype=np.uint8), tmp_path))[:4] == \
         b"\x00\x00\x08\x01"
+
+
+def test_prefetch_copies_batches_to_the_gpu(monkeypatch):
+    """On a GPU the prefetch thread hands the step device arrays (CuPy stand-in: the host
+    CUDA emulation, whose arrays say they are on GPU 0 and refuse NumPy operands)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import host_cuda
+    import host_cupy
+
+    from shardgrad.graph.device import Device
+    from shardgrad.ops import gpu as gpu_ops
+    from shardgrad.runtime import device as D
+    from shardgrad.runtime.prefetch import device_copier
+    from shardgrad.runtime.step import TrainStep
+    from shardgrad.runtime.train import train
+
+    cupy = host_cupy.device_module()
+    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
+    monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
+    copy = device_copier(Device.parse("cuda:0"))
+    batch = copy(np.arange(6.0).reshape(2, 3))
+    assert isinstance(batch, host_cupy.DeviceArray) and batch.get().tolist() == [[0, 1, 2],
+                                                                                  [3, 4, 5]]
+    assert device_copier(Device.parse("cpu")) is None
+    seen = []
+    call = TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__",
+                        lambda self, x, y: seen.append((type(x), type(y))) or call(self, x, y))
+    config = load_config(None, ["device.type='cuda'", "train.epochs=1", "model.hidden=[16]",
+                                "data.prefetch=2"])
+    summary = train(config, None)
+    assert len(seen) == summary["steps"] > 0
+    assert set(seen) == {(host_cupy.DeviceArray, host_cupy.DeviceArray)}

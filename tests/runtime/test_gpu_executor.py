@@ -1,6 +1,6 @@
 """The GPU executor's logic on the CPU: its schedule (fusion groups as one generated kernel
 each, hand-written kernels for the ops that have one, views read in place, liveness) runs with
-NumPy arrays while runtime.host_cuda executes the very CUDA C sources on the host; with
+NumPy arrays while host_cuda executes the very CUDA C sources on the host; with
 host_cupy standing in for cupy the executor takes its GPU path (hand-written kernels for
 softmax, cross-entropy, im2col, pooling). Outputs of whole training steps (MLP, CNN; SGD,
 AdamW) must match the reference interpreter, and DeviceStep must follow the same trajectory
@@ -17,8 +17,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "ops"))
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 from cuda_cases import training_graphs  # noqa: E402
+from device_step import DeviceStep  # noqa: E402
 
 from shardgrad.graph.ir import Graph, leaf  # noqa: E402
 from shardgrad.graph.passes import fusion_groups  # noqa: E402
@@ -26,8 +28,7 @@ from shardgrad.ops import elementwise as E  # noqa: E402
 from shardgrad.ops import gpu  # noqa: E402
 from shardgrad.ops import shape as S  # noqa: E402
 from shardgrad.ops.registry import get, kernel_for  # noqa: E402
-from shardgrad.runtime import host_cuda  # noqa: E402
-from shardgrad.runtime.gpu import DeviceStep, FusedKernel, GPUExecutor  # noqa: E402
+from shardgrad.runtime.gpu import FusedKernel, GPUExecutor  # noqa: E402
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter  # noqa: E402
 
 pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")

@@ -1,5 +1,5 @@
 """compile_step on a GPU model (runtime.gpu_step), on the CPU: host_cupy's DeviceArrays stand
-for CuPy arrays and runtime.host_cuda runs the CUDA kernels. The step owns its state on the
+for CuPy arrays and host_cuda runs the CUDA kernels. The step owns its state on the
 device (the model's tensors are views, state_dict reads them), follows the CPU step's
 trajectory for SGD / Adam / AdamW / a custom optimizer / BatchNorm buffers, returns the loss
 as a lazy 0-d device Tensor, defers the label check to the loss read, and keeps its per-step
@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
 from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph import ir  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
-from shardgrad.runtime import host_cuda  # noqa: E402
+from shardgrad.runtime import device as D  # noqa: E402
 
 F = sg.nn.functional
 nn = sg.nn
@@ -33,11 +34,23 @@ def launcher():
 
 
 @pytest.fixture
-def cuda(monkeypatch, launcher):
+def host(monkeypatch, launcher):
+    """The stand-in for CuPy (DeviceArrays, kernels run on the host)."""
     cupy = host_cupy.device_module()
     monkeypatch.setattr(base, "_cupy", lambda: cupy)
     monkeypatch.setattr(gpu_ops, "launch", launcher)
     return cupy
+
+
+@pytest.fixture(params=["host", pytest.param("gpu", marks=pytest.mark.gpu)])
+def cuda(request):
+    """The array module standing for CuPy: the stand-in, or CuPy on a real GPU."""
+    if request.param == "gpu":
+        if not D.cuda_available():
+            pytest.skip("needs CuPy and a CUDA device")
+        import cupy
+        return cupy
+    return request.getfixturevalue("host")
 
 
 class Counts:
@@ -60,7 +73,7 @@ NO_LAUNCH = {"empty", "empty_like", "reshape", "broadcast_to", "transpose", "rav
 
 
 @pytest.fixture
-def counts(cuda, monkeypatch, launcher):
+def counts(host, monkeypatch, launcher):
     c = Counts()
     dev = host_cupy.DeviceArray
 
@@ -76,21 +89,21 @@ def counts(cuda, monkeypatch, launcher):
         monkeypatch.setattr(dev, name, counted("launches")(getattr(dev, name)))
     # the module's functions (cupy.copyto, cupy.sum, ...), but not those that only allocate or
     # make a view: on CuPy they launch nothing
-    for name, fn in vars(cuda).items():
+    for name, fn in vars(host).items():
         if getattr(fn, "__qualname__", "").startswith("_creates_on_device") and name not in (
                 NO_LAUNCH):
-            monkeypatch.setattr(cuda, name, counted("launches")(fn))
+            monkeypatch.setattr(host, name, counted("launches")(fn))
     monkeypatch.setattr(gpu_ops, "launch", counted("launches")(launcher))
     for name in ("item", "get", "tolist", "__float__", "__int__", "__bool__", "__index__"):
         monkeypatch.setattr(dev, name, counted("syncs")(getattr(dev, name)))
     for name in ("asarray", "array"):
-        fn = getattr(cuda, name)
+        fn = getattr(host, name)
 
         def upload(x, *a, _fn=fn, **k):
             if not isinstance(x, dev):
                 c.uploads += 1
             return _fn(x, *a, **k)
-        monkeypatch.setattr(cuda, name, upload)
+        monkeypatch.setattr(host, name, upload)
     init = ir.Node.__init__
 
     def node_init(self, *a, **k):
@@ -132,6 +145,12 @@ class Clipped(sg.optim.SGD):
         return p - lr * g.clamp(-0.05, 0.05), {}
 
 
+def _clipped_sgd(ps):
+    opt = sg.optim.SGD(ps, lr=0.5, momentum=0.9)
+    opt.max_grad_norm = 0.05          # train.grad_clip: the traced update clips
+    return opt
+
+
 OPTIMIZERS = {
     "sgd": lambda ps: sg.optim.SGD(ps, lr=0.1),
     "momentum-wd": lambda ps: sg.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
@@ -139,9 +158,11 @@ OPTIMIZERS = {
     "adam": lambda ps: sg.optim.Adam(ps, lr=0.01, weight_decay=1e-3),
     "adamw": lambda ps: sg.optim.AdamW(ps, lr=0.01),
     "custom": lambda ps: Clipped(ps, lr=0.1),
+    "grad-clip": _clipped_sgd,
 }
 PATHS = {"sgd": "flat-sgd", "momentum-wd": "flat-sgd", "nesterov": "flat-sgd",
-         "adam": "flat-adam", "adamw": "flat-adam", "custom": "graph-update"}
+         "adam": "flat-adam", "adamw": "flat-adam", "custom": "graph-update",
+         "grad-clip": "graph-update"}
 
 
 def rel(a, b) -> float:
@@ -249,11 +270,11 @@ BUDGETS = {  # model, optimizer, batch shape, launches at most
 
 
 @pytest.mark.parametrize("name", list(BUDGETS))
-def test_step_budget(cuda, counts, name):
+def test_step_budget(host, counts, name):
     make, opt_name, shape, launches = BUDGETS[name]
     model = make().to("cuda")
     step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS[opt_name](model.parameters()))
-    data = [(cuda.asarray(x), cuda.asarray(y)) for x, y in batches(shape, n=3)]
+    data = [(host.asarray(x), host.asarray(y)) for x, y in batches(shape, n=3)]
     losses = [step(x, y) for x, y in data[:2]]     # warm-up: trace, compile, bind
     before = vars(counts).copy()
     loss = step(*data[2])
@@ -263,3 +284,127 @@ def test_step_budget(cuda, counts, name):
     assert used["nodes"] <= 1, used                # the loss Tensor's own
     assert used["launches"] <= launches, used
     assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in losses)
+
+
+# ---- CUDA Graph replay: the control flow, with capture emulated on the stand-in ----------
+
+class _Stream:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+
+class _Event:
+    def record(self, stream=None):
+        pass
+
+
+class _Graph:
+    """An emulated capture: launching it runs the captured function again (the launches a
+    real graph replays), its loss written into the array capture handed out."""
+
+    def __init__(self, fn, loss, corrupt=False):
+        self.fn, self.loss, self.corrupt, self.launches = fn, loss, corrupt, 0
+
+    def launch(self, stream=None):
+        self.launches += 1
+        out = self.fn()
+        self.loss[...] = out + 1.0 if self.corrupt else out
+
+
+@pytest.fixture
+def capture(host, monkeypatch):
+    """Stream capture on the stand-in: returns the graphs made; ``capture.fail`` / ``.corrupt``
+    make the next capture raise or its replay give wrong values."""
+    from shardgrad.runtime import gpu_step
+    made = []
+    cuda = host.cuda
+    for k, v in {"Stream": lambda **kw: _Stream(), "Event": lambda **kw: _Event(),
+                 "MemoryPool": lambda: type("Pool", (), {"malloc": None})(),
+                 "using_allocator": lambda malloc: _Stream(),
+                 "get_current_stream": lambda: _Stream()}.items():
+        monkeypatch.setattr(cuda, k, v, raising=False)
+
+    def fake(xp, stream, fn):
+        if made_opts["fail"]:
+            raise RuntimeError("cuBLAS is disabled during stream capture")
+        g = _Graph(fn, xp.empty((), np.float32), made_opts["corrupt"])
+        made.append(g)
+        return g, g.loss
+    made_opts = {"fail": False, "corrupt": False}
+    monkeypatch.setattr(gpu_step, "_capture", fake)
+    made_opts["made"] = made
+    return made_opts
+
+
+@pytest.mark.parametrize("case", ["mlp-momentum", "mlp-adam", "batchnorm"])
+def test_a_captured_step_replays_the_cpu_trajectory(host, capture, case):
+    make, opt = {"mlp-momentum": (mlp, "nesterov"), "mlp-adam": (mlp, "adam"),
+                 "batchnorm": (bn_mlp, "momentum-wd")}[case]
+    out = run_both(host, make, OPTIMIZERS[opt], batches((16, 20), n=6))
+    assert out["cuda"][0] == pytest.approx(out["cpu"][0], rel=1e-5)
+    want, got = out["cpu"][1].state_dict(), out["cuda"][1].state_dict()
+    for k in want:              # each batch copied in, BatchNorm's statistics updated once
+        assert rel(got[k], want[k]) < 1e-5, k
+    stats = out["cuda"][3].stats()
+    assert stats["cuda_graph"] and stats["graph"] == "captured", stats
+    (graph,) = capture["made"]
+    assert graph.launches == 6 - 2        # after 2 warm-up steps: checked once, then 3 replays
+
+
+@pytest.mark.parametrize("how", ["fail", "corrupt"])
+def test_a_step_that_cannot_be_captured_runs_plain_launches(host, capture, how):
+    capture[how] = True
+    out = run_both(host, mlp, OPTIMIZERS["momentum-wd"], batches((16, 20), n=5))
+    assert out["cuda"][0] == pytest.approx(out["cpu"][0], rel=1e-5)
+    want, got = out["cpu"][1].state_dict(), out["cuda"][1].state_dict()
+    for k in want:
+        assert rel(got[k], want[k]) < 1e-5, k
+    stats = out["cuda"][3].stats()
+    assert not stats["cuda_graph"]
+    assert stats["graph"] == ("not captured: RuntimeError: cuBLAS is disabled during stream "
+                              "capture" if how == "fail" else
+                              "not captured: the replay differed from plain launches")
+
+
+def test_capture_is_not_tried_where_it_cannot_work(host):
+    model = mlp().to("cuda")
+    step = sg.compile_step(model, F.cross_entropy, Clipped(model.parameters(), lr=0.1))
+    for x, y in batches((16, 20), n=4):
+        step(x, y)
+    assert step.stats()["graph"] == "not captured: the traced update reads lr and t from the host"
+    model = mlp().to("cuda")
+    step = sg.compile_step(model, F.cross_entropy, sg.optim.SGD(model.parameters(), lr=0.1))
+    for x, y in batches((16, 20), n=4):
+        step(x, y)
+    assert step.stats()["graph"] == "not captured: this CuPy has no stream capture"
+    off = sg.compile_step(model, F.cross_entropy, sg.optim.SGD(model.parameters(), lr=0.1),
+                          cuda_graph=False)
+    for x, y in batches((16, 20), n=4):
+        off(x, y)
+    assert off.stats()["graph"] == "off" and not off.stats()["cuda_graph"]
+
+
+def test_eager_ops_upload_a_python_scalar_once(host, counts):
+    x = sg.tensor(np.ones((4, 3), np.float32), device="cuda")
+    (x * 0.5 + 1.0).sum().item()
+    before = counts.uploads
+    for _ in range(5):
+        y = (x * 0.5 + 1.0).sum()
+    assert counts.uploads == before                 # the 0.5 and the 1.0 are on the device
+    assert y.item() == pytest.approx(18.0)
+    model = mlp().to("cuda")                         # an eager training step: the optimizer's
+    opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)     # scalars too
+    xs, ys = (host.asarray(v) for v in batches((16, 20), n=1)[0])
+    for i in range(3):
+        if i == 2:
+            before = counts.uploads
+        opt.zero_grad()
+        F.cross_entropy(model(sg.Tensor(sg.tensor(xs).node)), sg.tensor(ys)).backward()
+        opt.step()
+    assert counts.uploads == before

@@ -95,8 +95,10 @@ def data(kind):
     return x, y
 
 
-def run(kind, executor=None, transform=None, rows=slice(None), finish=None):
-    model, loss, opt = build(kind)
+def run(kind, executor=None, transform=None, rows=slice(None), finish=None, built=None):
+    """``built``: the (model, loss, optimizer) made before the ranks' threads start (parameter
+    init draws from one global generator, so threads must not build concurrently)."""
+    model, loss, opt = built or build(kind)
     step = sg.compile_step(model, loss, opt, executor=executor, transform=transform)
     x, y = data(kind)
     losses = []
@@ -150,19 +152,24 @@ def test_compiled_executor_equals_the_reference(kind):
 
 @pytest.mark.parametrize("kind", ["text", "image"])
 def test_data_parallel_on_two_ranks_equals_the_reference(kind):
+    built = [build(kind) for _ in range(2)]
+
     def body(comm):
         return run(kind, executor=bound_executor(None, comm), transform=DataParallel(2),
-                   rows=slice(comm.rank, None, 2))[0]
+                   rows=slice(comm.rank, None, 2), built=built[comm.rank])[0]
     for got in run_ranks(2, body, timeout_s=60):
         assert rel_err(got, reference(kind)[0]) < 1e-9
 
 
 @pytest.mark.parametrize("kind", ["text", "image"])
 def test_two_stage_pipeline_equals_the_reference(kind):
+    built = [build(kind) for _ in range(2)]
+
     def body(comm):
         mesh = Mesh.of(comm, 1, 2)
         return run(kind, executor=lambda g: PipelineProgram(g, mesh, 2, "1f1b", "cost",
                                                             world=comm),
-                   transform=PipelineTransform(2), finish=lambda step: gather(step, mesh))[0]
+                   transform=PipelineTransform(2), finish=lambda step: gather(step, mesh),
+                   built=built[comm.rank])[0]
     for got in run_ranks(2, body, timeout_s=60):
         assert rel_err(got, reference(kind)[0]) < 1e-9

@@ -43,7 +43,7 @@ def test_graph_with_stages_colours_them_and_draws_sends(tmp_path, monkeypatch):
     text = out.read_text()
     assert text.startswith("digraph pipeline")
     assert STAGE_COLOURS[0] in text and STAGE_COLOURS[1] in text
-    assert "= send" in text and "= recv" in text and " color=red " in text
+    assert "= isend" in text and "= recv" in text and " color=red " in text
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -15,7 +15,13 @@ import pytest
 import shardgrad as sg
 from shardgrad.graph.nn import functional as F
 from shardgrad.runtime.comm import Communicator, Request
-from shardgrad.runtime.pipeline import Mesh, PipelineProgram, PipelineTransform, gather
+from shardgrad.runtime.pipeline import (
+    Mesh,
+    PipelineProgram,
+    PipelineTransform,
+    gather,
+    plan_pipeline,
+)
 from shardgrad.runtime.threadcomm import run_ranks
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -131,7 +137,8 @@ def _train(comm, kind="mlp", m=4, schedule="1f1b", steps=STEPS, wrap=Counting):
     x, y = cases.digits(image)
     mesh = Mesh.of(comm, 1, comm.world_size)
     step = sg.compile_step(model, F.cross_entropy, opt,
-                           executor=lambda g: PipelineProgram(g, mesh, m, schedule, world=comm),
+                           executor=lambda g: PipelineProgram(
+                               plan_pipeline(g, mesh, m, schedule, world=comm), mesh, world=comm),
                            transform=PipelineTransform(m))
     counts = []
     for i in range(steps):
@@ -218,8 +225,9 @@ def test_a_step_retraced_with_another_cut_takes_the_values_it_needs():
         mesh = Mesh.of(comm, 1, 2)
         cuts = iter([["2.weight"], ["4.weight"]])
         step = sg.compile_step(model, F.cross_entropy, opt, transform=PipelineTransform(m),
-                               executor=lambda g: PipelineProgram(g, mesh, m, "1f1b",
-                                                                  next(cuts), world=comm))
+                               executor=lambda g: PipelineProgram(
+                                   plan_pipeline(g, mesh, m, "1f1b", next(cuts), world=comm),
+                                   mesh, world=comm))
         lo = 0
         for b in sizes:
             step(x[lo:lo + b], y[lo:lo + b])

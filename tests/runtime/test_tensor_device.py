@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
@@ -22,7 +23,6 @@ from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph.device import Device, DeviceError  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
-from shardgrad.runtime import host_cuda  # noqa: E402
 
 F = sg.nn.functional
 

@@ -1,7 +1,7 @@
 """``device.type`` in training, on the CPU: the config key, the errors when CuPy or the GPU is
 missing, and the wiring (the step on the GPU executor, its state back on the host for
 evaluation and checkpoints, device buffers through gpu_comm on several ranks) with host_cupy
-standing in for cupy and runtime.host_cuda running the CUDA kernels. The same run on a real
+standing in for cupy and host_cuda running the CUDA kernels. The same run on a real
 GPU is bench/gpu_check.sh's business.
 """
 
@@ -17,12 +17,13 @@ import pytest
 import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
+import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
-from shardgrad.runtime import gpu_comm, host_cuda  # noqa: E402
+from shardgrad.runtime import gpu_comm  # noqa: E402
 from shardgrad.runtime import train as tr  # noqa: E402
 from shardgrad.runtime.config import ConfigError, load_config  # noqa: E402
 from shardgrad.runtime.gpu import GPUExecutor  # noqa: E402
@@ -84,8 +85,8 @@ def test_cli_exits_2_with_that_line(tmp_path):
 def test_missing_gpus_and_pipelines_are_config_errors(host_gpu, monkeypatch):
     with pytest.raises(ConfigError, match=r"'cuda:1' but 'cuda:1' is not among the 1 CUDA"):
         tr.train(config('device.type="cuda:1"'), None)
-    with pytest.raises(ConfigError, match="runs data parallelism only"):
-        tr.train(config('device.type="cuda"', "parallel.pp=2"), None)
+    with pytest.raises(ConfigError, match="device.comm = 'nccl' carries data parallelism only"):
+        tr.train(config('device.type="cuda"', "parallel.pp=2", 'device.comm="nccl"'), None)
     monkeypatch.setattr(D.base, "_cupy", lambda: host_cupy.module(devices=0))
     with pytest.raises(ConfigError, match="'cuda' but no CUDA device is visible"):
         tr.train(config('device.type="cuda"'), None)
@@ -93,13 +94,16 @@ def test_missing_gpus_and_pipelines_are_config_errors(host_gpu, monkeypatch):
 
 
 def test_cuda_training_runs_the_step_on_the_gpu_executor(host_gpu, tmp_path, monkeypatch):
+    cupy = host_cupy.device_module()          # arrays that say they are on the GPU
+    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
     pulls = []
     to_host = TrainStep.to_host
     monkeypatch.setattr(TrainStep, "to_host", lambda self: pulls.append(1) or to_host(self))
     cpu = tr.train(config("train.epochs=2"), None)
     out = tmp_path / "run"
     gpu = tr.train(config("train.epochs=2", 'device.type="cuda"'), str(out))
-    assert host_gpu == [0] * gpu["steps"] and gpu["steps"] == cpu["steps"] == 22
+    # one process: compile_step's own GPU path (runtime.gpu_step), its executor rank-less
+    assert host_gpu == [None] * gpu["steps"] and gpu["steps"] == cpu["steps"] == 22
     assert len(pulls) == 4                 # once an epoch in each run, before evaluating
     assert abs(gpu["train_loss"] - cpu["train_loss"]) <= 1e-4 * abs(cpu["train_loss"])
     assert abs(gpu["test_accuracy"] - cpu["test_accuracy"]) <= 0.01

@@ -4,6 +4,7 @@ earlier run's checkpoints, a torn metrics line, a model that cannot take its bat
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -46,10 +47,17 @@ def _quiet(monkeypatch):
     monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")
 
 
+# the one line each finished epoch prints on stderr (runtime.monitor), not an error line
+EPOCH_LINE = re.compile(r"epoch \d+/\d+  step \d+  ")
+
+
 def _main(capsys, *argv):
-    """``shardgrad ARGV`` in this process: (exit code, stderr lines)."""
+    """``shardgrad ARGV`` in this process: (exit code, its stderr lines other than the
+    per-epoch progress lines)."""
+    capsys.readouterr()
     code = cli.main(list(argv))
-    return code, capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in capsys.readouterr().err.strip().splitlines()
+                  if not EPOCH_LINE.match(line)]
 
 
 def test_a_diverging_run_stops_naming_the_step_and_writes_no_garbage(config, tmp_path, capsys):

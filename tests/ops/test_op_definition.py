@@ -1,0 +1,49 @@
+"""One op definition: every piece of an op hangs off its OpDef and executors find kernels
+through ops.registry.kernel_for(op, device, form); nothing lists ops elsewhere."""
+
+import numpy as np
+import pytest
+
+from shardgrad.graph.device import Device
+from shardgrad.ops import REGISTRY
+from shardgrad.ops import gpu as gpu_kernels
+from shardgrad.ops.registry import OutKernel, device_kind, kernel_for
+
+
+def test_kernel_for_answers_each_form_on_each_device():
+    sm = REGISTRY["softmax"]
+    assert kernel_for("softmax", "cuda") is sm.cuda is gpu_kernels.softmax
+    assert kernel_for(sm, Device.parse("cuda:1")) is sm.cuda
+    assert kernel_for("softmax", "cpu") is kernel_for("softmax", np) is sm.forward
+    assert kernel_for("matmul", "cuda") is REGISTRY["matmul"].forward     # cuBLAS via cupy
+    assert isinstance(kernel_for("add", "cpu", "out"), OutKernel)
+    assert kernel_for("add", "cuda", "out") is kernel_for("add", "cpu", "out")
+    assert kernel_for("relu", "cuda", "expr")(["x"], ["float32"], "float32", {}) == (
+        "(x < 0.0f ? 0.0f : x)")
+    assert kernel_for("relu", "cpu", "expr") is None
+    assert kernel_for("softmax", "cpu", "out") is None
+    with pytest.raises(ValueError, match="unknown kernel form 'jit'"):
+        kernel_for("add", "cpu", "jit")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        device_kind("tpu")
+
+
+def test_traits_are_consistent():
+    for name, d in REGISTRY.items():
+        if d.cuda_expr is not None:
+            assert d.elementwise, f"{name}: a C expression belongs to an elementwise op"
+        assert not (d.effectful and d.elementwise), name
+    assert {n for n, d in REGISTRY.items() if d.effectful} >= {
+        "send", "recv", "allreduce", "allreduce_start", "allreduce_wait", "allgather",
+        "reduce_scatter"}
+    assert {"add", "mul", "exp", "where", "cast", "relu", "less"} <= {
+        n for n, d in REGISTRY.items() if d.elementwise and d.cuda_expr is not None}
+
+
+def test_view_ops_declare_it():
+    assert {n: d.view for n, d in REGISTRY.items() if d.view} == {
+        "reshape": "contiguous", "transpose": "any", "broadcast_to": "any"}
+    x = np.arange(6.0).reshape(2, 3)
+    for name, attrs in (("reshape", {"shape": (3, 2)}), ("transpose", {"axes": (1, 0)}),
+                        ("broadcast_to", {"shape": (4, 2, 3)})):
+        assert np.shares_memory(kernel_for(name, "cpu")(np, x, **attrs), x), name

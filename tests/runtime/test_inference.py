@@ -1,0 +1,112 @@
+"""Using a trained run: ``shardgrad evaluate`` (its top-1 is summary.json's test_accuracy;
+top-5, per-class accuracy, the confusion matrix as JSON, text and PNG), ``predict`` (.npz and
+image files) and ``export --format onnx`` (onnxruntime gives the same logits within 1e-5 on
+the whole test set, float32)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from shardgrad.cli import main
+from shardgrad.runtime.config import load_config
+from shardgrad.runtime.inference import load_run, logits, metrics
+from shardgrad.runtime.train import train
+
+RUNS = {
+    "mlp": ["model.kind='mlp'", "model.hidden=[32]", "model.batchnorm=true",
+            "model.activation='gelu'"],
+    "cnn": ["model.kind='cnn'", "model.channels=[4, 8]", "model.hidden=[16]",
+            "model.batchnorm=true"],
+    "resnet": ["model.kind='resnet'", "model.depth=8", "model.width=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for kind, sets in RUNS.items():
+        out[kind] = str(root / kind)
+        train(load_config(None, sets + ["train.epochs=2", "train.lr=0.05", "train.momentum=0.9",
+                                        "data.prefetch=0"]), out[kind])
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(RUNS))
+def test_evaluate_top1_is_the_summary_accuracy(runs, kind, tmp_path, capsys):
+    run_dir = runs[kind]
+    assert main(["evaluate", run_dir, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    shown = json.loads(printed[-1])
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        assert result["top1_accuracy"] == json.load(f)["test_accuracy"] == shown["top1_accuracy"]
+    m = np.asarray(result["confusion_matrix"])
+    assert m.sum() == result["samples"] == 359
+    assert np.trace(m) / m.sum() == pytest.approx(result["top1_accuracy"])
+    per_class = np.diag(m) / m.sum(axis=1)
+    np.testing.assert_allclose(result["per_class_accuracy"], per_class)
+    assert result["top5_accuracy"] >= result["top1_accuracy"]
+    assert (tmp_path / "confusion.txt").read_text().splitlines()[0].startswith("true\\pred")
+    assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_top5_and_absent_class():
+    scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
+    r = metrics(scores, np.array([1, 2, 2]), 4)
+    assert r["top1_accuracy"] == pytest.approx(2 / 3)
+    assert r["top4_accuracy"] == 1.0
+    assert r["per_class_accuracy"] == [None, 1.0, 0.5, None]
+    assert r["confusion_matrix"][2] == [1, 0, 1, 0]
+
+
+def test_evaluate_refuses_non_data_keys(runs, capsys):
+    assert main(["evaluate", runs["mlp"], "--set", "train.lr=1"]) == 2
+    assert "only data.* keys" in capsys.readouterr().err
+    assert main(["evaluate", "/nonexistent/run"]) == 2
+
+
+def test_predict_npz_and_images(runs, tmp_path, capsys):
+    from PIL import Image
+
+    run = load_run(runs["cnn"])
+    x = run.data.x_test[:5]
+    np.savez(tmp_path / "few.npz", x=x)
+    assert main(["predict", runs["cnn"], str(tmp_path / "few.npz")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in rows] == logits(run, x).argmax(axis=1).tolist()
+    for r in rows:
+        assert sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    paths = []
+    for i in range(3):
+        a = np.round(x[i, 0] * 255).astype(np.uint8)
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(a).save(paths[-1])
+    assert main(["predict", runs["cnn"], *paths]) == 0
+    images = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in images] == [r["label"] for r in rows[:3]]
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
+    assert main(["predict", runs["cnn"], str(tmp_path / "small.png")]) == 2
+    assert "do not fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", sorted(RUNS))
+def test_onnx_export_same_logits_as_the_ir(runs, kind, tmp_path):
+    out = tmp_path / "model.onnx"
+    r = subprocess.run([sys.executable, "-m", "shardgrad.cli", "export", runs[kind], "--format",
+                        "onnx", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    run = load_run(runs[kind])
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    want = logits(run, run.data.x_test)
+    got = np.concatenate([sess.run(None, {"x": run.data.x_test[i:i + 100]})[0]
+                          for i in range(0, len(run.data.x_test), 100)])   # any batch size
+    assert got.shape == want.shape == (359, 10) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert (got.argmax(1) == run.data.y_test).mean() == pytest.approx(
+        json.load(open(os.path.join(runs[kind], "summary.json")))["test_accuracy"])
