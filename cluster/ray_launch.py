@@ -1,7 +1,7 @@
 """The Ray launcher (``shardgrad train CONFIG --launcher ray``): Ray places, starts, watches
-and restarts the ranks; gradients still travel over MPI. A placement group reserves one
-bundle per rank, a ``Host`` actor in each bundle stands for a host, and mpirun starts each
-host's MPI daemon, and so its rank, inside that actor (cluster/ray_agent.py is mpirun's ssh).
+and restarts the ranks; gradients travel over MPI. One placement-group bundle per rank (CPUs,
+GPUs; pipelines on the nodes cluster/placement.py picks) holds a ``Host`` actor, inside which
+mpirun's agent (cluster/ray_agent.py) starts the host's MPI daemon and so its ranks.
 Imports ray and runtime (config, train); runtime never imports it.
 """
 
