@@ -71,6 +71,8 @@ def test_ray_job_argv_puts_rank_i_on_host_i_through_the_agent():
                     "/py", "-m", "shardgrad", "train", "/tmp/c.toml", "--out", "/runs/x"]
     assert argv[argv.index("--map-by") + 1] == "node"
     assert "^han" in argv
+    # not each rank bound to its fake node's first core: two ranks of one machine shared one
+    assert argv[argv.index("--bind-to") + 1] == "none"
 
 
 @pytest.mark.parametrize("argv, host, command", [
@@ -136,3 +138,12 @@ prterun has exited due to process rank 1 with PID 0 on node vm calling
 ])
 def test_failed_rank(output, rank):
     assert commands.failed_rank(output) == rank
+
+
+def test_ray_ranks_on_one_node_share_one_daemon():
+    # all ranks under the one host's daemon (shared memory between them, not TCP), by slot
+    argv = commands.ray_job_argv(["sg-1a-0"], "/tmp/c.toml", "/runs/x", ranks=3, python="/py")
+    assert argv[argv.index("-n") + 1] == "3"
+    assert argv[argv.index("--host") + 1] == "sg-1a-0:3"
+    assert argv[argv.index("--map-by") + 1] == "slot" and argv.count("--map-by") == 1
+    assert argv[argv.index("--bind-to") + 1] == "none"
