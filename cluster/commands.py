@@ -81,15 +81,20 @@ def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
                  resume: str | None = None, *, as_root: bool = False,
                  export: Sequence[str] = (), python: str = sys.executable) -> list[str]:
     """``shardgrad train`` of ``config_path`` as the Ray launcher runs it (see
-    ``ray_program_argv``)."""
-    return ray_program_argv(hosts, train_argv(config_path, out_dir, resume, python),
+    ``ray_program_argv``), each rank under cluster/rank.py, which names a rank a signal
+    killed."""
+    rank = [python, "-m", "shardgrad.cluster.rank"]
+    return ray_program_argv(hosts, rank + train_argv(config_path, out_dir, resume, python),
                             as_root=as_root, export=export, python=python)
 
 
-# What names the failed rank in a job's output, most authoritative first: mpirun's report of
+# What names the failed rank in a job's output, most authoritative first: a rank that a peer
+# found hung, or that a signal ended; then mpirun's report of
 # the first process that died or exited non-zero, then the ranks' own words (a rank that saw
 # its peer die may report a failure of its own before mpirun does).
 _FAILED_RANK = [
+    re.compile(r"\brank (\d+) hangs:"),                      # a peer's watchdog (runtime/mpi.py)
+    re.compile(r"\brank (\d+) was terminated by"),           # a signal to a rank (cli.py)
     re.compile(r"process rank (\d+) with PID \d+ on node"),  # prterun: a signal or an abort
     re.compile(r"Process name: \[[^,\]]+,(\d+)\]"),          # prterun: a non-zero exit code
     re.compile(r"MPI_ABORT was invoked on rank (\d+)"),      # Open MPI and MPICH

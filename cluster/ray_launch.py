@@ -15,6 +15,7 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,7 @@ class Host:
         self.gpus = [str(g) for g in ray.get_gpu_ids()]
         self.written: list[str] = []
         self.stopped = threading.Event()
+        self.notes_dir = tempfile.mkdtemp(prefix="shardgrad-notes-")
         # mpirun's agent (cluster/ray_agent.py) connects here, proving itself by the job's
         # token: a plain socket spares it importing ray and joining the cluster.
         self.token = token
@@ -187,7 +189,8 @@ class Host:
         self.written.append(path)
 
     def start(self, command: str) -> int:
-        env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+        env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+                   SHARDGRAD_RANK_NOTES=self.notes_dir)
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
         c = _Command(command, env)
@@ -202,6 +205,18 @@ class Host:
 
     def kill(self, pid: int) -> None:
         self.commands[pid].kill()
+
+    def notes(self) -> list[tuple[int, int, float]]:
+        """(rank, signal, time) of each rank here that a signal killed (cluster/rank.py)."""
+        found = []
+        for name in os.listdir(self.notes_dir):
+            try:
+                with open(os.path.join(self.notes_dir, name)) as f:
+                    rank, sig, when = f.read().split()
+                found.append((int(rank), int(sig), float(when)))
+            except (OSError, ValueError):
+                continue
+        return found
 
     def until_stopped(self) -> None:
         """Returns when ``stop`` is called; a caller holding this call learns of the actor's
@@ -218,6 +233,7 @@ class Host:
                     remove(target)
                 except OSError:
                     pass
+        shutil.rmtree(self.notes_dir, ignore_errors=True)
         self.stopped.set()
 
 
@@ -478,11 +494,27 @@ def supervise(job: Job, argv: Sequence[str], env: Mapping[str, str],
     code = proc.returncode
     if dead is not None:
         return max(code, 1), f"{job.where(dead[0])} failed: {dead[1]}"
+    killed = _killed(job)
+    if killed is not None:
+        return max(code, 1), f"{job.where(killed[0])} failed: killed by " \
+                             f"{signal.Signals(killed[1]).name}"
     rank = failed_rank("".join(tail))
     how = (f"killed by signal {-code}" if code < 0 else f"exit code {code}"
            + (f" (signal {code - 128})" if code > 128 else ""))
     who = job.where(rank) if rank is not None and rank < job.n else "a rank"
     return max(code, 1), f"{who} failed; mpirun {how}"
+
+
+def _killed(job: Job) -> tuple[int, int] | None:
+    """(rank, signal) of the first rank a signal killed, from the hosts' notes: a peer that
+    lost it may abort the job first, and mpirun then names that peer."""
+    try:
+        notes = [n for found in ray.get([a.notes.remote() for a in job.actors], timeout=5)
+                 for n in found]
+    except (RayActorError, GetTimeoutError):
+        return None
+    first = min(notes, key=lambda n: n[2], default=None)
+    return None if first is None else (first[0], first[1])
 
 
 def _interrupted(sig, frame):

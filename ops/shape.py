@@ -75,6 +75,9 @@ register(OpDef("transpose", infer=_transpose_infer,
 def transpose(x, axes=None) -> Node:
     axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(int(a) % max(x.ndim, 1)
                                                                      for a in axes)
+    if isinstance(x, Node) and x.op == "transpose" and len(axes) == x.ndim:
+        # a transpose of a transpose is one permutation (none at all for W^T's gradient)
+        x, axes = x.inputs[0], tuple(x.attrs["axes"][a] for a in axes)
     return x if axes == tuple(range(x.ndim)) else apply("transpose", x, axes=axes)
 
 

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
+import ray.cluster_utils as cluster_utils
 
-ray = pytest.importorskip("ray")
-cluster_utils = pytest.importorskip("ray.cluster_utils")
-ray_launch = pytest.importorskip("shardgrad.cluster.ray_launch")
+from shardgrad.cluster import ray_launch
 
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(150),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]

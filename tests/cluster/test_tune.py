@@ -12,12 +12,11 @@ import sys
 import time
 
 import pytest
+import ray
+import ray.tune  # noqa: F401 - the ray extra installs it: a missing one fails, not skips
 
+from shardgrad.cluster import tune
 from shardgrad.runtime.config import ConfigError
-
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.tune")
-tune = pytest.importorskip("shardgrad.cluster.tune")
 
 CONFIG = """
 [model]

@@ -255,6 +255,8 @@ CASES = [
     OpCase("matmul", matmul, (F(2, 2, 3), F(3, 2)), np.matmul, name="batched"),
     OpCase("matmul", matmul, (F(3), F(3, 2)), np.matmul, name="vector-matrix"),
     OpCase("matmul", matmul, (F(3), F(3)), np.matmul, name="dot"),
+    OpCase("matmul", lambda x, w: matmul(x, S.transpose(w)), (F(2, 3), F(4, 3)),
+           lambda x, w: x @ w.T, name="linear"),
     # shape
     OpCase("reshape", lambda x: S.reshape(x, (3, -1)), (F(2, 3, 2),),
            lambda x: x.reshape(3, -1)),
