@@ -174,7 +174,7 @@ def test_two_stage_pipeline_equals_the_reference(kind):
     def body(comm):
         mesh = Mesh.of(comm, 1, 2)
         return run(kind, executor=lambda g: PipelineProgram(
-            plan_pipeline(g, mesh, 2, "1f1b", "cost", world=comm), mesh, world=comm),
+                       plan_pipeline(g, mesh, 2, "1f1b", "cost", world=comm), mesh, world=comm),
                    transform=PipelineTransform(2), finish=lambda step: gather(step, mesh),
                    built=built[comm.rank])[0]
     for got in run_ranks(2, body, timeout_s=60):
