@@ -15,7 +15,7 @@ import pytest
 
 from shardgrad import cli
 from shardgrad.graph import nn
-from shardgrad.graph.tensor import set_default_dtype
+from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.runtime.data import write_idx
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -110,6 +110,7 @@ def test_a_model_too_large_is_refused_naming_the_bytes_before_allocating(config,
 
 
 def test_a_float32_layer_is_built_without_a_float64_copy():
+    saved = get_default_dtype()
     set_default_dtype("float32")
     try:
         tracemalloc.start()
@@ -117,7 +118,7 @@ def test_a_float32_layer_is_built_without_a_float64_copy():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-        set_default_dtype("float64")
+        set_default_dtype(saved)
     weight = layer.weight.numpy()
     assert weight.dtype == np.float32
     # the weights, the copy sg.tensor() takes of them, one 8 MiB float64 chunk: 40 MiB at

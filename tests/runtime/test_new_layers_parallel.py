@@ -13,7 +13,13 @@ from shardgrad.graph.nn import functional as F
 from shardgrad.partition.data_parallel import DataParallel
 from shardgrad.runtime.compiled import Program
 from shardgrad.runtime.dp import bound_executor
-from shardgrad.runtime.pipeline import Mesh, PipelineProgram, PipelineTransform, gather
+from shardgrad.runtime.pipeline import (
+    Mesh,
+    PipelineProgram,
+    PipelineTransform,
+    gather,
+    plan_pipeline,
+)
 from shardgrad.runtime.threadcomm import run_ranks
 
 pytestmark = pytest.mark.timeout(120)
@@ -167,8 +173,8 @@ def test_two_stage_pipeline_equals_the_reference(kind):
 
     def body(comm):
         mesh = Mesh.of(comm, 1, 2)
-        return run(kind, executor=lambda g: PipelineProgram(g, mesh, 2, "1f1b", "cost",
-                                                            world=comm),
+        return run(kind, executor=lambda g: PipelineProgram(
+                       plan_pipeline(g, mesh, 2, "1f1b", "cost", world=comm), mesh, world=comm),
                    transform=PipelineTransform(2), finish=lambda step: gather(step, mesh),
                    built=built[comm.rank])[0]
     for got in run_ranks(2, body, timeout_s=60):
