@@ -32,8 +32,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 from shardgrad.graph.ir import ShapeError
 from shardgrad.runtime.config import ConfigError, load_config, mpi_world_size
@@ -170,6 +172,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind (releasing the run directory), then say so."""
+
+    def __init__(self, sig: int):
+        super().__init__(sig)
+        self.sig = sig
+
+    def __str__(self) -> str:
+        return f"terminated by {signal.Signals(self.sig).name}"
+
+
+def _terminate(sig, frame):
+    raise Terminated(sig)
+
+
 def _exit_code(e: BaseException) -> int:
     return 2 if isinstance(e, USAGE_ERRORS) else 130 if isinstance(e, KeyboardInterrupt) else 1
 
@@ -220,6 +237,9 @@ def cmd_train(args) -> int:
     from shardgrad.runtime import world
     from shardgrad.runtime.train import Diverged, train
 
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _terminate)
     config = load_config(args.config, args.sets)
     out = args.out or args.resume or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config))[0])
@@ -245,6 +265,12 @@ def cmd_train(args) -> int:
     try:
         summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
+        if isinstance(e, Terminated):
+            if comm.world_size > 1:
+                print(f"rank {comm.rank} was {e}", file=sys.stderr, flush=True)
+                comm.abort(128 + e.sig)
+            print(f"shardgrad train: {e}", file=sys.stderr)
+            return 128 + e.sig
         world.fail(comm, e, _exit_code(e))
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)

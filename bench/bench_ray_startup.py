@@ -7,7 +7,8 @@ be), in fresh processes, alternating and paired.
 
 Time to first step: from the command's start to the first step record in metrics.jsonl
 (``train.log_every = 1``; polled every 10 ms). Step time: median gap between consecutive step
-records' ``wall_s`` (the first epoch's first 3 steps left out). The Ray runs' own phase
+records' ``wall_s`` (the first 3 left out; millisecond resolution) and summary.json's
+``step_time_s``. The Ray runs' own phase
 times come from the launcher's ``start-up:`` line. Prints one JSON object; other processes
 share the cores, so it quotes the load (``os.getloadavg``) and per-pair differences.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -58,7 +60,10 @@ def run(launcher: str, config: str, ranks: int, epochs: int, env: dict) -> dict:
     walls = [r["wall_s"] for r in steps if r.get("kind") == "step"][3:]
     gaps = [b - a for a, b in zip(walls, walls[1:], strict=False)]
     m = PHASES.search(stderr)
-    return {"first_step_s": first, "total_s": total, "step_time_s": statistics.median(gaps),
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    return {"first_step_s": first, "total_s": total, "step_gap_s": statistics.median(gaps),
+            "step_time_s": summary.get("step_time_s", math.nan),
             "phases": m.group(1) if m else None}
 
 
@@ -96,7 +101,8 @@ def main() -> None:
 
     print(json.dumps({"ranks": args.ranks, "pairs": args.pairs, "epochs": args.epochs,
                       "load_1min": load, "first_step_s": stats("first_step_s"),
-                      "step_time_s": stats("step_time_s"), "total_s": stats("total_s"),
+                      "step_time_s": stats("step_time_s"), "step_gap_s": stats("step_gap_s"),
+                      "total_s": stats("total_s"),
                       "ray_phases": [r["phases"] for r in runs["ray"]]}, indent=1))
 
 

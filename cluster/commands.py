@@ -20,30 +20,34 @@ AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_agent.py")
 #   once the daemons reported the same real hostname, so rank 1 did not run under its actor;
 # - coll ^han: with two daemons on one machine the ranks disagreed on their topology, one
 #   entered HAN's hierarchical barrier and the other tuned's, and the first barrier hung.
-RAY_MPIRUN_OPTIONS = ("--map-by", "node", "--mca", "coll", "^han")
+# - bind-to none: Ray owns the slots. Each daemon bound its one rank to its "node"'s first
+#   core, so two ranks of one machine shared core 0 and a digits step took 19 ms, not 2 ms.
+RAY_MPIRUN_OPTIONS = ("--map-by", "node", "--bind-to", "none", "--mca", "coll", "^han")
 
 
-def mpirun_argv(program: Sequence[str], n: int, *, hosts: Sequence[str] = (),
+def mpirun_argv(program: Sequence[str], n: int, *, hosts: Sequence[str] = (), slots: int = 1,
                 agent: str | None = None, as_root: bool = False, oversubscribe: bool = False,
                 export: Sequence[str] = (), options: Sequence[str] = (),
                 mpirun: str = "mpirun") -> list[str]:
     """Open MPI's ``mpirun`` starting ``n`` copies of ``program``.
 
-    ``hosts`` get one slot each, in order; ``agent`` replaces ssh for starting the daemon on
+    ``hosts`` get ``slots`` slots each, in order; ``agent`` replaces ssh for starting the daemon on
     each host (called as ``AGENT HOST COMMAND...``); ``export`` names environment variables
     passed on to the ranks (``-x``); ``options`` go before the program.
     """
     if n < 1:
         raise ValueError(f"mpirun needs at least one process, got n = {n}")
-    if hosts and len(hosts) < n:
-        raise ValueError(f"{n} ranks need {n} hosts with one slot each, got {len(hosts)}")
+    if hosts and len(hosts) * slots < n:
+        raise ValueError(f"{n} ranks need {n} hosts with one slot each, got {len(hosts)}"
+                         if slots == 1 else
+                         f"{n} ranks need {n} slots, got {len(hosts)} hosts of {slots}")
     argv = [mpirun, "-n", str(n)]
     if as_root:
         argv.append("--allow-run-as-root")
     if oversubscribe:
         argv.append("--oversubscribe")
     if hosts:
-        argv += ["--host", ",".join(f"{h}:1" for h in hosts)]
+        argv += ["--host", ",".join(f"{h}:{slots}" for h in hosts)]
     if agent:
         argv += ["--prtemca", "plm_ssh_agent", agent]
     for name in export:
@@ -67,29 +71,41 @@ def agent_command(python: str = sys.executable) -> str:
 
 
 def ray_program_argv(hosts: Sequence[str], program: Sequence[str], *, as_root: bool = False,
-                     export: Sequence[str] = (), wdir: str | None = None,
+                     export: Sequence[str] = (), wdir: str | None = None, ranks: int | None = None,
                      python: str = sys.executable) -> list[str]:
     """The mpirun command the Ray launcher runs: ``program`` as one rank per host, rank i on
-    ``hosts[i]``, each host's daemon started by the Ray agent inside that host's actor; the
-    ranks start in ``wdir`` when given."""
+    ``hosts[i]``, each host's daemon started by the Ray agent inside that host's actor; or,
+    given ``ranks`` and one host, all ranks under that host's daemon (ranks under one daemon
+    talk through shared memory; ranks under two daemons of one machine took TCP, and a
+    digits step twice as long). The ranks start in ``wdir`` when given."""
+    n = len(hosts) if ranks is None else ranks
     options = RAY_MPIRUN_OPTIONS + (("--wdir", wdir) if wdir else ())
-    return mpirun_argv(program, len(hosts), hosts=hosts, agent=agent_command(python),
+    if n > len(hosts) == 1:
+        options = ("--map-by", "slot") + options[2:]
+    return mpirun_argv(program, n, hosts=hosts, slots=n // len(hosts), agent=agent_command(python),
                        as_root=as_root, export=export, options=options)
 
 
 def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
                  resume: str | None = None, *, as_root: bool = False,
-                 export: Sequence[str] = (), python: str = sys.executable) -> list[str]:
+                 export: Sequence[str] = (), ranks: int | None = None,
+                 python: str = sys.executable) -> list[str]:
     """``shardgrad train`` of ``config_path`` as the Ray launcher runs it (see
-    ``ray_program_argv``)."""
-    return ray_program_argv(hosts, train_argv(config_path, out_dir, resume, python),
-                            as_root=as_root, export=export, python=python)
+    ``ray_program_argv``), each rank under cluster/rank.py, which names a rank a signal
+    killed."""
+    rank = [python, "-m", "shardgrad.cluster.rank"]
+    return ray_program_argv(hosts, rank + train_argv(config_path, out_dir, resume, python),
+                            as_root=as_root, export=export, ranks=ranks, python=python)
 
 
-# What names the failed rank in a job's output, most authoritative first: mpirun's report of
+# What names the failed rank in a job's output, most authoritative first: a rank that a peer
+# found hung, or that a signal ended; then mpirun's report of
 # the first process that died or exited non-zero, then the ranks' own words (a rank that saw
 # its peer die may report a failure of its own before mpirun does).
 _FAILED_RANK = [
+    re.compile(r"\brank (\d+) hangs:"),                      # a peer's watchdog (runtime/mpi.py)
+    re.compile(r"\brank (\d+) was terminated by"),           # a signal to a rank (cli.py)
+    re.compile(r"\brank (\d+) was killed by"),               # cluster/rank.py (Ray launcher)
     re.compile(r"process rank (\d+) with PID \d+ on node"),  # prterun: a signal or an abort
     re.compile(r"Process name: \[[^,\]]+,(\d+)\]"),          # prterun: a non-zero exit code
     re.compile(r"MPI_ABORT was invoked on rank (\d+)"),      # Open MPI and MPICH

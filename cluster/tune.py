@@ -18,11 +18,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from shardgrad.cluster.commands import mpirun_argv, train_argv
-from shardgrad.cluster.ray_launch import connect, to_toml
+from shardgrad.cluster.ray_launch import _process_tree, _signal_all, connect, to_toml, unniced
 from shardgrad.runtime import config as cfg
 
 METRIC = "test_accuracy"
@@ -105,12 +105,19 @@ def _epochs(path: str) -> list[dict[str, Any]]:
     return records
 
 
-def _die_with_parent() -> None:
-    # A trial that Tune stops (ASHA) is killed with its actor; its training, and mpirun's
-    # ranks, must not outlive it. SIGTERM: mpirun passes it on to its ranks.
-    import ctypes
+def _trial_preexec() -> Callable[[], None]:
+    unnice = unniced()   # the trial's worker runs at Ray's worker niceness; its training not
 
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    def preexec() -> None:
+        unnice()
+        # A trial that Tune stops (ASHA) is killed with its actor; its training must not
+        # outlive it. SIGKILL: the training may be paused (SIGSTOP, see run_trial), and a
+        # paused process acts on nothing else; mpirun's ranks end when their daemon dies.
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return preexec
 
 
 def run_trial(params: Mapping[str, Any], base: Mapping[str, Any], out: str, ranks: int,
@@ -127,29 +134,43 @@ def run_trial(params: Mapping[str, Any], base: Mapping[str, Any], out: str, rank
         f.write(to_toml(trial_config(base, params)))
     resume = run_dir if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(
         os.path.join(run_dir, "checkpoints")) else None
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        # finished before an interrupted sweep saved that it had: its epochs, not a new run
+        for r in _epochs(metrics):
+            tune.report({METRIC: r[METRIC], "epoch": r["epoch"], "train_loss": r["train_loss"]})
+        return
     argv = train_argv(config_path, run_dir, resume)
     if ranks > 1:
         argv = mpirun_argv(argv, ranks, as_root=os.geteuid() == 0,
                            oversubscribe=ranks > (os.cpu_count() or 1))
-    metrics = os.path.join(run_dir, "metrics.jsonl")
     reported = 0
     with open(os.path.join(run_dir, "train.log"), "ab") as log:
         proc = subprocess.Popen(argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, preexec_fn=_trial_preexec())
         try:
             while True:
                 done = proc.poll() is not None
                 records = _epochs(metrics)
-                for r in records[reported:]:
-                    tune.report({METRIC: r[METRIC], "epoch": r["epoch"],
-                                 "train_loss": r["train_loss"]})
+                new = records[reported:]
+                # Pause the training while Tune hears of its epochs: a report returns once the
+                # scheduler lets the trial go on (ASHA stops it instead), and a training left
+                # running would finish its epochs before any stop could take effect.
+                paused = _process_tree(proc.pid) if new and not done else []
+                _signal_all(paused, signal.SIGSTOP)
+                try:
+                    for r in new:
+                        tune.report({METRIC: r[METRIC], "epoch": r["epoch"],
+                                     "train_loss": r["train_loss"]})
+                finally:
+                    _signal_all(paused, signal.SIGCONT)
                 reported = max(reported, len(records))
                 if done:
                     break
-                time.sleep(0.2)
+                time.sleep(0.02)
         finally:
             if proc.poll() is None:
-                proc.terminate()
+                _signal_all(_process_tree(proc.pid), signal.SIGKILL)
                 proc.wait()
     if proc.returncode != 0:
         with open(os.path.join(run_dir, "train.log"), errors="replace") as f:

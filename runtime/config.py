@@ -368,6 +368,9 @@ ENV = {
     "PMI_SIZE": "set by MPICH's mpiexec (Hydra): the job's number of processes",
     "OMPI_COMM_WORLD_LOCAL_RANK": "set by Open MPI's mpirun: this process's rank on its node",
     "MPI_LOCALRANKID": "set by MPICH's mpiexec: this process's rank on its node",
+    "OMPI_COMM_WORLD_RANK": "set by Open MPI's mpirun: this process's rank",
+    "SHARDGRAD_RANK_NOTES": "set by the Ray launcher's Host actor: where cluster/rank.py notes "
+                            "a rank that a signal killed",
     "RAY_ADDRESS": "--launcher ray: the Ray cluster to join (`ray job submit` sets it); unset: "
                    "one running on this machine, else a new local one",
 }

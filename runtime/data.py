@@ -163,7 +163,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         f.write(data)
 
 
-def _idx_pair(images: str, labels: str, dtype, image: bool) -> tuple[np.ndarray, np.ndarray]:
+def _idx_pair(images: str, labels: str, dtype, image: bool, num_classes: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     x, y = read_idx(images), read_idx(labels)
     if x.ndim < 2:
         raise DataError(f"{images}: expected images of shape (N, H, W) or (N, D), found "
@@ -172,12 +173,17 @@ def _idx_pair(images: str, labels: str, dtype, image: bool) -> tuple[np.ndarray,
         raise DataError(f"{labels}: expected labels of shape (N,), found shape {y.shape}")
     if len(x) != len(y):
         raise DataError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels")
+    if len(x) == 0:
+        raise DataError(f"{images} holds no images (its first dimension is 0)")
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     x = (x / scale).astype(dtype)
     if image:
         x = x.reshape(len(x), 1, *x.shape[1:]) if x.ndim == 3 else x
     else:
         x = x.reshape(len(x), -1)
+    # the training labels must name every class up to the largest (a stray 200 among 0..9
+    # would make a 201-class model); test labels, any of the training's classes
+    validate_labels(y, num_classes, labels, complete=num_classes is None)
     return x, y.astype(np.int64)
 
 
@@ -193,7 +199,8 @@ def load_idx_dataset(images: str, labels: str, test_images: str | None = None,
     if test_images is None:
         parts = split(x, y, test_fraction, seed)
     else:
-        parts = (x, y, *_idx_pair(test_images, test_labels, dtype, image))
+        parts = (x, y, *_idx_pair(test_images, test_labels, dtype, image,
+                                  int(y.max()) + 1))
         if parts[2].shape[1:] != x.shape[1:]:
             raise DataError(f"{test_images}: test images of shape {parts[2].shape[1:]} differ "
                             f"from the training images' {x.shape[1:]}")
@@ -201,17 +208,23 @@ def load_idx_dataset(images: str, labels: str, test_images: str | None = None,
     return Dataset(*parts, num_classes=num_classes)
 
 
-def validate_labels(y: np.ndarray, num_classes: int | None = None, where: str = "labels"
-                    ) -> int:
+def validate_labels(y: np.ndarray, num_classes: int | None = None, where: str = "labels",
+                    complete: bool = False) -> int:
     """The number of classes of labels ``y``: ``num_classes`` when given, else max(y) + 1.
 
     Raises DataError naming ``where`` (the file or data set) unless ``y`` is one integer label
     per sample, each in [0, num_classes): float labels, negative labels and labels past the
-    last class are refused here, at load, rather than failing inside the loss later.
+    last class are refused here, at load, rather than failing inside the loss later. With
+    ``complete`` (and no ``num_classes``), every class from 0 to the largest label must occur.
     """
     y = np.asarray(y)
     if y.ndim != 1:
         raise DataError(f"{where}: expected labels of shape (N,), found shape {y.shape}")
+    if y.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if bad.size:
+            raise DataError(f"{where}: label {float(y[bad[0]])!r} at index {bad[0]} is not a "
+                            f"whole number; labels must be integers (class indices)")
     if y.dtype.kind not in "iu" and not (y.dtype.kind == "b" and y.size == 0):
         raise DataError(f"{where}: labels must be integers (class indices), found dtype "
                         f"{y.dtype}")
@@ -228,6 +241,13 @@ def validate_labels(y: np.ndarray, num_classes: int | None = None, where: str = 
         at = int(np.flatnonzero(y >= num_classes)[0])
         raise DataError(f"{where}: label {int(y[at])} at index {at} is out of range for "
                         f"{num_classes} classes (labels must be in [0, {num_classes}))")
+    classes = np.unique(y) if complete and num_classes is None else None
+    if classes is not None and len(classes) != hi + 1:
+        gaps = np.flatnonzero(classes != np.arange(len(classes)))
+        first = int(gaps[0]) if gaps.size else len(classes)
+        raise DataError(f"{where}: label {hi} at index {int(np.argmax(y))}, but "
+                        f"{hi + 1 - len(classes)} class(es) below it never occur (first: "
+                        f"{first}); labels must be 0..K-1 with every class present")
     return num_classes if num_classes is not None else hi + 1
 
 

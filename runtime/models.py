@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from shardgrad.graph import nn
 from shardgrad.graph.tensor import arange
 from shardgrad.runtime.config import ConfigError
@@ -84,6 +86,75 @@ class TextTransformer(nn.Module):
         return self.head((h * keep).sum(1) / keep.sum(1).clip(min=1.0))
 
 
+def parameter_count(config: Mapping, input_shape: Sequence[int], num_classes: int
+                    ) -> int | None:
+    """How many parameters ``build_model`` would make, counted without building it (None for
+    a kind this does not know): the dense layers' weights and biases (and batch norm's two
+    per feature), and for a CNN its convolutions'."""
+    m = config["model"]
+    if m["kind"] == "mlp":
+        width, count = math.prod(input_shape), 0
+    elif m["kind"] == "cnn" and len(input_shape) == 3:
+        c, h, w = input_shape
+        count = 0
+        for out in m["channels"]:
+            count += out * c * 9 + out + (2 * out if m["batchnorm"] else 0)
+            c, h, w = out, h // 2, w // 2
+        width = c * h * w
+    else:
+        return None
+    for hidden in m["hidden"]:
+        count += width * hidden + hidden + (2 * hidden if m["batchnorm"] else 0)
+        width = hidden
+    return count + width * num_classes + num_classes
+
+
+def memory_limit() -> int | None:
+    """The bytes this process may still allocate: the free memory the kernel reports
+    (MemAvailable), or less under an address-space limit (``ulimit -v``); None if unknown."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * resource.getpagesize()
+            limits.append(max(soft - used, 0))
+    except (OSError, ValueError, ImportError):
+        pass
+    return min(limits) if limits else None
+
+
+# Arrays per parameter a training step holds at the least: the parameter, its gradient and
+# the optimizer's state (SGD with momentum: 1, Adam/AdamW: 2).
+_COPIES = {"sgd": 2, "adam": 4, "adamw": 4}
+
+
+def check_size(config: Mapping, input_shape: Sequence[int], num_classes: int) -> None:
+    """ConfigError, before anything is allocated, when the model's parameters, gradients and
+    optimizer state alone would not fit in the memory this process may allocate."""
+    count = parameter_count(config, input_shape, num_classes)
+    limit = memory_limit()
+    if count is None or limit is None:
+        return
+    t = config["train"]
+    copies = _COPIES.get(t["optimizer"], 2) + (1 if t["optimizer"] == "sgd" and t["momentum"]
+                                               else 0)
+    need = count * np.dtype(t["dtype"]).itemsize * copies
+    if need > limit:
+        m = config["model"]
+        raise ConfigError(f"model.kind = {m['kind']!r} with model.hidden = {m['hidden']} makes "
+                          f"{count:,} parameters: {need:,} bytes ({need / 2**30:.1f} GiB) for "
+                          f"them, their gradients and the optimizer's state in {t['dtype']}, "
+                          f"more than the {limit:,} bytes ({limit / 2**30:.1f} GiB) this "
+                          f"process may allocate (free memory, ulimit -v)")
+
+
 def resnet(m: Mapping, input_shape: Sequence[int], num_classes: int, seed: int = 0
            ) -> nn.Module:
     """sg.nn.ResNet(model.depth, model.width) for (C, H, W) images."""
@@ -126,11 +197,16 @@ def build_model(config: Mapping, input_shape: Sequence[int], num_classes: int,
                 vocab: int = 0) -> nn.Module:
     """The model ``config["model"]`` describes, for inputs of ``input_shape`` (one sample;
     ``vocab``: the token ids' vocabulary, for text). Seed sg.nn first (``sg.manual_seed``):
-    this draws the initial parameters."""
+    this draws the initial parameters. ConfigError when it would not fit in memory
+    (``check_size``)."""
     m = config["model"]
-    if m["kind"] == "transformer":
-        return transformer(m, input_shape, num_classes, config["train"]["seed"], vocab)
-    return BUILDERS[m["kind"]](m, input_shape, num_classes, config["train"]["seed"])
+    check_size(config, input_shape, num_classes)
+    try:
+        if m["kind"] == "transformer":
+            return transformer(m, input_shape, num_classes, config["train"]["seed"], vocab)
+        return BUILDERS[m["kind"]](m, input_shape, num_classes, config["train"]["seed"])
+    except MemoryError as e:   # what the estimate does not count (a kind it does not know)
+        raise ConfigError(f"the model of this config does not fit in memory: {e}") from None
 
 
 def image_input(config: Mapping) -> bool:
@@ -138,5 +214,6 @@ def image_input(config: Mapping) -> bool:
     return config["model"]["kind"] in IMAGE_MODELS
 
 
-__all__ = ["ACTIVATIONS", "BUILDERS", "IMAGE_MODELS", "TextTransformer", "build_model", "cnn",
-           "image_input", "mlp", "resnet", "transformer", "vocab_size"]
+__all__ = ["ACTIVATIONS", "BUILDERS", "IMAGE_MODELS", "TextTransformer", "build_model",
+           "check_size", "cnn", "image_input", "memory_limit", "mlp", "parameter_count",
+           "resnet", "transformer", "vocab_size"]

@@ -5,11 +5,17 @@ started by mpirun/mpiexec. Imports runtime.comm and runtime.config (MPI's defaul
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from typing import Any
+
+import numpy as np
 
 from shardgrad.runtime.comm import CommError, Communicator, Request
 from shardgrad.runtime.config import set_mpi_defaults
@@ -20,30 +26,112 @@ from mpi4py import MPI  # noqa: E402 - MPI reads its parameters when it starts, 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
 
+class _Progress:
+    """Each rank's heartbeat and whether it waits in a communication call, in a small
+    memory-mapped file its peers on the same host read directly (/dev/shm): reading needs no
+    call on the other rank, so a stopped or stuck rank can be told from one that waits.
+    Slots: heartbeat (monotonic ns, set by the watchdog's tick), waiting (1 inside a guarded
+    call), since (ns of the last entry or exit), pid. Not an MPI shared window: under the Ray
+    launcher's one-daemon-per-rank hosts on one machine, making one hung."""
+
+    FIELDS = 4
+
+    def __init__(self):
+        world = MPI.COMM_WORLD
+        self.rank, self.size = world.Get_rank(), world.Get_size()
+        job = world.bcast(uuid.uuid4().hex if self.rank == 0 else None, 0)
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        self.dir = os.path.join(base, f"shardgrad-progress-{job}")
+        os.makedirs(self.dir, exist_ok=True)
+        self.mine = self._map(self.rank, create=True)
+        now = time.monotonic_ns()
+        self.mine[:] = (now, 0, now, os.getpid())
+        atexit.register(self._remove)
+        world.Barrier()   # every slot written before anyone reads one
+
+    def _map(self, rank: int, create: bool = False) -> np.ndarray | None:
+        path = os.path.join(self.dir, str(rank))
+        try:
+            if create:
+                with open(path, "wb") as f:
+                    f.write(bytes(8 * self.FIELDS))
+            return np.memmap(path, np.int64, "r+" if create else "r", shape=(self.FIELDS,))
+        except (OSError, ValueError):   # not on this host (or not yet there)
+            return None
+
+    def _remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(self.dir, str(self.rank)))
+            os.rmdir(self.dir)   # the last rank out removes the directory
+
+    def beat(self) -> None:
+        self.mine[0] = time.monotonic_ns()
+
+    def waiting(self, flag: bool) -> None:
+        self.mine[2] = time.monotonic_ns()
+        self.mine[1] = int(flag)
+
+    def findings(self, stale_s: float) -> tuple[list[int], list[str]]:
+        """The ranks that keep this one waiting and why: no heartbeat for ``stale_s`` (stopped,
+        or stuck without releasing the GIL), or running outside any communication call."""
+        now, hung, notes, unknown = time.monotonic_ns(), [], [], 0
+        for r in range(self.size):
+            slot = self._map(r) if r != self.rank else None
+            if slot is None:
+                unknown += r != self.rank
+                continue
+            beat, waiting, since, pid = (int(v) for v in slot)
+            if (now - beat) / 1e9 > stale_s:
+                hung.append(r)
+                notes.append(f"rank {r} hangs: no heartbeat from its pid {pid} for "
+                             f"{(now - beat) / 1e9:.1f} s (stopped, or stuck without releasing "
+                             f"Python's GIL)")
+            elif not waiting:
+                hung.append(r)
+                notes.append(f"rank {r} hangs: running but in no communication call for "
+                             f"{(now - since) / 1e9:.1f} s")
+        if unknown:
+            notes.append(f"{unknown} rank(s) on other hosts cannot be checked from here")
+        elif not notes:
+            notes.append("every other rank waits in a communication call: they called "
+                         "different ones")
+        return hung, notes
+
+
 class _Watchdog:
-    """A daemon thread that aborts the job when a blocking collective outlives its deadline.
+    """A daemon thread that aborts the job when a blocking collective outlives its deadline,
+    naming the ranks it waited for (``_Progress``).
 
     Blocking MPI calls cannot be interrupted from Python, and the non-blocking ones that can
     be polled cost 2.5-6x here (Iallreduce + Test of 2.7 MB on 2 ranks: 1.2-1.4 ms against
     0.5 ms for Allreduce), so blocking calls run under this watch instead: entering and
-    leaving one costs two attribute writes.
+    leaving one costs two attribute writes and two stores to shared memory.
     """
 
     def __init__(self, rank: int, timeout_s: float):
         self.rank, self.timeout_s = rank, timeout_s
         self.deadline: float | None = None
         self.what, self.limit = "", timeout_s
+        self.tick = min(1.0, self.timeout_s / 4)
+        self.progress = _Progress()
         threading.Thread(target=self._watch, name="shardgrad-comm-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
-        tick = min(1.0, self.timeout_s / 4)
+        stale_s = max(3 * self.tick, 1.0)  # a live rank beats every tick: 3 missed is a hang
         while True:
-            time.sleep(tick)
+            last = time.monotonic()
+            time.sleep(self.tick)
+            self.progress.beat()
             deadline = self.deadline
             if deadline is not None and time.monotonic() > deadline:
+                if time.monotonic() - last > stale_s:   # this rank was stopped, not its peers
+                    notes = [f"rank {self.rank} hangs: it was itself stopped (or starved) for "
+                             f"{time.monotonic() - last:.1f} s"]
+                else:
+                    notes = self.progress.findings(stale_s)[1]
                 err = CommError(f"{self.what} on rank {self.rank} did not complete within "
-                                f"{self.limit:g} s (parallel.timeout_s): a peer died, hangs "
-                                f"or called a different collective; aborting the job")
+                                f"{self.limit:g} s (parallel.timeout_s): {'; '.join(notes)}; "
+                                f"aborting the job")
                 print(f"rank {self.rank} failed: CommError: {err}", file=sys.stderr, flush=True)
                 MPI.COMM_WORLD.Abort(1)
                 os._exit(1)
@@ -58,11 +146,21 @@ class _MPIRequest(Request):
             self.request.Wait()
             return
         deadline = time.monotonic() + self.timeout_s
-        while not self.request.Test():
-            if time.monotonic() > deadline:
-                raise CommError(f"{self.what} on rank {self.rank} did not complete within "
-                                f"{self.timeout_s:g} s (parallel.timeout_s)")
-            time.sleep(0)
+        dog = MPICommunicator._watchdog
+        if dog is not None:
+            dog.progress.waiting(True)
+        try:
+            while not self.request.Test():
+                if time.monotonic() > deadline:
+                    notes = ([] if dog is None else
+                             dog.progress.findings(max(3 * dog.tick, 1.0))[1])
+                    raise CommError(f"{self.what} on rank {self.rank} did not complete within "
+                                    f"{self.timeout_s:g} s (parallel.timeout_s)"
+                                    + "".join(f"; {n}" for n in notes))
+                time.sleep(0)
+        finally:
+            if dog is not None:
+                dog.progress.waiting(False)
 
 
 class _SendRequest(Request):
@@ -103,10 +201,12 @@ class MPICommunicator(Communicator):
             return call(*args)
         dog.what, dog.limit = what, self.timeout_s
         dog.deadline = time.monotonic() + self.timeout_s
+        dog.progress.waiting(True)
         try:
             return call(*args)
         finally:
             dog.deadline = None
+            dog.progress.waiting(False)
 
     def allreduce_(self, buf, op="sum"):
         self._guarded(f"allreduce({op}) of {buf.nbytes} bytes", self.comm.Allreduce,

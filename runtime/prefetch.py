@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from shardgrad.runtime import trace
 from shardgrad.runtime.data import DistributedSampler, batch_indices
 
 _DONE = object()
@@ -119,7 +120,7 @@ def device_copier(device) -> Callable[[np.ndarray], Any] | None:
     streams: dict[int, Any] = {}
 
     def copy(a: np.ndarray):
-        with cp.cuda.Device(index):
+        with cp.cuda.Device(index), trace.span("copy to GPU", "copy", bytes=int(a.nbytes)):
             stream = streams.setdefault(threading.get_ident(), cp.cuda.Stream(non_blocking=True))
             with stream:
                 out = cp.asarray(a)

@@ -42,7 +42,6 @@ class Tracer:
     def __init__(self, rank: int = 0):
         self.rank = rank
         self.t0 = time.perf_counter_ns()
-        self.nodes: list[tuple[int, int, Graph, Node, tuple]] = []
         self.walks: list[tuple[Graph, Sequence[Node], tuple, list[int]]] = []
         self.spans: list[dict[str, Any]] = []
         self.context: tuple = ()           # (("stage", 0), ("mb", 1)) while a pipeline runs
@@ -50,10 +49,6 @@ class Tracer:
         self._gpu: list[tuple[Any, Any, int]] = []
 
     clock = staticmethod(time.perf_counter_ns)
-
-    def node(self, graph: Graph, node: Node, start: int) -> None:
-        """Node ``node`` of ``graph`` ran from ``start`` (``clock()``) until now."""
-        self.nodes.append((start, time.perf_counter_ns(), graph, node, self.context))
 
     def walk(self, graph: Graph, nodes: Sequence[Node]) -> list[int]:
         """A list holding the clock now, to which an executor appends the clock after each
@@ -112,7 +107,7 @@ class Tracer:
                  "args": {"name": name}} for name, tid in TRACKS.items()]
         walked = [(start, end, graph, n, ctx) for graph, nodes, ctx, times in self.walks
                   for n, start, end in zip(nodes, times, times[1:], strict=False)]
-        for start, end, graph, n, ctx in self.nodes + walked:
+        for start, end, graph, n, ctx in walked:
             if not n.inputs:   # a leaf's step only fetches its value
                 continue
             comm = n.op in COMM_OPS

@@ -20,6 +20,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -544,9 +545,51 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
         return _train(config, out_dir, comm, resume, transform, executor, on_record)
 
 
-def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
+@dataclass
+class _Run:
+    """One training run: the parts building made (config -> data, model, optimizer, step
+    and how it is parallelised), where the run stands, and its metrics."""
+
+    config: Mapping
+    comm: Communicator
+    out_dir: str | None
+    writer: bool                # rank 0 with a run directory: the one that writes files
+    options: dict[str, Any]     # step_options' hooks (prepare, gather, data_rank, ...)
+    model: Module
+    optimizer: optim.Optimizer
+    step: TrainStep
+    data: Dataset
+    sampler: DistributedSampler
+    batch: int                  # the loop's batch (train.batch_size x train.accumulate)
+    per_epoch: int
+    metrics: _Metrics
+    start_epoch: int = 0
+    steps_done: int = 0
+    wall_before: float = 0.0
+    train_loss: float = float("nan")
+    resumed_from: str | None = None
+    acc: float | None = None
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total(self) -> int:
+        return self.per_epoch * self.config["train"]["epochs"]
+
+    def wall(self) -> float:
+        return round(self.wall_before + time.perf_counter() - self.t0, 3)
+
+    def evaluate(self) -> float:
+        t = self.config["train"]
+        acc = accuracy(self.model, self.data.x_test, self.data.y_test, t["eval_batch_size"],
+                       make_executor(t["executor"])) if self.comm.rank == 0 else None
+        return self.comm.bcast_obj(acc)
+
+
+def _build(config: Mapping, out_dir: str | None, comm: Communicator,
            transform: Callable | None, executor: Callable | None,
-           on_record: Callable[[dict], None] | None) -> dict[str, Any]:
+           on_record: Callable[[dict], None] | None) -> _Run:
+    """Everything a run needs before its first step: the device, the step's parallel hooks,
+    data, model, optimizer, compiled step, the sampler of this rank's share, the metrics."""
     comm = traced_comm(config, open_device(config, comm))
     run = accumulated(config)
     options = dict(step_options(run, comm) if transform is None and executor is None
@@ -562,7 +605,6 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     if writer:
         _make_run_dir(out_dir)
     metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl") if writer else None, on_record)
-
     model, optimizer, step, data = setup(config, options)
     sampler = DistributedSampler(len(data.y_train), world, rank, shuffle=True, seed=t["seed"])
     per_epoch = num_batches(len(data.y_train), batch)
@@ -570,123 +612,146 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
         raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (x train.accumulate = "
                               f"{t['accumulate']}) is larger than the {len(data.y_train)} "
                               f"training samples")
-    total = per_epoch * t["epochs"]
+    return _Run(config, comm, out_dir, writer, options, model, optimizer, step, data, sampler,
+                batch, per_epoch, metrics)
 
-    start_epoch, steps_done, wall_before, resumed_from = 0, 0, 0.0, None
-    train_loss = float("nan")
+
+def _resume(r: _Run, resume: str | None) -> None:
+    """Continue from ``resume``'s latest checkpoint (read on rank 0, sent to every rank), or
+    start afresh; then clear what an earlier run left in the run directory."""
     if resume is not None:
         state = None
-        if comm.rank == 0:
+        if r.comm.rank == 0:
             try:
-                state = _restore(config, resume, model, optimizer, per_epoch)
+                state = _restore(r.config, resume, r.model, r.optimizer, r.per_epoch)
             except (cfg.ConfigError, DataError, OSError) as e:   # every rank raises it
                 state = e
-        state = comm.bcast_obj(state)
+        state = r.comm.bcast_obj(state)
         if isinstance(state, Exception):
             raise state
-        tensors, meta, resumed_from = state
-        if comm.rank != 0:
-            _load_state(tensors, model, optimizer)
-        start_epoch, steps_done = int(meta["epoch"]), int(meta["step"])
-        wall_before = float(meta.get("wall_s", 0.0))
-        train_loss = float(meta.get("train_loss", "nan"))
-        metrics.keep_until(os.path.join(resume, "metrics.jsonl"), steps_done)
-    elif writer:
-        _write_text(metrics.path, "")
-    if writer:   # keep the checkpoints this run resumes along, none of another run's
-        same = resume is not None and os.path.realpath(resume) == os.path.realpath(out_dir)
-        _clear_stale(out_dir, start_epoch if same else 0)
+        tensors, meta, r.resumed_from = state
+        if r.comm.rank != 0:
+            _load_state(tensors, r.model, r.optimizer)
+        r.start_epoch, r.steps_done = int(meta["epoch"]), int(meta["step"])
+        r.wall_before = float(meta.get("wall_s", 0.0))
+        r.train_loss = float(meta.get("train_loss", "nan"))
+        r.metrics.keep_until(os.path.join(resume, "metrics.jsonl"), r.steps_done)
+    elif r.writer:
+        _write_text(r.metrics.path, "")
+    if r.writer:   # keep the checkpoints this run resumes along, none of another run's
+        same = resume is not None and os.path.realpath(resume) == os.path.realpath(r.out_dir)
+        _clear_stale(r.out_dir, r.start_epoch if same else 0)
 
-    prepare = options.get("prepare")
-    gather = options.get("gather") or (lambda step: None)   # a pipeline keeps stages apart
+
+def _prepare(r: _Run) -> None:
+    """The parallel hook's start-up (check the ranks traced the same step, share rank 0's
+    state) on this rank's first batch."""
+    prepare = r.options.get("prepare")
     if prepare is not None:
-        sampler.set_epoch(start_epoch)
-        x0, y0 = next(batches(data.x_train, data.y_train, sampler, batch))
+        r.sampler.set_epoch(r.start_epoch)
+        x0, y0 = next(batches(r.data.x_train, r.data.y_train, r.sampler, r.batch))
         try:
-            prepare(model, optimizer, step, x0, y0)
+            prepare(r.model, r.optimizer, r.step, x0, y0)
         except ShapeError as e:
             raise _unfit(e) from e
 
-    augment, to_device = _loader_options(config, data)
 
-    def evaluate() -> float:
-        acc = accuracy(model, data.x_test, data.y_test, t["eval_batch_size"],
-                       make_executor(t["executor"])) if comm.rank == 0 else None
-        return comm.bcast_obj(acc)
-
-    acc = None
-    t0 = time.perf_counter()
-    wall = lambda: round(wall_before + time.perf_counter() - t0, 3)
-    mon = Monitor(config, out_dir, comm.rank, total, steps_done, comm.world_size)
-    try:
-        for epoch in range(start_epoch, t["epochs"]):
-            mon.epoch_begin(epoch)
-            losses: list = []
-            first = steps_done + 1
-            read_losses = functools.partial(_read_losses, losses, first, epoch, config, total)
-            for x, y in mon.data(prefetch(epoch_batches(data.x_train, data.y_train, sampler,
-                                                        batch, epoch, augment, to_device),
-                                          config["data"]["prefetch"])):
-                lr = lr_at(config, steps_done, total)
-                optimizer.lr = lr
-                mon.step_begin()
-                loss = step(x, y)
-                mon.step_end()
-                steps_done += 1
-                losses.append(loss)
-                if isinstance(loss, float) and not math.isfinite(loss):
-                    read_losses()
-                if steps_done % t["log_every"] == 0:
-                    read_losses()
-                    loss = _mean_over_ranks(comm, losses[-1])
-                    metrics.write({"kind": "step", "epoch": epoch + 1, "step": steps_done,
-                                   "loss": loss, "lr": lr, "wall_s": wall(),
-                                   "samples_per_s": mon.rate(steps_done)})
-                    mon.record(metrics.last)
+def _epoch(r: _Run, epoch: int, mon: Monitor, augment: Augment, to_device: Any) -> None:
+    """One epoch's steps, a step record every ``train.log_every``; sets ``r.train_loss``."""
+    t, config = r.config["train"], r.config
+    losses: list = []
+    read_losses = functools.partial(_read_losses, losses, r.steps_done + 1, epoch, config,
+                                    r.total)
+    for x, y in mon.data(prefetch(epoch_batches(r.data.x_train, r.data.y_train, r.sampler,
+                                                r.batch, epoch, augment, to_device),
+                                  config["data"]["prefetch"])):
+        lr = lr_at(config, r.steps_done, r.total)
+        r.optimizer.lr = lr
+        mon.step_begin()
+        loss = r.step(x, y)
+        mon.step_end()
+        r.steps_done += 1
+        losses.append(loss)
+        if isinstance(loss, float) and not math.isfinite(loss):
             read_losses()
-            train_loss = _mean_over_ranks(comm, float(np.mean(losses)))
-            with mon.span("to_host", "copy"):
-                step.to_host()
-            with mon.span("gather"):
-                gather(step)
-            with mon.span("evaluate"):
-                acc = evaluate()
-            if writer:
-                _check_finite(model, steps_done, epoch)
-                save_checkpoint(
-                    os.path.join(out_dir, "checkpoints", f"epoch_{epoch + 1}.safetensors"),
-                    model, optimizer,
-                    {"epoch": str(epoch + 1), "step": str(steps_done), "wall_s": str(wall()),
-                     "train_loss": repr(train_loss),
-                     "config_hash": cfg.config_hash(
-                         config, [f"{s}.{k}" for s in config for k in config[s]
-                                  if resumable(f"{s}.{k}")]),
-                     "config": json.dumps(config, sort_keys=True)})
-                _keep_last(out_dir, t["keep_checkpoints"])
-            metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": steps_done,
-                           "train_loss": train_loss, "test_accuracy": acc,
-                           "lr": lr_at(config, steps_done, total), "wall_s": wall()})
-            mon.record(metrics.last)
+        if r.steps_done % t["log_every"] == 0:
+            read_losses()
+            r.metrics.write({"kind": "step", "epoch": epoch + 1, "step": r.steps_done,
+                             "loss": _mean_over_ranks(r.comm, losses[-1]), "lr": lr,
+                             "wall_s": r.wall(), "samples_per_s": mon.rate(r.steps_done)})
+            mon.record(r.metrics.last)
+    read_losses()
+    r.train_loss = _mean_over_ranks(r.comm, float(np.mean(losses)))
+
+
+def _end_epoch(r: _Run, epoch: int, mon: Monitor) -> None:
+    """After an epoch: the whole model on every rank, its test accuracy, the checkpoint
+    (rank 0) and the epoch record."""
+    config, t = r.config, r.config["train"]
+    with mon.span("to_host", "copy"):
+        r.step.to_host()
+    with mon.span("gather"):
+        (r.options.get("gather") or (lambda step: None))(r.step)   # a pipeline's stages
+    with mon.span("evaluate"):
+        r.acc = r.evaluate()
+    if r.writer:
+        _check_finite(r.model, r.steps_done, epoch)
+        save_checkpoint(
+            os.path.join(r.out_dir, "checkpoints", f"epoch_{epoch + 1}.safetensors"),
+            r.model, r.optimizer,
+            {"epoch": str(epoch + 1), "step": str(r.steps_done), "wall_s": str(r.wall()),
+             "train_loss": repr(r.train_loss),
+             "config_hash": cfg.config_hash(config, [f"{s}.{k}" for s in config
+                                                     for k in config[s]
+                                                     if resumable(f"{s}.{k}")]),
+             "config": json.dumps(config, sort_keys=True)})
+        _keep_last(r.out_dir, t["keep_checkpoints"])
+    r.metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": r.steps_done,
+                     "train_loss": r.train_loss, "test_accuracy": r.acc,
+                     "lr": lr_at(config, r.steps_done, r.total), "wall_s": r.wall()})
+    mon.record(r.metrics.last)
+
+
+def _finish(r: _Run, mon: Monitor) -> dict[str, Any]:
+    """The summary (every rank); rank 0 writes final.safetensors and summary.json."""
+    if r.acc is None:
+        r.acc = r.evaluate()
+    config = r.config
+    summary = {
+        "test_accuracy": r.acc, "train_loss": r.train_loss, "steps": r.steps_done,
+        "epochs": config["train"]["epochs"], "wall_s": r.wall(),
+        "world_size": r.comm.world_size, "params_sha256": params_sha256(r.model),
+        "num_params": int(sum(p.size for p in r.model.parameters())),
+        "resumed_from": r.resumed_from, "config_hash": cfg.config_hash(config),
+        **mon.summary(), "config": config,
+    }
+    if r.writer:
+        serialize.save_file(os.path.join(r.out_dir, "final.safetensors"),
+                            model_tensors(r.model))
+        _write_text(os.path.join(r.out_dir, "summary.json"),
+                    json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
+           transform: Callable | None, executor: Callable | None,
+           on_record: Callable[[dict], None] | None) -> dict[str, Any]:
+    r = _build(config, out_dir, comm, transform, executor, on_record)
+    _resume(r, resume)
+    _prepare(r)
+    augment, to_device = _loader_options(config, r.data)
+    r.t0 = time.perf_counter()
+    mon = Monitor(config, out_dir, r.comm.rank, r.total, r.steps_done, r.comm.world_size)
+    try:
+        for epoch in range(r.start_epoch, config["train"]["epochs"]):
+            mon.epoch_begin(epoch)
+            _epoch(r, epoch, mon, augment, to_device)
+            _end_epoch(r, epoch, mon)
     except ShapeError as e:
         raise _unfit(e) from e
     finally:
         mon.close()
-
-    if acc is None:
-        acc = evaluate()
-    summary = {
-        "test_accuracy": acc, "train_loss": train_loss, "steps": steps_done,
-        "epochs": t["epochs"], "wall_s": wall(), "world_size": comm.world_size,
-        "params_sha256": params_sha256(model),
-        "num_params": int(sum(p.size for p in model.parameters())),
-        "resumed_from": resumed_from, "config_hash": cfg.config_hash(config),
-        **mon.summary(), "config": config,
-    }
-    if writer:
-        tensors = model_tensors(model)
-        serialize.save_file(os.path.join(out_dir, "final.safetensors"), tensors)
-        _write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    return summary
+    return _finish(r, mon)
 
 
 __all__ = ["EXECUTORS", "CheckpointError", "Diverged", "latest_checkpoint", "load_checkpoint",

@@ -70,7 +70,14 @@ def _positive(owner: str, **sizes) -> None:
 
 
 def _uniform(shape, bound: float) -> Parameter:
-    return Parameter(_rng[0].uniform(-bound, bound, size=shape).astype(get_default_dtype()))
+    # Drawn in float64 chunks straight into the parameter's dtype: the same values as one
+    # uniform(size=shape) call (the generator draws element by element), without a float64
+    # copy of the whole parameter beside a float32 one.
+    out = np.empty(shape, dtype=get_default_dtype())
+    flat = out.reshape(-1)
+    for i in range(0, flat.size, 1 << 20):
+        flat[i:i + (1 << 20)] = _rng[0].uniform(-bound, bound, size=min(1 << 20, flat.size - i))
+    return Parameter(out)
 
 
 class Module:

@@ -67,9 +67,12 @@ def test_ray_job_argv_puts_rank_i_on_host_i_through_the_agent():
     assert argv == ["mpirun", "-n", "2", "--allow-run-as-root", "--host", "sg-1a-0:1,sg-1a-1:1",
                     "--prtemca", "plm_ssh_agent", f"/py -S {commands.AGENT}",
                     "-x", "SHARDGRAD_PROGRESS", *commands.RAY_MPIRUN_OPTIONS,
+                    "/py", "-m", "shardgrad.cluster.rank",
                     "/py", "-m", "shardgrad", "train", "/tmp/c.toml", "--out", "/runs/x"]
     assert argv[argv.index("--map-by") + 1] == "node"
     assert "^han" in argv
+    # not each rank bound to its fake node's first core: two ranks of one machine shared one
+    assert argv[argv.index("--bind-to") + 1] == "none"
 
 
 @pytest.mark.parametrize("argv, host, command", [
@@ -125,6 +128,22 @@ prterun has exited due to process rank 1 with PID 0 on node vm calling
     ("rank 3 failed: CommError: allreduce(sum) of 8 bytes on rank 3 did not complete", 3),
     ("MPI_ABORT was invoked on rank 2 in communicator MPI_COMM_WORLD", 2),
     ("all good\n", None),
+    # the peer that waited aborts (and is named by prterun), the hung or killed rank is meant
+    ("rank 0 failed: CommError: allreduce(sum) of 8 bytes on rank 0 did not complete within "
+     "3 s (parallel.timeout_s): rank 2 hangs: no heartbeat from its pid 9 for 3.8 s\n"
+     "prterun has exited due to process rank 0 with PID 0 on node vm calling", 2),
+    ("rank 1 was killed by SIGKILL (pid 7)\nprterun has exited due to process rank 0 with "
+     "PID 0 on node vm calling", 1),
+    ("rank 3 was terminated by SIGTERM\nMPI_ABORT was invoked on rank 3", 3),
 ])
 def test_failed_rank(output, rank):
     assert commands.failed_rank(output) == rank
+
+
+def test_ray_ranks_on_one_node_share_one_daemon():
+    # all ranks under the one host's daemon (shared memory between them, not TCP), by slot
+    argv = commands.ray_job_argv(["sg-1a-0"], "/tmp/c.toml", "/runs/x", ranks=3, python="/py")
+    assert argv[argv.index("-n") + 1] == "3"
+    assert argv[argv.index("--host") + 1] == "sg-1a-0:3"
+    assert argv[argv.index("--map-by") + 1] == "slot" and argv.count("--map-by") == 1
+    assert argv[argv.index("--bind-to") + 1] == "none"

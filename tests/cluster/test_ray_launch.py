@@ -4,6 +4,7 @@ and a dead actor with ``cluster.max_restarts`` restarts the job from the latest 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -158,6 +159,28 @@ def test_killed_rank_stops_the_job_within_30s(cluster, tmp_path):
         job.kill()
     assert job.returncode != 0 and stopped < 30
     assert "shardgrad ray: rank 1 (host sg-" in err and "the job stopped" in err, err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_killed_while_training_is_the_one_named(cluster, tmp_path, rank):
+    env, config = cluster
+    out = tmp_path / "killed"
+    job = shardgrad([config, "--out", str(out), "--launcher", "ray", "--set", "parallel.dp=2",
+                     "--set", "train.epochs=100000"], env, background=True)
+    try:
+        def started():
+            assert job.poll() is None, job.communicate()
+            return os.path.exists(out / "checkpoints" / "epoch_1.safetensors")
+        wait_for(started)
+        os.kill(rank_process(out, rank), signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = job.communicate(timeout=30)
+        stopped = time.monotonic() - killed
+    finally:
+        job.kill()
+    assert job.returncode != 0 and stopped < 30
+    named = re.findall(r"shardgrad ray: rank (\d+) \(host sg-\S+ on .*\) failed", err)
+    assert named and set(named) == {str(rank)}, err
 
 
 def test_dead_actor_restarts_from_latest_checkpoint(cluster, reference, tmp_path):

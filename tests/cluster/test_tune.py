@@ -1,6 +1,6 @@
 """``shardgrad tune`` on a real local Ray cluster (one for the module): a 6-trial digits sweep
-with ASHA, interrupted and resumed, ends with a ranked table, tune.png and the best trial's
-config, which a plain ``shardgrad train`` turns into the very same parameters; and the
+with ASHA ends with a ranked table, tune.png and the best trial's config, which a plain
+``shardgrad train`` turns into the very same parameters; an interrupted sweep resumes; and the
 --search parser."""
 
 import json
@@ -12,12 +12,11 @@ import sys
 import time
 
 import pytest
+import ray
+import ray.tune  # noqa: F401 - the ray extra installs it: a missing one fails, not skips
 
+from shardgrad.cluster import tune
 from shardgrad.runtime.config import ConfigError
-
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.tune")
-tune = pytest.importorskip("shardgrad.cluster.tune")
 
 CONFIG = """
 [model]
@@ -25,7 +24,7 @@ hidden = [32]
 
 [train]
 epochs = 4
-batch_size = 64
+batch_size = 16
 lr = 0.05
 
 [device]
@@ -70,35 +69,20 @@ def finished_trials(out):
         if trials.exists() else []
 
 
+def sweep_cmd(config, out, *args):
+    return [sys.executable, "-m", "shardgrad", "tune", config, "--set", "train.dtype='float64'",
+            "--search", "train.lr=loguniform(1e-4,0.3)", "--search", "model.hidden=[[16],[64]]",
+            "--out", str(out), *args]
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_asha_sweep_interrupted_resumed_and_best_config_trains_the_same(cluster, tmp_path):
+def test_asha_sweep_ranks_trials_and_its_best_config_trains_the_same(cluster, tmp_path):
     env, config = cluster
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "shardgrad", "tune", config, "--set", "train.dtype='float64'",
-           "--search", "train.lr=loguniform(1e-4,0.3)", "--search", "model.hidden=[[16],[64]]",
-           "--trials", "6", "--scheduler", "asha", "--out", str(out)]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(finished_trials(out)) < 2 and first.poll() is None:
-            assert time.monotonic() < deadline, "no two trials finished within 120 s"
-            time.sleep(0.5)
-        first.send_signal(signal.SIGINT)
-        first.communicate(timeout=60)
-    finally:
-        first.kill()
-    done_before = {t.name: (t / "summary.json").stat().st_mtime for t in finished_trials(out)}
-    assert done_before
-
-    ran = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    ran = subprocess.run(sweep_cmd(config, out, "--trials", "6", "--scheduler", "asha"),
+                         env=env, capture_output=True, text=True, timeout=250)
     assert ran.returncode == 0, ran.stdout + ran.stderr[-3000:]
-    if first.returncode != 0:     # interrupted before it ended: the rerun resumed it
-        assert f"resuming the sweep in {out}" in ran.stderr
-    # the trials finished before the interruption were not run again
-    assert {t: (out / "trials" / t / "summary.json").stat().st_mtime for t in done_before} == \
-        done_before
     rows = ROW.findall(ran.stdout)
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5, 6], ran.stdout
     accuracies = [float(r[5]) for r in rows]
@@ -119,3 +103,36 @@ def test_asha_sweep_interrupted_resumed_and_best_config_trains_the_same(cluster,
     assert json.loads(plain.stdout.splitlines()[-1])["params_sha256"] == trial["params_sha256"]
     assert json.loads(plain.stdout.splitlines()[-1])["test_accuracy"] == \
         pytest.approx(float(best[5]), abs=1e-4)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_interrupted_sweep_resumes_keeping_finished_trials(cluster, tmp_path):
+    env, config = cluster
+    out = tmp_path / "sweep"
+    cmd = sweep_cmd(config, out, "--trials", "3", "--scheduler", "fifo", "--set",
+                    "train.epochs=2")
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not finished_trials(out) and first.poll() is None:
+            assert time.monotonic() < deadline, "no trial finished within 120 s"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
+    done_before = {t.name: (t / "summary.json").stat().st_mtime for t in finished_trials(out)}
+    assert done_before
+
+    ran = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
+    assert ran.returncode == 0, ran.stdout + ran.stderr[-3000:]
+    assert f"resuming the sweep in {out}" in ran.stderr
+    # the trials finished before the interruption were not run again
+    assert {t: (out / "trials" / t / "summary.json").stat().st_mtime for t in done_before} == \
+        done_before
+    rows = ROW.findall(ran.stdout)
+    assert [int(r[0]) for r in rows] == [1, 2, 3] and all(r[6] == "finished" for r in rows), \
+        ran.stdout
+    assert len(finished_trials(out)) == 3

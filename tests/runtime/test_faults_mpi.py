@@ -3,6 +3,7 @@ naming it, and ``--resume`` then ends where the uninterrupted run ends; a diverg
 pipeline stage's injected fault stop the job the same way."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from shardgrad.cluster.commands import failed_rank
 from shardgrad.runtime import train as tr
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -132,3 +134,36 @@ def test_a_rank_that_never_starts_ends_the_job_after_start_timeout_s(config, tmp
     assert time.perf_counter() - t < 30
     assert proc.returncode != 0
     assert "Timeout (0:00:03)!" in proc.stderr and "in _start_mpi" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("ranks,stopped", [(2, 1), (3, 2), (4, 0)])
+def test_a_stopped_rank_is_named_by_its_peers(config, tmp_path, ranks, stopped):
+    """SIGSTOP (a hang the rank cannot report itself): a peer's watchdog reads the stopped
+    rank's heartbeat in shared memory and names it; the job ends within timeout_s + 5 s."""
+    out, tag = tmp_path / "run", uuid.uuid4().hex
+    proc = subprocess.Popen(_cmd(config, ranks, "--out", str(out), *_sets(
+        f"parallel.dp={ranks}", "train.epochs=100000", "train.batch_size=60",
+        "parallel.timeout_s=3")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(ENV, SHARDGRAD_TEST_TAG=tag))
+    try:
+        deadline = time.monotonic() + 60
+        while tr.latest_checkpoint(str(out)) is None or _rank_pid(tag, stopped) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(_rank_pid(tag, stopped), signal.SIGSTOP)
+        t = time.perf_counter()
+        _, stderr = proc.communicate(timeout=30)
+        assert time.perf_counter() - t < 3 + 5, stderr
+    finally:
+        if proc.poll() is None:
+            pid = _rank_pid(tag, stopped)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert re.search(rf"rank \d+ failed: CommError: .* did not complete within 3 s "
+                     rf"\(parallel.timeout_s\): rank {stopped} hangs: no heartbeat from its pid "
+                     rf"\d+ for \d+\.\d s \(stopped", stderr), stderr
+    assert failed_rank(stderr) == stopped
+    assert "OSC UCX" not in stderr

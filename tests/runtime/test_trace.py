@@ -145,6 +145,9 @@ def test_gpu_steps_are_timed_with_cuda_events(tmp_path, monkeypatch):
     gpu = [e for e in _events(tmp_path / "g" / "trace" / "rank0.json") if e.get("cat") == "gpu"]
     assert len(gpu) == summary["steps"] and len(recorded) == 2 * summary["steps"]
     assert all(e["dur"] == 250.0 and e["args"]["device_ms"] == 0.25 for e in gpu)
+    copies = [e for e in _events(tmp_path / "g" / "trace" / "rank0.json")
+              if e.get("name") == "copy to GPU"]
+    assert len(copies) == 2 * summary["steps"] and all(e["args"]["bytes"] > 0 for e in copies)
 
 
 def _mpirun(n, out, *sets, timeout=140):
