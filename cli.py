@@ -27,6 +27,7 @@ Imports runtime and graph, and cluster's command builders (the top of the import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import json
@@ -184,6 +185,9 @@ class Terminated(BaseException):
 
 
 def _terminate(sig, frame):
+    from shardgrad.runtime import world
+
+    world.say_terminated(sig)
     raise Terminated(sig)
 
 
@@ -212,8 +216,63 @@ def _mpirun(program: list[str], n: int) -> int:
         raise ConfigError("mpirun is not installed: pip install 'shardgrad[mpi]' (from a "
                           "checkout: pip install -e '.[mpi]')")
     root = hasattr(os, "geteuid") and os.geteuid() == 0
-    return subprocess.call(mpirun_argv(program, n, as_root=root,
-                                       oversubscribe=n > (os.cpu_count() or 1)))
+    argv = mpirun_argv(program, n, as_root=root, oversubscribe=n > (os.cpu_count() or 1))
+    # Its own process group: a Ctrl-C reaches mpirun once, from here, not twice (a second
+    # SIGINT makes prterun give up on stopping the ranks in order).
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, process_group=0)
+    relay = threading.Thread(target=_relay_stderr, args=(proc.stderr,), daemon=True)
+    relay.start()
+    got: list[int] = []
+
+    def forward(sig, frame):
+        got.append(sig)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+    caught = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in caught} if main_thread else {}
+    try:
+        code = proc.wait()
+        relay.join(timeout=10)   # the ranks' last lines, written after mpirun exits
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if got:
+        print(f"shardgrad: terminated by {signal.Signals(got[0]).name} (passed on to mpirun, "
+              f"which stopped the {n} ranks)", file=sys.stderr, flush=True)
+        return 128 + got[0]
+    return code
+
+
+# Open MPI's banners after a rank failed: the rank's own line already says what happened.
+_MPI_TRAILERS = ("MPI_ABORT was invoked", "exited with non-zero status", '"abort"')
+
+
+def _relay_stderr(stream) -> None:
+    """Copy mpirun's stderr to ours, leaving out the blocks (between lines of dashes) in
+    which Open MPI repeats that a rank failed or aborted."""
+    def emit(chunk: bytes) -> None:
+        if chunk:
+            sys.stderr.write(chunk.decode(errors="replace"))
+            sys.stderr.flush()
+
+    block: list[bytes] | None = None
+    for line in iter(stream.readline, b""):
+        if block is not None:
+            block.append(line)
+        if not (line.strip() and not line.strip().strip(b"-")):   # not a line of dashes
+            if block is None:
+                emit(line)
+            continue
+        if block is None:
+            block = [line]
+            continue
+        text = b"".join(block).decode(errors="replace")
+        if not any(t in text for t in _MPI_TRAILERS):
+            emit(b"".join(block))
+        block = None
+    emit(b"".join(block or []))
 
 
 def _ranks(args, config) -> tuple[int | None, list[str]]:
@@ -267,10 +326,19 @@ def cmd_train(args) -> int:
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
         if isinstance(e, Terminated):
             if comm.world_size > 1:
-                print(f"rank {comm.rank} was {e}", file=sys.stderr, flush=True)
-                comm.abort(128 + e.sig)
+                sys.stdout.flush()   # _terminate said which signal
+                # Not MPI_Abort: when mpirun itself was signalled, the abort kills the other
+                # ranks before they can say so; prterun ends the job on a non-zero exit.
+                os._exit(128 + e.sig)
             print(f"shardgrad train: {e}", file=sys.stderr)
             return 128 + e.sig
+        if comm.world_size > 1 and isinstance(e, USAGE_ERRORS):
+            if world.first_to_report():
+                print(f"shardgrad train: error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # Not MPI_Abort: its banner and prterun's would bury the line; prterun ends the
+            # job when a rank exits non-zero, and MPI_Finalize could wait on a busy peer.
+            os._exit(2)
         world.fail(comm, e, _exit_code(e))
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)
@@ -527,6 +595,11 @@ def main(argv: list[str] | None = None) -> int:
                 "predict": cmd_predict, "export": cmd_export, "trace": cmd_trace,
                 "simulate": cmd_simulate}[args.command](args)
     except USAGE_ERRORS as e:
+        if mpi_world_size() is not None:   # every rank met the same bad input: one line says it
+            from shardgrad.runtime.world import first_to_report
+
+            if not first_to_report():
+                return 2
         print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from shardgrad.runtime import gpu_comm
@@ -33,7 +36,9 @@ def start(timeout_s: float | None = 300.0, start_timeout_s: float = 0.0,
     if _WORLD[0] is None:
         if mpi_world_size() is None:
             return SingleProcess()
+        _hold_job_stderr()
         _WORLD[0] = _bounded_start(timeout_s or None, start_timeout_s)
+        _watch_signals()
         _abort_on_uncaught(_WORLD[0], exit_code or _exit_code)
     return _WORLD[0]
 
@@ -74,6 +79,89 @@ def fail(comm: Communicator, e: BaseException, code: int) -> None:
              else f"{type(e).__name__}: {e}")
     print(f"rank {comm.rank} failed: {cause}", file=sys.stderr, flush=True)
     comm.abort(code)
+
+
+def first_to_report() -> bool:
+    """Whether this rank is the first of its job on this host to report a bad-input error
+    (exit 2): every rank meets the same bad config or data, and one line says it. The mark
+    is a file in the launcher's session directory (``PMIX_SERVER_TMPDIR``), which Open MPI
+    removes with the job; without one, every rank reports."""
+    folder = os.environ.get("PMIX_SERVER_TMPDIR", "")
+    if mpi_world_size() is None or not os.path.isdir(folder):
+        return True
+    try:
+        os.close(os.open(os.path.join(folder, "shardgrad-error"),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+_JOB_STDERR: list[int | None] = [None]
+
+
+def _hold_job_stderr() -> None:
+    """Open the launcher's stderr now (``/proc/PARENT/fd/2``, Linux, when the parent is Open
+    MPI's prterun or prted), for ``say_to_job``: after a signal the launcher may be gone."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{parent}/comm") as f:
+            if f.read().strip() not in ("prterun", "prted", "mpirun", "mpiexec"):
+                return
+        _JOB_STDERR[0] = os.open(f"/proc/{parent}/fd/2", os.O_WRONLY | os.O_APPEND)
+
+
+def say_to_job(line: str) -> None:
+    """Write ``line`` where the job's launcher writes its own errors: once mpirun (prterun)
+    is signalled it stops forwarding the ranks' output before it signals them, so a rank's
+    last words go straight to the launcher's stderr, held open since ``start``; else (not
+    Linux, not Open MPI) to this process's stderr."""
+    fd = _JOB_STDERR[0]
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(fd, (line + "\n").encode())
+            return
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+_SAID = threading.Lock()   # held once a rank said it was terminated
+
+
+def say_terminated(sig: int) -> bool:
+    """Under MPI, say once that this rank was terminated by ``sig``. Whether this rank is
+    an MPI rank (False for a single process, which says it after unwinding)."""
+    comm = _WORLD[0]
+    if comm is None or comm.world_size == 1:
+        return False
+    if _SAID.acquire(blocking=False):
+        say_to_job(f"rank {comm.rank} was terminated by {signal.Signals(sig).name}")
+    return True
+
+
+def _watch_signals() -> None:
+    """Say ``rank R was terminated by SIG`` the moment SIGTERM or SIGHUP arrives, from a
+    thread: the Python handler runs only when the main thread leaves a blocking MPI call, and
+    after mpirun was signalled its peers are gone, so the rank may be ended before that.
+    Python's C handler writes each signal's number to the wakeup pipe even then."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    try:
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:
+        return
+
+    def watch():
+        while data := os.read(read, 64):
+            for sig in data:
+                if sig in (signal.SIGTERM, signal.SIGHUP):
+                    say_terminated(sig)
+
+    threading.Thread(target=watch, name="shardgrad-signals", daemon=True).start()
 
 
 def _abort_on_uncaught(comm: Communicator, exit_code: Callable[[BaseException], int]) -> None:

@@ -1,0 +1,116 @@
+"""What a user sees when a real ``mpirun`` job ends early: SIGTERM or SIGINT to mpirun (or to
+``shardgrad train -n N``) makes each rank say it was terminated and by what; a bad-input
+error (exit 2) under mpirun is one line of shardgrad's, with no Open MPI abort banner."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from blobs import blobs_config  # noqa: E402
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120),
+              pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
+
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2"]
+TRAIN = [sys.executable, "-m", "shardgrad", "train"]
+CONFIG = """
+[model]
+hidden = [16]
+
+[train]
+epochs = 400
+batch_size = 64
+dtype = "float64"
+
+[device]
+threads = 1
+"""
+ENV = dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return blobs_config(tmp_path_factory.mktemp("mpi_messages"), CONFIG)
+
+
+def _signalled(argv, out: Path, sig) -> tuple[int, str]:
+    """Run ``argv`` until its first checkpoint, send ``sig`` to it; exit code and stderr."""
+    job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "checkpoints" / "epoch_1.safetensors").exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()
+            time.sleep(0.05)
+        job.send_signal(sig)
+        _, err = job.communicate(timeout=30)   # until every rank closed its stderr
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    return job.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_mpirun_each_rank_says_so(config, tmp_path, sig):
+    out = tmp_path / "run"
+    code, err = _signalled(MPIRUN + TRAIN + [config, "--set", "parallel.dp=2", "--out",
+                                             str(out)], out, sig)
+    assert code != 0, err
+    # prterun passes SIGTERM to the ranks whatever it received itself
+    for rank in (0, 1):
+        assert f"rank {rank} was terminated by SIGTERM" in err, err
+    assert "MPI_ABORT" not in err, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_train_n_names_it(config, tmp_path, sig):
+    out = tmp_path / "run"
+    code, err = _signalled(TRAIN + ["-n", "2", config, "--out", str(out)], out, sig)
+    name = signal.Signals(sig).name
+    assert code == 128 + sig, err
+    assert f"shardgrad: terminated by {name} (passed on to mpirun, which stopped the 2 ranks)" \
+        in err.splitlines(), err
+    for rank in (0, 1):
+        assert f"rank {rank} was terminated by SIGTERM" in err, err
+    assert "MPI_ABORT" not in err and "----" not in err, err
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_bad_config_key_under_mpirun_is_one_line(config):
+    r = subprocess.run(MPIRUN + TRAIN + [config, "--set", "train.bogus=1", "--set",
+                                         "parallel.dp=2"],
+                       capture_output=True, text=True, timeout=60, env=ENV)
+    assert r.returncode == 2, r.stderr
+    said = [line for line in _lines(r.stderr) if line.startswith("shardgrad train: error:")]
+    assert said == [said[0]] and "unknown config key 'train.bogus'" in said[0], r.stderr
+    assert "MPI_ABORT" not in r.stderr, r.stderr
+
+
+def test_bad_data_under_mpirun_is_one_line(tmp_path):
+    argv = [*TRAIN, "--set", "data.dataset=npz", "--set", f"data.path={tmp_path}/none.npz"]
+    config = tmp_path / "c.toml"
+    config.write_text(CONFIG)
+    argv.insert(4, str(config))
+    plain = subprocess.run(MPIRUN + argv + ["--set", "parallel.dp=2", "--out",
+                                            str(tmp_path / "a")],
+                           capture_output=True, text=True, timeout=60, env=ENV)
+    assert plain.returncode == 2, plain.stderr
+    said = [line for line in _lines(plain.stderr) if "none.npz" in line]
+    assert said == [f"shardgrad train: error: data.path = '{tmp_path}/none.npz': no such file"], \
+        plain.stderr
+    assert "MPI_ABORT" not in plain.stderr, plain.stderr
+    ours = subprocess.run(argv[:4] + ["-n", "2"] + argv[4:] + ["--out", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+    assert ours.returncode == 2, ours.stderr
+    assert _lines(ours.stderr) == said, ours.stderr
