@@ -185,9 +185,6 @@ class Terminated(BaseException):
 
 
 def _terminate(sig, frame):
-    from shardgrad.runtime import world
-
-    world.say_terminated(sig)
     raise Terminated(sig)
 
 
@@ -326,9 +323,10 @@ def cmd_train(args) -> int:
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
         if isinstance(e, Terminated):
             if comm.world_size > 1:
-                sys.stdout.flush()   # _terminate said which signal
-                # Not MPI_Abort: when mpirun itself was signalled, the abort kills the other
-                # ranks before they can say so; prterun ends the job on a non-zero exit.
+                world.say_terminated(e.sig)   # unless the signal watcher said it already
+                sys.stdout.flush()
+                # Not MPI_Abort: when mpirun itself was signalled, its banner would be all
+                # the other ranks' output; prterun ends the job on a non-zero exit.
                 os._exit(128 + e.sig)
             print(f"shardgrad train: {e}", file=sys.stderr)
             return 128 + e.sig

@@ -99,16 +99,18 @@ def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
 
 
 # What names the failed rank in a job's output, most authoritative first: a rank that a peer
-# found hung, or that a signal ended; then mpirun's report of
-# the first process that died or exited non-zero, then the ranks' own words (a rank that saw
-# its peer die may report a failure of its own before mpirun does).
+# found hung, or that the Ray launcher saw killed; then mpirun's report of the first process
+# that died or exited non-zero, then the ranks' own words (a rank that saw its peer die may
+# report a failure of its own before mpirun does).
 _FAILED_RANK = [
     re.compile(r"\brank (\d+) hangs:"),                      # a peer's watchdog (runtime/mpi.py)
-    re.compile(r"\brank (\d+) was terminated by"),           # a signal to a rank (cli.py)
     re.compile(r"\brank (\d+) was killed by"),               # cluster/rank.py (Ray launcher)
     re.compile(r"process rank (\d+) with PID \d+ on node"),  # prterun: a signal or an abort
     re.compile(r"Process name: \[[^,\]]+,(\d+)\]"),          # prterun: a non-zero exit code
     re.compile(r"MPI_ABORT was invoked on rank (\d+)"),      # Open MPI and MPICH
+    # a signal to a rank (cli.py); after prterun's report, since prterun ending a job after
+    # a rank failed signals the others, which say so too
+    re.compile(r"\brank (\d+) was terminated by"),
     re.compile(r"\brank (\d+) failed:"),                     # shardgrad's own line (cli.py)
 ]
 

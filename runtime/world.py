@@ -127,25 +127,21 @@ def say_to_job(line: str) -> None:
     sys.stderr.flush()
 
 
-_SAID = threading.Lock()   # held once a rank said it was terminated
+_SAID = threading.Lock()   # taken by the first line saying this rank was terminated
 
 
-def say_terminated(sig: int) -> bool:
-    """Under MPI, say once that this rank was terminated by ``sig``. Whether this rank is
-    an MPI rank (False for a single process, which says it after unwinding)."""
+def say_terminated(sig: int) -> None:
+    """Say once, on the launcher's stderr, that this MPI rank was terminated by ``sig``."""
     comm = _WORLD[0]
-    if comm is None or comm.world_size == 1:
-        return False
-    if _SAID.acquire(blocking=False):
+    if comm is not None and _SAID.acquire(blocking=False):
         say_to_job(f"rank {comm.rank} was terminated by {signal.Signals(sig).name}")
-    return True
 
 
 def _watch_signals() -> None:
     """Say ``rank R was terminated by SIG`` the moment SIGTERM or SIGHUP arrives, from a
-    thread: the Python handler runs only when the main thread leaves a blocking MPI call, and
-    after mpirun was signalled its peers are gone, so the rank may be ended before that.
-    Python's C handler writes each signal's number to the wakeup pipe even then."""
+    thread: the Python handler runs only when the main thread leaves a blocking MPI call,
+    and prterun, signalled itself, kills the ranks about 0.2 s after it passed the signal
+    on. Python's C handler writes each signal's number to the wakeup pipe even then."""
     if threading.current_thread() is not threading.main_thread():
         return
     read, write = os.pipe()
