@@ -265,7 +265,7 @@ def test_a_bad_label_is_reported_when_the_loss_is_read(cuda):
 BUDGETS = {  # model, optimizer, batch shape, launches at most
     "mlp-sgd": (mlp, "momentum-wd", (64, 20), 42),
     "mlp-adam": (mlp, "adam", (64, 20), 42),
-    "cnn-sgd": (cnn, "momentum-wd", (8, 1, 8, 8), 74),
+    "cnn-sgd": (cnn, "momentum-wd", (8, 1, 8, 8), 72),  # 74 before gemm_batch_sums
 }
 
 
