@@ -461,3 +461,30 @@ def test_the_eager_gpu_step_is_one_launch_a_parameter(host, counts, name):
     else:
         assert used["launches"] == n_params, used      # budget: one fused kernel a parameter
         assert used["nodes"] == 0, used                # updated in place: no new leaf
+
+
+# launches of one eager MLP step on the stand-in: 67 with the op-by-op update, 37 with the
+# foreach one (6 of them the update)
+EAGER_STEP_LAUNCHES = 37
+
+
+def test_eager_gpu_training_step_budget(host, counts):
+    """A whole eager step of the test MLP on the GPU (forward, backward, foreach SGD with
+    momentum and weight decay): no upload, one host sync (eager cross_entropy checks its
+    labels at the op, so a bad label raises there, as the CPU's), and at most the launches
+    counted here."""
+    model = mlp().to("cuda")
+    opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    data = [tuple(host.asarray(v) for v in b) for b in batches((16, 20), n=3)]
+    for i, (x, y) in enumerate(data):
+        if i == 2:
+            before = vars(counts).copy()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(sg.tensor(x)), sg.tensor(y))
+        loss.backward()
+        opt.step()
+    used = {k: v - before[k] for k, v in vars(counts).items()}
+    print("eager step:", used)
+    assert used["syncs"] <= 1 and used["uploads"] == 0, used
+    assert used["launches"] <= EAGER_STEP_LAUNCHES, used
+    assert np.isfinite(float(loss))
