@@ -101,6 +101,14 @@ def test_train_n_without_mpi4py_says_what_to_install(monkeypatch, capsys):
     assert err.count("\n") == 1 and "mpi4py is not installed: pip install" in err
 
 
+def test_bf16_without_ml_dtypes_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)   # find_spec("ml_dtypes") is None
+    assert cli.main(["train", MLP, "--out", str(tmp_path / "r"), "--set",
+                     "train.precision='bf16'", "--set", "train.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs ml_dtypes: pip install" in err
+
+
 def test_graph_svg_without_graphviz_says_what_to_install(tmp_path, monkeypatch, capsys):
     real = shutil.which
     monkeypatch.setattr(shutil, "which", lambda n, *a, **k: None if n == "dot" else real(n))
