@@ -205,12 +205,16 @@ def _ray_launch():
     return ray_launch
 
 
-def _mpirun(program: list[str], n: int) -> int:
-    """``program`` as ``n`` ranks through mpirun on this machine; mpirun's exit code."""
+def _mpirun(program: list[str], n: int, mpi: bool = False) -> int:
+    """``program`` as ``n`` ranks through mpirun on this machine; mpirun's exit code. ``mpi``:
+    the program is this interpreter's ``shardgrad``, which needs mpi4py."""
     from shardgrad.cluster.commands import mpirun_argv
 
     if shutil.which("mpirun") is None:
         raise ConfigError("mpirun is not installed: pip install 'shardgrad[mpi]' (from a "
+                          "checkout: pip install -e '.[mpi]')")
+    if mpi and importlib.util.find_spec("mpi4py") is None:   # else each rank says it, then mpirun
+        raise ConfigError("mpi4py is not installed: pip install 'shardgrad[mpi]' (from a "
                           "checkout: pip install -e '.[mpi]')")
     root = hasattr(os, "geteuid") and os.geteuid() == 0
     argv = mpirun_argv(program, n, as_root=root, oversubscribe=n > (os.cpu_count() or 1))
@@ -315,7 +319,7 @@ def cmd_train(args) -> int:
         program = train_argv(args.config, out, args.resume)
         for item in [*args.sets, *dp_set]:
             program += ["--set", item]
-        return _mpirun(program, n)
+        return _mpirun(program, n, mpi=True)
     par = config["parallel"]
     comm = world.start(par["timeout_s"], par["start_timeout_s"], exit_code=_exit_code)
     try:
@@ -418,7 +422,15 @@ def cmd_plan(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from shardgrad.cluster.tune import sweep
+    try:
+        from ray import tune  # noqa: F401 - bare ray lacks Tune's dependencies (pandas, ...)
+
+        from shardgrad.cluster.tune import sweep
+    except ImportError as e:
+        if (e.name or "").startswith("shardgrad"):
+            raise
+        raise ConfigError("shardgrad tune needs Ray Tune: pip install 'shardgrad[ray]' (from "
+                          "a checkout: pip install -e '.[ray]')") from None
 
     out = args.out or os.path.join(
         "runs", "tune-" + os.path.splitext(os.path.basename(args.config))[0])

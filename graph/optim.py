@@ -159,12 +159,15 @@ class Optimizer:
         with no_grad():
             grads = clip_grad_norm({id(p): p.grad for p in self.params if p.grad is not None},
                                    self.max_grad_norm)
-            for p, st in zip(self.params, self.state, strict=True):
-                if p.grad is None:
-                    continue
+            live = [(p, st) for p, st in zip(self.params, self.state, strict=True)
+                    if p.grad is not None]
+            for p, st in live:
                 for v in st.values():      # the model may have moved since (Module.to)
                     if v.device != p.device:
                         v._set_leaf(to_device(v.data, p.device))
+            if _foreach_step(self, live, grads):
+                return
+            for p, st in live:
                 new_p, new_state = self.rule(p.detach(), grads[id(p)], st, self.lr, self.t)
                 p.data = new_p.data
                 for k, v in new_state.items():
@@ -275,6 +278,54 @@ class AdamW(Adam):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01):
         super().__init__(params, lr, betas, eps, weight_decay)
+
+
+def _fused_kind(opt: Optimizer) -> str | None:
+    """Which ops.gpu update kernel computes ``opt``'s rule: its class's own, not overridden."""
+    rule = type(opt).rule
+    return "sgd" if rule is SGD.rule else "adam" if rule is Adam.rule else None
+
+
+def _writable(t: Tensor):
+    """``t``'s device array, which the fused update writes into: made C-contiguous first (a
+    broadcast or transposed value gets its own copy, once)."""
+    a = t.data
+    if not a.flags.c_contiguous:
+        t._set_leaf(a.copy(order="C"))
+        a = t.data
+    return a
+
+
+def _foreach_step(opt: Optimizer, live: list, grads: dict) -> bool:
+    """The eager update of parameters on a GPU as torch's foreach step: each parameter and
+    its state updated in place by one ops.gpu kernel (the rule's ~4-10 eager ops, each a
+    dispatch and a launch, become one launch; lr, betas and bias corrections are kernel
+    arguments, nothing is uploaded). In place, as torch's optimizers: a tensor sharing a
+    parameter's memory (``p.detach()``) sees the new value. False (the rule runs op by op)
+    for a rule of another class, a parameter off the GPU or a dtype the kernels lack."""
+    from shardgrad.ops import gpu
+
+    kind = _fused_kind(opt)
+    if kind is None or not live or not all(
+            p.device.is_cuda and str(p.dtype) in gpu.CTYPES for p, _ in live):
+        return False
+    for p, st in live:
+        arr = _writable(p)
+        g = grads[id(p)]
+        g = g.data if isinstance(g, Tensor) else g
+        if not g.flags.c_contiguous or g.dtype != arr.dtype:
+            g = g.astype(arr.dtype, order="C")
+        flat = (arr.reshape(-1), g.reshape(-1))
+        if kind == "sgd":
+            buf = _writable(st["momentum_buffer"]).reshape(-1) if opt.momentum else None
+            gpu.sgd_update_(*flat, buf, lr=opt.lr, momentum=opt.momentum,
+                            weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+        else:
+            gpu.adam_update_(*flat, _writable(st["exp_avg"]).reshape(-1),
+                             _writable(st["exp_avg_sq"]).reshape(-1), lr=opt.lr, step=opt.t,
+                             betas=(opt.b1, opt.b2), eps=opt.eps,
+                             weight_decay=opt.weight_decay, decoupled=opt.decoupled)
+    return True
 
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm"]

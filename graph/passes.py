@@ -154,6 +154,36 @@ def fold_transposes(graph: Graph) -> Graph:
     return _sweep(graph, visit)
 
 
+def gemm_batch_sums(graph: Graph) -> Graph:
+    """A batched matmul summed over its batch axis, sum_n A_n B_n, becomes one GEMM over the
+    batch laid end to end, [A_0 .. A_N-1] (M, N*P) @ [B_0; ..; B_N-1] (N*P, K): a conv weight
+    gradient, (N, O, P) @ (N, P, Cin*KH*KW) summed over N, no longer materializes the
+    (N, O, Cin*KH*KW) products. Each operand is copied once into that layout: on the CPU
+    BLAS measured here those copies cost more than the batched products they replace
+    (bench_step's conv shapes: 0.15 vs 0.73 ms and 1.3 vs 1.7 ms), so the GPU step runs
+    this pass and the CPU programs do not. The same dot products summed in another order."""
+    users = graph.users()
+    outputs = {o.id for o in graph.outputs.values()}
+
+    def visit(n: Node, ins: tuple[Node, ...]) -> Node:
+        m = _rebuild(n, ins)
+        if m.op != "sum" or m.attrs.get("keepdims") or m.attrs.get("axis") not in ((0,), 0):
+            return m
+        x, src = m.inputs[0], n.inputs[0].id
+        if (x.op != "matmul" or len(users[src]) != 1 or src in outputs or x.dtype != m.dtype
+                or any(v.ndim != 3 for v in x.inputs)
+                or x.inputs[0].shape[0] != x.inputs[1].shape[0]):
+            return m
+        a, b = x.inputs
+        (nb, rows, p), k = a.shape, b.shape[2]
+        at = _transpose(a, (1, 0, 2), m.where)
+        a2 = Node("reshape", (at,), {"shape": (rows, nb * p)}, (rows, nb * p), a.dtype, m.where)
+        b2 = Node("reshape", (b,), {"shape": (nb * p, k)}, (nb * p, k), b.dtype, m.where)
+        return Node("matmul", (a2, b2), {}, m.shape, m.dtype, x.where)
+
+    return _sweep(graph, visit)
+
+
 def simplify(graph: Graph) -> Graph:
     """``cse(fold_constants(dce(graph)))``: what every executor runs before planning."""
     return cse(fold_constants(dce(graph)))

@@ -269,9 +269,10 @@ def max_pool2d(xp, x, kernel, stride, padding):
     return out
 
 
-def max_pool2d_grad(xp, g, x, kernel, stride, padding):
+def max_pool2d_grad(xp, g, x, *top, kernel, stride, padding):
+    # top (the forward's maxima) is not read here: one maxpool_fwd launch gives the argmax
     if not _covered(g, x):
-        return get("max_pool2d_grad").forward(xp, g, x, kernel=kernel, stride=stride,
+        return get("max_pool2d_grad").forward(xp, g, x, *top, kernel=kernel, stride=stride,
                                               padding=padding)
     geom = _geom(x.shape, kernel, stride, padding)
     _, arg = _argmax(xp, x, geom)

@@ -236,14 +236,16 @@ def _max_pool_fwd(xp, x, kernel, stride, padding, out=None):
     return out
 
 
-def _first_max(xp, x, kernel, stride, padding):
+def _first_max(xp, x, kernel, stride, padding, top=None):
     """[(i*KW + j, mask)]: each mask (N, C, OH, OW) is true where window element (i, j) is the
     first maximum of its window in row-major order (ties keep the first, as PyTorch; a NaN is
-    the maximum, as numpy.argmax). Found by comparing each element with the window's max:
-    cheap whole-array ufuncs, where a running argmax needs masked copies, which branch on
-    random masks (1.9 vs 7.4 ms for 2x2 windows of f32[64,16,26,26] here)."""
+    the maximum, as numpy.argmax). Found by comparing each element with the window's max
+    ``top`` (the forward's output when given, else recomputed): cheap whole-array ufuncs,
+    where a running argmax needs masked copies, which branch on random masks (1.9 vs 7.4 ms
+    for 2x2 windows of f32[64,16,26,26] here)."""
     parts = _window_parts(xp, x, kernel, stride, padding, -np.inf)
-    top = _max_pool_fwd(xp, x, kernel, stride, padding)
+    if top is None:
+        top = _max_pool_fwd(xp, x, kernel, stride, padding)
     nan = xp.isnan(top)
     if not nan.any():
         nan = None
@@ -263,7 +265,9 @@ def _first_max(xp, x, kernel, stride, padding):
 
 
 def _max_pool_vjp(g, x, out, **a):
-    return (apply("max_pool2d_grad", g, x, **a),)  # d max(window) = dx at the window's argmax
+    # d max(window) = dx at the window's argmax; the forward's output rides along as the
+    # window maxima, so the backward finds the argmax without recomputing the pooling
+    return (apply("max_pool2d_grad", g, x, out, **a),)
 
 
 register(OpDef("max_pool2d", infer=_pool_infer, forward=_max_pool_fwd, vjp=_max_pool_vjp,
@@ -281,8 +285,8 @@ def _pool_pair_infer(y, x, kernel, stride, padding, to_input, **_):
     return tuple(want[0]), x[1]
 
 
-def _max_pool_grad_fwd(xp, g, x, kernel, stride, padding, out=None):
-    masks = _first_max(xp, x, kernel, stride, padding)
+def _max_pool_grad_fwd(xp, g, x, *top, kernel, stride, padding, out=None):
+    masks = _first_max(xp, x, kernel, stride, padding, *top)
     zero = xp.zeros((), dtype=g.dtype)
     if stride[0] < kernel[0] or stride[1] < kernel[1] or not xp.isfinite(g).all():
         # overlapping windows (or an inf in g, which g * mask would spread as NaN): add up
@@ -317,19 +321,28 @@ def _max_pool_gather_fwd(xp, y, x, kernel, stride, padding):
     return out
 
 
-def _max_pool_grad_vjp(g, y, x, out, **a):
-    return apply("max_pool2d_gather", g, x, **a), None   # linear in y: the adjoint reads g back
+def _max_pool_grad_infer(g, x, *top, **a):
+    if len(top) > 1 or top and (tuple(top[0][0]) != tuple(g[0]) or top[0][1] != x[1]):
+        raise ValueError(f"the window maxima must be one {tuple(g[0])} {x[1]} input, got "
+                         f"{[(tuple(t[0]), t[1]) for t in top]}")
+    return _pool_pair_infer(g, x, **a, to_input=True)
+
+
+def _max_pool_grad_vjp(g, y, x, *top_out, **a):
+    # linear in y: the adjoint reads g back; x and the maxima get no gradient
+    return (apply("max_pool2d_gather", g, x, **a), None) + (None,) * (len(top_out) - 1)
 
 
 def _max_pool_gather_vjp(g, y, x, out, **a):
     return apply("max_pool2d_grad", g, x, **a), None     # linear in y: the adjoint routes g
 
 
-register(OpDef("max_pool2d_grad", infer=lambda g, x, **a: _pool_pair_infer(g, x, **a,
-                                                                           to_input=True),
+# max_pool2d_grad(g, x[, top]): top, the forward's output, saves recomputing the maxima
+register(OpDef("max_pool2d_grad", infer=_max_pool_grad_infer,
                forward=_max_pool_grad_fwd, vjp=_max_pool_grad_vjp,
-               jvp=lambda ts, y, x, out, **a: None if ts[0] is None else
-               apply("max_pool2d_grad", ts[0], x, **a), cost=_window_cost, nondiff=(1,),
+               jvp=lambda ts, y, x, *top_out, **a: None if ts[0] is None else
+               apply("max_pool2d_grad", ts[0], x, *top_out[:-1], **a), cost=_window_cost,
+               nondiff=(1, 2),
                out=_WINDOW_OUT, cuda=gpu.max_pool2d_grad))
 register(OpDef("max_pool2d_gather", infer=lambda y, x, **a: _pool_pair_infer(y, x, **a,
                                                                              to_input=False),

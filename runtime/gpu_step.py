@@ -153,8 +153,9 @@ class DeviceProgram:
         else:
             self.copies = [(k, state.views[k.split("/", 1)[1]]) for k in graph.outputs
                            if k.startswith(("param/", "state/"))]
-        # products written in the layout their users read, as the CPU program does
-        graph = passes.fold_transposes(graph)
+        # products written in the layout their users read, as the CPU program does; conv
+        # weight gradients as one GEMM each (passes.gemm_batch_sums: a GPU-only choice)
+        graph = passes.fold_transposes(passes.gemm_batch_sums(graph))
         self.graph = graph
         self.reads_step = any(n.op == "input" and n.name == "step" for n in graph.nodes)
         self.exe = GPUExecutor(graph, state.device, xp=state.xp)

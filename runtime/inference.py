@@ -18,7 +18,7 @@ from shardgrad.graph.nn import Module, manual_seed
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import datasets
 from shardgrad.runtime.data import DataError, Dataset
-from shardgrad.runtime.models import build_model
+from shardgrad.runtime.models import build_model, vocab_size
 from shardgrad.runtime.step import Predictor
 
 
@@ -77,7 +77,8 @@ def load_run(run_dir: str, overrides: Sequence[str] = ()) -> Run:
     tensors, _ = load_checkpoint(weights)
     with default_dtype(config["train"]["dtype"]):
         manual_seed(config["train"]["seed"])
-        model = build_model(config, data.input_shape, data.num_classes)
+        model = build_model(config, data.input_shape, data.num_classes,
+                            vocab_size(data.x_train))   # a transformer's, as training drew it
     try:
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
     except (KeyError, ValueError) as e:
@@ -182,7 +183,8 @@ def read_inputs(run: Run, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]
     """Samples for the model from an .npz (array ``x``, else its only array) or image files
     (converted to the model's channels; their size must be the training images')."""
     shape = run.data.input_shape
-    dtype = run.config["train"]["dtype"]
+    tokens = run.data.x_train.dtype.kind in "iu"     # a text model's integer token ids
+    dtype = run.data.x_train.dtype if tokens else run.config["train"]["dtype"]
     if len(inputs) == 1 and inputs[0].endswith(".npz"):
         path = inputs[0]
         try:
@@ -196,7 +198,9 @@ def read_inputs(run: Run, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]
             raise DataError(f"{path}: no such file") from None
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a readable .npz file ({e})") from None
-        x = (x / 255.0) if x.dtype == np.uint8 else x
+        if tokens and x.dtype.kind not in "iu":
+            raise DataError(f"{path}: this model takes integer token ids, got {x.dtype}")
+        x = (x / 255.0) if x.dtype == np.uint8 and not tokens else x
         names = [f"{path}[{i}]" for i in range(len(x))]
     else:
         missing = [p for p in inputs if not os.path.isfile(p)]

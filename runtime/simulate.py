@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from shardgrad.graph.ir import Graph
+from shardgrad.graph.ir import Graph, ShapeError
 from shardgrad.partition.schedule import simulate as simulate_schedule
 from shardgrad.runtime import compiled
 from shardgrad.runtime import config as cfg
@@ -262,7 +262,7 @@ def recommend(config: Mapping, ranks: int, **kw: Any) -> list[dict[str, Any]]:
         for m in (1,) if pp == 1 else (1, 2, 4, 8):
             try:
                 out.append(simulate(config, ranks, pp, m, **kw))
-            except cfg.ConfigError:
+            except (cfg.ConfigError, ShapeError):   # e.g. batch norm over micro-batches of 1
                 continue
     return sorted(out, key=lambda r: r["step_time_s"])
 

@@ -296,7 +296,9 @@ class Predictor:
         feeds = {"x": x, **{n: p.data for n, p in self.model.named_parameters()},
                  **{n: b.data for n, b in self.model.named_buffers()}}
         with _current(self.device):
-            return to_host(self._compiled[key].run(feeds)["logits"])
+            # a copy: the executor may hand back a buffer its next run reuses (a transformer's
+            # logits were overwritten by the following batch's)
+            return np.array(to_host(self._compiled[key].run(feeds)["logits"]))
 
 
 def accuracy(model: Module, x, y, batch_size: int = 512, executor: Executor | None = None

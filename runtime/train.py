@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -228,6 +229,9 @@ def accumulated(config: Mapping) -> dict:
         # partition does not make (it refuses an update that reads non-gradient values)
         raise cfg.ConfigError("train.grad_clip needs the gradients of all pipeline stages; it "
                               "runs with parallel.pp = 1 (any parallel.dp) for now")
+    if config["train"].get("precision") == "bf16" and not importlib.util.find_spec("ml_dtypes"):
+        raise cfg.ConfigError("train.precision = 'bf16' needs ml_dtypes: pip install "
+                              "'shardgrad[gpu]' (or pip install ml_dtypes)")
     p = config["parallel"]
     if config["train"].get("precision") == "fp16" and (
             p["dp"] > 1 or p["pp"] > 1 or p["deterministic"] or config["train"]["accumulate"] > 1):

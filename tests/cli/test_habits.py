@@ -78,6 +78,37 @@ def test_launcher_ray_without_ray_says_what_to_install(argv, monkeypatch, capsys
     assert err.count("\n") == 1 and "Ray is not installed: pip install" in err
 
 
+@pytest.mark.parametrize("missing", ["ray", "ray.tune"])
+def test_tune_without_ray_tune_says_what_to_install(missing, monkeypatch, capsys):
+    """A bare Ray (no ``[tune]``) or none at all: one line, exit 2, no traceback."""
+    monkeypatch.setitem(sys.modules, missing, None)
+    for name in ("shardgrad.cluster.tune", "shardgrad.cluster.ray_launch"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert cli.main(["tune", MLP, "--out", "/nonexistent/tune"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs Ray Tune: pip install" in err
+
+
+def test_train_n_without_mpi4py_says_what_to_install(monkeypatch, capsys):
+    """Checked before mpirun starts: else every rank prints it, then mpirun's own box."""
+    monkeypatch.setitem(sys.modules, "mpi4py", None)      # find_spec("mpi4py") is None
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which",
+                        lambda n, *a, **k: "/usr/bin/mpirun" if n == "mpirun" else real(n))
+    monkeypatch.setattr(cli.subprocess, "call", lambda *a, **k: pytest.fail("mpirun started"))
+    assert cli.main(["train", "-n", "2", MLP]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mpi4py is not installed: pip install" in err
+
+
+def test_bf16_without_ml_dtypes_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)   # find_spec("ml_dtypes") is None
+    assert cli.main(["train", MLP, "--out", str(tmp_path / "r"), "--set",
+                     "train.precision='bf16'", "--set", "train.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs ml_dtypes: pip install" in err
+
+
 def test_graph_svg_without_graphviz_says_what_to_install(tmp_path, monkeypatch, capsys):
     real = shutil.which
     monkeypatch.setattr(shutil, "which", lambda n, *a, **k: None if n == "dot" else real(n))

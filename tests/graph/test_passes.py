@@ -176,6 +176,43 @@ def test_fold_transposes_composes_cancels_and_moves_transposes_into_matmuls():
         np.testing.assert_allclose(r2[k], r1[k], rtol=1e-6)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gemm_batch_sums_makes_a_conv_weight_gradient_one_gemm(groups):
+    """The conv weight gradient, a batched (N, O, P) @ (N, P, K) summed over N, becomes one
+    (O, N*P) @ (N*P, K) GEMM: no (N, O, K) product is left, the values equal the unrewritten
+    graph's (float64, 1e-10); a batched product that has another user is left alone."""
+    from shardgrad.graph import autodiff
+    from shardgrad.ops import nn
+
+    x = leaf("input", (5, 4, 7, 7), "float64", name="x")
+    w = leaf("param", (6, 4 // groups, 3, 3), "float64", name="w")
+    y = nn.conv2d(x, w, padding=1, stride=(1, 2), groups=groups)
+    gx, gw = autodiff.backprop([R.sum(y * y)], [const(1.0, dtype="float64")], [x, w])
+    g = Graph({"gw": gw, "gx": gx})
+    before = snapshot(g)
+    out = passes.gemm_batch_sums(g)
+    assert snapshot(g) == before
+    verify(out)
+    # grouped convs batch over (N, G): a 4-d product, left as it is
+    summed = [n for n in g.nodes if n.op == "sum" and n.inputs[0].op == "matmul"
+              and n.inputs[0].ndim == 3]
+    assert len(summed) == (groups == 1)
+    assert not [n for n in out.nodes if n.op == "sum" and n.inputs[0].op == "matmul"
+                and n.inputs[0].ndim == 3]
+    gemms = [n for n in out.nodes if n.op == "matmul" and n.ndim == 2]
+    assert len(gemms) == (1 if groups == 1 else 0) + len(
+        [n for n in g.nodes if n.op == "matmul" and n.ndim == 2])
+    feeds = feeds_for(g)
+    r1, r2 = Interpreter(g).run(feeds), Interpreter(out).run(feeds)
+    for k in r1:
+        np.testing.assert_allclose(r2[k], r1[k], rtol=1e-10, atol=1e-10, err_msg=k)
+    a = leaf("input", (3, 2, 4), "float64", name="a")
+    b = leaf("input", (3, 4, 5), "float64", name="b")
+    prod = apply("matmul", a, b)
+    g2 = Graph({"s": R.sum(prod, axis=0), "p": prod})
+    assert passes.gemm_batch_sums(g2).outputs["s"].inputs[0] is prod
+
+
 # ---- fusion_groups ------------------------------------------------------------------------------
 
 def run_group(group, env):
@@ -268,17 +305,19 @@ def test_passes_on_random_graphs(g, seed):
     before = snapshot(g)
     with np.errstate(all="ignore"):
         for p in (passes.dce, passes.cse, passes.fold_constants, passes.simplify,
-                  passes.schedule, passes.fold_transposes):
+                  passes.schedule, passes.fold_transposes, passes.gemm_batch_sums):
             out = p(g)
             verify(out, known_ops=lambda op: op in REGISTRY)
-            assert_same_results(g, out, feeds, exact=p is not passes.fold_transposes)
+            assert_same_results(g, out, feeds, exact=p not in (passes.fold_transposes,
+                                                               passes.gemm_batch_sums))
         s = passes.simplify(g)
         check_groups(s, passes.fusion_groups(s), feeds)
     assert snapshot(g) == before
 
 
 @pytest.mark.parametrize("p", [passes.dce, passes.cse, passes.fold_constants, passes.simplify,
-                               passes.schedule, passes.fold_transposes])
+                               passes.schedule, passes.fold_transposes,
+                               passes.gemm_batch_sums])
 def test_passes_keep_meta(p):
     x = leaf("input", (2,), "float32", name="x")
     g = Graph({"y": x + 1.0}, meta={"grads": ["grad/x"]})

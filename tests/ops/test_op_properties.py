@@ -301,3 +301,35 @@ def test_max_pool_routes_ties_and_nan_to_the_first_maximum(win):
     g[0, 1, 0, 0] = np.inf                  # an inf stays in its own window: no NaN elsewhere
     got = get("max_pool2d_grad").forward(np, g, x, **attrs)
     assert np.isnan(got).sum() == 0 and np.isinf(got).sum() == 1
+
+
+@pytest.mark.parametrize("win", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1))])
+def test_max_pool_backward_reads_the_forward_maxima(win, monkeypatch):
+    """max_pool2d's VJP hands its own output (the window maxima) to max_pool2d_grad, so the
+    backward finds each argmax without running the pooling again; the gradient equals the
+    first-argmax loop's (float64, 1e-10) and the one that recomputes the maxima."""
+    k, s, p = win
+    rng = np.random.default_rng(1)
+    xv = np.maximum(rng.standard_normal((2, 3, 9, 9)), 0)     # ReLU-like: ties at 0
+    x = leaf("input", xv.shape, "float64", name="x")
+    y = nn.max_pool2d(x, k, s, p)
+    gv = rng.standard_normal(y.shape)
+    (gx,) = autodiff.backprop([y], [const(gv)], [x])
+    assert gx.op == "max_pool2d_grad" and len(gx.inputs) == 3 and gx.inputs[2] is y
+    want, _pos = _first_argmax_routes(gv, xv, k, s, p)
+    attrs = dict(kernel=k, stride=s, padding=p)
+    top = get("max_pool2d").forward(np, xv, **attrs)
+    calls = []
+    real = nn._max_pool_fwd
+    monkeypatch.setattr(nn, "_max_pool_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = get("max_pool2d_grad").forward(np, gv, xv, top, **attrs)
+    assert calls == []                                        # no recompute of the maxima
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(got, get("max_pool2d_grad").forward(np, gv, xv, **attrs))
+    assert len(calls) == 1                                    # without them: recomputed
+    monkeypatch.undo()
+    np.testing.assert_allclose(run(Graph({"gx": gx}), {"x": xv})["gx"], want, rtol=1e-10,
+                               atol=1e-10)
+    with pytest.raises(ValueError, match="window maxima"):
+        get("max_pool2d_grad").infer((gv.shape, "float64"), (xv.shape, "float64"),
+                                     (xv.shape, "float64"), **attrs)

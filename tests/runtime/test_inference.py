@@ -17,6 +17,8 @@ from shardgrad.runtime.config import load_config
 from shardgrad.runtime.inference import load_run, logits, metrics
 from shardgrad.runtime.train import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 RUNS = {
     "mlp": ["model.kind='mlp'", "model.hidden=[32]", "model.batchnorm=true",
             "model.activation='gelu'"],
@@ -110,3 +112,35 @@ def test_onnx_export_same_logits_as_the_ir(runs, kind, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     assert (got.argmax(1) == run.data.y_test).mean() == pytest.approx(
         json.load(open(os.path.join(runs[kind], "summary.json")))["test_accuracy"])
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "text")
+    train(load_config(os.path.join(ROOT, "examples", "text_transformer.toml"),
+                      ["train.epochs=1", "model.d_model=8", "model.heads=2", "model.ff=16",
+                       "train.eval_batch_size=64", "data.prefetch=0"]), out)
+    return out
+
+
+def test_evaluate_predict_and_export_of_a_text_run(text_run, tmp_path, capsys):
+    """The transformer's model is rebuilt with the run's vocabulary; 1,600 test samples in
+    25 same-shape batches, each batch's logits kept (the executor may reuse its output
+    buffer); token ids stay integers; ONNX export says in one line that it cannot yet."""
+    assert main(["evaluate", text_run, "--out", str(tmp_path)]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with open(os.path.join(text_run, "summary.json")) as f:
+        assert shown["top1_accuracy"] == json.load(f)["test_accuracy"]
+    assert shown["samples"] == 1600
+    run = load_run(text_run)
+    x = run.data.x_test[:4]
+    np.savez(tmp_path / "ids.npz", x=x)
+    assert main(["predict", text_run, str(tmp_path / "ids.npz")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in rows] == logits(run, x).argmax(axis=1).tolist()
+    np.savez(tmp_path / "floats.npz", x=x.astype(np.float32))
+    assert main(["predict", text_run, str(tmp_path / "floats.npz")]) == 2
+    assert "integer token ids" in capsys.readouterr().err
+    assert main(["export", text_run, "--out", str(tmp_path / "t.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not exported yet" in err

@@ -74,6 +74,16 @@ def test_recommend_ranks_every_shape_fastest_first(capsys):
     assert (out["dp"], out["pp"]) == (out["recommended"]["dp"], out["recommended"]["pp"])
 
 
+def test_recommend_skips_shapes_the_model_cannot_take(capsys):
+    """README's ``--ranks 8 --recommend``: dp=4 x pp=2 with 8 micro-batches gives batch norm
+    one row each, which it cannot train on; that shape is left out, not the whole command."""
+    assert cli.main(["simulate", MLP, "--ranks", "8", "--recommend", "--json", *SETS,
+                     "--set", "model.hidden=[16]"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    shapes = {(c["dp"], c["pp"], c["microbatches"]) for c in out["candidates"]}
+    assert (8, 1, 1) in shapes and (4, 2, 4) in shapes and (4, 2, 8) not in shapes
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ranks", "3", "--pp", "2"], "--ranks 3 must be a positive multiple of --pp 2"),
     (["--ranks", "2", "--pp", "2", "--microbatches", "3"], "must be a multiple of dp x"),
