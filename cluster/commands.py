@@ -104,13 +104,16 @@ def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
 # report a failure of its own before mpirun does).
 _FAILED_RANK = [
     re.compile(r"\brank (\d+) hangs:"),                      # a peer's watchdog (runtime/mpi.py)
-    re.compile(r"\brank (\d+) was killed by"),               # cluster/rank.py (Ray launcher)
+    # cluster/rank.py (Ray launcher); SIGTERM is what prterun sends the others when it ends
+    # a job, so that note comes after prterun's report
+    re.compile(r"\brank (\d+) was killed by (?!SIGTERM)"),
     re.compile(r"process rank (\d+) with PID \d+ on node"),  # prterun: a signal or an abort
     re.compile(r"Process name: \[[^,\]]+,(\d+)\]"),          # prterun: a non-zero exit code
     re.compile(r"MPI_ABORT was invoked on rank (\d+)"),      # Open MPI and MPICH
     # a signal to a rank (cli.py); after prterun's report, since prterun ending a job after
     # a rank failed signals the others, which say so too
     re.compile(r"\brank (\d+) was terminated by"),
+    re.compile(r"\brank (\d+) was killed by SIGTERM"),
     re.compile(r"\brank (\d+) failed:"),                     # shardgrad's own line (cli.py)
 ]
 

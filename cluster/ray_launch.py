@@ -530,10 +530,12 @@ def supervise(job: Job, argv: Sequence[str], env: Mapping[str, str],
     if dead is not None:
         return max(code, 1), f"{job.where(dead[0])} failed: {dead[1]}"
     killed = _killed(job)
-    if killed is not None:
+    rank = failed_rank("".join(tail))
+    # prterun ending a job SIGTERMs the ranks still running: a SIGTERM note names the rank
+    # that failed only when nothing else does (its wrapper may have died with it, unnoted)
+    if killed is not None and (killed[1] != signal.SIGTERM or rank is None):
         return max(code, 1), f"{job.where(killed[0])} failed: killed by " \
                              f"{signal.Signals(killed[1]).name}"
-    rank = failed_rank("".join(tail))
     how = (f"killed by signal {-code}" if code < 0 else f"exit code {code}"
            + (f" (signal {code - 128})" if code > 128 else ""))
     who = job.where(rank) if rank is not None and rank < job.n else "a rank"
@@ -548,7 +550,8 @@ def _killed(job: Job) -> tuple[int, int] | None:
                  for n in found]
     except (RayActorError, GetTimeoutError):
         return None
-    first = min(notes, key=lambda n: n[2], default=None)
+    # the first rank killed by anything but SIGTERM (a teardown's signal), else the first
+    first = min(notes, key=lambda n: (n[1] == signal.SIGTERM, n[2]), default=None)
     return None if first is None else (first[0], first[1])
 
 
