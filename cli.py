@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import importlib.util
 import json
 import os
@@ -423,7 +424,9 @@ def cmd_plan(args) -> int:
 
 def cmd_tune(args) -> int:
     try:
-        from ray import tune  # noqa: F401 - bare ray lacks Tune's dependencies (pandas, ...)
+        # a bare ray lacks Tune's dependencies (pandas, ...); import_module looks the module
+        # up, where `from ray import tune` would take an attribute an earlier import left
+        importlib.import_module("ray.tune")
 
         from shardgrad.cluster.tune import sweep
     except ImportError as e:
