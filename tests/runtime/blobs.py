@@ -1,6 +1,8 @@
 """A data set a training run takes milliseconds on: ten Gaussian blobs as 8x8 uint8 IDX images,
-written without scikit-learn (each MPI rank would import it), and a config file reading it."""
+written without scikit-learn (each MPI rank would import it), a config file reading it, and
+the CLI run in-process as the error-line tests read it."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,3 +27,18 @@ def blobs_config(directory: Path, body: str, n: int = 600, name: str = "blobs.to
     path = directory / name
     path.write_text(DATA.format(dir=directory) + body)
     return str(path)
+
+
+# the one line each finished epoch prints on stderr (runtime.monitor), not an error line
+EPOCH_LINE = re.compile(r"epoch \d+/\d+  step \d+  ")
+
+
+def cli_main(capsys, *argv) -> tuple[int, list[str]]:
+    """``shardgrad ARGV`` in this process: (exit code, its stderr lines other than the
+    per-epoch progress lines)."""
+    from shardgrad import cli
+
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    return code, [line for line in capsys.readouterr().err.strip().splitlines()
+                  if not EPOCH_LINE.match(line)]

@@ -7,7 +7,6 @@ checkpoint usable."""
 import contextlib
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
@@ -19,13 +18,13 @@ import safetensors
 import safetensors.numpy
 
 import shardgrad as sg
-from shardgrad import cli
 from shardgrad.runtime import serialize
 from shardgrad.runtime import train as tr
 from shardgrad.runtime.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from blobs import blobs_config  # noqa: E402
+from blobs import cli_main as _main
 
 CONFIG = """
 [model]
@@ -66,19 +65,6 @@ def used(run, tmp_path):
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
     monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")
-
-
-# the one line each finished epoch prints on stderr (runtime.monitor), not an error line
-EPOCH_LINE = re.compile(r"epoch \d+/\d+  step \d+  ")
-
-
-def _main(capsys, *argv):
-    """``shardgrad ARGV`` in this process: (exit code, its stderr lines other than the
-    per-epoch progress lines)."""
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    return code, [line for line in capsys.readouterr().err.strip().splitlines()
-                  if not EPOCH_LINE.match(line)]
 
 
 def _flip_a_bit(path, tensor):

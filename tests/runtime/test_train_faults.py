@@ -4,7 +4,6 @@ earlier run's checkpoints, a torn metrics line, a model that cannot take its bat
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -12,13 +11,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from shardgrad import cli
 from shardgrad.runtime import train as tr
 from shardgrad.runtime.config import ConfigError, load_config
 from shardgrad.runtime.monitor import TIMINGS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from blobs import blobs_config  # noqa: E402
+from blobs import cli_main as _main
 
 CONFIG = """
 [model]
@@ -45,19 +44,6 @@ def config(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
     monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")
-
-
-# the one line each finished epoch prints on stderr (runtime.monitor), not an error line
-EPOCH_LINE = re.compile(r"epoch \d+/\d+  step \d+  ")
-
-
-def _main(capsys, *argv):
-    """``shardgrad ARGV`` in this process: (exit code, its stderr lines other than the
-    per-epoch progress lines)."""
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    return code, [line for line in capsys.readouterr().err.strip().splitlines()
-                  if not EPOCH_LINE.match(line)]
 
 
 def test_a_diverging_run_stops_naming_the_step_and_writes_no_garbage(config, tmp_path, capsys):
