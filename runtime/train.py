@@ -708,7 +708,7 @@ def _end_epoch(r: _Run, epoch: int, mon: Monitor) -> None:
              "config_hash": cfg.config_hash(config, [f"{s}.{k}" for s in config
                                                      for k in config[s]
                                                      if resumable(f"{s}.{k}")]),
-             "config": json.dumps(config, sort_keys=True)})
+             "config": json.dumps(config.to_dict(), sort_keys=True)})
         _keep_last(r.out_dir, t["keep_checkpoints"])
     r.metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": r.steps_done,
                      "train_loss": r.train_loss, "test_accuracy": r.acc,
@@ -727,7 +727,7 @@ def _finish(r: _Run, mon: Monitor) -> dict[str, Any]:
         "world_size": r.comm.world_size, "params_sha256": params_sha256(r.model),
         "num_params": int(sum(p.size for p in r.model.parameters())),
         "resumed_from": r.resumed_from, "config_hash": cfg.config_hash(config),
-        **mon.summary(), "config": config,
+        **mon.summary(), "config": config.to_dict(),
     }
     if r.writer:
         serialize.save_file(os.path.join(r.out_dir, "final.safetensors"),
