@@ -163,9 +163,9 @@ def export_run(run_dir: str, out: str) -> str:
     run = load_run(run_dir)
     if run.data.x_train.dtype.kind in "iu":
         raise DataError(f"{run_dir}: export --format onnx takes float inputs; integer token "
-                        f"ids (model.kind = {run.config['model']['kind']!r}) are not exported "
+                        f"ids (model.kind = {run.config.model.kind!r}) are not exported "
                         f"yet")
-    proto = to_onnx(run.model, run.data.input_shape, run.config["train"]["dtype"])
+    proto = to_onnx(run.model, run.data.input_shape, run.config.train.dtype)
     data = proto.SerializeToString()
 
     def write(tmp):
