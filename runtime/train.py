@@ -224,11 +224,6 @@ def accumulated(config: Mapping) -> dict:
     and the step graph, traced on one of them, runs k times and sums the gradients: as k more
     pipeline micro-batches (pp > 1), or k times the chunks of deterministic data parallelism
     (the dp ranks' chunks, one each, when it was off)."""
-    if config["train"]["grad_clip"] and config["parallel"]["pp"] > 1:
-        # the global norm sums every stage's gradients: a cross-stage reduction the pipeline
-        # partition does not make (it refuses an update that reads non-gradient values)
-        raise cfg.ConfigError("train.grad_clip needs the gradients of all pipeline stages; it "
-                              "runs with parallel.pp = 1 (any parallel.dp) for now")
     if config["train"].get("precision") == "bf16" and not importlib.util.find_spec("ml_dtypes"):
         raise cfg.ConfigError("train.precision = 'bf16' needs ml_dtypes: pip install "
                               "'shardgrad[gpu]' (or pip install ml_dtypes)")
