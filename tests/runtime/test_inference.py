@@ -97,6 +97,31 @@ def test_predict_npz_and_images(runs, tmp_path, capsys):
     assert "do not fit" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_predict_jpeg_and_png_files(runs, kind, tmp_path, capsys):
+    """Image files for an image model and for an MLP trained on flattened images: each
+    file's probabilities are the model's on the pixels Pillow decodes (JPEG is lossy)."""
+    from PIL import Image
+
+    run = load_run(runs[kind])
+    paths = []
+    for i, row in enumerate(run.data.x_test[:4]):
+        paths.append(str(tmp_path / f"{i}.{'jpg' if i % 2 else 'png'}"))
+        Image.fromarray(np.round(row.reshape(8, 8) * 255).astype(np.uint8)).save(paths[-1])
+    assert main(["predict", runs[kind], *paths]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    decoded = np.stack([np.asarray(Image.open(p), np.float32) / 255.0 for p in paths])
+    scores = logits(run, decoded.reshape((4, *run.data.input_shape)))
+    z = np.exp(scores - scores.max(axis=1, keepdims=True))
+    assert [r["input"] for r in rows] == paths
+    assert [r["label"] for r in rows] == scores.argmax(axis=1).tolist()
+    np.testing.assert_allclose([r["probabilities"] for r in rows],
+                               z / z.sum(axis=1, keepdims=True), atol=2e-6)
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.jpg")
+    assert main(["predict", runs[kind], str(tmp_path / "small.jpg")]) == 2
+    assert "do not fit" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", sorted(RUNS))
 def test_onnx_export_same_logits_as_the_ir(runs, kind, tmp_path):
     out = tmp_path / "model.onnx"

@@ -130,6 +130,20 @@ def test_grad_clip_same_under_dp_and_pp(tmp_path):
     _close(_final(load_config(None, sets + pipe), tmp_path, "pp", 2), alone, 1e-9)
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("knobs", [
+    ["train.label_smoothing=0.1", "train.warmup_steps=5", "train.lr_schedule='multistep'",
+     "train.lr_milestones=[1]", "train.grad_clip=0.1"],
+    ["train.optimizer='adamw'", "train.lr=0.003", "train.weight_decay=0.01",
+     "train.lr_schedule='cosine'", "train.accumulate=2", "train.batch_size=16"]])
+def test_knobs_together_same_under_dp(knobs, tmp_path):
+    # (pp = 2 and dp = 2 x pp = 2 with them: tests/runtime/test_knobs_mpi.py, real mpirun)
+    sets = BASE + ["train.batch_size=32", "train.keep_checkpoints=1"] + knobs
+    alone = _final(load_config(None, sets), tmp_path, "alone")
+    _close(_final(load_config(None, sets + ["parallel.dp=2"]), tmp_path, "dp", 2), alone, 1e-9)
+    assert os.listdir(tmp_path / "dp" / "checkpoints") == ["epoch_2.safetensors"]
+
+
 def test_grad_clip_stage_without_parameters_joins_the_norm():
     # a stage of only tanh has no gradients: its update still runs the allreduce (of zero)
     from shardgrad.graph.trace import trace_step
