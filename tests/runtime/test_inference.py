@@ -15,7 +15,7 @@ import pytest
 from shardgrad.cli import main
 from shardgrad.runtime.config import load_config
 from shardgrad.runtime.inference import load_run, logits, metrics
-from shardgrad.runtime.train import train
+from shardgrad.runtime.train import load_data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,7 +67,12 @@ def test_metrics_top5_and_absent_class():
     assert r["confusion_matrix"][2] == [1, 0, 1, 0]
 
 
-def test_evaluate_refuses_non_data_keys(runs, capsys):
+def test_evaluate_refuses_non_data_keys(runs, capsys, tmp_path):
+    assert main(["evaluate", runs["mlp"], "--set", "data.test_fraction=0.5", "--out",
+                 str(tmp_path)]) == 0                      # another split: data.* may change
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shown["samples"] == len(load_data(load_config(None, ["data.test_fraction=0.5"]))
+                                   .y_test) > 359
     assert main(["evaluate", runs["mlp"], "--set", "train.lr=1"]) == 2
     assert "only data.* keys" in capsys.readouterr().err
     assert main(["evaluate", "/nonexistent/run"]) == 2
