@@ -70,4 +70,16 @@ class Plan:
                                                if len(b.names) > 4 else "")
             lines.append(f"  bucket {b.index}: {DTYPE_SHORT.get(b.dtype, b.dtype)} "
                          f"{b.nbytes:,} B, ready after {b.after}: {shown}")
+        zero = self.graph.meta.get("zero")
+        if zero:   # partition.zero's layout
+            dt = np.dtype(zero["dtype"])
+            nbytes, block = zero["shard"] * zero["world_size"] * dt.itemsize, \
+                zero["shard"] * dt.itemsize
+            lines.append(f"  reduce_scatter: {DTYPE_SHORT.get(dt.name, dt.name)} {nbytes:,} B of "
+                         f"gradients ({zero['numel']:,} elements, {len(zero['params'])} "
+                         f"parameters), {block:,} B to each rank")
+            lines.append(f"  update: each rank its block of {zero['shard']:,} elements; "
+                         f"optimizer state {len(zero['keys']) * block:,} B a rank "
+                         f"({', '.join(zero['keys']) or 'none'})")
+            lines.append(f"  allgather: {block:,} B from each rank, {nbytes:,} B of parameters")
         return "\n".join(lines)
