@@ -75,9 +75,11 @@ class Plan:
             dt = np.dtype(zero["dtype"])
             nbytes, block = zero["shard"] * zero["world_size"] * dt.itemsize, \
                 zero["shard"] * dt.itemsize
-            lines.append(f"  reduce_scatter: {DTYPE_SHORT.get(dt.name, dt.name)} {nbytes:,} B of "
-                         f"gradients ({zero['numel']:,} elements, {len(zero['params'])} "
-                         f"parameters), {block:,} B to each rank")
+            how = ("summed along the fixed tree, each rank keeps its block (shard)"
+                   if self.options.get("mode") == "deterministic" else "reduce_scatter")
+            lines.append(f"  gradients: {DTYPE_SHORT.get(dt.name, dt.name)} {nbytes:,} B "
+                         f"({zero['numel']:,} elements of {len(zero['params'])} parameters), "
+                         f"{how}: {block:,} B a rank")
             lines.append(f"  update: each rank its block of {zero['shard']:,} elements; "
                          f"optimizer state {len(zero['keys']) * block:,} B a rank "
                          f"({', '.join(zero['keys']) or 'none'})")

@@ -35,6 +35,7 @@ from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.graph.trace import trace_step
 from shardgrad.partition.pipeline import PipelinePlan
 from shardgrad.partition.pipeline import pipeline as partition_pipeline
+from shardgrad.partition.plan import Plan
 from shardgrad.runtime import checkpoint, datasets, dp, pipeline, rundir, serialize, trace, world
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
@@ -299,10 +300,13 @@ def setup(config: Mapping, options: Mapping | None = None
     return model, optimizer, step, data
 
 
-def plan_for_config(config: Mapping) -> PipelinePlan:
+def plan_for_config(config: Mapping) -> PipelinePlan | Plan:
     """The plan ``shardgrad train CONFIG`` runs with ``parallel.pp`` stages (built here in
-    one process: "profile" times this machine)."""
+    one process: "profile" times this machine), or with ``parallel.zero`` = 1 its ZeRO-1
+    data-parallel plan."""
     config = cfg.from_dict(config)
+    if config["parallel"]["zero"] and config["parallel"]["pp"] == 1:
+        return _zero_plan(config)
     replicas, pp, m = pipeline.mesh_shape(config)
     model, optimizer, _, data = setup(config)
     rows = config["train"]["batch_size"] // (replicas * m)
@@ -314,6 +318,23 @@ def plan_for_config(config: Mapping) -> PipelinePlan:
     with pipeline.as_config_error():
         return partition_pipeline(graph, pp, balance, m, config["parallel"]["schedule"], replicas,
                                   times)
+
+
+def _zero_plan(config: Mapping) -> Plan:
+    dp.check_zero(config)
+    run = accumulated(config)
+    world = run["parallel"]["dp"]
+    transform = dp.rewrite(world, dp.Parallel.of(run["parallel"]))
+    model, optimizer, _, data = setup(config)
+    rows = run["train"]["batch_size"] // world // transform.split
+    with transform.trace_context():
+        graph = trace_step(model, loss_function(config), optimizer,
+                           ((rows,) + data.input_shape, config["train"]["dtype"]),
+                           ((rows,), str(data.y_train.dtype)))
+    try:
+        return transform.plan(graph)
+    except ShapeError as e:
+        raise _unfit(e) from e
 
 
 def params_sha256(model: Module) -> str:

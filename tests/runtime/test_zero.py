@@ -4,6 +4,8 @@ data parallelism, 1/dp of the optimizer state on each rank, the whole state gath
 for ``state_dict()`` and checkpoints, and the settings it refuses (one line each)."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from shardgrad.runtime import config as cfg
 from shardgrad.runtime import dp
 from shardgrad.runtime.threadcomm import run_ranks
 from shardgrad.runtime.train import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from blobs import blobs_config, cli_main  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,3 +132,21 @@ def test_train_with_zero1_on_threaded_ranks_matches_plain_dp(tmp_path):
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-9, atol=1e-12)
+
+
+def test_plan_and_graph_show_the_reduce_scatter_and_allgather(tmp_path, capsys):
+    from shardgrad import cli
+
+    config = blobs_config(tmp_path, "[model]\nhidden = [16]\n")
+    sets = ["--set", "parallel.zero=1", "--set", "parallel.dp=2"]
+    capsys.readouterr()
+    assert cli.main(["plan", config, *sets]) == 0
+    out = capsys.readouterr().out
+    assert "zero1 plan: world_size=2" in out and "reduce_scatter" in out and "allgather" in out
+    assert cli.main(["graph", config, *sets, "--out", str(tmp_path / "g.dot")]) == 0
+    dot = (tmp_path / "g.dot").read_text()
+    assert "= reduce_scatter" in dot and "= allgather" in dot
+    code, err = cli_main(capsys, "plan", config, *sets, "--set", "train.grad_clip=1.0")
+    assert code == 2 and err == ["shardgrad plan: error: train.grad_clip needs the norm of the "
+                                 "whole gradient, which no rank holds with parallel.zero = 1: "
+                                 "set one of them off"]
