@@ -150,3 +150,19 @@ def test_plan_and_graph_show_the_reduce_scatter_and_allgather(tmp_path, capsys):
     assert code == 2 and err == ["shardgrad plan: error: train.grad_clip needs the norm of the "
                                  "whole gradient, which no rank holds with parallel.zero = 1: "
                                  "set one of them off"]
+
+
+def test_simulate_gives_zero1_the_traffic_of_an_allreduce_and_1_dp_of_the_state():
+    from shardgrad.runtime.simulate import simulate
+
+    base = {"model.hidden": [16], "train.batch_size": 32, "train.optimizer": "adam",
+            "data.dataset": "digits"}
+    plain = simulate(conf(**base), 4, repeats=2)
+    zero = simulate(conf(**base, **{"parallel.zero": 1}), 4, repeats=2)
+    # reduce_scatter + allgather move what the allreduce moved (its two halves); ZeRO's
+    # buffer is padded to a multiple of 4 elements
+    assert abs(zero["bytes_sent_per_rank"] - plain["bytes_sent_per_rank"]) <= 3 * 4 * 2
+    assert zero["comm_s"] > 0
+    whole = plain["optimizer_state_bytes_per_rank"]
+    assert zero["optimizer_state_bytes_per_rank"] <= whole / 4 * 1.05
+    assert zero["peak_memory_bytes"] < plain["peak_memory_bytes"]
