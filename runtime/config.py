@@ -268,6 +268,10 @@ class ParallelConfig(Section):
     overlap: bool = key(False,
                         help="non-blocking gradient allreduce, waited for before the update "
                              "(off: MPI's Iallreduce measured slower than Allreduce here)")
+    zero: int = key(0, min=0, max=1,
+                    help="1: ZeRO stage 1, each dp rank keeps and updates 1/dp of the "
+                         "optimizer state (gradients reduce-scattered, parameters "
+                         "all-gathered); 0: off")
     microbatches: int = key(1, min=1,
                             help="pipeline (pp > 1): micro-batches per step; the local batch "
                                  "is cut into this many")
