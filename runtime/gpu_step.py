@@ -158,18 +158,35 @@ class DeviceProgram:
         graph = passes.fold_transposes(passes.gemm_batch_sums(graph))
         self.graph = graph
         self.reads_step = any(n.op == "input" and n.name == "step" for n in graph.nodes)
-        self.exe = GPUExecutor(graph, state.device, xp=state.xp)
+        # a static memory plan: intermediates in one arena planned once, the gradients
+        # computed straight into the flat gradient buffer (nothing reads it in the step)
+        self.targets = list(self.copies)
+        into = {k: v for k, v in self.copies if k.startswith("grad/")} if self.flat else {}
+        self.exe = GPUExecutor(graph, state.device, xp=state.xp, plan=True, into=into)
+        self.copies = [(k, v) for k, v in self.copies if k not in self.exe.plan.direct]
         self.path = f"flat-{state.kind}" if self.flat else "graph-update"
         self.update = FlatUpdate(state) if self.flat else None
+        self._ring: Any = None           # the losses handed out: a slot each, see loss_slot
+        self._slot = 0
 
         self.replay: GraphReplay | None = None
         self.calls = 0
         self.cuda_graph = False
         self.graph_note = "off"
 
+    def loss_slot(self):
+        """A 0-d device array for this step's loss, one slot of a ring of LOSS_RING: a loss
+        the caller holds is never overwritten (a full ring is left to the losses still
+        held and a new one allocated), and a step allocates nothing."""
+        if self._ring is None or self._slot == LOSS_RING:
+            self._ring = self.state.xp.empty((LOSS_RING,), self.graph.outputs["loss"].dtype)
+            self._slot = 0
+        self._slot += 1
+        return self._ring[self._slot - 1:self._slot].reshape(())
+
     def body(self, feeds: Mapping[str, Any], checks: gpu_ops.DeferredChecks):
-        """Forward and backward, their results copied into the state's storage (what a CUDA
-        Graph captures: no scalar from the host)."""
+        """Forward and backward, their results in the state's storage (what a CUDA Graph
+        captures: no scalar from the host); returns the loss in the executor's arena."""
         xp = self.state.xp
         with checks:
             out = self.exe.run(feeds)
@@ -191,10 +208,13 @@ class DeviceProgram:
         loss = self.body(feeds, checks)
         if self.flat:
             self.update(self.state.optimizer)
-        return loss
+        out = self.loss_slot()
+        self.state.xp.copyto(out, loss)
+        return out
 
 
 WARMUP = 2      # plain steps of a program before its capture (kernels compiled, pool warm)
+LOSS_RING = 1024    # losses a ring holds: 4 KiB in float32, one allocation per 1024 steps
 
 
 def _capture(xp, stream, fn):
@@ -237,7 +257,8 @@ class GraphReplay:
                                                   "using_allocator")):
             return None, "not captured: this CuPy has no stream capture", None
         loss = plain = None
-        targets = [view for _, view in program.copies]
+        targets = [view for _, view in program.targets]
+        slot = program.loss_slot()        # outside the capture's pool: the caller keeps it
         note = "captured"
         try:
             stream = cuda.Stream(non_blocking=True)
@@ -245,14 +266,15 @@ class GraphReplay:
             static = {k: xp.empty(feeds[k].shape, feeds[k].dtype) for k in ("x", "y")}
             events = (cuda.Event(disable_timing=True), cuda.Event(disable_timing=True))
             fed = dict(feeds, **static)
-            kept = [view for name, view in program.copies if not name.startswith("grad/")]
+            kept = [view for name, view in program.targets if not name.startswith("grad/")]
             _enter(xp, stream, events[0])
             with stream, cuda.using_allocator(pool.malloc):
                 for k in static:
                     xp.copyto(static[k], xp.asarray(feeds[k]))
                 before = [v.copy() for v in kept]          # buffers the step updates
                 loss = program.body(fed, checks)           # this step, plain; the pool warms
-                plain = [v.copy() for v in targets] + [loss.copy()]
+                plain = [v.copy() for v in targets] + [slot]
+                xp.copyto(slot, loss)
                 for v, b in zip(kept, before, strict=True):
                     xp.copyto(v, b)
                 graph, static_loss = _capture(xp, stream, lambda: program.body(fed, checks))
@@ -270,7 +292,8 @@ class GraphReplay:
             for v, w in zip(targets, plain[:-1], strict=True):
                 xp.copyto(v, w)
         elif plain is None:                     # failed between its forward and the copy
-            loss = program.body(feeds, checks)
+            xp.copyto(slot, program.body(feeds, checks))
+            loss = slot
         try:
             _leave(xp, stream, events[1])
         except Exception as e:  # noqa: BLE001 - then wait for it from the host, once
@@ -293,7 +316,8 @@ class GraphReplay:
             self.graph.launch(self.stream)
             if program.flat:
                 program.update(program.state.optimizer)
-            loss = self.loss.copy()
+            loss = program.loss_slot()
+            xp.copyto(loss, self.loss)
         _leave(xp, self.stream, self.events[1])
         return loss
 

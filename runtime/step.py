@@ -220,14 +220,16 @@ class TrainStep:
         or ``graph-update`` (state owned on the GPU, the traced update); ``cuda_graph`` says
         whether steps replay a captured CUDA Graph and ``graph`` why not (``captured``, or
         the reason plain launches run); ``rebinds`` counts tensors copied in because user
-        code replaced their values."""
+        code replaced their values; ``memory`` is the GPU step's static memory plan
+        (runtime.gpu.MemoryPlan.stats: arena, naive and peak bytes, ops left unplanned)."""
         out: dict[str, Any] = {"device": str(self.device), "steps": self._steps,
                                "cuda_graph": False, "path": "host-feeds"}
         if self._resident and getattr(self, "_program", None) is not None:
             out.update(path=self._program.path, rebinds=self._state.rebinds,
                        cuda_graph=self._program.cuda_graph, graph=self._program.graph_note,
                        fused_groups=self._program.exe.n_fused,
-                       launch_actions=len(self._program.exe.actions))
+                       launch_actions=len(self._program.exe.actions),
+                       memory=self._program.exe.plan.stats())
         return out
 
     def write_back(self, out: dict[str, Any]) -> None:
