@@ -50,9 +50,16 @@ class DataParallelStep(TrainStep):
     share of the global batch (all ranks the same size) and returns the global mean loss."""
 
     def __init__(self, model: Module, loss_fn: Callable, optimizer: Optimizer,
-                 comm: Communicator, transform: DataParallel | None, executor: Executor):
+                 comm: Communicator, transform: DataParallel | None,
+                 executor: Executor | None):
+        # a GPU model on the default executor keeps its state on the device and reduces its
+        # flat gradient buffer itself (runtime.gpu_step), on ``comm``
+        resident = executor is None and device_of(model).is_cuda
         super().__init__(model, loss_fn, optimizer,
-                         dp.bound_executor(executor, comm), transform)
+                         None if resident else dp.bound_executor(executor_for(model)
+                                                                 if executor is None
+                                                                 else executor, comm),
+                         transform, comm=comm if resident else None)
         self.comm = comm
         self._synced = comm.world_size == 1
 
@@ -72,7 +79,8 @@ def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
     ``sync_batchnorm`` takes batch statistics over the global batch (PyTorch's
     SyncBatchNorm); ``deterministic`` gives bit-identical parameters for any number of
     ranks (the global batch must then split into ``chunks``, a multiple of the ranks).
-    A model on a GPU (``model.to("cuda")``) runs there, its buffers crossing ranks staged
+    A model on a GPU (``model.to("cuda")``) runs there with its state on the device (as
+    ``compile_step``'s), its flat gradient buffer allreduced a bucket at a time, staged
     through pinned host memory."""
     comm = comm or init()
     if bucket_mb <= 0:
@@ -80,7 +88,6 @@ def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
     if deterministic and (chunks < 1 or chunks % comm.world_size):
         raise ValueError(f"chunks = {chunks} must be a positive multiple of the "
                          f"{comm.world_size} rank(s) in deterministic mode")
-    executor = executor or executor_for(model)
     on_gpu = device_of(model).is_cuda
     if on_gpu:
         comm = world.device_comm(comm, "cuda")

@@ -21,6 +21,7 @@ from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph import ir  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
+from shardgrad.runtime.comm import SingleProcess  # noqa: E402
 
 F = sg.nn.functional
 nn = sg.nn
@@ -510,3 +511,56 @@ def test_eager_gpu_training_step_budget(host, counts):
     assert used["syncs"] <= 1 and used["uploads"] == 0, used
     assert used["launches"] <= EAGER_STEP_LAUNCHES, used
     assert np.isfinite(float(loss))
+
+
+# ---- data parallelism on the GPU step: the flat gradient buffer allreduced a bucket at a time --
+
+class Replicas(SingleProcess):
+    """``world_size`` ranks that hold the same values: an allreduce multiplies by the world
+    size, as summing identical replicas would (so the step must give the one-rank result).
+    ``calls`` records each allreduce's element count."""
+
+    def __init__(self, world_size: int = 2):
+        self.rank, self.world_size, self.calls = 0, world_size, []
+
+    def allreduce_(self, buf, op="sum"):
+        assert op == "sum"
+        self.calls.append(buf.size)
+        buf *= self.world_size
+        return buf
+
+
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 1024])
+def test_a_data_parallel_gpu_step_allreduces_its_flat_gradient_buffer(host, counts,
+                                                                      bucket_bytes):
+    """compile_step with the DataParallel transform and its communicator on a GPU model: the
+    step owns its state (path flat-sgd), computes the gradients and the loss into one flat
+    buffer and allreduces it one bucket at a time (never once a parameter), with no host
+    sync, upload or allocation of its own; with identical replicas it follows the one-rank
+    step."""
+    from shardgrad.partition.data_parallel import DataParallel
+
+    data = [(host.asarray(x), host.asarray(y)) for x, y in batches((64, 20), n=3)]
+    runs = {}
+    for world in (1, 2):
+        model = mlp().to("cuda")
+        comm = Replicas(world)
+        step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS["momentum-wd"](
+            model.parameters()), transform=DataParallel(world, bucket_bytes), comm=comm)
+        losses = [step(x, y) for x, y in data[:2]]
+        before, calls = vars(counts).copy(), len(comm.calls)
+        losses.append(step(*data[2]))
+        used = {k: v - before[k] for k, v in vars(counts).items()}
+        runs[world] = ([float(v) for v in losses], model.state_dict(), step, comm.calls[calls:])
+        if world == 2:
+            print("dp step:", used, comm.calls[calls:])
+            assert used["syncs"] == 0 and used["uploads"] == 0 and used["allocs"] == 0, used
+    (one, sd1, _, _), (two, sd2, step, calls) = runs[1], runs[2]
+    n = sum(p.size for p in mlp().parameters())
+    assert step.stats()["path"] == "flat-sgd"
+    assert sum(calls) == n + 1                              # the gradients and the loss
+    per_bucket = bucket_bytes // 4
+    assert calls == [min(per_bucket, n + 1 - i) for i in range(0, n + 1, per_bucket)]
+    assert two == pytest.approx(one, rel=1e-6)
+    for k in sd1:
+        assert rel(sd2[k], sd1[k]) < 1e-6, k
