@@ -217,11 +217,14 @@ def _walk(outputs) -> list[Node]:
     return list(seen.values())
 
 
-def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, group: str
-              ) -> tuple[Graph, list[Bucket]]:
+def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, group: str,
+              grads: bool = True) -> tuple[Graph, list[Bucket]]:
+    # grads=False: the gradients are left to the caller (ZeRO reduce-scatters them)
     pos = {n.id: i for i, n in enumerate(graph.nodes)}
     names = graph.names()
-    items = sorted(_averaged(graph), key=lambda item: pos[item[0].id])
+    grad_ids = {graph.outputs[f"grad/{p}"].id for p in graph.meta["params"]}
+    items = sorted([item for item in _averaged(graph) if grads or item[0].id not in grad_ids],
+                   key=lambda item: pos[item[0].id])
     groups: list[list[tuple[Node, list[str]]]] = []
     open_by_dtype: dict[str, list] = {}
     for node, outs in items:

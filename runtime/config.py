@@ -203,6 +203,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "overlap": Key(False, bool,
                        help="non-blocking gradient allreduce, waited for before the update "
                             "(off: MPI's Iallreduce measured slower than Allreduce here)"),
+        "zero": Key(0, int, min=0, max=1,
+                    help="1: ZeRO stage 1, each dp rank keeps and updates 1/dp of the "
+                         "optimizer state (gradients reduce-scattered, parameters "
+                         "all-gathered); 0: off"),
         "microbatches": Key(1, int, min=1,
                             help="pipeline (pp > 1): micro-batches per step; the local batch "
                                  "is cut into this many"),

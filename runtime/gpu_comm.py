@@ -161,6 +161,21 @@ class GPUCommunicator(Communicator):
             self._back(out, hout)
         return out
 
+    def reduce_scatter_(self, x, out, op="sum"):
+        mode = self.mode(out)
+        if mode == "host" and not is_device_array(x):
+            return self.inner.reduce_scatter_(x, out, op)
+        self._sync()
+        if mode == "direct":
+            self.inner.reduce_scatter_(x, out, op)
+            return out
+        hx = self._out(x, "x") if is_device_array(x) else x
+        hout = self._host(out, "out") if is_device_array(out) else out
+        self.inner.reduce_scatter_(hx, hout, op)
+        if is_device_array(out):
+            self._back(out, hout)
+        return out
+
     def send(self, buf, dest, tag=0):
         if self.mode(buf) == "host":
             return self.inner.send(buf, dest, tag)
@@ -260,6 +275,13 @@ class NCCLCommunicator(GPUCommunicator):
             return super().allgather_(x, out)
         self._call("allgather", self.comm.allGather, x.data.ptr, out.data.ptr, x.size,
                    self._dtype(x))
+        return out
+
+    def reduce_scatter_(self, x, out, op="sum"):
+        if not (is_device_array(x) and is_device_array(out)):
+            return super().reduce_scatter_(x, out, op)
+        self._call("reduce_scatter", self.comm.reduceScatter, x.data.ptr, out.data.ptr,
+                   out.size, self._dtype(x), self.ops[op])
         return out
 
     def send(self, buf, dest, tag=0):

@@ -206,12 +206,19 @@ def read_inputs(run: Run, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]
         missing = [p for p in inputs if not os.path.isfile(p)]
         if missing:
             raise DataError(f"{missing[0]}: no such file")
-        if len(shape) != 3:
-            raise DataError(f"this model takes vectors of {shape[0]} values: give an .npz")
-        mode = {1: "L", 3: "RGB"}.get(shape[0])
-        if mode is None:
-            raise DataError(f"this model takes {shape[0]}-channel images: give an .npz")
-        x, names = datasets.read_images(list(inputs), mode) / 255.0, list(inputs)
+        if tokens:
+            raise DataError("this model takes integer token ids: give an .npz")
+        if len(shape) == 3:
+            mode = {1: "L", 3: "RGB"}.get(shape[0])
+            if mode is None:
+                raise DataError(f"this model takes {shape[0]}-channel images: give an .npz")
+            x = datasets.read_images(list(inputs), mode)
+        else:   # an MLP on images: flattened (C, H, W) rows, as the data sets flatten them
+            x = datasets.read_images(list(inputs), "L")
+            if x.shape[2] * x.shape[3] * 3 == shape[0]:
+                x = datasets.read_images(list(inputs), "RGB")
+            x = x.reshape(len(x), -1)
+        x, names = x / 255.0, list(inputs)
     x = np.asarray(x, dtype)
     flat = int(np.prod(shape))
     if x.ndim >= 2 and int(np.prod(x.shape[1:])) == flat:

@@ -96,11 +96,13 @@ def _bytes(graph: Graph, prefix: str) -> int:
 
 
 def _comm_nodes(graph: Graph) -> list[tuple[str, int]]:
-    """(op, bytes) of each collective node of a data-parallel step graph."""
+    """(op, bytes) of each collective node of a data-parallel step graph: the whole buffer
+    (a reduce_scatter's input, an allgather's output)."""
     out = []
     for n in graph.nodes:
-        if n.op in ("allreduce", "allreduce_start"):
-            out.append((n.op, int(np.prod(n.shape)) * np.dtype(n.dtype).itemsize))
+        whole = n.inputs[0] if n.op == "reduce_scatter" else n
+        if n.op in ("allreduce", "allreduce_start", "reduce_scatter", "allgather"):
+            out.append((n.op, int(np.prod(whole.shape)) * np.dtype(whole.dtype).itemsize))
     return out
 
 
@@ -179,28 +181,30 @@ def _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats):
 
 
 def _data_parallel(config, dp, ring, slow, repeats, link, per_node, nodes) -> dict[str, Any]:
-    from shardgrad.partition.data_parallel import DataParallel
+    from shardgrad.runtime.dp import Parallel, rewrite
 
     p = config["parallel"]
     rows = config["train"]["batch_size"] // dp
     graph = _step_graph(config, rows)
     _, planned = time_graph(graph, 1)
     compute = time_step(config, rows, repeats)
-    comm_s, sent = 0.0, 0
+    comm_s, sent, rewritten = 0.0, 0, graph
     if dp > 1:
-        rewritten = DataParallel(dp, int(p["bucket_mb"] * 2**20), p["deterministic"],
-                                 p["chunks"], p["overlap"],
-                                 sync_batchnorm=p["sync_batchnorm"])(graph)
-        for _, nbytes in _comm_nodes(rewritten):
-            comm_s += ring_allreduce_s(nbytes, dp, ring)
-            sent += int(2 * (dp - 1) / dp * nbytes)
-    state = _bytes(graph, "param/") + _bytes(graph, "state/")
+        rewritten = rewrite(dp, Parallel.of(p))(graph)
+        for op, nbytes in _comm_nodes(rewritten):
+            # a ring reduce_scatter or allgather is half a ring allreduce (ZeRO-1 issues both)
+            half = op in ("reduce_scatter", "allgather")
+            comm_s += ring_allreduce_s(nbytes, dp, ring) / (2 if half else 1)
+            sent += int((1 if half else 2) * (dp - 1) / dp * nbytes)
+    # ZeRO-1's graph holds 1/dp of the optimizer state (states optim/zero/<key>)
+    state = _bytes(rewritten, "param/") + _bytes(rewritten, "state/")
     step = compute * slow + comm_s
     return {"ranks": dp, "dp": dp, "pp": 1, "microbatches": 1, "link": link,
             "ranks_per_node": per_node, "nodes": nodes,
             "step_time_s": step, "compute_s": compute * slow, "comm_s": comm_s,
             "bubble": 0.0, "bytes_sent_per_rank": sent,
             "peak_memory_bytes": planned + state,
+            "optimizer_state_bytes_per_rank": _bytes(rewritten, "state/optim/"),
             "samples_per_s": config["train"]["batch_size"] / step}
 
 

@@ -258,6 +258,11 @@ class TrainStep:
             if f"state/{n}" in out:
                 t._set_leaf(out[f"state/{n}"])
 
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this process holds (per-parameter state, e.g. momentum or
+        Adam's moments, and the fp16 loss scale)."""
+        return sum(int(t.data.nbytes) for _, t in self._opt_states)
+
     def to_host(self) -> None:
         """Copy the parameters, buffers and optimizer state that steps on a GPU left on the
         device back into NumPy arrays (before evaluating, checkpointing or summarizing); the

@@ -35,6 +35,7 @@ from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.graph.trace import trace_step
 from shardgrad.partition.pipeline import PipelinePlan
 from shardgrad.partition.pipeline import pipeline as partition_pipeline
+from shardgrad.partition.plan import Plan
 from shardgrad.runtime import checkpoint, datasets, dp, pipeline, rundir, serialize, trace, world
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime import device as dev
@@ -65,7 +66,8 @@ RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.eval_batch_size",
                      "train.executor", "device.threads", "parallel.timeout_s",
                      "parallel.start_timeout_s", "cluster.*", "debug.*", "log.*", "parallel.dp",
                      "parallel.pp", "parallel.microbatches", "parallel.schedule",
-                     "parallel.balance", "device.type", "device.comm", "device.cuda_aware_mpi")
+                     "parallel.balance", "device.type", "device.comm", "device.cuda_aware_mpi",
+                     "parallel.zero")
 
 
 def resumable(key: str) -> bool:
@@ -89,14 +91,15 @@ def make_executor(name: str):
 def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     """How to run the step on this communicator: the data-parallel (or pipeline) hook.
 
-    Returns a dict with any of ``transform`` (Graph -> Graph, e.g. inserting gradient
-    allreduce), ``executor`` (Graph -> runnable, e.g. one that executes collectives on
-    ``comm``), ``prepare(model, optimizer, step, x, y)`` (called once before the first step
-    with a local batch, e.g. to check replicas and broadcast rank 0's state), ``gather(step)``
-    (called on every rank before the model is read: evaluation, checkpoints, the summary;
-    a pipeline assembles its stages' parameters there), ``data_rank`` and
-    ``data_world_size`` (which shard of the data this process reads; default
-    ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
+    Returns a dict with any of ``make_step(model, loss_fn, optimizer, precision)`` (the step
+    to train with: data parallelism's runtime.dp.ParallelStep, shared with sg.distributed),
+    ``transform`` (Graph -> Graph, e.g. inserting gradient allreduce), ``executor`` (Graph ->
+    runnable, e.g. one that executes collectives on ``comm``), ``prepare(model, optimizer,
+    step, x, y)`` (called once before the first step with a local batch, e.g. to check
+    replicas and broadcast rank 0's state), ``gather(step)`` (called on every rank before the
+    model is read: evaluation, checkpoints, the summary; a pipeline assembles its stages'
+    parameters there), ``data_rank`` and ``data_world_size`` (which shard of the data this
+    process reads; default ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
     # on a GPU: the current one, which open_device chose for this rank
     kind = "cuda" if dev.Device.parse(config["device"]["type"]).is_cuda else "cpu"
@@ -107,6 +110,7 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
         # a pipeline stage names its rank and shard; the GPU executor's errors the rank only
         return chosen(graph) if kind == "cuda" or not names else chosen(graph, **names)
 
+    dp.check_zero(config)
     if config["parallel"]["pp"] > 1:
         return pipeline.step_options(config, comm, executor, xp)
     options = dp.step_options(config, comm, executor)
@@ -114,11 +118,11 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
             and not config.get("debug", {}).get("fail_at_step")):
         if options["transform"] is None and comm.world_size == 1:
             # one GPU: compile_step's own path (the model on the device, the state owned there)
-            options.update(executor=None, device=dev.resolve(config["device"]["type"]))
-        elif resident_parallel(options["transform"]):
+            return {"device": dev.resolve(config["device"]["type"])}
+        if resident_parallel(options["transform"]):
             # data parallel: the same, its flat gradient buffer allreduced on the GPU comm
-            options.update(executor=None, device=dev.resolve(config["device"]["type"]),
-                           comm=comm)
+            options = dict(dp.step_options(config, comm, None),
+                           device=dev.resolve(config["device"]["type"]))
     return options
 
 
@@ -229,11 +233,6 @@ def accumulated(config: Mapping) -> dict:
     and the step graph, traced on one of them, runs k times and sums the gradients: as k more
     pipeline micro-batches (pp > 1), or k times the chunks of deterministic data parallelism
     (the dp ranks' chunks, one each, when it was off)."""
-    if config["train"]["grad_clip"] and config["parallel"]["pp"] > 1:
-        # the global norm sums every stage's gradients: a cross-stage reduction the pipeline
-        # partition does not make (it refuses an update that reads non-gradient values)
-        raise cfg.ConfigError("train.grad_clip needs the gradients of all pipeline stages; it "
-                              "runs with parallel.pp = 1 (any parallel.dp) for now")
     if config["train"].get("precision") == "bf16" and not importlib.util.find_spec("ml_dtypes"):
         raise cfg.ConfigError("train.precision = 'bf16' needs ml_dtypes: pip install "
                               "'shardgrad[gpu]' (or pip install ml_dtypes)")
@@ -289,19 +288,25 @@ def setup(config: Mapping, options: Mapping | None = None
         model.to(options["device"])
     optimizer = make_optimizer(config, model.parameters())
     optimizer.max_grad_norm = config["train"]["grad_clip"] or None
-    step = compile_step(model, loss_function(config), optimizer,
-                        executor=None if options.get("device") is not None else (
-                            options.get("executor") or make_executor(config["train"]["executor"])),
-                        transform=options.get("transform"),
-                        precision=config["train"].get("precision", "fp32"),
-                        comm=options.get("comm") if options.get("device") is not None else None)
+    precision = config["train"].get("precision", "fp32")
+    if options.get("make_step") is not None:     # data parallel: runtime.dp's ParallelStep
+        step = options["make_step"](model, loss_function(config), optimizer, precision)
+    else:
+        step = compile_step(model, loss_function(config), optimizer,
+                            executor=None if options.get("device") is not None else (
+                                options.get("executor")
+                                or make_executor(config["train"]["executor"])),
+                            transform=options.get("transform"), precision=precision)
     return model, optimizer, step, data
 
 
-def plan_for_config(config: Mapping) -> PipelinePlan:
+def plan_for_config(config: Mapping) -> PipelinePlan | Plan:
     """The plan ``shardgrad train CONFIG`` runs with ``parallel.pp`` stages (built here in
-    one process: "profile" times this machine)."""
+    one process: "profile" times this machine), or with ``parallel.zero`` = 1 its ZeRO-1
+    data-parallel plan."""
     config = cfg.from_dict(config)
+    if config["parallel"]["zero"] and config["parallel"]["pp"] == 1:
+        return _zero_plan(config)
     replicas, pp, m = pipeline.mesh_shape(config)
     model, optimizer, _, data = setup(config)
     rows = config["train"]["batch_size"] // (replicas * m)
@@ -313,6 +318,23 @@ def plan_for_config(config: Mapping) -> PipelinePlan:
     with pipeline.as_config_error():
         return partition_pipeline(graph, pp, balance, m, config["parallel"]["schedule"], replicas,
                                   times)
+
+
+def _zero_plan(config: Mapping) -> Plan:
+    dp.check_zero(config)
+    run = accumulated(config)
+    world = run["parallel"]["dp"]
+    transform = dp.rewrite(world, dp.Parallel.of(run["parallel"]))
+    model, optimizer, _, data = setup(config)
+    rows = run["train"]["batch_size"] // world // transform.split
+    with transform.trace_context():
+        graph = trace_step(model, loss_function(config), optimizer,
+                           ((rows,) + data.input_shape, config["train"]["dtype"]),
+                           ((rows,), str(data.y_train.dtype)))
+    try:
+        return transform.plan(graph)
+    except ShapeError as e:
+        raise _unfit(e) from e
 
 
 def params_sha256(model: Module) -> str:
@@ -733,6 +755,7 @@ def _finish(r: _Run, mon: Monitor) -> dict[str, Any]:
         "world_size": r.comm.world_size, "params_sha256": params_sha256(r.model),
         "num_params": int(sum(p.size for p in r.model.parameters())),
         "resumed_from": r.resumed_from, "config_hash": cfg.config_hash(config),
+        "optimizer_state_bytes_per_rank": r.step.optimizer_state_bytes(),
         **mon.summary(), "config": config,
     }
     if r.writer:

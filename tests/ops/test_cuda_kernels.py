@@ -20,7 +20,8 @@ from shardgrad.ops.registry import get, kernel_for
 sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
 import host_cuda  # noqa: E402
 
-pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")
+pytestmark = [pytest.mark.hostcc,
+              pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")]
 
 DTYPES = ["float32", "float64"]
 WINDOWS = [dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1)),

@@ -31,7 +31,8 @@ from shardgrad.ops.registry import get, kernel_for  # noqa: E402
 from shardgrad.runtime.gpu import FusedKernel, GPUExecutor  # noqa: E402
 from shardgrad.runtime.interpreter import ExecutionError, Interpreter  # noqa: E402
 
-pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")
+pytestmark = [pytest.mark.hostcc,
+              pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")]
 
 
 @pytest.fixture(scope="module", autouse=True)
