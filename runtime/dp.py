@@ -256,7 +256,8 @@ def synchronize(comm: Communicator, model: Module, optimizer: Optimizer, step: T
     ``sg.distributed`` alike): check that every rank traced the same step for a local batch
     ``x``, ``y``, then give every rank rank 0's parameters, buffers and optimizer state."""
     if comm.world_size > 1:
-        graph, _ = step.graph_for(np.asarray(x), np.asarray(y))
+        # a batch on the GPU stays there: only its shape and dtype are read
+        graph, _ = step.graph_for(*(v if hasattr(v, "dtype") else np.asarray(v) for v in (x, y)))
         check_replicas(comm, graph, model)
         broadcast_state(model, optimizer, comm)
 

@@ -56,7 +56,7 @@ from shardgrad.runtime.models import build_model, image_input, vocab_size
 from shardgrad.runtime.monitor import Monitor, traced_comm
 from shardgrad.runtime.prefetch import Augment, device_copier, epoch_batches, prefetch
 from shardgrad.runtime.serialize import write_atomic
-from shardgrad.runtime.step import TrainStep, accuracy, compile_step
+from shardgrad.runtime.step import TrainStep, accuracy, compile_step, resident_parallel
 
 # Keys a resumed run may change: they do not alter the trajectory up to the checkpoint, and
 # after it only how long it runs and how it is run, or never reach training at all: the Ray
@@ -115,10 +115,14 @@ def step_options(config: cfg.ConfigLike, comm: Communicator) -> dict[str, Any]:
     if config.parallel.pp > 1:
         return pipeline.step_options(config, comm, executor, xp)
     options = dp.step_options(config, comm, executor)
-    if (dev.Device.parse(config.device.type).is_cuda and options["transform"] is None
-            and comm.world_size == 1 and not config.debug.fail_at_step):
-        # one GPU: compile_step's own path (the model on the device, the state owned there)
-        return {"device": dev.resolve(config.device.type)}
+    if dev.Device.parse(config.device.type).is_cuda and not config.debug.fail_at_step:
+        if options["transform"] is None and comm.world_size == 1:
+            # one GPU: compile_step's own path (the model on the device, the state owned there)
+            return {"device": dev.resolve(config.device.type)}
+        if resident_parallel(options["transform"]):
+            # data parallel: the same, its flat gradient buffer allreduced on the GPU comm
+            options = dict(dp.step_options(config, comm, None),
+                           device=dev.resolve(config.device.type))
     return options
 
 
