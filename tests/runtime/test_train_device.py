@@ -9,7 +9,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -121,12 +120,6 @@ def test_data_parallel_cuda_wraps_the_communicator(host_gpu, monkeypatch):
     make = gpu_comm.make_gpu_comm
     monkeypatch.setattr(gpu_comm, "make_gpu_comm", lambda inner, backend, aware: made.append(
         (inner.rank, backend, aware)) or make(inner, backend, aware))
-    lock, setup = threading.Lock(), tr.setup
-
-    def serial_setup(*args, **kw):            # ranks on threads share the global seed
-        with lock:
-            return setup(*args, **kw)
-    monkeypatch.setattr(tr, "setup", serial_setup)
     c = config("parallel.dp=2", 'device.type="cuda"', 'device.cuda_aware_mpi="off"')
     summaries = run_ranks(2, lambda comm: tr.train(c, None, comm=comm), timeout_s=60)
     assert sorted(made) == [(0, "mpi", "off"), (1, "mpi", "off")]
