@@ -149,6 +149,14 @@ def _averaged(graph: Graph) -> list[tuple[Node, list[str]]]:
     return list(items.values())
 
 
+def averaged_outputs(graph: Graph) -> list[str]:
+    """The output names data parallelism averages over the ranks: the loss, every gradient
+    and the data-dependent batch statistics (unless traced synchronised). A GPU step that
+    reduces its flat gradient buffer itself (runtime.gpu_step) averages these."""
+    _check_step(graph)
+    return [k for _, names in _averaged(graph) for k in names]
+
+
 def _contiguous_source(node: Node, users: dict[int, list[Node]]
                        ) -> tuple[Node, tuple[int, ...] | None]:
     """What to pack for ``node`` so that packing is a plain copy, and the transpose to apply

@@ -60,8 +60,9 @@ def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
     ``zero=1`` keeps 1/world_size of the optimizer state on each rank (ZeRO stage 1: call
     ``step.consolidate()`` on every rank before reading ``optimizer.state_dict()``);
     ``overlap`` issues each bucket's allreduce non-blocking (``parallel.overlap``).
-    A model on a GPU (``model.to("cuda")``) runs there, its buffers crossing ranks staged
-    through pinned host memory."""
+    A model on a GPU (``model.to("cuda")``) runs there with its state on the device (as
+    ``compile_step``'s), its flat gradient buffer allreduced a bucket at a time, staged
+    through pinned host memory (ZeRO-1 and deterministic mode: through the host-feeds step)."""
     comm = comm or init()
     if bucket_mb <= 0:
         raise ValueError(f"bucket_mb = {bucket_mb}: must be > 0")
