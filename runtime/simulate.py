@@ -57,12 +57,14 @@ LINKS = {
 
 
 def _probe(gap_s: float, seconds: float) -> None:
-    """Rank 0 and 1 of ``measure_link``'s mpirun: rank 0 computes ``gap_s``, sends 8 bytes
-    to rank 1, which waits in its receive, computes ``gap_s`` and answers, for ``seconds``;
-    rank 0 prints the one-way times (round trip less both gaps, halved) as JSON."""
+    """The ranks of ``measure_link``'s mpirun, in pairs (0, 1), (2, 3), ...: the even rank
+    computes ``gap_s`` and sends 8 bytes to the odd one, which waits in its receive, computes
+    ``gap_s`` and answers, for ``seconds`` (an odd last rank only computes). Rank 0 prints
+    every pair's one-way times (round trip less both gaps, halved) as JSON."""
     from mpi4py import MPI
 
     comm, buf, times = MPI.COMM_WORLD, np.ones(2, np.float32), []
+    rank, size = comm.Get_rank(), comm.Get_size()
 
     def compute(t: float) -> None:   # a stage's work between its messages keeps a core busy
         end = time.perf_counter() + t
@@ -71,34 +73,42 @@ def _probe(gap_s: float, seconds: float) -> None:
 
     comm.Barrier()
     stop = time.perf_counter() + seconds
-    while buf[0]:
-        if comm.Get_rank() == 0:
+    peer = rank ^ 1
+    if peer >= size:
+        compute(seconds)
+    while peer < size and buf[0]:
+        if rank % 2 == 0:
             t = time.perf_counter()
             compute(gap_s)
             buf[0] = time.perf_counter() < stop
-            comm.Send(buf, 1)
-            comm.Recv(buf, 1)
+            comm.Send(buf, peer)
+            comm.Recv(buf, peer)
             times.append((time.perf_counter() - t - 2 * gap_s) / 2)
         else:
-            comm.Recv(buf, 0)
+            comm.Recv(buf, peer)
             compute(gap_s)
-            comm.Send(buf, 0)
-    if comm.Get_rank() == 0:
-        print(json.dumps({"one_way_s": times, "gap_s": gap_s}))
+            comm.Send(buf, peer)
+    every = comm.gather(times, root=0)
+    if rank == 0:
+        print(json.dumps({"one_way_s": [t for ts in every for t in ts], "gap_s": gap_s,
+                          "ranks": size}))
 
 
-def measure_link(gap_s: float, seconds: float = 1.0, base: str = "shm") -> Link:
-    """The ``base`` link with alpha measured now between two MPI ranks on this machine
-    (shardgrad's MPI settings): the mean one-way time of a message that a rank waiting in
-    its receive gets after its peer computed ``gap_s``, as pipeline stages hand micro-batches
-    on. On a machine whose cores other jobs share, the waiting rank may have lost its core
-    and the message waits for the scheduler: that is in alpha. Needs mpirun and mpi4py."""
+def measure_link(gap_s: float, ranks: int = 2, seconds: float = 1.0, base: str = "shm"
+                 ) -> Link:
+    """The ``base`` link with alpha measured now between MPI ranks on this machine
+    (shardgrad's MPI settings), ``ranks`` of them in pairs, as many as the job runs here: the
+    mean one-way time of a message that a rank waiting in its receive gets after its peer
+    computed ``gap_s``, as pipeline stages hand micro-batches on. On a machine whose cores
+    the ranks and other jobs share, the waiting rank may have lost its core and the message
+    waits for the scheduler: that is in alpha. Needs mpirun and mpi4py."""
     mpirun = shutil.which("mpirun")
     if mpirun is None or importlib.util.find_spec("mpi4py") is None:
         raise cfg.ConfigError("--measure-link needs mpirun and mpi4py: pip install "
                               "'shardgrad[mpi]'")
     root = ["--allow-run-as-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
-    r = subprocess.run([mpirun, *root, "--oversubscribe", "-n", "2", sys.executable, "-m",
+    n = max(2, ranks)
+    r = subprocess.run([mpirun, *root, "--oversubscribe", "-n", str(n), sys.executable, "-m",
                         "shardgrad.runtime.simulate", "--probe", repr(gap_s), repr(seconds)],
                        capture_output=True, text=True, timeout=60 + 2 * seconds,
                        env={**os.environ, **cfg.MPI_DEFAULTS})
@@ -108,7 +118,8 @@ def measure_link(gap_s: float, seconds: float = 1.0, base: str = "shm") -> Link:
     alpha = max(statistics.fmean(times), 0.0)
     return Link(alpha, LINKS[base].beta,
                 f"alpha measured now: mean of {len(times)} one-way messages after "
-                f"{gap_s * 1e6:.0f} us of compute, 2 ranks, this machine; beta of {base!r}")
+                f"{gap_s * 1e6:.0f} us of compute, {n} ranks in pairs, this machine; beta of "
+                f"{base!r}")
 
 
 def hop_name(link: Link) -> str:
@@ -462,7 +473,8 @@ def _pipeline(config, dp, pp, m, ring, hop, repeats, link, per_node, nodes, meas
         _, bu = time_graph(st.update, 1)
         peak.append(bf + bb + bu + _bytes(st.update, "param/") + _bytes(st.update, "state/"))
     if measured_link:   # stages hand over after about one action's compute
-        hop = measure_link(statistics.median(f + b) / how.stretch, base=hop_name(hop))
+        hop = measure_link(statistics.median(f + b) / how.stretch, per_node,
+                           base=hop_name(hop))
     sent = [0] * pp
     for t in plan.transfers:   # a send costs its stage the transfer, every micro-batch
         f[t.src] += p2p_s(t.nbytes, hop)
