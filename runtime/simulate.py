@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +23,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from shardgrad.graph.ir import Graph, ShapeError
+from shardgrad.ops import collective
 from shardgrad.partition.schedule import simulate as simulate_schedule
 from shardgrad.runtime import compiled
 from shardgrad.runtime import config as cfg
-from shardgrad.runtime.comm import Communicator
+from shardgrad.runtime.comm import Communicator, SingleProcess
 
 
 @dataclass(frozen=True)
@@ -158,12 +158,16 @@ def time_graph(graph: Graph, repeats: int = 20) -> tuple[float, int]:
     and its planned buffer bytes."""
     program = compiled.compile(graph)
     feeds = _feeds(graph)
-    program.run(feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    one = SingleProcess()
+    # a stage's update may hold a collective (grad_clip's norm over the stages): here it
+    # runs on one process, its traffic being the link model's business
+    with collective.bind(one, pp=one, dp=one):
         program.run(feeds)
-        times.append(time.perf_counter() - t)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            program.run(feeds)
+            times.append(time.perf_counter() - t)
     return statistics.median(times), program.stats()["planned_bytes"]
 
 
@@ -173,22 +177,24 @@ def _bytes(graph: Graph, prefix: str) -> int:
 
 
 def _comm_nodes(graph: Graph) -> list[tuple[str, int]]:
-    """(op, bytes) of each collective node of a data-parallel step graph."""
+    """(op, bytes) of each collective node of a data-parallel step graph: the whole buffer
+    (a reduce_scatter's input, an allgather's output)."""
     out = []
     for n in graph.nodes:
-        if n.op in ("allreduce", "allreduce_start"):
-            out.append((n.op, int(np.prod(n.shape)) * np.dtype(n.dtype).itemsize))
+        whole = n.inputs[0] if n.op == "reduce_scatter" else n
+        if n.op in ("allreduce", "allreduce_start", "reduce_scatter", "allgather"):
+            out.append((n.op, int(np.prod(whole.shape)) * np.dtype(whole.dtype).itemsize))
     return out
 
 
-def _step_graph(config: Mapping, rows: int) -> Graph:
+def _step_graph(config: cfg.Config, rows: int) -> Graph:
     from shardgrad.graph.nn import functional
     from shardgrad.graph.trace import trace_step
     from shardgrad.runtime.train import setup
 
     model, optimizer, _, data = setup(config)
     return trace_step(model, functional.cross_entropy, optimizer,
-                      ((rows,) + data.input_shape, config["train"]["dtype"]),
+                      ((rows,) + data.input_shape, config.train.dtype),
                       ((rows,), str(data.y_train.dtype)))
 
 
@@ -220,6 +226,11 @@ class Loopback(Communicator):
     def allgather_(self, x, out):
         for r in range(self.world_size):
             out[r * len(x):(r + 1) * len(x)] = x
+        return out
+
+    def reduce_scatter_(self, x, out, op="sum"):
+        m = len(out)
+        out[...] = x[self.rank * m:(self.rank + 1) * m]
         return out
 
     def send(self, buf, dest, tag=0):
@@ -277,7 +288,7 @@ class RankSteps:
         return statistics.median(self.times)
 
 
-def measure_rank(config: Mapping, rank: int, steps: int = 20, warmup: int = 3) -> RankSteps:
+def measure_rank(config: cfg.Config, rank: int, steps: int = 20, warmup: int = 3) -> RankSteps:
     """Run rank ``rank`` of ``config``'s dp x pp job for ``steps`` steps (after ``warmup``)
     in this process on a ``Loopback`` communicator, as the training loop runs it: the step
     ``shardgrad train`` builds for that rank (runtime.train.step_options), fed this rank's
@@ -287,31 +298,30 @@ def measure_rank(config: Mapping, rank: int, steps: int = 20, warmup: int = 3) -
     from shardgrad.runtime.data import DistributedSampler
     from shardgrad.runtime.prefetch import epoch_batches, prefetch
 
-    p = config["parallel"]
-    comm = Loopback(rank, p["dp"], p["pp"])
+    comm = Loopback(rank, config.parallel.dp, config.parallel.pp)
     run = train.accumulated(config)
     options = train.step_options(run, comm)
-    _, optimizer, step, data = train.setup(config, options)
+    model, optimizer, step, data = train.setup(config, options)
     world = options.get("data_world_size", comm.world_size)
     sampler = DistributedSampler(len(data.y_train), world, options.get("data_rank", comm.rank),
-                                 shuffle=True, seed=config["train"]["seed"])
-    batch = run["train"]["batch_size"]
+                                 shuffle=True, seed=config.train.seed)
+    batch = run.train.batch_size
     augment, to_device = train._loader_options(config, data)
     out = RankSteps([], [], [], [], [])
     prepared, epoch, runner = False, 0, None
     while len(out.times) < steps + warmup:
         batches = prefetch(epoch_batches(data.x_train, data.y_train, sampler, batch, epoch,
-                                         augment, to_device), config["data"]["prefetch"])
+                                         augment, to_device), config.data.prefetch)
         for x, y in batches:
             if not prepared:
                 if options.get("prepare") is not None:
-                    options["prepare"](step.model, optimizer, step, x, y)
+                    options["prepare"](model, optimizer, step, x, y)
                 optimizer.lr, prepared = 0.0, True
             t = time.perf_counter()
             step(x, y)
             out.times.append(time.perf_counter() - t)
             out.elsewhere.append(runnable_elsewhere())
-            if runner is None:
+            if runner is None and config.parallel.pp > 1:
                 program = step.graph_for(x, y)[1]
                 runner = getattr(getattr(program, "inner", program), "runner", False)
             if runner:
@@ -359,17 +369,18 @@ class Contention:
         return float(np.quantile(times, self.sync_quantile))
 
 
-def _contention(config: Mapping, per_node: int, measured: list[RankSteps]) -> Contention:
-    threads = config["device"]["threads"] or 1
+def _contention(config: cfg.Config, per_node: int, measured: list[RankSteps]) -> Contention:
+    threads = config.device.threads or 1
     elsewhere = statistics.median([e for r in measured for e in r.elsewhere] or [0.0])
-    if config["device"]["type"] != "cpu":   # each rank has its own GPU
+    if config.device.type != "cpu":   # each rank has its own GPU
         return Contention(1, 1, 1, 0.0)
     return Contention(per_node, threads, cores(), elsewhere)
 
 
-def simulate(config: Mapping, ranks: int, pp: int | None = None, microbatches: int | None = None,
-             gpus_per_node: int | None = None, link: str = "shm", repeats: int = 20,
-             measured_link: bool = False) -> dict[str, Any]:
+def simulate(config: cfg.ConfigLike, ranks: int, pp: int | None = None,
+             microbatches: int | None = None, gpus_per_node: int | None = None,
+             link: str = "shm", repeats: int = 20, measured_link: bool = False
+             ) -> dict[str, Any]:
     """The prediction for ``config`` on ``ranks`` ranks as dp = ranks / pp replicas of pp
     stages (default the config's parallel.pp and parallel.microbatches). With
     ``gpus_per_node`` (ranks a node), traffic between nodes crosses ``link`` and traffic
@@ -381,28 +392,27 @@ def simulate(config: Mapping, ranks: int, pp: int | None = None, microbatches: i
     load included) instead of the preset's. Raises ConfigError for a shape the config cannot
     take."""
     config = cfg.from_dict(config)
-    with threadpool_limits(config["device"]["threads"] or None, user_api="blas"):
+    with threadpool_limits(config.device.threads or None, user_api="blas"):
         return _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats,
                          measured_link)
 
 
 def _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats, measured_link):
-    pp = pp or config["parallel"]["pp"]
-    m = microbatches or (config["parallel"]["microbatches"] if pp > 1 else 1)
+    pp = pp or config.parallel.pp
+    m = microbatches or (config.parallel.microbatches if pp > 1 else 1)
     if link not in LINKS:
         raise cfg.ConfigError(f"--link {link!r}: must be one of {', '.join(LINKS)}")
     if ranks < 1 or ranks % pp:
         raise cfg.ConfigError(f"--ranks {ranks} must be a positive multiple of --pp {pp}")
     dp = ranks // pp
-    batch = config["train"]["batch_size"]
+    batch = config.train.batch_size
     if batch % (dp * m):
         raise cfg.ConfigError(f"train.batch_size = {batch} must be a multiple of dp x "
                               f"micro-batches = {dp} x {m}")
-    config = cfg.from_dict({**config, "parallel": {**config["parallel"], "dp": dp, "pp": pp,
-                                                   "microbatches": m}})
+    config = config.replace({"parallel.dp": dp, "parallel.pp": pp, "parallel.microbatches": m})
     per_node = min(gpus_per_node or ranks, ranks)
     nodes = math.ceil(ranks / per_node)
-    inner = LINKS["nvlink" if config["device"]["type"] != "cpu" else "shm"]
+    inner = LINKS["nvlink" if config.device.type != "cpu" else "shm"]
     # a ring over several nodes runs at its slowest hop
     ring = LINKS[link] if nodes > 1 or gpus_per_node is None else inner
     if pp == 1:
@@ -412,33 +422,34 @@ def _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats, mea
 
 
 def _data_parallel(config, dp, ring, repeats, link, per_node, nodes) -> dict[str, Any]:
-    from shardgrad.partition.data_parallel import DataParallel
+    from shardgrad.runtime.dp import Parallel, rewrite
 
-    p = config["parallel"]
-    rows = config["train"]["batch_size"] // dp
+    rows = config.train.batch_size // dp
     graph = _step_graph(config, rows)
     _, planned = time_graph(graph, 1)
     measured = measure_rank(config, 0, repeats)
     how = _contention(config, per_node, [measured])
     compute = (how.slowest(measured.times) if dp > 1 else measured.step_s) * how.stretch
-    comm_s, sent = 0.0, 0
+    comm_s, sent, rewritten = 0.0, 0, graph
     if dp > 1:
-        rewritten = DataParallel(dp, int(p["bucket_mb"] * 2**20), p["deterministic"],
-                                 p["chunks"], p["overlap"],
-                                 sync_batchnorm=p["sync_batchnorm"])(graph)
-        for _, nbytes in _comm_nodes(rewritten):
-            comm_s += ring_allreduce_s(nbytes, dp, ring)
-            sent += int(2 * (dp - 1) / dp * nbytes)
-    state = _bytes(graph, "param/") + _bytes(graph, "state/")
+        rewritten = rewrite(dp, Parallel.of(config.parallel))(graph)
+        for op, nbytes in _comm_nodes(rewritten):
+            # a ring reduce_scatter or allgather is half a ring allreduce (ZeRO-1 issues both)
+            half = op in ("reduce_scatter", "allgather")
+            comm_s += ring_allreduce_s(nbytes, dp, ring) / (2 if half else 1)
+            sent += int((1 if half else 2) * (dp - 1) / dp * nbytes)
+    # ZeRO-1's graph holds 1/dp of the optimizer state (states optim/zero/<key>)
+    state = _bytes(rewritten, "param/") + _bytes(rewritten, "state/")
     step = compute + comm_s
     return {"ranks": dp, "dp": dp, "pp": 1, "microbatches": 1, "link": link,
             "ranks_per_node": per_node, "nodes": nodes,
             "step_time_s": step, "compute_s": compute, "comm_s": comm_s,
             "bubble": 0.0, "bytes_sent_per_rank": sent,
             "peak_memory_bytes": planned + state,
+            "optimizer_state_bytes_per_rank": _bytes(rewritten, "state/optim/"),
             "measured_step_s": measured.step_s, "stretch": how.stretch,
             "elsewhere": how.elsewhere, "cores": how.cores,
-            "samples_per_s": config["train"]["batch_size"] / step}
+            "samples_per_s": config.train.batch_size / step}
 
 
 def _pipeline(config, dp, pp, m, ring, hop, repeats, link, per_node, nodes, measured_link
@@ -446,18 +457,18 @@ def _pipeline(config, dp, pp, m, ring, hop, repeats, link, per_node, nodes, meas
     from shardgrad.partition.pipeline import pipeline as partition_pipeline
     from shardgrad.runtime import pipeline
 
-    p = config["parallel"]
-    rows = config["train"]["batch_size"] // (dp * m)
+    p = config.parallel
+    rows = config.train.batch_size // (dp * m)
     graph = _step_graph(config, rows)
-    times = pipeline.profile_times(graph) if p["balance"] == "profile" else None
+    times = pipeline.profile_times(graph) if p.balance == "profile" else None
     with pipeline.as_config_error():
-        plan = partition_pipeline(graph, pp, p["balance"], m, p["schedule"], dp, times)
+        plan = partition_pipeline(graph, pp, p.balance, m, p.schedule, dp, times)
     # each stage measured as its rank runs it (a replica other than its stage number, so
     # the Loopback tells the two groups apart)
     measured = [measure_rank(config, (1 if s == 0 and dp > 1 else 0) * pp + s, repeats)
                 for s in range(pp)]
     how = _contention(config, per_node, measured)
-    f, b, tail, peak, grads = [], [], [], [], []
+    f, b, u, tail, peak, grads = [], [], [], [], [], []
     for st, r in zip(plan.stages, measured, strict=True):
         fs, bs = statistics.median(r.forward), statistics.median(r.backward)
         actions = statistics.median(r.actions)
@@ -470,7 +481,8 @@ def _pipeline(config, dp, pp, m, ring, hop, repeats, link, per_node, nodes, meas
         grads.append(_bytes(st.update, "param/"))
         _, bf = time_graph(st.forward, 1)
         _, bb = time_graph(st.backward, 1)
-        _, bu = time_graph(st.update, 1)
+        tu, bu = time_graph(st.update, repeats)
+        u.append(tu * how.stretch)   # its compute alone: the tail holds it
         peak.append(bf + bb + bu + _bytes(st.update, "param/") + _bytes(st.update, "state/"))
     if measured_link:   # stages hand over after about one action's compute
         hop = measure_link(statistics.median(f + b) / how.stretch, per_node,
@@ -497,15 +509,17 @@ def _pipeline(config, dp, pp, m, ring, hop, repeats, link, per_node, nodes, meas
             "stretch": how.stretch, "elsewhere": how.elsewhere, "cores": how.cores,
             "p2p_alpha_s": hop.alpha,
             "per_stage": [{"stage": s, "forward_s": f[s], "backward_s": b[s],
-                           "after_flush_s": tail[s], "measured_step_s": measured[s].step_s,
-                           "bytes_sent": sent[s], "peak_memory_bytes": peak[s]}
+                           "update_s": u[s], "after_flush_s": tail[s],
+                           "measured_step_s": measured[s].step_s, "bytes_sent": sent[s],
+                           "peak_memory_bytes": peak[s]}
                           for s in range(pp)],
-            "samples_per_s": config["train"]["batch_size"] / step}
+            "samples_per_s": config.train.batch_size / step}
 
 
-def recommend(config: Mapping, ranks: int, **kw: Any) -> list[dict[str, Any]]:
+def recommend(config: cfg.ConfigLike, ranks: int, **kw: Any) -> list[dict[str, Any]]:
     """Every (dp, pp, micro-batches) shape of ``ranks`` ranks the config can take (pp up to 4,
     micro-batches 1, 2, 4, 8), fastest first."""
+    config = cfg.from_dict(config)
     out = []
     for pp in (1, 2, 3, 4):
         if ranks % pp:
