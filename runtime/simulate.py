@@ -1,8 +1,9 @@
 """``shardgrad simulate``: predicted step time, peak memory, bytes communicated and pipeline
-bubble of a config on N ranks, from the compute time of its programs measured on this
-machine (the compiled step, or each pipeline stage's forward / backward / update program, on
-random data of the local batch's shape) and an alpha-beta model of the network (ring
-allreduce, point-to-point sends). Imports graph, partition and runtime (train, compiled).
+bubble of a config on N ranks: each rank's own training step measured here without its
+communication (``measure_rank``, on a ``Loopback`` communicator, timed as the training loop
+times it), the cores shared with the other jobs' ready threads (``Contention``), and an
+alpha-beta model of the network (ring allreduce, point-to-point sends; a preset, or the
+hand-over between ranks measured now, ``measure_link``). Imports graph, partition, runtime.
 """
 
 from __future__ import annotations
@@ -56,17 +57,19 @@ LINKS = {
 }
 
 
-def _probe(gap_s: float, seconds: float) -> None:
-    """The ranks of ``measure_link``'s mpirun, in pairs (0, 1), (2, 3), ...: the even rank
-    computes ``gap_s`` and sends 8 bytes to the odd one, which waits in its receive, computes
-    ``gap_s`` and answers, for ``seconds`` (an odd last rank only computes). Rank 0 prints
-    every pair's one-way times (round trip less both gaps, halved) as JSON."""
+def _probe(gap_s: float, seconds: float, exchange: bool) -> None:
+    """The ranks of ``measure_link``'s mpirun, in pairs (0, 1), (2, 3), ... for ``seconds``
+    (an odd last rank only computes). Hand-over (pipeline stages): the even rank computes
+    ``gap_s`` and sends 8 bytes to the odd one, which waits in its receive, computes
+    ``gap_s`` and answers; one-way time = (round trip - 2 gaps) / 2. ``exchange``
+    (data-parallel ranks meeting in a collective): both compute ``gap_s``, then swap 8 bytes;
+    time = the swap less the gap. Rank 0 prints every pair's times as JSON."""
     from mpi4py import MPI
 
-    comm, buf, times = MPI.COMM_WORLD, np.ones(2, np.float32), []
+    comm, buf, other, times = MPI.COMM_WORLD, np.ones(2, np.float32), np.ones(2, np.float32), []
     rank, size = comm.Get_rank(), comm.Get_size()
 
-    def compute(t: float) -> None:   # a stage's work between its messages keeps a core busy
+    def compute(t: float) -> None:   # a rank's work between its messages keeps a core busy
         end = time.perf_counter() + t
         while time.perf_counter() < end:
             pass
@@ -76,9 +79,14 @@ def _probe(gap_s: float, seconds: float) -> None:
     peer = rank ^ 1
     if peer >= size:
         compute(seconds)
-    while peer < size and buf[0]:
-        if rank % 2 == 0:
-            t = time.perf_counter()
+    while peer < size and buf[0] and other[0]:
+        t = time.perf_counter()
+        if exchange:
+            compute(gap_s)
+            buf[0] = time.perf_counter() < stop
+            comm.Sendrecv(buf, peer, recvbuf=other, source=peer)
+            times.append(time.perf_counter() - t - gap_s)
+        elif rank % 2 == 0:
             compute(gap_s)
             buf[0] = time.perf_counter() < stop
             comm.Send(buf, peer)
@@ -94,14 +102,15 @@ def _probe(gap_s: float, seconds: float) -> None:
                           "ranks": size}))
 
 
-def measure_link(gap_s: float, ranks: int = 2, seconds: float = 1.0, base: str = "shm"
-                 ) -> Link:
+def measure_link(gap_s: float, ranks: int = 2, seconds: float = 1.0, base: str = "shm",
+                 exchange: bool = False) -> Link:
     """The ``base`` link with alpha measured now between MPI ranks on this machine
-    (shardgrad's MPI settings), ``ranks`` of them in pairs, as many as the job runs here: the
-    mean one-way time of a message that a rank waiting in its receive gets after its peer
-    computed ``gap_s``, as pipeline stages hand micro-batches on. On a machine whose cores
-    the ranks and other jobs share, the waiting rank may have lost its core and the message
-    waits for the scheduler: that is in alpha. Needs mpirun and mpi4py."""
+    (shardgrad's MPI settings), ``ranks`` of them in pairs, as many as the job runs here.
+    Alpha is the mean time of a message that a rank waiting in its receive gets after its
+    peer computed ``gap_s``, as pipeline stages hand micro-batches on; with ``exchange``, of
+    a swap after both computed ``gap_s``, as data-parallel ranks meet in a collective. On a
+    machine whose cores the ranks and other jobs share, a waiting rank may have lost its
+    core, or its peer be waiting for one: that is in alpha. Needs mpirun and mpi4py."""
     mpirun = shutil.which("mpirun")
     if mpirun is None or importlib.util.find_spec("mpi4py") is None:
         raise cfg.ConfigError("--measure-link needs mpirun and mpi4py: pip install "
@@ -109,17 +118,18 @@ def measure_link(gap_s: float, ranks: int = 2, seconds: float = 1.0, base: str =
     root = ["--allow-run-as-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     n = max(2, ranks)
     r = subprocess.run([mpirun, *root, "--oversubscribe", "-n", str(n), sys.executable, "-m",
-                        "shardgrad.runtime.simulate", "--probe", repr(gap_s), repr(seconds)],
+                        "shardgrad.runtime.simulate", "--probe", repr(gap_s), repr(seconds),
+                        str(int(exchange))],
                        capture_output=True, text=True, timeout=60 + 2 * seconds,
                        env={**os.environ, **cfg.MPI_DEFAULTS})
     if r.returncode != 0:
         raise cfg.ConfigError(f"--measure-link: mpirun failed: {r.stderr.strip()[-300:]}")
     times = json.loads(r.stdout.strip().splitlines()[-1])["one_way_s"]
     alpha = max(statistics.fmean(times), 0.0)
+    what = "swaps" if exchange else "one-way messages"
     return Link(alpha, LINKS[base].beta,
-                f"alpha measured now: mean of {len(times)} one-way messages after "
-                f"{gap_s * 1e6:.0f} us of compute, {n} ranks in pairs, this machine; beta of "
-                f"{base!r}")
+                f"alpha measured now: mean of {len(times)} {what} after {gap_s * 1e6:.0f} us "
+                f"of compute, {n} ranks in pairs, this machine; beta of {base!r}")
 
 
 def hop_name(link: Link) -> str:
@@ -387,9 +397,10 @@ def simulate(config: cfg.ConfigLike, ranks: int, pp: int | None = None,
     inside one crosses shared memory (CPU) or NVLink (GPU); without it every rank is on one
     node linked by ``link``. Each stage's step is measured here (``measure_rank``,
     ``repeats`` steps); communication comes from the link model, contention for this
-    machine's cores from ``Contention``. With ``measured_link`` a pipeline's sends cost the
-    alpha ``measure_link`` measures now (the hand-over between stages on this machine, its
-    load included) instead of the preset's. Raises ConfigError for a shape the config cannot
+    machine's cores from ``Contention``. With ``measured_link`` alpha is measured now
+    (``measure_link``, this machine's load included) instead of the preset's: a pipeline's
+    sends cost the hand-over between ranks, a data-parallel collective the swap of ranks
+    that computed a step. Raises ConfigError for a shape the config cannot
     take."""
     config = cfg.from_dict(config)
     with threadpool_limits(config.device.threads or None, user_api="blas"):
@@ -416,12 +427,13 @@ def _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats, mea
     # a ring over several nodes runs at its slowest hop
     ring = LINKS[link] if nodes > 1 or gpus_per_node is None else inner
     if pp == 1:
-        return _data_parallel(config, dp, ring, repeats, link, per_node, nodes)
+        return _data_parallel(config, dp, ring, repeats, link, per_node, nodes, measured_link)
     return _pipeline(config, dp, pp, m, ring, LINKS[link] if gpus_per_node is None
                      or per_node < pp else inner, repeats, link, per_node, nodes, measured_link)
 
 
-def _data_parallel(config, dp, ring, repeats, link, per_node, nodes) -> dict[str, Any]:
+def _data_parallel(config, dp, ring, repeats, link, per_node, nodes, measured_link
+                   ) -> dict[str, Any]:
     from shardgrad.runtime.dp import Parallel, rewrite
 
     rows = config.train.batch_size // dp
@@ -429,14 +441,23 @@ def _data_parallel(config, dp, ring, repeats, link, per_node, nodes) -> dict[str
     _, planned = time_graph(graph, 1)
     measured = measure_rank(config, 0, repeats)
     how = _contention(config, per_node, [measured])
-    compute = (how.slowest(measured.times) if dp > 1 else measured.step_s) * how.stretch
     comm_s, sent, rewritten = 0.0, 0, graph
+    if measured_link and dp > 1:
+        # the swap measured after a step's compute holds the wait for the slower rank
+        compute = measured.step_s * how.stretch
+        ring = measure_link(measured.step_s, per_node, base=hop_name(ring), exchange=True)
+    else:   # ranks meet every step: the median of the slowest of them
+        compute = (how.slowest(measured.times) if dp > 1 else measured.step_s) * how.stretch
     if dp > 1:
         rewritten = rewrite(dp, Parallel.of(config.parallel))(graph)
         for op, nbytes in _comm_nodes(rewritten):
             # a ring reduce_scatter or allgather is half a ring allreduce (ZeRO-1 issues both)
             half = op in ("reduce_scatter", "allgather")
-            comm_s += ring_allreduce_s(nbytes, dp, ring) / (2 if half else 1)
+            if measured_link:   # recursive doubling: log2(p) swaps, each measured
+                comm_s += (math.ceil(math.log2(dp)) * ring.alpha
+                           + (1 if half else 2) * (dp - 1) / dp * nbytes * ring.beta)
+            else:
+                comm_s += ring_allreduce_s(nbytes, dp, ring) / (2 if half else 1)
             sent += int((1 if half else 2) * (dp - 1) / dp * nbytes)
     # ZeRO-1's graph holds 1/dp of the optimizer state (states optim/zero/<key>)
     state = _bytes(rewritten, "param/") + _bytes(rewritten, "state/")
@@ -448,7 +469,7 @@ def _data_parallel(config, dp, ring, repeats, link, per_node, nodes) -> dict[str
             "peak_memory_bytes": planned + state,
             "optimizer_state_bytes_per_rank": _bytes(rewritten, "state/optim/"),
             "measured_step_s": measured.step_s, "stretch": how.stretch,
-            "elsewhere": how.elsewhere, "cores": how.cores,
+            "elsewhere": how.elsewhere, "cores": how.cores, "alpha_s": ring.alpha,
             "samples_per_s": config.train.batch_size / step}
 
 
@@ -507,7 +528,7 @@ def _pipeline(config, dp, pp, m, ring, hop, repeats, link, per_node, nodes, meas
             "comm_s": max(allreduce), "bubble": timing.bubble(),
             "bytes_sent_per_rank": max(sent), "peak_memory_bytes": max(peak),
             "stretch": how.stretch, "elsewhere": how.elsewhere, "cores": how.cores,
-            "p2p_alpha_s": hop.alpha,
+            "p2p_alpha_s": hop.alpha, "alpha_s": ring.alpha,
             "per_stage": [{"stage": s, "forward_s": f[s], "backward_s": b[s],
                            "update_s": u[s], "after_flush_s": tail[s],
                            "measured_step_s": measured[s].step_s, "bytes_sent": sent[s],
@@ -537,4 +558,4 @@ __all__ = ["LINKS", "Contention", "Link", "Loopback", "RankSteps", "cores", "mea
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--probe"]:   # measure_link's ranks
-    _probe(float(sys.argv[2]), float(sys.argv[3]))
+    _probe(float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1")
