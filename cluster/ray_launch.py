@@ -307,7 +307,7 @@ def _say(message: str) -> None:
 
 
 def _cause(error: BaseException) -> str:
-    m = re.search(r"The actor is dead because (.*)", str(error))
+    m = re.search(r"The actor (?:is dead|died) because (.*)", str(error))
     return f"its Ray actor died: {m.group(1).rstrip('.')}" if m else f"its Ray actor died ({error})"
 
 
@@ -399,33 +399,48 @@ class Job:
                 bundles[0][f"node:{ray.util.get_node_ip_address()}"] = 0.001
         self.pg = placement_group(bundles, strategy=strategy, name=f"shardgrad-{self.id}",
                                   bundle_label_selector=labels)
+        self.actors: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
+        self.startup: dict[str, float] = {}   # seconds per start-up phase, for the log
+        # The actors' workers (a process each, 1-2.5 s to start here) start while the group
+        # is being reserved: they are scheduled into its bundles as these become ready.
+        self.spawn_hosts()
         try:
             ray.get(self.pg.ready(), timeout=timeout_s)
         except GetTimeoutError:
+            for a in self.actors:   # never started: nothing to stop
+                ray.kill(a)
             remove_placement_group(self.pg)
             slot = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus > 0 else "")
             raise cfg.ConfigError(
                 f"could not reserve {n} slots of {slot} ({how}) within "
                 f"cluster.start_timeout_s = {timeout_s:g} s; the cluster has {_amount('CPU')}"
                 + (f"; {_amount('GPU')}" if gpus > 0 else "")) from None
-        self.actors: list[Any] = []
-        self.infos: list[dict[str, Any]] = []
-        self.startup: dict[str, float] = {}   # seconds per start-up phase, for the log
 
-    def start_hosts(self) -> None:
-        t0 = time.monotonic()
+    def spawn_hosts(self) -> None:
+        """Create fresh host actors, one per bundle, without waiting for them."""
         self.stop_hosts()
+        self.spawned = time.monotonic()
         self.actors = [
             Host.options(name=host, namespace=NAMESPACE, num_cpus=self.cpus,
                          num_gpus=self.gpus, max_concurrency=8,
                          scheduling_strategy=PlacementGroupSchedulingStrategy(
                              self.pg, placement_group_bundle_index=i)).remote(self.token)
             for i, host in enumerate(self.hosts)]
+        self.fresh = True
+
+    def start_hosts(self) -> None:
+        """Wait for the host actors: those ``spawn_hosts`` just created, else fresh ones."""
+        if not self.fresh:
+            self.spawn_hosts()
+        self.fresh = False
+        t0 = time.monotonic()
         try:
             self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout_s)
         except GetTimeoutError:
             raise cfg.ConfigError(f"the {self.n} host actors did not start within "
                                   f"cluster.start_timeout_s = {self.timeout_s:g} s") from None
+        # the wait here, after the placement group's (the actors started with it)
         self.startup["host actors"] = time.monotonic() - t0
 
     def agent_env(self) -> dict[str, str]:
@@ -452,13 +467,16 @@ class Job:
         finally:
             for a in self.actors:
                 ray.kill(a)
-            self.actors = []
+            self.actors, self.fresh = [], False
 
     def close(self) -> None:
+        if self.pg is None:
+            return
         try:
             self.stop_hosts()
         finally:
             remove_placement_group(self.pg)
+            self.pg = None
 
 
 # prterun prints "plm:ssh: Warning: setpgid(PID,PID) failed in parent with errno=Permission
@@ -559,24 +577,68 @@ def _interrupted(sig, frame):
     raise KeyboardInterrupt
 
 
+def shrunk_dp(parallel: Mapping[str, Any], batch: int, slots: int) -> int:
+    """The largest data-parallel size, at most ``parallel.dp``, whose ``dp x pp`` ranks fit in
+    ``slots`` and that the global batch (``train.batch_size``) still divides as the run
+    requires (over dp, times ``parallel.microbatches`` for a pipeline; ``parallel.chunks``
+    over dp in deterministic mode); 0 when none does."""
+    pp = parallel["pp"]
+    for dp in range(min(parallel["dp"], slots // pp), 0, -1):
+        if pp > 1:
+            fits = batch % (dp * parallel["microbatches"]) == 0
+        else:
+            fits = batch % dp == 0 and not (parallel["deterministic"]
+                                             and parallel["chunks"] % dp)
+        if fits:
+            return dp
+    return 0
+
+
+def surviving_slots(job: Job, settle_s: float) -> tuple[int, int]:
+    """(slots of the job's size, nodes) on the cluster's live nodes after a failure. An old
+    host actor that answers neither way within ``settle_s`` counts its node as lost: Ray
+    declares a node that vanished without notice dead only once its health checks fail."""
+    pings = {a.info.remote(): i for i, a in enumerate(job.actors)}
+    _, silent = ray.wait(list(pings), num_returns=len(pings), timeout=settle_s)
+    lost = {job.infos[pings[r]]["node_id"] for r in silent if pings[r] < len(job.infos)}
+    live = [node for node in nodes() if node.id not in lost]
+    return sum(node.slots(job.cpus, job.gpus) for node in live), len(live)
+
+
+class _Stop(Exception):
+    """No restart is possible; the message says why."""
+
+
 def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
-              argv_for: Callable[[int], list[str]],
-              failed_rank: Callable[[str], int | None]) -> int:
-    """Run the job with fresh host actors up to ``1 + max_restarts`` times (``argv_for(k)``
-    is attempt k's mpirun argv), until one succeeds; returns the exit code. Closes the job."""
+              argv_for: Callable[[int, Job], list[str]],
+              failed_rank: Callable[[str], int | None],
+              resize: Callable[[Job], tuple[Job, str]] | None = None) -> int:
+    """Run the job with fresh host actors up to ``1 + max_restarts`` times (``argv_for(k,
+    job)`` is attempt k's mpirun argv), until one succeeds; returns the exit code. Before a
+    restart, ``resize(job)`` may replace the job by a smaller one (returning it and what to
+    say), or raise _Stop. Closes the job."""
     code = 1
     try:
         for attempt in range(max_restarts + 1):
             job.start_hosts()
-            code, failure = supervise(job, argv_for(attempt), {**env, **job.agent_env()},
+            code, failure = supervise(job, argv_for(attempt, job), {**env, **job.agent_env()},
                                       failed_rank)
             if failure is None:
                 return 0
-            _say(f"{failure}; " + (f"restart {attempt + 1} of {max_restarts}"
-                                    if attempt < max_restarts else "the job stopped"))
+            if attempt == max_restarts:
+                _say(f"{failure}; the job stopped")
+                break
+            how = ""
+            if resize is not None:
+                try:
+                    job, how = resize(job)
+                except _Stop as e:
+                    _say(f"{failure}; {e}; the job stopped")
+                    break
+            _say(f"{failure}; restart {attempt + 1} of {max_restarts}{how}")
     finally:
         job.close()
-    return code
+    return max(code, 1)
 
 
 def _start(n: int, c: Mapping[str, Any], gpus: float,
@@ -591,10 +653,15 @@ def _start(n: int, c: Mapping[str, Any], gpus: float,
         # `ray job stop` sends SIGTERM: unwind, so that mpirun (in a session of its own) and
         # the actors stop with us. Set after ray.init, whose handler would only dump a stack.
         signal.signal(signal.SIGTERM, _interrupted)
-    on = stage_placement(n // pp, pp, c["cpus_per_rank"], gpus) if pp > 1 else None
-    job = Job(n, c["cpus_per_rank"], c["placement"], c["start_timeout_s"], gpus, on)
+    job = _reserve(n, c, gpus, pp)
     job.startup = {"connect": t1 - t0, "placement group": time.monotonic() - t1}
     return job, dict(os.environ, RAY_ADDRESS=gcs)
+
+
+def _reserve(n: int, c: Mapping[str, Any], gpus: float, pp: int) -> Job:
+    """A job of ``n`` slots as ``cluster`` settings ``c`` say (stage-aware for pp > 1)."""
+    on = stage_placement(n // pp, pp, c["cpus_per_rank"], gpus) if pp > 1 else None
+    return Job(n, c["cpus_per_rank"], c["placement"], c["start_timeout_s"], gpus, on)
 
 
 def _say_startup(job: Job) -> None:
@@ -622,39 +689,69 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
 
     ``command(hosts, config_path, out_dir, resume, as_root=, export=, ranks=)`` builds the mpirun
     argv (cluster.commands.ray_job_argv). On a failure with ``cluster.max_restarts`` left,
-    fresh actors start the job again from the latest checkpoint in ``out_dir``.
+    fresh actors start the job again from the latest checkpoint in ``out_dir``; with
+    ``cluster.min_ranks``, with fewer ranks when the live nodes no longer hold them all.
     """
-    # Here, not at the top: train imports much that launching needs none of.
+    c, par = config["cluster"], config["parallel"]
+    pp, n = par["pp"], par["dp"] * par["pp"]
+    if c["min_ranks"] > n:
+        raise cfg.ConfigError(f"cluster.min_ranks = {c['min_ranks']} is more than the job's "
+                              f"{n} ranks (parallel.dp x parallel.pp = {par['dp']} x {pp})")
+    out_dir = os.path.abspath(out_dir)
+    gpus = gpus_per_rank(config)
+    job, env = _start(n, c, gpus, pp)
+    # Here, after the host actors started: train imports much that launching needs none of.
     from shardgrad.runtime.train import latest_checkpoint
 
-    c, pp = config["cluster"], config["parallel"]["pp"]
-    n = config["parallel"]["dp"] * pp
-    out_dir = os.path.abspath(out_dir)
-    job, env = _start(n, c, gpus_per_rank(config), pp)
     # The ranks get the resolved config with the launcher's own keys at their defaults, so
     # their checkpoints and summary match an mpirun run of the same config.
     ranks_config = {**config, "cluster": cfg.defaults()["cluster"]}
     config_path = os.path.join(tempfile.gettempdir(), f"shardgrad-{job.id}", "config.toml")
     export = _exported()
 
-    def argv_for(attempt: int) -> list[str]:
+    def argv_for(attempt: int, job: Job) -> list[str]:
         nonlocal resume
         ray.get([a.write.remote(config_path, to_toml(ranks_config)) for a in job.actors])
         if attempt:
             resume = out_dir if latest_checkpoint(out_dir) else resume
-        _say(f"attempt {attempt + 1}: {n} ranks on "
+        _say(f"attempt {attempt + 1}: {job.n} ranks on "
              f"{', '.join(sorted({i['ip'] for i in job.infos}))}"
              + (f", resuming from {latest_checkpoint(resume)}" if resume else ""))
         _say_startup(job)
-        if job.gpus > 0 or pp > 1:
+        if job.gpus > 0 or pp > 1 or c["min_ranks"]:
             _say_slots(job)
         if not job.pinned:
             _say(f"this node has no {job.cpus:g} CPU for rank 0: {job.where(0)} writes "
                  f"{out_dir} there (restarts resume from it only on a shared filesystem)")
         return command(job.mpi_hosts(), config_path, out_dir, resume, as_root=os.geteuid() == 0,
-                       export=export, ranks=n)
+                       export=export, ranks=job.n)
 
-    return _attempts(job, c["max_restarts"], env, argv_for, failed_rank)
+    def resize(job: Job) -> tuple[Job, str]:
+        """The job to restart: this one while the live nodes hold all its ranks, else one
+        of the largest data-parallel size they hold (a checkpoint resumes at any size; the
+        global batch stays), down to cluster.min_ranks."""
+        nonlocal ranks_config
+        slots, live = surviving_slots(job, min(c["start_timeout_s"], 30.0))
+        dp = shrunk_dp(ranks_config["parallel"], config["train"]["batch_size"], slots)
+        if dp * pp >= job.n:
+            return job, ""
+        slot = f"{job.cpus:g} CPU" + (f" + {job.gpus:g} GPU" if job.gpus > 0 else "")
+        held = f"the live nodes ({live}) hold {slots} slot(s) of {slot}"
+        if dp * pp < c["min_ranks"]:
+            raise _Stop(f"cannot restart with fewer ranks: cluster.min_ranks = "
+                        f"{c['min_ranks']} but {held}"
+                        + (f", of which parallel.dp = {dp} (the largest that divides the "
+                           f"global batch) uses {dp * pp}" if dp * pp < min(slots, n) else ""))
+        was = ranks_config["parallel"]["dp"]
+        job.close()
+        job = _reserve(dp * pp, c, gpus, pp)
+        ranks_config = {**ranks_config, "parallel": {**ranks_config["parallel"], "dp": dp}}
+        return job, (f" with {dp * pp} ranks (parallel.dp {was} -> {dp}; cluster.min_ranks = "
+                     f"{c['min_ranks']}): {held}; train.batch_size = "
+                     f"{config['train']['batch_size']} stays the global batch")
+
+    return _attempts(job, c["max_restarts"], env, argv_for, failed_rank,
+                     resize if c["min_ranks"] else None)
 
 
 def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
@@ -669,7 +766,7 @@ def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
     """
     job, env = _start(n, cluster, gpus_per_rank({"cluster": cluster, "device": {"type": "cpu"}}))
 
-    def argv_for(attempt: int) -> list[str]:
+    def argv_for(attempt: int, job: Job) -> list[str]:
         _say(f"attempt {attempt + 1}: {n} ranks on "
              f"{', '.join(sorted({i['ip'] for i in job.infos}))}")
         if job.gpus > 0:
@@ -681,4 +778,5 @@ def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
 
 
 __all__ = ["Host", "Job", "NAMESPACE", "connect", "gpus_per_rank", "launch", "launch_program",
-           "nodes", "planned_placement", "stage_placement", "supervise", "to_toml", "unniced"]
+           "nodes", "planned_placement", "shrunk_dp", "stage_placement", "supervise",
+           "surviving_slots", "to_toml", "unniced"]

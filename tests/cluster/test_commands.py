@@ -67,7 +67,7 @@ def test_ray_job_argv_puts_rank_i_on_host_i_through_the_agent():
     assert argv == ["mpirun", "-n", "2", "--allow-run-as-root", "--host", "sg-1a-0:1,sg-1a-1:1",
                     "--prtemca", "plm_ssh_agent", f"/py -S {commands.AGENT}",
                     "-x", "SHARDGRAD_PROGRESS", *commands.RAY_MPIRUN_OPTIONS,
-                    "/py", "-m", "shardgrad.cluster.rank",
+                    "/py", "-S", commands.RANK,
                     "/py", "-m", "shardgrad", "train", "/tmp/c.toml", "--out", "/runs/x"]
     assert argv[argv.index("--map-by") + 1] == "node"
     assert "^han" in argv
