@@ -78,8 +78,13 @@ def ray_program_argv(hosts: Sequence[str], program: Sequence[str], *, as_root: b
     ``hosts[i]``, each host's daemon started by the Ray agent inside that host's actor; or,
     given ``ranks`` and one host, all ranks under that host's daemon (ranks under one daemon
     talk through shared memory; ranks under two daemons of one machine took TCP, and a
-    digits step twice as long). The ranks start in ``wdir`` when given."""
+    digits step twice as long). With no hosts, mpirun starts the ``ranks`` on this machine
+    itself (the launcher's slots are all here). The ranks start in ``wdir`` when given."""
     n = len(hosts) if ranks is None else ranks
+    if not hosts:
+        # Ray reserved the slots, so Open MPI's count of cores does not limit them
+        return mpirun_argv(program, n, as_root=as_root, oversubscribe=True, export=export,
+                           options=("--bind-to", "none") + (("--wdir", wdir) if wdir else ()))
     options = RAY_MPIRUN_OPTIONS + (("--wdir", wdir) if wdir else ())
     if n > len(hosts) == 1:
         options = ("--map-by", "slot") + options[2:]

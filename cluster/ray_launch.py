@@ -30,7 +30,11 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardgrad.cluster import ray_agent
@@ -134,6 +138,38 @@ class _Command:
 _FRAME = ray_agent.FRAME.format
 
 
+def _write_here(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _remove_written(paths: Sequence[str]) -> None:
+    """Remove the files ``write`` wrote and their directories, when empty."""
+    for path in paths:
+        for remove, target in ((os.remove, path), (os.rmdir, os.path.dirname(path))):
+            try:
+                remove(target)
+            except OSError:
+                pass
+
+
+def read_notes(directory: str) -> list[tuple[int, int, float]]:
+    """(rank, signal, time) of each rank that cluster/rank.py noted in ``directory`` as killed
+    by a signal."""
+    found = []
+    for name in os.listdir(directory):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                rank, sig, when = f.read().split()
+            found.append((int(rank), int(sig), float(when)))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 @ray.remote
 class Host:
     """One rank's slot on a Ray node: it runs the commands that mpirun's agent sends to its
@@ -203,11 +239,7 @@ class Host:
     def write(self, path: str, text: str) -> None:
         """Write ``text`` to ``path`` on this node, atomically (actors sharing a node write
         the same file)."""
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        _write_here(path, text)
         self.written.append(path)
 
     def start(self, command: str) -> int:
@@ -230,15 +262,7 @@ class Host:
 
     def notes(self) -> list[tuple[int, int, float]]:
         """(rank, signal, time) of each rank here that a signal killed (cluster/rank.py)."""
-        found = []
-        for name in os.listdir(self.notes_dir):
-            try:
-                with open(os.path.join(self.notes_dir, name)) as f:
-                    rank, sig, when = f.read().split()
-                found.append((int(rank), int(sig), float(when)))
-            except (OSError, ValueError):
-                continue
-        return found
+        return read_notes(self.notes_dir)
 
     def until_stopped(self) -> None:
         """Returns when ``stop`` is called; a caller holding this call learns of the actor's
@@ -249,12 +273,7 @@ class Host:
         self.server.close()
         for c in self.commands.values():
             c.kill()
-        for path in self.written:
-            for remove, target in ((os.remove, path), (os.rmdir, os.path.dirname(path))):
-                try:
-                    remove(target)
-                except OSError:
-                    pass
+        _remove_written(self.written)
         shutil.rmtree(self.notes_dir, ignore_errors=True)
         self.stopped.set()
 
@@ -377,7 +396,12 @@ class Job:
     and GPUs, on node ``on[rank]`` when given) and one ``Host`` actor per bundle, named after
     its host. Without ``on``, bundle 0 is on this node when it has the resources (then rank 0
     writes its run directory here, and a restart finds its checkpoints). ``start_hosts``
-    (re)creates the actors; ``close`` releases all."""
+    (re)creates the actors; ``close`` releases all.
+
+    When every slot is on this node and holds no GPU, the job is ``direct``: mpirun starts
+    the ranks here itself, as plain mpirun would, while the actors (which then only hold the
+    slots and die with them) start alongside: a fresh Ray worker per actor took 1.3-4 s here,
+    all of it before the first rank could start."""
 
     def __init__(self, n: int, cpus: float, strategy: str, timeout_s: float, gpus: float = 0.0,
                  on: Sequence[str] | None = None):
@@ -402,6 +426,7 @@ class Job:
         self.actors: list[Any] = []
         self.infos: list[dict[str, Any]] = []
         self.startup: dict[str, float] = {}   # seconds per start-up phase, for the log
+        self.direct, self.notes_dir, self.written = False, "", []
         # The actors' workers (a process each, 1-2.5 s to start here) start while the group
         # is being reserved: they are scheduled into its bundles as these become ready.
         self.spawn_hosts()
@@ -416,6 +441,13 @@ class Job:
                 f"could not reserve {n} slots of {slot} ({how}) within "
                 f"cluster.start_timeout_s = {timeout_s:g} s; the cluster has {_amount('CPU')}"
                 + (f"; {_amount('GPU')}" if gpus > 0 else "")) from None
+        table = placement_group_table(self.pg)["bundles_to_node_id"]
+        self.nodes_of = [table[i] for i in range(n)]
+        if gpus == 0 and set(self.nodes_of) == {here}:
+            self.direct = True
+            self.notes_dir = tempfile.mkdtemp(prefix="shardgrad-notes-")
+            self.infos = [{"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+                           "node_id": here, "gpus": []}] * n
 
     def spawn_hosts(self) -> None:
         """Create fresh host actors, one per bundle, without waiting for them."""
@@ -430,10 +462,15 @@ class Job:
         self.fresh = True
 
     def start_hosts(self) -> None:
-        """Wait for the host actors: those ``spawn_hosts`` just created, else fresh ones."""
+        """Wait for the host actors (unless ``direct``): those ``spawn_hosts`` just created,
+        else fresh ones."""
         if not self.fresh:
             self.spawn_hosts()
         self.fresh = False
+        if self.direct:
+            for name in os.listdir(self.notes_dir):   # an earlier attempt's
+                os.remove(os.path.join(self.notes_dir, name))
+            return
         t0 = time.monotonic()
         try:
             self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout_s)
@@ -444,16 +481,31 @@ class Job:
         self.startup["host actors"] = time.monotonic() - t0
 
     def agent_env(self) -> dict[str, str]:
-        """What mpirun's agents need to reach the host actors (ray_agent.HOSTS_VARIABLE)."""
+        """What mpirun's agents need to reach the host actors (ray_agent.HOSTS_VARIABLE), or
+        for a direct job, where its ranks leave their notes."""
+        if self.direct:
+            return {"SHARDGRAD_RANK_NOTES": self.notes_dir}
         hosts = {h: [i["ip"], i["port"]] for h, i in zip(self.hosts, self.infos, strict=True)}
         return {ray_agent.HOSTS_VARIABLE: json.dumps({"token": self.token, "hosts": hosts})}
 
     def mpi_hosts(self) -> list[str]:
-        """The hosts mpirun starts daemons on: the first alone when every slot is on one node
-        and holds no GPU (all ranks under one daemon then share memory, not TCP), else one
-        per slot (each rank under its own actor, seeing only its own GPUs)."""
+        """The hosts mpirun starts daemons on: none for a direct job (mpirun starts the ranks
+        here); the first alone when every slot is on one node and holds no GPU (all ranks
+        under one daemon then share memory, not TCP), else one per slot (each rank under its
+        own actor, seeing only its own GPUs)."""
+        if self.direct:
+            return []
         one_node = len({i["node_id"] for i in self.infos}) == 1
         return self.hosts[:1] if one_node and self.gpus == 0 else self.hosts
+
+    def write(self, path: str, text: str) -> None:
+        """Write ``path`` on every slot's node (here only, for a direct job: waiting for the
+        actors would undo what starting the ranks without them saves)."""
+        if self.direct:
+            _write_here(path, text)
+            self.written.append(path)
+        else:
+            ray.get([a.write.remote(path, text) for a in self.actors])
 
     def where(self, rank: int) -> str:
         info = self.infos[rank] if rank < len(self.infos) else {}
@@ -477,6 +529,9 @@ class Job:
         finally:
             remove_placement_group(self.pg)
             self.pg = None
+            if self.notes_dir:
+                shutil.rmtree(self.notes_dir, ignore_errors=True)
+            _remove_written(self.written)
 
 
 # prterun prints "plm:ssh: Warning: setpgid(PID,PID) failed in parent with errno=Permission
@@ -564,9 +619,10 @@ def _killed(job: Job) -> tuple[int, int] | None:
     """(rank, signal) of the first rank a signal killed, from the hosts' notes: a peer that
     lost it may abort the job first, and mpirun then names that peer."""
     try:
-        notes = [n for found in ray.get([a.notes.remote() for a in job.actors], timeout=5)
-                 for n in found]
-    except (RayActorError, GetTimeoutError):
+        notes = read_notes(job.notes_dir) if job.direct else [
+            n for found in ray.get([a.notes.remote() for a in job.actors], timeout=5)
+            for n in found]
+    except (RayActorError, GetTimeoutError, OSError):
         return None
     # the first rank killed by anything but SIGTERM (a teardown's signal), else the first
     first = min(notes, key=lambda n: (n[1] == signal.SIGTERM, n[2]), default=None)
@@ -600,7 +656,7 @@ def surviving_slots(job: Job, settle_s: float) -> tuple[int, int]:
     declares a node that vanished without notice dead only once its health checks fail."""
     pings = {a.info.remote(): i for i, a in enumerate(job.actors)}
     _, silent = ray.wait(list(pings), num_returns=len(pings), timeout=settle_s)
-    lost = {job.infos[pings[r]]["node_id"] for r in silent if pings[r] < len(job.infos)}
+    lost = {job.nodes_of[pings[r]] for r in silent}
     live = [node for node in nodes() if node.id not in lost]
     return sum(node.slots(job.cpus, job.gpus) for node in live), len(live)
 
@@ -666,7 +722,9 @@ def _reserve(n: int, c: Mapping[str, Any], gpus: float, pp: int) -> Job:
 
 def _say_startup(job: Job) -> None:
     _say("start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in job.startup.items())
-         + "; then mpirun starts the ranks")
+         + "; then mpirun starts the ranks"
+         + (" here (every slot is on this node), the host actors alongside" if job.direct
+            else ""))
 
 
 def _say_slots(job: Job) -> None:
@@ -711,7 +769,7 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
 
     def argv_for(attempt: int, job: Job) -> list[str]:
         nonlocal resume
-        ray.get([a.write.remote(config_path, to_toml(ranks_config)) for a in job.actors])
+        job.write(config_path, to_toml(ranks_config))
         if attempt:
             resume = out_dir if latest_checkpoint(out_dir) else resume
         _say(f"attempt {attempt + 1}: {job.n} ranks on "

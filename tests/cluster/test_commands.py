@@ -75,6 +75,13 @@ def test_ray_job_argv_puts_rank_i_on_host_i_through_the_agent():
     assert argv[argv.index("--bind-to") + 1] == "none"
 
 
+def test_ray_program_argv_without_hosts_starts_the_ranks_here():
+    argv = commands.ray_program_argv([], ["prog"], as_root=True, export=["SHARDGRAD_PROGRESS"],
+                                     ranks=3, wdir="/w")
+    assert argv == ["mpirun", "-n", "3", "--allow-run-as-root", "--oversubscribe", "-x",
+                    "SHARDGRAD_PROGRESS", "--bind-to", "none", "--wdir", "/w", "prog"]
+
+
 @pytest.mark.parametrize("argv, host, command", [
     # Open MPI 5 (PRRTE): host, then the daemon's shell command in words
     (["sg-ab-1", "PRTE_PREFIX=/p;export", "PRTE_PREFIX;/p/bin/prted", "--tree-spawn"],
