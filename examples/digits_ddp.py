@@ -5,6 +5,7 @@ average gradients (and batch-norm statistics) over MPI.
     python examples/digits_ddp.py                                   # one process
     mpirun -n 2 python examples/digits_ddp.py                       # two ranks, same result
     mpirun -n 2 python examples/digits_ddp.py --device cuda         # one GPU per rank
+    mpirun -n 2 python examples/digits_ddp.py --zero 1              # ZeRO-1: 1/2 the momentum
 
 Rank 0 prints one JSON line: the loss per epoch and the test accuracy.
 """
@@ -21,6 +22,7 @@ p.add_argument("--batch-size", type=int, default=32, help="global: split over th
 p.add_argument("--lr", type=float, default=0.05)
 p.add_argument("--dtype", default="float32")
 p.add_argument("--device", default="cpu")
+p.add_argument("--zero", type=int, default=0, help="1: ZeRO stage 1 (optimizer state sharded)")
 args = p.parse_args()
 
 comm = sg.distributed.init()
@@ -31,7 +33,8 @@ model = sg.nn.Sequential(sg.nn.Linear(64, 128), sg.nn.BatchNorm1d(128), sg.nn.Re
                          sg.nn.Linear(128, 10))
 model.to(args.device)
 opt = sg.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
-step = sg.distributed.data_parallel_step(model, sg.nn.functional.cross_entropy, opt, comm)
+step = sg.distributed.data_parallel_step(model, sg.nn.functional.cross_entropy, opt, comm,
+                                         zero=args.zero)
 
 sampler = sg.distributed.DistributedSampler(len(data.y_train), comm.world_size, comm.rank,
                                             shuffle=True, seed=0)

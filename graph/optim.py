@@ -63,17 +63,29 @@ def _check(name: str, value, ok: bool) -> None:
         raise ValueError(f"Invalid {name}: {value}")
 
 
-def clip_grad_norm(grads: dict, max_norm: float | None) -> dict:
-    """``grads`` (Tensors, eager or traced) scaled by min(1, max_norm / (||g|| + 1e-6)), ||g||
-    the L2 norm of all of them together, as torch.nn.utils.clip_grad_norm_ (``max_norm`` None
-    or 0: unchanged). In a traced step it reads the gradients data parallelism averaged."""
-    if not max_norm or not grads:
-        return grads
+def global_norm(grads: Iterable[Tensor], reduce=None) -> Tensor:
+    """The L2 norm of all ``grads`` together: sqrt of the sum of their squares, the sum
+    passed through ``reduce`` first when given (a pipeline stage adds the other stages'
+    sums of squares there: an allreduce over its stages)."""
     total = None
-    for g in grads.values():
+    for g in grads:
         sq = (g * g).sum()
         total = sq if total is None else total + sq
-    coef = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
+    if total is None:
+        raise ValueError("global_norm of no gradients")
+    return (reduce(total) if reduce is not None else total).sqrt()
+
+
+def clip_grad_norm(grads: dict, max_norm: float | None,
+                   norm: Tensor | None = None) -> dict:
+    """``grads`` (Tensors, eager or traced) scaled by min(1, max_norm / (||g|| + 1e-6)), ||g||
+    the L2 norm of all of them together (``norm`` if given, else ``global_norm``), as
+    torch.nn.utils.clip_grad_norm_ (``max_norm`` None or 0: unchanged). In a traced step it
+    reads the gradients data parallelism averaged."""
+    if not max_norm or not grads:
+        return grads
+    norm = global_norm(grads.values()) if norm is None else norm
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     return {k: g * coef for k, g in grads.items()}
 
 
@@ -328,4 +340,4 @@ def _foreach_step(opt: Optimizer, live: list, grads: dict) -> bool:
     return True
 
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm", "global_norm"]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from shardgrad.graph.autodiff import backprop
 from shardgrad.graph.ir import Graph, ShapeError, const, toposort
 from shardgrad.graph.nn import Module
-from shardgrad.graph.optim import Optimizer, clip_grad_norm
+from shardgrad.graph.optim import Optimizer, clip_grad_norm, global_norm
 from shardgrad.graph.tensor import Tensor, placeholder, tracing_salt
 from shardgrad.ops import elementwise as E
 from shardgrad.ops.nn import batch_stats_sync
@@ -76,8 +76,10 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
     ``requires_grad``); states for buffers and frozen parameters (their names) and optimizer
     state (``optim/<param>/<key>``). The model's train/eval mode is restored afterwards.
     Outputs: ``loss``, ``grad/<param>``, ``param/<param>`` (updated), ``state/<name>``
-    (updated). ``meta``: ``params``, ``states`` (names in order), ``loss_scale`` =
-    ``"mean"`` (the loss averages over the batch).
+    (updated), and with ``optimizer.max_grad_norm`` set ``grad_norm`` (the gradients' global
+    L2 norm before clipping, as torch's clip_grad_norm_ returns it). ``meta``: ``params``,
+    ``states`` (names in order), ``loss_scale`` = ``"mean"`` (the loss averages over the
+    batch).
 
     ``loss_scaling`` (fp16): backward starts from the state ``amp/scale`` instead of 1, the
     gradients are unscaled before the update, and a step whose gradients hold an inf or NaN
@@ -134,7 +136,11 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
             olds: dict[str, Tensor] = {}
             grad_of = {id(p): Tensor(g) for (_, p), g in zip(named, grads, strict=True)
                        if leaves[id(p)].id in used}
-            grad_of = clip_grad_norm(grad_of, optimizer.max_grad_norm)
+            if optimizer.max_grad_norm and grad_of:
+                # an output, so a pipeline stage can swap in the norm over all its stages
+                norm = global_norm(grad_of.values())
+                outputs["grad_norm"] = norm.node
+                grad_of = clip_grad_norm(grad_of, optimizer.max_grad_norm, norm)
             for p, st in zip(optimizer.params, optimizer.state, strict=True):
                 if id(p) not in grad_of:
                     continue                       # frozen or unused: no update

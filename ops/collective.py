@@ -1,8 +1,9 @@
 """Communication ops: allreduce (blocking, or split into start/wait), allgather,
-reduce_scatter, send/recv, and the bucket helpers the data-parallel partitioner emits (pack,
-unpack, batch_chunk). Kernels find their Communicator in a binding made by whoever runs the
-graph (``with bind(comm): executor.run(feeds)``), so a graph holds names, never closures.
-Imports only ops.registry and graph.ir; a communicator is anything with runtime.comm's methods.
+reduce_scatter, shard (a rank's block, no communication), send/recv, and the bucket helpers
+the data-parallel partitioner emits (pack, unpack, batch_chunk). Kernels find their
+Communicator in a binding made by whoever runs the graph (``with bind(comm): executor.run
+(feeds)``), so a graph holds names, never closures. Imports only ops.registry and graph.ir;
+a communicator is anything with runtime.comm's methods.
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ def _reduce_scatter_infer(x, world_size, group="world", **_):
 def _reduce_scatter_fwd(xp, x, world_size, group="world"):
     comm = communicator(group, "reduce_scatter")
     _check_size(comm, world_size, "reduce_scatter")
-    m = x.shape[0] // world_size
-    return comm.allreduce_(_writable_copy(xp, x), "sum")[comm.rank * m:(comm.rank + 1) * m]
+    out = xp.empty((x.shape[0] // world_size,) + x.shape[1:], x.dtype)
+    return comm.reduce_scatter_(xp.ascontiguousarray(x), out, "sum")
 
 
 def _check_size(comm, world_size: int, op: str) -> None:
@@ -175,6 +176,22 @@ register(OpDef("reduce_scatter", infer=_reduce_scatter_infer, forward=_reduce_sc
                cost=_comm_cost, effectful=True))
 
 
+# shard: this rank's block of a value every rank holds whole (ZeRO's parameter shard). No
+# communication: the rank is read from the group's communicator, so every rank runs one graph.
+
+def _shard_fwd(xp, x, world_size, group="world"):
+    comm = communicator(group, "shard")
+    _check_size(comm, world_size, "shard")
+    m = x.shape[0] // world_size
+    return x[comm.rank * m:(comm.rank + 1) * m]
+
+
+# Not differentiable (its adjoint, g in block rank and zeros elsewhere, is never needed: it
+# only feeds optimizer updates). Effectful: its value depends on the rank, not only its input.
+register(OpDef("shard", infer=_reduce_scatter_infer, forward=_shard_fwd,
+               cost=lambda node: (0.0, 0.0), effectful=True))
+
+
 def allgather(x: Node, world_size: int, group: str = "world") -> Node:
     """Every rank's ``x`` stacked along axis 0, in rank order."""
     return apply("allgather", x, world_size=int(world_size), group=group)
@@ -183,6 +200,11 @@ def allgather(x: Node, world_size: int, group: str = "world") -> Node:
 def reduce_scatter(x: Node, world_size: int, group: str = "world") -> Node:
     """Block ``rank`` (of ``world_size`` equal blocks along axis 0) of the sum over ranks."""
     return apply("reduce_scatter", x, world_size=int(world_size), group=group)
+
+
+def shard(x: Node, world_size: int, group: str = "world") -> Node:
+    """Block ``rank`` (of ``world_size`` equal blocks along axis 0) of this rank's ``x``."""
+    return apply("shard", x, world_size=int(world_size), group=group)
 
 
 # ---- send / recv --------------------------------------------------------------------------------

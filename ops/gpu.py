@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,28 +89,56 @@ def _c(xp, a):
     return xp.ascontiguousarray(a)
 
 
+def _into(xp, out, shape, dtype):
+    """``out`` (a planned buffer the caller gives: runtime.gpu's memory plan), or a new one."""
+    return xp.empty(shape, dtype) if out is None else out
+
+
+def _generic(xp, op: str, out, *arrays, **attrs):
+    """The op's generic forward, for a call its kernel does not cover, written into ``out``
+    when one is given."""
+    value = get(op).forward(xp, *arrays, **attrs)
+    if out is None:
+        return value
+    xp.copyto(out, value)
+    return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(xp, shape, dtype):
+    """A temporary of this thread, reused by the next call of the same type: calls on one
+    thread are ordered on its stream, so the last reader is done before the next writer."""
+    cache = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (id(xp), tuple(shape), str(dtype))
+    if key not in cache:
+        cache[key] = xp.empty(shape, dtype)
+    return cache[key]
+
+
 # ---- softmax family -------------------------------------------------------------------------
 
-def _rows(xp, x, log_out: int):
+def _rows(xp, x, log_out: int, out=None):
     cols = x.shape[-1]
     rows = x.size // max(cols, 1)
-    out = xp.empty(x.shape, x.dtype)
+    out = _into(xp, out, x.shape, x.dtype)
     if x.size:
         run_kernel("softmax.cu", "softmax_rows", x.dtype, min(rows, 1 << 20), row_block(cols),
                    (_c(xp, x), out, *_i32(rows, cols, log_out)))
     return out
 
 
-def softmax(xp, x, axis):
+def softmax(xp, x, axis, out=None):
     if not _covered(x) or axis != x.ndim - 1:
-        return get("softmax").forward(xp, x, axis=axis)
-    return _rows(xp, x, 0)
+        return _generic(xp, "softmax", out, x, axis=axis)
+    return _rows(xp, x, 0, out)
 
 
-def log_softmax(xp, x, axis):
+def log_softmax(xp, x, axis, out=None):
     if not _covered(x) or axis != x.ndim - 1:
-        return get("log_softmax").forward(xp, x, axis=axis)
-    return _rows(xp, x, 1)
+        return _generic(xp, "log_softmax", out, x, axis=axis)
+    return _rows(xp, x, 1, out)
 
 
 class DeferredChecks:
@@ -148,14 +177,18 @@ _DEFERRED: contextvars.ContextVar[DeferredChecks | None] = contextvars.ContextVa
     "shardgrad_deferred_checks", default=None)
 
 
-def cross_entropy(xp, logits, labels, reduction):
+def cross_entropy(xp, logits, labels, reduction, out=None):
     """Fused log-softmax + pick + reduce. A label outside [0, C) raises ValueError as the
     generic forward does: at once (one device sync), or, inside ``DeferredChecks``, when the
-    checks are read (no sync in the step)."""
+    checks are read (no sync in the step). With ``out`` the per-row losses of a reduction
+    go to a scratch buffer of this thread, so nothing is allocated."""
     if not _covered(logits):
-        return get("cross_entropy").forward(xp, logits, labels, reduction=reduction)
+        return _generic(xp, "cross_entropy", out, logits, labels, reduction=reduction)
     n, c = logits.shape
-    nll = xp.empty((n,), logits.dtype)
+    if out is None:
+        nll = xp.empty((n,), logits.dtype)
+    else:
+        nll = out if reduction == "none" else _scratch(xp, (n,), logits.dtype)
     deferred = _DEFERRED.get()
     bad = deferred.flag(xp, "label", c) if deferred is not None else xp.zeros((1,), np.int32)
     if n:
@@ -166,14 +199,19 @@ def cross_entropy(xp, logits, labels, reduction):
         raise ValueError(f"label {int(bad[0])} out of range for {c} classes")
     if reduction == "none":
         return nll
-    return xp.sum(nll) / n if reduction == "mean" else xp.sum(nll)
+    if out is None:
+        return xp.sum(nll) / n if reduction == "mean" else xp.sum(nll)
+    xp.sum(nll, out=out)
+    if reduction == "mean":
+        xp.divide(out, n, out=out)
+    return out
 
 
-def softmax_xent_grad(xp, logits, labels, scale):
+def softmax_xent_grad(xp, logits, labels, scale, out=None):
     if not _covered(logits, scale):
-        return get("softmax_xent_grad").forward(xp, logits, labels, scale)
+        return _generic(xp, "softmax_xent_grad", out, logits, labels, scale)
     n, c = logits.shape
-    gx = xp.empty((n, c), logits.dtype)
+    gx = _into(xp, out, (n, c), logits.dtype)
     if n:
         run_kernel("softmax.cu", "xent_bwd", logits.dtype, min(n, 1 << 20), row_block(c),
                    (_c(xp, logits), _c(xp, labels.astype(np.int64, copy=False)),
@@ -187,20 +225,20 @@ def softmax_xent_grad(xp, logits, labels, scale):
 ACTS = {"relu": 1, "gelu": 2, "tanh": 3}
 
 
-def bias_act(xp, x, b, act):
+def bias_act(xp, x, b, act, out=None):
     if not _covered(x, b):
-        return get("bias_act").forward(xp, x, b, act=act)
-    out = xp.empty(x.shape, x.dtype)
+        return _generic(xp, "bias_act", out, x, b, act=act)
+    out = _into(xp, out, x.shape, x.dtype)
     if x.size:
         run_kernel("bias_act.cu", "bias_act_fwd", x.dtype, blocks(x.size), BLOCK,
                    (_c(xp, x), _c(xp, b), out, np.int64(x.size), *_i32(b.size, ACTS[act])))
     return out
 
 
-def bias_act_grad(xp, g, x, b, act):
+def bias_act_grad(xp, g, x, b, act, out=None):
     if not _covered(g, x, b):
-        return get("bias_act_grad").forward(xp, g, x, b, act=act)
-    gz = xp.empty(x.shape, x.dtype)
+        return _generic(xp, "bias_act_grad", out, g, x, b, act=act)
+    gz = _into(xp, out, x.shape, x.dtype)
     if x.size:
         run_kernel("bias_act.cu", "bias_act_bwd", x.dtype, blocks(x.size), BLOCK,
                    (_c(xp, g), _c(xp, x), _c(xp, b), gz, np.int64(x.size),
@@ -221,31 +259,31 @@ def _out_hw(geom) -> tuple[int, int]:
     return int(geom[-2]), int(geom[-1])
 
 
-def im2col(xp, x, kernel, stride, padding):
+def im2col(xp, x, kernel, stride, padding, out=None):
     if not _covered(x):
-        return get("im2col").forward(xp, x, kernel=kernel, stride=stride, padding=padding)
+        return _generic(xp, "im2col", out, x, kernel=kernel, stride=stride, padding=padding)
     geom = _geom(x.shape, kernel, stride, padding)
     n, c = x.shape[:2]
-    cols = xp.empty((n, c, *kernel, *_out_hw(geom)), x.dtype)
+    cols = _into(xp, out, (n, c, *kernel, *_out_hw(geom)), x.dtype)
     if cols.size:
         run_kernel("conv.cu", "im2col", x.dtype, blocks(cols.size), BLOCK,
                    (_c(xp, x), cols, *geom))
     return cols
 
 
-def col2im(xp, cols, shape, kernel, stride, padding):
+def col2im(xp, cols, shape, kernel, stride, padding, out=None):
     if not _covered(cols):
-        return get("col2im").forward(xp, cols, shape=shape, kernel=kernel, stride=stride,
-                                     padding=padding)
-    out = xp.empty(tuple(shape), cols.dtype)
+        return _generic(xp, "col2im", out, cols, shape=shape, kernel=kernel, stride=stride,
+                        padding=padding)
+    out = _into(xp, out, tuple(shape), cols.dtype)
     if out.size:
         run_kernel("conv.cu", "col2im", cols.dtype, blocks(out.size), BLOCK,
                    (_c(xp, cols), out, *_geom(shape, kernel, stride, padding)))
     return out
 
 
-def _pool_out(xp, x, geom):
-    return xp.empty(tuple(x.shape[:2]) + _out_hw(geom), x.dtype)
+def _pool_out(xp, x, geom, out=None):
+    return _into(xp, out, tuple(x.shape[:2]) + _out_hw(geom), x.dtype)
 
 
 def _argmax(xp, x, geom):
@@ -258,61 +296,69 @@ def _argmax(xp, x, geom):
     return out, arg
 
 
-def max_pool2d(xp, x, kernel, stride, padding):
+def max_pool2d(xp, x, kernel, stride, padding, out=None):
     if not _covered(x):
-        return get("max_pool2d").forward(xp, x, kernel=kernel, stride=stride, padding=padding)
+        return _generic(xp, "max_pool2d", out, x, kernel=kernel, stride=stride,
+                        padding=padding)
     geom = _geom(x.shape, kernel, stride, padding)
-    out = _pool_out(xp, x, geom)
+    out = _pool_out(xp, x, geom, out)
     if out.size:
         run_kernel("pool.cu", "maxpool_fwd", x.dtype, blocks(out.size), BLOCK,
                    (_c(xp, x), out, None, *geom))
     return out
 
 
-def max_pool2d_grad(xp, g, x, *top, kernel, stride, padding):
-    # top (the forward's maxima) is not read here: one maxpool_fwd launch gives the argmax
-    if not _covered(g, x):
-        return get("max_pool2d_grad").forward(xp, g, x, *top, kernel=kernel, stride=stride,
-                                              padding=padding)
+def max_pool2d_grad(xp, g, x, *top, kernel, stride, padding, out=None):
+    """With ``top`` (the forward's maxima, as the CPU path) one kernel finds each window's
+    first maximum by comparing with it; without, a maxpool_fwd launch first finds the argmax."""
+    if not _covered(g, x, *top):
+        return _generic(xp, "max_pool2d_grad", out, g, x, *top, kernel=kernel, stride=stride,
+                        padding=padding)
     geom = _geom(x.shape, kernel, stride, padding)
-    _, arg = _argmax(xp, x, geom)
-    gx = xp.empty(x.shape, x.dtype)
-    if gx.size:
+    gx = _into(xp, out, x.shape, x.dtype)
+    if not gx.size:
+        return gx
+    if top:
+        run_kernel("pool.cu", "maxpool_bwd_top", x.dtype, blocks(gx.size), BLOCK,
+                   (_c(xp, g), _c(xp, x), _c(xp, top[0]), gx, *geom))
+    else:
+        _, arg = _argmax(xp, x, geom)
         run_kernel("pool.cu", "maxpool_bwd", x.dtype, blocks(gx.size), BLOCK,
                    (_c(xp, g), arg, gx, *geom))
     return gx
 
 
-def max_pool2d_gather(xp, y, x, kernel, stride, padding):
+def max_pool2d_gather(xp, y, x, kernel, stride, padding, out=None):
     if not _covered(y, x):
-        return get("max_pool2d_gather").forward(xp, y, x, kernel=kernel, stride=stride,
-                                                padding=padding)
+        return _generic(xp, "max_pool2d_gather", out, y, x, kernel=kernel, stride=stride,
+                        padding=padding)
     geom = _geom(x.shape, kernel, stride, padding)
     _, arg = _argmax(xp, x, geom)
-    out = _pool_out(xp, x, geom)
+    out = _pool_out(xp, x, geom, out)
     if out.size:
         run_kernel("pool.cu", "maxpool_gather", x.dtype, blocks(out.size), BLOCK,
                    (_c(xp, y), arg, out, *geom))
     return out
 
 
-def avg_pool2d(xp, x, kernel, stride, padding):
+def avg_pool2d(xp, x, kernel, stride, padding, out=None):
     if not _covered(x):
-        return get("avg_pool2d").forward(xp, x, kernel=kernel, stride=stride, padding=padding)
+        return _generic(xp, "avg_pool2d", out, x, kernel=kernel, stride=stride,
+                        padding=padding)
     geom = _geom(x.shape, kernel, stride, padding)
-    out = _pool_out(xp, x, geom)
+    out = _pool_out(xp, x, geom, out)
     if out.size:
         run_kernel("pool.cu", "avgpool_fwd", x.dtype, blocks(out.size), BLOCK,
                    (_c(xp, x), out, *geom, x.dtype.type(1.0 / (kernel[0] * kernel[1]))))
     return out
 
 
-def avg_pool2d_grad(xp, g, shape, kernel, stride, padding):
+def avg_pool2d_grad(xp, g, shape, kernel, stride, padding, out=None):
     if not _covered(g):
-        return get("avg_pool2d_grad").forward(xp, g, shape=shape, kernel=kernel, stride=stride,
-                                              padding=padding)
+        return _generic(xp, "avg_pool2d_grad", out, g, shape=shape, kernel=kernel,
+                        stride=stride, padding=padding)
     geom = _geom(shape, kernel, stride, padding)
-    gx = xp.empty(tuple(shape), g.dtype)
+    gx = _into(xp, out, tuple(shape), g.dtype)
     if gx.size:
         run_kernel("pool.cu", "avgpool_bwd", g.dtype, blocks(gx.size), BLOCK,
                    (_c(xp, g), gx, *geom, g.dtype.type(1.0 / (kernel[0] * kernel[1]))))

@@ -149,6 +149,14 @@ def _averaged(graph: Graph) -> list[tuple[Node, list[str]]]:
     return list(items.values())
 
 
+def averaged_outputs(graph: Graph) -> list[str]:
+    """The output names data parallelism averages over the ranks: the loss, every gradient
+    and the data-dependent batch statistics (unless traced synchronised). A GPU step that
+    reduces its flat gradient buffer itself (runtime.gpu_step) averages these."""
+    _check_step(graph)
+    return [k for _, names in _averaged(graph) for k in names]
+
+
 def _contiguous_source(node: Node, users: dict[int, list[Node]]
                        ) -> tuple[Node, tuple[int, ...] | None]:
     """What to pack for ``node`` so that packing is a plain copy, and the transpose to apply
@@ -209,11 +217,14 @@ def _walk(outputs) -> list[Node]:
     return list(seen.values())
 
 
-def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, group: str
-              ) -> tuple[Graph, list[Bucket]]:
+def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, group: str,
+              grads: bool = True) -> tuple[Graph, list[Bucket]]:
+    # grads=False: the gradients are left to the caller (ZeRO reduce-scatters them)
     pos = {n.id: i for i, n in enumerate(graph.nodes)}
     names = graph.names()
-    items = sorted(_averaged(graph), key=lambda item: pos[item[0].id])
+    grad_ids = {graph.outputs[f"grad/{p}"].id for p in graph.meta["params"]}
+    items = sorted([item for item in _averaged(graph) if grads or item[0].id not in grad_ids],
+                   key=lambda item: pos[item[0].id])
     groups: list[list[tuple[Node, list[str]]]] = []
     open_by_dtype: dict[str, list] = {}
     for node, outs in items:

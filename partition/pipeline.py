@@ -18,7 +18,9 @@ import numpy as np
 from shardgrad.graph.autodiff import backprop, zeros_like
 from shardgrad.graph.dot import to_dot
 from shardgrad.graph.ir import Graph, Node, const, leaf, toposort, verify
+from shardgrad.graph.optim import global_norm
 from shardgrad.graph.rewrite import replace
+from shardgrad.graph.tensor import Tensor
 from shardgrad.ops import collective
 from shardgrad.ops.registry import elementwise_cost, get, itemsize
 from shardgrad.partition import schedule as sched
@@ -79,7 +81,7 @@ class Parts:
         update: dict[str, list[str]] = {p: [] for p in params}
         buffers: dict[str, Node] = {}
         for k in graph.outputs:
-            if k == "loss" or k.startswith("grad/"):
+            if k in ("loss", "grad_norm") or k.startswith("grad/"):
                 continue
             owner = k[len("param/"):] if k.startswith("param/") else None
             if k.startswith("state/optim/"):
@@ -274,7 +276,9 @@ class Stage:
               ``gact/<value>`` sent back to the value's stage, ``grad/<param>`` to accumulate.
     update    leaves: ``grad/<param>`` (the sum over micro-batches and data-parallel ranks),
               params, optimizer state, ``lr``, ``t``; outputs: ``param/``, ``state/optim/``,
-              and ``grad/<param>`` scaled to the full-batch gradient.
+              and ``grad/<param>`` scaled to the full-batch gradient; with gradient
+              clipping also ``grad_norm``, the norm over all stages (an ``allreduce`` over
+              group "pp" of each stage's sum of squares).
     """
 
     index: int
@@ -735,6 +739,19 @@ def _update_program(parts: Parts, params: list[str], replicas: int) -> Graph:
             raise PartitionError(f"grad/{p} is the same node as another parameter's gradient")
         mapping[g.id] = scaled
         grads[f"grad/{p}"] = scaled
+    norm = graph.outputs.get("grad_norm")
+    if norm is not None:
+        # gradient clipping: the global norm sums the squares of every stage's gradients;
+        # each stage adds its own (after the micro-batch and data-parallel sums) and one
+        # allreduce over the pipeline's stages totals them. Every stage runs it, even one
+        # without parameters (a zero sum), or the others would wait for it.
+        def over_stages(total: Tensor) -> Tensor:
+            return Tensor(collective.allreduce(total.node, "sum", group="pp"))
+
+        local = [Tensor(grads[f"grad/{p}"]) for p in params] or [
+            Tensor(const(0.0, dtype=norm.dtype))]
+        mapping[norm.id] = global_norm(local, over_stages).node
+        outs["grad_norm"] = norm
     update = replace(Graph(outs), mapping)
     inner = {n.id for n in parts.forward if n.inputs}
     for n in update.nodes:

@@ -54,6 +54,16 @@ class Communicator(abc.ABC):
             out[r * m:(r + 1) * m] = part
         return out
 
+    def reduce_scatter_(self, x: Any, out: Any, op: str = "sum") -> Any:
+        """Block ``rank`` of the elementwise ``op`` over all ranks of ``x`` into ``out``:
+        ``x`` holds ``world_size`` equal blocks of ``len(out)`` rows along axis 0 (the same
+        shape on all ranks); returns ``out``. ``x`` is left unchanged. This default reduces a
+        copy of the whole of ``x`` (allreduce) and keeps its block."""
+        m = len(out)
+        whole = self.allreduce_(x.copy(), op)
+        out[...] = whole[self.rank * m:(self.rank + 1) * m]
+        return out
+
     def isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
         """Start ``send(buf, dest, tag)`` and return its Request; ``buf`` must stay alive and
         unwritten until ``wait()`` returns. A receive matches it as it matches ``send``. This

@@ -185,8 +185,20 @@ def _plan(graph: Graph, elide: bool = True, device: str = "cpu"
         span = spans.setdefault(b, [st.start, st.end, 0])
         span[0], span[1] = min(span[0], st.start), max(span[1], st.end)
         span[2] = max(span[2], -(-st.nbytes // ALIGN) * ALIGN)
+    offset_of, arena_bytes = place(spans)
+    for sid, st in enumerate(storages):
+        if not st.pinned:
+            st.offset = offset_of[block[sid]]
+    return values, storages, arena_bytes, len(spans), slices
+
+
+def place(spans: Mapping[Any, tuple[int, int, int]]) -> tuple[dict[Any, int], int]:
+    """Offsets in one arena for blocks ``{key: (first position, last position, bytes)}``
+    live over those (inclusive) positions: greedy by size, each at the lowest offset free
+    for its whole lifetime (TFLite's and XNNPACK's offset planner). Returns (offsets, arena
+    bytes). The GPU executor's plan (runtime.gpu) places its buffers with it too."""
     placed: list[tuple[int, int, int, int]] = []      # (offset, nbytes, start, end)
-    offset_of: dict[int, int] = {}
+    offset_of: dict[Any, int] = {}
     for b, (start, end, nbytes) in sorted(spans.items(), key=lambda kv: (-kv[1][2], kv[1][0])):
         offset = 0
         for o, size, *_ in sorted(p for p in placed if p[2] <= end and start <= p[3]):
@@ -195,11 +207,7 @@ def _plan(graph: Graph, elide: bool = True, device: str = "cpu"
             offset = max(offset, o + size)
         placed.append((offset, nbytes, start, end))
         offset_of[b] = offset
-    for sid, st in enumerate(storages):
-        if not st.pinned:
-            st.offset = offset_of[block[sid]]
-    arena_bytes = max((o + size for o, size, _, _ in placed), default=0)
-    return values, storages, arena_bytes, len(placed), slices
+    return offset_of, max((o + size for o, size, _, _ in placed), default=0)
 
 
 def _peak_live_bytes(graph: Graph, storages: list[_Storage]) -> int:

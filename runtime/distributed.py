@@ -9,11 +9,12 @@
 
     mpirun -n 2 python train.py
 
-The step is ``compile_step`` with the DataParallel rewrite (gradients, loss and batch
-statistics averaged over the ranks, in static buckets) run on the MPI communicator; its first
-call checks that every rank runs the same step and takes rank 0's parameters and optimizer
-state. An uncaught exception on one rank prints ``rank R failed: ...`` and aborts the job,
-as under ``shardgrad train``. Imports graph, partition and runtime.
+The step is runtime.dp's ParallelStep, the one ``shardgrad train`` runs: ``compile_step``
+with the DataParallel rewrite (gradients, loss and batch statistics averaged over the ranks,
+in static buckets; or ZeRO-1) run on the MPI communicator; its first call checks that every
+rank runs the same step and takes rank 0's parameters and optimizer state. An uncaught
+exception on one rank prints ``rank R failed: ...`` and aborts the job, as under
+``shardgrad train``. Imports graph and runtime.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from collections.abc import Callable
 
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
-from shardgrad.partition.data_parallel import DataParallel
 from shardgrad.runtime import dp, world
 from shardgrad.runtime.comm import Communicator
 from shardgrad.runtime.data import DistributedSampler, batches
-from shardgrad.runtime.step import Executor, TrainStep, _batch, device_of, executor_for
+from shardgrad.runtime.step import Executor, device_of
 
 
 def init(timeout_s: float = 300.0) -> Communicator:
@@ -45,48 +45,36 @@ def world_size() -> int:
     return init().world_size
 
 
-class DataParallelStep(TrainStep):
-    """A TrainStep whose graph averages over ``comm``'s ranks. Each call takes this rank's
-    share of the global batch (all ranks the same size) and returns the global mean loss."""
-
-    def __init__(self, model: Module, loss_fn: Callable, optimizer: Optimizer,
-                 comm: Communicator, transform: DataParallel | None, executor: Executor):
-        super().__init__(model, loss_fn, optimizer,
-                         dp.bound_executor(executor, comm), transform)
-        self.comm = comm
-        self._synced = comm.world_size == 1
-
-    def __call__(self, x, y) -> float:
-        if not self._synced:
-            x, y = _batch(x), _batch(y)
-            dp.synchronize(self.comm, self.model, self.optimizer, self, x, y)
-            self._synced = True
-        return super().__call__(x, y)
+DataParallelStep = dp.ParallelStep   # the step ``shardgrad train`` runs too
 
 
 def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                        comm: Communicator | None = None, *, bucket_mb: float = 25.0,
                        sync_batchnorm: bool = True, deterministic: bool = False,
-                       chunks: int = 4, executor: Executor | None = None) -> DataParallelStep:
+                       chunks: int = 4, zero: int = 0, overlap: bool = False,
+                       executor: Executor | None = None) -> dp.ParallelStep:
     """``compile_step`` over ``comm`` (default: ``init()``): see the module docstring.
     ``sync_batchnorm`` takes batch statistics over the global batch (PyTorch's
     SyncBatchNorm); ``deterministic`` gives bit-identical parameters for any number of
-    ranks (the global batch must then split into ``chunks``, a multiple of the ranks).
-    A model on a GPU (``model.to("cuda")``) runs there, its buffers crossing ranks staged
-    through pinned host memory."""
+    ranks (the global batch must then split into ``chunks``, a multiple of the ranks);
+    ``zero=1`` keeps 1/world_size of the optimizer state on each rank (ZeRO stage 1: call
+    ``step.consolidate()`` on every rank before reading ``optimizer.state_dict()``);
+    ``overlap`` issues each bucket's allreduce non-blocking (``parallel.overlap``).
+    A model on a GPU (``model.to("cuda")``) runs there with its state on the device (as
+    ``compile_step``'s), its flat gradient buffer allreduced a bucket at a time, staged
+    through pinned host memory (ZeRO-1 and deterministic mode: through the host-feeds step)."""
     comm = comm or init()
     if bucket_mb <= 0:
         raise ValueError(f"bucket_mb = {bucket_mb}: must be > 0")
     if deterministic and (chunks < 1 or chunks % comm.world_size):
         raise ValueError(f"chunks = {chunks} must be a positive multiple of the "
                          f"{comm.world_size} rank(s) in deterministic mode")
-    executor = executor or executor_for(model)
-    on_gpu = device_of(model).is_cuda
-    if on_gpu:
+    if zero not in (0, 1):
+        raise ValueError(f"zero = {zero}: must be 0 (off) or 1 (ZeRO stage 1)")
+    if device_of(model).is_cuda:
         comm = world.device_comm(comm, "cuda")
-    transform = dp.rewrite(comm.world_size, bucket_mb, deterministic, chunks,
-                           sync_batchnorm=sync_batchnorm)
-    return DataParallelStep(model, loss_fn, optimizer, comm, transform, executor)
+    parallel = dp.Parallel(bucket_mb, deterministic, chunks, overlap, sync_batchnorm, zero)
+    return dp.ParallelStep(model, loss_fn, optimizer, comm, parallel, executor)
 
 
 __all__ = ["DataParallelStep", "DistributedSampler", "batches", "data_parallel_step", "init",

@@ -9,6 +9,7 @@ live here, in runtime/. Imports graph, ops and runtime (device, interpreter).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,8 @@ from shardgrad.graph.passes import FusionGroup, fusion_groups
 from shardgrad.graph.walk import EnvWalk, leaf_value
 from shardgrad.ops import gpu
 from shardgrad.ops.codegen import KernelSource, Unsupported, contiguous_strides, fused_source
-from shardgrad.ops.registry import device_kind, kernel_for
+from shardgrad.ops.registry import device_kind, get, kernel_for
+from shardgrad.runtime.compiled import ALIGN, place
 from shardgrad.runtime.device import Device, xp_for
 
 
@@ -50,8 +52,9 @@ class FusedKernel:
         self.out_types = [(o.shape, o.dtype) for o in group.outputs]
         self.grid = gpu.blocks(self.src.size)
 
-    def __call__(self, xp, inputs: list[Any]) -> list[Any]:
-        outs = [xp.empty(shape, dtype) for shape, dtype in self.out_types]
+    def __call__(self, xp, inputs: list[Any], outs: list[Any] | None = None) -> list[Any]:
+        if outs is None:
+            outs = [xp.empty(shape, dtype) for shape, dtype in self.out_types]
         args = [xp.ascontiguousarray(inputs[j]) for j in self.src.args]
         if self.src.size:
             gpu.launch(self.src.code, self.src.name, (), self.grid, gpu.BLOCK, (*args, *outs))
@@ -93,10 +96,20 @@ class GPUExecutor(EnvWalk):
     leaf, op or fused group). ``fuse=False`` runs elementwise ops one by one;
     ``simplify`` first runs passes.simplify (which changes no result); ``xp`` overrides the
     array module (tests run the kernels on NumPy through tests/runtime/host_cuda.py).
+
+    ``plan=True``: a static memory plan (``MemoryPlan``), as the CPU's compiled program has:
+    every value a kernel can write into a given buffer (fused groups, the hand-written
+    kernels, ``OpDef.out`` kernels: matmul, reductions) gets a buffer in one arena allocated
+    at build time, buffers whose values are never live at once sharing memory; a run then
+    allocates nothing but what an op without such a kernel returns. The outputs then live in
+    the arena too, overwritten by the next run: the caller copies what it keeps. ``into``
+    names outputs to write straight into the caller's arrays instead (a flat gradient
+    buffer's views); the caller must not feed those arrays to the graph.
     """
 
     def __init__(self, graph: Graph, device: str | Device = "cuda", fuse: bool = True,
-                 simplify: bool = True, xp=None, rank: int | None = None):
+                 simplify: bool = True, xp=None, rank: int | None = None, plan: bool = False,
+                 into: Mapping[str, Any] | None = None):
         graph = passes.simplify(graph) if simplify else graph
         super().__init__(graph, rank, on=" on the GPU")
         self.xp = xp if xp is not None else xp_for(device)
@@ -145,14 +158,22 @@ class GPUExecutor(EnvWalk):
                        if not n.inputs and n.op != "const"}
         self._feeds: Mapping[Any, Any] = {}
         xp = self.xp
+        self.plan = MemoryPlan(graph, self.actions, self.device_kind, xp, into) if plan else None
+        bufs = self.plan.buffers if plan else {}
         for kind, payload, uses in self.actions:
             if kind == "leaf":
                 self.add_leaf(payload, lambda n: self.leaf(n, self._feeds))
             elif kind == "op":
                 n, fn = payload
-                self.add(n, _bind(fn, xp, n.attrs), uses, n.id)
+                if n.id in bufs:
+                    self.add(n, self.plan.step(n, bufs[n.id]), uses, n.id)
+                else:
+                    self.add(n, _bind(fn, xp, n.attrs), uses, n.id)
             else:
-                self.add(payload.group.nodes[-1], _bind_group(payload, xp), uses,
+                outs = [bufs.get(o.id) for o in payload.group.outputs]
+                if any(o is None for o in outs):
+                    outs = None
+                self.add(payload.group.nodes[-1], _bind_group(payload, xp, outs), uses,
                          [o.id for o in payload.group.outputs],
                          note=f" (fused group of {len(payload.group.nodes)} ops: "
                               f"{', '.join(m.op for m in payload.group.nodes)})")
@@ -188,15 +209,170 @@ class GPUExecutor(EnvWalk):
             env = self.run_env()
         finally:
             self._feeds = {}
-        return {k: env[v.id] for k, v in self.graph.outputs.items()}
+        out = {k: env[v.id] for k, v in self.graph.outputs.items()}
+        if self.plan is not None:
+            out.update(self.plan.direct)
+        return out
 
 
 def _bind(fn, xp, attrs):
     return lambda *a: fn(xp, *a, **attrs)
 
 
-def _bind_group(kernel: FusedKernel, xp):
-    return lambda *a: kernel(xp, list(a))
+def _bind_group(kernel: FusedKernel, xp, outs=None):
+    return lambda *a: kernel(xp, list(a), outs)
 
 
-__all__ = ["FusedKernel", "GPUExecutor"]
+def _writer(n: Node, kind: str, xp):
+    """``fn(*inputs, out)`` computing node ``n`` into ``out`` on this device, or None: the
+    op's hand-written CUDA kernel where it takes ``out=``, else its OpDef.out kernel."""
+    opdef = get(n.op)
+    fn = kernel_for(opdef, kind)
+    if fn is opdef.cuda:
+        if "out" not in inspect.signature(fn).parameters:
+            return None
+        attrs = n.attrs
+        return lambda *a, out: fn(xp, *a, **attrs, out=out)
+    k = opdef.out
+    if k is None or not k.accepts(n):
+        return None
+    call, tail = k.make(xp, n)
+    return lambda *a, out: call(*a, *tail, out=out)
+
+
+class MemoryPlan:
+    """A GPUExecutor's static memory plan (``plan=True``): which values are computed into
+    buffers planned once, where those lie in one arena, and what the plan saves.
+
+    A value is planned when its kernel writes into a given buffer (``_writer``) or it is a
+    reshape of a non-contiguous planned value (a copy into its buffer); a view (transpose,
+    broadcast, a reshape of a contiguous value or of a feed) holds the buffers of its operand, an op
+    without such a kernel (``unplanned``) returns a fresh array and may hold its operands'.
+    A buffer is live from its writer to its last reader through any view (the outputs to
+    the end of the run), and buffers are placed by compiled.place (greedy by size, lowest
+    free offset), the CPU program's planner. ``arena_bytes`` is what it takes, ``naive_bytes``
+    what one buffer a value would take, ``peak_bytes`` the lower bound (most bytes live at
+    one position)."""
+
+    def __init__(self, graph: Graph, actions, kind: str, xp, into: Mapping[str, Any] | None):
+        self.xp, self.kind = xp, kind
+        nodes = {n.id: n for n in graph.nodes}
+        holds: dict[int, frozenset[int]] = {}        # value -> the planned nodes it may view
+        contiguous: dict[int, bool] = {}
+        planned: dict[int, int] = {}                 # planned node id -> its writer's position
+        self.writers: dict[int, Any] = {}
+        self.copies: set[int] = set()                # reshapes of non-contiguous values
+        self.unplanned: list[str] = []
+        for i, (act, payload, uses) in enumerate(actions):
+            if act == "leaf":
+                holds[payload.id], contiguous[payload.id] = frozenset(), False
+                continue
+            if act == "group":
+                for o in payload.group.outputs:
+                    planned[o.id] = i
+                    holds[o.id], contiguous[o.id] = frozenset({o.id}), True
+                continue
+            n = payload[0]
+            held = frozenset().union(*(holds[u] for u in uses))
+            view = get(n.op).view
+            writer = _writer(n, kind, xp)
+            if view == "any" or (view == "contiguous" and contiguous[uses[0]]):
+                holds[n.id], contiguous[n.id] = held, view == "contiguous"
+            elif view == "contiguous" and not held:
+                # of a feed: a view when the fed array is contiguous (parameters are views of
+                # their flat buffer), else a copy of the caller's making
+                holds[n.id], contiguous[n.id] = held, False
+            elif view == "contiguous":
+                self.copies.add(n.id)
+                planned[n.id] = i
+                holds[n.id], contiguous[n.id] = frozenset({n.id}), True
+            elif writer is not None:
+                self.writers[n.id] = writer
+                planned[n.id] = i
+                holds[n.id], contiguous[n.id] = frozenset({n.id}), True
+            else:
+                self.unplanned.append(n.op)
+                holds[n.id], contiguous[n.id] = held, False
+        horizon = len(actions)
+        spans = {k: [i, i, -(-nodes[k].size * np.dtype(nodes[k].dtype).itemsize // ALIGN)
+                     * ALIGN] for k, i in planned.items()}
+        for i, (_, _, uses) in enumerate(actions):
+            for u in uses:
+                for k in holds[u]:
+                    spans[k][1] = max(spans[k][1], i)
+        out_ids = {o.id for o in graph.outputs.values()}
+        for o in out_ids:
+            for k in holds[o]:
+                spans[k][1] = horizon
+        # outputs written straight into the caller's arrays: a planned value, or a reshape of
+        # one of the same size, that no other output shares
+        self.direct: dict[str, Any] = {}
+        self.buffers: dict[int, Any] = {}
+        owners: dict[int, list[str]] = {}
+        for name, o in graph.outputs.items():
+            for k in holds[o.id]:
+                owners.setdefault(k, []).append(name)
+        for name, target in (into or {}).items():
+            o = graph.outputs[name]
+            (k,) = holds[o.id] if len(holds[o.id]) == 1 else (None,)
+            if (k is None or owners[k] != [name] or k in self.buffers
+                    or nodes[k].size != o.size or not _reshapes_of(o, k)
+                    or tuple(target.shape) != o.shape or str(target.dtype) != o.dtype):
+                continue
+            self.buffers[k] = target.reshape(nodes[k].shape)
+            self.direct[name] = target
+            del spans[k]
+        offsets, self.arena_bytes = place({k: tuple(v) for k, v in spans.items()})
+        self.naive_bytes = sum(v[2] for v in spans.values())
+        self.peak_bytes = _peak(spans.values(), horizon)
+        arena = xp.empty(self.arena_bytes, np.uint8)
+        for k, off in offsets.items():
+            n = nodes[k]
+            nbytes = n.size * np.dtype(n.dtype).itemsize
+            self.buffers[k] = arena[off:off + nbytes].view(n.dtype).reshape(n.shape)
+        self.arena = arena
+
+    def step(self, n: Node, buf):
+        """The step computing planned op node ``n`` into ``buf``."""
+        if n.id in self.copies:
+            xp = self.xp
+
+            def copy(x):
+                xp.copyto(buf.reshape(x.shape), x)
+                return buf
+            return copy
+        writer = self.writers[n.id]
+
+        def write(*a):
+            writer(*a, out=buf)
+            return buf
+        return write
+
+    def stats(self) -> dict[str, Any]:
+        return {"arena_bytes": self.arena_bytes, "naive_bytes": self.naive_bytes,
+                "peak_bytes": self.peak_bytes, "planned": len(self.buffers),
+                "direct_outputs": len(self.direct), "unplanned": list(self.unplanned)}
+
+
+def _reshapes_of(o: Node, k: int) -> bool:
+    """Whether ``o`` is node ``k`` or a chain of reshapes of it."""
+    while o.id != k:
+        if o.op != "reshape":
+            return False
+        o = o.inputs[0]
+    return True
+
+
+def _peak(spans, horizon: int) -> int:
+    delta = [0] * (horizon + 2)
+    for start, end, nbytes in spans:
+        delta[start] += nbytes
+        delta[end + 1] -= nbytes
+    peak = live = 0
+    for d in delta:
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+__all__ = ["FusedKernel", "GPUExecutor", "MemoryPlan"]

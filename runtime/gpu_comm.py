@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from shardgrad.runtime.comm import CommError, Communicator, Request
-from shardgrad.runtime.device import is_device_array
+from shardgrad.runtime.device import is_device_array, xp_for
 
 MODES = ("host", "direct", "stage", "nccl")
 
@@ -88,8 +88,7 @@ class GPUCommunicator(Communicator):
     @property
     def xp(self):
         if self._xp is None:
-            import cupy
-            self._xp = cupy
+            self._xp = xp_for("cuda")        # CuPy (or what stands for it in tests)
         return self._xp
 
     def mode(self, buf) -> str:
@@ -158,6 +157,21 @@ class GPUCommunicator(Communicator):
         hx = self._out(x, "x") if is_device_array(x) else x
         hout = self._host(out, "out") if is_device_array(out) else out
         self.inner.allgather_(hx, hout)
+        if is_device_array(out):
+            self._back(out, hout)
+        return out
+
+    def reduce_scatter_(self, x, out, op="sum"):
+        mode = self.mode(out)
+        if mode == "host" and not is_device_array(x):
+            return self.inner.reduce_scatter_(x, out, op)
+        self._sync()
+        if mode == "direct":
+            self.inner.reduce_scatter_(x, out, op)
+            return out
+        hx = self._out(x, "x") if is_device_array(x) else x
+        hout = self._host(out, "out") if is_device_array(out) else out
+        self.inner.reduce_scatter_(hx, hout, op)
         if is_device_array(out):
             self._back(out, hout)
         return out
@@ -261,6 +275,13 @@ class NCCLCommunicator(GPUCommunicator):
             return super().allgather_(x, out)
         self._call("allgather", self.comm.allGather, x.data.ptr, out.data.ptr, x.size,
                    self._dtype(x))
+        return out
+
+    def reduce_scatter_(self, x, out, op="sum"):
+        if not (is_device_array(x) and is_device_array(out)):
+            return super().reduce_scatter_(x, out, op)
+        self._call("reduce_scatter", self.comm.reduceScatter, x.data.ptr, out.data.ptr,
+                   out.size, self._dtype(x), self.ops[op])
         return out
 
     def send(self, buf, dest, tag=0):

@@ -6,7 +6,9 @@ it, rebound only when user code gives one a new value, so a step builds no Node 
 nothing back. SGD, Adam and AdamW update the whole flat buffer in one kernel (ops.gpu's flat
 updates, scalars as kernel arguments); other optimizers run the update traced in the graph.
 The loss comes back as a 0-d device Tensor whose label check is read with it: nothing in a
-step waits for the GPU or uploads from the host. Imports graph, ops and runtime.gpu.
+step waits for the GPU or uploads from the host. Under data parallelism the step averages
+its flat gradient buffer over the ranks, one allreduce a bucket. Imports graph, ops,
+partition and runtime.gpu.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from shardgrad.graph.device import to_device
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.optim import SGD, Adam, AdamW, Optimizer
 from shardgrad.graph.tensor import Tensor, _eager_leaf
+from shardgrad.ops import collective
 from shardgrad.ops import gpu as gpu_ops
+from shardgrad.partition.data_parallel import averaged_outputs
 from shardgrad.runtime.gpu import GPUExecutor
 
 FLAT_DTYPES = ("float32", "float64")
@@ -91,7 +95,9 @@ class DeviceState:
             total = sum(p.size for p in opt_params)
             offsets = np.cumsum([0] + [p.size for p in opt_params])
             self.flat["param"] = xp.empty(total, dtype)
-            self.flat["grad"] = xp.zeros(total, dtype)
+            # one element more: a data-parallel step reduces its loss with the gradients
+            self.grad_and_loss = xp.zeros(total + 1, dtype)
+            self.flat["grad"] = self.grad_and_loss[:total]
             for k in optimizer.state_keys:
                 self.flat[k] = xp.empty(total, dtype)
 
@@ -133,15 +139,26 @@ class DeviceProgram:
     """One traced step graph run against a DeviceState. With a flat update the graph is cut
     to the loss, the gradients and the buffers' new values; the gradients are written into
     the flat gradient buffer and one kernel updates every parameter and its state. Otherwise
-    the graph's own update runs and its results are copied into the state's storage."""
+    the graph's own update runs and its results are copied into the state's storage.
 
-    def __init__(self, graph: Graph, state: DeviceState):
+    ``parallel = (DataParallel transform, communicator)``: data parallelism. With a flat
+    update the step averages the flat gradient buffer itself (``GradientBuckets``: the loss
+    rides in its last element; one allreduce a bucket, as DDP's gradient-as-bucket-view);
+    otherwise the transform rewrites the graph, whose collectives run on the communicator."""
+
+    def __init__(self, graph: Graph, state: DeviceState, parallel: tuple | None = None):
         self.state = state
         updated = [n for n in graph.meta["params"] if f"param/{n}" in graph.outputs]
         # loss scaling (skips a step's update) and gradient clipping (scales the gradients
         # by their global norm) are in the traced update: that one runs then
         self.flat = state.kind is not None and sorted(updated) == sorted(state.flat_names) and (
             not graph.meta.get("loss_scaling")) and not state.optimizer.max_grad_norm
+        self.comm = parallel[1] if parallel is not None else None
+        averaged = []
+        if parallel is not None and not self.flat:
+            graph = parallel[0](graph)
+        elif parallel is not None:
+            averaged = [k for k in averaged_outputs(graph) if k.startswith("state/")]
         if self.flat:
             keep = {"loss", *(f"grad/{n}" for n in state.flat_names)}
             keep |= {k for k in graph.outputs if k.startswith("state/")
@@ -158,20 +175,48 @@ class DeviceProgram:
         graph = passes.fold_transposes(passes.gemm_batch_sums(graph))
         self.graph = graph
         self.reads_step = any(n.op == "input" and n.name == "step" for n in graph.nodes)
-        self.exe = GPUExecutor(graph, state.device, xp=state.xp)
+        # a static memory plan: intermediates in one arena planned once, the gradients
+        # computed straight into the flat gradient buffer (nothing reads it in the step)
+        self.targets = list(self.copies)
+        into = {k: v for k, v in self.copies if k.startswith("grad/")} if self.flat else {}
+        loss_dtype = graph.outputs["loss"].dtype
+        if parallel is not None and self.flat and loss_dtype == str(state.flat["grad"].dtype):
+            into["loss"] = state.grad_and_loss[-1:].reshape(())
+        self.exe = GPUExecutor(graph, state.device, xp=state.xp, plan=True, into=into)
+        self.copies = [(k, v) for k, v in self.copies if k not in self.exe.plan.direct]
+        self.reduce = None
+        if parallel is not None and self.flat:
+            extra = [v for k, v in self.targets if k in averaged]
+            self.reduce = GradientBuckets(
+                state.grad_and_loss if "loss" in self.exe.plan.direct else state.flat["grad"],
+                extra, "loss" not in self.exe.plan.direct, parallel[0].bucket_bytes,
+                parallel[0].world_size, self.comm, state.xp)
         self.path = f"flat-{state.kind}" if self.flat else "graph-update"
         self.update = FlatUpdate(state) if self.flat else None
+        self._ring: Any = None           # the losses handed out: a slot each, see loss_slot
+        self._slot = 0
 
         self.replay: GraphReplay | None = None
         self.calls = 0
         self.cuda_graph = False
         self.graph_note = "off"
 
+    def loss_slot(self):
+        """A 0-d device array for this step's loss, one slot of a ring of LOSS_RING: a loss
+        the caller holds is never overwritten (a full ring is left to the losses still
+        held and a new one allocated), and a step allocates nothing."""
+        if self._ring is None or self._slot == LOSS_RING:
+            self._ring = self.state.xp.empty((LOSS_RING,), self.graph.outputs["loss"].dtype)
+            self._slot = 0
+        self._slot += 1
+        return self._ring[self._slot - 1:self._slot].reshape(())
+
     def body(self, feeds: Mapping[str, Any], checks: gpu_ops.DeferredChecks):
-        """Forward and backward, their results copied into the state's storage (what a CUDA
-        Graph captures: no scalar from the host)."""
+        """Forward and backward, their results in the state's storage (what a CUDA Graph
+        captures: no scalar from the host); returns the loss in the executor's arena."""
         xp = self.state.xp
-        with checks:
+        with checks, (collective.bind(self.comm) if self.comm is not None
+                      else contextlib.nullcontext()):
             out = self.exe.run(feeds)
         for name, view in self.copies:
             xp.copyto(view, out[name])
@@ -189,12 +234,17 @@ class DeviceProgram:
         if self.replay is not None:
             return self.replay(feeds)
         loss = self.body(feeds, checks)
+        if self.reduce is not None:
+            self.reduce(loss)
         if self.flat:
             self.update(self.state.optimizer)
-        return loss
+        out = self.loss_slot()
+        self.state.xp.copyto(out, loss)
+        return out
 
 
 WARMUP = 2      # plain steps of a program before its capture (kernels compiled, pool warm)
+LOSS_RING = 1024    # losses a ring holds: 4 KiB in float32, one allocation per 1024 steps
 
 
 def _capture(xp, stream, fn):
@@ -233,11 +283,14 @@ class GraphReplay:
             return None, "not captured: the traced update reads lr and t from the host", None
         if program.reads_step:
             return None, "not captured: random ops read the step count from the host", None
+        if program.comm is not None:
+            return None, "not captured: data parallelism communicates inside the step", None
         if not all(hasattr(cuda, a) for a in ("Stream", "Event", "MemoryPool",
                                                   "using_allocator")):
             return None, "not captured: this CuPy has no stream capture", None
         loss = plain = None
-        targets = [view for _, view in program.copies]
+        targets = [view for _, view in program.targets]
+        slot = program.loss_slot()        # outside the capture's pool: the caller keeps it
         note = "captured"
         try:
             stream = cuda.Stream(non_blocking=True)
@@ -245,14 +298,15 @@ class GraphReplay:
             static = {k: xp.empty(feeds[k].shape, feeds[k].dtype) for k in ("x", "y")}
             events = (cuda.Event(disable_timing=True), cuda.Event(disable_timing=True))
             fed = dict(feeds, **static)
-            kept = [view for name, view in program.copies if not name.startswith("grad/")]
+            kept = [view for name, view in program.targets if not name.startswith("grad/")]
             _enter(xp, stream, events[0])
             with stream, cuda.using_allocator(pool.malloc):
                 for k in static:
                     xp.copyto(static[k], xp.asarray(feeds[k]))
                 before = [v.copy() for v in kept]          # buffers the step updates
                 loss = program.body(fed, checks)           # this step, plain; the pool warms
-                plain = [v.copy() for v in targets] + [loss.copy()]
+                plain = [v.copy() for v in targets] + [slot]
+                xp.copyto(slot, loss)
                 for v, b in zip(kept, before, strict=True):
                     xp.copyto(v, b)
                 graph, static_loss = _capture(xp, stream, lambda: program.body(fed, checks))
@@ -270,7 +324,8 @@ class GraphReplay:
             for v, w in zip(targets, plain[:-1], strict=True):
                 xp.copyto(v, w)
         elif plain is None:                     # failed between its forward and the copy
-            loss = program.body(feeds, checks)
+            xp.copyto(slot, program.body(feeds, checks))
+            loss = slot
         try:
             _leave(xp, stream, events[1])
         except Exception as e:  # noqa: BLE001 - then wait for it from the host, once
@@ -293,7 +348,8 @@ class GraphReplay:
             self.graph.launch(self.stream)
             if program.flat:
                 program.update(program.state.optimizer)
-            loss = self.loss.copy()
+            loss = program.loss_slot()
+            xp.copyto(loss, self.loss)
         _leave(xp, self.stream, self.events[1])
         return loss
 
@@ -308,6 +364,28 @@ def _leave(xp, stream, event) -> None:
     """The caller's stream waits for what ``stream`` has queued (no host wait)."""
     event.record(stream)
     xp.cuda.get_current_stream().wait_event(event)
+
+
+class GradientBuckets:
+    """Data parallelism over a flat gradient buffer (``flat``: the gradients, and the loss
+    in its last element when the step wrote it there): the buffer split into buckets of at
+    most ``bucket_bytes``, each scaled by 1/world_size and allreduced in place, one
+    collective a bucket (the CPU rewrite's order: scale as packed, then sum). ``extra``
+    views (batch statistics not synchronised in the graph, the loss when ``loss_apart``)
+    are averaged one by one."""
+
+    def __init__(self, flat, extra: list, loss_apart: bool, bucket_bytes: int,
+                 world_size: int, comm, xp):
+        step = max(1, int(bucket_bytes) // flat.dtype.itemsize)
+        self.buckets = [flat[i:i + step] for i in range(0, flat.size, step)]
+        self.extra, self.loss_apart = list(extra), loss_apart
+        self.scale, self.comm, self.xp = 1.0 / world_size, comm, xp
+
+    def __call__(self, loss) -> None:
+        xp, comm, scale = self.xp, self.comm, self.scale
+        for buf in self.buckets + self.extra + ([loss] if self.loss_apart else []):
+            xp.multiply(buf, scale, out=buf)
+            comm.allreduce_(buf, "sum")
 
 
 class FlatUpdate:
@@ -343,4 +421,5 @@ class FlatUpdate:
                        self.head + tail)
 
 
-__all__ = ["DeviceProgram", "DeviceState", "FlatUpdate", "GraphReplay", "StepLoss", "flat_kind"]
+__all__ = ["DeviceProgram", "DeviceState", "FlatUpdate", "GradientBuckets", "GraphReplay",
+           "StepLoss", "flat_kind"]

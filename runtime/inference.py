@@ -26,7 +26,7 @@ from shardgrad.runtime.step import Predictor
 class Run:
     """A trained run: its config, the model with the trained state (eval mode), its data."""
 
-    config: dict
+    config: cfg.Config
     model: Module
     data: Dataset
     weights: str
@@ -75,8 +75,8 @@ def load_run(run_dir: str, overrides: Sequence[str] = ()) -> Run:
         if weights is None:
             raise DataError(f"{run_dir}: no final.safetensors or checkpoint to load")
     tensors, _ = load_checkpoint(weights)
-    with default_dtype(config["train"]["dtype"]):
-        manual_seed(config["train"]["seed"])
+    with default_dtype(config.train.dtype):
+        manual_seed(config.train.seed)
         model = build_model(config, data.input_shape, data.num_classes,
                             vocab_size(data.x_train))   # a transformer's, as training drew it
     try:
@@ -92,8 +92,8 @@ def logits(run: Run, x: np.ndarray, batch_size: int | None = None) -> np.ndarray
     """The model's logits for ``x``, in batches (the run's ``train.eval_batch_size``)."""
     from shardgrad.runtime.train import make_executor
 
-    batch_size = batch_size or run.config["train"]["eval_batch_size"]
-    predict = Predictor(run.model, make_executor(run.config["train"]["executor"]))
+    batch_size = batch_size or run.config.train.eval_batch_size
+    predict = Predictor(run.model, make_executor(run.config.train.executor))
     parts = [predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, run.data.num_classes))
 
@@ -184,7 +184,7 @@ def read_inputs(run: Run, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]
     (converted to the model's channels; their size must be the training images')."""
     shape = run.data.input_shape
     tokens = run.data.x_train.dtype.kind in "iu"     # a text model's integer token ids
-    dtype = run.data.x_train.dtype if tokens else run.config["train"]["dtype"]
+    dtype = run.data.x_train.dtype if tokens else run.config.train.dtype
     if len(inputs) == 1 and inputs[0].endswith(".npz"):
         path = inputs[0]
         try:
@@ -206,12 +206,19 @@ def read_inputs(run: Run, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]
         missing = [p for p in inputs if not os.path.isfile(p)]
         if missing:
             raise DataError(f"{missing[0]}: no such file")
-        if len(shape) != 3:
-            raise DataError(f"this model takes vectors of {shape[0]} values: give an .npz")
-        mode = {1: "L", 3: "RGB"}.get(shape[0])
-        if mode is None:
-            raise DataError(f"this model takes {shape[0]}-channel images: give an .npz")
-        x, names = datasets.read_images(list(inputs), mode) / 255.0, list(inputs)
+        if tokens:
+            raise DataError("this model takes integer token ids: give an .npz")
+        if len(shape) == 3:
+            mode = {1: "L", 3: "RGB"}.get(shape[0])
+            if mode is None:
+                raise DataError(f"this model takes {shape[0]}-channel images: give an .npz")
+            x = datasets.read_images(list(inputs), mode)
+        else:   # an MLP on images: flattened (C, H, W) rows, as the data sets flatten them
+            x = datasets.read_images(list(inputs), "L")
+            if x.shape[2] * x.shape[3] * 3 == shape[0]:
+                x = datasets.read_images(list(inputs), "RGB")
+            x = x.reshape(len(x), -1)
+        x, names = x / 255.0, list(inputs)
     x = np.asarray(x, dtype)
     flat = int(np.prod(shape))
     if x.ndim >= 2 and int(np.prod(x.shape[1:])) == flat:

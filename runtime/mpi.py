@@ -233,6 +233,11 @@ class MPICommunicator(Communicator):
         self._guarded(f"allgather of {x.nbytes} bytes", self.comm.Allgather, x, out)
         return out
 
+    def reduce_scatter_(self, x, out, op="sum"):
+        self._guarded(f"reduce_scatter({op}) of {x.nbytes} bytes", self.comm.Reduce_scatter_block,
+                      x, out, _OPS[op])
+        return out
+
     def send(self, buf, dest, tag=0):
         self._guarded(f"send of {buf.nbytes} bytes to rank {dest}", self.comm.Send, buf, dest,
                       tag)

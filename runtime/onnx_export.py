@@ -1,6 +1,7 @@
 """ONNX export: the eval-mode forward graph of the IR (``trace_forward``), node for node, as
 an ONNX model written with the ``onnx`` package (the [onnx] extra). Parameters and buffers
-become initializers; the batch axis stays free. Imports graph and runtime.
+become initializers; the batch axis stays free; the input is images, vectors or (for a text
+model) integer token ids. Imports graph and runtime.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ _TRACE_BATCH = 7919
 _SAME = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "matmul": "MatMul",
          "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf", "sqrt": "Sqrt",
          "exp": "Exp", "log": "Log", "neg": "Neg", "abs": "Abs", "maximum": "Max",
-         "minimum": "Min", "pow": "Pow"}
+         "minimum": "Min", "pow": "Pow", "where": "Where", "equal": "Equal", "less": "Less",
+         "less_equal": "LessOrEqual", "greater": "Greater", "greater_equal": "GreaterOrEqual"}
 
 
 def _onnx():
@@ -69,14 +71,51 @@ class _Writer:
         shape = self.init(f"{out}.shape", np.asarray([-1, c, kh, kw, oh, ow], np.int64))
         return self.emit("Reshape", [conv, shape], out)
 
+    def getitem(self, node: Node, x: str, out: str) -> str:
+        # ops.shape's normalised index: one Slice over the sliced and integer-indexed axes
+        # (k as k:k+1; a full slice, the batch axis's included, is left out), a Squeeze of the
+        # integer axes, an Unsqueeze of the new ones
+        index, shape = node.attrs["index"], node.inputs[0].shape
+        cuts, drop = [], []      # (start, end, axis, step) each
+        d = 0
+        for it in index:
+            if it[0] == "n":
+                continue
+            if it[0] == "i":
+                cuts.append((it[1], it[1] + 1, d, 1))
+                drop.append(d)
+            elif it[1:] != (0, shape[d], 1):
+                if shape[d] == _TRACE_BATCH:
+                    raise DataError(f"export: a slice {it[1:]} of the batch axis "
+                                    f"({node.where}) depends on the batch size")
+                # stop None: past index 0 going down, which INT64_MIN says to Slice
+                cuts.append((it[1], -2**63 if it[2] is None else it[2], d, it[3]))
+            d += 1
+        if cuts:
+            x = self.emit("Slice", [x] + [self.init(f"{out}.{k}", np.asarray(v, np.int64))
+                                          for k, v in zip(("starts", "ends", "axes", "steps"),
+                                                          zip(*cuts, strict=True),
+                                                          strict=True)],
+                          f"{out}.slice")
+        if drop:
+            x = self.emit("Squeeze", [x, self.init(f"{out}.drop", np.asarray(drop, np.int64))],
+                          f"{out}.squeeze")
+        new = [i for i, it in enumerate([it for it in index if it[0] != "i"]) if it[0] == "n"]
+        if new:
+            x = self.emit("Unsqueeze", [x, self.init(f"{out}.new", np.asarray(new, np.int64))],
+                          f"{out}.unsqueeze")
+        return self.emit("Identity", [x], out)
+
 
 def to_onnx(model: Module, input_shape: tuple[int, ...], dtype: str = "float32",
-            name: str = "shardgrad"):
+            name: str = "shardgrad", input_dtype: str | None = None):
     """The ONNX ModelProto of ``model``'s eval-mode forward for samples of ``input_shape``:
-    input ``x`` (batch, *input_shape), output ``logits``. Raises DataError naming an IR op
+    input ``x`` (batch, *input_shape) of ``input_dtype`` (default ``dtype``; integer token
+    ids for a text model), output ``logits`` of ``dtype``. Raises DataError naming an IR op
     that has no ONNX form."""
     onnx = _onnx()
-    graph: Graph = trace_forward(model, ((_TRACE_BATCH, *input_shape), dtype))
+    input_dtype = str(np.dtype(input_dtype or dtype))
+    graph: Graph = trace_forward(model, ((_TRACE_BATCH, *input_shape), input_dtype))
     w = _Writer(onnx, dtype)
     state = {**{n: p.numpy() for n, p in model.named_parameters()},
              **{n: b.numpy() for n, b in model.named_buffers()}}
@@ -133,9 +172,17 @@ def to_onnx(model: Module, input_shape: tuple[int, ...], dtype: str = "float32",
                                              f"{out}.sum")], f"{out}.inner")
             t = w.emit("Add", [one, w.emit("Tanh", [inner], f"{out}.tanh")], f"{out}.1pt")
             w.emit("Mul", [w.emit("Mul", [half, x], f"{out}.hx"), t], out)
-        elif node.op == "astype":
+        elif node.op in ("astype", "cast"):
             w.emit("Cast", ins, out,
                    to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(node.dtype)))
+        elif node.op == "not_equal":
+            w.emit("Not", [w.emit("Equal", ins, f"{out}.eq")], out)
+        elif node.op == "embedding":      # rows of the table: a Gather along axis 0
+            w.emit("Gather", ins, out, axis=0)
+        elif node.op == "softmax":
+            w.emit("Softmax", ins, out, axis=a["axis"])
+        elif node.op == "getitem":
+            w.getitem(node, ins[0], out)
         else:
             raise DataError(f"export: the IR op {node.op!r} (at {node.where}) has no ONNX form "
                             f"in runtime/onnx_export.py yet")
@@ -145,7 +192,9 @@ def to_onnx(model: Module, input_shape: tuple[int, ...], dtype: str = "float32",
                                          name="logits"))
     g = onnx.helper.make_graph(
         w.nodes, name,
-        [onnx.helper.make_tensor_value_info("x", elem, ["batch", *input_shape])],
+        [onnx.helper.make_tensor_value_info(
+            "x", onnx.helper.np_dtype_to_tensor_dtype(np.dtype(input_dtype)),
+            ["batch", *input_shape])],
         [onnx.helper.make_tensor_value_info("logits", elem, ["batch", logits.shape[1]])],
         w.inits)
     proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
@@ -161,11 +210,8 @@ def export_run(run_dir: str, out: str) -> str:
     from shardgrad.runtime.serialize import write_atomic
 
     run = load_run(run_dir)
-    if run.data.x_train.dtype.kind in "iu":
-        raise DataError(f"{run_dir}: export --format onnx takes float inputs; integer token "
-                        f"ids (model.kind = {run.config['model']['kind']!r}) are not exported "
-                        f"yet")
-    proto = to_onnx(run.model, run.data.input_shape, run.config["train"]["dtype"])
+    proto = to_onnx(run.model, run.data.input_shape, run.config.train.dtype,
+                    input_dtype=str(run.data.x_train.dtype))
     data = proto.SerializeToString()
 
     def write(tmp):

@@ -74,7 +74,7 @@ class TrainStep:
     def __init__(self, model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
                  transform: Callable[[Graph], Graph] | None = None, precision: str = "fp32",
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, comm: Any = None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.cuda_graph = cuda_graph
         passes.low_dtype(precision)                 # a bad name or missing package: now
@@ -84,10 +84,16 @@ class TrainStep:
         self.precision = precision
         self.executor = executor or executor_for(model)
         self.device = device_of(model)
-        # a GPU model on the default executor: the step owns its state there (runtime.gpu_step)
-        self._resident = executor is None and transform is None and self.device.is_cuda
+        # a GPU model on the default executor: the step owns its state there (runtime.gpu_step),
+        # data parallelism (a DataParallel transform and its communicator ``comm``) included
+        self._parallel = (transform, comm) if comm is not None and resident_parallel(
+            transform) else None
+        self._resident = executor is None and self.device.is_cuda and (
+            transform is None or self._parallel is not None)
         if self._resident:
             self.executor = self._device_program
+        elif comm is not None:          # the transform's collectives run on comm
+            self.executor = _bound(self.executor, comm)
         self._state = None
         self._last: tuple = ()
         self._steps = 0
@@ -133,8 +139,8 @@ class TrainStep:
             with context():
                 graph = trace_step(self.model, self.loss_fn, self.optimizer, *key_traced,
                                    loss_scaling=self.precision == "fp16")
-            if self.transform is not None:
-                graph = self.transform(graph)
+            if self.transform is not None and not self._resident:
+                graph = self.transform(graph)      # (a resident step applies it itself)
             # the CPU emulates low precision (rounding around float32 GEMMs): docs/gpu.md
             graph = passes.autocast(graph, self.precision, emulate=not self.device.is_cuda)
             self._compiled[key] = (graph, self.executor(graph))
@@ -174,7 +180,19 @@ class TrainStep:
     def _device_program(self, graph: Graph):
         from shardgrad.runtime import gpu_step
 
-        return gpu_step.DeviceProgram(graph, self._state)
+        self._own_state()
+        return gpu_step.DeviceProgram(graph, self._state, self._parallel)
+
+    def _own_state(self) -> None:
+        from shardgrad.runtime import gpu_step
+
+        if self._state is None:
+            with _current(self.device):
+                self._state = gpu_step.DeviceState(
+                    self._params, self._buffers + [
+                        s for s in self._opt_states if s[0].startswith("amp/")],
+                    self.optimizer, self.device, dev.xp_for(self.device))
+                self._checks = gpu_step.gpu_ops.DeferredChecks()
 
     def _device_step(self, x, y) -> Tensor:
         from shardgrad.runtime import gpu_step
@@ -188,13 +206,7 @@ class TrainStep:
                 and last[3] == y.dtype and last[4] == hyper and all(
                     p.requires_grad for _, p in self._params)):
             with _current(self.device):
-                if self._state is None:
-                    self._state = gpu_step.DeviceState(
-                        self._params, self._buffers + [
-                            s for s in self._opt_states if s[0].startswith("amp/")],
-                        opt, self.device,
-                        dev.xp_for(self.device))
-                    self._checks = gpu_step.gpu_ops.DeferredChecks()
+                self._own_state()
                 _, self._program = self.graph_for(x, y)
                 key = (x.shape, x.dtype, y.shape, y.dtype, hyper)
                 self._feeds = dict(self._state.feeds)
@@ -220,14 +232,16 @@ class TrainStep:
         or ``graph-update`` (state owned on the GPU, the traced update); ``cuda_graph`` says
         whether steps replay a captured CUDA Graph and ``graph`` why not (``captured``, or
         the reason plain launches run); ``rebinds`` counts tensors copied in because user
-        code replaced their values."""
+        code replaced their values; ``memory`` is the GPU step's static memory plan
+        (runtime.gpu.MemoryPlan.stats: arena, naive and peak bytes, ops left unplanned)."""
         out: dict[str, Any] = {"device": str(self.device), "steps": self._steps,
                                "cuda_graph": False, "path": "host-feeds"}
         if self._resident and getattr(self, "_program", None) is not None:
             out.update(path=self._program.path, rebinds=self._state.rebinds,
                        cuda_graph=self._program.cuda_graph, graph=self._program.graph_note,
                        fused_groups=self._program.exe.n_fused,
-                       launch_actions=len(self._program.exe.actions))
+                       launch_actions=len(self._program.exe.actions),
+                       memory=self._program.exe.plan.stats())
         return out
 
     def write_back(self, out: dict[str, Any]) -> None:
@@ -244,6 +258,11 @@ class TrainStep:
             if f"state/{n}" in out:
                 t._set_leaf(out[f"state/{n}"])
 
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this process holds (per-parameter state, e.g. momentum or
+        Adam's moments, and the fp16 loss scale)."""
+        return sum(int(t.data.nbytes) for _, t in self._opt_states)
+
     def to_host(self) -> None:
         """Copy the parameters, buffers and optimizer state that steps on a GPU left on the
         device back into NumPy arrays (before evaluating, checkpointing or summarizing); the
@@ -253,11 +272,36 @@ class TrainStep:
                 t._set_leaf(to_host(t.data))
 
 
+class _BoundRun:
+    def __init__(self, inner, comm):
+        self.inner, self.comm = inner, comm
+
+    def run(self, feeds):
+        from shardgrad.ops import collective
+
+        with collective.bind(self.comm):
+            return self.inner.run(feeds)
+
+
+def _bound(executor, comm):
+    """``executor`` whose programs run their collectives on ``comm``."""
+    return lambda graph: _BoundRun(executor(graph), comm)
+
+
+def resident_parallel(transform) -> bool:
+    """Whether a GPU step can own its state under ``transform``: data parallelism by
+    allreduce (the deterministic mode's chunked graph runs through the host-feeds path)."""
+    from shardgrad.partition.data_parallel import DataParallel
+
+    return isinstance(transform, DataParallel) and not transform.deterministic and (
+        transform.split == 1)
+
+
 def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                  executor: Executor | None = None,
                  transform: Callable[[Graph], Graph] | None = None,
                  precision: str = "fp32", cuda_graph: bool = True,
-                 accumulate: int = 1) -> TrainStep:
+                 accumulate: int = 1, comm: Any = None) -> TrainStep:
     """Trace ``loss_fn(model(x), y)``, its gradients and ``optimizer``'s update into one
     Graph (built on the first call), and return the callable step. ``precision`` "bf16" or
     "fp16" runs matmuls and convolutions in that dtype (graph.passes.autocast), the rest in
@@ -267,7 +311,11 @@ def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
 
     ``accumulate`` k > 1: gradient accumulation. Call the step with k batches at once (x of
     k * B rows); it is traced on B rows, runs k times and updates once with the mean of the
-    k gradients (``train.accumulate`` does the same)."""
+    k gradients (``train.accumulate`` does the same).
+
+    ``comm``: the communicator a data-parallel ``transform`` (partition.DataParallel) runs
+    over; with it a GPU model keeps its state on the device, its flat gradient buffer
+    allreduced a bucket at a time (sg.distributed and ``shardgrad train`` pass it)."""
     if accumulate > 1:
         if transform is not None:
             raise ValueError("compile_step: accumulate with a transform: give the transform "
@@ -276,7 +324,8 @@ def compile_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
         from shardgrad.partition.data_parallel import DataParallel
 
         transform = DataParallel(1, deterministic=True, chunks=accumulate)
-    return TrainStep(model, loss_fn, optimizer, executor, transform, precision, cuda_graph)
+    return TrainStep(model, loss_fn, optimizer, executor, transform, precision, cuda_graph,
+                     comm)
 
 
 class Predictor:

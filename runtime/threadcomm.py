@@ -80,6 +80,16 @@ class ThreadCommunicator(Communicator):
             out[r * m:(r + 1) * m] = part
         return out
 
+    def reduce_scatter_(self, x, out, op="sum"):
+        m = len(out)
+        block = slice(self.rank * m, (self.rank + 1) * m)
+        parts = self._exchange(np.array(x, copy=True), "reduce_scatter")
+        total = parts[0][block].copy()
+        for p in parts[1:]:
+            _REDUCE[op](total, p[block], out=total)
+        out[...] = total
+        return out
+
     def _queue(self, source: int, dest: int, tag: int) -> queue.Queue:
         with self.group.lock:
             return self.group.queues.setdefault((source, dest, tag), queue.Queue())

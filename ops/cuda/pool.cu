@@ -53,6 +53,34 @@ extern "C" __global__ void maxpool_bwd(const T* __restrict__ gy, const int* __re
     }
 }
 
+// maxpool_bwd reading the forward's maxima (top) instead of an argmax: a window routes gy to
+// the pixel whose index is the first in the window (row-major) holding its max, the first
+// NaN where the max is NaN, index 0 where every element is padding (as maxpool_fwd picks)
+extern "C" __global__ void maxpool_bwd_top(const T* __restrict__ gy, const T* __restrict__ x,
+                                           const T* __restrict__ top, T* __restrict__ gx,
+                                           GEOM) {
+    GRID_STRIDE(t, (long long)N * C * H * W) {
+        const int w = (int)(t % W), h = (int)((t / W) % H);
+        const long long base = (t / ((long long)W * H)) * OH * OW;
+        const T* xp = x + (t / ((long long)W * H)) * H * W;
+        T acc = (T)0;
+        for_windows_reading(h, w, KH, KW, SH, SW, PH, PW, OH, OW,
+                            [&](int i, int j, int oh, int ow) {
+            const long long o = base + (long long)oh * OW + ow;
+            const T m = top[o];
+            int first = 0;
+            for (int k = 0; k < KH * KW; ++k) {
+                const int hh = oh * SH - PH + k / KW, ww = ow * SW - PW + k % KW;
+                const T v = (hh >= 0 && hh < H && ww >= 0 && ww < W)
+                    ? xp[(long long)hh * W + ww] : sg_neg_inf();
+                if (m != m ? v != v : v == m) { first = k; break; }
+            }
+            if (first == i * KW + j) acc += gy[o];
+        });
+        gx[t] = acc;
+    }
+}
+
 // out[window] = y at the window's first max (the adjoint of maxpool_bwd)
 extern "C" __global__ void maxpool_gather(const T* __restrict__ y, const int* __restrict__ arg,
                                           T* __restrict__ out, GEOM) {

@@ -1,11 +1,13 @@
 """The suite's guard against a green run that did not test (tests/conftest.py): with
-SHARDGRAD_FORBID_SKIP=mpi,ray, as .ci/run sets it, a skipped `mpi` test fails the run, and the
+SHARDGRAD_FORBID_SKIP=mpi,ray,... as .ci/run sets it, a skipped `mpi` test fails the run, and the
 python's bin directory is on PATH so mpirun is found without an activated venv."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,14 @@ def test_a_module_skipped_whole_fails_the_run(tmp_path):
 def test_the_pythons_bin_directory_is_on_path():
     assert os.path.dirname(sys.executable) in os.environ["PATH"].split(os.pathsep)
     assert shutil.which("mpirun") is not None
+
+
+def test_ci_forbids_skips_for_every_marker_but_gpu():
+    # a new marker for a tool CI installs (mpirun, Ray, g++, dot) must be forbidden to skip
+    # there, or its tests could skip unnoticed; only the GPU may be absent in CI
+    root = Path(__file__).resolve().parents[2]
+    markers = {m.split(":")[0] for m in tomllib.loads(
+        (root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]}
+    forbidden = set(re.search(r"SHARDGRAD_FORBID_SKIP=([\w,]+)",
+                              (root / ".ci" / "run").read_text()).group(1).split(","))
+    assert markers - {"gpu", "faults"} == forbidden

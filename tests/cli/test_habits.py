@@ -122,6 +122,7 @@ def test_graph_svg_without_graphviz_says_what_to_install(tmp_path, monkeypatch, 
     assert (tmp_path / "x.dot").read_text().startswith("digraph")
 
 
+@pytest.mark.graphviz
 @pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz's dot")
 def test_graph_svg_with_graphviz_renders_it(tmp_path):
     assert cli.main(["graph", MLP, "--out", str(tmp_path / "x.svg"), "--set",

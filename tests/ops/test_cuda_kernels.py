@@ -20,7 +20,8 @@ from shardgrad.ops.registry import get, kernel_for
 sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
 import host_cuda  # noqa: E402
 
-pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")
+pytestmark = [pytest.mark.hostcc,
+              pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")]
 
 DTYPES = ["float32", "float64"]
 WINDOWS = [dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1)),
@@ -52,6 +53,10 @@ def check(name, dtype, *args, **attrs):
     close(got, want, dtype)
     if name in GATHERS:
         np.testing.assert_array_equal(got, want, err_msg=name)
+    # the out= form (the GPU executor's memory plan): the same values in the given buffer
+    buf = np.full(want.shape, np.nan, want.dtype)
+    assert REGISTRY[name].cuda(np, *args, **attrs, out=buf) is buf, name
+    np.testing.assert_array_equal(buf, got, err_msg=name)
 
 
 def rand(rng, shape, dtype, lo=-2.0, hi=2.0):
@@ -126,9 +131,26 @@ def test_conv_and_pool_kernels(dtype, win):
     g = rand(rng, out.shape, dtype)
     check("max_pool2d", dtype, x, **win)
     check("max_pool2d_grad", dtype, g, x, **win)
+    check("max_pool2d_grad", dtype, g, x, out, **win)    # reading the forward's maxima
     check("max_pool2d_gather", dtype, rand(rng, x.shape, dtype), x, **win)
     check("avg_pool2d", dtype, x, **win)
     check("avg_pool2d_grad", dtype, g, shape=x.shape, **win)
+
+
+def test_max_pool_backward_from_the_maxima_keeps_the_first_of_ties_nan_and_inf():
+    """maxpool_bwd_top finds each window's first maximum by comparing with the stored one:
+    ties, NaN (the first NaN wins, as numpy.argmax) and windows of -inf and padding only."""
+    x = np.array([[[[1.0, 1.0, 0.0, -np.inf],
+                    [1.0, np.nan, -np.inf, -np.inf],
+                    [2.0, np.nan, 5.0, 5.0],
+                    [np.nan, 2.0, 5.0, 5.0]]]])
+    g = np.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    for win in (dict(kernel=(2, 2), stride=(1, 1), padding=(0, 0)),
+                dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1)),
+                dict(kernel=(2, 2), stride=(2, 2), padding=(1, 1))):
+        top = get("max_pool2d").forward(np, x, **win)
+        g = np.arange(1.0, 1.0 + top.size).reshape(top.shape)
+        check("max_pool2d_grad", "float64", g, x, top, **win)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (0, 2, 4, 4), (2, 0, 3, 3), (1, 1, 5, 3),
@@ -150,6 +172,7 @@ def test_conv_and_pool_kernels_at_edge_shapes(shape):
         check("col2im", "float64", rand(rng, cols.shape, "float64"), shape=x.shape, **win)
         check("max_pool2d", "float64", x, **win)
         check("max_pool2d_grad", "float64", g, x, **win)
+        check("max_pool2d_grad", "float64", g, x, out, **win)
         check("max_pool2d_gather", "float64", rand(rng, x.shape, "float64"), x, **win)
         check("avg_pool2d", "float64", x, **win)
         check("avg_pool2d_grad", "float64", g, shape=x.shape, **win)

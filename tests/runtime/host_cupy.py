@@ -41,7 +41,8 @@ def module(devices: int = 1) -> types.ModuleType:
     stream = _Stream()
     cupy.cuda = types.SimpleNamespace(
         Device=_Device, get_current_stream=lambda: stream, Stream=_Stream,
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: devices))
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: devices),
+        alloc_pinned_memory=lambda nbytes: bytearray(nbytes))
     return cupy
 
 
@@ -97,6 +98,10 @@ class DeviceArray(np.ndarray):
             return host
         np.copyto(out, host)
         return out
+
+    def set(self, arr) -> None:
+        """The upload into this array (CuPy's ``ndarray.set``)."""
+        np.copyto(self.view(np.ndarray), np.asarray(arr))
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError("Implicit conversion to a NumPy array is not allowed (as CuPy): "

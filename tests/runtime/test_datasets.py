@@ -147,6 +147,21 @@ def test_download_verifies_caches_and_is_atomic(tmp_path):
     assert os.listdir(tmp_path / "cache") == ["a.bin"]       # no temporary file left
 
 
+def test_download_shows_a_progress_bar(tmp_path, monkeypatch, capsys):
+    body = b"y" * 300_000
+    monkeypatch.setenv("SHARDGRAD_PROGRESS", "1")
+    with _Server({"/big.bin": body}) as srv:
+        datasets.download(datasets.Remote(srv.url + "/big.bin", _sha(body)),
+                          str(tmp_path / "big.bin"))
+    err = capsys.readouterr().err
+    assert "big.bin" in err and "/300k" in err        # tqdm's bar: name, bytes of the total
+    monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")     # and none when turned off
+    with _Server({"/big.bin": body}) as srv:
+        datasets.download(datasets.Remote(srv.url + "/big.bin", _sha(body)),
+                          str(tmp_path / "again.bin"))
+    assert capsys.readouterr().err == ""
+
+
 def test_download_checksum_mismatch_leaves_nothing(tmp_path):
     with _Server({"/a.bin": b"tampered"}) as srv:
         remote = datasets.Remote(srv.url + "/a.bin", _sha(b"original"))

@@ -39,10 +39,11 @@ def run(argv, timeout=100):
 
 
 @under_mpirun
-def test_the_script_under_mpirun_gives_the_single_process_result():
+@pytest.mark.parametrize("zero", [0, 1])
+def test_the_script_under_mpirun_gives_the_single_process_result(zero):
     args = [str(EXAMPLE), "--dtype", "float64", "--epochs", "2"]
     alone = run([sys.executable, *args])
-    two = run([*MPIRUN, "-n", "2", sys.executable, *args])
+    two = run([*MPIRUN, "-n", "2", sys.executable, *args, "--zero", str(zero)])
     assert alone.returncode == 0, alone.stderr
     assert two.returncode == 0, two.stderr
     a, b = json.loads(alone.stdout), json.loads(two.stdout)   # rank 0 alone prints

@@ -52,8 +52,7 @@ def test_broadcast_state_makes_every_rank_hold_rank_0s_parameters():
 def _prepared(comm, hidden, batch):
     model, opt = mlp(0, hidden)
     options = step_options(config(**{"parallel.dp": comm.world_size}), comm)
-    step = sg.compile_step(model, sg.functional.cross_entropy, opt,
-                           executor=options["executor"], transform=options["transform"])
+    step = options["make_step"](model, sg.functional.cross_entropy, opt)
     x, y = np.zeros((batch, 6), np.float32), np.zeros(batch, np.int64)
     options["prepare"](model, opt, step, x, y)
     return step(x, y)
@@ -94,8 +93,7 @@ def test_an_injected_fault_on_one_rank_fails_the_others_fast():
         model, opt = mlp(0)
         options = step_options(config(**{"parallel.dp": 2, "debug.fail_at_step": 2,
                                          "debug.fail_rank": 1}), comm)
-        step = sg.compile_step(model, sg.functional.cross_entropy, opt,
-                               executor=options["executor"], transform=options["transform"])
+        step = options["make_step"](model, sg.functional.cross_entropy, opt)
         for _ in range(4):
             step(np.ones((4, 6), np.float32), np.zeros(4, np.int64))
 
@@ -112,8 +110,7 @@ def test_a_peer_that_fails_turns_a_blocked_collective_into_comm_error():
             raise ValueError("boom")
         model, opt = mlp(0)
         options = step_options(config(**{"parallel.dp": 2}), comm)
-        step = sg.compile_step(model, sg.functional.cross_entropy, opt,
-                               executor=options["executor"], transform=options["transform"])
+        step = options["make_step"](model, sg.functional.cross_entropy, opt)
         try:
             step(np.ones((4, 6), np.float32), np.zeros(4, np.int64))
         except ExecutionError as e:

@@ -164,6 +164,23 @@ def test_bcast_send_recv_allgather_staged():
     np.testing.assert_array_equal(p1, [7, 8])
 
 
+@pytest.mark.parametrize("aware", [False, True])
+def test_reduce_scatter_of_device_buffers(aware):
+    def rank(comm):
+        log = []
+        g = GPUCommunicator(comm, cuda_aware=aware, xp=fake_xp(log))
+        x = device(np.arange(6) * (comm.rank + 1), log)
+        out = device(np.zeros(2), log)
+        g.reduce_scatter_(x, out)
+        host = np.zeros(2, np.float32)
+        g.reduce_scatter_(np.arange(6, dtype=np.float32), host)   # host buffers pass through
+        return np.asarray(out).copy(), host, log
+    for r, (out, host, log) in enumerate(run_ranks(3, rank)):
+        np.testing.assert_array_equal(out, np.arange(2 * r, 2 * r + 2) * 6)
+        np.testing.assert_array_equal(host, np.arange(2 * r, 2 * r + 2) * 3)
+        assert log == (["sync"] if aware else ["sync", "get", "set", "sync"])
+
+
 def test_pinned_buffers_are_reused_per_size():
     log = []
     g = GPUCommunicator(SingleProcess(), xp=fake_xp(log))
@@ -232,6 +249,12 @@ class _FakeNcclComm:
         parts = self._exchange(self._view(ptr, count, dtype).copy())
         self._view(ptr, count, dtype)[:] = parts[root]
 
+    def reduceScatter(self, send, recv, count, dtype, op, stream):   # noqa: N802 - cupy's name
+        parts = self._exchange(self._view(send, count * len(self.group.slots), dtype).copy())
+        reduce = [np.sum, np.max, np.min][op]
+        block = reduce(np.stack(parts), axis=0)[self.rank * count:(self.rank + 1) * count]
+        self._view(recv, count, dtype)[:] = block
+
     def allGather(self, send, recv, count, dtype, stream):   # noqa: N802 - cupy's name
         parts = self._exchange(self._view(send, count, dtype).copy())
         self._view(recv, count * len(parts), dtype)[:] = np.concatenate(parts)
@@ -270,13 +293,17 @@ def test_nccl_communicator_on_three_ranks(monkeypatch):
         g.allgather_(np.array([r, 10 * r], np.int32).view(NcclDevice), out)
         host = np.ones(2) * r
         g.allreduce_(host)                              # host buffers go to the inner comm
-        return [np.asarray(a).copy() for a in (total, biggest, root, out, host)], log
+        block = np.zeros(2, np.float64).view(NcclDevice)
+        block.log = log
+        g.reduce_scatter_(np.arange(6.0).view(NcclDevice) * (r + 1), block)
+        return [np.asarray(a).copy() for a in (total, biggest, root, out, host, block)], log
     results = run_ranks(3, rank)
     assert len(nccl.groups) == 1                        # one id, broadcast from rank 0
-    for (total, biggest, root, out, host), log in results:
+    for r, ((total, biggest, root, out, host, block), log) in enumerate(results):
+        np.testing.assert_array_equal(block, np.arange(2.0 * r, 2.0 * r + 2) * 6)
         np.testing.assert_array_equal(total, np.array([1.5, -2.0, 4.0], np.float32) * 6)
         np.testing.assert_array_equal(biggest, np.arange(4) * 1)
         np.testing.assert_array_equal(root, np.full(5, 2.0))
         np.testing.assert_array_equal(out, [0, 0, 1, 10, 2, 20])
         np.testing.assert_array_equal(host, [3.0, 3.0])
-        assert log.count("sync") == 4 and "get" not in log   # nothing staged through the host
+        assert log.count("sync") == 5 and "get" not in log   # nothing staged through the host

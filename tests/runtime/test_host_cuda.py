@@ -15,7 +15,8 @@ import host_cuda  # noqa: E402
 
 from shardgrad.ops import gpu  # noqa: E402
 
-pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")
+pytestmark = [pytest.mark.hostcc,
+              pytest.mark.skipif(host_cuda.compiler() is None, reason="no host C++ compiler")]
 
 KERNELS = r"""
 __device__ float warp_sum(float v) {

@@ -1,7 +1,7 @@
 """Using a trained run: ``shardgrad evaluate`` (its top-1 is summary.json's test_accuracy;
 top-5, per-class accuracy, the confusion matrix as JSON, text and PNG), ``predict`` (.npz and
 image files) and ``export --format onnx`` (onnxruntime gives the same logits within 1e-5 on
-the whole test set, float32)."""
+the whole test set, float32), for mlp, cnn, resnet and transformer (text) runs."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import pytest
 from shardgrad.cli import main
 from shardgrad.runtime.config import load_config
 from shardgrad.runtime.inference import load_run, logits, metrics
-from shardgrad.runtime.train import train
+from shardgrad.runtime.train import load_data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,7 +67,12 @@ def test_metrics_top5_and_absent_class():
     assert r["confusion_matrix"][2] == [1, 0, 1, 0]
 
 
-def test_evaluate_refuses_non_data_keys(runs, capsys):
+def test_evaluate_refuses_non_data_keys(runs, capsys, tmp_path):
+    assert main(["evaluate", runs["mlp"], "--set", "data.test_fraction=0.5", "--out",
+                 str(tmp_path)]) == 0                      # another split: data.* may change
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shown["samples"] == len(load_data(load_config(None, ["data.test_fraction=0.5"]))
+                                   .y_test) > 359
     assert main(["evaluate", runs["mlp"], "--set", "train.lr=1"]) == 2
     assert "only data.* keys" in capsys.readouterr().err
     assert main(["evaluate", "/nonexistent/run"]) == 2
@@ -94,6 +99,31 @@ def test_predict_npz_and_images(runs, tmp_path, capsys):
     assert [r["label"] for r in images] == [r["label"] for r in rows[:3]]
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
     assert main(["predict", runs["cnn"], str(tmp_path / "small.png")]) == 2
+    assert "do not fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_predict_jpeg_and_png_files(runs, kind, tmp_path, capsys):
+    """Image files for an image model and for an MLP trained on flattened images: each
+    file's probabilities are the model's on the pixels Pillow decodes (JPEG is lossy)."""
+    from PIL import Image
+
+    run = load_run(runs[kind])
+    paths = []
+    for i, row in enumerate(run.data.x_test[:4]):
+        paths.append(str(tmp_path / f"{i}.{'jpg' if i % 2 else 'png'}"))
+        Image.fromarray(np.round(row.reshape(8, 8) * 255).astype(np.uint8)).save(paths[-1])
+    assert main(["predict", runs[kind], *paths]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    decoded = np.stack([np.asarray(Image.open(p), np.float32) / 255.0 for p in paths])
+    scores = logits(run, decoded.reshape((4, *run.data.input_shape)))
+    z = np.exp(scores - scores.max(axis=1, keepdims=True))
+    assert [r["input"] for r in rows] == paths
+    assert [r["label"] for r in rows] == scores.argmax(axis=1).tolist()
+    np.testing.assert_allclose([r["probabilities"] for r in rows],
+                               z / z.sum(axis=1, keepdims=True), atol=2e-6)
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.jpg")
+    assert main(["predict", runs[kind], str(tmp_path / "small.jpg")]) == 2
     assert "do not fit" in capsys.readouterr().err
 
 
@@ -126,7 +156,9 @@ def text_run(tmp_path_factory):
 def test_evaluate_predict_and_export_of_a_text_run(text_run, tmp_path, capsys):
     """The transformer's model is rebuilt with the run's vocabulary; 1,600 test samples in
     25 same-shape batches, each batch's logits kept (the executor may reuse its output
-    buffer); token ids stay integers; ONNX export says in one line that it cannot yet."""
+    buffer); token ids stay integers; the ONNX export (embedding gathers, the attention's
+    slices, masks and softmax, layer norm, mean pooling) gives the IR's logits within 1e-5
+    on the whole test set."""
     assert main(["evaluate", text_run, "--out", str(tmp_path)]) == 0
     shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     with open(os.path.join(text_run, "summary.json")) as f:
@@ -141,6 +173,43 @@ def test_evaluate_predict_and_export_of_a_text_run(text_run, tmp_path, capsys):
     np.savez(tmp_path / "floats.npz", x=x.astype(np.float32))
     assert main(["predict", text_run, str(tmp_path / "floats.npz")]) == 2
     assert "integer token ids" in capsys.readouterr().err
-    assert main(["export", text_run, "--out", str(tmp_path / "t.onnx")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not exported yet" in err
+    assert main(["export", text_run, "--out", str(tmp_path / "t.onnx")]) == 0
+    sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(int64)"
+    want = logits(run, run.data.x_test)
+    got = np.concatenate([sess.run(None, {"x": run.data.x_test[i:i + 100]})[0]
+                          for i in range(0, len(run.data.x_test), 100)])
+    assert got.shape == want.shape == (1600, 2) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert (got.argmax(1) == run.data.y_test).mean() == shown["top1_accuracy"]
+
+
+def test_onnx_getitem_forms_and_a_deeper_text_model():
+    """Every getitem form (slices, reversed slices, integers, new axes) and a 2-layer text
+    transformer on padded ids: onnxruntime's logits equal the IR's within 1e-5."""
+    import shardgrad as sg
+    from shardgrad.runtime.models import TextTransformer
+    from shardgrad.runtime.onnx_export import to_onnx
+    from shardgrad.runtime.step import Predictor
+
+    class Slices(sg.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = sg.nn.Linear(6, 5)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h[:, 1:4] * h[:, None, ::-1][:, 0, 1:4] + h[..., 2][:, None] - h[:, -1:]
+
+    rng = np.random.default_rng(0)
+    sg.manual_seed(0)
+    ids = rng.integers(1, 50, (37, 12))
+    ids[::2, 7:] = 0                                  # padding: masked keys, fewer to pool
+    for model, x, dtype in [(Slices(), rng.standard_normal((9, 6)).astype(np.float32),
+                             "float32"),
+                            (TextTransformer(50, 12, 3, 8, 2, 2, 16, 0.0), ids, "int64")]:
+        sess = ort.InferenceSession(
+            to_onnx(model, x.shape[1:], input_dtype=dtype).SerializeToString(),
+            providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], Predictor(model)(x),
+                                   atol=1e-5, rtol=1e-5)

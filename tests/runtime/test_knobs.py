@@ -1,12 +1,11 @@
 """The training knobs: gradient accumulation (4 batches of 8 == one of 32 in float64, also
 under dp and pp), global-norm gradient clipping (as torch's clip_grad_norm_, eager and
-compiled, the same under dp as alone; refused under pp), label smoothing (as torch's),
+compiled, the same under dp and pp as alone), label smoothing (as torch's),
 warm-up and the step / multistep / cosine / linear schedules (as torch's schedulers), AdamW
 by config and keeping the last K checkpoints."""
 
 import math
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -14,25 +13,13 @@ import safetensors.numpy
 import torch
 
 import shardgrad as sg
-from shardgrad.runtime import train as train_module
-from shardgrad.runtime.config import ConfigError, load_config
+from shardgrad.runtime.config import load_config
 from shardgrad.runtime.threadcomm import run_ranks
 from shardgrad.runtime.train import lr_at, train
-from shardgrad.runtime.train import setup as _setup
 
 BASE = ["data.dataset='digits'", "train.dtype='float64'", "model.hidden=[32]",
         "train.epochs=2", "train.lr=0.05", "train.momentum=0.9", "train.log_every=1000",
         "data.prefetch=0"]
-
-
-_SETUP = threading.Lock()
-
-
-def _locked_setup(config, options=None):
-    # thread ranks share sg.nn's seeded generator and the default dtype: draw each rank's
-    # initial parameters alone, as the processes mpirun starts do
-    with _SETUP:
-        return _setup(config, options)
 
 
 def _final(config, tmp_path, name, world=1):
@@ -40,9 +27,7 @@ def _final(config, tmp_path, name, world=1):
     if world == 1:
         train(config, out)
     else:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(train_module, "setup", _locked_setup)
-            run_ranks(world, lambda comm: train(config, out, comm=comm), timeout_s=120)
+        run_ranks(world, lambda comm: train(config, out, comm=comm), timeout_s=120)
     return safetensors.numpy.load_file(os.path.join(out, "final.safetensors"))
 
 
@@ -118,15 +103,51 @@ def test_grad_clip_matches_torch(compiled):
 
 
 @pytest.mark.timeout(300)
-def test_grad_clip_same_under_dp_refused_under_pp(tmp_path):
+def test_grad_clip_same_under_dp_and_pp(tmp_path):
     sets = BASE + ["model.hidden=[32, 16]", "train.batch_size=32", "train.grad_clip=0.1",
                    "train.lr=0.5"]
     alone = _final(load_config(None, sets), tmp_path, "alone")
     free = _final(load_config(None, sets + ["train.grad_clip=0"]), tmp_path, "free")
     assert max(np.abs(alone[k] - free[k]).max() for k in alone) > 1e-3   # clipping acts
     _close(_final(load_config(None, sets + ["parallel.dp=2"]), tmp_path, "dp", 2), alone, 1e-9)
-    with pytest.raises(ConfigError, match="grad_clip needs the gradients of all pipeline"):
-        train(load_config(None, sets + ["parallel.pp=2"]), None)
+    # the norm over all stages (real mpirun: tests/runtime/test_knobs_mpi.py)
+    pipe = ["parallel.pp=2", "parallel.microbatches=2"]
+    _close(_final(load_config(None, sets + pipe), tmp_path, "pp", 2), alone, 1e-9)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("knobs", [
+    ["train.label_smoothing=0.1", "train.warmup_steps=5", "train.lr_schedule='multistep'",
+     "train.lr_milestones=[1]", "train.grad_clip=0.1"],
+    ["train.optimizer='adamw'", "train.lr=0.003", "train.weight_decay=0.01",
+     "train.lr_schedule='cosine'", "train.accumulate=2", "train.batch_size=16"]])
+def test_knobs_together_same_under_dp(knobs, tmp_path):
+    # (pp = 2 and dp = 2 x pp = 2 with them: tests/runtime/test_knobs_mpi.py, real mpirun)
+    sets = BASE + ["train.batch_size=32", "train.keep_checkpoints=1"] + knobs
+    alone = _final(load_config(None, sets), tmp_path, "alone")
+    _close(_final(load_config(None, sets + ["parallel.dp=2"]), tmp_path, "dp", 2), alone, 1e-9)
+    assert os.listdir(tmp_path / "dp" / "checkpoints") == ["epoch_2.safetensors"]
+
+
+def test_grad_clip_stage_without_parameters_joins_the_norm():
+    # a stage of only tanh has no gradients: its update still runs the allreduce (of zero)
+    from shardgrad.graph.trace import trace_step
+    from shardgrad.partition.pipeline import pipeline
+
+    sg.manual_seed(0)
+    model = sg.nn.Sequential(sg.nn.Linear(5, 7), sg.nn.Tanh(), sg.nn.Linear(7, 3))
+    opt = sg.optim.SGD(model.parameters(), lr=0.1)
+    opt.max_grad_norm = 0.5
+    graph = trace_step(model, sg.nn.functional.cross_entropy, opt, ((4, 5), "float32"),
+                       ((4,), "int64"))
+    names = graph.names()
+    tanh = next(names[n.id] for n in graph.nodes if n.op == "tanh")
+    plan = pipeline(graph, 3, [tanh, "2.weight"])
+    assert [s.params for s in plan.stages] == [["0.weight", "0.bias"], [],
+                                               ["2.weight", "2.bias"]]
+    for s in plan.stages:
+        ops = [n.op for n in s.update.nodes]
+        assert ops.count("allreduce") == 1 and "grad_norm" in s.update.outputs
 
 
 def test_label_smoothing_matches_torch():

@@ -26,6 +26,9 @@ b = np.full(2, float(r)); c.allreduce_(b, "max"); assert (b == n - 1).all()
 b = np.full(3, float(r)); c.bcast_(b, root=1); assert (b == 1).all()
 out = np.empty((2 * n, 2))
 c.allgather_(np.full((2, 2), float(r)), out); assert (out[::2, 0] == np.arange(n)).all()
+x = np.arange(3.0 * n) * (r + 1); blk = np.empty(3); x0 = x.copy()
+assert c.reduce_scatter_(x, blk) is blk and (x == x0).all()
+assert (blk == np.arange(3.0 * r, 3.0 * r + 3) * n * (n + 1) / 2).all(), blk
 if r == 0:
     c.send(np.arange(5.0), 1, tag=7)
 elif r == 1:

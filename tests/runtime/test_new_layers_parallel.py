@@ -3,7 +3,9 @@ the compiled executor, rewritten for data parallelism (2 threaded ranks) and spl
 2-stage pipeline; each ends with the parameters of the local reference run (float64, 1e-9
 relative). Two models: a token classifier (Embedding, TransformerEncoderLayer with a padding
 mask, masked mean, sort/topk/cumsum features) and an image one (grouped, depthwise and 1-d
-convolutions, GroupNorm, SiLU, LeakyReLU, AdaptiveAvgPool2d), each with a different loss."""
+convolutions, GroupNorm, SiLU, LeakyReLU, AdaptiveAvgPool2d), each with a different loss;
+and a third of the remaining tensor methods (chunk, split, expand, repeat, gather,
+masked_fill, where, abs, clip, // and %) with MultiheadAttention and Softmax modules."""
 
 import numpy as np
 import pytest
@@ -65,6 +67,30 @@ class Image(nn.Module):
         return self.head(self.c1d(h).flatten(1).cos())
 
 
+class Mixed(nn.Module):
+    """The tensor methods torch classifiers reach for, and MultiheadAttention and Softmax as
+    modules of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.softmax = nn.Softmax(dim=-1)
+        self.head = nn.Linear(12, CLASSES)
+
+    def forward(self, x):
+        h = self.fc(x)
+        a, b = h.chunk(2, dim=1)
+        c, d = h.split([3, 5], dim=1)
+        seq = a.unsqueeze(1).expand(-1, 3, -1) + b.unsqueeze(1).repeat(1, 3, 1).sin()
+        att, _ = self.mha(seq, seq, seq)
+        p = self.softmax(att.sum(1))
+        idx = ((x[:, :4].abs() * 3) // 1 % 4).astype("int64")      # // and % pick columns
+        g = p.gather(1, idx).masked_fill(x[:, :4] > 1.0, 0.0)
+        g = g.where(x[:, 2:6] < 1.5, -g)
+        return self.head(sg.concat([g, abs(c), d.clip(-1.0, 1.0)], 1))
+
+
 def nll(logits, y):
     return F.nll_loss(F.log_softmax(logits, dim=1), y)
 
@@ -75,7 +101,8 @@ def bce(logits, y):
     return nn.BCEWithLogitsLoss()(logits, onehot)
 
 
-KINDS = {"text": (Text, F.cross_entropy), "image": (Image, bce), "text-nll": (Text, nll)}
+KINDS = {"text": (Text, F.cross_entropy), "image": (Image, bce), "text-nll": (Text, nll),
+         "mixed": (Mixed, F.cross_entropy)}
 
 
 def build(kind):
@@ -96,6 +123,8 @@ def data(kind):
     if kind.startswith("text"):
         x = rng.integers(1, VOCAB, (STEPS * BATCH, T))
         x[::3, -2:] = 0                                           # padded sequences
+    elif kind == "mixed":
+        x = rng.normal(size=(STEPS * BATCH, 6))
     else:
         x = rng.normal(size=(STEPS * BATCH, 2, 6, 5))
     return x, y
@@ -156,7 +185,7 @@ def test_compiled_executor_equals_the_reference(kind):
     assert rel_err(run(kind, executor=Program)[0], reference(kind)[0]) < 1e-9
 
 
-@pytest.mark.parametrize("kind", ["text", "image"])
+@pytest.mark.parametrize("kind", ["text", "image", "mixed"])
 def test_data_parallel_on_two_ranks_equals_the_reference(kind):
     built = [build(kind) for _ in range(2)]
 
@@ -167,7 +196,7 @@ def test_data_parallel_on_two_ranks_equals_the_reference(kind):
         assert rel_err(got, reference(kind)[0]) < 1e-9
 
 
-@pytest.mark.parametrize("kind", ["text", "image"])
+@pytest.mark.parametrize("kind", ["text", "image", "mixed"])
 def test_two_stage_pipeline_equals_the_reference(kind):
     built = [build(kind) for _ in range(2)]
 

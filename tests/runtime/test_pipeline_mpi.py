@@ -1,6 +1,7 @@
 """Pipeline execution under real ``mpirun``: the pipelined steps end with the local run's
 parameters (float64, 1e-9 relative) for the digits MLP and CNN on pp = 2, a 4-stage MLP,
-and a dp = 2 x pp = 2 mesh, with GPipe and 1F1B. One mpirun per world size (start-up costs
+and a dp = 2 x pp = 2 mesh, with GPipe and 1F1B, with and without gradient clipping (its
+global norm allreduced over the stages). One mpirun per world size (start-up costs
 seconds), each bounded by a timeout."""
 
 import importlib.util
@@ -23,9 +24,10 @@ pytestmark = [
 ]
 
 RUNS = {
-    2: ["mlp:1:2:4:gpipe", "mlp:1:2:4:1f1b", "cnn:1:2:4:gpipe", "cnn:1:2:2:1f1b"],
+    2: ["mlp:1:2:4:gpipe", "mlp:1:2:4:1f1b", "cnn:1:2:4:gpipe", "cnn:1:2:2:1f1b",
+        "mlpclip:1:2:4:1f1b", "cnnclip:1:2:2:gpipe"],
     4: ["mlp4:1:4:2:gpipe", "mlp4:1:4:8:1f1b", "mlp:2:2:2:gpipe", "mlp:2:2:4:1f1b",
-        "cnn:2:2:2:gpipe", "cnn:2:2:2:1f1b"],
+        "cnn:2:2:2:gpipe", "cnn:2:2:2:1f1b", "mlpclip:2:2:2:1f1b", "mlp4clip:1:4:4:gpipe"],
 }
 
 

@@ -1,7 +1,8 @@
 """Pipeline execution in one process, one thread per rank: the pipelined training steps end
 with the same parameters as the local reference run (float64, 1e-9 relative), for the
-digits MLP and CNN, pp = 2 and 4, dp = 2 x pp = 2, GPipe and 1F1B; plus the runner's
-memory and loss bookkeeping."""
+digits MLP and CNN, pp = 2 and 4, dp = 2 x pp = 2, GPipe and 1F1B, with and without
+gradient clipping (the global norm over the stages); plus the runner's memory and loss
+bookkeeping."""
 
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def reference(kind):
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("kind,dp,pp,m", [
     ("mlp", 1, 2, 4), ("cnn", 1, 2, 4), ("mlp4", 1, 4, 2), ("mlp4", 1, 4, 8),
-    ("mlp", 2, 2, 2), ("cnn", 2, 2, 2)])
+    ("mlp", 2, 2, 2), ("cnn", 2, 2, 2), ("mlpclip", 1, 2, 4), ("mlp4clip", 1, 4, 2),
+    ("cnnclip", 2, 2, 2)])
 def test_pipelined_steps_equal_the_local_run(kind, dp, pp, m, schedule):
     finals = run_ranks(dp * pp, lambda comm: cases.pipelined(comm, kind, dp, pp, m, schedule),
                        timeout_s=30)
@@ -143,3 +145,18 @@ def test_batch_norm_statistics_are_per_micro_batch_and_their_updates_averaged():
     want = cases.reference("mlpbn", steps=1)
     assert np.allclose(one["1.running_mean"], want["1.running_mean"], rtol=1e-12, atol=0)
     assert cases.max_rel_err(one, want) > 1e-6
+
+
+@pytest.mark.timeout(60)
+def test_clipping_with_a_stage_that_holds_no_parameters():
+    # stage 1 is the tanh alone: no gradients of its own, yet it joins the norm's allreduce
+    model, opt, _ = cases.build("mlpclip")
+    graph = trace_step(model, sg.nn.functional.cross_entropy, opt,
+                       ((cases.BATCH // 2, 64), "float64"), ((cases.BATCH // 2,), "int64"))
+    tanh = next(graph.names()[n.id] for n in graph.nodes if n.op == "tanh")
+    split = [tanh, "2.weight"]
+    assert [s.params for s in pipeline(graph, 3, split, 2).stages][1] == []
+    finals = run_ranks(3, lambda comm: cases.pipelined(comm, "mlpclip", 1, 3, 2, "1f1b",
+                                                       balance=split), timeout_s=30)
+    for got in finals:
+        assert cases.max_rel_err(got, reference("mlpclip")) < 1e-9
