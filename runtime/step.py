@@ -5,7 +5,8 @@ On the CPU (or with a custom executor or transform) each call feeds the model's 
 ``model.state_dict()`` and eager use keep working between steps. A model on a GPU
 (``model.to("cuda")``) takes runtime.gpu_step's path: the step owns that state on the
 device, the tensors are views of it, and the loss comes back as a 0-d device Tensor.
-Imports graph and runtime.
+``bound_executor`` binds a step's collectives to its communicator. Imports graph, ops and
+runtime.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.tensor import Tensor, tensor, zeros
 from shardgrad.graph.trace import trace_forward, trace_step
+from shardgrad.ops import collective
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.device import is_device_array, to_host
 from shardgrad.runtime.executors import Executor, choose_executor
+from shardgrad.runtime.interpreter import Interpreter
 
 INIT_SCALE = 2.0 ** 16      # torch.amp.GradScaler's init_scale
 
@@ -93,7 +96,7 @@ class TrainStep:
         if self._resident:
             self.executor = self._device_program
         elif comm is not None:          # the transform's collectives run on comm
-            self.executor = _bound(self.executor, comm)
+            self.executor = bound_executor(self.executor, comm)
         self._state = None
         self._last: tuple = ()
         self._steps = 0
@@ -272,20 +275,32 @@ class TrainStep:
                 t._set_leaf(to_host(t.data))
 
 
-class _BoundRun:
-    def __init__(self, inner, comm):
-        self.inner, self.comm = inner, comm
+class Bound:
+    """Runs ``inner`` (anything with ``run(feeds)``) inside ``collective.bind(comm, **groups)``,
+    so the graph's collective ops reach ``comm``. ``fault`` is called before each run with
+    the 1-based run count (fault injection)."""
+
+    def __init__(self, inner: Any, comm: Any, groups: Mapping[str, Any],
+                 fault: Callable[[int], None] | None = None):
+        self.inner, self.comm, self.groups, self.fault = inner, comm, dict(groups), fault
+        self.runs = 0
 
     def run(self, feeds):
-        from shardgrad.ops import collective
-
-        with collective.bind(self.comm):
+        self.runs += 1
+        if self.fault is not None:
+            self.fault(self.runs)
+        with collective.bind(self.comm, **self.groups):
             return self.inner.run(feeds)
 
 
-def _bound(executor, comm):
-    """``executor`` whose programs run their collectives on ``comm``."""
-    return lambda graph: _BoundRun(executor(graph), comm)
+def bound_executor(executor: Callable[[Graph], Any] | None, comm: Any,
+                   fault: Callable[[int], None] | None = None, **groups: Any
+                   ) -> Callable[[Graph], Bound]:
+    """``executor`` (default: the reference Interpreter) whose runs see ``comm``: the one
+    binding of a step's collectives to its communicator (runtime.dp's ParallelStep and
+    ``compile_step(..., comm=)`` alike)."""
+    make = executor or Interpreter
+    return lambda graph: Bound(make(graph), comm, groups, fault)
 
 
 def resident_parallel(transform) -> bool:
