@@ -35,11 +35,14 @@ from shardgrad.graph.tensor import (
 )
 from shardgrad.graph.tensor import apply as _apply
 from shardgrad.graph.tensor import join_axis as _join_axis
+from shardgrad.runtime import device as _device
 from shardgrad.runtime import distributed
 from shardgrad.runtime import loader as _loader
 from shardgrad.runtime.interpreter import ExecutionError
 from shardgrad.runtime.serialize import load, save
 from shardgrad.runtime.step import Predictor, accuracy, compile_step
+
+_device.keep_freed_memory()        # eager steps' arrays reuse freed heap memory (see there)
 
 # `import shardgrad.nn.functional as F` and `from shardgrad.optim import SGD` work as in torch.
 _sys.modules[__name__ + ".nn"] = nn

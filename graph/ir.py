@@ -176,8 +176,8 @@ def emit(opdef: Any, inputs: Sequence[Node], attrs: dict[str, Any] | None = None
         shown = {k: v for k, v in attrs.items() if not isinstance(v, np.ndarray)}
         extra = f" with {shown}" if shown else ""
         raise ShapeError(f"{opdef.name}({types}){extra} at {where}: {e}") from None
-    return Node(opdef.name, tuple(inputs), attrs, tuple(int(s) for s in shape),
-                _dtype_name(dtype), where=where)
+    return Node(opdef.name, tuple(inputs), attrs, tuple(map(int, shape)), _dtype_name(dtype),
+                where=where)
 
 
 _DTYPE_NAMES: dict[Any, str] = {}

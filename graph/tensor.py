@@ -123,18 +123,39 @@ def _evaluate(outs: list[Node]) -> None:
             continue
         todo[n.id] = n
         stack.extend(x for x in n.inputs if x not in _VALUES)
-    walk = _EagerWalk()
-    for i in sorted(todo):
-        n = todo[i]
-        if n.op == "const":
-            _VALUES[n] = n.attrs["value"]
-        elif not n.inputs:
+    order = [todo[i] for i in sorted(todo)]
+    for n in order:
+        if n.op != "const" and not n.inputs:
             raise ShapeError(f"{n!r} has no value: it is a traced placeholder")
-        else:
-            walk.steps.append(lambda n=n: _VALUES.__setitem__(
-                n, _run(n, [_VALUES[x] for x in n.inputs])))
-            walk.step_nodes.append(n)
-    walk.execute()
+    if walk_module._tracer is not None:      # the executor core's loop times each node
+        walk = _EagerWalk()
+        for n in order:
+            if n.op == "const":
+                _VALUES[n] = n.attrs["value"]
+            else:
+                walk.steps.append(lambda n=n: _VALUES.__setitem__(
+                    n, _run(n, [_VALUES[x] for x in n.inputs])))
+                walk.step_nodes.append(n)
+        walk.execute()
+        return
+    # a gradient graph's nodes run directly, their values kept by id here as well (each
+    # weak-dict lookup makes a weak reference; a closure and a walk step a node were a
+    # quarter of a small eager backward's dispatch)
+    fresh: dict[int, Any] = {}
+    try:
+        for n in order:
+            if n.op == "const":
+                v = n.attrs["value"]
+            else:
+                v = _run(n, [fresh[x.id] if x.id in fresh else _VALUES[x] for x in n.inputs])
+            fresh[n.id] = _VALUES[n] = v
+    except ExecutionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as Walk.execute: the node's note added
+        err = _EagerWalk().error(n, e)
+        if err is e:
+            raise
+        raise err from e
 
 
 class _EagerWalk(Walk):

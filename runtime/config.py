@@ -514,6 +514,8 @@ def diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 # Environment variables, all read here.
 ENV = {
     "SHARDGRAD_PROGRESS": "0 hides the progress bar (default: shown on rank 0)",
+    "SHARDGRAD_MALLOC": "0 leaves glibc's malloc thresholds as they were (default: arrays up "
+                        "to 32 MB from the heap, 64 MB of freed memory kept; runtime/device.py)",
     "SHARDGRAD_DATA": "where downloaded data sets are kept (default: $XDG_CACHE_HOME/shardgrad, "
                       "i.e. ~/.cache/shardgrad)",
     "XDG_CACHE_HOME": "the user's cache directory (default ~/.cache): SHARDGRAD_DATA's default",

@@ -8,6 +8,9 @@ the local rank, read from the launcher's environment variables there).
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 from shardgrad.graph import device as base
 from shardgrad.graph.device import (
     CPU,
@@ -98,3 +101,26 @@ def synchronize(device: str | Device | None = None) -> None:
 __all__ = ["CPU", "Device", "DeviceError", "array_module", "cuda_available", "device_count",
            "device_of", "is_device_array", "resolve", "select", "synchronize", "to_device",
            "to_host", "use", "xp_for"]
+
+
+# glibc's malloc serves a block over 128 KB by mmap and unmaps it when freed, and trims the
+# heap's free top beyond 128 KB, so each eager op's array of a 128x512 float32 MLP (256 KB to
+# 1.6 MB) was a fresh mapping whose pages faulted in: 10.8-11.8 ms a step against 6.9-7.5 ms
+# with the thresholds below (CPU time, bench/bench_step.py --benches eager, same machine).
+# Arrays up to 32 MB then come from the heap, and up to 64 MB of freed memory stays there
+# for the next step, as torch's and NumPy users' caching allocators keep theirs.
+MALLOC_THRESHOLDS = {-3: 32 << 20, -1: 64 << 20}    # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc thresholds to MALLOC_THRESHOLDS (once, for the process), unless
+    SHARDGRAD_MALLOC=0; False where there is no glibc (macOS, musl) or it is turned off."""
+    from shardgrad.runtime.config import env
+
+    if not sys.platform.startswith("linux") or env("SHARDGRAD_MALLOC", "1") in ("0", "no"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in MALLOC_THRESHOLDS.items())

@@ -134,3 +134,40 @@ def test_load_state_dict_names_a_mis_shaped_entry():
     with pytest.raises(ValueError, match=r"0\.exp_avg: expected \(2,\), got \(3, 1\)"):
         opt.load_state_dict(state)
     np.testing.assert_array_equal(opt.state[0]["exp_avg"].numpy(), [0.0, 0.0])
+
+
+class _RuleByOps(sg.optim.SGD):
+    """SGD with the rule run op by op (its own class: the in-place step is SGD's alone)."""
+
+    def rule(self, p, g, state, lr, t):
+        return super().rule(p, g, state, lr, t)
+
+
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True,
+                                                          "weight_decay": 0.01}])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sgd_updates_numpy_parameters_in_place_bitwise_as_the_rule(kw, dtype):
+    """The eager CPU step writes into the parameter and momentum arrays (as torch's), with
+    the rule's own float ops in its order: the same bits as the rule run op by op."""
+    models = []
+    sg.set_default_dtype(dtype)
+    try:
+        for _ in range(2):
+            sg.manual_seed(3)
+            models.append(sg.nn.Sequential(sg.nn.Linear(4, 6), sg.nn.Tanh(),
+                                           sg.nn.Linear(6, 3)))
+    finally:
+        sg.set_default_dtype("float32")
+    fast = sg.optim.SGD(models[0].parameters(), lr=0.1, **kw)
+    slow = _RuleByOps(models[1].parameters(), lr=0.1, **kw)
+    arrays = [p.data for p in models[0].parameters()]
+    for i in range(3):
+        x, y = _batch(i)
+        for m, opt in zip(models, (fast, slow), strict=True):
+            opt.zero_grad()
+            F.cross_entropy(m(sg.tensor(x.astype(dtype))), sg.tensor(y)).backward()
+            opt.step()
+    for a, p, q in zip(arrays, models[0].parameters(), models[1].parameters(), strict=True):
+        assert p.data is a                      # updated in place
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+        assert p.dtype == dtype

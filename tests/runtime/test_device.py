@@ -91,3 +91,12 @@ def test_host_transfers_on_the_cpu():
 def test_an_explicit_index_needs_no_local_rank(monkeypatch, cupy_imports):
     monkeypatch.setattr(D, "device_count", lambda: 2)
     assert D.resolve("cuda:1") == Device("cuda", 1)
+
+
+
+def test_malloc_thresholds_are_set_on_linux_unless_turned_off(monkeypatch):
+    """Importing shardgrad keeps freed arrays' memory for the next eager step (glibc's mmap
+    and trim thresholds, Linux); SHARDGRAD_MALLOC=0 leaves them alone."""
+    assert D.keep_freed_memory() == sys.platform.startswith("linux")
+    monkeypatch.setenv("SHARDGRAD_MALLOC", "0")
+    assert not D.keep_freed_memory()
