@@ -413,6 +413,9 @@ def _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats, mea
         raise cfg.ConfigError(f"--link {link!r}: must be one of {', '.join(LINKS)}")
     if ranks < 1 or ranks % pp:
         raise cfg.ConfigError(f"--ranks {ranks} must be a positive multiple of --pp {pp}")
+    if pp > 1 and config.parallel.zero:
+        raise cfg.ConfigError(f"parallel.zero = 1 shards the optimizer over data-parallel "
+                              f"ranks; it runs with pp = 1 (not --pp {pp})")
     dp = ranks // pp
     batch = config.train.batch_size
     if batch % (dp * m):
