@@ -25,7 +25,14 @@ from shardgrad.partition.zero import Layout, Zero1
 from shardgrad.runtime.comm import Communicator
 from shardgrad.runtime.config import ConfigError
 from shardgrad.runtime.interpreter import Interpreter
-from shardgrad.runtime.step import Executor, TrainStep, _batch, executor_for
+from shardgrad.runtime.step import (
+    Executor,
+    TrainStep,
+    _batch,
+    device_of,
+    executor_for,
+    resident_parallel,
+)
 
 
 class ReplicaMismatch(RuntimeError):
@@ -152,9 +159,15 @@ class ParallelStep(TrainStep):
                  executor: Executor | None = None,
                  fault: Callable[[int], None] | None = None, precision: str = "fp32"):
         self.parallel = parallel or Parallel()
+        transform = rewrite(comm.world_size, self.parallel)
+        # a GPU model on the default executor keeps its state on the device and allreduces
+        # its flat gradient buffer itself (runtime.gpu_step), on ``comm``
+        resident = executor is None and fault is None and device_of(model).is_cuda and (
+            transform is None or resident_parallel(transform))
         super().__init__(model, loss_fn, optimizer,
-                         bound_executor(executor or executor_for(model), comm, fault),
-                         rewrite(comm.world_size, self.parallel), precision)
+                         None if resident else bound_executor(executor or executor_for(model),
+                                                              comm, fault),
+                         transform, precision, comm=comm if resident else None)
         self.comm = comm
         self._synced = comm.world_size == 1
         self._layout: Layout | None = None
