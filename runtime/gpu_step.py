@@ -27,6 +27,7 @@ from shardgrad.graph.tensor import Tensor, _eager_leaf
 from shardgrad.ops import collective
 from shardgrad.ops import gpu as gpu_ops
 from shardgrad.partition.data_parallel import averaged_outputs
+from shardgrad.runtime.capture_gemm import CaptureGemm
 from shardgrad.runtime.gpu import GPUExecutor
 
 FLAT_DTYPES = ("float32", "float64")
@@ -119,6 +120,8 @@ class DeviceState:
         self.rebinds = 0
         self.refresh()
         self.rebinds = 0
+        self.gemm: Any = None            # the capture-safe GEMM, probed at the first capture
+        self.gemm_note: str | None = None
 
     def _own(self, name: str, tensor: Tensor, view) -> None:
         self.bound.append(_Bound(tensor, view))
@@ -200,6 +203,7 @@ class DeviceProgram:
         self.calls = 0
         self.cuda_graph = False
         self.graph_note = "off"
+        self.gemm_note = "not probed (no capture tried)"
 
     def loss_slot(self):
         """A 0-d device array for this step's loss, one slot of a ring of LOSS_RING: a loss
@@ -291,6 +295,8 @@ class GraphReplay:
         loss = plain = None
         targets = [view for _, view in program.targets]
         slot = program.loss_slot()        # outside the capture's pool: the caller keeps it
+        if state.gemm_note is None:       # its workspace outside the capture's pool too
+            state.gemm, state.gemm_note = CaptureGemm.probe(xp)
         note = "captured"
         try:
             stream = cuda.Stream(non_blocking=True)
@@ -309,7 +315,9 @@ class GraphReplay:
                 xp.copyto(slot, loss)
                 for v, b in zip(kept, before, strict=True):
                     xp.copyto(v, b)
-                graph, static_loss = _capture(xp, stream, lambda: program.body(fed, checks))
+                with capture_gemm(program):
+                    graph, static_loss = _capture(xp, stream,
+                                                  lambda: program.body(fed, checks))
                 graph.launch(stream)
                 same = all(bool(xp.allclose(g, w, rtol=1e-5, atol=1e-7, equal_nan=True))
                            for g, w in zip([*targets, static_loss], plain, strict=True))
@@ -317,6 +325,7 @@ class GraphReplay:
                     note = "not captured: the replay differed from plain launches"
         except Exception as e:  # noqa: BLE001 - any failure means plain launches, reported
             note = f"not captured: {type(e).__name__}: {e}"[:300]
+        program.gemm_note = state.gemm_note or program.gemm_note
         if loss is None:
             return None, note, None
         # the step completes on the caller's stream whatever happened to the capture
@@ -352,6 +361,22 @@ class GraphReplay:
             xp.copyto(loss, self.loss)
         _leave(xp, self.stream, self.events[1])
         return loss
+
+
+@contextlib.contextmanager
+def capture_gemm(program):
+    """While capturing: the step's matmuls through the capture-safe GEMM
+    (runtime.capture_gemm, probed once per state); CuPy's matmul where there is none."""
+    state = program.state
+    plan, gemm = program.exe.plan, state.gemm
+    plan.gemm = gemm
+    if gemm is not None:
+        gemm.active = True
+    try:
+        yield state.gemm_note
+    finally:
+        if gemm is not None:
+            gemm.active = False
 
 
 def _enter(xp, stream, event) -> None:

@@ -312,6 +312,8 @@ def test_step_budget(host, counts, name):
 # ---- CUDA Graph replay: the control flow, with capture emulated on the stand-in ----------
 
 class _Stream:
+    ptr = 1
+
     def __enter__(self):
         return self
 
