@@ -567,3 +567,32 @@ def test_a_data_parallel_gpu_step_allreduces_its_flat_gradient_buffer(host, coun
     assert two == pytest.approx(one, rel=1e-6)
     for k in sd1:
         assert rel(sd2[k], sd1[k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("make, opt_name, path, per_step", [
+    (mlp, "grad-clip", "graph-update", 1),      # the rewritten graph's one bucket
+    (mlp, "custom", "graph-update", 1),
+    (bn_mlp, "momentum-wd", "flat-sgd", 3),     # the flat buffer and 2 unsynchronised stats
+])
+def test_data_parallel_gpu_steps_that_update_in_the_graph_or_average_buffers(
+        host, make, opt_name, path, per_step):
+    """An update traced in the graph (gradient clipping, a custom rule) takes the rewritten
+    graph, whose allreduce runs on the step's communicator; batch statistics not
+    synchronised in the graph are averaged after the step. Identical replicas give the
+    one-rank trajectory."""
+    from shardgrad.partition.data_parallel import DataParallel
+
+    data = [(host.asarray(x), host.asarray(y)) for x, y in batches((16, 20), n=3)]
+    runs = {}
+    for world in (1, 2):
+        model = make().to("cuda")
+        comm = Replicas(world)
+        step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS[opt_name](
+            model.parameters()), transform=DataParallel(world, 1 << 20, sync_batchnorm=False)
+            if world > 1 else None, comm=comm if world > 1 else None)
+        runs[world] = ([float(step(x, y)) for x, y in data], model.state_dict(), step, comm)
+    (one, sd1, _, _), (two, sd2, step, comm) = runs[1], runs[2]
+    assert step.stats()["path"] == path and len(comm.calls) == 3 * per_step
+    assert two == pytest.approx(one, rel=1e-6)
+    for k in sd1:
+        assert rel(sd2[k], sd1[k]) < 1e-6, k
