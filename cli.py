@@ -282,10 +282,10 @@ def _ranks(args, config) -> tuple[int | None, list[str]]:
     gives them ``parallel.dp = N / parallel.pp``; (None, []) when this process trains."""
     n = args.n
     if n is None and args.launcher == "mpi":
-        n = config["parallel"]["dp"] * config["parallel"]["pp"]
+        n = config.parallel.dp * config.parallel.pp
     if n is None:
         return None, []
-    pp = config["parallel"]["pp"]
+    pp = config.parallel.pp
     if n < 1 or n % pp:
         raise ConfigError(f"-n {n}: the number of ranks must be a positive multiple of "
                           f"parallel.pp = {pp} (each data-parallel replica has pp stages)")
@@ -321,8 +321,8 @@ def cmd_train(args) -> int:
         for item in [*args.sets, *dp_set]:
             program += ["--set", item]
         return _mpirun(program, n, mpi=True)
-    par = config["parallel"]
-    comm = world.start(par["timeout_s"], par["start_timeout_s"], exit_code=_exit_code)
+    par = config.parallel
+    comm = world.start(par.timeout_s, par.start_timeout_s, exit_code=_exit_code)
     try:
         summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
@@ -363,10 +363,10 @@ def executed_graph(config):
     from shardgrad.runtime.train import setup, step_options
 
     shape = SingleProcess()          # the job's shape: step_options reads only its size
-    shape.world_size = config["parallel"]["dp"]
+    shape.world_size = config.parallel.dp
     options = step_options(config, shape)
     _, _, step, data = setup(config, options)
-    b = min(config["train"]["batch_size"], len(data.y_train)) // shape.world_size
+    b = min(config.train.batch_size, len(data.y_train)) // shape.world_size
     graph, runner = step.graph_for(data.x_train[:b], data.y_train[:b])
     return getattr(getattr(runner, "inner", runner), "graph", graph)
 
@@ -379,7 +379,7 @@ def write_graph(config, path: str) -> list[str]:
     edge from each send to its receive."""
     from shardgrad.graph.dot import to_dot
 
-    if config["parallel"]["pp"] > 1:
+    if config.parallel.pp > 1:
         from shardgrad.runtime.train import plan_for_config
 
         dot = plan_for_config(config).to_dot()
@@ -415,7 +415,7 @@ def cmd_plan(args) -> int:
     from shardgrad.runtime.train import plan_for_config
 
     config = load_config(args.config, args.sets)
-    if config["parallel"]["pp"] > 1 or args.launcher == "local":
+    if config.parallel.pp > 1 or args.launcher == "local":
         print(plan_for_config(config))
     if args.launcher == "ray":
         print(_ray_launch().planned_placement(config))
@@ -455,7 +455,7 @@ def cmd_launch(args) -> int:
     config = load_config(None, args.sets)
     if args.launcher == "ray":
         command = functools.partial(ray_program_argv, wdir=os.getcwd())
-        return _ray_launch().launch_program(program, args.n, config["cluster"], command,
+        return _ray_launch().launch_program(program, args.n, config.cluster, command,
                                             failed_rank)
     return _mpirun(program, args.n)
 
@@ -511,7 +511,7 @@ def cmd_trace(args) -> int:
         print(f"step {trace.plot(events, png)} drawn in {png}")
     print(trace.table(stats))
     config = _run_config(args.run_dir)
-    if config is not None and config["parallel"]["pp"] > 1:
+    if config is not None and config.parallel.pp > 1:
         from shardgrad.partition.schedule import simulate
         from shardgrad.runtime.train import plan_for_config
 
@@ -523,7 +523,7 @@ def cmd_trace(args) -> int:
             print(f"pipeline bubble: measured {sum(measured) / len(measured):.0%} (mean over "
                   f"{len(measured)} stage rank(s): "
                   f"{', '.join(f'{b:.0%}' for b in measured)}), plan predicts "
-                  f"{predicted:.0%} ({config['parallel']['schedule']}, "
+                  f"{predicted:.0%} ({config.parallel.schedule}, "
                   f"{plan.pp} stages x {plan.micro_batches} micro-batches, op cost estimates)")
     return 0
 
@@ -548,7 +548,7 @@ def cmd_simulate(args) -> int:
         ranked = sim.recommend(config, args.ranks, **kw)
         if not ranked:
             raise ConfigError(f"no (dp, pp, micro-batches) of {args.ranks} ranks fits "
-                              f"train.batch_size = {config['train']['batch_size']}")
+                              f"train.batch_size = {config.train.batch_size}")
         if args.json:
             print(json.dumps({**ranked[0], "recommended": ranked[0], "candidates": ranked}))
             return 0

@@ -1,8 +1,8 @@
 """Data-parallel training throughput: samples/s of 2 ranks against 1 (target >= 1.6x), the
-deterministic and overlap modes against the default, the default against packing buckets
-by copying (``copy_dp2``: the compiled executor's ``elide_packs=False``, as before gradients
-were computed into their buckets), and PyTorch DDP (gloo) on the same setup when torch is
-installed (optional: ``pip install torch==2.13.0``).
+deterministic, overlap and ZeRO-1 modes against the default, the default against packing
+buckets by copying (``copy_dp2``: the compiled executor's ``elide_packs=False``, as before
+gradients were computed into their buckets), and PyTorch DDP (gloo) on the same setup when
+torch is installed (optional: ``pip install torch==2.13.0``).
 
     python bench/bench_dp.py                         # JSON lines, one per measurement + summary
     python bench/bench_dp.py --rounds 5 --steps 40 --out bench/dp.json
@@ -10,10 +10,12 @@ installed (optional: ``pip install torch==2.13.0``).
         shardgrad_copy_dp2               # more rounds of the comparisons that matter to you
 
 Setup: MLP 784-512-512-10, float32, cross-entropy, SGD, 128 samples per rank, one BLAS thread
-per rank (OMP/OPENBLAS/MKL_NUM_THREADS=1), compiled executor. Every measurement is a fresh
-``mpirun -n R``; the variants alternate within each round and the figures are medians over
-rounds (ratios paired within a round). Open MPI yields when idle (runtime.config's default;
-the busypoll variant turns it off). Other processes share the 2 cores: see the spread.
+per rank (OMP/OPENBLAS/MKL_NUM_THREADS=1), compiled executor, the step of
+``sg.distributed.data_parallel_step`` (the one ``shardgrad train`` runs). Every measurement
+is a fresh ``mpirun -n R``; the variants alternate within each round and the figures are
+medians over rounds (ratios paired within a round). Open MPI yields when idle
+(runtime.config's default; the busypoll variant turns it off). Other processes share the 2
+cores: see the spread.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def variants(args) -> list[tuple[str, int, list[str]]]:
     out.append(("shardgrad_overlap_dp2", 2, ["--impl", "shardgrad", "--overlap"]))
     out.append(("shardgrad_busypoll_dp2", 2, ["--impl", "shardgrad", "--busy-poll"]))
     out.append(("shardgrad_copy_dp2", 2, ["--impl", "shardgrad", "--copy-packs"]))
+    out.append(("shardgrad_zero_dp2", 2, ["--impl", "shardgrad", "--zero"]))
     if args.torch:
         out += [(f"torch_ddp{r}", r, ["--impl", "torch"]) for r in (1, 2)]
     return [v for v in out if not args.only or v[0] in args.only]
@@ -87,6 +90,7 @@ def launch(args) -> None:
         "deterministic_vs_default_dp2": paired("shardgrad_det_dp2", "shardgrad_dp2"),
         "overlap_vs_blocking_dp2": paired("shardgrad_overlap_dp2", "shardgrad_dp2"),
         "busypoll_vs_yield_dp2": paired("shardgrad_busypoll_dp2", "shardgrad_dp2"),
+        "zero_vs_default_dp2": paired("shardgrad_zero_dp2", "shardgrad_dp2"),
         "torch_speedup_ddp2_vs_ddp1": paired("torch_ddp2", "torch_ddp1"),
         "shardgrad_dp2_vs_torch_ddp2": paired("shardgrad_dp2", "torch_ddp2"),
     }
@@ -109,20 +113,19 @@ def _time_steps(step, barrier, steps: int) -> float:
 
 def worker_shardgrad(args) -> dict:
     import shardgrad as sg
-    from shardgrad.partition.data_parallel import DataParallel
     from shardgrad.runtime.compiled import compile as compiled_executor
-    from shardgrad.runtime.dp import bound_executor
+    from shardgrad.runtime.interpreter import Interpreter
     from shardgrad.runtime.mpi import MPICommunicator
 
     comm = MPICommunicator(timeout_s=300.0)
     model, opt = mlp()
-    transform = DataParallel(comm.world_size, deterministic=args.deterministic, chunks=4,
-                             overlap=args.overlap)
-    make = None
+    make = Interpreter
     if args.executor == "compiled":
         make = functools.partial(compiled_executor, elide_packs=not args.copy_packs)
-    step = sg.compile_step(model, sg.functional.cross_entropy, opt,
-                           executor=bound_executor(make, comm), transform=transform)
+    # the data-parallel step shardgrad train runs too (runtime.dp.ParallelStep)
+    step = sg.distributed.data_parallel_step(
+        model, sg.functional.cross_entropy, opt, comm, deterministic=args.deterministic,
+        chunks=4, overlap=args.overlap, zero=int(args.zero), executor=make)
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((PER_RANK, SIZES[0])).astype(np.float32)
     y = rng.integers(0, SIZES[-1], PER_RANK)
@@ -182,6 +185,7 @@ def main() -> None:
     p.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--busy-poll", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--copy-packs", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--zero", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.torch and not args.worker:
         try:

@@ -370,14 +370,16 @@ def _torch_copy(model, sg_model):
                            for k, v in sg_model.state_dict().items()})
 
 
-def make_gelu_torch(batch: int):
+def _torch_mlp_step(batch: int, activation: str):
+    """torch's step of the MLP with ``activation`` ("GELU", "ReLU") from sg's initial
+    parameters: the baseline of the gelu and eager benches."""
     import torch
 
     import shardgrad as sg
 
     sg.manual_seed(0)
-    model = _mlp_module(torch.nn, torch.nn.GELU)
-    _torch_copy(model, _mlp_module(sg.nn, sg.nn.GELU))
+    model = _mlp_module(torch.nn, getattr(torch.nn, activation))
+    _torch_copy(model, _mlp_module(sg.nn, getattr(sg.nn, activation)))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     x, y = (torch.from_numpy(v) for v in _mlp_batch(batch))
 
@@ -386,6 +388,10 @@ def make_gelu_torch(batch: int):
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     return step
+
+
+def make_gelu_torch(batch: int):
+    return _torch_mlp_step(batch, "GELU")
 
 
 def make_eager_shardgrad(batch: int):
@@ -405,21 +411,7 @@ def make_eager_shardgrad(batch: int):
 
 
 def make_eager_torch(batch: int):
-    import torch
-
-    import shardgrad as sg
-
-    sg.manual_seed(0)
-    model = _mlp_module(torch.nn, torch.nn.ReLU)
-    _torch_copy(model, _mlp_module(sg.nn, sg.nn.ReLU))
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    x, y = (torch.from_numpy(v) for v in _mlp_batch(batch))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return step
+    return _torch_mlp_step(batch, "ReLU")
 
 
 IMPLS = ("compiled", "compiled_inplace", "interpreter", "numpy", "torch")

@@ -40,12 +40,12 @@ def inproc(config_path: str, sets: list[str], blocks: int) -> dict:
 
     config = load_config(config_path, sets)
     _, optimizer, step, data = setup(config)
-    b = config["train"]["batch_size"]
+    b = config.train.batch_size
     x, y = data.x_train[:b], data.y_train[:b]
     optimizer.lr = 0.0
     times = {False: [], True: []}
     tracer = trace.Tracer()
-    with threadpool_limits(config["device"]["threads"] or None, user_api="blas"):
+    with threadpool_limits(config.device.threads or None, user_api="blas"):
         float(step(x, y))
         for i in range(blocks * 100):   # calls alternate: the machine drifts between them less
             on = i % 2 == 1

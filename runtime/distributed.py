@@ -51,14 +51,15 @@ DataParallelStep = dp.ParallelStep   # the step ``shardgrad train`` runs too
 def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                        comm: Communicator | None = None, *, bucket_mb: float = 25.0,
                        sync_batchnorm: bool = True, deterministic: bool = False,
-                       chunks: int = 4, zero: int = 0,
+                       chunks: int = 4, zero: int = 0, overlap: bool = False,
                        executor: Executor | None = None) -> dp.ParallelStep:
     """``compile_step`` over ``comm`` (default: ``init()``): see the module docstring.
     ``sync_batchnorm`` takes batch statistics over the global batch (PyTorch's
     SyncBatchNorm); ``deterministic`` gives bit-identical parameters for any number of
     ranks (the global batch must then split into ``chunks``, a multiple of the ranks);
     ``zero=1`` keeps 1/world_size of the optimizer state on each rank (ZeRO stage 1: call
-    ``step.consolidate()`` on every rank before reading ``optimizer.state_dict()``).
+    ``step.consolidate()`` on every rank before reading ``optimizer.state_dict()``);
+    ``overlap`` issues each bucket's allreduce non-blocking (``parallel.overlap``).
     A model on a GPU (``model.to("cuda")``) runs there with its state on the device (as
     ``compile_step``'s), its flat gradient buffer allreduced a bucket at a time, staged
     through pinned host memory (ZeRO-1 and deterministic mode: through the host-feeds step)."""
@@ -72,8 +73,7 @@ def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
         raise ValueError(f"zero = {zero}: must be 0 (off) or 1 (ZeRO stage 1)")
     if device_of(model).is_cuda:
         comm = world.device_comm(comm, "cuda")
-    parallel = dp.Parallel(bucket_mb, deterministic, chunks, sync_batchnorm=sync_batchnorm,
-                           zero=zero)
+    parallel = dp.Parallel(bucket_mb, deterministic, chunks, overlap, sync_batchnorm, zero)
     return dp.ParallelStep(model, loss_fn, optimizer, comm, parallel, executor)
 
 

@@ -22,6 +22,7 @@ from shardgrad.ops import collective
 from shardgrad.partition.data_parallel import DataParallel
 from shardgrad.partition.plan import graph_hash
 from shardgrad.partition.zero import Layout, Zero1
+from shardgrad.runtime import config as cfg
 from shardgrad.runtime.comm import Communicator
 from shardgrad.runtime.config import ConfigError
 from shardgrad.runtime.interpreter import Interpreter
@@ -125,9 +126,8 @@ class Parallel:
     zero: int = 0
 
     @classmethod
-    def of(cls, parallel: Mapping) -> Parallel:
-        return cls(parallel["bucket_mb"], parallel["deterministic"], parallel["chunks"],
-                   parallel["overlap"], parallel["sync_batchnorm"], parallel.get("zero", 0))
+    def of(cls, p: cfg.ParallelConfig) -> Parallel:
+        return cls(p.bucket_mb, p.deterministic, p.chunks, p.overlap, p.sync_batchnorm, p.zero)
 
 
 def rewrite(world_size: int, parallel: Parallel) -> DataParallel | None:
@@ -275,15 +275,16 @@ def synchronize(comm: Communicator, model: Module, optimizer: Optimizer, step: T
         broadcast_state(model, optimizer, comm)
 
 
-def fault_injector(config: Mapping, rank: int, world_size: int | None = None
+def fault_injector(config: cfg.ConfigLike, rank: int, world_size: int | None = None
                    ) -> Callable[[int], None] | None:
     """The ``debug.fail_at_step`` / ``debug.fail_rank`` / ``debug.fail_mode`` knob: on that
     rank, before that step (1-based) runs, raise InjectedFault ("raise") or stop responding
     ("hang", which the collective timeout or the launcher must catch). None when unset.
     ConfigError when ``debug.fail_rank`` is not a rank of a ``world_size`` job (no fault
     would fire, and a fault test would pass for nothing)."""
-    d = config.get("debug", {})
-    at, who, mode = d.get("fail_at_step", 0), d.get("fail_rank", 0), d.get("fail_mode", "raise")
+    config = cfg.from_dict(config)
+    d = config.debug
+    at, who, mode = d.fail_at_step, d.fail_rank, d.fail_mode
     if at and world_size is not None and who >= world_size:
         raise ConfigError(f"debug.fail_rank = {who} but this job has {world_size} process(es), "
                           f"ranks 0..{world_size - 1}")
@@ -301,26 +302,27 @@ def fault_injector(config: Mapping, rank: int, world_size: int | None = None
     return fault
 
 
-def step_options(config: Mapping, comm: Communicator,
+def step_options(config: cfg.ConfigLike, comm: Communicator,
                  executor: Callable[[Graph], Any] | None = None) -> dict[str, Any]:
     """The data-parallel hook of ``runtime.train``: ``make_step(model, loss_fn, optimizer,
     precision)``, building the ParallelStep (with ``executor`` bound to ``comm``),
     ``transform`` (its rewrite, or None when there is nothing to rewrite) and
     ``prepare(model, optimizer, step, x, y)``, to call once before training with a local
     batch: it checks that every rank runs the same step, then broadcasts rank 0's state."""
-    p = config["parallel"]
-    if p["dp"] != comm.world_size:
-        raise ConfigError(f"parallel.dp = {p['dp']} but this job has {comm.world_size} "
-                          f"process(es): start it with `mpirun -n {p['dp']} shardgrad train ...` "
+    config = cfg.from_dict(config)
+    p = config.parallel
+    if p.dp != comm.world_size:
+        raise ConfigError(f"parallel.dp = {p.dp} but this job has {comm.world_size} "
+                          f"process(es): start it with `mpirun -n {p.dp} shardgrad train ...` "
                           f"(as root add --allow-run-as-root --oversubscribe), or set "
                           f"parallel.dp = {comm.world_size}")
-    if p["deterministic"] and p["chunks"] % comm.world_size:
-        raise ConfigError(f"parallel.chunks = {p['chunks']} must be a multiple of parallel.dp = "
+    if p.deterministic and p.chunks % comm.world_size:
+        raise ConfigError(f"parallel.chunks = {p.chunks} must be a multiple of parallel.dp = "
                           f"{comm.world_size} in deterministic mode")
-    batch = config["train"]["batch_size"]
-    if p["deterministic"] and batch % p["chunks"]:
+    batch = config.train.batch_size
+    if p.deterministic and batch % p.chunks:
         raise ConfigError(f"train.batch_size = {batch} must be a multiple of parallel.chunks = "
-                          f"{p['chunks']} in deterministic mode")
+                          f"{p.chunks} in deterministic mode")
     check_zero(config)
     parallel = Parallel.of(p)
     fault = fault_injector(config, comm.rank, comm.world_size)
@@ -337,20 +339,21 @@ def step_options(config: Mapping, comm: Communicator,
             "transform": rewrite(comm.world_size, parallel)}
 
 
-def check_zero(config: Mapping) -> None:
+def check_zero(config: cfg.ConfigLike) -> None:
     """ConfigError for what ``parallel.zero`` = 1 does not run with (one line each)."""
-    p, t = config["parallel"], config["train"]
-    if not p.get("zero"):
+    config = cfg.from_dict(config)
+    p, t = config.parallel, config.train
+    if not p.zero:
         return
-    if p["pp"] > 1:
+    if p.pp > 1:
         raise ConfigError("parallel.zero = 1 shards the optimizer over data-parallel ranks; it "
                           "runs with parallel.pp = 1 for now")
-    if p["overlap"]:
+    if p.overlap:
         raise ConfigError("parallel.overlap = true overlaps the gradient allreduce, which "
                           "parallel.zero = 1 replaces by one reduce_scatter: set one of them off")
-    if t["grad_clip"]:
+    if t.grad_clip:
         raise ConfigError("train.grad_clip needs the norm of the whole gradient, which no rank "
                           "holds with parallel.zero = 1: set one of them off")
-    if t.get("precision") == "fp16":
+    if t.precision == "fp16":
         raise ConfigError("train.precision = 'fp16' (dynamic loss scaling) does not run with "
                           "parallel.zero = 1: use 'bf16'")

@@ -26,7 +26,7 @@ from shardgrad.runtime.step import Predictor
 class Run:
     """A trained run: its config, the model with the trained state (eval mode), its data."""
 
-    config: dict
+    config: cfg.Config
     model: Module
     data: Dataset
     weights: str
@@ -75,8 +75,8 @@ def load_run(run_dir: str, overrides: Sequence[str] = ()) -> Run:
         if weights is None:
             raise DataError(f"{run_dir}: no final.safetensors or checkpoint to load")
     tensors, _ = load_checkpoint(weights)
-    with default_dtype(config["train"]["dtype"]):
-        manual_seed(config["train"]["seed"])
+    with default_dtype(config.train.dtype):
+        manual_seed(config.train.seed)
         model = build_model(config, data.input_shape, data.num_classes,
                             vocab_size(data.x_train))   # a transformer's, as training drew it
     try:
@@ -92,8 +92,8 @@ def logits(run: Run, x: np.ndarray, batch_size: int | None = None) -> np.ndarray
     """The model's logits for ``x``, in batches (the run's ``train.eval_batch_size``)."""
     from shardgrad.runtime.train import make_executor
 
-    batch_size = batch_size or run.config["train"]["eval_batch_size"]
-    predict = Predictor(run.model, make_executor(run.config["train"]["executor"]))
+    batch_size = batch_size or run.config.train.eval_batch_size
+    predict = Predictor(run.model, make_executor(run.config.train.executor))
     parts = [predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, run.data.num_classes))
 
@@ -184,7 +184,7 @@ def read_inputs(run: Run, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]
     (converted to the model's channels; their size must be the training images')."""
     shape = run.data.input_shape
     tokens = run.data.x_train.dtype.kind in "iu"     # a text model's integer token ids
-    dtype = run.data.x_train.dtype if tokens else run.config["train"]["dtype"]
+    dtype = run.data.x_train.dtype if tokens else run.config.train.dtype
     if len(inputs) == 1 and inputs[0].endswith(".npz"):
         path = inputs[0]
         try:

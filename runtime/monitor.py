@@ -34,14 +34,15 @@ class Monitor:
     step on this rank, data loading excluded) and ``samples_per_s`` (the global batch over
     it)."""
 
-    def __init__(self, config: Mapping, out_dir: str | None, rank: int, total: int,
+    def __init__(self, config: cfg.ConfigLike, out_dir: str | None, rank: int, total: int,
                  initial: int = 0, world_size: int = 1):
-        self.rank, self.epochs = rank, config["train"]["epochs"]
-        self.batch_size = config["train"]["batch_size"]
+        config = cfg.from_dict(config)
+        self.rank, self.epochs = rank, config.train.epochs
+        self.batch_size = config.train.batch_size
         self.show = rank == 0
         self.steps = initial
         self.tracer = self.trace_path = self._cm = None
-        if config["debug"]["trace"] and out_dir is not None:
+        if config.debug.trace and out_dir is not None:
             self.trace_path = os.path.join(out_dir, "trace", f"rank{rank}.json")
             if rank == 0:   # an earlier, larger job's timelines would be merged with these
                 for r, path in trace.rank_files(out_dir):
@@ -49,7 +50,7 @@ class Monitor:
                         os.remove(path)
             self._cm = trace.tracing(rank, self.trace_path)
             self.tracer = self._cm.__enter__()
-        self.cuda = dev.Device.parse(config["device"]["type"]).is_cuda
+        self.cuda = dev.Device.parse(config.device.type).is_cuda
         self.bar = tqdm(total=total, initial=initial, unit="step", desc="train", leave=False,
                         disable=not self.show or not cfg.progress_enabled())
         self.times: list[float] = []
@@ -57,7 +58,7 @@ class Monitor:
         self._last = (initial, time.perf_counter())   # (steps, when) at the last record
         self.accuracy: float | None = None
         self.tb = None
-        if self.show and out_dir is not None and config["log"]["tensorboard"]:
+        if self.show and out_dir is not None and config.log.tensorboard:
             self.tb = _tensorboard(os.path.join(out_dir, "tensorboard"))
 
     def epoch_begin(self, epoch: int) -> None:
@@ -148,9 +149,10 @@ class Monitor:
             self._cm = None
 
 
-def traced_comm(config: Mapping, comm):
+def traced_comm(config: cfg.ConfigLike, comm):
     """``comm``, its calls recorded on the timeline when ``debug.trace`` is on."""
-    return trace.TracedComm(comm) if config["debug"]["trace"] else comm
+    config = cfg.from_dict(config)
+    return trace.TracedComm(comm) if config.debug.trace else comm
 
 
 def _cuda_event():

@@ -210,7 +210,7 @@ def export_run(run_dir: str, out: str) -> str:
     from shardgrad.runtime.serialize import write_atomic
 
     run = load_run(run_dir)
-    proto = to_onnx(run.model, run.data.input_shape, run.config["train"]["dtype"],
+    proto = to_onnx(run.model, run.data.input_shape, run.config.train.dtype,
                     input_dtype=str(run.data.x_train.dtype))
     data = proto.SerializeToString()
 

@@ -422,11 +422,12 @@ class PipelineTransform:
         return graph
 
 
-def mesh_shape(config: Mapping, world_size: int | None = None) -> tuple[int, int, int]:
+def mesh_shape(config: cfg.ConfigLike, world_size: int | None = None) -> tuple[int, int, int]:
     """(dp, pp, micro-batches) of ``config``; ConfigError when ``world_size`` ranks or the
     batch size cannot hold them."""
-    par, batch = config["parallel"], config["train"]["batch_size"]
-    dp, pp, m = par["dp"], par["pp"], par["microbatches"]
+    config = cfg.from_dict(config)
+    par, batch = config.parallel, config.train.batch_size
+    dp, pp, m = par.dp, par.pp, par.microbatches
     if world_size is not None and world_size != dp * pp:
         raise cfg.ConfigError(
             f"parallel.dp = {dp} x parallel.pp = {pp} needs {dp * pp} processes but this job "
@@ -438,21 +439,22 @@ def mesh_shape(config: Mapping, world_size: int | None = None) -> tuple[int, int
     return dp, pp, m
 
 
-def step_options(config: Mapping, comm: Communicator, executor: Executor | None = None,
+def step_options(config: cfg.ConfigLike, comm: Communicator, executor: Executor | None = None,
                  xp=np) -> dict[str, Any]:
     """``runtime.train.step_options`` for ``parallel.pp`` > 1: a dp x pp mesh over ``comm``,
     a TrainStep traced on one micro-batch, and the pipeline as its executor; this rank reads
     the data shard of its replica (``data_rank`` of ``data_world_size`` = dp). ``prepare``
     gives every rank rank 0's state and checks that all traced the same step; ``gather(step)``
     assembles the whole model on every rank (before it is read)."""
+    config = cfg.from_dict(config)
     dp, pp, m = mesh_shape(config, comm.world_size)
-    par = config["parallel"]
+    par = config.parallel
     mesh = Mesh.of(comm, dp, pp)
     fault = data_parallel.fault_injector(config, comm.rank, comm.world_size)
 
     def make(graph: Graph) -> Any:
         with as_config_error():
-            plan = plan_pipeline(graph, mesh, m, par["schedule"], par["balance"], xp, comm)
+            plan = plan_pipeline(graph, mesh, m, par.schedule, par.balance, xp, comm)
         program = PipelineProgram(plan, mesh, executor, xp, world=comm)
         return program if fault is None else data_parallel.Faulted(program, fault)
 

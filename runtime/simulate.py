@@ -11,7 +11,6 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +18,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from shardgrad.graph.ir import Graph, ShapeError
+from shardgrad.ops import collective
 from shardgrad.partition.schedule import simulate as simulate_schedule
 from shardgrad.runtime import compiled
 from shardgrad.runtime import config as cfg
+from shardgrad.runtime.comm import SingleProcess
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,16 @@ def time_graph(graph: Graph, repeats: int = 20) -> tuple[float, int]:
     and its planned buffer bytes."""
     program = compiled.compile(graph)
     feeds = _feeds(graph)
-    program.run(feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    one = SingleProcess()
+    # a stage's update may hold a collective (grad_clip's norm over the stages): here it
+    # runs on one process, its traffic being the link model's business
+    with collective.bind(one, pp=one, dp=one):
         program.run(feeds)
-        times.append(time.perf_counter() - t)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            program.run(feeds)
+            times.append(time.perf_counter() - t)
     return statistics.median(times), program.stats()["planned_bytes"]
 
 
@@ -106,21 +111,22 @@ def _comm_nodes(graph: Graph) -> list[tuple[str, int]]:
     return out
 
 
-def _step_graph(config: Mapping, rows: int) -> Graph:
+def _step_graph(config: cfg.Config, rows: int) -> Graph:
     from shardgrad.graph.nn import functional
     from shardgrad.graph.trace import trace_step
     from shardgrad.runtime.train import setup
 
     model, optimizer, _, data = setup(config)
     return trace_step(model, functional.cross_entropy, optimizer,
-                      ((rows,) + data.input_shape, config["train"]["dtype"]),
+                      ((rows,) + data.input_shape, config.train.dtype),
                       ((rows,), str(data.y_train.dtype)))
 
 
-def time_step(config: Mapping, rows: int, repeats: int = 20) -> float:
+def time_step(config: cfg.ConfigLike, rows: int, repeats: int = 20) -> float:
     """Median seconds of one call of the compiled TrainStep (what the training loop times
     as step_time_s) on ``rows`` real samples, one process, after a warm-up call: kernels
     plus the per-step work around them (feeds, loss, writing the state back)."""
+    config = cfg.from_dict(config)
     from shardgrad.runtime.train import setup
 
     _, optimizer, step, data = setup(config)
@@ -135,42 +141,42 @@ def time_step(config: Mapping, rows: int, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def _slowdown(ranks_per_node: int, config: Mapping) -> float:
+def _slowdown(ranks_per_node: int, config: cfg.Config) -> float:
     """CPU ranks beyond the cores share them (each BLAS thread a core): compute stretches."""
-    if config["device"]["type"] != "cpu":
+    if config.device.type != "cpu":
         return 1.0
-    threads = config["device"]["threads"] or 1
+    threads = config.device.threads or 1
     return max(1.0, ranks_per_node * threads / (os.cpu_count() or 1))
 
 
-def simulate(config: Mapping, ranks: int, pp: int | None = None, microbatches: int | None = None,
-             gpus_per_node: int | None = None, link: str = "shm", repeats: int = 20
-             ) -> dict[str, Any]:
+def simulate(config: cfg.ConfigLike, ranks: int, pp: int | None = None,
+             microbatches: int | None = None, gpus_per_node: int | None = None,
+             link: str = "shm", repeats: int = 20) -> dict[str, Any]:
     """The prediction for ``config`` on ``ranks`` ranks as dp = ranks / pp replicas of pp
     stages (default the config's parallel.pp and parallel.microbatches). With
     ``gpus_per_node`` (ranks a node), traffic between nodes crosses ``link`` and traffic
     inside one crosses shared memory (CPU) or NVLink (GPU); without it every rank is on one
     node linked by ``link``. Raises ConfigError for a shape the config cannot take."""
     config = cfg.from_dict(config)
-    with threadpool_limits(config["device"]["threads"] or None, user_api="blas"):
+    with threadpool_limits(config.device.threads or None, user_api="blas"):
         return _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats)
 
 
 def _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats):
-    pp = pp or config["parallel"]["pp"]
-    m = microbatches or (config["parallel"]["microbatches"] if pp > 1 else 1)
+    pp = pp or config.parallel.pp
+    m = microbatches or (config.parallel.microbatches if pp > 1 else 1)
     if link not in LINKS:
         raise cfg.ConfigError(f"--link {link!r}: must be one of {', '.join(LINKS)}")
     if ranks < 1 or ranks % pp:
         raise cfg.ConfigError(f"--ranks {ranks} must be a positive multiple of --pp {pp}")
     dp = ranks // pp
-    batch = config["train"]["batch_size"]
+    batch = config.train.batch_size
     if batch % (dp * m):
         raise cfg.ConfigError(f"train.batch_size = {batch} must be a multiple of dp x "
                               f"micro-batches = {dp} x {m}")
     per_node = min(gpus_per_node or ranks, ranks)
     nodes = math.ceil(ranks / per_node)
-    inner = LINKS["nvlink" if config["device"]["type"] != "cpu" else "shm"]
+    inner = LINKS["nvlink" if config.device.type != "cpu" else "shm"]
     # a ring over several nodes runs at its slowest hop
     ring = LINKS[link] if nodes > 1 or gpus_per_node is None else inner
     slow = _slowdown(per_node, config)
@@ -183,8 +189,8 @@ def _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats):
 def _data_parallel(config, dp, ring, slow, repeats, link, per_node, nodes) -> dict[str, Any]:
     from shardgrad.runtime.dp import Parallel, rewrite
 
-    p = config["parallel"]
-    rows = config["train"]["batch_size"] // dp
+    p = config.parallel
+    rows = config.train.batch_size // dp
     graph = _step_graph(config, rows)
     _, planned = time_graph(graph, 1)
     compute = time_step(config, rows, repeats)
@@ -205,7 +211,7 @@ def _data_parallel(config, dp, ring, slow, repeats, link, per_node, nodes) -> di
             "bubble": 0.0, "bytes_sent_per_rank": sent,
             "peak_memory_bytes": planned + state,
             "optimizer_state_bytes_per_rank": _bytes(rewritten, "state/optim/"),
-            "samples_per_s": config["train"]["batch_size"] / step}
+            "samples_per_s": config.train.batch_size / step}
 
 
 def _pipeline(config, dp, pp, m, ring, hop, slow, repeats, link, per_node, nodes
@@ -213,12 +219,12 @@ def _pipeline(config, dp, pp, m, ring, hop, slow, repeats, link, per_node, nodes
     from shardgrad.partition.pipeline import pipeline as partition_pipeline
     from shardgrad.runtime import pipeline
 
-    p = config["parallel"]
-    rows = config["train"]["batch_size"] // (dp * m)
+    p = config.parallel
+    rows = config.train.batch_size // (dp * m)
     graph = _step_graph(config, rows)
-    times = pipeline.profile_times(graph) if p["balance"] == "profile" else None
+    times = pipeline.profile_times(graph) if p.balance == "profile" else None
     with pipeline.as_config_error():
-        plan = partition_pipeline(graph, pp, p["balance"], m, p["schedule"], dp, times)
+        plan = partition_pipeline(graph, pp, p.balance, m, p.schedule, dp, times)
     # each program run costs what a step costs around its kernels (measured on the whole
     # step of a micro-batch: the TrainStep call less its program's run)
     whole, _ = time_graph(graph, repeats)
@@ -253,12 +259,13 @@ def _pipeline(config, dp, pp, m, ring, hop, slow, repeats, link, per_node, nodes
             "per_stage": [{"stage": s, "forward_s": f[s], "backward_s": b[s],
                            "update_s": u[s], "bytes_sent": sent[s],
                            "peak_memory_bytes": peak[s]} for s in range(pp)],
-            "samples_per_s": config["train"]["batch_size"] / step}
+            "samples_per_s": config.train.batch_size / step}
 
 
-def recommend(config: Mapping, ranks: int, **kw: Any) -> list[dict[str, Any]]:
+def recommend(config: cfg.ConfigLike, ranks: int, **kw: Any) -> list[dict[str, Any]]:
     """Every (dp, pp, micro-batches) shape of ``ranks`` ranks the config can take (pp up to 4,
     micro-batches 1, 2, 4, 8), fastest first."""
+    config = cfg.from_dict(config)
     out = []
     for pp in (1, 2, 3, 4):
         if ranks % pp:

@@ -88,7 +88,7 @@ def make_executor(name: str):
     return choose_executor(name)
 
 
-def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
+def step_options(config: cfg.ConfigLike, comm: Communicator) -> dict[str, Any]:
     """How to run the step on this communicator: the data-parallel (or pipeline) hook.
 
     Returns a dict with any of ``make_step(model, loss_fn, optimizer, precision)`` (the step
@@ -101,9 +101,10 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
     parameters there), ``data_rank`` and ``data_world_size`` (which shard of the data this
     process reads; default ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
     """
+    config = cfg.from_dict(config)
     # on a GPU: the current one, which open_device chose for this rank
-    kind = "cuda" if dev.Device.parse(config["device"]["type"]).is_cuda else "cpu"
-    chosen = choose_executor(config["train"]["executor"], kind, comm.rank)
+    kind = "cuda" if dev.Device.parse(config.device.type).is_cuda else "cpu"
+    chosen = choose_executor(config.train.executor, kind, comm.rank)
     xp = xp_for(kind)
 
     def executor(graph, **names):
@@ -111,30 +112,30 @@ def step_options(config: Mapping, comm: Communicator) -> dict[str, Any]:
         return chosen(graph) if kind == "cuda" or not names else chosen(graph, **names)
 
     dp.check_zero(config)
-    if config["parallel"]["pp"] > 1:
+    if config.parallel.pp > 1:
         return pipeline.step_options(config, comm, executor, xp)
     options = dp.step_options(config, comm, executor)
-    if (dev.Device.parse(config["device"]["type"]).is_cuda
-            and not config.get("debug", {}).get("fail_at_step")):
+    if dev.Device.parse(config.device.type).is_cuda and not config.debug.fail_at_step:
         if options["transform"] is None and comm.world_size == 1:
             # one GPU: compile_step's own path (the model on the device, the state owned there)
-            return {"device": dev.resolve(config["device"]["type"])}
+            return {"device": dev.resolve(config.device.type)}
         if resident_parallel(options["transform"]):
             # data parallel: the same, its flat gradient buffer allreduced on the GPU comm
             options = dict(dp.step_options(config, comm, None),
-                           device=dev.resolve(config["device"]["type"]))
+                           device=dev.resolve(config.device.type))
     return options
 
 
-def open_device(config: Mapping, comm: Communicator) -> Communicator:
+def open_device(config: cfg.ConfigLike, comm: Communicator) -> Communicator:
     """Make ``device.type`` current for this rank (``"cuda"``: the GPU of its local rank) and
     return the communicator its step uses: on a GPU with several ranks, ``comm`` carrying
     device buffers as ``device.comm`` / ``device.cuda_aware_mpi`` say. Raises ConfigError
     when CuPy or the GPU is missing."""
-    spec = config["device"]["type"]
+    config = cfg.from_dict(config)
+    spec = config.device.type
     if not dev.Device.parse(spec).is_cuda:
         return comm
-    if config["parallel"]["pp"] > 1 and config["device"]["comm"] == "nccl":
+    if config.parallel.pp > 1 and config.device.comm == "nccl":
         raise cfg.ConfigError("device.comm = 'nccl' carries data parallelism only (NCCL matches "
                               "sends by order, not tag): set device.comm = 'mpi' for a "
                               "pipeline (parallel.pp > 1)")
@@ -142,19 +143,20 @@ def open_device(config: Mapping, comm: Communicator) -> Communicator:
         dev.use(dev.resolve(spec))
     except dev.DeviceError as e:
         raise cfg.ConfigError(f"device.type = {spec!r} but {e}") from None
-    return world.device_comm(comm, spec, config["device"]["comm"],
-                             config["device"]["cuda_aware_mpi"])
+    return world.device_comm(comm, spec, config.device.comm,
+                             config.device.cuda_aware_mpi)
 
 
-def load_data(config: Mapping) -> Dataset:
-    d, dtype = config["data"], config["train"]["dtype"]
+def load_data(config: cfg.ConfigLike) -> Dataset:
+    config = cfg.from_dict(config)
+    d, dtype = config.data, config.train.dtype
     image = image_input(config)
-    if d["dataset"] == "text":
-        return load_text(test_fraction=d["test_fraction"], seed=d["split_seed"])
-    if d["dataset"] == "digits":
-        return load_digits(dtype, image=image, test_fraction=d["test_fraction"],
-                           seed=d["split_seed"])
-    if d["dataset"] != "idx":
+    if d.dataset == "text":
+        return load_text(test_fraction=d.test_fraction, seed=d.split_seed)
+    if d.dataset == "digits":
+        return load_digits(dtype, image=image, test_fraction=d.test_fraction,
+                           seed=d.split_seed)
+    if d.dataset != "idx":
         return load_named(config)
     for key in ("train_images", "train_labels"):
         if not d[key]:
@@ -166,99 +168,100 @@ def load_data(config: Mapping) -> Dataset:
             raise cfg.ConfigError(f"data.{key} = {path!r}: "
                                   f"{'is a directory' if os.path.isdir(path) else 'no such file'}"
                                   f"{where}")
-    data = load_idx_dataset(d["train_images"], d["train_labels"], d["test_images"] or None,
-                            d["test_labels"] or None, dtype=dtype, image=image,
-                            test_fraction=d["test_fraction"], seed=d["split_seed"])
+    data = load_idx_dataset(d.train_images, d.train_labels, d.test_images or None,
+                            d.test_labels or None, dtype=dtype, image=image,
+                            test_fraction=d.test_fraction, seed=d.split_seed)
     return datasets.finish(data.x_train, data.y_train, data.x_test, data.y_test,
-                           d["num_classes"] or None, d["train_labels"])
+                           d.num_classes or None, d.train_labels)
 
 
-def load_named(config: Mapping) -> Dataset:
+def load_named(config: cfg.ConfigLike) -> Dataset:
     """mnist5k, the downloaded sets, a folder of images or an .npz file (runtime.datasets)."""
-    d, dtype = config["data"], config["train"]["dtype"]
-    image, classes = image_input(config), d["num_classes"] or None
-    split_args = {"test_fraction": d["test_fraction"], "seed": d["split_seed"]}
-    name = d["dataset"]
+    config = cfg.from_dict(config)
+    d, dtype = config.data, config.train.dtype
+    image, classes = image_input(config), d.num_classes or None
+    split_args = {"test_fraction": d.test_fraction, "seed": d.split_seed}
+    name = d.dataset
     if name == "mnist5k":
         return datasets.load_mnist5k(dtype, image, num_classes=classes, **split_args)
     if name in ("mnist", "fashion_mnist"):
         return datasets.load_idx_download(name, dtype, image, classes)
     if name == "cifar10":
         return datasets.load_cifar10(dtype, image, classes)
-    if not d["path"]:
+    if not d.path:
         raise cfg.ConfigError(f"data.dataset = {name!r} needs data.path (a "
                               f"{'directory' if name == 'folder' else '.npz file'})")
     if name == "folder":
-        return datasets.load_folder(d["path"], dtype, image, num_classes=classes,
+        return datasets.load_folder(d.path, dtype, image, num_classes=classes,
                                     **split_args)[0]
-    return datasets.load_npz(d["path"], dtype, image, num_classes=classes, **split_args)
+    return datasets.load_npz(d.path, dtype, image, num_classes=classes, **split_args)
 
 
-def make_optimizer(config: Mapping, params) -> optim.Optimizer:
-    t = config["train"]
-    if t["optimizer"] == "sgd":
-        if t["nesterov"] and t["momentum"] <= 0:
+def make_optimizer(config: cfg.ConfigLike, params) -> optim.Optimizer:
+    config = cfg.from_dict(config)
+    t = config.train
+    if t.optimizer == "sgd":
+        if t.nesterov and t.momentum <= 0:
             raise cfg.ConfigError("train.nesterov = true needs train.momentum > 0")
-        return optim.SGD(params, lr=t["lr"], momentum=t["momentum"],
-                         weight_decay=t["weight_decay"], nesterov=t["nesterov"])
-    opt_cls = optim.Adam if t["optimizer"] == "adam" else optim.AdamW
-    return opt_cls(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        return optim.SGD(params, lr=t.lr, momentum=t.momentum,
+                         weight_decay=t.weight_decay, nesterov=t.nesterov)
+    opt_cls = optim.Adam if t.optimizer == "adam" else optim.AdamW
+    return opt_cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def lr_at(config: Mapping, step: int, total_steps: int) -> float:
+def lr_at(config: cfg.ConfigLike, step: int, total_steps: int) -> float:
     """The learning rate of the step that follows ``step`` completed steps (of
     ``total_steps``): a linear warm-up over ``train.warmup_steps``, then ``train.lr_schedule``
     over the rest (step and multistep count epochs of total_steps / train.epochs steps)."""
-    t = config["train"]
-    warm, lr = t["warmup_steps"], t["lr"]
+    config = cfg.from_dict(config)
+    t = config.train
+    warm, lr = t.warmup_steps, t.lr
     if step < warm:
         return lr * (step + 1) / warm
     s, span = step - warm, max(total_steps - warm, 1)
-    kind = t["lr_schedule"]
+    kind = t.lr_schedule
     if kind == "cosine":
         return lr * 0.5 * (1.0 + math.cos(math.pi * s / span))
     if kind == "linear":
         return lr * max(0.0, 1.0 - s / span)
     if kind in ("step", "multistep"):
-        epoch = step // max(total_steps // t["epochs"], 1)
-        decays = (epoch // t["lr_step_size"] if kind == "step"
-                  else sum(epoch >= m for m in t["lr_milestones"]))
-        return lr * t["lr_gamma"] ** decays
+        epoch = step // max(total_steps // t.epochs, 1)
+        decays = (epoch // t.lr_step_size if kind == "step"
+                  else sum(epoch >= m for m in t.lr_milestones))
+        return lr * t.lr_gamma ** decays
     return lr
 
 
-def accumulated(config: Mapping) -> dict:
+def accumulated(config: cfg.Config) -> cfg.Config:
     """``config`` with ``train.accumulate`` = k folded into how the step runs: each optimizer
     step takes k batches of ``train.batch_size`` at once (the loop's batch is k times larger)
     and the step graph, traced on one of them, runs k times and sums the gradients: as k more
     pipeline micro-batches (pp > 1), or k times the chunks of deterministic data parallelism
     (the dp ranks' chunks, one each, when it was off)."""
-    if config["train"].get("precision") == "bf16" and not importlib.util.find_spec("ml_dtypes"):
+    if config.train.precision == "bf16" and not importlib.util.find_spec("ml_dtypes"):
         raise cfg.ConfigError("train.precision = 'bf16' needs ml_dtypes: pip install "
                               "'shardgrad[gpu]' (or pip install ml_dtypes)")
-    p = config["parallel"]
-    if config["train"].get("precision") == "fp16" and (
-            p["dp"] > 1 or p["pp"] > 1 or p["deterministic"] or config["train"]["accumulate"] > 1):
+    p = config.parallel
+    if config.train.precision == "fp16" and (
+            p.dp > 1 or p.pp > 1 or p.deterministic or config.train.accumulate > 1):
         # the skip decision reads each rank's (each chunk's) own gradients: they could disagree
         raise cfg.ConfigError("train.precision = 'fp16' (dynamic loss scaling) runs in one "
                               "process, without accumulation, for now: use 'bf16'")
-    k = config["train"]["accumulate"]
+    k = config.train.accumulate
     if k == 1:
         return config
-    run = {s: dict(v) for s, v in config.items()}
-    run["train"]["batch_size"] *= k
-    par = run["parallel"]
-    if par["pp"] > 1:
-        par["microbatches"] *= k
+    if p.pp > 1:
+        folded = {"parallel.microbatches": p.microbatches * k}
     else:
-        par["chunks"] = (par["chunks"] if par["deterministic"] else par["dp"]) * k
-        par["deterministic"] = True
-    return run
+        folded = {"parallel.chunks": (p.chunks if p.deterministic else p.dp) * k,
+                  "parallel.deterministic": True}
+    return config.replace({"train.batch_size": config.train.batch_size * k, **folded})
 
 
-def loss_function(config: Mapping) -> Callable:
+def loss_function(config: cfg.ConfigLike) -> Callable:
     """Cross-entropy, with ``train.label_smoothing`` when set."""
-    eps = config["train"]["label_smoothing"]
+    config = cfg.from_dict(config)
+    eps = config.train.label_smoothing
     if not eps:
         return functional.cross_entropy
     return functools.partial(functional.cross_entropy, label_smoothing=eps)
@@ -274,62 +277,63 @@ def default_dtype(dtype: str) -> Iterator[None]:
         set_default_dtype(saved)
 
 
-def setup(config: Mapping, options: Mapping | None = None
+def setup(config: cfg.ConfigLike, options: Mapping | None = None
           ) -> tuple[Module, optim.Optimizer, TrainStep, Dataset]:
     """Data, model (parameters drawn after ``manual_seed(train.seed)``, so identical on every
     rank), optimizer, and the compiled step (traced on its first call)."""
+    config = cfg.from_dict(config)
     options = options or {}
     data = load_data(config)
-    with default_dtype(config["train"]["dtype"]):
-        manual_seed(config["train"]["seed"])
+    with default_dtype(config.train.dtype):
+        manual_seed(config.train.seed)
         model = build_model(config, data.input_shape, data.num_classes,
                             vocab_size(data.x_train))
     if options.get("device") is not None:
         model.to(options["device"])
     optimizer = make_optimizer(config, model.parameters())
-    optimizer.max_grad_norm = config["train"]["grad_clip"] or None
-    precision = config["train"].get("precision", "fp32")
+    optimizer.max_grad_norm = config.train.grad_clip or None
+    precision = config.train.precision
     if options.get("make_step") is not None:     # data parallel: runtime.dp's ParallelStep
         step = options["make_step"](model, loss_function(config), optimizer, precision)
     else:
         step = compile_step(model, loss_function(config), optimizer,
                             executor=None if options.get("device") is not None else (
                                 options.get("executor")
-                                or make_executor(config["train"]["executor"])),
+                                or make_executor(config.train.executor)),
                             transform=options.get("transform"), precision=precision)
     return model, optimizer, step, data
 
 
-def plan_for_config(config: Mapping) -> PipelinePlan | Plan:
+def plan_for_config(config: cfg.ConfigLike) -> PipelinePlan | Plan:
     """The plan ``shardgrad train CONFIG`` runs with ``parallel.pp`` stages (built here in
     one process: "profile" times this machine), or with ``parallel.zero`` = 1 its ZeRO-1
     data-parallel plan."""
     config = cfg.from_dict(config)
-    if config["parallel"]["zero"] and config["parallel"]["pp"] == 1:
+    if config.parallel.zero and config.parallel.pp == 1:
         return _zero_plan(config)
     replicas, pp, m = pipeline.mesh_shape(config)
     model, optimizer, _, data = setup(config)
-    rows = config["train"]["batch_size"] // (replicas * m)
+    rows = config.train.batch_size // (replicas * m)
     graph = trace_step(model, functional.cross_entropy, optimizer,
-                       ((rows,) + data.input_shape, config["train"]["dtype"]),
+                       ((rows,) + data.input_shape, config.train.dtype),
                        ((rows,), str(data.y_train.dtype)))
-    balance = config["parallel"]["balance"]
+    balance = config.parallel.balance
     times = pipeline.profile_times(graph) if balance == "profile" else None
     with pipeline.as_config_error():
-        return partition_pipeline(graph, pp, balance, m, config["parallel"]["schedule"], replicas,
+        return partition_pipeline(graph, pp, balance, m, config.parallel.schedule, replicas,
                                   times)
 
 
-def _zero_plan(config: Mapping) -> Plan:
+def _zero_plan(config: cfg.Config) -> Plan:
     dp.check_zero(config)
     run = accumulated(config)
-    world = run["parallel"]["dp"]
-    transform = dp.rewrite(world, dp.Parallel.of(run["parallel"]))
+    world = run.parallel.dp
+    transform = dp.rewrite(world, dp.Parallel.of(run.parallel))
     model, optimizer, _, data = setup(config)
-    rows = run["train"]["batch_size"] // world // transform.split
+    rows = run.train.batch_size // world // transform.split
     with transform.trace_context():
         graph = trace_step(model, loss_function(config), optimizer,
-                           ((rows,) + data.input_shape, config["train"]["dtype"]),
+                           ((rows,) + data.input_shape, config.train.dtype),
                            ((rows,), str(data.y_train.dtype)))
     try:
         return transform.plan(graph)
@@ -431,7 +435,7 @@ def _keep_last(out_dir: str, keep: int) -> None:
             os.remove(path)
 
 
-def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optimizer,
+def _restore(config: cfg.Config, resume: str, model: Module, optimizer: optim.Optimizer,
              per_epoch: int | None = None
              ) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     path = latest_checkpoint(resume)
@@ -449,13 +453,13 @@ def _restore(config: Mapping, resume: str, model: Module, optimizer: optim.Optim
         raise cfg.ConfigError(f"--resume {resume}: the config differs from the checkpoint's in "
                               f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may "
                               f"change on resume")
-    if int(meta["epoch"]) > config["train"]["epochs"]:
-        raise cfg.ConfigError(f"--resume {resume}: train.epochs = {config['train']['epochs']} "
+    if int(meta["epoch"]) > config.train.epochs:
+        raise cfg.ConfigError(f"--resume {resume}: train.epochs = {config.train.epochs} "
                               f"but {path} is from epoch {meta['epoch']}; set train.epochs >= "
                               f"{meta['epoch']}")
     expected = model_tensors(model)
     expected.update({f"optim.{k}": np.asarray(v) for k, v in optimizer.state_dict().items()})
-    checkpoint.check_tensors(path, tensors, expected, config["train"]["dtype"])
+    checkpoint.check_tensors(path, tensors, expected, config.train.dtype)
     try:
         _load_state(tensors, model, optimizer)
     except (KeyError, ValueError) as e:
@@ -527,19 +531,19 @@ def _check_finite(model: Module, steps_done: int, epoch: int) -> None:
                            f"(epoch {epoch + 1}): training diverged; try a lower train.lr")
 
 
-def _loader_options(config: Mapping, data: Dataset) -> tuple[Augment, Any]:
+def _loader_options(config: cfg.Config, data: Dataset) -> tuple[Augment, Any]:
     """The training batches' augmentation and, on a GPU, their copy to the device."""
-    d = config["data"]
-    augment = Augment(len(data.y_train), d["random_crop"], d["hflip"], config["train"]["seed"])
+    d = config.data
+    augment = Augment(len(data.y_train), d.random_crop, d.hflip, config.train.seed)
     if augment and data.x_train.ndim != 4:
         raise cfg.ConfigError(f"data.random_crop / data.hflip augment images (N, C, H, W), but "
-                              f"model.kind = {config['model']['kind']!r} takes the data as "
+                              f"model.kind = {config.model.kind!r} takes the data as "
                               f"shape {data.x_train.shape}: use an image model (cnn, resnet)")
-    spec = dev.Device.parse(config["device"]["type"])
+    spec = dev.Device.parse(config.device.type)
     return augment, device_copier(dev.resolve(spec) if spec.is_cuda else None)
 
 
-def _read_losses(losses: list, first: int, epoch: int, config: Mapping, total: int) -> None:
+def _read_losses(losses: list, first: int, epoch: int, config: cfg.Config, total: int) -> None:
     """Turn an epoch's losses into floats in place (a GPU step's loss is a device Tensor, read
     only when logged: one sync), Diverged at the first that is not finite."""
     for i, v in enumerate(losses):
@@ -555,7 +559,7 @@ def _mean_over_ranks(comm: Communicator, value: float) -> float:
     return float(comm.allreduce_(buf)[0]) / comm.world_size
 
 
-def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None,
+def train(config: cfg.ConfigLike, out_dir: str | None, comm: Communicator | None = None,
           resume: str | None = None, transform: Callable | None = None,
           executor: Callable | None = None,
           on_record: Callable[[dict], None] | None = None) -> dict[str, Any]:
@@ -569,7 +573,7 @@ def train(config: Mapping, out_dir: str | None, comm: Communicator | None = None
     ``executor`` override ``step_options(config, comm)``; ``on_record`` sees every record.
     """
     config = cfg.from_dict(config)
-    threads = config["device"]["threads"]
+    threads = config.device.threads
     comm = comm or SingleProcess()
     # rank 0 writes the run directory: it holds the directory's lock for the whole run
     with threadpool_limits(threads or None, user_api="blas"), \
@@ -582,7 +586,7 @@ class _Run:
     """One training run: the parts building made (config -> data, model, optimizer, step
     and how it is parallelised), where the run stands, and its metrics."""
 
-    config: Mapping
+    config: cfg.Config
     comm: Communicator
     out_dir: str | None
     writer: bool                # rank 0 with a run directory: the one that writes files
@@ -605,19 +609,19 @@ class _Run:
 
     @property
     def total(self) -> int:
-        return self.per_epoch * self.config["train"]["epochs"]
+        return self.per_epoch * self.config.train.epochs
 
     def wall(self) -> float:
         return round(self.wall_before + time.perf_counter() - self.t0, 3)
 
     def evaluate(self) -> float:
-        t = self.config["train"]
-        acc = accuracy(self.model, self.data.x_test, self.data.y_test, t["eval_batch_size"],
-                       make_executor(t["executor"])) if self.comm.rank == 0 else None
+        t = self.config.train
+        acc = accuracy(self.model, self.data.x_test, self.data.y_test, t.eval_batch_size,
+                       make_executor(t.executor)) if self.comm.rank == 0 else None
         return self.comm.bcast_obj(acc)
 
 
-def _build(config: Mapping, out_dir: str | None, comm: Communicator,
+def _build(config: cfg.Config, out_dir: str | None, comm: Communicator,
            transform: Callable | None, executor: Callable | None,
            on_record: Callable[[dict], None] | None) -> _Run:
     """Everything a run needs before its first step: the device, the step's parallel hooks,
@@ -628,21 +632,21 @@ def _build(config: Mapping, out_dir: str | None, comm: Communicator,
                    else {"transform": transform, "executor": executor})
     rank = options.get("data_rank", comm.rank)
     world = options.get("data_world_size", comm.world_size)
-    t = config["train"]
-    batch = run["train"]["batch_size"]    # train.accumulate batches of train.batch_size
-    if t["batch_size"] % world:
-        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (the global batch) must be "
+    t = config.train
+    batch = run.train.batch_size    # train.accumulate batches of train.batch_size
+    if t.batch_size % world:
+        raise cfg.ConfigError(f"train.batch_size = {t.batch_size} (the global batch) must be "
                               f"a multiple of the data-parallel world size {world}")
     writer = comm.rank == 0 and out_dir is not None
     if writer:
         _make_run_dir(out_dir)
     metrics = _Metrics(os.path.join(out_dir, "metrics.jsonl") if writer else None, on_record)
     model, optimizer, step, data = setup(config, options)
-    sampler = DistributedSampler(len(data.y_train), world, rank, shuffle=True, seed=t["seed"])
+    sampler = DistributedSampler(len(data.y_train), world, rank, shuffle=True, seed=t.seed)
     per_epoch = num_batches(len(data.y_train), batch)
     if per_epoch == 0:
-        raise cfg.ConfigError(f"train.batch_size = {t['batch_size']} (x train.accumulate = "
-                              f"{t['accumulate']}) is larger than the {len(data.y_train)} "
+        raise cfg.ConfigError(f"train.batch_size = {t.batch_size} (x train.accumulate = "
+                              f"{t.accumulate}) is larger than the {len(data.y_train)} "
                               f"training samples")
     return _Run(config, comm, out_dir, writer, options, model, optimizer, step, data, sampler,
                 batch, per_epoch, metrics)
@@ -690,13 +694,13 @@ def _prepare(r: _Run) -> None:
 
 def _epoch(r: _Run, epoch: int, mon: Monitor, augment: Augment, to_device: Any) -> None:
     """One epoch's steps, a step record every ``train.log_every``; sets ``r.train_loss``."""
-    t, config = r.config["train"], r.config
+    t, config = r.config.train, r.config
     losses: list = []
     read_losses = functools.partial(_read_losses, losses, r.steps_done + 1, epoch, config,
                                     r.total)
     for x, y in mon.data(prefetch(epoch_batches(r.data.x_train, r.data.y_train, r.sampler,
                                                 r.batch, epoch, augment, to_device),
-                                  config["data"]["prefetch"])):
+                                  config.data.prefetch)):
         lr = lr_at(config, r.steps_done, r.total)
         r.optimizer.lr = lr
         mon.step_begin()
@@ -706,7 +710,7 @@ def _epoch(r: _Run, epoch: int, mon: Monitor, augment: Augment, to_device: Any) 
         losses.append(loss)
         if isinstance(loss, float) and not math.isfinite(loss):
             read_losses()
-        if r.steps_done % t["log_every"] == 0:
+        if r.steps_done % t.log_every == 0:
             read_losses()
             r.metrics.write({"kind": "step", "epoch": epoch + 1, "step": r.steps_done,
                              "loss": _mean_over_ranks(r.comm, losses[-1]), "lr": lr,
@@ -719,7 +723,7 @@ def _epoch(r: _Run, epoch: int, mon: Monitor, augment: Augment, to_device: Any) 
 def _end_epoch(r: _Run, epoch: int, mon: Monitor) -> None:
     """After an epoch: the whole model on every rank, its test accuracy, the checkpoint
     (rank 0) and the epoch record."""
-    config, t = r.config, r.config["train"]
+    config, t = r.config, r.config.train
     with mon.span("to_host", "copy"):
         r.step.to_host()
     with mon.span("gather"):
@@ -736,8 +740,8 @@ def _end_epoch(r: _Run, epoch: int, mon: Monitor) -> None:
              "config_hash": cfg.config_hash(config, [f"{s}.{k}" for s in config
                                                      for k in config[s]
                                                      if resumable(f"{s}.{k}")]),
-             "config": json.dumps(config, sort_keys=True)})
-        _keep_last(r.out_dir, t["keep_checkpoints"])
+             "config": json.dumps(config.to_dict(), sort_keys=True)})
+        _keep_last(r.out_dir, t.keep_checkpoints)
     r.metrics.write({"kind": "epoch", "epoch": epoch + 1, "step": r.steps_done,
                      "train_loss": r.train_loss, "test_accuracy": r.acc,
                      "lr": lr_at(config, r.steps_done, r.total), "wall_s": r.wall()})
@@ -751,12 +755,12 @@ def _finish(r: _Run, mon: Monitor) -> dict[str, Any]:
     config = r.config
     summary = {
         "test_accuracy": r.acc, "train_loss": r.train_loss, "steps": r.steps_done,
-        "epochs": config["train"]["epochs"], "wall_s": r.wall(),
+        "epochs": config.train.epochs, "wall_s": r.wall(),
         "world_size": r.comm.world_size, "params_sha256": params_sha256(r.model),
         "num_params": int(sum(p.size for p in r.model.parameters())),
         "resumed_from": r.resumed_from, "config_hash": cfg.config_hash(config),
         "optimizer_state_bytes_per_rank": r.step.optimizer_state_bytes(),
-        **mon.summary(), "config": config,
+        **mon.summary(), "config": config.to_dict(),
     }
     if r.writer:
         serialize.save_file(os.path.join(r.out_dir, "final.safetensors"),
@@ -766,7 +770,7 @@ def _finish(r: _Run, mon: Monitor) -> dict[str, Any]:
     return summary
 
 
-def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str | None,
+def _train(config: cfg.Config, out_dir: str | None, comm: Communicator, resume: str | None,
            transform: Callable | None, executor: Callable | None,
            on_record: Callable[[dict], None] | None) -> dict[str, Any]:
     r = _build(config, out_dir, comm, transform, executor, on_record)
@@ -776,7 +780,7 @@ def _train(config: Mapping, out_dir: str | None, comm: Communicator, resume: str
     r.t0 = time.perf_counter()
     mon = Monitor(config, out_dir, r.comm.rank, r.total, r.steps_done, r.comm.world_size)
     try:
-        for epoch in range(r.start_epoch, config["train"]["epochs"]):
+        for epoch in range(r.start_epoch, config.train.epochs):
             mon.epoch_begin(epoch)
             _epoch(r, epoch, mon, augment, to_device)
             _end_epoch(r, epoch, mon)

@@ -1,6 +1,9 @@
 """runtime.config: defaults, TOML files, --set parsing, and errors that name key, value and
 the valid keys or choices."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
@@ -92,10 +95,10 @@ def test_bad_toml_and_missing_file(tmp_path):
 def test_schema_is_extensible():
     schema = {**cfg.SCHEMA, "parallel": {**cfg.SCHEMA["parallel"],
                                          "microbatches": cfg.Key(1, int, min=1)}}
-    c = load_config(None, ["parallel.microbatches=4"], schema=schema)
+    c = cfg.load_dict(None, ["parallel.microbatches=4"], schema=schema)
     assert c["parallel"]["microbatches"] == 4
     with pytest.raises(ConfigError, match="parallel.microbatches = 0: must be >= 1"):
-        load_config(None, ["parallel.microbatches=0"], schema=schema)
+        cfg.load_dict(None, ["parallel.microbatches=0"], schema=schema)
 
 
 def test_hash_and_diff():
@@ -124,3 +127,41 @@ def test_env_is_read_here_only(monkeypatch):
     assert not cfg.progress_enabled()
     with pytest.raises(KeyError, match="undocumented environment variable"):
         cfg.env("SHARDGRAD_NOT_A_THING")
+
+
+def test_sections_are_typed_frozen_and_checked():
+    c = load_config(None, ["train.lr=1", "model.hidden=[8, 4]"])
+    assert isinstance(c, cfg.Config) and isinstance(c.train, cfg.TrainConfig)
+    assert c.train.lr == 1.0 and isinstance(c.train.lr, float) and c.model.hidden == [8, 4]
+    assert c["train"]["lr"] is c.train.lr and c["model"]["hidden"] == [8, 4]   # as the dict form
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.train.lr = 2.0
+    d = c.replace({"train.lr": 0.5, "parallel.dp": 2})
+    assert (d.train.lr, d.parallel.dp, c.train.lr, c.parallel.dp) == (0.5, 2, 1.0, 1)
+    with pytest.raises(ConfigError, match=r"^train.lr = -1: must be >= 0.0$"):
+        c.replace({"train.lr": -1})
+    with pytest.raises(ConfigError, match=r"^unknown config key 'train.lr2'"):
+        c.replace({"train.lr2": 1})
+    with pytest.raises(ConfigError, match=r"^model.kind = 'rnn': must be one of"):
+        cfg.ModelConfig(kind="rnn")
+    plain = c.to_dict()
+    assert type(plain) is dict and type(plain["model"]) is dict and plain == c
+    assert json.loads(json.dumps(plain)) == c and cfg.from_dict(plain) == c
+    plain["model"]["hidden"].append(1)        # a copy: the config is unchanged
+    assert c.model.hidden == [8, 4] and cfg.from_dict(c) is c
+
+
+def test_schema_is_derived_from_the_sections():
+    assert list(cfg.SCHEMA) == [f.name for f in dataclasses.fields(cfg.Config)]
+    for name, section in cfg.SECTIONS.items():
+        fields = dataclasses.fields(section)
+        assert list(cfg.SCHEMA[name]) == [f.name for f in fields] and section.NAME == name
+        default = section()
+        assert all(cfg.SCHEMA[name][f.name].default == getattr(default, f.name) for f in fields)
+    assert cfg.SCHEMA["train"]["lr"] == cfg.Key(0.1, float, min=0.0)
+    hidden = cfg.SCHEMA["model"]["hidden"]
+    assert (hidden.type, hidden.item, hidden.min) == (list, int, 1)
+    balance = cfg.SCHEMA["parallel"]["balance"]
+    assert (balance.type, balance.item, balance.choices) == ((str, list), str, ("cost", "profile"))
+    with pytest.raises(TypeError):           # a key is added in its section class, not here
+        cfg.SCHEMA["train"]["warmup"] = cfg.Key(0, int)

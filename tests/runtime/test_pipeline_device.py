@@ -1,7 +1,8 @@
 """Pipelines with ``device.type = "cuda"`` under real ``mpirun``, on the CuPy stand-in
 (host_cupy; host_cuda runs the CUDA kernels): pp = 2 and dp = 2 x pp = 2, the ranks
 sharing GPU 0, each stage's programs on the GPU executor and its sends, receives and
-allreduce through the GPU communicator, end within 1e-10 (float64) of the CPU pipeline.
+allreduce through the GPU communicator (gradient clipping's too), end within 1e-10
+(float64) of the CPU pipeline.
 The same run on a real GPU is bench/gpu_check.sh's business. Each run bounded by a timeout.
 """
 
@@ -61,9 +62,11 @@ def worker(out: str, sets: list[str]) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("dp,pp", [(1, 2), (2, 2)])
-def test_cuda_pipeline_equals_the_cpu_pipeline(dp, pp, tmp_path):
-    sets = [*SETS, f"parallel.dp={dp}", f"parallel.pp={pp}"]
+@pytest.mark.parametrize("dp,pp,extra", [(1, 2, []), (2, 2, []),
+                                         (1, 2, ["train.grad_clip=0.05"])])
+def test_cuda_pipeline_equals_the_cpu_pipeline(dp, pp, extra, tmp_path):
+    # with grad_clip each stage's update allreduces its sum of squares over the stages
+    sets = [*SETS, f"parallel.dp={dp}", f"parallel.pp={pp}", *extra]
     cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-n", str(dp * pp), sys.executable,
            __file__, "--worker", str(tmp_path), *sets]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280,

@@ -56,6 +56,12 @@ def test_pipeline_and_dp_x_pp_predictions(capsys):
     assert pp["bytes_sent_per_rank"] > 0
 
 
+def test_pipeline_with_grad_clip_times_the_norms_allreduce_on_one_process(capsys):
+    # each stage's update allreduces its sum of squares: timed here without a communicator
+    pp = _json(capsys, "--ranks", "2", "--pp", "2", "--set", "train.grad_clip=1.0")
+    assert pp["pp"] == 2 and all(s["update_s"] > 0 for s in pp["per_stage"])
+
+
 def test_a_slower_link_between_nodes_costs_more(capsys):
     fast = _json(capsys, "--ranks", "4", "--gpus-per-node", "1", "--link", "infiniband")
     slow = _json(capsys, "--ranks", "4", "--gpus-per-node", "1", "--link", "ethernet")
