@@ -5,8 +5,9 @@ itself must be given its workspace before capture, or it allocates inside the ca
 
 ``CaptureGemm.probe(xp)`` finds libcublas (the one CuPy loaded, else by name) and makes the
 handle; a machine without it keeps CuPy's matmul, and the step then runs plain launches.
-``matmul(a, b, out)`` runs row-major float32/float64 products, batched and broadcast ones
-included, as one strided-batched GEMM, reading transposed views in place. Side effects
+``matmul(a, b, out)`` runs row-major float32/float64 products (bf16/fp16 ones accumulated in
+float32), batched and broadcast ones included, as one strided-batched GEMM, reading
+transposed views in place. Side effects
 (CUDA libraries) live here, in runtime/. Imports nothing from shardgrad.
 """
 
@@ -24,6 +25,11 @@ OP_N, OP_T = 0, 1
 LIBRARIES = ("libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so")
 _GEMM = {"float32": ("cublasSgemmStridedBatched", ctypes.c_float),
          "float64": ("cublasDgemmStridedBatched", ctypes.c_double)}
+# bf16 / fp16 (precision=): cublasGemmStridedBatchedEx, operands and product in that type
+# (cudaDataType CUDA_R_16BF = 14, CUDA_R_16F = 2), accumulated in float32
+# (CUBLAS_COMPUTE_32F = 68, float scalars), the default algorithm (CUBLAS_GEMM_DEFAULT = -1)
+_EX = {"bfloat16": 14, "float16": 2}
+COMPUTE_32F, GEMM_DEFAULT = 68, -1
 
 
 def _loaded_cublas() -> list[str]:
@@ -49,8 +55,8 @@ def load_library() -> Any:
 
 
 def _pointer(a) -> int:
-    data = getattr(a, "data", None)
-    return int(data.ptr) if hasattr(data, "ptr") else int(a.ctypes.data)
+    iface = getattr(a, "__cuda_array_interface__", None)     # CuPy's, and the stand-in's
+    return int(iface["data"][0]) if iface is not None else int(a.ctypes.data)
 
 
 def operand(x, rows: int, cols: int) -> tuple[int, int] | None:
@@ -113,7 +119,7 @@ class CaptureGemm:
             if lib is None:
                 return None, "cupy matmul: no libcublas found"
             for name in ("cublasCreate_v2", "cublasSetStream_v2", "cublasSetWorkspace_v2",
-                         *(fn for fn, _ in _GEMM.values())):
+                         "cublasGemmStridedBatchedEx", *(fn for fn, _ in _GEMM.values())):
                 getattr(lib, name)
             gemm = cls(lib, xp)
         except Exception as e:  # noqa: BLE001 - any failure keeps CuPy's matmul, reported
@@ -137,7 +143,7 @@ class CaptureGemm:
     def matmul(self, a, b, out) -> bool:
         """``out[...] = a @ b`` as one cuBLAS call when active and covered; False otherwise."""
         dtype = str(out.dtype)
-        if not self.active or dtype not in _GEMM or a.dtype != out.dtype or (
+        if not self.active or dtype not in (*_GEMM, *_EX) or a.dtype != out.dtype or (
                 b.dtype != out.dtype) or a.ndim < 2 or b.ndim < 2 or not (
                 out.flags.c_contiguous):
             return False
@@ -152,16 +158,20 @@ class CaptureGemm:
         if k == 0:
             return False
         self._bind()
-        fn_name, scalar = _GEMM[dtype]
+        fn_name, scalar = _GEMM.get(dtype, ("cublasGemmStridedBatchedEx", ctypes.c_float))
         one, zero = scalar(1.0), scalar(0.0)
+        kind = (ctypes.c_int(_EX[dtype]),) if dtype in _EX else ()
         # row-major C = A B is column-major C^T = B^T A^T: cuBLAS's "A" is our b
-        status = getattr(self.lib, fn_name)(
-            self.handle, ctypes.c_int(lb[0]), ctypes.c_int(la[0]), ctypes.c_int(n),
-            ctypes.c_int(m), ctypes.c_int(k), ctypes.byref(one),
-            ctypes.c_void_p(_pointer(b)), ctypes.c_int(lb[1]), ctypes.c_longlong(sb),
-            ctypes.c_void_p(_pointer(a)), ctypes.c_int(la[1]), ctypes.c_longlong(sa),
-            ctypes.byref(zero), ctypes.c_void_p(_pointer(out)), ctypes.c_int(n),
-            ctypes.c_longlong(m * n), ctypes.c_int(batch))
+        args = [self.handle, ctypes.c_int(lb[0]), ctypes.c_int(la[0]), ctypes.c_int(n),
+                ctypes.c_int(m), ctypes.c_int(k), ctypes.byref(one),
+                ctypes.c_void_p(_pointer(b)), *kind, ctypes.c_int(lb[1]),
+                ctypes.c_longlong(sb), ctypes.c_void_p(_pointer(a)), *kind,
+                ctypes.c_int(la[1]), ctypes.c_longlong(sa), ctypes.byref(zero),
+                ctypes.c_void_p(_pointer(out)), *kind, ctypes.c_int(n),
+                ctypes.c_longlong(m * n), ctypes.c_int(batch)]
+        if kind:
+            args += [ctypes.c_int(COMPUTE_32F), ctypes.c_int(GEMM_DEFAULT)]
+        status = getattr(self.lib, fn_name)(*args)
         if status:
             raise RuntimeError(f"{fn_name} failed with status {status}")
         self.calls += 1

@@ -12,6 +12,7 @@ import ctypes
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -82,6 +83,25 @@ class HostCublas:
     def cublasDgemmStridedBatched(self, *args):
         return self._gemm(np.float64, *args)
 
+    def cublasGemmStridedBatchedEx(self, handle, ta, tb, m, n, k, alpha, a, atype, lda, sa, b,
+                                   btype, ldb, sb, beta, c, ctype, ldc, sc, batch, compute,
+                                   algo):
+        """bf16 / fp16 operands and product, accumulated in float32 (compute type 68)."""
+        types = {_value(t) for t in (atype, btype, ctype)}
+        assert len(types) == 1 and _value(compute) == 68 and _value(algo) == -1
+        dtype = {14: ml_dtypes.bfloat16, 2: np.float16}[types.pop()]
+        ta, tb, m, n, k, batch = (_value(v) for v in (ta, tb, m, n, k, batch))
+        A = self._matrix(_value(a), *((k, m) if ta else (m, k)), _value(lda), _value(sa),
+                         batch, dtype).astype(np.float32)
+        B = self._matrix(_value(b), *((n, k) if tb else (k, n)), _value(ldb), _value(sb),
+                         batch, dtype).astype(np.float32)
+        C = self._matrix(_value(c), m, n, _value(ldc), _value(sc), batch, dtype)
+        opa = A.transpose(0, 2, 1) if ta else A
+        opb = B.transpose(0, 2, 1) if tb else B
+        C[...] = (_value(alpha) * (opa @ opb)).astype(dtype)
+        self.gemms.append((ta, tb, m, n, k, batch))
+        return 0
+
 
 @pytest.fixture
 def cublas(monkeypatch):
@@ -141,10 +161,24 @@ def test_what_the_gemm_does_not_cover_is_left_to_cupy(host, cublas):
     assert not gemm.matmul(a, b, out)                       # not active: outside a capture
     gemm.active = True
     assert gemm.matmul(a, b, out)
-    assert not gemm.matmul(a.astype(np.float16), b.astype(np.float16),
-                           out.astype(np.float16))           # no half-precision GEMM yet
+    assert not gemm.matmul(a.astype(np.float16), b, out)     # mixed dtypes
     assert not gemm.matmul(a[:, ::2], b[::2], host.empty((4, 3), np.float32))   # strided
     assert not gemm.matmul(a, b, host.empty((3, 4), np.float32).T)     # a transposed output
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_products_accumulate_in_float32(host, cublas, dtype):
+    """precision="bf16" / "fp16": the product of bf16 / fp16 operands, accumulated in
+    float32 and rounded once (cublasGemmStridedBatchedEx), as CuPy's matmul gives it."""
+    gemm, _ = capture_gemm.CaptureGemm.probe(host)
+    gemm.active = True
+    low = np.dtype(dtype)
+    for a, b in _layouts(np.random.default_rng(1), "float32"):
+        a, b = a.astype(low), b.astype(low)
+        want = np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(low)
+        out = host.empty(want.shape, low)
+        assert gemm.matmul(on_device(host, a), on_device(host, b), out), (a.shape, b.shape)
+        np.testing.assert_array_equal(out.get().astype(np.float32), want.astype(np.float32))
 
 
 def test_without_libcublas_the_probe_says_why(host, monkeypatch):
@@ -211,3 +245,36 @@ def test_the_gemm_equals_cupy_matmul_on_a_gpu():
             assert gemm.matmul(on_device(cupy, a), on_device(cupy, b), out), (a.shape, b.shape)
             tol = 1e-4 if dtype == "float32" else 1e-12
             np.testing.assert_allclose(out.get(), np.matmul(a, b), rtol=tol, atol=tol)
+    for dtype in ("bfloat16", "float16"):          # against CuPy's own low-precision GEMM
+        for a, b in _layouts(rng, "float32"):
+            da, db = on_device(cupy, a).astype(dtype), on_device(cupy, b).astype(dtype)
+            out = cupy.empty(np.matmul(a, b).shape, dtype)
+            assert gemm.matmul(da, db, out), (a.shape, b.shape)
+            np.testing.assert_allclose(out.astype(np.float32).get(),
+                                       cupy.matmul(da, db).astype(np.float32).get(),
+                                       rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make, shape", [(T.mlp, (64, 20)), (T.cnn, (16, 1, 8, 8))])
+def test_a_step_is_captured_on_a_gpu(make, shape):
+    """On a real GPU: the compiled step captures (the capture-safe GEMM standing in for
+    CuPy's refused cuBLAS calls) and its replays follow the plain launches' trajectory."""
+    if not D.cuda_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    import cupy
+
+    data = [(cupy.asarray(x), cupy.asarray(y)) for x, y in T.batches(shape, n=6)]
+    runs = {}
+    for graph in (False, True):
+        model = make().to("cuda")
+        step = sg.compile_step(model, sg.nn.functional.cross_entropy,
+                               T.OPTIMIZERS["momentum-wd"](model.parameters()),
+                               cuda_graph=graph)
+        runs[graph] = ([float(step(x, y)) for x, y in data], model.state_dict(), step)
+    stats = runs[True][2].stats()
+    assert stats["cuda_graph"] and stats["graph"] == "captured", stats
+    assert stats["gemm"] == "cublas direct, workspace 32 MiB", stats
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for k, v in runs[False][1].items():
+        assert T.rel(runs[True][1][k], v) < 1e-5, k
