@@ -267,10 +267,12 @@ class GraphReplay:
     stream and replayed each step: the batch copied into static input buffers, the graph
     launched, the update (scalars as kernel arguments) and a copy of the loss after it, all
     on that stream, ordered after and before the caller's stream by events. The values the
-    graph writes live in a memory pool of its own, so nothing else reuses them between
-    replays. ``build`` checks the first replay against plain launches of the same step and
-    falls back to plain launches (returning None and the reason) when capture fails (CuPy
-    refuses its cuBLAS wrappers while capturing, cupy#6290) or the results differ."""
+    graph writes live in the program's planned arena, anything else it allocates in a
+    memory pool of its own, so nothing else reuses them between replays; its matmuls run
+    through the capture-safe GEMM (runtime.capture_gemm: CuPy refuses its cuBLAS wrappers
+    while capturing, cupy#6290). ``build`` checks the first replay against plain launches of
+    the same step (CuPy's matmuls) and falls back to plain launches (returning None and the
+    reason) when capture fails or the results differ."""
 
     def __init__(self, program, stream, graph, pool, static, loss, events):
         self.program, self.stream, self.graph, self.pool = program, stream, graph, pool
