@@ -26,6 +26,7 @@ from shardgrad.graph.optim import SGD, Adam, AdamW, Optimizer
 from shardgrad.graph.tensor import Tensor, _eager_leaf
 from shardgrad.ops import collective
 from shardgrad.ops import gpu as gpu_ops
+from shardgrad.ops.registry import is_effectful
 from shardgrad.partition.data_parallel import averaged_outputs
 from shardgrad.runtime.capture_gemm import CaptureGemm
 from shardgrad.runtime.gpu import GPUExecutor
@@ -289,8 +290,9 @@ class GraphReplay:
             return None, "not captured: the traced update reads lr and t from the host", None
         if program.reads_step:
             return None, "not captured: random ops read the step count from the host", None
-        if program.comm is not None:
-            return None, "not captured: data parallelism communicates inside the step", None
+        if any(is_effectful(n.op) for n in program.graph.nodes):
+            return None, ("not captured: the step's graph communicates (synchronised batch "
+                          "norm statistics)"), None
         if not all(hasattr(cuda, a) for a in ("Stream", "Event", "MemoryPool",
                                                   "using_allocator")):
             return None, "not captured: this CuPy has no stream capture", None
@@ -343,10 +345,17 @@ class GraphReplay:
             note = f"not captured: {type(e).__name__}: {e}"[:300]
             with contextlib.suppress(Exception):
                 stream.synchronize()
+        if program.reduce is not None:      # data parallel: average, as a plain step does
+            buf = program.exe.plan.direct.get("loss")   # the loss in the flat buffer
+            if buf is not None:
+                xp.copyto(buf, slot)
+            program.reduce(slot if buf is None else buf)
+            if buf is not None:
+                xp.copyto(slot, buf)
         if program.flat:
             program.update(state.optimizer)
         if note != "captured":
-            return None, note, loss if plain is None else plain[-1]
+            return None, note, slot
         replay = GraphReplay(program, stream, graph, pool, static, static_loss, events)
         return replay, note, plain[-1]
 
@@ -357,6 +366,8 @@ class GraphReplay:
             for k, buf in self.static.items():
                 xp.copyto(buf, xp.asarray(feeds[k]))
             self.graph.launch(self.stream)
+            if program.reduce is not None:    # the allreduce, after the captured backward
+                program.reduce(self.loss)
             if program.flat:
                 program.update(program.state.optimizer)
             loss = program.loss_slot()

@@ -596,3 +596,38 @@ def test_data_parallel_gpu_steps_that_update_in_the_graph_or_average_buffers(
     assert two == pytest.approx(one, rel=1e-6)
     for k in sd1:
         assert rel(sd2[k], sd1[k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("make, sync", [(mlp, True), (bn_mlp, False), (bn_mlp, True)])
+def test_a_data_parallel_gpu_step_replays_its_capture_and_reduces_after(host, capture, make,
+                                                                        sync):
+    """The data-parallel step captures its forward and backward (emulated on the stand-in)
+    and allreduces the flat buffer after each replay, one collective a bucket, on the
+    one-rank trajectory; a graph that communicates itself (batch norm synchronised over the
+    ranks) is not captured and says why."""
+    from shardgrad.partition.data_parallel import DataParallel
+
+    data = batches((16, 20), n=5)
+    runs = {}
+    for world in (1, 2):
+        model = make().to("cuda")
+        comm = Replicas(world)
+        step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS["momentum-wd"](
+            model.parameters()), transform=DataParallel(world, 1 << 20, sync_batchnorm=sync)
+            if world > 1 else None, comm=comm if world > 1 else None)
+        runs[world] = ([float(step(host.asarray(x), host.asarray(y))) for x, y in data],
+                       model.state_dict(), step, comm)
+    (one, sd1, _, _), (two, sd2, step, comm) = runs[1], runs[2]
+    assert two == pytest.approx(one, rel=1e-6)
+    stats = step.stats()
+    if make is bn_mlp and sync:
+        # (the running variance differs: the global batch of two replicas holds every row
+        # twice, so its unbiased variance divides by 2n - 1, not n - 1)
+        assert stats["graph"] == ("not captured: the step's graph communicates (synchronised "
+                                  "batch norm statistics)")
+        return
+    for k in sd1:
+        assert rel(sd2[k], sd1[k]) < 1e-6, k
+    assert stats["graph"] == "captured" and stats["cuda_graph"], stats
+    # a bucket a step, and the 2 unsynchronised batch statistics
+    assert len(comm.calls) == 5 * (1 if make is mlp else 3), comm.calls
