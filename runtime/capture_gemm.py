@@ -1,15 +1,8 @@
-"""A capture-safe GEMM for CUDA Graph capture of the GPU step: cuBLAS called directly (ctypes)
-on a handle of our own, with a workspace set once, as PyTorch does for its graphs. CuPy
-refuses its cuBLAS wrappers while a stream is being captured (cupy issue 6290), and cuBLAS
-itself must be given its workspace before capture, or it allocates inside the capture.
-
-``CaptureGemm.probe(xp)`` finds libcublas (the one CuPy loaded, else by name) and makes the
-handle; a machine without it keeps CuPy's matmul, and the step then runs plain launches.
-``matmul(a, b, out)`` runs row-major float32/float64 products (bf16/fp16 ones accumulated in
-float32), batched and broadcast ones included, as one strided-batched GEMM, reading
-transposed views in place. Side effects
-(CUDA libraries) live here, in runtime/. Imports nothing from shardgrad.
-"""
+"""A capture-safe GEMM for the GPU step's CUDA Graph: cuBLAS called directly (ctypes) on a
+handle of our own with a workspace set once, as PyTorch does (CuPy refuses its cuBLAS
+wrappers while a stream is captured, cupy#6290; cuBLAS allocates inside a capture unless
+given a workspace before). Side effects (CUDA libraries) live here, in runtime/; imports
+nothing from shardgrad."""
 
 from __future__ import annotations
 
