@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from shardgrad.cluster.ray_agent import ssh_target
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_agent.py")
+RANK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank.py")
 # Open MPI (PRRTE) settings that make one fake host per Ray actor work:
 # - plm_ssh_agent: start each host's daemon with our agent instead of ssh;
 # - map-by node: rank i on host i. The default (by slot) put both ranks under the first daemon
@@ -77,8 +78,13 @@ def ray_program_argv(hosts: Sequence[str], program: Sequence[str], *, as_root: b
     ``hosts[i]``, each host's daemon started by the Ray agent inside that host's actor; or,
     given ``ranks`` and one host, all ranks under that host's daemon (ranks under one daemon
     talk through shared memory; ranks under two daemons of one machine took TCP, and a
-    digits step twice as long). The ranks start in ``wdir`` when given."""
+    digits step twice as long). With no hosts, mpirun starts the ``ranks`` on this machine
+    itself (the launcher's slots are all here). The ranks start in ``wdir`` when given."""
     n = len(hosts) if ranks is None else ranks
+    if not hosts:
+        # Ray reserved the slots, so Open MPI's count of cores does not limit them
+        return mpirun_argv(program, n, as_root=as_root, oversubscribe=True, export=export,
+                           options=("--bind-to", "none") + (("--wdir", wdir) if wdir else ()))
     options = RAY_MPIRUN_OPTIONS + (("--wdir", wdir) if wdir else ())
     if n > len(hosts) == 1:
         options = ("--map-by", "slot") + options[2:]
@@ -91,9 +97,9 @@ def ray_job_argv(hosts: Sequence[str], config_path: str, out_dir: str,
                  export: Sequence[str] = (), ranks: int | None = None,
                  python: str = sys.executable) -> list[str]:
     """``shardgrad train`` of ``config_path`` as the Ray launcher runs it (see
-    ``ray_program_argv``), each rank under cluster/rank.py, which names a rank a signal
-    killed."""
-    rank = [python, "-m", "shardgrad.cluster.rank"]
+    ``ray_program_argv``), each rank under cluster/rank.py (by path, without site: standard
+    library only), which names a rank a signal killed."""
+    rank = [python, "-S", RANK]
     return ray_program_argv(hosts, rank + train_argv(config_path, out_dir, resume, python),
                             as_root=as_root, export=export, ranks=ranks, python=python)
 
@@ -127,5 +133,5 @@ def failed_rank(output: str) -> int | None:
     return None
 
 
-__all__ = ["AGENT", "RAY_MPIRUN_OPTIONS", "agent_command", "failed_rank", "mpirun_argv",
+__all__ = ["AGENT", "RANK", "RAY_MPIRUN_OPTIONS", "agent_command", "failed_rank", "mpirun_argv",
            "ray_job_argv", "ray_program_argv", "ssh_target", "train_argv"]

@@ -31,7 +31,11 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardgrad.cluster import ray_agent
@@ -135,6 +139,38 @@ class _Command:
 _FRAME = ray_agent.FRAME.format
 
 
+def _write_here(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _remove_written(paths: Sequence[str]) -> None:
+    """Remove the files ``write`` wrote and their directories, when empty."""
+    for path in paths:
+        for remove, target in ((os.remove, path), (os.rmdir, os.path.dirname(path))):
+            try:
+                remove(target)
+            except OSError:
+                pass
+
+
+def read_notes(directory: str) -> list[tuple[int, int, float]]:
+    """(rank, signal, time) of each rank that cluster/rank.py noted in ``directory`` as killed
+    by a signal."""
+    found = []
+    for name in os.listdir(directory):
+        try:
+            with open(os.path.join(directory, name)) as f:
+                rank, sig, when = f.read().split()
+            found.append((int(rank), int(sig), float(when)))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 @ray.remote
 class Host:
     """One rank's slot on a Ray node: it runs the commands that mpirun's agent sends to its
@@ -204,11 +240,7 @@ class Host:
     def write(self, path: str, text: str) -> None:
         """Write ``text`` to ``path`` on this node, atomically (actors sharing a node write
         the same file)."""
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        _write_here(path, text)
         self.written.append(path)
 
     def start(self, command: str) -> int:
@@ -231,15 +263,7 @@ class Host:
 
     def notes(self) -> list[tuple[int, int, float]]:
         """(rank, signal, time) of each rank here that a signal killed (cluster/rank.py)."""
-        found = []
-        for name in os.listdir(self.notes_dir):
-            try:
-                with open(os.path.join(self.notes_dir, name)) as f:
-                    rank, sig, when = f.read().split()
-                found.append((int(rank), int(sig), float(when)))
-            except (OSError, ValueError):
-                continue
-        return found
+        return read_notes(self.notes_dir)
 
     def until_stopped(self) -> None:
         """Returns when ``stop`` is called; a caller holding this call learns of the actor's
@@ -250,12 +274,7 @@ class Host:
         self.server.close()
         for c in self.commands.values():
             c.kill()
-        for path in self.written:
-            for remove, target in ((os.remove, path), (os.rmdir, os.path.dirname(path))):
-                try:
-                    remove(target)
-                except OSError:
-                    pass
+        _remove_written(self.written)
         shutil.rmtree(self.notes_dir, ignore_errors=True)
         self.stopped.set()
 
@@ -308,7 +327,7 @@ def _say(message: str) -> None:
 
 
 def _cause(error: BaseException) -> str:
-    m = re.search(r"The actor is dead because (.*)", str(error))
+    m = re.search(r"The actor (?:is dead|died) because (.*)", str(error))
     return f"its Ray actor died: {m.group(1).rstrip('.')}" if m else f"its Ray actor died ({error})"
 
 
@@ -380,7 +399,12 @@ class Job:
     and GPUs, on node ``on[rank]`` when given) and one ``Host`` actor per bundle, named after
     its host. Without ``on``, bundle 0 is on this node when it has the resources (then rank 0
     writes its run directory here, and a restart finds its checkpoints). ``start_hosts``
-    (re)creates the actors; ``close`` releases all."""
+    (re)creates the actors; ``close`` releases all.
+
+    When every slot is on this node and holds no GPU, the job is ``direct``: mpirun starts
+    the ranks here itself, as plain mpirun would, while the actors (which then only hold the
+    slots and die with them) start alongside: a fresh Ray worker per actor took 1.3-4 s here,
+    all of it before the first rank could start."""
 
     def __init__(self, n: int, cpus: float, strategy: str, timeout_s: float, gpus: float = 0.0,
                  on: Sequence[str] | None = None):
@@ -402,46 +426,89 @@ class Job:
                 bundles[0][f"node:{ray.util.get_node_ip_address()}"] = 0.001
         self.pg = placement_group(bundles, strategy=strategy, name=f"shardgrad-{self.id}",
                                   bundle_label_selector=labels)
+        self.actors: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
+        self.startup: dict[str, float] = {}   # seconds per start-up phase, for the log
+        self.direct, self.notes_dir, self.written = False, "", []
+        # The actors' workers (a process each, 1-2.5 s to start here) start while the group
+        # is being reserved: they are scheduled into its bundles as these become ready.
+        self.spawn_hosts()
         try:
             ray.get(self.pg.ready(), timeout=timeout_s)
         except GetTimeoutError:
+            for a in self.actors:   # never started: nothing to stop
+                ray.kill(a)
             remove_placement_group(self.pg)
             slot = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus > 0 else "")
             raise cfg.ConfigError(
                 f"could not reserve {n} slots of {slot} ({how}) within "
                 f"cluster.start_timeout_s = {timeout_s:g} s; the cluster has {_amount('CPU')}"
                 + (f"; {_amount('GPU')}" if gpus > 0 else "")) from None
-        self.actors: list[Any] = []
-        self.infos: list[dict[str, Any]] = []
-        self.startup: dict[str, float] = {}   # seconds per start-up phase, for the log
+        table = placement_group_table(self.pg)["bundles_to_node_id"]
+        self.nodes_of = [table[i] for i in range(n)]
+        if gpus == 0 and set(self.nodes_of) == {here}:
+            self.direct = True
+            self.notes_dir = tempfile.mkdtemp(prefix="shardgrad-notes-")
+            self.infos = [{"ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+                           "node_id": here, "gpus": []}] * n
 
-    def start_hosts(self) -> None:
-        t0 = time.monotonic()
+    def spawn_hosts(self) -> None:
+        """Create fresh host actors, one per bundle, without waiting for them."""
         self.stop_hosts()
+        self.spawned = time.monotonic()
         self.actors = [
             Host.options(name=host, namespace=NAMESPACE, num_cpus=self.cpus,
                          num_gpus=self.gpus, max_concurrency=8,
                          scheduling_strategy=PlacementGroupSchedulingStrategy(
                              self.pg, placement_group_bundle_index=i)).remote(self.token)
             for i, host in enumerate(self.hosts)]
+        self.fresh = True
+
+    def start_hosts(self) -> None:
+        """Wait for the host actors (unless ``direct``): those ``spawn_hosts`` just created,
+        else fresh ones."""
+        if not self.fresh:
+            self.spawn_hosts()
+        self.fresh = False
+        if self.direct:
+            for name in os.listdir(self.notes_dir):   # an earlier attempt's
+                os.remove(os.path.join(self.notes_dir, name))
+            return
+        t0 = time.monotonic()
         try:
             self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.timeout_s)
         except GetTimeoutError:
             raise cfg.ConfigError(f"the {self.n} host actors did not start within "
                                   f"cluster.start_timeout_s = {self.timeout_s:g} s") from None
+        # the wait here, after the placement group's (the actors started with it)
         self.startup["host actors"] = time.monotonic() - t0
 
     def agent_env(self) -> dict[str, str]:
-        """What mpirun's agents need to reach the host actors (ray_agent.HOSTS_VARIABLE)."""
+        """What mpirun's agents need to reach the host actors (ray_agent.HOSTS_VARIABLE), or
+        for a direct job, where its ranks leave their notes."""
+        if self.direct:
+            return {"SHARDGRAD_RANK_NOTES": self.notes_dir}
         hosts = {h: [i["ip"], i["port"]] for h, i in zip(self.hosts, self.infos, strict=True)}
         return {ray_agent.HOSTS_VARIABLE: json.dumps({"token": self.token, "hosts": hosts})}
 
     def mpi_hosts(self) -> list[str]:
-        """The hosts mpirun starts daemons on: the first alone when every slot is on one node
-        and holds no GPU (all ranks under one daemon then share memory, not TCP), else one
-        per slot (each rank under its own actor, seeing only its own GPUs)."""
+        """The hosts mpirun starts daemons on: none for a direct job (mpirun starts the ranks
+        here); the first alone when every slot is on one node and holds no GPU (all ranks
+        under one daemon then share memory, not TCP), else one per slot (each rank under its
+        own actor, seeing only its own GPUs)."""
+        if self.direct:
+            return []
         one_node = len({i["node_id"] for i in self.infos}) == 1
         return self.hosts[:1] if one_node and self.gpus == 0 else self.hosts
+
+    def write(self, path: str, text: str) -> None:
+        """Write ``path`` on every slot's node (here only, for a direct job: waiting for the
+        actors would undo what starting the ranks without them saves)."""
+        if self.direct:
+            _write_here(path, text)
+            self.written.append(path)
+        else:
+            ray.get([a.write.remote(path, text) for a in self.actors])
 
     def where(self, rank: int) -> str:
         info = self.infos[rank] if rank < len(self.infos) else {}
@@ -455,13 +522,19 @@ class Job:
         finally:
             for a in self.actors:
                 ray.kill(a)
-            self.actors = []
+            self.actors, self.fresh = [], False
 
     def close(self) -> None:
+        if self.pg is None:
+            return
         try:
             self.stop_hosts()
         finally:
             remove_placement_group(self.pg)
+            self.pg = None
+            if self.notes_dir:
+                shutil.rmtree(self.notes_dir, ignore_errors=True)
+            _remove_written(self.written)
 
 
 # prterun prints "plm:ssh: Warning: setpgid(PID,PID) failed in parent with errno=Permission
@@ -549,9 +622,10 @@ def _killed(job: Job) -> tuple[int, int] | None:
     """(rank, signal) of the first rank a signal killed, from the hosts' notes: a peer that
     lost it may abort the job first, and mpirun then names that peer."""
     try:
-        notes = [n for found in ray.get([a.notes.remote() for a in job.actors], timeout=5)
-                 for n in found]
-    except (RayActorError, GetTimeoutError):
+        notes = read_notes(job.notes_dir) if job.direct else [
+            n for found in ray.get([a.notes.remote() for a in job.actors], timeout=5)
+            for n in found]
+    except (RayActorError, GetTimeoutError, OSError):
         return None
     # the first rank killed by anything but SIGTERM (a teardown's signal), else the first
     first = min(notes, key=lambda n: (n[1] == signal.SIGTERM, n[2]), default=None)
@@ -562,24 +636,68 @@ def _interrupted(sig, frame):
     raise KeyboardInterrupt
 
 
+def shrunk_dp(parallel: Mapping[str, Any], batch: int, slots: int) -> int:
+    """The largest data-parallel size, at most ``parallel.dp``, whose ``dp x pp`` ranks fit in
+    ``slots`` and that the global batch (``train.batch_size``) still divides as the run
+    requires (over dp, times ``parallel.microbatches`` for a pipeline; ``parallel.chunks``
+    over dp in deterministic mode); 0 when none does."""
+    pp = parallel["pp"]
+    for dp in range(min(parallel["dp"], slots // pp), 0, -1):
+        if pp > 1:
+            fits = batch % (dp * parallel["microbatches"]) == 0
+        else:
+            fits = batch % dp == 0 and not (parallel["deterministic"]
+                                             and parallel["chunks"] % dp)
+        if fits:
+            return dp
+    return 0
+
+
+def surviving_slots(job: Job, settle_s: float) -> tuple[int, int]:
+    """(slots of the job's size, nodes) on the cluster's live nodes after a failure. An old
+    host actor that answers neither way within ``settle_s`` counts its node as lost: Ray
+    declares a node that vanished without notice dead only once its health checks fail."""
+    pings = {a.info.remote(): i for i, a in enumerate(job.actors)}
+    _, silent = ray.wait(list(pings), num_returns=len(pings), timeout=settle_s)
+    lost = {job.nodes_of[pings[r]] for r in silent}
+    live = [node for node in nodes() if node.id not in lost]
+    return sum(node.slots(job.cpus, job.gpus) for node in live), len(live)
+
+
+class _Stop(Exception):
+    """No restart is possible; the message says why."""
+
+
 def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
-              argv_for: Callable[[int], list[str]],
-              failed_rank: Callable[[str], int | None]) -> int:
-    """Run the job with fresh host actors up to ``1 + max_restarts`` times (``argv_for(k)``
-    is attempt k's mpirun argv), until one succeeds; returns the exit code. Closes the job."""
+              argv_for: Callable[[int, Job], list[str]],
+              failed_rank: Callable[[str], int | None],
+              resize: Callable[[Job], tuple[Job, str]] | None = None) -> int:
+    """Run the job with fresh host actors up to ``1 + max_restarts`` times (``argv_for(k,
+    job)`` is attempt k's mpirun argv), until one succeeds; returns the exit code. Before a
+    restart, ``resize(job)`` may replace the job by a smaller one (returning it and what to
+    say), or raise _Stop. Closes the job."""
     code = 1
     try:
         for attempt in range(max_restarts + 1):
             job.start_hosts()
-            code, failure = supervise(job, argv_for(attempt), {**env, **job.agent_env()},
+            code, failure = supervise(job, argv_for(attempt, job), {**env, **job.agent_env()},
                                       failed_rank)
             if failure is None:
                 return 0
-            _say(f"{failure}; " + (f"restart {attempt + 1} of {max_restarts}"
-                                    if attempt < max_restarts else "the job stopped"))
+            if attempt == max_restarts:
+                _say(f"{failure}; the job stopped")
+                break
+            how = ""
+            if resize is not None:
+                try:
+                    job, how = resize(job)
+                except _Stop as e:
+                    _say(f"{failure}; {e}; the job stopped")
+                    break
+            _say(f"{failure}; restart {attempt + 1} of {max_restarts}{how}")
     finally:
         job.close()
-    return code
+    return max(code, 1)
 
 
 def _start(n: int, c: cfg.ClusterConfig, gpus: float,
@@ -594,15 +712,22 @@ def _start(n: int, c: cfg.ClusterConfig, gpus: float,
         # `ray job stop` sends SIGTERM: unwind, so that mpirun (in a session of its own) and
         # the actors stop with us. Set after ray.init, whose handler would only dump a stack.
         signal.signal(signal.SIGTERM, _interrupted)
-    on = stage_placement(n // pp, pp, c.cpus_per_rank, gpus) if pp > 1 else None
-    job = Job(n, c.cpus_per_rank, c.placement, c.start_timeout_s, gpus, on)
+    job = _reserve(n, c, gpus, pp)
     job.startup = {"connect": t1 - t0, "placement group": time.monotonic() - t1}
     return job, dict(os.environ, RAY_ADDRESS=gcs)
 
 
+def _reserve(n: int, c: cfg.ClusterConfig, gpus: float, pp: int) -> Job:
+    """A job of ``n`` slots as ``cluster`` settings ``c`` say (stage-aware for pp > 1)."""
+    on = stage_placement(n // pp, pp, c.cpus_per_rank, gpus) if pp > 1 else None
+    return Job(n, c.cpus_per_rank, c.placement, c.start_timeout_s, gpus, on)
+
+
 def _say_startup(job: Job) -> None:
     _say("start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in job.startup.items())
-         + "; then mpirun starts the ranks")
+         + "; then mpirun starts the ranks"
+         + (" here (every slot is on this node), the host actors alongside" if job.direct
+            else ""))
 
 
 def _say_slots(job: Job) -> None:
@@ -625,39 +750,71 @@ def launch(config: cfg.Config, out_dir: str, resume: str | None,
 
     ``command(hosts, config_path, out_dir, resume, as_root=, export=, ranks=)`` builds the mpirun
     argv (cluster.commands.ray_job_argv). On a failure with ``cluster.max_restarts`` left,
-    fresh actors start the job again from the latest checkpoint in ``out_dir``.
+    fresh actors start the job again from the latest checkpoint in ``out_dir``; with
+    ``cluster.min_ranks``, with fewer ranks when the live nodes no longer hold them all.
     """
-    # Here, not at the top: train imports much that launching needs none of.
+    c, pp = config.cluster, config.parallel.pp
+    n = config.parallel.dp * pp
+    if c.min_ranks > n:
+        raise cfg.ConfigError(f"cluster.min_ranks = {c.min_ranks} is more than the job's {n} "
+                              f"ranks (parallel.dp x parallel.pp = {config.parallel.dp} x {pp})")
+    out_dir = os.path.abspath(out_dir)
+    gpus = gpus_per_rank(config)
+    job, env = _start(n, c, gpus, pp)
+    # Here, after the host actors started: train imports much that launching needs none of.
     from shardgrad.runtime.train import latest_checkpoint
 
-    pp = config.parallel.pp
-    n = config.parallel.dp * pp
-    out_dir = os.path.abspath(out_dir)
-    job, env = _start(n, config.cluster, gpus_per_rank(config), pp)
     # The ranks get the resolved config with the launcher's own keys at their defaults, so
     # their checkpoints and summary match an mpirun run of the same config.
     ranks_config = dataclasses.replace(config, cluster=cfg.ClusterConfig())
     config_path = os.path.join(tempfile.gettempdir(), f"shardgrad-{job.id}", "config.toml")
     export = _exported()
 
-    def argv_for(attempt: int) -> list[str]:
+    def argv_for(attempt: int, job: Job) -> list[str]:
         nonlocal resume
-        ray.get([a.write.remote(config_path, to_toml(ranks_config)) for a in job.actors])
+        job.write(config_path, to_toml(ranks_config))
         if attempt:
             resume = out_dir if latest_checkpoint(out_dir) else resume
-        _say(f"attempt {attempt + 1}: {n} ranks on "
+        _say(f"attempt {attempt + 1}: {job.n} ranks on "
              f"{', '.join(sorted({i['ip'] for i in job.infos}))}"
              + (f", resuming from {latest_checkpoint(resume)}" if resume else ""))
         _say_startup(job)
-        if job.gpus > 0 or pp > 1:
+        if job.gpus > 0 or pp > 1 or c.min_ranks:
             _say_slots(job)
         if not job.pinned:
             _say(f"this node has no {job.cpus:g} CPU for rank 0: {job.where(0)} writes "
                  f"{out_dir} there (restarts resume from it only on a shared filesystem)")
         return command(job.mpi_hosts(), config_path, out_dir, resume, as_root=os.geteuid() == 0,
-                       export=export, ranks=n)
+                       export=export, ranks=job.n)
 
-    return _attempts(job, config.cluster.max_restarts, env, argv_for, failed_rank)
+    def resize(job: Job) -> tuple[Job, str]:
+        """The job to restart: this one while the live nodes hold all its ranks, else one
+        of the largest data-parallel size they hold (a checkpoint resumes at any size; the
+        global batch stays), down to cluster.min_ranks."""
+        nonlocal ranks_config
+        slots, live = surviving_slots(job, min(c.start_timeout_s, 30.0))
+        batch = config.train.batch_size
+        dp = shrunk_dp(ranks_config.parallel, batch, slots)
+        if dp * pp >= job.n:
+            return job, ""
+        slot = f"{job.cpus:g} CPU" + (f" + {job.gpus:g} GPU" if job.gpus > 0 else "")
+        held = f"the live nodes ({live}) hold {slots} slot(s) of {slot}"
+        if dp * pp < c.min_ranks:
+            raise _Stop(f"cannot restart with fewer ranks: cluster.min_ranks = {c.min_ranks} "
+                        f"but {held}"
+                        + (f", of which parallel.dp = {dp} (the largest that divides the "
+                           f"global batch) uses {dp * pp}" if dp * pp < min(slots, n) else ""))
+        was = ranks_config.parallel.dp
+        job.close()
+        job = _reserve(dp * pp, c, gpus, pp)
+        ranks_config = dataclasses.replace(
+            ranks_config, parallel=dataclasses.replace(ranks_config.parallel, dp=dp))
+        return job, (f" with {dp * pp} ranks (parallel.dp {was} -> {dp}; cluster.min_ranks = "
+                     f"{c.min_ranks}): {held}; train.batch_size = {batch} stays the global "
+                     f"batch")
+
+    return _attempts(job, c.max_restarts, env, argv_for, failed_rank,
+                     resize if c.min_ranks else None)
 
 
 def launch_program(program: Sequence[str], n: int, cluster: cfg.ClusterConfig,
@@ -672,7 +829,7 @@ def launch_program(program: Sequence[str], n: int, cluster: cfg.ClusterConfig,
     """
     job, env = _start(n, cluster, gpus_per_rank(cfg.Config(cluster=cluster)))
 
-    def argv_for(attempt: int) -> list[str]:
+    def argv_for(attempt: int, job: Job) -> list[str]:
         _say(f"attempt {attempt + 1}: {n} ranks on "
              f"{', '.join(sorted({i['ip'] for i in job.infos}))}")
         if job.gpus > 0:
@@ -684,4 +841,5 @@ def launch_program(program: Sequence[str], n: int, cluster: cfg.ClusterConfig,
 
 
 __all__ = ["Host", "Job", "NAMESPACE", "connect", "gpus_per_rank", "launch", "launch_program",
-           "nodes", "planned_placement", "stage_placement", "supervise", "to_toml", "unniced"]
+           "nodes", "planned_placement", "shrunk_dp", "stage_placement", "supervise",
+           "surviving_slots", "to_toml", "unniced"]

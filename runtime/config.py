@@ -344,6 +344,10 @@ class ClusterConfig(Section):
     max_restarts: int = key(0, min=0,
                             help="--launcher ray: restarts from the latest checkpoint after a "
                                  "rank or its node fails")
+    min_ranks: int = key(0, min=0,
+                         help="--launcher ray: a restart after a lost node goes on with fewer "
+                              "ranks (parallel.dp shrunk, the global batch kept), down to this "
+                              "many, when the live nodes hold fewer; 0: only at full size")
     start_timeout_s: float = key(120.0, min=1.0,
                                  help="--launcher ray: how long to wait for the slots")
 

@@ -160,14 +160,15 @@ class ParallelStep(TrainStep):
                  fault: Callable[[int], None] | None = None, precision: str = "fp32"):
         self.parallel = parallel or Parallel()
         transform = rewrite(comm.world_size, self.parallel)
-        # a GPU model on the default executor keeps its state on the device and allreduces
-        # its flat gradient buffer itself (runtime.gpu_step), on ``comm``
-        resident = executor is None and fault is None and device_of(model).is_cuda and (
-            transform is None or resident_parallel(transform))
-        super().__init__(model, loss_fn, optimizer,
-                         None if resident else bound_executor(executor or executor_for(model),
-                                                              comm, fault),
-                         transform, precision, comm=comm if resident else None)
+        if (executor is None and fault is None and device_of(model).is_cuda
+                and resident_parallel(transform)):
+            # a GPU model on the default executor keeps its state on the device and reduces
+            # its flat gradient buffer itself (runtime.gpu_step), on ``comm``
+            super().__init__(model, loss_fn, optimizer, None, transform, precision, comm=comm)
+        else:
+            super().__init__(model, loss_fn, optimizer,
+                             bound_executor(executor or executor_for(model), comm, fault),
+                             transform, precision)
         self.comm = comm
         self._synced = comm.world_size == 1
         self._layout: Layout | None = None

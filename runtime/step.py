@@ -296,7 +296,7 @@ def resident_parallel(transform) -> bool:
     allreduce (the deterministic mode's chunked graph runs through the host-feeds path)."""
     from shardgrad.partition.data_parallel import DataParallel
 
-    # exactly DataParallel: ZeRO-1 (a subclass) shards the optimizer state through the graph
+    # type, not isinstance: ZeRO-1 (partition.zero.Zero1, a subclass) shards the update
     return type(transform) is DataParallel and not transform.deterministic and (
         transform.split == 1)
 

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -277,6 +278,11 @@ def default_dtype(dtype: str) -> Iterator[None]:
         set_default_dtype(saved)
 
 
+# ranks on threads (sg.distributed's thread communicator, the tests) share sg.nn's seeded
+# generator and the default dtype: each draws its parameters alone, as mpirun's processes do
+_DRAW = threading.Lock()
+
+
 def setup(config: cfg.ConfigLike, options: Mapping | None = None
           ) -> tuple[Module, optim.Optimizer, TrainStep, Dataset]:
     """Data, model (parameters drawn after ``manual_seed(train.seed)``, so identical on every
@@ -284,7 +290,7 @@ def setup(config: cfg.ConfigLike, options: Mapping | None = None
     config = cfg.from_dict(config)
     options = options or {}
     data = load_data(config)
-    with default_dtype(config.train.dtype):
+    with _DRAW, default_dtype(config.train.dtype):
         manual_seed(config.train.seed)
         model = build_model(config, data.input_shape, data.num_classes,
                             vocab_size(data.x_train))

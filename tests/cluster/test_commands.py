@@ -67,12 +67,19 @@ def test_ray_job_argv_puts_rank_i_on_host_i_through_the_agent():
     assert argv == ["mpirun", "-n", "2", "--allow-run-as-root", "--host", "sg-1a-0:1,sg-1a-1:1",
                     "--prtemca", "plm_ssh_agent", f"/py -S {commands.AGENT}",
                     "-x", "SHARDGRAD_PROGRESS", *commands.RAY_MPIRUN_OPTIONS,
-                    "/py", "-m", "shardgrad.cluster.rank",
+                    "/py", "-S", commands.RANK,
                     "/py", "-m", "shardgrad", "train", "/tmp/c.toml", "--out", "/runs/x"]
     assert argv[argv.index("--map-by") + 1] == "node"
     assert "^han" in argv
     # not each rank bound to its fake node's first core: two ranks of one machine shared one
     assert argv[argv.index("--bind-to") + 1] == "none"
+
+
+def test_ray_program_argv_without_hosts_starts_the_ranks_here():
+    argv = commands.ray_program_argv([], ["prog"], as_root=True, export=["SHARDGRAD_PROGRESS"],
+                                     ranks=3, wdir="/w")
+    assert argv == ["mpirun", "-n", "3", "--allow-run-as-root", "--oversubscribe", "-x",
+                    "SHARDGRAD_PROGRESS", "--bind-to", "none", "--wdir", "/w", "prog"]
 
 
 @pytest.mark.parametrize("argv, host, command", [

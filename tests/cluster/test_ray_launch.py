@@ -105,6 +105,8 @@ def test_ray_run_matches_mpirun(cluster, reference, tmp_path):
     ran = shardgrad([config, "--out", str(tmp_path), "--launcher", "ray", "--set",
                      "parallel.dp=2"], env)
     assert ran.returncode == 0, ran.stdout + ran.stderr
+    # every slot is on this node: mpirun starts the ranks without waiting for the actors
+    assert "then mpirun starts the ranks here" in ran.stderr, ran.stderr
     assert json.loads(ran.stdout.splitlines()[-1])["params_sha256"] == \
         reference[0]["params_sha256"]
     s = summary(tmp_path)

@@ -6,7 +6,6 @@ by config and keeping the last K checkpoints."""
 
 import math
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -14,25 +13,13 @@ import safetensors.numpy
 import torch
 
 import shardgrad as sg
-from shardgrad.runtime import train as train_module
 from shardgrad.runtime.config import load_config
 from shardgrad.runtime.threadcomm import run_ranks
 from shardgrad.runtime.train import lr_at, train
-from shardgrad.runtime.train import setup as _setup
 
 BASE = ["data.dataset='digits'", "train.dtype='float64'", "model.hidden=[32]",
         "train.epochs=2", "train.lr=0.05", "train.momentum=0.9", "train.log_every=1000",
         "data.prefetch=0"]
-
-
-_SETUP = threading.Lock()
-
-
-def _locked_setup(config, options=None):
-    # thread ranks share sg.nn's seeded generator and the default dtype: draw each rank's
-    # initial parameters alone, as the processes mpirun starts do
-    with _SETUP:
-        return _setup(config, options)
 
 
 def _final(config, tmp_path, name, world=1):
@@ -40,9 +27,7 @@ def _final(config, tmp_path, name, world=1):
     if world == 1:
         train(config, out)
     else:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(train_module, "setup", _locked_setup)
-            run_ranks(world, lambda comm: train(config, out, comm=comm), timeout_s=120)
+        run_ranks(world, lambda comm: train(config, out, comm=comm), timeout_s=120)
     return safetensors.numpy.load_file(os.path.join(out, "final.safetensors"))
 
 
