@@ -234,6 +234,9 @@ def _writer(n: Node, kind: str, xp):
         attrs = n.attrs
         return lambda *a, out: fn(xp, *a, **attrs, out=out)
     k = opdef.out
+    if n.op == "matmul" and len({n.dtype, *(x.dtype for x in n.inputs)}) == 1:
+        # any one dtype on the GPU, bf16 included (precision=): cuBLAS writes into out
+        return lambda a, b, out: xp.matmul(a, b, out=out)
     if k is None or not k.accepts(n):
         return None
     call, tail = k.make(xp, n)

@@ -279,18 +279,22 @@ def test_a_bad_label_is_reported_when_the_loss_is_read(cuda):
 # The static memory plan computes the gradients straight into the flat gradient buffer (no
 # copy each: 42 -> 37 launches for the MLP) and max pooling's backward reads the forward's
 # maxima (no argmax launch: CNN 72 -> 69, one copy of a transposed weight gradient added).
-BUDGETS = {  # model, optimizer, batch shape, launches at most
-    "mlp-sgd": (mlp, "momentum-wd", (64, 20), 37),
-    "mlp-adam": (mlp, "adam", (64, 20), 37),
-    "cnn-sgd": (cnn, "momentum-wd", (8, 1, 8, 8), 69),  # 74 before gemm_batch_sums
+BUDGETS = {  # model, optimizer, batch shape, launches at most, precision
+    "mlp-sgd": (mlp, "momentum-wd", (64, 20), 37, "fp32"),
+    "mlp-adam": (mlp, "adam", (64, 20), 37, "fp32"),
+    "cnn-sgd": (cnn, "momentum-wd", (8, 1, 8, 8), 69, "fp32"),  # 74 before gemm_batch_sums
+    # precision="bf16": the matmuls' casts keep the elementwise ops out of fused kernels
+    # (the generated kernels take float32/float64), but nothing is allocated either
+    "mlp-bf16": (mlp, "momentum-wd", (64, 20), 52, "bf16"),
 }
 
 
 @pytest.mark.parametrize("name", list(BUDGETS))
 def test_step_budget(host, counts, name):
-    make, opt_name, shape, launches = BUDGETS[name]
+    make, opt_name, shape, launches, precision = BUDGETS[name]
     model = make().to("cuda")
-    step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS[opt_name](model.parameters()))
+    step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS[opt_name](model.parameters()),
+                           precision=precision)
     data = [(host.asarray(x), host.asarray(y)) for x, y in batches(shape, n=3)]
     losses = [step(x, y) for x, y in data[:2]]     # warm-up: trace, compile, bind
     before = vars(counts).copy()
