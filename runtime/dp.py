@@ -134,9 +134,10 @@ class ParallelStep(TrainStep):
         self.parallel = parallel or Parallel()
         transform = rewrite(comm.world_size, self.parallel)
         if (executor is None and fault is None and device_of(model).is_cuda
-                and resident_parallel(transform)):
+                and (transform is None or resident_parallel(transform))):
             # a GPU model on the default executor keeps its state on the device and reduces
-            # its flat gradient buffer itself (runtime.gpu_step), on ``comm``
+            # its flat gradient buffer itself (runtime.gpu_step), on ``comm`` (one process:
+            # nothing to reduce, compile_step's own GPU step)
             super().__init__(model, loss_fn, optimizer, None, transform, precision, comm=comm)
         else:
             super().__init__(model, loss_fn, optimizer,

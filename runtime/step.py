@@ -236,7 +236,9 @@ class TrainStep:
         whether steps replay a captured CUDA Graph and ``graph`` why not (``captured``, or
         the reason plain launches run); ``rebinds`` counts tensors copied in because user
         code replaced their values; ``memory`` is the GPU step's static memory plan
-        (runtime.gpu.MemoryPlan.stats: arena, naive and peak bytes, ops left unplanned)."""
+        (runtime.gpu.MemoryPlan.stats: arena, naive and peak bytes, ops left unplanned);
+        ``gemm`` which GEMM a capture uses (runtime.capture_gemm: cuBLAS called directly
+        with a preset workspace, or why CuPy's matmul stays)."""
         out: dict[str, Any] = {"device": str(self.device), "steps": self._steps,
                                "cuda_graph": False, "path": "host-feeds"}
         if self._resident and getattr(self, "_program", None) is not None:
@@ -244,7 +246,8 @@ class TrainStep:
                        cuda_graph=self._program.cuda_graph, graph=self._program.graph_note,
                        fused_groups=self._program.exe.n_fused,
                        launch_actions=len(self._program.exe.actions),
-                       memory=self._program.exe.plan.stats())
+                       memory=self._program.exe.plan.stats(),
+                       gemm=self._program.gemm_note)
         return out
 
     def write_back(self, out: dict[str, Any]) -> None:
