@@ -146,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
                          "shared memory (CPU) or NVLink (GPU); default: one node")
     si.add_argument("--link", default="shm", choices=("shm", "nvlink", "infiniband", "ethernet"),
                     help="alpha-beta preset of the network (docs/performance.md)")
+    si.add_argument("--measure-link", action="store_true",
+                    help="measure alpha on this machine now (as many ranks as the job runs "
+                         "here, through mpirun, about 2 s; its load included) instead of "
+                         "--link's: a pipeline's hand-over, a data-parallel collective's swap")
     si.add_argument("--recommend", action="store_true",
                     help="simulate every (dp, pp, micro-batches) of N ranks, fastest first")
     si.add_argument("--json", action="store_true", help="print one JSON object")
@@ -375,14 +379,17 @@ def write_graph(config, path: str) -> list[str]:
     """Trace one training step of ``config`` and write the graph rank 0 executes
     (``executed_graph``) to ``path`` as DOT, plus .svg and .png beside it when Graphviz's
     ``dot`` program is installed; returns the files written.
-    With ``parallel.pp`` > 1 it draws the pipeline plan: nodes coloured by stage, a dashed
-    edge from each send to its receive."""
+    With ``parallel.pp`` > 1 it draws the pipeline plan: nodes coloured by stage and named
+    ``s<stage>:%k`` as a stage's timeline names them, a dashed edge from each send to its
+    receive."""
     from shardgrad.graph.dot import to_dot
 
     if config.parallel.pp > 1:
-        from shardgrad.runtime.train import plan_for_config
+        from shardgrad.runtime.pipeline import drawn_programs
+        from shardgrad.runtime.train import make_executor, plan_for_config
 
-        dot = plan_for_config(config).to_dot()
+        plan = plan_for_config(config)   # drawn as the stages' executors run it
+        dot = plan.to_dot(drawn_programs(plan, make_executor(config.train.executor)))
     else:
         dot = to_dot(executed_graph(config))
     stem, ext = os.path.splitext(path)
@@ -543,7 +550,8 @@ def cmd_simulate(args) -> int:
     from shardgrad.runtime import simulate as sim
 
     config = load_config(args.config, args.sets)
-    kw = {"gpus_per_node": args.gpus_per_node, "link": args.link}
+    kw = {"gpus_per_node": args.gpus_per_node, "link": args.link,
+          "measured_link": args.measure_link}
     if args.recommend:
         ranked = sim.recommend(config, args.ranks, **kw)
         if not ranked:

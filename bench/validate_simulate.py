@@ -1,7 +1,12 @@
 """``shardgrad simulate`` against measured runs on this machine: for dp=1, dp=2, pp=2 and
 dp2 x pp2 (the ``shm`` preset), the predicted step time beside summary.json's step_time_s of
-a real run (``shardgrad train -n N``, mpirun), alternating prediction and run, ``--reps``
-rounds; prints a Markdown table of medians and the error (target: within 25%) and the load.
+a real run (``shardgrad train -n N``, mpirun). Each round predicts then runs every shape, one
+right after the other, so a prediction's measurements (simulate measures each rank's step on
+this machine, with the other jobs' load counted) and its run see the same load; ``--reps``
+rounds. Each shape of several ranks is predicted twice: with the ``shm`` preset's alpha, and
+with ``--measure-link`` (alpha measured just then between as many ranks). Prints a Markdown
+table of medians and of the paired errors (target: within 25%), the threads other jobs had
+ready to run (simulate's ``elsewhere``) and the load averages.
 
     python bench/validate_simulate.py [--reps 3] [--config examples/digits_mlp.toml]
 """
@@ -13,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 SHAPES = [("dp=1", 1, 1, 1), ("dp=2", 2, 1, 1), ("pp=2", 2, 2, 4), ("dp2 x pp2", 4, 2, 4)]
 SETS = ["train.epochs=2", "device.threads=1"]
@@ -30,29 +36,40 @@ def main() -> None:
     p.add_argument("--config", default="examples/digits_mlp.toml")
     a = p.parse_args()
     sets = [x for s in SETS for x in ("--set", s)]
-    rows, load = [], [os.getloadavg()]
+    runs = {name: [] for name, *_ in SHAPES}    # (predicted, measured, elsewhere) per round
+    load = [os.getloadavg()]
+    start = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     with tempfile.TemporaryDirectory() as tmp:
-        for name, n, pp, m in SHAPES:
-            shape = ["--set", f"parallel.pp={pp}", "--set", f"parallel.microbatches={m}"]
-            predicted, measured = [], []
-            for i in range(a.reps):
-                predicted.append(json.loads(_shardgrad(
-                    "simulate", a.config, "--ranks", str(n), "--link", "shm", "--json",
-                    *sets, *shape))["step_time_s"])
+        for i in range(a.reps):
+            for name, n, pp, m in SHAPES:
+                shape = ["--set", f"parallel.pp={pp}", "--set", f"parallel.microbatches={m}"]
+                argv = ["simulate", a.config, "--ranks", str(n), "--link", "shm", "--json",
+                        *sets, *shape]
+                r = json.loads(_shardgrad(*argv))
+                rm = json.loads(_shardgrad(*argv, "--measure-link")) if n > 1 else r
                 out = os.path.join(tmp, f"{n}-{pp}-{i}")
                 _shardgrad("train", "-n", str(n), a.config, "--out", out, *sets, *shape)
                 with open(os.path.join(out, "summary.json")) as f:
-                    measured.append(json.load(f)["step_time_s"])
-            pm, mm = statistics.median(predicted), statistics.median(measured)
-            rows.append((name, pm, mm, pm / mm - 1, predicted, measured))
+                    measured = json.load(f)["step_time_s"]
+                runs[name].append((r["step_time_s"], rm["step_time_s"], measured,
+                                   r["elsewhere"]))
             load.append(os.getloadavg())
-    print("| shape | predicted ms | measured ms (summary.json step_time_s) | error | "
-          "runs (predicted / measured ms) |")
-    print("|---|---|---|---|---|")
-    for name, pm, mm, err, ps, ms in rows:
-        runs = ", ".join(f"{x * 1e3:.2f}/{y * 1e3:.2f}" for x, y in zip(ps, ms, strict=True))
-        print(f"| {name} | {pm * 1e3:.3f} | {mm * 1e3:.3f} | {err:+.0%} | {runs} |")
-    print(f"\nload averages (1, 5, 15 min) before and after each shape: "
+    end = time.strftime("%H:%M", time.gmtime())
+    print(f"{start}-{end} UTC, {a.reps} rounds\n")
+    print("| shape | predicted ms (shm preset) | predicted ms (--measure-link) | measured ms "
+          "(summary.json step_time_s) | error (preset / measured link) | median paired error "
+          "(preset / measured link) | runs (predicted preset / measured link / measured ms, "
+          "other jobs' ready threads) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in runs.items():
+        pm, lm, mm = (statistics.median(r[k] for r in rows) for k in range(3))
+        paired = [statistics.median(r[k] / r[2] - 1 for r in rows) for k in range(2)]
+        each = ", ".join(f"{x * 1e3:.2f}/{y * 1e3:.2f}/{z * 1e3:.2f} ({e:.0f})"
+                         for x, y, z, e in rows)
+        print(f"| {name} | {pm * 1e3:.3f} | {lm * 1e3:.3f} | {mm * 1e3:.3f} | "
+              f"{pm / mm - 1:+.0%} / {lm / mm - 1:+.0%} | {paired[0]:+.0%} / {paired[1]:+.0%} "
+              f"| {each} |")
+    print(f"\nload averages (1, 5, 15 min) before and after each round: "
           f"{', '.join('/'.join(f'{v:.1f}' for v in x) for x in load)}")
 
 

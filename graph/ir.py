@@ -155,7 +155,8 @@ def leaf(op: str, shape: Sequence[int], dtype: str, **attrs: Any) -> Node:
 
 def const(value: Any, dtype: str | None = None) -> Node:
     arr = np.asarray(value, dtype=dtype)
-    return Node("const", (), {"value": arr}, arr.shape, str(arr.dtype), where=user_frame())
+    return Node("const", (), {"value": arr}, arr.shape, _dtype_name(arr.dtype),
+                where=user_frame())
 
 
 def emit(opdef: Any, inputs: Sequence[Node], attrs: dict[str, Any] | None = None) -> Node:

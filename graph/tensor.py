@@ -154,7 +154,11 @@ class _EagerWalk(Walk):
 def _run(n: Node, args: list[Any]):
     """Node ``n``'s value from its inputs' values: with NumPy, or on the GPU that holds its
     device inputs (host inputs, constants such as a Python scalar, are copied there)."""
-    on = next((a for a in args if is_device_array(a)), None)
+    on = None
+    for a in args:
+        if is_device_array(a):
+            on = a
+            break
     if on is None:
         return _kernel(n.op, "cpu")(np, *args, **n.attrs)
     xp = array_module(on)
@@ -710,15 +714,20 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
     symbolically; returns a Tensor, or a tuple of them for multi-result builders."""
     tensors = [a for a in args if isinstance(a, Tensor)] + [
         t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, Tensor)]
-    tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
-    symbolic = any(t.is_symbolic for t in tensors)
-    if not symbolic:
+    if kwargs:
+        tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
+    # each value looked up once (a weak-dict lookup makes a weak reference): the lookups and
+    # device checks were a third of a small eager op's dispatch
+    values = [_VALUES.get(t.node) for t in tensors]
+    symbolic = any(v is None and t.node.op != "const" for t, v in zip(tensors, values,
+                                                                       strict=True))
+    if not symbolic and any(is_device_array(v) for v in values):
         _same_device(fn, tensors)
-    track = _grad_enabled[0] and any(t.requires_grad for t in tensors)
+    track = _grad_enabled[0] and any(t._requires_grad for t in tensors)
 
     def to_node(a):
         if isinstance(a, Tensor):
-            if a.is_symbolic or (track and not symbolic):
+            if (track and not symbolic) or a.is_symbolic:
                 return a.node
             if symbolic and a.is_cuda:     # a graph being traced holds host constants
                 return const(to_host(a.data))
@@ -728,11 +737,20 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
         return a
 
     out = fn(*[to_node(a) for a in args], **{k: to_node(v) for k, v in kwargs.items()})
-    outs = list(out) if isinstance(out, tuple) else [out]
+    if not isinstance(out, tuple):
+        if not symbolic:
+            _evaluate([out])
+        return Tensor(out, requires_grad=track and _is_float(out.dtype))
     if not symbolic:
-        _evaluate(outs)
-    wrapped = [Tensor(n, requires_grad=track and np.dtype(n.dtype).kind == "f") for n in outs]
-    return tuple(wrapped) if isinstance(out, tuple) else wrapped[0]
+        _evaluate(list(out))
+    return tuple(Tensor(n, requires_grad=track and _is_float(n.dtype)) for n in out)
+
+
+_FLOAT_NAMES = frozenset(("float16", "float32", "float64"))
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype in _FLOAT_NAMES or np.dtype(dtype).kind == "f"
 
 
 def _same_device(fn, tensors: list[Tensor]) -> None:

@@ -6,6 +6,7 @@ line, then ``register``, then the public builder. Imports only ops.registry and 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -323,8 +324,12 @@ gelu = _unary("gelu", _gelu_fwd, _gelu_grad, "x Phi(x), tanh approximation", Non
 
 def _erf_fwd(xp, x):
     # NumPy has no erf: SciPy's (scikit-learn's dependency and ours), CuPy's for GPU arrays,
-    # each imported on first use (importing scipy.special takes 0.5 s)
+    # each imported on first use (importing scipy.special takes 0.5 s); float32 on the CPU
+    # has its own kernel (_erf_f32)
     if isinstance(x, np.ndarray | np.generic):
+        if x.dtype == np.float32:
+            out = _erf_f32(x, np.empty(np.shape(x), np.float32))
+            return out[()] if isinstance(x, np.generic) else out
         from scipy.special import erf as f
     else:
         from cupyx.scipy.special import erf as f
@@ -333,12 +338,83 @@ def _erf_fwd(xp, x):
 
 
 def _erf_out(xp, n):
-    # the forward's own ufunc (SciPy's on NumPy, CuPy's on GPU arrays), which takes out=
+    # the forward's own kernel (SciPy's ufunc, or _erf_f32 for float32, on NumPy; CuPy's on
+    # GPU arrays), which takes out=
     if xp is np:
+        if n.dtype == "float32":
+            return _erf_f32, ()
         from scipy.special import erf as f
     else:
         from cupyx.scipy.special import erf as f
     return f, ()
+
+
+_ERF_STEPS = 256          # table nodes a unit: x = (k + u) / 256, u in [-1/2, 1/2]
+_ERF_MAX = 4.0            # erf(x) rounds to +-1 in float32 from |x| = 3.92 on
+_ERF_NODES = int(_ERF_MAX * _ERF_STEPS)
+
+
+@functools.cache
+def _erf_table() -> tuple[np.ndarray, np.ndarray]:
+    """The cubic Taylor coefficients of erf at x_k = k h on [-4, 4], h = 1/256, node k at
+    index k + 1024, each scaled for u = (x - x_k) / h: c0 = erf(x_k), c1 = h erf'(x_k), c2 =
+    h^2 erf''(x_k) / 2, c3 = h^3 erf^(3)(x_k) / 6, where erf' = 2/sqrt(pi) e^(-x^2), erf'' =
+    -2x erf', erf^(3) = (4x^2 - 2) erf'; as c3 + i c2 and c1 + i c0, two coefficients an
+    entry, so a chunk gathers twice, not four times (12% faster)."""
+    from scipy.special import erf as f
+    h = 1.0 / _ERF_STEPS
+    x = np.arange(-_ERF_NODES, _ERF_NODES + 1) * h
+    d1 = 2.0 / math.sqrt(math.pi) * np.exp(-x * x)
+    c32, c10 = np.empty((2, len(x)), np.complex128)
+    c32.real, c32.imag = (4 * x * x - 2) * d1 * h ** 3 / 6, -x * d1 * h * h
+    c10.real, c10.imag = d1 * h, f(x)
+    c10.imag[_ERF_NODES] = -0.0       # with u = -0 at x = -0 (see _erf_f32_chunk): erf(-0) = -0
+    return c32, c10
+
+
+def _erf_f32(x, out):
+    """float32 erf into ``out``, 2.5x as fast as SciPy's ufunc (which runs cephes' float64
+    branches per element, 15 ns each here, so erf was a quarter of the exact-GELU MLP step).
+    The cubic at the nearest table node is summed in float64 (its remainder is below 3e-12,
+    and relative near 0, where the node is 0 and erf(0) = erf''(0) = 0) and rounded once: the
+    result is SciPy's float32 erf unless erf(x) lies within about 3e-12 of a midpoint between
+    two float32 values (none of tests/ops/test_erf_f32.py's 2.4M points). NaN stays NaN (its
+    index is clipped, its u is NaN); +-inf gives +-1; erf(-0) = -0."""
+    table = _erf_table()
+    flat = np.reshape(x, -1)
+    dst = out.reshape(-1) if out.flags.c_contiguous else np.empty(out.size, np.float32)
+    for start in range(0, flat.size, _ERF_CHUNK):
+        _erf_f32_chunk(flat[start:start + _ERF_CHUNK], dst[start:start + _ERF_CHUNK], table)
+    if not out.flags.c_contiguous:
+        np.copyto(out, dst.reshape(out.shape))
+    return out
+
+
+# elements a pass: the chunk's 36 bytes an element of temporaries stay in a 1 MB L2 cache
+# (whole 128x512 arrays, 2.3 MB, ran at a third of the speed on this machine)
+_ERF_CHUNK = 16384
+
+
+def _erf_f32_chunk(x, out, table):
+    c32, c10 = table
+    a = np.clip(x, -_ERF_MAX, _ERF_MAX, dtype=np.float32)
+    a *= _ERF_STEPS                                  # exact: a power of two
+    k = np.rint(a)
+    k += 0.0                                         # -0 -> +0: u = -0 at x = -0
+    a -= k                                           # exact: u in [-1/2, 1/2]
+    u = a.astype(np.float64)
+    k += _ERF_NODES
+    with np.errstate(invalid="ignore"):              # NaN's index: clipped by take
+        i = k.astype(np.intp)
+    c = np.take(c32, i, mode="clip")
+    r = c.real * u
+    r += c.imag
+    np.take(c10, i, mode="clip", out=c)
+    r *= u
+    r += c.real
+    r *= u
+    r += c.imag                                      # ((c3 u + c2) u + c1) u + c0
+    np.copyto(out, r, casting="same_kind")           # x was read before: out may be x
 
 
 _ERF_C = 2.0 / math.sqrt(math.pi)

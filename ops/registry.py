@@ -209,6 +209,14 @@ FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
 def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    # the common cases (equal shapes, or those and scalars) without NumPy's general rule,
+    # which took 3 us of a small eager op's 15
+    ranked = [s for s in shapes if s != ()]
+    if not ranked:
+        return ()
+    first = ranked[0]
+    if type(first) is tuple and all(s == first for s in ranked):
+        return first
     try:
         return tuple(np.broadcast_shapes(*[tuple(s) for s in shapes]))
     except ValueError:

@@ -17,7 +17,7 @@ import numpy as np
 
 from shardgrad.graph.autodiff import backprop, zeros_like
 from shardgrad.graph.dot import to_dot
-from shardgrad.graph.ir import Graph, Node, const, leaf, toposort, verify
+from shardgrad.graph.ir import Graph, Node, const, fmt_type, leaf, toposort, verify
 from shardgrad.graph.optim import global_norm
 from shardgrad.graph.rewrite import replace
 from shardgrad.graph.tensor import Tensor
@@ -443,12 +443,53 @@ class PipelinePlan:
             graphs["reduce"] = reduce
         return RankProgram(stage, graphs, actions, grads, buffers)
 
-    def shard(self, stage: int) -> Graph:
+    def shard(self, stage: int, programs: Mapping[str, Graph] | None = None) -> Graph:
         """Stage ``stage``'s rank program (``program``) on micro-batch 0 joined into one
         Graph: the ``recv`` nodes feed the forward and backward programs, the ``isend``
-        nodes take their outputs, the data-parallel ``reduce`` (if any) feeds the update.
-        The nodes are the ones that run; only the joining is for reading and drawing."""
-        prog, st = self.program(stage), self.stages[stage]
+        nodes take their outputs, the micro-batch sums (with more than one micro-batch: the
+        running sum a ``sum/`` leaf) and the data-parallel ``reduce`` (if any) feed the
+        update. ``programs`` replaces the forward / backward / update graphs by the ones an
+        executor runs (e.g. after its passes). The nodes are the ones that run; only the
+        joining is for reading and drawing."""
+        return self._join(stage, programs)[0]
+
+    def node_names(self, stage: int, programs: Mapping[str, Graph] | None = None
+                   ) -> dict[str, dict[int, str]]:
+        """The name ``to_dot`` draws (``s<stage>:%k``; leaves by name) of each node of each
+        graph of stage ``stage``'s rank program, by graph name and node id; ``programs`` as
+        in ``shard``. A later micro-batch's ``recv``/``isend`` graph is named as micro-batch
+        0's (the drawing shows micro-batch 0), so a timeline's node is found on the drawing."""
+        joined, at = self._join(stage, programs)
+        names = {k: _staged(stage, v) for k, v in joined.names().items()}
+        prog = self.program(stage)
+        graphs = {**prog.graphs, **(programs or {})}
+        first = {(a.op, a.msg.kind, a.msg.name, a.msg.src, a.msg.dst): prog.action_graph(a)
+                 for a in prog.actions if a.mb == 0 and a.op in ("SEND", "RECV")}
+        out = {}
+        for name, g in graphs.items():
+            shown = g
+            if name.startswith(("send/", "recv/")):
+                (a,) = [a for a in prog.actions if prog.action_graph(a) == name]
+                shown = graphs[first[(a.op, a.msg.kind, a.msg.name, a.msg.src, a.msg.dst)]]
+            out[name] = {n.id: names[at.get(m.id, m).id] for n, m in
+                         zip(g.nodes, shown.nodes, strict=True) if at.get(m.id, m).id in names}
+        return out
+
+    def _join(self, stage: int, programs: Mapping[str, Graph] | None
+              ) -> tuple[Graph, dict[int, Node]]:
+        """``shard``'s graph, and the node there of each program node the joining rebuilt
+        (by the program node's id)."""
+        prog, programs = self.program(stage), programs or {}
+        fwd0, bwd0, upd0 = (programs.get(k, prog.graphs[k])
+                            for k in ("forward", "backward", "update"))
+        at: dict[int, Node] = {}
+
+        def join(g: Graph, mapping: Mapping[int, Node]) -> Graph:
+            def rebuild(n: Node, ins: tuple[Node, ...]) -> Node:
+                at[n.id] = Node(n.op, ins, n.attrs, n.shape, n.dtype, n.where)
+                return at[n.id]
+            return replace(g, mapping, rebuild)
+
         recvs: dict[str, Node] = {}
         sends: list[Graph] = []
         for a in prog.actions:
@@ -456,36 +497,46 @@ class PipelinePlan:
                 recvs.update(prog.graphs[prog.action_graph(a)].outputs)
             elif a.mb == 0 and a.op == "SEND":
                 sends.append(prog.graphs[prog.action_graph(a)])
-        fwd = replace(st.forward, {n.id: recvs[n.name] for n in st.forward.inputs
-                                   if n.name in recvs})
-        bwd = replace(st.backward, {n.id: recvs[n.name] if n.name in recvs else
-                                    fwd.outputs[n.name] for n in st.backward.inputs
-                                    if n.name in recvs or n.name in fwd.outputs})
+        fwd = join(fwd0, {n.id: recvs[n.name] for n in fwd0.inputs if n.name in recvs})
+        bwd = join(bwd0, {n.id: recvs[n.name] if n.name in recvs else fwd.outputs[n.name]
+                          for n in bwd0.inputs if n.name in recvs or n.name in fwd.outputs})
         sums = {**{k: bwd.outputs[k] for k in prog.grads},
                 **{k: fwd.outputs[k] for k in prog.buffers}}
+        if self.micro_batches > 1:
+            for acc in ("accumulate", "accumulate_buffers"):
+                g = prog.graphs[acc]
+                sums.update(join(g, {n.id: sums[n.name] for n in g.inputs
+                                     if n.name in sums}).outputs)
         if "reduce" in prog.graphs:
             red = prog.graphs["reduce"]
-            sums = dict(replace(red, {n.id: sums[n.name] for n in red.inputs}).outputs)
-        update = replace(st.update, {n.id: sums[n.name] for n in st.update.inputs
-                                     if n.name in sums})
+            sums = dict(join(red, {n.id: sums[n.name] for n in red.inputs}).outputs)
+        update = join(upd0, {n.id: sums[n.name] for n in upd0.inputs if n.name in sums})
         outputs = {"loss": fwd.outputs["loss"]} if "loss" in fwd.outputs else {}
         for g in sends:
             (x,) = g.inputs
             value = (fwd if x.name.startswith("act/") else bwd).outputs[x.name]
-            outputs.update(replace(g, {x.id: value}).outputs)
+            outputs.update(join(g, {x.id: value}).outputs)
         outputs.update(update.outputs)
         outputs.update((k, sums[k]) for k in prog.buffers)
-        return Graph(outputs, meta={"stage": stage})
+        return Graph(outputs, meta={"stage": stage}), at
 
-    def to_dot(self):
-        """A ``graphviz.Digraph`` of every stage's shard (``shard``) drawn by
-        ``graph.dot.to_dot``, each node in its stage's colour, and a dashed red edge from
-        each send to the receive it pairs with."""
-        shards = [self.shard(s) for s in range(self.pp)]
+    def to_dot(self, programs: Sequence[Mapping[str, Graph]] | None = None):
+        """A ``graphviz.Digraph`` of every stage's shard (``shard``, with ``programs[s]`` for
+        stage s) drawn by ``graph.dot.to_dot``, each node named as ``node_names`` says and
+        in its stage's colour, and a dashed red edge from each send to the receive it pairs
+        with."""
+        programs = programs or [None] * self.pp
+        shards = [self.shard(s, programs[s]) for s in range(self.pp)]
         roles = {n.id: f"stage {s}" for s in reversed(range(self.pp)) for n in shards[s].nodes}
+        names = {k: _staged(s, v) for s in reversed(range(self.pp))
+                 for k, v in shards[s].names().items()}
         outputs = {f"stage {s}: {k}": v for s, g in enumerate(shards) for k, v in g.outputs.items()}
         palette = {f"stage {s}": STAGE_COLOURS[s % len(STAGE_COLOURS)] for s in range(self.pp)}
-        dot = to_dot(Graph(outputs), roles, palette, name="pipeline")
+        joined = Graph(outputs)
+        label = lambda n, _: (f"{names[n.id]} = {n.op}\n{fmt_type(n.shape, n.dtype)}"
+                              if n.inputs else
+                              f"{names[n.id]} ({n.op})\n{fmt_type(n.shape, n.dtype)}")
+        dot = to_dot(joined, roles, palette, name="pipeline", label=label)
         sends, recvs = {}, {}
         for s, g in enumerate(shards):
             for n in g.nodes:
@@ -527,6 +578,12 @@ class PipelinePlan:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _staged(stage: int, name: str) -> str:
+    """A node's name on the pipeline's drawing: ``%k`` within its stage's shard becomes
+    ``s<stage>:%k`` (the stages' shards are numbered apart); a leaf keeps its name."""
+    return f"s{stage}:{name}" if name.startswith("%") else name
 
 
 def _us(seconds: float) -> str:

@@ -144,10 +144,10 @@ def _sharded(graph: Graph, n: int, group: str, reduced: bool) -> Graph:
     pad = m * n - numel
     zeros = [apply("broadcast_to", const(0, dtype=dtype), shape=(pad,))] if pad else []
 
-    grads = []
+    grads, users = [], graph.users()
     for p in params:
         g = graph.outputs[f"grad/{p}"]
-        src, axes = _contiguous_source(g, graph.users()) if not reduced else (g, None)
+        src, axes = _contiguous_source(g, users) if not reduced else (g, None)
         grads.append(src if axes is None else g)   # packed in the parameter's own layout
     if reduced:
         g_block = shard(pack(grads + zeros), n, group)

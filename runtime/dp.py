@@ -26,7 +26,14 @@ from shardgrad.runtime import config as cfg
 from shardgrad.runtime.comm import Communicator
 from shardgrad.runtime.config import ConfigError
 from shardgrad.runtime.interpreter import Interpreter
-from shardgrad.runtime.step import Executor, TrainStep, _batch, executor_for
+from shardgrad.runtime.step import (
+    Executor,
+    TrainStep,
+    _batch,
+    device_of,
+    executor_for,
+    resident_parallel,
+)
 
 
 class ReplicaMismatch(RuntimeError):
@@ -152,9 +159,16 @@ class ParallelStep(TrainStep):
                  executor: Executor | None = None,
                  fault: Callable[[int], None] | None = None, precision: str = "fp32"):
         self.parallel = parallel or Parallel()
-        super().__init__(model, loss_fn, optimizer,
-                         bound_executor(executor or executor_for(model), comm, fault),
-                         rewrite(comm.world_size, self.parallel), precision)
+        transform = rewrite(comm.world_size, self.parallel)
+        if (executor is None and fault is None and device_of(model).is_cuda
+                and resident_parallel(transform)):
+            # a GPU model on the default executor keeps its state on the device and reduces
+            # its flat gradient buffer itself (runtime.gpu_step), on ``comm``
+            super().__init__(model, loss_fn, optimizer, None, transform, precision, comm=comm)
+        else:
+            super().__init__(model, loss_fn, optimizer,
+                             bound_executor(executor or executor_for(model), comm, fault),
+                             transform, precision)
         self.comm = comm
         self._synced = comm.world_size == 1
         self._layout: Layout | None = None

@@ -142,6 +142,7 @@ class StageRunner:
         self.actions = prog.actions
         self.params = st.params
         self.stats = Stats()
+        self._named: trace.Tracer | None = None   # the tracer told the drawing's node names
         # A value sent to several stages leaves the outbox after its last send.
         last: dict[tuple, int] = {}
         for i, a in enumerate(self.actions):
@@ -155,6 +156,8 @@ class StageRunner:
             if tracer is None:
                 out = self.runs[name].run(feeds)
             else:   # the timeline's nodes say which stage, program and micro-batch ran them
+                if tracer is not self._named:
+                    self._name_nodes(tracer)
                 mb = int(what.rsplit(" ", 1)[1]) if "micro-batch" in what else None
                 with tracer.annotate(stage=self.stage, action=name, mb=mb):
                     out = self.runs[name].run(feeds)
@@ -166,6 +169,13 @@ class StageRunner:
         if self.copy and name in ("forward", "backward", "update"):
             return {k: self.xp.array(v, copy=True) for k, v in out.items()}
         return out
+
+    def _name_nodes(self, tracer: trace.Tracer) -> None:
+        """Name the nodes of every graph this stage runs as ``shardgrad graph`` draws them."""
+        self._named = tracer
+        ran = executed_programs(self.runs)
+        for name, names in self.plan.node_names(self.stage, ran).items():
+            tracer.name_nodes(ran.get(name, self.program.graphs[name]), names)
 
     def _sum(self, name: str, acc: dict[str, Any], out: Mapping[str, Any],
              keys: list[str], what: str) -> None:
@@ -468,6 +478,29 @@ def step_options(config: cfg.ConfigLike, comm: Communicator, executor: Executor 
             "data_world_size": dp}
 
 
+def executed_programs(runs: Mapping[str, Any]) -> dict[str, Graph]:
+    """The forward / backward / update graphs ``runs`` (program name -> built executor)
+    execute: what the executor made of the plan's programs (e.g. the compiled executor's
+    graph after its passes), for ``PipelinePlan.shard`` / ``node_names`` / ``to_dot``."""
+    out = {}
+    for k in ("forward", "backward", "update"):
+        graph = getattr(getattr(runs[k], "inner", runs[k]), "graph", None)
+        if isinstance(graph, Graph):
+            out[k] = graph
+    return out
+
+
+def drawn_programs(plan: PipelinePlan, executor: Executor | None) -> list[dict[str, Graph]]:
+    """``executed_programs`` of every stage of ``plan`` built with ``executor`` as the
+    training run builds them (default the reference interpreter: the plan's own graphs)."""
+    if executor is None:
+        return [{} for _ in range(plan.pp)]
+    return [executed_programs({k: executor(plan.program(s).graphs[k], rank=s,
+                                           shard=f"pipeline stage {s} {k}")
+                               for k in ("forward", "backward", "update")})
+            for s in range(plan.pp)]
+
+
 @contextlib.contextmanager
 def as_config_error() -> Iterator[None]:
     """A pipeline the config asks for but cannot have is a config error (the CLI's exit 2)."""
@@ -478,6 +511,5 @@ def as_config_error() -> Iterator[None]:
 
 
 __all__ = ["Mesh", "PipelineProgram", "PipelineTransform", "StageRunner", "Stats",
-           "as_config_error", "gather", "mesh_shape", "plan_pipeline", "profile_times",
-           "step_options",
-           "sync_outputs"]
+           "as_config_error", "drawn_programs", "executed_programs", "gather", "mesh_shape",
+           "plan_pipeline", "profile_times", "step_options", "sync_outputs"]

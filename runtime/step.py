@@ -293,7 +293,8 @@ def resident_parallel(transform) -> bool:
     allreduce (the deterministic mode's chunked graph runs through the host-feeds path)."""
     from shardgrad.partition.data_parallel import DataParallel
 
-    return isinstance(transform, DataParallel) and not transform.deterministic and (
+    # type, not isinstance: ZeRO-1 (partition.zero.Zero1, a subclass) shards the update
+    return type(transform) is DataParallel and not transform.deterministic and (
         transform.split == 1)
 
 

@@ -87,6 +87,11 @@ class Tracer:
         time, so recording them never waits for the GPU."""
         self._gpu.append((start_event, end_event, step, time.perf_counter_ns()))
 
+    def name_nodes(self, graph: Graph, names: Mapping[int, str]) -> None:
+        """Record ``graph``'s nodes under ``names`` (node id -> name) instead of the graph's
+        own ``%k``: a pipeline stage's programs are drawn joined (PipelinePlan.node_names)."""
+        self._names[id(graph)] = (graph, dict(names))
+
     def _name(self, graph: Graph | None, node: Node) -> str:
         if graph is None:   # an eager op's walk
             return f"%{node.id}"

@@ -26,37 +26,21 @@ from shardgrad.cluster.commands import failed_rank
 from shardgrad.runtime import train as tr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from blobs import blobs_config  # noqa: E402
+from blobs import MPIRUN, SMALL, blobs_config, mpi_env, toml  # noqa: E402
 
 pytestmark = [pytest.mark.faults, pytest.mark.mpi]
 
 SEED = int(os.environ.get("SHARDGRAD_FAULT_SEED", "20261204"))
 EPOCHS = 60
 TIMEOUT_S = 2     # parallel.timeout_s: how long a collective waits for a stopped rank
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
-CONFIG = f"""
-[model]
-hidden = [16]
-
-[train]
-epochs = {EPOCHS}
-batch_size = 120
-dtype = "float64"
-lr = 0.05
-momentum = 0.9
-
-[parallel]
-timeout_s = {TIMEOUT_S}
-
-[device]
-threads = 1
-"""
+CONFIG = toml({**SMALL, "train.epochs": EPOCHS, "train.batch_size": 120, "train.lr": 0.05,
+               "train.momentum": 0.9, "parallel.timeout_s": TIMEOUT_S})
 LAYOUTS = {"dp2": ["parallel.dp=2"], "pp2": ["parallel.pp=2"],
            "dp2xpp2": ["parallel.dp=2", "parallel.pp=2"],
            # under Ray, resumed by mpirun: deterministic reduction gives both the same bits
            "ray-dp2": ["parallel.dp=2", "parallel.deterministic=true"]}
 KINDS = ["kill9", "sigstop", "sigterm", "exception"]
-ENV = dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+ENV = mpi_env()
 
 
 def _sets(items):

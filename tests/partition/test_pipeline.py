@@ -289,3 +289,25 @@ def test_dot_colours_stages_and_draws_each_send_to_its_recv():
         assert send in labels and recv in labels
     for s in range(3):
         assert f'fillcolor="{STAGE_COLOURS[s]}"' in src and f"stage {s}" in src
+
+
+@pytest.mark.parametrize("dp, micro_batches", [(1, 4), (2, 2), (1, 1)])
+def test_every_node_a_stage_runs_has_the_name_the_drawing_shows(dp, micro_batches):
+    """``node_names`` names each computing node of every graph of a rank program (later
+    micro-batches' receives and sends as micro-batch 0's) by a box ``to_dot`` draws with the
+    same op: a node on a stage's timeline is found on the plan's drawing."""
+    plan = pipeline(mlp_step(batch=4), 2, micro_batches=micro_batches, dp=dp)
+    src = plan.to_dot().source
+    drawn = set(re.findall(r'label="(s\d+:%\d+) = (\w+)', src))
+    assert len({name for name, _ in drawn}) == len(drawn)       # one box a name
+    for s in range(plan.pp):
+        prog, names = plan.program(s), plan.node_names(s)
+        assert set(names) == set(prog.graphs)
+        for key, g in prog.graphs.items():
+            if key == "accumulate" and micro_batches == 1:
+                continue                                        # never runs: not drawn
+            for n in g.nodes:
+                if n.inputs:
+                    assert (names[key][n.id], n.op) in drawn, (key, n)
+                    assert names[key][n.id].startswith(f"s{s}:")
+    assert {op for _, op in drawn} >= {"matmul", "isend", "recv"}

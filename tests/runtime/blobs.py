@@ -1,9 +1,15 @@
-"""A data set a training run takes milliseconds on: ten Gaussian blobs as 8x8 uint8 IDX images,
-written without scikit-learn (each MPI rank would import it), a config file reading it, and
-the CLI run in-process as the error-line tests read it."""
+"""What the run tests share: a data set a training run takes milliseconds on (ten Gaussian
+blobs as 8x8 uint8 IDX images, written without scikit-learn, which each MPI rank would
+import), config files (``toml`` of dotted keys, ``blobs_config`` reading the blobs), the
+mpirun command and environment of the distributed tests, and the CLI run in-process as the
+error-line tests read it."""
 
+import json
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +20,34 @@ dataset = "idx"
 train_images = "{dir}/images.idx"
 train_labels = "{dir}/labels.idx"
 """
+
+
+# The small MLP most run tests train; each test adds (or with None leaves at its default)
+# the keys it is about.
+SMALL = {"model.hidden": [16], "train.batch_size": 64, "train.dtype": "float64",
+         "device.threads": 1}
+
+
+def toml(keys: Mapping[str, Any]) -> str:
+    """A config file's text setting the dotted ``keys`` (``{"train.lr": 0.1}``), a [section]
+    each; a key whose value is None is left out."""
+    sections: dict[str, list[str]] = {}
+    for name, value in keys.items():
+        if value is not None:
+            section, key = name.split(".", 1)
+            sections.setdefault(section, []).append(f"{key} = {json.dumps(value)}\n")
+    return "".join(f"\n[{s}]\n" + "".join(lines) for s, lines in sections.items())
+
+
+# mpirun as the distributed tests start it: as root in a container, more ranks than cores
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+
+
+def mpi_env(**extra: str) -> dict[str, str]:
+    """The environment the distributed tests run shardgrad in: no progress bar, one BLAS
+    thread a process (the ranks share the machine's cores), and ``extra``."""
+    return dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1",
+                OPENBLAS_NUM_THREADS="1", **extra)
 
 
 def blobs_config(directory: Path, body: str, n: int = 600, name: str = "blobs.toml") -> str:

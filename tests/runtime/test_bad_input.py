@@ -3,7 +3,6 @@ negative, fractional or stray (200 among 0..9), an IDX file with no images, a mo
 for the memory the process may allocate (estimated before anything is allocated, naming the
 bytes), and a float32 model that is built without a float64 copy of its parameters."""
 
-import os
 import resource
 import subprocess
 import sys
@@ -19,19 +18,9 @@ from shardgrad.graph.tensor import get_default_dtype, set_default_dtype
 from shardgrad.runtime.data import write_idx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import blobs_config  # noqa: E402
+from blobs import SMALL, blobs_config, mpi_env, toml  # noqa: E402
 
-CONFIG = """
-[model]
-hidden = [16]
-
-[train]
-epochs = 1
-batch_size = 64
-
-[device]
-threads = 1
-"""
+CONFIG = toml({**SMALL, "train.dtype": None, "train.epochs": 1})
 
 
 @pytest.fixture
@@ -95,8 +84,7 @@ def test_a_model_too_large_is_refused_naming_the_bytes_before_allocating(config,
     run = subprocess.run([sys.executable, "-m", "shardgrad", "train", config, "--out",
                           str(tmp_path / "run"), "--set", "model.hidden=[100000000]"],
                          capture_output=True, text=True, timeout=100, preexec_fn=limit,
-                         env=dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1",
-                                  OPENBLAS_NUM_THREADS="1"))
+                         env=mpi_env())
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, lines

@@ -23,23 +23,10 @@ from shardgrad.runtime import train as tr
 from shardgrad.runtime.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import blobs_config  # noqa: E402
+from blobs import SMALL, blobs_config, toml  # noqa: E402
 from blobs import cli_main as _main
 
-CONFIG = """
-[model]
-hidden = [16]
-
-[train]
-epochs = 2
-batch_size = 64
-dtype = "float64"
-lr = 0.1
-momentum = 0.9
-
-[device]
-threads = 1
-"""
+CONFIG = toml({**SMALL, "train.epochs": 2, "train.lr": 0.1, "train.momentum": 0.9})
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ job with ``rank R failed``, and in one process the step equals ``compile_step``.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,10 +15,12 @@ import pytest
 
 import shardgrad as sg
 
+sys.path.insert(0, str(Path(__file__).parent))
+from blobs import MPIRUN, mpi_env  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "digits_ddp.py"
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+ENV = mpi_env()
 
 
 def under_mpirun(test):

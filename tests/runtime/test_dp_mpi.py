@@ -17,26 +17,15 @@ import pytest
 import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import blobs_config  # noqa: E402
+from blobs import MPIRUN, SMALL, blobs_config, mpi_env, toml  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
-CONFIG = """
-[model]
-kind = "mlp"
-hidden = [32]
-
-[train]
-epochs = 2
-batch_size = 64
-dtype = "float64"
-lr = 0.1
-momentum = 0.9
-log_every = 5
-"""
-ENV = dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+CONFIG = toml({**SMALL, "model.kind": "mlp", "model.hidden": [32], "train.epochs": 2,
+               "train.lr": 0.1, "train.momentum": 0.9, "train.log_every": 5,
+               "device.threads": None})
+ENV = mpi_env()
 
 
 @pytest.fixture(scope="module")

@@ -18,27 +18,13 @@ from shardgrad.cluster.commands import failed_rank
 from shardgrad.runtime import train as tr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import blobs_config  # noqa: E402
+from blobs import MPIRUN, SMALL, blobs_config, mpi_env, toml  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
-CONFIG = """
-[model]
-hidden = [16]
-
-[train]
-epochs = 2
-batch_size = 64
-dtype = "float64"
-lr = 0.1
-momentum = 0.9
-
-[device]
-threads = 1
-"""
-ENV = dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+CONFIG = toml({**SMALL, "train.epochs": 2, "train.lr": 0.1, "train.momentum": 0.9})
+ENV = mpi_env()
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from blobs import MPIRUN  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(90),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
 
 CALLS = """
 import numpy as np

@@ -2,7 +2,6 @@
 ``shardgrad train -n N``) makes each rank say it was terminated and by what; a bad-input
 error (exit 2) under mpirun is one line of shardgrad's, with no Open MPI abort banner."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -13,26 +12,15 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import blobs_config  # noqa: E402
+from blobs import MPIRUN, SMALL, blobs_config, mpi_env, toml  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2"]
+TWO = [*MPIRUN, "-n", "2"]
 TRAIN = [sys.executable, "-m", "shardgrad", "train"]
-CONFIG = """
-[model]
-hidden = [16]
-
-[train]
-epochs = 400
-batch_size = 64
-dtype = "float64"
-
-[device]
-threads = 1
-"""
-ENV = dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+CONFIG = toml({**SMALL, "train.epochs": 400})
+ENV = mpi_env()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +49,7 @@ def _signalled(argv, out: Path, sig) -> tuple[int, str]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_mpirun_each_rank_says_so(config, tmp_path, sig):
     out = tmp_path / "run"
-    code, err = _signalled(MPIRUN + TRAIN + [config, "--set", "parallel.dp=2", "--out",
+    code, err = _signalled(TWO + TRAIN + [config, "--set", "parallel.dp=2", "--out",
                                              str(out)], out, sig)
     assert code != 0, err
     # prterun passes SIGTERM to the ranks whatever it received itself
@@ -88,7 +76,7 @@ def _lines(text: str) -> list[str]:
 
 
 def test_bad_config_key_under_mpirun_is_one_line(config):
-    r = subprocess.run(MPIRUN + TRAIN + [config, "--set", "train.bogus=1", "--set",
+    r = subprocess.run(TWO + TRAIN + [config, "--set", "train.bogus=1", "--set",
                                          "parallel.dp=2"],
                        capture_output=True, text=True, timeout=60, env=ENV)
     assert r.returncode == 2, r.stderr
@@ -102,7 +90,7 @@ def test_bad_data_under_mpirun_is_one_line(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text(CONFIG)
     argv.insert(4, str(config))
-    plain = subprocess.run(MPIRUN + argv + ["--set", "parallel.dp=2", "--out",
+    plain = subprocess.run(TWO + argv + ["--set", "parallel.dp=2", "--out",
                                             str(tmp_path / "a")],
                            capture_output=True, text=True, timeout=60, env=ENV)
     assert plain.returncode == 2, plain.stderr

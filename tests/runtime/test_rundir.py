@@ -17,21 +17,10 @@ from shardgrad.runtime import train as tr
 from shardgrad.runtime.config import ConfigError, load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import blobs_config  # noqa: E402
+from blobs import SMALL, blobs_config, mpi_env, toml  # noqa: E402
 
-CONFIG = """
-[model]
-hidden = [16]
-
-[train]
-epochs = 2
-batch_size = 64
-lr = 0.1
-
-[device]
-threads = 1
-"""
-ENV = dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1")
+CONFIG = toml({**SMALL, "train.dtype": None, "train.epochs": 2, "train.lr": 0.1})
+ENV = mpi_env()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ dp x pp, link presets and node boundaries, ``--recommend``, and bad shapes in on
 
 import json
 import os
+import shutil
+import statistics
 
 import pytest
 
@@ -104,3 +106,52 @@ def test_simulate_uses_the_configs_shape_by_default():
     config = load_config(MLP, ["device.threads=1", "parallel.pp=2", "parallel.microbatches=2"])
     r = sim.simulate(config, 2, repeats=3)
     assert (r["dp"], r["pp"], r["microbatches"]) == (1, 2, 2)
+
+
+def test_contention_shares_the_cores_and_waits_for_the_slowest_rank():
+    alone = sim.Contention(1, 1, 2, 0.0)
+    assert alone.stretch == 1.0 and alone.sync_quantile == 0.5
+    assert sim.Contention(2, 1, 2, 0.0).stretch == 1.0          # a core each
+    assert sim.Contention(4, 1, 2, 0.0).stretch == 2.0          # two ranks a core
+    # ten other threads ready: alone 11 share 2 cores, with a second rank 12 do
+    assert sim.Contention(2, 1, 2, 10.0).stretch == pytest.approx(12 / 11)
+    two = sim.Contention(2, 1, 2, 0.0)
+    assert two.sync_quantile == pytest.approx(0.5 ** 0.5)
+    assert two.slowest([1.0] * 5 + [2.0] * 5) == 2.0            # the 70.7% quantile
+    assert sim.cores() >= 1 and sim.runnable_elsewhere() >= 0
+
+
+@pytest.mark.parametrize("sets, rank, spans", [
+    (["parallel.dp=2"], 1, 0),
+    (["parallel.pp=2", "parallel.microbatches=4"], 1, 4),
+    (["parallel.dp=2", "parallel.pp=2", "parallel.microbatches=2"], 2, 2),
+])
+def test_measure_rank_runs_the_ranks_own_step_without_communication(sets, rank, spans):
+    """The step ``shardgrad train`` builds for that rank (data-parallel rewrite, pipeline
+    stage) runs in this process on a Loopback communicator, timed as the loop times it."""
+    config = load_config(MLP, ["device.threads=1", "model.hidden=[16]", *sets])
+    r = sim.measure_rank(config, rank, steps=5, warmup=1)
+    assert len(r.times) == 5 and all(t > 0 for t in r.times) and len(r.elsewhere) == 5
+    assert len(r.forward) == len(r.backward) == 5 * spans
+    assert len(r.actions) == (5 if spans else 0)
+    if spans:   # the actions phase holds the computes, the step holds the actions
+        assert statistics.median(r.actions) >= spans * statistics.median(r.forward)
+        assert r.step_s >= statistics.median(r.actions)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")
+def test_measure_link_times_the_hand_over_between_two_ranks(capsys):
+    link = sim.measure_link(100e-6, 3, seconds=0.3)   # an odd rank only computes
+    assert link.alpha > 0 and link.beta == sim.LINKS["shm"].beta
+    assert "measured now" in link.source
+    r = _json(capsys, "--ranks", "2", "--pp", "2", "--microbatches", "2", "--measure-link")
+    two = _json(capsys, "--ranks", "2", "--measure-link")
+    assert two["alpha_s"] > 0 and two["alpha_s"] != sim.LINKS["shm"].alpha
+    assert two["step_time_s"] == pytest.approx(two["compute_s"] + two["comm_s"])
+    swap = sim.measure_link(100e-6, 2, seconds=0.3, exchange=True)
+    assert swap.alpha > 0 and "swaps" in swap.source
+    assert r["p2p_alpha_s"] > 0 and r["step_time_s"] > 0
+    assert _json(capsys, "--ranks", "2", "--pp", "2", "--microbatches", "2")[
+        "p2p_alpha_s"] == sim.LINKS["shm"].alpha

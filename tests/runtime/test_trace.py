@@ -36,7 +36,7 @@ def _drawn(config, tmp_path):
     dot = tmp_path / "step.dot"
     sets = [a for s in config for a in ("--set", s)]
     assert cli.main(["graph", MLP, "--out", str(dot), *sets]) == 0
-    return set(re.findall(r'label="(%\d+) = (\w+)', dot.read_text()))
+    return set(re.findall(r'label="((?:s\d+:)?%\d+) = (\w+)', dot.read_text()))
 
 
 def _step_nodes(events):
@@ -185,8 +185,9 @@ def test_two_data_parallel_ranks_trace_their_allreduces(tmp_path, capsys):
 @pytest.mark.timeout(200)
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")
 def test_pipeline_stages_trace_micro_batches_sends_and_the_bubble(tmp_path, capsys):
-    _mpirun(2, tmp_path / "pp2", "parallel.pp=2", "parallel.microbatches=4",
-            "train.epochs=1")
+    shape = ["parallel.pp=2", "parallel.microbatches=4", "train.epochs=1"]
+    _mpirun(2, tmp_path / "pp2", *shape)
+    drawn = _drawn([*SMALL, *shape], tmp_path)
     for rank in (0, 1):
         events = _events(tmp_path / "pp2" / "trace" / f"rank{rank}.json")
         ops = [e for e in events if e.get("cat") == "op" and "stage" in e["args"]]
@@ -196,6 +197,14 @@ def test_pipeline_stages_trace_micro_batches_sends_and_the_bubble(tmp_path, caps
                  ("isend", "recv")]
         assert sends and all(e["args"]["peer"] == 1 - rank and e["args"]["bytes"] > 0
                              for e in sends)
+        # every node the stage ran (forward, backward, sums, sends, receives, update) is a
+        # box of the plan `shardgrad graph` draws, with the same op
+        nodes = {(e["args"]["node"], e["args"]["op"]) for e in events
+                 if e.get("tid") == trace.TRACKS["op"] and "stage" in e["args"]}
+        assert {e["args"]["action"] for e in events if "action" in e.get("args", {})} >= {
+            "forward", "backward", "update", "accumulate"}
+        assert nodes and nodes <= drawn, nodes - drawn
+        assert all(name.startswith(f"s{rank}:") for name, _ in nodes)
     assert cli.main(["trace", str(tmp_path / "pp2")]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert re.fullmatch(r"pipeline bubble: measured \d+% \(mean over 2 stage rank\(s\): "

@@ -132,6 +132,26 @@ def test_data_parallel_cuda_wraps_the_communicator(host_gpu, monkeypatch):
     assert abs(summaries[0]["train_loss"] - cpu["train_loss"]) <= 1e-4 * cpu["train_loss"]
 
 
+def test_zero1_on_the_gpu_equals_the_cpu_run(host_gpu, monkeypatch):
+    cupy = host_cupy.device_module()          # arrays that say they are on the GPU
+    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
+    lock, setup = threading.Lock(), tr.setup
+
+    def serial_setup(*args, **kw):            # ranks on threads share the global seed
+        with lock:
+            return setup(*args, **kw)
+    monkeypatch.setattr(tr, "setup", serial_setup)
+    sets = ("parallel.dp=2", "parallel.zero=1", 'train.dtype="float64"')
+    c = config(*sets, 'device.type="cuda"', 'device.cuda_aware_mpi="off"')
+    gpu = run_ranks(2, lambda comm: tr.train(c, None, comm=comm), timeout_s=60)
+    # ZeRO-1 runs the host-feeds step on the GPU executor (ranked), not the resident one
+    assert sorted(host_gpu) == sorted([0, 1] * gpu[0]["steps"])
+    (cpu, _) = run_ranks(2, lambda comm: tr.train(config(*sets), None, comm=comm),
+                         timeout_s=60)
+    assert abs(gpu[0]["train_loss"] - cpu["train_loss"]) <= 1e-10 * cpu["train_loss"]
+    assert gpu[0]["optimizer_state_bytes_per_rank"] == cpu["optimizer_state_bytes_per_rank"]
+
+
 class _OnDevice(np.ndarray):
     """A stand-in device array: NumPy that claims to live on a GPU."""
 

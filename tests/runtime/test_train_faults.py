@@ -16,24 +16,11 @@ from shardgrad.runtime.config import ConfigError, load_config
 from shardgrad.runtime.monitor import TIMINGS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import blobs_config  # noqa: E402
+from blobs import SMALL, blobs_config, toml  # noqa: E402
 from blobs import cli_main as _main
 
-CONFIG = """
-[model]
-hidden = [16]
-
-[train]
-epochs = 3
-batch_size = 64
-dtype = "float64"
-lr = 0.1
-momentum = 0.9
-log_every = 5
-
-[device]
-threads = 1
-"""
+CONFIG = toml({**SMALL, "train.epochs": 3, "train.lr": 0.1, "train.momentum": 0.9,
+               "train.log_every": 5})
 
 
 @pytest.fixture(scope="module")

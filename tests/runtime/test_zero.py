@@ -153,7 +153,7 @@ def test_plan_and_graph_show_the_reduce_scatter_and_allgather(tmp_path, capsys):
 
 
 def test_simulate_gives_zero1_the_traffic_of_an_allreduce_and_1_dp_of_the_state():
-    from shardgrad.runtime.simulate import simulate
+    from shardgrad.runtime.simulate import recommend, simulate
 
     base = {"model.hidden": [16], "train.batch_size": 32, "train.optimizer": "adam",
             "data.dataset": "digits"}
@@ -166,3 +166,7 @@ def test_simulate_gives_zero1_the_traffic_of_an_allreduce_and_1_dp_of_the_state(
     whole = plain["optimizer_state_bytes_per_rank"]
     assert zero["optimizer_state_bytes_per_rank"] <= whole / 4 * 1.05
     assert zero["peak_memory_bytes"] < plain["peak_memory_bytes"]
+    with pytest.raises(cfg.ConfigError, match="it runs with pp = 1 \\(not --pp 2\\)"):
+        simulate(conf(**base, **{"parallel.zero": 1}), 4, pp=2, repeats=1)
+    assert {r["pp"] for r in recommend(conf(**base, **{"parallel.zero": 1}), 4,
+                                       repeats=1)} == {1}

@@ -5,7 +5,6 @@ checkpoint (whole-model file) resuming at dp = 1 and dp = 4 with zero = 0 as an 
 run. Each run bounded by a timeout."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,29 +15,15 @@ import pytest
 import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import blobs_config  # noqa: E402
+from blobs import MPIRUN, SMALL, blobs_config, mpi_env, toml  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(600),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
-CONFIG = """
-[model]
-kind = "mlp"
-hidden = [32]
-
-[train]
-epochs = 2
-batch_size = 48
-dtype = "float64"
-optimizer = "adam"
-lr = 0.01
-log_every = 5
-
-[device]
-threads = 1
-"""
-ENV = dict(os.environ, SHARDGRAD_PROGRESS="0", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+CONFIG = toml({**SMALL, "model.kind": "mlp", "model.hidden": [32], "train.epochs": 2,
+               "train.batch_size": 48, "train.optimizer": "adam", "train.lr": 0.01,
+               "train.log_every": 5})
+ENV = mpi_env()
 
 
 @pytest.fixture(scope="module")
