@@ -315,7 +315,8 @@ def plan_for_config(config: cfg.ConfigLike) -> PipelinePlan | Plan:
     one process: "profile" times this machine), or with ``parallel.zero`` = 1 its ZeRO-1
     data-parallel plan."""
     config = cfg.from_dict(config)
-    if config.parallel.zero and config.parallel.pp == 1:
+    dp.check_zero(config)
+    if config.parallel.zero:
         return _zero_plan(config)
     replicas, pp, m = pipeline.mesh_shape(config)
     model, optimizer, _, data = setup(config)
@@ -331,7 +332,6 @@ def plan_for_config(config: cfg.ConfigLike) -> PipelinePlan | Plan:
 
 
 def _zero_plan(config: cfg.Config) -> Plan:
-    dp.check_zero(config)
     run = accumulated(config)
     world = run.parallel.dp
     transform = dp.rewrite(world, dp.Parallel.of(run.parallel))

@@ -150,6 +150,9 @@ def test_plan_and_graph_show_the_reduce_scatter_and_allgather(tmp_path, capsys):
     assert code == 2 and err == ["shardgrad plan: error: train.grad_clip needs the norm of the "
                                  "whole gradient, which no rank holds with parallel.zero = 1: "
                                  "set one of them off"]
+    code, err = cli_main(capsys, "plan", config, *sets, "--set", "parallel.pp=2")
+    assert code == 2 and err == ["shardgrad plan: error: parallel.zero = 1 shards the optimizer "
+                                 "over data-parallel ranks; it runs with parallel.pp = 1 for now"]
 
 
 def test_simulate_gives_zero1_the_traffic_of_an_allreduce_and_1_dp_of_the_state():
