@@ -14,7 +14,7 @@ import numpy as np
 
 # cuBLAS's recommended workspace on Hopper (docs: cublasSetWorkspace, 32 MiB for sm_90)
 WORKSPACE_BYTES = 32 << 20
-OP_N, OP_T = 0, 1
+OP_N, OP_T = 0, 1                  # cublasOperation_t: CUBLAS_OP_N, CUBLAS_OP_T
 LIBRARIES = ("libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so")
 _GEMM = {"float32": ("cublasSgemmStridedBatched", ctypes.c_float),
          "float64": ("cublasDgemmStridedBatched", ctypes.c_double)}
@@ -54,18 +54,18 @@ def _pointer(a) -> int:
 
 def operand(x, rows: int, cols: int) -> tuple[int, int] | None:
     """How cuBLAS (column-major) reads the last two axes of row-major ``x`` (``rows`` x
-    ``cols``): (0, ld) when its buffer is the transpose x^T (C order: transposed views
-    included), (1, ld) when it is x itself (a transposed view of C order); None for other
+    ``cols``): (OP_N, ld) when its buffer is the transpose x^T (C order: transposed views
+    included), (OP_T, ld) when it is x itself (a transposed view of C order); None for other
     strides. Strides of axes of length 1 never matter."""
     s0, s1 = (s // x.itemsize for s in x.strides[-2:])
     if cols == 1 or s1 == 1:
         ld = s0 if rows > 1 else cols
         if ld >= max(cols, 1):
-            return 0, ld
+            return OP_N, ld
     if rows == 1 or s0 == 1:
         ld = s1 if cols > 1 else rows
         if ld >= max(rows, 1):
-            return 1, ld
+            return OP_T, ld
     return None
 
 
