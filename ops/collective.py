@@ -1,9 +1,8 @@
-"""Communication ops: allreduce (blocking, or split into start/wait), allgather,
-reduce_scatter, shard (a rank's block, no communication), send/recv, and the bucket helpers
-the data-parallel partitioner emits (pack, unpack, batch_chunk). Kernels find their
-Communicator in a binding made by whoever runs the graph (``with bind(comm): executor.run
-(feeds)``), so a graph holds names, never closures. Imports only ops.registry and graph.ir;
-a communicator is anything with runtime.comm's methods.
+"""Communication ops: allreduce (blocking, or start/wait), allgather, reduce_scatter, shard
+(a rank's block, no communication), send/recv, and data parallelism's bucket helpers (pack,
+unpack, batch_chunk). Kernels find their Communicator in a binding made by whoever runs the
+graph (``with bind(comm): executor.run(feeds)``), so a graph holds names, never closures.
+Imports only ops.registry and graph.ir; a communicator is anything with runtime.comm's methods.
 """
 
 from __future__ import annotations
