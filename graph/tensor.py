@@ -107,13 +107,9 @@ def _evaluate(outs: list[Node]) -> None:
         if n.inputs and len(args) == len(n.inputs):
             try:
                 _VALUES[n] = _run(n, args)
-            except ExecutionError:
+            except Exception as e:
+                _note(n, e)
                 raise
-            except Exception as e:  # noqa: BLE001 - as Walk.execute: the node's note added
-                err = _EagerWalk().error(n, e)
-                if err is e:
-                    raise
-                raise err from e
             return
     todo: dict[int, Node] = {}
     stack = [n for n in outs if n not in _VALUES]
@@ -149,13 +145,9 @@ def _evaluate(outs: list[Node]) -> None:
             else:
                 v = _run(n, [fresh[x.id] if x.id in fresh else _VALUES[x] for x in n.inputs])
             fresh[n.id] = _VALUES[n] = v
-    except ExecutionError:
+    except Exception as e:
+        _note(n, e)
         raise
-    except Exception as e:  # noqa: BLE001 - as Walk.execute: the node's note added
-        err = _EagerWalk().error(n, e)
-        if err is e:
-            raise
-        raise err from e
 
 
 class _EagerWalk(Walk):
@@ -170,6 +162,13 @@ class _EagerWalk(Walk):
     def error(self, node: Node, exc: BaseException, note: str = "") -> BaseException:
         exc.add_note(f"while executing {describe(None, node)} (from {node.where})")
         return exc
+
+
+def _note(n: Node, e: Exception) -> None:
+    # as Walk.execute: a kernel's error keeps its type, node n's note added (an
+    # ExecutionError already names its node)
+    if not isinstance(e, ExecutionError):
+        _EagerWalk().error(n, e)
 
 
 def _run(n: Node, args: list[Any]):
