@@ -615,6 +615,11 @@ def main(argv: list[str] | None = None) -> int:
                 "report": cmd_report, "tune": cmd_tune, "evaluate": cmd_evaluate,
                 "predict": cmd_predict, "export": cmd_export, "trace": cmd_trace,
                 "simulate": cmd_simulate}[args.command](args)
+    except BrokenPipeError:
+        # the output's reader went away (`shardgrad plan ... | head`): stop quietly with
+        # SIGPIPE's status, as `yes | head` does; devnull keeps the exit-time flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except USAGE_ERRORS as e:
         if mpi_world_size() is not None:   # every rank met the same bad input: one line says it
             from shardgrad.runtime.world import first_to_report

@@ -151,3 +151,17 @@ def test_train_n_starts_the_ranks_and_sets_dp(tmp_path):
     summary = json.loads((tmp_path / "n2" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["config"]["parallel"]["dp"] == 2
     assert json.loads(r.stdout.strip().splitlines()[-1])["world_size"] == 2
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    # `shardgrad config show ... | head -1`: the pipe's reader is gone before the output is
+    # written, which must not print an error line or a traceback
+    env = {**os.environ, "SHARDGRAD_PROGRESS": "0"}
+    p = subprocess.Popen([sys.executable, "-m", "shardgrad", "config", "show", MLP],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    p.stdout.close()
+    try:
+        err = p.communicate(timeout=120)[1].decode()
+    finally:
+        p.kill()
+    assert err == "" and p.returncode == 141, (p.returncode, err)
