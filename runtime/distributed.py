@@ -59,7 +59,7 @@ def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
     ranks (the global batch must then split into ``chunks``, a multiple of the ranks);
     ``zero=1`` keeps 1/world_size of the optimizer state on each rank (ZeRO stage 1: call
     ``step.consolidate()`` on every rank before reading ``optimizer.state_dict()``);
-    ``overlap`` issues each bucket's allreduce non-blocking (``parallel.overlap``).
+    ``overlap`` issues each bucket's allreduce non-blocking (``parallel.overlap``; not with zero).
     A model on a GPU (``model.to("cuda")``) runs there with its state on the device (as
     ``compile_step``'s), its flat gradient buffer allreduced a bucket at a time, staged
     through pinned host memory (ZeRO-1 and deterministic mode: through the host-feeds step)."""
@@ -71,6 +71,9 @@ def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
                          f"{comm.world_size} rank(s) in deterministic mode")
     if zero not in (0, 1):
         raise ValueError(f"zero = {zero}: must be 0 (off) or 1 (ZeRO stage 1)")
+    if zero and overlap:
+        raise ValueError("overlap = True and zero = 1: zero = 1 replaces the gradient allreduce "
+                         "that overlap overlaps by one reduce_scatter; set one of them off")
     if device_of(model).is_cuda:
         comm = world.device_comm(comm, "cuda")
     parallel = dp.Parallel(bucket_mb, deterministic, chunks, overlap, sync_batchnorm, zero)

@@ -115,6 +115,11 @@ def test_bad_options_name_the_option():
     with pytest.raises(ValueError, match=r"chunks = 0 must be a positive multiple"):
         sg.distributed.data_parallel_step(model, F.cross_entropy, opt, deterministic=True,
                                           chunks=0)
+    with pytest.raises(ValueError, match=r"zero = 2: must be 0 \(off\) or 1"):
+        sg.distributed.data_parallel_step(model, F.cross_entropy, opt, zero=2)
+    # as the CLI's parallel.zero = 1 with parallel.overlap = true: refused, not ignored
+    with pytest.raises(ValueError, match=r"^overlap = True and zero = 1: zero = 1 replaces"):
+        sg.distributed.data_parallel_step(model, F.cross_entropy, opt, zero=1, overlap=True)
     # a model without parameters: TrainStep's error, not a bare StopIteration
     with pytest.raises(ValueError, match=r"Identity has no parameters to train"):
         sg.distributed.data_parallel_step(sg.nn.Identity(), F.cross_entropy, opt)
