@@ -147,9 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("--link", default="shm", choices=("shm", "nvlink", "infiniband", "ethernet"),
                     help="alpha-beta preset of the network (docs/performance.md)")
     si.add_argument("--measure-link", action="store_true",
-                    help="measure alpha on this machine now (as many ranks as the job runs "
-                         "here, through mpirun, about 2 s; its load included) instead of "
-                         "--link's: a pipeline's hand-over, a data-parallel collective's swap")
+                    help="pipelines: measure the hand-over between ranks on this machine "
+                         "now (as many ranks as the job runs here, through mpirun, about 2 s; "
+                         "its load included) for the sends' alpha instead of --link's")
     si.add_argument("--recommend", action="store_true",
                     help="simulate every (dp, pp, micro-batches) of N ranks, fastest first")
     si.add_argument("--json", action="store_true", help="print one JSON object")

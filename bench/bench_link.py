@@ -4,6 +4,13 @@ preset of ``shardgrad simulate``): one-way time of a ping-pong, median over repe
 shardgrad's runs set it. Prints one JSON object (rank 0).
 
     python bench/bench_link.py [--reps 200]       # starts mpirun -n 2 itself
+    python bench/bench_link.py --gap-us 200 [--ranks 4]
+
+A tight ping-pong's median misses what a busy machine does to a rank that waits between
+messages (it yields its core; the message then waits for the scheduler). ``--gap-us G``
+prints instead what ``shardgrad simulate --measure-link`` uses: the mean hand-over (the
+peer computed G us first) and the mean swap (both computed G us), ``--ranks`` ranks in pairs
+(runtime.simulate.measure_link), with the load.
 """
 
 import argparse
@@ -49,9 +56,19 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--child", action="store_true")
+    p.add_argument("--gap-us", type=float)
+    p.add_argument("--ranks", type=int, default=2)
     a = p.parse_args()
     if a.child:
         child(a.reps)
+        return
+    if a.gap_us is not None:
+        from shardgrad.runtime.simulate import measure_link
+
+        out = {"gap_us": a.gap_us, "ranks": a.ranks, "load": os.getloadavg()}
+        for key, exchange in (("handover_alpha_s", False), ("swap_alpha_s", True)):
+            out[key] = measure_link(a.gap_us * 1e-6, a.ranks, exchange=exchange).alpha
+        print(json.dumps(out))
         return
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     env = {**os.environ, "OMPI_MCA_mpi_yield_when_idle": "1"}

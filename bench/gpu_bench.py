@@ -236,6 +236,56 @@ def steps_part(cases, steps: int, stand_in: bool, torch_compile: bool) -> list[d
     return out
 
 
+def capture_part(steps: int, stand_in: bool) -> dict:
+    """CUDA Graph replay of the compiled step (runtime.gpu_step's GraphReplay with the
+    capture-safe GEMM of runtime.capture_gemm) against plain launches of the same step: the
+    MLP 784-512-512-10 with SGD momentum at batch 128 (host-bound: where replay pays) and
+    1024, and the CNN at 256; each says whether it captured (``graph``), which GEMM the
+    capture used (``gemm``), both step times and the largest loss difference over the
+    timed steps."""
+    import cupy as cp
+
+    import shardgrad as sg
+
+    sync = cp.cuda.get_current_stream().synchronize
+    out = {"part": "capture", "cases": {}}
+    for name in ("mlp512-b128", "mlp512-b1024", "cnn16-b256"):
+        kind, widths, batch, _, act, _, _ = CASES[name]
+        if stand_in:
+            batch, widths = min(batch, 16), tuple(min(w, 32) for w in widths)
+        shape = (batch, 784) if kind == "mlp" else (batch, 1, 28, 28)
+        rng = np.random.default_rng(0)
+        x = sg.tensor(rng.standard_normal(shape).astype(np.float32), device="cuda")
+        y = sg.tensor(rng.integers(0, 10, batch), device="cuda")
+        res: dict = {}
+        losses = {}
+        try:
+            for graph in (False, True):
+                sg.manual_seed(0)
+                model = _sg_model(kind, widths, act).to("cuda")
+                opt = sg.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+                step = sg.compile_step(model, sg.nn.functional.cross_entropy, opt,
+                                       cuda_graph=graph)
+                seen = [step(x, y) for _ in range(4)]      # warm-up, capture and a replay
+                key = "graph" if graph else "plain"
+                res[f"{key}_ms"] = 1e3 * timed(
+                    lambda s=step, seen=seen, x=x, y=y: seen.append(s(x, y)), sync, steps)
+                losses[key] = [float(v) for v in seen]
+                if graph:
+                    stats = step.stats()
+                    res.update(graph=stats["graph"], gemm=stats["gemm"],
+                               cuda_graph=stats["cuda_graph"], memory=stats["memory"])
+            n = min(len(losses["graph"]), len(losses["plain"]))
+            res["max_loss_diff"] = max(abs(a - b) for a, b in zip(
+                losses["graph"][:n], losses["plain"][:n], strict=True))
+            res["speed_vs_plain"] = res["plain_ms"] / res["graph_ms"]
+        except Exception as e:  # noqa: BLE001 - reported
+            res["error"] = f"{type(e).__name__}: {e}"[:1000]
+        out["cases"][name] = res
+        print(json.dumps({"capture_case": name, **res}), file=sys.stderr, flush=True)
+    return out
+
+
 def fused_part(n: int) -> dict:
     import cupy as cp
 
@@ -312,7 +362,8 @@ def cli_part(epochs: int, stand_in: bool, timeout: float = 35.0) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", required=True, choices=("env", "steps", "fused", "cli"))
+    ap.add_argument("--part", required=True,
+                    choices=("env", "steps", "fused", "cli", "capture"))
     ap.add_argument("--epochs", type=int, default=3, help="the cli part's training epochs")
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--steps", type=int, default=20)
@@ -329,6 +380,8 @@ def main(argv=None) -> int:
         print(json.dumps(cli_part(args.epochs, args.stand_in)), flush=True)
     elif args.part == "fused":
         print(json.dumps(fused_part(args.elements)), flush=True)
+    elif args.part == "capture":
+        print(json.dumps(capture_part(args.steps, args.stand_in)), flush=True)
     else:
         res = steps_part(args.cases, args.steps, args.stand_in, not args.no_torch_compile)
         print(json.dumps({"part": "steps", "cases": {r["case"]: r for r in res}}), flush=True)

@@ -2,7 +2,7 @@
 # The GPU check, one script for a machine with one CUDA GPU, CuPy (cupy-cuda13x), PyTorch and
 # mpi4py, no network and no Ray. Run it from anywhere in the repository:
 #
-#     bash bench/gpu_check.sh        # under 8 minutes; logs and gpu_check.json in $OUT
+#     bash bench/gpu_check.sh        # under 9 minutes; logs and gpu_check.json in $OUT
 #                                    # (or bench/out when OUT is unset)
 #
 # 1. env: device, driver and library versions;
@@ -12,8 +12,12 @@
 # 3. cli: one `shardgrad train --set device.type="cuda"` run of the digits MLP;
 # 4. tests: the GPU tests (pytest -m gpu: ops and kernels against the CPU reference, the GPU
 #    step against the CPU step, device transfers, pinned staging, NCCL);
-# 5. pipeline: pp = 2 on 2 ranks and dp = 2 x pp = 2 on 4, sharing GPU 0, against the CPU
-#    pipeline in float32 and float64 (bench/gpu_pipeline.py).
+# 5. capture: CUDA Graph replay of the compiled step against its plain launches (MLP at batch
+#    128 and 1024, CNN at 256): whether it captured, which GEMM the capture used (cuBLAS
+#    called directly with a preset workspace: runtime/capture_gemm.py), both times;
+# 6. pipeline: dp = 2 (the GPU step's bucketed allreduce), pp = 2 on 2 ranks and dp = 2 x
+#    pp = 2 on 4, sharing GPU 0, against the CPU runs in float32 and float64
+#    (bench/gpu_pipeline.py).
 # Every part runs in its own process under its own time limit, so one failure loses nothing
 # else; the last line printed is the JSON summary.
 set -u
@@ -46,11 +50,11 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $O
     echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s"
 }
 
-# Worst case, every part at its limit: 20 + 130 + 40 + 100 + 150 = 440 s.
+# Worst case, every part at its limit: 20 + 130 + 40 + 100 + 40 + 190 = 520 s.
 rm -f "$OUTDIR"/env.log "$OUTDIR"/steps.log "$OUTDIR"/cli.log "$OUTDIR"/tests.log \
-    "$OUTDIR"/pipeline.log
+    "$OUTDIR"/pipeline.log "$OUTDIR"/capture.log
 # GPU_CHECK_PARTS picks and orders parts (default: all, as below) when device time is short.
-for name in ${GPU_CHECK_PARTS:-env steps cli tests pipeline}; do
+for name in ${GPU_CHECK_PARTS:-env steps cli tests capture pipeline}; do
   case $name in
     env) part env 20 "$PY" bench/gpu_bench.py --part env
          nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv \
@@ -59,9 +63,11 @@ for name in ${GPU_CHECK_PARTS:-env steps cli tests pipeline}; do
     cli) part cli 40 "$PY" bench/gpu_bench.py --part cli --epochs 3 ;;
     tests) part tests 100 "$PY" -m pytest -v -rfE -p no:cacheprovider --timeout 90 -m gpu \
              tests/ops/test_gpu_ops.py tests/runtime/test_gpu_runtime.py \
-             tests/runtime/test_tensor_device.py tests/runtime/test_gpu_step.py ;;
+             tests/runtime/test_tensor_device.py tests/runtime/test_gpu_step.py \
+             tests/runtime/test_capture_gemm.py ;;
+    capture) part capture 40 "$PY" bench/gpu_bench.py --part capture --steps 20 ;;
     fused) part fused 25 "$PY" bench/gpu_bench.py --part fused ;;
-    pipeline) part pipeline 150 "$PY" bench/gpu_pipeline.py ;;
+    pipeline) part pipeline 190 "$PY" bench/gpu_pipeline.py ;;
     *) echo "unknown part $name" ;;
   esac
 done

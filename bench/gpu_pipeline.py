@@ -1,10 +1,11 @@
-"""Pipelines on the GPU against the CPU pipeline, for bench/gpu_check.sh: the digits MLP
-trained one epoch with parallel.pp = 2 (2 ranks) and dp = 2 x pp = 2 (4 ranks), every rank on
-GPU 0, once with device.type = "cuda" and once on the CPU, in float32 and float64; prints one
-JSON line with each case's largest parameter difference relative to the largest parameter
-(targets: 1e-5 in float32, 1e-10 in float64) and both runs' wall times.
+"""Pipelines and data parallelism on the GPU against the CPU runs, for bench/gpu_check.sh: the
+digits MLP trained one epoch with dp = 2 (2 ranks: compile_step's GPU step, its flat gradient
+buffer allreduced a bucket at a time), parallel.pp = 2 (2 ranks) and dp = 2 x pp = 2 (4
+ranks), every rank on GPU 0, once with device.type = "cuda" and once on the CPU, in float32
+and float64; prints one JSON line with each case's largest parameter difference relative to
+the largest parameter (targets: 1e-5 in float32, 1e-10 in float64) and both runs' wall times.
 
-    python bench/gpu_pipeline.py [--cases 1x2 2x2] [--dtypes float32 float64]
+    python bench/gpu_pipeline.py [--cases 2x1 1x2 2x2] [--dtypes float32 float64]
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def case(dp: int, pp: int, dtype: str, tmp: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["1x2", "2x2"], help="DPxPP meshes")
+    ap.add_argument("--cases", nargs="+", default=["2x1", "1x2", "2x2"], help="DPxPP meshes")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     args = ap.parse_args()
     if shutil.which("mpirun") is None:

@@ -3,8 +3,8 @@ dp2 x pp2 (the ``shm`` preset), the predicted step time beside summary.json's st
 a real run (``shardgrad train -n N``, mpirun). Each round predicts then runs every shape, one
 right after the other, so a prediction's measurements (simulate measures each rank's step on
 this machine, with the other jobs' load counted) and its run see the same load; ``--reps``
-rounds. Each shape of several ranks is predicted twice: with the ``shm`` preset's alpha, and
-with ``--measure-link`` (alpha measured just then between as many ranks). Prints a Markdown
+rounds. Pipelines are predicted twice: with the ``shm`` preset's alpha, and with
+``--measure-link`` (the hand-over measured just then between as many ranks). Prints a Markdown
 table of medians and of the paired errors (target: within 25%), the threads other jobs had
 ready to run (simulate's ``elsewhere``) and the load averages.
 
@@ -46,7 +46,7 @@ def main() -> None:
                 argv = ["simulate", a.config, "--ranks", str(n), "--link", "shm", "--json",
                         *sets, *shape]
                 r = json.loads(_shardgrad(*argv))
-                rm = json.loads(_shardgrad(*argv, "--measure-link")) if n > 1 else r
+                rm = json.loads(_shardgrad(*argv, "--measure-link")) if pp > 1 else r
                 out = os.path.join(tmp, f"{n}-{pp}-{i}")
                 _shardgrad("train", "-n", str(n), a.config, "--out", out, *sets, *shape)
                 with open(os.path.join(out, "summary.json")) as f:

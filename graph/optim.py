@@ -339,34 +339,41 @@ def _cpu_sgd_step(opt: Optimizer, live: list, grads: dict) -> bool:
 
 
 def _foreach_step(opt: Optimizer, live: list, grads: dict) -> bool:
-    """The eager update of parameters on a GPU as torch's foreach step: each parameter and
-    its state updated in place by one ops.gpu kernel (the rule's ~4-10 eager ops, each a
-    dispatch and a launch, become one launch; lr, betas and bias corrections are kernel
-    arguments, nothing is uploaded). In place, as torch's optimizers: a tensor sharing a
-    parameter's memory (``p.detach()``) sees the new value. False (the rule runs op by op)
-    for a rule of another class, a parameter off the GPU or a dtype the kernels lack."""
+    """The eager update of parameters on a GPU as torch's fused multi-tensor step: every
+    parameter and its state updated in place by one ops.gpu multi-tensor kernel launch (a
+    launch per 48 parameters of a dtype; the rule's ~4-10 eager ops a parameter, each a
+    dispatch and a launch, become none; lr, betas and bias corrections are kernel arguments,
+    the tensors' pointers too, so nothing is uploaded). In place, as torch's optimizers: a
+    tensor sharing a parameter's memory (``p.detach()``) sees the new value. False (the
+    rule runs op by op) for a rule of another class, a parameter off the GPU or a dtype the
+    kernels lack."""
     from shardgrad.ops import gpu
 
     kind = _fused_kind(opt)
     if kind is None or not live or not all(
             p.device.is_cuda and str(p.dtype) in gpu.CTYPES for p, _ in live):
         return False
+    lists: dict[str, list[list]] = {}          # by dtype: parameters, gradients, states
     for p, st in live:
         arr = _writable(p)
         g = grads[id(p)]
         g = g.data if isinstance(g, Tensor) else g
         if not g.flags.c_contiguous or g.dtype != arr.dtype:
             g = g.astype(arr.dtype, order="C")
-        flat = (arr.reshape(-1), g.reshape(-1))
+        keys = ("momentum_buffer",) if kind == "sgd" and opt.momentum else (
+            ("exp_avg", "exp_avg_sq") if kind == "adam" else ())
+        cols = lists.setdefault(str(arr.dtype), [[] for _ in range(2 + len(keys))])
+        for col, a in zip(cols, [arr, g] + [_writable(st[k]) for k in keys], strict=True):
+            col.append(a.reshape(-1))
+    for ps, gs, *states in lists.values():
         if kind == "sgd":
-            buf = _writable(st["momentum_buffer"]).reshape(-1) if opt.momentum else None
-            gpu.sgd_update_(*flat, buf, lr=opt.lr, momentum=opt.momentum,
-                            weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+            gpu.sgd_multi_(ps, gs, states[0] if states else None, lr=opt.lr,
+                           momentum=opt.momentum, weight_decay=opt.weight_decay,
+                           nesterov=opt.nesterov)
         else:
-            gpu.adam_update_(*flat, _writable(st["exp_avg"]).reshape(-1),
-                             _writable(st["exp_avg_sq"]).reshape(-1), lr=opt.lr, step=opt.t,
-                             betas=(opt.b1, opt.b2), eps=opt.eps,
-                             weight_decay=opt.weight_decay, decoupled=opt.decoupled)
+            gpu.adam_multi_(ps, gs, *states, lr=opt.lr, step=opt.t, betas=(opt.b1, opt.b2),
+                            eps=opt.eps, weight_decay=opt.weight_decay,
+                            decoupled=opt.decoupled)
     return True
 
 

@@ -287,13 +287,46 @@ def _convex(members: set[int], pos: dict[int, int], users: dict[int, list[Node]]
     return True
 
 
+def _break_group_cycles(graph: Graph, members: dict[int, set[int]], group_of: dict[int, int],
+                        pos: dict[int, int]) -> None:
+    """Groups that are each convex can still depend on each other both ways (group A reads
+    what B computes and B reads what A computes: no order runs them as one kernel each).
+    While the graph of groups has a cycle, the earliest group left in it is split back into
+    single nodes (which the acyclic graph itself orders). Kahn's algorithm over the groups."""
+    while True:
+        unit = {n.id: group_of.get(n.id, -1 - n.id) for n in graph.nodes}
+        deps: dict[int, set[int]] = {u: set() for u in unit.values()}
+        for n in graph.nodes:
+            deps[unit[n.id]].update(unit[x.id] for x in n.inputs if unit[x.id] != unit[n.id])
+        users: dict[int, list[int]] = {u: [] for u in deps}
+        for u, ds in deps.items():
+            for d in ds:
+                users[d].append(u)
+        waiting = {u: len(ds) for u, ds in deps.items()}
+        ready = [u for u, k in waiting.items() if k == 0]
+        while ready:
+            u = ready.pop()
+            for v in users[u]:
+                waiting[v] -= 1
+                if waiting[v] == 0:
+                    ready.append(v)
+        stuck = [g for g, k in waiting.items() if k and g in members and len(members[g]) > 1]
+        if not stuck:
+            return
+        g = min(stuck, key=lambda g: min(pos[i] for i in members[g]))
+        for i in members.pop(g):
+            group_of[i] = i
+            members[i] = {i}
+
+
 def fusion_groups(graph: Graph) -> list[FusionGroup]:
     """Partition the elementwise nodes of ``graph`` into convex same-shape FusionGroups
     (singletons included), ordered by the position of each group's last member.
 
     Greedy, producer into consumer, walking the graph backwards (as XLA's instruction fusion):
     a node joins the group of its earliest same-shape elementwise user when the result stays
-    convex; a node with users elsewhere becomes one of that group's outputs.
+    convex; a node with users elsewhere becomes one of that group's outputs. Groups that
+    would depend on each other both ways are split (``_break_group_cycles``).
     """
     pos = {n.id: i for i, n in enumerate(graph.nodes)}
     users = graph.users()
@@ -317,6 +350,7 @@ def fusion_groups(graph: Graph) -> list[FusionGroup]:
         else:
             group_of[n.id] = n.id
             members[n.id] = {n.id}
+    _break_group_cycles(graph, members, group_of, pos)
     groups = []
     for ids in members.values():
         nodes = tuple(sorted((graph.nodes[pos[i]] for i in ids), key=lambda m: pos[m.id]))

@@ -401,3 +401,101 @@ def adam_update_(p, g, m, v, *, lr: float, step: int, betas=(0.9, 0.999), eps: f
     run_kernel("optim.cu", "adam_update", p.dtype, blocks(p.size), BLOCK,
                (p, g, m, v, np.int64(p.size), t(lr), b1, b2, t(eps), t(weight_decay), bc1, bc2,
                 np.int32(bool(decoupled))))
+
+
+# ---- multi-tensor updates: a list of tensors in one launch -----------------------------------
+
+# Tensors one multi-tensor launch takes: their pointers and lengths are kernel arguments (CUDA
+# allows 4 KB of them; 48 Adam tensors take 2.3 KB); a longer list takes further launches.
+MULTI_TENSORS = 48
+CHUNK = 4096           # elements one block updates: it finds its tensor once, not per element
+_MULTI = {"sgd": (("p", "g", "buf"), "T lr, T mu, T wd, int nesterov",
+                  "sgd_elem(P0, P1, P2, i, lr, mu, wd, nesterov)"),
+          "adam": (("p", "g", "m", "v"), "T lr, T b1, T b2, T eps, T wd, T bc1, T bc2, "
+                   "int decoupled", "adam_elem(P0, P1, P2, P3, i, lr, b1, b2, eps, wd, bc1, "
+                   "bc2, decoupled)")}
+
+
+@functools.cache
+def multi_tensor_source(kind: str, count: int) -> str:
+    """optim.cu plus ``<kind>_multi``, the update of ``count`` tensors in one launch (apex's
+    multi_tensor_apply, the table in the arguments): tensor j is its pointers (``p<j>``,
+    ``g<j>``, then its state), its length ``n<j>`` and ``c<j>``, the chunks of CHUNK elements
+    of tensors 0..j; block k of the grid updates chunk k (grid-stride)."""
+    names, tail, call = _MULTI[kind]
+    params = []
+    for j in range(count):
+        params += [f"{'const ' if x == 'g' else ''}T* __restrict__ {x}{j}" for x in names]
+        params += [f"long long n{j}", f"long long c{j}"]
+    pick = []
+    for j in range(count):
+        ptrs = " ".join(f"P{k} = {x}{j};" for k, x in enumerate(names))
+        cond = f"if (c < c{j}) " if j < count - 1 else ""
+        pick.append(f"{cond}{{ {ptrs} n = n{j}; first = {f'c{j - 1}' if j else '0'}; }}")
+    decl = " ".join(f"{'const ' if x == 'g' else ''}T* P{k};" for k, x in enumerate(names))
+    return source("optim.cu") + f"""
+extern "C" __global__ void {kind}_multi({", ".join(params)}, {tail}) {{
+    for (long long c = blockIdx.x; c < c{count - 1}; c += gridDim.x) {{
+        {decl} long long n, first;
+        {" else ".join(pick)}
+        const long long lo = (c - first) * {CHUNK}, hi = lo + {CHUNK} < n ? lo + {CHUNK} : n;
+        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {call};
+    }}
+}}
+"""
+
+
+def _multi(kind: str, lists: list[list[Any]], tail: tuple) -> int:
+    """Launch ``<kind>_multi`` over ``lists`` (the parameters, gradients, then each state:
+    1-d contiguous arrays of one dtype, tensor j of each list of one length); returns the
+    launches made."""
+    launches = 0
+    dtype = lists[0][0].dtype
+    _flat(*(a.reshape(-1) for col in lists for a in col[:1]))
+    for start in range(0, len(lists[0]), MULTI_TENSORS):
+        group = [col[start:start + MULTI_TENSORS] for col in lists]
+        args: list[Any] = []
+        chunks = 0
+        for j in range(len(group[0])):
+            n = group[0][j].size
+            chunks += -(-n // CHUNK)
+            for col in group:
+                if col[j].size != n or col[j].dtype != dtype or not col[j].flags.c_contiguous:
+                    raise ValueError("multi-tensor updates need contiguous tensors of one "
+                                     "dtype, each the length of its parameter")
+                args.append(col[j])
+            args += [np.int64(n), np.int64(chunks)]
+        if chunks:
+            launch(multi_tensor_source(kind, len(group[0])), f"{kind}_multi",
+                   (f"-DSG_T={CTYPES[str(dtype)]}",), min(chunks, MAX_BLOCKS), BLOCK,
+                   (*args, *tail))
+            launches += 1
+    return launches
+
+
+def sgd_multi_(ps: list, gs: list, bufs: list | None, *, lr: float, momentum: float = 0.0,
+               weight_decay: float = 0.0, nesterov: bool = False) -> int:
+    """``sgd_update_`` over lists of tensors (each updated in place, momentum buffers
+    ``bufs`` needed when momentum > 0): one launch per MULTI_TENSORS tensors. Returns the
+    launches."""
+    if not ps:
+        return 0
+    if momentum and bufs is None:
+        raise ValueError("momentum needs momentum buffers")
+    t = ps[0].dtype.type
+    return _multi("sgd", [ps, gs, ps if bufs is None else bufs],
+                  (t(lr), t(momentum), t(weight_decay), np.int32(bool(nesterov))))
+
+
+def adam_multi_(ps: list, gs: list, ms: list, vs: list, *, lr: float, step: int,
+                betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                decoupled: bool = False) -> int:
+    """``adam_update_`` over lists of tensors at 1-based ``step``: one launch per
+    MULTI_TENSORS tensors. Returns the launches."""
+    if not ps:
+        return 0
+    t = ps[0].dtype.type
+    b1, b2 = t(betas[0]), t(betas[1])
+    return _multi("adam", [ps, gs, ms, vs],
+                  (t(lr), b1, b2, t(eps), t(weight_decay), t(1) - b1 ** t(step),
+                   t(1) - b2 ** t(step), np.int32(bool(decoupled))))

@@ -2,7 +2,7 @@
 that ``shardgrad train`` and ``sg.distributed`` both build; executors bound to a
 Communicator, parameters broadcast from rank 0, the start-up check that every rank runs the
 same program, and the fault-injection knob (``debug.*``) the fail-fast tests use. Imports
-graph, ops, partition and runtime.
+graph, partition and runtime (the binding of collectives lives in runtime.step).
 """
 
 from __future__ import annotations
@@ -18,18 +18,17 @@ from shardgrad.graph.device import array_module
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
-from shardgrad.ops import collective
 from shardgrad.partition.data_parallel import DataParallel
 from shardgrad.partition.plan import graph_hash
 from shardgrad.partition.zero import Layout, Zero1
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime.comm import Communicator
 from shardgrad.runtime.config import ConfigError
-from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.step import (
     Executor,
     TrainStep,
     _batch,
+    bound_executor,
     device_of,
     executor_for,
     resident_parallel,
@@ -45,24 +44,6 @@ class InjectedFault(RuntimeError):
     """The failure ``debug.fail_at_step`` asked for."""
 
 
-class Bound:
-    """Runs ``inner`` (anything with ``run(feeds)``) inside ``collective.bind(comm, **groups)``,
-    so the graph's collective ops reach ``comm``. ``fault`` is called before each run with
-    the 1-based run count (fault injection)."""
-
-    def __init__(self, inner: Any, comm: Communicator, groups: Mapping[str, Communicator],
-                 fault: Callable[[int], None] | None = None):
-        self.inner, self.comm, self.groups, self.fault = inner, comm, dict(groups), fault
-        self.runs = 0
-
-    def run(self, feeds):
-        self.runs += 1
-        if self.fault is not None:
-            self.fault(self.runs)
-        with collective.bind(self.comm, **self.groups):
-            return self.inner.run(feeds)
-
-
 class Faulted:
     """Runs ``inner`` after calling ``fault`` with the 1-based run count (fault injection
     for an executor that binds its own communicators, as the pipeline's does)."""
@@ -74,14 +55,6 @@ class Faulted:
         self.runs += 1
         self.fault(self.runs)
         return self.inner.run(feeds)
-
-
-def bound_executor(executor: Callable[[Graph], Any] | None, comm: Communicator,
-                   fault: Callable[[int], None] | None = None, **groups: Communicator
-                   ) -> Callable[[Graph], Bound]:
-    """``executor`` (default: the reference Interpreter) whose runs see ``comm``."""
-    make = executor or Interpreter
-    return lambda graph: Bound(make(graph), comm, groups, fault)
 
 
 def broadcast_state(model: Module, optimizer: Optimizer, comm: Communicator, root: int = 0
@@ -161,9 +134,10 @@ class ParallelStep(TrainStep):
         self.parallel = parallel or Parallel()
         transform = rewrite(comm.world_size, self.parallel)
         if (executor is None and fault is None and device_of(model).is_cuda
-                and resident_parallel(transform)):
+                and (transform is None or resident_parallel(transform))):
             # a GPU model on the default executor keeps its state on the device and reduces
-            # its flat gradient buffer itself (runtime.gpu_step), on ``comm``
+            # its flat gradient buffer itself (runtime.gpu_step), on ``comm`` (one process:
+            # nothing to reduce, compile_step's own GPU step)
             super().__init__(model, loss_fn, optimizer, None, transform, precision, comm=comm)
         else:
             super().__init__(model, loss_fn, optimizer,

@@ -234,6 +234,9 @@ def _writer(n: Node, kind: str, xp):
         attrs = n.attrs
         return lambda *a, out: fn(xp, *a, **attrs, out=out)
     k = opdef.out
+    if n.op == "matmul" and len({n.dtype, *(x.dtype for x in n.inputs)}) == 1:
+        # any one dtype on the GPU, bf16 included (precision=): cuBLAS writes into out
+        return lambda a, b, out: xp.matmul(a, b, out=out)
     if k is None or not k.accepts(n):
         return None
     call, tail = k.make(xp, n)
@@ -256,6 +259,9 @@ class MemoryPlan:
 
     def __init__(self, graph: Graph, actions, kind: str, xp, into: Mapping[str, Any] | None):
         self.xp, self.kind = xp, kind
+        # a capture-safe GEMM (runtime.capture_gemm) the step's CUDA Graph capture sets: the
+        # matmuls then run through it while it is active
+        self.gemm: Any = None
         nodes = {n.id: n for n in graph.nodes}
         holds: dict[int, frozenset[int]] = {}        # value -> the planned nodes it may view
         contiguous: dict[int, bool] = {}
@@ -287,7 +293,7 @@ class MemoryPlan:
                 planned[n.id] = i
                 holds[n.id], contiguous[n.id] = frozenset({n.id}), True
             elif writer is not None:
-                self.writers[n.id] = writer
+                self.writers[n.id] = self._matmul(writer) if n.op == "matmul" else writer
                 planned[n.id] = i
                 holds[n.id], contiguous[n.id] = frozenset({n.id}), True
             else:
@@ -331,6 +337,13 @@ class MemoryPlan:
             nbytes = n.size * np.dtype(n.dtype).itemsize
             self.buffers[k] = arena[off:off + nbytes].view(n.dtype).reshape(n.shape)
         self.arena = arena
+
+    def _matmul(self, writer):
+        def matmul(a, b, out):
+            gemm = self.gemm
+            if gemm is None or not gemm.matmul(a, b, out):
+                writer(a, b, out=out)
+        return matmul
 
     def step(self, n: Node, buf):
         """The step computing planned op node ``n`` into ``buf``."""

@@ -26,7 +26,9 @@ from shardgrad.graph.optim import SGD, Adam, AdamW, Optimizer
 from shardgrad.graph.tensor import Tensor, _eager_leaf
 from shardgrad.ops import collective
 from shardgrad.ops import gpu as gpu_ops
+from shardgrad.ops.registry import is_effectful
 from shardgrad.partition.data_parallel import averaged_outputs
+from shardgrad.runtime.capture_gemm import CaptureGemm
 from shardgrad.runtime.gpu import GPUExecutor
 
 FLAT_DTYPES = ("float32", "float64")
@@ -119,6 +121,8 @@ class DeviceState:
         self.rebinds = 0
         self.refresh()
         self.rebinds = 0
+        self.gemm: Any = None            # the capture-safe GEMM, probed at the first capture
+        self.gemm_note: str | None = None
 
     def _own(self, name: str, tensor: Tensor, view) -> None:
         self.bound.append(_Bound(tensor, view))
@@ -200,6 +204,7 @@ class DeviceProgram:
         self.calls = 0
         self.cuda_graph = False
         self.graph_note = "off"
+        self.gemm_note = "not probed (no capture tried)"
 
     def loss_slot(self):
         """A 0-d device array for this step's loss, one slot of a ring of LOSS_RING: a loss
@@ -263,10 +268,12 @@ class GraphReplay:
     stream and replayed each step: the batch copied into static input buffers, the graph
     launched, the update (scalars as kernel arguments) and a copy of the loss after it, all
     on that stream, ordered after and before the caller's stream by events. The values the
-    graph writes live in a memory pool of its own, so nothing else reuses them between
-    replays. ``build`` checks the first replay against plain launches of the same step and
-    falls back to plain launches (returning None and the reason) when capture fails (CuPy
-    refuses its cuBLAS wrappers while capturing, cupy#6290) or the results differ."""
+    graph writes live in the program's planned arena, anything else it allocates in a
+    memory pool of its own, so nothing else reuses them between replays; its matmuls run
+    through the capture-safe GEMM (runtime.capture_gemm: CuPy refuses its cuBLAS wrappers
+    while capturing, cupy#6290). ``build`` checks the first replay against plain launches of
+    the same step (CuPy's matmuls) and falls back to plain launches (returning None and the
+    reason) when capture fails or the results differ."""
 
     def __init__(self, program, stream, graph, pool, static, loss, events):
         self.program, self.stream, self.graph, self.pool = program, stream, graph, pool
@@ -283,14 +290,17 @@ class GraphReplay:
             return None, "not captured: the traced update reads lr and t from the host", None
         if program.reads_step:
             return None, "not captured: random ops read the step count from the host", None
-        if program.comm is not None:
-            return None, "not captured: data parallelism communicates inside the step", None
+        if any(is_effectful(n.op) for n in program.graph.nodes):
+            return None, ("not captured: the step's graph communicates (synchronised batch "
+                          "norm statistics)"), None
         if not all(hasattr(cuda, a) for a in ("Stream", "Event", "MemoryPool",
                                                   "using_allocator")):
             return None, "not captured: this CuPy has no stream capture", None
         loss = plain = None
         targets = [view for _, view in program.targets]
         slot = program.loss_slot()        # outside the capture's pool: the caller keeps it
+        if state.gemm_note is None:       # its workspace outside the capture's pool too
+            state.gemm, state.gemm_note = CaptureGemm.probe(xp)
         note = "captured"
         try:
             stream = cuda.Stream(non_blocking=True)
@@ -309,7 +319,14 @@ class GraphReplay:
                 xp.copyto(slot, loss)
                 for v, b in zip(kept, before, strict=True):
                     xp.copyto(v, b)
-                graph, static_loss = _capture(xp, stream, lambda: program.body(fed, checks))
+                with capture_gemm(program):
+                    # once outside the capture: the GEMM's kernels loaded (CUDA loads
+                    # modules lazily) and its algorithms chosen before anything is recorded
+                    program.body(fed, checks)
+                    for v, b in zip(kept, before, strict=True):
+                        xp.copyto(v, b)
+                    graph, static_loss = _capture(xp, stream,
+                                                  lambda: program.body(fed, checks))
                 graph.launch(stream)
                 same = all(bool(xp.allclose(g, w, rtol=1e-5, atol=1e-7, equal_nan=True))
                            for g, w in zip([*targets, static_loss], plain, strict=True))
@@ -317,6 +334,7 @@ class GraphReplay:
                     note = "not captured: the replay differed from plain launches"
         except Exception as e:  # noqa: BLE001 - any failure means plain launches, reported
             note = f"not captured: {type(e).__name__}: {e}"[:300]
+        program.gemm_note = state.gemm_note or program.gemm_note
         if loss is None:
             return None, note, None
         # the step completes on the caller's stream whatever happened to the capture
@@ -332,10 +350,17 @@ class GraphReplay:
             note = f"not captured: {type(e).__name__}: {e}"[:300]
             with contextlib.suppress(Exception):
                 stream.synchronize()
+        if program.reduce is not None:      # data parallel: average, as a plain step does
+            buf = program.exe.plan.direct.get("loss")   # the loss in the flat buffer
+            if buf is not None:
+                xp.copyto(buf, slot)
+            program.reduce(slot if buf is None else buf)
+            if buf is not None:
+                xp.copyto(slot, buf)
         if program.flat:
             program.update(state.optimizer)
         if note != "captured":
-            return None, note, loss if plain is None else plain[-1]
+            return None, note, slot
         replay = GraphReplay(program, stream, graph, pool, static, static_loss, events)
         return replay, note, plain[-1]
 
@@ -346,12 +371,30 @@ class GraphReplay:
             for k, buf in self.static.items():
                 xp.copyto(buf, xp.asarray(feeds[k]))
             self.graph.launch(self.stream)
+            if program.reduce is not None:    # the allreduce, after the captured backward
+                program.reduce(self.loss)
             if program.flat:
                 program.update(program.state.optimizer)
             loss = program.loss_slot()
             xp.copyto(loss, self.loss)
         _leave(xp, self.stream, self.events[1])
         return loss
+
+
+@contextlib.contextmanager
+def capture_gemm(program):
+    """While capturing: the step's matmuls through the capture-safe GEMM
+    (runtime.capture_gemm, probed once per state); CuPy's matmul where there is none."""
+    state = program.state
+    plan, gemm = program.exe.plan, state.gemm
+    plan.gemm = gemm
+    if gemm is not None:
+        gemm.active = True
+    try:
+        yield state.gemm_note
+    finally:
+        if gemm is not None:
+            gemm.active = False
 
 
 def _enter(xp, stream, event) -> None:

@@ -260,14 +260,12 @@ class Loopback(Communicator):
 
 
 def runnable_elsewhere() -> float:
-    """Threads ready to run on this machine besides the caller, now (Linux: /proc/stat's
-    procs_running less this one; elsewhere the 1-minute load average less one)."""
+    """Threads ready to run on this machine besides the caller, now (Linux: /proc/loadavg's
+    count of runnable threads less this one; elsewhere the 1-minute load average less one)."""
     try:
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith("procs_running"):
-                    return max(0.0, float(line.split()[1]) - 1)
-    except OSError:
+        with open("/proc/loadavg") as f:
+            return max(0.0, float(f.read().split()[3].split("/")[0]) - 1)
+    except (OSError, IndexError, ValueError):
         pass
     return max(0.0, os.getloadavg()[0] - 1) if hasattr(os, "getloadavg") else 0.0
 
@@ -298,7 +296,7 @@ class RankSteps:
         return statistics.median(self.times)
 
 
-def measure_rank(config: cfg.Config, rank: int, steps: int = 20, warmup: int = 3) -> RankSteps:
+def measure_rank(config: cfg.Config, rank: int, steps: int = 50, warmup: int = 10) -> RankSteps:
     """Run rank ``rank`` of ``config``'s dp x pp job for ``steps`` steps (after ``warmup``)
     in this process on a ``Loopback`` communicator, as the training loop runs it: the step
     ``shardgrad train`` builds for that rank (runtime.train.step_options), fed this rank's
@@ -389,7 +387,7 @@ def _contention(config: cfg.Config, per_node: int, measured: list[RankSteps]) ->
 
 def simulate(config: cfg.ConfigLike, ranks: int, pp: int | None = None,
              microbatches: int | None = None, gpus_per_node: int | None = None,
-             link: str = "shm", repeats: int = 20, measured_link: bool = False
+             link: str = "shm", repeats: int = 50, measured_link: bool = False
              ) -> dict[str, Any]:
     """The prediction for ``config`` on ``ranks`` ranks as dp = ranks / pp replicas of pp
     stages (default the config's parallel.pp and parallel.microbatches). With
@@ -397,11 +395,11 @@ def simulate(config: cfg.ConfigLike, ranks: int, pp: int | None = None,
     inside one crosses shared memory (CPU) or NVLink (GPU); without it every rank is on one
     node linked by ``link``. Each stage's step is measured here (``measure_rank``,
     ``repeats`` steps); communication comes from the link model, contention for this
-    machine's cores from ``Contention``. With ``measured_link`` alpha is measured now
-    (``measure_link``, this machine's load included) instead of the preset's: a pipeline's
-    sends cost the hand-over between ranks, a data-parallel collective the swap of ranks
-    that computed a step. Raises ConfigError for a shape the config cannot
-    take."""
+    machine's cores from ``Contention``. With ``measured_link`` a pipeline's sends cost the
+    hand-over between ranks that ``measure_link`` measures now (this machine's load
+    included) instead of the preset's alpha (data parallelism keeps the preset: the swap it
+    measures overstated this machine's data-parallel steps 3x, docs/performance.md).
+    Raises ConfigError for a shape the config cannot take."""
     config = cfg.from_dict(config)
     with threadpool_limits(config.device.threads or None, user_api="blas"):
         return _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats,
@@ -430,13 +428,12 @@ def _simulate(config, ranks, pp, microbatches, gpus_per_node, link, repeats, mea
     # a ring over several nodes runs at its slowest hop
     ring = LINKS[link] if nodes > 1 or gpus_per_node is None else inner
     if pp == 1:
-        return _data_parallel(config, dp, ring, repeats, link, per_node, nodes, measured_link)
+        return _data_parallel(config, dp, ring, repeats, link, per_node, nodes)
     return _pipeline(config, dp, pp, m, ring, LINKS[link] if gpus_per_node is None
                      or per_node < pp else inner, repeats, link, per_node, nodes, measured_link)
 
 
-def _data_parallel(config, dp, ring, repeats, link, per_node, nodes, measured_link
-                   ) -> dict[str, Any]:
+def _data_parallel(config, dp, ring, repeats, link, per_node, nodes) -> dict[str, Any]:
     from shardgrad.runtime.dp import Parallel, rewrite
 
     rows = config.train.batch_size // dp
@@ -445,22 +442,14 @@ def _data_parallel(config, dp, ring, repeats, link, per_node, nodes, measured_li
     measured = measure_rank(config, 0, repeats)
     how = _contention(config, per_node, [measured])
     comm_s, sent, rewritten = 0.0, 0, graph
-    if measured_link and dp > 1:
-        # the swap measured after a step's compute holds the wait for the slower rank
-        compute = measured.step_s * how.stretch
-        ring = measure_link(measured.step_s, per_node, base=hop_name(ring), exchange=True)
-    else:   # ranks meet every step: the median of the slowest of them
-        compute = (how.slowest(measured.times) if dp > 1 else measured.step_s) * how.stretch
+    # ranks meet every step: the median of the slowest of them
+    compute = (how.slowest(measured.times) if dp > 1 else measured.step_s) * how.stretch
     if dp > 1:
         rewritten = rewrite(dp, Parallel.of(config.parallel))(graph)
         for op, nbytes in _comm_nodes(rewritten):
             # a ring reduce_scatter or allgather is half a ring allreduce (ZeRO-1 issues both)
             half = op in ("reduce_scatter", "allgather")
-            if measured_link:   # recursive doubling: log2(p) swaps, each measured
-                comm_s += (math.ceil(math.log2(dp)) * ring.alpha
-                           + (1 if half else 2) * (dp - 1) / dp * nbytes * ring.beta)
-            else:
-                comm_s += ring_allreduce_s(nbytes, dp, ring) / (2 if half else 1)
+            comm_s += ring_allreduce_s(nbytes, dp, ring) / (2 if half else 1)
             sent += int((1 if half else 2) * (dp - 1) / dp * nbytes)
     # ZeRO-1's graph holds 1/dp of the optimizer state (states optim/zero/<key>)
     state = _bytes(rewritten, "param/") + _bytes(rewritten, "state/")

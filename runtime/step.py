@@ -5,7 +5,8 @@ On the CPU (or with a custom executor or transform) each call feeds the model's 
 ``model.state_dict()`` and eager use keep working between steps. A model on a GPU
 (``model.to("cuda")``) takes runtime.gpu_step's path: the step owns that state on the
 device, the tensors are views of it, and the loss comes back as a 0-d device Tensor.
-Imports graph and runtime.
+``bound_executor`` binds a step's collectives to its communicator. Imports graph, ops and
+runtime.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.tensor import Tensor, tensor, zeros
 from shardgrad.graph.trace import trace_forward, trace_step
+from shardgrad.ops import collective
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.device import is_device_array, to_host
 from shardgrad.runtime.executors import Executor, choose_executor
+from shardgrad.runtime.interpreter import Interpreter
 
 INIT_SCALE = 2.0 ** 16      # torch.amp.GradScaler's init_scale
 
@@ -93,7 +96,7 @@ class TrainStep:
         if self._resident:
             self.executor = self._device_program
         elif comm is not None:          # the transform's collectives run on comm
-            self.executor = _bound(self.executor, comm)
+            self.executor = bound_executor(self.executor, comm)
         self._state = None
         self._last: tuple = ()
         self._steps = 0
@@ -233,7 +236,9 @@ class TrainStep:
         whether steps replay a captured CUDA Graph and ``graph`` why not (``captured``, or
         the reason plain launches run); ``rebinds`` counts tensors copied in because user
         code replaced their values; ``memory`` is the GPU step's static memory plan
-        (runtime.gpu.MemoryPlan.stats: arena, naive and peak bytes, ops left unplanned)."""
+        (runtime.gpu.MemoryPlan.stats: arena, naive and peak bytes, ops left unplanned);
+        ``gemm`` which GEMM a capture uses (runtime.capture_gemm: cuBLAS called directly
+        with a preset workspace, or why CuPy's matmul stays)."""
         out: dict[str, Any] = {"device": str(self.device), "steps": self._steps,
                                "cuda_graph": False, "path": "host-feeds"}
         if self._resident and getattr(self, "_program", None) is not None:
@@ -241,7 +246,8 @@ class TrainStep:
                        cuda_graph=self._program.cuda_graph, graph=self._program.graph_note,
                        fused_groups=self._program.exe.n_fused,
                        launch_actions=len(self._program.exe.actions),
-                       memory=self._program.exe.plan.stats())
+                       memory=self._program.exe.plan.stats(),
+                       gemm=self._program.gemm_note)
         return out
 
     def write_back(self, out: dict[str, Any]) -> None:
@@ -272,20 +278,32 @@ class TrainStep:
                 t._set_leaf(to_host(t.data))
 
 
-class _BoundRun:
-    def __init__(self, inner, comm):
-        self.inner, self.comm = inner, comm
+class Bound:
+    """Runs ``inner`` (anything with ``run(feeds)``) inside ``collective.bind(comm, **groups)``,
+    so the graph's collective ops reach ``comm``. ``fault`` is called before each run with
+    the 1-based run count (fault injection)."""
+
+    def __init__(self, inner: Any, comm: Any, groups: Mapping[str, Any],
+                 fault: Callable[[int], None] | None = None):
+        self.inner, self.comm, self.groups, self.fault = inner, comm, dict(groups), fault
+        self.runs = 0
 
     def run(self, feeds):
-        from shardgrad.ops import collective
-
-        with collective.bind(self.comm):
+        self.runs += 1
+        if self.fault is not None:
+            self.fault(self.runs)
+        with collective.bind(self.comm, **self.groups):
             return self.inner.run(feeds)
 
 
-def _bound(executor, comm):
-    """``executor`` whose programs run their collectives on ``comm``."""
-    return lambda graph: _BoundRun(executor(graph), comm)
+def bound_executor(executor: Callable[[Graph], Any] | None, comm: Any,
+                   fault: Callable[[int], None] | None = None, **groups: Any
+                   ) -> Callable[[Graph], Bound]:
+    """``executor`` (default: the reference Interpreter) whose runs see ``comm``: the one
+    binding of a step's collectives to its communicator (runtime.dp's ParallelStep and
+    ``compile_step(..., comm=)`` alike)."""
+    make = executor or Interpreter
+    return lambda graph: Bound(make(graph), comm, groups, fault)
 
 
 def resident_parallel(transform) -> bool:

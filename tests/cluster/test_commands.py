@@ -79,7 +79,7 @@ def test_ray_program_argv_without_hosts_starts_the_ranks_here():
     argv = commands.ray_program_argv([], ["prog"], as_root=True, export=["SHARDGRAD_PROGRESS"],
                                      ranks=3, wdir="/w")
     assert argv == ["mpirun", "-n", "3", "--allow-run-as-root", "--oversubscribe", "-x",
-                    "SHARDGRAD_PROGRESS", "--bind-to", "none", "--wdir", "/w", "prog"]
+                    "SHARDGRAD_PROGRESS", "--wdir", "/w", "prog"]
 
 
 @pytest.mark.parametrize("argv, host, command", [

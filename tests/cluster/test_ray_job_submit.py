@@ -17,25 +17,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from blobs import blobs_config  # noqa: E402
+from blobs import SMALL, blobs_config, toml  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(300)]
 
-CONFIG = """
-[model]
-hidden = [16]
-
-[train]
-epochs = 2
-batch_size = 64
-dtype = "float64"
-
-[parallel]
-deterministic = true
-
-[device]
-threads = 1
-"""
+CONFIG = toml({**SMALL, "train.epochs": 2, "parallel.deterministic": True})
 
 
 def _free_port():

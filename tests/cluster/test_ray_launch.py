@@ -19,26 +19,15 @@ from shardgrad.cluster import ray_launch
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime.monitor import TIMINGS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from blobs import SMALL, toml  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = """
-[model]
-hidden = [32]
-
-[train]
-epochs = 2
-batch_size = 64
-dtype = "float64"
-lr = 0.1
-
-[parallel]
-deterministic = true
-
-[device]
-threads = 1
-"""
+CONFIG = toml({**SMALL, "model.hidden": [32], "train.epochs": 2, "train.lr": 0.1,
+               "parallel.deterministic": True})
 
 
 @pytest.fixture(scope="module")

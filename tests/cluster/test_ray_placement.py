@@ -17,22 +17,14 @@ import ray.cluster_utils as cluster_utils
 
 from shardgrad.cluster import ray_launch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from blobs import SMALL, toml  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(150),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = """
-[model]
-hidden = [16]
-
-[train]
-epochs = 1
-batch_size = 64
-dtype = "float64"
-
-[device]
-threads = 1
-"""
+CONFIG = toml({**SMALL, "train.epochs": 1})
 SLOT = re.compile(r"shardgrad ray: rank (\d+): node (\S+) \(id (\w+)\)(?:, GPU ([\d,]+))?")
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -18,18 +19,11 @@ import ray.tune  # noqa: F401 - the ray extra installs it: a missing one fails, 
 from shardgrad.cluster import tune
 from shardgrad.runtime.config import ConfigError
 
-CONFIG = """
-[model]
-hidden = [32]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from blobs import SMALL, toml  # noqa: E402
 
-[train]
-epochs = 4
-batch_size = 16
-lr = 0.05
-
-[device]
-threads = 1
-"""
+CONFIG = toml({**SMALL, "model.hidden": [32], "train.epochs": 4, "train.batch_size": 16,
+               "train.dtype": None, "train.lr": 0.05})
 ROW = re.compile(r"^(\d) +(\w+) +(\S+) +(\[\d+\]) +(\d) +([\d.]+) +(finished|stopped early)$",
                  re.M)
 

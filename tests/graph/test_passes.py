@@ -290,6 +290,23 @@ def test_fusion_never_makes_a_cycle_through_another_op():
     check_groups(g, groups, {"x": np.eye(2, dtype=np.float32), "w": np.ones((2, 2), "f4")})
 
 
+def test_fusion_groups_never_depend_on_each_other_both_ways():
+    """Two groups, each convex, can still read each other's values (hypothesis found it):
+    {exp(x), greater, where} reads add(x, x) of {add, exp, add}, which reads exp(x). The
+    graph of groups must stay acyclic, or the GPU executor cannot order the kernels."""
+    x0 = leaf("input", (3, 4), "float32", name="x0")
+    x1 = leaf("input", (4,), "float32", name="x1")
+    e, a = E.exp(x1), x1 + x1
+    ea = E.exp(a)
+    gt = apply("greater", e, a)
+    out = {"out0": apply("where", gt, e, a), "out1": e + ea, "out2": E.exp(x0)}
+    order = [x0, x1, e, a, ea, gt, out["out0"], out["out1"], out["out2"]]   # as found
+    g = Graph(out, order)
+    groups = passes.fusion_groups(g)
+    check_groups(g, groups, feeds_for(g))
+    assert sum(len(gr.nodes) > 1 for gr in groups) >= 1      # still fused where it can be
+
+
 def test_fusion_keeps_different_shapes_apart():
     x = leaf("input", (3, 4), "float32", name="x")
     b = leaf("input", (4,), "float32", name="b")

@@ -154,3 +154,24 @@ def test_every_kernel_fits_its_launch_block(tmp_path):
             assert (int(smem.group(1)) if smem else 0) <= 48 * 1024, (file, t, name)
             seen.add((file, name))
     assert {fk for fk in blocks if fk[0] in files} <= seen
+
+
+@needs_nvcc
+def test_multi_tensor_kernels_compile_and_keep_their_arguments_under_4kb(tmp_path):
+    """The generated multi-tensor updates (ops.gpu.multi_tensor_source) at their largest
+    count compile for sm_90, and their arguments (the tensor table) fit the 4 KB that any
+    CUDA version passes to a kernel."""
+    jobs = []
+    for kind in ("sgd", "adam"):
+        src = tmp_path / f"{kind}_multi.cu"
+        src.write_text(gpu.multi_tensor_source(kind, gpu.MULTI_TENSORS))
+        jobs += [(src, tmp_path / f"{kind}_{t}.ptx", f"-DSG_T={t}") for t in ("float", "double")]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results = list(pool.map(lambda j: _nvcc(*j), jobs))
+    failed = [f"{cmd}\n{err}" for cmd, rc, err in results if rc != 0]
+    assert not failed, "\n\n".join(failed)
+    for _, out, _ in jobs:
+        ptx = out.read_text()
+        entry = ptx[ptx.index("_multi("):ptx.index(")", ptx.index("_multi("))]
+        sizes = [int(b) // 8 for b in re.findall(r"\.param \.[usbf](\d+)", entry)]
+        assert len(sizes) > 4 * gpu.MULTI_TENSORS and sum(sizes) <= 4096, (out.name, sum(sizes))

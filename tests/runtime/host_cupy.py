@@ -50,6 +50,8 @@ class _Stream:
     """cupy.cuda.Stream on the host: work runs at once, so entering it and synchronizing
     do nothing."""
 
+    ptr = 0                     # the cudaStream_t a library call is given
+
     def __init__(self, null: bool = False, non_blocking: bool = False):
         pass
 

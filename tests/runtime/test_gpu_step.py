@@ -279,18 +279,22 @@ def test_a_bad_label_is_reported_when_the_loss_is_read(cuda):
 # The static memory plan computes the gradients straight into the flat gradient buffer (no
 # copy each: 42 -> 37 launches for the MLP) and max pooling's backward reads the forward's
 # maxima (no argmax launch: CNN 72 -> 69, one copy of a transposed weight gradient added).
-BUDGETS = {  # model, optimizer, batch shape, launches at most
-    "mlp-sgd": (mlp, "momentum-wd", (64, 20), 37),
-    "mlp-adam": (mlp, "adam", (64, 20), 37),
-    "cnn-sgd": (cnn, "momentum-wd", (8, 1, 8, 8), 69),  # 74 before gemm_batch_sums
+BUDGETS = {  # model, optimizer, batch shape, launches at most, precision
+    "mlp-sgd": (mlp, "momentum-wd", (64, 20), 37, "fp32"),
+    "mlp-adam": (mlp, "adam", (64, 20), 37, "fp32"),
+    "cnn-sgd": (cnn, "momentum-wd", (8, 1, 8, 8), 69, "fp32"),  # 74 before gemm_batch_sums
+    # precision="bf16": the matmuls' casts keep the elementwise ops out of fused kernels
+    # (the generated kernels take float32/float64), but nothing is allocated either
+    "mlp-bf16": (mlp, "momentum-wd", (64, 20), 52, "bf16"),
 }
 
 
 @pytest.mark.parametrize("name", list(BUDGETS))
 def test_step_budget(host, counts, name):
-    make, opt_name, shape, launches = BUDGETS[name]
+    make, opt_name, shape, launches, precision = BUDGETS[name]
     model = make().to("cuda")
-    step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS[opt_name](model.parameters()))
+    step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS[opt_name](model.parameters()),
+                           precision=precision)
     data = [(host.asarray(x), host.asarray(y)) for x, y in batches(shape, n=3)]
     losses = [step(x, y) for x, y in data[:2]]     # warm-up: trace, compile, bind
     before = vars(counts).copy()
@@ -312,6 +316,8 @@ def test_step_budget(host, counts, name):
 # ---- CUDA Graph replay: the control flow, with capture emulated on the stand-in ----------
 
 class _Stream:
+    ptr = 1
+
     def __enter__(self):
         return self
 
@@ -447,9 +453,10 @@ def _eager_steps(model, opt, data, to):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_the_eager_gpu_step_is_one_launch_a_parameter(host, counts, name):
+def test_the_eager_gpu_step_is_one_launch_for_all_parameters(host, counts, name):
     """opt.step() on GPU parameters: SGD (momentum, Nesterov, weight decay), Adam and AdamW
-    update each parameter and its state in place with one kernel and upload nothing; the
+    update every parameter and its state in place with one multi-tensor kernel launch (the
+    pointers are kernel arguments) and upload nothing; the
     trajectory is the CPU eager one's (float64: 1e-10). A custom rule or gradient clipping
     keeps working (the rule's ops run instead)."""
     data = batches((16, 20), n=4)
@@ -482,13 +489,13 @@ def test_the_eager_gpu_step_is_one_launch_a_parameter(host, counts, name):
     if name in ("custom", "grad-clip"):
         assert used["launches"] > n_params, used       # the rule's ops, one by one
     else:
-        assert used["launches"] == n_params, used      # budget: one fused kernel a parameter
+        assert used["launches"] == 1, used             # budget: one launch for all 6
         assert used["nodes"] == 0, used                # updated in place: no new leaf
 
 
-# launches of one eager MLP step on the stand-in: 67 with the op-by-op update, 37 with the
-# foreach one (6 of them the update)
-EAGER_STEP_LAUNCHES = 37
+# launches of one eager MLP step on the stand-in: 67 with the op-by-op update, 37 with a
+# launch a parameter, 32 with the multi-tensor one (1 of them the update)
+EAGER_STEP_LAUNCHES = 32
 
 
 def test_eager_gpu_training_step_budget(host, counts):
@@ -564,3 +571,67 @@ def test_a_data_parallel_gpu_step_allreduces_its_flat_gradient_buffer(host, coun
     assert two == pytest.approx(one, rel=1e-6)
     for k in sd1:
         assert rel(sd2[k], sd1[k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("make, opt_name, path, per_step", [
+    (mlp, "grad-clip", "graph-update", 1),      # the rewritten graph's one bucket
+    (mlp, "custom", "graph-update", 1),
+    (bn_mlp, "momentum-wd", "flat-sgd", 3),     # the flat buffer and 2 unsynchronised stats
+])
+def test_data_parallel_gpu_steps_that_update_in_the_graph_or_average_buffers(
+        host, make, opt_name, path, per_step):
+    """An update traced in the graph (gradient clipping, a custom rule) takes the rewritten
+    graph, whose allreduce runs on the step's communicator; batch statistics not
+    synchronised in the graph are averaged after the step. Identical replicas give the
+    one-rank trajectory."""
+    from shardgrad.partition.data_parallel import DataParallel
+
+    data = [(host.asarray(x), host.asarray(y)) for x, y in batches((16, 20), n=3)]
+    runs = {}
+    for world in (1, 2):
+        model = make().to("cuda")
+        comm = Replicas(world)
+        step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS[opt_name](
+            model.parameters()), transform=DataParallel(world, 1 << 20, sync_batchnorm=False)
+            if world > 1 else None, comm=comm if world > 1 else None)
+        runs[world] = ([float(step(x, y)) for x, y in data], model.state_dict(), step, comm)
+    (one, sd1, _, _), (two, sd2, step, comm) = runs[1], runs[2]
+    assert step.stats()["path"] == path and len(comm.calls) == 3 * per_step
+    assert two == pytest.approx(one, rel=1e-6)
+    for k in sd1:
+        assert rel(sd2[k], sd1[k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("make, sync", [(mlp, True), (bn_mlp, False), (bn_mlp, True)])
+def test_a_data_parallel_gpu_step_replays_its_capture_and_reduces_after(host, capture, make,
+                                                                        sync):
+    """The data-parallel step captures its forward and backward (emulated on the stand-in)
+    and allreduces the flat buffer after each replay, one collective a bucket, on the
+    one-rank trajectory; a graph that communicates itself (batch norm synchronised over the
+    ranks) is not captured and says why."""
+    from shardgrad.partition.data_parallel import DataParallel
+
+    data = batches((16, 20), n=5)
+    runs = {}
+    for world in (1, 2):
+        model = make().to("cuda")
+        comm = Replicas(world)
+        step = sg.compile_step(model, F.cross_entropy, OPTIMIZERS["momentum-wd"](
+            model.parameters()), transform=DataParallel(world, 1 << 20, sync_batchnorm=sync)
+            if world > 1 else None, comm=comm if world > 1 else None)
+        runs[world] = ([float(step(host.asarray(x), host.asarray(y))) for x, y in data],
+                       model.state_dict(), step, comm)
+    (one, sd1, _, _), (two, sd2, step, comm) = runs[1], runs[2]
+    assert two == pytest.approx(one, rel=1e-6)
+    stats = step.stats()
+    if make is bn_mlp and sync:
+        # (the running variance differs: the global batch of two replicas holds every row
+        # twice, so its unbiased variance divides by 2n - 1, not n - 1)
+        assert stats["graph"] == ("not captured: the step's graph communicates (synchronised "
+                                  "batch norm statistics)")
+        return
+    for k in sd1:
+        assert rel(sd2[k], sd1[k]) < 1e-6, k
+    assert stats["graph"] == "captured" and stats["cuda_graph"], stats
+    # a bucket a step, and the 2 unsynchronised batch statistics
+    assert len(comm.calls) == 5 * (1 if make is mlp else 3), comm.calls

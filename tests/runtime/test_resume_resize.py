@@ -8,8 +8,12 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from blobs import SMALL, toml  # noqa: E402
 
 MPIRUN = shutil.which("mpirun")
 pytestmark = [
@@ -18,24 +22,9 @@ pytestmark = [
                        reason="needs mpi4py and mpirun (pip install -e .[mpi])"),
 ]
 
-CONFIG = """
-[model]
-hidden = [32]
-
-[train]
-epochs = 2
-batch_size = 64
-dtype = "float64"
-lr = 0.1
-
-[parallel]
-deterministic = true
-chunks = 4
-microbatches = 2
-
-[device]
-threads = 1
-"""
+CONFIG = toml({**SMALL, "model.hidden": [32], "train.epochs": 2, "train.lr": 0.1,
+               "parallel.deterministic": True, "parallel.chunks": 4,
+               "parallel.microbatches": 2})
 
 
 def _train(config, out, n, *sets, resume=None):

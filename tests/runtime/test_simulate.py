@@ -147,9 +147,8 @@ def test_measure_link_times_the_hand_over_between_two_ranks(capsys):
     assert link.alpha > 0 and link.beta == sim.LINKS["shm"].beta
     assert "measured now" in link.source
     r = _json(capsys, "--ranks", "2", "--pp", "2", "--microbatches", "2", "--measure-link")
-    two = _json(capsys, "--ranks", "2", "--measure-link")
-    assert two["alpha_s"] > 0 and two["alpha_s"] != sim.LINKS["shm"].alpha
-    assert two["step_time_s"] == pytest.approx(two["compute_s"] + two["comm_s"])
+    two = _json(capsys, "--ranks", "2", "--measure-link")   # data parallel: the preset
+    assert two["alpha_s"] == sim.LINKS["shm"].alpha
     swap = sim.measure_link(100e-6, 2, seconds=0.3, exchange=True)
     assert swap.alpha > 0 and "swaps" in swap.source
     assert r["p2p_alpha_s"] > 0 and r["step_time_s"] > 0

@@ -261,6 +261,9 @@ def test_data_parallel_step_of_one_process_runs_a_gpu_model_there(cuda):
         model = mlp().to(where)
         opt = sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         step = sg.distributed.data_parallel_step(model, F.cross_entropy, opt)
-        losses[where] = [step(x, y) for _ in range(3)]
+        # on the GPU the loss is a lazy 0-d device Tensor, as compile_step's there
+        losses[where] = [float(step(x, y)) for _ in range(3)]
         assert all(on_device(p.data) == (where == "cuda") for p in model.parameters())
+        # one process: compile_step's own GPU step (state on the device), the CPU's program
+        assert step.stats()["path"] == ("flat-sgd" if where == "cuda" else "host-feeds")
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-10)

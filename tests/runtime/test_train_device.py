@@ -135,12 +135,6 @@ def test_data_parallel_cuda_wraps_the_communicator(host_gpu, monkeypatch):
 def test_zero1_on_the_gpu_equals_the_cpu_run(host_gpu, monkeypatch):
     cupy = host_cupy.device_module()          # arrays that say they are on the GPU
     monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
-    lock, setup = threading.Lock(), tr.setup
-
-    def serial_setup(*args, **kw):            # ranks on threads share the global seed
-        with lock:
-            return setup(*args, **kw)
-    monkeypatch.setattr(tr, "setup", serial_setup)
     sets = ("parallel.dp=2", "parallel.zero=1", 'train.dtype="float64"')
     c = config(*sets, 'device.type="cuda"', 'device.cuda_aware_mpi="off"')
     gpu = run_ranks(2, lambda comm: tr.train(c, None, comm=comm), timeout_s=60)
