@@ -455,7 +455,6 @@ class Job:
     def spawn_hosts(self) -> None:
         """Create fresh host actors, one per bundle, without waiting for them."""
         self.stop_hosts()
-        self.spawned = time.monotonic()
         self.actors = [
             Host.options(name=host, namespace=NAMESPACE, num_cpus=self.cpus,
                          num_gpus=self.gpus, max_concurrency=8,
