@@ -123,6 +123,10 @@ class Deferred(Counting):
         self.progress()
         return super().bcast_(buf, root)
 
+    def allreduce_(self, buf, op="sum"):
+        self.progress()
+        return super().allreduce_(buf, op)
+
     def allgather_obj(self, obj):
         self.progress()
         return super().allgather_obj(obj)
@@ -166,17 +170,18 @@ def _reference(kind, steps=STEPS):
 
 
 @pytest.mark.timeout(60)
-def test_steps_run_no_collective_but_the_loss_broadcast():
+def test_steps_run_no_collective_but_the_loss_allreduce():
     steps, m = 4, 4
     results = run_ranks(2, lambda comm: _train(comm, m=m, steps=steps), timeout_s=30)
     for r in results:
         first, last = r["counts"][0], r["counts"][-1]
         calls = last[0] - first[0]
         nbytes = last[1] - first[1]
-        # per step: one 8-byte loss broadcast, m sends (isend) and m receives, nothing else
-        assert calls == Counter({"bcast_": steps - 1, "isend": m * (steps - 1),
+        # per step: the loss program's one 8-byte allreduce over the pipeline, m sends
+        # (isend) and m receives, nothing else
+        assert calls == Counter({"allreduce_": steps - 1, "isend": m * (steps - 1),
                                  "recv_": m * (steps - 1)}), calls
-        assert nbytes["bcast_"] == 8 * (steps - 1)
+        assert nbytes["allreduce_"] == 8 * (steps - 1)
         assert "allgather_obj" not in last[0] and "send" not in last[0]
         assert r["gathered"] == 1           # the model is assembled once, when asked
 
