@@ -9,6 +9,7 @@ the local rank, read from the launcher's environment variables there).
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 from shardgrad.graph import device as base
@@ -114,10 +115,14 @@ MALLOC_THRESHOLDS = {-3: 32 << 20, -1: 64 << 20}    # M_MMAP_THRESHOLD, M_TRIM_T
 
 def keep_freed_memory() -> bool:
     """Set glibc's malloc thresholds to MALLOC_THRESHOLDS (once, for the process), unless
-    SHARDGRAD_MALLOC=0; False where there is no glibc (macOS, musl) or it is turned off."""
+    SHARDGRAD_MALLOC=0 or the user tuned malloc themselves (MALLOC_*_ / GLIBC_TUNABLES);
+    False where there is no glibc (macOS, musl) or it is turned off."""
     from shardgrad.runtime.config import env
 
     if not sys.platform.startswith("linux") or env("SHARDGRAD_MALLOC", "1") in ("0", "no"):
+        return False
+    if "GLIBC_TUNABLES" in os.environ or any(
+            k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

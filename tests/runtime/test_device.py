@@ -3,6 +3,7 @@
 module (cupy imported only when a GPU is asked for) and host transfers.
 """
 
+import os
 import sys
 
 import numpy as np
@@ -96,7 +97,13 @@ def test_an_explicit_index_needs_no_local_rank(monkeypatch, cupy_imports):
 
 def test_malloc_thresholds_are_set_on_linux_unless_turned_off(monkeypatch):
     """Importing shardgrad keeps freed arrays' memory for the next eager step (glibc's mmap
-    and trim thresholds, Linux); SHARDGRAD_MALLOC=0 leaves them alone."""
+    and trim thresholds, Linux); SHARDGRAD_MALLOC=0, or the user's own malloc tuning, leaves
+    them alone."""
+    for k in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(k)
     assert D.keep_freed_memory() == sys.platform.startswith("linux")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert not D.keep_freed_memory()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setenv("SHARDGRAD_MALLOC", "0")
     assert not D.keep_freed_memory()
