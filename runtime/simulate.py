@@ -117,7 +117,10 @@ def measure_link(gap_s: float, ranks: int = 2, seconds: float = 1.0, base: str =
                               "'shardgrad[mpi]'")
     root = ["--allow-run-as-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     n = max(2, ranks)
-    r = subprocess.run([mpirun, *root, "--oversubscribe", "-n", str(n), sys.executable, "-m",
+    # launched as `shardgrad train -n` launches (mpirun binds each rank to a core unless the
+    # ranks outnumber the cores): where a waiting rank may run decides the hand-over
+    over = ["--oversubscribe"] if n > (os.cpu_count() or 1) else []
+    r = subprocess.run([mpirun, *root, *over, "-n", str(n), sys.executable, "-m",
                         "shardgrad.runtime.simulate", "--probe", repr(gap_s), repr(seconds),
                         str(int(exchange))],
                        capture_output=True, text=True, timeout=60 + 2 * seconds,
