@@ -317,6 +317,11 @@ class RankProgram:
                                 data-parallel group "dp" (one flat buffer per dtype), buffers
                                 divided by micro-batches x replicas; absent when it would
                                 change nothing
+    loss                        last, on every stage: the step's loss, the global mean. The
+                                loss stage sums its ``loss/<mb>`` leaves (micro-batch order)
+                                and divides by the micro-batches, the others start from 0;
+                                an ``allreduce`` over "pp" (adding zeros: the loss stage's
+                                value exactly) and one over "dp" divided by the replicas
     """
 
     stage: int
@@ -336,7 +341,8 @@ class RankProgram:
         count = collections.Counter(n.op for g in self.graphs.values() for n in g.nodes
                                     if n.op in ("isend", "recv", "allreduce"))
         big = [f"{k} {len(self.graphs[k])} nodes" for k in ("forward", "backward", "reduce",
-                                                             "update") if k in self.graphs]
+                                                             "update", "loss")
+               if k in self.graphs]
         comm = ", ".join(f"{k} {op}" for op, k in sorted(count.items())) or "no communication"
         return f"{', '.join(big)}; {comm} per step"
 
@@ -363,6 +369,27 @@ def _reduce_program(names: list[str], leaves: Mapping[str, Node], dp: int,
     for k in buffers:
         out[k] = out[k] / const(replicas, dtype=out[k].dtype)
     return Graph(out)
+
+
+def _loss_program(dtype: str, micro_batches: int, mean: bool, pp: int, dp: int,
+                  here: bool) -> Graph:
+    """The step's loss on every rank (see ``RankProgram``): on the loss stage (``here``)
+    the sum of the ``loss/<mb>`` leaves in micro-batch order, divided by ``micro_batches``
+    when the loss is a ``mean``; elsewhere 0. Then summed over "pp" (one stage adds its
+    value to zeros: exact, a broadcast) and averaged over "dp"."""
+    if here:
+        total = leaf("input", (), dtype, name="loss/0")
+        for mb in range(1, micro_batches):
+            total = total + leaf("input", (), dtype, name=f"loss/{mb}")
+        if mean and micro_batches > 1:
+            total = total / const(micro_batches, dtype=dtype)
+    else:
+        total = const(0, dtype=dtype)
+    if pp > 1:
+        total = collective.allreduce(total, group="pp")
+    if dp > 1:
+        total = collective.allreduce(total, group="dp") / const(dp, dtype=dtype)
+    return Graph({"loss": total})
 
 
 def _sum_program(names: list[str], leaves: Mapping[str, Node]) -> Graph:
@@ -441,6 +468,10 @@ class PipelinePlan:
                                  self.micro_batches * self.dp)
         if reduce is not None:
             graphs["reduce"] = reduce
+        graphs["loss"] = _loss_program(
+            self.graph.outputs["loss"].dtype, self.micro_batches,
+            self.graph.meta.get("loss_scale", "mean") == "mean", self.pp, self.dp,
+            "loss" in st.forward.outputs)
         return RankProgram(stage, graphs, actions, grads, buffers)
 
     def shard(self, stage: int, programs: Mapping[str, Graph] | None = None) -> Graph:
@@ -448,9 +479,10 @@ class PipelinePlan:
         Graph: the ``recv`` nodes feed the forward and backward programs, the ``isend``
         nodes take their outputs, the micro-batch sums (with more than one micro-batch: the
         running sum a ``sum/`` leaf) and the data-parallel ``reduce`` (if any) feed the
-        update. ``programs`` replaces the forward / backward / update graphs by the ones an
-        executor runs (e.g. after its passes). The nodes are the ones that run; only the
-        joining is for reading and drawing."""
+        update; the ``loss`` program gives the output ``loss`` (later micro-batches' losses
+        are ``loss/<mb>`` leaves). ``programs`` replaces the forward / backward / update
+        graphs by the ones an executor runs (e.g. after its passes). The nodes are the ones
+        that run; only the joining is for reading and drawing."""
         return self._join(stage, programs)[0]
 
     def node_names(self, stage: int, programs: Mapping[str, Graph] | None = None
@@ -511,7 +543,9 @@ class PipelinePlan:
             red = prog.graphs["reduce"]
             sums = dict(join(red, {n.id: sums[n.name] for n in red.inputs}).outputs)
         update = join(upd0, {n.id: sums[n.name] for n in upd0.inputs if n.name in sums})
-        outputs = {"loss": fwd.outputs["loss"]} if "loss" in fwd.outputs else {}
+        lg = prog.graphs["loss"]
+        outputs = dict(join(lg, {n.id: fwd.outputs["loss"] for n in lg.inputs
+                                 if n.name == "loss/0"}).outputs)
         for g in sends:
             (x,) = g.inputs
             value = (fwd if x.name.startswith("act/") else bwd).outputs[x.name]

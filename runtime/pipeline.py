@@ -1,8 +1,8 @@
 """Pipeline execution: each rank runs its stage's rank program (``partition.pipeline``'s
 ``PipelinePlan.program``: forward, backward and update graphs, a recv or isend graph per
-message, the micro-batch sums and the data-parallel allreduce, all IR) in its schedule's
-order, with its communicators bound. A stage's parameters and optimizer state stay on its
-ranks between steps; ``gather`` assembles the whole model when it is read.
+message, the micro-batch sums, the data-parallel allreduce and the loss's mean, all IR) in
+its schedule's order, with its communicators bound. A stage's parameters and optimizer
+state stay on its ranks between steps; ``gather`` assembles the whole model when read.
 
 Side effects (communication, timing) live here. Imports graph, ops, partition and runtime.
 """
@@ -94,14 +94,16 @@ class Stats:
 
 class StageRunner:
     """Runs stage ``stage`` of ``plan``: ``step(state, x, y, **inputs)`` does one training
-    step and returns the mean loss (on the loss stage, else None) and the updated outputs
+    step and returns the step's loss (the mean over micro-batches and replicas, on every
+    stage: the program's ``loss`` graph) and the updated outputs
     (``param/``, ``state/``, ``grad/`` of this stage; a buffer the forward pass updates, e.g.
     BatchNorm's running statistics, is the mean of its micro-batches' and replicas' updates).
 
     The stage is its rank program (``plan.program(stage)``) driven by its schedule: each
     action runs one of the program's graphs (forward, backward, a ``recv`` or an ``isend``,
     the micro-batch sums), then ``reduce`` (the data-parallel allreduce) and ``update`` run
-    after the flush, with ``comm`` bound as group "pp" and ``dp_comm`` as "dp". The runner
+    after the flush and ``loss`` after the sends complete, with ``comm`` bound as group "pp"
+    and ``dp_comm`` as "dp". The runner
     only carries values from one graph to the next by name. Forward, backward and update
     run on ``executor`` (default the reference interpreter on ``xp``); the small glue graphs
     (communication, sums) on the interpreter.
@@ -265,11 +267,9 @@ class StageRunner:
             c0 = now()
             binding.wait_sends()
             stats.comm_s += now() - c0
+            loss = self._run("loss", {f"loss/{mb}": v for mb, v in enumerate(losses)},
+                             "loss")["loss"]
         self.stats = stats
-        loss = None
-        if losses:
-            loss = sum(losses[1:], losses[0]) / m if self.plan.graph.meta.get(
-                "loss_scale", "mean") == "mean" else sum(losses[1:], losses[0])
         return loss, out
 
 
@@ -367,8 +367,9 @@ class PipelineProgram:
     TrainStep gets): ``run(feeds)`` takes the full model's feeds and this replica's batch and
     returns ``loss`` (on every rank) and this stage's ``param/`` and ``state/`` outputs only:
     the other stages' values in this rank's model go stale (``mesh.held``) until ``gather``.
-    The step's only collectives are the loss's broadcast (and its allreduce over replicas)
-    and, with dp > 1, the gradient allreduce within the stage's data-parallel group."""
+    The step's only collectives are the loss program's allreduces (over the pipeline, and
+    over replicas) and, with dp > 1, the gradient allreduce within the stage's data-parallel
+    group."""
 
     def __init__(self, plan: PipelinePlan, mesh: Mesh, executor: Executor | None = None,
                  xp=np, world: Communicator | None = None):
@@ -394,16 +395,9 @@ class PipelineProgram:
         state = {k: v for k, v in feeds.items() if k in self.owned}
         inputs = {k: v for k, v in feeds.items() if k in self.inputs}
         loss, out = self.runner.step(state, feeds["x"], feeds["y"], **inputs)
-        buf = np.zeros((), dtype=self.plan.graph.outputs["loss"].dtype)
-        if loss is not None:
-            buf[...] = to_host(loss)
-        self.mesh.pp_comm.bcast_(buf, root=self.plan.loss_stage)
-        if self.mesh.dp > 1:
-            self.mesh.dp_comm.allreduce_(buf)
-            buf /= self.mesh.dp
         if self.mesh.pp > 1:
             self.mesh.held = self.holders
-        return {"loss": buf, **{k: v for k, v in out.items()
+        return {"loss": loss, **{k: v for k, v in out.items()
                                 if k.startswith(("param/", "state/"))}}
 
 
@@ -455,7 +449,8 @@ def step_options(config: cfg.ConfigLike, comm: Communicator, executor: Executor 
     a TrainStep traced on one micro-batch, and the pipeline as its executor; this rank reads
     the data shard of its replica (``data_rank`` of ``data_world_size`` = dp). ``prepare``
     gives every rank rank 0's state and checks that all traced the same step; ``gather(step)``
-    assembles the whole model on every rank (before it is read)."""
+    assembles the whole model on every rank (before it is read); ``loss_is_global``: the
+    step's loss is the global mean on every rank (no further averaging)."""
     config = cfg.from_dict(config)
     dp, pp, m = mesh_shape(config, comm.world_size)
     par = config.parallel
@@ -475,7 +470,7 @@ def step_options(config: cfg.ConfigLike, comm: Communicator, executor: Executor 
 
     return {"transform": PipelineTransform(m), "executor": make, "prepare": prepare,
             "gather": lambda step: gather(step, mesh), "data_rank": mesh.replica,
-            "data_world_size": dp}
+            "data_world_size": dp, "loss_is_global": True}
 
 
 def executed_programs(runs: Mapping[str, Any]) -> dict[str, Graph]:

@@ -492,7 +492,7 @@ def _pipeline(config, dp, pp, m, ring, hop, repeats, link, per_node, nodes, meas
         glue = max(actions - m * (fs + bs), 0.0) / (2 * m)
         f.append((fs + glue) * how.stretch)
         b.append((bs + glue) * how.stretch)
-        # after the flush: reduce, update, the loss's broadcast, the TrainStep around it
+        # after the flush: reduce, update, the loss program, the TrainStep around it
         tail.append(max(r.step_s - actions, 0.0) * how.stretch)
         grads.append(_bytes(st.update, "param/"))
         _, bf = time_graph(st.forward, 1)
@@ -512,7 +512,8 @@ def _pipeline(config, dp, pp, m, ring, hop, repeats, link, per_node, nodes, meas
             sent[t.dst] += t.nbytes * m
     timing = simulate_schedule(plan.schedule, f, b)
     allreduce = [ring_allreduce_s(g, dp, ring) for g in grads]
-    # the loss's broadcast from the last stage (and its allreduce over the replicas)
+    # the loss program's allreduce over the stages (one value: log2(pp) hops of recursive
+    # doubling) and its allreduce over the replicas
     loss = p2p_s(4, hop) * math.ceil(math.log2(pp)) + ring_allreduce_s(4, dp, ring)
     compute = timing.makespan + max(tail)
     step = compute + loss + max(allreduce)

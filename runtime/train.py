@@ -100,7 +100,9 @@ def step_options(config: cfg.ConfigLike, comm: Communicator) -> dict[str, Any]:
     replicas and broadcast rank 0's state), ``gather(step)`` (called on every rank before the
     model is read: evaluation, checkpoints, the summary; a pipeline assembles its stages'
     parameters there), ``data_rank`` and ``data_world_size`` (which shard of the data this
-    process reads; default ``comm.rank`` / ``comm.world_size``). A single process needs nothing.
+    process reads; default ``comm.rank`` / ``comm.world_size``), ``loss_is_global`` (the
+    step's loss is already the mean over every rank: logged without another allreduce). A
+    single process needs nothing.
     """
     config = cfg.from_dict(config)
     # on a GPU: the current one, which open_device chose for this rank
@@ -702,6 +704,9 @@ def _epoch(r: _Run, epoch: int, mon: Monitor, augment: Augment, to_device: Any) 
     """One epoch's steps, a step record every ``train.log_every``; sets ``r.train_loss``."""
     t, config = r.config.train, r.config
     losses: list = []
+    # a pipeline's loss is the global mean on every rank already (its loss program's IR)
+    mean = (lambda v: v) if r.options.get("loss_is_global") else functools.partial(
+        _mean_over_ranks, r.comm)
     read_losses = functools.partial(_read_losses, losses, r.steps_done + 1, epoch, config,
                                     r.total)
     for x, y in mon.data(prefetch(epoch_batches(r.data.x_train, r.data.y_train, r.sampler,
@@ -719,11 +724,11 @@ def _epoch(r: _Run, epoch: int, mon: Monitor, augment: Augment, to_device: Any) 
         if r.steps_done % t.log_every == 0:
             read_losses()
             r.metrics.write({"kind": "step", "epoch": epoch + 1, "step": r.steps_done,
-                             "loss": _mean_over_ranks(r.comm, losses[-1]), "lr": lr,
+                             "loss": mean(losses[-1]), "lr": lr,
                              "wall_s": r.wall(), "samples_per_s": mon.rate(r.steps_done)})
             mon.record(r.metrics.last)
     read_losses()
-    r.train_loss = _mean_over_ranks(r.comm, float(np.mean(losses)))
+    r.train_loss = mean(float(np.mean(losses)))
 
 
 def _end_epoch(r: _Run, epoch: int, mon: Monitor) -> None:

@@ -183,8 +183,19 @@ def test_rank_programs_hold_the_communication_as_nodes(dp):
             assert set(reduce.outputs) == {f"grad/{p}" for p in plan.stages[s].params}
         comm = lambda nodes: sorted((n.op, n.attrs.get("tag", -1), n.attrs["group"])
                                     for n in nodes if n.op in ("isend", "recv", "allreduce"))
+        # the step's loss: the loss stage's micro-batch mean, summed over "pp" (the other
+        # stages add 0) and averaged over "dp", on every stage
+        loss = prog.graphs["loss"]
+        verify(loss, known_ops=REGISTRY.__contains__)
+        assert [n.attrs["group"] for n in loss.nodes if n.op == "allreduce"] == \
+            ["pp"] + ["dp"] * (dp > 1)
+        here = s == plan.loss_stage
+        assert sorted(n.name for n in loss.inputs) == (
+            [f"loss/{mb}" for mb in range(4)] if here else [])
+        assert plan.shard(s).outputs["loss"].op == ("div" if dp > 1 else "allreduce")
         first = [prog.graphs[prog.action_graph(a)] for a in prog.actions
-                 if a.mb == 0 and a.op in ("SEND", "RECV")] + ([reduce] if reduce else [])
+                 if a.mb == 0 and a.op in ("SEND", "RECV")] + ([reduce] if reduce else []) + [
+                     loss]
         assert comm(plan.shard(s).nodes) == comm(n for g in first for n in g.nodes)
     assert "rank program:" in str(plan)
 

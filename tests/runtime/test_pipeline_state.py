@@ -3,8 +3,10 @@ allgather: counted on a stage's communicator), ``gather`` assembles the whole mo
 parameter, buffer and optimizer state equal to the local run's), a step retraced with another
 cut takes the values it needs from their holders, and non-blocking sends are completed before
 the step returns, their buffers untouched until then (a communicator that delivers a send only
-when the sender next calls into it, as MPI progresses)."""
+when the sender next calls into it, as MPI progresses). A training run's only per-step
+collective is the loss program's allreduce."""
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -14,7 +16,9 @@ import pytest
 
 import shardgrad as sg
 from shardgrad.graph.nn import functional as F
+from shardgrad.runtime import train as tr
 from shardgrad.runtime.comm import Communicator, Request
+from shardgrad.runtime.config import load_config
 from shardgrad.runtime.pipeline import (
     Mesh,
     PipelineProgram,
@@ -123,6 +127,10 @@ class Deferred(Counting):
         self.progress()
         return super().bcast_(buf, root)
 
+    def allreduce_(self, buf, op="sum"):
+        self.progress()
+        return super().allreduce_(buf, op)
+
     def allgather_obj(self, obj):
         self.progress()
         return super().allgather_obj(obj)
@@ -166,17 +174,18 @@ def _reference(kind, steps=STEPS):
 
 
 @pytest.mark.timeout(60)
-def test_steps_run_no_collective_but_the_loss_broadcast():
+def test_steps_run_no_collective_but_the_loss_allreduce():
     steps, m = 4, 4
     results = run_ranks(2, lambda comm: _train(comm, m=m, steps=steps), timeout_s=30)
     for r in results:
         first, last = r["counts"][0], r["counts"][-1]
         calls = last[0] - first[0]
         nbytes = last[1] - first[1]
-        # per step: one 8-byte loss broadcast, m sends (isend) and m receives, nothing else
-        assert calls == Counter({"bcast_": steps - 1, "isend": m * (steps - 1),
+        # per step: the loss program's one 8-byte allreduce over the pipeline, m sends
+        # (isend) and m receives, nothing else
+        assert calls == Counter({"allreduce_": steps - 1, "isend": m * (steps - 1),
                                  "recv_": m * (steps - 1)}), calls
-        assert nbytes["bcast_"] == 8 * (steps - 1)
+        assert nbytes["allreduce_"] == 8 * (steps - 1)
         assert "allgather_obj" not in last[0] and "send" not in last[0]
         assert r["gathered"] == 1           # the model is assembled once, when asked
 
@@ -245,3 +254,35 @@ def test_a_step_retraced_with_another_cut_takes_the_values_it_needs():
         lo += b
     for got in finals:
         assert cases.max_rel_err(got, model.state_dict()) < 1e-9
+
+
+
+@pytest.mark.timeout(120)
+def test_a_pipelined_training_run_logs_the_loss_programs_loss_without_another_allreduce(
+        tmp_path, monkeypatch):
+    """``shardgrad train`` with pp=2, a step record every step: each step's only allreduce
+    is its loss program's (one float32 over the pipeline: the loss is the global mean on
+    every rank already and is logged as it is), no per-step broadcast, and the logged losses
+    are the pp=1 run's within float32 rounding."""
+    monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")
+    sets = ["train.epochs=1", "train.batch_size=64", "model.hidden=[16]", "device.threads=1",
+            "train.log_every=1", "model.batchnorm=false"]
+    mlp = str(Path(__file__).resolve().parents[2] / "examples" / "digits_mlp.toml")
+    pp2 = load_config(mlp, [*sets, "parallel.pp=2", "parallel.microbatches=4"])
+
+    def rank(comm):
+        comm = Counting(comm)
+        summary = tr.train(pp2, str(tmp_path / "pp2") if comm.rank == 0 else None, comm=comm)
+        return summary, comm.calls, comm.nbytes
+
+    results = run_ranks(2, rank, timeout_s=100)
+    steps = results[0][0]["steps"]
+    for _, calls, nbytes in results:
+        assert calls["allreduce_"] == steps > 0 and nbytes["allreduce_"] == 4 * steps
+        assert calls["bcast_"] < steps      # the model's state at the start, not the loss
+    ref = tr.train(load_config(mlp, sets), str(tmp_path / "pp1"))
+    logged = lambda run: [r["loss"] for r in map(json.loads, (
+        tmp_path / run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    assert len(logged("pp2")) == steps
+    np.testing.assert_allclose(logged("pp2"), logged("pp1"), rtol=1e-5)
+    assert results[0][0]["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)

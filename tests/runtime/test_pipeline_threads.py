@@ -96,7 +96,9 @@ def test_activations_alive_per_stage(schedule, peaks):
 
     results = run_ranks(pp, rank, timeout_s=30)
     assert [s.peak_live for _, s in results] == peaks
-    assert [loss is None for loss, _ in results] == [True, True, True, False]
+    # the loss program gives every stage the loss stage's mean, bit for bit
+    assert len({float(loss) for loss, _ in results}) == 1
+    assert np.isfinite(float(results[-1][0]))
     assert all(len(s.spans) == 2 * m for _, s in results)
 
 
