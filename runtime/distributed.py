@@ -49,9 +49,12 @@ DataParallelStep = dp.ParallelStep   # the step ``shardgrad train`` runs too
 
 
 def data_parallel_step(model: Module, loss_fn: Callable, optimizer: Optimizer,
-                       comm: Communicator | None = None, *, bucket_mb: float = 25.0,
-                       sync_batchnorm: bool = True, deterministic: bool = False,
-                       chunks: int = 4, zero: int = 0, overlap: bool = False,
+                       comm: Communicator | None = None, *,
+                       bucket_mb: float = dp.Parallel.bucket_mb,
+                       sync_batchnorm: bool = dp.Parallel.sync_batchnorm,
+                       deterministic: bool = dp.Parallel.deterministic,
+                       chunks: int = dp.Parallel.chunks, zero: int = dp.Parallel.zero,
+                       overlap: bool = dp.Parallel.overlap,
                        executor: Executor | None = None) -> dp.ParallelStep:
     """``compile_step`` over ``comm`` (default: ``init()``): see the module docstring.
     ``sync_batchnorm`` takes batch statistics over the global batch (PyTorch's

@@ -86,17 +86,20 @@ def check_replicas(comm: Communicator, graph: Graph, model: Module) -> None:
                                   f"code, config and local batch shape")
 
 
+_DEFAULT = cfg.ParallelConfig()
+
+
 @dataclass(frozen=True)
 class Parallel:
     """How a step is spread over data-parallel ranks (``parallel.*`` of a config, or
     ``sg.distributed.data_parallel_step``'s arguments)."""
 
-    bucket_mb: float = 25.0
-    deterministic: bool = False
-    chunks: int = 4
-    overlap: bool = False
-    sync_batchnorm: bool = True
-    zero: int = 0
+    bucket_mb: float = _DEFAULT.bucket_mb      # parallel.*'s defaults: one definition
+    deterministic: bool = _DEFAULT.deterministic
+    chunks: int = _DEFAULT.chunks
+    overlap: bool = _DEFAULT.overlap
+    sync_batchnorm: bool = _DEFAULT.sync_batchnorm
+    zero: int = _DEFAULT.zero
 
     @classmethod
     def of(cls, p: cfg.ParallelConfig) -> Parallel:
