@@ -28,7 +28,7 @@ from shardgrad.ops import collective
 from shardgrad.partition.schedule import simulate as simulate_schedule
 from shardgrad.runtime import compiled
 from shardgrad.runtime import config as cfg
-from shardgrad.runtime.comm import Communicator, SingleProcess
+from shardgrad.runtime.comm import SingleProcess
 
 
 @dataclass(frozen=True)
@@ -211,27 +211,19 @@ def _step_graph(config: cfg.Config, rows: int) -> Graph:
                       ((rows,), str(data.y_train.dtype)))
 
 
-class Loopback(Communicator):
+class Loopback(SingleProcess):
     """Rank ``rank`` of a ``dp`` x ``pp`` job whose communication completes at once: a
     receive fills its buffer with a small constant, a send returns, a collective leaves its
     buffer as it is. The rank's whole training step then runs in one process, so its time
     without communication is measured on the program the rank really runs (the
     data-parallel rewrite or its pipeline stage, the Python around the kernels included).
     ``split`` answers runtime.pipeline.Mesh's two splits (the pipeline and the replica
-    group), told apart by their (color, key): pick a rank whose stage and replica differ."""
+    group), told apart by their (color, key): pick a rank whose stage and replica differ.
+    Its allreduce and broadcasts are SingleProcess's identities."""
 
     def __init__(self, rank: int, dp: int, pp: int, size: int | None = None):
         self.rank, self.dp, self.pp = rank, dp, pp
         self.world_size = dp * pp if size is None else size
-
-    def allreduce_(self, buf, op="sum"):
-        return buf
-
-    def bcast_(self, buf, root=0):
-        return buf
-
-    def bcast_obj(self, obj, root=0):
-        return obj
 
     def allgather_obj(self, obj):
         return [obj] * self.world_size
