@@ -9,16 +9,18 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import ray
 import ray.cluster_utils as cluster_utils
 
 from shardgrad.cluster import ray_launch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_testing import free_port, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(300),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
@@ -43,12 +45,6 @@ threads = 1
 # added node goes (with rank 1 or not); the resumed process runs 22 steps, so its own step 30
 # never comes
 HANG = ["debug.fail_at_step=30", "debug.fail_rank=1", "debug.fail_mode='hang'"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +73,6 @@ def train(config, out, sets, env, launcher=None):
                             text=True)
 
 
-def wait_for(find, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = find()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"nothing found by {find.__name__} within {timeout} s")
-
 
 def kill_leftovers(out):
     """SIGKILL the ranks still writing to ``out`` (those of a removed fake node are orphans on
@@ -106,9 +93,9 @@ def lose_the_added_node(c, job, out):
     def checkpointed():
         assert job.poll() is None, job.communicate()
         return os.path.exists(out / "checkpoints" / "epoch_1.safetensors")
-    wait_for(checkpointed)
+    wait_for(checkpointed, timeout=120.0)
     names = wait_for(lambda: [a["name"] for a in ray.util.list_named_actors(True)
-                              if a["namespace"] == ray_launch.NAMESPACE])
+                              if a["namespace"] == ray_launch.NAMESPACE], timeout=120.0)
     on = {ray.get(ray.get_actor(n, namespace=ray_launch.NAMESPACE).info.remote(),
                   timeout=30)["node_id"] for n in names}
     added = [n for n in c.worker_nodes if n.node_id in on]

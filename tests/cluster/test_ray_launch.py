@@ -22,6 +22,9 @@ from shardgrad.runtime.monitor import TIMINGS
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from blobs import SMALL, toml  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_testing import wait_for  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
@@ -56,16 +59,6 @@ def summary(out):
         return json.load(f)
 
 
-def wait_for(find, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = find()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"nothing found by {find.__name__} within {timeout} s")
-
-
 def test_to_toml_round_trips():
     config = cfg.load_config(None, ["model.hidden=[64, 32]", "train.lr=1e-05",
                                     'data.train_images="a \\"b\\"\\\\c"'])
@@ -85,6 +78,7 @@ def reference(cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("mpi")
     ran = shardgrad([config, "--out", str(out), "--set", "parallel.dp=2"], env,
                     launcher=["mpirun", "-n", "2", "--allow-run-as-root", "--oversubscribe"])
+
     assert ran.returncode == 0, ran.stdout + ran.stderr
     return summary(out), sorted(os.listdir(out))
 

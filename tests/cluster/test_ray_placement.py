@@ -6,7 +6,6 @@ a pp = 2 x dp = 2 job puts each pipeline on one node and each stage's replicas o
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,18 +19,15 @@ from shardgrad.cluster import ray_launch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from blobs import SMALL, toml  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_testing import free_port  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.mpi, pytest.mark.timeout(150),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = toml({**SMALL, "train.epochs": 1})
 SLOT = re.compile(r"shardgrad ray: rank (\d+): node (\S+) \(id (\w+)\)(?:, GPU ([\d,]+))?")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +72,7 @@ def test_each_rank_sees_the_gpus_ray_gave_its_slot(cluster):
                           "ray", "--set", "cluster.gpus_per_rank=1", "--set",
                           "cluster.cpus_per_rank=0.5", "--", sys.executable, "-c", show],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
     assert ran.returncode == 0, ran.stdout + ran.stderr
     given = slots(ran.stderr)
     found = re.findall(r"^seen (\d+) (\S+) (-?\d+)$", ran.stdout, re.M)
