@@ -24,6 +24,7 @@ from shardgrad.graph.tensor import (
     _rng,
     apply,
     get_default_dtype,
+    is_dtype,
     manual_seed,
     rng_salt,
     tensor,
@@ -221,11 +222,32 @@ class Module:
         in place, as torch.nn.Module.to: the Parameter objects stay the same, so an optimizer
         made before keeps its parameters (its state follows them on its next step), and their
         gradients move with them."""
+        if is_dtype(device):                     # torch's model.to(torch.float64)
+            return self._cast(str(np.dtype(device)))
         for t in [*self.parameters(), *(b for _, b in self.named_buffers())]:
             t._set_leaf(to_device(t.data, device))
             if t.grad is not None:
                 t.grad._set_leaf(to_device(t.grad.data, device))
         return self
+
+    def _cast(self, dtype: str) -> Module:
+        """Floating-point parameters and buffers (and their gradients) to ``dtype`` in place,
+        as torch's Module.double() / float() / half(); integer buffers keep theirs."""
+        for t in [*self.parameters(), *(b for _, b in self.named_buffers())]:
+            if np.dtype(t.dtype).kind == "f" and t.dtype != dtype:
+                t._set_leaf(t.data.astype(dtype))
+                if t.grad is not None:
+                    t.grad._set_leaf(t.grad.data.astype(dtype))
+        return self
+
+    def double(self) -> Module:
+        return self._cast("float64")
+
+    def float(self) -> Module:  # noqa: A003 - torch's name
+        return self._cast("float32")
+
+    def half(self) -> Module:
+        return self._cast("float16")
 
     def cuda(self, index: int | None = None) -> Module:
         return self.to(Device("cuda", index))
@@ -246,8 +268,12 @@ class Module:
         mismatch names the missing, unexpected and mis-shaped keys."""
         own = dict(self.named_parameters(remove_duplicate=False)) | dict(
             self.named_buffers(remove_duplicate=False))
+        # entries torch's modules keep and these do not (BatchNorm's num_batches_tracked), so
+        # a torch state_dict loads
+        ignored = {f"{prefix}.{k}" if prefix else k for prefix, m in self.named_modules()
+                   for k in getattr(m, "_ignored_state", ())}
         missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        unexpected = sorted(set(state) - set(own) - ignored)
         shaped = sorted(f"{k}: expected {own[k].shape}, got {tuple(np.shape(state[k]))}"
                         for k in set(own) & set(state)
                         if tuple(np.shape(state[k])) != own[k].shape)
@@ -573,6 +599,8 @@ class _BatchNorm(Module):
     (buffers) used in eval mode, as torch.nn.BatchNorm*d. ``momentum=None`` makes the running
     statistics a cumulative average (weight 1/num_batches_tracked; that buffer exists only
     then)."""
+
+    _ignored_state = ("num_batches_tracked",)   # torch always has it: its state_dict loads
 
     ndims: tuple[int, ...] = ()
     shape_text = ""
