@@ -74,7 +74,8 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
     Leaves: inputs ``x``, ``y``, ``lr``, ``t`` (1-based step, float), ``step`` (int64, only
     if random ops use it); params by ``named_parameters()`` names (those with
     ``requires_grad``); states for buffers and frozen parameters (their names) and optimizer
-    state (``optim/<param>/<key>``). The model's train/eval mode is restored afterwards.
+    state (``optim/<param>/<key>``). Each module runs in the mode it is in (``model.eval()``
+    before a step: running statistics, no dropout, as an eager step would).
     Outputs: ``loss``, ``grad/<param>``, ``param/<param>`` (updated), ``state/<name>``
     (updated), and with ``optimizer.max_grad_norm`` set ``grad_norm`` (the gradients' global
     L2 norm before clipping, as torch's clip_grad_norm_ returns it). ``meta``: ``params``,
@@ -111,7 +112,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
 
     x = placeholder(*x_spec, name="x")
     y = placeholder(*y_spec, name="y")
-    with _swapped(swaps), _mode(model, True), tracing_salt(placeholder((), "int64", name="step")):
+    with _swapped(swaps), tracing_salt(placeholder((), "int64", name="step")):
         loss = loss_fn(model(x), y)
         if not isinstance(loss, Tensor) or loss.shape != ():
             raise ShapeError(f"loss_fn must return a scalar Tensor, got {loss!r}")
