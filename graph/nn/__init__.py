@@ -765,15 +765,18 @@ class _Loss(Module):
 
 
 class CrossEntropyLoss(_Loss):
-    """``F.cross_entropy(logits, labels, reduction, label_smoothing)`` as a module."""
+    """``F.cross_entropy(logits, labels, weight, ignore_index, reduction, label_smoothing)``
+    as a module (``weight`` a buffer, as torch)."""
 
-    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0):
+    def __init__(self, weight=None, ignore_index: int = F.IGNORE_INDEX, reduction: str = "mean",
+                 label_smoothing: float = 0.0):
         super().__init__(reduction)
-        self.label_smoothing = label_smoothing
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.register_buffer("weight", None if weight is None else _as_tensor(weight))
 
     def forward(self, input, target):  # noqa: A002 - torch's name
-        return F.cross_entropy(input, target, reduction=self.reduction,
-                               label_smoothing=self.label_smoothing)
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
 class MSELoss(_Loss):
@@ -784,10 +787,16 @@ class MSELoss(_Loss):
 
 
 class NLLLoss(_Loss):
-    """``F.nll_loss(log_probs, labels, reduction)`` as a module."""
+    """``F.nll_loss(log_probs, labels, weight, ignore_index, reduction)`` as a module."""
+
+    def __init__(self, weight=None, ignore_index: int = F.IGNORE_INDEX, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.ignore_index = ignore_index
+        self.register_buffer("weight", None if weight is None else _as_tensor(weight))
 
     def forward(self, input, target):  # noqa: A002 - torch's name
-        return F.nll_loss(input, target, reduction=self.reduction)
+        return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                          reduction=self.reduction)
 
 
 class BCEWithLogitsLoss(_Loss):
