@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator, MutableMapping
 
 import numpy as np
 
-from shardgrad.graph.device import to_device
-from shardgrad.graph.tensor import Tensor, no_grad, zeros
+from shardgrad.graph.device import copy_of, to_device
+from shardgrad.graph.tensor import Tensor, no_grad, value_of, zeros
 
 
 class ParamGroup(MutableMapping):
@@ -209,24 +209,26 @@ class Optimizer:
                              f"[{'; '.join(shaped)}]")
         for i, st in enumerate(self.state):
             for k in st:
-                st[k].data = state[f"{i}.{k}"]
+                st[k].data = copy_of(value_of(state[f"{i}.{k}"]))   # its own, as Module's
         self.t = int(state["step"])
 
 
 class SGD(Optimizer):
-    """p <- p - lr * d, with d = g + wd p, and with momentum mu: b <- mu b + d;
-    d = b (or d + mu b with Nesterov), as torch.optim.SGD (dampening 0)."""
+    """p <- p - lr * d, with d = g + wd p, and with momentum mu: b <- mu b + (1 - dampening) d
+    (b <- d at the first step); d = b (or d + mu b with Nesterov), as torch.optim.SGD."""
 
-    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0,
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
         _check("momentum value", momentum, momentum >= 0)
         _check("weight_decay value", weight_decay, weight_decay >= 0)
-        if nesterov and momentum <= 0:
-            raise ValueError("Nesterov momentum requires momentum > 0")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         self.state_keys = ("momentum_buffer",) if momentum else ()
+        kw = {"dampening": dampening} if dampening else {}    # (a rule constant only if used)
         super().__init__(params, lr, momentum=momentum, weight_decay=weight_decay,
-                         nesterov=nesterov)
+                         nesterov=nesterov, **kw)
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
+        self.dampening = dampening
 
     def set_hyperparameter(self, key: str, value) -> None:
         if key == "momentum" and bool(value) != bool(self.state_keys):
@@ -241,7 +243,13 @@ class SGD(Optimizer):
         d = g + self.weight_decay * p if self.weight_decay else g
         if not self.momentum:
             return p - lr * d, {}
-        b = self.momentum * state["momentum_buffer"] + d
+        if self.dampening:
+            # torch's buffer starts as d itself (undamped) at the first step: b = 0 then
+            first = (t == 1) if not isinstance(t, Tensor) else (t == 1.0).astype(d.dtype)
+            d_in = d * (1.0 - self.dampening + self.dampening * first)
+        else:
+            d_in = d
+        b = self.momentum * state["momentum_buffer"] + d_in
         d = d + self.momentum * b if self.nesterov else b
         return p - lr * d, {"momentum_buffer": b}
 
@@ -295,6 +303,8 @@ class AdamW(Adam):
 def _fused_kind(opt: Optimizer) -> str | None:
     """Which ops.gpu update kernel computes ``opt``'s rule: its class's own, not overridden."""
     rule = type(opt).rule
+    if getattr(opt, "dampening", 0):          # the kernels have no dampening
+        return None
     return "sgd" if rule is SGD.rule else "adam" if rule is Adam.rule else None
 
 

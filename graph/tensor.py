@@ -231,6 +231,11 @@ def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
     return node
 
 
+def value_of(x):
+    """A Tensor's value (its array); anything else as it is."""
+    return x.data if isinstance(x, Tensor) else x
+
+
 def is_dtype(x) -> bool:
     """Whether ``x`` names a dtype (``np.float32``, ``"float64"``), not a device."""
     if isinstance(x, np.dtype) or isinstance(x, type) and issubclass(x, np.generic):

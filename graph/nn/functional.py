@@ -205,18 +205,29 @@ def nll_loss(log_probs: Tensor, labels, weight=None, ignore_index: int = IGNORE_
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-           groups: int = 1):
+           dilation=1, groups: int = 1):
+    """torch.nn.functional.conv2d (its argument order). A ``dilation`` d > 1 convolves with
+    the kernel spread out by d (zeros between its taps: getitem's adjoint writes it, so the
+    weight's gradient is read back from those taps)."""
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    if min(dh, dw) < 1:
+        raise ValueError(f"conv2d: dilation must be positive, got {dilation}")
+    if (dh, dw) != (1, 1):
+        o, c, kh, kw = weight.shape
+        shape = (o, c, dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+        index = (("s", 0, o, 1), ("s", 0, c, 1), ("s", 0, shape[2], dh), ("s", 0, shape[3], dw))
+        weight = apply(ops.shape.getitem_grad, weight, index, shape)
     return apply(ops.nn.conv2d, x, weight, bias, stride=stride, padding=padding, groups=groups)
 
 
 def conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1,
-           padding: int = 0, groups: int = 1):
+           padding: int = 0, dilation: int = 1, groups: int = 1):
     """x (N, C, L) with weight (O, C/groups, K): conv2d over a height-1 image."""
     if x.ndim != 3 or weight.ndim != 3:
         raise ShapeError(f"conv1d needs x (N, C, L) and weight (O, C, K), got {x.shape} and "
                          f"{weight.shape}")
     out = conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, stride=(1, int(stride)),
-                 padding=(0, int(padding)), groups=groups)
+                 padding=(0, int(padding)), dilation=(1, int(dilation)), groups=groups)
     return out.squeeze(2)
 
 
