@@ -646,7 +646,8 @@ class Tensor:
     def __rpow__(self, y): return apply(E.pow, y, self)
     def __matmul__(self, y): return apply(L.matmul, self, y)
     def __rmatmul__(self, y): return apply(L.matmul, y, self)
-    def __neg__(self): return apply(E.neg, self)
+    def __neg__(self):
+        return apply(E.neg, self) if _is_float(self.dtype) else 0 - self    # integers too
     def __abs__(self): return self.abs()
     def __floordiv__(self, y): return apply(E.floor_divide, self, y)
     def __rfloordiv__(self, y): return apply(E.floor_divide, y, self)
@@ -759,11 +760,15 @@ class Tensor:
         if args and isinstance(args[0], Tensor):
             return apply(E.maximum, self, *args)
         dim, keepdim = _torch_dim("max", args, axis, dim, keepdim)
-        values = apply(R.max, self, *_axis("max", axis, keepdims, dim, keepdim))
         if dim is None:
-            return values
-        indices = self.argmax(dim=dim)
-        return MinMax(values, indices.reshape(values.shape) if keepdim else indices)
+            return apply(R.max, self, *_axis("max", axis, keepdims, dim, keepdim))
+        # the values picked at the indices, so the gradient goes to that one element of a
+        # tie, as torch's (max over all elements, or amax, shares it evenly)
+        indices = self.argmax(dim=dim, keepdim=True)
+        values = self.gather(dim, indices)
+        if not keepdim:
+            values, indices = values.squeeze(dim), indices.squeeze(dim)
+        return MinMax(values, indices)
 
     def min(self, *args, axis=None, keepdims=False, dim=None, keepdim=None):
         if args and isinstance(args[0], Tensor):
@@ -821,8 +826,14 @@ class Tensor:
                      axis=_axis("log_softmax", axis, False, dim, None)[0])
 
     def clamp(self, min=None, max=None):  # noqa: A002 - torch's names
-        out = self if min is None else apply(E.maximum, self, min)
-        return out if max is None else apply(E.minimum, out, max)
+        """Limit to [min, max]. The gradient passes where min <= x <= max, boundaries included,
+        as torch (maximum/minimum split it in half at a tie)."""
+        out = self
+        if min is not None:
+            out = apply(E.where, apply(E.less, out, min), min, out)
+        if max is not None:
+            out = apply(E.where, apply(E.greater, out, max), max, out)
+        return out
 
     def clip(self, min=None, max=None):  # noqa: A002 - torch's and NumPy's names
         return self.clamp(min, max)
@@ -869,7 +880,10 @@ class Tensor:
         if p == 1:
             return a.sum(dim, keepdim)
         if p == 2:
-            return (self * self).sum(dim, keepdim).sqrt()
+            # d||x|| = x / ||x||, taken as 0 at x = 0 (torch's), not 0 / 0
+            sq = (self * self).sum(dim, keepdim)
+            zero = sq == 0
+            return apply(E.where, zero, 0.0, apply(E.where, zero, 1.0, sq).sqrt())
         if not p > 0:
             raise ValueError(f"norm: p must be positive or inf, got {p}")
         return (a ** float(p)).sum(dim, keepdim) ** (1.0 / p)
@@ -902,6 +916,15 @@ class Tensor:
         pairs = self.reshape(tuple(d for s in shape for d in (1, s)))
         tiled = pairs.expand(tuple(d for r, s in zip(sizes, shape, strict=True) for d in (r, s)))
         return tiled.reshape(tuple(r * s for r, s in zip(sizes, shape, strict=True)))
+
+    def flip(self, *dims):
+        """Reverse the order along ``dims`` (torch.flip; a slice with step -1)."""
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], tuple | list) else dims
+        n = max(self.ndim, 1)
+        index = [slice(None)] * self.ndim
+        for d in dims:
+            index[d % n] = slice(None, None, -1)
+        return self[tuple(index)]
 
     def split(self, split_size_or_sections, dim: int = 0):
         """Pieces along ``dim``: of ``split_size`` each (the last may be smaller) or of the

@@ -134,6 +134,9 @@ def _ignores(labels: Tensor, ignore_index: int) -> bool:
 
 
 def _as_tensor(v, like: Tensor) -> Tensor:
+    if isinstance(v, str):          # reduction passed where torch's order has weight
+        raise TypeError(f"weight must be a tensor of class weights, got {v!r}: pass "
+                        f"reduction={v!r} by name (torch's order is input, target, weight, ...)")
     v = v if isinstance(v, Tensor) else tensor(np.asarray(v, like.dtype))
     return v if v.dtype == like.dtype else v.astype(like.dtype)
 
@@ -196,8 +199,11 @@ def nll_loss(log_probs: Tensor, labels, weight=None, ignore_index: int = IGNORE_
         raise ShapeError(f"nll_loss needs log-probabilities (N, C) and labels (N,), got "
                          f"{log_probs.shape}")
     log_probs, labels, shape = _classes_last(log_probs, labels, "nll_loss")
+    if labels.shape != log_probs.shape[:1]:
+        raise ShapeError(f"nll_loss needs log-probabilities (N, C) and labels (N,), got "
+                         f"{log_probs.shape} and {labels.shape}")
     if np.dtype(labels.dtype).kind not in "iu":
-        raise ShapeError(f"nll_loss: labels must be integers, got {labels.dtype}")
+        raise ShapeError(f"nll_loss: indices must be integers, got labels of {labels.dtype}")
     loss, w = _weighted_nll(log_probs, labels, weight, ignore_index)
     if reduction == "mean":
         return loss.sum() / w.sum()

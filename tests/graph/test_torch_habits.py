@@ -259,3 +259,26 @@ def test_a_torch_state_dict_with_batch_norm_loads_and_module_dtype_casts():
         sm.load_state_dict({k: v.numpy() for k, v in tm.state_dict().items() if k != "1.bias"})
     assert sm.float()[0].weight.dtype == "float32" and sm[1].running_var.dtype == "float32"
     assert sm.to(np.float64)[1].weight.dtype == "float64"
+
+
+def test_gradients_at_ties_and_boundaries_follow_torch():
+    # clamp split the gradient in half at a boundary (maximum/minimum's tie rule); max(dim)
+    # shared it between tied elements instead of giving it to the returned index; the
+    # 2-norm's gradient at zero was nan
+    for f, a in [(lambda x: x.clamp(0.0, 2.0), [-1.0, 0.0, 2.0, 3.0]),
+                 (lambda x: x.clamp(min=0.0), [0.0, 1.0]),
+                 (lambda x: x.max(dim=0)[0], [1.0, 3.0, 3.0]),
+                 (lambda x: x.min(0).values, [1.0, 1.0, 3.0]),
+                 (lambda x: x.max(), [1.0, 3.0, 3.0]),
+                 (lambda x: x.norm(), [0.0, 0.0]),
+                 (lambda x: x.reshape(1, 2).norm(dim=1), [0.0, 0.0])]:
+        s, t = both(np.array(a))
+        check(f(s), f(t), [s], [t])
+
+
+def test_integer_negation_and_flip():
+    check(-sg.tensor([1, -2]), -torch.tensor([1, -2]))
+    a = RNG.standard_normal((2, 3))
+    s, t = both(a)
+    check(s.flip(0, 1), t.flip(0, 1), [s], [t])
+    check(sg.tensor(a).flip(-1), torch.tensor(a).flip(-1))
