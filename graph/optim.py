@@ -142,9 +142,8 @@ class Optimizer:
         """Set ``lr`` or one of ``defaults`` (as ``param_groups[0][key] = value``). lr is a
         graph input, not a rule constant: it stays out of ``defaults`` (a new lr retraced
         the compiled step, every step of an LR schedule)."""
-        if key == "lr":
-            _check("learning rate (lr)", value, value >= 0)
-            self.lr = float(value)
+        if key == "lr":        # unchecked, as torch's param_groups (OneCycleLR's last
+            self.lr = float(value)     # linear step goes just below 0)
             return
         setattr(self, key, value)
         self.defaults[key] = value
