@@ -142,11 +142,12 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
                 norm = global_norm(grad_of.values())
                 outputs["grad_norm"] = norm.node
                 grad_of = clip_grad_norm(grad_of, optimizer.max_grad_norm, norm)
-            for p, st in zip(optimizer.params, optimizer.state, strict=True):
+            for i, (p, st) in enumerate(zip(optimizer.params, optimizer.state, strict=True)):
                 if id(p) not in grad_of:
                     continue                       # frozen or unused: no update
                 pname = name_of[id(p)]
-                new_p, new_st = optimizer.rule(Tensor(leaves[id(p)]), grad_of[id(p)], st, lr, t)
+                new_p, new_st = optimizer._group_rule(i, Tensor(leaves[id(p)]), grad_of[id(p)],
+                                                      st, lr, t)
                 outputs[f"param/{pname}"] = new_p.node
                 outputs.update({f"state/optim/{pname}/{k}": v.node for k, v in new_st.items()})
                 olds[f"param/{pname}"] = Tensor(leaves[id(p)])
