@@ -47,6 +47,7 @@ _device.keep_freed_memory()        # eager steps' arrays reuse freed heap memory
 # `import shardgrad.nn.functional as F` and `from shardgrad.optim import SGD` work as in torch.
 _sys.modules[__name__ + ".nn"] = nn
 _sys.modules[__name__ + ".nn.functional"] = functional
+_sys.modules[__name__ + ".nn.init"] = nn.init
 optim.lr_scheduler = lr_scheduler
 _sys.modules[__name__ + ".optim"] = optim
 _sys.modules[__name__ + ".optim.lr_scheduler"] = lr_scheduler

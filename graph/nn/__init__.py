@@ -809,6 +809,76 @@ class ModuleDict(Module):
             self[key] = m
 
 
+class _Activation(Module):
+    """A module calling ``fn`` of sg.nn.functional with its keyword arguments."""
+
+    fn = ""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x):
+        return getattr(F, self.fn)(x, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.kw.items())
+
+
+class ELU(_Activation):
+    fn = "elu"
+
+    def __init__(self, alpha: float = 1.0):
+        super().__init__(alpha=alpha)
+
+
+class Softplus(_Activation):
+    fn = "softplus"
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0):
+        super().__init__(beta=beta, threshold=threshold)
+
+
+class Hardtanh(_Activation):
+    fn = "hardtanh"
+
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0):
+        super().__init__(min_val=min_val, max_val=max_val)
+
+
+class ReLU6(_Activation):
+    fn = "relu6"
+
+
+class Mish(_Activation):
+    fn = "mish"
+
+
+class LogSigmoid(_Activation):
+    fn = "logsigmoid"
+
+
+class LogSoftmax(Module):
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return x.log_softmax(dim=self.dim)
+
+
+class Unflatten(Module):
+    """Split dim ``dim`` into ``unflattened_size``, as torch.nn.Unflatten."""
+
+    def __init__(self, dim: int, unflattened_size):
+        super().__init__()
+        self.dim, self.unflattened_size = dim, tuple(unflattened_size)
+
+    def forward(self, x):
+        d = self.dim % x.ndim
+        return x.reshape(x.shape[:d] + self.unflattened_size + x.shape[d + 1:])
+
+
 class Identity(Module):
     """Returns its input (extra arguments are ignored), as torch.nn.Identity."""
 
@@ -839,7 +909,7 @@ class CrossEntropyLoss(_Loss):
                  label_smoothing: float = 0.0):
         super().__init__(reduction)
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
-        self.register_buffer("weight", None if weight is None else _as_tensor(weight))
+        self.register_buffer("weight", _class_weights(weight))
 
     def forward(self, input, target):  # noqa: A002 - torch's name
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
@@ -853,13 +923,46 @@ class MSELoss(_Loss):
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
+class L1Loss(_Loss):
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.l1_loss(input, target, reduction=self.reduction)
+
+
+class SmoothL1Loss(_Loss):
+    def __init__(self, reduction: str = "mean", beta: float = 1.0):
+        super().__init__(reduction)
+        self.beta = beta
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+
+
+class HuberLoss(_Loss):
+    def __init__(self, reduction: str = "mean", delta: float = 1.0):
+        super().__init__(reduction)
+        self.delta = delta
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+
+
+class BCELoss(_Loss):
+    def __init__(self, weight=None, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.register_buffer("weight", _class_weights(weight))
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.binary_cross_entropy(input, target, weight=self.weight,
+                                      reduction=self.reduction)
+
+
 class NLLLoss(_Loss):
     """``F.nll_loss(log_probs, labels, weight, ignore_index, reduction)`` as a module."""
 
     def __init__(self, weight=None, ignore_index: int = F.IGNORE_INDEX, reduction: str = "mean"):
         super().__init__(reduction)
         self.ignore_index = ignore_index
-        self.register_buffer("weight", None if weight is None else _as_tensor(weight))
+        self.register_buffer("weight", _class_weights(weight))
 
     def forward(self, input, target):  # noqa: A002 - torch's name
         return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
@@ -878,6 +981,12 @@ class BCEWithLogitsLoss(_Loss):
     def forward(self, input, target):  # noqa: A002 - torch's name
         return F.binary_cross_entropy_with_logits(input, target, self.weight, self.reduction,
                                                   self.pos_weight)
+
+
+def _class_weights(v) -> Tensor | None:
+    """A loss's weight buffer in the dtype given (the function casts it to the input's), so
+    float64 weights keep their precision."""
+    return v if v is None or isinstance(v, Tensor) else tensor(np.asarray(v))
 
 
 def _as_tensor(v) -> Tensor:
@@ -1019,12 +1128,13 @@ __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", 
            "functional",
            "manual_seed", "Conv1d", "Embedding", "AdaptiveAvgPool2d", "SiLU", "LeakyReLU",
            "Softmax", "GroupNorm", "NLLLoss", "BCEWithLogitsLoss", "MultiheadAttention",
-           "TransformerEncoderLayer"]
+           "TransformerEncoderLayer", "ELU", "Softplus", "Hardtanh", "ReLU6", "Mish", "LogSigmoid",
+           "LogSoftmax", "Unflatten", "L1Loss", "SmoothL1Loss", "HuberLoss", "BCELoss"]
 
 
 from shardgrad.graph.nn.resnet import BasicBlock, GlobalAvgPool, ResNet  # noqa: E402 - uses the above
 
 __all__ += ["BasicBlock", "GlobalAvgPool", "ResNet"]
-from shardgrad.graph.nn import utils  # noqa: E402 - sg.nn.utils.clip_grad_norm_, as torch
+from shardgrad.graph.nn import init, utils  # noqa: E402 - sg.nn.utils / sg.nn.init, as torch
 
-__all__ += ["utils"]
+__all__ += ["init", "utils"]
