@@ -10,6 +10,8 @@ and cluster/ (see DESIGN.md).
 import sys as _sys
 import types as _types
 
+import numpy as _np
+
 from shardgrad import ops as _ops
 from shardgrad.graph import lr_scheduler, nn, optim
 from shardgrad.graph.ir import Graph, Node, ShapeError
@@ -94,6 +96,52 @@ def matmul(x, y) -> Tensor:
 
 cat = concat
 
+# torch's dtype names (a Tensor's dtype is its NumPy name, so ``x.dtype == sg.float32``)
+float16 = half = "float16"
+float32 = "float32"
+float64 = double = "float64"
+int8, int16, int32, int64, uint8 = "int8", "int16", "int32", "int64", "uint8"
+long = "int64"
+bool = "bool"  # noqa: A001 - torch's name
+
+
+def from_numpy(a) -> Tensor:
+    """A tensor of ``a``'s values and dtype (a copy: shardgrad never aliases your arrays)."""
+    return tensor(a)
+
+
+def eye(n: int, m: int | None = None, dtype=None, device=None) -> Tensor:
+    return tensor(_np.eye(n, m, dtype=dtype or get_default_dtype()), device=device)
+
+
+def linspace(start, end, steps: int, dtype=None, device=None) -> Tensor:
+    return tensor(_np.linspace(start, end, steps, dtype=dtype or get_default_dtype()),
+                  device=device)
+
+
+def full_like(t: Tensor, fill_value, dtype=None, device=None) -> Tensor:
+    return full(t.shape, fill_value, dtype or t.dtype, device or t.device)
+
+
+def randn_like(t: Tensor, dtype=None, device=None) -> Tensor:
+    return randn(*t.shape, dtype=dtype or t.dtype, device=device or t.device)
+
+
+def rand_like(t: Tensor, dtype=None, device=None) -> Tensor:
+    return rand(*t.shape, dtype=dtype or t.dtype, device=device or t.device)
+
+
+def clamp(x: Tensor, min=None, max=None) -> Tensor:  # noqa: A002 - torch's names
+    return x.clamp(min, max)
+
+
+def softmax(x: Tensor, dim: int) -> Tensor:
+    return x.softmax(dim=dim)
+
+
+def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    return x.flatten(start_dim, end_dim)
+
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "zeros", "ones", "full", "zeros_like", "ones_like", "arange",
            "randn", "rand", "randint", "stack", "no_grad", "is_grad_enabled", "nn", "optim",
@@ -102,4 +150,7 @@ __all__ = ["Tensor", "tensor", "zeros", "ones", "full", "zeros_like", "ones_like
            "set_default_dtype", "get_default_dtype", "Graph", "Node", "ShapeError",
            "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "sin", "cos", "abs",
            "concat", "cat",
-           "where", "maximum", "minimum", "matmul"]
+           "where", "maximum", "minimum", "matmul", "float16", "half", "float32", "float64",
+           "double", "int8", "int16", "int32", "int64", "uint8", "long", "bool", "from_numpy",
+           "eye", "linspace", "full_like", "randn_like", "rand_like", "clamp", "softmax",
+           "flatten"]

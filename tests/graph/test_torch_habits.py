@@ -282,3 +282,18 @@ def test_integer_negation_and_flip():
     s, t = both(a)
     check(s.flip(0, 1), t.flip(0, 1), [s], [t])
     check(sg.tensor(a).flip(-1), torch.tensor(a).flip(-1))
+
+
+def test_torch_dtype_names_and_factories():
+    x = sg.zeros(2, 3, dtype=sg.float64)
+    assert x.dtype == sg.float64 and x.to(sg.float32).dtype == sg.float32
+    assert sg.tensor([1, 2], dtype=sg.long).dtype == "int64" and sg.ones(2, dtype=sg.bool).all()
+    check(sg.eye(3, dtype=sg.float64), torch.eye(3, dtype=torch.float64))
+    check(sg.linspace(0, 1, 5, dtype=sg.float64), torch.linspace(0, 1, 5, dtype=torch.float64))
+    check(sg.full_like(x, 2.5), torch.full_like(torch.zeros(2, 3, dtype=torch.float64), 2.5))
+    a = np.arange(3.0)
+    s = sg.from_numpy(a)
+    a[0] = 5.0
+    assert s.numpy()[0] == 0.0 and sg.randn_like(x).shape == (2, 3)
+    check(sg.clamp(sg.tensor(a), 1.0, 2.0), torch.clamp(torch.tensor(a), 1.0, 2.0))
+    check(sg.softmax(sg.tensor(a), dim=0), torch.softmax(torch.tensor(a), dim=0))
