@@ -635,18 +635,17 @@ def _interrupted(sig, frame):
     raise KeyboardInterrupt
 
 
-def shrunk_dp(parallel: Mapping[str, Any], batch: int, slots: int) -> int:
+def shrunk_dp(parallel: cfg.ParallelConfig, batch: int, slots: int) -> int:
     """The largest data-parallel size, at most ``parallel.dp``, whose ``dp x pp`` ranks fit in
     ``slots`` and that the global batch (``train.batch_size``) still divides as the run
     requires (over dp, times ``parallel.microbatches`` for a pipeline; ``parallel.chunks``
     over dp in deterministic mode); 0 when none does."""
-    pp = parallel["pp"]
-    for dp in range(min(parallel["dp"], slots // pp), 0, -1):
+    pp = parallel.pp
+    for dp in range(min(parallel.dp, slots // pp), 0, -1):
         if pp > 1:
-            fits = batch % (dp * parallel["microbatches"]) == 0
+            fits = batch % (dp * parallel.microbatches) == 0
         else:
-            fits = batch % dp == 0 and not (parallel["deterministic"]
-                                             and parallel["chunks"] % dp)
+            fits = batch % dp == 0 and not (parallel.deterministic and parallel.chunks % dp)
         if fits:
             return dp
     return 0

@@ -4,6 +4,7 @@ node holding two of its ranks restarts from its latest checkpoint at dp = 2 and 
 parameters of an uninterrupted dp = 2 run (deterministic float64); with cluster.min_ranks
 above what is left it stops with one line saying so. Each run bounded by a timeout."""
 
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import ray
 import ray.cluster_utils as cluster_utils
 
 from shardgrad.cluster import ray_launch
+from shardgrad.runtime.config import ParallelConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_testing import free_port, wait_for  # noqa: E402
@@ -175,12 +177,13 @@ def test_min_ranks_above_the_job_is_refused(cluster, tmp_path):
 
 
 def test_shrunk_dp_keeps_the_global_batch_divisible():
-    par = {"dp": 4, "pp": 1, "deterministic": True, "chunks": 4, "microbatches": 1}
+    par = ParallelConfig(dp=4, pp=1, deterministic=True, chunks=4, microbatches=1)
+    loose = dataclasses.replace(par, deterministic=False)
     assert ray_launch.shrunk_dp(par, 64, 4) == 4
     assert ray_launch.shrunk_dp(par, 64, 3) == 2       # chunks = 4 over dp = 3 would not do
-    assert ray_launch.shrunk_dp({**par, "deterministic": False}, 63, 3) == 3
-    assert ray_launch.shrunk_dp({**par, "deterministic": False}, 64, 3) == 2
+    assert ray_launch.shrunk_dp(loose, 63, 3) == 3
+    assert ray_launch.shrunk_dp(loose, 64, 3) == 2
     assert ray_launch.shrunk_dp(par, 64, 0) == 0
-    pipe = {**par, "pp": 2, "microbatches": 4}
+    pipe = dataclasses.replace(par, pp=2, microbatches=4)
     assert ray_launch.shrunk_dp(pipe, 64, 7) == 2      # 2 pipelines of 2 stages in 7 slots
     assert ray_launch.shrunk_dp(pipe, 8, 8) == 2       # 8 / (dp x 4 micro-batches)
