@@ -122,3 +122,15 @@ def test_an_update_that_reads_every_gradient_is_refused():
     with pytest.raises(ShapeError, match="gradient clipping and fp16 loss scaling are not "
                                          "supported with zero=1"):
         zero1(graph, 2)
+
+
+def test_zero1_plan_prints_its_layout():
+    graph, _ = step_graph(3, "adam")
+    assert str(zero1(graph, 3)).splitlines()[-3:] == [   # 293 elements padded to 3 x 98
+        "  gradients: f64 2,352 B (293 elements of 4 parameters), reduce_scatter: 784 B a rank",
+        "  update: each rank its block of 98 elements; optimizer state 1,568 B a rank "
+        "(exp_avg, exp_avg_sq)",
+        "  allgather: 784 B from each rank, 2,352 B of parameters"]
+    assert str(zero1(graph, 3, deterministic=True, chunks=3)).splitlines()[-3] == (
+        "  gradients: f64 2,352 B (293 elements of 4 parameters), summed along the fixed tree, "
+        "each rank keeps its block (shard): 784 B a rank")
