@@ -90,7 +90,7 @@ def tracing_salt(salt: Tensor):
 
 def _evaluate(outs: list[Node]) -> None:
     """Compute eager values for ``outs`` and whatever they need that has none yet."""
-    if len(outs) == 1 and walk_module._tracer is None:
+    if len(outs) == 1 and walk_module.current_tracer is None:
         # the common eager case, one op whose inputs all have values: run it directly
         # rather than through a one-step walk (a fifth of a small eager op's time here)
         n = outs[0]
@@ -123,7 +123,7 @@ def _evaluate(outs: list[Node]) -> None:
     for n in order:
         if n.op != "const" and not n.inputs:
             raise ShapeError(f"{n!r} has no value: it is a traced placeholder")
-    if walk_module._tracer is not None:      # the executor core's loop times each node
+    if walk_module.current_tracer is not None:      # the executor core's loop times each node
         walk = _EagerWalk()
         for n in order:
             if n.op == "const":
@@ -223,7 +223,10 @@ def _to_device_once(xp, a, device_id: int):
     return hit
 
 
-def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
+def eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
+    """A node holding the eager value ``value`` (an array on its device): an input leaf
+    when ``requires_grad`` (so backward reaches it), else a constant. What a Tensor made
+    from a value wraps."""
     node = leaf("input", value.shape, str(value.dtype), name=None) if requires_grad else Node(
         "const", (), {"value": value}, value.shape, str(value.dtype))
     _VALUES[node] = value
@@ -285,7 +288,7 @@ class Tensor:
     def _set_leaf(self, value) -> None:
         if _LEAVES.get(self.node.id) is self:      # the old value's node leaves the table
             del _LEAVES[self.node.id]
-        self.node = _eager_leaf(value, self.requires_grad)
+        self.node = eager_leaf(value, self.requires_grad)
         if self.requires_grad:
             _LEAVES[self.node.id] = self
 
@@ -352,7 +355,7 @@ class Tensor:
         return self.data.item()
 
     def detach(self) -> Tensor:
-        return Tensor(_eager_leaf(self.data, False))
+        return Tensor(eager_leaf(self.data, False))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -453,7 +456,7 @@ class Tensor:
         for n, g in zip(leaves, gs, strict=True):
             # a gradient made of constants alone (x.sum()'s) is computed on the host
             t, value = _LEAVES[n.id], to_device(_VALUES[g], _LEAVES[n.id].device)
-            t.grad = Tensor(_eager_leaf(value if t.grad is None else t.grad.data + value, False))
+            t.grad = Tensor(eager_leaf(value if t.grad is None else t.grad.data + value, False))
 
     # -- operators --------------------------------------------------------------------------
     def __add__(self, y): return apply(E.add, self, y)
@@ -800,7 +803,7 @@ def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor
         raise ShapeError(f"only floating-point tensors can require gradients, got {arr.dtype}")
     if device is not None:
         arr = to_device(arr, device)
-    t = Tensor(_eager_leaf(arr, False), requires_grad=requires_grad)
+    t = Tensor(eager_leaf(arr, False), requires_grad=requires_grad)
     t._set_leaf(arr)
     return t
 
@@ -843,6 +846,12 @@ def ones_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -
 
 # The generator of parameter initialisation and sg.randn / rand / randint (torch's global one).
 _rng = [np.random.default_rng(0)]
+
+
+def default_generator() -> np.random.Generator:
+    """The generator parameter initialisation and sg.randn / rand / randint draw from (a new
+    one after each manual_seed), as torch's default generator."""
+    return _rng[0]
 
 
 def manual_seed(seed: int) -> None:

@@ -17,9 +17,9 @@ from shardgrad.ops.registry import apply, itemsize
 from shardgrad.partition.data_parallel import (
     DEFAULT_BUCKET_BYTES,
     DataParallel,
-    _bucketed,
-    _check_step,
-    _contiguous_source,
+    bucketed,
+    check_step,
+    contiguous_source,
     data_parallel,
 )
 from shardgrad.partition.plan import Plan
@@ -115,7 +115,7 @@ def zero1(graph: Graph, world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTE
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    _check_step(graph)
+    check_step(graph)
     options: dict[str, Any] = {"mode": "deterministic" if deterministic else "allreduce",
                                "group": group, "zero": 1}
     if deterministic:
@@ -124,7 +124,7 @@ def zero1(graph: Graph, world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTE
         reduced, buckets = base.graph, []
     else:
         options["bucket_bytes"] = bucket_bytes
-        reduced, buckets = _bucketed(graph, world_size, bucket_bytes, False, group, grads=False)
+        reduced, buckets = bucketed(graph, world_size, bucket_bytes, False, group, grads=False)
     return ZeroPlan("zero1", world_size, _sharded(reduced, world_size, group, deterministic),
                 buckets, options)
 
@@ -169,7 +169,7 @@ def _sharded(graph: Graph, n: int, group: str, reduced: bool) -> Graph:
     grads, users = [], graph.users()
     for p in params:
         g = graph.outputs[f"grad/{p}"]
-        src, axes = _contiguous_source(g, users) if not reduced else (g, None)
+        src, axes = contiguous_source(g, users) if not reduced else (g, None)
         grads.append(src if axes is None else g)   # packed in the parameter's own layout
     if reduced:
         g_block = shard(pack(grads + zeros), n, group)
