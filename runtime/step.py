@@ -54,7 +54,7 @@ def _current(where: dev.Device):
     """A context making GPU ``where`` current while a step runs (nothing for the CPU)."""
     if not where.is_cuda:
         return contextlib.nullcontext()
-    return dev.base._cupy().cuda.Device(where.index or 0)
+    return dev.xp_for(where).cuda.Device(where.index or 0)
 
 
 def as_batch(v):
