@@ -2,6 +2,9 @@
 of the sharded update on N threaded ranks with plain data parallelism (SGD momentum, Adam,
 AdamW; uneven blocks), deterministic mode's identical bits, and the updates it refuses."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,6 +16,9 @@ from shardgrad.partition.data_parallel import data_parallel
 from shardgrad.partition.zero import Layout, zero1
 from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.threadcomm import run_ranks
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "graph"))
+from seeded import mlp  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,12 +32,7 @@ OPTIMIZERS = {
 
 
 def step_graph(n, opt="sgd", clip=None, chunks=None):
-    sg.set_default_dtype("float64")
-    try:
-        sg.manual_seed(0)
-        model = sg.nn.Sequential(sg.nn.Linear(12, 16), sg.nn.ReLU(), sg.nn.Linear(16, 5))
-    finally:
-        sg.set_default_dtype("float32")
+    model = mlp(12, 16, 5)
     optimizer = OPTIMIZERS[opt](model.parameters())
     optimizer.max_grad_norm = clip
     rows = B // (chunks or n)
