@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy
+from blobs import MPIRUN
 
-MPIRUN_ARGS = ["--allow-run-as-root", "--oversubscribe"]
 MLP = str(Path(__file__).resolve().parents[2] / "examples" / "digits_mlp.toml")
 ON_GPU = ['device.type="cuda"', 'device.cuda_aware_mpi="off"']
 
@@ -50,11 +50,10 @@ def cpu_then_stand_in(out: str, sets: list[str], cupy: Any,
             json.dump(seen, f)
 
 
-def run_workers(mpirun: str, script: str, ranks: int, out: Path, sets: list[str]) -> list:
+def run_workers(script: str, ranks: int, out: Path, sets: list[str]) -> list:
     """``script --worker OUT SETS...`` on ``ranks`` ranks (280 s at most); what each rank
     read (OUT/seen.json)."""
-    cmd = [mpirun, *MPIRUN_ARGS, "-n", str(ranks), sys.executable, script, "--worker",
-           str(out), *sets]
+    cmd = [*MPIRUN, "-n", str(ranks), sys.executable, script, "--worker", str(out), *sets]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
                           env={**os.environ, "SHARDGRAD_PROGRESS": "0"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -54,7 +54,7 @@ def worker(out: str, sets: list[str]) -> None:
 
 @pytest.mark.timeout(300)
 def test_gpu_data_parallel_equals_the_cpu_run(tmp_path):
-    seen = run_workers(MPIRUN, __file__, 2, tmp_path, SETS)
+    seen = run_workers(__file__, 2, tmp_path, SETS)
     for ranks, n_runs, sizes, paths, steps in seen:
         assert ranks == ["None"] and n_runs == steps > 0   # compile_step's own GPU path
         assert paths and set(paths) == {"flat-sgd"}

@@ -49,7 +49,7 @@ def worker(out: str, sets: list[str]) -> None:
 def test_cuda_pipeline_equals_the_cpu_pipeline(dp, pp, extra, tmp_path):
     # with grad_clip each stage's update allreduces its sum of squares over the stages
     sets = [*SETS, f"parallel.dp={dp}", f"parallel.pp={pp}", *extra]
-    seen = run_workers(MPIRUN, __file__, dp * pp, tmp_path, sets)
+    seen = run_workers(__file__, dp * pp, tmp_path, sets)
     assert [r for r, _ in seen] == [[r] for r in range(dp * pp)]   # every stage on the GPU
     assert all(c == [["mpi", "off"]] for _, c in seen)             # through the GPU comm
     assert_same_params(tmp_path)
