@@ -270,34 +270,14 @@ def _mpirun(program: list[str], n: int, mpi: bool = False) -> int:
     return code
 
 
-# Open MPI's banners after a rank failed: the rank's own line already says what happened.
-_MPI_TRAILERS = ("MPI_ABORT was invoked", "exited with non-zero status", '"abort"')
-
-
 def _relay_stderr(stream) -> None:
-    """Copy mpirun's stderr to ours, leaving out the blocks (between lines of dashes) in
-    which Open MPI repeats that a rank failed or aborted."""
-    def emit(chunk: bytes) -> None:
-        if chunk:
-            sys.stderr.write(chunk.decode(errors="replace"))
-            sys.stderr.flush()
+    """Copy mpirun's stderr to ours, leaving out Open MPI's blocks that repeat that a rank
+    failed or aborted (the rank's own line already says what happened)."""
+    from shardgrad.cluster.commands import without_mpi_trailers
 
-    block: list[bytes] | None = None
-    for line in iter(stream.readline, b""):
-        if block is not None:
-            block.append(line)
-        if not (line.strip() and not line.strip().strip(b"-")):   # not a line of dashes
-            if block is None:
-                emit(line)
-            continue
-        if block is None:
-            block = [line]
-            continue
-        text = b"".join(block).decode(errors="replace")
-        if not any(t in text for t in _MPI_TRAILERS):
-            emit(b"".join(block))
-        block = None
-    emit(b"".join(block or []))
+    for chunk in without_mpi_trailers(iter(stream.readline, b"")):
+        sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
 
 
 def _ranks(args, config) -> tuple[int | None, list[str]]:
@@ -347,7 +327,12 @@ def cmd_train(args) -> int:
     par = config.parallel
     comm = world.start(par.timeout_s, par.start_timeout_s, exit_code=_exit_code)
     try:
-        summary = train(config, out, comm=comm, resume=args.resume)
+        import numpy as np
+
+        # a diverging step overflows: NumPy's warnings (2 lines each, per rank) came before
+        # the one line that names the step (Diverged)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
         if isinstance(e, Terminated):
             if comm.world_size > 1:
@@ -358,13 +343,14 @@ def cmd_train(args) -> int:
                 os._exit(128 + e.sig)
             print(f"shardgrad train: {e}", file=sys.stderr)
             return 128 + e.sig
-        if comm.world_size > 1 and isinstance(e, USAGE_ERRORS):
+        if comm.world_size > 1 and isinstance(e, (*USAGE_ERRORS, Diverged)):
+            # every rank meets the same bad input, and the same (averaged) diverged loss
             if world.first_to_report():
-                print(f"shardgrad train: error: {e}", file=sys.stderr, flush=True)
+                print(f"shardgrad train: error: {_said(e)}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             # Not MPI_Abort: its banner and prterun's would bury the line; prterun ends the
             # job when a rank exits non-zero, and MPI_Finalize could wait on a busy peer.
-            os._exit(2)
+            os._exit(_exit_code(e))
         world.fail(comm, e, _exit_code(e))
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)
