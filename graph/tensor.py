@@ -91,7 +91,7 @@ def tracing_salt(salt: Tensor):
 
 def _evaluate(outs: list[Node]) -> None:
     """Compute eager values for ``outs`` and whatever they need that has none yet."""
-    if len(outs) == 1 and walk_module._tracer is None:
+    if len(outs) == 1 and walk_module.current_tracer is None:
         # the common eager case, one op whose inputs all have values: run it directly
         # rather than through a one-step walk (a fifth of a small eager op's time here)
         n = outs[0]
@@ -124,7 +124,7 @@ def _evaluate(outs: list[Node]) -> None:
     for n in order:
         if n.op != "const" and not n.inputs:
             raise ShapeError(f"{n!r} has no value: it is a traced placeholder")
-    if walk_module._tracer is not None:      # the executor core's loop times each node
+    if walk_module.current_tracer is not None:      # the executor core's loop times each node
         walk = _EagerWalk()
         for n in order:
             if n.op == "const":
@@ -1213,6 +1213,12 @@ def ones_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -
 
 # The generator of parameter initialisation and sg.randn / rand / randint (torch's global one).
 _rng = [np.random.default_rng(0)]
+
+
+def default_generator() -> np.random.Generator:
+    """The generator parameter initialisation and sg.randn / rand / randint draw from (a new
+    one after each manual_seed), as torch's default generator."""
+    return _rng[0]
 
 
 def manual_seed(seed: int) -> None:

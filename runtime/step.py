@@ -54,10 +54,10 @@ def _current(where: dev.Device):
     """A context making GPU ``where`` current while a step runs (nothing for the CPU)."""
     if not where.is_cuda:
         return contextlib.nullcontext()
-    return dev.base._cupy().cuda.Device(where.index or 0)
+    return dev.xp_for(where).cuda.Device(where.index or 0)
 
 
-def _batch(v):
+def as_batch(v):
     """A batch as the executor takes it: a Tensor's value, a GPU array as it is, anything
     else as a NumPy array."""
     v = v.data if isinstance(v, Tensor) else v
@@ -174,7 +174,7 @@ class TrainStep:
         """Run one step on batch ``(x, y)``. Returns the loss: a float on the CPU, a 0-d
         device Tensor for a model on a GPU (``float(loss)`` waits for the GPU; see
         runtime.gpu_step.StepLoss)."""
-        x, y = _batch(x), _batch(y)
+        x, y = as_batch(x), as_batch(y)
         if self._resident:
             return self._device_step(x, y)
         _, program = self.graph_for(x, y)
@@ -362,7 +362,7 @@ class Predictor:
 
     def __call__(self, x) -> np.ndarray:
         """The logits for batch ``x``, as a NumPy array (copied from the GPU if need be)."""
-        x = _batch(x)
+        x = as_batch(x)
         key = (x.shape, str(x.dtype))
         if key not in self._compiled:
             self._compiled[key] = self.executor(trace_forward(self.model, key))
@@ -377,12 +377,12 @@ class Predictor:
 def accuracy(model: Module, x, y, batch_size: int = 512, executor: Executor | None = None
              ) -> float:
     """The fraction of rows of ``x`` whose largest logit is at the integer label in ``y``."""
-    y = to_host(_batch(y))         # labels may be on the GPU (np.asarray refuses CuPy's)
+    y = to_host(as_batch(y))         # labels may be on the GPU (np.asarray refuses CuPy's)
     if y.ndim != 1 or len(y) != len(x):
         raise ValueError(f"accuracy needs one integer label per row of x: got labels of shape "
                          f"{y.shape} for {len(x)} rows")
     predict = Predictor(model, executor)
-    x = _batch(x)
+    x = as_batch(x)
     correct = 0
     for i in range(0, len(x), batch_size):
         correct += int((predict(x[i:i + batch_size]).argmax(axis=1) == y[i:i + batch_size]).sum())

@@ -21,8 +21,8 @@ from shardgrad.graph.nn import functional
 from shardgrad.graph.nn import functional as F
 from shardgrad.graph.tensor import (
     Tensor,
-    _rng,
     apply,
+    default_generator,
     get_default_dtype,
     is_dtype,
     manual_seed,
@@ -76,9 +76,9 @@ def _uniform(shape, bound: float) -> Parameter:
     # uniform(size=shape) call (the generator draws element by element), without a float64
     # copy of the whole parameter beside a float32 one.
     out = np.empty(shape, dtype=get_default_dtype())
-    flat = out.reshape(-1)
+    flat, rng = out.reshape(-1), default_generator()
     for i in range(0, flat.size, 1 << 20):
-        flat[i:i + (1 << 20)] = _rng[0].uniform(-bound, bound, size=min(1 << 20, flat.size - i))
+        flat[i:i + (1 << 20)] = rng.uniform(-bound, bound, size=min(1 << 20, flat.size - i))
     return Parameter(out)
 
 
@@ -423,7 +423,8 @@ class Embedding(Module):
             raise ValueError(f"Embedding: padding_idx {padding_idx} out of range for "
                              f"{num_embeddings} embeddings")
         self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
-        w = _rng[0].standard_normal((num_embeddings, embedding_dim)).astype(get_default_dtype())
+        w = default_generator().standard_normal((num_embeddings, embedding_dim)).astype(
+            get_default_dtype())
         if self.padding_idx is not None:
             w[self.padding_idx] = 0
         self.weight = Parameter(w)
