@@ -13,7 +13,7 @@ import numpy as np
 
 from shardgrad import ops
 from shardgrad.graph.ir import ShapeError
-from shardgrad.graph.tensor import Tensor, apply, tensor
+from shardgrad.graph.tensor import Tensor, _rng, apply, rng_salt, tensor
 from shardgrad.ops import elementwise as E
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -323,12 +323,18 @@ def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
     return apply(ops.nn.avg_pool2d, x, kernel_size, stride=stride, padding=padding)
 
 
-def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int = 0,
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int | None = None,
             salt: Tensor | None = None) -> Tensor:
     """Zero each element with probability ``p`` and scale the rest by 1/(1-p); the mask is a
-    function of (seed, salt, element index), identical on every device."""
+    function of (seed, salt, element index), identical on every device. Without a seed each
+    call draws one from the manual_seed generator (a fixed seed gave every eager call, and
+    every step of a compiled one, the same mask); traced, the step counter is the salt."""
     if not training or p == 0.0:
         return x
+    if seed is None:
+        seed = int(_rng[0].integers(2 ** 31))
+    if salt is None:
+        salt = rng_salt()
     return apply(ops.nn.dropout, x, p=p, seed=seed, salt=salt)
 
 

@@ -120,3 +120,26 @@ def test_init_functions_keep_the_parameter_and_draw_torch_s_ranges():
         torch.nn.init.calculate_gain("leaky_relu", 0.2))
     with pytest.raises(ValueError, match="fewer than 2"):
         init.xavier_uniform_(conv.bias)
+
+
+def test_functional_dropout_draws_a_new_mask_each_call_and_each_compiled_step():
+    # its seed defaulted to 0: every eager call, and every step of a compiled step, dropped
+    # the same elements
+    x = sg.ones(2000)
+    a, b = (F.dropout(x, 0.5).numpy() for _ in range(2))
+    assert not np.array_equal(a, b) and abs(a.mean() - 1.0) < 0.1
+    assert np.array_equal(F.dropout(x, 0.5, training=False).numpy(), x.numpy())
+
+    class Net(sg.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = sg.nn.Linear(50, 50)
+
+        def forward(self, x):
+            return F.dropout(self.lin(x), 0.5, self.training)
+
+    sg.manual_seed(0)
+    m = Net()
+    step = sg.compile_step(m, lambda out, y: (out * out).mean(), sg.optim.SGD(m.parameters(), 0.0))
+    losses = {step(np.ones((4, 50), np.float32), np.zeros(4)) for _ in range(3)}
+    assert len(losses) == 3
