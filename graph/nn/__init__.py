@@ -8,6 +8,7 @@ graph.tensor and ops.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -1123,14 +1124,34 @@ class TransformerEncoderLayer(Module):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
+class TransformerEncoder(Module):
+    """``num_layers`` copies of ``encoder_layer`` (``layers.0``, ``layers.1``, ...), then
+    ``norm`` if given, as torch.nn.TransformerEncoder (so its state_dict loads)."""
+
+    def __init__(self, encoder_layer: Module, num_layers: int, norm: Module | None = None):
+        super().__init__()
+        _positive("TransformerEncoder", num_layers=num_layers)
+        self.layers = ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        out = src
+        for layer in self.layers:
+            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                        is_causal=bool(is_causal))
+        return out if self.norm is None else self.norm(out)
+
+
 __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "GELU",
            "Tanh", "Sigmoid", "Flatten", "Dropout", "LayerNorm", "BatchNorm2d", "BatchNorm1d",
            "Sequential", "ModuleList", "ModuleDict", "Identity", "CrossEntropyLoss", "MSELoss",
            "functional",
            "manual_seed", "Conv1d", "Embedding", "AdaptiveAvgPool2d", "SiLU", "LeakyReLU",
            "Softmax", "GroupNorm", "NLLLoss", "BCEWithLogitsLoss", "MultiheadAttention",
-           "TransformerEncoderLayer", "ELU", "Softplus", "Hardtanh", "ReLU6", "Mish", "LogSigmoid",
-           "LogSoftmax", "Unflatten", "L1Loss", "SmoothL1Loss", "HuberLoss", "BCELoss"]
+           "TransformerEncoderLayer", "TransformerEncoder", "ELU", "Softplus", "Hardtanh",
+           "ReLU6", "Mish", "LogSigmoid", "LogSoftmax", "Unflatten", "L1Loss", "SmoothL1Loss",
+           "HuberLoss", "BCELoss"]
 
 
 from shardgrad.graph.nn.resnet import BasicBlock, GlobalAvgPool, ResNet  # noqa: E402 - uses the above

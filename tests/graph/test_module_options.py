@@ -142,3 +142,21 @@ def test_load_state_dict_copies_so_models_loaded_from_one_dict_stay_apart():
     b(sg.ones(4, 3, dtype="float64")).sum().backward()
     opt2.step()
     np.testing.assert_array_equal(saved["0.momentum_buffer"], momentum)
+
+
+def test_transformer_encoder_stack_loads_torch_s_state_and_matches():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
+    tm = torch.nn.TransformerEncoder(layer, 2, norm=torch.nn.LayerNorm(8).double(),
+                                     enable_nested_tensor=False)
+    sm = sg.nn.TransformerEncoder(
+        sg.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double(), 2,
+        norm=sg.nn.LayerNorm(8).double())
+    mask = np.zeros((3, 5), bool)
+    mask[0, -2:] = True
+    x = RNG.standard_normal((3, 5, 8))
+    sm.load_state_dict({k: v.detach().numpy() for k, v in tm.state_dict().items()})
+    got = sm(sg.tensor(x), src_key_padding_mask=sg.tensor(mask))
+    want = tm(torch.tensor(x), src_key_padding_mask=torch.tensor(mask))
+    np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert sm.layers[0].linear1.weight is not sm.layers[1].linear1.weight
