@@ -436,6 +436,18 @@ class Embedding(Module):
             return out
         return out * (x != self.padding_idx).astype(out.dtype).unsqueeze(-1)
 
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze: bool = True,
+                        padding_idx: int | None = None) -> Embedding:
+        """An Embedding holding ``embeddings`` (num, dim), frozen unless ``freeze=False``."""
+        w = embeddings.numpy() if isinstance(embeddings, Tensor) else np.asarray(embeddings)
+        if w.ndim != 2:
+            raise ValueError(f"Embeddings parameter is expected to be 2-dimensional, got "
+                             f"{w.shape}")
+        out = cls(*w.shape, padding_idx=padding_idx)
+        out.weight = Parameter(w, requires_grad=not freeze)
+        return out
+
     def extra_repr(self) -> str:
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
@@ -471,6 +483,9 @@ class AvgPool2d(MaxPool2d):
 
 
 class ReLU(Module):
+    def __init__(self, inplace: bool = False):   # torch's flag; results never alias here
+        super().__init__()
+
     def forward(self, x):
         return F.relu(x)
 
@@ -503,12 +518,15 @@ class Sigmoid(Module):
 
 
 class SiLU(Module):
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+
     def forward(self, x):
         return F.silu(x)
 
 
 class LeakyReLU(Module):
-    def __init__(self, negative_slope: float = 0.01):
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False):
         super().__init__()
         self.negative_slope = negative_slope
 
@@ -532,12 +550,12 @@ class Softmax(Module):
 
 
 class Flatten(Module):
-    def __init__(self, start_dim: int = 1):
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
         super().__init__()
-        self.start_dim = start_dim
+        self.start_dim, self.end_dim = start_dim, end_dim
 
     def forward(self, x):
-        return x.flatten(self.start_dim)
+        return x.flatten(self.start_dim, self.end_dim)
 
 
 class Dropout(Module):
@@ -546,7 +564,7 @@ class Dropout(Module):
 
     _instances = [0]
 
-    def __init__(self, p: float = 0.5, seed: int | None = None):
+    def __init__(self, p: float = 0.5, inplace: bool = False, seed: int | None = None):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout probability must be in [0, 1), got {p}")
@@ -564,7 +582,8 @@ class Dropout(Module):
 
 
 class LayerNorm(Module):
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True):
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True):
         super().__init__()
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else \
             tuple(normalized_shape)
@@ -572,8 +591,8 @@ class LayerNorm(Module):
         dtype = get_default_dtype()
         self.weight = Parameter(np.ones(self.normalized_shape, dtype)) if elementwise_affine \
             else None
-        self.bias = Parameter(np.zeros(self.normalized_shape, dtype)) if elementwise_affine \
-            else None
+        self.bias = Parameter(np.zeros(self.normalized_shape, dtype)) if (
+            elementwise_affine and bias) else None
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -830,7 +849,7 @@ class _Activation(Module):
 class ELU(_Activation):
     fn = "elu"
 
-    def __init__(self, alpha: float = 1.0):
+    def __init__(self, alpha: float = 1.0, inplace: bool = False):
         super().__init__(alpha=alpha)
 
 
@@ -844,12 +863,15 @@ class Softplus(_Activation):
 class Hardtanh(_Activation):
     fn = "hardtanh"
 
-    def __init__(self, min_val: float = -1.0, max_val: float = 1.0):
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False):
         super().__init__(min_val=min_val, max_val=max_val)
 
 
 class ReLU6(_Activation):
     fn = "relu6"
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
 
 
 class Mish(_Activation):

@@ -160,3 +160,28 @@ def test_transformer_encoder_stack_loads_torch_s_state_and_matches():
     want = tm(torch.tensor(x), src_key_padding_mask=torch.tensor(mask))
     np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-10, atol=1e-12)
     assert sm.layers[0].linear1.weight is not sm.layers[1].linear1.weight
+
+
+def test_torch_constructor_flags_people_pass():
+    # nn.ReLU(inplace=True) (torchvision-style blocks), Flatten(start, end), LayerNorm(bias=),
+    # Embedding.from_pretrained raised TypeError
+    for make in [lambda nn: nn.ReLU(inplace=True), lambda nn: nn.LeakyReLU(0.1, inplace=True),
+                 lambda nn: nn.SiLU(inplace=True), lambda nn: nn.ELU(inplace=True),
+                 lambda nn: nn.ReLU6(inplace=True), lambda nn: nn.Hardtanh(inplace=True),
+                 lambda nn: nn.Dropout(0.5, inplace=False), lambda nn: nn.Flatten(0, 1)]:
+        sm, tm = make(sg.nn), make(torch.nn)
+        tm.eval()
+        sm.eval()
+        x = RNG.standard_normal((3, 4, 2))
+        np.testing.assert_allclose(sm(sg.tensor(x)).numpy(), tm(torch.tensor(x)).numpy(),
+                                   rtol=1e-12)
+    torch.manual_seed(0)
+    tm = torch.nn.LayerNorm(4, bias=False).double()
+    torch.nn.init.normal_(tm.weight)
+    run_both(sg.nn.LayerNorm(4, bias=False).double(), tm, RNG.standard_normal((3, 4)))
+    w = RNG.standard_normal((5, 3))
+    e = sg.nn.Embedding.from_pretrained(sg.tensor(w))
+    t = torch.nn.Embedding.from_pretrained(torch.tensor(w))
+    assert not e.weight.requires_grad
+    np.testing.assert_array_equal(e(sg.tensor([4, 0])).numpy(), t(torch.tensor([4, 0])).numpy())
+    assert sg.nn.Embedding.from_pretrained(w, freeze=False).weight.requires_grad
