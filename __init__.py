@@ -7,6 +7,7 @@ run under mpirun, ``sg.distributed``. The subpackages are graph/, ops/, partitio
 and cluster/ (see DESIGN.md).
 """
 
+import builtins as _builtins  # this module defines torch's bool, sum, max, min, pow
 import sys as _sys
 import types as _types
 
@@ -105,6 +106,74 @@ long = "int64"
 bool = "bool"  # noqa: A001 - torch's name
 
 
+def _method(name: str):
+    def fn(x, *args, **kwargs):
+        return getattr(x if isinstance(x, Tensor) else tensor(x), name)(*args, **kwargs)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"``x.{name}(...)`` as a function, as torch.{name}."
+    return fn
+
+
+# torch's function forms of Tensor methods (torch.sum(x, dim=1) is x.sum(dim=1))
+(sum, mean, argmax, argmin, topk, sort, chunk, split, unsqueeze, squeeze,  # noqa: A001
+ permute, reshape, gather, cumsum, log_softmax, norm, tril, triu, logsumexp, var, std, sign,
+ square, rsqrt, log1p, isnan, isfinite, erf, flip, numel, amax, amin, unbind,
+ index_select, narrow, masked_select, nonzero, clone, t) = (_method(n) for n in (
+    "sum", "mean", "argmax", "argmin", "topk", "sort", "chunk", "split", "unsqueeze",
+    "squeeze", "permute", "reshape", "gather", "cumsum", "log_softmax", "norm", "tril",
+    "triu", "logsumexp", "var", "std", "sign", "square", "rsqrt", "log1p", "isnan",
+    "isfinite", "erf", "flip", "numel", "amax", "amin", "unbind", "index_select", "narrow",
+    "masked_select", "nonzero", "clone", "t"))
+max, min, transpose = _method("max"), _method("min"), _method("transpose")  # noqa: A001
+mm = bmm = matmul
+
+
+def pow(x, y) -> Tensor:  # noqa: A001 - torch's name
+    return (x if isinstance(x, Tensor) else tensor(x)) ** y
+
+
+def outer(x, y) -> Tensor:
+    return x.reshape(-1, 1) * y.reshape(1, -1)
+
+
+def is_tensor(x) -> bool:
+    return isinstance(x, Tensor)
+
+
+def allclose(x, y, rtol: float = 1e-5, atol: float = 1e-8, equal_nan: bool = False) -> bool:
+    return _builtins.bool(_np.allclose(_np.asarray(x), _np.asarray(y), rtol, atol, equal_nan))
+
+
+def equal(x, y) -> bool:
+    """Same shape and elements (torch.equal)."""
+    return _np.asarray(x).shape == _np.asarray(y).shape and _builtins.bool(
+        _np.array_equal(_np.asarray(x), _np.asarray(y)))
+
+
+class set_grad_enabled:  # noqa: N801 - torch's name
+    """Gradient recording on or off inside (``with sg.set_grad_enabled(train):``), or from now
+    on when called on its own, as torch.set_grad_enabled."""
+
+    def __init__(self, mode: bool):
+        from shardgrad.graph import tensor as _t
+
+        self._flag, self._saved = _t._grad_enabled, _t._grad_enabled[0]
+        self._flag[0] = _builtins.bool(mode)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._flag[0] = self._saved
+
+
+def enable_grad():
+    return set_grad_enabled(True)
+
+
+inference_mode = no_grad
+
+
 def from_numpy(a) -> Tensor:
     """A tensor of ``a``'s values and dtype (a copy: shardgrad never aliases your arrays)."""
     return tensor(a)
@@ -153,4 +222,10 @@ __all__ = ["Tensor", "tensor", "zeros", "ones", "full", "zeros_like", "ones_like
            "where", "maximum", "minimum", "matmul", "float16", "half", "float32", "float64",
            "double", "int8", "int16", "int32", "int64", "uint8", "long", "bool", "from_numpy",
            "eye", "linspace", "full_like", "randn_like", "rand_like", "clamp", "softmax",
-           "flatten"]
+           "flatten", "mm", "bmm", "pow", "outer", "is_tensor", "allclose", "equal",
+           "set_grad_enabled", "enable_grad", "inference_mode", "sum", "mean", "max", "min",
+           "argmax", "argmin", "topk", "sort", "chunk", "split", "unsqueeze", "squeeze",
+           "permute", "reshape", "gather", "cumsum", "log_softmax", "norm", "tril", "triu",
+           "logsumexp", "var", "std", "sign", "square", "rsqrt", "log1p", "isnan", "isfinite",
+           "erf", "flip", "numel", "amax", "amin", "unbind", "index_select", "narrow",
+           "masked_select", "nonzero", "clone", "t", "transpose"]
