@@ -303,7 +303,7 @@ class SGD(Optimizer):
     """p <- p - lr * d, with d = g + wd p, and with momentum mu: b <- mu b + (1 - dampening) d
     (b <- d at the first step); d = b (or d + mu b with Nesterov), as torch.optim.SGD."""
 
-    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
         _check("momentum value", momentum, momentum >= 0)
         _check("weight_decay value", weight_decay, weight_decay >= 0)
