@@ -609,10 +609,11 @@ class Tensor:
             raise ShapeError("backward() of a tensor that does not require grad (no leaf "
                              "with requires_grad=True was used to compute it)")
         if gradient is None:
-            if self.shape != ():
+            if self.size != 1:        # one element of any shape, as torch's implicit grad
                 raise ShapeError(f"backward() without a gradient needs a scalar, got shape "
                                  f"{self.shape}; pass gradient= of that shape")
-            seed = const(1, dtype=self.dtype)
+            seed = const(1, dtype=self.dtype) if self.shape == () else const(
+                np.ones(self.shape, self.dtype))
             if self.is_cuda:     # the gradient is computed where the value lives
                 value = self.data
                 with value.device:

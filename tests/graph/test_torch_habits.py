@@ -325,3 +325,12 @@ def test_more_torch_methods_and_function_forms():
     assert (w * 2).requires_grad and sg.is_tensor(w) and not sg.is_tensor(1.0)
     assert sg.allclose(sg.ones(2), np.ones(2)) and sg.equal(sg.ones(2), sg.ones(2))
     assert sg.zeros(2).new_zeros(3, 1).shape == (3, 1) and sg.ones(1).new_tensor([1.5]).dtype
+
+
+def test_backward_of_a_one_element_tensor_of_any_shape():
+    s, t = both(np.array([[1.0, 2.0]]))
+    (s * s).sum(dim=1).backward()                 # shape (1,): refused, torch takes it
+    (t * t).sum(dim=1).backward()
+    np.testing.assert_allclose(s.grad.numpy(), t.grad.numpy())
+    with pytest.raises(sg.ShapeError, match="needs a scalar"):
+        (s * s).backward()
