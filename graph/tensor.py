@@ -1099,6 +1099,15 @@ class Tensor:
         return apply(S.expand_dims, self, dim)
 
     def squeeze(self, dim=None):
+        """Drop size-1 dims (all, or those of ``dim``); a listed dim of another size stays,
+        as torch (``out.squeeze(-1)`` of a batch that is already (N,) is a no-op)."""
+        if dim is not None:
+            dims = dim if isinstance(dim, tuple | list) else (dim,)
+            n = max(self.ndim, 1)
+            dim = tuple(d for d in dims if self.ndim and self.shape[d % n] == 1)
+            if not dim:
+                return self
+            dim = dim if isinstance(dims, tuple | list) or len(dim) > 1 else dim[0]
         return apply(S.squeeze, self, dim)
 
     def permute(self, *dims):

@@ -334,3 +334,10 @@ def test_backward_of_a_one_element_tensor_of_any_shape():
     np.testing.assert_allclose(s.grad.numpy(), t.grad.numpy())
     with pytest.raises(sg.ShapeError, match="needs a scalar"):
         (s * s).backward()
+
+
+def test_squeeze_of_a_dim_not_of_size_one_is_a_no_op_as_in_torch():
+    a = RNG.standard_normal((3, 1, 2))
+    for dims in [0, 1, -1, (0, 1)]:
+        check(sg.tensor(a).squeeze(dims), torch.tensor(a).squeeze(dims))
+    check(sg.tensor(a).squeeze(), torch.tensor(a).squeeze())
