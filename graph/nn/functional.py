@@ -315,12 +315,54 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask=None, is_causal: bool = Fa
     return scores.softmax(-1)
 
 
-def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
+def _ceil_extra(x: Tensor, kernel_size, stride, padding) -> tuple[int, int]:
+    """The rows and columns ceil_mode adds at the bottom and right: torch's output size
+    ceil((n + 2p - k) / s) + 1, less one if the last window would start in the padding."""
+    pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))
+    k, p = pair(kernel_size), pair(padding)
+    s = pair(stride if stride is not None else kernel_size)
+    extra = []
+    for n, ki, si, pi in zip(x.shape[-2:], k, s, p, strict=True):
+        out = -(-(n + 2 * pi - ki) // si) + 1
+        if (out - 1) * si >= n + pi:
+            out -= 1
+        extra.append(max((out - 1) * si + ki - (n + 2 * pi), 0))
+    return extra[0], extra[1]
+
+
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0,
+               ceil_mode: bool = False) -> Tensor:
+    if ceil_mode:            # the extra bottom/right cells are -inf: never the maximum
+        eh, ew = _ceil_extra(x, kernel_size, stride, padding)
+        x = pad(x, (0, ew, 0, eh), value=float("-inf"))
     return apply(ops.nn.max_pool2d, x, kernel_size, stride=stride, padding=padding)
 
 
-def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
-    return apply(ops.nn.avg_pool2d, x, kernel_size, stride=stride, padding=padding)
+def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> Tensor:
+    """The window means, as torch: ``count_include_pad=False`` divides by the window's cells
+    inside the input (a mean of ones over the same windows counts them); ceil_mode's extra
+    cells are never counted."""
+    eh = ew = 0
+    if ceil_mode:
+        eh, ew = _ceil_extra(x, kernel_size, stride, padding)
+        x = pad(x, (0, ew, 0, eh))
+    out = apply(ops.nn.avg_pool2d, x, kernel_size, stride=stride, padding=padding)
+    if count_include_pad and not (eh or ew):
+        return out
+    h, w = x.shape[-2] - eh, x.shape[-1] - ew
+    if count_include_pad:      # the padding counts, the ceil cells past it do not (torch's)
+        ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        counted = np.zeros((h + eh + 2 * ph, w + ew + 2 * pw), x.dtype)
+        counted[:h + 2 * ph, :w + 2 * pw] = 1
+        cover = apply(ops.nn.avg_pool2d, tensor(counted[None, None]), kernel_size,
+                      stride=stride, padding=0)
+    else:
+        counted = np.zeros(x.shape[-2:], x.dtype)
+        counted[:h, :w] = 1
+        cover = apply(ops.nn.avg_pool2d, tensor(counted[None, None]), kernel_size,
+                      stride=stride, padding=padding)
+    return out / cover
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int | None = None,

@@ -185,3 +185,21 @@ def test_torch_constructor_flags_people_pass():
     assert not e.weight.requires_grad
     np.testing.assert_array_equal(e(sg.tensor([4, 0])).numpy(), t(torch.tensor([4, 0])).numpy())
     assert sg.nn.Embedding.from_pretrained(w, freeze=False).weight.requires_grad
+
+
+@pytest.mark.parametrize("h", [5, 6])
+@pytest.mark.parametrize("kw", [dict(kernel_size=2, ceil_mode=True),
+                                dict(kernel_size=3, stride=2, ceil_mode=True),
+                                dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+                                dict(kernel_size=3, stride=1, padding=1)])
+@pytest.mark.parametrize("layer, extra", [("MaxPool2d", {}), ("AvgPool2d", {}),
+                                          ("AvgPool2d", dict(count_include_pad=False))])
+def test_pooling_ceil_mode_and_count_include_pad(h, kw, layer, extra):
+    x = RNG.standard_normal((2, 3, h, h + 1))
+    s, t = sg.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    got, want = getattr(sg.nn, layer)(**kw, **extra)(s), getattr(torch.nn, layer)(**kw, **extra)(t)
+    np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-12, atol=1e-14)
+    g = RNG.standard_normal(tuple(want.shape))
+    (got * sg.tensor(g)).sum().backward()
+    (want * torch.tensor(g)).sum().backward()
+    np.testing.assert_allclose(s.grad.numpy(), t.grad.numpy(), rtol=1e-12, atol=1e-14)
