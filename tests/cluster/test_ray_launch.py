@@ -128,6 +128,22 @@ def rank_process(out, rank):
     return wait_for(rank_pid)
 
 
+def kill_rank(job, out, rank, ready=None) -> str:
+    """Once ``ready()`` holds (if given), SIGKILL ``rank`` of ``job`` (the run writing to
+    ``out``): the job fails within 30 s; its stderr. The job is killed whatever happens."""
+    try:
+        if ready is not None:
+            wait_for(ready)
+        os.kill(rank_process(out, rank), signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = job.communicate(timeout=30)
+        stopped = time.monotonic() - killed
+    finally:
+        job.kill()
+    assert job.returncode != 0 and stopped < 30
+    return err
+
+
 def test_killed_rank_stops_the_job_within_30s(cluster, tmp_path):
     env, config = cluster
     out = tmp_path / "killed"
@@ -135,14 +151,7 @@ def test_killed_rank_stops_the_job_within_30s(cluster, tmp_path):
     job = shardgrad([config, "--out", str(out), "--launcher", "ray", "--set", "parallel.dp=2",
                      "--set", "debug.fail_at_step=1", "--set", "debug.fail_rank=1",
                      "--set", "debug.fail_mode='hang'"], env, background=True)
-    try:
-        os.kill(rank_process(out, 1), signal.SIGKILL)
-        killed = time.monotonic()
-        _, err = job.communicate(timeout=30)
-        stopped = time.monotonic() - killed
-    finally:
-        job.kill()
-    assert job.returncode != 0 and stopped < 30
+    err = kill_rank(job, out, 1)
     assert "shardgrad ray: rank 1 (host sg-" in err and "the job stopped" in err, err
 
 
@@ -152,18 +161,11 @@ def test_a_rank_killed_while_training_is_the_one_named(cluster, tmp_path, rank):
     out = tmp_path / "killed"
     job = shardgrad([config, "--out", str(out), "--launcher", "ray", "--set", "parallel.dp=2",
                      "--set", "train.epochs=100000"], env, background=True)
-    try:
-        def started():
-            assert job.poll() is None, job.communicate()
-            return os.path.exists(out / "checkpoints" / "epoch_1.safetensors")
-        wait_for(started)
-        os.kill(rank_process(out, rank), signal.SIGKILL)
-        killed = time.monotonic()
-        _, err = job.communicate(timeout=30)
-        stopped = time.monotonic() - killed
-    finally:
-        job.kill()
-    assert job.returncode != 0 and stopped < 30
+
+    def started():
+        assert job.poll() is None, job.communicate()
+        return os.path.exists(out / "checkpoints" / "epoch_1.safetensors")
+    err = kill_rank(job, out, rank, started)
     named = re.findall(r"shardgrad ray: rank (\d+) \(host sg-\S+ on .*\) failed", err)
     assert named and set(named) == {str(rank)}, err
 
