@@ -39,6 +39,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardgrad.cluster import ray_agent
+from shardgrad.cluster.commands import without_mpi_trailers
 from shardgrad.cluster.placement import Node, describe, place
 from shardgrad.runtime import config as cfg
 
@@ -544,12 +545,17 @@ _NOISE = re.compile(rb"plm:ssh: Warning: setpgid\(\d+,\d+\) failed in parent")
 
 
 def _forward(stream, sink, tail: collections.deque) -> None:
-    for line in iter(stream.readline, b""):
-        if _NOISE.search(line):
-            continue
-        sink.buffer.write(line)
+    """mpirun's output to ``sink`` less Open MPI's failure blocks (a rank's line says it),
+    all of it to ``tail``, where ``failed_rank`` reads those blocks."""
+    def lines():
+        for line in iter(stream.readline, b""):
+            if not _NOISE.search(line):
+                tail.append(line.decode(errors="replace"))
+                yield line
+
+    for chunk in without_mpi_trailers(lines()):
+        sink.buffer.write(chunk)
         sink.flush()
-        tail.append(line.decode(errors="replace"))
 
 
 def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
@@ -685,6 +691,9 @@ def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
                 return 0
             if attempt == max_restarts:
                 _say(f"{failure}; the job stopped")
+                break
+            if code == 2:   # a rank's bad-input error (one line above): a restart meets it again
+                _say(f"{failure}; not restarted: a bad-input error (exit 2) would recur")
                 break
             how = ""
             if resize is not None:

@@ -125,9 +125,10 @@ class TrainStep:
     def graph_for(self, x, y) -> tuple[Graph, Any]:
         # which parameters are frozen is part of the traced graph (they get no update), and so
         # are the optimizer's hyper-parameters other than lr (param_groups may change them)
+        # and each module's train/eval mode (model.eval() steps use the running statistics)
         frozen = tuple(n for n, p in self._params if not p.requires_grad)
         key = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype), frozen,
-               self.optimizer.hyperparameters())
+               self.optimizer.hyperparameters(), self._modes())
         if key not in self._compiled:
             split = getattr(self.transform, "split", 1)
             if split > 1 and (key[0][:1] != key[2][:1] or key[0][0] % split):
@@ -148,6 +149,9 @@ class TrainStep:
             graph = passes.autocast(graph, self.precision, emulate=not self.device.is_cuda)
             self._compiled[key] = (graph, self.executor(graph))
         return self._compiled[key]
+
+    def _modes(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self.model.modules())
 
     @property
     def graph(self) -> Graph:
@@ -204,14 +208,15 @@ class TrainStep:
         # the cache key: the batch types, the frozen set and the rule's constants (compared,
         # not rebuilt into a tuple of tuples, on the hot path)
         hyper = opt.hyperparameters()
+        modes = self._modes()
         last = self._last
         if not (last and last[0] == x.shape and last[1] == x.dtype and last[2] == y.shape
-                and last[3] == y.dtype and last[4] == hyper and all(
+                and last[3] == y.dtype and last[4] == hyper and last[5] == modes and all(
                     p.requires_grad for _, p in self._params)):
             with _current(self.device):
                 self._own_state()
                 _, self._program = self.graph_for(x, y)
-                key = (x.shape, x.dtype, y.shape, y.dtype, hyper)
+                key = (x.shape, x.dtype, y.shape, y.dtype, hyper, modes)
                 self._feeds = dict(self._state.feeds)
                 self._last = key if all(p.requires_grad for _, p in self._params) else ()
         state, feeds = self._state, self._feeds

@@ -424,16 +424,24 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
     """Remove checkpoints past ``after_epoch`` (an earlier run's, which a later --resume would
     otherwise take for this run's), temporary files a killed writer left, and with
     ``after_epoch`` 0 an earlier run's final parameters and summary."""
+    def remove(path: str) -> None:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:   # e.g. a directory of that name: the bare errno named no cause
+            raise cfg.ConfigError(f"cannot remove {path}, an earlier run's file in the run "
+                                  f"directory (--out {out_dir}): {e.strerror or e}") from None
+
     for epoch, path in _checkpoints(out_dir):
         if epoch > after_epoch:
-            os.remove(path)
+            remove(path)
     for name in ("final.safetensors", "summary.json") if after_epoch == 0 else ():
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, name))
+        remove(os.path.join(out_dir, name))
     for where in (out_dir, os.path.join(out_dir, "checkpoints")):
         for name in os.listdir(where):
             if name.startswith(".") and ".tmp-" in name:   # write_atomic's names
-                os.remove(os.path.join(where, name))
+                remove(os.path.join(where, name))
 
 
 def _keep_last(out_dir: str, keep: int) -> None:

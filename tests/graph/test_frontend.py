@@ -272,10 +272,11 @@ def test_mse_and_nll_losses_match_their_formulas(reduction):
                                reduce((z - t) ** 2))
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     a = sg.tensor(z, requires_grad=True)
-    nll = F.nll_loss(F.log_softmax(a), y, reduction)
+    nll = F.nll_loss(F.log_softmax(a), y, reduction=reduction)   # torch's order: weight third
     np.testing.assert_allclose(nll.numpy(), reduce(-logp[np.arange(5), y]))
     if reduction != "none":                 # nll_loss(log_softmax(z), y) == cross_entropy(z, y)
-        np.testing.assert_allclose(nll.numpy(), F.cross_entropy(sg.tensor(z), y, reduction)
+        np.testing.assert_allclose(nll.numpy(), F.cross_entropy(sg.tensor(z), y,
+                                                                      reduction=reduction)
                                    .numpy())
         nll.backward()
         onehot = np.eye(4)[y]

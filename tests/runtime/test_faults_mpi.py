@@ -78,13 +78,25 @@ def test_ctrl_c_on_one_rank_stops_the_job_and_resume_matches_the_whole_run(confi
 
 
 def test_a_diverged_data_parallel_run_stops_every_rank_naming_the_step(config, tmp_path):
+    """One line, as a bad input's: every rank meets the same averaged loss (each used to
+    print `rank R failed: Diverged: ...` and MPI_Abort's banner, after NumPy's overflow
+    warnings), exit 1; the same line alone, 1 rank or 2, under `shardgrad train`."""
+    said = ("shardgrad train: error: the training loss is nan at step 2 (epoch 1, lr 1e+200): "
+            "training diverged (lower train.lr, or check the data for NaN)")
     proc = subprocess.run(_cmd(config, 2, "--out", str(tmp_path), *_sets(
-        "parallel.dp=2", "train.lr=1e200")), capture_output=True, text=True, timeout=60,
-        env=ENV)
-    assert proc.returncode != 0
-    assert "failed: Diverged: the training loss is nan at step 2 (epoch 1" in proc.stderr, \
-        proc.stderr
+        "parallel.dp=2", "train.lr=1e200", "train.lr_schedule='constant'")),
+        capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert lines.count(said) == 1 and "MPI_ABORT" not in proc.stderr, proc.stderr
+    assert "Warning" not in proc.stderr and "was terminated" not in proc.stderr, proc.stderr
     assert os.listdir(tmp_path / "checkpoints") == []
+    for n in (["-n", "2"], []):
+        proc = subprocess.run([sys.executable, "-m", "shardgrad", "train", *n, config, "--out",
+                               str(tmp_path / f"n{len(n)}"), *_sets("train.lr=1e200",
+                               "train.lr_schedule='constant'")],
+                              capture_output=True, text=True, timeout=60, env=ENV)
+        assert proc.returncode == 1 and proc.stderr.splitlines() == [said], proc.stderr
 
 
 def test_debug_fail_at_step_reaches_a_pipeline_stage(config, tmp_path):
