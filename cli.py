@@ -638,9 +638,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         print(f"shardgrad {args.command}: error: {_said(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"shardgrad {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        sig = getattr(e, "sig", None)   # the Ray launcher's SIGTERM (cluster/ray_launch.py)
+        print(f"shardgrad {args.command}: {e if sig else 'interrupted'}", file=sys.stderr)
+        return 128 + sig if sig else 130
 
 
 if __name__ == "__main__":
