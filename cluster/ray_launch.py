@@ -62,7 +62,7 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _process_tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants (the MPI daemon puts each rank in its own session, so a
     process group or session would miss them)."""
     tree, found, todo = _children(), [], [pid]
@@ -73,7 +73,8 @@ def _process_tree(pid: int) -> list[int]:
     return found
 
 
-def _signal_all(pids: Sequence[int], sig: int) -> None:
+def signal_all(pids: Sequence[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids``, passing over those gone or not ours."""
     for p in pids:
         try:
             os.kill(p, sig)
@@ -126,12 +127,12 @@ class _Command:
         return out, (self.proc.returncode if done and self.chunks.empty() else None)
 
     def kill(self, grace_s: float = 2.0) -> None:
-        tree = _process_tree(self.proc.pid)
-        _signal_all(tree, signal.SIGTERM)
+        tree = process_tree(self.proc.pid)
+        signal_all(tree, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        _signal_all(tree, signal.SIGKILL)
+        signal_all(tree, signal.SIGKILL)
         self.proc.poll()
 
 
@@ -659,18 +660,17 @@ def _interrupted(sig, frame):
     raise KeyboardInterrupt
 
 
-def shrunk_dp(parallel: Mapping[str, Any], batch: int, slots: int) -> int:
+def shrunk_dp(parallel: cfg.ParallelConfig, batch: int, slots: int) -> int:
     """The largest data-parallel size, at most ``parallel.dp``, whose ``dp x pp`` ranks fit in
     ``slots`` and that the global batch (``train.batch_size``) still divides as the run
     requires (over dp, times ``parallel.microbatches`` for a pipeline; ``parallel.chunks``
     over dp in deterministic mode); 0 when none does."""
-    pp = parallel["pp"]
-    for dp in range(min(parallel["dp"], slots // pp), 0, -1):
+    pp = parallel.pp
+    for dp in range(min(parallel.dp, slots // pp), 0, -1):
         if pp > 1:
-            fits = batch % (dp * parallel["microbatches"]) == 0
+            fits = batch % (dp * parallel.microbatches) == 0
         else:
-            fits = batch % dp == 0 and not (parallel["deterministic"]
-                                             and parallel["chunks"] % dp)
+            fits = batch % dp == 0 and not (parallel.deterministic and parallel.chunks % dp)
         if fits:
             return dp
     return 0
@@ -871,5 +871,5 @@ def launch_program(program: Sequence[str], n: int, cluster: cfg.ClusterConfig,
 
 
 __all__ = ["Host", "Job", "NAMESPACE", "connect", "gpus_per_rank", "launch", "launch_program",
-           "nodes", "planned_placement", "shrunk_dp", "stage_placement", "supervise",
-           "surviving_slots", "to_toml", "unniced"]
+           "nodes", "planned_placement", "process_tree", "shrunk_dp", "signal_all",
+           "stage_placement", "supervise", "surviving_slots", "to_toml", "unniced"]

@@ -547,7 +547,7 @@ def _check_finite(model: Module, steps_done: int, epoch: int) -> None:
                            f"(epoch {epoch + 1}): training diverged; try a lower train.lr")
 
 
-def _loader_options(config: cfg.Config, data: Dataset) -> tuple[Augment, Any]:
+def loader_options(config: cfg.Config, data: Dataset) -> tuple[Augment, Any]:
     """The training batches' augmentation and, on a GPU, their copy to the device."""
     d = config.data
     augment = Augment(len(data.y_train), d.random_crop, d.hflip, config.train.seed)
@@ -795,7 +795,7 @@ def _train(config: cfg.Config, out_dir: str | None, comm: Communicator, resume: 
     r = _build(config, out_dir, comm, transform, executor, on_record)
     _resume(r, resume)
     _prepare(r)
-    augment, to_device = _loader_options(config, r.data)
+    augment, to_device = loader_options(config, r.data)
     r.t0 = time.perf_counter()
     mon = Monitor(config, out_dir, r.comm.rank, r.total, r.steps_done, r.comm.world_size)
     try:
@@ -811,6 +811,6 @@ def _train(config: cfg.Config, out_dir: str | None, comm: Communicator, resume: 
 
 
 __all__ = ["EXECUTORS", "CheckpointError", "Diverged", "latest_checkpoint", "load_checkpoint",
-           "load_data", "lr_at", "make_executor", "make_optimizer", "open_device",
+           "load_data", "loader_options", "lr_at", "make_executor", "make_optimizer", "open_device",
            "params_sha256", "plan_for_config", "save_checkpoint", "setup", "step_options",
            "train"]

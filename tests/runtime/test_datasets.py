@@ -394,19 +394,14 @@ def test_prefetch_copies_batches_to_the_gpu(monkeypatch):
     """On a GPU the prefetch thread hands the step device arrays (CuPy stand-in: the host
     CUDA emulation, whose arrays say they are on GPU 0 and refuse NumPy operands)."""
     sys.path.insert(0, os.path.dirname(__file__))
-    import host_cuda
     import host_cupy
 
     from shardgrad.graph.device import Device
-    from shardgrad.ops import gpu as gpu_ops
-    from shardgrad.runtime import device as D
     from shardgrad.runtime.prefetch import device_copier
     from shardgrad.runtime.step import TrainStep
     from shardgrad.runtime.train import train
 
-    cupy = host_cupy.device_module()
-    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
-    monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
+    host_cupy.install(host_cupy.device_module(), monkeypatch)
     copy = device_copier(Device.parse("cuda:0"))
     batch = copy(np.arange(6.0).reshape(2, 3))
     assert isinstance(batch, host_cupy.DeviceArray) and batch.get().tolist() == [[0, 1, 2],
