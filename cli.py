@@ -412,8 +412,11 @@ def write_graph(config, path: str) -> list[str]:
     written = [dot_path]
     if shutil.which("dot"):
         for fmt in [ext[1:].lower()] if rendered else ["svg", "png"]:
-            subprocess.run(["dot", f"-T{fmt}", dot_path, "-o", f"{stem}.{fmt}"], check=True,
-                           timeout=300)
+            done = subprocess.run(["dot", f"-T{fmt}", dot_path, "-o", f"{stem}.{fmt}"],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode:   # e.g. a full disk: dot's own words, not a traceback
+                said = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+                raise ConfigError(f"cannot write {stem}.{fmt}: Graphviz's dot said: {said}")
             written.append(f"{stem}.{fmt}")
     return written
 
