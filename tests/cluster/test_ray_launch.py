@@ -196,6 +196,32 @@ def test_dead_actor_restarts_from_latest_checkpoint(cluster, reference, tmp_path
     assert s["params_sha256"] == reference[0]["params_sha256"]
 
 
+def test_sigterm_to_the_launcher_stops_the_job_and_resumes_exactly(cluster, reference,
+                                                                   tmp_path):
+    """`ray job stop` sends the launcher SIGTERM: it stops the ranks and says so, exit 143
+    (it said `interrupted`, exit 130, as for Ctrl-C); --resume then ends on the
+    uninterrupted run's parameters."""
+    env, config = cluster
+    out = tmp_path / "stopped"
+    job = shardgrad([config, "--out", str(out), "--launcher", "ray", "--set", "parallel.dp=2",
+                     "--set", "debug.fail_at_step=30", "--set", "debug.fail_rank=1",
+                     "--set", "debug.fail_mode='hang'"], env, background=True)
+    try:
+        wait_for(lambda: os.path.exists(out / "checkpoints" / "epoch_1.safetensors"))
+        ranks = [rank_process(out, r) for r in (0, 1)]
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    assert job.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1] == "shardgrad train: terminated by SIGTERM", err
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in ranks), timeout=10)
+    resumed = shardgrad([config, "--out", str(out), "--resume", str(out), "--launcher", "ray",
+                         "--set", "parallel.dp=2"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(out)["params_sha256"] == reference[0]["params_sha256"]
+
+
 def test_bad_input_on_the_ranks_is_one_line_and_not_restarted(cluster, tmp_path):
     """A data file missing where the ranks run: the ranks' one line, the launcher's verdict,
     exit 2; `cluster.max_restarts` used to restart it twice into the same error, each time
