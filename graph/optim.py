@@ -303,7 +303,7 @@ class SGD(Optimizer):
     """p <- p - lr * d, with d = g + wd p, and with momentum mu: b <- mu b + (1 - dampening) d
     (b <- d at the first step); d = b (or d + mu b with Nesterov), as torch.optim.SGD."""
 
-    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
         _check("momentum value", momentum, momentum >= 0)
         _check("weight_decay value", weight_decay, weight_decay >= 0)
@@ -355,12 +355,22 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, amsgrad: bool = False):
         for i, b in enumerate(betas):
             _check(f"beta parameter at index {i} (betas)", b, 0.0 <= b < 1.0)
         _check("epsilon value (eps)", eps, eps >= 0)
         _check("weight_decay value", weight_decay, weight_decay >= 0)
-        super().__init__(params, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        # AMSGrad keeps the largest v seen (state max_exp_avg_sq) and divides by it
+        self.state_keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        kw = {"amsgrad": True} if amsgrad else {}        # (a rule constant only if used)
+        super().__init__(params, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                         **kw)
+        self.amsgrad = bool(amsgrad)
+
+    def _check_group_value(self, key: str, value) -> None:
+        super()._check_group_value(key, value)
+        if key == "amsgrad" and bool(value) != ("max_exp_avg_sq" in self.state_keys):
+            raise ValueError("Adam: amsgrad must be the same for every param group")
 
     @property
     def betas(self) -> tuple[float, float]:
@@ -378,23 +388,26 @@ class Adam(Optimizer):
         m = self.b1 * state["exp_avg"] + (1.0 - self.b1) * g
         v = self.b2 * state["exp_avg_sq"] + (1.0 - self.b2) * (g * g)
         m_hat = m / (1.0 - self.b1 ** t)
+        new = {"exp_avg": m, "exp_avg_sq": v}
+        if self.amsgrad:
+            v = new["max_exp_avg_sq"] = state["max_exp_avg_sq"].max(v)
         v_hat = v / (1.0 - self.b2 ** t)
-        return p - lr * m_hat / (v_hat.sqrt() + self.eps), {"exp_avg": m, "exp_avg_sq": v}
+        return p - lr * m_hat / (v_hat.sqrt() + self.eps), new
 
 
 class AdamW(Adam):
     decoupled = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
-        super().__init__(params, lr, betas, eps, weight_decay)
+                 weight_decay: float = 0.01, amsgrad: bool = False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
 
 
 def _fused_kind(opt: Optimizer) -> str | None:
     """Which ops.gpu update kernel computes ``opt``'s rule: its class's own, not overridden."""
     rule = type(opt).rule
-    if getattr(opt, "dampening", 0) or len(opt._groups) > 1:   # the kernels have no dampening
-        return None                                             # and one set of values
+    if getattr(opt, "dampening", 0) or getattr(opt, "amsgrad", False) or len(opt._groups) > 1:
+        return None       # the kernels have no dampening nor AMSGrad, and one set of values
     return "sgd" if rule is SGD.rule else "adam" if rule is Adam.rule else None
 
 

@@ -609,10 +609,11 @@ class Tensor:
             raise ShapeError("backward() of a tensor that does not require grad (no leaf "
                              "with requires_grad=True was used to compute it)")
         if gradient is None:
-            if self.shape != ():
+            if self.size != 1:        # one element of any shape, as torch's implicit grad
                 raise ShapeError(f"backward() without a gradient needs a scalar, got shape "
                                  f"{self.shape}; pass gradient= of that shape")
-            seed = const(1, dtype=self.dtype)
+            seed = const(1, dtype=self.dtype) if self.shape == () else const(
+                np.ones(self.shape, self.dtype))
             if self.is_cuda:     # the gradient is computed where the value lives
                 value = self.data
                 with value.device:
@@ -973,6 +974,77 @@ class Tensor:
     def abs(self): return apply(E.abs, self)
     def astype(self, dtype): return apply(E.cast, self, dtype)
     def type_as(self, other): return self.astype(other.dtype)
+    def erf(self): return apply(E.erf, self)
+    def reciprocal(self): return 1.0 / self
+    def log2(self): return self.log() * (1.0 / np.log(2.0))
+    def log10(self): return self.log() * (1.0 / np.log(10.0))
+    def maximum(self, y): return apply(E.maximum, self, y)
+    def minimum(self, y): return apply(E.minimum, self, y)
+    def nelement(self) -> int: return self.size
+    def view_as(self, other): return self.reshape(other.shape)
+    def reshape_as(self, other): return self.reshape(other.shape)
+    def isnan(self): return self != self
+    def isfinite(self): return (self - self) == 0           # inf - inf and nan are nan
+
+    def clone(self):
+        """A copy with the same history (its gradient flows back to self), as torch.clone."""
+        return self * 1 if self.dtype != "bool" else self.astype("bool")
+
+    def amax(self, dim=None, keepdim: bool = False):
+        return apply(R.max, self, dim, bool(keepdim))
+
+    def amin(self, dim=None, keepdim: bool = False):
+        return self.min(axis=dim, keepdims=keepdim)
+
+    def logsumexp(self, dim, keepdim: bool = False):
+        """log(sum(exp(x))) over ``dim``, shifted by the maximum (no overflow), as torch."""
+        m = self.amax(dim, keepdim=True).detach()
+        out = (self - m).exp().sum(axis=dim, keepdims=True).log() + m
+        return out if keepdim else out.squeeze(dim)
+
+    def unbind(self, dim: int = 0):
+        d = dim % max(self.ndim, 1)
+        return tuple(self[(slice(None),) * d + (i,)] for i in range(self.shape[d]))
+
+    def index_select(self, dim: int, index):
+        d = dim % max(self.ndim, 1)
+        return self[(slice(None),) * d + (index,)]
+
+    def narrow(self, dim: int, start: int, length: int):
+        d = dim % max(self.ndim, 1)
+        return self[(slice(None),) * d + (slice(start, start + length),)]
+
+    def masked_select(self, mask):
+        return self[mask if mask.shape == self.shape else mask.expand(self.shape)]
+
+    def nonzero(self, as_tuple: bool = False):
+        """Indices of the non-zero elements (eager: their number is data), as torch."""
+        found = np.nonzero(to_host(self.data))
+        if as_tuple:
+            return tuple(tensor(i) for i in found)
+        return tensor(np.stack(found, axis=-1) if found else np.zeros((0, 0), np.int64))
+
+    def tril(self, diagonal: int = 0):
+        keep = np.tril(np.ones(self.shape[-2:], bool), diagonal)
+        return apply(E.where, tensor(keep), self, 0)
+
+    def triu(self, diagonal: int = 0):
+        keep = np.triu(np.ones(self.shape[-2:], bool), diagonal)
+        return apply(E.where, tensor(keep), self, 0)
+
+    def new_zeros(self, *size, dtype=None):
+        return zeros(*size, dtype=dtype or self.dtype, device=None if self.is_symbolic
+                     else self.device)
+
+    def new_ones(self, *size, dtype=None):
+        return ones(*size, dtype=dtype or self.dtype, device=None if self.is_symbolic
+                    else self.device)
+
+    def new_full(self, size, fill_value, dtype=None):
+        return full(size, fill_value, dtype or self.dtype)
+
+    def new_tensor(self, data, dtype=None):
+        return tensor(data, dtype=dtype or self.dtype)
     def contiguous(self): return self          # values are always contiguous here
     def square(self): return self * self
     def rsqrt(self): return 1.0 / self.sqrt()
@@ -1027,6 +1099,15 @@ class Tensor:
         return apply(S.expand_dims, self, dim)
 
     def squeeze(self, dim=None):
+        """Drop size-1 dims (all, or those of ``dim``); a listed dim of another size stays,
+        as torch (``out.squeeze(-1)`` of a batch that is already (N,) is a no-op)."""
+        if dim is not None:
+            dims = dim if isinstance(dim, tuple | list) else (dim,)
+            n = max(self.ndim, 1)
+            dim = tuple(d for d in dims if self.ndim and self.shape[d % n] == 1)
+            if not dim:
+                return self
+            dim = dim if isinstance(dims, tuple | list) or len(dim) > 1 else dim[0]
         return apply(S.squeeze, self, dim)
 
     def permute(self, *dims):
