@@ -65,7 +65,7 @@ def backprop(outputs: Sequence[Node], cotangents: Sequence[Node],
         opdef = get(n.op)
         if opdef.vjp is None:
             continue
-        with located(n.where):
+        with located(n.site):
             gxs = opdef.vjp(g, *n.inputs, n, **n.attrs)
             for i, (x, gx) in enumerate(zip(n.inputs, gxs, strict=True)):
                 if gx is not None and x.id in needed and i not in opdef.nondiff:
@@ -105,7 +105,7 @@ def forward_tangents(outputs: Sequence[Node], primals: Sequence[Node],
         ts = [None if i in opdef.nondiff else tan.get(x.id) for i, x in enumerate(n.inputs)]
         if opdef.vjp is None or all(t is None for t in ts):
             continue
-        with located(n.where):
+        with located(n.site):
             t = opdef.jvp(ts, *n.inputs, n, **n.attrs) if opdef.jvp else _jvp_by_transpose(n, ts)
         if t is not None:
             tan[n.id] = t

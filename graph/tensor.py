@@ -31,7 +31,7 @@ from shardgrad.graph.device import (
     to_device,
     to_host,
 )
-from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf
+from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf, set_eager_value
 from shardgrad.graph.walk import ExecutionError, Walk, describe
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
@@ -40,9 +40,8 @@ from shardgrad.ops import shape as S
 from shardgrad.ops.registry import get as get_opdef
 from shardgrad.ops.registry import kernel_for
 
-# Eager values live beside their nodes and die with them (a node lives as long as a tensor or
-# a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
-_VALUES: weakref.WeakKeyDictionary[Node, Any] = weakref.WeakKeyDictionary()
+# Eager values live in their nodes (Node.eager_value) and die with them (a node lives as long
+# as a tensor or a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
 _LEAVES: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 _grad_enabled = [True]
 _rng_salt: list[Tensor | None] = [None]   # the traced step counter, while a step is traced
@@ -94,31 +93,32 @@ def _evaluate(outs: list[Node]) -> None:
         # the common eager case, one op whose inputs all have values: run it directly
         # rather than through a one-step walk (a fifth of a small eager op's time here)
         n = outs[0]
-        if n in _VALUES:
+        if n.eager_value is not None:
             return
         args = []
         for x in n.inputs:
-            v = _VALUES.get(x)
+            v = x.eager_value
             if v is None and x.op == "const":      # a Python scalar's new constant
-                v = _VALUES[x] = x.attrs["value"]
+                v = x.attrs["value"]
+                set_eager_value(x, v)
             if v is None:
                 break
             args.append(v)
         if n.inputs and len(args) == len(n.inputs):
             try:
-                _VALUES[n] = _run(n, args)
+                set_eager_value(n, _run(n, args))
             except Exception as e:
                 _note(n, e)
                 raise
             return
     todo: dict[int, Node] = {}
-    stack = [n for n in outs if n not in _VALUES]
+    stack = [n for n in outs if n.eager_value is None]
     while stack:
         n = stack.pop()
-        if n.id in todo or n in _VALUES:
+        if n.id in todo:
             continue
         todo[n.id] = n
-        stack.extend(x for x in n.inputs if x not in _VALUES)
+        stack.extend([x for x in n.inputs if x.eager_value is None])
     order = [todo[i] for i in sorted(todo)]
     for n in order:
         if n.op != "const" and not n.inputs:
@@ -127,24 +127,19 @@ def _evaluate(outs: list[Node]) -> None:
         walk = _EagerWalk()
         for n in order:
             if n.op == "const":
-                _VALUES[n] = n.attrs["value"]
+                set_eager_value(n, n.attrs["value"])
             else:
-                walk.steps.append(lambda n=n: _VALUES.__setitem__(
-                    n, _run(n, [_VALUES[x] for x in n.inputs])))
+                walk.steps.append(lambda n=n: set_eager_value(
+                    n, _run(n, [x.eager_value for x in n.inputs])))
                 walk.step_nodes.append(n)
         walk.execute()
         return
-    # a gradient graph's nodes run directly, their values kept by id here as well (each
-    # weak-dict lookup makes a weak reference; a closure and a walk step a node were a
-    # quarter of a small eager backward's dispatch)
-    fresh: dict[int, Any] = {}
+    # a gradient graph's nodes run directly (a closure and a walk step a node were a quarter
+    # of a small eager backward's dispatch)
     try:
         for n in order:
-            if n.op == "const":
-                v = n.attrs["value"]
-            else:
-                v = _run(n, [fresh[x.id] if x.id in fresh else _VALUES[x] for x in n.inputs])
-            fresh[n.id] = _VALUES[n] = v
+            set_eager_value(n, n.attrs["value"] if n.op == "const" else
+                            _run(n, [x.eager_value for x in n.inputs]))
     except Exception as e:
         _note(n, e)
         raise
@@ -152,7 +147,7 @@ def _evaluate(outs: list[Node]) -> None:
 
 class _EagerWalk(Walk):
     """Eager evaluation as a backend of the executor core (graph.walk): a step per node still
-    without a value, each kept in _VALUES beside its node (they live as long as the node). A
+    without a value, each kept in its node (Node.eager_value: as long as the node lives). A
     kernel's error keeps its type (user code may catch a ValueError, as with PyTorch), with
     the node, op and user line added as a note."""
 
@@ -226,7 +221,7 @@ def _to_device_once(xp, a, device_id: int):
 def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
     node = leaf("input", value.shape, str(value.dtype), name=None) if requires_grad else Node(
         "const", (), {"value": value}, value.shape, str(value.dtype))
-    _VALUES[node] = value
+    set_eager_value(node, value)
     return node
 
 
@@ -262,15 +257,15 @@ class Tensor:
     # -- values -----------------------------------------------------------------------------
     @property
     def is_symbolic(self) -> bool:
-        return self.node not in _VALUES and self.node.op != "const"
+        return self.node.eager_value is None and self.node.op != "const"
 
     @property
     def data(self) -> np.ndarray:
         if self.is_symbolic:
             raise ShapeError(f"{self.node!r} is symbolic (being traced): it has no value yet")
-        if self.node not in _VALUES:
+        if self.node.eager_value is None:
             _evaluate([self.node])
-        return _VALUES[self.node]
+        return self.node.eager_value
 
     @data.setter
     def data(self, value) -> None:
@@ -452,7 +447,7 @@ class Tensor:
         _evaluate(gs)
         for n, g in zip(leaves, gs, strict=True):
             # a gradient made of constants alone (x.sum()'s) is computed on the host
-            t, value = _LEAVES[n.id], to_device(_VALUES[g], _LEAVES[n.id].device)
+            t, value = _LEAVES[n.id], to_device(g.eager_value, _LEAVES[n.id].device)
             t.grad = Tensor(_eager_leaf(value if t.grad is None else t.grad.data + value, False))
 
     # -- operators --------------------------------------------------------------------------
@@ -701,7 +696,7 @@ def _const(value) -> Node:
     if not is_device_array(value):
         return const(value)
     node = Node("const", (), {"value": value}, value.shape, str(value.dtype))
-    _VALUES[node] = value
+    set_eager_value(node, value)
     return node
 
 
@@ -738,7 +733,7 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
         tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
     # each value looked up once (a weak-dict lookup makes a weak reference): the lookups and
     # device checks were a third of a small eager op's dispatch
-    values = [_VALUES.get(t.node) for t in tensors]
+    values = [t.node.eager_value for t in tensors]
     symbolic = any(v is None and t.node.op != "const" for t, v in zip(tensors, values,
                                                                        strict=True))
     if not symbolic and any(is_device_array(v) for v in values):
