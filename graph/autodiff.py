@@ -37,12 +37,12 @@ def _check_wrt(wrt: Sequence[Node]) -> None:
 
 
 def backprop(outputs: Sequence[Node], cotangents: Sequence[Node],
-             wrt: Sequence[Node]) -> list[Node]:
+             wrt: Sequence[Node], nodes: Sequence[Node] | None = None) -> list[Node]:
     """Reverse mode on nodes: the gradients of sum_i <outputs[i], cotangents[i]> with respect
     to each of ``wrt``. Fan-in is summed with ``add``. A node that no output depends on gets
-    zeros."""
+    zeros. ``nodes``: ``toposort(outputs)``, when the caller has it already."""
     _check_wrt(wrt)
-    nodes = toposort(outputs)
+    nodes = toposort(outputs) if nodes is None else nodes
     needed = descendants(nodes, wrt)
     ct: dict[int, Node] = {}
 

@@ -218,13 +218,12 @@ def set_eager_value(node: Node, value: Any) -> None:
 
 def leaf(op: str, shape: Sequence[int], dtype: str, **attrs: Any) -> Node:
     """A node with no inputs: ``input``, ``param``, ``state`` or ``const``."""
-    return Node(op, (), attrs, tuple(int(s) for s in shape), str(np.dtype(dtype)),
-                where=_site())
+    return Node(op, (), attrs, tuple(int(s) for s in shape), dtype_name(dtype), where=_site())
 
 
 def const(value: Any, dtype: str | None = None) -> Node:
     arr = np.asarray(value, dtype=dtype)
-    return Node("const", (), {"value": arr}, arr.shape, _dtype_name(arr.dtype), where=_site())
+    return Node("const", (), {"value": arr}, arr.shape, dtype_name(arr.dtype), where=_site())
 
 
 # (op, input types, attrs) -> (shape, dtype) of rules that succeeded: an eager step emits the
@@ -261,7 +260,7 @@ def emit(opdef: Any, inputs: Sequence[Node], attrs: dict[str, Any] | None = None
         shown = {k: v for k, v in attrs.items() if not isinstance(v, np.ndarray)}
         extra = f" with {shown}" if shown else ""
         raise ShapeError(f"{opdef.name}({names}){extra} at {_format_site(where)}: {e}") from None
-    shape, dtype = tuple(map(int, shape)), _dtype_name(dtype)
+    shape, dtype = tuple(map(int, shape)), dtype_name(dtype)
     if key is not None:
         if len(_INFERRED) >= 4096:
             _INFERRED.clear()
@@ -272,7 +271,7 @@ def emit(opdef: Any, inputs: Sequence[Node], attrs: dict[str, Any] | None = None
 _DTYPE_NAMES: dict[Any, str] = {}
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
     """str(np.dtype(dtype)), remembered: numpy's dtype naming took 6% of an eager step."""
     try:
         return _DTYPE_NAMES[dtype]

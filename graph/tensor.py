@@ -31,7 +31,15 @@ from shardgrad.graph.device import (
     to_device,
     to_host,
 )
-from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf, set_eager_value
+from shardgrad.graph.ir import (
+    Node,
+    ShapeError,
+    const,
+    dtype_name,
+    leaf,
+    set_eager_value,
+    toposort,
+)
 from shardgrad.graph.walk import ExecutionError, Walk, describe
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
@@ -166,12 +174,17 @@ def _note(n: Node, e: Exception) -> None:
         _EagerWalk().error(n, e)
 
 
+def _on_device(a) -> bool:
+    """is_device_array, a NumPy array answered without the attribute probe."""
+    return type(a) is not np.ndarray and is_device_array(a)
+
+
 def _run(n: Node, args: list[Any]):
     """Node ``n``'s value from its inputs' values: with NumPy, or on the GPU that holds its
     device inputs (host inputs, constants such as a Python scalar, are copied there)."""
     on = None
     for a in args:
-        if is_device_array(a):
+        if _on_device(a):
             on = a
             break
     if on is None:
@@ -183,21 +196,19 @@ def _run(n: Node, args: list[Any]):
         return _kernel(n.op, "cuda")(xp, *args, **n.attrs)
 
 
-# op name and device kind -> kernel_for's callable, looked up once (the registry lookup and
-# device naming were a tenth of a small eager op's dispatch); keyed on the OpDef too, so a
-# re-registered op is looked up anew
-_KERNELS: dict[tuple, Any] = {}
+# device kind -> op name -> (OpDef, kernel_for's callable), looked up once (the registry
+# lookup and device naming were a tenth of a small eager op's dispatch); a re-registered op
+# (another OpDef) is looked up anew
+_KERNELS: dict[str, dict[str, tuple[Any, Any]]] = {"cpu": {}, "cuda": {}}
 
 
 def _kernel(op: str, kind: str):
     opdef = get_opdef(op)
-    key = (op, kind, id(opdef), id(opdef.cuda), id(opdef.forward))
-    fn = _KERNELS.get(key)
-    if fn is None:
-        if len(_KERNELS) >= 4096:
-            _KERNELS.clear()
-        fn = _KERNELS[key] = kernel_for(opdef, kind)
-    return fn
+    table = _KERNELS[kind]
+    hit = table.get(op)
+    if hit is None or hit[0] is not opdef:
+        hit = table[op] = (opdef, kernel_for(opdef, kind))
+    return hit[1]
 
 
 # Python scalars of eager ops on a GPU (0.9 * buf, p - lr * g), by (device, dtype, value): each
@@ -219,8 +230,9 @@ def _to_device_once(xp, a, device_id: int):
 
 
 def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
-    node = leaf("input", value.shape, str(value.dtype), name=None) if requires_grad else Node(
-        "const", (), {"value": value}, value.shape, str(value.dtype))
+    dtype = dtype_name(value.dtype)
+    node = leaf("input", value.shape, dtype, name=None) if requires_grad else Node(
+        "const", (), {"value": value}, value.shape, dtype)
     set_eager_value(node, value)
     return node
 
@@ -441,9 +453,10 @@ class Tensor:
             if self.is_cuda and not isinstance(gradient, Tensor):
                 gradient = to_device(gradient, self.device)
             seed = _node_of(gradient, self.node)
-        history = Graph([self.node]).nodes
-        leaves = [n for n in history if n.id in _LEAVES and _LEAVES[n.id].requires_grad]
-        gs = backprop([self.node], [seed], leaves)
+        history = toposort([self.node])
+        leaves = [n for n in history
+                  if not n.inputs and n.id in _LEAVES and _LEAVES[n.id].requires_grad]
+        gs = backprop([self.node], [seed], leaves, history)
         _evaluate(gs)
         for n, g in zip(leaves, gs, strict=True):
             # a gradient made of constants alone (x.sum()'s) is computed on the host
@@ -695,7 +708,7 @@ def _const(value) -> Node:
     """A constant node holding ``value`` where it lives (a GPU array stays on its GPU)."""
     if not is_device_array(value):
         return const(value)
-    node = Node("const", (), {"value": value}, value.shape, str(value.dtype))
+    node = Node("const", (), {"value": value}, value.shape, dtype_name(value.dtype))
     set_eager_value(node, value)
     return node
 
@@ -727,31 +740,36 @@ def _node_of(x, like: Node | None) -> Node:
 def apply(fn: Callable[..., Any], *args, **kwargs):
     """Apply a node builder ``fn`` (from ops) to tensors and plain values, eagerly or
     symbolically; returns a Tensor, or a tuple of them for multi-result builders."""
-    tensors = [a for a in args if isinstance(a, Tensor)] + [
-        t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, Tensor)]
+    tensors = []
+    for a in args:
+        if isinstance(a, Tensor):
+            tensors.append(a)
+        elif isinstance(a, list | tuple):
+            tensors += [t for t in a if isinstance(t, Tensor)]
     if kwargs:
         tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
-    # each value looked up once (a weak-dict lookup makes a weak reference): the lookups and
-    # device checks were a third of a small eager op's dispatch
-    values = [t.node.eager_value for t in tensors]
-    symbolic = any(v is None and t.node.op != "const" for t, v in zip(tensors, values,
-                                                                       strict=True))
-    if not symbolic and any(is_device_array(v) for v in values):
+    # one pass over the tensors (the lookups and device checks were a third of a small eager
+    # op's dispatch)
+    symbolic = on_device = track = False
+    for t in tensors:
+        n = t.node
+        v = n.eager_value
+        if v is None:
+            if n.op != "const":
+                symbolic = True
+        elif _on_device(v):
+            on_device = True
+        if t._requires_grad:
+            track = True
+    if on_device and not symbolic:
         _same_device(fn, tensors)
-    track = _grad_enabled[0] and any(t._requires_grad for t in tensors)
-
-    def to_node(a):
-        if isinstance(a, Tensor):
-            if (track and not symbolic) or a.is_symbolic:
-                return a.node
-            if symbolic and a.is_cuda:     # a graph being traced holds host constants
-                return const(to_host(a.data))
-            return a.node if a.node.op == "const" else _const(a.data)
-        if isinstance(a, list | tuple):
-            return type(a)(to_node(t) for t in a)
-        return a
-
-    out = fn(*[to_node(a) for a in args], **{k: to_node(v) for k, v in kwargs.items()})
+    track = track and _grad_enabled[0]
+    if track and not symbolic:          # an eager op with history: each tensor is its node
+        out = fn(*[a.node if isinstance(a, Tensor) else _arg_node(a, True, False)
+                   for a in args], **{k: _arg_node(v, True, False) for k, v in kwargs.items()})
+    else:
+        out = fn(*[_arg_node(a, track, symbolic) for a in args],
+                 **{k: _arg_node(v, track, symbolic) for k, v in kwargs.items()})
     if not isinstance(out, tuple):
         if not symbolic:
             _evaluate([out])
@@ -759,6 +777,23 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
     if not symbolic:
         _evaluate(list(out))
     return tuple(Tensor(n, requires_grad=track and _is_float(n.dtype)) for n in out)
+
+
+def _arg_node(a, track: bool, symbolic: bool):
+    """What an op's builder gets for argument ``a``: a tensor's node, or, where the op records
+    no history for it (grad off, or a traced op), a constant cut from its past (a traced
+    graph never holds an eager past, and holds host constants); lists and tuples element by
+    element; anything else as is."""
+    if isinstance(a, Tensor):
+        n = a.node
+        if (track and not symbolic) or (n.eager_value is None and n.op != "const"):
+            return n
+        if symbolic and a.is_cuda:
+            return const(to_host(a.data))
+        return n if n.op == "const" else _const(a.data)
+    if isinstance(a, list | tuple):
+        return type(a)(_arg_node(t, track, symbolic) for t in a)
+    return a
 
 
 _FLOAT_NAMES = frozenset(("float16", "float32", "float64"))

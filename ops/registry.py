@@ -198,9 +198,13 @@ def _holds(dtype: str, x: bool | int | float) -> bool:
 
 def apply(name: str, *inputs: Any, **attrs: Any) -> Node:
     """Emit ``name(*inputs, **attrs)``, promoting Python scalars to consts."""
-    like = next((x for x in inputs if isinstance(x, Node)), None)
-    nodes = [as_node(x, like) for x in inputs]
-    return emit(get(name), nodes, attrs)
+    like = None
+    for x in inputs:
+        if isinstance(x, Node):
+            like = x
+            break
+    return emit(get(name), [x if isinstance(x, Node) else as_node(x, like) for x in inputs],
+                attrs)
 
 
 # ---- shared shape rules, costs and VJP helpers -------------------------------------------------
