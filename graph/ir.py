@@ -211,9 +211,9 @@ class Node:
  _set_value) = (getattr(Node, k).__set__ for k in Node.__slots__[:-1])
 
 
-def set_eager_value(node: Node, value: Any) -> None:
-    """Keep ``value`` as ``node.eager_value`` (graph.tensor's eager evaluation)."""
-    _set_value(node, value)
+# set_eager_value(node, value): keep ``value`` as ``node.eager_value`` (graph.tensor's eager
+# evaluation); the slot's own setter, called for every eager value
+set_eager_value = _set_value
 
 
 def leaf(op: str, shape: Sequence[int], dtype: str, **attrs: Any) -> Node:

@@ -184,11 +184,15 @@ def _run(n: Node, args: list[Any]):
     device inputs (host inputs, constants such as a Python scalar, are copied there)."""
     on = None
     for a in args:
-        if _on_device(a):
+        if type(a) is not np.ndarray and is_device_array(a):
             on = a
             break
     if on is None:
-        return _kernel(n.op, "cpu")(np, *args, **n.attrs)
+        opdef = get_opdef(n.op)
+        hit = _CPU_KERNELS.get(n.op)
+        if hit is None or hit[0] is not opdef:
+            hit = _CPU_KERNELS[n.op] = (opdef, kernel_for(opdef, "cpu"))
+        return hit[1](np, *args, **n.attrs)
     xp = array_module(on)
     with on.device:
         args = [a if is_device_array(a) else _to_device_once(xp, a, on.device.id)
@@ -200,6 +204,7 @@ def _run(n: Node, args: list[Any]):
 # lookup and device naming were a tenth of a small eager op's dispatch); a re-registered op
 # (another OpDef) is looked up anew
 _KERNELS: dict[str, dict[str, tuple[Any, Any]]] = {"cpu": {}, "cuda": {}}
+_CPU_KERNELS = _KERNELS["cpu"]      # _run's inline lookup of _kernel(op, "cpu")
 
 
 def _kernel(op: str, kind: str):
