@@ -242,9 +242,10 @@ def emit(opdef: Any, inputs: Sequence[Node], attrs: dict[str, Any] | None = None
     attrs = dict(attrs) if attrs else {}
     where = _site()
     types = tuple([(x.shape, x.dtype) for x in inputs])
-    # the attrs' types are part of the key: True == 1 and 1 == 1.0, but a rule may tell them
-    # apart
-    key = (opdef.name, opdef.infer, types, *[(k, type(v), v) for k, v in attrs.items()])
+    # keyed by the rule itself (ops share rules); the attrs' types are part of the key: True
+    # == 1 and 1 == 1.0, but a rule may tell them apart
+    key = (opdef.infer, types, tuple([(k, type(v), v) for k, v in attrs.items()])) if attrs \
+        else (opdef.infer, types)
     try:
         hit = _INFERRED.get(key)
     except TypeError:                       # an unhashable attribute

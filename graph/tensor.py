@@ -745,12 +745,11 @@ def _node_of(x, like: Node | None) -> Node:
 def apply(fn: Callable[..., Any], *args, **kwargs):
     """Apply a node builder ``fn`` (from ops) to tensors and plain values, eagerly or
     symbolically; returns a Tensor, or a tuple of them for multi-result builders."""
-    tensors = []
-    for a in args:
-        if isinstance(a, Tensor):
-            tensors.append(a)
-        elif isinstance(a, list | tuple):
-            tensors += [t for t in a if isinstance(t, Tensor)]
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if len(tensors) < len(args):
+        for a in args:
+            if isinstance(a, list | tuple):
+                tensors += [t for t in a if isinstance(t, Tensor)]
     if kwargs:
         tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
     # one pass over the tensors (the lookups and device checks were a third of a small eager
@@ -769,9 +768,9 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
     if on_device and not symbolic:
         _same_device(fn, tensors)
     track = track and _grad_enabled[0]
-    if track and not symbolic:          # an eager op with history: each tensor is its node
+    if track and not symbolic and not kwargs:     # an eager op with history: each its node
         out = fn(*[a.node if isinstance(a, Tensor) else _arg_node(a, True, False)
-                   for a in args], **{k: _arg_node(v, True, False) for k, v in kwargs.items()})
+                   for a in args])
     else:
         out = fn(*[_arg_node(a, track, symbolic) for a in args],
                  **{k: _arg_node(v, track, symbolic) for k, v in kwargs.items()})
