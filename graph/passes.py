@@ -184,6 +184,65 @@ def gemm_batch_sums(graph: Graph) -> Graph:
     return _sweep(graph, visit)
 
 
+def gemm_epilogues(graph: Graph) -> Graph:
+    """A linear layer's forward as one op a GPU library runs as one GEMM with its epilogue:
+    ``add(matmul(x, w), b)`` (2-d x and w, b the (N,) bias, the product used nowhere else)
+    becomes ``matmul_bias_act(x, w, b, act="none")``, and with the ``relu`` that is its only
+    other reader, ``act="relu"``: relu's backward reads ``step(z)``, which is
+    ``step(relu(z))`` (relu(z) > 0 exactly where z > 0), so it reads the fused output and z
+    is never stored. Other activations keep z for their backward: BIAS alone."""
+    users = graph.users()
+    outputs = {o.id for o in graph.outputs.values()}
+
+    def linear(n: Node) -> bool:
+        if n.op != "add" or n.id in outputs or len(n.inputs) != 2:
+            return False
+        m, b = n.inputs
+        return (m.op == "matmul" and m.id not in outputs and len(users[m.id]) == 1
+                and all(v.ndim == 2 for v in m.inputs) and b.shape == (n.shape[-1],)
+                and m.shape == n.shape and len({m.dtype, b.dtype, *(v.dtype for v in m.inputs)})
+                == 1 and n.dtype in ("float32", "float64"))
+
+    fused_relu: dict[int, int] = {}      # z (the add) -> the relu that takes it in
+    for n in graph.nodes:
+        if linear(n):
+            readers = users[n.id]
+            relus = [u for u in readers if u.op == "relu"]
+            if len(relus) == 1 and all(u.op == "step" for u in readers if u is not relus[0]):
+                fused_relu[n.id] = relus[0].id
+    relu_of = {r: z for z, r in fused_relu.items()}
+    new_relu: dict[int, Node] = {}
+
+    def visit(n: Node, ins: tuple[Node, ...]) -> Node:
+        if n.id in fused_relu:
+            return _rebuild(n, ins)             # dead once its relu and steps read the fusion
+        if n.id in relu_of:
+            z = n.inputs[0]
+            (m, b) = z.inputs
+            mi = tuple(visit_map[x.id] for x in m.inputs) + (visit_map[b.id],)
+            fused = Node("matmul_bias_act", mi, {"act": "relu"}, n.shape, n.dtype, m.where)
+            new_relu[z.id] = fused
+            return fused
+        if n.op == "step" and n.inputs[0].id in fused_relu:
+            z = n.inputs[0]
+            if z.id in new_relu:
+                return Node("step", (new_relu[z.id],), n.attrs, n.shape, n.dtype, n.where)
+        m = _rebuild(n, ins)
+        if linear(n) and n.id not in fused_relu:
+            (mm, b), (_, nb) = n.inputs, ins
+            mi = tuple(visit_map[x.id] for x in mm.inputs) + (nb,)
+            return Node("matmul_bias_act", mi, {"act": "none"}, n.shape, n.dtype, mm.where)
+        return m
+
+    visit_map: dict[int, Node] = {}
+
+    def record(n: Node, ins: tuple[Node, ...]) -> Node:
+        visit_map[n.id] = out = visit(n, ins)
+        return out
+
+    return _sweep(graph, record)
+
+
 def simplify(graph: Graph) -> Graph:
     """``cse(fold_constants(dce(graph)))``: what every executor runs before planning."""
     return cse(fold_constants(dce(graph)))

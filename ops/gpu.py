@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from shardgrad.ops import gpu_libs
 from shardgrad.ops.registry import get
 
 SOURCES = Path(__file__).parent / "cuda"
@@ -244,6 +245,27 @@ def bias_act_grad(xp, g, x, b, act, out=None):
                    (_c(xp, g), _c(xp, x), _c(xp, b), gz, np.int64(x.size),
                     *_i32(b.size, ACTS[act])))
     return gz
+
+
+def matmul_bias_act(xp, x, w, b, act, out=None, gemm=None):
+    """``act(x @ w + b)``: cuBLASLt's GEMM with its epilogue (ops.gpu_libs, where nvmath-python
+    is installed and measured faster for this shape), else the own pair: the GEMM (``gemm``,
+    a capture-safe one while a CUDA Graph is captured, or CuPy's) and the bias + activation
+    kernel in place."""
+    if not _covered(x, w, b) or x.ndim != 2 or w.ndim != 2:
+        return _generic(xp, "matmul_bias_act", out, x, w, b, act=act)
+    out = _into(xp, out, (x.shape[0], w.shape[1]), x.dtype)
+
+    def own():
+        if gemm is None or not gemm(x, w, out):
+            xp.matmul(x, w, out=out)
+        if act == "none":
+            return xp.add(out, b, out=out)
+        return bias_act(xp, out, b, act, out=out)
+
+    key = ("matmul_bias_act", x.shape, w.shape, x.strides, w.strides, str(x.dtype), act)
+    return gpu_libs.choose("cublaslt", key, xp, out, own,
+                           lambda: gpu_libs.cublaslt_bias_act(xp, x, w, b, act, out))
 
 
 # ---- conv2d's im2col / col2im and pooling ------------------------------------------------------

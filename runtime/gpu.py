@@ -293,7 +293,8 @@ class MemoryPlan:
                 planned[n.id] = i
                 holds[n.id], contiguous[n.id] = frozenset({n.id}), True
             elif writer is not None:
-                self.writers[n.id] = self._matmul(writer) if n.op == "matmul" else writer
+                self.writers[n.id] = (self._matmul(writer) if n.op == "matmul" else
+                                      self._epilogue(n) if n.op == "matmul_bias_act" else writer)
                 planned[n.id] = i
                 holds[n.id], contiguous[n.id] = frozenset({n.id}), True
             else:
@@ -344,6 +345,14 @@ class MemoryPlan:
             if gemm is None or not gemm.matmul(a, b, out):
                 writer(a, b, out=out)
         return matmul
+
+    def _epilogue(self, n: Node):
+        fn, attrs, xp = kernel_for(n, self.kind), n.attrs, self.xp
+
+        def matmul_bias_act(x, w, b, out):      # its own GEMM capture-safe while capturing
+            gemm = self.gemm
+            return fn(xp, x, w, b, **attrs, out=out, gemm=None if gemm is None else gemm.matmul)
+        return matmul_bias_act
 
     def step(self, n: Node, buf):
         """The step computing planned op node ``n`` into ``buf``."""

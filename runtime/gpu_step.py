@@ -24,7 +24,7 @@ from shardgrad.graph.device import to_device
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.optim import SGD, Adam, AdamW, Optimizer
 from shardgrad.graph.tensor import Tensor, _eager_leaf
-from shardgrad.ops import collective
+from shardgrad.ops import collective, gpu_libs
 from shardgrad.ops import gpu as gpu_ops
 from shardgrad.ops.registry import is_effectful
 from shardgrad.partition.data_parallel import averaged_outputs
@@ -177,6 +177,10 @@ class DeviceProgram:
         # products written in the layout their users read, as the CPU program does; conv
         # weight gradients as one GEMM each (passes.gemm_batch_sums: a GPU-only choice)
         graph = passes.fold_transposes(passes.gemm_batch_sums(graph))
+        # linear layers as one GEMM with a bias/activation epilogue where cuBLASLt is installed
+        # (the gpu-libs extra); ops.gpu_libs then measures it against the own kernels per shape
+        if gpu_libs.probe("cublaslt")[0] is not None:
+            graph = passes.gemm_epilogues(graph)
         self.graph = graph
         self.reads_step = any(n.op == "input" and n.name == "step" for n in graph.nodes)
         # a static memory plan: intermediates in one arena planned once, the gradients

@@ -65,7 +65,7 @@ def rand(rng, shape, dtype, lo=-2.0, hi=2.0):
 
 HAND_WRITTEN = ("softmax", "log_softmax", "cross_entropy", "softmax_xent_grad", "bias_act",
                 "bias_act_grad", "im2col", "col2im", "max_pool2d", "max_pool2d_grad",
-                "max_pool2d_gather", "avg_pool2d", "avg_pool2d_grad")
+                "max_pool2d_gather", "avg_pool2d", "avg_pool2d_grad", "matmul_bias_act")
 
 
 def test_kernels_are_found_through_kernel_for():
@@ -103,6 +103,17 @@ def test_cross_entropy_rejects_bad_labels():
     x = np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError, match="label 4 out of range for 4 classes"):
         gpu.cross_entropy(np, x, np.array([0, 4, 1]), "mean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_matmul_bias_act_own_kernels(dtype, act):
+    # no GPU library here (ops.gpu_libs finds none): the GEMM and the bias_act kernel in place
+    rng = np.random.default_rng(5)
+    x, w, b = rand(rng, (7, 5), dtype), rand(rng, (5, 9), dtype), rand(rng, (9,), dtype)
+    check("matmul_bias_act", dtype, x, w, b, act=act)
+    check("matmul_bias_act", dtype, x[:0], w, b, act=act)
+    check("matmul_bias_act", dtype, np.asfortranarray(x), w.T.copy().T, b, act=act)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

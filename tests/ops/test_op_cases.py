@@ -299,6 +299,10 @@ CASES = [
     *[OpCase("bias_act_grad", lambda g, x, b, a=a: apply("bias_act_grad", g, x, b, act=a),
              (F(3, 4), F(3, 4, lo=-2, hi=2), F(4)),
              lambda g, x, b, a=a: g * ref_dact(a, x + b), name=a) for a in REF_ACT],
+    *[OpCase("matmul_bias_act", lambda x, w, b, a=a: fused.matmul_bias_act(x, w, b, a),
+             (F(3, 4, lo=-2, hi=2), F(4, 5), F(5)),
+             lambda x, w, b, a=a: (x @ w + b) if a == "none" else REF_ACT[a](x @ w + b), name=a)
+      for a in ("none", "relu", "gelu")],
     # nn
     OpCase("im2col", lambda x: apply("im2col", x, **K3S2P1), (F(2, 2, 5, 4),),
            lambda x: ref_im2col(x, (3, 3), (2, 2), (1, 1))),

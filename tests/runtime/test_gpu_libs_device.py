@@ -1,0 +1,160 @@
+"""The optional GPU libraries (ops.gpu_libs): the lazy probe, the choice by measurement per
+call shape, the fallbacks, and what ``step.stats()["libraries"]`` says, on host_cupy's
+stand-in with a fake nvmath-python (fake_gpu_libs: cuBLASLt's GEMM + epilogue in NumPy) or
+none. Every run is compared with the CPU step. Whether cuBLASLt is faster on a real GPU is
+bench/gpu_check.sh's ``libs`` part.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fake_gpu_libs  # noqa: E402
+import host_cuda  # noqa: E402
+import host_cupy  # noqa: E402
+
+import shardgrad as sg  # noqa: E402
+from shardgrad.graph import device as base  # noqa: E402
+from shardgrad.graph import passes  # noqa: E402
+from shardgrad.ops import gpu as gpu_ops  # noqa: E402
+from shardgrad.ops import gpu_libs  # noqa: E402
+from shardgrad.runtime.interpreter import Interpreter  # noqa: E402
+
+F = sg.nn.functional
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    cupy = host_cupy.device_module()
+    monkeypatch.setattr(base, "_cupy", lambda: cupy)
+    monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
+    yield cupy
+    gpu_libs.reset()
+
+
+def library(monkeypatch, mode="ok", faster=True):
+    """Install a fake cuBLASLt whose calls the timer sees as faster (or slower) than the own
+    kernels'."""
+    fake = fake_gpu_libs.module(mode)
+    gpu_libs.install("cublaslt", fake, "available (fake)")
+
+    def timer(xp, fn):
+        before = fake.executes
+        fn()
+        return (1e-6 if faster else 1e-3) if fake.executes > before else 1e-4
+    monkeypatch.setattr(gpu_libs, "timer", timer)
+    return fake
+
+
+def mlp(act="relu"):
+    sg.manual_seed(0)
+    a = sg.nn.ReLU() if act == "relu" else sg.nn.GELU(approximate="tanh")
+    return sg.nn.Sequential(sg.nn.Linear(12, 16), a, sg.nn.Linear(16, 16), sg.nn.ReLU(),
+                            sg.nn.Linear(16, 4))
+
+
+def run(device, act="relu", steps=3):
+    m = mlp(act).to(device)
+    step = sg.compile_step(m, F.cross_entropy,
+                           sg.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    rng = np.random.default_rng(0)
+    x = sg.tensor(rng.standard_normal((8, 12)).astype(np.float32), device=device)
+    y = sg.tensor(rng.integers(0, 4, 8), device=device)
+    losses = [float(step(x, y)) for _ in range(steps)]
+    return losses, {k: np.asarray(v) for k, v in m.state_dict().items()}, step
+
+
+def same_as_cpu(gpu, cpu):
+    np.testing.assert_allclose(gpu[0], cpu[0], rtol=1e-5)
+    for k, v in cpu[1].items():
+        np.testing.assert_allclose(gpu[1][k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_the_probe_says_what_is_missing_and_how_to_install_it(monkeypatch):
+    gpu_libs.reset()
+    monkeypatch.setitem(sys.modules, "nvmath", None)       # any import of nvmath now fails
+    monkeypatch.setitem(sys.modules, "cudnn", None)
+    try:
+        for lib in ("cublaslt", "cudnn"):
+            mod, note = gpu_libs.probe(lib)
+            assert mod is None and note.startswith("absent (")
+            assert note.endswith("pip install -e '.[gpu-libs]'")
+    finally:
+        gpu_libs.reset()
+
+
+def test_without_the_library_the_step_runs_the_own_kernels_and_says_so(stand_in, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvmath", None)
+    gpu_libs.reset()
+    cpu = run("cpu")
+    gpu = run("cuda")
+    same_as_cpu(gpu, cpu)
+    graph = gpu[2]._program.graph
+    assert not any(n.op == "matmul_bias_act" for n in graph.nodes)     # the graph as before
+    libs = gpu[2].stats()["libraries"]
+    assert libs["cublaslt"]["probe"].startswith("absent (") and libs["cublaslt"]["choices"] == {}
+    assert libs["cudnn"]["use"].startswith("not wired")
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_a_faster_library_runs_each_linear_layer_as_one_gemm(stand_in, monkeypatch, act):
+    cpu = run("cpu", act)
+    fake = library(monkeypatch)
+    gpu = run("cuda", act)
+    same_as_cpu(gpu, cpu)
+    fused = [n for n in gpu[2]._program.graph.nodes if n.op == "matmul_bias_act"]
+    # relu layers take the epilogue (their backward reads step(relu(z))); gelu keeps z: BIAS
+    assert [n.attrs["act"] for n in fused] == ([act, "relu", "none"] if act == "relu"
+                                               else ["none", "relu", "none"])
+    choices = gpu[2].stats()["libraries"]["cublaslt"]["choices"]
+    assert len(choices) == 3 and all(c["path"] == "cublaslt" and c["why"] == "measured"
+                                     for c in choices.values())
+    # a measurement each shape (1 check + 5 timed), then one GEMM a layer a step
+    assert fake.executes == 3 * (1 + gpu_libs.REPS) + 3 * 3
+    assert fake.plans == 3
+
+
+def test_a_slower_library_is_measured_once_and_not_used(stand_in, monkeypatch):
+    cpu = run("cpu")
+    fake = library(monkeypatch, faster=False)
+    gpu = run("cuda")
+    same_as_cpu(gpu, cpu)
+    choices = gpu[2].stats()["libraries"]["cublaslt"]["choices"]
+    assert {c["path"] for c in choices.values()} == {"own"}
+    assert all(c["cublaslt_us"] > c["own_us"] for c in choices.values())
+    assert fake.executes == 3 * (1 + gpu_libs.REPS)
+
+
+@pytest.mark.parametrize("mode, why", [("raise", "cublaslt failed: RuntimeError: "
+                                                 "CUBLAS_STATUS_NOT_SUPPORTED"),
+                                       ("wrong", "cublaslt differs from the own kernel")])
+def test_a_failing_or_wrong_library_leaves_the_own_kernels(stand_in, monkeypatch, mode, why):
+    cpu = run("cpu")
+    library(monkeypatch, mode=mode)
+    gpu = run("cuda")
+    same_as_cpu(gpu, cpu)
+    choices = gpu[2].stats()["libraries"]["cublaslt"]["choices"]
+    assert choices and all(c["path"] == "own" and c["why"].startswith(why)
+                           for c in choices.values())
+
+
+def test_the_epilogue_pass_keeps_the_step_s_values():
+    m = mlp()
+    step = sg.compile_step(m, F.cross_entropy, sg.optim.SGD(m.parameters(), lr=0.1))
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((5, 12)), rng.integers(0, 4, 5)
+    graph, _ = step.graph_for(sg.tensor(x.astype(np.float32)), sg.tensor(y))
+    fused = passes.gemm_epilogues(graph)
+    ops = [n.op for n in fused.nodes]
+    assert ops.count("matmul_bias_act") == 3 and ops.count("relu") == 0
+    steps = [n for n in fused.nodes if n.op == "step"]
+    assert steps and all(s.inputs[0].op == "matmul_bias_act" for s in steps)
+    feeds = {k: np.asarray(v) for k, v in m.state_dict().items()}
+    feeds.update(x=x.astype(np.float32), y=y, lr=np.float32(0.1))
+    want, got = Interpreter(graph).run(feeds), Interpreter(fused).run(feeds)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
