@@ -6,6 +6,7 @@ process on the same GPU:
     python bench/gpu_bench.py --part steps --cases mlp512-b1024 cnn16-b256
     python bench/gpu_bench.py --part cli                  # shardgrad train on the GPU, one run
     python bench/gpu_bench.py --part fused                # a fused elementwise kernel vs a copy
+    python bench/gpu_bench.py --part libs                 # own kernels vs cuBLASLt epilogues
     python bench/gpu_bench.py --part steps --stand-in     # the same code on the CPU (host_cupy
                                                           # and torch on the CPU): checks the
                                                           # script, times nothing of a GPU
@@ -360,10 +361,90 @@ def cli_part(epochs: int, stand_in: bool, timeout: float = 35.0) -> dict:
     return res
 
 
+# (M, K, N, act): the linear layers of issue 10's MLP cases (batch x in -> out)
+LIB_GEMMS = [(1024, 784, 512, "relu"), (1024, 512, 512, "relu"), (1024, 512, 10, "none"),
+             (128, 784, 512, "relu"), (4096, 784, 4096, "relu"), (4096, 4096, 4096, "relu"),
+             (1024, 512, 512, "gelu")]
+LIB_STEPS = ["mlp512-b1024", "mlp512-b128", "mlp4096-b4096", "mlp512-gelu-b1024"]
+
+
+def libs_part(steps: int, stand_in: bool) -> dict:
+    """The optional libraries (ops.gpu_libs, the gpu-libs extra): whether each imports; per
+    linear-layer shape, the own kernels (GEMM + bias_act) against cuBLASLt's GEMM with its
+    epilogue, as the step's first call measures them; then the compiled MLP steps with the
+    library allowed and with it disabled, alternating, in this process."""
+    import cupy as cp
+
+    import shardgrad as sg
+    from shardgrad.ops import gpu as gpu_ops
+    from shardgrad.ops import gpu_libs
+
+    res: dict = {"part": "libs", "stand_in": stand_in}
+    lt, note = gpu_libs.probe("cublaslt")
+    res["probe"] = {"cublaslt": note, "cudnn": gpu_libs.probe("cudnn")[1]}
+    res["cudnn"] = gpu_libs.report()["cudnn"]["use"]
+    if lt is None:
+        res["skipped"] = "cuBLASLt (nvmath-python) is not importable: own kernels only"
+        return res
+    rng = np.random.default_rng(0)
+    gemms = []
+    for m, k, n, act in LIB_GEMMS:
+        if stand_in:
+            m, k, n = min(m, 16), min(k, 32), min(n, 32)
+        x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+        wt = cp.asarray((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32))
+        b = cp.asarray(rng.standard_normal(n).astype(np.float32))
+        out = cp.empty((m, n), np.float32)
+        try:
+            gpu_ops.matmul_bias_act(cp, x, wt.T, b, act, out=out)     # a Linear's layout
+            choice = next(c for key, c in gpu_libs.report()["cublaslt"]["choices"].items()
+                          if key.startswith(f"matmul_bias_act ({m}, {k}) ({k}, {n})")
+                          and key.endswith(act))
+            gemms.append({"shape": [m, k, n], "act": act, **choice})
+        except Exception as e:  # noqa: BLE001 - reported
+            gemms.append({"shape": [m, k, n], "act": act, "error": f"{type(e).__name__}: {e}"})
+    res["gemms"] = gemms
+    print(json.dumps(res), flush=True)      # what is known, should the steps run out of time
+    sync = cp.cuda.get_current_stream().synchronize
+    cases = {}
+    for name in LIB_STEPS:
+        kind, widths, batch, _, act, _, _ = CASES[name]
+        if stand_in:
+            batch, widths = min(batch, 16), tuple(min(w, 32) for w in widths)
+        x = sg.tensor(rng.standard_normal((batch, 784)).astype(np.float32), device="cuda")
+        y = sg.tensor(rng.integers(0, 10, batch), device="cuda")
+        times: dict = {"library": [], "own": []}
+        try:
+            for side in ("own", "library", "own", "library"):
+                gpu_libs.install("cublaslt", *((lt, note) if side == "library" else
+                                                (None, "disabled for the comparison")))
+                sg.manual_seed(0)
+                model = _sg_model(kind, widths, act).to("cuda")
+                step = sg.compile_step(model, sg.nn.functional.cross_entropy,
+                                       sg.optim.SGD(model.parameters(), lr=LR,
+                                                    momentum=MOMENTUM))
+                for _ in range(3):
+                    step(x, y)
+                times[side].append(1e3 * timed(lambda s=step, a=x, t=y: s(a, t), sync, steps,
+                                               blocks=3))
+                if side == "library":
+                    stats = step.stats()
+                    cases[name] = {"graph": stats.get("graph"),
+                                   "choices": stats["libraries"]["cublaslt"]["choices"]}
+            own, lib = statistics.median(times["own"]), statistics.median(times["library"])
+            cases[name].update(own_ms=own, library_ms=lib, library_speedup=own / lib,
+                               own_runs_ms=times["own"], library_runs_ms=times["library"])
+        except Exception as e:  # noqa: BLE001 - reported
+            cases[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    gpu_libs.install("cublaslt", lt, note)
+    res["steps"] = cases
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", required=True,
-                    choices=("env", "steps", "fused", "cli", "capture"))
+                    choices=("env", "steps", "fused", "cli", "capture", "libs"))
     ap.add_argument("--epochs", type=int, default=3, help="the cli part's training epochs")
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--steps", type=int, default=20)
@@ -371,6 +452,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stand-in", action="store_true",
                     help="run on the CPU with tests/runtime/host_cupy standing for CuPy")
     ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--fake-libs", action="store_true",
+                    help="with --stand-in: tests/runtime/fake_gpu_libs as nvmath-python")
     args = ap.parse_args(argv)
     if args.stand_in:
         _stand_in()
@@ -382,6 +465,13 @@ def main(argv=None) -> int:
         print(json.dumps(fused_part(args.elements)), flush=True)
     elif args.part == "capture":
         print(json.dumps(capture_part(args.steps, args.stand_in)), flush=True)
+    elif args.part == "libs":
+        if args.fake_libs:
+            import fake_gpu_libs  # on the path: _stand_in put tests/runtime there
+
+            from shardgrad.ops import gpu_libs
+            gpu_libs.install("cublaslt", fake_gpu_libs.module(), "available (fake)")
+        print(json.dumps(libs_part(args.steps, args.stand_in)), flush=True)
     else:
         res = steps_part(args.cases, args.steps, args.stand_in, not args.no_torch_compile)
         print(json.dumps({"part": "steps", "cases": {r["case"]: r for r in res}}), flush=True)

@@ -21,6 +21,7 @@ from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph import passes  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.ops import gpu_libs  # noqa: E402
+from shardgrad.runtime import device as D  # noqa: E402
 from shardgrad.runtime.interpreter import Interpreter  # noqa: E402
 
 F = sg.nn.functional
@@ -158,3 +159,31 @@ def test_the_epilogue_pass_keeps_the_step_s_values():
     want, got = Interpreter(graph).run(feeds), Interpreter(fused).run(feeds)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("shape", [(128, 784, 512), (1024, 512, 10), (3, 5, 7)])
+def test_cublaslt_on_a_gpu_gives_the_own_kernels_values(act, shape):
+    """The real library's glue (operand order, bias broadcast, result layout), on a GPU with
+    nvmath-python: its product against the own kernels', a Linear's transposed weight."""
+    if not D.cuda_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    gpu_libs.reset()
+    mod, note = gpu_libs.probe("cublaslt")
+    if mod is None:
+        pytest.skip(note)
+    import cupy
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    x = cupy.asarray(rng.standard_normal((m, k)).astype(np.float32))
+    w = cupy.asarray((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)).T
+    b = cupy.asarray(rng.standard_normal(n).astype(np.float32))
+    lib = gpu_libs.cublaslt_bias_act(cupy, x, w, b, act, cupy.empty((m, n), np.float32))
+    want = np.asarray(REF[act](x.get() @ w.get() + b.get()))
+    np.testing.assert_allclose(lib.get(), want, rtol=1e-3, atol=1e-3)
+    gpu_libs.reset()
+
+
+REF = {"none": lambda z: z, "relu": lambda z: np.maximum(z, 0),
+       "gelu": lambda z: fake_gpu_libs.ACTS["GELU_BIAS"](z)}
