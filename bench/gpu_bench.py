@@ -382,7 +382,6 @@ def libs_part(steps: int, stand_in: bool) -> dict:
     res: dict = {"part": "libs", "stand_in": stand_in}
     lt, note = gpu_libs.probe("cublaslt")
     res["probe"] = {"cublaslt": note, "cudnn": gpu_libs.probe("cudnn")[1]}
-    res["cudnn"] = gpu_libs.report()["cudnn"]["use"]
     if lt is None:
         res["skipped"] = "cuBLASLt (nvmath-python) is not importable: own kernels only"
         return res

@@ -243,6 +243,83 @@ def gemm_epilogues(graph: Graph) -> Graph:
     return _sweep(graph, record)
 
 
+def conv_library(graph: Graph) -> Graph:
+    """conv2d's traced pieces as the three calls a convolution library makes: the forward
+    ``reshape(matmul(reshape(w), reshape(im2col(x))))`` becomes ``conv_fprop(x, w)``, the input
+    gradient ``col2im(reshape(matmul(transpose(reshape(w)), g)))`` ``conv_dgrad(g, w)``, and
+    the weight gradient ``reshape(sum(matmul(g, transpose(reshape(im2col(x)))), 0))``
+    ``conv_wgrad(x, g)`` (run it before gemm_batch_sums), each where its intermediate values
+    feed nothing else; im2col is left to the pieces that still read it. Groups of 1 only."""
+    users = graph.users()
+    outputs = {o.id for o in graph.outputs.values()}
+    new: dict[int, Node] = {}
+
+    def only(n: Node) -> bool:
+        return len(users[n.id]) == 1 and n.id not in outputs
+
+    def cols_of(r: Node):           # reshape(im2col(x), (N, C*KH*KW, P)) -> the im2col
+        if r.op == "reshape" and r.inputs[0].op == "im2col" and r.ndim == 3:
+            return r.inputs[0]
+        return None
+
+    def weight_of(r: Node):         # reshape(w, (O, C*KH*KW)) of a 4-d w -> w
+        if r.op == "reshape" and r.inputs[0].ndim == 4 and r.ndim == 2:
+            return r.inputs[0]
+        return None
+
+    def grad4(g3: Node, shape: tuple[int, ...]) -> Node:    # g (N, O, P) -> (N, O, OH, OW)
+        if g3.op == "reshape" and g3.inputs[0].shape == shape:
+            return new[g3.inputs[0].id]
+        return Node("reshape", (new[g3.id],), {"shape": shape}, shape, g3.dtype, g3.where)
+
+    def window(c: Node) -> dict[str, Any]:
+        return {"stride": tuple(c.attrs["stride"]), "padding": tuple(c.attrs["padding"])}
+
+    def visit(n: Node) -> Node | None:
+        if n.op == "reshape" and n.ndim == 4 and n.inputs[0].op == "matmul":
+            m = n.inputs[0]
+            a, b = m.inputs
+            c, w = cols_of(b), weight_of(a)
+            if c is not None and w is not None and only(m) and w.shape[2:] == tuple(
+                    c.attrs["kernel"]) and n.shape[1] == w.shape[0]:
+                x = c.inputs[0]
+                return Node("conv_fprop", (new[x.id], new[w.id]), window(c), n.shape, n.dtype,
+                            n.where)
+        if n.op == "col2im" and n.inputs[0].op == "reshape":
+            r = n.inputs[0]
+            m = r.inputs[0]
+            if (m.op == "matmul" and only(r) and only(m) and m.inputs[0].op == "transpose"
+                    and m.inputs[0].attrs["axes"] == (1, 0) and m.inputs[1].ndim == 3):
+                w = weight_of(m.inputs[0].inputs[0])
+                if w is not None and w.shape[2:] == tuple(n.attrs["kernel"]):
+                    g3 = m.inputs[1]
+                    shape = (g3.shape[0], g3.shape[1], *r.shape[-2:])
+                    return Node("conv_dgrad", (grad4(g3, shape), new[w.id]),
+                                {**window(n), "shape": tuple(n.attrs["shape"])}, n.shape,
+                                n.dtype, n.where)
+        if n.op == "reshape" and n.ndim == 4 and n.inputs[0].op == "sum":
+            s_ = n.inputs[0]
+            m = s_.inputs[0]
+            if (s_.attrs.get("axis") in ((0,), 0) and not s_.attrs.get("keepdims") and only(s_)
+                    and m.op == "matmul" and only(m) and m.inputs[1].op == "transpose"
+                    and m.inputs[1].attrs["axes"] == (0, 2, 1)):
+                c = cols_of(m.inputs[1].inputs[0])
+                g3 = m.inputs[0]
+                if c is not None and tuple(c.attrs["kernel"]) == n.shape[2:]:
+                    x = c.inputs[0]
+                    shape = (g3.shape[0], g3.shape[1], *c.shape[-2:])
+                    return Node("conv_wgrad", (new[x.id], grad4(g3, shape)),
+                                {**window(c), "kernel": tuple(c.attrs["kernel"])}, n.shape,
+                                n.dtype, n.where)
+        return None
+
+    def record(n: Node, ins: tuple[Node, ...]) -> Node:
+        new[n.id] = visit(n) or _rebuild(n, ins)
+        return new[n.id]
+
+    return _sweep(graph, record)
+
+
 def simplify(graph: Graph) -> Graph:
     """``cse(fold_constants(dce(graph)))``: what every executor runs before planning."""
     return cse(fold_constants(dce(graph)))

@@ -27,7 +27,7 @@ RTOL = {"float32": 1e-4, "float64": 1e-10}
 
 _probed: dict[str, tuple[Any, str]] = {}
 _choices: dict[tuple[str, tuple], dict[str, Any]] = {}
-_plans: dict[tuple, Any] = {}
+_plans: dict[tuple, Any] = {}     # cuBLASLt plans and cuDNN graphs, per shape and layout
 
 
 def probe(lib: str) -> tuple[Any, str]:
@@ -145,7 +145,6 @@ def report() -> dict[str, Any]:
         choices = {" ".join(map(str, key)): dict(c) for (name, key), c in _choices.items()
                    if name == lib}
         out[lib] = {"probe": note, "choices": choices}
-    out["cudnn"]["use"] = "not wired: convolutions run the own im2col kernels"
     return out
 
 
@@ -178,4 +177,54 @@ def cublaslt_bias_act(xp, x, w, b, act: str, out) -> Any:
     return out
 
 
-__all__ = ["choose", "cublaslt_bias_act", "install", "probe", "report", "reset"]
+# ---- cuDNN: convolutions through its frontend's graph API ------------------------------------
+
+_handles: dict[int, Any] = {}
+
+
+def _strides(a) -> list[int]:
+    return [st // a.itemsize for st in a.strides]
+
+
+def cudnn_conv(xp, kind: str, a, b, out, stride, padding) -> Any:
+    """One cuDNN convolution into ``out``: ``kind`` "fprop" (a = x, b = w, out = y), "dgrad"
+    (a = dy, b = w, out = dx) or "wgrad" (a = x, b = dy, out = dw), NCHW. One graph a
+    shape, layout and dtype, built once (heuristics A, then the fallback) with its workspace;
+    operands go in as device addresses, on the current stream."""
+    cudnn = probe("cudnn")[0]
+    key = ("conv", kind, str(out.dtype), tuple(stride), tuple(padding)) + tuple(
+        (v.shape, v.strides) for v in (a, b, out))
+    entry = _plans.get(key)
+    if entry is None:
+        device = xp.cuda.Device().id
+        if device not in _handles:
+            _handles[device] = cudnn.create_handle()
+        handle = _handles[device]
+        dt = {"float32": cudnn.data_type.FLOAT, "float64": cudnn.data_type.DOUBLE}[str(out.dtype)]
+        graph = cudnn.pygraph(handle=handle, io_data_type=dt, intermediate_data_type=dt,
+                              compute_data_type=dt)
+        ta = graph.tensor(name="a", dim=list(a.shape), stride=_strides(a), data_type=dt)
+        tb = graph.tensor(name="b", dim=list(b.shape), stride=_strides(b), data_type=dt)
+        window = {"padding": list(padding), "stride": list(stride), "dilation": [1, 1]}
+        if kind == "fprop":
+            ty = graph.conv_fprop(image=ta, weight=tb, **window)
+        elif kind == "dgrad":
+            ty = graph.conv_dgrad(loss=ta, filter=tb, **window)
+        else:
+            ty = graph.conv_wgrad(image=ta, loss=tb, **window)
+        ty.set_output(True).set_dim(list(out.shape)).set_stride(_strides(out)).set_data_type(dt)
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+        workspace = xp.empty(max(1, int(graph.get_workspace_size())), dtype=xp.uint8)
+        entry = _plans[key] = (graph, ta, tb, ty, workspace, handle)
+    graph, ta, tb, ty, workspace, handle = entry
+    cudnn.set_stream(handle=handle, stream=xp.cuda.get_current_stream().ptr)
+    graph.execute({ta: _address(a), tb: _address(b), ty: _address(out)}, _address(workspace),
+                  handle=handle)
+    return out
+
+
+__all__ = ["choose", "cublaslt_bias_act", "cudnn_conv", "install", "probe", "report", "reset"]

@@ -176,9 +176,12 @@ class DeviceProgram:
                            if k.startswith(("param/", "state/"))]
         # products written in the layout their users read, as the CPU program does; conv
         # weight gradients as one GEMM each (passes.gemm_batch_sums: a GPU-only choice)
+        # Where the gpu-libs extra is installed, convolutions as cuDNN's three calls and linear
+        # layers as one GEMM with a bias/activation epilogue (cuBLASLt): ops.gpu_libs then
+        # measures each against the own kernels per shape and keeps the faster
+        if gpu_libs.probe("cudnn")[0] is not None:
+            graph = passes.conv_library(graph)
         graph = passes.fold_transposes(passes.gemm_batch_sums(graph))
-        # linear layers as one GEMM with a bias/activation epilogue where cuBLASLt is installed
-        # (the gpu-libs extra); ops.gpu_libs then measures it against the own kernels per shape
         if gpu_libs.probe("cublaslt")[0] is not None:
             graph = passes.gemm_epilogues(graph)
         self.graph = graph

@@ -90,6 +90,7 @@ def test_the_probe_says_what_is_missing_and_how_to_install_it(monkeypatch):
 
 def test_without_the_library_the_step_runs_the_own_kernels_and_says_so(stand_in, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvmath", None)
+    monkeypatch.setitem(sys.modules, "cudnn", None)
     gpu_libs.reset()
     cpu = run("cpu")
     gpu = run("cuda")
@@ -97,8 +98,8 @@ def test_without_the_library_the_step_runs_the_own_kernels_and_says_so(stand_in,
     graph = gpu[2]._program.graph
     assert not any(n.op == "matmul_bias_act" for n in graph.nodes)     # the graph as before
     libs = gpu[2].stats()["libraries"]
-    assert libs["cublaslt"]["probe"].startswith("absent (") and libs["cublaslt"]["choices"] == {}
-    assert libs["cudnn"]["use"].startswith("not wired")
+    for lib in ("cublaslt", "cudnn"):
+        assert libs[lib]["probe"].startswith("absent (") and libs[lib]["choices"] == {}
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])
@@ -141,6 +142,82 @@ def test_a_failing_or_wrong_library_leaves_the_own_kernels(stand_in, monkeypatch
     choices = gpu[2].stats()["libraries"]["cublaslt"]["choices"]
     assert choices and all(c["path"] == "own" and c["why"].startswith(why)
                            for c in choices.values())
+
+
+def cnn():
+    sg.manual_seed(0)
+    return sg.nn.Sequential(sg.nn.Conv2d(2, 4, 3, padding=1), sg.nn.ReLU(), sg.nn.MaxPool2d(2),
+                            sg.nn.Conv2d(4, 6, 3, stride=2, padding=1), sg.nn.ReLU(),
+                            sg.nn.Flatten(), sg.nn.Linear(6 * 2 * 2, 3))
+
+
+def run_cnn(device, steps=3):
+    m = cnn().to(device)
+    step = sg.compile_step(m, F.cross_entropy,
+                           sg.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
+    rng = np.random.default_rng(3)
+    x = sg.tensor(rng.standard_normal((5, 2, 8, 8)).astype(np.float32), device=device)
+    y = sg.tensor(rng.integers(0, 3, 5), device=device)
+    losses = [float(step(x, y)) for _ in range(steps)]
+    return losses, {k: np.asarray(v) for k, v in m.state_dict().items()}, step
+
+
+def conv_library(monkeypatch, faster=True, mode="ok"):
+    fake = fake_gpu_libs.cudnn_module(mode)
+    gpu_libs.install("cudnn", fake, "available (fake)")
+    monkeypatch.setitem(sys.modules, "nvmath", None)        # cuDNN alone
+
+    def timer(xp, fn):
+        before = fake.executes
+        fn()
+        return (1e-6 if faster else 1e-3) if fake.executes > before else 1e-4
+    monkeypatch.setattr(gpu_libs, "timer", timer)
+    return fake
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_convolutions_through_cudnn_or_the_own_kernels_equal_the_cpu(stand_in, monkeypatch,
+                                                                     faster):
+    cpu = run_cnn("cpu")
+    fake = conv_library(monkeypatch, faster)
+    gpu = run_cnn("cuda")
+    same_as_cpu(gpu, cpu)
+    ops = [n.op for n in gpu[2]._program.graph.nodes]
+    # two forwards, two weight gradients, the second conv's input gradient; no im2col left
+    assert (ops.count("conv_fprop"), ops.count("conv_wgrad"), ops.count("conv_dgrad"),
+            ops.count("im2col"), ops.count("col2im")) == (2, 2, 1, 0, 0)
+    choices = gpu[2].stats()["libraries"]["cudnn"]["choices"]
+    assert len(choices) == 5
+    assert {c["path"] for c in choices.values()} == ({"cudnn"} if faster else {"own"})
+    assert fake.graphs == 5 and fake.executes == 5 * (1 + gpu_libs.REPS) + (
+        5 * 2 if faster else 0)
+
+
+@pytest.mark.parametrize("mode, why", [("raise", "cudnn failed: RuntimeError"),
+                                       ("wrong", "cudnn differs from the own kernel")])
+def test_a_failing_or_wrong_cudnn_leaves_the_own_kernels(stand_in, monkeypatch, mode, why):
+    cpu = run_cnn("cpu")
+    conv_library(monkeypatch, mode=mode)
+    gpu = run_cnn("cuda")
+    same_as_cpu(gpu, cpu)
+    choices = gpu[2].stats()["libraries"]["cudnn"]["choices"]
+    assert len(choices) == 5 and all(c["path"] == "own" and c["why"].startswith(why)
+                                     for c in choices.values())
+
+
+def test_the_conv_pass_keeps_the_step_s_values():
+    m = cnn()
+    step = sg.compile_step(m, F.cross_entropy, sg.optim.SGD(m.parameters(), lr=0.1))
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((3, 2, 8, 8)).astype(np.float32), rng.integers(0, 3, 3)
+    graph, _ = step.graph_for(sg.tensor(x), sg.tensor(y))
+    convs = passes.conv_library(graph)
+    assert not any(n.op in ("im2col", "col2im") for n in convs.nodes)
+    feeds = {k: np.asarray(v) for k, v in m.state_dict().items()}
+    feeds.update(x=x, y=y, lr=np.float32(0.1))
+    want, got = Interpreter(graph).run(feeds), Interpreter(convs).run(feeds)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_the_epilogue_pass_keeps_the_step_s_values():
