@@ -53,8 +53,10 @@ def reset() -> None:
 
 
 def install(lib: str, module: Any, note: str = "injected") -> None:
-    """Use ``module`` as library ``lib`` (tests: a fake with the calls used here; None: absent)."""
-    reset()
+    """Use ``module`` as library ``lib`` (tests: a fake with the calls used here; None: absent),
+    forgetting every choice and plan made so far (the other library's probe stays)."""
+    _choices.clear()
+    _plans.clear()
     _probed[lib] = (module, note)
 
 
