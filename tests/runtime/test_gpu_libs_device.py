@@ -13,11 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fake_gpu_libs  # noqa: E402
-import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
-from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph import passes  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.ops import gpu_libs  # noqa: E402
@@ -30,10 +28,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    cupy = host_cupy.device_module()
-    monkeypatch.setattr(base, "_cupy", lambda: cupy)
-    monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
-    yield cupy
+    yield host_cupy.install(host_cupy.device_module(), monkeypatch)
     gpu_libs.reset()
 
 
