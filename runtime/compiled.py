@@ -259,6 +259,7 @@ class Program(Walk):
         nodes = graph.nodes
         pos = {n.id: i for i, n in enumerate(nodes)}
         self.device = device = device_kind(xp)
+        self.native = None      # what compile()'s generated C did (runtime.native.Native)
         values, storages, arena_bytes, self.n_blocks, slices = _plan(graph, elide_packs, device)
         self.packed_in_place = len(slices)
         self.pack_copies = sum(len(n.inputs) for n in nodes if n.op == "pack") - len(slices)
@@ -493,14 +494,26 @@ def _call_step(fn, slots, ins, i) -> Callable[[], Any]:
 
 
 def compile(graph: Graph, xp=np, simplify: bool = True, rank: int | None = None,  # noqa: A001
-            shard: str | None = None, elide_packs: bool = True) -> Program:
+            shard: str | None = None, elide_packs: bool = True, native: bool = True
+            ) -> Program:
     """Compile ``graph`` into a Program on ``xp``. With ``simplify`` (the default) the graph
     first goes through ``passes.fold_transposes`` (products written in the layout their users
     read), ``passes.simplify`` (dead code, constant folding, common subexpressions) and
     ``passes.schedule`` (gradients consumed as soon as they exist). With ``elide_packs`` (the
     default) a pack writes a planned buffer and the values it packs are computed straight
     into their slices of it where that is safe, as PyTorch DDP's gradient_as_bucket_view
-    (``stats()["packed_in_place"]`` counts them); else each pack copies into a fresh buffer."""
+    (``stats()["packed_in_place"]`` counts them); else each pack copies into a fresh buffer.
+    With ``native`` (the default) on NumPy, each elementwise fusion group of a few thousand
+    elements or more runs as one generated C loop over the step's threads (runtime.native;
+    ``program.native`` says what ran, and why not where it did not: no compiler, a failed
+    build, SHARDGRAD_NATIVE=0). Its arithmetic is NumPy's bit for bit; exp, erf, tanh and the
+    other math functions are glibc's vector forms, within a few float ulps of NumPy's."""
     if simplify:
         graph = passes.schedule(passes.simplify(passes.fold_transposes(graph)))
-    return Program(graph, xp, rank, shard, elide_packs)
+    info = None
+    if native and device_kind(xp) == "cpu":
+        from shardgrad.runtime import native as c
+        graph, info = c.fuse(graph)
+    program = Program(graph, xp, rank, shard, elide_packs)
+    program.native = info
+    return program
