@@ -159,6 +159,42 @@ def threads() -> int:
     return max(1, min(counts)) if counts else max(1, os.cpu_count() or 1)
 
 
+# ---- rows over threads ---------------------------------------------------------------------------
+
+class Pool:
+    """Runs calls on ``threads`` threads at once (this one and ``threads - 1`` workers): the
+    compiled program splits a batched op (OpDef.batched: the window ops) by rows over them,
+    as torch's intra-op pool splits its pooling and im2col kernels; NumPy releases the GIL
+    inside its copies and ufuncs, so the rows run in parallel. One per thread count."""
+
+    _pools: dict[int, Pool] = {}
+    _made = threading.Lock()
+
+    def __init__(self, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+        self.threads = threads
+        self._ex = ThreadPoolExecutor(threads - 1, thread_name_prefix="sg-rows")
+
+    @classmethod
+    def of(cls, threads: int) -> Pool:
+        with cls._made:
+            if threads not in cls._pools:
+                cls._pools[threads] = cls(threads)
+            return cls._pools[threads]
+
+    def run(self, calls) -> None:
+        """Each of ``calls`` (at most ``threads``) once, concurrently; re-raises the first
+        failure after all have finished."""
+        futures = [self._ex.submit(c) for c in calls[1:]]
+        try:
+            calls[0]()
+        finally:
+            for f in futures:
+                f.exception()
+        for f in futures:
+            f.result()
+
+
 # ---- one group's kernel --------------------------------------------------------------------------
 
 class Kernel:
@@ -321,5 +357,5 @@ def _group_nodes(choice, kernel: Kernel, rebuilt, order: list[Node]) -> tuple[No
     return fused, parts
 
 
-__all__ = ["Kernel", "Native", "NativeError", "build", "cache_dir", "compiler", "enabled",
+__all__ = ["Kernel", "Native", "NativeError", "Pool", "build", "cache_dir", "compiler", "enabled",
            "fuse", "threads"]

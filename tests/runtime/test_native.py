@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import shardgrad as sg
-from shardgrad.runtime import native
+from shardgrad.runtime import compiled, native
 from shardgrad.runtime.compiled import compile
 from shardgrad.runtime.interpreter import Interpreter
 
@@ -73,6 +73,7 @@ def run_steps(graph, feeds, program, n=3):
 def test_steps_match_interpreter(c_on, monkeypatch, make, exact, threads):
     monkeypatch.setattr(native, "threads", lambda: threads)
     monkeypatch.setattr(native, "PARALLEL_FROM", 1024)   # split this test's small arrays too
+    monkeypatch.setattr(compiled, "SPLIT_FROM", 1024)    # and its window ops by rows
     step, x, y = make()
     graph, _ = step.graph_for(x, y)
     feeds = step.feeds(x, y)
@@ -80,6 +81,8 @@ def test_steps_match_interpreter(c_on, monkeypatch, make, exact, threads):
     info = program.native
     assert not info.reason and info.groups >= 2 and info.threads == threads, info
     assert "fused" in {n.op for n in program.graph.nodes}
+    assert program.threads == threads
+    assert (program.split > 0) == (threads > 1 and make is cnn_step)
     got = run_steps(graph, feeds, program)
     want = run_steps(graph, feeds, Interpreter(graph))
     for g, w in zip(got, want, strict=True):
@@ -138,6 +141,35 @@ def test_numpy_path_when_c_is_off(c_on, tmp_path, monkeypatch, how):
             np.testing.assert_array_equal(g[k], w[k], err_msg=k)
     assert not os.path.exists(tmp_path / "cache") or not list(
         (tmp_path / "cache").glob("sg_*.so"))
+
+
+def test_rows_split_over_threads_without_c(monkeypatch):
+    """The window ops' split by rows is NumPy's own kernels on slices: bitwise the same."""
+    monkeypatch.setenv("SHARDGRAD_NATIVE", "0")
+    monkeypatch.setattr(compiled, "SPLIT_FROM", 1024)
+    step, x, y = cnn_step(batch=5)                     # rows 3 + 2 on two threads
+    graph, _ = step.graph_for(x, y)
+    program = compile(graph, threads=2)
+    assert program.split >= 4 and program.native.reason
+    splits = {n.op for n in program.graph.nodes if n.op in (
+        "im2col", "col2im", "max_pool2d", "max_pool2d_grad")}
+    assert splits == {"im2col", "col2im", "max_pool2d", "max_pool2d_grad"}
+    feeds = step.feeds(x, y)
+    got, want = run_steps(graph, feeds, program), run_steps(graph, feeds, Interpreter(graph))
+    for g, w in zip(got, want, strict=True):
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+
+
+def test_a_failing_row_reraises(monkeypatch):
+    pool = native.Pool.of(2)
+
+    def boom():
+        raise ValueError("row failed")
+    ran = []
+    with pytest.raises(ValueError, match="row failed"):
+        pool.run([lambda: ran.append(0), boom])
+    assert ran == [0]
 
 
 def test_compile_native_false_keeps_numpy_kernels(c_on):
