@@ -204,20 +204,32 @@ class Kernel:
 
     def __init__(self, fn, src: KernelSource, sizes: list[int], itemsize: int, n_threads: int):
         self.fn, self.passed, self.threads = fn, src.args, n_threads
+        self._addrs: dict[int, tuple[Any, int]] = {}
+        self._keep = None
         self.offsets = [sum(sizes[:k]) * itemsize for k in range(len(sizes))]
         fn.argtypes = [ctypes.c_void_p] * (len(src.args) + len(sizes)) + [ctypes.c_int]
         fn.restype = None
 
     def __call__(self, *xs, out):
-        args = []
-        for j in self.passed:
-            x = xs[j]
-            if not x.flags.c_contiguous:
-                x = np.ascontiguousarray(x)
-            args.append(x.ctypes.data)
-        base = out.ctypes.data
+        addr = self._addr
+        args = [addr(xs[j]) for j in self.passed]
+        base = addr(out)
         self.fn(*args, *[base + o for o in self.offsets], self.threads)
         return out
+
+    def _addr(self, x) -> int:
+        # an array's address by its identity: numpy's .ctypes.data builds two objects per
+        # call, 3% of the exact-GELU step (py-spy); a step's arrays are the same few objects
+        hit = self._addrs.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        if not x.flags.c_contiguous:
+            x = self._keep = np.ascontiguousarray(x)   # alive until the call returns
+            return x.ctypes.data
+        if len(self._addrs) > 64:                      # old feeds: let them go
+            self._addrs.clear()
+        self._addrs[id(x)] = (x, x.ctypes.data)
+        return self._addrs[id(x)][1]
 
     def __repr__(self) -> str:
         return f"<C kernel {self.fn.__name__}, {self.threads} threads>"
