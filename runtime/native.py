@@ -31,9 +31,11 @@ from shardgrad.ops.registry import get
 # A group below this many elements stays NumPy's: a ctypes call (about 1-2 us with its
 # pointer look-ups) costs what a ufunc on a few thousand float32 costs.
 MIN_SIZE = 4096
-# From this many elements a loop is split over the threads: an OpenMP fork-join costs a few
-# microseconds, a float32 pass over 32k elements about 10 us here.
-PARALLEL_FROM = 1 << 15
+# From this many elements a loop is split over the threads: a fused float32 pass takes about
+# 0.5 ns an element here (add + relu over 692k: 0.32 ms), so 128k elements take ~60 us alone,
+# half of which the second thread saves, against the wake-up of a sleeping (passive, see
+# _load) OpenMP thread, some microseconds; torch's intra-op grain is 32k elements.
+PARALLEL_FROM = 1 << 17
 # -O3 -march=native: the library runs on the machine that built it only (its cache key has
 # the CPU's flags); -ffp-contract=off keeps a * b + c two roundings, as NumPy computes it;
 # -fno-math-errno lets the math functions vectorize (NumPy never reads errno either).
@@ -116,11 +118,29 @@ def build(code: str) -> tuple[ctypes.CDLL, str]:
         if not (lib.exists() and used.exists()):
             _compile(cc, source, folder, lib, used)
         try:
-            loaded = ctypes.CDLL(str(lib)), used.read_text()
+            loaded = _load(lib), used.read_text()
         except OSError as e:
             raise NativeError(f"cannot load {lib}: {e}") from None
         _loaded[key] = loaded
         return loaded
+
+
+def _load(lib: Path) -> ctypes.CDLL:
+    """Load ``lib`` with libgomp's threads sleeping as soon as a loop ends (OMP_WAIT_POLICY
+    passive) unless the user chose a policy: they and OpenBLAS's threads share the cores,
+    and a gomp thread spinning after its loop took the core OpenBLAS's next GEMM needed.
+    bench/bench_step.py --threads 2 on the 2 shared cores (others' jobs at load 8-10): CNN
+    step 19-31 ms passive against 270-530 ms with the default spin, exact-GELU MLP 87-94
+    against 290-470 ms. libgomp reads the variable once, when it loads (here, with the
+    first library), so the process's environment is left as it was."""
+    from shardgrad.runtime.config import env
+    if env("OMP_WAIT_POLICY") is not None or env("GOMP_SPINCOUNT") is not None:
+        return ctypes.CDLL(str(lib))
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        return ctypes.CDLL(str(lib))
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
 
 
 def _compile(cc: str, source: str, folder: Path, lib: Path, used: Path) -> None:
