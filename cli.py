@@ -138,10 +138,11 @@ def _parser() -> argparse.ArgumentParser:
                                          "ranks (op times measured here + alpha-beta network)")
     si.add_argument("config", help="TOML config file")
     si.add_argument("--ranks", type=int, required=True, help="number of ranks N")
-    si.add_argument("--pp", type=int, help="pipeline stages (default parallel.pp); dp = N / pp")
-    si.add_argument("--microbatches", type=int,
+    si.add_argument("--pp", type=_positive,
+                    help="pipeline stages (default parallel.pp); dp = N / pp")
+    si.add_argument("--microbatches", type=_positive,
                     help="pipeline micro-batches (default parallel.microbatches)")
-    si.add_argument("--gpus-per-node", type=int, metavar="G",
+    si.add_argument("--gpus-per-node", type=_positive, metavar="G",
                     help="ranks a node: traffic between nodes crosses --link, inside a node "
                          "shared memory (CPU) or NVLink (GPU); default: one node")
     si.add_argument("--link", default="shm", choices=("shm", "nvlink", "infiniband", "ethernet"),
@@ -176,6 +177,24 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("config", nargs="?", help="TOML config file (default: the defaults)")
     co.add_argument("--set", dest="sets", **sets)
     return p
+
+
+def _positive(text: str) -> int:
+    """An argument that must be a whole number >= 1 (0 was taken silently as the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _said(e: BaseException) -> str:
+    """An error as its one line: an OSError as ``FILE: reason`` (not ``[Errno 30] ...``)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
 
 
 class Terminated(BaseException):
@@ -251,34 +270,14 @@ def _mpirun(program: list[str], n: int, mpi: bool = False) -> int:
     return code
 
 
-# Open MPI's banners after a rank failed: the rank's own line already says what happened.
-_MPI_TRAILERS = ("MPI_ABORT was invoked", "exited with non-zero status", '"abort"')
-
-
 def _relay_stderr(stream) -> None:
-    """Copy mpirun's stderr to ours, leaving out the blocks (between lines of dashes) in
-    which Open MPI repeats that a rank failed or aborted."""
-    def emit(chunk: bytes) -> None:
-        if chunk:
-            sys.stderr.write(chunk.decode(errors="replace"))
-            sys.stderr.flush()
+    """Copy mpirun's stderr to ours, leaving out Open MPI's blocks that repeat that a rank
+    failed or aborted (the rank's own line already says what happened)."""
+    from shardgrad.cluster.commands import without_mpi_trailers
 
-    block: list[bytes] | None = None
-    for line in iter(stream.readline, b""):
-        if block is not None:
-            block.append(line)
-        if not (line.strip() and not line.strip().strip(b"-")):   # not a line of dashes
-            if block is None:
-                emit(line)
-            continue
-        if block is None:
-            block = [line]
-            continue
-        text = b"".join(block).decode(errors="replace")
-        if not any(t in text for t in _MPI_TRAILERS):
-            emit(b"".join(block))
-        block = None
-    emit(b"".join(block or []))
+    for chunk in without_mpi_trailers(iter(stream.readline, b"")):
+        sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
 
 
 def _ranks(args, config) -> tuple[int | None, list[str]]:
@@ -328,7 +327,12 @@ def cmd_train(args) -> int:
     par = config.parallel
     comm = world.start(par.timeout_s, par.start_timeout_s, exit_code=_exit_code)
     try:
-        summary = train(config, out, comm=comm, resume=args.resume)
+        import numpy as np
+
+        # a diverging step overflows: NumPy's warnings (2 lines each, per rank) came before
+        # the one line that names the step (Diverged)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
         if isinstance(e, Terminated):
             if comm.world_size > 1:
@@ -339,13 +343,14 @@ def cmd_train(args) -> int:
                 os._exit(128 + e.sig)
             print(f"shardgrad train: {e}", file=sys.stderr)
             return 128 + e.sig
-        if comm.world_size > 1 and isinstance(e, USAGE_ERRORS):
+        if comm.world_size > 1 and isinstance(e, (*USAGE_ERRORS, Diverged)):
+            # every rank meets the same bad input, and the same (averaged) diverged loss
             if world.first_to_report():
-                print(f"shardgrad train: error: {e}", file=sys.stderr, flush=True)
+                print(f"shardgrad train: error: {_said(e)}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             # Not MPI_Abort: its banner and prterun's would bury the line; prterun ends the
             # job when a rank exits non-zero, and MPI_Finalize could wait on a busy peer.
-            os._exit(2)
+            os._exit(_exit_code(e))
         world.fail(comm, e, _exit_code(e))
         if isinstance(e, Diverged):
             print(f"shardgrad train: error: {e}", file=sys.stderr)
@@ -394,6 +399,8 @@ def write_graph(config, path: str) -> list[str]:
         dot = to_dot(executed_graph(config))
     stem, ext = os.path.splitext(path)
     rendered = ext.lower() in RENDERED
+    if not rendered and ext.lower() not in ("", ".dot", ".gv"):   # x.jpg would hold DOT text
+        raise ConfigError(f"--out {path}: expected a .dot, .svg, .png or .pdf file")
     if rendered and not shutil.which("dot"):   # else x.svg would hold DOT text
         raise ConfigError(f"--out {path} needs Graphviz's `dot` program, which is not on PATH: "
                           f"install Graphviz (apt-get install graphviz, brew install graphviz "
@@ -459,6 +466,9 @@ def cmd_launch(args) -> int:
                           "shardgrad launch -n 2 -- python train.py")
     if args.n < 1:
         raise ConfigError(f"-n {args.n}: the number of ranks must be at least 1")
+    if args.launcher != "ray" and shutil.which(program[0]) is None:   # else mpirun's 9 lines
+        raise ConfigError(f"{program[0]}: " + ("not executable" if os.path.isfile(program[0])
+                                               else "no such program (not a file, nor on PATH)"))
     config = load_config(None, args.sets)
     if args.launcher == "ray":
         command = functools.partial(ray_program_argv, wdir=os.getcwd())
@@ -626,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if not first_to_report():
                 return 2
-        print(f"shardgrad {args.command}: error: {e}", file=sys.stderr)
+        print(f"shardgrad {args.command}: error: {_said(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"shardgrad {args.command}: interrupted", file=sys.stderr)

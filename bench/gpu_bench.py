@@ -109,15 +109,9 @@ def _stand_in() -> None:
     import os
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "runtime"))
-    import host_cuda
     import host_cupy
 
-    from shardgrad.graph import device as base
-    from shardgrad.ops import gpu as gpu_ops
-    cupy = host_cupy.device_module()
-    sys.modules["cupy"] = cupy
-    base._cupy = lambda: cupy
-    gpu_ops.launch = host_cuda.HostLauncher()
+    sys.modules["cupy"] = host_cupy.install(host_cupy.device_module())
 
 
 def step_case(name: str, steps: int, stand_in: bool, torch_compile: bool) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from shardgrad.cluster.ray_agent import ssh_target
 
@@ -126,6 +126,32 @@ _FAILED_RANK = [
 ]
 
 
+# Open MPI's banners after a rank failed: the rank's own line already says what happened.
+_MPI_TRAILERS = ("MPI_ABORT was invoked", "exited with non-zero status", '"abort"')
+
+
+def without_mpi_trailers(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """mpirun's output ``lines`` less the blocks (between lines of dashes) in which Open MPI
+    repeats that a rank failed or aborted; each other line or block as it completes."""
+    block: list[bytes] | None = None
+    for line in lines:
+        if block is not None:
+            block.append(line)
+        if not (line.strip() and not line.strip().strip(b"-")):   # not a line of dashes
+            if block is None:
+                yield line
+            continue
+        if block is None:
+            block = [line]
+            continue
+        text = b"".join(block).decode(errors="replace")
+        if not any(t in text for t in _MPI_TRAILERS):
+            yield b"".join(block)
+        block = None
+    if block:
+        yield b"".join(block)
+
+
 def failed_rank(output: str) -> int | None:
     """The rank that an MPI job's ``output`` (stdout and stderr) names as failed, or None."""
     for pattern in _FAILED_RANK:
@@ -136,4 +162,4 @@ def failed_rank(output: str) -> int | None:
 
 
 __all__ = ["AGENT", "RANK", "RAY_MPIRUN_OPTIONS", "agent_command", "failed_rank", "mpirun_argv",
-           "ray_job_argv", "ray_program_argv", "ssh_target", "train_argv"]
+           "ray_job_argv", "ray_program_argv", "ssh_target", "train_argv", "without_mpi_trailers"]

@@ -39,6 +39,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardgrad.cluster import ray_agent
+from shardgrad.cluster.commands import without_mpi_trailers
 from shardgrad.cluster.placement import Node, describe, place
 from shardgrad.runtime import config as cfg
 
@@ -61,7 +62,7 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _process_tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants (the MPI daemon puts each rank in its own session, so a
     process group or session would miss them)."""
     tree, found, todo = _children(), [], [pid]
@@ -72,7 +73,8 @@ def _process_tree(pid: int) -> list[int]:
     return found
 
 
-def _signal_all(pids: Sequence[int], sig: int) -> None:
+def signal_all(pids: Sequence[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids``, passing over those gone or not ours."""
     for p in pids:
         try:
             os.kill(p, sig)
@@ -125,12 +127,12 @@ class _Command:
         return out, (self.proc.returncode if done and self.chunks.empty() else None)
 
     def kill(self, grace_s: float = 2.0) -> None:
-        tree = _process_tree(self.proc.pid)
-        _signal_all(tree, signal.SIGTERM)
+        tree = process_tree(self.proc.pid)
+        signal_all(tree, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        _signal_all(tree, signal.SIGKILL)
+        signal_all(tree, signal.SIGKILL)
         self.proc.poll()
 
 
@@ -543,12 +545,17 @@ _NOISE = re.compile(rb"plm:ssh: Warning: setpgid\(\d+,\d+\) failed in parent")
 
 
 def _forward(stream, sink, tail: collections.deque) -> None:
-    for line in iter(stream.readline, b""):
-        if _NOISE.search(line):
-            continue
-        sink.buffer.write(line)
+    """mpirun's output to ``sink`` less Open MPI's failure blocks (a rank's line says it),
+    all of it to ``tail``, where ``failed_rank`` reads those blocks."""
+    def lines():
+        for line in iter(stream.readline, b""):
+            if not _NOISE.search(line):
+                tail.append(line.decode(errors="replace"))
+                yield line
+
+    for chunk in without_mpi_trailers(lines()):
+        sink.buffer.write(chunk)
         sink.flush()
-        tail.append(line.decode(errors="replace"))
 
 
 def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
@@ -635,18 +642,17 @@ def _interrupted(sig, frame):
     raise KeyboardInterrupt
 
 
-def shrunk_dp(parallel: Mapping[str, Any], batch: int, slots: int) -> int:
+def shrunk_dp(parallel: cfg.ParallelConfig, batch: int, slots: int) -> int:
     """The largest data-parallel size, at most ``parallel.dp``, whose ``dp x pp`` ranks fit in
     ``slots`` and that the global batch (``train.batch_size``) still divides as the run
     requires (over dp, times ``parallel.microbatches`` for a pipeline; ``parallel.chunks``
     over dp in deterministic mode); 0 when none does."""
-    pp = parallel["pp"]
-    for dp in range(min(parallel["dp"], slots // pp), 0, -1):
+    pp = parallel.pp
+    for dp in range(min(parallel.dp, slots // pp), 0, -1):
         if pp > 1:
-            fits = batch % (dp * parallel["microbatches"]) == 0
+            fits = batch % (dp * parallel.microbatches) == 0
         else:
-            fits = batch % dp == 0 and not (parallel["deterministic"]
-                                             and parallel["chunks"] % dp)
+            fits = batch % dp == 0 and not (parallel.deterministic and parallel.chunks % dp)
         if fits:
             return dp
     return 0
@@ -685,6 +691,9 @@ def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
                 return 0
             if attempt == max_restarts:
                 _say(f"{failure}; the job stopped")
+                break
+            if code == 2:   # a rank's bad-input error (one line above): a restart meets it again
+                _say(f"{failure}; not restarted: a bad-input error (exit 2) would recur")
                 break
             how = ""
             if resize is not None:
@@ -840,5 +849,5 @@ def launch_program(program: Sequence[str], n: int, cluster: cfg.ClusterConfig,
 
 
 __all__ = ["Host", "Job", "NAMESPACE", "connect", "gpus_per_rank", "launch", "launch_program",
-           "nodes", "planned_placement", "shrunk_dp", "stage_placement", "supervise",
-           "surviving_slots", "to_toml", "unniced"]
+           "nodes", "planned_placement", "process_tree", "shrunk_dp", "signal_all",
+           "stage_placement", "supervise", "surviving_slots", "to_toml", "unniced"]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from shardgrad.cluster.commands import mpirun_argv, train_argv
-from shardgrad.cluster.ray_launch import _process_tree, _signal_all, connect, to_toml, unniced
+from shardgrad.cluster.ray_launch import connect, process_tree, signal_all, to_toml, unniced
 from shardgrad.runtime import config as cfg
 
 METRIC = "test_accuracy"
@@ -41,7 +41,7 @@ def parse_search(item: str) -> tuple[str, tuple[str, list[Any]]]:
     if not sep or not key or not spec:
         raise cfg.ConfigError(f"--search {item!r}: expected KEY=SPEC, e.g. "
                               f"train.lr=loguniform(1e-3,1e-1) or model.hidden=[[128],[256]]")
-    section, name, schema_key = cfg._key(key, cfg.SCHEMA)
+    section, name, schema_key = cfg.lookup_key(key, cfg.SCHEMA)
     m = _CALL.fullmatch(spec)
     if m:
         kind, count = m[1], DISTRIBUTIONS.get(m[1])
@@ -151,21 +151,21 @@ def run_trial(params: Mapping[str, Any], base: cfg.Config, out: str, ranks: int,
                 # Pause the training while Tune hears of its epochs: a report returns once the
                 # scheduler lets the trial go on (ASHA stops it instead), and a training left
                 # running would finish its epochs before any stop could take effect.
-                paused = _process_tree(proc.pid) if new and not done else []
-                _signal_all(paused, signal.SIGSTOP)
+                paused = process_tree(proc.pid) if new and not done else []
+                signal_all(paused, signal.SIGSTOP)
                 try:
                     for r in new:
                         tune.report({METRIC: r[METRIC], "epoch": r["epoch"],
                                      "train_loss": r["train_loss"]})
                 finally:
-                    _signal_all(paused, signal.SIGCONT)
+                    signal_all(paused, signal.SIGCONT)
                 reported = max(reported, len(records))
                 if done:
                     break
                 time.sleep(0.02)
         finally:
             if proc.poll() is None:
-                _signal_all(_process_tree(proc.pid), signal.SIGKILL)
+                signal_all(process_tree(proc.pid), signal.SIGKILL)
                 proc.wait()
     if proc.returncode != 0:
         with open(os.path.join(run_dir, "train.log"), errors="replace") as f:

@@ -120,6 +120,13 @@ def to_device(x: Any, device: str | Device, dtype: Any = None):
         return cupy.asarray(x, dtype=dtype)
 
 
+def copy_of(x: Any):
+    """A copy of an array (NumPy, CuPy, a torch tensor or nested lists) that shares no memory
+    with it, where it lives: what load_state_dict writes, so the caller's arrays and the
+    tensors loaded from them never change one another."""
+    return x.copy() if is_device_array(x) else np.array(x, copy=True)
+
+
 def to_host(x: Any, out: np.ndarray | None = None) -> np.ndarray:
     """``x`` as a NumPy array; a CuPy array is copied back (into ``out`` if given, which may
     be pinned memory for an asynchronous-capable copy). Blocks until the copy is done."""

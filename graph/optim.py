@@ -12,41 +12,53 @@ from collections.abc import Iterable, Iterator, MutableMapping
 
 import numpy as np
 
-from shardgrad.graph.device import to_device
-from shardgrad.graph.tensor import Tensor, no_grad, zeros
+from shardgrad.graph.device import copy_of, to_device
+from shardgrad.graph.tensor import Tensor, no_grad, value_of, zeros
 
 
 class ParamGroup(MutableMapping):
-    """The optimizer's one parameter group as torch code sees it (``opt.param_groups[0]``):
-    "params" and the hyper-parameters, read from and written to the optimizer's attributes,
-    so ``g["lr"] = x`` (an LR schedule) changes the next eager and compiled step. Other keys
-    (e.g. a scheduler's "initial_lr") are kept for the caller, as in torch's dict, unused."""
+    """A parameter group as torch code sees it (``opt.param_groups[i]``): "params" and the
+    hyper-parameters. Group 0's are the optimizer's attributes; another group's are its own
+    values (given in its dict, else the optimizer's defaults when it was made). Writes change
+    the next eager and compiled step (``g["lr"] = x``: an LR schedule). Other keys (e.g. a
+    scheduler's "initial_lr") are kept for the caller, as in torch's dict, unused."""
 
-    def __init__(self, optimizer: Optimizer):
-        self._opt = optimizer
+    def __init__(self, optimizer: Optimizer, index: int = 0):
+        self._opt, self._i = optimizer, index
 
     def _keys(self) -> tuple[str, ...]:
-        return ("params", "lr", *self._opt.defaults, *self._opt.group_extras)
+        return ("params", "lr", *self._opt.defaults, *self._extras())
+
+    def _extras(self) -> dict:
+        return self._opt.group_extras if self._i == 0 else self._opt._groups[self._i]["extras"]
 
     def __getitem__(self, key):
-        if key in self._opt.group_extras:
-            return self._opt.group_extras[key]
+        if key in self._extras():
+            return self._extras()[key]
         if key not in self._keys():
             raise KeyError(key)
+        if key == "params":
+            return [p for p, g in zip(self._opt.params, self._opt._group_of, strict=True)
+                    if g == self._i]
+        if self._i:
+            return self._opt._groups[self._i]["values"][key]
         return getattr(self._opt, key)
 
     def __setitem__(self, key, value) -> None:
         if key == "params":
             raise KeyError("a param group's 'params' are fixed: build a new optimizer")
-        if key in ("lr", *self._opt.defaults):
+        if key not in ("lr", *self._opt.defaults):
+            self._extras()[key] = value
+        elif self._i == 0:
             self._opt.set_hyperparameter(key, value)
         else:
-            self._opt.group_extras[key] = value
+            self._opt._check_group_value(key, value)
+            self._opt._groups[self._i]["values"][key] = value
 
     def __delitem__(self, key) -> None:
-        if key not in self._opt.group_extras:
+        if key not in self._extras():
             raise KeyError(f"a param group's {key!r} cannot be deleted")
-        del self._opt.group_extras[key]
+        del self._extras()[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys())
@@ -108,12 +120,41 @@ class Optimizer:
         if isinstance(params, Tensor):
             raise TypeError(f"params argument given to the optimizer should be an iterable of "
                             f"Tensors, but got a Tensor of shape {params.shape}")
+        params = list(params)
+        # parameter groups, as torch: dicts of "params" and the hyper-parameters that differ
+        # from the defaults (given here); group 0's values become this object's attributes
+        groups = params if params and all(isinstance(g, dict) for g in params) else [
+            {"params": params}]
+        self._group_of: list[int] = []
+        self._groups: list[dict] = []
+        flat = []
+        for gi, group in enumerate(groups):
+            if not isinstance(group, dict) or "params" not in group:
+                raise TypeError(f"{type(self).__name__}: param group {gi} must be a dict with "
+                                f"'params' (all groups dicts, or all entries tensors)")
+            unknown = sorted(set(group) - {"params", "lr", *defaults})
+            if unknown:
+                raise ValueError(f"{type(self).__name__}: param group {gi} has unknown keys "
+                                 f"{unknown} (known: lr, {', '.join(defaults)})")
+            members = group["params"]
+            members = [members] if isinstance(members, Tensor) else list(members)
+            flat += members
+            self._group_of += [gi] * len(members)
+            values = {"lr": group.get("lr", lr)} | {k: group.get(k, v)
+                                                    for k, v in defaults.items()}
+            self._groups.append({"values": values, "extras": {}})
+        if len(groups) > 1:
+            for k, v in [(k, v) for g in self._groups for k, v in g["values"].items()]:
+                self._check_group_value(k, v)
+        lr = self._groups[0]["values"].pop("lr")
+        defaults = self._groups[0]["values"]
         self.params = []
+        group_of: list[int] = []
         seen: set[int] = set()
-        for i, p in enumerate(params):
+        for i, p in enumerate(flat):
             if isinstance(p, dict):
-                raise TypeError(f"{type(self).__name__}: parameter groups (dicts) are not "
-                                f"supported: pass the tensors (one group)")
+                raise TypeError(f"{type(self).__name__}: mix of parameter groups (dicts) and "
+                                f"tensors: give all as dicts")
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer can only optimize Tensors, but params[{i}] is "
                                 f"{type(p).__module__}.{type(p).__qualname__}")
@@ -123,11 +164,17 @@ class Optimizer:
             if id(p) not in seen:             # listed twice: one update per step, as traced
                 seen.add(id(p))
                 self.params.append(p)
+                group_of.append(self._group_of[i])
+            elif group_of[[id(q) for q in self.params].index(id(p))] != self._group_of[i]:
+                raise ValueError("some parameters appear in more than one parameter group")
+        self._group_of = group_of
         if not self.params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
         _check("learning rate (lr)", lr, lr >= 0)
         self.lr = float(lr)
         self.defaults = defaults
+        for k, v in defaults.items():           # group 0's values (its dict's, or the defaults)
+            setattr(self, k, v)
         self.group_extras: dict = {}
         self.t = 0
         self.state: list[dict[str, Tensor]] = [
@@ -136,23 +183,60 @@ class Optimizer:
 
     @property
     def param_groups(self) -> list[ParamGroup]:
-        return [ParamGroup(self)]
+        return [ParamGroup(self, i) for i in range(len(self._groups))]
+
+    def add_param_group(self, group: dict) -> None:
+        raise NotImplementedError("add_param_group: give every group when making the "
+                                  "optimizer (its state and a compiled step are fixed then)")
+
+    def _check_group_value(self, key: str, value) -> None:
+        """A value a group other than 0 may take (a subclass refuses what its state or
+        rule cannot follow per group)."""
+        if key == "lr":
+            _check("learning rate (lr)", value, value >= 0)
+
+    def _group_rule(self, i: int, p, g, state, lr, t):
+        """``rule`` for parameter ``i`` with its group's hyper-parameters: group 0 as the
+        attributes are; another group's values set on this object for the call, and lr
+        scaled by its lr over group 0's (lr may be the traced step's input)."""
+        gi = self._group_of[i]
+        if gi == 0:
+            return self.rule(p, g, state, lr, t)
+        values = self._groups[gi]["values"]
+        saved = {k: getattr(self, k) for k in self.defaults}
+        try:
+            for k in self.defaults:
+                setattr(self, k, values[k])
+            if isinstance(lr, Tensor):
+                if self.lr == 0:
+                    raise ValueError("a compiled step with parameter groups needs a non-zero lr "
+                                     "in group 0 (the others' lr are traced as ratios to it)")
+                lr = lr * (values["lr"] / self.lr)
+            else:
+                lr = values["lr"]
+            return self.rule(p, g, state, lr, t)
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
 
     def set_hyperparameter(self, key: str, value) -> None:
         """Set ``lr`` or one of ``defaults`` (as ``param_groups[0][key] = value``). lr is a
         graph input, not a rule constant: it stays out of ``defaults`` (a new lr retraced
         the compiled step, every step of an LR schedule)."""
-        if key == "lr":
-            _check("learning rate (lr)", value, value >= 0)
-            self.lr = float(value)
+        if key == "lr":        # unchecked, as torch's param_groups (OneCycleLR's last
+            self.lr = float(value)     # linear step goes just below 0)
             return
         setattr(self, key, value)
         self.defaults[key] = value
 
     def hyperparameters(self) -> tuple:
-        """The values the update rule reads as constants (lr and t are graph inputs)."""
+        """The values the update rule reads as constants (lr and t are graph inputs; another
+        group's lr is its ratio to group 0's, which a schedule scaling every group keeps)."""
+        others = tuple((i, tuple(sorted(
+            (k, v / self.lr if k == "lr" and self.lr else v) for k, v in g["values"].items())))
+            for i, g in enumerate(self._groups) if i)
         return tuple((k, getattr(self, k)) for k in self.defaults) + (
-            ("max_grad_norm", self.max_grad_norm),)
+            ("max_grad_norm", self.max_grad_norm),) + others
 
     def rule(self, p, g, state, lr, t):
         raise NotImplementedError
@@ -179,8 +263,10 @@ class Optimizer:
                         v._set_leaf(to_device(v.data, p.device))
             if _foreach_step(self, live, grads) or _cpu_sgd_step(self, live, grads):
                 return
+            index = {id(p): i for i, p in enumerate(self.params)}
             for p, st in live:
-                new_p, new_state = self.rule(p.detach(), grads[id(p)], st, self.lr, self.t)
+                new_p, new_state = self._group_rule(index[id(p)], p.detach(), grads[id(p)], st,
+                                                    self.lr, self.t)
                 p.data = new_p.data
                 for k, v in new_state.items():
                     st[k].assign_(v)
@@ -209,24 +295,32 @@ class Optimizer:
                              f"[{'; '.join(shaped)}]")
         for i, st in enumerate(self.state):
             for k in st:
-                st[k].data = state[f"{i}.{k}"]
+                st[k].data = copy_of(value_of(state[f"{i}.{k}"]))   # its own, as Module's
         self.t = int(state["step"])
 
 
 class SGD(Optimizer):
-    """p <- p - lr * d, with d = g + wd p, and with momentum mu: b <- mu b + d;
-    d = b (or d + mu b with Nesterov), as torch.optim.SGD (dampening 0)."""
+    """p <- p - lr * d, with d = g + wd p, and with momentum mu: b <- mu b + (1 - dampening) d
+    (b <- d at the first step); d = b (or d + mu b with Nesterov), as torch.optim.SGD."""
 
-    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0,
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
         _check("momentum value", momentum, momentum >= 0)
         _check("weight_decay value", weight_decay, weight_decay >= 0)
-        if nesterov and momentum <= 0:
-            raise ValueError("Nesterov momentum requires momentum > 0")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         self.state_keys = ("momentum_buffer",) if momentum else ()
+        kw = {"dampening": dampening} if dampening else {}    # (a rule constant only if used)
         super().__init__(params, lr, momentum=momentum, weight_decay=weight_decay,
-                         nesterov=nesterov)
-        self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
+                         nesterov=nesterov, **kw)
+        self.dampening = self.defaults.get("dampening", 0.0)
+
+    def _check_group_value(self, key: str, value) -> None:
+        super()._check_group_value(key, value)
+        if key == "momentum" and bool(value) != bool(self.state_keys):
+            raise ValueError(f"SGD: a param group's momentum={value} differs in kind from the "
+                             f"optimizer's: momentum buffers exist for all parameters or none; "
+                             f"give every group a momentum > 0, or none")
 
     def set_hyperparameter(self, key: str, value) -> None:
         if key == "momentum" and bool(value) != bool(self.state_keys):
@@ -241,7 +335,13 @@ class SGD(Optimizer):
         d = g + self.weight_decay * p if self.weight_decay else g
         if not self.momentum:
             return p - lr * d, {}
-        b = self.momentum * state["momentum_buffer"] + d
+        if self.dampening:
+            # torch's buffer starts as d itself (undamped) at the first step: b = 0 then
+            first = (t == 1) if not isinstance(t, Tensor) else (t == 1.0).astype(d.dtype)
+            d_in = d * (1.0 - self.dampening + self.dampening * first)
+        else:
+            d_in = d
+        b = self.momentum * state["momentum_buffer"] + d_in
         d = d + self.momentum * b if self.nesterov else b
         return p - lr * d, {"momentum_buffer": b}
 
@@ -261,8 +361,6 @@ class Adam(Optimizer):
         _check("epsilon value (eps)", eps, eps >= 0)
         _check("weight_decay value", weight_decay, weight_decay >= 0)
         super().__init__(params, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self.b1, self.b2 = betas
-        self.eps, self.weight_decay = eps, weight_decay
 
     @property
     def betas(self) -> tuple[float, float]:
@@ -295,6 +393,8 @@ class AdamW(Adam):
 def _fused_kind(opt: Optimizer) -> str | None:
     """Which ops.gpu update kernel computes ``opt``'s rule: its class's own, not overridden."""
     rule = type(opt).rule
+    if getattr(opt, "dampening", 0) or len(opt._groups) > 1:   # the kernels have no dampening
+        return None                                             # and one set of values
     return "sgd" if rule is SGD.rule else "adam" if rule is Adam.rule else None
 
 

@@ -44,6 +44,7 @@ from shardgrad.ops.registry import kernel_for
 # a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
 _VALUES: weakref.WeakKeyDictionary[Node, Any] = weakref.WeakKeyDictionary()
 _LEAVES: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+_RETAINED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 _grad_enabled = [True]
 _rng_salt: list[Tensor | None] = [None]   # the traced step counter, while a step is traced
 _default_dtype = ["float32"]
@@ -90,7 +91,7 @@ def tracing_salt(salt: Tensor):
 
 def _evaluate(outs: list[Node]) -> None:
     """Compute eager values for ``outs`` and whatever they need that has none yet."""
-    if len(outs) == 1 and walk_module._tracer is None:
+    if len(outs) == 1 and walk_module.current_tracer is None:
         # the common eager case, one op whose inputs all have values: run it directly
         # rather than through a one-step walk (a fifth of a small eager op's time here)
         n = outs[0]
@@ -123,7 +124,7 @@ def _evaluate(outs: list[Node]) -> None:
     for n in order:
         if n.op != "const" and not n.inputs:
             raise ShapeError(f"{n!r} has no value: it is a traced placeholder")
-    if walk_module._tracer is not None:      # the executor core's loop times each node
+    if walk_module.current_tracer is not None:      # the executor core's loop times each node
         walk = _EagerWalk()
         for n in order:
             if n.op == "const":
@@ -230,6 +231,164 @@ def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
     return node
 
 
+def value_of(x):
+    """A Tensor's value (its array); anything else as it is."""
+    return x.data if isinstance(x, Tensor) else x
+
+
+def is_dtype(x) -> bool:
+    """Whether ``x`` names a dtype (``np.float32``, ``"float64"``), not a device."""
+    if isinstance(x, np.dtype) or isinstance(x, type) and issubclass(x, np.generic):
+        return True
+    return isinstance(x, str) and x in _DTYPE_NAMES
+
+
+_DTYPE_NAMES = frozenset(("float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                          "uint8", "bool"))
+
+
+def _as_bool(y):
+    return y.astype("bool") if isinstance(y, Tensor) else tensor(np.asarray(y, dtype=bool))
+
+
+def _logical(op: str, x, y) -> Tensor:
+    """``&``, ``|``, ``^`` of bool tensors (or Python bools), from where / not_equal."""
+    x = x if isinstance(x, Tensor) else tensor(np.asarray(x))
+    y = y if isinstance(y, Tensor) else tensor(np.asarray(y))
+    if x.dtype != "bool" or y.dtype != "bool":
+        raise TypeError(f"{op} of {x.dtype} and {y.dtype} tensors: only bool tensors are "
+                        f"supported (compare first, e.g. (x > 0) {op} (x < 1))")
+    if op == "&":
+        return apply(E.where, x, y, False)
+    if op == "|":
+        return apply(E.where, x, True, y)
+    return apply(E.not_equal, x, y)
+
+
+def full_like_value(t: Tensor, value) -> Tensor:
+    """A tensor of t's shape and dtype holding ``value`` (a number or a 0-d tensor)."""
+    if isinstance(value, Tensor):
+        return _broadcast_like(value, t)
+    return full(t.shape, value, t.dtype, None if t.is_symbolic else t.device)
+
+
+def _broadcast_like(v, t: Tensor) -> Tensor:
+    """``v`` broadcast to t's shape in t's dtype (what an assignment into t writes)."""
+    v = v if isinstance(v, Tensor) else tensor(np.asarray(v, dtype=t.dtype))
+    if v.dtype != t.dtype:
+        v = v.astype(t.dtype)
+    return v if v.shape == t.shape else v.expand(t.shape)
+
+
+def _is_array_index(it) -> bool:
+    return isinstance(it, Tensor | np.ndarray | list)
+
+
+def _index_items(t: Tensor, index) -> list:
+    """The items of ``index`` with bool masks turned into integer index arrays (their number
+    of elements is data, so an eager mask only), index arrays as int64 Tensors and the
+    ellipsis spelled out."""
+    items = []
+    for it in (index if isinstance(index, tuple) else (index,)):
+        if not _is_array_index(it):
+            items.append(it)
+            continue
+        a = it if isinstance(it, Tensor) else tensor(np.asarray(it))
+        if a.dtype == "bool":
+            if a.is_symbolic:
+                raise ShapeError(f"indexing with a traced bool mask ({a.node!r}): the result's "
+                                 f"size depends on the data, so it cannot be traced; use "
+                                 f"sg.where / masked_fill, or a mask of the tensor's shape in "
+                                 f"an assignment (x[mask] = v)")
+            items.extend(tensor(ix) for ix in np.nonzero(to_host(a.data)))
+        elif np.dtype(a.dtype).kind in "iu":
+            items.append(a)
+        else:
+            raise IndexError(f"tensors used as indices must be integer or bool, got {a.dtype}")
+    if any(it is None for it in items):
+        raise IndexError("None (a new axis) together with index arrays is not supported: "
+                         "unsqueeze before or after indexing")
+    used = sum(1 for it in items if it is not Ellipsis)
+    if used > t.ndim:
+        raise IndexError(f"too many indices: {used} for {t.ndim} dimensions")
+    if any(it is Ellipsis for it in items):
+        at = next(i for i, it in enumerate(items) if it is Ellipsis)
+        items[at:at + 1] = [slice(None)] * (t.ndim - used)
+    return items + [slice(None)] * (t.ndim - len(items))
+
+
+def _getitem(t: Tensor, index) -> Tensor:
+    """``t[index]``: basic indices are one getitem node (a view); index arrays (integer
+    tensors, lists, bool masks) pick elements as NumPy and torch do, through the
+    ``embedding`` row gather of t's indexed dims flattened into one (its gradient is the
+    row scatter-add)."""
+    if not any(_is_array_index(it) for it in (index if isinstance(index, tuple) else (index,))):
+        return apply(S.getitem, t, index)
+    items = _index_items(t, index)
+    arrays = [it for it in items if isinstance(it, Tensor)]
+    y = apply(S.getitem, t, tuple(slice(None) if isinstance(it, Tensor) else it
+                                  for it in items))
+    kept = [it for it in items if not isinstance(it, int | np.integer)]
+    pos = [d for d, it in enumerate(kept) if isinstance(it, Tensor)]
+    rest = [d for d in range(y.ndim) if d not in pos]
+    flat, stride = None, 1
+    for a, d in zip(reversed(arrays), reversed(pos), strict=True):
+        n = y.shape[d]
+        a = a.astype("int64") if a.dtype != "int64" else a
+        a = a + (a < 0).astype("int64") * n              # negative indices count from the end
+        flat = a * stride if flat is None else flat + a * stride
+        stride *= n
+    shape = np.broadcast_shapes(*(a.shape for a in arrays))
+    flat = flat if flat.shape == shape else flat.expand(shape)
+    rest_shape = tuple(y.shape[d] for d in rest)
+    if pos + rest != list(range(y.ndim)):
+        y = apply(S.transpose, y, tuple(pos + rest))
+    rows = y.reshape(stride, int(np.prod(rest_shape, dtype=np.int64)))
+    out = apply(ops.nn.embedding, flat, rows).reshape(shape + rest_shape)
+    k = len(shape)
+    if pos == list(range(pos[0], pos[0] + len(pos))) and pos[0] > 0 and k:
+        # adjacent index arrays keep their place (NumPy's rule); apart, their dims lead
+        lead = list(range(k, k + pos[0]))
+        out = apply(S.transpose, out, tuple(lead + list(range(k)) + list(
+            range(k + pos[0], out.ndim))))
+    return out
+
+
+def _setitem(t: Tensor, index, value) -> Tensor:
+    """The tensor ``t`` with ``value`` written at ``index`` (see Tensor.__setitem__)."""
+    mask = index if isinstance(index, Tensor) and index.dtype == "bool" else None
+    if mask is not None and mask.shape == t.shape[:mask.ndim]:
+        # a mask over t's leading dims, traceable: where(mask, value, t)
+        m = mask.reshape(mask.shape + (1,) * (t.ndim - mask.ndim))
+        if isinstance(value, Tensor) and value.size != 1 and value.ndim and (
+                value.shape != t.shape):
+            raise ShapeError(f"x[mask] = v with v of shape {value.shape}: v must be a number "
+                             f"or have x's shape {t.shape} (writing v's elements in the "
+                             f"mask's order is not supported)")
+        return apply(E.where, m, _broadcast_like(value, t), t)
+    if any(_is_array_index(it) for it in (index if isinstance(index, tuple) else (index,))):
+        items = _index_items(t, index)
+        if any(isinstance(it, Tensor) and it.is_symbolic for it in items):
+            raise ShapeError("x[index] = v with a traced index array is not supported: use "
+                             "sg.where with a mask")
+        where_ = np.zeros(t.shape, bool)
+        where_[tuple(to_host(it.data) if isinstance(it, Tensor) else it for it in items)] = True
+        if isinstance(value, Tensor) and value.size != 1:
+            raise ShapeError(f"x[index array] = v with v of shape {value.shape}: only a number "
+                             f"(or a one-element tensor) can be written through index arrays")
+        v = value.reshape(()) if isinstance(value, Tensor) else value
+        return apply(E.where, tensor(where_), _broadcast_like(v, t), t)
+    try:
+        norm = S.normalize_index(index, t.shape)
+    except (TypeError, IndexError, ValueError) as e:
+        raise IndexError(f"x[{index!r}] = ...: {e}") from None
+    where_ = np.zeros(t.shape, bool)
+    where_[tuple(slice(*it[1:]) if it[0] == "s" else it[1] for it in norm if it[0] != "n")] = True
+    region = apply(S.getitem, t, index)
+    placed = apply(S.getitem_grad, _broadcast_like(value, region), norm, t.shape)
+    return apply(E.where, tensor(where_), placed, t)
+
+
 class Tensor:
     """An n-d array that records the ops applied to it. PyTorch's names: ``requires_grad``,
     ``grad``, ``backward()``, ``detach()``, ``numpy()``, ``item()``; NumPy's for array ops."""
@@ -289,6 +448,19 @@ class Tensor:
         if self.requires_grad:
             _LEAVES[self.node.id] = self
 
+    @property
+    def is_leaf(self) -> bool:
+        """As torch: a tensor that does not require grad, or one the user made with
+        requires_grad (not the result of an op)."""
+        return not self._requires_grad or self.node.id in _LEAVES
+
+    def retain_grad(self) -> None:
+        """Keep this non-leaf tensor's gradient in ``.grad`` on the next backward()."""
+        if not self._requires_grad:
+            raise RuntimeError("retain_grad() of a tensor that does not require grad")
+        if self.node.id not in _LEAVES:
+            _RETAINED[self.node.id] = self
+
     def requires_grad_(self, requires_grad: bool = True) -> Tensor:
         """Start (or stop) recording this leaf's gradient, in place, as in torch (a tensor
         made without grad, e.g. ``sg.randn(3) * 0.01``, becomes a leaf: see requires_grad)."""
@@ -331,6 +503,8 @@ class Tensor:
         """This tensor on ``device`` (itself if already there), as torch.Tensor.to. The copy
         is a new leaf: moving a tensor that has autograd history is refused, so move the
         parameters (Module.to) and inputs before computing with them."""
+        if is_dtype(device):                  # torch's x.to(torch.float64): a cast
+            return self.astype(str(np.dtype(device)))
         value = self.data
         moved = to_device(value, device)
         if moved is value:
@@ -367,8 +541,10 @@ class Tensor:
         return self.node.ndim
 
     @property
-    def size(self) -> int:
-        return self.node.size
+    def size(self) -> _Size:
+        """The number of elements (NumPy's ``a.size``); called, torch's ``size()`` / ``size(dim)``
+        (the shape, or one dimension of it)."""
+        return _Size(self.node.size, self.shape)
 
     def __len__(self) -> int:
         if not self.shape:
@@ -448,11 +624,13 @@ class Tensor:
             seed = _node_of(gradient, self.node)
         history = Graph([self.node]).nodes
         leaves = [n for n in history if n.id in _LEAVES and _LEAVES[n.id].requires_grad]
-        gs = backprop([self.node], [seed], leaves)
+        kept = [n for n in history if n.id in _RETAINED and _RETAINED[n.id].node is n]
+        holders = [_LEAVES[n.id] for n in leaves] + [_RETAINED[n.id] for n in kept]
+        gs = backprop([self.node], [seed], leaves + kept)
         _evaluate(gs)
-        for n, g in zip(leaves, gs, strict=True):
+        for t, g in zip(holders, gs, strict=True):
             # a gradient made of constants alone (x.sum()'s) is computed on the host
-            t, value = _LEAVES[n.id], to_device(_VALUES[g], _LEAVES[n.id].device)
+            value = to_device(_VALUES[g], t.device)
             t.grad = Tensor(_eager_leaf(value if t.grad is None else t.grad.data + value, False))
 
     # -- operators --------------------------------------------------------------------------
@@ -468,7 +646,8 @@ class Tensor:
     def __rpow__(self, y): return apply(E.pow, y, self)
     def __matmul__(self, y): return apply(L.matmul, self, y)
     def __rmatmul__(self, y): return apply(L.matmul, y, self)
-    def __neg__(self): return apply(E.neg, self)
+    def __neg__(self):
+        return apply(E.neg, self) if _is_float(self.dtype) else 0 - self    # integers too
     def __abs__(self): return self.abs()
     def __floordiv__(self, y): return apply(E.floor_divide, self, y)
     def __rfloordiv__(self, y): return apply(E.floor_divide, y, self)
@@ -481,50 +660,163 @@ class Tensor:
     def __eq__(self, y): return apply(E.equal, self, y)      # elementwise, as in torch
     def __ne__(self, y): return apply(E.not_equal, self, y)
     __hash__ = object.__hash__
-    def __getitem__(self, index): return apply(ops.shape.getitem, self, index)
+    def __getitem__(self, index): return _getitem(self, index)
 
-    # Reductions take NumPy's axis= / keepdims= or torch's dim= / keepdim=; with dim=, max
-    # and min return (values, indices) as torch does.
+    def __setitem__(self, index, value) -> None:
+        """``x[index] = value`` as torch: basic indices, integer index arrays and bool masks;
+        the value is broadcast and cast to x's dtype. Done out of place under the hood (x takes
+        the result's node), so views taken earlier do not see it."""
+        self._inplace(lambda t: _setitem(t, index, value), "__setitem__")
+
+    def __and__(self, y): return _logical("&", self, y)
+    def __rand__(self, y): return _logical("&", y, self)
+    def __or__(self, y): return _logical("|", self, y)
+    def __ror__(self, y): return _logical("|", y, self)
+    def __xor__(self, y): return _logical("^", self, y)
+    def __rxor__(self, y): return _logical("^", y, self)
+
+    def __invert__(self):
+        if self.dtype != "bool":
+            raise TypeError(f"~ of a {self.dtype} tensor: only bool tensors are supported")
+        return apply(E.equal, self, False)
+
+    def logical_not(self): return ~self.astype("bool")
+    def logical_and(self, y): return self.astype("bool") & _as_bool(y)
+    def logical_or(self, y): return self.astype("bool") | _as_bool(y)
+
+    def all(self, dim=None, keepdim: bool = False):
+        """Whether every element (along ``dim``) is non-zero: a bool tensor, as torch."""
+        return self._nonzero().min(axis=dim, keepdims=keepdim) == 1
+
+    def any(self, dim=None, keepdim: bool = False):
+        return self._nonzero().sum(axis=dim, keepdims=keepdim) > 0
+
+    def _nonzero(self):
+        return (self if self.dtype == "bool" else self != 0).astype("int64")
+
+    # -- in place (torch's trailing underscore and augmented assignment) ----------------------
+    def _inplace(self, fn, name: str) -> Tensor:
+        """Make self ``fn(self)``, as torch's in-place ops: refused on a leaf that requires
+        grad while grad is on (its gradient would be lost); under no_grad a leaf keeps being
+        the same leaf (``with no_grad(): w -= lr * w.grad``); otherwise self takes the
+        result's history."""
+        leaf = self._requires_grad and (self.node.id in _LEAVES or self.is_symbolic and (
+            not self.node.inputs))                     # a traced parameter
+        if leaf and _grad_enabled[0]:
+            raise RuntimeError(f"{name}: a leaf tensor that requires grad ({self.node!r}) is "
+                               f"used in an in-place operation; do it under sg.no_grad(), or "
+                               f"on a copy")
+        out = fn(self)
+        if out.shape != self.shape:
+            raise ShapeError(f"{name}: the result's shape {out.shape} differs from the "
+                             f"tensor's {self.shape} (in-place ops cannot broadcast it)")
+        if out.dtype != self.dtype:
+            out = out.astype(self.dtype)
+        if not out.is_symbolic and not out._requires_grad:
+            self._set_leaf(out.data)          # a value without history: self stays a leaf
+        else:
+            self.node, self._requires_grad = out.node, out._requires_grad
+        return self
+
+    def add_(self, y, alpha=1):
+        return self._inplace(lambda t: t + (y if alpha == 1 else y * alpha), "add_")
+
+    def sub_(self, y, alpha=1):
+        return self._inplace(lambda t: t - (y if alpha == 1 else y * alpha), "sub_")
+
+    def mul_(self, y): return self._inplace(lambda t: t * y, "mul_")
+    def div_(self, y): return self._inplace(lambda t: t / y, "div_")
+    def pow_(self, y): return self._inplace(lambda t: t ** y, "pow_")
+    def neg_(self): return self._inplace(lambda t: -t, "neg_")
+    def clamp_(self, min=None, max=None): return self._inplace(  # noqa: A002
+        lambda t: t.clamp(min, max), "clamp_")
+    def fill_(self, value): return self._inplace(lambda t: full_like_value(t, value), "fill_")
+    def copy_(self, src): return self._inplace(lambda t: _broadcast_like(src, t), "copy_")
+
+    def normal_(self, mean: float = 0.0, std: float = 1.0):
+        """Fill with N(mean, std^2) samples (the manual_seed generator), as torch's init."""
+        return self._inplace(lambda t: randn(*t.shape, dtype=t.dtype, device=t.device) * std
+                             + mean, "normal_")
+
+    def uniform_(self, a: float = 0.0, b: float = 1.0):
+        return self._inplace(lambda t: rand(*t.shape, dtype=t.dtype, device=t.device) * (b - a)
+                             + a, "uniform_")
+
+    def __iadd__(self, y): return self.add_(y)
+    def __isub__(self, y): return self.sub_(y)
+    def __imul__(self, y): return self.mul_(y)
+    def __itruediv__(self, y): return self.div_(y)
+
+    # Reductions take NumPy's axis= / keepdims= or torch's dim= / keepdim=. max and min follow
+    # torch when called its way, positionally or with dim= (``_, pred = out.max(1)``): a dim
+    # gives (values, indices), a tensor the elementwise extremum; axis= gives NumPy's values.
     def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
         return apply(R.sum, self, *_axis("sum", axis, keepdims, dim, keepdim))
 
     def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
         return apply(R.mean, self, *_axis("mean", axis, keepdims, dim, keepdim))
 
-    def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
-        values = apply(R.max, self, *_axis("max", axis, keepdims, dim, keepdim))
+    def max(self, *args, axis=None, keepdims=False, dim=None, keepdim=None):
+        if args and isinstance(args[0], Tensor):
+            return apply(E.maximum, self, *args)
+        dim, keepdim = _torch_dim("max", args, axis, dim, keepdim)
         if dim is None:
-            return values
-        indices = self.argmax(dim)
-        return MinMax(values, indices.reshape(values.shape) if keepdim else indices)
+            return apply(R.max, self, *_axis("max", axis, keepdims, dim, keepdim))
+        # the values picked at the indices, so the gradient goes to that one element of a
+        # tie, as torch's (max over all elements, or amax, shares it evenly)
+        indices = self.argmax(dim=dim, keepdim=True)
+        values = self.gather(dim, indices)
+        if not keepdim:
+            values, indices = values.squeeze(dim), indices.squeeze(dim)
+        return MinMax(values, indices)
 
-    def min(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
-        out = self._negated().max(axis, keepdims, dim=dim, keepdim=keepdim)
+    def min(self, *args, axis=None, keepdims=False, dim=None, keepdim=None):
+        if args and isinstance(args[0], Tensor):
+            return apply(E.minimum, self, *args)
+        dim, keepdim = _torch_dim("min", args, axis, dim, keepdim)
+        out = self._negated().max(axis=axis, keepdims=keepdims, dim=dim, keepdim=keepdim)
         if np.dtype(self.dtype).kind == "f":
             return -out if dim is None else MinMax(-out.values, out.indices)
         back = (0 - (out if dim is None else out.values)).astype(self.dtype)
         return back if dim is None else MinMax(back, out.indices)
 
-    def argmax(self, axis=-1, *, dim=None):
-        return apply(R.argmax, self, _axis("argmax", axis, False, dim, None)[0])
+    def argmax(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        """The index of the largest element along ``axis`` / ``dim``, or of the flattened
+        tensor without one (NumPy and torch alike)."""
+        axis, keepdims = _axis("argmax", axis, keepdims, dim, keepdim)
+        if axis is None:
+            out = apply(R.argmax, self.reshape(-1), 0)
+            return out.reshape((1,) * self.ndim) if keepdims else out
+        out = apply(R.argmax, self, axis)
+        return out.unsqueeze(axis) if keepdims else out
 
-    def argmin(self, axis=-1, *, dim=None):
-        return self._negated().argmax(axis, dim=dim)
+    def argmin(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return self._negated().argmax(axis, keepdims, dim=dim, keepdim=keepdim)
 
     def _negated(self):
         """-self for min/argmin: neg takes floats only, so integers and bools are negated
         in int64 (an unsigned value negated in its own dtype would wrap)."""
         return -self if np.dtype(self.dtype).kind == "f" else 0 - self.astype("int64")
 
-    def var(self, axis=None, keepdims=False, ddof=0):
-        """NumPy's variance (``ddof=1``: the unbiased one torch.var gives by default)."""
+    def var(self, axis=None, keepdims=False, ddof=None, *, dim=None, keepdim=None,
+            unbiased=None, correction=None):
+        """The variance, NumPy's way (``var(axis, keepdims, ddof=0)``) or torch's (``dim=``,
+        ``keepdim=``, ``unbiased=`` / ``correction=``, unbiased by default: ddof 1)."""
+        torch_way = dim is not None or keepdim is not None or unbiased is not None or (
+            correction is not None)
+        axis, keepdims = _axis("var", axis, keepdims, dim, keepdim)
+        if ddof is None:
+            ddof = (correction if correction is not None else int(unbiased)
+                    if unbiased is not None else 1) if torch_way else 0
         d = self - self.mean(axis, keepdims=True)
         total = (d * d).sum(axis, keepdims=keepdims)
         n = self.size // max(total.size, 1) - ddof
         return total * (1.0 / n if n > 0 else float("nan"))     # NumPy: nan for n <= ddof
 
-    def std(self, axis=None, keepdims=False, ddof=0):
-        return self.var(axis, keepdims, ddof).sqrt()
+    def std(self, axis=None, keepdims=False, ddof=None, *, dim=None, keepdim=None,
+            unbiased=None, correction=None):
+        return self.var(axis, keepdims, ddof, dim=dim, keepdim=keepdim, unbiased=unbiased,
+                        correction=correction).sqrt()
 
     def softmax(self, axis=-1, *, dim=None):
         return apply(ops.loss.softmax, self, axis=_axis("softmax", axis, False, dim, None)[0])
@@ -534,8 +826,14 @@ class Tensor:
                      axis=_axis("log_softmax", axis, False, dim, None)[0])
 
     def clamp(self, min=None, max=None):  # noqa: A002 - torch's names
-        out = self if min is None else apply(E.maximum, self, min)
-        return out if max is None else apply(E.minimum, out, max)
+        """Limit to [min, max]. The gradient passes where min <= x <= max, boundaries included,
+        as torch (maximum/minimum split it in half at a tie)."""
+        out = self
+        if min is not None:
+            out = apply(E.where, apply(E.less, out, min), min, out)
+        if max is not None:
+            out = apply(E.where, apply(E.greater, out, max), max, out)
+        return out
 
     def clip(self, min=None, max=None):  # noqa: A002 - torch's and NumPy's names
         return self.clamp(min, max)
@@ -578,11 +876,14 @@ class Tensor:
         positive number, as torch.norm / torch.linalg.vector_norm."""
         a = self.abs()
         if p == float("inf"):
-            return a.max(dim, keepdim)
+            return a.max(axis=dim, keepdims=keepdim)
         if p == 1:
             return a.sum(dim, keepdim)
         if p == 2:
-            return (self * self).sum(dim, keepdim).sqrt()
+            # d||x|| = x / ||x||, taken as 0 at x = 0 (torch's), not 0 / 0
+            sq = (self * self).sum(dim, keepdim)
+            zero = sq == 0
+            return apply(E.where, zero, 0.0, apply(E.where, zero, 1.0, sq).sqrt())
         if not p > 0:
             raise ValueError(f"norm: p must be positive or inf, got {p}")
         return (a ** float(p)).sum(dim, keepdim) ** (1.0 / p)
@@ -615,6 +916,15 @@ class Tensor:
         pairs = self.reshape(tuple(d for s in shape for d in (1, s)))
         tiled = pairs.expand(tuple(d for r, s in zip(sizes, shape, strict=True) for d in (r, s)))
         return tiled.reshape(tuple(r * s for r, s in zip(sizes, shape, strict=True)))
+
+    def flip(self, *dims):
+        """Reverse the order along ``dims`` (torch.flip; a slice with step -1)."""
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], tuple | list) else dims
+        n = max(self.ndim, 1)
+        index = [slice(None)] * self.ndim
+        for d in dims:
+            index[d % n] = slice(None, None, -1)
+        return self[tuple(index)]
 
     def split(self, split_size_or_sections, dim: int = 0):
         """Pieces along ``dim``: of ``split_size`` each (the last may be smaller) or of the
@@ -662,14 +972,45 @@ class Tensor:
     def relu(self): return apply(E.relu, self)
     def abs(self): return apply(E.abs, self)
     def astype(self, dtype): return apply(E.cast, self, dtype)
+    def type_as(self, other): return self.astype(other.dtype)
+    def contiguous(self): return self          # values are always contiguous here
+    def square(self): return self * self
+    def rsqrt(self): return 1.0 / self.sqrt()
+    def log1p(self): return (1.0 + self).log()
+    def sign(self): return apply(E.sign, self)
 
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
         return apply(S.reshape, self, tuple(shape))
 
     def transpose(self, *axes):
+        """NumPy's ``transpose(axes)`` (a permutation, or reversed without one); two dims, as
+        torch's ``transpose(dim0, dim1)``, swap those two (so ``x.transpose(0, 1)`` of a
+        matrix is its transpose, not the identity permutation)."""
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], tuple | list) else axes
+        if len(axes) == 2:      # a matrix's two permutations are its two swaps
+            n = max(self.ndim, 1)
+            if not all(isinstance(a, int | np.integer) and -n <= a < n for a in axes):
+                raise ShapeError(f"transpose{tuple(axes)}: dims out of range for a "
+                                 f"{self.ndim}-d tensor")
+            perm = list(range(self.ndim))
+            a, b = axes[0] % n, axes[1] % n
+            perm[a], perm[b] = perm[b], perm[a]
+            axes = perm
         return apply(S.transpose, self, tuple(axes) if axes else None)
+
+    def t(self):
+        """The transpose of a matrix (a 0-d or 1-d tensor as it is), as torch.Tensor.t."""
+        if self.ndim > 2:
+            raise ShapeError(f"t() expects a tensor with <= 2 dimensions, got {self.shape}")
+        return self.transpose() if self.ndim == 2 else self
+
+    @property
+    def mT(self) -> Tensor:  # noqa: N802 - torch's name
+        """The last two dimensions swapped (torch's Tensor.mT, NumPy's matrix_transpose)."""
+        if self.ndim < 2:
+            raise ShapeError(f"mT needs at least 2 dimensions, got {self.shape}")
+        return self.transpose(-2, -1)
 
     def flatten(self, start_dim=0, end_dim=-1):
         n = max(self.ndim, 1)                       # a 0-d tensor flattens to one element
@@ -713,6 +1054,35 @@ def _axis(op: str, axis, keepdims, dim, keepdim) -> tuple:
     if dim is not None and axis not in (None, -1):
         raise TypeError(f"{op}: give axis= (NumPy) or dim= (torch), not both")
     return (axis if dim is None else dim), bool(keepdims if keepdim is None else keepdim)
+
+
+def _torch_dim(op: str, args: tuple, axis, dim, keepdim) -> tuple:
+    """(dim, keepdim) of ``max(dim, keepdim)`` / ``min`` called positionally, as torch."""
+    if len(args) > 2 or args and (dim is not None or axis is not None):
+        raise TypeError(f"{op}: takes (dim, keepdim) positionally, or axis= / dim= by name")
+    if args:
+        dim = args[0]
+        keepdim = args[1] if len(args) > 1 else keepdim
+    return dim, keepdim
+
+
+class _Size(int):
+    """A tensor's ``size``: its element count as an int (NumPy's ``a.size``, what shardgrad's
+    own code reads) that, called as torch's ``size()`` / ``size(dim)``, gives the shape or one
+    of its dimensions (``x.view(x.size(0), -1)``)."""
+
+    def __new__(cls, count: int, shape: tuple[int, ...]):
+        out = super().__new__(cls, count)
+        out.shape = shape
+        return out
+
+    def __call__(self, dim: int | None = None):
+        if dim is None:
+            return self.shape
+        if not -len(self.shape) <= dim < len(self.shape):
+            raise IndexError(f"size({dim}): dimension out of range for a "
+                             f"{len(self.shape)}-d tensor of shape {self.shape}")
+        return self.shape[dim]
 
 
 def _node_of(x, like: Node | None) -> Node:
@@ -843,6 +1213,12 @@ def ones_like(t: Tensor, dtype=None, device=None, requires_grad: bool = False) -
 
 # The generator of parameter initialisation and sg.randn / rand / randint (torch's global one).
 _rng = [np.random.default_rng(0)]
+
+
+def default_generator() -> np.random.Generator:
+    """The generator parameter initialisation and sg.randn / rand / randint draw from (a new
+    one after each manual_seed), as torch's default generator."""
+    return _rng[0]
 
 
 def manual_seed(seed: int) -> None:

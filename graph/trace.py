@@ -74,7 +74,8 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
     Leaves: inputs ``x``, ``y``, ``lr``, ``t`` (1-based step, float), ``step`` (int64, only
     if random ops use it); params by ``named_parameters()`` names (those with
     ``requires_grad``); states for buffers and frozen parameters (their names) and optimizer
-    state (``optim/<param>/<key>``). The model's train/eval mode is restored afterwards.
+    state (``optim/<param>/<key>``). Each module runs in the mode it is in (``model.eval()``
+    before a step: running statistics, no dropout, as an eager step would).
     Outputs: ``loss``, ``grad/<param>``, ``param/<param>`` (updated), ``state/<name>``
     (updated), and with ``optimizer.max_grad_norm`` set ``grad_norm`` (the gradients' global
     L2 norm before clipping, as torch's clip_grad_norm_ returns it). ``meta``: ``params``,
@@ -111,7 +112,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
 
     x = placeholder(*x_spec, name="x")
     y = placeholder(*y_spec, name="y")
-    with _swapped(swaps), _mode(model, True), tracing_salt(placeholder((), "int64", name="step")):
+    with _swapped(swaps), tracing_salt(placeholder((), "int64", name="step")):
         loss = loss_fn(model(x), y)
         if not isinstance(loss, Tensor) or loss.shape != ():
             raise ShapeError(f"loss_fn must return a scalar Tensor, got {loss!r}")
@@ -141,11 +142,12 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
                 norm = global_norm(grad_of.values())
                 outputs["grad_norm"] = norm.node
                 grad_of = clip_grad_norm(grad_of, optimizer.max_grad_norm, norm)
-            for p, st in zip(optimizer.params, optimizer.state, strict=True):
+            for i, (p, st) in enumerate(zip(optimizer.params, optimizer.state, strict=True)):
                 if id(p) not in grad_of:
                     continue                       # frozen or unused: no update
                 pname = name_of[id(p)]
-                new_p, new_st = optimizer.rule(Tensor(leaves[id(p)]), grad_of[id(p)], st, lr, t)
+                new_p, new_st = optimizer._group_rule(i, Tensor(leaves[id(p)]), grad_of[id(p)],
+                                                      st, lr, t)
                 outputs[f"param/{pname}"] = new_p.node
                 outputs.update({f"state/optim/{pname}/{k}": v.node for k, v in new_st.items()})
                 olds[f"param/{pname}"] = Tensor(leaves[id(p)])

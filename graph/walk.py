@@ -69,15 +69,16 @@ def last_uses(uses: Sequence[Iterable[int]], keep: Iterable[int] = ()) -> list[l
 
 # The timeline recorder runtime.trace installs while ``debug.trace`` is on (graph/ may not
 # import runtime/, so it is handed in): anything with ``walk(graph, nodes) -> list`` and
-# ``clock() -> int``.
-_tracer: Any = None
+# ``clock() -> int``. Read it here (eager evaluation does, to time its ops too); set it with
+# set_tracer.
+current_tracer: Any = None
 
 
 def set_tracer(tracer: Any) -> Any:
     """Install ``tracer`` (None: tracing off) for every walk in this process; returns the
     one it replaces."""
-    global _tracer
-    saved, _tracer = _tracer, tracer
+    global current_tracer
+    saved, current_tracer = current_tracer, tracer
     return saved
 
 
@@ -111,7 +112,7 @@ class Walk:
         """Run every step in order (the hot loop: everything was resolved when the steps were
         built). With a tracer installed (``set_tracer``), the clock after each step is
         appended to the list its ``walk(graph, step_nodes)`` returns."""
-        i, tracer = 0, _tracer
+        i, tracer = 0, current_tracer
         try:
             if tracer is None:
                 for i, step in enumerate(self.steps):  # noqa: B007 - i names the failing node

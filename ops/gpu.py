@@ -367,7 +367,9 @@ def avg_pool2d_grad(xp, g, shape, kernel, stride, padding, out=None):
 
 # ---- optimizer updates over a flat parameter buffer ---------------------------------------------
 
-def _flat(*arrays) -> None:
+def check_flat(*arrays) -> None:
+    """ValueError unless ``arrays`` are 1-d contiguous buffers of one length and dtype,
+    TypeError unless that dtype is float32 or float64: what the flat updates take."""
     n = arrays[0].size
     for a in arrays:
         if a.ndim != 1 or a.size != n or a.dtype != arrays[0].dtype or not (
@@ -375,32 +377,6 @@ def _flat(*arrays) -> None:
             raise ValueError("flat updates need 1-d contiguous buffers of one length and dtype")
     if str(arrays[0].dtype) not in CTYPES:
         raise TypeError(f"flat updates support float32 and float64, not {arrays[0].dtype}")
-
-
-def sgd_update_(p, g, buf=None, *, lr: float, momentum: float = 0.0,
-                weight_decay: float = 0.0, nesterov: bool = False) -> None:
-    """graph.optim.SGD's rule applied in place to the flat buffer ``p`` (and the momentum
-    buffer ``buf``, needed when momentum > 0), in one kernel."""
-    if momentum and buf is None:
-        raise ValueError("momentum needs a momentum buffer")
-    _flat(p, g, *(() if buf is None else (buf,)))
-    t = p.dtype.type
-    run_kernel("optim.cu", "sgd_update", p.dtype, blocks(p.size), BLOCK,
-               (p, g, p if buf is None else buf, np.int64(p.size), t(lr), t(momentum),
-                t(weight_decay), np.int32(bool(nesterov))))
-
-
-def adam_update_(p, g, m, v, *, lr: float, step: int, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled: bool = False) -> None:
-    """graph.optim.Adam's (``decoupled``: AdamW's) rule applied in place to the flat buffers
-    ``p``, ``m``, ``v`` at 1-based ``step``, in one kernel."""
-    _flat(p, g, m, v)
-    t = p.dtype.type
-    b1, b2 = t(betas[0]), t(betas[1])
-    bc1, bc2 = t(1) - b1 ** t(step), t(1) - b2 ** t(step)
-    run_kernel("optim.cu", "adam_update", p.dtype, blocks(p.size), BLOCK,
-               (p, g, m, v, np.int64(p.size), t(lr), b1, b2, t(eps), t(weight_decay), bc1, bc2,
-                np.int32(bool(decoupled))))
 
 
 # ---- multi-tensor updates: a list of tensors in one launch -----------------------------------
@@ -451,7 +427,7 @@ def _multi(kind: str, lists: list[list[Any]], tail: tuple) -> int:
     launches made."""
     launches = 0
     dtype = lists[0][0].dtype
-    _flat(*(a.reshape(-1) for col in lists for a in col[:1]))
+    check_flat(*(a.reshape(-1) for col in lists for a in col[:1]))
     for start in range(0, len(lists[0]), MULTI_TENSORS):
         group = [col[start:start + MULTI_TENSORS] for col in lists]
         args: list[Any] = []
@@ -475,7 +451,7 @@ def _multi(kind: str, lists: list[list[Any]], tail: tuple) -> int:
 
 def sgd_multi_(ps: list, gs: list, bufs: list | None, *, lr: float, momentum: float = 0.0,
                weight_decay: float = 0.0, nesterov: bool = False) -> int:
-    """``sgd_update_`` over lists of tensors (each updated in place, momentum buffers
+    """graph.optim.SGD's rule over lists of tensors, each updated in place (momentum buffers
     ``bufs`` needed when momentum > 0): one launch per MULTI_TENSORS tensors. Returns the
     launches."""
     if not ps:
@@ -490,8 +466,9 @@ def sgd_multi_(ps: list, gs: list, bufs: list | None, *, lr: float, momentum: fl
 def adam_multi_(ps: list, gs: list, ms: list, vs: list, *, lr: float, step: int,
                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                 decoupled: bool = False) -> int:
-    """``adam_update_`` over lists of tensors at 1-based ``step``: one launch per
-    MULTI_TENSORS tensors. Returns the launches."""
+    """graph.optim.Adam's (``decoupled``: AdamW's) rule over lists of tensors, each updated
+    in place with its ``ms`` and ``vs``, at 1-based ``step``: one launch per MULTI_TENSORS
+    tensors. Returns the launches."""
     if not ps:
         return 0
     t = ps[0].dtype.type

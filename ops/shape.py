@@ -278,6 +278,17 @@ def getitem(x, index) -> Node:
     return apply("getitem", x, index=norm)
 
 
+def normalize_index(index, shape: tuple[int, ...]) -> tuple[tuple, ...]:
+    """A basic index in getitem's normalised form (the ``index`` attribute)."""
+    return _norm_index(index, tuple(shape))
+
+
+def getitem_grad(g, index: tuple[tuple, ...], shape: tuple[int, ...]) -> Node:
+    """Zeros of ``shape`` with ``g`` at the normalised basic ``index``: getitem's adjoint, and
+    the written part of ``x[index] = v``."""
+    return apply("getitem_grad", as_node(g), index=index, shape=tuple(shape))
+
+
 # ---- gather / scatter_add along an axis ---------------------------------------------------------
 
 def _gather_infer(x, idx, axis, **_):

@@ -100,7 +100,7 @@ def data_parallel(graph: Graph, world_size: int, bucket_bytes: int = DEFAULT_BUC
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    _check_step(graph)
+    check_step(graph)
     options = {"mode": "deterministic" if deterministic else "allreduce", "group": group}
     if deterministic:
         if chunks < 1 or chunks % world_size:
@@ -112,11 +112,14 @@ def data_parallel(graph: Graph, world_size: int, bucket_bytes: int = DEFAULT_BUC
     options.update(bucket_bytes=bucket_bytes, overlap=overlap)
     if world_size == 1:
         return Plan("data_parallel", 1, graph, [], options)
-    new, buckets = _bucketed(graph, world_size, bucket_bytes, overlap, group)
+    new, buckets = bucketed(graph, world_size, bucket_bytes, overlap, group)
     return Plan("data_parallel", world_size, new, buckets, options)
 
 
-def _check_step(graph: Graph) -> None:
+def check_step(graph: Graph) -> None:
+    """Raise ShapeError unless ``graph`` is a training step whose gradients can be averaged
+    over ranks: it outputs ``loss`` and ``grad/<p>`` for each of ``meta["params"]``, and its
+    loss is a mean over the batch."""
     missing = [k for k in ["loss"] + [f"grad/{p}" for p in graph.meta.get("params", [])]
                if k not in graph.outputs]
     if "params" not in graph.meta or missing:
@@ -153,12 +156,12 @@ def averaged_outputs(graph: Graph) -> list[str]:
     """The output names data parallelism averages over the ranks: the loss, every gradient
     and the data-dependent batch statistics (unless traced synchronised). A GPU step that
     reduces its flat gradient buffer itself (runtime.gpu_step) averages these."""
-    _check_step(graph)
+    check_step(graph)
     return [k for _, names in _averaged(graph) for k in names]
 
 
-def _contiguous_source(node: Node, users: dict[int, list[Node]]
-                       ) -> tuple[Node, tuple[int, ...] | None]:
+def contiguous_source(node: Node, users: dict[int, list[Node]]
+                      ) -> tuple[Node, tuple[int, ...] | None]:
     """What to pack for ``node`` so that packing is a plain copy, and the transpose to apply
     after unpacking (None: none). nn.Linear's weight gradient is the transpose of a 2-d matmul
     used nowhere else: it becomes the product of the transposed operands, (A B)^T = B^T A^T,
@@ -217,9 +220,14 @@ def _walk(outputs) -> list[Node]:
     return list(seen.values())
 
 
-def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, group: str,
-              grads: bool = True) -> tuple[Graph, list[Bucket]]:
-    # grads=False: the gradients are left to the caller (ZeRO reduce-scatters them)
+def bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, group: str,
+             grads: bool = True) -> tuple[Graph, list[Bucket]]:
+    """``graph`` with the values it averages over ``group`` (the loss, batch statistics and,
+    with ``grads``, the gradients) packed in order of readiness into buckets of at most
+    ``bucket_bytes`` per dtype, each scaled by 1/``world_size`` and allreduced (``overlap``:
+    started when ready, waited for before the first update that reads it); returns the new
+    graph and its buckets. ``grads=False`` leaves the gradients to the caller (ZeRO
+    reduce-scatters them)."""
     pos = {n.id: i for i, n in enumerate(graph.nodes)}
     names = graph.names()
     grad_ids = {graph.outputs[f"grad/{p}"].id for p in graph.meta["params"]}
@@ -244,7 +252,7 @@ def _bucketed(graph: Graph, world_size: int, bucket_bytes: int, overlap: bool, g
     buckets = []
     for b, members in enumerate(groups):
         ready = max(pos[n.id] for n, _ in members)
-        sources = [_contiguous_source(n, users) for n, _ in members]
+        sources = [contiguous_source(n, users) for n, _ in members]
         for (n, _), (src, _) in zip(members, sources, strict=True):
             for m in _walk([src]):  # nodes made for the source run where the value did
                 if m.id not in pos:
@@ -310,7 +318,7 @@ def _deterministic(graph: Graph, world_size: int, chunks: int, group: str) -> Gr
             for k, x in data.items()}
     items = _averaged(graph)
     users = graph.users()
-    sources = [_contiguous_source(n, users) for n, _ in items]
+    sources = [contiguous_source(n, users) for n, _ in items]
     one = Graph({str(j): src for j, (src, _) in enumerate(sources)})
     parts = []  # parts[i]: this rank's partial i, i.e. chunk (rank + i * world_size)
     for i in range(m):

@@ -70,18 +70,4 @@ class Plan:
                                                if len(b.names) > 4 else "")
             lines.append(f"  bucket {b.index}: {DTYPE_SHORT.get(b.dtype, b.dtype)} "
                          f"{b.nbytes:,} B, ready after {b.after}: {shown}")
-        zero = self.graph.meta.get("zero")
-        if zero:   # partition.zero's layout
-            dt = np.dtype(zero["dtype"])
-            nbytes, block = zero["shard"] * zero["world_size"] * dt.itemsize, \
-                zero["shard"] * dt.itemsize
-            how = ("summed along the fixed tree, each rank keeps its block (shard)"
-                   if self.options.get("mode") == "deterministic" else "reduce_scatter")
-            lines.append(f"  gradients: {DTYPE_SHORT.get(dt.name, dt.name)} {nbytes:,} B "
-                         f"({zero['numel']:,} elements of {len(zero['params'])} parameters), "
-                         f"{how}: {block:,} B a rank")
-            lines.append(f"  update: each rank its block of {zero['shard']:,} elements; "
-                         f"optimizer state {len(zero['keys']) * block:,} B a rank "
-                         f"({', '.join(zero['keys']) or 'none'})")
-            lines.append(f"  allgather: {block:,} B from each rank, {nbytes:,} B of parameters")
         return "\n".join(lines)

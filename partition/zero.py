@@ -11,15 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf
+from shardgrad.graph.ir import DTYPE_SHORT, Graph, Node, ShapeError, const, leaf
 from shardgrad.ops.collective import allgather, pack, reduce_scatter, shard, unpack
 from shardgrad.ops.registry import apply, itemsize
 from shardgrad.partition.data_parallel import (
     DEFAULT_BUCKET_BYTES,
     DataParallel,
-    _bucketed,
-    _check_step,
-    _contiguous_source,
+    bucketed,
+    check_step,
+    contiguous_source,
     data_parallel,
 )
 from shardgrad.partition.plan import Plan
@@ -49,6 +49,19 @@ class Layout:
         """Optimizer-state bytes one rank keeps."""
         return len(self.keys) * self.shard * itemsize(self.dtype)
 
+    def describe(self, deterministic: bool) -> list[str]:
+        """The lines a zero1 plan prints: the gradients' flat buffer and how it is reduced,
+        each rank's update and state, the allgather."""
+        block, whole = (self.shard * itemsize(self.dtype), self.padded * itemsize(self.dtype))
+        how = ("summed along the fixed tree, each rank keeps its block (shard)" if deterministic
+               else "reduce_scatter")
+        return [f"  gradients: {DTYPE_SHORT.get(self.dtype, self.dtype)} {whole:,} B "
+                f"({self.numel:,} elements of {len(self.params)} parameters), {how}: "
+                f"{block:,} B a rank",
+                f"  update: each rank its block of {self.shard:,} elements; optimizer state "
+                f"{self.state_bytes():,} B a rank ({', '.join(self.keys) or 'none'})",
+                f"  allgather: {block:,} B from each rank, {whole:,} B of parameters"]
+
     def as_meta(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "dtype": self.dtype, "numel": self.numel,
                 "shard": self.shard, "keys": list(self.keys),
@@ -58,6 +71,15 @@ class Layout:
     def of(cls, meta: dict[str, Any]) -> Layout:
         return cls(meta["world_size"], meta["dtype"], meta["numel"], meta["shard"],
                    tuple((n, o, tuple(s)) for n, o, s in meta["params"]), tuple(meta["keys"]))
+
+
+class ZeroPlan(Plan):
+    """A zero1 plan; it prints its graph's Layout (``graph.meta["zero"]``) after the buckets."""
+
+    def __str__(self) -> str:
+        layout = Layout.of(self.graph.meta["zero"])
+        return "\n".join([super().__str__(),
+                          *layout.describe(self.options["mode"] == "deterministic")])
 
 
 @dataclass(frozen=True)
@@ -93,7 +115,7 @@ def zero1(graph: Graph, world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTE
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    _check_step(graph)
+    check_step(graph)
     options: dict[str, Any] = {"mode": "deterministic" if deterministic else "allreduce",
                                "group": group, "zero": 1}
     if deterministic:
@@ -102,8 +124,8 @@ def zero1(graph: Graph, world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTE
         reduced, buckets = base.graph, []
     else:
         options["bucket_bytes"] = bucket_bytes
-        reduced, buckets = _bucketed(graph, world_size, bucket_bytes, False, group, grads=False)
-    return Plan("zero1", world_size, _sharded(reduced, world_size, group, deterministic),
+        reduced, buckets = bucketed(graph, world_size, bucket_bytes, False, group, grads=False)
+    return ZeroPlan("zero1", world_size, _sharded(reduced, world_size, group, deterministic),
                 buckets, options)
 
 
@@ -147,7 +169,7 @@ def _sharded(graph: Graph, n: int, group: str, reduced: bool) -> Graph:
     grads, users = [], graph.users()
     for p in params:
         g = graph.outputs[f"grad/{p}"]
-        src, axes = _contiguous_source(g, users) if not reduced else (g, None)
+        src, axes = contiguous_source(g, users) if not reduced else (g, None)
         grads.append(src if axes is None else g)   # packed in the parameter's own layout
     if reduced:
         g_block = shard(pack(grads + zeros), n, group)
@@ -231,4 +253,4 @@ def _reapply(node: Node, mapping: dict[int, Node], memo: dict[int, Node]) -> Nod
     return memo[node.id]
 
 
-__all__ = ["STATE", "Layout", "Zero1", "zero1"]
+__all__ = ["STATE", "Layout", "Zero1", "ZeroPlan", "zero1"]

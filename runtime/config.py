@@ -372,7 +372,7 @@ class Config(_Fields):
         """A copy with the dotted keys in ``changes`` set, each checked (ConfigError)."""
         data = self.to_dict()
         for name, value in changes.items():
-            section, key_name, _ = _key(name, SCHEMA)
+            section, key_name, _ = lookup_key(name, SCHEMA)
             data[section][key_name] = value
         return from_dict(data)
 
@@ -411,7 +411,9 @@ def defaults(schema: Mapping[str, Mapping[str, Key]] | None = None) -> dict[str,
             for s, keys in schema.items()}
 
 
-def _key(name: str, schema: Mapping[str, Mapping[str, Key]]) -> tuple[str, str, Key]:
+def lookup_key(name: str, schema: Mapping[str, Mapping[str, Key]]) -> tuple[str, str, Key]:
+    """``(section, key, Key)`` of the dotted key ``name`` (``"train.lr"``) in ``schema``;
+    ConfigError listing the valid keys when it names none."""
     section, dot, key = name.partition(".")
     if section not in schema or not dot:
         raise ConfigError(f"unknown config key {name!r}; valid keys: {valid_keys(schema)}")
@@ -441,7 +443,7 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 def _merge(config: dict, name: str, value: Any, schema) -> None:
-    section, key, spec = _key(name, schema)
+    section, key, spec = lookup_key(name, schema)
     config[section][key] = spec.check(name, value)
 
 
@@ -587,4 +589,4 @@ __all__ = ["ClusterConfig", "Config", "ConfigError", "ConfigLike", "DataConfig",
            "DeviceConfig", "ENV", "Key", "LogConfig", "ModelConfig", "ParallelConfig", "SCHEMA",
            "SECTIONS", "Section", "TrainConfig", "config_hash", "defaults", "diff", "env",
            "from_dict", "key", "load_config", "load_dict", "local_rank", "mpi_world_size",
-           "parse_set", "progress_enabled", "set_mpi_defaults", "valid_keys"]
+           "lookup_key", "parse_set", "progress_enabled", "set_mpi_defaults", "valid_keys"]

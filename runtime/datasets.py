@@ -172,6 +172,10 @@ def finish(x_train, y_train, x_test, y_test, num_classes: int | None, where: str
     both, or ``num_classes``)."""
     n_train = validate_labels(y_train, num_classes, f"{where} (training labels)")
     n_test = validate_labels(y_test, num_classes, f"{where} (test labels)")
+    if (num_classes or max(n_train, n_test)) < 2:
+        # one class trains to loss 0 and accuracy 1.0, and says nothing about the data
+        raise DataError(f"{where}: every label is 0 (one class); a classifier needs two or "
+                        f"more classes")
     return Dataset(x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64),
                    num_classes=num_classes or max(n_train, n_test))
 
@@ -295,14 +299,18 @@ def load_folder(root: str, dtype="float32", image: bool = False, test_fraction: 
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"{root}: no class subfolders (expected {root}/<class>/<image>.png)")
+    if num_classes is not None and num_classes != len(classes):
+        raise DataError(f"data.num_classes = {num_classes} but {root} has {len(classes)} class "
+                        f"subfolders ({', '.join(classes)})")
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, name))
                        if f.lower().endswith(IMAGE_SUFFIXES))
+        if not files:   # as torchvision's ImageFolder: a class with no sample cannot be learnt
+            raise DataError(f"{os.path.join(root, name)}: no PNG or JPEG files (each class "
+                            f"subfolder needs at least one image)")
         paths += [os.path.join(root, name, f) for f in files]
         labels += [label] * len(files)
-    if not paths:
-        raise DataError(f"{root}: no PNG or JPEG files in its class subfolders")
     x = _shaped(_scaled(read_images(paths), dtype), image)
     y = np.asarray(labels, np.int64)
     validate_labels(y, num_classes, root)
@@ -336,6 +344,10 @@ def load_npz(path: str, dtype="float32", image: bool = False, test_fraction: flo
             raise DataError(f"{path}: {xk} of shape {arrays[xk].shape} needs one row per "
                             f"label of {yk} (shape {arrays[yk].shape})")
         validate_labels(arrays[yk], num_classes, f"{path} ({yk})")
+        x = arrays[xk]
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            at = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0])
+            raise DataError(f"{path} ({xk}): sample {at} holds NaN or infinite values")
         arrays[xk] = _shaped(_scaled(arrays[xk], dtype), image)
     if len(keys) == 2:
         parts = split(arrays["x"], arrays["y"], test_fraction, seed)

@@ -12,7 +12,6 @@ import ctypes
 import os
 import sys
 
-from shardgrad.graph import device as base
 from shardgrad.graph.device import (
     CPU,
     Device,
@@ -55,7 +54,7 @@ def select(spec: str | Device, local_rank: int | None = None,
 def device_count() -> int:
     """How many CUDA devices this process sees (0 without CuPy, a driver or a GPU)."""
     try:
-        return int(base._cupy().cuda.runtime.getDeviceCount())
+        return int(xp_for("cuda").cuda.runtime.getDeviceCount())
     except Exception:  # noqa: BLE001 - no CuPy, no driver, no device: all mean zero
         return 0
 
@@ -72,7 +71,7 @@ def resolve(spec: str | Device = "cpu", local_rank: int | None = None) -> Device
     dev = Device.parse(spec)
     if not dev.is_cuda:
         return dev
-    base._cupy()
+    xp_for(dev)                     # DeviceError when CuPy is missing or broken
     if local_rank is None and dev.index is None:
         from shardgrad.runtime import config
         read = getattr(config, "local_rank", None)   # the launcher's variables, read there
@@ -86,7 +85,7 @@ def use(device: str | Device):
     dev = Device.parse(device)
     if not dev.is_cuda:
         return None
-    cuda_dev = base._cupy().cuda.Device(dev.index or 0)
+    cuda_dev = xp_for(dev).cuda.Device(dev.index or 0)
     cuda_dev.use()
     return cuda_dev
 
@@ -95,7 +94,7 @@ def synchronize(device: str | Device | None = None) -> None:
     """Wait for all work queued on the current GPU (no-op for the CPU)."""
     if device is not None and not Device.parse(device).is_cuda:
         return
-    cupy = base._cupy()
+    cupy = xp_for("cuda")
     cupy.cuda.get_current_stream().synchronize()
 
 

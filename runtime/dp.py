@@ -27,7 +27,7 @@ from shardgrad.runtime.config import ConfigError
 from shardgrad.runtime.step import (
     Executor,
     TrainStep,
-    _batch,
+    as_batch,
     bound_executor,
     device_of,
     executor_for,
@@ -155,7 +155,7 @@ class ParallelStep(TrainStep):
     def synchronize(self, x, y) -> None:
         """Check that every rank traced the same step for local batch ``x``, ``y``, then
         give every rank rank 0's parameters, buffers and optimizer state."""
-        synchronize(self.comm, self.model, self.optimizer, self, _batch(x), _batch(y))
+        synchronize(self.comm, self.model, self.optimizer, self, as_batch(x), as_batch(y))
         self._synced = True
 
     def __call__(self, x, y):

@@ -69,7 +69,9 @@ class _Bound:
 
 def flat_kind(optimizer: Optimizer) -> str | None:
     """The flat update kernel for ``optimizer`` (exactly SGD, Adam or AdamW: a subclass may
-    change the rule), else None."""
+    change the rule; the kernels have no SGD dampening and one set of values), else None."""
+    if getattr(optimizer, "dampening", 0) or len(optimizer.param_groups) > 1:
+        return None
     return {SGD: "sgd", Adam: "adam", AdamW: "adam"}.get(type(optimizer))
 
 
@@ -432,15 +434,15 @@ class GradientBuckets:
 
 
 class FlatUpdate:
-    """ops.gpu's flat SGD / Adam update over a DeviceState's buffers, its launch prepared once
-    (source, options, grid, buffers): a step only builds the scalar arguments, the same
-    values ``sgd_update_`` / ``adam_update_`` pass (a fifth of a small step's host time went
-    to their checks and lookups)."""
+    """The flat SGD / Adam update (ops/cuda/optim.cu's sgd_update, adam_update) over a
+    DeviceState's buffers, its launch prepared once (source, options, grid, buffers): a step
+    only builds the scalar arguments (a fifth of a small step's host time went to checks and
+    lookups when each step prepared it)."""
 
     def __init__(self, state: DeviceState):
         flat = state.flat
         p = flat["param"]
-        gpu_ops._flat(*flat.values())
+        gpu_ops.check_flat(*flat.values())
         self.kind, self.t = state.kind, p.dtype.type
         self.code = gpu_ops.source("optim.cu")
         self.options = (f"-DSG_T={gpu_ops.CTYPES[str(p.dtype)]}",)

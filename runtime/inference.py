@@ -180,24 +180,17 @@ def evaluate(run_dir: str, overrides: Sequence[str] = (), out_dir: str | None = 
 
 
 def read_inputs(run: Run, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    """Samples for the model from an .npz (array ``x``, else its only array) or image files
-    (converted to the model's channels; their size must be the training images')."""
+    """Samples for the model from an .npy, an .npz (array ``x``, else its only array) or
+    image files (converted to the model's channels; their size must be the training
+    images'); DataError naming the file or sample that does not fit."""
     shape = run.data.input_shape
     tokens = run.data.x_train.dtype.kind in "iu"     # a text model's integer token ids
     dtype = run.data.x_train.dtype if tokens else run.config.train.dtype
-    if len(inputs) == 1 and inputs[0].endswith(".npz"):
-        path = inputs[0]
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                names = f.files
-                key = "x" if "x" in names else names[0] if len(names) == 1 else None
-                if key is None:
-                    raise DataError(f"{path}: holds {names}; name the samples' array x")
-                x = f[key]
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such file") from None
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    if len(inputs) == 1 and inputs[0].endswith((".npz", ".npy")):
+        path = where = inputs[0]
+        x = _read_array(path)
+        if x.ndim == 0:
+            raise DataError(f"{path}: holds one number; give an array of samples")
         if tokens and x.dtype.kind not in "iu":
             raise DataError(f"{path}: this model takes integer token ids, got {x.dtype}")
         x = (x / 255.0) if x.dtype == np.uint8 and not tokens else x
@@ -218,15 +211,47 @@ def read_inputs(run: Run, inputs: Sequence[str]) -> tuple[np.ndarray, list[str]]
             if x.shape[2] * x.shape[3] * 3 == shape[0]:
                 x = datasets.read_images(list(inputs), "RGB")
             x = x.reshape(len(x), -1)
-        x, names = x / 255.0, list(inputs)
+        x, names, where = x / 255.0, list(inputs), inputs[0]
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{where}: samples must be numbers, found dtype {x.dtype}")
+    rows = x.reshape(len(x), int(np.prod(x.shape[1:])))
+    if not tokens:
+        # NaN or infinity would come back as label 0 with NaN probabilities (not even JSON)
+        bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+        if bad.size:
+            raise DataError(f"{names[bad[0]]}: holds NaN or infinite values")
+    else:
+        vocab = run.config.model.vocab_size or vocab_size(run.data.x_train)
+        bad = np.flatnonzero(((rows < 0) | (rows >= vocab)).any(axis=1))
+        if bad.size:
+            at = bad[0]
+            raise DataError(f"{names[at]}: token ids must be in [0, {vocab}) (this model's "
+                            f"vocabulary), found {int(x.min())}..{int(x.max())}")
     x = np.asarray(x, dtype)
     flat = int(np.prod(shape))
     if x.ndim >= 2 and int(np.prod(x.shape[1:])) == flat:
         x = x.reshape((len(x), *shape))
     else:
-        raise DataError(f"inputs of shape {x.shape[1:]} do not fit this model's samples of "
-                        f"shape {shape}")
+        raise DataError(f"{where}: inputs of shape {x.shape[1:]} do not fit this model's "
+                        f"samples of shape {shape}")
     return x, names
+
+
+def _read_array(path: str) -> np.ndarray:
+    """The samples of an .npy file, or of an .npz's array ``x`` (else its only array)."""
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as f:
+            names = f.files
+            key = "x" if "x" in names else names[0] if len(names) == 1 else None
+            if key is not None:
+                return f[key]
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable {path[-4:]} file ({e})") from None
+    raise DataError(f"{path}: holds {names}; name the samples' array x")
 
 
 def predict(run_dir: str, inputs: Sequence[str]) -> list[dict[str, Any]]:

@@ -156,9 +156,7 @@ def traced_comm(config: cfg.ConfigLike, comm):
 
 
 def _cuda_event():
-    from shardgrad.graph.device import _cupy  # the CuPy the GPU executor runs on
-
-    return _cupy().cuda.Event()
+    return dev.xp_for("cuda").cuda.Event()   # the CuPy the GPU executor runs on
 
 
 def epoch_line(rec: Mapping[str, Any], epochs: int, step_time_s: float | None) -> str:

@@ -115,7 +115,7 @@ def device_copier(device) -> Callable[[np.ndarray], Any] | None:
         return None
     from shardgrad.runtime import device as dev
 
-    cp = dev.base._cupy()
+    cp = dev.xp_for(device)
     index = device.index or 0
     streams: dict[int, Any] = {}
 

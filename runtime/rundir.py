@@ -21,6 +21,8 @@ LOCK = ".shardgrad.lock"
 
 
 def _unwritable(out_dir: str, e: OSError, path: str | None = None) -> ConfigError:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):   # not "File exists (lock)"
+        return ConfigError(f"the run directory {out_dir!r} (--out) is a file, not a directory")
     where = f" ({path})" if path else ""
     return ConfigError(f"cannot write the run directory {out_dir!r} (--out): "
                        f"{e.strerror or e}{where}")

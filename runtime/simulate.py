@@ -309,7 +309,7 @@ def measure_rank(config: cfg.Config, rank: int, steps: int = 50, warmup: int = 1
     sampler = DistributedSampler(len(data.y_train), world, options.get("data_rank", comm.rank),
                                  shuffle=True, seed=config.train.seed)
     batch = run.train.batch_size
-    augment, to_device = train._loader_options(config, data)
+    augment, to_device = train.loader_options(config, data)
     out = RankSteps([], [], [], [], [])
     prepared, epoch, runner = False, 0, None
     while len(out.times) < steps + warmup:

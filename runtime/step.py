@@ -54,10 +54,10 @@ def _current(where: dev.Device):
     """A context making GPU ``where`` current while a step runs (nothing for the CPU)."""
     if not where.is_cuda:
         return contextlib.nullcontext()
-    return dev.base._cupy().cuda.Device(where.index or 0)
+    return dev.xp_for(where).cuda.Device(where.index or 0)
 
 
-def _batch(v):
+def as_batch(v):
     """A batch as the executor takes it: a Tensor's value, a GPU array as it is, anything
     else as a NumPy array."""
     v = v.data if isinstance(v, Tensor) else v
@@ -125,9 +125,10 @@ class TrainStep:
     def graph_for(self, x, y) -> tuple[Graph, Any]:
         # which parameters are frozen is part of the traced graph (they get no update), and so
         # are the optimizer's hyper-parameters other than lr (param_groups may change them)
+        # and each module's train/eval mode (model.eval() steps use the running statistics)
         frozen = tuple(n for n, p in self._params if not p.requires_grad)
         key = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype), frozen,
-               self.optimizer.hyperparameters())
+               self.optimizer.hyperparameters(), self._modes())
         if key not in self._compiled:
             split = getattr(self.transform, "split", 1)
             if split > 1 and (key[0][:1] != key[2][:1] or key[0][0] % split):
@@ -148,6 +149,9 @@ class TrainStep:
             graph = passes.autocast(graph, self.precision, emulate=not self.device.is_cuda)
             self._compiled[key] = (graph, self.executor(graph))
         return self._compiled[key]
+
+    def _modes(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self.model.modules())
 
     @property
     def graph(self) -> Graph:
@@ -170,7 +174,7 @@ class TrainStep:
         """Run one step on batch ``(x, y)``. Returns the loss: a float on the CPU, a 0-d
         device Tensor for a model on a GPU (``float(loss)`` waits for the GPU; see
         runtime.gpu_step.StepLoss)."""
-        x, y = _batch(x), _batch(y)
+        x, y = as_batch(x), as_batch(y)
         if self._resident:
             return self._device_step(x, y)
         _, program = self.graph_for(x, y)
@@ -204,14 +208,15 @@ class TrainStep:
         # the cache key: the batch types, the frozen set and the rule's constants (compared,
         # not rebuilt into a tuple of tuples, on the hot path)
         hyper = opt.hyperparameters()
+        modes = self._modes()
         last = self._last
         if not (last and last[0] == x.shape and last[1] == x.dtype and last[2] == y.shape
-                and last[3] == y.dtype and last[4] == hyper and all(
+                and last[3] == y.dtype and last[4] == hyper and last[5] == modes and all(
                     p.requires_grad for _, p in self._params)):
             with _current(self.device):
                 self._own_state()
                 _, self._program = self.graph_for(x, y)
-                key = (x.shape, x.dtype, y.shape, y.dtype, hyper)
+                key = (x.shape, x.dtype, y.shape, y.dtype, hyper, modes)
                 self._feeds = dict(self._state.feeds)
                 self._last = key if all(p.requires_grad for _, p in self._params) else ()
         state, feeds = self._state, self._feeds
@@ -357,7 +362,7 @@ class Predictor:
 
     def __call__(self, x) -> np.ndarray:
         """The logits for batch ``x``, as a NumPy array (copied from the GPU if need be)."""
-        x = _batch(x)
+        x = as_batch(x)
         key = (x.shape, str(x.dtype))
         if key not in self._compiled:
             self._compiled[key] = self.executor(trace_forward(self.model, key))
@@ -372,12 +377,12 @@ class Predictor:
 def accuracy(model: Module, x, y, batch_size: int = 512, executor: Executor | None = None
              ) -> float:
     """The fraction of rows of ``x`` whose largest logit is at the integer label in ``y``."""
-    y = to_host(_batch(y))         # labels may be on the GPU (np.asarray refuses CuPy's)
+    y = to_host(as_batch(y))         # labels may be on the GPU (np.asarray refuses CuPy's)
     if y.ndim != 1 or len(y) != len(x):
         raise ValueError(f"accuracy needs one integer label per row of x: got labels of shape "
                          f"{y.shape} for {len(x)} rows")
     predict = Predictor(model, executor)
-    x = _batch(x)
+    x = as_batch(x)
     correct = 0
     for i in range(0, len(x), batch_size):
         correct += int((predict(x[i:i + batch_size]).argmax(axis=1) == y[i:i + batch_size]).sum())

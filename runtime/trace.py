@@ -144,9 +144,9 @@ class Tracer:
 
 
 def _elapsed_ms(start_event: Any, end_event: Any) -> float:
-    from shardgrad.graph.device import _cupy  # only GPU runs record CUDA events
+    from shardgrad.graph.device import xp_for  # only GPU runs record CUDA events
 
-    return float(_cupy().cuda.get_elapsed_time(start_event, end_event))
+    return float(xp_for("cuda").cuda.get_elapsed_time(start_event, end_event))
 
 
 def _comm_args(n: Node) -> dict[str, Any]:

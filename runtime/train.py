@@ -424,16 +424,24 @@ def _clear_stale(out_dir: str, after_epoch: int) -> None:
     """Remove checkpoints past ``after_epoch`` (an earlier run's, which a later --resume would
     otherwise take for this run's), temporary files a killed writer left, and with
     ``after_epoch`` 0 an earlier run's final parameters and summary."""
+    def remove(path: str) -> None:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:   # e.g. a directory of that name: the bare errno named no cause
+            raise cfg.ConfigError(f"cannot remove {path}, an earlier run's file in the run "
+                                  f"directory (--out {out_dir}): {e.strerror or e}") from None
+
     for epoch, path in _checkpoints(out_dir):
         if epoch > after_epoch:
-            os.remove(path)
+            remove(path)
     for name in ("final.safetensors", "summary.json") if after_epoch == 0 else ():
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, name))
+        remove(os.path.join(out_dir, name))
     for where in (out_dir, os.path.join(out_dir, "checkpoints")):
         for name in os.listdir(where):
             if name.startswith(".") and ".tmp-" in name:   # write_atomic's names
-                os.remove(os.path.join(where, name))
+                remove(os.path.join(where, name))
 
 
 def _keep_last(out_dir: str, keep: int) -> None:
@@ -539,7 +547,7 @@ def _check_finite(model: Module, steps_done: int, epoch: int) -> None:
                            f"(epoch {epoch + 1}): training diverged; try a lower train.lr")
 
 
-def _loader_options(config: cfg.Config, data: Dataset) -> tuple[Augment, Any]:
+def loader_options(config: cfg.Config, data: Dataset) -> tuple[Augment, Any]:
     """The training batches' augmentation and, on a GPU, their copy to the device."""
     d = config.data
     augment = Augment(len(data.y_train), d.random_crop, d.hflip, config.train.seed)
@@ -787,7 +795,7 @@ def _train(config: cfg.Config, out_dir: str | None, comm: Communicator, resume: 
     r = _build(config, out_dir, comm, transform, executor, on_record)
     _resume(r, resume)
     _prepare(r)
-    augment, to_device = _loader_options(config, r.data)
+    augment, to_device = loader_options(config, r.data)
     r.t0 = time.perf_counter()
     mon = Monitor(config, out_dir, r.comm.rank, r.total, r.steps_done, r.comm.world_size)
     try:
@@ -803,6 +811,6 @@ def _train(config: cfg.Config, out_dir: str | None, comm: Communicator, resume: 
 
 
 __all__ = ["EXECUTORS", "CheckpointError", "Diverged", "latest_checkpoint", "load_checkpoint",
-           "load_data", "lr_at", "make_executor", "make_optimizer", "open_device",
+           "load_data", "loader_options", "lr_at", "make_executor", "make_optimizer", "open_device",
            "params_sha256", "plan_for_config", "save_checkpoint", "setup", "step_options",
            "train"]

@@ -90,8 +90,7 @@ def first_to_report() -> bool:
     if mpi_world_size() is None or not os.path.isdir(folder):
         return True
     try:
-        os.close(os.open(os.path.join(folder, "shardgrad-error"),
-                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.close(os.open(_error_mark(), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
         return False
     except OSError:
@@ -127,13 +126,21 @@ def say_to_job(line: str) -> None:
     sys.stderr.flush()
 
 
+def _error_mark() -> str:
+    """The file whose existence says a rank of this job reported a bad-input error."""
+    return os.path.join(os.environ.get("PMIX_SERVER_TMPDIR", ""), "shardgrad-error")
+
+
 _SAID = threading.Lock()   # taken by the first line saying this rank was terminated
 
 
 def say_terminated(sig: int) -> None:
-    """Say once, on the launcher's stderr, that this MPI rank was terminated by ``sig``."""
+    """Say once, on the launcher's stderr, that this MPI rank was terminated by ``sig``;
+    nothing when a peer's bad-input error ended the job (prterun's SIGTERM is its echo, and
+    that error is the job's one line)."""
     comm = _WORLD[0]
-    if comm is not None and _SAID.acquire(blocking=False):
+    reported = bool(os.environ.get("PMIX_SERVER_TMPDIR")) and os.path.exists(_error_mark())
+    if comm is not None and not reported and _SAID.acquire(blocking=False):
         say_to_job(f"rank {comm.rank} was terminated by {signal.Signals(sig).name}")
 
 

@@ -15,18 +15,20 @@ from collections.abc import Iterator
 import numpy as np
 
 from shardgrad import ops
-from shardgrad.graph.device import CPU, Device, to_device
+from shardgrad.graph.device import CPU, Device, copy_of, to_device
 from shardgrad.graph.ir import ShapeError
 from shardgrad.graph.nn import functional
 from shardgrad.graph.nn import functional as F
 from shardgrad.graph.tensor import (
     Tensor,
-    _rng,
     apply,
+    default_generator,
     get_default_dtype,
+    is_dtype,
     manual_seed,
     rng_salt,
     tensor,
+    value_of,
     zeros,
 )
 
@@ -36,9 +38,9 @@ class Parameter(Tensor):
 
     __slots__ = ()
 
-    def __init__(self, data):
-        t = tensor(data, requires_grad=True)
-        super().__init__(t.node, requires_grad=True)
+    def __init__(self, data, requires_grad: bool = True):
+        t = tensor(data, requires_grad=requires_grad)
+        super().__init__(t.node, requires_grad=requires_grad)
         self._set_leaf(t.data)
 
 
@@ -74,9 +76,9 @@ def _uniform(shape, bound: float) -> Parameter:
     # uniform(size=shape) call (the generator draws element by element), without a float64
     # copy of the whole parameter beside a float32 one.
     out = np.empty(shape, dtype=get_default_dtype())
-    flat = out.reshape(-1)
+    flat, rng = out.reshape(-1), default_generator()
     for i in range(0, flat.size, 1 << 20):
-        flat[i:i + (1 << 20)] = _rng[0].uniform(-bound, bound, size=min(1 << 20, flat.size - i))
+        flat[i:i + (1 << 20)] = rng.uniform(-bound, bound, size=min(1 << 20, flat.size - i))
     return Parameter(out)
 
 
@@ -221,11 +223,32 @@ class Module:
         in place, as torch.nn.Module.to: the Parameter objects stay the same, so an optimizer
         made before keeps its parameters (its state follows them on its next step), and their
         gradients move with them."""
+        if is_dtype(device):                     # torch's model.to(torch.float64)
+            return self._cast(str(np.dtype(device)))
         for t in [*self.parameters(), *(b for _, b in self.named_buffers())]:
             t._set_leaf(to_device(t.data, device))
             if t.grad is not None:
                 t.grad._set_leaf(to_device(t.grad.data, device))
         return self
+
+    def _cast(self, dtype: str) -> Module:
+        """Floating-point parameters and buffers (and their gradients) to ``dtype`` in place,
+        as torch's Module.double() / float() / half(); integer buffers keep theirs."""
+        for t in [*self.parameters(), *(b for _, b in self.named_buffers())]:
+            if np.dtype(t.dtype).kind == "f" and t.dtype != dtype:
+                t._set_leaf(t.data.astype(dtype))
+                if t.grad is not None:
+                    t.grad._set_leaf(t.grad.data.astype(dtype))
+        return self
+
+    def double(self) -> Module:
+        return self._cast("float64")
+
+    def float(self) -> Module:  # noqa: A003 - torch's name
+        return self._cast("float32")
+
+    def half(self) -> Module:
+        return self._cast("float16")
 
     def cuda(self, index: int | None = None) -> Module:
         return self.to(Device("cuda", index))
@@ -246,8 +269,12 @@ class Module:
         mismatch names the missing, unexpected and mis-shaped keys."""
         own = dict(self.named_parameters(remove_duplicate=False)) | dict(
             self.named_buffers(remove_duplicate=False))
+        # entries torch's modules keep and these do not (BatchNorm's num_batches_tracked), so
+        # a torch state_dict loads
+        ignored = {f"{prefix}.{k}" if prefix else k for prefix, m in self.named_modules()
+                   for k in getattr(m, "_ignored_state", ())}
         missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        unexpected = sorted(set(state) - set(own) - ignored)
         shaped = sorted(f"{k}: expected {own[k].shape}, got {tuple(np.shape(state[k]))}"
                         for k in set(own) & set(state)
                         if tuple(np.shape(state[k])) != own[k].shape)
@@ -258,7 +285,9 @@ class Module:
             raise KeyError(f"load_state_dict for {type(self).__name__}: "
                            + ", ".join(p for p in parts if p))
         for k in set(own) & set(state):
-            own[k].data = state[k]     # copied onto the device the tensor lives on
+            # a copy, as torch's: two models loaded from one dict (or the dict and the model)
+            # shared their arrays, which in-place optimizer steps then changed for both
+            own[k].data = copy_of(value_of(state[k]))
 
     def extra_repr(self) -> str:
         return ""
@@ -301,10 +330,11 @@ class Conv2d(Module):
     input, stride 1 only; an even kernel pads one more at the bottom and right, as torch)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 bias: bool = True, groups: int = 1):
+                 dilation=1, groups: int = 1, bias: bool = True):
         super().__init__()
         _positive("Conv2d", in_channels=in_channels, out_channels=out_channels,
-                  kernel_size=kernel_size, stride=stride, groups=groups)
+                  kernel_size=kernel_size, stride=stride, groups=groups, dilation=dilation)
+        self.dilation = _pair(dilation)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: groups={groups} must divide in_channels={in_channels} "
                              f"and out_channels={out_channels}")
@@ -329,22 +359,25 @@ class Conv2d(Module):
         self.bias = _uniform((out_channels,), bound) if bias else None
 
     def forward(self, x):
-        g = self.groups
+        g, d = self.groups, self.dilation
         if self.padding == "valid":
-            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=0, groups=g)
+            return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=0,
+                            dilation=d, groups=g)
         if self.padding != "same":
             return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                            groups=g)
-        # k - 1 padding in all: (k - 1) // 2 before, the rest after. The op pads evenly, so an
-        # even kernel is padded k // 2 on both sides and the first output row/column dropped.
-        out = F.conv2d(x, self.weight, self.bias, padding=tuple(k // 2 for k in self.kernel_size),
+                            dilation=d, groups=g)
+        # k - 1 padding in all (k the dilated kernel's size): (k - 1) // 2 before, the rest
+        # after. The op pads evenly, so an even k is padded k // 2 on both sides and the first
+        # output row/column dropped.
+        kh, kw = (di * (k - 1) + 1 for di, k in zip(d, self.kernel_size, strict=True))
+        out = F.conv2d(x, self.weight, self.bias, padding=(kh // 2, kw // 2), dilation=d,
                        groups=g)
-        kh, kw = self.kernel_size
         return out if kh % 2 and kw % 2 else out[:, :, 1 - kh % 2:, 1 - kw % 2:]
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}"
+                + (f", dilation={self.dilation}" if self.dilation != (1, 1) else "")
                 + (f", groups={self.groups}" if self.groups != 1 else ""))
 
 
@@ -353,10 +386,11 @@ class Conv1d(Module):
     init. A height-1 Conv2d underneath, so it shares its kernels and gradients."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = True, groups: int = 1):
+                 padding: int = 0, dilation: int = 1, groups: int = 1, bias: bool = True):
         super().__init__()
         _positive("Conv1d", in_channels=in_channels, out_channels=out_channels,
-                  kernel_size=kernel_size, stride=stride, groups=groups)
+                  kernel_size=kernel_size, stride=stride, groups=groups, dilation=dilation)
+        self.dilation = int(dilation)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv1d: groups={groups} must divide in_channels={in_channels} "
                              f"and out_channels={out_channels}")
@@ -367,7 +401,8 @@ class Conv1d(Module):
         self.bias = _uniform((out_channels,), bound) if bias else None
 
     def forward(self, x):
-        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.groups)
+        return F.conv1d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                        dilation=self.dilation, groups=self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -388,7 +423,8 @@ class Embedding(Module):
             raise ValueError(f"Embedding: padding_idx {padding_idx} out of range for "
                              f"{num_embeddings} embeddings")
         self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
-        w = _rng[0].standard_normal((num_embeddings, embedding_dim)).astype(get_default_dtype())
+        w = default_generator().standard_normal((num_embeddings, embedding_dim)).astype(
+            get_default_dtype())
         if self.padding_idx is not None:
             w[self.padding_idx] = 0
         self.weight = Parameter(w)
@@ -574,18 +610,26 @@ class _BatchNorm(Module):
     statistics a cumulative average (weight 1/num_batches_tracked; that buffer exists only
     then)."""
 
+    _ignored_state = ("num_batches_tracked",)   # torch always has it: its state_dict loads
+
     ndims: tuple[int, ...] = ()
     shape_text = ""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True):
         super().__init__()
         _positive(type(self).__name__, num_features=num_features)
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.weight = Parameter(np.ones(num_features, get_default_dtype()))
-        self.bias = Parameter(np.zeros(num_features, get_default_dtype()))
-        self.register_buffer("running_mean", np.zeros(num_features, get_default_dtype()))
-        self.register_buffer("running_var", np.ones(num_features, get_default_dtype()))
-        if momentum is None:
+        self.affine, self.track_running_stats = affine, track_running_stats
+        dtype = get_default_dtype()
+        # affine=False: no weight and bias (None, as torch); track_running_stats=False: no
+        # running statistics, batch statistics in eval mode too
+        self._parameters["weight"] = Parameter(np.ones(num_features, dtype)) if affine else None
+        self._parameters["bias"] = Parameter(np.zeros(num_features, dtype)) if affine else None
+        for name, value in [("running_mean", np.zeros(num_features, dtype)),
+                            ("running_var", np.ones(num_features, dtype))]:
+            self.register_buffer(name, value if track_running_stats else None)
+        if momentum is None and track_running_stats:
             self.register_buffer("num_batches_tracked", np.asarray(0, np.int64))
 
     def forward(self, x):
@@ -597,19 +641,26 @@ class _BatchNorm(Module):
             raise ShapeError(f"{name} got input of shape {x.shape}: expected "
                              f"{self.num_features} channels at axis 1 {self.shape_text}")
         momentum = self.momentum
-        if self.training and momentum is None:
+        tracked = self.track_running_stats
+        if self.training and momentum is None and tracked:
             self.num_batches_tracked.assign_(self.num_batches_tracked + 1)
             momentum = 1.0 / self.num_batches_tracked.astype(self.running_mean.dtype)
-        out, mean, var = apply(ops.nn.batch_norm, x, self.weight, self.bias, self.running_mean,
-                               self.running_var, training=self.training,
-                               momentum=momentum, eps=self.eps)
-        if self.training:
+        n, dtype = self.num_features, x.dtype
+        weight, bias = (self.weight, self.bias) if self.affine else (
+            tensor(np.ones(n, dtype)), tensor(np.zeros(n, dtype)))
+        running = (self.running_mean, self.running_var) if tracked else (
+            tensor(np.zeros(n, dtype)), tensor(np.ones(n, dtype)))
+        training = self.training or not tracked
+        out, mean, var = apply(ops.nn.batch_norm, x, weight, bias, *running, training=training,
+                               momentum=0.1 if momentum is None else momentum, eps=self.eps)
+        if self.training and tracked:
             self.running_mean.assign_(mean)
             self.running_var.assign_(var)
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
 
 
 class BatchNorm1d(_BatchNorm):
@@ -714,6 +765,51 @@ class ModuleList(Module):
         return self
 
 
+class ModuleDict(Module):
+    """Sub-modules by name, registered in insertion order, as torch.nn.ModuleDict; it has no
+    forward of its own."""
+
+    def __init__(self, modules=None):
+        super().__init__()
+        self.update(modules or {})
+
+    def __getitem__(self, key: str) -> Module:
+        return self._modules[key]
+
+    def __setitem__(self, key: str, module: Module) -> None:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleDict[{key!r}]: {_typename(module)} is not a Module instance")
+        self.add_module(key, module)
+
+    def __delitem__(self, key: str) -> None:
+        del self._modules[key]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._modules
+
+    def keys(self):
+        return self._modules.keys()
+
+    def values(self):
+        return self._modules.values()
+
+    def items(self):
+        return self._modules.items()
+
+    def pop(self, key: str) -> Module:
+        return self._modules.pop(key)
+
+    def update(self, modules) -> None:
+        for key, m in (modules.items() if hasattr(modules, "items") else modules):
+            self[key] = m
+
+
 class Identity(Module):
     """Returns its input (extra arguments are ignored), as torch.nn.Identity."""
 
@@ -737,15 +833,18 @@ class _Loss(Module):
 
 
 class CrossEntropyLoss(_Loss):
-    """``F.cross_entropy(logits, labels, reduction, label_smoothing)`` as a module."""
+    """``F.cross_entropy(logits, labels, weight, ignore_index, reduction, label_smoothing)``
+    as a module (``weight`` a buffer, as torch)."""
 
-    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0):
+    def __init__(self, weight=None, ignore_index: int = F.IGNORE_INDEX, reduction: str = "mean",
+                 label_smoothing: float = 0.0):
         super().__init__(reduction)
-        self.label_smoothing = label_smoothing
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.register_buffer("weight", None if weight is None else _as_tensor(weight))
 
     def forward(self, input, target):  # noqa: A002 - torch's name
-        return F.cross_entropy(input, target, reduction=self.reduction,
-                               label_smoothing=self.label_smoothing)
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
 class MSELoss(_Loss):
@@ -756,10 +855,16 @@ class MSELoss(_Loss):
 
 
 class NLLLoss(_Loss):
-    """``F.nll_loss(log_probs, labels, reduction)`` as a module."""
+    """``F.nll_loss(log_probs, labels, weight, ignore_index, reduction)`` as a module."""
+
+    def __init__(self, weight=None, ignore_index: int = F.IGNORE_INDEX, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.ignore_index = ignore_index
+        self.register_buffer("weight", None if weight is None else _as_tensor(weight))
 
     def forward(self, input, target):  # noqa: A002 - torch's name
-        return F.nll_loss(input, target, reduction=self.reduction)
+        return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                          reduction=self.reduction)
 
 
 class BCEWithLogitsLoss(_Loss):
@@ -911,7 +1016,8 @@ class TransformerEncoderLayer(Module):
 
 __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "GELU",
            "Tanh", "Sigmoid", "Flatten", "Dropout", "LayerNorm", "BatchNorm2d", "BatchNorm1d",
-           "Sequential", "ModuleList", "Identity", "CrossEntropyLoss", "MSELoss", "functional",
+           "Sequential", "ModuleList", "ModuleDict", "Identity", "CrossEntropyLoss", "MSELoss",
+           "functional",
            "manual_seed", "Conv1d", "Embedding", "AdaptiveAvgPool2d", "SiLU", "LeakyReLU",
            "Softmax", "GroupNorm", "NLLLoss", "BCEWithLogitsLoss", "MultiheadAttention",
            "TransformerEncoderLayer"]

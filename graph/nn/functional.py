@@ -61,22 +61,118 @@ def log_softmax(x: Tensor, axis: int = -1, *, dim: int | None = None) -> Tensor:
     return x.log_softmax(axis, dim=dim)
 
 
-def cross_entropy(logits: Tensor, labels, reduction: str = "mean",
-                  label_smoothing: float = 0.0) -> Tensor:
-    """Softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,); with
-    ``label_smoothing`` e, against (1 - e) one-hot + e / C, as torch: (1 - e) nll + e mean_c
-    (-log p_c)."""
-    loss = apply(ops.loss.cross_entropy, logits, labels, reduction=reduction)
-    if not label_smoothing:
-        return loss
+IGNORE_INDEX = -100        # torch's default ignore_index
+
+
+def cross_entropy(logits: Tensor, labels, weight=None, ignore_index: int = IGNORE_INDEX,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy of ``logits`` (N, C) or (N, C, d1, ...) against integer
+    ``labels`` (N,) or (N, d1, ...), or class probabilities of the logits' shape, as torch:
+    per-class ``weight`` (a weighted mean divides by the picked weights), labels equal to
+    ``ignore_index`` add nothing (torch's default -100), and ``label_smoothing`` e takes
+    (1 - e) one-hot + e / C as the target. The plain case is the fused ``cross_entropy``
+    op; weights, ignored labels and probabilities are a composite of log_softmax."""
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    uniform = -logits.log_softmax(-1).mean(axis=-1)
+    logits, labels, shape = _classes_last(logits, labels, "cross_entropy")
+    if _is_float_target(labels):
+        return _unflatten(_soft_cross_entropy(logits, labels, weight, reduction,
+                                              label_smoothing), reduction, shape)
+    if weight is None and not _ignores(labels, ignore_index):
+        loss = apply(ops.loss.cross_entropy, logits, labels, reduction=reduction)
+        if not label_smoothing:
+            return _unflatten(loss, reduction, shape)
+        uniform = -logits.log_softmax(-1).mean(axis=-1)
+        return _unflatten(loss * (1.0 - label_smoothing) + _reduced(
+            uniform, reduction, "cross_entropy") * label_smoothing, reduction, shape)
+    logp = logits.log_softmax(-1)
+    loss, picked_w = _weighted_nll(logp, labels, weight, ignore_index)
+    if label_smoothing:
+        c = logits.shape[-1]
+        smooth = -(logp if weight is None else logp * _as_tensor(weight, logp)).sum(axis=-1)
+        smooth = smooth * (labels != ignore_index).astype(logp.dtype)
+        loss = loss * (1.0 - label_smoothing) + smooth * (label_smoothing / c)
     if reduction == "mean":
-        uniform = uniform.mean()
-    elif reduction == "sum":
-        uniform = uniform.sum()
-    return loss * (1.0 - label_smoothing) + uniform * label_smoothing
+        return loss.sum() / picked_w.sum()
+    return _unflatten(_reduced(loss, reduction, "cross_entropy"), reduction, shape)
+
+
+def _classes_last(logits: Tensor, labels, name: str):
+    """(rows, C) logits, (rows,) labels (or (rows, C) probabilities) and the shape "none"
+    gives the rows back in: a loss over (N, C, d1, ...) is the loss over N * d1 * ... rows
+    of C classes, kept as (N, d1, ...)."""
+    if not isinstance(labels, Tensor):
+        labels = tensor(np.asarray(labels))
+    if logits.ndim <= 2:
+        return logits, labels, None
+    n, c, rest = logits.shape[0], logits.shape[1], logits.shape[2:]
+    perm = (0,) + tuple(range(2, logits.ndim)) + (1,)
+    rows = logits.permute(perm).reshape(-1, c)
+    if _is_float_target(labels) and labels.shape == logits.shape:
+        return rows, labels.permute(perm).reshape(-1, c), (n,) + rest
+    if labels.shape != (n,) + rest:
+        raise ShapeError(f"{name}: logits {logits.shape} need labels {(n,) + rest}, got "
+                         f"{labels.shape}")
+    return rows, labels.reshape(-1), (n,) + rest
+
+
+def _unflatten(loss: Tensor, reduction: str, shape) -> Tensor:
+    return loss.reshape(shape) if reduction == "none" and shape is not None else loss
+
+
+def _is_float_target(labels) -> bool:
+    return np.dtype(labels.dtype).kind == "f"
+
+
+def _ignores(labels: Tensor, ignore_index: int) -> bool:
+    """Whether some label is ``ignore_index``: read from an eager CPU tensor; traced or GPU
+    labels take the composite unless ignore_index is torch's default (the fused op refuses
+    such a label, naming it: pass ignore_index=-100 to have it ignored there)."""
+    if labels.is_symbolic or labels.is_cuda:       # (not a copy to the host each step)
+        return ignore_index != IGNORE_INDEX
+    return bool(np.any(labels.data == ignore_index))
+
+
+def _as_tensor(v, like: Tensor) -> Tensor:
+    if isinstance(v, str):          # reduction passed where torch's order has weight
+        raise TypeError(f"weight must be a tensor of class weights, got {v!r}: pass "
+                        f"reduction={v!r} by name (torch's order is input, target, weight, ...)")
+    v = v if isinstance(v, Tensor) else tensor(np.asarray(v, like.dtype))
+    return v if v.dtype == like.dtype else v.astype(like.dtype)
+
+
+def _weighted_nll(logp: Tensor, labels: Tensor, weight, ignore_index: int):
+    """Per-row -w[y] logp[y] (0 where y == ignore_index) and the rows' weights w[y] (0 there),
+    for log-probabilities (N, C) and labels (N,)."""
+    n, c = logp.shape
+    if labels.shape != (n,):
+        raise ShapeError(f"needs log-probabilities (N, C) and labels (N,), got {logp.shape} "
+                         f"and {labels.shape}")
+    keep = labels != ignore_index
+    safe = apply(E.where, keep, labels, 0)
+    picked = logp.gather(1, safe.reshape(n, 1)).reshape(n)
+    w = keep.astype(logp.dtype)
+    if weight is not None:
+        weight = _as_tensor(weight, logp)
+        if weight.shape != (c,):
+            raise ShapeError(f"weight must have one entry per class ({c},), got {weight.shape}")
+        w = weight[safe] * w
+    return -picked * w, w
+
+
+def _soft_cross_entropy(logits, target, weight, reduction, label_smoothing):
+    """Cross-entropy against class probabilities (torch: a float target of the logits'
+    shape); the mean is over rows, weights or not."""
+    if target.shape != logits.shape:
+        raise ShapeError(f"cross_entropy with probabilities: target {target.shape} must have "
+                         f"the logits' shape {logits.shape}")
+    target = _as_tensor(target, logits)
+    if label_smoothing:
+        target = target * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+    logp = logits.log_softmax(-1)
+    if weight is not None:
+        logp = logp * _as_tensor(weight, logp)
+    return _reduced(-(logp * target).sum(axis=-1), reduction, "cross_entropy")
 
 
 def _reduced(loss: Tensor, reduction: str, name: str) -> Tensor:
@@ -93,32 +189,51 @@ def mse_loss(input: Tensor, target, reduction: str = "mean") -> Tensor:  # noqa:
     return _reduced(d * d, reduction, "mse_loss")
 
 
-def nll_loss(log_probs: Tensor, labels, reduction: str = "mean") -> Tensor:
-    """-log_probs[i, labels[i]] for log-probabilities (N, C) and integer labels (N,), as
-    torch.nn.functional.nll_loss: nll_loss(log_softmax(z), y) == cross_entropy(z, y)."""
-    n = log_probs.shape[0] if log_probs.ndim else 0
-    shape = labels.shape if isinstance(labels, Tensor) else np.shape(labels)
-    if log_probs.ndim != 2 or tuple(shape) != (n,):
+def nll_loss(log_probs: Tensor, labels, weight=None, ignore_index: int = IGNORE_INDEX,
+             reduction: str = "mean") -> Tensor:
+    """-weight[y] log_probs[i, y] for log-probabilities (N, C) (or (N, C, d1, ...)) and
+    integer labels y, as torch.nn.functional.nll_loss: labels equal to ``ignore_index`` add
+    nothing, the mean divides by the picked weights; nll_loss(log_softmax(z), y) ==
+    cross_entropy(z, y)."""
+    if log_probs.ndim < 2:
         raise ShapeError(f"nll_loss needs log-probabilities (N, C) and labels (N,), got "
-                         f"{log_probs.shape} and {tuple(shape)}")
-    column = apply(ops.shape.reshape, labels, (n, 1))
-    picked = apply(ops.shape.gather, log_probs, column, axis=1)
-    return _reduced(-picked.reshape(n), reduction, "nll_loss")
+                         f"{log_probs.shape}")
+    log_probs, labels, shape = _classes_last(log_probs, labels, "nll_loss")
+    if labels.shape != log_probs.shape[:1]:
+        raise ShapeError(f"nll_loss needs log-probabilities (N, C) and labels (N,), got "
+                         f"{log_probs.shape} and {labels.shape}")
+    if np.dtype(labels.dtype).kind not in "iu":
+        raise ShapeError(f"nll_loss: indices must be integers, got labels of {labels.dtype}")
+    loss, w = _weighted_nll(log_probs, labels, weight, ignore_index)
+    if reduction == "mean":
+        return loss.sum() / w.sum()
+    return _unflatten(_reduced(loss, reduction, "nll_loss"), reduction, shape)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-           groups: int = 1):
+           dilation=1, groups: int = 1):
+    """torch.nn.functional.conv2d (its argument order). A ``dilation`` d > 1 convolves with
+    the kernel spread out by d (zeros between its taps: getitem's adjoint writes it, so the
+    weight's gradient is read back from those taps)."""
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    if min(dh, dw) < 1:
+        raise ValueError(f"conv2d: dilation must be positive, got {dilation}")
+    if (dh, dw) != (1, 1):
+        o, c, kh, kw = weight.shape
+        shape = (o, c, dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+        index = (("s", 0, o, 1), ("s", 0, c, 1), ("s", 0, shape[2], dh), ("s", 0, shape[3], dw))
+        weight = apply(ops.shape.getitem_grad, weight, index, shape)
     return apply(ops.nn.conv2d, x, weight, bias, stride=stride, padding=padding, groups=groups)
 
 
 def conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1,
-           padding: int = 0, groups: int = 1):
+           padding: int = 0, dilation: int = 1, groups: int = 1):
     """x (N, C, L) with weight (O, C/groups, K): conv2d over a height-1 image."""
     if x.ndim != 3 or weight.ndim != 3:
         raise ShapeError(f"conv1d needs x (N, C, L) and weight (O, C, K), got {x.shape} and "
                          f"{weight.shape}")
     out = conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, stride=(1, int(stride)),
-                 padding=(0, int(padding)), groups=groups)
+                 padding=(0, int(padding)), dilation=(1, int(dilation)), groups=groups)
     return out.squeeze(2)
 
 

@@ -165,3 +165,29 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     finally:
         p.kill()
     assert err == "" and p.returncode == 141, (p.returncode, err)
+
+
+def test_bad_arguments_of_graph_simulate_and_launch_are_one_line(tmp_path, capsys):
+    """Each used to go through: graph --out x.jpg wrote DOT text into x.jpg; --microbatches 0
+    and --gpus-per-node 0 were taken as the default; launch of a missing program printed
+    mpirun's 9-line block (exit 183); an OSError read `[Errno 30] Read-only ...`."""
+    (tmp_path / "notes.txt").write_text("")
+    cases = [(["graph", MLP, "--out", str(tmp_path / "x.jpg")],
+              f"--out {tmp_path}/x.jpg: expected a .dot, .svg, .png or .pdf file"),
+             (["graph", MLP, "--out", str(tmp_path / "notes.txt" / "x.dot")],
+              f"{tmp_path}/notes.txt: File exists"),
+             (["launch", "-n", "2", "--", str(tmp_path / "none")],
+              f"{tmp_path}/none: no such program (not a file, nor on PATH)"),
+             (["launch", "-n", "2", "--", str(tmp_path / "notes.txt")],
+              f"{tmp_path}/notes.txt: not executable")]
+    for argv, said in cases:
+        assert cli.main(argv) == 2, argv
+        out = capsys.readouterr()
+        assert out.err == f"shardgrad {argv[0]}: error: {said}\n" and out.out == "", argv
+    assert not (tmp_path / "x.jpg").exists()
+    for flag in ("--pp", "--microbatches", "--gpus-per-node"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["simulate", MLP, "--ranks", "2", flag, "0"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            f"shardgrad simulate: error: argument {flag}: must be >= 1, got 0"

@@ -4,6 +4,7 @@ node holding two of its ranks restarts from its latest checkpoint at dp = 2 and 
 parameters of an uninterrupted dp = 2 run (deterministic float64); with cluster.min_ranks
 above what is left it stops with one line saying so. Each run bounded by a timeout."""
 
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import ray
 import ray.cluster_utils as cluster_utils
 
 from shardgrad.cluster import ray_launch
+from shardgrad.runtime.config import ParallelConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_testing import free_port, wait_for  # noqa: E402
@@ -113,10 +115,25 @@ def finish(job, timeout):
                              f"{job.communicate()[1]}") from None
 
 
-def test_a_lost_node_restarts_the_job_with_fewer_ranks(cluster, tmp_path):
+def run_losing_a_node(cluster, out, sets, timeout):
+    """``shardgrad train --launcher ray`` with ``sets`` and HANG on the head and a node added
+    for it, which goes once the first checkpoint is written (lose_the_added_node): (job,
+    stderr) once the job ends, within ``timeout`` s, its leftover ranks killed."""
     c, env, config = cluster
     c.add_node(num_cpus=2)
     c.wait_for_nodes()
+    job = train(config, out, [*sets, *HANG], env)
+    try:
+        lose_the_added_node(c, job, out)
+        _, err = finish(job, timeout)
+    finally:
+        job.kill()
+        kill_leftovers(out)
+    return job, err
+
+
+def test_a_lost_node_restarts_the_job_with_fewer_ranks(cluster, tmp_path):
+    _, env, config = cluster
     # the uninterrupted run at the new size: mpirun -n 2, dp = 2
     ref = train(config, tmp_path / "ref", ["parallel.dp=2"], env,
                 launcher=["mpirun", "-n", "2", "--allow-run-as-root", "--oversubscribe"])
@@ -125,14 +142,8 @@ def test_a_lost_node_restarts_the_job_with_fewer_ranks(cluster, tmp_path):
     reference = json.loads((tmp_path / "ref" / "summary.json").read_text())
 
     out = tmp_path / "elastic"
-    job = train(config, out, ["parallel.dp=4", "cluster.max_restarts=1", "cluster.min_ranks=2",
-                              *HANG], env)
-    try:
-        lose_the_added_node(c, job, out)
-        _, err = finish(job, 150)
-    finally:
-        job.kill()
-        kill_leftovers(out)
+    job, err = run_losing_a_node(
+        cluster, out, ["parallel.dp=4", "cluster.max_restarts=1", "cluster.min_ranks=2"], 150)
     assert job.returncode == 0, err
     assert re.search(r"restart 1 of 1 with 2 ranks \(parallel\.dp 4 -> 2; cluster\.min_ranks = "
                      r"2\): the live nodes \(1\) hold 2 slot\(s\) of 1 CPU", err), err
@@ -144,18 +155,9 @@ def test_a_lost_node_restarts_the_job_with_fewer_ranks(cluster, tmp_path):
 
 
 def test_too_few_ranks_left_stops_with_one_line(cluster, tmp_path):
-    c, env, config = cluster
-    c.add_node(num_cpus=2)
-    c.wait_for_nodes()
-    out = tmp_path / "stopped"
-    job = train(config, out, ["parallel.dp=4", "cluster.max_restarts=2", "cluster.min_ranks=3",
-                              *HANG], env)
-    try:
-        lose_the_added_node(c, job, out)
-        _, err = finish(job, 120)
-    finally:
-        job.kill()
-        kill_leftovers(out)
+    job, err = run_losing_a_node(
+        cluster, tmp_path / "stopped",
+        ["parallel.dp=4", "cluster.max_restarts=2", "cluster.min_ranks=3"], 120)
     assert job.returncode != 0
     lines = [line for line in err.splitlines() if "cluster.min_ranks" in line]
     assert len(lines) == 1, err
@@ -175,12 +177,13 @@ def test_min_ranks_above_the_job_is_refused(cluster, tmp_path):
 
 
 def test_shrunk_dp_keeps_the_global_batch_divisible():
-    par = {"dp": 4, "pp": 1, "deterministic": True, "chunks": 4, "microbatches": 1}
+    par = ParallelConfig(dp=4, pp=1, deterministic=True, chunks=4, microbatches=1)
+    loose = dataclasses.replace(par, deterministic=False)
     assert ray_launch.shrunk_dp(par, 64, 4) == 4
     assert ray_launch.shrunk_dp(par, 64, 3) == 2       # chunks = 4 over dp = 3 would not do
-    assert ray_launch.shrunk_dp({**par, "deterministic": False}, 63, 3) == 3
-    assert ray_launch.shrunk_dp({**par, "deterministic": False}, 64, 3) == 2
+    assert ray_launch.shrunk_dp(loose, 63, 3) == 3
+    assert ray_launch.shrunk_dp(loose, 64, 3) == 2
     assert ray_launch.shrunk_dp(par, 64, 0) == 0
-    pipe = {**par, "pp": 2, "microbatches": 4}
+    pipe = dataclasses.replace(par, pp=2, microbatches=4)
     assert ray_launch.shrunk_dp(pipe, 64, 7) == 2      # 2 pipelines of 2 stages in 7 slots
     assert ray_launch.shrunk_dp(pipe, 8, 8) == 2       # 8 / (dp x 4 micro-batches)

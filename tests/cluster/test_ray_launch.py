@@ -194,6 +194,25 @@ def test_dead_actor_restarts_from_latest_checkpoint(cluster, reference, tmp_path
     assert s["params_sha256"] == reference[0]["params_sha256"]
 
 
+def test_bad_input_on_the_ranks_is_one_line_and_not_restarted(cluster, tmp_path):
+    """A data file missing where the ranks run: the ranks' one line, the launcher's verdict,
+    exit 2; `cluster.max_restarts` used to restart it twice into the same error, each time
+    with Open MPI's 7-line block."""
+    env, config = cluster
+    missing = tmp_path / "missing.npz"
+    r = shardgrad([config, "--out", str(tmp_path / "run"), "--launcher", "ray", "--set",
+                   "parallel.dp=2", "--set", "cluster.max_restarts=2", "--set",
+                   "data.dataset='npz'", "--set", f"data.path='{missing}'"], env)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    said = f"shardgrad train: error: data.path = '{missing}': no such file"
+    assert lines.count(said) == 1 and "attempt 2" not in r.stderr, r.stderr
+    assert "----" not in r.stderr and "prterun" not in r.stderr, r.stderr
+    assert re.search(r"shardgrad ray: rank \d \(host sg-\S+ on .*\) failed; mpirun exit code 2; "
+                     r"not restarted: a bad-input error \(exit 2\) would recur$", lines[-1]), \
+        r.stderr
+
+
 @pytest.mark.parametrize("launcher", ["mpi", "ray"])
 def test_launch_runs_a_users_script_as_ranks(cluster, launcher):
     """``shardgrad launch -n 2 [--launcher ray] -- python SCRIPT`` (a relative path: the ranks

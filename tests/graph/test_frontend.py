@@ -1,10 +1,16 @@
 """The PyTorch-like front end: eager tensors, backward, modules, optimizers, compile_step."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import shardgrad as sg
 from shardgrad.graph.ir import ShapeError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from seeded import float64_seeded  # noqa: E402
 
 
 def _mse(out, y):
@@ -198,14 +204,10 @@ def test_dropout_draws_a_new_mask_each_compiled_step():
 
 
 def test_cnn_compiled_step_equals_eager():
-    sg.set_default_dtype("float64")
-    try:
-        sg.manual_seed(0)
+    with float64_seeded():
         model = sg.nn.Sequential(
             sg.nn.Conv2d(1, 4, 3, padding=1), sg.nn.BatchNorm2d(4), sg.nn.ReLU(),
             sg.nn.MaxPool2d(2), sg.nn.Flatten(), sg.nn.Linear(4 * 4 * 4, 10))
-    finally:
-        sg.set_default_dtype("float32")
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(8, 1, 8, 8)), rng.integers(0, 10, size=8)
     start = model.state_dict()
@@ -270,10 +272,11 @@ def test_mse_and_nll_losses_match_their_formulas(reduction):
                                reduce((z - t) ** 2))
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     a = sg.tensor(z, requires_grad=True)
-    nll = F.nll_loss(F.log_softmax(a), y, reduction)
+    nll = F.nll_loss(F.log_softmax(a), y, reduction=reduction)   # torch's order: weight third
     np.testing.assert_allclose(nll.numpy(), reduce(-logp[np.arange(5), y]))
     if reduction != "none":                 # nll_loss(log_softmax(z), y) == cross_entropy(z, y)
-        np.testing.assert_allclose(nll.numpy(), F.cross_entropy(sg.tensor(z), y, reduction)
+        np.testing.assert_allclose(nll.numpy(), F.cross_entropy(sg.tensor(z), y,
+                                                                      reduction=reduction)
                                    .numpy())
         nll.backward()
         onehot = np.eye(4)[y]

@@ -1,11 +1,17 @@
 """GELU as torch (CPU): exact by default (through the erf op), the tanh form on request;
 values and gradients eager, and a compiled training step, against torch.nn.GELU."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import shardgrad as sg
+
+sys.path.insert(0, str(Path(__file__).parent))
+from seeded import mlp, torch_twin  # noqa: E402
 
 F = sg.nn.functional
 
@@ -41,17 +47,9 @@ def test_gelu_module_defaults_to_the_exact_form():
 
 
 def test_compiled_step_with_gelu_equals_torch():
-    sg.set_default_dtype("float64")
-    try:
-        sg.manual_seed(0)
-        model = sg.nn.Sequential(sg.nn.Linear(5, 16), sg.nn.GELU(), sg.nn.Linear(16, 3))
-    finally:
-        sg.set_default_dtype("float32")
-    ref = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.GELU(),
-                              torch.nn.Linear(16, 3)).double()
-    with torch.no_grad():
-        for k, v in ref.state_dict().items():
-            v.copy_(torch.tensor(model.state_dict()[k]))
+    model = mlp(5, 16, 3, sg.nn.GELU)
+    ref = torch_twin(model, torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.GELU(),
+                                                torch.nn.Linear(16, 3)))
     opt = sg.optim.SGD(model.parameters(), lr=0.3)
     topt = torch.optim.SGD(ref.parameters(), lr=0.3)
     step = sg.compile_step(model, F.cross_entropy, opt)

@@ -2,12 +2,18 @@
 steps, state_dict / load_state_dict (through sg.save), and a scheduled training run, eager
 and compiled (one trace), against torch's."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import shardgrad as sg
 from shardgrad.optim.lr_scheduler import StepLR
+
+sys.path.insert(0, str(Path(__file__).parent))
+from seeded import mlp, torch_twin  # noqa: E402
 
 F = sg.nn.functional
 L, TL = sg.optim.lr_scheduler, torch.optim.lr_scheduler
@@ -99,18 +105,9 @@ def test_state_dict_keeps_a_callable_objects_attributes_not_a_lambda():
 
 
 def _pair(seed=0):
-    sg.set_default_dtype("float64")
-    try:
-        sg.manual_seed(seed)
-        model = sg.nn.Sequential(sg.nn.Linear(4, 8), sg.nn.Tanh(), sg.nn.Linear(8, 3))
-    finally:
-        sg.set_default_dtype("float32")
-    ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
-                              torch.nn.Linear(8, 3)).double()
-    with torch.no_grad():
-        for k, v in ref.state_dict().items():
-            v.copy_(torch.tensor(model.state_dict()[k]))
-    return model, ref
+    model = mlp(4, 8, 3, sg.nn.Tanh, seed)
+    return model, torch_twin(model, torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                                        torch.nn.Linear(8, 3)))
 
 
 @pytest.mark.parametrize("name", ["step", "cosine", "linear"])

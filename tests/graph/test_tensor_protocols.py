@@ -179,7 +179,8 @@ def test_min_and_argmin_of_integers_and_bools(dtype):
     a = np.array([[4, 5, 3], [0, 9, 2]]).astype(dtype)
     x = sg.tensor(a)
     assert x.min().dtype == dtype and x.min().item() == a.min()
-    np.testing.assert_array_equal(x.argmin(), a.argmin(axis=-1))
+    np.testing.assert_array_equal(x.argmin(), a.argmin())        # flattened, as NumPy and torch
+    np.testing.assert_array_equal(x.argmin(dim=-1), a.argmin(axis=-1))
     values, indices = x.min(dim=1)
     assert values.dtype == dtype
     np.testing.assert_array_equal(values.numpy(), a.min(axis=1))

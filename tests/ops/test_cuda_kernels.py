@@ -8,6 +8,7 @@ bit. The same comparisons run on a real GPU in tests/ops/test_gpu_ops.py.
 
 import re
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import shardgrad as sg
 from shardgrad.ops import REGISTRY, gpu
 from shardgrad.ops.registry import get, kernel_for
+from shardgrad.runtime.gpu_step import FlatUpdate
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "runtime"))
 import host_cuda  # noqa: E402
@@ -242,6 +244,14 @@ def _rule_update(opt_cls, p, g, state, t, **kw):
     return new_p.numpy(), {k: v.numpy() for k, v in new_state.items()}
 
 
+def flat_update(opt, **flat) -> None:
+    """The compiled GPU step's update (runtime.gpu_step.FlatUpdate) of ``opt``'s rule, in
+    place on the flat buffers ``flat`` (param, grad and ``opt``'s state keys, as a
+    DeviceState holds them) at step ``opt.t + 1``."""
+    kind = "adam" if isinstance(opt, sg.optim.Adam) else "sgd"
+    FlatUpdate(types.SimpleNamespace(kind=kind, flat=flat))(opt)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kw", [dict(momentum=0.0), dict(momentum=0.9),
                                 dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
@@ -252,7 +262,8 @@ def test_flat_sgd_update_matches_optim_rule(dtype, kw):
     want_p, want_state = _rule_update(sg.optim.SGD, p, g, {"momentum_buffer": buf}
                                       if kw["momentum"] else {}, 1, lr=0.1, **kw)
     p2, buf2 = p.copy(), buf.copy()
-    gpu.sgd_update_(p2, g, buf2 if kw["momentum"] else None, lr=0.1, **kw)
+    flat_update(sg.optim.SGD([sg.tensor(p)], lr=0.1, **kw), param=p2, grad=g,
+                **({"momentum_buffer": buf2} if kw["momentum"] else {}))
     close(p2, want_p.astype(dtype), dtype)
     if kw["momentum"]:
         close(buf2, want_state["momentum_buffer"].astype(dtype), dtype)
@@ -267,8 +278,9 @@ def test_flat_adam_update_matches_optim_rule(dtype, cls):
     want_p, want = _rule_update(cls, p, g, {"exp_avg": m, "exp_avg_sq": v}, 4, lr=0.01,
                                 weight_decay=0.1)
     p2, m2, v2 = p.copy(), m.copy(), v.copy()
-    gpu.adam_update_(p2, g, m2, v2, lr=0.01, step=4, weight_decay=0.1,
-                     decoupled=cls is sg.optim.AdamW)
+    opt = cls([sg.tensor(p)], lr=0.01, weight_decay=0.1)
+    opt.t = 3                                      # the update of step 4
+    flat_update(opt, param=p2, grad=g, exp_avg=m2, exp_avg_sq=v2)
     close(p2, want_p, dtype)
     close(m2, want["exp_avg"], dtype)
     close(v2, want["exp_avg_sq"], dtype)
@@ -276,8 +288,9 @@ def test_flat_adam_update_matches_optim_rule(dtype, cls):
 
 @pytest.mark.parametrize("kind", ["sgd", "sgd-momentum", "adam", "adamw"])
 def test_multi_tensor_updates_equal_the_flat_ones(host, kind):
-    """One multi-tensor launch per 48 tensors gives, tensor by tensor, the bits of the flat
-    kernel run on each (the same __device__ update): 50 tensors of sizes 0 to 2.5 chunks."""
+    """One multi-tensor launch per 48 tensors (the eager GPU opt.step()) gives, tensor by
+    tensor, the bits of the flat update (the compiled GPU step's) run on each (the same
+    __device__ update): 50 tensors of sizes 0 to 2.5 chunks."""
     rng = np.random.default_rng(9)
     sizes = [int(s) for s in rng.choice([0, 1, 7, 300, 4096, 4097, 10000], 50)]
     lists = [[rand(rng, (n,), "float64", 0.0 if k == 3 else -2.0) for n in sizes]
@@ -285,16 +298,23 @@ def test_multi_tensor_updates_equal_the_flat_ones(host, kind):
     want = [[a.copy() for a in col] for col in lists]
     before = host.launches.copy()
     if kind.startswith("sgd"):
+        # Nesterov only with momentum, as graph.optim.SGD takes it (at momentum 0 the kernel
+        # never reads the flag)
         kw = dict(lr=0.1, momentum=0.9 if kind == "sgd-momentum" else 0.0, weight_decay=1e-2,
-                  nesterov=True)
+                  nesterov=kind == "sgd-momentum")
+        opt = sg.optim.SGD([sg.tensor(np.zeros(1))], **kw)
         for p, g, b in zip(*want[:3], strict=True):
-            gpu.sgd_update_(p, g, b if kw["momentum"] else None, **kw)
+            flat_update(opt, param=p, grad=g, **({"momentum_buffer": b} if kw["momentum"]
+                                                 else {}))
         made = gpu.sgd_multi_(*lists[:2], lists[2] if kw["momentum"] else None, **kw)
         name = "sgd_multi"
     else:
         kw = dict(lr=0.01, step=3, weight_decay=0.1, decoupled=kind == "adamw")
+        opt = (sg.optim.AdamW if kw["decoupled"] else sg.optim.Adam)(
+            [sg.tensor(np.zeros(1))], lr=kw["lr"], weight_decay=kw["weight_decay"])
+        opt.t = kw["step"] - 1
         for p, g, m, v in zip(*want, strict=True):
-            gpu.adam_update_(p, g, m, v, **kw)
+            flat_update(opt, param=p, grad=g, exp_avg=m, exp_avg_sq=v)
         made = gpu.adam_multi_(*lists, **kw)
         name = "adam_multi"
     assert made == 2 and host.launches[name] - before.get(name, 0) == 2
@@ -305,13 +325,16 @@ def test_multi_tensor_updates_equal_the_flat_ones(host, kind):
 
 def test_flat_updates_check_their_buffers():
     empty = np.zeros(0, np.float32)
-    gpu.sgd_update_(empty, empty.copy(), empty.copy(), lr=0.1, momentum=0.9)
-    gpu.adam_update_(empty, *(empty.copy() for _ in range(3)), lr=0.1, step=1)
+    one = [sg.tensor(np.zeros(1, np.float32))]
+    flat_update(sg.optim.SGD(one, lr=0.1, momentum=0.9), param=empty, grad=empty.copy(),
+                momentum_buffer=empty.copy())
+    flat_update(sg.optim.Adam(one, lr=0.1), param=empty, grad=empty.copy(),
+                exp_avg=empty.copy(), exp_avg_sq=empty.copy())
     p = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="1-d contiguous"):
-        gpu.sgd_update_(p, np.zeros(5, np.float32), lr=0.1)
+        flat_update(sg.optim.SGD(one, lr=0.1), param=p, grad=np.zeros(5, np.float32))
     with pytest.raises(ValueError, match="momentum buffer"):
-        gpu.sgd_update_(p, p.copy(), lr=0.1, momentum=0.9)
+        gpu.sgd_multi_([p], [p.copy()], None, lr=0.1, momentum=0.9)
 
 
 def test_every_op_through_the_gpu_executor_on_the_host():

@@ -5,17 +5,21 @@ Also the hand-written kernels directly against the generic forward on the same G
 flat optimizer updates. Skipped where CuPy or a CUDA device is missing.
 """
 
+import types
+
 import numpy as np
 import pytest
 from op_harness import build, draw
 from test_op_cases import CASES
 
+import shardgrad as sg
 from shardgrad.graph import autodiff
 from shardgrad.graph.ir import Graph, const
 from shardgrad.ops import REGISTRY, gpu
 from shardgrad.ops.reduce import sum as rsum
 from shardgrad.ops.registry import get
 from shardgrad.runtime.device import cuda_available
+from shardgrad.runtime.gpu_step import FlatUpdate
 from shardgrad.runtime.interpreter import Interpreter
 
 pytestmark = [pytest.mark.gpu,
@@ -130,11 +134,16 @@ def test_flat_updates_on_gpu():
     rng = np.random.default_rng(1)
     p, g, b = (rng.standard_normal(100_003).astype(np.float32) for _ in range(3))
     dp, dg, db = cp.asarray(p), cp.asarray(g), cp.asarray(b)
-    gpu.sgd_update_(dp, dg, db, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    one = [sg.tensor(p[:1])]
+    sgd = sg.optim.SGD(one, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    FlatUpdate(types.SimpleNamespace(kind="sgd", flat={"param": dp, "grad": dg,
+                                                       "momentum_buffer": db}))(sgd)
     d = g + 1e-3 * p
     nb = 0.9 * b + d
     assert rel_err(db, nb) <= RTOL and rel_err(dp, p - 0.1 * (d + 0.9 * nb)) <= RTOL
     m, v = cp.zeros_like(dp), cp.zeros_like(dp)
     dp = cp.asarray(p)
-    gpu.adam_update_(dp, dg, m, v, lr=1e-3, step=1)
+    FlatUpdate(types.SimpleNamespace(kind="adam", flat={"param": dp, "grad": dg, "exp_avg": m,
+                                                        "exp_avg_sq": v}))(
+        sg.optim.Adam(one, lr=1e-3))
     assert rel_err(dp, p - 1e-3 * g / (np.abs(g) + 1e-8)) <= 1e-4

@@ -1,6 +1,9 @@
 """partition.data_parallel: the bucket plan (order, sizes, placement), and equivalence of the
 rewritten step on N threaded ranks with the single-process step, in both modes."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,23 +17,22 @@ from shardgrad.runtime.dp import bound_executor
 from shardgrad.runtime.step import compile_step
 from shardgrad.runtime.threadcomm import run_ranks
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "graph"))
+from seeded import float64_seeded  # noqa: E402
+
 pytestmark = pytest.mark.timeout(120)
 
 B, STEPS = 16, 3
 
 
 def make(seed=0, batchnorm=False, sizes=(12, 16, 16, 5)):
-    sg.set_default_dtype("float64")
-    try:
-        sg.manual_seed(seed)
+    with float64_seeded(seed):
         layers = []
         for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
             layers.append(sg.nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers += ([sg.nn.BatchNorm1d(b)] if batchnorm else []) + [sg.nn.ReLU()]
         model = sg.nn.Sequential(*layers)
-    finally:
-        sg.set_default_dtype("float32")
     return model, sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 

@@ -2,6 +2,9 @@
 of the sharded update on N threaded ranks with plain data parallelism (SGD momentum, Adam,
 AdamW; uneven blocks), deterministic mode's identical bits, and the updates it refuses."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,6 +16,9 @@ from shardgrad.partition.data_parallel import data_parallel
 from shardgrad.partition.zero import Layout, zero1
 from shardgrad.runtime.interpreter import Interpreter
 from shardgrad.runtime.threadcomm import run_ranks
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "graph"))
+from seeded import mlp  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,12 +32,7 @@ OPTIMIZERS = {
 
 
 def step_graph(n, opt="sgd", clip=None, chunks=None):
-    sg.set_default_dtype("float64")
-    try:
-        sg.manual_seed(0)
-        model = sg.nn.Sequential(sg.nn.Linear(12, 16), sg.nn.ReLU(), sg.nn.Linear(16, 5))
-    finally:
-        sg.set_default_dtype("float32")
+    model = mlp(12, 16, 5)
     optimizer = OPTIMIZERS[opt](model.parameters())
     optimizer.max_grad_norm = clip
     rows = B // (chunks or n)
@@ -122,3 +123,15 @@ def test_an_update_that_reads_every_gradient_is_refused():
     with pytest.raises(ShapeError, match="gradient clipping and fp16 loss scaling are not "
                                          "supported with zero=1"):
         zero1(graph, 2)
+
+
+def test_zero1_plan_prints_its_layout():
+    graph, _ = step_graph(3, "adam")
+    assert str(zero1(graph, 3)).splitlines()[-3:] == [   # 293 elements padded to 3 x 98
+        "  gradients: f64 2,352 B (293 elements of 4 parameters), reduce_scatter: 784 B a rank",
+        "  update: each rank its block of 98 elements; optimizer state 1,568 B a rank "
+        "(exp_avg, exp_avg_sq)",
+        "  allgather: 784 B from each rank, 2,352 B of parameters"]
+    assert str(zero1(graph, 3, deterministic=True, chunks=3)).splitlines()[-3] == (
+        "  gradients: f64 2,352 B (293 elements of 4 parameters), summed along the fixed tree, "
+        "each rank keeps its block (shard): 784 B a rank")

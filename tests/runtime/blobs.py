@@ -1,8 +1,8 @@
 """What the run tests share: a data set a training run takes milliseconds on (ten Gaussian
 blobs as 8x8 uint8 IDX images, written without scikit-learn, which each MPI rank would
 import), config files (``toml`` of dotted keys, ``blobs_config`` reading the blobs), the
-mpirun command and environment of the distributed tests, and the CLI run in-process as the
-error-line tests read it."""
+mpirun command and environment of the distributed tests and their ranks' pids, and the CLI
+run in-process as the error-line tests read it."""
 
 import json
 import os
@@ -41,6 +41,21 @@ def toml(keys: Mapping[str, Any]) -> str:
 
 # mpirun as the distributed tests start it: as root in a container, more ranks than cores
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+
+
+def rank_pids(tag: str) -> dict[int, int]:
+    """The processes whose environment carries ``SHARDGRAD_TEST_TAG=tag`` (set in the mpirun
+    command's), by their Open MPI rank: a test's handle on one rank to signal it."""
+    pids: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if env.get(b"SHARDGRAD_TEST_TAG") == tag.encode() and b"OMPI_COMM_WORLD_RANK" in env:
+            pids.setdefault(int(env[b"OMPI_COMM_WORLD_RANK"]), int(pid))
+    return pids
 
 
 def mpi_env(**extra: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ kernels by the module's name) while host_cuda runs those kernels on the host, pl
 ``device_module()`` goes further for code that tells host from device arrays (eager tensors):
 its arrays are ``DeviceArray``s, which say they live on a GPU and, like CuPy's, refuse to mix
 with NumPy arrays, so a value that stays on the host by mistake fails as it would on a GPU.
+``install(cupy)`` puts either in CuPy's place, with host_cuda running the kernels.
 """
 
 from __future__ import annotations
@@ -164,4 +165,20 @@ def device_module(devices: int = 1) -> types.ModuleType:
     return cupy
 
 
-__all__ = ["DeviceArray", "device_module", "module"]
+def install(cupy: types.ModuleType, monkeypatch=None, launcher=None) -> types.ModuleType:
+    """Make ``cupy`` (``module()`` or ``device_module()``) the CuPy shardgrad imports and run
+    the CUDA kernels on the host (``launcher``, default a new host_cuda.HostLauncher, as
+    ops.gpu.launch): through ``monkeypatch`` (undone after the test) when given, else for
+    the rest of the process (an mpirun worker, a benchmark). Returns ``cupy``."""
+    import host_cuda
+
+    from shardgrad.graph import device as base
+    from shardgrad.ops import gpu as gpu_ops
+
+    put = setattr if monkeypatch is None else monkeypatch.setattr
+    put(base, "_cupy", lambda: cupy)
+    put(gpu_ops, "launch", host_cuda.HostLauncher() if launcher is None else launcher)
+    return cupy
+
+
+__all__ = ["DeviceArray", "device_module", "install", "module"]

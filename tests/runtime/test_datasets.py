@@ -279,6 +279,49 @@ def test_npz_both_layouts(tmp_path):
         datasets.load_npz(str(tmp_path / "half.npz"))
 
 
+def test_folder_and_npz_that_cannot_train_a_classifier(tmp_path, capsys):
+    """One class (trained to loss 0 and accuracy 1.0), an empty class subfolder (silently a
+    class with no sample), data.num_classes other than the subfolders, NaN in an .npz's
+    samples (reported as divergence at step 1): each one line naming the folder or sample."""
+    from PIL import Image
+
+    from shardgrad.cli import main
+
+    def folder(name, classes, n=6):
+        for c in classes:
+            os.makedirs(tmp_path / name / c, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(np.full((4, 4), 40 * i, np.uint8)).save(
+                    tmp_path / name / c / f"{i}.png")
+        return str(tmp_path / name)
+
+    one, empty = folder("one", ["a"]), folder("empty", ["a", "b"])
+    os.makedirs(tmp_path / "empty" / "c")
+    two = folder("two", ["a", "b"])
+    x = np.random.default_rng(0).random((20, 5))
+    x[13, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(20) % 2)
+    cases = [(["data.dataset='folder'", f"data.path='{one}'"],
+              f"{one}: every label is 0 (one class); a classifier needs two or more classes"),
+             (["data.dataset='folder'", f"data.path='{empty}'"],
+              f"{empty}/c: no PNG or JPEG files (each class subfolder needs at least one image)"),
+             (["data.dataset='folder'", f"data.path='{two}'", "data.num_classes=3"],
+              f"data.num_classes = 3 but {two} has 2 class subfolders (a, b)"),
+             (["data.dataset='npz'", f"data.path='{tmp_path}/nan.npz'"],
+              f"{tmp_path}/nan.npz (x): sample 13 holds NaN or infinite values")]
+    for sets, said in cases:
+        with pytest.raises(DataError) as e:
+            load_data(load_config(None, sets))
+        assert str(e.value) == said
+        (tmp_path / "c.toml").write_text("")
+        argv = ["train", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run"), "--set",
+                "train.batch_size=2"]
+        assert main(argv + [a for s in sets for a in ("--set", s)]) == 2
+        assert capsys.readouterr().err == f"shardgrad train: error: {said}\n"
+    assert load_data(load_config(None, ["data.dataset='folder'", f"data.path='{two}'",
+                                        "data.num_classes=2"])).num_classes == 2
+
+
 # ------------------------------------------------------------------ prefetch, augment
 
 
@@ -351,19 +394,14 @@ def test_prefetch_copies_batches_to_the_gpu(monkeypatch):
     """On a GPU the prefetch thread hands the step device arrays (CuPy stand-in: the host
     CUDA emulation, whose arrays say they are on GPU 0 and refuse NumPy operands)."""
     sys.path.insert(0, os.path.dirname(__file__))
-    import host_cuda
     import host_cupy
 
     from shardgrad.graph.device import Device
-    from shardgrad.ops import gpu as gpu_ops
-    from shardgrad.runtime import device as D
     from shardgrad.runtime.prefetch import device_copier
     from shardgrad.runtime.step import TrainStep
     from shardgrad.runtime.train import train
 
-    cupy = host_cupy.device_module()
-    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
-    monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
+    host_cupy.install(host_cupy.device_module(), monkeypatch)
     copy = device_copier(Device.parse("cuda:0"))
     batch = copy(np.arange(6.0).reshape(2, 3))
     assert isinstance(batch, host_cupy.DeviceArray) and batch.get().tolist() == [[0, 1, 2],

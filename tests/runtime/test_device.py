@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from shardgrad.graph import device as base
 from shardgrad.runtime import device as D
 from shardgrad.runtime.device import Device, DeviceError
 
@@ -63,7 +64,7 @@ def test_cpu_uses_numpy_and_never_imports_cupy(monkeypatch):
 @pytest.fixture
 def cupy_imports(monkeypatch):
     """resolve() imports CuPy before it counts the devices: let it, without a GPU."""
-    monkeypatch.setattr(D.base, "_cupy", lambda: None)
+    monkeypatch.setattr(base, "_cupy", lambda: None)
 
 
 def test_resolve_without_a_gpu_says_so(monkeypatch, cupy_imports):

@@ -17,7 +17,7 @@ import pytest
 import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import MPIRUN, SMALL, blobs_config, mpi_env, toml  # noqa: E402
+from blobs import MPIRUN, SMALL, blobs_config, mpi_env, rank_pids, toml  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
@@ -115,20 +115,6 @@ def test_a_hung_rank_is_caught_by_the_collective_timeout(config, tmp_path):
     assert time.perf_counter() - t < 30
 
 
-def _rank_pids(tag: str) -> dict[int, int]:
-    """Processes whose environment carries ``tag``, by their Open MPI rank."""
-    pids = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-        except OSError:
-            continue
-        if env.get(b"SHARDGRAD_TEST_TAG") == tag.encode() and b"OMPI_COMM_WORLD_RANK" in env:
-            pids[int(env[b"OMPI_COMM_WORLD_RANK"])] = int(pid)
-    return pids
-
-
 def test_kill_9_of_one_rank_makes_the_job_exit_within_30_s(config, tmp_path):
     tag = uuid.uuid4().hex
     env = dict(ENV, SHARDGRAD_TEST_TAG=tag)
@@ -143,7 +129,7 @@ def test_kill_9_of_one_rank_makes_the_job_exit_within_30_s(config, tmp_path):
         while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
-        pids = _rank_pids(tag)
+        pids = rank_pids(tag)
         assert set(pids) == {0, 1}, pids
         os.kill(pids[1], signal.SIGKILL)
         t = time.perf_counter()

@@ -18,7 +18,7 @@ from shardgrad.cluster.commands import failed_rank
 from shardgrad.runtime import train as tr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import MPIRUN, SMALL, blobs_config, mpi_env, toml  # noqa: E402
+from blobs import MPIRUN, SMALL, blobs_config, mpi_env, rank_pids, toml  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")]
@@ -41,19 +41,6 @@ def _sets(*items):
     return [a for s in items for a in ("--set", s)]
 
 
-def _rank_pid(tag: str, rank: int) -> int | None:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-        except OSError:
-            continue
-        if (env.get(b"SHARDGRAD_TEST_TAG") == tag.encode()
-                and env.get(b"OMPI_COMM_WORLD_RANK") == str(rank).encode()):
-            return int(pid)
-    return None
-
-
 def test_ctrl_c_on_one_rank_stops_the_job_and_resume_matches_the_whole_run(config, tmp_path):
     out, tag = tmp_path / "cut", uuid.uuid4().hex
     proc = subprocess.Popen(_cmd(config, 2, "--out", str(out), *_sets(
@@ -61,10 +48,10 @@ def test_ctrl_c_on_one_rank_stops_the_job_and_resume_matches_the_whole_run(confi
         text=True, env=dict(ENV, SHARDGRAD_TEST_TAG=tag))
     try:
         deadline = time.monotonic() + 60
-        while tr.latest_checkpoint(str(out)) is None or _rank_pid(tag, 1) is None:
+        while tr.latest_checkpoint(str(out)) is None or rank_pids(tag).get(1) is None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        os.kill(_rank_pid(tag, 1), signal.SIGINT)
+        os.kill(rank_pids(tag).get(1), signal.SIGINT)
         t = time.perf_counter()
         _, stderr = proc.communicate(timeout=30)
         assert time.perf_counter() - t < 30
@@ -91,13 +78,25 @@ def test_ctrl_c_on_one_rank_stops_the_job_and_resume_matches_the_whole_run(confi
 
 
 def test_a_diverged_data_parallel_run_stops_every_rank_naming_the_step(config, tmp_path):
+    """One line, as a bad input's: every rank meets the same averaged loss (each used to
+    print `rank R failed: Diverged: ...` and MPI_Abort's banner, after NumPy's overflow
+    warnings), exit 1; the same line alone, 1 rank or 2, under `shardgrad train`."""
+    said = ("shardgrad train: error: the training loss is nan at step 2 (epoch 1, lr 1e+200): "
+            "training diverged (lower train.lr, or check the data for NaN)")
     proc = subprocess.run(_cmd(config, 2, "--out", str(tmp_path), *_sets(
-        "parallel.dp=2", "train.lr=1e200")), capture_output=True, text=True, timeout=60,
-        env=ENV)
-    assert proc.returncode != 0
-    assert "failed: Diverged: the training loss is nan at step 2 (epoch 1" in proc.stderr, \
-        proc.stderr
+        "parallel.dp=2", "train.lr=1e200", "train.lr_schedule='constant'")),
+        capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert lines.count(said) == 1 and "MPI_ABORT" not in proc.stderr, proc.stderr
+    assert "Warning" not in proc.stderr and "was terminated" not in proc.stderr, proc.stderr
     assert os.listdir(tmp_path / "checkpoints") == []
+    for n in (["-n", "2"], []):
+        proc = subprocess.run([sys.executable, "-m", "shardgrad", "train", *n, config, "--out",
+                               str(tmp_path / f"n{len(n)}"), *_sets("train.lr=1e200",
+                               "train.lr_schedule='constant'")],
+                              capture_output=True, text=True, timeout=60, env=ENV)
+        assert proc.returncode == 1 and proc.stderr.splitlines() == [said], proc.stderr
 
 
 def test_debug_fail_at_step_reaches_a_pipeline_stage(config, tmp_path):
@@ -133,16 +132,16 @@ def test_a_stopped_rank_is_named_by_its_peers(config, tmp_path, ranks, stopped):
         env=dict(ENV, SHARDGRAD_TEST_TAG=tag))
     try:
         deadline = time.monotonic() + 60
-        while tr.latest_checkpoint(str(out)) is None or _rank_pid(tag, stopped) is None:
+        while tr.latest_checkpoint(str(out)) is None or rank_pids(tag).get(stopped) is None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        os.kill(_rank_pid(tag, stopped), signal.SIGSTOP)
+        os.kill(rank_pids(tag).get(stopped), signal.SIGSTOP)
         t = time.perf_counter()
         _, stderr = proc.communicate(timeout=30)
         assert time.perf_counter() - t < 3 + 5, stderr
     finally:
         if proc.poll() is None:
-            pid = _rank_pid(tag, stopped)
+            pid = rank_pids(tag).get(stopped)
             if pid:
                 os.kill(pid, signal.SIGKILL)
             proc.kill()

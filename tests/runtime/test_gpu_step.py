@@ -17,7 +17,6 @@ import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
-from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph import ir  # noqa: E402
 from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
@@ -37,10 +36,7 @@ def launcher():
 @pytest.fixture
 def host(monkeypatch, launcher):
     """The stand-in for CuPy (DeviceArrays, kernels run on the host)."""
-    cupy = host_cupy.device_module()
-    monkeypatch.setattr(base, "_cupy", lambda: cupy)
-    monkeypatch.setattr(gpu_ops, "launch", launcher)
-    return cupy
+    return host_cupy.install(host_cupy.device_module(), monkeypatch, launcher)
 
 
 @pytest.fixture(params=["host", pytest.param("gpu", marks=pytest.mark.gpu)])

@@ -102,6 +102,31 @@ def test_predict_npz_and_images(runs, tmp_path, capsys):
     assert "do not fit" in capsys.readouterr().err
 
 
+def test_predict_refuses_inputs_it_cannot_score(runs, tmp_path, capsys):
+    """Bad predict inputs are one line naming the file or sample (NaN used to come back as
+    label 0 with NaN probabilities, printed as invalid JSON; a shape mismatch named no file);
+    an .npy is read as an .npz's x."""
+    run = load_run(runs["mlp"])
+    x = run.data.x_test[:3].copy()
+    np.save(tmp_path / "ok.npy", x)
+    assert main(["predict", runs["mlp"], str(tmp_path / "ok.npy")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in rows] == logits(run, x).argmax(axis=1).tolist()
+    x[1, 5] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    np.savez(tmp_path / "wide.npz", x=np.zeros((2, 65), np.float32))
+    np.savez(tmp_path / "two.npz", a=x, b=x)
+    np.save(tmp_path / "words.npy", np.array(["a", "b"]))
+    for name, said in [("nan.npz", "nan.npz[1]: holds NaN or infinite values"),
+                       ("wide.npz", "wide.npz: inputs of shape (65,) do not fit this model's "
+                                    "samples of shape (64,)"),
+                       ("two.npz", "two.npz: holds ['a', 'b']; name the samples' array x"),
+                       ("words.npy", "words.npy: samples must be numbers, found dtype <U1")]:
+        assert main(["predict", runs["mlp"], str(tmp_path / name)]) == 2, name
+        out = capsys.readouterr()
+        assert out.out == "" and out.err == f"shardgrad predict: error: {tmp_path}/{said}\n"
+
+
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
 def test_predict_jpeg_and_png_files(runs, kind, tmp_path, capsys):
     """Image files for an image model and for an MLP trained on flattened images: each
@@ -173,6 +198,10 @@ def test_evaluate_predict_and_export_of_a_text_run(text_run, tmp_path, capsys):
     np.savez(tmp_path / "floats.npz", x=x.astype(np.float32))
     assert main(["predict", text_run, str(tmp_path / "floats.npz")]) == 2
     assert "integer token ids" in capsys.readouterr().err
+    vocab = int(run.data.x_train.max()) + 1
+    np.savez(tmp_path / "far.npz", x=np.where(np.arange(x.size).reshape(x.shape) == 5, vocab, x))
+    assert main(["predict", text_run, str(tmp_path / "far.npz")]) == 2
+    assert f"far.npz[0]: token ids must be in [0, {vocab})" in capsys.readouterr().err
     assert main(["export", text_run, "--out", str(tmp_path / "t.onnx")]) == 0
     sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].type == "tensor(int64)"

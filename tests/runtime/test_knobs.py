@@ -6,6 +6,8 @@ by config and keeping the last K checkpoints."""
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,9 @@ import shardgrad as sg
 from shardgrad.runtime.config import load_config
 from shardgrad.runtime.threadcomm import run_ranks
 from shardgrad.runtime.train import lr_at, train
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "graph"))
+from seeded import mlp, torch_twin  # noqa: E402
 
 BASE = ["data.dataset='digits'", "train.dtype='float64'", "model.hidden=[32]",
         "train.epochs=2", "train.lr=0.05", "train.momentum=0.9", "train.log_every=1000",
@@ -54,24 +59,11 @@ def test_accumulate_4_of_8_equals_one_batch_of_32(tmp_path):
     _close(pp, pp_whole, 1e-9)
 
 
-def _torch_twin(model):
-    ref = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
-    ref = ref.double()
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            ref.state_dict()[k].copy_(torch.tensor(v))
-    return ref
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_grad_clip_matches_torch(compiled):
-    sg.set_default_dtype("float64")
-    try:
-        sg.manual_seed(0)
-        model = sg.nn.Sequential(sg.nn.Linear(5, 7), sg.nn.Tanh(), sg.nn.Linear(7, 3))
-    finally:
-        sg.set_default_dtype("float32")
-    ref = _torch_twin(model)
+    model = mlp(5, 7, 3, sg.nn.Tanh)
+    ref = torch_twin(model, torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                                torch.nn.Linear(7, 3)))
     opt = sg.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     opt.max_grad_norm = 0.05
     topt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
@@ -235,12 +227,7 @@ def test_python_accumulate_and_cross_entropy_module():
     x, y = rng.standard_normal((32, 5)), rng.integers(0, 3, 32)
     finals = []
     for k in (1, 4):
-        sg.set_default_dtype("float64")
-        try:
-            sg.manual_seed(0)
-            model = sg.nn.Sequential(sg.nn.Linear(5, 7), sg.nn.Tanh(), sg.nn.Linear(7, 3))
-        finally:
-            sg.set_default_dtype("float32")
+        model = mlp(5, 7, 3, sg.nn.Tanh)
         loss = sg.nn.CrossEntropyLoss(label_smoothing=0.1)
         step = sg.compile_step(model, loss, sg.optim.SGD(model.parameters(), lr=0.3),
                                accumulate=k)

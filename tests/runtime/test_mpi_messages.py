@@ -102,3 +102,23 @@ def test_bad_data_under_mpirun_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert ours.returncode == 2, ours.stderr
     assert _lines(ours.stderr) == said, ours.stderr
+
+
+def test_error_on_rank_0_alone_is_one_line(config, tmp_path):
+    """Rank 0 alone meets the error (it clears --out, where a directory is named like an
+    earlier checkpoint) while rank 1 waits for it: prterun's SIGTERM to rank 1 used to add
+    `rank 1 was terminated by SIGTERM`, and the error was a bare `[Errno 21] Is a directory`."""
+    said = None
+    for launcher, argv in [("plain", TWO + TRAIN + [config, "--set", "parallel.dp=2"]),
+                           ("ours", TRAIN + ["-n", "2", config])]:
+        out = tmp_path / launcher
+        (out / "checkpoints" / "epoch_2.safetensors").mkdir(parents=True)
+        r = subprocess.run(argv + ["--out", str(out)], capture_output=True, text=True,
+                           timeout=60, env=ENV)
+        assert r.returncode == 2, r.stderr
+        said = (f"shardgrad train: error: cannot remove {out}/checkpoints/epoch_2.safetensors, "
+                f"an earlier run's file in the run directory (--out {out}): Is a directory")
+        lines = _lines(r.stderr)
+        assert "was terminated by" not in r.stderr and lines.count(said) == 1, r.stderr
+        if launcher == "ours":
+            assert lines == [said], r.stderr

@@ -7,6 +7,9 @@ convolutions, GroupNorm, SiLU, LeakyReLU, AdaptiveAvgPool2d), each with a differ
 and a third of the remaining tensor methods (chunk, split, expand, repeat, gather,
 masked_fill, where, abs, clip, // and %) with MultiheadAttention and Softmax modules."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -23,6 +26,9 @@ from shardgrad.runtime.pipeline import (
     plan_pipeline,
 )
 from shardgrad.runtime.threadcomm import run_ranks
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "graph"))
+from seeded import float64_seeded  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 nn = sg.nn
@@ -106,15 +112,10 @@ KINDS = {"text": (Text, F.cross_entropy), "image": (Image, bce), "text-nll": (Te
 
 
 def build(kind):
-    saved = sg.get_default_dtype()
-    sg.set_default_dtype("float64")
-    try:
-        sg.manual_seed(0)
+    with float64_seeded():
         cls, loss = KINDS[kind]
         model = cls()
         return model, loss, sg.optim.Adam(model.parameters(), lr=0.01)
-    finally:
-        sg.set_default_dtype(saved)
 
 
 def data(kind):

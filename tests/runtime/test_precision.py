@@ -14,14 +14,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
-from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph import passes, trace  # noqa: E402
 from shardgrad.graph.ir import Graph, leaf  # noqa: E402
-from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.ops.linalg import matmul  # noqa: E402
 from shardgrad.runtime import train as tr  # noqa: E402
 from shardgrad.runtime.compiled import compile as compile_graph  # noqa: E402
@@ -153,9 +150,7 @@ def test_digits_accuracy_within_half_a_point_of_fp32(tmp_path, monkeypatch):
 
 
 def test_on_the_gpu_stand_in_the_gemms_run_in_the_low_dtype(monkeypatch):
-    cupy = host_cupy.device_module()
-    monkeypatch.setattr(base, "_cupy", lambda: cupy)
-    monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
+    host_cupy.install(host_cupy.device_module(), monkeypatch)
     x, y = batch()
     got = {}
     for where in ("cpu", "cuda"):

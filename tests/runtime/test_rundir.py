@@ -99,3 +99,7 @@ def test_an_unwritable_lock_names_its_path(tmp_path):
                                           r"\(--out\): Not a directory"):
         with rundir.hold(str(tmp_path / "file" / "run")):
             pass
+    with pytest.raises(ConfigError) as e:            # --out naming a file: it says so
+        with rundir.hold(str(tmp_path / "file")):
+            pass
+    assert str(e.value) == f"the run directory '{tmp_path}/file' (--out) is a file, not a directory"

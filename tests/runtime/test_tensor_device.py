@@ -15,13 +15,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
-from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.graph.device import Device, DeviceError  # noqa: E402
-from shardgrad.ops import gpu as gpu_ops  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
 
 F = sg.nn.functional
@@ -35,10 +32,7 @@ def cuda(request, monkeypatch):
             pytest.skip("needs CuPy and a CUDA device")
         import cupy
         return cupy
-    cupy = host_cupy.device_module()
-    monkeypatch.setattr(base, "_cupy", lambda: cupy)
-    monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
-    return cupy
+    return host_cupy.install(host_cupy.device_module(), monkeypatch)
 
 
 def on_device(x) -> bool:

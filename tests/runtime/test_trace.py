@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 from shardgrad import cli  # noqa: E402
@@ -110,9 +109,6 @@ def test_trace_of_a_run_without_traces_is_one_line(tmp_path, capsys):
 
 def test_gpu_steps_are_timed_with_cuda_events(tmp_path, monkeypatch):
     """On the CuPy stand-in: a CUDA event pair per step, read when the trace is written."""
-    from shardgrad.ops import gpu as gpu_ops
-    from shardgrad.runtime import device as D
-
     cupy = host_cupy.module()
     recorded = []
 
@@ -138,8 +134,7 @@ def test_gpu_steps_are_timed_with_cuda_events(tmp_path, monkeypatch):
 
     cupy.cuda.Event, cupy.cuda.Stream = Event, Stream
     cupy.cuda.get_elapsed_time = lambda a, b: 0.25
-    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
-    monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
+    host_cupy.install(cupy, monkeypatch)
     summary = tr.train(load_config(MLP, [*SMALL, "train.epochs=1", 'device.type="cuda"']),
                        str(tmp_path / "g"))
     gpu = [e for e in _events(tmp_path / "g" / "trace" / "rank0.json") if e.get("cat") == "gpu"]

@@ -16,11 +16,10 @@ import pytest
 import safetensors.numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
-import host_cuda  # noqa: E402
 import host_cupy  # noqa: E402
 
 import shardgrad as sg  # noqa: E402
-from shardgrad.ops import gpu as gpu_ops  # noqa: E402
+from shardgrad.graph import device as base  # noqa: E402
 from shardgrad.runtime import device as D  # noqa: E402
 from shardgrad.runtime import gpu_comm  # noqa: E402
 from shardgrad.runtime import train as tr  # noqa: E402
@@ -44,9 +43,7 @@ def config(*sets):
 def host_gpu(monkeypatch):
     """CuPy "installed" with ``host_gpu.devices`` GPUs; returns the ranks of the GPU
     executor's runs."""
-    cupy = host_cupy.module()
-    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
-    monkeypatch.setattr(gpu_ops, "launch", host_cuda.HostLauncher())
+    host_cupy.install(host_cupy.module(), monkeypatch)
     monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")
     runs = []
     run = GPUExecutor.run
@@ -86,7 +83,7 @@ def test_missing_gpus_and_pipelines_are_config_errors(host_gpu, monkeypatch):
         tr.train(config('device.type="cuda:1"'), None)
     with pytest.raises(ConfigError, match="device.comm = 'nccl' carries data parallelism only"):
         tr.train(config('device.type="cuda"', "parallel.pp=2", 'device.comm="nccl"'), None)
-    monkeypatch.setattr(D.base, "_cupy", lambda: host_cupy.module(devices=0))
+    monkeypatch.setattr(base, "_cupy", lambda: host_cupy.module(devices=0))
     with pytest.raises(ConfigError, match="'cuda' but no CUDA device is visible"):
         tr.train(config('device.type="cuda"'), None)
     assert not host_gpu
@@ -94,7 +91,7 @@ def test_missing_gpus_and_pipelines_are_config_errors(host_gpu, monkeypatch):
 
 def test_cuda_training_runs_the_step_on_the_gpu_executor(host_gpu, tmp_path, monkeypatch):
     cupy = host_cupy.device_module()          # arrays that say they are on the GPU
-    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
+    monkeypatch.setattr(base, "_cupy", lambda: cupy)
     pulls = []
     to_host = TrainStep.to_host
     monkeypatch.setattr(TrainStep, "to_host", lambda self: pulls.append(1) or to_host(self))
@@ -115,7 +112,7 @@ def test_cuda_training_runs_the_step_on_the_gpu_executor(host_gpu, tmp_path, mon
 
 def test_data_parallel_cuda_wraps_the_communicator(host_gpu, monkeypatch):
     cupy = host_cupy.device_module()          # arrays that say they are on the GPU
-    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
+    monkeypatch.setattr(base, "_cupy", lambda: cupy)
     made = []
     make = gpu_comm.make_gpu_comm
     monkeypatch.setattr(gpu_comm, "make_gpu_comm", lambda inner, backend, aware: made.append(
@@ -134,7 +131,7 @@ def test_data_parallel_cuda_wraps_the_communicator(host_gpu, monkeypatch):
 
 def test_zero1_on_the_gpu_equals_the_cpu_run(host_gpu, monkeypatch):
     cupy = host_cupy.device_module()          # arrays that say they are on the GPU
-    monkeypatch.setattr(D.base, "_cupy", lambda: cupy)
+    monkeypatch.setattr(base, "_cupy", lambda: cupy)
     sets = ("parallel.dp=2", "parallel.zero=1", 'train.dtype="float64"')
     c = config(*sets, 'device.type="cuda"', 'device.cuda_aware_mpi="off"')
     gpu = run_ranks(2, lambda comm: tr.train(c, None, comm=comm), timeout_s=60)

@@ -20,18 +20,16 @@ from shardgrad.runtime.train import train
 sys.path.insert(0, str(Path(__file__).parent))
 from blobs import blobs_config, cli_main  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "graph"))
+from seeded import mlp  # noqa: E402
+
 pytestmark = pytest.mark.timeout(120)
 
 B, STEPS = 12, 4
 
 
 def make(opt):
-    sg.set_default_dtype("float64")
-    try:
-        sg.manual_seed(0)
-        model = sg.nn.Sequential(sg.nn.Linear(12, 16), sg.nn.ReLU(), sg.nn.Linear(16, 5))
-    finally:
-        sg.set_default_dtype("float32")
+    model = mlp(12, 16, 5)
     if opt == "adamw":
         return model, sg.optim.AdamW(model.parameters(), lr=0.01)
     return model, sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
