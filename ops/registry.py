@@ -74,6 +74,9 @@ class OpDef:
     view     ``forward`` returns a view of its input, never a copy: "any" (whatever the
              input's layout: transpose, broadcast_to) or "contiguous" (only of a C-contiguous
              input: reshape). The compiled program then plans no buffer for it.
+    batched  row i of the output (along axis 0) is computed from row i of every input alone,
+             by ``out`` for any number of rows (the window ops, over the images of a batch):
+             the compiled program may split such a node over its threads.
 
     A new op declares its pieces in its stanza, in this order: the forward (and ``out`` /
     ``cuda`` / ``cuda_expr`` forms beside it when it has them), the VJP with its math, then
@@ -94,6 +97,7 @@ class OpDef:
     elementwise: bool = False
     effectful: bool = False
     view: str | None = None
+    batched: bool = False
 
 
 REGISTRY: dict[str, OpDef] = {}

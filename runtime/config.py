@@ -528,6 +528,14 @@ ENV = {
     "SHARDGRAD_DATA": "where downloaded data sets are kept (default: $XDG_CACHE_HOME/shardgrad, "
                       "i.e. ~/.cache/shardgrad)",
     "XDG_CACHE_HOME": "the user's cache directory (default ~/.cache): SHARDGRAD_DATA's default",
+    "SHARDGRAD_NATIVE": "0 runs the compiled CPU step's elementwise groups as NumPy ufuncs "
+                        "(default: generated C, runtime/native.py)",
+    "SHARDGRAD_CACHE": "where the generated C kernels are built (default: "
+                       "$XDG_CACHE_HOME/shardgrad/native)",
+    "CC": "the C compiler for the generated CPU kernels (default: cc, gcc or clang on the PATH)",
+    "OMP_WAIT_POLICY": "OpenMP's; unset, the generated CPU kernels' threads sleep when idle "
+                       "(PASSIVE; runtime/native.py's _load)",
+    "GOMP_SPINCOUNT": "libgomp's; set, OMP_WAIT_POLICY is left to libgomp's default",
     "OMPI_COMM_WORLD_SIZE": "set by Open MPI's mpirun: the job's number of processes",
     "PMI_SIZE": "set by MPICH's mpiexec (Hydra): the job's number of processes",
     "OMPI_COMM_WORLD_LOCAL_RANK": "set by Open MPI's mpirun: this process's rank on its node",
