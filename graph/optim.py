@@ -261,7 +261,7 @@ class Optimizer:
                 for v in st.values():      # the model may have moved since (Module.to)
                     if v.device != p.device:
                         v._set_leaf(to_device(v.data, p.device))
-            if _foreach_step(self, live, grads) or _cpu_sgd_step(self, live, grads):
+            if _cpu_sgd_step(self, live, grads) or _foreach_step(self, live, grads):
                 return
             index = {id(p): i for i, p in enumerate(self.params)}
             for p, st in live:
@@ -415,7 +415,8 @@ def _writable(t: Tensor):
     """``t``'s array, which the fused update writes into: made C-contiguous and writable
     first (a broadcast, transposed or read-only value gets its own copy, once)."""
     a = t.data
-    if not a.flags.c_contiguous or not a.flags.writeable:
+    flags = a.flags
+    if not flags.c_contiguous or not flags.writeable:
         t._set_leaf(a.copy(order="C"))
         a = t.data
     return a
@@ -429,17 +430,17 @@ def _cpu_sgd_step(opt: Optimizer, live: list, grads: dict) -> bool:
     for another rule, a parameter on a GPU, or a gradient of another dtype or shape."""
     if _fused_kind(opt) != "sgd" or not live:
         return False
+    ds = []
     for p, _ in live:
         g = grads[id(p)]
         g = g.data if isinstance(g, Tensor) else g
-        if (p.is_cuda or p.dtype not in ("float32", "float64") or not isinstance(g, np.ndarray)
-                or g.dtype != p.dtype or g.shape != p.shape):
-            return False
-    for p, st in live:
+        if (type(p.data) is not np.ndarray or p.dtype not in ("float32", "float64")
+                or not isinstance(g, np.ndarray) or g.dtype != p.dtype or g.shape != p.shape):
+            return False                                         # a GPU parameter among them
+        ds.append(g)
+    for (p, st), d in zip(live, ds, strict=True):
         arr = _writable(p)
-        g = grads[id(p)]
-        d = g.data if isinstance(g, Tensor) else g
-        f = np.dtype(p.dtype).type
+        f = arr.dtype.type
         if opt.weight_decay:
             d = d + f(opt.weight_decay) * arr                    # d = g + wd p
         if opt.momentum:

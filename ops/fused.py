@@ -1,7 +1,8 @@
 """Fused ops: one primitive for a chain a GPU runs as one kernel (ops/cuda/*.cu), with the
 chain's exact semantics on any ``xp``: bias_act = act(x + b) and its gradient
-bias_act_grad, and softmax_xent_grad, cross_entropy's gradient (softmax - onehot) * scale.
-Each VJP is made of nodes, so gradients of gradients work. Imports ops.registry, sibling op
+bias_act_grad, softmax_xent_grad, cross_entropy's gradient (softmax - onehot) * scale, and
+``fused``, any elementwise group an executor runs as one generated kernel. Each VJP is made of
+nodes, so gradients of gradients work. Imports ops.registry, sibling op
 families and graph.ir.
 """
 
@@ -9,12 +10,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from shardgrad.graph.ir import Node
 from shardgrad.ops import gpu
 from shardgrad.ops.elementwise import tanh
 from shardgrad.ops.reduce import sum
 from shardgrad.ops.registry import (
     OpDef,
+    OutKernel,
     apply,
     as_node,
     broadcast_infer,
@@ -105,6 +109,55 @@ def bias_act(x, b, act="relu") -> Node:
     return apply("bias_act", x, b, act=str(act))
 
 
+# ---- GEMM + bias + activation ------------------------------------------------------------------
+# One op for a linear layer's forward, so a GPU library can run it as one GEMM with an
+# epilogue (cuBLASLt's BIAS / RELU_BIAS / GELU_BIAS). graph.passes.gemm_epilogues makes it
+# from matmul + add (+ relu) after the backward is traced; its VJP exists for completeness.
+EPILOGUE_ACTS = ("none", "relu", "gelu")
+
+
+def _mba_infer(x, w, b, act, **_):
+    float_unary_infer(x)
+    if act not in EPILOGUE_ACTS:
+        raise ValueError(f"act must be one of {EPILOGUE_ACTS}, not {act!r}")
+    (xs, xd), (ws, wd), (bs, bd) = x, w, b
+    if len(xs) != 2 or len(ws) != 2 or xs[1] != ws[0] or tuple(bs) != (ws[1],):
+        raise ValueError(f"needs x (M, K), w (K, N) and b (N,); got {tuple(xs)}, {tuple(ws)}, "
+                         f"{tuple(bs)}")
+    if not xd == wd == bd:
+        raise TypeError(f"dtypes {xd}, {wd}, {bd} differ; cast one explicitly")
+    return (xs[0], ws[1]), xd
+
+
+def _mba_fwd(xp, x, w, b, act):
+    z = xp.matmul(x, w) + b
+    return z if act == "none" else get(act).forward(xp, z)
+
+
+def _mba_vjp(g, x, w, b, out, act):
+    # out = act(z), z = x w + b:  gz = act'(z) g;  gx = gz w^T, gw = x^T gz, gb = sum_rows gz
+    z = apply("matmul", x, w)
+    gz = g if act == "none" else apply("bias_act_grad", g, z, b, act=act)
+    return (apply("matmul", gz, apply("transpose", w, axes=(1, 0))),
+            apply("matmul", apply("transpose", x, axes=(1, 0)), gz), unbroadcast(gz, b.shape))
+
+
+def _mba_cost(node: Node) -> tuple[float, float]:
+    (m, k), n = node.inputs[0].shape, node.shape[1]
+    nbytes = sum(v.size for v in node.inputs) + node.size
+    return 2.0 * m * k * n, float(nbytes * np.dtype(node.dtype).itemsize)
+
+
+register(OpDef("matmul_bias_act", infer=_mba_infer, forward=_mba_fwd, vjp=_mba_vjp,
+               cost=_mba_cost, cuda=gpu.matmul_bias_act))
+
+
+def matmul_bias_act(x, w, b, act="none") -> Node:
+    """``act(x @ w + b)``, x (M, K), w (K, N), b (N,), act none / relu / gelu (tanh form):
+    one GEMM with its epilogue where a GPU library runs it (docs/gpu.md)."""
+    return apply("matmul_bias_act", as_node(x), as_node(w), as_node(b), act=str(act))
+
+
 # ---- softmax cross-entropy gradient ---------------------------------------------------------
 
 def _xent_grad_infer(logits, labels, scale, **_):
@@ -152,4 +205,43 @@ def softmax_xent_grad(logits, labels, scale) -> Node:
     return apply("softmax_xent_grad", logits, labels, scale)
 
 
-__all__ = ["bias_act", "softmax_xent_grad", "ACTIVATIONS"]
+# ---- an elementwise group as one node -----------------------------------------------------------
+# An executor's rewrite (runtime.native) puts a graph.passes.FusionGroup in one node so its
+# planner gives the group one buffer: the group's outputs, in order, raveled into one flat
+# array (or the one output as it is), read back with unpack. Not differentiable: it exists
+# only inside a compiled program. attrs: ``steps`` ((op, args, attrs) as FusionGroup.expr),
+# ``dtypes`` of the members, ``outputs`` (member indices), ``shape`` of the group, ``views``
+# (per input: None, ("transpose", axes) or ("broadcast_to", shape): the input is the
+# operand of that view) and, where it was built, ``kernel``: the compiled function called as
+# ``kernel(*inputs, out=buf)``, the op's out= form.
+
+def _fused_infer(*xs, steps, dtypes, outputs, shape, **_):
+    if len(outputs) == 1:
+        return tuple(shape), dtypes[outputs[0]]
+    if len({dtypes[k] for k in outputs}) != 1:
+        raise TypeError("the outputs of a fused group must share one dtype")
+    size = int(math.prod(shape))
+    return (size * len(outputs),), dtypes[outputs[0]]
+
+
+def _fused_fwd(xp, *xs, steps, dtypes, outputs, shape, views, **_):
+    vals = []
+    for x, view in zip(xs, views, strict=True):
+        if view is not None:
+            x = xp.transpose(x, view[1]) if view[0] == "transpose" else xp.broadcast_to(
+                x, view[1])
+        vals.append(x)
+    for op, args, attrs in steps:
+        vals.append(get(op).forward(xp, *[vals[a] for a in args], **attrs))
+    outs = [xp.broadcast_to(vals[len(xs) + k], shape) for k in outputs]
+    if len(outs) == 1:
+        return xp.ascontiguousarray(outs[0])
+    return xp.concatenate([o.ravel() for o in outs])
+
+
+register(OpDef("fused", infer=_fused_infer, forward=_fused_fwd, cost=elementwise_cost,
+               out=OutKernel(lambda xp, n: (n.attrs["kernel"], ()), False,
+                             lambda n: n.attrs.get("kernel") is not None)))
+
+
+__all__ = ["bias_act", "matmul_bias_act", "softmax_xent_grad", "ACTIVATIONS", "EPILOGUE_ACTS"]

@@ -20,21 +20,10 @@ from shardgrad.graph.ir import Graph, Node
 from shardgrad.graph.passes import FusionGroup, fusion_groups
 from shardgrad.graph.walk import EnvWalk, leaf_value
 from shardgrad.ops import gpu
-from shardgrad.ops.codegen import KernelSource, Unsupported, contiguous_strides, fused_source
+from shardgrad.ops.codegen import KernelSource, Unsupported, fused_source, read_through
 from shardgrad.ops.registry import device_kind, get, kernel_for
 from shardgrad.runtime.compiled import ALIGN, place
 from shardgrad.runtime.device import Device, xp_for
-
-
-def _view(x: Node) -> tuple[Node, tuple[int, ...], tuple[int, ...] | None]:
-    """(source, shape, strides): a ``broadcast_to`` or ``transpose`` node read as the view it
-    is of its operand (C-contiguous, ``strides`` in elements; None: the operand's own)."""
-    if x.op == "broadcast_to":
-        return x.inputs[0], x.inputs[0].shape, None
-    if x.op == "transpose":
-        base = contiguous_strides(x.inputs[0].shape)
-        return x.inputs[0], x.shape, tuple(base[a] for a in x.attrs["axes"])
-    return x, x.shape, None
 
 
 class FusedKernel:
@@ -45,7 +34,7 @@ class FusedKernel:
 
     def __init__(self, group: FusionGroup):
         self.group = group
-        views = [_view(x) for x in group.inputs]
+        views = [read_through(x) for x in group.inputs]
         self.sources = [v[0] for v in views]
         self.src: KernelSource = fused_source(group, [v[1] for v in views],
                                               [v[2] for v in views])
@@ -223,6 +212,13 @@ def _bind_group(kernel: FusedKernel, xp, outs=None):
     return lambda *a: kernel(xp, list(a), outs)
 
 
+def _takes_gemm(n: Node, kind: str) -> bool:
+    """Whether node ``n``'s kernel runs GEMMs of its own (a library op's own-kernel path:
+    ops.gpu's ``gemm=``), which a CUDA Graph capture must route through its safe GEMM."""
+    fn = kernel_for(n, kind)
+    return fn is get(n.op).cuda and "gemm" in inspect.signature(fn).parameters
+
+
 def _writer(n: Node, kind: str, xp):
     """``fn(*inputs, out)`` computing node ``n`` into ``out`` on this device, or None: the
     op's hand-written CUDA kernel where it takes ``out=``, else its OpDef.out kernel."""
@@ -293,7 +289,8 @@ class MemoryPlan:
                 planned[n.id] = i
                 holds[n.id], contiguous[n.id] = frozenset({n.id}), True
             elif writer is not None:
-                self.writers[n.id] = self._matmul(writer) if n.op == "matmul" else writer
+                self.writers[n.id] = (self._matmul(writer) if n.op == "matmul" else
+                                      self._with_gemm(n) if _takes_gemm(n, kind) else writer)
                 planned[n.id] = i
                 holds[n.id], contiguous[n.id] = frozenset({n.id}), True
             else:
@@ -344,6 +341,14 @@ class MemoryPlan:
             if gemm is None or not gemm.matmul(a, b, out):
                 writer(a, b, out=out)
         return matmul
+
+    def _with_gemm(self, n: Node):
+        fn, attrs, xp = kernel_for(n, self.kind), n.attrs, self.xp
+
+        def write(*args, out):                  # its own GEMMs capture-safe while capturing
+            gemm = self.gemm
+            return fn(xp, *args, **attrs, out=out, gemm=None if gemm is None else gemm.matmul)
+        return write
 
     def step(self, n: Node, buf):
         """The step computing planned op node ``n`` into ``buf``."""
