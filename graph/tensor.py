@@ -80,6 +80,21 @@ def is_grad_enabled() -> bool:
     return _grad_enabled[0]
 
 
+class set_grad_enabled:  # noqa: N801 - torch's name
+    """Gradient recording on or off inside (``with sg.set_grad_enabled(train):``), or from now
+    on when called on its own, as torch.set_grad_enabled."""
+
+    def __init__(self, mode: bool):
+        self._saved = _grad_enabled[0]
+        _grad_enabled[0] = bool(mode)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _grad_enabled[0] = self._saved
+
+
 def rng_salt() -> Tensor | None:
     """While a training step is traced, the int64 step-counter input that random ops (dropout)
     mix into their seed so each step draws anew; None when running eagerly."""
