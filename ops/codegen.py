@@ -152,18 +152,25 @@ def _index_expr(terms: list[tuple[int, int, int]]) -> str:
     return " + ".join(parts)
 
 
+def read_through(x) -> tuple[Any, tuple[int, ...], tuple[int, ...] | None]:
+    """(source, shape, strides): a ``broadcast_to`` or ``transpose`` node read as the view it
+    is of its operand (C-contiguous, ``strides`` in elements; None: the operand's own), so a
+    fused kernel reads the operand in place; any other node is read as itself."""
+    if x.op == "broadcast_to":
+        return x.inputs[0], x.inputs[0].shape, None
+    if x.op == "transpose":
+        base = contiguous_strides(x.inputs[0].shape)
+        return x.inputs[0], x.shape, tuple(base[a] for a in x.attrs["axes"])
+    return x, x.shape, None
+
+
 def _is_inline_const(x) -> bool:
     return x.op == "const" and x.size == 1 and x.dtype in CTYPES
 
 
-def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
-                 strides: Sequence[tuple[int, ...] | None] | None = None) -> KernelSource:
-    """The CUDA C kernel computing ``group``. Input j is read from the C-contiguous array
-    passed for it as a view of shape ``shapes[j]`` (default: the input node's shape) with
-    element ``strides[j]`` into that array (default, or None: the array's own); the view
-    must broadcast to ``group.shape``. So an executor may pass the operand of a broadcast_to
-    or of a transpose instead of materializing the view. Raises Unsupported for an op or
-    dtype without a C form."""
+def _kernel_parts(group, shapes, strides):
+    """What the CUDA and the CPU kernels of ``group`` share: (params, hoisted, loads, body,
+    stores, passed input indices, size, index type), each line of C over the index ``i``."""
     shapes = [tuple(x.shape) for x in group.inputs] if shapes is None else [
         tuple(s) for s in shapes]
     strides = [None] * len(shapes) if strides is None else list(strides)
@@ -209,8 +216,25 @@ def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
         m = group.nodes.index(out)
         params.append(f"{ctype(out)}* __restrict__ out{o}")
         stores.append(f"        out{o}[i] = t{m};")
-    text = "\n".join(params + hoisted + loads + body + stores)
-    name = "sg_fused_" + hashlib.sha1(f"{out_shape}\n{text}".encode()).hexdigest()[:16]
+    return params, hoisted, loads, body, stores, tuple(passed), size, itype
+
+
+def _name(kind: str, group, parts) -> str:
+    text = "\n".join(parts[0] + parts[1] + parts[2] + parts[3] + parts[4])
+    return f"sg_{kind}_" + hashlib.sha1(f"{tuple(group.shape)}\n{text}".encode()).hexdigest()[:16]
+
+
+def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
+                 strides: Sequence[tuple[int, ...] | None] | None = None) -> KernelSource:
+    """The CUDA C kernel computing ``group``. Input j is read from the C-contiguous array
+    passed for it as a view of shape ``shapes[j]`` (default: the input node's shape) with
+    element ``strides[j]`` into that array (default, or None: the array's own); the view
+    must broadcast to ``group.shape``. So an executor may pass the operand of a broadcast_to
+    or of a transpose instead of materializing the view. Raises Unsupported for an op or
+    dtype without a C form."""
+    parts = _kernel_parts(group, shapes, strides)
+    params, hoisted, loads, body, stores, passed, size, itype = parts
+    name = _name("fused", group, parts)
     code = "\n".join([
         f'extern "C" __global__ void {name}(' + ",\n        ".join(params) + ") {",
         *hoisted,
@@ -221,8 +245,76 @@ def fused_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
         "}",
         "",
     ])
-    return KernelSource(name, code, tuple(passed), size)
+    return KernelSource(name, code, passed, size)
 
 
-__all__ = ["KernelSource", "Unsupported", "binary_expr", "cmath", "contiguous_strides",
-           "float_only", "fused_source", "index_terms", "literal", "offsets", "unary_fn_expr"]
+# The C the CPU kernels are compiled with (runtime.native): the CUDA expressions' spellings
+# in C99, and the math functions glibc's libmvec has in vector form declared SIMD-callable
+# (its math.h declares them so only under -ffast-math, whose other licences we do not take):
+# a vectorized erff made the exact-GELU forward 10x faster than scalar erff.
+C_PRELUDE = r"""#include <math.h>
+#include <stdbool.h>
+#define __restrict__ restrict
+static inline float __int_as_float(int i) { union { int i; float f; } u; u.i = i; return u.f; }
+#if defined(__x86_64__) && defined(_OPENMP) && defined(SG_LIBMVEC)
+#pragma omp declare simd notinbranch
+float expf(float);
+#pragma omp declare simd notinbranch
+double exp(double);
+#pragma omp declare simd notinbranch
+float logf(float);
+#pragma omp declare simd notinbranch
+double log(double);
+#pragma omp declare simd notinbranch
+float tanhf(float);
+#pragma omp declare simd notinbranch
+double tanh(double);
+#pragma omp declare simd notinbranch
+float erff(float);
+#pragma omp declare simd notinbranch
+double erf(double);
+#pragma omp declare simd notinbranch
+float sinf(float);
+#pragma omp declare simd notinbranch
+double sin(double);
+#pragma omp declare simd notinbranch
+float cosf(float);
+#pragma omp declare simd notinbranch
+double cos(double);
+#pragma omp declare simd notinbranch
+float powf(float, float);
+#pragma omp declare simd notinbranch
+double pow(double, double);
+#endif
+"""
+
+
+def cpu_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
+               strides: Sequence[tuple[int, ...] | None] | None = None,
+               parallel_from: int = 1 << 15) -> KernelSource:
+    """The C99 function computing ``group`` on the CPU (compile it after ``C_PRELUDE``):
+    ``void name(in..., out..., int threads)``, the same loads, expressions and stores as
+    ``fused_source``'s kernel, one loop over the elements that OpenMP splits over ``threads``
+    threads (from ``parallel_from`` elements on) and vectorizes. Inputs as ``fused_source``
+    takes them; raises Unsupported likewise."""
+    parts = _kernel_parts(group, shapes, strides)
+    params, hoisted, loads, body, stores, passed, size, itype = parts
+    name = _name("cpu", group, parts)
+    code = "\n".join([
+        f"void {name}(" + ",\n        ".join([*params, "int threads"]) + ") {",
+        *hoisted,
+        # if(parallel: ...): a bare if() would turn the simd construct off with it
+        f"    #pragma omp parallel for simd schedule(static) num_threads(threads) "
+        f"if(parallel: {size} >= {parallel_from} && threads > 1)",
+        f"    for ({itype} i = 0; i < {size}; ++i) {{",
+        *loads, *body, *stores,
+        "    }",
+        "}",
+        "",
+    ])
+    return KernelSource(name, code, passed, size)
+
+
+__all__ = ["C_PRELUDE", "KernelSource", "Unsupported", "binary_expr", "cmath",
+           "contiguous_strides", "cpu_source", "float_only", "fused_source", "index_terms",
+           "literal", "offsets", "read_through", "unary_fn_expr"]

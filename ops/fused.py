@@ -1,7 +1,8 @@
 """Fused ops: one primitive for a chain a GPU runs as one kernel (ops/cuda/*.cu), with the
 chain's exact semantics on any ``xp``: bias_act = act(x + b) and its gradient
-bias_act_grad, and softmax_xent_grad, cross_entropy's gradient (softmax - onehot) * scale.
-Each VJP is made of nodes, so gradients of gradients work. Imports ops.registry, sibling op
+bias_act_grad, softmax_xent_grad, cross_entropy's gradient (softmax - onehot) * scale, and
+``fused``, any elementwise group an executor runs as one generated kernel. Each VJP is made of
+nodes, so gradients of gradients work. Imports ops.registry, sibling op
 families and graph.ir.
 """
 
@@ -17,6 +18,7 @@ from shardgrad.ops.elementwise import tanh
 from shardgrad.ops.reduce import sum
 from shardgrad.ops.registry import (
     OpDef,
+    OutKernel,
     apply,
     as_node,
     broadcast_infer,
@@ -201,6 +203,45 @@ def softmax_xent_grad(logits, labels, scale) -> Node:
     if logits.ndim != 2:
         raise shape_error("softmax_xent_grad", [logits, labels, scale], "needs (N, C) logits")
     return apply("softmax_xent_grad", logits, labels, scale)
+
+
+# ---- an elementwise group as one node -----------------------------------------------------------
+# An executor's rewrite (runtime.native) puts a graph.passes.FusionGroup in one node so its
+# planner gives the group one buffer: the group's outputs, in order, raveled into one flat
+# array (or the one output as it is), read back with unpack. Not differentiable: it exists
+# only inside a compiled program. attrs: ``steps`` ((op, args, attrs) as FusionGroup.expr),
+# ``dtypes`` of the members, ``outputs`` (member indices), ``shape`` of the group, ``views``
+# (per input: None, ("transpose", axes) or ("broadcast_to", shape): the input is the
+# operand of that view) and, where it was built, ``kernel``: the compiled function called as
+# ``kernel(*inputs, out=buf)``, the op's out= form.
+
+def _fused_infer(*xs, steps, dtypes, outputs, shape, **_):
+    if len(outputs) == 1:
+        return tuple(shape), dtypes[outputs[0]]
+    if len({dtypes[k] for k in outputs}) != 1:
+        raise TypeError("the outputs of a fused group must share one dtype")
+    size = int(math.prod(shape))
+    return (size * len(outputs),), dtypes[outputs[0]]
+
+
+def _fused_fwd(xp, *xs, steps, dtypes, outputs, shape, views, **_):
+    vals = []
+    for x, view in zip(xs, views, strict=True):
+        if view is not None:
+            x = xp.transpose(x, view[1]) if view[0] == "transpose" else xp.broadcast_to(
+                x, view[1])
+        vals.append(x)
+    for op, args, attrs in steps:
+        vals.append(get(op).forward(xp, *[vals[a] for a in args], **attrs))
+    outs = [xp.broadcast_to(vals[len(xs) + k], shape) for k in outputs]
+    if len(outs) == 1:
+        return xp.ascontiguousarray(outs[0])
+    return xp.concatenate([o.ravel() for o in outs])
+
+
+register(OpDef("fused", infer=_fused_infer, forward=_fused_fwd, cost=elementwise_cost,
+               out=OutKernel(lambda xp, n: (n.attrs["kernel"], ()), False,
+                             lambda n: n.attrs.get("kernel") is not None)))
 
 
 __all__ = ["bias_act", "matmul_bias_act", "softmax_xent_grad", "ACTIVATIONS", "EPILOGUE_ACTS"]

@@ -139,7 +139,7 @@ def _im2col_vjp(g, x, out, **a):
 
 register(OpDef("im2col", infer=_im2col_infer, forward=_im2col_fwd, vjp=_im2col_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else apply("im2col", ts[0], **a),
-               cost=_bytes_cost, out=_WINDOW_OUT, cuda=gpu.im2col))
+               cost=_bytes_cost, out=_WINDOW_OUT, cuda=gpu.im2col, batched=True))
 
 
 def _col2im_infer(cols, shape, kernel, stride, padding, **_):
@@ -150,6 +150,7 @@ def _col2im_infer(cols, shape, kernel, stride, padding, **_):
 
 
 def _col2im_fwd(xp, cols, shape, kernel, stride, padding, out=None):
+    shape = (len(cols), *shape[1:])          # the rows given (a thread's share of the batch)
     return _spread(xp, lambda i, j: cols[:, :, i, j], shape, kernel, stride, padding, out)
 
 
@@ -160,7 +161,7 @@ def _col2im_vjp(g, cols, out, shape, **a):
 register(OpDef("col2im", infer=_col2im_infer, forward=_col2im_fwd, vjp=_col2im_vjp,
                jvp=lambda ts, c, out, shape, **a: None if ts[0] is None else
                apply("col2im", ts[0], shape=shape, **a), cost=_bytes_cost, out=_WINDOW_OUT,
-               cuda=gpu.col2im))
+               cuda=gpu.col2im, batched=True))
 
 
 # ---- whole convolutions (a library's unit) ----------------------------------------------------
@@ -377,7 +378,7 @@ def _max_pool_vjp(g, x, out, **a):
 register(OpDef("max_pool2d", infer=_pool_infer, forward=_max_pool_fwd, vjp=_max_pool_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else
                apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost, out=_WINDOW_OUT,
-               cuda=gpu.max_pool2d))
+               cuda=gpu.max_pool2d, batched=True))
 
 
 def _pool_pair_infer(y, x, kernel, stride, padding, to_input, **_):
@@ -447,7 +448,7 @@ register(OpDef("max_pool2d_grad", infer=_max_pool_grad_infer,
                jvp=lambda ts, y, x, *top_out, **a: None if ts[0] is None else
                apply("max_pool2d_grad", ts[0], x, *top_out[:-1], **a), cost=_window_cost,
                nondiff=(1, 2),
-               out=_WINDOW_OUT, cuda=gpu.max_pool2d_grad))
+               out=_WINDOW_OUT, cuda=gpu.max_pool2d_grad, batched=True))
 register(OpDef("max_pool2d_gather", infer=lambda y, x, **a: _pool_pair_infer(y, x, **a,
                                                                              to_input=False),
                forward=_max_pool_gather_fwd, vjp=_max_pool_gather_vjp,

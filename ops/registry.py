@@ -74,6 +74,9 @@ class OpDef:
     view     ``forward`` returns a view of its input, never a copy: "any" (whatever the
              input's layout: transpose, broadcast_to) or "contiguous" (only of a C-contiguous
              input: reshape). The compiled program then plans no buffer for it.
+    batched  row i of the output (along axis 0) is computed from row i of every input alone,
+             by ``out`` for any number of rows (the window ops, over the images of a batch):
+             the compiled program may split such a node over its threads.
 
     A new op declares its pieces in its stanza, in this order: the forward (and ``out`` /
     ``cuda`` / ``cuda_expr`` forms beside it when it has them), the VJP with its math, then
@@ -94,6 +97,7 @@ class OpDef:
     elementwise: bool = False
     effectful: bool = False
     view: str | None = None
+    batched: bool = False
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -198,9 +202,17 @@ def _holds(dtype: str, x: bool | int | float) -> bool:
 
 def apply(name: str, *inputs: Any, **attrs: Any) -> Node:
     """Emit ``name(*inputs, **attrs)``, promoting Python scalars to consts."""
-    like = next((x for x in inputs if isinstance(x, Node)), None)
-    nodes = [as_node(x, like) for x in inputs]
-    return emit(get(name), nodes, attrs)
+    opdef = REGISTRY.get(name) or get(name)
+    like, plain = None, False
+    for x in inputs:
+        if isinstance(x, Node):
+            if like is None:
+                like = x
+        else:
+            plain = True
+    if plain:
+        inputs = tuple([x if isinstance(x, Node) else as_node(x, like) for x in inputs])
+    return emit(opdef, inputs, attrs)
 
 
 # ---- shared shape rules, costs and VJP helpers -------------------------------------------------

@@ -49,6 +49,9 @@ class _Storage:
 
 
 ALIGN = 64   # arena offsets are cache-line aligned
+# a batched op is split over the threads from this many elements: a hand-off to the pool
+# costs tens of microseconds, a window op on 64k float32 a few hundred here
+SPLIT_FROM = 1 << 16
 
 
 def _view(n: Node) -> str | None:
@@ -253,12 +256,19 @@ class Program(Walk):
     """
 
     def __init__(self, graph: Graph, xp=np, rank: int | None = None, shard: str | None = None,
-                 elide_packs: bool = True):
+                 elide_packs: bool = True, threads: int = 1):
         super().__init__(graph, rank, shard)
         self.xp = xp
         nodes = graph.nodes
         pos = {n.id: i for i, n in enumerate(nodes)}
         self.device = device = device_kind(xp)
+        self.native = None      # what compile()'s generated C did (runtime.native.Native)
+        self.threads = threads
+        pool = None
+        if threads > 1 and device == "cpu":
+            from shardgrad.runtime.native import Pool
+            pool = Pool.of(threads)
+        self.split = 0          # batched nodes whose rows are split over the threads
         values, storages, arena_bytes, self.n_blocks, slices = _plan(graph, elide_packs, device)
         self.packed_in_place = len(slices)
         self.pack_copies = sum(len(n.inputs) for n in nodes if n.op == "pack") - len(slices)
@@ -329,7 +339,12 @@ class Program(Walk):
                     raw = arena[st.offset:st.offset + st.nbytes]
                     slots[i] = raw.view(st.dtype).reshape(n.shape)
                     fixed[i] = True
-                    steps.append(_fixed_out_step(fn, tail, slots, ins, slots[i], fixed))
+                    if pool is not None and get(n.op).batched and n.size >= SPLIT_FROM and (
+                            n.shape[0] >= threads):
+                        steps.append(_rows_step(pool, fn, tail, slots, ins, slots[i]))
+                        self.split += 1
+                    else:
+                        steps.append(_fixed_out_step(fn, tail, slots, ins, slots[i], fixed))
                 step_nodes.append(n)
                 continue
             if v.kind == "view" and all(fixed[j] for j in ins):
@@ -433,6 +448,19 @@ def _fixed_out_step(fn, tail, slots, ins, out, fixed) -> Callable[[], Any]:
     return lambda: fn(*[slots[j] for j in ins], *tail, out=out)
 
 
+def _rows_step(pool, fn, tail, slots, ins, out) -> Callable[[], Any]:
+    """A batched kernel (OpDef.batched) over the pool's threads, each its share of the rows
+    of every input and of ``out``."""
+    rows, k = out.shape[0], pool.threads
+    bounds = [(rows * j // k, rows * (j + 1) // k) for j in range(k)]
+    parts = [(a, b, out[a:b]) for a, b in bounds if b > a]
+
+    def step():
+        xs = [slots[j] for j in ins]
+        pool.run([partial(fn, *[x[a:b] for x in xs], *tail, out=o) for a, b, o in parts])
+    return step
+
+
 def _out_step(fn, tail, slots, ins, i) -> Callable[[], Any]:
     """A kernel writing into the buffer its slot holds this run (an output's)."""
     if len(ins) == 2:
@@ -493,14 +521,31 @@ def _call_step(fn, slots, ins, i) -> Callable[[], Any]:
 
 
 def compile(graph: Graph, xp=np, simplify: bool = True, rank: int | None = None,  # noqa: A001
-            shard: str | None = None, elide_packs: bool = True) -> Program:
+            shard: str | None = None, elide_packs: bool = True, native: bool = True,
+            threads: int | None = None) -> Program:
     """Compile ``graph`` into a Program on ``xp``. With ``simplify`` (the default) the graph
     first goes through ``passes.fold_transposes`` (products written in the layout their users
     read), ``passes.simplify`` (dead code, constant folding, common subexpressions) and
     ``passes.schedule`` (gradients consumed as soon as they exist). With ``elide_packs`` (the
     default) a pack writes a planned buffer and the values it packs are computed straight
     into their slices of it where that is safe, as PyTorch DDP's gradient_as_bucket_view
-    (``stats()["packed_in_place"]`` counts them); else each pack copies into a fresh buffer."""
+    (``stats()["packed_in_place"]`` counts them); else each pack copies into a fresh buffer.
+    With ``native`` (the default) on NumPy, each elementwise fusion group of a few thousand
+    elements or more runs as one generated C loop over the step's threads (runtime.native;
+    ``program.native`` says what ran, and why not where it did not: no compiler, a failed
+    build, SHARDGRAD_NATIVE=0). Its arithmetic is NumPy's bit for bit; exp, erf, tanh and the
+    other math functions are glibc's vector forms, within a few float ulps of NumPy's.
+    ``threads`` (default: the BLAS thread limit in force, as device.threads sets it) is what
+    those loops use, and batched ops (OpDef.batched: the window ops) are split by rows over
+    as many threads (the same values: each row is computed as it would be alone)."""
     if simplify:
         graph = passes.schedule(passes.simplify(passes.fold_transposes(graph)))
-    return Program(graph, xp, rank, shard, elide_packs)
+    info = None
+    if device_kind(xp) == "cpu":
+        from shardgrad.runtime import native as c
+        threads = c.threads() if threads is None else threads
+        if native:
+            graph, info = c.fuse(graph, threads)
+    program = Program(graph, xp, rank, shard, elide_packs, threads or 1)
+    program.native = info
+    return program

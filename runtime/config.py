@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
@@ -415,10 +416,13 @@ def lookup_key(name: str, schema: Mapping[str, Mapping[str, Key]]) -> tuple[str,
     """``(section, key, Key)`` of the dotted key ``name`` (``"train.lr"``) in ``schema``;
     ConfigError listing the valid keys when it names none."""
     section, dot, key = name.partition(".")
+    known = [f"{s}.{k}" for s, keys in schema.items() for k in keys]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)   # a typo: say which key
+    unknown = f"unknown config key {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
     if section not in schema or not dot:
-        raise ConfigError(f"unknown config key {name!r}; valid keys: {valid_keys(schema)}")
+        raise ConfigError(f"{unknown}; valid keys: {valid_keys(schema)}")
     if key not in schema[section]:
-        raise ConfigError(f"unknown config key {name!r}; valid keys in [{section}]: "
+        raise ConfigError(f"{unknown}; valid keys in [{section}]: "
                           f"{', '.join(section + '.' + k for k in schema[section])}")
     return section, key, schema[section][key]
 
@@ -467,7 +471,10 @@ def load_dict(path: str | os.PathLike | None = None, overrides: Iterable[str] = 
                 raise ConfigError(f"{os.fspath(path)}: top-level key {section!r} must be a "
                                   f"[section]; valid sections: {', '.join(schema)}")
             for name, value in table.items():
-                _merge(config, f"{section}.{name}", value, schema)
+                try:
+                    _merge(config, f"{section}.{name}", value, schema)
+                except ConfigError as e:   # the file's line, not a --set: name the file
+                    raise ConfigError(f"{os.fspath(path)}: {e}") from None
     for item in overrides:
         _merge(config, *parse_set(item), schema)
     return config
@@ -521,6 +528,14 @@ ENV = {
     "SHARDGRAD_DATA": "where downloaded data sets are kept (default: $XDG_CACHE_HOME/shardgrad, "
                       "i.e. ~/.cache/shardgrad)",
     "XDG_CACHE_HOME": "the user's cache directory (default ~/.cache): SHARDGRAD_DATA's default",
+    "SHARDGRAD_NATIVE": "0 runs the compiled CPU step's elementwise groups as NumPy ufuncs "
+                        "(default: generated C, runtime/native.py)",
+    "SHARDGRAD_CACHE": "where the generated C kernels are built (default: "
+                       "$XDG_CACHE_HOME/shardgrad/native)",
+    "CC": "the C compiler for the generated CPU kernels (default: cc, gcc or clang on the PATH)",
+    "OMP_WAIT_POLICY": "OpenMP's; unset, the generated CPU kernels' threads sleep when idle "
+                       "(PASSIVE; runtime/native.py's _load)",
+    "GOMP_SPINCOUNT": "libgomp's; set, OMP_WAIT_POLICY is left to libgomp's default",
     "OMPI_COMM_WORLD_SIZE": "set by Open MPI's mpirun: the job's number of processes",
     "PMI_SIZE": "set by MPICH's mpiexec (Hydra): the job's number of processes",
     "OMPI_COMM_WORLD_LOCAL_RANK": "set by Open MPI's mpirun: this process's rank on its node",

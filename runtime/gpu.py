@@ -20,21 +20,10 @@ from shardgrad.graph.ir import Graph, Node
 from shardgrad.graph.passes import FusionGroup, fusion_groups
 from shardgrad.graph.walk import EnvWalk, leaf_value
 from shardgrad.ops import gpu
-from shardgrad.ops.codegen import KernelSource, Unsupported, contiguous_strides, fused_source
+from shardgrad.ops.codegen import KernelSource, Unsupported, fused_source, read_through
 from shardgrad.ops.registry import device_kind, get, kernel_for
 from shardgrad.runtime.compiled import ALIGN, place
 from shardgrad.runtime.device import Device, xp_for
-
-
-def _view(x: Node) -> tuple[Node, tuple[int, ...], tuple[int, ...] | None]:
-    """(source, shape, strides): a ``broadcast_to`` or ``transpose`` node read as the view it
-    is of its operand (C-contiguous, ``strides`` in elements; None: the operand's own)."""
-    if x.op == "broadcast_to":
-        return x.inputs[0], x.inputs[0].shape, None
-    if x.op == "transpose":
-        base = contiguous_strides(x.inputs[0].shape)
-        return x.inputs[0], x.shape, tuple(base[a] for a in x.attrs["axes"])
-    return x, x.shape, None
 
 
 class FusedKernel:
@@ -45,7 +34,7 @@ class FusedKernel:
 
     def __init__(self, group: FusionGroup):
         self.group = group
-        views = [_view(x) for x in group.inputs]
+        views = [read_through(x) for x in group.inputs]
         self.sources = [v[0] for v in views]
         self.src: KernelSource = fused_source(group, [v[1] for v in views],
                                               [v[2] for v in views])

@@ -69,8 +69,10 @@ class _Bound:
 
 def flat_kind(optimizer: Optimizer) -> str | None:
     """The flat update kernel for ``optimizer`` (exactly SGD, Adam or AdamW: a subclass may
-    change the rule; the kernels have no SGD dampening and one set of values), else None."""
-    if getattr(optimizer, "dampening", 0) or len(optimizer.param_groups) > 1:
+    change the rule; the kernels have no SGD dampening nor AMSGrad, and one set of values),
+    else None."""
+    if getattr(optimizer, "dampening", 0) or getattr(optimizer, "amsgrad", False) or len(
+            optimizer.param_groups) > 1:
         return None
     return {SGD: "sgd", Adam: "adam", AdamW: "adam"}.get(type(optimizer))
 

@@ -303,6 +303,19 @@ CASES = [
              (F(3, 4, lo=-2, hi=2), F(4, 5), F(5)),
              lambda x, w, b, a=a: (x @ w + b) if a == "none" else REF_ACT[a](x @ w + b), name=a)
       for a in ("none", "relu", "gelu")],
+    # an elementwise group as one node (runtime.native's rewrite): relu(x.T + b) and
+    # exp(-(x.T + b)), both outputs raveled into one flat array; b a broadcast_to's operand
+    OpCase("fused", lambda x, b: apply(
+        "fused", x, b, steps=(("add", (0, 1), {}), ("relu", (2,), {}), ("neg", (2,), {}),
+                              ("exp", (4,), {})),
+        dtypes=("float64",) * 4, outputs=(1, 3), shape=(4, 3),
+        views=(("transpose", (1, 0)), ("broadcast_to", (4, 3)))), (F(3, 4), F(3)),
+        lambda x, b: np.concatenate([np.maximum(x.T + b, 0).ravel(), np.exp(-(x.T + b)).ravel()]),
+        grad=False, extra={"f32": False}),       # attrs name the members' dtypes
+    OpCase("fused", lambda x: apply(
+        "fused", x, steps=(("tanh", (0,), {}),), dtypes=("float64",), outputs=(0,),
+        shape=(2, 3), views=(None,)), (F(2, 3),), np.tanh, grad=False, name="one-output",
+        extra={"f32": False}),
     # nn
     OpCase("im2col", lambda x: apply("im2col", x, **K3S2P1), (F(2, 2, 5, 4),),
            lambda x: ref_im2col(x, (3, 3), (2, 2), (1, 1))),

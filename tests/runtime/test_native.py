@@ -1,0 +1,182 @@
+"""The compiled CPU step with generated C (runtime.native) against the reference interpreter:
+the exact-GELU MLP and the CNN training steps, one and two threads; and every way the C path
+is off (SHARDGRAD_NATIVE=0, no compiler, a compiler that fails), where the step is NumPy's,
+bit for bit the interpreter's, and ``program.native`` says why.
+"""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import shardgrad as sg
+from shardgrad.runtime import compiled, native
+from shardgrad.runtime.compiled import compile
+from shardgrad.runtime.interpreter import Interpreter
+
+needs_cc = pytest.mark.skipif(native.compiler() is None, reason="no C compiler here")
+
+
+@pytest.fixture
+def c_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHARDGRAD_NATIVE", "1")
+    monkeypatch.setenv("SHARDGRAD_CACHE", str(tmp_path / "cache"))
+
+
+def gelu_step(batch=16):
+    sg.manual_seed(0)
+    nn = sg.nn
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
+                          nn.Linear(256, 10))
+
+    def mse(out, y):
+        d = out - y
+        return (d * d).mean()
+
+    step = sg.compile_step(model, mse, sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 64)).astype(np.float32)
+    y = rng.standard_normal((batch, 10)).astype(np.float32)
+    return step, x, y
+
+
+def cnn_step(batch=4):
+    sg.manual_seed(0)
+    nn = sg.nn
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 11 * 11, 10))
+    step = sg.compile_step(model, sg.nn.functional.cross_entropy,
+                           sg.optim.SGD(model.parameters(), lr=0.1))
+    rng = np.random.default_rng(0)
+    return step, rng.standard_normal((batch, 1, 28, 28)).astype(np.float32), rng.integers(
+        0, 10, batch)
+
+
+def run_steps(graph, feeds, program, n=3):
+    """n steps, each step's new parameters and states fed to the next; the outputs of each."""
+    feeds = dict(feeds)
+    seen = []
+    for _ in range(n):
+        out = {k: np.array(v) for k, v in program.run(feeds).items()}
+        seen.append(out)
+        for k, v in out.items():
+            if k.startswith(("param/", "state/")):
+                feeds[k.split("/", 1)[1]] = v
+    return seen
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("make, exact", [(gelu_step, False), (cnn_step, True)],
+                         ids=["gelu_mlp", "cnn"])
+def test_steps_match_interpreter(c_on, monkeypatch, make, exact, threads):
+    monkeypatch.setattr(native, "threads", lambda: threads)
+    monkeypatch.setattr(native, "PARALLEL_FROM", 1024)   # split this test's small arrays too
+    monkeypatch.setattr(compiled, "SPLIT_FROM", 1024)    # and its window ops by rows
+    step, x, y = make()
+    graph, _ = step.graph_for(x, y)
+    feeds = step.feeds(x, y)
+    program = compile(graph)
+    info = program.native
+    assert not info.reason and info.groups >= 2 and info.threads == threads, info
+    assert "fused" in {n.op for n in program.graph.nodes}
+    assert program.threads == threads
+    assert (program.split > 0) == (threads > 1 and make is cnn_step)
+    got = run_steps(graph, feeds, program)
+    want = run_steps(graph, feeds, Interpreter(graph))
+    for g, w in zip(got, want, strict=True):
+        for k in w:
+            if exact:      # relu, its mask, bias adds, SGD: arithmetic only, so NumPy's bits
+                np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+            else:          # erf and exp: libmvec's, within float32 rounding of NumPy's
+                np.testing.assert_allclose(g[k], w[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+@needs_cc
+def test_library_is_built_once_and_cached(c_on, tmp_path, monkeypatch):
+    step, x, y = cnn_step()
+    graph, _ = step.graph_for(x, y)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    compile(graph)
+    assert "OMP_WAIT_POLICY" not in os.environ     # set only while libgomp loads
+    built = sorted((tmp_path / "cache").glob("sg_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native._loaded.clear()
+    calls = []
+    monkeypatch.setattr(native, "_compile", lambda *a: calls.append(a))
+    assert not compile(graph).native.reason        # loaded from the cache, not rebuilt
+    assert calls == [] and built[0].stat().st_mtime_ns == stamp
+
+
+def fake_cc(tmp_path, body: str) -> str:
+    path = tmp_path / "fakecc"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+@pytest.mark.parametrize("how", ["off", "no_compiler", "failing_compiler"])
+def test_numpy_path_when_c_is_off(c_on, tmp_path, monkeypatch, how):
+    if how == "off":
+        monkeypatch.setenv("SHARDGRAD_NATIVE", "0")
+        reason = "SHARDGRAD_NATIVE=0"
+    elif how == "no_compiler":
+        monkeypatch.setenv("CC", str(tmp_path / "no" / "such" / "cc"))
+        reason = "no C compiler"
+    else:
+        monkeypatch.setenv("CC", fake_cc(
+            tmp_path, 'if [ "$1" = --version ]; then echo fakecc 1.0; exit 0; fi\n'
+                      'echo "fakecc: internal error" >&2; exit 1'))
+        reason = "fakecc: internal error"
+    step, x, y = cnn_step()
+    graph, _ = step.graph_for(x, y)
+    feeds = step.feeds(x, y)
+    program = compile(graph)
+    assert program.native.reason and reason in program.native.reason, program.native
+    assert str(program.native).startswith("NumPy kernels")
+    assert "fused" not in {n.op for n in program.graph.nodes}
+    got, want = run_steps(graph, feeds, program), run_steps(graph, feeds, Interpreter(graph))
+    for g, w in zip(got, want, strict=True):
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+    assert not os.path.exists(tmp_path / "cache") or not list(
+        (tmp_path / "cache").glob("sg_*.so"))
+
+
+def test_rows_split_over_threads_without_c(monkeypatch):
+    """The window ops' split by rows is NumPy's own kernels on slices: bitwise the same."""
+    monkeypatch.setenv("SHARDGRAD_NATIVE", "0")
+    monkeypatch.setattr(compiled, "SPLIT_FROM", 1024)
+    step, x, y = cnn_step(batch=5)                     # rows 3 + 2 on two threads
+    graph, _ = step.graph_for(x, y)
+    program = compile(graph, threads=2)
+    assert program.split >= 4 and program.native.reason
+    splits = {n.op for n in program.graph.nodes if n.op in (
+        "im2col", "col2im", "max_pool2d", "max_pool2d_grad")}
+    assert splits == {"im2col", "col2im", "max_pool2d", "max_pool2d_grad"}
+    feeds = step.feeds(x, y)
+    got, want = run_steps(graph, feeds, program), run_steps(graph, feeds, Interpreter(graph))
+    for g, w in zip(got, want, strict=True):
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+
+
+def test_a_failing_row_reraises(monkeypatch):
+    pool = native.Pool.of(2)
+
+    def boom():
+        raise ValueError("row failed")
+    ran = []
+    with pytest.raises(ValueError, match="row failed"):
+        pool.run([lambda: ran.append(0), boom])
+    assert ran == [0]
+
+
+def test_compile_native_false_keeps_numpy_kernels(c_on):
+    step, x, y = cnn_step()
+    graph, _ = step.graph_for(x, y)
+    program = compile(graph, native=False)
+    assert program.native is None
+    assert "fused" not in {n.op for n in program.graph.nodes}
