@@ -7,8 +7,11 @@ run under mpirun, ``sg.distributed``. The subpackages are graph/, ops/, partitio
 and cluster/ (see DESIGN.md).
 """
 
+import builtins as _builtins  # this module defines torch's bool, sum, max, min, pow
 import sys as _sys
 import types as _types
+
+import numpy as _np
 
 from shardgrad import ops as _ops
 from shardgrad.graph import lr_scheduler, nn, optim
@@ -47,6 +50,7 @@ _device.keep_freed_memory()        # eager steps' arrays reuse freed heap memory
 # `import shardgrad.nn.functional as F` and `from shardgrad.optim import SGD` work as in torch.
 _sys.modules[__name__ + ".nn"] = nn
 _sys.modules[__name__ + ".nn.functional"] = functional
+_sys.modules[__name__ + ".nn.init"] = nn.init
 optim.lr_scheduler = lr_scheduler
 _sys.modules[__name__ + ".optim"] = optim
 _sys.modules[__name__ + ".optim.lr_scheduler"] = lr_scheduler
@@ -93,6 +97,120 @@ def matmul(x, y) -> Tensor:
 
 cat = concat
 
+# torch's dtype names (a Tensor's dtype is its NumPy name, so ``x.dtype == sg.float32``)
+float16 = half = "float16"
+float32 = "float32"
+float64 = double = "float64"
+int8, int16, int32, int64, uint8 = "int8", "int16", "int32", "int64", "uint8"
+long = "int64"
+bool = "bool"  # noqa: A001 - torch's name
+
+
+def _method(name: str):
+    def fn(x, *args, **kwargs):
+        return getattr(x if isinstance(x, Tensor) else tensor(x), name)(*args, **kwargs)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"``x.{name}(...)`` as a function, as torch.{name}."
+    return fn
+
+
+# torch's function forms of Tensor methods (torch.sum(x, dim=1) is x.sum(dim=1))
+(sum, mean, argmax, argmin, topk, sort, chunk, split, unsqueeze, squeeze,  # noqa: A001
+ permute, reshape, gather, cumsum, log_softmax, norm, tril, triu, logsumexp, var, std, sign,
+ square, rsqrt, log1p, isnan, isfinite, erf, flip, numel, amax, amin, unbind,
+ index_select, narrow, masked_select, nonzero, clone, t) = (_method(n) for n in (
+    "sum", "mean", "argmax", "argmin", "topk", "sort", "chunk", "split", "unsqueeze",
+    "squeeze", "permute", "reshape", "gather", "cumsum", "log_softmax", "norm", "tril",
+    "triu", "logsumexp", "var", "std", "sign", "square", "rsqrt", "log1p", "isnan",
+    "isfinite", "erf", "flip", "numel", "amax", "amin", "unbind", "index_select", "narrow",
+    "masked_select", "nonzero", "clone", "t"))
+max, min, transpose = _method("max"), _method("min"), _method("transpose")  # noqa: A001
+mm = bmm = matmul
+
+
+def pow(x, y) -> Tensor:  # noqa: A001 - torch's name
+    return (x if isinstance(x, Tensor) else tensor(x)) ** y
+
+
+def outer(x, y) -> Tensor:
+    return x.reshape(-1, 1) * y.reshape(1, -1)
+
+
+def is_tensor(x) -> bool:
+    return isinstance(x, Tensor)
+
+
+def allclose(x, y, rtol: float = 1e-5, atol: float = 1e-8, equal_nan: bool = False) -> bool:
+    return _builtins.bool(_np.allclose(_np.asarray(x), _np.asarray(y), rtol, atol, equal_nan))
+
+
+def equal(x, y) -> bool:
+    """Same shape and elements (torch.equal)."""
+    return _np.asarray(x).shape == _np.asarray(y).shape and _builtins.bool(
+        _np.array_equal(_np.asarray(x), _np.asarray(y)))
+
+
+class set_grad_enabled:  # noqa: N801 - torch's name
+    """Gradient recording on or off inside (``with sg.set_grad_enabled(train):``), or from now
+    on when called on its own, as torch.set_grad_enabled."""
+
+    def __init__(self, mode: bool):
+        from shardgrad.graph import tensor as _t
+
+        self._flag, self._saved = _t._grad_enabled, _t._grad_enabled[0]
+        self._flag[0] = _builtins.bool(mode)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._flag[0] = self._saved
+
+
+def enable_grad():
+    return set_grad_enabled(True)
+
+
+inference_mode = no_grad
+
+
+def from_numpy(a) -> Tensor:
+    """A tensor of ``a``'s values and dtype (a copy: shardgrad never aliases your arrays)."""
+    return tensor(a)
+
+
+def eye(n: int, m: int | None = None, dtype=None, device=None) -> Tensor:
+    return tensor(_np.eye(n, m, dtype=dtype or get_default_dtype()), device=device)
+
+
+def linspace(start, end, steps: int, dtype=None, device=None) -> Tensor:
+    return tensor(_np.linspace(start, end, steps, dtype=dtype or get_default_dtype()),
+                  device=device)
+
+
+def full_like(t: Tensor, fill_value, dtype=None, device=None) -> Tensor:
+    return full(t.shape, fill_value, dtype or t.dtype, device or t.device)
+
+
+def randn_like(t: Tensor, dtype=None, device=None) -> Tensor:
+    return randn(*t.shape, dtype=dtype or t.dtype, device=device or t.device)
+
+
+def rand_like(t: Tensor, dtype=None, device=None) -> Tensor:
+    return rand(*t.shape, dtype=dtype or t.dtype, device=device or t.device)
+
+
+def clamp(x: Tensor, min=None, max=None) -> Tensor:  # noqa: A002 - torch's names
+    return x.clamp(min, max)
+
+
+def softmax(x: Tensor, dim: int) -> Tensor:
+    return x.softmax(dim=dim)
+
+
+def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    return x.flatten(start_dim, end_dim)
+
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "zeros", "ones", "full", "zeros_like", "ones_like", "arange",
            "randn", "rand", "randint", "stack", "no_grad", "is_grad_enabled", "nn", "optim",
@@ -101,4 +219,13 @@ __all__ = ["Tensor", "tensor", "zeros", "ones", "full", "zeros_like", "ones_like
            "set_default_dtype", "get_default_dtype", "Graph", "Node", "ShapeError",
            "ExecutionError", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "sin", "cos", "abs",
            "concat", "cat",
-           "where", "maximum", "minimum", "matmul"]
+           "where", "maximum", "minimum", "matmul", "float16", "half", "float32", "float64",
+           "double", "int8", "int16", "int32", "int64", "uint8", "long", "bool", "from_numpy",
+           "eye", "linspace", "full_like", "randn_like", "rand_like", "clamp", "softmax",
+           "flatten", "mm", "bmm", "pow", "outer", "is_tensor", "allclose", "equal",
+           "set_grad_enabled", "enable_grad", "inference_mode", "sum", "mean", "max", "min",
+           "argmax", "argmin", "topk", "sort", "chunk", "split", "unsqueeze", "squeeze",
+           "permute", "reshape", "gather", "cumsum", "log_softmax", "norm", "tril", "triu",
+           "logsumexp", "var", "std", "sign", "square", "rsqrt", "log1p", "isnan", "isfinite",
+           "erf", "flip", "numel", "amax", "amin", "unbind", "index_select", "narrow",
+           "masked_select", "nonzero", "clone", "t", "transpose"]

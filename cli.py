@@ -412,8 +412,11 @@ def write_graph(config, path: str) -> list[str]:
     written = [dot_path]
     if shutil.which("dot"):
         for fmt in [ext[1:].lower()] if rendered else ["svg", "png"]:
-            subprocess.run(["dot", f"-T{fmt}", dot_path, "-o", f"{stem}.{fmt}"], check=True,
-                           timeout=300)
+            done = subprocess.run(["dot", f"-T{fmt}", dot_path, "-o", f"{stem}.{fmt}"],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode:   # e.g. a full disk: dot's own words, not a traceback
+                said = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+                raise ConfigError(f"cannot write {stem}.{fmt}: Graphviz's dot said: {said}")
             written.append(f"{stem}.{fmt}")
     return written
 
@@ -638,9 +641,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         print(f"shardgrad {args.command}: error: {_said(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"shardgrad {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        sig = getattr(e, "sig", None)   # the Ray launcher's SIGTERM (cluster/ray_launch.py)
+        print(f"shardgrad {args.command}: {e if sig else 'interrupted'}", file=sys.stderr)
+        return 128 + sig if sig else 130
 
 
 if __name__ == "__main__":

@@ -39,33 +39,21 @@ LR = 0.01
 # ---- graph builders: (batch, sizes, lr) -> (Graph, feeds by leaf name) ----------------------
 
 def graph_from_ops(batch: int, sizes=SIZES, lr: float = LR):
-    """The step built directly from ops: x@w+b, relu, MSE, autodiff.grad, p - lr*g."""
-    from shardgrad.graph import autodiff
-    from shardgrad.graph.ir import Graph, leaf
-    from shardgrad.ops import elementwise as E
-    from shardgrad.ops import reduce as R
+    """The step built directly from ops (tests/graph/graph_cases.mlp_step: x@w+b, relu, MSE,
+    autodiff.grad, p - lr*g)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                    "graph"))
+    from graph_cases import mlp_step
 
-    x = leaf("input", (batch, sizes[0]), "float32", name="x")
-    y = leaf("input", (batch, sizes[-1]), "float32", name="y")
-    h, params = x, []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-        w = leaf("param", (a, b), "float32", name=f"w{i}")
-        bias = leaf("param", (b,), "float32", name=f"b{i}")
-        params += [w, bias]
-        h = h @ w + bias
-        if i < len(sizes) - 2:
-            h = E.relu(h)
-    d = h - y
-    g = autodiff.grad(Graph({"loss": R.mean(d * d)}))
-    outs = {"loss": g.outputs["loss"]}
-    for p in params:
-        outs[f"param/{p.name}"] = p - lr * g.outputs[f"grad/{p.name}"]
+    graph = mlp_step(batch, sizes, lr)
+    leaf = {p.name: p for p in graph.params}
+    params = [leaf[f"{k}{i}"] for i in range(len(sizes) - 1) for k in "wb"]
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((batch, sizes[0])).astype(np.float32),
              "y": rng.standard_normal((batch, sizes[-1])).astype(np.float32)}
     for p in params:
         feeds[p.name] = (rng.standard_normal(p.shape) / np.sqrt(p.shape[0])).astype(np.float32)
-    return Graph(outs), feeds
+    return graph, feeds
 
 
 def graph_from_frontend(batch: int, sizes=SIZES, lr: float = LR):

@@ -6,6 +6,7 @@ process on the same GPU:
     python bench/gpu_bench.py --part steps --cases mlp512-b1024 cnn16-b256
     python bench/gpu_bench.py --part cli                  # shardgrad train on the GPU, one run
     python bench/gpu_bench.py --part fused                # a fused elementwise kernel vs a copy
+    python bench/gpu_bench.py --part libs                 # own kernels vs cuBLASLt epilogues
     python bench/gpu_bench.py --part steps --stand-in     # the same code on the CPU (host_cupy
                                                           # and torch on the CPU): checks the
                                                           # script, times nothing of a GPU
@@ -354,10 +355,116 @@ def cli_part(epochs: int, stand_in: bool, timeout: float = 35.0) -> dict:
     return res
 
 
+# (M, K, N, act): the linear layers of issue 10's MLP cases (batch x in -> out)
+LIB_GEMMS = [(1024, 784, 512, "relu"), (1024, 512, 512, "relu"), (1024, 512, 10, "none"),
+             (128, 784, 512, "relu"), (4096, 784, 4096, "relu"), (4096, 4096, 4096, "relu"),
+             (1024, 512, 512, "gelu")]
+# (N, C, H, W, O): the convolutions (3x3, padding 1) of issue 10's CNN cases
+LIB_CONVS = [(256, 1, 28, 28, 16), (256, 16, 14, 14, 32), (256, 1, 28, 28, 64),
+             (256, 64, 14, 14, 128)]
+LIB_STEPS = {"cublaslt": ["mlp512-b1024", "mlp512-b128", "mlp4096-b4096", "mlp512-gelu-b1024"],
+             "cudnn": ["cnn16-b256", "cnn64-b256"]}
+
+
+def _lib_calls(lib: str, stand_in: bool, rng) -> list[dict]:
+    """Each of the library's call shapes run once through its op's GPU kernel, which measures
+    the own kernels against the library (ops.gpu_libs.choose): the choice made."""
+    import cupy as cp
+
+    from shardgrad.ops import gpu as gpu_ops
+    from shardgrad.ops import gpu_libs
+
+    def arr(*shape, scale=1.0):
+        return cp.asarray((rng.standard_normal(shape) * scale).astype(np.float32))
+
+    calls = []
+    shapes = LIB_GEMMS if lib == "cublaslt" else LIB_CONVS
+    for shape in shapes:
+        if stand_in:
+            shape = tuple(min(v, 16) if isinstance(v, int) else v for v in shape)
+        seen = set(gpu_libs.report()[lib]["choices"])
+        try:
+            if lib == "cublaslt":
+                m, k, n, act = shape
+                gpu_ops.matmul_bias_act(cp, arr(m, k), arr(n, k, scale=k ** -0.5).T, arr(n),
+                                        act, out=cp.empty((m, n), np.float32))
+            else:
+                n, c, h, w, o = shape
+                x, wt, st, pad = arr(n, c, h, w), arr(o, c, 3, 3, scale=(9 * c) ** -0.5), \
+                    (1, 1), (1, 1)
+                y = gpu_ops.conv_fprop(cp, x, wt, st, pad)
+                gpu_ops.conv_dgrad(cp, y, wt, x.shape, st, pad)
+                gpu_ops.conv_wgrad(cp, x, y, (3, 3), st, pad)
+            new = {k: v for k, v in gpu_libs.report()[lib]["choices"].items() if k not in seen}
+            calls.append({"shape": list(shape), "choices": new})
+        except Exception as e:  # noqa: BLE001 - reported
+            calls.append({"shape": list(shape), "error": f"{type(e).__name__}: {e}"[:500]})
+    return calls
+
+
+def libs_part(steps: int, stand_in: bool) -> dict:
+    """The optional libraries (ops.gpu_libs, the gpu-libs extra): whether each imports; per
+    call shape of issue 10's cases (linear layers for cuBLASLt, convolutions for cuDNN), the
+    own kernels against the library, as a step's first call measures them; then the compiled
+    steps with the libraries allowed and disabled, alternating, in this process."""
+    import cupy as cp
+
+    import shardgrad as sg
+    from shardgrad.ops import gpu_libs
+
+    res: dict = {"part": "libs", "stand_in": stand_in}
+    probes = {lib: gpu_libs.probe(lib) for lib in ("cublaslt", "cudnn")}
+    res["probe"] = {lib: note for lib, (_, note) in probes.items()}
+    present = [lib for lib, (mod, _) in probes.items() if mod is not None]
+    if not present:
+        res["skipped"] = "neither nvmath-python nor cuDNN's frontend imports: own kernels only"
+        return res
+    rng = np.random.default_rng(0)
+    res["calls"] = {lib: _lib_calls(lib, stand_in, rng) for lib in present}
+    print(json.dumps(res), flush=True)      # what is known, should the steps run out of time
+    sync = cp.cuda.get_current_stream().synchronize
+    cases = {}
+    for name in [case for lib in present for case in LIB_STEPS[lib]]:
+        kind, widths, batch, _, act, _, _ = CASES[name]
+        if stand_in:
+            batch, widths = min(batch, 16), tuple(min(w, 32) for w in widths)
+        shape = (batch, 784) if kind == "mlp" else (batch, 1, 28, 28)
+        x = sg.tensor(rng.standard_normal(shape).astype(np.float32), device="cuda")
+        y = sg.tensor(rng.integers(0, 10, batch), device="cuda")
+        times: dict = {"library": [], "own": []}
+        try:
+            for side in ("own", "library", "own", "library"):
+                for lib, probed in probes.items():
+                    gpu_libs.install(lib, *(probed if side == "library" else
+                                            (None, "disabled for the comparison")))
+                sg.manual_seed(0)
+                model = _sg_model(kind, widths, act).to("cuda")
+                step = sg.compile_step(model, sg.nn.functional.cross_entropy,
+                                       sg.optim.SGD(model.parameters(), lr=LR,
+                                                    momentum=MOMENTUM))
+                for _ in range(3):
+                    step(x, y)
+                times[side].append(1e3 * timed(lambda s=step, a=x, t=y: s(a, t), sync, steps,
+                                               blocks=3))
+                if side == "library":
+                    stats = step.stats()
+                    cases[name] = {"graph": stats.get("graph"), "choices": {
+                        lib: stats["libraries"][lib]["choices"] for lib in present}}
+            own, lib_ms = statistics.median(times["own"]), statistics.median(times["library"])
+            cases[name].update(own_ms=own, library_ms=lib_ms, library_speedup=own / lib_ms,
+                               own_runs_ms=times["own"], library_runs_ms=times["library"])
+        except Exception as e:  # noqa: BLE001 - reported
+            cases[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    for lib, probed in probes.items():
+        gpu_libs.install(lib, *probed)
+    res["steps"] = cases
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", required=True,
-                    choices=("env", "steps", "fused", "cli", "capture"))
+                    choices=("env", "steps", "fused", "cli", "capture", "libs"))
     ap.add_argument("--epochs", type=int, default=3, help="the cli part's training epochs")
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--steps", type=int, default=20)
@@ -365,6 +472,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stand-in", action="store_true",
                     help="run on the CPU with tests/runtime/host_cupy standing for CuPy")
     ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--fake-libs", action="store_true",
+                    help="with --stand-in: tests/runtime/fake_gpu_libs as nvmath-python and "
+                         "cuDNN's frontend")
     args = ap.parse_args(argv)
     if args.stand_in:
         _stand_in()
@@ -376,6 +486,14 @@ def main(argv=None) -> int:
         print(json.dumps(fused_part(args.elements)), flush=True)
     elif args.part == "capture":
         print(json.dumps(capture_part(args.steps, args.stand_in)), flush=True)
+    elif args.part == "libs":
+        if args.fake_libs:
+            import fake_gpu_libs  # on the path: _stand_in put tests/runtime there
+
+            from shardgrad.ops import gpu_libs
+            gpu_libs.install("cublaslt", fake_gpu_libs.module(), "available (fake)")
+            gpu_libs.install("cudnn", fake_gpu_libs.cudnn_module(), "available (fake)")
+        print(json.dumps(libs_part(args.steps, args.stand_in)), flush=True)
     else:
         res = steps_part(args.cases, args.steps, args.stand_in, not args.no_torch_compile)
         print(json.dumps({"part": "steps", "cases": {r["case"]: r for r in res}}), flush=True)

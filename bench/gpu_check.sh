@@ -17,7 +17,11 @@
 #    called directly with a preset workspace: runtime/capture_gemm.py), both times;
 # 6. pipeline: dp = 2 (the GPU step's bucketed allreduce), pp = 2 on 2 ranks and dp = 2 x
 #    pp = 2 on 4, sharing GPU 0, against the CPU runs in float32 and float64
-#    (bench/gpu_pipeline.py).
+#    (bench/gpu_pipeline.py);
+# 7. libs: the optional libraries (the gpu-libs extra): whether nvmath-python (cuBLASLt) and
+#    cuDNN's frontend import; where cuBLASLt does, own kernels against its GEMM + bias/activation
+#    epilogue per linear-layer shape, and the MLP steps with it allowed and disabled
+#    (bench/gpu_bench.py --part libs); where it does not, the line saying so.
 # Every part runs in its own process under its own time limit, so one failure loses nothing
 # else; the last line printed is the JSON summary.
 set -u
@@ -50,11 +54,11 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $O
     echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s"
 }
 
-# Worst case, every part at its limit: 20 + 130 + 40 + 100 + 40 + 190 = 520 s.
+# Worst case, every part at its limit: 20 + 130 + 40 + 100 + 40 + 190 + 20 = 540 s.
 rm -f "$OUTDIR"/env.log "$OUTDIR"/steps.log "$OUTDIR"/cli.log "$OUTDIR"/tests.log \
-    "$OUTDIR"/pipeline.log "$OUTDIR"/capture.log
+    "$OUTDIR"/pipeline.log "$OUTDIR"/capture.log "$OUTDIR"/libs.log
 # GPU_CHECK_PARTS picks and orders parts (default: all, as below) when device time is short.
-for name in ${GPU_CHECK_PARTS:-env steps cli tests capture pipeline}; do
+for name in ${GPU_CHECK_PARTS:-env steps cli tests capture pipeline libs}; do
   case $name in
     env) part env 20 "$PY" bench/gpu_bench.py --part env
          nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv \
@@ -64,10 +68,11 @@ for name in ${GPU_CHECK_PARTS:-env steps cli tests capture pipeline}; do
     tests) part tests 100 "$PY" -m pytest -v -rfE -p no:cacheprovider --timeout 90 -m gpu \
              tests/ops/test_gpu_ops.py tests/runtime/test_gpu_runtime.py \
              tests/runtime/test_tensor_device.py tests/runtime/test_gpu_step.py \
-             tests/runtime/test_capture_gemm.py ;;
+             tests/runtime/test_capture_gemm.py tests/runtime/test_gpu_libs_device.py ;;
     capture) part capture 40 "$PY" bench/gpu_bench.py --part capture --steps 20 ;;
     fused) part fused 25 "$PY" bench/gpu_bench.py --part fused ;;
     pipeline) part pipeline 190 "$PY" bench/gpu_pipeline.py ;;
+    libs) part libs 20 "$PY" bench/gpu_bench.py --part libs --steps 10 ;;
     *) echo "unknown part $name" ;;
   esac
 done

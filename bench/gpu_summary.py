@@ -26,7 +26,7 @@ def summarize(outdir: str, start: int, status_file: str) -> dict:
             parts[name] = {"exit": int(rc), "seconds": int(secs),
                            "timed_out": rc in ("124", "137")}
     out: dict = {"total_seconds": int(time.time()) - start, "parts": parts}
-    for name in ("env", "steps", "cli", "fused", "pipeline", "capture"):
+    for name in ("env", "steps", "cli", "fused", "pipeline", "capture", "libs"):
         objs = [line for line in read(outdir, name).splitlines() if line.startswith("{")]
         try:
             out[name] = json.loads(objs[-1]) if objs else None

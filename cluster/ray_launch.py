@@ -638,7 +638,25 @@ def _killed(job: Job) -> tuple[int, int] | None:
     return None if first is None else (first[0], first[1])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM asked the launcher to stop (``ray job stop``); ``sig`` gives the exit status
+    128 + sig (a plain interrupt's is 130)."""
+
+    def __init__(self, sig: int):
+        super().__init__(sig)
+        self.sig = sig
+
+    def __str__(self) -> str:
+        return f"terminated by {signal.Signals(self.sig).name}"
+
+
+_STOPPED_BY: list[int] = []
+
+
 def _interrupted(sig, frame):
+    # a KeyboardInterrupt: the one exception Ray's blocking calls unwind for (they raise a
+    # fresh one; another came out as a SystemError), so the signal is noted here
+    _STOPPED_BY.append(sig)
     raise KeyboardInterrupt
 
 
@@ -703,6 +721,10 @@ def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
                     _say(f"{failure}; {e}; the job stopped")
                     break
             _say(f"{failure}; restart {attempt + 1} of {max_restarts}{how}")
+    except KeyboardInterrupt:
+        if _STOPPED_BY:
+            raise Terminated(_STOPPED_BY[0]) from None
+        raise
     finally:
         job.close()
     return max(code, 1)

@@ -37,12 +37,12 @@ def _check_wrt(wrt: Sequence[Node]) -> None:
 
 
 def backprop(outputs: Sequence[Node], cotangents: Sequence[Node],
-             wrt: Sequence[Node]) -> list[Node]:
+             wrt: Sequence[Node], nodes: Sequence[Node] | None = None) -> list[Node]:
     """Reverse mode on nodes: the gradients of sum_i <outputs[i], cotangents[i]> with respect
     to each of ``wrt``. Fan-in is summed with ``add``. A node that no output depends on gets
-    zeros."""
+    zeros. ``nodes``: ``toposort(outputs)``, when the caller has it already."""
     _check_wrt(wrt)
-    nodes = toposort(outputs)
+    nodes = toposort(outputs) if nodes is None else nodes
     needed = descendants(nodes, wrt)
     ct: dict[int, Node] = {}
 
@@ -65,7 +65,7 @@ def backprop(outputs: Sequence[Node], cotangents: Sequence[Node],
         opdef = get(n.op)
         if opdef.vjp is None:
             continue
-        with located(n.where):
+        with located(n.site):
             gxs = opdef.vjp(g, *n.inputs, n, **n.attrs)
             for i, (x, gx) in enumerate(zip(n.inputs, gxs, strict=True)):
                 if gx is not None and x.id in needed and i not in opdef.nondiff:
@@ -105,7 +105,7 @@ def forward_tangents(outputs: Sequence[Node], primals: Sequence[Node],
         ts = [None if i in opdef.nondiff else tan.get(x.id) for i, x in enumerate(n.inputs)]
         if opdef.vjp is None or all(t is None for t in ts):
             continue
-        with located(n.where):
+        with located(n.site):
             t = opdef.jvp(ts, *n.inputs, n, **n.attrs) if opdef.jvp else _jvp_by_transpose(n, ts)
         if t is not None:
             tan[n.id] = t

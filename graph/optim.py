@@ -261,7 +261,7 @@ class Optimizer:
                 for v in st.values():      # the model may have moved since (Module.to)
                     if v.device != p.device:
                         v._set_leaf(to_device(v.data, p.device))
-            if _foreach_step(self, live, grads) or _cpu_sgd_step(self, live, grads):
+            if _cpu_sgd_step(self, live, grads) or _foreach_step(self, live, grads):
                 return
             index = {id(p): i for i, p in enumerate(self.params)}
             for p, st in live:
@@ -303,7 +303,7 @@ class SGD(Optimizer):
     """p <- p - lr * d, with d = g + wd p, and with momentum mu: b <- mu b + (1 - dampening) d
     (b <- d at the first step); d = b (or d + mu b with Nesterov), as torch.optim.SGD."""
 
-    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.0,
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
         _check("momentum value", momentum, momentum >= 0)
         _check("weight_decay value", weight_decay, weight_decay >= 0)
@@ -355,12 +355,22 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, amsgrad: bool = False):
         for i, b in enumerate(betas):
             _check(f"beta parameter at index {i} (betas)", b, 0.0 <= b < 1.0)
         _check("epsilon value (eps)", eps, eps >= 0)
         _check("weight_decay value", weight_decay, weight_decay >= 0)
-        super().__init__(params, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        # AMSGrad keeps the largest v seen (state max_exp_avg_sq) and divides by it
+        self.state_keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        kw = {"amsgrad": True} if amsgrad else {}        # (a rule constant only if used)
+        super().__init__(params, lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                         **kw)
+        self.amsgrad = bool(amsgrad)
+
+    def _check_group_value(self, key: str, value) -> None:
+        super()._check_group_value(key, value)
+        if key == "amsgrad" and bool(value) != ("max_exp_avg_sq" in self.state_keys):
+            raise ValueError("Adam: amsgrad must be the same for every param group")
 
     @property
     def betas(self) -> tuple[float, float]:
@@ -378,23 +388,26 @@ class Adam(Optimizer):
         m = self.b1 * state["exp_avg"] + (1.0 - self.b1) * g
         v = self.b2 * state["exp_avg_sq"] + (1.0 - self.b2) * (g * g)
         m_hat = m / (1.0 - self.b1 ** t)
+        new = {"exp_avg": m, "exp_avg_sq": v}
+        if self.amsgrad:
+            v = new["max_exp_avg_sq"] = state["max_exp_avg_sq"].max(v)
         v_hat = v / (1.0 - self.b2 ** t)
-        return p - lr * m_hat / (v_hat.sqrt() + self.eps), {"exp_avg": m, "exp_avg_sq": v}
+        return p - lr * m_hat / (v_hat.sqrt() + self.eps), new
 
 
 class AdamW(Adam):
     decoupled = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
-        super().__init__(params, lr, betas, eps, weight_decay)
+                 weight_decay: float = 0.01, amsgrad: bool = False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
 
 
 def _fused_kind(opt: Optimizer) -> str | None:
     """Which ops.gpu update kernel computes ``opt``'s rule: its class's own, not overridden."""
     rule = type(opt).rule
-    if getattr(opt, "dampening", 0) or len(opt._groups) > 1:   # the kernels have no dampening
-        return None                                             # and one set of values
+    if getattr(opt, "dampening", 0) or getattr(opt, "amsgrad", False) or len(opt._groups) > 1:
+        return None       # the kernels have no dampening nor AMSGrad, and one set of values
     return "sgd" if rule is SGD.rule else "adam" if rule is Adam.rule else None
 
 
@@ -402,7 +415,8 @@ def _writable(t: Tensor):
     """``t``'s array, which the fused update writes into: made C-contiguous and writable
     first (a broadcast, transposed or read-only value gets its own copy, once)."""
     a = t.data
-    if not a.flags.c_contiguous or not a.flags.writeable:
+    flags = a.flags
+    if not flags.c_contiguous or not flags.writeable:
         t._set_leaf(a.copy(order="C"))
         a = t.data
     return a
@@ -416,17 +430,17 @@ def _cpu_sgd_step(opt: Optimizer, live: list, grads: dict) -> bool:
     for another rule, a parameter on a GPU, or a gradient of another dtype or shape."""
     if _fused_kind(opt) != "sgd" or not live:
         return False
+    ds = []
     for p, _ in live:
         g = grads[id(p)]
         g = g.data if isinstance(g, Tensor) else g
-        if (p.is_cuda or p.dtype not in ("float32", "float64") or not isinstance(g, np.ndarray)
-                or g.dtype != p.dtype or g.shape != p.shape):
-            return False
-    for p, st in live:
+        if (type(p.data) is not np.ndarray or p.dtype not in ("float32", "float64")
+                or not isinstance(g, np.ndarray) or g.dtype != p.dtype or g.shape != p.shape):
+            return False                                         # a GPU parameter among them
+        ds.append(g)
+    for (p, st), d in zip(live, ds, strict=True):
         arr = _writable(p)
-        g = grads[id(p)]
-        d = g.data if isinstance(g, Tensor) else g
-        f = np.dtype(p.dtype).type
+        f = arr.dtype.type
         if opt.weight_decay:
             d = d + f(opt.weight_decay) * arr                    # d = g + wd p
         if opt.momentum:

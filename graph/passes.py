@@ -184,6 +184,142 @@ def gemm_batch_sums(graph: Graph) -> Graph:
     return _sweep(graph, visit)
 
 
+def gemm_epilogues(graph: Graph) -> Graph:
+    """A linear layer's forward as one op a GPU library runs as one GEMM with its epilogue:
+    ``add(matmul(x, w), b)`` (2-d x and w, b the (N,) bias, the product used nowhere else)
+    becomes ``matmul_bias_act(x, w, b, act="none")``, and with the ``relu`` that is its only
+    other reader, ``act="relu"``: relu's backward reads ``step(z)``, which is
+    ``step(relu(z))`` (relu(z) > 0 exactly where z > 0), so it reads the fused output and z
+    is never stored. Other activations keep z for their backward: BIAS alone."""
+    users = graph.users()
+    outputs = {o.id for o in graph.outputs.values()}
+
+    def linear(n: Node) -> bool:
+        if n.op != "add" or n.id in outputs or len(n.inputs) != 2:
+            return False
+        m, b = n.inputs
+        return (m.op == "matmul" and m.id not in outputs and len(users[m.id]) == 1
+                and all(v.ndim == 2 for v in m.inputs) and b.shape == (n.shape[-1],)
+                and m.shape == n.shape and len({m.dtype, b.dtype, *(v.dtype for v in m.inputs)})
+                == 1 and n.dtype in ("float32", "float64"))
+
+    fused_relu: dict[int, int] = {}      # z (the add) -> the relu that takes it in
+    for n in graph.nodes:
+        if linear(n):
+            readers = users[n.id]
+            relus = [u for u in readers if u.op == "relu"]
+            if len(relus) == 1 and all(u.op == "step" for u in readers if u is not relus[0]):
+                fused_relu[n.id] = relus[0].id
+    relu_of = {r: z for z, r in fused_relu.items()}
+    new_relu: dict[int, Node] = {}
+
+    def visit(n: Node, ins: tuple[Node, ...]) -> Node:
+        if n.id in fused_relu:
+            return _rebuild(n, ins)             # dead once its relu and steps read the fusion
+        if n.id in relu_of:
+            z = n.inputs[0]
+            (m, b) = z.inputs
+            mi = tuple(visit_map[x.id] for x in m.inputs) + (visit_map[b.id],)
+            fused = Node("matmul_bias_act", mi, {"act": "relu"}, n.shape, n.dtype, m.where)
+            new_relu[z.id] = fused
+            return fused
+        if n.op == "step" and n.inputs[0].id in fused_relu:
+            z = n.inputs[0]
+            if z.id in new_relu:
+                return Node("step", (new_relu[z.id],), n.attrs, n.shape, n.dtype, n.where)
+        m = _rebuild(n, ins)
+        if linear(n) and n.id not in fused_relu:
+            (mm, b), (_, nb) = n.inputs, ins
+            mi = tuple(visit_map[x.id] for x in mm.inputs) + (nb,)
+            return Node("matmul_bias_act", mi, {"act": "none"}, n.shape, n.dtype, mm.where)
+        return m
+
+    visit_map: dict[int, Node] = {}
+
+    def record(n: Node, ins: tuple[Node, ...]) -> Node:
+        visit_map[n.id] = out = visit(n, ins)
+        return out
+
+    return _sweep(graph, record)
+
+
+def conv_library(graph: Graph) -> Graph:
+    """conv2d's traced pieces as the three calls a convolution library makes: the forward
+    ``reshape(matmul(reshape(w), reshape(im2col(x))))`` becomes ``conv_fprop(x, w)``, the input
+    gradient ``col2im(reshape(matmul(transpose(reshape(w)), g)))`` ``conv_dgrad(g, w)``, and
+    the weight gradient ``reshape(sum(matmul(g, transpose(reshape(im2col(x)))), 0))``
+    ``conv_wgrad(x, g)`` (run it before gemm_batch_sums), each where its intermediate values
+    feed nothing else; im2col is left to the pieces that still read it. Groups of 1 only."""
+    users = graph.users()
+    outputs = {o.id for o in graph.outputs.values()}
+    new: dict[int, Node] = {}
+
+    def only(n: Node) -> bool:
+        return len(users[n.id]) == 1 and n.id not in outputs
+
+    def cols_of(r: Node):           # reshape(im2col(x), (N, C*KH*KW, P)) -> the im2col
+        if r.op == "reshape" and r.inputs[0].op == "im2col" and r.ndim == 3:
+            return r.inputs[0]
+        return None
+
+    def weight_of(r: Node):         # reshape(w, (O, C*KH*KW)) of a 4-d w -> w
+        if r.op == "reshape" and r.inputs[0].ndim == 4 and r.ndim == 2:
+            return r.inputs[0]
+        return None
+
+    def grad4(g3: Node, shape: tuple[int, ...]) -> Node:    # g (N, O, P) -> (N, O, OH, OW)
+        if g3.op == "reshape" and g3.inputs[0].shape == shape:
+            return new[g3.inputs[0].id]
+        return Node("reshape", (new[g3.id],), {"shape": shape}, shape, g3.dtype, g3.where)
+
+    def window(c: Node) -> dict[str, Any]:
+        return {"stride": tuple(c.attrs["stride"]), "padding": tuple(c.attrs["padding"])}
+
+    def visit(n: Node) -> Node | None:
+        if n.op == "reshape" and n.ndim == 4 and n.inputs[0].op == "matmul":
+            m = n.inputs[0]
+            a, b = m.inputs
+            c, w = cols_of(b), weight_of(a)
+            if c is not None and w is not None and only(m) and w.shape[2:] == tuple(
+                    c.attrs["kernel"]) and n.shape[1] == w.shape[0]:
+                x = c.inputs[0]
+                return Node("conv_fprop", (new[x.id], new[w.id]), window(c), n.shape, n.dtype,
+                            n.where)
+        if n.op == "col2im" and n.inputs[0].op == "reshape":
+            r = n.inputs[0]
+            m = r.inputs[0]
+            if (m.op == "matmul" and only(r) and only(m) and m.inputs[0].op == "transpose"
+                    and m.inputs[0].attrs["axes"] == (1, 0) and m.inputs[1].ndim == 3):
+                w = weight_of(m.inputs[0].inputs[0])
+                if w is not None and w.shape[2:] == tuple(n.attrs["kernel"]):
+                    g3 = m.inputs[1]
+                    shape = (g3.shape[0], g3.shape[1], *r.shape[-2:])
+                    return Node("conv_dgrad", (grad4(g3, shape), new[w.id]),
+                                {**window(n), "shape": tuple(n.attrs["shape"])}, n.shape,
+                                n.dtype, n.where)
+        if n.op == "reshape" and n.ndim == 4 and n.inputs[0].op == "sum":
+            s_ = n.inputs[0]
+            m = s_.inputs[0]
+            if (s_.attrs.get("axis") in ((0,), 0) and not s_.attrs.get("keepdims") and only(s_)
+                    and m.op == "matmul" and only(m) and m.inputs[1].op == "transpose"
+                    and m.inputs[1].attrs["axes"] == (0, 2, 1)):
+                c = cols_of(m.inputs[1].inputs[0])
+                g3 = m.inputs[0]
+                if c is not None and tuple(c.attrs["kernel"]) == n.shape[2:]:
+                    x = c.inputs[0]
+                    shape = (g3.shape[0], g3.shape[1], *c.shape[-2:])
+                    return Node("conv_wgrad", (new[x.id], grad4(g3, shape)),
+                                {**window(c), "kernel": tuple(c.attrs["kernel"])}, n.shape,
+                                n.dtype, n.where)
+        return None
+
+    def record(n: Node, ins: tuple[Node, ...]) -> Node:
+        new[n.id] = visit(n) or _rebuild(n, ins)
+        return new[n.id]
+
+    return _sweep(graph, record)
+
+
 def simplify(graph: Graph) -> Graph:
     """``cse(fold_constants(dce(graph)))``: what every executor runs before planning."""
     return cse(fold_constants(dce(graph)))

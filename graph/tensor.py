@@ -31,7 +31,15 @@ from shardgrad.graph.device import (
     to_device,
     to_host,
 )
-from shardgrad.graph.ir import Graph, Node, ShapeError, const, leaf
+from shardgrad.graph.ir import (
+    Node,
+    ShapeError,
+    const,
+    dtype_name,
+    leaf,
+    set_eager_value,
+    toposort,
+)
 from shardgrad.graph.walk import ExecutionError, Walk, describe
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
@@ -40,9 +48,8 @@ from shardgrad.ops import shape as S
 from shardgrad.ops.registry import get as get_opdef
 from shardgrad.ops.registry import kernel_for
 
-# Eager values live beside their nodes and die with them (a node lives as long as a tensor or
-# a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
-_VALUES: weakref.WeakKeyDictionary[Node, Any] = weakref.WeakKeyDictionary()
+# Eager values live in their nodes (Node.eager_value) and die with them (a node lives as long
+# as a tensor or a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
 _LEAVES: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 _RETAINED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 _grad_enabled = [True]
@@ -95,31 +102,32 @@ def _evaluate(outs: list[Node]) -> None:
         # the common eager case, one op whose inputs all have values: run it directly
         # rather than through a one-step walk (a fifth of a small eager op's time here)
         n = outs[0]
-        if n in _VALUES:
+        if n.eager_value is not None:
             return
         args = []
         for x in n.inputs:
-            v = _VALUES.get(x)
+            v = x.eager_value
             if v is None and x.op == "const":      # a Python scalar's new constant
-                v = _VALUES[x] = x.attrs["value"]
+                v = x.attrs["value"]
+                set_eager_value(x, v)
             if v is None:
                 break
             args.append(v)
         if n.inputs and len(args) == len(n.inputs):
             try:
-                _VALUES[n] = _run(n, args)
+                set_eager_value(n, _run(n, args))
             except Exception as e:
                 _note(n, e)
                 raise
             return
     todo: dict[int, Node] = {}
-    stack = [n for n in outs if n not in _VALUES]
+    stack = [n for n in outs if n.eager_value is None]
     while stack:
         n = stack.pop()
-        if n.id in todo or n in _VALUES:
+        if n.id in todo:
             continue
         todo[n.id] = n
-        stack.extend(x for x in n.inputs if x not in _VALUES)
+        stack.extend([x for x in n.inputs if x.eager_value is None])
     order = [todo[i] for i in sorted(todo)]
     for n in order:
         if n.op != "const" and not n.inputs:
@@ -128,24 +136,19 @@ def _evaluate(outs: list[Node]) -> None:
         walk = _EagerWalk()
         for n in order:
             if n.op == "const":
-                _VALUES[n] = n.attrs["value"]
+                set_eager_value(n, n.attrs["value"])
             else:
-                walk.steps.append(lambda n=n: _VALUES.__setitem__(
-                    n, _run(n, [_VALUES[x] for x in n.inputs])))
+                walk.steps.append(lambda n=n: set_eager_value(
+                    n, _run(n, [x.eager_value for x in n.inputs])))
                 walk.step_nodes.append(n)
         walk.execute()
         return
-    # a gradient graph's nodes run directly, their values kept by id here as well (each
-    # weak-dict lookup makes a weak reference; a closure and a walk step a node were a
-    # quarter of a small eager backward's dispatch)
-    fresh: dict[int, Any] = {}
+    # a gradient graph's nodes run directly (a closure and a walk step a node were a quarter
+    # of a small eager backward's dispatch)
     try:
         for n in order:
-            if n.op == "const":
-                v = n.attrs["value"]
-            else:
-                v = _run(n, [fresh[x.id] if x.id in fresh else _VALUES[x] for x in n.inputs])
-            fresh[n.id] = _VALUES[n] = v
+            set_eager_value(n, n.attrs["value"] if n.op == "const" else
+                            _run(n, [x.eager_value for x in n.inputs]))
     except Exception as e:
         _note(n, e)
         raise
@@ -153,7 +156,7 @@ def _evaluate(outs: list[Node]) -> None:
 
 class _EagerWalk(Walk):
     """Eager evaluation as a backend of the executor core (graph.walk): a step per node still
-    without a value, each kept in _VALUES beside its node (they live as long as the node). A
+    without a value, each kept in its node (Node.eager_value: as long as the node lives). A
     kernel's error keeps its type (user code may catch a ValueError, as with PyTorch), with
     the node, op and user line added as a note."""
 
@@ -172,16 +175,25 @@ def _note(n: Node, e: Exception) -> None:
         _EagerWalk().error(n, e)
 
 
+def _on_device(a) -> bool:
+    """is_device_array, a NumPy array answered without the attribute probe."""
+    return type(a) is not np.ndarray and is_device_array(a)
+
+
 def _run(n: Node, args: list[Any]):
     """Node ``n``'s value from its inputs' values: with NumPy, or on the GPU that holds its
     device inputs (host inputs, constants such as a Python scalar, are copied there)."""
     on = None
     for a in args:
-        if is_device_array(a):
+        if type(a) is not np.ndarray and is_device_array(a):
             on = a
             break
     if on is None:
-        return _kernel(n.op, "cpu")(np, *args, **n.attrs)
+        opdef = get_opdef(n.op)
+        hit = _CPU_KERNELS.get(n.op)
+        if hit is None or hit[0] is not opdef:
+            hit = _CPU_KERNELS[n.op] = (opdef, kernel_for(opdef, "cpu"))
+        return hit[1](np, *args, **n.attrs)
     xp = array_module(on)
     with on.device:
         args = [a if is_device_array(a) else _to_device_once(xp, a, on.device.id)
@@ -189,21 +201,20 @@ def _run(n: Node, args: list[Any]):
         return _kernel(n.op, "cuda")(xp, *args, **n.attrs)
 
 
-# op name and device kind -> kernel_for's callable, looked up once (the registry lookup and
-# device naming were a tenth of a small eager op's dispatch); keyed on the OpDef too, so a
-# re-registered op is looked up anew
-_KERNELS: dict[tuple, Any] = {}
+# device kind -> op name -> (OpDef, kernel_for's callable), looked up once (the registry
+# lookup and device naming were a tenth of a small eager op's dispatch); a re-registered op
+# (another OpDef) is looked up anew
+_KERNELS: dict[str, dict[str, tuple[Any, Any]]] = {"cpu": {}, "cuda": {}}
+_CPU_KERNELS = _KERNELS["cpu"]      # _run's inline lookup of _kernel(op, "cpu")
 
 
 def _kernel(op: str, kind: str):
     opdef = get_opdef(op)
-    key = (op, kind, id(opdef), id(opdef.cuda), id(opdef.forward))
-    fn = _KERNELS.get(key)
-    if fn is None:
-        if len(_KERNELS) >= 4096:
-            _KERNELS.clear()
-        fn = _KERNELS[key] = kernel_for(opdef, kind)
-    return fn
+    table = _KERNELS[kind]
+    hit = table.get(op)
+    if hit is None or hit[0] is not opdef:
+        hit = table[op] = (opdef, kernel_for(opdef, kind))
+    return hit[1]
 
 
 # Python scalars of eager ops on a GPU (0.9 * buf, p - lr * g), by (device, dtype, value): each
@@ -225,9 +236,10 @@ def _to_device_once(xp, a, device_id: int):
 
 
 def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
-    node = leaf("input", value.shape, str(value.dtype), name=None) if requires_grad else Node(
-        "const", (), {"value": value}, value.shape, str(value.dtype))
-    _VALUES[node] = value
+    dtype = dtype_name(value.dtype)
+    node = leaf("input", value.shape, dtype, name=None) if requires_grad else Node(
+        "const", (), {"value": value}, value.shape, dtype)
+    set_eager_value(node, value)
     return node
 
 
@@ -421,15 +433,15 @@ class Tensor:
     # -- values -----------------------------------------------------------------------------
     @property
     def is_symbolic(self) -> bool:
-        return self.node not in _VALUES and self.node.op != "const"
+        return self.node.eager_value is None and self.node.op != "const"
 
     @property
     def data(self) -> np.ndarray:
         if self.is_symbolic:
             raise ShapeError(f"{self.node!r} is symbolic (being traced): it has no value yet")
-        if self.node not in _VALUES:
+        if self.node.eager_value is None:
             _evaluate([self.node])
-        return _VALUES[self.node]
+        return self.node.eager_value
 
     @data.setter
     def data(self, value) -> None:
@@ -609,10 +621,11 @@ class Tensor:
             raise ShapeError("backward() of a tensor that does not require grad (no leaf "
                              "with requires_grad=True was used to compute it)")
         if gradient is None:
-            if self.shape != ():
+            if self.size != 1:        # one element of any shape, as torch's implicit grad
                 raise ShapeError(f"backward() without a gradient needs a scalar, got shape "
                                  f"{self.shape}; pass gradient= of that shape")
-            seed = const(1, dtype=self.dtype)
+            seed = const(1, dtype=self.dtype) if self.shape == () else const(
+                np.ones(self.shape, self.dtype))
             if self.is_cuda:     # the gradient is computed where the value lives
                 value = self.data
                 with value.device:
@@ -622,15 +635,17 @@ class Tensor:
             if self.is_cuda and not isinstance(gradient, Tensor):
                 gradient = to_device(gradient, self.device)
             seed = _node_of(gradient, self.node)
-        history = Graph([self.node]).nodes
-        leaves = [n for n in history if n.id in _LEAVES and _LEAVES[n.id].requires_grad]
-        kept = [n for n in history if n.id in _RETAINED and _RETAINED[n.id].node is n]
+        history = toposort([self.node])
+        leaves = [n for n in history
+                  if not n.inputs and n.id in _LEAVES and _LEAVES[n.id].requires_grad]
+        kept = [n for n in history if n.id in _RETAINED and _RETAINED[n.id].node is n] \
+            if _RETAINED else []
         holders = [_LEAVES[n.id] for n in leaves] + [_RETAINED[n.id] for n in kept]
-        gs = backprop([self.node], [seed], leaves + kept)
+        gs = backprop([self.node], [seed], leaves + kept, history)
         _evaluate(gs)
         for t, g in zip(holders, gs, strict=True):
             # a gradient made of constants alone (x.sum()'s) is computed on the host
-            value = to_device(_VALUES[g], t.device)
+            value = to_device(g.eager_value, t.device)
             t.grad = Tensor(_eager_leaf(value if t.grad is None else t.grad.data + value, False))
 
     # -- operators --------------------------------------------------------------------------
@@ -973,6 +988,77 @@ class Tensor:
     def abs(self): return apply(E.abs, self)
     def astype(self, dtype): return apply(E.cast, self, dtype)
     def type_as(self, other): return self.astype(other.dtype)
+    def erf(self): return apply(E.erf, self)
+    def reciprocal(self): return 1.0 / self
+    def log2(self): return self.log() * (1.0 / np.log(2.0))
+    def log10(self): return self.log() * (1.0 / np.log(10.0))
+    def maximum(self, y): return apply(E.maximum, self, y)
+    def minimum(self, y): return apply(E.minimum, self, y)
+    def nelement(self) -> int: return self.size
+    def view_as(self, other): return self.reshape(other.shape)
+    def reshape_as(self, other): return self.reshape(other.shape)
+    def isnan(self): return self != self
+    def isfinite(self): return (self - self) == 0           # inf - inf and nan are nan
+
+    def clone(self):
+        """A copy with the same history (its gradient flows back to self), as torch.clone."""
+        return self * 1 if self.dtype != "bool" else self.astype("bool")
+
+    def amax(self, dim=None, keepdim: bool = False):
+        return apply(R.max, self, dim, bool(keepdim))
+
+    def amin(self, dim=None, keepdim: bool = False):
+        return self.min(axis=dim, keepdims=keepdim)
+
+    def logsumexp(self, dim, keepdim: bool = False):
+        """log(sum(exp(x))) over ``dim``, shifted by the maximum (no overflow), as torch."""
+        m = self.amax(dim, keepdim=True).detach()
+        out = (self - m).exp().sum(axis=dim, keepdims=True).log() + m
+        return out if keepdim else out.squeeze(dim)
+
+    def unbind(self, dim: int = 0):
+        d = dim % max(self.ndim, 1)
+        return tuple(self[(slice(None),) * d + (i,)] for i in range(self.shape[d]))
+
+    def index_select(self, dim: int, index):
+        d = dim % max(self.ndim, 1)
+        return self[(slice(None),) * d + (index,)]
+
+    def narrow(self, dim: int, start: int, length: int):
+        d = dim % max(self.ndim, 1)
+        return self[(slice(None),) * d + (slice(start, start + length),)]
+
+    def masked_select(self, mask):
+        return self[mask if mask.shape == self.shape else mask.expand(self.shape)]
+
+    def nonzero(self, as_tuple: bool = False):
+        """Indices of the non-zero elements (eager: their number is data), as torch."""
+        found = np.nonzero(to_host(self.data))
+        if as_tuple:
+            return tuple(tensor(i) for i in found)
+        return tensor(np.stack(found, axis=-1) if found else np.zeros((0, 0), np.int64))
+
+    def tril(self, diagonal: int = 0):
+        keep = np.tril(np.ones(self.shape[-2:], bool), diagonal)
+        return apply(E.where, tensor(keep), self, 0)
+
+    def triu(self, diagonal: int = 0):
+        keep = np.triu(np.ones(self.shape[-2:], bool), diagonal)
+        return apply(E.where, tensor(keep), self, 0)
+
+    def new_zeros(self, *size, dtype=None):
+        return zeros(*size, dtype=dtype or self.dtype, device=None if self.is_symbolic
+                     else self.device)
+
+    def new_ones(self, *size, dtype=None):
+        return ones(*size, dtype=dtype or self.dtype, device=None if self.is_symbolic
+                    else self.device)
+
+    def new_full(self, size, fill_value, dtype=None):
+        return full(size, fill_value, dtype or self.dtype)
+
+    def new_tensor(self, data, dtype=None):
+        return tensor(data, dtype=dtype or self.dtype)
     def contiguous(self): return self          # values are always contiguous here
     def square(self): return self * self
     def rsqrt(self): return 1.0 / self.sqrt()
@@ -1027,6 +1113,15 @@ class Tensor:
         return apply(S.expand_dims, self, dim)
 
     def squeeze(self, dim=None):
+        """Drop size-1 dims (all, or those of ``dim``); a listed dim of another size stays,
+        as torch (``out.squeeze(-1)`` of a batch that is already (N,) is a no-op)."""
+        if dim is not None:
+            dims = dim if isinstance(dim, tuple | list) else (dim,)
+            n = max(self.ndim, 1)
+            dim = tuple(d for d in dims if self.ndim and self.shape[d % n] == 1)
+            if not dim:
+                return self
+            dim = dim if isinstance(dims, tuple | list) or len(dim) > 1 else dim[0]
         return apply(S.squeeze, self, dim)
 
     def permute(self, *dims):
@@ -1041,8 +1136,8 @@ def _const(value) -> Node:
     """A constant node holding ``value`` where it lives (a GPU array stays on its GPU)."""
     if not is_device_array(value):
         return const(value)
-    node = Node("const", (), {"value": value}, value.shape, str(value.dtype))
-    _VALUES[node] = value
+    node = Node("const", (), {"value": value}, value.shape, dtype_name(value.dtype))
+    set_eager_value(node, value)
     return node
 
 
@@ -1102,31 +1197,35 @@ def _node_of(x, like: Node | None) -> Node:
 def apply(fn: Callable[..., Any], *args, **kwargs):
     """Apply a node builder ``fn`` (from ops) to tensors and plain values, eagerly or
     symbolically; returns a Tensor, or a tuple of them for multi-result builders."""
-    tensors = [a for a in args if isinstance(a, Tensor)] + [
-        t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, Tensor)]
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if len(tensors) < len(args):
+        for a in args:
+            if isinstance(a, list | tuple):
+                tensors += [t for t in a if isinstance(t, Tensor)]
     if kwargs:
         tensors += [v for v in kwargs.values() if isinstance(v, Tensor)]
-    # each value looked up once (a weak-dict lookup makes a weak reference): the lookups and
-    # device checks were a third of a small eager op's dispatch
-    values = [_VALUES.get(t.node) for t in tensors]
-    symbolic = any(v is None and t.node.op != "const" for t, v in zip(tensors, values,
-                                                                       strict=True))
-    if not symbolic and any(is_device_array(v) for v in values):
+    # one pass over the tensors (the lookups and device checks were a third of a small eager
+    # op's dispatch)
+    symbolic = on_device = track = False
+    for t in tensors:
+        n = t.node
+        v = n.eager_value
+        if v is None:
+            if n.op != "const":
+                symbolic = True
+        elif _on_device(v):
+            on_device = True
+        if t._requires_grad:
+            track = True
+    if on_device and not symbolic:
         _same_device(fn, tensors)
-    track = _grad_enabled[0] and any(t._requires_grad for t in tensors)
-
-    def to_node(a):
-        if isinstance(a, Tensor):
-            if (track and not symbolic) or a.is_symbolic:
-                return a.node
-            if symbolic and a.is_cuda:     # a graph being traced holds host constants
-                return const(to_host(a.data))
-            return a.node if a.node.op == "const" else _const(a.data)
-        if isinstance(a, list | tuple):
-            return type(a)(to_node(t) for t in a)
-        return a
-
-    out = fn(*[to_node(a) for a in args], **{k: to_node(v) for k, v in kwargs.items()})
+    track = track and _grad_enabled[0]
+    if track and not symbolic and not kwargs:     # an eager op with history: each its node
+        out = fn(*[a.node if isinstance(a, Tensor) else _arg_node(a, True, False)
+                   for a in args])
+    else:
+        out = fn(*[_arg_node(a, track, symbolic) for a in args],
+                 **{k: _arg_node(v, track, symbolic) for k, v in kwargs.items()})
     if not isinstance(out, tuple):
         if not symbolic:
             _evaluate([out])
@@ -1134,6 +1233,23 @@ def apply(fn: Callable[..., Any], *args, **kwargs):
     if not symbolic:
         _evaluate(list(out))
     return tuple(Tensor(n, requires_grad=track and _is_float(n.dtype)) for n in out)
+
+
+def _arg_node(a, track: bool, symbolic: bool):
+    """What an op's builder gets for argument ``a``: a tensor's node, or, where the op records
+    no history for it (grad off, or a traced op), a constant cut from its past (a traced
+    graph never holds an eager past, and holds host constants); lists and tuples element by
+    element; anything else as is."""
+    if isinstance(a, Tensor):
+        n = a.node
+        if (track and not symbolic) or (n.eager_value is None and n.op != "const"):
+            return n
+        if symbolic and a.is_cuda:
+            return const(to_host(a.data))
+        return n if n.op == "const" else _const(a.data)
+    if isinstance(a, list | tuple):
+        return type(a)(_arg_node(t, track, symbolic) for t in a)
+    return a
 
 
 _FLOAT_NAMES = frozenset(("float16", "float32", "float64"))

@@ -114,8 +114,9 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
     y = placeholder(*y_spec, name="y")
     with _swapped(swaps), tracing_salt(placeholder((), "int64", name="step")):
         loss = loss_fn(model(x), y)
-        if not isinstance(loss, Tensor) or loss.shape != ():
+        if not isinstance(loss, Tensor) or loss.size != 1:
             raise ShapeError(f"loss_fn must return a scalar Tensor, got {loss!r}")
+        loss = loss.reshape(())              # one element of any shape, as torch's backward
         new_buffers = {n: b.node for n, b in buffers}
         params = [leaves[id(p)] for _, p in named]
         seed = const(1, dtype=loss.dtype)

@@ -325,8 +325,8 @@ gelu = _unary("gelu", _gelu_fwd, _gelu_grad, "x Phi(x), tanh approximation", Non
 def _erf_fwd(xp, x):
     # NumPy has no erf: SciPy's (scikit-learn's dependency and ours), CuPy's for GPU arrays,
     # each imported on first use (importing scipy.special takes 0.5 s); float32 on the CPU
-    # has its own kernel (_erf_f32)
-    if isinstance(x, np.ndarray | np.generic):
+    # has its own kernel (_erf_f32). Chosen by the array module, as _erf_out does.
+    if xp is np:
         if x.dtype == np.float32:
             out = _erf_f32(x, np.empty(np.shape(x), np.float32))
             return out[()] if isinstance(x, np.generic) else out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from shardgrad.graph.ir import Node
 from shardgrad.ops import gpu
 from shardgrad.ops.elementwise import tanh
@@ -107,6 +109,55 @@ def bias_act(x, b, act="relu") -> Node:
     return apply("bias_act", x, b, act=str(act))
 
 
+# ---- GEMM + bias + activation ------------------------------------------------------------------
+# One op for a linear layer's forward, so a GPU library can run it as one GEMM with an
+# epilogue (cuBLASLt's BIAS / RELU_BIAS / GELU_BIAS). graph.passes.gemm_epilogues makes it
+# from matmul + add (+ relu) after the backward is traced; its VJP exists for completeness.
+EPILOGUE_ACTS = ("none", "relu", "gelu")
+
+
+def _mba_infer(x, w, b, act, **_):
+    float_unary_infer(x)
+    if act not in EPILOGUE_ACTS:
+        raise ValueError(f"act must be one of {EPILOGUE_ACTS}, not {act!r}")
+    (xs, xd), (ws, wd), (bs, bd) = x, w, b
+    if len(xs) != 2 or len(ws) != 2 or xs[1] != ws[0] or tuple(bs) != (ws[1],):
+        raise ValueError(f"needs x (M, K), w (K, N) and b (N,); got {tuple(xs)}, {tuple(ws)}, "
+                         f"{tuple(bs)}")
+    if not xd == wd == bd:
+        raise TypeError(f"dtypes {xd}, {wd}, {bd} differ; cast one explicitly")
+    return (xs[0], ws[1]), xd
+
+
+def _mba_fwd(xp, x, w, b, act):
+    z = xp.matmul(x, w) + b
+    return z if act == "none" else get(act).forward(xp, z)
+
+
+def _mba_vjp(g, x, w, b, out, act):
+    # out = act(z), z = x w + b:  gz = act'(z) g;  gx = gz w^T, gw = x^T gz, gb = sum_rows gz
+    z = apply("matmul", x, w)
+    gz = g if act == "none" else apply("bias_act_grad", g, z, b, act=act)
+    return (apply("matmul", gz, apply("transpose", w, axes=(1, 0))),
+            apply("matmul", apply("transpose", x, axes=(1, 0)), gz), unbroadcast(gz, b.shape))
+
+
+def _mba_cost(node: Node) -> tuple[float, float]:
+    (m, k), n = node.inputs[0].shape, node.shape[1]
+    nbytes = sum(v.size for v in node.inputs) + node.size
+    return 2.0 * m * k * n, float(nbytes * np.dtype(node.dtype).itemsize)
+
+
+register(OpDef("matmul_bias_act", infer=_mba_infer, forward=_mba_fwd, vjp=_mba_vjp,
+               cost=_mba_cost, cuda=gpu.matmul_bias_act))
+
+
+def matmul_bias_act(x, w, b, act="none") -> Node:
+    """``act(x @ w + b)``, x (M, K), w (K, N), b (N,), act none / relu / gelu (tanh form):
+    one GEMM with its epilogue where a GPU library runs it (docs/gpu.md)."""
+    return apply("matmul_bias_act", as_node(x), as_node(w), as_node(b), act=str(act))
+
+
 # ---- softmax cross-entropy gradient ---------------------------------------------------------
 
 def _xent_grad_infer(logits, labels, scale, **_):
@@ -193,4 +244,4 @@ register(OpDef("fused", infer=_fused_infer, forward=_fused_fwd, cost=elementwise
                              lambda n: n.attrs.get("kernel") is not None)))
 
 
-__all__ = ["bias_act", "softmax_xent_grad", "ACTIVATIONS"]
+__all__ = ["bias_act", "matmul_bias_act", "softmax_xent_grad", "ACTIVATIONS", "EPILOGUE_ACTS"]

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from shardgrad.ops import gpu_libs
 from shardgrad.ops.registry import get
 
 SOURCES = Path(__file__).parent / "cuda"
@@ -246,6 +247,27 @@ def bias_act_grad(xp, g, x, b, act, out=None):
     return gz
 
 
+def matmul_bias_act(xp, x, w, b, act, out=None, gemm=None):
+    """``act(x @ w + b)``: cuBLASLt's GEMM with its epilogue (ops.gpu_libs, where nvmath-python
+    is installed and measured faster for this shape), else the own pair: the GEMM (``gemm``,
+    a capture-safe one while a CUDA Graph is captured, or CuPy's) and the bias + activation
+    kernel in place."""
+    if not _covered(x, w, b) or x.ndim != 2 or w.ndim != 2:
+        return _generic(xp, "matmul_bias_act", out, x, w, b, act=act)
+    out = _into(xp, out, (x.shape[0], w.shape[1]), x.dtype)
+
+    def own():
+        if gemm is None or not gemm(x, w, out):
+            xp.matmul(x, w, out=out)
+        if act == "none":
+            return xp.add(out, b, out=out)
+        return bias_act(xp, out, b, act, out=out)
+
+    key = ("matmul_bias_act", x.shape, w.shape, x.strides, w.strides, str(x.dtype), act)
+    return gpu_libs.choose("cublaslt", key, xp, out, own,
+                           lambda: gpu_libs.cublaslt_bias_act(xp, x, w, b, act, out))
+
+
 # ---- conv2d's im2col / col2im and pooling ------------------------------------------------------
 
 def _geom(shape, kernel, stride, padding) -> tuple:
@@ -280,6 +302,80 @@ def col2im(xp, cols, shape, kernel, stride, padding, out=None):
         run_kernel("conv.cu", "col2im", cols.dtype, blocks(out.size), BLOCK,
                    (_c(xp, cols), out, *_geom(shape, kernel, stride, padding)))
     return out
+
+
+def _gemm(xp, gemm, a, b, out):
+    """``out = a @ b``: the capture-safe GEMM while a CUDA Graph is captured, else CuPy's."""
+    if gemm is None or not gemm(a, b, out):
+        xp.matmul(a, b, out=out)
+    return out
+
+
+def conv_fprop(xp, x, w, stride, padding, out=None, gemm=None):
+    """conv2d (groups 1) as one op: cuDNN's conv_fprop where it is installed and measured
+    faster (ops.gpu_libs), else the own pair, im2col and one batched GEMM."""
+    if not _covered(x, w):
+        return _generic(xp, "conv_fprop", out, x, w, stride=stride, padding=padding)
+    kernel = tuple(w.shape[2:])
+    geom = _geom(x.shape, kernel, stride, padding)
+    (n, c), o, (oh, ow) = x.shape[:2], w.shape[0], _out_hw(geom)
+    out = _into(xp, out, (n, o, oh, ow), x.dtype)
+
+    def own():
+        cols = _scratch(xp, (n, c, *kernel, oh, ow), x.dtype)
+        im2col(xp, x, kernel, stride, padding, out=cols)
+        _gemm(xp, gemm, _c(xp, w).reshape(o, -1), cols.reshape(n, -1, oh * ow),
+              out.reshape(n, o, oh * ow))
+        return out
+
+    key = ("conv_fprop", x.shape, w.shape, stride, padding, str(x.dtype))
+    return gpu_libs.choose("cudnn", key, xp, out, own, lambda: gpu_libs.cudnn_conv(
+        xp, "fprop", x, w, out, stride, padding))
+
+
+def conv_dgrad(xp, g, w, shape, stride, padding, out=None, gemm=None):
+    """The input gradient of conv_fprop: cuDNN's conv_dgrad, else one batched GEMM of the
+    transposed weight and col2im."""
+    if not _covered(g, w):
+        return _generic(xp, "conv_dgrad", out, g, w, shape=shape, stride=stride,
+                        padding=padding)
+    kernel, (n, o, oh, ow) = tuple(w.shape[2:]), g.shape
+    out = _into(xp, out, tuple(shape), g.dtype)
+
+    def own():
+        gcols = _scratch(xp, (n, shape[1], *kernel, oh, ow), g.dtype)
+        _gemm(xp, gemm, _c(xp, w).reshape(o, -1).T, _c(xp, g).reshape(n, o, oh * ow),
+              gcols.reshape(n, -1, oh * ow))
+        return col2im(xp, gcols, tuple(shape), kernel, stride, padding, out=out)
+
+    key = ("conv_dgrad", g.shape, w.shape, tuple(shape), stride, padding, str(g.dtype))
+    return gpu_libs.choose("cudnn", key, xp, out, own, lambda: gpu_libs.cudnn_conv(
+        xp, "dgrad", g, w, out, stride, padding))
+
+
+def conv_wgrad(xp, x, g, kernel, stride, padding, out=None, gemm=None):
+    """The weight gradient of conv_fprop: cuDNN's conv_wgrad, else im2col and one GEMM over
+    the batch laid end to end, (O, N*P) @ (N*P, C*KH*KW)."""
+    if not _covered(x, g):
+        return _generic(xp, "conv_wgrad", out, x, g, kernel=kernel, stride=stride,
+                        padding=padding)
+    kernel, (n, c), (o, p) = tuple(kernel), x.shape[:2], (g.shape[1], g.shape[2] * g.shape[3])
+    out = _into(xp, out, (o, c, *kernel), x.dtype)
+
+    def own():
+        cols = _scratch(xp, (n, c, *kernel, *g.shape[2:]), x.dtype)
+        im2col(xp, x, kernel, stride, padding, out=cols)
+        ckk = c * kernel[0] * kernel[1]
+        flat = _scratch(xp, (n * p * (o + ckk),), x.dtype)     # both operands, one buffer
+        lhs, rhs = flat[:o * n * p].reshape(o, n, p), flat[o * n * p:].reshape(n, p, ckk)
+        xp.copyto(lhs, _c(xp, g).reshape(n, o, p).transpose(1, 0, 2))
+        xp.copyto(rhs, cols.reshape(n, ckk, p).transpose(0, 2, 1))
+        _gemm(xp, gemm, lhs.reshape(o, n * p), rhs.reshape(n * p, ckk), out.reshape(o, ckk))
+        return out
+
+    key = ("conv_wgrad", x.shape, g.shape, kernel, stride, padding, str(x.dtype))
+    return gpu_libs.choose("cudnn", key, xp, out, own, lambda: gpu_libs.cudnn_conv(
+        xp, "wgrad", x, g, out, stride, padding))
 
 
 def _pool_out(xp, x, geom, out=None):

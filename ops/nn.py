@@ -26,6 +26,7 @@ from shardgrad.ops.registry import (
     is_int,
     itemsize,
     register,
+    result_dtype,
     shape_error,
 )
 from shardgrad.ops.shape import reshape
@@ -161,6 +162,109 @@ register(OpDef("col2im", infer=_col2im_infer, forward=_col2im_fwd, vjp=_col2im_v
                jvp=lambda ts, c, out, shape, **a: None if ts[0] is None else
                apply("col2im", ts[0], shape=shape, **a), cost=_bytes_cost, out=_WINDOW_OUT,
                cuda=gpu.col2im, batched=True))
+
+
+# ---- whole convolutions (a library's unit) ----------------------------------------------------
+# conv_fprop, conv_dgrad and conv_wgrad are conv2d (groups 1) and its two gradients as single ops,
+# the calls cuDNN makes (its frontend's conv_fprop / conv_dgrad / conv_wgrad). conv2d itself stays
+# the composite above; graph.passes.conv_library rewrites a traced GPU step into these where
+# cuDNN is installed. Forwards: im2col + GEMM, as the composite computes them. The three are
+# adjoint to each other, so their VJPs close over the family:
+#   y = fprop(x, w):   <h, y> = <dgrad(h, w), x> = <wgrad(x, h), w>
+
+
+def _conv_geom(x_shape, w_shape, stride, padding):
+    (n, c), (o, wc, kh, kw) = x_shape[:2], w_shape
+    if len(x_shape) != 4 or len(w_shape) != 4 or c != wc:
+        raise ValueError(f"needs x (N, C, H, W) and w (O, C, KH, KW); got {tuple(x_shape)}, "
+                         f"{tuple(w_shape)}")
+    oh, ow = _window_shape(x_shape, (kh, kw), stride, padding)
+    return n, c, o, (kh, kw), oh, ow
+
+
+def _conv_cost(node: Node) -> tuple[float, float]:
+    # N*O*OH*OW outputs of C*KH*KW multiply-adds each, whichever of the three is computed
+    y, w = {"conv_fprop": (node, node.inputs[1]), "conv_dgrad": node.inputs,
+            "conv_wgrad": (node.inputs[1], node)}[node.op]
+    nbytes = (sum(v.size for v in node.inputs) + node.size) * itemsize(node.dtype)
+    return 2.0 * y.size * (w.size // w.shape[0]), float(nbytes)
+
+
+def _conv_fprop_infer(x, w, stride, padding, **_):
+    _float(x)
+    n, _c, o, _k, oh, ow = _conv_geom(x[0], w[0], stride, padding)
+    return (n, o, oh, ow), result_dtype(x[1], w[1])
+
+
+def _conv_fprop_fwd(xp, x, w, stride, padding):
+    cols = _im2col_fwd(xp, x, w.shape[2:], stride, padding)
+    n, o = x.shape[0], w.shape[0]
+    out = xp.matmul(w.reshape(o, -1), cols.reshape(n, -1, cols.shape[-2] * cols.shape[-1]))
+    return out.reshape(n, o, *cols.shape[-2:])
+
+
+def _conv_fprop_vjp(g, x, w, out, stride, padding):
+    return (apply("conv_dgrad", g, w, shape=x.shape, stride=stride, padding=padding),
+            apply("conv_wgrad", x, g, kernel=w.shape[2:], stride=stride, padding=padding))
+
+
+register(OpDef("conv_fprop", infer=_conv_fprop_infer, forward=_conv_fprop_fwd,
+               vjp=_conv_fprop_vjp, cost=_conv_cost,
+               cuda=gpu.conv_fprop))
+
+
+def _conv_dgrad_infer(g, w, shape, stride, padding, **_):
+    _float(g)
+    n, _c, o, _k, oh, ow = _conv_geom(shape, w[0], stride, padding)
+    if tuple(g[0]) != (n, o, oh, ow):
+        raise ValueError(f"gradient {tuple(g[0])} must be {(n, o, oh, ow)}")
+    return tuple(shape), result_dtype(g[1], w[1])
+
+
+def _conv_dgrad_fwd(xp, g, w, shape, stride, padding):
+    n, o = g.shape[:2]
+    gcols = xp.matmul(w.reshape(o, -1).T, g.reshape(n, o, -1))
+    gcols = gcols.reshape(n, shape[1], *w.shape[2:], *g.shape[2:])
+    return _col2im_fwd(xp, gcols, tuple(shape), w.shape[2:], stride, padding)
+
+
+def _conv_dgrad_vjp(h, g, w, out, shape, stride, padding):
+    return (apply("conv_fprop", h, w, stride=stride, padding=padding),
+            apply("conv_wgrad", h, g, kernel=w.shape[2:], stride=stride, padding=padding))
+
+
+register(OpDef("conv_dgrad", infer=_conv_dgrad_infer, forward=_conv_dgrad_fwd,
+               vjp=_conv_dgrad_vjp, cost=_conv_cost,
+               cuda=gpu.conv_dgrad))
+
+
+def _conv_wgrad_infer(x, g, kernel, stride, padding, **_):
+    _float(x)
+    n, c = x[0][:2]
+    o = g[0][1]
+    _n, _c, _o, _k, oh, ow = _conv_geom(x[0], (o, c, *kernel), stride, padding)
+    if tuple(g[0]) != (n, o, oh, ow):
+        raise ValueError(f"gradient {tuple(g[0])} must be {(n, o, oh, ow)}")
+    return (o, c, *kernel), result_dtype(x[1], g[1])
+
+
+def _conv_wgrad_fwd(xp, x, g, kernel, stride, padding):
+    # sum over the batch of g_n (O, P) @ cols_n^T (P, C*KH*KW), as one GEMM over N*P
+    cols = _im2col_fwd(xp, x, kernel, stride, padding)
+    n, o, p = g.shape[0], g.shape[1], g.shape[2] * g.shape[3]
+    lhs = g.reshape(n, o, p).transpose(1, 0, 2).reshape(o, n * p)
+    rhs = cols.reshape(n, -1, p).transpose(0, 2, 1).reshape(n * p, -1)
+    return xp.matmul(lhs, rhs).reshape(o, x.shape[1], *kernel)
+
+
+def _conv_wgrad_vjp(h, x, g, out, kernel, stride, padding):
+    return (apply("conv_dgrad", g, h, shape=x.shape, stride=stride, padding=padding),
+            apply("conv_fprop", x, h, stride=stride, padding=padding))
+
+
+register(OpDef("conv_wgrad", infer=_conv_wgrad_infer, forward=_conv_wgrad_fwd,
+               vjp=_conv_wgrad_vjp, cost=_conv_cost,
+               cuda=gpu.conv_wgrad))
 
 
 def conv2d(x, w, b=None, stride=1, padding=0, groups=1) -> Node:

@@ -202,9 +202,17 @@ def _holds(dtype: str, x: bool | int | float) -> bool:
 
 def apply(name: str, *inputs: Any, **attrs: Any) -> Node:
     """Emit ``name(*inputs, **attrs)``, promoting Python scalars to consts."""
-    like = next((x for x in inputs if isinstance(x, Node)), None)
-    nodes = [as_node(x, like) for x in inputs]
-    return emit(get(name), nodes, attrs)
+    opdef = REGISTRY.get(name) or get(name)
+    like, plain = None, False
+    for x in inputs:
+        if isinstance(x, Node):
+            if like is None:
+                like = x
+        else:
+            plain = True
+    if plain:
+        inputs = tuple([x if isinstance(x, Node) else as_node(x, like) for x in inputs])
+    return emit(opdef, inputs, attrs)
 
 
 # ---- shared shape rules, costs and VJP helpers -------------------------------------------------

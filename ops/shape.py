@@ -65,9 +65,14 @@ def _transpose_infer(x, axes, **_):
     return tuple(x[0][a] for a in axes), x[1]
 
 
+def _inverse(axes: tuple[int, ...]) -> tuple[int, ...]:
+    # the inverse permutation (np.argsort's, without NumPy: its call was a tenth of the VJP)
+    return tuple(sorted(range(len(axes)), key=axes.__getitem__))
+
+
 register(OpDef("transpose", infer=_transpose_infer,
                forward=lambda xp, x, axes: xp.transpose(x, axes),
-               vjp=lambda g, x, out, axes: (transpose(g, tuple(np.argsort(axes))),),  # P^-1 g
+               vjp=lambda g, x, out, axes: (transpose(g, _inverse(axes)),),  # P^-1 g
                jvp=_linear_jvp("transpose"), cost=_view_cost, view="any"))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
@@ -415,10 +416,13 @@ def lookup_key(name: str, schema: Mapping[str, Mapping[str, Key]]) -> tuple[str,
     """``(section, key, Key)`` of the dotted key ``name`` (``"train.lr"``) in ``schema``;
     ConfigError listing the valid keys when it names none."""
     section, dot, key = name.partition(".")
+    known = [f"{s}.{k}" for s, keys in schema.items() for k in keys]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)   # a typo: say which key
+    unknown = f"unknown config key {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
     if section not in schema or not dot:
-        raise ConfigError(f"unknown config key {name!r}; valid keys: {valid_keys(schema)}")
+        raise ConfigError(f"{unknown}; valid keys: {valid_keys(schema)}")
     if key not in schema[section]:
-        raise ConfigError(f"unknown config key {name!r}; valid keys in [{section}]: "
+        raise ConfigError(f"{unknown}; valid keys in [{section}]: "
                           f"{', '.join(section + '.' + k for k in schema[section])}")
     return section, key, schema[section][key]
 
@@ -467,7 +471,10 @@ def load_dict(path: str | os.PathLike | None = None, overrides: Iterable[str] = 
                 raise ConfigError(f"{os.fspath(path)}: top-level key {section!r} must be a "
                                   f"[section]; valid sections: {', '.join(schema)}")
             for name, value in table.items():
-                _merge(config, f"{section}.{name}", value, schema)
+                try:
+                    _merge(config, f"{section}.{name}", value, schema)
+                except ConfigError as e:   # the file's line, not a --set: name the file
+                    raise ConfigError(f"{os.fspath(path)}: {e}") from None
     for item in overrides:
         _merge(config, *parse_set(item), schema)
     return config

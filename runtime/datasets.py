@@ -343,6 +343,10 @@ def load_npz(path: str, dtype="float32", image: bool = False, test_fraction: flo
         if arrays[xk].ndim < 2 or len(arrays[xk]) != len(arrays[yk]):
             raise DataError(f"{path}: {xk} of shape {arrays[xk].shape} needs one row per "
                             f"label of {yk} (shape {arrays[yk].shape})")
+        if not len(arrays[xk]):   # an empty test set failed in a reshape, a traceback
+            raise DataError(f"{path}: {xk} has no samples"
+                            + ("; leave out x_test and y_test to split a test set off x_train"
+                               if xk == "x_test" else ""))
         validate_labels(arrays[yk], num_classes, f"{path} ({yk})")
         x = arrays[xk]
         if x.dtype.kind == "f" and not np.isfinite(x).all():

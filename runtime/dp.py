@@ -266,6 +266,10 @@ def fault_injector(config: cfg.ConfigLike, rank: int, world_size: int | None = N
     if at and world_size is not None and who >= world_size:
         raise ConfigError(f"debug.fail_rank = {who} but this job has {world_size} process(es), "
                           f"ranks 0..{world_size - 1}")
+    if at and mode == "hang" and world_size == 1:
+        raise ConfigError("debug.fail_mode = 'hang' in a single process would hang for good: "
+                          "only a peer's collective timeout (parallel.timeout_s) ends it; run "
+                          "2 or more ranks, or use 'raise'")
     if not at or who != rank:
         return None
 

@@ -212,6 +212,13 @@ def _bind_group(kernel: FusedKernel, xp, outs=None):
     return lambda *a: kernel(xp, list(a), outs)
 
 
+def _takes_gemm(n: Node, kind: str) -> bool:
+    """Whether node ``n``'s kernel runs GEMMs of its own (a library op's own-kernel path:
+    ops.gpu's ``gemm=``), which a CUDA Graph capture must route through its safe GEMM."""
+    fn = kernel_for(n, kind)
+    return fn is get(n.op).cuda and "gemm" in inspect.signature(fn).parameters
+
+
 def _writer(n: Node, kind: str, xp):
     """``fn(*inputs, out)`` computing node ``n`` into ``out`` on this device, or None: the
     op's hand-written CUDA kernel where it takes ``out=``, else its OpDef.out kernel."""
@@ -282,7 +289,8 @@ class MemoryPlan:
                 planned[n.id] = i
                 holds[n.id], contiguous[n.id] = frozenset({n.id}), True
             elif writer is not None:
-                self.writers[n.id] = self._matmul(writer) if n.op == "matmul" else writer
+                self.writers[n.id] = (self._matmul(writer) if n.op == "matmul" else
+                                      self._with_gemm(n) if _takes_gemm(n, kind) else writer)
                 planned[n.id] = i
                 holds[n.id], contiguous[n.id] = frozenset({n.id}), True
             else:
@@ -333,6 +341,14 @@ class MemoryPlan:
             if gemm is None or not gemm.matmul(a, b, out):
                 writer(a, b, out=out)
         return matmul
+
+    def _with_gemm(self, n: Node):
+        fn, attrs, xp = kernel_for(n, self.kind), n.attrs, self.xp
+
+        def write(*args, out):                  # its own GEMMs capture-safe while capturing
+            gemm = self.gemm
+            return fn(xp, *args, **attrs, out=out, gemm=None if gemm is None else gemm.matmul)
+        return write
 
     def step(self, n: Node, buf):
         """The step computing planned op node ``n`` into ``buf``."""

@@ -24,7 +24,7 @@ from shardgrad.graph.device import to_device
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.optim import SGD, Adam, AdamW, Optimizer
 from shardgrad.graph.tensor import Tensor, _eager_leaf
-from shardgrad.ops import collective
+from shardgrad.ops import collective, gpu_libs
 from shardgrad.ops import gpu as gpu_ops
 from shardgrad.ops.registry import is_effectful
 from shardgrad.partition.data_parallel import averaged_outputs
@@ -69,8 +69,10 @@ class _Bound:
 
 def flat_kind(optimizer: Optimizer) -> str | None:
     """The flat update kernel for ``optimizer`` (exactly SGD, Adam or AdamW: a subclass may
-    change the rule; the kernels have no SGD dampening and one set of values), else None."""
-    if getattr(optimizer, "dampening", 0) or len(optimizer.param_groups) > 1:
+    change the rule; the kernels have no SGD dampening nor AMSGrad, and one set of values),
+    else None."""
+    if getattr(optimizer, "dampening", 0) or getattr(optimizer, "amsgrad", False) or len(
+            optimizer.param_groups) > 1:
         return None
     return {SGD: "sgd", Adam: "adam", AdamW: "adam"}.get(type(optimizer))
 
@@ -178,7 +180,14 @@ class DeviceProgram:
                            if k.startswith(("param/", "state/"))]
         # products written in the layout their users read, as the CPU program does; conv
         # weight gradients as one GEMM each (passes.gemm_batch_sums: a GPU-only choice)
+        # Where the gpu-libs extra is installed, convolutions as cuDNN's three calls and linear
+        # layers as one GEMM with a bias/activation epilogue (cuBLASLt): ops.gpu_libs then
+        # measures each against the own kernels per shape and keeps the faster
+        if gpu_libs.probe("cudnn")[0] is not None:
+            graph = passes.conv_library(graph)
         graph = passes.fold_transposes(passes.gemm_batch_sums(graph))
+        if gpu_libs.probe("cublaslt")[0] is not None:
+            graph = passes.gemm_epilogues(graph)
         self.graph = graph
         self.reads_step = any(n.op == "input" and n.name == "step" for n in graph.nodes)
         # a static memory plan: intermediates in one arena planned once, the gradients

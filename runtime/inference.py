@@ -82,8 +82,12 @@ def load_run(run_dir: str, overrides: Sequence[str] = ()) -> Run:
     try:
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
     except (KeyError, ValueError) as e:
-        raise DataError(f"{weights} does not fit the model of {run_dir}'s config: "
-                        f"{e.args[0] if e.args else e}") from None
+        # with --set data.*: the data, not the weights, is what changed
+        cause = (f"the data of --set {' '.join(overrides)} (samples of shape "
+                 f"{tuple(data.input_shape)}, {data.num_classes} classes) does not fit "
+                 f"{run_dir}'s trained model" if overrides
+                 else f"{weights} does not fit the model of {run_dir}'s config")
+        raise DataError(f"{cause}: {e.args[0] if e.args else e}") from None
     model.eval()
     return Run(config, model, data, weights)
 

@@ -24,7 +24,64 @@ def _array(t):
     return t if is_device_array(t) else np.asarray(t)
 
 
-class TensorDataset:
+class Dataset:
+    """Base class of map-style data sets, as torch's: define ``__len__`` and ``__getitem__``
+    (a sample: an array, a number, or a tuple, list or dict of them)."""
+
+    def __getitem__(self, index):
+        raise NotImplementedError(f"{type(self).__name__} does not define __getitem__")
+
+    def __len__(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} does not define __len__")
+
+
+class Subset(Dataset):
+    """The samples of ``dataset`` at ``indices``, in that order."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+
+    def __getitem__(self, index):
+        if isinstance(index, list | np.ndarray):
+            return self.dataset[[self.indices[int(i)] for i in index]]
+        return self.dataset[self.indices[index]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def random_split(dataset, lengths, seed: int | None = None) -> list[Subset]:
+    """Disjoint random Subsets of the given lengths (or fractions summing to 1, the remainder
+    spread one each from the first), as torch.utils.data.random_split; ``seed`` fixes the
+    permutation (torch's ``generator=``)."""
+    n = len(dataset)
+    lengths = list(lengths)
+    if lengths and all(0 <= f <= 1 for f in lengths) and abs(sum(lengths) - 1) < 1e-9 and (
+            sum(lengths) != n):
+        counts = [int(np.floor(n * f)) for f in lengths]
+        for i in range(n - sum(counts)):
+            counts[i % len(counts)] += 1
+        lengths = counts
+    if sum(lengths) != n:
+        raise ValueError("Sum of input lengths does not equal the length of the input dataset!")
+    order = np.random.default_rng(seed).permutation(n)
+    ends = np.cumsum(lengths)
+    return [Subset(dataset, order[e - k:e]) for k, e in zip(lengths, ends, strict=True)]
+
+
+def default_collate(samples: list):
+    """A batch from a list of samples, as torch's default_collate: arrays and numbers
+    stacked (a new first axis), tuples and lists field by field, dicts key by key."""
+    first = samples[0]
+    if isinstance(first, dict):
+        return {k: default_collate([s[k] for s in samples]) for k in first}
+    if isinstance(first, tuple | list):
+        fields = [default_collate(list(f)) for f in zip(*samples, strict=True)]
+        return tuple(fields) if isinstance(first, tuple) else fields
+    return np.stack([_array(v) for v in samples])
+
+
+class TensorDataset(Dataset):
     """Sample i is ``(t[i] for t in tensors)``: arrays or Tensors of one length, kept as
     arrays in ``tensors``."""
 
@@ -43,8 +100,9 @@ class TensorDataset:
 
 
 class DataLoader:
-    """Batches of ``dataset`` (a TensorDataset, or anything with ``len`` and ``[i]`` giving a
-    tuple of arrays, stacked), as tuples of arrays.
+    """Batches of ``dataset`` (a TensorDataset, or anything with ``len`` and ``[i]``), made
+    by ``collate_fn`` from a list of samples (default_collate: stacked arrays, tuples and
+    dicts of them).
 
     ``shuffle``: a new order each pass (epoch), drawn from ``seed`` and the pass number, so a
     seeded loader repeats its orders; with ``seed=None`` one is drawn at random when the
@@ -58,13 +116,14 @@ class DataLoader:
 
     def __init__(self, dataset, batch_size: int = 1, shuffle: bool = False,
                  drop_last: bool = False, seed: int | None = None,
-                 sampler: DistributedSampler | None = None):
+                 sampler: DistributedSampler | None = None, collate_fn=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size should be a positive integer value, but got "
                              f"batch_size={batch_size}")
         if sampler is not None and shuffle:
             raise ValueError("sampler option is mutually exclusive with shuffle")
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        self.collate_fn = collate_fn or default_collate
         self._own_sampler = sampler is None
         if sampler is None:
             seed = int(np.random.SeedSequence().entropy) if seed is None else seed
@@ -88,11 +147,12 @@ class DataLoader:
             self.sampler.set_epoch(self.sampler.epoch + 1)   # the next pass, a new order
         return (self._fetch(take) for take in takes)
 
-    def _fetch(self, take: np.ndarray) -> tuple[Any, ...]:
-        if isinstance(self.dataset, TensorDataset):
+    def _fetch(self, take: np.ndarray) -> Any:
+        if isinstance(self.dataset, TensorDataset) and self.collate_fn is default_collate:
             return self.dataset[take]
-        items = [self.dataset[int(i)] for i in take]
-        return tuple(np.stack([_array(v) for v in field]) for field in zip(*items, strict=True))
+        # sample by sample, then collated: a dataset of single arrays gave their elements
+        # as fields (a tuple of columns) instead of one stacked batch
+        return self.collate_fn([self.dataset[int(i)] for i in take])
 
 
-__all__ = ["DataLoader", "TensorDataset"]
+__all__ = ["DataLoader", "Dataset", "Subset", "TensorDataset", "default_collate", "random_split"]

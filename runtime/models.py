@@ -80,7 +80,7 @@ class TextTransformer(nn.Module):
 
     def forward(self, x):
         pad = x == 0
-        h = self.tokens(x) + self.positions(arange(self.length)).unsqueeze(0)
+        h = self.tokens(x) + self.positions(arange(self.length, device=x.device)).unsqueeze(0)
         for layer in self.layers:
             h = layer(h, src_key_padding_mask=pad)
         keep = (x != 0).astype(h.dtype).unsqueeze(-1)

@@ -34,9 +34,15 @@ def read_run(run_dir: str) -> tuple[list[dict], dict]:
             if isinstance(rec, dict) and "step" in rec:
                 records.append(rec)
     summary = {}
-    if os.path.isfile(os.path.join(run_dir, "summary.json")):
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary = json.load(f)
+    path = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            try:
+                summary = json.load(f)
+            except ValueError as e:
+                raise ConfigError(f"{path}: not a shardgrad summary ({e})") from None
+        if not isinstance(summary, dict):
+            raise ConfigError(f"{path}: not a shardgrad summary (a JSON object)")
     return records, summary
 
 

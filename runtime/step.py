@@ -23,7 +23,7 @@ from shardgrad.graph.nn import Module
 from shardgrad.graph.optim import Optimizer
 from shardgrad.graph.tensor import Tensor, tensor, zeros
 from shardgrad.graph.trace import trace_forward, trace_step
-from shardgrad.ops import collective
+from shardgrad.ops import collective, gpu_libs
 from shardgrad.runtime import device as dev
 from shardgrad.runtime.device import is_device_array, to_host
 from shardgrad.runtime.executors import Executor, choose_executor
@@ -252,7 +252,7 @@ class TrainStep:
                        fused_groups=self._program.exe.n_fused,
                        launch_actions=len(self._program.exe.actions),
                        memory=self._program.exe.plan.stats(),
-                       gemm=self._program.gemm_note)
+                       gemm=self._program.gemm_note, libraries=gpu_libs.report())
         return out
 
     def write_back(self, out: dict[str, Any]) -> None:

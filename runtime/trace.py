@@ -20,6 +20,7 @@ from typing import Any
 
 from shardgrad.graph import walk
 from shardgrad.graph.ir import Graph, Node
+from shardgrad.runtime.config import ConfigError
 
 # Graph ops that move data between ranks: their nodes are communication, not compute.
 COMM_OPS = frozenset({"allreduce", "allreduce_start", "allreduce_wait", "allgather",
@@ -259,8 +260,12 @@ def merge(paths: Sequence[str], out: str) -> list[dict[str, Any]]:
     same time as rank 0's, as the steps start together after MPI's start-up."""
     per_rank = []
     for path in paths:
-        with open(path) as f:
-            per_rank.append(json.load(f)["traceEvents"])
+        try:
+            with open(path) as f:
+                per_rank.append(json.load(f)["traceEvents"])
+        except (ValueError, KeyError, TypeError) as e:   # e.g. cut short by a killed rank
+            raise ConfigError(f"{path}: not a readable trace ({type(e).__name__}: {e})") \
+                from None
     firsts = [min((e["ts"] for e in evs if e.get("cat") == "step"), default=0.0)
               for evs in per_rank]
     merged = []

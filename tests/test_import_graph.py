@@ -1,7 +1,8 @@
 """The package's imports run one way and never in a circle: graph.ir <- ops <- graph (the rest)
-<- partition <- runtime <- cluster <- the CLI and the package's front door, and no module
-reaches itself through its imports. Every import counts, function-level ones included; read
-from the source (ast), so nothing is imported to check it."""
+<- partition <- runtime <- cluster <- the CLI and the package's front door, no module
+reaches itself through its imports, and none imports another's private (``_x``) names.
+Every import counts, function-level ones included; read from the source (ast), so nothing
+is imported to check it."""
 
 import ast
 from pathlib import Path
@@ -99,3 +100,23 @@ def test_the_checker_sees_function_level_imports_and_cycles():
         "shardgrad.graph.autodiff") < layer("shardgrad.partition.plan") < layer(
         "shardgrad.runtime.world") < layer("shardgrad.cluster.ray_launch") < layer(
         "shardgrad.cli")
+
+
+# Private names another module may still import, each with its reason (docs/internals.md).
+PRIVATE_IMPORTS = {
+    # renamed once this session's changes to graph/tensor.py's lines have landed
+    ("shardgrad.runtime.gpu_step", "shardgrad.graph.tensor._eager_leaf"),
+}
+
+
+def test_no_module_imports_another_modules_private_names():
+    """What a second module needs of one is public and documented: no ``from m import _x``
+    across modules (function-level imports too), beyond PRIVATE_IMPORTS."""
+    mods = modules()
+    found = set()
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("shardgrad"):
+                found.update((name, f"{node.module}.{a.name}") for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__"))
+    assert found <= PRIVATE_IMPORTS, sorted(found - PRIVATE_IMPORTS)

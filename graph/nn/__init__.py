@@ -8,6 +8,7 @@ graph.tensor and ops.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -435,6 +436,18 @@ class Embedding(Module):
             return out
         return out * (x != self.padding_idx).astype(out.dtype).unsqueeze(-1)
 
+    @classmethod
+    def from_pretrained(cls, embeddings, freeze: bool = True,
+                        padding_idx: int | None = None) -> Embedding:
+        """An Embedding holding ``embeddings`` (num, dim), frozen unless ``freeze=False``."""
+        w = embeddings.numpy() if isinstance(embeddings, Tensor) else np.asarray(embeddings)
+        if w.ndim != 2:
+            raise ValueError(f"Embeddings parameter is expected to be 2-dimensional, got "
+                             f"{w.shape}")
+        out = cls(*w.shape, padding_idx=padding_idx)
+        out.weight = Parameter(w, requires_grad=not freeze)
+        return out
+
     def extra_repr(self) -> str:
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
@@ -456,20 +469,31 @@ class AdaptiveAvgPool2d(Module):
 
 
 class MaxPool2d(Module):
-    def __init__(self, kernel_size, stride=None, padding=0):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.ceil_mode = ceil_mode
 
     def forward(self, x):
-        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
 
 
-class AvgPool2d(MaxPool2d):
+class AvgPool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
+
     def forward(self, x):
-        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad)
 
 
 class ReLU(Module):
+    def __init__(self, inplace: bool = False):   # torch's flag; results never alias here
+        super().__init__()
+
     def forward(self, x):
         return F.relu(x)
 
@@ -502,12 +526,15 @@ class Sigmoid(Module):
 
 
 class SiLU(Module):
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+
     def forward(self, x):
         return F.silu(x)
 
 
 class LeakyReLU(Module):
-    def __init__(self, negative_slope: float = 0.01):
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False):
         super().__init__()
         self.negative_slope = negative_slope
 
@@ -531,12 +558,12 @@ class Softmax(Module):
 
 
 class Flatten(Module):
-    def __init__(self, start_dim: int = 1):
+    def __init__(self, start_dim: int = 1, end_dim: int = -1):
         super().__init__()
-        self.start_dim = start_dim
+        self.start_dim, self.end_dim = start_dim, end_dim
 
     def forward(self, x):
-        return x.flatten(self.start_dim)
+        return x.flatten(self.start_dim, self.end_dim)
 
 
 class Dropout(Module):
@@ -545,7 +572,7 @@ class Dropout(Module):
 
     _instances = [0]
 
-    def __init__(self, p: float = 0.5, seed: int | None = None):
+    def __init__(self, p: float = 0.5, inplace: bool = False, seed: int | None = None):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout probability must be in [0, 1), got {p}")
@@ -563,7 +590,8 @@ class Dropout(Module):
 
 
 class LayerNorm(Module):
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True):
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True):
         super().__init__()
         self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else \
             tuple(normalized_shape)
@@ -571,8 +599,8 @@ class LayerNorm(Module):
         dtype = get_default_dtype()
         self.weight = Parameter(np.ones(self.normalized_shape, dtype)) if elementwise_affine \
             else None
-        self.bias = Parameter(np.zeros(self.normalized_shape, dtype)) if elementwise_affine \
-            else None
+        self.bias = Parameter(np.zeros(self.normalized_shape, dtype)) if (
+            elementwise_affine and bias) else None
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -810,6 +838,79 @@ class ModuleDict(Module):
             self[key] = m
 
 
+class _Activation(Module):
+    """A module calling ``fn`` of sg.nn.functional with its keyword arguments."""
+
+    fn = ""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, x):
+        return getattr(F, self.fn)(x, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.kw.items())
+
+
+class ELU(_Activation):
+    fn = "elu"
+
+    def __init__(self, alpha: float = 1.0, inplace: bool = False):
+        super().__init__(alpha=alpha)
+
+
+class Softplus(_Activation):
+    fn = "softplus"
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0):
+        super().__init__(beta=beta, threshold=threshold)
+
+
+class Hardtanh(_Activation):
+    fn = "hardtanh"
+
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False):
+        super().__init__(min_val=min_val, max_val=max_val)
+
+
+class ReLU6(_Activation):
+    fn = "relu6"
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+
+
+class Mish(_Activation):
+    fn = "mish"
+
+
+class LogSigmoid(_Activation):
+    fn = "logsigmoid"
+
+
+class LogSoftmax(Module):
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return x.log_softmax(dim=self.dim)
+
+
+class Unflatten(Module):
+    """Split dim ``dim`` into ``unflattened_size``, as torch.nn.Unflatten."""
+
+    def __init__(self, dim: int, unflattened_size):
+        super().__init__()
+        self.dim, self.unflattened_size = dim, tuple(unflattened_size)
+
+    def forward(self, x):
+        d = self.dim % x.ndim
+        return x.reshape(x.shape[:d] + self.unflattened_size + x.shape[d + 1:])
+
+
 class Identity(Module):
     """Returns its input (extra arguments are ignored), as torch.nn.Identity."""
 
@@ -840,7 +941,7 @@ class CrossEntropyLoss(_Loss):
                  label_smoothing: float = 0.0):
         super().__init__(reduction)
         self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
-        self.register_buffer("weight", None if weight is None else _as_tensor(weight))
+        self.register_buffer("weight", _class_weights(weight))
 
     def forward(self, input, target):  # noqa: A002 - torch's name
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
@@ -854,13 +955,46 @@ class MSELoss(_Loss):
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
+class L1Loss(_Loss):
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.l1_loss(input, target, reduction=self.reduction)
+
+
+class SmoothL1Loss(_Loss):
+    def __init__(self, reduction: str = "mean", beta: float = 1.0):
+        super().__init__(reduction)
+        self.beta = beta
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+
+
+class HuberLoss(_Loss):
+    def __init__(self, reduction: str = "mean", delta: float = 1.0):
+        super().__init__(reduction)
+        self.delta = delta
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+
+
+class BCELoss(_Loss):
+    def __init__(self, weight=None, reduction: str = "mean"):
+        super().__init__(reduction)
+        self.register_buffer("weight", _class_weights(weight))
+
+    def forward(self, input, target):  # noqa: A002 - torch's name
+        return F.binary_cross_entropy(input, target, weight=self.weight,
+                                      reduction=self.reduction)
+
+
 class NLLLoss(_Loss):
     """``F.nll_loss(log_probs, labels, weight, ignore_index, reduction)`` as a module."""
 
     def __init__(self, weight=None, ignore_index: int = F.IGNORE_INDEX, reduction: str = "mean"):
         super().__init__(reduction)
         self.ignore_index = ignore_index
-        self.register_buffer("weight", None if weight is None else _as_tensor(weight))
+        self.register_buffer("weight", _class_weights(weight))
 
     def forward(self, input, target):  # noqa: A002 - torch's name
         return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
@@ -879,6 +1013,12 @@ class BCEWithLogitsLoss(_Loss):
     def forward(self, input, target):  # noqa: A002 - torch's name
         return F.binary_cross_entropy_with_logits(input, target, self.weight, self.reduction,
                                                   self.pos_weight)
+
+
+def _class_weights(v) -> Tensor | None:
+    """A loss's weight buffer in the dtype given (the function casts it to the input's), so
+    float64 weights keep their precision."""
+    return v if v is None or isinstance(v, Tensor) else tensor(np.asarray(v))
 
 
 def _as_tensor(v) -> Tensor:
@@ -1014,18 +1154,39 @@ class TransformerEncoderLayer(Module):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
+class TransformerEncoder(Module):
+    """``num_layers`` copies of ``encoder_layer`` (``layers.0``, ``layers.1``, ...), then
+    ``norm`` if given, as torch.nn.TransformerEncoder (so its state_dict loads)."""
+
+    def __init__(self, encoder_layer: Module, num_layers: int, norm: Module | None = None):
+        super().__init__()
+        _positive("TransformerEncoder", num_layers=num_layers)
+        self.layers = ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        out = src
+        for layer in self.layers:
+            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                        is_causal=bool(is_causal))
+        return out if self.norm is None else self.norm(out)
+
+
 __all__ = ["Module", "Parameter", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "ReLU", "GELU",
            "Tanh", "Sigmoid", "Flatten", "Dropout", "LayerNorm", "BatchNorm2d", "BatchNorm1d",
            "Sequential", "ModuleList", "ModuleDict", "Identity", "CrossEntropyLoss", "MSELoss",
            "functional",
            "manual_seed", "Conv1d", "Embedding", "AdaptiveAvgPool2d", "SiLU", "LeakyReLU",
            "Softmax", "GroupNorm", "NLLLoss", "BCEWithLogitsLoss", "MultiheadAttention",
-           "TransformerEncoderLayer"]
+           "TransformerEncoderLayer", "TransformerEncoder", "ELU", "Softplus", "Hardtanh",
+           "ReLU6", "Mish", "LogSigmoid", "LogSoftmax", "Unflatten", "L1Loss", "SmoothL1Loss",
+           "HuberLoss", "BCELoss"]
 
 
 from shardgrad.graph.nn.resnet import BasicBlock, GlobalAvgPool, ResNet  # noqa: E402 - uses the above
 
 __all__ += ["BasicBlock", "GlobalAvgPool", "ResNet"]
-from shardgrad.graph.nn import utils  # noqa: E402 - sg.nn.utils.clip_grad_norm_, as torch
+from shardgrad.graph.nn import init, utils  # noqa: E402 - sg.nn.utils / sg.nn.init, as torch
 
-__all__ += ["utils"]
+__all__ += ["init", "utils"]

@@ -7,11 +7,13 @@ the primitives' by the chain rule. Imports graph.ir, graph.tensor and ops.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from shardgrad import ops
 from shardgrad.graph.ir import ShapeError
-from shardgrad.graph.tensor import Tensor, apply, tensor
+from shardgrad.graph.tensor import Tensor, _rng, apply, rng_salt, tensor
 from shardgrad.ops import elementwise as E
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -313,20 +315,68 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask=None, is_causal: bool = Fa
     return scores.softmax(-1)
 
 
-def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
+def _ceil_extra(x: Tensor, kernel_size, stride, padding) -> tuple[int, int]:
+    """The rows and columns ceil_mode adds at the bottom and right: torch's output size
+    ceil((n + 2p - k) / s) + 1, less one if the last window would start in the padding."""
+    pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))
+    k, p = pair(kernel_size), pair(padding)
+    s = pair(stride if stride is not None else kernel_size)
+    extra = []
+    for n, ki, si, pi in zip(x.shape[-2:], k, s, p, strict=True):
+        out = -(-(n + 2 * pi - ki) // si) + 1
+        if (out - 1) * si >= n + pi:
+            out -= 1
+        extra.append(max((out - 1) * si + ki - (n + 2 * pi), 0))
+    return extra[0], extra[1]
+
+
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0,
+               ceil_mode: bool = False) -> Tensor:
+    if ceil_mode:            # the extra bottom/right cells are -inf: never the maximum
+        eh, ew = _ceil_extra(x, kernel_size, stride, padding)
+        x = pad(x, (0, ew, 0, eh), value=float("-inf"))
     return apply(ops.nn.max_pool2d, x, kernel_size, stride=stride, padding=padding)
 
 
-def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
-    return apply(ops.nn.avg_pool2d, x, kernel_size, stride=stride, padding=padding)
+def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> Tensor:
+    """The window means, as torch: ``count_include_pad=False`` divides by the window's cells
+    inside the input (a mean of ones over the same windows counts them); ceil_mode's extra
+    cells are never counted."""
+    eh = ew = 0
+    if ceil_mode:
+        eh, ew = _ceil_extra(x, kernel_size, stride, padding)
+        x = pad(x, (0, ew, 0, eh))
+    out = apply(ops.nn.avg_pool2d, x, kernel_size, stride=stride, padding=padding)
+    if count_include_pad and not (eh or ew):
+        return out
+    h, w = x.shape[-2] - eh, x.shape[-1] - ew
+    if count_include_pad:      # the padding counts, the ceil cells past it do not (torch's)
+        ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        counted = np.zeros((h + eh + 2 * ph, w + ew + 2 * pw), x.dtype)
+        counted[:h + 2 * ph, :w + 2 * pw] = 1
+        cover = apply(ops.nn.avg_pool2d, tensor(counted[None, None]), kernel_size,
+                      stride=stride, padding=0)
+    else:
+        counted = np.zeros(x.shape[-2:], x.dtype)
+        counted[:h, :w] = 1
+        cover = apply(ops.nn.avg_pool2d, tensor(counted[None, None]), kernel_size,
+                      stride=stride, padding=padding)
+    return out / cover
 
 
-def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int = 0,
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int | None = None,
             salt: Tensor | None = None) -> Tensor:
     """Zero each element with probability ``p`` and scale the rest by 1/(1-p); the mask is a
-    function of (seed, salt, element index), identical on every device."""
+    function of (seed, salt, element index), identical on every device. Without a seed each
+    call draws one from the manual_seed generator (a fixed seed gave every eager call, and
+    every step of a compiled one, the same mask); traced, the step counter is the salt."""
     if not training or p == 0.0:
         return x
+    if seed is None:
+        seed = int(_rng[0].integers(2 ** 31))
+    if salt is None:
+        salt = rng_salt()
     return apply(ops.nn.dropout, x, p=p, seed=seed, salt=salt)
 
 
@@ -334,3 +384,112 @@ def layer_norm(x: Tensor, normalized_shape, weight=None, bias=None, eps: float =
     """Normalise over the trailing ``normalized_shape`` dims (an int or a tuple, as torch)."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     return apply(ops.nn.layer_norm, x, weight, bias, normalized_shape=tuple(shape), eps=eps)
+
+
+# ---- torch's other common functions: composites of the primitives above --------------------
+
+def pad(x: Tensor, pad: tuple, mode: str = "constant", value: float = 0.0) -> Tensor:
+    """Pad (or, negative, crop) the last len(pad) // 2 dims by (left, right, top, bottom, ...)
+    with ``value``, as torch.nn.functional.pad (constant mode)."""
+    if mode != "constant":
+        raise NotImplementedError(f"pad: mode={mode!r} (only 'constant')")
+    if len(pad) % 2 or len(pad) // 2 > x.ndim:
+        raise ShapeError(f"pad: {tuple(pad)} needs pairs for at most {x.ndim} dims")
+    for i in range(len(pad) // 2):
+        d = x.ndim - 1 - i
+        before, after = int(pad[2 * i]), int(pad[2 * i + 1])
+        index = [slice(None)] * x.ndim
+        index[d] = slice(max(-before, 0), x.shape[d] - max(-after, 0))
+        x = x[tuple(index)] if min(before, after) < 0 else x
+        parts = [x]
+        for n, at in ((before, 0), (after, 1)):
+            if n > 0:
+                shape = x.shape[:d] + (n,) + x.shape[d + 1:]
+                block = tensor(np.full(shape, value, x.dtype))
+                parts.insert(at * len(parts), block)
+        x = apply(ops.shape.concat, parts, axis=d) if len(parts) > 1 else x
+    return x
+
+
+def one_hot(labels, num_classes: int = -1) -> Tensor:
+    """int64 (..., num_classes) with a 1 at each label (num_classes -1: the largest + 1)."""
+    labels = labels if isinstance(labels, Tensor) else tensor(np.asarray(labels))
+    if num_classes < 0:
+        num_classes = int(labels.max()) + 1
+    return apply(ops.shape.onehot, labels, num_classes, "int64")
+
+
+def normalize(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    """x / max(||x||_p over dim, eps), as torch.nn.functional.normalize."""
+    return x / x.norm(p, dim=dim, keepdim=True).clamp(min=eps)
+
+
+def l1_loss(input: Tensor, target, reduction: str = "mean") -> Tensor:  # noqa: A002
+    return _reduced((input - target).abs(), reduction, "l1_loss")
+
+
+def smooth_l1_loss(input: Tensor, target, reduction: str = "mean",  # noqa: A002
+                   beta: float = 1.0) -> Tensor:
+    """0.5 d^2 / beta where |d| < beta, else |d| - 0.5 beta (torch's)."""
+    a = (input - target).abs()
+    if beta == 0:
+        return _reduced(a, reduction, "smooth_l1_loss")
+    return _reduced(a.where(a >= beta, a * a * (0.5 / beta)) - (a >= beta).astype(a.dtype)
+                    * (0.5 * beta), reduction, "smooth_l1_loss")
+
+
+def huber_loss(input: Tensor, target, reduction: str = "mean",  # noqa: A002
+               delta: float = 1.0) -> Tensor:
+    """0.5 d^2 where |d| <= delta, else delta (|d| - 0.5 delta) (torch's)."""
+    a = (input - target).abs()
+    return _reduced((a * a * 0.5).where(a <= delta, (a - 0.5 * delta) * delta), reduction,
+                    "huber_loss")
+
+
+def binary_cross_entropy(input: Tensor, target, weight=None,  # noqa: A002 - torch's name
+                         reduction: str = "mean") -> Tensor:
+    """-(y log p + (1 - y) log(1 - p)) for probabilities p, each log clamped at -100 (as
+    torch's, so p = 0 or 1 gives a finite loss)."""
+    target = _as_tensor(target, input)
+    # log(max(p, e^-100)): the clamp before the log, so p = 0 gives no 0 * inf in the
+    # gradient (torch's own backward divides by max(p (1 - p), 1e-12) there instead)
+    tiny = math.exp(-100.0)
+    loss = -(target * input.clamp(min=tiny).log()
+             + (1.0 - target) * (1.0 - input).clamp(min=tiny).log())
+    if weight is not None:
+        loss = loss * _as_tensor(weight, input)
+    return _reduced(loss, reduction, "binary_cross_entropy")
+
+
+def softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """log(1 + e^(beta x)) / beta, x itself where beta x > threshold (torch's). Each branch
+    of the where exponentiates a non-positive number only (no overflow, so no 0 * inf in the
+    gradient of the branch not taken)."""
+    bx = x * beta
+    up = bx.clamp(min=0.0)
+    pos = up + (1.0 + (-up).exp()).log()                         # bx > 0
+    neg = (1.0 + bx.clamp(max=0.0).exp()).log()                  # bx <= 0
+    return x.where(bx > threshold, pos.where(bx > 0, neg) * (1.0 / beta))
+
+
+def elu(x: Tensor, alpha: float = 1.0) -> Tensor:
+    """x where x > 0, else alpha (e^x - 1) (e^ of min(x, 0): no overflow in the other branch)."""
+    return x.where(x > 0, (x.clamp(max=0.0).exp() - 1.0) * alpha)
+
+
+def relu6(x: Tensor) -> Tensor:
+    return hardtanh(x, 0.0, 6.0)
+
+
+def hardtanh(x: Tensor, min_val: float = -1.0, max_val: float = 1.0) -> Tensor:
+    """x limited to [min_val, max_val]; unlike clamp, no gradient at the bounds (torch's)."""
+    inner = (x > min_val).where(x < max_val, False)
+    return x.where(inner, x.clamp(min_val, max_val).detach())
+
+
+def logsigmoid(x: Tensor) -> Tensor:
+    return -softplus(-x)
+
+
+def mish(x: Tensor) -> Tensor:
+    return x * softplus(x).tanh()

@@ -130,6 +130,19 @@ def test_graph_svg_with_graphviz_renders_it(tmp_path):
     assert "<svg" in (tmp_path / "x.svg").read_text()
 
 
+@pytest.mark.graphviz
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz's dot")
+def test_graph_that_dot_cannot_write_is_one_line(tmp_path, capsys):
+    """dot failing (here: the .svg is a directory; a full disk did it) is one line naming the
+    file (it was a CalledProcessError traceback)."""
+    (tmp_path / "x.svg").mkdir()
+    assert cli.main(["graph", MLP, "--out", str(tmp_path / "x.svg"), "--set",
+                     "model.hidden=[8]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shardgrad graph: error: cannot write {tmp_path}/x.svg: Graphviz's "
+                          f"dot said: ") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "-n", "3", MLP, "--set", "parallel.pp=2"], "multiple of parallel.pp = 2"),
     (["train", "-n", "0", MLP], "-n 0"),

@@ -128,6 +128,22 @@ def rank_process(out, rank):
     return wait_for(rank_pid)
 
 
+def kill_rank(job, out, rank, ready=None) -> str:
+    """Once ``ready()`` holds (if given), SIGKILL ``rank`` of ``job`` (the run writing to
+    ``out``): the job fails within 30 s; its stderr. The job is killed whatever happens."""
+    try:
+        if ready is not None:
+            wait_for(ready)
+        os.kill(rank_process(out, rank), signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = job.communicate(timeout=30)
+        stopped = time.monotonic() - killed
+    finally:
+        job.kill()
+    assert job.returncode != 0 and stopped < 30
+    return err
+
+
 def test_killed_rank_stops_the_job_within_30s(cluster, tmp_path):
     env, config = cluster
     out = tmp_path / "killed"
@@ -135,14 +151,7 @@ def test_killed_rank_stops_the_job_within_30s(cluster, tmp_path):
     job = shardgrad([config, "--out", str(out), "--launcher", "ray", "--set", "parallel.dp=2",
                      "--set", "debug.fail_at_step=1", "--set", "debug.fail_rank=1",
                      "--set", "debug.fail_mode='hang'"], env, background=True)
-    try:
-        os.kill(rank_process(out, 1), signal.SIGKILL)
-        killed = time.monotonic()
-        _, err = job.communicate(timeout=30)
-        stopped = time.monotonic() - killed
-    finally:
-        job.kill()
-    assert job.returncode != 0 and stopped < 30
+    err = kill_rank(job, out, 1)
     assert "shardgrad ray: rank 1 (host sg-" in err and "the job stopped" in err, err
 
 
@@ -152,18 +161,11 @@ def test_a_rank_killed_while_training_is_the_one_named(cluster, tmp_path, rank):
     out = tmp_path / "killed"
     job = shardgrad([config, "--out", str(out), "--launcher", "ray", "--set", "parallel.dp=2",
                      "--set", "train.epochs=100000"], env, background=True)
-    try:
-        def started():
-            assert job.poll() is None, job.communicate()
-            return os.path.exists(out / "checkpoints" / "epoch_1.safetensors")
-        wait_for(started)
-        os.kill(rank_process(out, rank), signal.SIGKILL)
-        killed = time.monotonic()
-        _, err = job.communicate(timeout=30)
-        stopped = time.monotonic() - killed
-    finally:
-        job.kill()
-    assert job.returncode != 0 and stopped < 30
+
+    def started():
+        assert job.poll() is None, job.communicate()
+        return os.path.exists(out / "checkpoints" / "epoch_1.safetensors")
+    err = kill_rank(job, out, rank, started)
     named = re.findall(r"shardgrad ray: rank (\d+) \(host sg-\S+ on .*\) failed", err)
     assert named and set(named) == {str(rank)}, err
 
@@ -192,6 +194,32 @@ def test_dead_actor_restarts_from_latest_checkpoint(cluster, reference, tmp_path
     s = summary(out)
     assert s["resumed_from"].endswith("epoch_1.safetensors") and s["steps"] == 44
     assert s["params_sha256"] == reference[0]["params_sha256"]
+
+
+def test_sigterm_to_the_launcher_stops_the_job_and_resumes_exactly(cluster, reference,
+                                                                   tmp_path):
+    """`ray job stop` sends the launcher SIGTERM: it stops the ranks and says so, exit 143
+    (it said `interrupted`, exit 130, as for Ctrl-C); --resume then ends on the
+    uninterrupted run's parameters."""
+    env, config = cluster
+    out = tmp_path / "stopped"
+    job = shardgrad([config, "--out", str(out), "--launcher", "ray", "--set", "parallel.dp=2",
+                     "--set", "debug.fail_at_step=30", "--set", "debug.fail_rank=1",
+                     "--set", "debug.fail_mode='hang'"], env, background=True)
+    try:
+        wait_for(lambda: os.path.exists(out / "checkpoints" / "epoch_1.safetensors"))
+        ranks = [rank_process(out, r) for r in (0, 1)]
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    assert job.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1] == "shardgrad train: terminated by SIGTERM", err
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in ranks), timeout=10)
+    resumed = shardgrad([config, "--out", str(out), "--resume", str(out), "--launcher", "ray",
+                         "--set", "parallel.dp=2"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(out)["params_sha256"] == reference[0]["params_sha256"]
 
 
 def test_bad_input_on_the_ranks_is_one_line_and_not_restarted(cluster, tmp_path):

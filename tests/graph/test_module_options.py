@@ -142,3 +142,64 @@ def test_load_state_dict_copies_so_models_loaded_from_one_dict_stay_apart():
     b(sg.ones(4, 3, dtype="float64")).sum().backward()
     opt2.step()
     np.testing.assert_array_equal(saved["0.momentum_buffer"], momentum)
+
+
+def test_transformer_encoder_stack_loads_torch_s_state_and_matches():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
+    tm = torch.nn.TransformerEncoder(layer, 2, norm=torch.nn.LayerNorm(8).double(),
+                                     enable_nested_tensor=False)
+    sm = sg.nn.TransformerEncoder(
+        sg.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double(), 2,
+        norm=sg.nn.LayerNorm(8).double())
+    mask = np.zeros((3, 5), bool)
+    mask[0, -2:] = True
+    x = RNG.standard_normal((3, 5, 8))
+    sm.load_state_dict({k: v.detach().numpy() for k, v in tm.state_dict().items()})
+    got = sm(sg.tensor(x), src_key_padding_mask=sg.tensor(mask))
+    want = tm(torch.tensor(x), src_key_padding_mask=torch.tensor(mask))
+    np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert sm.layers[0].linear1.weight is not sm.layers[1].linear1.weight
+
+
+def test_torch_constructor_flags_people_pass():
+    # nn.ReLU(inplace=True) (torchvision-style blocks), Flatten(start, end), LayerNorm(bias=),
+    # Embedding.from_pretrained raised TypeError
+    for make in [lambda nn: nn.ReLU(inplace=True), lambda nn: nn.LeakyReLU(0.1, inplace=True),
+                 lambda nn: nn.SiLU(inplace=True), lambda nn: nn.ELU(inplace=True),
+                 lambda nn: nn.ReLU6(inplace=True), lambda nn: nn.Hardtanh(inplace=True),
+                 lambda nn: nn.Dropout(0.5, inplace=False), lambda nn: nn.Flatten(0, 1)]:
+        sm, tm = make(sg.nn), make(torch.nn)
+        tm.eval()
+        sm.eval()
+        x = RNG.standard_normal((3, 4, 2))
+        np.testing.assert_allclose(sm(sg.tensor(x)).numpy(), tm(torch.tensor(x)).numpy(),
+                                   rtol=1e-12)
+    torch.manual_seed(0)
+    tm = torch.nn.LayerNorm(4, bias=False).double()
+    torch.nn.init.normal_(tm.weight)
+    run_both(sg.nn.LayerNorm(4, bias=False).double(), tm, RNG.standard_normal((3, 4)))
+    w = RNG.standard_normal((5, 3))
+    e = sg.nn.Embedding.from_pretrained(sg.tensor(w))
+    t = torch.nn.Embedding.from_pretrained(torch.tensor(w))
+    assert not e.weight.requires_grad
+    np.testing.assert_array_equal(e(sg.tensor([4, 0])).numpy(), t(torch.tensor([4, 0])).numpy())
+    assert sg.nn.Embedding.from_pretrained(w, freeze=False).weight.requires_grad
+
+
+@pytest.mark.parametrize("h", [5, 6])
+@pytest.mark.parametrize("kw", [dict(kernel_size=2, ceil_mode=True),
+                                dict(kernel_size=3, stride=2, ceil_mode=True),
+                                dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+                                dict(kernel_size=3, stride=1, padding=1)])
+@pytest.mark.parametrize("layer, extra", [("MaxPool2d", {}), ("AvgPool2d", {}),
+                                          ("AvgPool2d", dict(count_include_pad=False))])
+def test_pooling_ceil_mode_and_count_include_pad(h, kw, layer, extra):
+    x = RNG.standard_normal((2, 3, h, h + 1))
+    s, t = sg.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    got, want = getattr(sg.nn, layer)(**kw, **extra)(s), getattr(torch.nn, layer)(**kw, **extra)(t)
+    np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-12, atol=1e-14)
+    g = RNG.standard_normal(tuple(want.shape))
+    (got * sg.tensor(g)).sum().backward()
+    (want * torch.tensor(g)).sum().backward()
+    np.testing.assert_allclose(s.grad.numpy(), t.grad.numpy(), rtol=1e-12, atol=1e-14)

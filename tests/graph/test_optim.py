@@ -26,6 +26,20 @@ def _batch(i):
     return rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, 8)
 
 
+def _step_both(model, opt, ref, topt, x, y, step=None):
+    """One cross-entropy step of ``model`` (eagerly, or by the compiled ``step``) and of its
+    torch copy ``ref`` on the batch ``x``, ``y``."""
+    if step is not None:
+        step(x, y)
+    else:
+        opt.zero_grad()
+        F.cross_entropy(model(sg.tensor(x)), sg.tensor(y)).backward()
+        opt.step()
+    topt.zero_grad()
+    torch.nn.functional.cross_entropy(ref(torch.tensor(x)), torch.tensor(y)).backward()
+    topt.step()
+
+
 def _w():
     return sg.tensor(np.ones(2, np.float32), requires_grad=True)
 
@@ -55,13 +69,7 @@ def test_params_must_be_an_iterable_of_tensors_and_may_be_a_generator():
     topt = torch.optim.Adam(p for p in ref.parameters())
     assert len(opt.params) == 4
     for i in range(2):
-        x, y = _batch(i)
-        opt.zero_grad()
-        F.cross_entropy(model(sg.tensor(x)), sg.tensor(y)).backward()
-        opt.step()
-        topt.zero_grad()
-        torch.nn.functional.cross_entropy(ref(torch.tensor(x)), torch.tensor(y)).backward()
-        topt.step()
+        _step_both(model, opt, ref, topt, *_batch(i))
     for k, v in ref.state_dict().items():
         np.testing.assert_allclose(model.state_dict()[k], v.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -85,16 +93,7 @@ def test_param_groups_lr_schedule_matches_torch(compiled):
             g["lr"], tg["lr"] = 0.1 * 0.5 ** i, 0.1 * 0.5 ** i
             if i == 2:                                  # a rule constant: the step retraces
                 g["weight_decay"] = tg["weight_decay"] = 0.5
-        x, y = _batch(i)
-        if compiled:
-            step(x, y)
-        else:
-            opt.zero_grad()
-            F.cross_entropy(model(sg.tensor(x)), sg.tensor(y)).backward()
-            opt.step()
-        topt.zero_grad()
-        torch.nn.functional.cross_entropy(ref(torch.tensor(x)), torch.tensor(y)).backward()
-        topt.step()
+        _step_both(model, opt, ref, topt, *_batch(i), step)
     assert opt.lr == 0.1 * 0.5 ** 3 and opt.weight_decay == 0.5
     for k, v in ref.state_dict().items():
         np.testing.assert_allclose(model.state_dict()[k], v.numpy(), rtol=1e-5, atol=1e-6,

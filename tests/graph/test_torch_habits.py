@@ -282,3 +282,62 @@ def test_integer_negation_and_flip():
     s, t = both(a)
     check(s.flip(0, 1), t.flip(0, 1), [s], [t])
     check(sg.tensor(a).flip(-1), torch.tensor(a).flip(-1))
+
+
+def test_torch_dtype_names_and_factories():
+    x = sg.zeros(2, 3, dtype=sg.float64)
+    assert x.dtype == sg.float64 and x.to(sg.float32).dtype == sg.float32
+    assert sg.tensor([1, 2], dtype=sg.long).dtype == "int64" and sg.ones(2, dtype=sg.bool).all()
+    check(sg.eye(3, dtype=sg.float64), torch.eye(3, dtype=torch.float64))
+    check(sg.linspace(0, 1, 5, dtype=sg.float64), torch.linspace(0, 1, 5, dtype=torch.float64))
+    check(sg.full_like(x, 2.5), torch.full_like(torch.zeros(2, 3, dtype=torch.float64), 2.5))
+    a = np.arange(3.0)
+    s = sg.from_numpy(a)
+    a[0] = 5.0
+    assert s.numpy()[0] == 0.0 and sg.randn_like(x).shape == (2, 3)
+    check(sg.clamp(sg.tensor(a), 1.0, 2.0), torch.clamp(torch.tensor(a), 1.0, 2.0))
+    check(sg.softmax(sg.tensor(a), dim=0), torch.softmax(torch.tensor(a), dim=0))
+
+
+def test_more_torch_methods_and_function_forms():
+    a = RNG.standard_normal((3, 4))
+    s, t = both(a)
+    check(s.clone().logsumexp(dim=1), t.clone().logsumexp(dim=1), [s], [t])
+    for f in [lambda m, x: m.sum(x, dim=1), lambda m, x: m.mean(x, 0),
+              lambda m, x: m.max(x, 1)[0], lambda m, x: m.amax(x, dim=0),
+              lambda m, x: m.transpose(x, 0, 1), lambda m, x: m.tril(x, -1),
+              lambda m, x: m.triu(x), lambda m, x: m.index_select(x, 1, m.tensor([3, 0])),
+              lambda m, x: m.narrow(x, 1, 1, 2), lambda m, x: m.erf(x),
+              lambda m, x: m.outer(x[0], x[1]), lambda m, x: m.mm(x, x.t()),
+              lambda m, x: m.pow(x, 2), lambda m, x: x.reciprocal() + x.log2().nan_to_num(0)
+              if m is torch else x.reciprocal() + sg.where(x.isnan(), 0.0, x.log2()),
+              lambda m, x: m.stack(m.unbind(x, 1), 0), lambda m, x: x.view_as(x.t()),
+              lambda m, x: m.masked_select(x, x > 0), lambda m, x: x.amin(1, keepdim=True)]:
+        s, t = both(np.abs(a) + 0.5)
+        check(f(sg, s), f(torch, t), [s], [t])
+    x = np.array([1.0, np.nan, np.inf, 0.0])
+    for f in [lambda m, v: m.isnan(v), lambda m, v: m.isfinite(v),
+              lambda m, v: m.nonzero(v).reshape(-1)]:
+        np.testing.assert_array_equal(f(sg, sg.tensor(x)).numpy(), f(torch, torch.tensor(x)))
+    w = sg.tensor([1.0], requires_grad=True)
+    with sg.set_grad_enabled(False):
+        assert not (w * 2).requires_grad
+    assert (w * 2).requires_grad and sg.is_tensor(w) and not sg.is_tensor(1.0)
+    assert sg.allclose(sg.ones(2), np.ones(2)) and sg.equal(sg.ones(2), sg.ones(2))
+    assert sg.zeros(2).new_zeros(3, 1).shape == (3, 1) and sg.ones(1).new_tensor([1.5]).dtype
+
+
+def test_backward_of_a_one_element_tensor_of_any_shape():
+    s, t = both(np.array([[1.0, 2.0]]))
+    (s * s).sum(dim=1).backward()                 # shape (1,): refused, torch takes it
+    (t * t).sum(dim=1).backward()
+    np.testing.assert_allclose(s.grad.numpy(), t.grad.numpy())
+    with pytest.raises(sg.ShapeError, match="needs a scalar"):
+        (s * s).backward()
+
+
+def test_squeeze_of_a_dim_not_of_size_one_is_a_no_op_as_in_torch():
+    a = RNG.standard_normal((3, 1, 2))
+    for dims in [0, 1, -1, (0, 1)]:
+        check(sg.tensor(a).squeeze(dims), torch.tensor(a).squeeze(dims))
+    check(sg.tensor(a).squeeze(), torch.tensor(a).squeeze())

@@ -22,6 +22,7 @@ from cuda_cases import elementwise_graph, training_graphs
 
 from shardgrad.graph import passes
 from shardgrad.ops import codegen, gpu
+from shardgrad.runtime import gpu_step
 from shardgrad.runtime.gpu import FusedKernel
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc")
@@ -85,8 +86,26 @@ def test_source_inlines_the_shared_window_header():
 def test_every_launched_kernel_is_defined():
     launched = re.findall(r'run_kernel\("(\w+\.cu)", "(\w+)"', Path(gpu.__file__).read_text())
     assert len(launched) >= 12
+    launched += [("optim.cu", name) for name in _flat_kernels()]
     for file, name in launched:
         assert re.search(rf'extern "C" __global__ void {name}\(', gpu.source(file)), (file, name)
+
+
+def _flat_kernels() -> list[str]:
+    """The optim.cu kernels the compiled GPU step's flat update (gpu_step.FlatUpdate)
+    launches itself, with BLOCK threads."""
+    names = re.findall(r'self\.name = "(\w+)"', Path(gpu_step.__file__).read_text())
+    assert names, "gpu_step.FlatUpdate names no kernel"
+    return names
+
+
+def _nvcc_all(jobs) -> None:
+    """``_nvcc(*job)`` for every job, in parallel; one failure message naming each that
+    failed."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results = list(pool.map(lambda j: _nvcc(*j), jobs))
+    failed = [f"{cmd}\n{err}" for cmd, rc, err in results if rc != 0]
+    assert not failed, "\n\n".join(failed)
 
 
 @needs_nvcc
@@ -100,10 +119,7 @@ def test_every_cuda_source_compiles_for_sm90(tmp_path):
     jobs = [(src, tmp_path / f"{src.stem}_{t}.ptx", f"-DSG_T={t}")
             for src in units for t in ("float", "double")]
     jobs.append((unit, tmp_path / "fused.ptx", "-DSG_UNUSED"))
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = list(pool.map(lambda j: _nvcc(*j), jobs))
-    failed = [f"{cmd}\n{err}" for cmd, rc, err in results if rc != 0]
-    assert not failed, "\n\n".join(failed)
+    _nvcc_all(jobs)
     for _, out, _ in jobs:
         ptx = out.read_text()
         assert ".target sm_90" in ptx and ".entry" in ptx, out.name
@@ -115,8 +131,9 @@ def _launch_blocks() -> dict[tuple[str, str], int]:
     """(file, kernel) -> the most threads per block ops.gpu launches it with."""
     text = Path(gpu.__file__).read_text()
     calls = re.findall(r'run_kernel\("(\w+\.cu)", "(\w+)"(.{0,80})', text, re.S)
-    return {(f, k): gpu.row_block(2**40) if "row_block(" in rest else gpu.BLOCK
-            for f, k, rest in calls}
+    return {**{(f, k): gpu.row_block(2**40) if "row_block(" in rest else gpu.BLOCK
+               for f, k, rest in calls},
+            **{("optim.cu", k): gpu.BLOCK for k in _flat_kernels()}}
 
 
 @needs_nvcc
@@ -166,10 +183,7 @@ def test_multi_tensor_kernels_compile_and_keep_their_arguments_under_4kb(tmp_pat
         src = tmp_path / f"{kind}_multi.cu"
         src.write_text(gpu.multi_tensor_source(kind, gpu.MULTI_TENSORS))
         jobs += [(src, tmp_path / f"{kind}_{t}.ptx", f"-DSG_T={t}") for t in ("float", "double")]
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = list(pool.map(lambda j: _nvcc(*j), jobs))
-    failed = [f"{cmd}\n{err}" for cmd, rc, err in results if rc != 0]
-    assert not failed, "\n\n".join(failed)
+    _nvcc_all(jobs)
     for _, out, _ in jobs:
         ptx = out.read_text()
         entry = ptx[ptx.index("_multi("):ptx.index(")", ptx.index("_multi("))]

@@ -67,7 +67,8 @@ def rand(rng, shape, dtype, lo=-2.0, hi=2.0):
 
 HAND_WRITTEN = ("softmax", "log_softmax", "cross_entropy", "softmax_xent_grad", "bias_act",
                 "bias_act_grad", "im2col", "col2im", "max_pool2d", "max_pool2d_grad",
-                "max_pool2d_gather", "avg_pool2d", "avg_pool2d_grad")
+                "max_pool2d_gather", "avg_pool2d", "avg_pool2d_grad", "matmul_bias_act",
+                "conv_fprop", "conv_dgrad", "conv_wgrad")
 
 
 def test_kernels_are_found_through_kernel_for():
@@ -105,6 +106,31 @@ def test_cross_entropy_rejects_bad_labels():
     x = np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError, match="label 4 out of range for 4 classes"):
         gpu.cross_entropy(np, x, np.array([0, 4, 1]), "mean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_matmul_bias_act_own_kernels(dtype, act):
+    # no GPU library here (ops.gpu_libs finds none): the GEMM and the bias_act kernel in place
+    rng = np.random.default_rng(5)
+    x, w, b = rand(rng, (7, 5), dtype), rand(rng, (5, 9), dtype), rand(rng, (9,), dtype)
+    check("matmul_bias_act", dtype, x, w, b, act=act)
+    check("matmul_bias_act", dtype, x[:0], w, b, act=act)
+    check("matmul_bias_act", dtype, np.asfortranarray(x), w.T.copy().T, b, act=act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", WINDOWS)
+def test_whole_convolutions_own_kernels(dtype, window):
+    # no cuDNN here (ops.gpu_libs finds none): im2col / col2im kernels and GEMMs
+    rng = np.random.default_rng(6)
+    kernel, attrs = window["kernel"], dict(stride=window["stride"], padding=window["padding"])
+    x, w = rand(rng, (3, 2, 9, 7), dtype), rand(rng, (4, 2, *kernel), dtype)
+    y = get("conv_fprop").forward(np, x, w, **attrs)
+    g = rand(rng, y.shape, dtype)
+    check("conv_fprop", dtype, x, w, **attrs)
+    check("conv_dgrad", dtype, g, w, shape=x.shape, **attrs)
+    check("conv_wgrad", dtype, x, g, kernel=kernel, **attrs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

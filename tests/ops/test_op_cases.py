@@ -299,6 +299,10 @@ CASES = [
     *[OpCase("bias_act_grad", lambda g, x, b, a=a: apply("bias_act_grad", g, x, b, act=a),
              (F(3, 4), F(3, 4, lo=-2, hi=2), F(4)),
              lambda g, x, b, a=a: g * ref_dact(a, x + b), name=a) for a in REF_ACT],
+    *[OpCase("matmul_bias_act", lambda x, w, b, a=a: fused.matmul_bias_act(x, w, b, a),
+             (F(3, 4, lo=-2, hi=2), F(4, 5), F(5)),
+             lambda x, w, b, a=a: (x @ w + b) if a == "none" else REF_ACT[a](x @ w + b), name=a)
+      for a in ("none", "relu", "gelu")],
     # an elementwise group as one node (runtime.native's rewrite): relu(x.T + b) and
     # exp(-(x.T + b)), both outputs raveled into one flat array; b a broadcast_to's operand
     OpCase("fused", lambda x, b: apply(
@@ -319,6 +323,20 @@ CASES = [
            (F(2, 2, 3, 3, 3, 2),),
            lambda c: ref_unwindow(c.transpose(0, 1, 4, 5, 2, 3), (2, 2, 5, 4), (3, 3), (2, 2),
                                   (1, 1))),
+    # conv2d (groups 1) and its gradients as single ops (a library's calls: ops.nn)
+    OpCase("conv_fprop", lambda x, w: apply("conv_fprop", x, w, stride=(2, 2), padding=(1, 1)),
+           (F(2, 3, 5, 4), F(4, 3, 3, 3)),
+           lambda x, w: ref_conv2d(x, w, s=(2, 2), p=(1, 1))),
+    OpCase("conv_dgrad", lambda g, w: apply("conv_dgrad", g, w, shape=(2, 3, 5, 4),
+                                            stride=(2, 2), padding=(1, 1)),
+           (F(2, 4, 3, 2), F(4, 3, 3, 3)),
+           lambda g, w: ref_unwindow(np.einsum("ocab,noij->ncijab", w, g), (2, 3, 5, 4),
+                                     (3, 3), (2, 2), (1, 1))),
+    OpCase("conv_wgrad", lambda x, g: apply("conv_wgrad", x, g, kernel=(3, 3), stride=(2, 2),
+                                            padding=(1, 1)),
+           (F(2, 3, 5, 4), F(2, 4, 3, 2)),
+           lambda x, g: np.einsum("ncijab,noij->ocab", ref_windows(x, (3, 3), (2, 2), (1, 1)),
+                                  g)),
     OpCase("conv2d", lambda x, w, b: nn.conv2d(x, w, b, padding=1),
            (F(2, 3, 4, 4), F(4, 3, 3, 3), F(4)), lambda x, w, b: ref_conv2d(x, w, b, p=(1, 1))),
     OpCase("conv2d", lambda x, w: nn.conv2d(x, w, stride=(2, 1)), (F(2, 2, 5, 4), F(3, 2, 2, 3)),

@@ -4,14 +4,17 @@ import), config files (``toml`` of dotted keys, ``blobs_config`` reading the blo
 mpirun command and environment of the distributed tests and their ranks' pids, and the CLI
 run in-process as the error-line tests read it."""
 
+import importlib.util
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from shardgrad.runtime.data import write_idx
 
@@ -41,6 +44,12 @@ def toml(keys: Mapping[str, Any]) -> str:
 
 # mpirun as the distributed tests start it: as root in a container, more ranks than cores
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+# the marks of a test module whose ranks are mpi4py processes under mpirun
+NEEDS_MPI = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None,
+                       reason="needs mpi4py and mpirun (pip install -e .[mpi])"),
+]
 
 
 def rank_pids(tag: str) -> dict[int, int]:

@@ -11,6 +11,8 @@ with NumPy arrays, so a value that stays on the host by mistake fails as it woul
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import types
 
 import numpy as np
@@ -44,7 +46,25 @@ def module(devices: int = 1) -> types.ModuleType:
         Device=_Device, get_current_stream=lambda: stream, Stream=_Stream,
         runtime=types.SimpleNamespace(getDeviceCount=lambda: devices),
         alloc_pinned_memory=lambda nbytes: bytearray(nbytes))
+    _cupyx()
     return cupy
+
+
+def _cupyx() -> None:
+    """The cupyx functions ops call on a GPU (``cupyx.scipy.special.erf``: SciPy's ufunc, which
+    keeps DeviceArrays on the "device"; ``cupyx.scatter_add``: ``np.add.at``), registered once
+    where no real cupyx is installed."""
+    if "cupyx" in sys.modules or importlib.util.find_spec("cupyx") is not None:
+        return
+    import scipy.special
+    names = ("cupyx", "cupyx.scipy", "cupyx.scipy.special")
+    mods = {name: types.ModuleType(name) for name in names}
+    mods["cupyx"].scipy = mods["cupyx.scipy"]
+    mods["cupyx.scipy"].special = mods["cupyx.scipy.special"]
+    mods["cupyx.scipy.special"].erf = scipy.special.erf
+    mods["cupyx"].scatter_add = lambda a, slices, value: np.add.at(
+        a.view(np.ndarray), _plain(slices), _plain(value))
+    sys.modules.update(mods)
 
 
 class _Stream:

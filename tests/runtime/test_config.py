@@ -59,6 +59,23 @@ def test_unknown_key_lists_valid_keys():
     assert "train.epochs" in msg and "train.batch_size" in msg and "train.dtype" in msg
 
 
+def test_a_typo_suggests_the_key_and_a_file_value_names_the_file(tmp_path):
+    """A misspelt key says which was meant; a bad value from the file names the file (a
+    --set's names its key, as typed)."""
+    with pytest.raises(ConfigError, match=r"^unknown config key 'trian.epochs' \(did you mean "
+                                          r"'train.epochs'\?\); valid keys: model.kind"):
+        load_config(None, ["trian.epochs=3"])
+    path = _write(tmp_path, "[train]\nepochs = '3'\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: train.epochs = '3': expected int, got str"
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, "[model]\nhiden = [8]\n"))
+    assert "unknown config key 'model.hiden' (did you mean 'model.hidden'?)" in str(e.value)
+    with pytest.raises(ConfigError, match=r"^unknown config key 'foo.bar'; valid keys"):
+        load_config(None, ["foo.bar=1"])                         # nothing close: no guess
+
+
 def test_unknown_section_lists_all_keys(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, "[trian]\nepochs = 3\n"))

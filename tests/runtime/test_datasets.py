@@ -282,7 +282,8 @@ def test_npz_both_layouts(tmp_path):
 def test_folder_and_npz_that_cannot_train_a_classifier(tmp_path, capsys):
     """One class (trained to loss 0 and accuracy 1.0), an empty class subfolder (silently a
     class with no sample), data.num_classes other than the subfolders, NaN in an .npz's
-    samples (reported as divergence at step 1): each one line naming the folder or sample."""
+    samples (reported as divergence at step 1), an empty x_test (a reshape's traceback):
+    each one line naming the folder, file or sample."""
     from PIL import Image
 
     from shardgrad.cli import main
@@ -301,6 +302,8 @@ def test_folder_and_npz_that_cannot_train_a_classifier(tmp_path, capsys):
     x = np.random.default_rng(0).random((20, 5))
     x[13, 2] = np.nan
     np.savez(tmp_path / "nan.npz", x=x, y=np.arange(20) % 2)
+    np.savez(tmp_path / "notest.npz", x_train=x[:12], y_train=np.arange(12) % 2,
+             x_test=x[:0], y_test=np.zeros(0, np.int64))
     cases = [(["data.dataset='folder'", f"data.path='{one}'"],
               f"{one}: every label is 0 (one class); a classifier needs two or more classes"),
              (["data.dataset='folder'", f"data.path='{empty}'"],
@@ -308,7 +311,10 @@ def test_folder_and_npz_that_cannot_train_a_classifier(tmp_path, capsys):
              (["data.dataset='folder'", f"data.path='{two}'", "data.num_classes=3"],
               f"data.num_classes = 3 but {two} has 2 class subfolders (a, b)"),
              (["data.dataset='npz'", f"data.path='{tmp_path}/nan.npz'"],
-              f"{tmp_path}/nan.npz (x): sample 13 holds NaN or infinite values")]
+              f"{tmp_path}/nan.npz (x): sample 13 holds NaN or infinite values"),
+             (["data.dataset='npz'", f"data.path='{tmp_path}/notest.npz'"],
+              f"{tmp_path}/notest.npz: x_test has no samples; leave out x_test and y_test to "
+              f"split a test set off x_train")]
     for sets, said in cases:
         with pytest.raises(DataError) as e:
             load_data(load_config(None, sets))

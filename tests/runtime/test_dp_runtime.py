@@ -127,6 +127,11 @@ def test_fault_injector_is_off_by_default_and_rank_specific():
     fault(2)
     with pytest.raises(InjectedFault):
         fault(3)
+    hang = config(**{"debug.fail_at_step": 3, "debug.fail_mode": "hang"})
+    assert fault_injector(hang, 0, 2) is not None     # a peer's collective timeout ends it
+    with pytest.raises(cfg.ConfigError, match=r"^debug.fail_mode = 'hang' in a single "
+                                              r"process would hang for good"):
+        fault_injector(hang, 0, 1)                     # it did: nothing ends it
 
 
 @pytest.mark.parametrize("sets,match", [

@@ -6,9 +6,7 @@ communicator (staged through pinned host memory), and the run ends within 1e-10 
 of the CPU data-parallel run. The same run on a real GPU is bench/gpu_check.sh's business.
 """
 
-import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,14 +14,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from blobs import NEEDS_MPI  # noqa: E402
 from stand_in_runs import assert_same_params, cpu_then_stand_in, run_workers  # noqa: E402
 
-MPIRUN = shutil.which("mpirun")
-pytestmark = [
-    pytest.mark.mpi,
-    pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4py") is None,
-                       reason="needs mpi4py and mpirun (pip install -e .[mpi])"),
-]
+pytestmark = NEEDS_MPI
 
 # 1242 float64 parameters and the loss: 3 buckets of at most 512 elements (4096 bytes)
 SETS = ["train.epochs=1", "train.batch_size=64", "model.hidden=[16]", "device.threads=1",

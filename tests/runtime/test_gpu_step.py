@@ -382,6 +382,38 @@ def test_a_captured_step_replays_the_cpu_trajectory(host, capture, case):
     assert graph.launches == 6 - 2        # after 2 warm-up steps: checked once, then 3 replays
 
 
+def test_a_captured_step_replays_the_cublaslt_epilogues(host, capture, monkeypatch):
+    # a GPU library that won the measurement (fake_gpu_libs: cuBLASLt's GEMM + epilogue in
+    # NumPy) runs inside the captured step and its replays as in plain launches
+    import fake_gpu_libs
+
+    from shardgrad.ops import gpu_libs
+    fake = fake_gpu_libs.module()
+    gpu_libs.install("cublaslt", fake, "available (fake)")
+    monkeypatch.setattr(gpu_libs, "timer", _lib_faster(fake))
+    try:
+        out = run_both(host, mlp, OPTIMIZERS["nesterov"], batches((16, 20), n=6))
+        stats = out["cuda"][3].stats()
+    finally:
+        gpu_libs.reset()
+    assert out["cuda"][0] == pytest.approx(out["cpu"][0], rel=1e-5)
+    assert stats["graph"] == "captured", stats
+    choices = stats["libraries"]["cublaslt"]["choices"]
+    assert choices and {c["path"] for c in choices.values()} == {"cublaslt"}
+    assert capture["made"][0].launches == 6 - 2
+    # a layer: its measurement in step 1 (a check and REPS timed calls), then one GEMM in
+    # each of steps 2-6, the capture and the plain step its first replay is checked against
+    assert fake.executes == len(choices) * (1 + gpu_libs.REPS + 5 + 2)
+
+
+def _lib_faster(fake):
+    def timer(xp, fn):
+        before = fake.executes
+        fn()
+        return 1e-6 if fake.executes > before else 1e-4
+    return timer
+
+
 @pytest.mark.parametrize("how", ["fail", "corrupt"])
 def test_a_step_that_cannot_be_captured_runs_plain_launches(host, capture, how):
     capture[how] = True

@@ -127,6 +127,20 @@ def test_predict_refuses_inputs_it_cannot_score(runs, tmp_path, capsys):
         assert out.out == "" and out.err == f"shardgrad predict: error: {tmp_path}/{said}\n"
 
 
+def test_evaluate_on_data_the_model_cannot_take_names_the_data(runs, tmp_path, capsys):
+    """--set data.* giving 12x12 images: the data is named, not the run's weights (which
+    the message used to blame)."""
+    x = np.random.default_rng(0).random((30, 144))
+    np.savez(tmp_path / "big.npz", x=x, y=np.arange(30) % 10)
+    sets = ["--set", "data.dataset='npz'", "--set", f"data.path='{tmp_path}/big.npz'"]
+    assert main(["evaluate", runs["mlp"], *sets, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shardgrad evaluate: error: the data of --set data.dataset='npz' "
+                          f"data.path='{tmp_path}/big.npz' (samples of shape (144,), 10 "
+                          f"classes) does not fit {runs['mlp']}'s trained model: "), err
+    assert "expected (32, 144), got (32, 64)" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
 def test_predict_jpeg_and_png_files(runs, kind, tmp_path, capsys):
     """Image files for an image model and for an MLP trained on flattened images: each

@@ -136,3 +136,36 @@ def test_compiled_training_from_a_loader_equals_slicing():
         params.append(model.state_dict())
     for k in params[0]:
         np.testing.assert_array_equal(params[0][k], params[1][k])
+
+
+def test_samples_of_one_array_dicts_subsets_and_random_split():
+    # a data set whose samples are single arrays was batched field by field: a batch of
+    # (3,) samples came back as a tuple of 3 columns instead of one (B, 3) array
+    from shardgrad.utils.data import DataLoader, Dataset, Subset, random_split
+
+    class Rows(Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return np.full(3, i, np.float32)
+
+    class Records(Rows):
+        def __getitem__(self, i):
+            return {"x": np.full(2, i), "y": i, "pair": (i, -i)}
+
+    batches = list(DataLoader(Rows(), batch_size=2))
+    assert [b.shape for b in batches] == [(2, 3), (2, 3), (1, 3)]
+    assert batches[2][0, 0] == 4
+    first = next(iter(DataLoader(Records(), batch_size=3)))
+    assert first["x"].shape == (3, 2) and first["y"].tolist() == [0, 1, 2]
+    assert [p.tolist() for p in first["pair"]] == [[0, 1, 2], [0, -1, -2]]
+    sizes = [len(b) for b in DataLoader(Rows(), batch_size=2, collate_fn=list)]
+    assert sizes == [2, 2, 1]
+    a, b = random_split(Rows(), [3, 2], seed=0)
+    assert sorted([int(a[i][0]) for i in range(3)] + [int(b[i][0]) for i in range(2)]) == [
+        0, 1, 2, 3, 4]
+    again = random_split(Rows(), [0.6, 0.4], seed=0)
+    assert again[0].indices == a.indices and len(Subset(Rows(), [4, 0])) == 2
+    with pytest.raises(ValueError, match="Sum of input lengths"):
+        random_split(Rows(), [3, 3])

@@ -98,6 +98,16 @@ def test_report_writes_png_and_markdown(run, capsys):
     assert md.count("\n| 1 |") == 1 and md.count("\n| 2 |") == 1   # one row per epoch
 
 
+def test_report_with_a_damaged_summary_is_one_line(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": 1.0}\n')
+    for text, why in [("{bad", "Expecting property name"), ("[1, 2]", "a JSON object")]:
+        (tmp_path / "summary.json").write_text(text)
+        assert cli.main(["report", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"shardgrad report: error: {tmp_path}/summary.json: not a "
+                              f"shardgrad summary (") and why in err and err.count("\n") == 1
+
+
 def test_report_of_a_directory_without_a_run_is_one_line(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -6,22 +6,16 @@ allreduce through the GPU communicator (gradient clipping's too), end within 1e-
 The same run on a real GPU is bench/gpu_check.sh's business. Each run bounded by a timeout.
 """
 
-import importlib.util
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from blobs import NEEDS_MPI  # noqa: E402
 from stand_in_runs import assert_same_params, cpu_then_stand_in, run_workers  # noqa: E402
 
-MPIRUN = shutil.which("mpirun")
-pytestmark = [
-    pytest.mark.mpi,
-    pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4py") is None,
-                       reason="needs mpi4py and mpirun (pip install -e .[mpi])"),
-]
+pytestmark = NEEDS_MPI
 
 SETS = ["train.epochs=1", "train.batch_size=64", "model.hidden=[16]", "device.threads=1",
         'train.dtype="float64"', "parallel.microbatches=2", "train.log_every=1000"]

@@ -4,9 +4,7 @@ and a dp = 2 x pp = 2 mesh, with GPipe and 1F1B, with and without gradient clipp
 global norm allreduced over the stages). One mpirun per world size (start-up costs
 seconds), each bounded by a timeout."""
 
-import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pipeline_cases as cases  # noqa: E402
+from blobs import MPIRUN, NEEDS_MPI  # noqa: E402
 
-MPIRUN = shutil.which("mpirun")
-pytestmark = [
-    pytest.mark.mpi,
-    pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4py") is None,
-                       reason="needs mpi4py and mpirun (pip install -e .[mpi])"),
-]
+pytestmark = NEEDS_MPI
 
 RUNS = {
     2: ["mlp:1:2:4:gpipe", "mlp:1:2:4:1f1b", "cnn:1:2:4:gpipe", "cnn:1:2:2:1f1b",
@@ -36,8 +30,8 @@ RUNS = {
 def test_pipeline_under_mpirun_equals_the_local_run(ranks, tmp_path):
     data = tmp_path / "digits.npz"
     cases.save_digits(data)
-    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), sys.executable,
-           cases.__file__, "--data", str(data), *RUNS[ranks]]
+    cmd = [*MPIRUN, "-n", str(ranks), sys.executable, cases.__file__, "--data", str(data),
+           *RUNS[ranks]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=140)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -3,9 +3,7 @@ run checkpointed at dp = 2 (or pp = 2) continues at dp = 1, dp = 4 or pp = 2, an
 deterministic float64 mode ends with the parameters of an uninterrupted run at the new size
 (the same params_sha256). Each run bounded by a timeout."""
 
-import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +11,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blobs import SMALL, toml  # noqa: E402
+from blobs import MPIRUN, NEEDS_MPI, SMALL, toml  # noqa: E402
 
-MPIRUN = shutil.which("mpirun")
-pytestmark = [
-    pytest.mark.mpi,
-    pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4py") is None,
-                       reason="needs mpi4py and mpirun (pip install -e .[mpi])"),
-]
+pytestmark = NEEDS_MPI
 
 CONFIG = toml({**SMALL, "model.hidden": [32], "train.epochs": 2, "train.lr": 0.1,
                "parallel.deterministic": True, "parallel.chunks": 4,
@@ -33,7 +26,7 @@ def _train(config, out, n, *sets, resume=None):
     if resume is not None:
         cmd += ["--resume", str(resume)]
     if n > 1:
-        cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-n", str(n), *cmd]
+        cmd = [*MPIRUN, "-n", str(n), *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((out / "summary.json").read_text())

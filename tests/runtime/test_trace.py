@@ -107,6 +107,16 @@ def test_trace_of_a_run_without_traces_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "debug.trace=true" in err
 
 
+def test_trace_cut_short_is_one_line_naming_the_file(tmp_path, capsys):
+    """A rank killed while writing its timeline leaves it cut short: named, not a traceback."""
+    (tmp_path / "trace").mkdir()
+    (tmp_path / "trace" / "rank0.json").write_text('{"traceEvents": [{"name": "st')
+    assert cli.main(["trace", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shardgrad trace: error: {tmp_path}/trace/rank0.json: not a "
+                          f"readable trace (JSONDecodeError: ") and err.count("\n") == 1, err
+
+
 def test_gpu_steps_are_timed_with_cuda_events(tmp_path, monkeypatch):
     """On the CuPy stand-in: a CUDA event pair per step, read when the trace is written."""
     cupy = host_cupy.module()
