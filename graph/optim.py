@@ -195,7 +195,7 @@ class Optimizer:
         if key == "lr":
             _check("learning rate (lr)", value, value >= 0)
 
-    def _group_rule(self, i: int, p, g, state, lr, t):
+    def group_rule(self, i: int, p, g, state, lr, t):
         """``rule`` for parameter ``i`` with its group's hyper-parameters: group 0 as the
         attributes are; another group's values set on this object for the call, and lr
         scaled by its lr over group 0's (lr may be the traced step's input)."""
@@ -265,7 +265,7 @@ class Optimizer:
                 return
             index = {id(p): i for i, p in enumerate(self.params)}
             for p, st in live:
-                new_p, new_state = self._group_rule(index[id(p)], p.detach(), grads[id(p)], st,
+                new_p, new_state = self.group_rule(index[id(p)], p.detach(), grads[id(p)], st,
                                                     self.lr, self.t)
                 p.data = new_p.data
                 for k, v in new_state.items():

@@ -147,7 +147,7 @@ def trace_step(model: Module, loss_fn: Callable, optimizer: Optimizer | None,
                 if id(p) not in grad_of:
                     continue                       # frozen or unused: no update
                 pname = name_of[id(p)]
-                new_p, new_st = optimizer._group_rule(i, Tensor(leaves[id(p)]), grad_of[id(p)],
+                new_p, new_st = optimizer.group_rule(i, Tensor(leaves[id(p)]), grad_of[id(p)],
                                                       st, lr, t)
                 outputs[f"param/{pname}"] = new_p.node
                 outputs.update({f"state/optim/{pname}/{k}": v.node for k, v in new_st.items()})

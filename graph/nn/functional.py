@@ -13,7 +13,7 @@ import numpy as np
 
 from shardgrad import ops
 from shardgrad.graph.ir import ShapeError
-from shardgrad.graph.tensor import Tensor, _rng, apply, rng_salt, tensor
+from shardgrad.graph.tensor import Tensor, apply, default_generator, rng_salt, tensor
 from shardgrad.ops import elementwise as E
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -374,7 +374,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, seed: int | None =
     if not training or p == 0.0:
         return x
     if seed is None:
-        seed = int(_rng[0].integers(2 ** 31))
+        seed = int(default_generator().integers(2 ** 31))
     if salt is None:
         salt = rng_salt()
     return apply(ops.nn.dropout, x, p=p, seed=seed, salt=salt)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from shardgrad.graph.tensor import Tensor, _rng, no_grad, tensor
+from shardgrad.graph.tensor import Tensor, default_generator, no_grad, tensor
 
 _GAINS = {"linear": 1.0, "conv1d": 1.0, "conv2d": 1.0, "conv3d": 1.0, "sigmoid": 1.0,
           "tanh": 5.0 / 3, "relu": math.sqrt(2.0), "selu": 3.0 / 4}
@@ -38,20 +38,20 @@ def _fill(t: Tensor, values: np.ndarray) -> Tensor:
 
 
 def uniform_(t: Tensor, a: float = 0.0, b: float = 1.0) -> Tensor:
-    return _fill(t, _rng[0].uniform(a, b, t.shape))
+    return _fill(t, default_generator().uniform(a, b, t.shape))
 
 
 def normal_(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
-    return _fill(t, _rng[0].normal(mean, std, t.shape))
+    return _fill(t, default_generator().normal(mean, std, t.shape))
 
 
 def trunc_normal_(t: Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0,
                   b: float = 2.0) -> Tensor:
     """N(mean, std^2) restricted to [a, b] (redrawn until inside)."""
-    out = _rng[0].normal(mean, std, t.shape)
+    out = default_generator().normal(mean, std, t.shape)
     bad = (out < a) | (out > b)
     while bad.any():
-        out[bad] = _rng[0].normal(mean, std, int(bad.sum()))
+        out[bad] = default_generator().normal(mean, std, int(bad.sum()))
         bad = (out < a) | (out > b)
     return _fill(t, out)
 

@@ -88,3 +88,30 @@ def test_python_control_flow_on_a_traced_value_is_one_clear_error():
     step = sg.compile_step(m, sg.nn.functional.cross_entropy, sg.optim.SGD(m.parameters(), 0.1))
     with pytest.raises(sg.ShapeError, match="Python control flow cannot depend on it"):
         step(X.astype(np.float32), Y)
+
+
+def test_item_assignment_and_augmented_assignment_in_a_traced_forward():
+    class Writes(sg.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = sg.nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h[:, 0] = 0.0
+            h[..., 2] *= 3.0             # h[..., 2] read, scaled, written back
+            h += 1.0
+            return h
+
+    results = []
+    for compiled in (True, False):
+        sg.manual_seed(0)
+        m = Writes().double()
+        opt = sg.optim.SGD(m.parameters(), lr=0.1)
+        step = sg.compile_step(m, sg.nn.functional.cross_entropy, opt)
+        for _ in range(2):
+            loss = step(X, Y) if compiled else eager_step(m, opt, sg.nn.functional.cross_entropy,
+                                                          X, Y)
+        results.append((loss, m.lin.weight.numpy().copy()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-12)
