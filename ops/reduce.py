@@ -70,7 +70,7 @@ def _reduce_out(name: str, ufunc: str, ordered: bool = False):
         axis = n.attrs["axis"]
         fn = partial(fn, axis=tuple(axis) if axis is not None else None,
                      keepdims=n.attrs["keepdims"])
-        if ordered:
+        if ordered and xp is np:
             return (lambda x, out=None: fn(xp.ascontiguousarray(x), out=out)), ()
         return fn, ()
     return make
@@ -79,8 +79,12 @@ def _reduce_out(name: str, ufunc: str, ordered: bool = False):
 def _sum_fwd(xp, x, axis, keepdims):
     # a float sum's rounding follows the order NumPy walks memory in, so the same values laid
     # out transposed (a ufunc keeps its input's F order) summed to other bits: reduce in C
-    # order, as the compiled executor's buffers are (no copy when x already is)
-    return xp.sum(xp.ascontiguousarray(x), axis=axis, keepdims=keepdims)
+    # order, as the compiled executor's buffers are (no copy when x already is). NumPy only:
+    # CuPy's reductions are not bitwise-compared with the interpreter's, and a GPU step's
+    # launch budget has no room for the check
+    if xp is np:
+        x = np.ascontiguousarray(x)
+    return xp.sum(x, axis=axis, keepdims=keepdims)
 
 
 def _sum_vjp(g, x, out, axis, keepdims):
