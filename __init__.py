@@ -31,6 +31,7 @@ from shardgrad.graph.tensor import (
     randint,
     randn,
     set_default_dtype,
+    set_grad_enabled,
     stack,
     tensor,
     zeros,
@@ -148,23 +149,6 @@ def equal(x, y) -> bool:
     """Same shape and elements (torch.equal)."""
     return _np.asarray(x).shape == _np.asarray(y).shape and _builtins.bool(
         _np.array_equal(_np.asarray(x), _np.asarray(y)))
-
-
-class set_grad_enabled:  # noqa: N801 - torch's name
-    """Gradient recording on or off inside (``with sg.set_grad_enabled(train):``), or from now
-    on when called on its own, as torch.set_grad_enabled."""
-
-    def __init__(self, mode: bool):
-        from shardgrad.graph import tensor as _t
-
-        self._flag, self._saved = _t._grad_enabled, _t._grad_enabled[0]
-        self._flag[0] = _builtins.bool(mode)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._flag[0] = self._saved
 
 
 def enable_grad():

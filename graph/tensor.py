@@ -80,6 +80,21 @@ def is_grad_enabled() -> bool:
     return _grad_enabled[0]
 
 
+class set_grad_enabled:  # noqa: N801 - torch's name
+    """Gradient recording on or off inside (``with sg.set_grad_enabled(train):``), or from now
+    on when called on its own, as torch.set_grad_enabled."""
+
+    def __init__(self, mode: bool):
+        self._saved = _grad_enabled[0]
+        _grad_enabled[0] = bool(mode)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _grad_enabled[0] = self._saved
+
+
 def rng_salt() -> Tensor | None:
     """While a training step is traced, the int64 step-counter input that random ops (dropout)
     mix into their seed so each step draws anew; None when running eagerly."""
@@ -235,7 +250,10 @@ def _to_device_once(xp, a, device_id: int):
     return hit
 
 
-def _eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
+def eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
+    """A node holding the eager value ``value`` (an array on its device): an input leaf when
+    ``requires_grad`` (so backward reaches it), else a constant. What a Tensor made from a
+    value wraps."""
     dtype = dtype_name(value.dtype)
     node = leaf("input", value.shape, dtype, name=None) if requires_grad else Node(
         "const", (), {"value": value}, value.shape, dtype)
@@ -456,7 +474,7 @@ class Tensor:
     def _set_leaf(self, value) -> None:
         if _LEAVES.get(self.node.id) is self:      # the old value's node leaves the table
             del _LEAVES[self.node.id]
-        self.node = _eager_leaf(value, self.requires_grad)
+        self.node = eager_leaf(value, self.requires_grad)
         if self.requires_grad:
             _LEAVES[self.node.id] = self
 
@@ -538,7 +556,7 @@ class Tensor:
         return self.data.item()
 
     def detach(self) -> Tensor:
-        return Tensor(_eager_leaf(self.data, False))
+        return Tensor(eager_leaf(self.data, False))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -646,7 +664,7 @@ class Tensor:
         for t, g in zip(holders, gs, strict=True):
             # a gradient made of constants alone (x.sum()'s) is computed on the host
             value = to_device(g.eager_value, t.device)
-            t.grad = Tensor(_eager_leaf(value if t.grad is None else t.grad.data + value, False))
+            t.grad = Tensor(eager_leaf(value if t.grad is None else t.grad.data + value, False))
 
     # -- operators --------------------------------------------------------------------------
     def __add__(self, y): return apply(E.add, self, y)
@@ -1286,7 +1304,7 @@ def tensor(data, requires_grad: bool = False, dtype=None, device=None) -> Tensor
         raise ShapeError(f"only floating-point tensors can require gradients, got {arr.dtype}")
     if device is not None:
         arr = to_device(arr, device)
-    t = Tensor(_eager_leaf(arr, False), requires_grad=requires_grad)
+    t = Tensor(eager_leaf(arr, False), requires_grad=requires_grad)
     t._set_leaf(arr)
     return t
 

@@ -23,7 +23,7 @@ from shardgrad.graph import passes
 from shardgrad.graph.device import to_device
 from shardgrad.graph.ir import Graph
 from shardgrad.graph.optim import SGD, Adam, AdamW, Optimizer
-from shardgrad.graph.tensor import Tensor, _eager_leaf
+from shardgrad.graph.tensor import Tensor, eager_leaf
 from shardgrad.ops import collective, gpu_libs
 from shardgrad.ops import gpu as gpu_ops
 from shardgrad.ops.registry import is_effectful
@@ -42,7 +42,7 @@ class StepLoss(Tensor):
     __slots__ = ("_checks",)
 
     def __init__(self, value, checks: gpu_ops.DeferredChecks | None):
-        super().__init__(_eager_leaf(value, False))
+        super().__init__(eager_leaf(value, False))
         self._checks = checks
 
     @property

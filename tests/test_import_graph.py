@@ -102,11 +102,8 @@ def test_the_checker_sees_function_level_imports_and_cycles():
         "shardgrad.cli")
 
 
-# Private names another module may still import, each with its reason (docs/internals.md).
-PRIVATE_IMPORTS = {
-    # renamed once this session's changes to graph/tensor.py's lines have landed
-    ("shardgrad.runtime.gpu_step", "shardgrad.graph.tensor._eager_leaf"),
-}
+# Private names another module may still import, as (importer, name), each with its reason.
+PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 def test_no_module_imports_another_modules_private_names():

@@ -4,35 +4,18 @@ examples/*.toml found broken: exact GELU off the fused kernels (eager, and under
 the casts keep it alone), the text transformer's position ids and embedding gradient.
 
 Each case runs on host_cupy's stand-in (the CUDA kernels on the host) and, where CuPy sees a
-GPU, on it; every result is compared with the same code on the CPU.
+GPU, on it (the ``cuda`` fixture, tests/runtime/conftest.py); every result is compared with
+the same code on the CPU.
 """
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import host_cupy  # noqa: E402
-
-import shardgrad as sg  # noqa: E402
-from shardgrad.runtime import device as D  # noqa: E402
-from shardgrad.runtime.models import TextTransformer  # noqa: E402
+import shardgrad as sg
+from shardgrad.runtime.models import TextTransformer
 
 F = sg.nn.functional
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(params=["host", pytest.param("gpu", marks=pytest.mark.gpu)])
-def cuda(request, monkeypatch):
-    """The array module standing for CuPy: host_cupy's stand-in, or CuPy on a real GPU."""
-    if request.param == "gpu":
-        if not D.cuda_available():
-            pytest.skip("needs CuPy and a CUDA device")
-        import cupy
-        return cupy
-    return host_cupy.install(host_cupy.device_module(), monkeypatch)
 
 
 def gelu_mlp():
