@@ -63,14 +63,24 @@ def _keep(g: Node, x: Node, axis, keepdims) -> Node:
     return apply("reshape", g, shape=tuple(1 if i in axes else s for i, s in enumerate(x.shape)))
 
 
-def _reduce_out(name: str, ufunc: str):
+def _reduce_out(name: str, ufunc: str, ordered: bool = False):
     # NumPy's sum/max are Python wrappers around ufunc.reduce: call that directly (same loop)
     def make(xp, n):
         fn = getattr(xp, ufunc).reduce if xp is np else getattr(xp, name)
         axis = n.attrs["axis"]
-        return partial(fn, axis=tuple(axis) if axis is not None else None,
-                       keepdims=n.attrs["keepdims"]), ()
+        fn = partial(fn, axis=tuple(axis) if axis is not None else None,
+                     keepdims=n.attrs["keepdims"])
+        if ordered:
+            return (lambda x, out=None: fn(xp.ascontiguousarray(x), out=out)), ()
+        return fn, ()
     return make
+
+
+def _sum_fwd(xp, x, axis, keepdims):
+    # a float sum's rounding follows the order NumPy walks memory in, so the same values laid
+    # out transposed (a ufunc keeps its input's F order) summed to other bits: reduce in C
+    # order, as the compiled executor's buffers are (no copy when x already is)
+    return xp.sum(xp.ascontiguousarray(x), axis=axis, keepdims=keepdims)
 
 
 def _sum_vjp(g, x, out, axis, keepdims):
@@ -84,10 +94,10 @@ def _sum_infer(x, axis, keepdims, **_):
 
 
 register(OpDef("sum", infer=_sum_infer,
-               forward=lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
-               vjp=_sum_vjp, jvp=lambda ts, x, out, axis, keepdims: None if ts[0] is None else
+               forward=_sum_fwd, vjp=_sum_vjp,
+               jvp=lambda ts, x, out, axis, keepdims: None if ts[0] is None else
                sum(ts[0], axis, keepdims), cost=_reduce_cost,
-               out=OutKernel(_reduce_out("sum", "add"), False,
+               out=OutKernel(_reduce_out("sum", "add", ordered=True), False,
                              lambda n: n.dtype in FLOAT_DTYPES[1:])))
 
 

@@ -289,3 +289,21 @@ def test_cudnn_on_a_gpu_gives_the_own_kernels_values(window):
         # TF32 would show here: the step's own check (1e-4) would then keep the own kernels
         np.testing.assert_allclose(got.get(), want.get(), rtol=1e-3, atol=1e-3, err_msg=kind)
     gpu_libs.reset()
+
+
+def test_under_autocast_the_libraries_step_aside(stand_in, monkeypatch):
+    # bf16 layers are cast around their GEMMs: neither rewrite matches, the own kernels run
+    library(monkeypatch)
+    gpu_libs.install("cudnn", fake_gpu_libs.cudnn_module(), "available (fake)")
+    losses = {}
+    for device in ("cpu", "cuda"):
+        m = cnn().to(device)
+        step = sg.compile_step(m, F.cross_entropy, sg.optim.SGD(m.parameters(), lr=0.05),
+                               precision="bf16")
+        rng = np.random.default_rng(3)
+        x = sg.tensor(rng.standard_normal((5, 2, 8, 8)).astype(np.float32), device=device)
+        y = sg.tensor(rng.integers(0, 3, 5), device=device)
+        losses[device] = [float(step(x, y)) for _ in range(2)]
+    ops = {n.op for n in step._program.graph.nodes}
+    assert not ops & {"matmul_bias_act", "conv_fprop", "conv_dgrad", "conv_wgrad"}
+    np.testing.assert_allclose(losses["cuda"], losses["cpu"], rtol=1e-4)
