@@ -237,13 +237,6 @@ class Optimizer:
         p = self.params[i]
         return {k: zeros(p.shape, dtype=p.dtype, device=p.device) for k in self.state_keys}
 
-    def group_value(self, i: int, key: str):
-        """Parameter ``i``'s group's value of ``key`` (a hyper-parameter or lr)."""
-        gi = self._group_of[i]
-        if gi == 0:
-            return getattr(self, key)
-        return self._groups[gi]["values"][key]
-
     def _check_group_value(self, key: str, value) -> None:
         """A value a group other than 0 may take (a subclass refuses what its state or
         rule cannot follow per group)."""
@@ -519,7 +512,8 @@ class RMSprop(Optimizer):
 
 
 class Adagrad(Optimizer):
-    """s <- s + g^2 (s starts at initial_accumulator_value; g with L2 weight decay added);
+    """s <- s + g^2 (s starts at initial_accumulator_value, the constructor's for every group
+    as torch's; g with L2 weight decay added);
     p <- p - lr / (1 + (t-1) lr_decay) * g / (sqrt(s) + eps), as torch.optim.Adagrad."""
 
     state_keys = ("sum",)
@@ -537,7 +531,8 @@ class Adagrad(Optimizer):
 
     def _new_state(self, i: int) -> dict[str, Tensor]:
         state = super()._new_state(i)
-        init = self.group_value(i, "initial_accumulator_value")
+        # torch's value: the constructor's for every group (a group's own is kept, unread)
+        init = self._init_defaults["initial_accumulator_value"]
         if init:
             state["sum"].data = state["sum"].data + init
         return state

@@ -224,3 +224,27 @@ def test_state_dict_round_trip_keeps_an_added_group_s_step_count():
     bad = o_first.state_dict() | {"group1.first_step": np.zeros(2, np.int64)}
     with pytest.raises(ValueError, match=r"group1\.first_step: expected \(\), got \(2,\)"):
         o_second.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("name, kw, other", [
+    # a group's initial_accumulator_value is unread: torch starts every sum at the
+    # constructor's value
+    ("Adagrad", dict(initial_accumulator_value=0.2), dict(initial_accumulator_value=0.0,
+                                                          lr_decay=0.5)),
+    ("RMSprop", dict(momentum=0.9, centered=True), dict(alpha=0.5, momentum=0.2, eps=1e-3))])
+def test_a_group_s_own_rule_constants_match_torch(name, kw, other):
+    tm, (m1, m2) = models()
+
+    def two(m):
+        return [{"params": [m[0].weight, m[2].weight]},
+                {"params": [m[0].bias, m[2].bias], **other}]
+
+    topt = getattr(torch.optim, name)(two(tm), **kw)
+    o1, o2 = (getattr(sg.optim, name)(two(m), **kw) for m in (m1, m2))
+    step = sg.compile_step(m1, F.cross_entropy, o1)
+    for i in range(5):
+        torch_step(tm, topt, i)
+        step(*batch(i))
+        eager_step(m2, o2, i)
+    assert_same(tm, m1)
+    assert_same(tm, m2)
