@@ -1,10 +1,8 @@
-"""Optimizers (``sg.optim``): SGD (momentum, nesterov, weight decay), Adam, AdamW.
+"""Optimizers (``sg.optim``): SGD, Adam, AdamW, RMSprop, Adagrad, with torch's param groups.
 
 Each update rule is written once on Tensors, so it runs eagerly in ``step()`` and traces into
-the training-step Graph (where lr and the step count are graph inputs). State is a dict of
-tensors per parameter, and ``param_groups`` shows the one group of parameters and
-hyper-parameters, as in PyTorch. Imports graph.tensor and graph.device.
-"""
+the training-step Graph (lr and the step count are its inputs). State is a dict of tensors
+per parameter. Imports graph.tensor and graph.device."""
 
 from __future__ import annotations
 
@@ -106,9 +104,10 @@ class Optimizer:
 
     ``rule(p, g, state, lr, t) -> (new_p, new_state)`` is the update for one parameter;
     ``p``, ``g`` and the state are Tensors (eager or traced), ``lr`` and ``t`` (the 1-based
-    step count) numbers or scalar Tensors. There is one parameter group: ``param_groups``
-    shows it as torch does; its hyper-parameters are this object's attributes (``defaults``
-    names them), which ``hyperparameters()`` lists for a compiled step to retrace on change.
+    step count) numbers or scalar Tensors. ``param_groups`` shows the groups as torch does;
+    group 0's hyper-parameters are this object's attributes (``defaults`` names them), which
+    ``hyperparameters()`` lists (with the other groups') for a compiled step to retrace on
+    change.
     """
 
     state_keys: tuple[str, ...] = ()
@@ -125,6 +124,9 @@ class Optimizer:
         # from the defaults (given here); group 0's values become this object's attributes
         groups = params if params and all(isinstance(g, dict) for g in params) else [
             {"params": params}]
+        # the constructor's values, which add_param_group fills a new group's gaps from (as
+        # torch's ``defaults``: group 0's own values and later writes to them do not count)
+        self._init_defaults = {"lr": lr, **defaults}
         self._group_of: list[int] = []
         self._groups: list[dict] = []
         flat = []
@@ -177,17 +179,63 @@ class Optimizer:
             setattr(self, k, v)
         self.group_extras: dict = {}
         self.t = 0
-        self.state: list[dict[str, Tensor]] = [
-            {k: zeros(p.shape, dtype=p.dtype, device=p.device) for k in self.state_keys}
-            for p in self.params]
+        self.state: list[dict[str, Tensor]] = [self._new_state(i)
+                                               for i in range(len(self.params))]
 
     @property
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup(self, i) for i in range(len(self._groups))]
 
     def add_param_group(self, group: dict) -> None:
-        raise NotImplementedError("add_param_group: give every group when making the "
-                                  "optimizer (its state and a compiled step are fixed then)")
+        """Add a group of parameters, as torch's (e.g. layers unfrozen while fine-tuning): the
+        hyper-parameters it does not give are the constructor's; its parameters get fresh
+        state. A parameter the optimizer already holds is a ValueError. A step compiled
+        before must be made again (``compile_step``): its state feeds are fixed."""
+        name = type(self).__name__
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"{name}.add_param_group: a param group must be a dict with "
+                            f"'params', got {type(group).__name__}")
+        unknown = sorted(set(group) - {"params", *self._init_defaults})
+        if unknown:
+            raise ValueError(f"{name}.add_param_group: unknown keys {unknown} "
+                             f"(known: {', '.join(self._init_defaults)})")
+        members = group["params"]
+        if isinstance(members, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "but the ordering of tensors in sets will change between runs. "
+                            "Please use a list instead.")
+        members = [members] if isinstance(members, Tensor) else list(members)
+        held = {id(p) for p in self.params}
+        new: list[Tensor] = []
+        for i, p in enumerate(members):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but the group's "
+                                f"params[{i}] is {type(p).__module__}.{type(p).__qualname__}")
+            if p.requires_grad and not p.is_symbolic and p.node.op != "input":
+                raise ValueError(f"can't optimize a non-leaf Tensor (the group's params[{i}], "
+                                 f"computed by {p.node.op})")
+            if id(p) in held:
+                raise ValueError("some parameters appear in more than one parameter group")
+            if id(p) not in {id(q) for q in new}:
+                new.append(p)
+        if not new:
+            raise ValueError(f"{name}.add_param_group got an empty parameter list")
+        values = {k: group.get(k, v) for k, v in self._init_defaults.items()}
+        for k, v in values.items():
+            self._check_group_value(k, v)
+        gi = len(self._groups)
+        # its parameters' step count starts here, as torch's per-parameter "step" (Adam's
+        # bias correction, Adagrad's lr_decay): the rule sees t minus the steps taken before
+        self._groups.append({"values": values, "extras": {}, "first_step": self.t})
+        for p in new:
+            self.params.append(p)
+            self._group_of.append(gi)
+            self.state.append(self._new_state(len(self.params) - 1))
+
+    def _new_state(self, i: int) -> dict[str, Tensor]:
+        """Fresh state for parameter ``i``: zeros of its shape per ``state_keys``."""
+        p = self.params[i]
+        return {k: zeros(p.shape, dtype=p.dtype, device=p.device) for k in self.state_keys}
 
     def _check_group_value(self, key: str, value) -> None:
         """A value a group other than 0 may take (a subclass refuses what its state or
@@ -203,6 +251,7 @@ class Optimizer:
         if gi == 0:
             return self.rule(p, g, state, lr, t)
         values = self._groups[gi]["values"]
+        t = t - self._groups[gi].get("first_step", 0)
         saved = {k: getattr(self, k) for k in self.defaults}
         try:
             for k in self.defaults:
@@ -233,8 +282,8 @@ class Optimizer:
         """The values the update rule reads as constants (lr and t are graph inputs; another
         group's lr is its ratio to group 0's, which a schedule scaling every group keeps)."""
         others = tuple((i, tuple(sorted(
-            (k, v / self.lr if k == "lr" and self.lr else v) for k, v in g["values"].items())))
-            for i, g in enumerate(self._groups) if i)
+            (k, v / self.lr if k == "lr" and self.lr else v) for k, v in g["values"].items())),
+            g.get("first_step")) for i, g in enumerate(self._groups) if i)
         return tuple((k, getattr(self, k)) for k in self.defaults) + (
             ("max_grad_norm", self.max_grad_norm),) + others
 
@@ -272,10 +321,13 @@ class Optimizer:
                     st[k].assign_(v)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Flat arrays by ``<param index>.<key>``, plus ``step`` (safetensors-ready)."""
+        """Flat arrays by ``<param index>.<key>``, plus ``step`` and, for a group added by
+        ``add_param_group``, ``group<i>.first_step`` (safetensors-ready)."""
         out = {f"{i}.{k}": v.numpy().copy() for i, st in enumerate(self.state)
                for k, v in st.items()}
         out["step"] = np.asarray(self.t, dtype=np.int64)
+        out.update({f"group{gi}.first_step": np.asarray(g["first_step"], dtype=np.int64)
+                    for gi, g in enumerate(self._groups) if "first_step" in g})
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -288,8 +340,8 @@ class Optimizer:
         shaped = [f"{i}.{k}: expected {v.shape}, got {tuple(np.shape(state[f'{i}.{k}']))}"
                   for i, st in enumerate(self.state) for k, v in st.items()
                   if tuple(np.shape(state[f"{i}.{k}"])) != v.shape]
-        if np.shape(state["step"]) != ():
-            shaped.append(f"step: expected (), got {tuple(np.shape(state['step']))}")
+        shaped += [f"{k}: expected (), got {tuple(np.shape(state[k]))}" for k in sorted(want)
+                   if (k == "step" or k.startswith("group")) and np.shape(state[k]) != ()]
         if shaped:
             raise ValueError(f"{type(self).__name__}.load_state_dict: mis-shaped entries "
                              f"[{'; '.join(shaped)}]")
@@ -297,6 +349,9 @@ class Optimizer:
             for k in st:
                 st[k].data = copy_of(value_of(state[f"{i}.{k}"]))   # its own, as Module's
         self.t = int(state["step"])
+        for gi, g in enumerate(self._groups):
+            if "first_step" in g:
+                g["first_step"] = int(state[f"group{gi}.first_step"])
 
 
 class SGD(Optimizer):
@@ -403,6 +458,93 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
 
 
+
+class RMSprop(Optimizer):
+    """v <- alpha v + (1-alpha) g^2 (g with L2 weight decay added); centered: a <- alpha a +
+    (1-alpha) g and v - a^2 in v's place; d = g / (sqrt(v) + eps); with momentum mu:
+    b <- mu b + d, d = b; p <- p - lr d, as torch.optim.RMSprop."""
+
+    def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False):
+        _check("epsilon value", eps, eps >= 0)
+        _check("momentum value", momentum, momentum >= 0)
+        _check("weight_decay value", weight_decay, weight_decay >= 0)
+        _check("alpha value", alpha, alpha >= 0)
+        self.state_keys = ("square_avg",) + (("momentum_buffer",) if momentum else ()) + (
+            ("grad_avg",) if centered else ())
+        super().__init__(params, lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                         momentum=momentum, centered=centered)
+
+    def _kind_error(self, key: str, value) -> str | None:
+        """Why ``key`` = ``value`` cannot be a group's or a new value: momentum buffers and
+        centred averages exist for all parameters or none (as the state was made)."""
+        state = {"momentum": "momentum_buffer", "centered": "grad_avg"}.get(key)
+        if state is not None and bool(value) != (state in self.state_keys):
+            return (f"RMSprop: {key}={value} differs in kind from the optimizer's: its {state} "
+                    f"state exists for all parameters or none; give every group {key} alike "
+                    f"(or build a new optimizer)")
+        return None
+
+    def _check_group_value(self, key: str, value) -> None:
+        super()._check_group_value(key, value)
+        why = self._kind_error(key, value)
+        if why:
+            raise ValueError(why)
+
+    def set_hyperparameter(self, key: str, value) -> None:
+        why = self._kind_error(key, value)
+        if why:
+            raise ValueError(why)
+        super().set_hyperparameter(key, value)
+
+    def rule(self, p, g, state, lr, t):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        v = self.alpha * state["square_avg"] + (1.0 - self.alpha) * (g * g)
+        new = {"square_avg": v}
+        if self.centered:
+            a = new["grad_avg"] = self.alpha * state["grad_avg"] + (1.0 - self.alpha) * g
+            v = v - a * a
+        d = g / (v.sqrt() + self.eps)
+        if self.momentum:
+            d = new["momentum_buffer"] = self.momentum * state["momentum_buffer"] + d
+        return p - lr * d, new
+
+
+class Adagrad(Optimizer):
+    """s <- s + g^2 (s starts at initial_accumulator_value, the constructor's for every group
+    as torch's; g with L2 weight decay added);
+    p <- p - lr / (1 + (t-1) lr_decay) * g / (sqrt(s) + eps), as torch.optim.Adagrad."""
+
+    state_keys = ("sum",)
+
+    def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 eps: float = 1e-10):
+        _check("lr_decay value", lr_decay, lr_decay >= 0)
+        _check("weight_decay value", weight_decay, weight_decay >= 0)
+        _check("initial_accumulator_value value", initial_accumulator_value,
+               initial_accumulator_value >= 0)
+        _check("epsilon value", eps, eps >= 0)
+        super().__init__(params, lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value, eps=eps)
+
+    def _new_state(self, i: int) -> dict[str, Tensor]:
+        state = super()._new_state(i)
+        # torch's value: the constructor's for every group (a group's own is kept, unread)
+        init = self._init_defaults["initial_accumulator_value"]
+        if init:
+            state["sum"].data = state["sum"].data + init
+        return state
+
+    def rule(self, p, g, state, lr, t):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        s = state["sum"] + g * g
+        if self.lr_decay:
+            lr = lr / (1.0 + (t - 1.0) * self.lr_decay)
+        return p - lr * (g / (s.sqrt() + self.eps)), {"sum": s}
+
 def _fused_kind(opt: Optimizer) -> str | None:
     """Which ops.gpu update kernel computes ``opt``'s rule: its class's own, not overridden."""
     rule = type(opt).rule
@@ -491,4 +633,5 @@ def _foreach_step(opt: Optimizer, live: list, grads: dict) -> bool:
     return True
 
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm", "global_norm"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "clip_grad_norm",
+           "global_norm"]

@@ -110,8 +110,8 @@ def zero1(graph: Graph, world_size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTE
 
     The update must be the same elementwise rule for every parameter, reading only the
     parameter, its gradient, its state and scalars (lr, the step count, constants): SGD,
-    Adam and AdamW are; gradient clipping (a norm over every gradient) and fp16 loss scaling
-    are not, and raise ShapeError.
+    Adam, AdamW, RMSprop and Adagrad are; gradient clipping (a norm over every gradient)
+    and fp16 loss scaling are not, and raise ShapeError.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

@@ -233,7 +233,9 @@ class TrainConfig(Section):
                                       "torch's label_smoothing")
     keep_checkpoints: int = key(0, min=0,
                                 help="keep only the last K epoch checkpoints (0: keep all)")
-    optimizer: str = key("sgd", choices=("sgd", "adam", "adamw"))
+    optimizer: str = key("sgd", choices=("sgd", "adam", "adamw", "rmsprop", "adagrad"),
+                         help="torch's, with train.lr and train.weight_decay; train.momentum "
+                              "for sgd and rmsprop; their other values torch's defaults")
     momentum: float = key(0.0, min=0.0, max=1.0)
     nesterov: bool = key(False)
     weight_decay: float = key(0.0, min=0.0)

@@ -111,6 +111,7 @@ class TrainStep:
         if foreign:
             raise ValueError(f"the optimizer's parameters {foreign} (by position) are not "
                              f"parameters of the {type(model).__name__} being trained")
+        self._n_opt_params = len(optimizer.params)      # (add_param_group later: refused)
         self._opt_states = [(f"optim/{name_of[id(p)]}/{k}", v)
                             for p, st in zip(optimizer.params, optimizer.state, strict=True)
                             for k, v in st.items()]
@@ -130,6 +131,10 @@ class TrainStep:
         key = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype), frozen,
                self.optimizer.hyperparameters(), self._modes())
         if key not in self._compiled:
+            if len(self.optimizer.params) != self._n_opt_params:
+                raise ValueError("the optimizer gained parameters (add_param_group) after this "
+                                 "step was made, which feeds its state as it was then: make "
+                                 "the step again (compile_step) after add_param_group")
             split = getattr(self.transform, "split", 1)
             if split > 1 and (key[0][:1] != key[2][:1] or key[0][0] % split):
                 raise ValueError(f"batch of {key[0][0]} rows (labels: {key[2][:1]}) cannot be "

@@ -208,7 +208,9 @@ def make_optimizer(config: cfg.ConfigLike, params) -> optim.Optimizer:
             raise cfg.ConfigError("train.nesterov = true needs train.momentum > 0")
         return optim.SGD(params, lr=t.lr, momentum=t.momentum,
                          weight_decay=t.weight_decay, nesterov=t.nesterov)
-    opt_cls = optim.Adam if t.optimizer == "adam" else optim.AdamW
+    if t.optimizer == "rmsprop":
+        return optim.RMSprop(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    opt_cls = {"adam": optim.Adam, "adamw": optim.AdamW, "adagrad": optim.Adagrad}[t.optimizer]
     return opt_cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 

@@ -93,7 +93,7 @@ def test_amsgrad_matches_torch_eager_and_compiled(name):
     assert "0.max_exp_avg_sq" in o2.state_dict()
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
 def test_default_hyperparameters_are_torch_s(name):
     # SGD's lr defaulted to 0.01 where torch's is 1e-3: SGD(model.parameters()) trained 10x
     # faster than the same line in torch

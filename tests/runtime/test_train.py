@@ -119,6 +119,43 @@ def test_resume_gives_the_same_parameters(tmp_path, monkeypatch, stop_at):
     assert _records(tmp_path / "cut") == _records(tmp_path / "whole")
 
 
+
+@pytest.mark.parametrize("name, sets, keys", [
+    ("rmsprop", ["train.lr=0.01", "train.momentum=0.5", "train.weight_decay=0.001"],
+     {"square_avg", "momentum_buffer"}),
+    ("adagrad", ["train.lr=0.1", "train.weight_decay=0.001"], {"sum"})])
+def test_cli_trains_with_rmsprop_and_adagrad_and_resumes(tmp_path, monkeypatch, name, sets,
+                                                         keys):
+    """``train.optimizer = "rmsprop" | "adagrad"`` from the CLI: torch's optimizer with the
+    config's lr, weight decay (and momentum), its state checkpointed, and a resumed run equal
+    to the uninterrupted one."""
+    sets = [f"train.optimizer={name}", *sets]
+    opt = tr.make_optimizer(load_config(MLP, SMALL + sets),
+                            tr.setup(load_config(MLP, SMALL + sets))[0].parameters())
+    assert type(opt).__name__ == {"rmsprop": "RMSprop", "adagrad": "Adagrad"}[name]
+    assert f"train.lr={opt.lr}" in sets and opt.weight_decay == 0.001
+    assert getattr(opt, "momentum", 0.5) == 0.5
+    r = _cli("train", MLP, "--out", str(tmp_path / "cli"), "--set", "train.epochs=1",
+             "--set", "model.hidden=[16]", "--set", "train.batch_size=128",
+             *(a for kv in sets for a in ("--set", kv)))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.5, summary
+    tensors, _ = tr.load_checkpoint(str(tmp_path / "cli" / "checkpoints" / "epoch_1.safetensors"))
+    assert {k.split(".")[-1] for k in tensors if k.startswith("optim.")} == keys | {"step"}
+
+    monkeypatch.setenv("SHARDGRAD_PROGRESS", "0")
+    whole = _run(tmp_path, "whole", sets)
+
+    def interrupt(record):
+        if record["kind"] == "epoch" and record["epoch"] == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(tmp_path, "cut", sets, on_record=interrupt)
+    resumed = _run(tmp_path, "cut", sets, resume=str(tmp_path / "cut"))
+    assert resumed["params_sha256"] == whole["params_sha256"]
+
 def _records(run_dir):
     """metrics.jsonl without the wall-clock times (and the rates measured with them)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -32,6 +32,11 @@ def make(opt):
     model = mlp(12, 16, 5)
     if opt == "adamw":
         return model, sg.optim.AdamW(model.parameters(), lr=0.01)
+    if opt == "rmsprop":
+        return model, sg.optim.RMSprop(model.parameters(), momentum=0.9, centered=True)
+    if opt == "adagrad":      # a state that starts non-zero: its blocks are sharded as given
+        return model, sg.optim.Adagrad(model.parameters(), lr_decay=0.01,
+                                       initial_accumulator_value=0.1)
     return model, sg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
@@ -53,7 +58,7 @@ def train_steps(n, zero, opt):
     return run_ranks(n, body, timeout_s=60)
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("opt", ["sgd", "adamw", "rmsprop", "adagrad"])
 @pytest.mark.parametrize("n", [2, 3])
 def test_zero1_step_equals_the_data_parallel_step(n, opt):
     plain, sharded = train_steps(n, 0, opt), train_steps(n, 1, opt)
