@@ -532,6 +532,9 @@ ENV = {
     "XDG_CACHE_HOME": "the user's cache directory (default ~/.cache): SHARDGRAD_DATA's default",
     "SHARDGRAD_NATIVE": "0 runs the compiled CPU step's elementwise groups as NumPy ufuncs "
                         "(default: generated C, runtime/native.py)",
+    "SHARDGRAD_NATIVE_THREADS": "threads of each generated C loop and of the window ops' row "
+                                "split (default 1: OpenBLAS's spinning workers hold the cores "
+                                "device.threads gives them; runtime/native.py's threads)",
     "SHARDGRAD_CACHE": "where the generated C kernels are built (default: "
                        "$XDG_CACHE_HOME/shardgrad/native)",
     "CC": "the C compiler for the generated CPU kernels (default: cc, gcc or clang on the PATH)",

@@ -169,14 +169,21 @@ def _compile(cc: str, source: str, folder: Path, lib: Path, used: Path) -> None:
 
 
 def threads() -> int:
-    """The threads a kernel may use: the BLAS thread limit in force (device.threads sets it
-    through threadpoolctl), so both pools have the same width; else the CPUs."""
+    """The threads a C loop and a batched op's row split use: SHARDGRAD_NATIVE_THREADS,
+    default 1, whatever device.threads gives BLAS. OpenBLAS's workers spin for a while after
+    each GEMM; a woken OpenMP or pool thread then waits for a core they hold until the
+    scheduler's tick. bench_step's workers at device.threads = 2, quiet (load 1.4-1.6),
+    kernels on 2 threads vs 1: exact-GELU MLP 16.0 vs 3.3 ms a step (torch 3.2), CNN 17-33
+    vs 9.2-9.9 ms (torch 7.2). Where the cores are not shared with BLAS, set it higher."""
+    from shardgrad.runtime.config import ConfigError, env
+    value = env("SHARDGRAD_NATIVE_THREADS", "1") or "1"
     try:
-        from threadpoolctl import threadpool_info
-        counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
-    except Exception:  # noqa: BLE001 - threadpoolctl missing or failing: the CPU count
-        counts = []
-    return max(1, min(counts)) if counts else max(1, os.cpu_count() or 1)
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"SHARDGRAD_NATIVE_THREADS={value!r}: give a whole number >= 1")
+    return n
 
 
 # ---- rows over threads ---------------------------------------------------------------------------

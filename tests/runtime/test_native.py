@@ -180,3 +180,15 @@ def test_compile_native_false_keeps_numpy_kernels(c_on):
     program = compile(graph, native=False)
     assert program.native is None
     assert "fused" not in {n.op for n in program.graph.nodes}
+
+
+def test_kernel_threads_default_to_one_and_are_set_by_the_environment(monkeypatch):
+    # not the BLAS pool's width: its spinning workers starved a second kernel thread
+    monkeypatch.delenv("SHARDGRAD_NATIVE_THREADS", raising=False)
+    assert native.threads() == 1
+    monkeypatch.setenv("SHARDGRAD_NATIVE_THREADS", "2")
+    assert native.threads() == 2
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("SHARDGRAD_NATIVE_THREADS", bad)
+        with pytest.raises(sg.runtime.config.ConfigError, match="SHARDGRAD_NATIVE_THREADS"):
+            native.threads()
