@@ -535,7 +535,7 @@ def compile(graph: Graph, xp=np, simplify: bool = True, rank: int | None = None,
     ``program.native`` says what ran, and why not where it did not: no compiler, a failed
     build, SHARDGRAD_NATIVE=0). Its arithmetic is NumPy's bit for bit; exp, erf, tanh and the
     other math functions are glibc's vector forms, within a few float ulps of NumPy's.
-    ``threads`` (default: the BLAS thread limit in force, as device.threads sets it) is what
+    ``threads`` (default: runtime.native.threads(), SHARDGRAD_NATIVE_THREADS or 1) is what
     those loops use, and batched ops (OpDef.batched: the window ops) are split by rows over
     as many threads (the same values: each row is computed as it would be alone)."""
     if simplify:
