@@ -14,6 +14,16 @@ from shardgrad.graph.device import copy_of, to_device
 from shardgrad.graph.tensor import Tensor, no_grad, value_of, zeros
 
 
+def _check_param(p, where: str) -> None:
+    """TypeError unless ``p`` is a Tensor, ValueError if it is computed (not a leaf), as
+    torch's optimizers check their params; ``where`` names it in the message."""
+    if not isinstance(p, Tensor):
+        raise TypeError(f"optimizer can only optimize Tensors, but {where} is "
+                        f"{type(p).__module__}.{type(p).__qualname__}")
+    if p.requires_grad and not p.is_symbolic and p.node.op != "input":
+        raise ValueError(f"can't optimize a non-leaf Tensor ({where}, computed by {p.node.op})")
+
+
 class ParamGroup(MutableMapping):
     """A parameter group as torch code sees it (``opt.param_groups[i]``): "params" and the
     hyper-parameters. Group 0's are the optimizer's attributes; another group's are its own
@@ -157,12 +167,7 @@ class Optimizer:
             if isinstance(p, dict):
                 raise TypeError(f"{type(self).__name__}: mix of parameter groups (dicts) and "
                                 f"tensors: give all as dicts")
-            if not isinstance(p, Tensor):
-                raise TypeError(f"optimizer can only optimize Tensors, but params[{i}] is "
-                                f"{type(p).__module__}.{type(p).__qualname__}")
-            if p.requires_grad and not p.is_symbolic and p.node.op != "input":
-                raise ValueError(f"can't optimize a non-leaf Tensor (params[{i}], computed by "
-                                 f"{p.node.op})")
+            _check_param(p, f"params[{i}]")
             if id(p) not in seen:             # listed twice: one update per step, as traced
                 seen.add(id(p))
                 self.params.append(p)
@@ -208,12 +213,7 @@ class Optimizer:
         held = {id(p) for p in self.params}
         new: list[Tensor] = []
         for i, p in enumerate(members):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"optimizer can only optimize Tensors, but the group's "
-                                f"params[{i}] is {type(p).__module__}.{type(p).__qualname__}")
-            if p.requires_grad and not p.is_symbolic and p.node.op != "input":
-                raise ValueError(f"can't optimize a non-leaf Tensor (the group's params[{i}], "
-                                 f"computed by {p.node.op})")
+            _check_param(p, f"the group's params[{i}]")
             if id(p) in held:
                 raise ValueError("some parameters appear in more than one parameter group")
             if id(p) not in {id(q) for q in new}:
