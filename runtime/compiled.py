@@ -322,13 +322,14 @@ class Program(Walk):
                 if st.pinned:
                     self._sliced.append((i, pos[pack], offset, offset + n.size, n.shape,
                                          [None, None]))
-                    steps.append(_out_step(fn, tail, slots, ins, i))
+                    steps.append(self._c_step(n, slots, ins, i, fixed)
+                                 or _out_step(fn, tail, slots, ins, i))
                 else:
                     start = st.offset + offset * np.dtype(n.dtype).itemsize
                     raw = arena[start:start + n.size * np.dtype(n.dtype).itemsize]
                     slots[i] = raw.view(st.dtype).reshape(n.shape)
                     fixed[i] = True
-                    steps.append(self._c_step(n, slots, ins, slots[i], fixed)
+                    steps.append(self._c_step(n, slots, ins, i, fixed)
                                  or _fixed_out_step(fn, tail, slots, ins, slots[i], fixed))
                 step_nodes.append(n)
                 continue
@@ -338,12 +339,13 @@ class Program(Walk):
                 if st.pinned:
                     # allocated on first use: outputs the caller directs elsewhere need none
                     self._pinned.append((i, [None, None], n.shape, n.dtype))
-                    steps.append(_out_step(fn, tail, slots, ins, i))
+                    steps.append(self._c_step(n, slots, ins, i, fixed)
+                                 or _out_step(fn, tail, slots, ins, i))
                 else:
                     raw = arena[st.offset:st.offset + st.nbytes]
                     slots[i] = raw.view(st.dtype).reshape(n.shape)
                     fixed[i] = True
-                    c = self._c_step(n, slots, ins, slots[i], fixed)
+                    c = self._c_step(n, slots, ins, i, fixed)
                     if c is not None:
                         steps.append(c)
                     elif pool is not None and get(n.op).batched and n.size >= SPLIT_FROM and (
@@ -377,12 +379,13 @@ class Program(Walk):
             self._hazards[i] = reads
         self._owned: tuple[set[int], set[int]] = (set(), set())
 
-    def _c_step(self, n: Node, slots, ins, out, fixed):
-        """The node's C kernel step (runtime.native.c_step), counted in ``c_steps``, or None."""
+    def _c_step(self, n: Node, slots, ins, i, fixed):
+        """The node's C kernel step into ``slots[i]`` (runtime.native.c_step), counted in
+        ``c_steps``, or None."""
         if self.runtime is None:
             return None
         from shardgrad.runtime.native import c_step
-        step = c_step(self.runtime, n, self.threads, slots, ins, out, fixed)
+        step = c_step(self.runtime, n, self.threads, slots, ins, i, fixed)
         if step is not None:
             self.c_steps[n.op] = self.c_steps.get(n.op, 0) + 1
         return step

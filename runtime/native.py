@@ -57,7 +57,7 @@ VARIANTS = (("-fopenmp-simd", "-DSG_LIBMVEC", "-pthread", "-lmvec", "-lm"),
             ("-fopenmp-simd", "-pthread", "-lm"), ("-pthread", "-lm"))
 # how long a pool thread spins for the next job before it sleeps (the next comes within
 # microseconds inside a step; between steps it sleeps)
-SPIN_NS = 200_000
+SPIN_NS = 2_000_000
 
 
 class NativeError(RuntimeError):
@@ -437,26 +437,27 @@ class Addresses:
         return self._seen[id(x)][1]
 
 
-def c_step(rt: Runtime, node: Node, n_threads: int, slots: list, ins: list[int], out,
+def c_step(rt: Runtime, node: Node, n_threads: int, slots: list, ins: list[int], i: int,
            fixed: list[bool]):
-    """The step running ``node`` (its op's CpuKernel) into the fixed buffer ``out``, reading
-    its inputs from ``slots[ins]``, over ``n_threads`` threads; None when the op has no C
-    kernel or this node is not one it takes (dtype, rank, layout: then the op's own runs)."""
+    """The step running ``node`` (its op's CpuKernel) into ``slots[i]`` (a fixed buffer, or an
+    output's, which changes from run to run), reading its inputs from ``slots[ins]``, over
+    ``n_threads`` threads; None when the op has no C kernel or this node is not one it takes
+    (dtype, rank, layout: then the op's own runs)."""
     from shardgrad.ops.registry import kernel_for
     kern = kernel_for(node, "cpu", "c")
     if kern is None or node.dtype not in FLOAT_TYPES or any(
             x.dtype != node.dtype for x in node.inputs[:len(ins)] if x.dtype in FLOAT_TYPES):
         return None
     if kern.name == "gemm":
-        return _gemm_step(rt, node, n_threads, slots, ins, out, fixed)
-    return _window_step(rt, kern, node, n_threads, slots, ins, out, fixed)
+        return _gemm_step(rt, node, n_threads, slots, ins, i, fixed)
+    return _window_step(rt, kern, node, n_threads, slots, ins, i, fixed)
 
 
-def _window_step(rt, kern, node, n_threads, slots, ins, out, fixed):
+def _window_step(rt, kern, node, n_threads, slots, ins, i, fixed):
     if kern.name == "maxpool_grad" and len(ins) != 3:
         return None                 # without the forward's maxima: the op's own kernel
     image = node if kern.image < 0 else node.inputs[kern.image]
-    if len(image.shape) != 4 or not out.flags.c_contiguous:
+    if len(image.shape) != 4:
         return None
     (n, c, h, w), a = image.shape, node.attrs
     kh, kw = a["kernel"]
@@ -465,21 +466,23 @@ def _window_step(rt, kern, node, n_threads, slots, ins, out, fixed):
     args = (ctypes.c_longlong * (15 + len(ins) + 1))(
         n_threads, node.dtype == "float64", PLANE_GRAIN, n, c, h, w, kh, kw, sh, sw, ph, pw,
         oh, ow)
-    args[15 + len(ins)] = out.ctypes.data
     fn = rt.window(kern.name)
-    if all(fixed[j] for j in ins):
-        for k, j in enumerate(ins):
-            x = slots[j]
-            if not x.flags.c_contiguous:
-                return None
-            args[15 + k] = x.ctypes.data
+    places = [*ins, i]
+    if all(fixed[j] for j in places) and all(slots[j].flags.c_contiguous for j in places):
+        for k, j in enumerate(places):
+            args[15 + k] = slots[j].ctypes.data
         return partial(fn, args)
     addr = Addresses()
 
     def step():
         for k, j in enumerate(ins):
             args[15 + k] = addr(slots[j])
+        out = slots[i]
+        into = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
+        args[15 + len(ins)] = addr(into)
         fn(args)
+        if into is not out:                     # a caller's strided array (outputs_into)
+            np.copyto(out, into)
     return step
 
 
@@ -521,31 +524,32 @@ def _gemm_args(rt: Runtime, n_threads: int, a, b, out) -> list[int] | None:
             b.ctypes.data, out.ctypes.data]
 
 
-def _gemm_step(rt, node, n_threads, slots, ins, out, fixed):
+def _gemm_step(rt, node, n_threads, slots, ins, i, fixed):
     if rt.blas is None or len(ins) != 2:
         return None
     gemm = rt.lib.sg_gemm
-    if all(fixed[j] for j in ins):
-        got = _gemm_args(rt, n_threads, slots[ins[0]], slots[ins[1]], out)
+    ja, jb = ins
+    if fixed[ja] and fixed[jb] and fixed[i]:
+        got = _gemm_args(rt, n_threads, slots[ja], slots[jb], slots[i])
         if got is None:
             return None
         return partial(gemm, (ctypes.c_longlong * 17)(*got))
-    i, j = ins
     memo: dict[tuple, Any] = {}
 
     def step():
-        a, b = slots[i], slots[j]
-        key = (id(a), id(b))
+        a, b, out = slots[ja], slots[jb], slots[i]
+        key = (id(a), id(b), id(out))
         hit = memo.get(key)
-        if hit is None or hit[0] is not a or hit[1] is not b:
+        if hit is None or hit[0] is not a or hit[1] is not b or hit[2] is not out:
             got = _gemm_args(rt, n_threads, a, b, out)
             if len(memo) > 16:
                 memo.clear()
-            hit = memo[key] = (a, b, None if got is None else (ctypes.c_longlong * 17)(*got))
-        if hit[2] is None:
+            hit = memo[key] = (a, b, out, None if got is None else (
+                ctypes.c_longlong * 17)(*got))
+        if hit[3] is None:
             np.matmul(a, b, out=out)
         else:
-            gemm(hit[2])
+            gemm(hit[3])
     return step
 
 

@@ -184,37 +184,52 @@ typedef void (*sg_dgemm64)(int, int, int, long long, long long, long long, doubl
 
 typedef struct {
     void* fn; int dbl, i64, ta, tb;
-    long long M, N, K, lda, ldb, sa, sb, blocks;
+    long long M, N, K, lda, ldb, sa, sb;
+    long long blocks, cols;      // blocks per batch entry, of C's rows (cols 0) or columns
     const char* A; const char* B; char* C;
 } sg_gemm_job;
+
+// block k of `blocks` over n, in multiples of `align` (BLAS's kernels work in such tiles)
+static void sg_block(long long n, long long blocks, long long k, long long align,
+                     long long* b, long long* e) {
+    long long size = (n + blocks - 1) / blocks;
+    size = (size + align - 1) / align * align;
+    *b = k * size < n ? k * size : n;
+    *e = *b + size < n ? *b + size : n;
+}
 
 static void sg_gemm_task(void* ctx, long long b, long long e) {
     const sg_gemm_job* j = (const sg_gemm_job*)ctx;
     const long long size = j->dbl ? 8 : 4;
+    const int ta = j->ta ? 112 : 111, tb = j->tb ? 112 : 111;
     for (long long u = b; u < e; ++u) {
         const long long batch = u / j->blocks, blk = u % j->blocks;
-        const long long r0 = j->M * blk / j->blocks, r1 = j->M * (blk + 1) / j->blocks;
-        if (r1 <= r0) continue;
-        // rows r0.. of A: NoTrans, row r0 starts at r0 * lda; Trans, at column r0
+        long long r0 = 0, r1 = j->M, c0 = 0, c1 = j->N;
+        if (j->cols) sg_block(j->N, j->blocks, blk, 16, &c0, &c1);
+        else sg_block(j->M, j->blocks, blk, 8, &r0, &r1);
+        if (r1 <= r0 || c1 <= c0) continue;
+        // rows r0.. of op(A): NoTrans, row r0 starts at r0 * lda; Trans, at column r0; columns
+        // c0.. of op(B): NoTrans, at column c0; Trans, at row c0
         const char* A = j->A + size * (batch * j->sa + r0 * (j->ta ? 1 : j->lda));
-        const char* B = j->B + size * batch * j->sb;
-        char* C = j->C + size * (batch * j->M * j->N + r0 * j->N);
-        const int ta = j->ta ? 112 : 111, tb = j->tb ? 112 : 111;
-        const long long m = r1 - r0;
+        const char* B = j->B + size * (batch * j->sb + c0 * (j->tb ? j->ldb : 1));
+        char* C = j->C + size * (batch * j->M * j->N + r0 * j->N + c0);
+        const long long m = r1 - r0, n = c1 - c0;
         if (j->i64) {
             if (j->dbl)
-                ((sg_dgemm64)j->fn)(101, ta, tb, m, j->N, j->K, 1.0, (const double*)A, j->lda,
+                ((sg_dgemm64)j->fn)(101, ta, tb, m, n, j->K, 1.0, (const double*)A, j->lda,
                                     (const double*)B, j->ldb, 0.0, (double*)C, j->N);
             else
-                ((sg_sgemm64)j->fn)(101, ta, tb, m, j->N, j->K, 1.0f, (const float*)A, j->lda,
+                ((sg_sgemm64)j->fn)(101, ta, tb, m, n, j->K, 1.0f, (const float*)A, j->lda,
                                     (const float*)B, j->ldb, 0.0f, (float*)C, j->N);
         } else {
-            if (j->dbl) ((sg_dgemm32)j->fn)(101, ta, tb, (int)m, (int)j->N, (int)j->K, 1.0,
-                                            (const double*)A, (int)j->lda, (const double*)B,
-                                            (int)j->ldb, 0.0, (double*)C, (int)j->N);
-            else ((sg_sgemm32)j->fn)(101, ta, tb, (int)m, (int)j->N, (int)j->K, 1.0f,
-                                     (const float*)A, (int)j->lda, (const float*)B, (int)j->ldb,
-                                     0.0f, (float*)C, (int)j->N);
+            if (j->dbl)
+                ((sg_dgemm32)j->fn)(101, ta, tb, (int)m, (int)n, (int)j->K, 1.0,
+                                    (const double*)A, (int)j->lda, (const double*)B,
+                                    (int)j->ldb, 0.0, (double*)C, (int)j->N);
+            else
+                ((sg_sgemm32)j->fn)(101, ta, tb, (int)m, (int)n, (int)j->K, 1.0f,
+                                    (const float*)A, (int)j->lda, (const float*)B, (int)j->ldb,
+                                    0.0f, (float*)C, (int)j->N);
         }
     }
 }
@@ -223,21 +238,25 @@ static void sg_gemm_task(void* ctx, long long b, long long e) {
 // batch stride of A, of B (elements; 0 broadcasts), A, B, C
 void sg_gemm(const long long* a) {
     sg_gemm_job j = {(void*)a[1], (int)a[2], (int)a[3], (int)a[4], (int)a[5], a[7], a[8], a[9],
-                     a[10], a[11], a[12], a[13], 1, (const char*)a[14], (const char*)a[15],
+                     a[10], a[11], a[12], a[13], 1, 0, (const char*)a[14], (const char*)a[15],
                      (char*)a[16]};
     const int threads = (int)a[0];
     const long long batch = a[6];
     const double work = (double)batch * j.M * j.N * j.K;
-    // a part does 2^17 multiply-adds or more (tens of microseconds; a hand-off to a spinning
-    // pool thread costs about one): a smaller GEMM runs on the caller. Too few batch entries
-    // for the threads' parts are cut into blocks of 8 rows or more.
+    // A part does 2^17 multiply-adds or more (tens of microseconds; a hand-off to a spinning
+    // pool thread costs about one): a smaller GEMM runs on the caller. Batch entries are
+    // shared out whole; with fewer entries than threads, each is cut into blocks of C's rows
+    // or columns, whichever makes the operand every block packs again (B for row blocks, A
+    // for column blocks) the smaller: a 128x784 @ 784x512 step GEMM cut into 8 row blocks
+    // packed B 8 times and took longer on 2 threads than whole on one.
     const double least = (double)(1 << 17);
     long long units = batch, grain = batch;
     if (threads > 1 && work >= 2 * least) {
-        const long long parts = (long long)threads * SG_PARTS_PER_THREAD;
-        if (batch < parts) {
-            const long long want = (parts + batch - 1) / batch, most = j.M / 8 > 1 ? j.M / 8 : 1;
-            j.blocks = want < most ? want : most;
+        if (batch < threads) {
+            j.cols = j.M < j.N;
+            const long long span = j.cols ? j.N / 16 : j.M / 8;
+            const long long want = (threads + batch - 1) / batch;
+            j.blocks = want < span ? want : (span > 1 ? span : 1);
             units = batch * j.blocks;
         }
         const double per_unit = work / (double)units;
