@@ -320,8 +320,9 @@ class DeviceConfig(Section):
                                    "the MPI library says it is CUDA-aware; off: stage through "
                                    "pinned host memory)")
     threads: int = key(0, min=0,
-                       help="BLAS threads per process (0: the library's default). 1 is far "
-                            "faster for small models on a busy machine")
+                       help="CPU threads per process: BLAS's and the compiled step's "
+                            "intra-op pool (0: BLAS's default, shared out among a node's "
+                            "ranks). 1 is faster for small models on a busy machine")
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,14 +8,18 @@
 // has started, so a worker that is slow to wake never delays a job. A pool busy with another
 // caller's job (ranks or pipeline stages on threads) runs the job on the caller alone.
 #include <limits.h>
-#include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+int pthread_setname_np(pthread_t, const char*);    // glibc's, declared under _GNU_SOURCE only
+#endif
 
 typedef void (*sg_task)(void* ctx, long long begin, long long end);
 
@@ -39,6 +43,24 @@ static long long sg_now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+// sleep until *word is no longer `seen` (or a spurious wake-up); wake every sleeper
+static void sg_sleep(_Atomic uint32_t* word, uint32_t seen) {
+#ifdef __linux__
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+#else
+    const struct timespec nap = {0, 50000};        // elsewhere: poll every 50 us
+    while (atomic_load(word) == seen) nanosleep(&nap, NULL);
+#endif
+}
+
+static void sg_wake(_Atomic uint32_t* word) {
+#ifdef __linux__
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
 }
 
 static inline void sg_relax(void) {
@@ -66,6 +88,9 @@ static int sg_work(uint64_t t) {
 
 static void* sg_worker(void* arg) {
     (void)arg;
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "sg-pool");
+#endif
     if (sg_blas_local) sg_blas_local(1);
     uint32_t seen = atomic_load(&sg_gen);
     for (;;) {
@@ -76,11 +101,12 @@ static void* sg_worker(void* arg) {
             sg_relax();
             if (++spins < 64) continue;
             spins = 0;
+            sched_yield();           // another thread of this process (the loader) goes first
             const long long now = sg_now_ns();
             if (!since) since = now;
             else if (now - since > sg_spin_ns) {
                 atomic_fetch_add(&sg_sleeping, 1);
-                syscall(SYS_futex, &sg_gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+                sg_sleep(&sg_gen, seen);
                 atomic_fetch_sub(&sg_sleeping, 1);
                 since = 0;
             }
@@ -137,8 +163,7 @@ void sg_parallel_for(int threads, long long n, long long grain, sg_task fn, void
     const uint32_t gen = atomic_load(&sg_gen) + 1;
     atomic_store(&sg_ticket, ((uint64_t)gen << 32) | ((uint64_t)parts << 16));
     atomic_store(&sg_gen, gen);
-    if (atomic_load(&sg_sleeping) > 0)
-        syscall(SYS_futex, &sg_gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    if (atomic_load(&sg_sleeping) > 0) sg_wake(&sg_gen);
     sg_work(atomic_load(&sg_ticket));
     while (atomic_load(&sg_done) < parts) sg_relax();
     pthread_mutex_unlock(&sg_busy);
