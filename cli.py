@@ -334,6 +334,12 @@ def cmd_train(args) -> int:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
+        if isinstance(e, Diverged):
+            # the Ray launcher learns from this note not to restart the run
+            # (cluster.max_restarts): the same config from the same checkpoint diverges again
+            from shardgrad.cluster.rank import leave_note
+
+            leave_note(f"diverged-{comm.rank}", f"{e}\n")
         if isinstance(e, Terminated):
             if comm.world_size > 1:
                 world.say_terminated(e.sig)   # unless the signal watcher said it already
