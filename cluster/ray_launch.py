@@ -637,15 +637,21 @@ def supervise(job: Job, argv: Sequence[str], env: Mapping[str, str],
     return max(code, 1), f"{who} failed; mpirun {how}"
 
 
+def _from_hosts(job: Job, read: Callable[[str], list], method: str) -> list:
+    """What ``read`` finds in the notes of every host of the job: read here for a direct job,
+    else by each host actor's ``method``; [] when a host cannot be asked."""
+    try:
+        return read(job.notes_dir) if job.direct else [
+            x for found in ray.get([getattr(a, method).remote() for a in job.actors], timeout=5)
+            for x in found]
+    except (RayActorError, GetTimeoutError, OSError):
+        return []
+
+
 def _killed(job: Job) -> tuple[int, int] | None:
     """(rank, signal) of the first rank a signal killed, from the hosts' notes: a peer that
     lost it may abort the job first, and mpirun then names that peer."""
-    try:
-        notes = read_notes(job.notes_dir) if job.direct else [
-            n for found in ray.get([a.notes.remote() for a in job.actors], timeout=5)
-            for n in found]
-    except (RayActorError, GetTimeoutError, OSError):
-        return None
+    notes = _from_hosts(job, read_notes, "notes")
     # the first rank killed by anything but SIGTERM (a teardown's signal), else the first
     first = min(notes, key=lambda n: (n[1] == signal.SIGTERM, n[2]), default=None)
     return None if first is None else (first[0], first[1])
@@ -654,12 +660,7 @@ def _killed(job: Job) -> tuple[int, int] | None:
 def _diverged(job: Job) -> bool:
     """Whether a rank's run diverged (its training loss or parameters became NaN or
     infinite), from the hosts' notes."""
-    try:
-        return bool(read_diverged(job.notes_dir) if job.direct else [
-            r for found in ray.get([a.diverged.remote() for a in job.actors], timeout=5)
-            for r in found])
-    except (RayActorError, GetTimeoutError, OSError):
-        return False
+    return bool(_from_hosts(job, read_diverged, "diverged"))
 
 
 class Terminated(KeyboardInterrupt):
