@@ -739,8 +739,8 @@ def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
                 _say(f"{failure}; not restarted: a bad-input error (exit 2) would recur")
                 break
             if _diverged(job):   # the same config from the same checkpoint diverges again
-                _say(f"{failure}; not restarted: the training diverged, and would again from "
-                     f"the same checkpoint")
+                _say(f"{failure}; not restarted: the training diverged, and a restart would "
+                     f"diverge again")
                 break
             how = ""
             if resize is not None:
