@@ -43,6 +43,7 @@ from shardgrad.runtime import device as _device
 from shardgrad.runtime import distributed
 from shardgrad.runtime import loader as _loader
 from shardgrad.runtime.interpreter import ExecutionError
+from shardgrad.runtime.native import get_num_threads, set_num_threads
 from shardgrad.runtime.serialize import load, save
 from shardgrad.runtime.step import Predictor, accuracy, compile_step
 
@@ -212,4 +213,5 @@ __all__ = ["Tensor", "tensor", "zeros", "ones", "full", "zeros_like", "ones_like
            "permute", "reshape", "gather", "cumsum", "log_softmax", "norm", "tril", "triu",
            "logsumexp", "var", "std", "sign", "square", "rsqrt", "log1p", "isnan", "isfinite",
            "erf", "flip", "numel", "amax", "amin", "unbind", "index_select", "narrow",
-           "masked_select", "nonzero", "clone", "t", "transpose"]
+           "masked_select", "nonzero", "clone", "t", "transpose", "get_num_threads",
+           "set_num_threads"]

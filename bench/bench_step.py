@@ -441,7 +441,8 @@ def _time(step, steps: int, warmup: int) -> tuple[list[float], list[float]]:
 def worker(args) -> dict:
     """One measurement in this (fresh) process."""
     if args.threads:
-        _limit_threads(args.threads[0])
+        _limit_threads(args.threads[0], args.worker == "torch" or (
+            args.worker == "micro" and args.micro_impl == "torch"))
     if args.worker == "micro":
         return micro(args.micro_impl)
     step, program = make(args.worker, args.graph, args.batch)
@@ -459,16 +460,19 @@ def worker(args) -> dict:
     return out
 
 
-def _limit_threads(n: int) -> None:
-    """As device.threads does for a training run (threadpoolctl's BLAS limit, kept for the
-    process's life), and torch's intra-op threads."""
+def _limit_threads(n: int, torch_worker: bool) -> None:
+    """As a user sets them: torch.set_num_threads in a torch worker (plus NumPy's BLAS, which
+    its setup uses), sg.set_num_threads (BLAS and the intra-op pool, as device.threads does
+    for a training run) in a shardgrad one; a shardgrad worker never imports torch, whose
+    OpenMP runtime would share the cores with it."""
     from threadpoolctl import threadpool_limits
     _limit_threads.keep = threadpool_limits(n, user_api="blas")
-    try:
+    if torch_worker:
         import torch
         torch.set_num_threads(n)
-    except ImportError:
-        pass
+    else:
+        import shardgrad as sg
+        sg.set_num_threads(n)
 
 
 # ---- per-node overhead -----------------------------------------------------------------------

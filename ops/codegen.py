@@ -256,7 +256,7 @@ C_PRELUDE = r"""#include <math.h>
 #include <stdbool.h>
 #define __restrict__ restrict
 static inline float __int_as_float(int i) { union { int i; float f; } u; u.i = i; return u.f; }
-#if defined(__x86_64__) && defined(_OPENMP) && defined(SG_LIBMVEC)
+#if defined(__x86_64__) && defined(SG_LIBMVEC)
 #pragma omp declare simd notinbranch
 float expf(float);
 #pragma omp declare simd notinbranch
@@ -288,33 +288,50 @@ double pow(double, double);
 #endif
 """
 
+# What a generated CPU loop is split with: the intra-op pool's entry (runtime/pool.c's
+# sg_parallel_for), set by the runtime once the library is loaded; null runs it whole.
+CPU_POOL = r"""
+void (*sg_par)(int, long long, long long, void (*)(void*, long long, long long), void*);
+"""
+
 
 def cpu_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
                strides: Sequence[tuple[int, ...] | None] | None = None,
-               parallel_from: int = 1 << 15) -> KernelSource:
-    """The C99 function computing ``group`` on the CPU (compile it after ``C_PRELUDE``):
-    ``void name(in..., out..., int threads)``, the same loads, expressions and stores as
-    ``fused_source``'s kernel, one loop over the elements that OpenMP splits over ``threads``
-    threads (from ``parallel_from`` elements on) and vectorizes. Inputs as ``fused_source``
-    takes them; raises Unsupported likewise."""
+               parallel_from: int = 1 << 16, grain: int = 1 << 15) -> KernelSource:
+    """The C99 function computing ``group`` on the CPU (compile it after ``C_PRELUDE`` and
+    ``CPU_POOL``): ``void name(in..., out..., int threads)``, the same loads, expressions and
+    stores as ``fused_source``'s kernel, one vectorized loop over the elements that
+    ``sg_par`` (the intra-op pool, runtime/pool.c) splits over ``threads`` threads in parts of
+    ``grain`` or more, from ``parallel_from`` elements on. Inputs as ``fused_source`` takes
+    them; raises Unsupported likewise."""
     parts = _kernel_parts(group, shapes, strides)
     params, hoisted, loads, body, stores, passed, size, itype = parts
     name = _name("cpu", group, parts)
+    names = [p.split()[-1] for p in params]
     code = "\n".join([
-        f"void {name}(" + ",\n        ".join([*params, "int threads"]) + ") {",
+        "typedef struct { " + " ".join(p.replace(" __restrict__", "") + ";" for p in params)
+        + f" }} {name}_args;",
+        f"static void {name}_range(void* ctx, long long b, long long e) {{",
+        f"    const {name}_args* A = (const {name}_args*)ctx;",
+        *(f"    {p} = A->{n};" for p, n in zip(params, names, strict=True)),
         *hoisted,
-        # if(parallel: ...): a bare if() would turn the simd construct off with it
-        f"    #pragma omp parallel for simd schedule(static) num_threads(threads) "
-        f"if(parallel: {size} >= {parallel_from} && threads > 1)",
-        f"    for ({itype} i = 0; i < {size}; ++i) {{",
+        "    #pragma omp simd",
+        f"    for ({itype} i = ({itype})b; i < ({itype})e; ++i) {{",
         *loads, *body, *stores,
         "    }",
+        "}",
+        f"void {name}(" + ",\n        ".join([*params, "int threads"]) + ") {",
+        f"    {name}_args A = {{{', '.join(names)}}};",
+        f"    if (threads > 1 && {size}LL >= {parallel_from}LL && sg_par)",
+        f"        sg_par(threads, {size}LL, {grain}LL, {name}_range, &A);",
+        "    else",
+        f"        {name}_range(&A, 0, {size}LL);",
         "}",
         "",
     ])
     return KernelSource(name, code, passed, size)
 
 
-__all__ = ["C_PRELUDE", "KernelSource", "Unsupported", "binary_expr", "cmath",
+__all__ = ["CPU_POOL", "C_PRELUDE", "KernelSource", "Unsupported", "binary_expr", "cmath",
            "contiguous_strides", "cpu_source", "float_only", "fused_source", "index_terms",
            "literal", "offsets", "read_through", "unary_fn_expr"]

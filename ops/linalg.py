@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from shardgrad.graph.ir import Node
 from shardgrad.ops.registry import (
+    CpuKernel,
     OpDef,
     OutKernel,
     apply,
@@ -75,7 +76,8 @@ def _matmul_jvp(ts, x, y, out):
 
 register(OpDef("matmul", infer=_matmul_infer, forward=lambda xp, x, y: xp.matmul(x, y),
                vjp=_matmul_vjp, jvp=_matmul_jvp, cost=_matmul_cost,
-               out=OutKernel(lambda xp, n: (xp.matmul, ()), False, same_dtype("fiu"))))
+               out=OutKernel(lambda xp, n: (xp.matmul, ()), False, same_dtype("fiu")),
+               cpu=CpuKernel("gemm")))
 
 
 @builder("matmul")

@@ -19,6 +19,7 @@ from shardgrad.ops.linalg import matmul
 from shardgrad.ops.reduce import mean
 from shardgrad.ops.registry import (
     FLOAT_DTYPES,
+    CpuKernel,
     OpDef,
     apply,
     as_node,
@@ -139,7 +140,8 @@ def _im2col_vjp(g, x, out, **a):
 
 register(OpDef("im2col", infer=_im2col_infer, forward=_im2col_fwd, vjp=_im2col_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else apply("im2col", ts[0], **a),
-               cost=_bytes_cost, out=_WINDOW_OUT, cuda=gpu.im2col, batched=True))
+               cost=_bytes_cost, out=_WINDOW_OUT, cuda=gpu.im2col, cpu=CpuKernel("im2col", 0),
+               batched=True))
 
 
 def _col2im_infer(cols, shape, kernel, stride, padding, **_):
@@ -161,7 +163,8 @@ def _col2im_vjp(g, cols, out, shape, **a):
 register(OpDef("col2im", infer=_col2im_infer, forward=_col2im_fwd, vjp=_col2im_vjp,
                jvp=lambda ts, c, out, shape, **a: None if ts[0] is None else
                apply("col2im", ts[0], shape=shape, **a), cost=_bytes_cost, out=_WINDOW_OUT,
-               cuda=gpu.col2im, batched=True))
+               cuda=gpu.col2im, cpu=CpuKernel("col2im", -1),
+               batched=True))
 
 
 # ---- whole convolutions (a library's unit) ----------------------------------------------------
@@ -378,7 +381,8 @@ def _max_pool_vjp(g, x, out, **a):
 register(OpDef("max_pool2d", infer=_pool_infer, forward=_max_pool_fwd, vjp=_max_pool_vjp,
                jvp=lambda ts, x, out, **a: None if ts[0] is None else
                apply("max_pool2d_gather", ts[0], x, **a), cost=_window_cost, out=_WINDOW_OUT,
-               cuda=gpu.max_pool2d, batched=True))
+               cuda=gpu.max_pool2d, cpu=CpuKernel("maxpool", 0),
+               batched=True))
 
 
 def _pool_pair_infer(y, x, kernel, stride, padding, to_input, **_):
@@ -448,7 +452,8 @@ register(OpDef("max_pool2d_grad", infer=_max_pool_grad_infer,
                jvp=lambda ts, y, x, *top_out, **a: None if ts[0] is None else
                apply("max_pool2d_grad", ts[0], x, *top_out[:-1], **a), cost=_window_cost,
                nondiff=(1, 2),
-               out=_WINDOW_OUT, cuda=gpu.max_pool2d_grad, batched=True))
+               out=_WINDOW_OUT, cuda=gpu.max_pool2d_grad, cpu=CpuKernel("maxpool_grad", 1),
+               batched=True))
 register(OpDef("max_pool2d_gather", infer=lambda y, x, **a: _pool_pair_infer(y, x, **a,
                                                                              to_input=False),
                forward=_max_pool_gather_fwd, vjp=_max_pool_gather_vjp,

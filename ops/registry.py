@@ -31,6 +31,18 @@ class OutKernel(NamedTuple):
     accepts: Callable[[Node], bool]
 
 
+class CpuKernel(NamedTuple):
+    """An op's C kernel on the CPU, which the compiled program runs over its intra-op pool
+    (runtime.native) in place of ``out`` for float32 and float64: ``name`` is ``"gemm"`` (a
+    matmul as blocks of single-threaded BLAS GEMMs) or a kernel of ops/cpu/window.c, whose
+    geometry is that of the (N, C, H, W) image ``image`` (an input's index, or -1 for the
+    output) under the node's ``kernel``, ``stride`` and ``padding``. It must give the values
+    ``forward`` gives."""
+
+    name: str
+    image: int = 0
+
+
 # ``expr(args, arg_dtypes, dtype, attrs) -> str``: the op as one C expression over the C
 # expressions ``args`` (of dtypes ``arg_dtypes``), of result ``dtype``; raises
 # ops.codegen.Unsupported for a dtype it has no exact C form for.
@@ -61,6 +73,8 @@ class OpDef:
     out      optional OutKernel: the forward writing into a planned buffer (``out=``), used
              by the compiled program (runtime.compiled) on any device. Without it the op runs
              its ``forward`` there and the result is a fresh array.
+    cpu      optional CpuKernel: the op's C kernel on the CPU (ops/cpu/, run by runtime.native
+             over the intra-op pool), used by the compiled program where it builds.
     cuda     optional hand-written CUDA implementation, ``cuda(xp, *arrays, **attrs)`` with
              ``forward``'s signature and results (ops.gpu holds them, sources in ops/cuda/);
              run on a CUDA device in place of ``forward``.
@@ -92,6 +106,7 @@ class OpDef:
     cost: Callable[[Node], tuple[float, float]] | None = None
     nondiff: tuple[int, ...] = ()
     out: OutKernel | None = None
+    cpu: CpuKernel | None = None
     cuda: Callable[..., Any] | None = None
     cuda_expr: CudaExpr | None = None
     elementwise: bool = False
@@ -118,7 +133,7 @@ def get(name: str) -> OpDef:
 
 
 DEVICE_KINDS = ("cpu", "cuda")
-FORMS = ("call", "out", "expr")
+FORMS = ("call", "out", "expr", "c")
 
 
 def device_kind(device: Any) -> str:
@@ -142,6 +157,7 @@ def kernel_for(op: str | OpDef | Node, device: Any, form: str = "call") -> Any:
     CUDA device where the op has one, else its ``forward``. ``form="out"``: the op's
     OutKernel (written against ``xp``, so the same on every device), or None. ``form="expr"``:
     on a CUDA device the op's C expression for fused kernels, or None (and None on the CPU).
+    ``form="c"``: on the CPU the op's CpuKernel, or None (and None on a CUDA device).
     ``device`` is anything ``device_kind`` reads; ``op`` an op name, OpDef or Node."""
     opdef = op if isinstance(op, OpDef) else get(op.op if isinstance(op, Node) else op)
     kind = device_kind(device)
@@ -151,6 +167,8 @@ def kernel_for(op: str | OpDef | Node, device: Any, form: str = "call") -> Any:
         return opdef.out
     if form == "expr":
         return opdef.cuda_expr if kind == "cuda" else None
+    if form == "c":
+        return opdef.cpu if kind == "cpu" else None
     raise ValueError(f"unknown kernel form {form!r}: expected one of {FORMS}")
 
 

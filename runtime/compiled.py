@@ -256,7 +256,7 @@ class Program(Walk):
     """
 
     def __init__(self, graph: Graph, xp=np, rank: int | None = None, shard: str | None = None,
-                 elide_packs: bool = True, threads: int = 1):
+                 elide_packs: bool = True, threads: int = 1, runtime=None):
         super().__init__(graph, rank, shard)
         self.xp = xp
         nodes = graph.nodes
@@ -264,8 +264,11 @@ class Program(Walk):
         self.device = device = device_kind(xp)
         self.native = None      # what compile()'s generated C did (runtime.native.Native)
         self.threads = threads
+        # the C runtime (runtime.native.Runtime): window ops and GEMMs as its C kernels
+        self.runtime = runtime if device == "cpu" else None
+        self.c_steps: dict[str, int] = {}
         pool = None
-        if threads > 1 and device == "cpu":
+        if threads > 1 and device == "cpu" and self.runtime is None:
             from shardgrad.runtime.native import Pool
             pool = Pool.of(threads)
         self.split = 0          # batched nodes whose rows are split over the threads
@@ -319,13 +322,15 @@ class Program(Walk):
                 if st.pinned:
                     self._sliced.append((i, pos[pack], offset, offset + n.size, n.shape,
                                          [None, None]))
-                    steps.append(_out_step(fn, tail, slots, ins, i))
+                    steps.append(self._c_step(n, slots, ins, i, fixed)
+                                 or _out_step(fn, tail, slots, ins, i))
                 else:
                     start = st.offset + offset * np.dtype(n.dtype).itemsize
                     raw = arena[start:start + n.size * np.dtype(n.dtype).itemsize]
                     slots[i] = raw.view(st.dtype).reshape(n.shape)
                     fixed[i] = True
-                    steps.append(_fixed_out_step(fn, tail, slots, ins, slots[i], fixed))
+                    steps.append(self._c_step(n, slots, ins, i, fixed)
+                                 or _fixed_out_step(fn, tail, slots, ins, slots[i], fixed))
                 step_nodes.append(n)
                 continue
             if v.kind == "kernel":
@@ -334,12 +339,16 @@ class Program(Walk):
                 if st.pinned:
                     # allocated on first use: outputs the caller directs elsewhere need none
                     self._pinned.append((i, [None, None], n.shape, n.dtype))
-                    steps.append(_out_step(fn, tail, slots, ins, i))
+                    steps.append(self._c_step(n, slots, ins, i, fixed)
+                                 or _out_step(fn, tail, slots, ins, i))
                 else:
                     raw = arena[st.offset:st.offset + st.nbytes]
                     slots[i] = raw.view(st.dtype).reshape(n.shape)
                     fixed[i] = True
-                    if pool is not None and get(n.op).batched and n.size >= SPLIT_FROM and (
+                    c = self._c_step(n, slots, ins, i, fixed)
+                    if c is not None:
+                        steps.append(c)
+                    elif pool is not None and get(n.op).batched and n.size >= SPLIT_FROM and (
                             n.shape[0] >= threads):
                         steps.append(_rows_step(pool, fn, tail, slots, ins, slots[i]))
                         self.split += 1
@@ -369,6 +378,17 @@ class Program(Walk):
                 or (o in users[n.id] and not kernel_for(o, device, "out").inplace))]
             self._hazards[i] = reads
         self._owned: tuple[set[int], set[int]] = (set(), set())
+
+    def _c_step(self, n: Node, slots, ins, i, fixed):
+        """The node's C kernel step into ``slots[i]`` (runtime.native.c_step), counted in
+        ``c_steps``, or None."""
+        if self.runtime is None:
+            return None
+        from shardgrad.runtime.native import c_step
+        step = c_step(self.runtime, n, self.threads, slots, ins, i, fixed)
+        if step is not None:
+            self.c_steps[n.op] = self.c_steps.get(n.op, 0) + 1
+        return step
 
     # the schedule loop is the hot path: everything here was resolved at build time
     def run(self, feeds: Mapping[Any, Any], outputs_into: Mapping[str, Any] | None = None
@@ -411,7 +431,15 @@ class Program(Walk):
             if views[parity] is None:
                 views[parity] = slots[pack][start:stop].reshape(shape)
             slots[i] = views[parity]
-        self.execute()
+        if self.runtime is None:
+            self.execute()
+        else:       # BLAS on one thread in this one: the GEMMs' parallelism is the pool's
+            before = self.runtime.blas_local(1)
+            try:
+                self.execute()
+            finally:
+                if before > 0:
+                    self.runtime.blas_local(before)
         out = {k: slots[i] for k, i in self._out_slots}
         for i, arr in copies:
             xp.copyto(arr, slots[i])
@@ -546,6 +574,9 @@ def compile(graph: Graph, xp=np, simplify: bool = True, rank: int | None = None,
         threads = c.threads() if threads is None else threads
         if native:
             graph, info = c.fuse(graph, threads)
-    program = Program(graph, xp, rank, shard, elide_packs, threads or 1)
+    program = Program(graph, xp, rank, shard, elide_packs, threads or 1,
+                      info.runtime if info is not None else None)
     program.native = info
+    if info is not None:
+        info.c_steps = program.c_steps
     return program

@@ -533,15 +533,15 @@ ENV = {
     "XDG_CACHE_HOME": "the user's cache directory (default ~/.cache): SHARDGRAD_DATA's default",
     "SHARDGRAD_NATIVE": "0 runs the compiled CPU step's elementwise groups as NumPy ufuncs "
                         "(default: generated C, runtime/native.py)",
-    "SHARDGRAD_NATIVE_THREADS": "threads of each generated C loop and of the window ops' row "
-                                "split (default 1: OpenBLAS's spinning workers hold the cores "
-                                "device.threads gives them; runtime/native.py's threads)",
+    "SHARDGRAD_NATIVE_THREADS": "threads of the compiled CPU step's intra-op pool (default: "
+                                "BLAS's thread count, shared out among a node's ranks; "
+                                "runtime/native.py's threads)",
     "SHARDGRAD_CACHE": "where the generated C kernels are built (default: "
                        "$XDG_CACHE_HOME/shardgrad/native)",
     "CC": "the C compiler for the generated CPU kernels (default: cc, gcc or clang on the PATH)",
-    "OMP_WAIT_POLICY": "OpenMP's; unset, the generated CPU kernels' threads sleep when idle "
-                       "(PASSIVE; runtime/native.py's _load)",
-    "GOMP_SPINCOUNT": "libgomp's; set, OMP_WAIT_POLICY is left to libgomp's default",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "set by Open MPI's mpirun: the job's processes on this node",
+    "MPI_LOCALNRANKS": "set by MPICH's mpiexec (Hydra): the job's processes on this node",
+    "LOCAL_WORLD_SIZE": "set by torchrun-style launchers: the job's processes on this node",
     "OMPI_COMM_WORLD_SIZE": "set by Open MPI's mpirun: the job's number of processes",
     "PMI_SIZE": "set by MPICH's mpiexec (Hydra): the job's number of processes",
     "OMPI_COMM_WORLD_LOCAL_RANK": "set by Open MPI's mpirun: this process's rank on its node",

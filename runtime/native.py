@@ -1,9 +1,11 @@
-"""Generated C for the CPU: each elementwise fusion group of a graph (graph.passes) as one C
-loop, its C expressions the ops' own (OpDef.cuda_expr through ops.codegen.cpu_source), split
-over the step's threads by OpenMP and vectorized (glibc's libmvec for exp, erf, tanh, ...), as
-torch.compile's inductor does for its CPU kernels. Built with the system C compiler into a
-shared library cached under the user's cache dir, loaded with ctypes; with no compiler, a
-failed build, or SHARDGRAD_NATIVE=0, the program keeps NumPy's kernels (``Native.reason``).
+"""C for the compiled CPU step, as torch.compile's inductor and torch's intra-op pool do it:
+each elementwise fusion group of a graph (graph.passes) as one generated C loop, its C
+expressions the ops' own (OpDef.cuda_expr through ops.codegen.cpu_source), vectorized (glibc's
+libmvec for exp, erf, tanh, ...); the window ops' C kernels (OpDef.cpu, ops/cpu/*.c); GEMMs
+split into blocks, each single-threaded BLAS; all of them over one intra-op thread pool
+(runtime/pool.c). Built with the system C compiler into shared libraries cached under the
+user's cache dir, loaded with ctypes; with no compiler, a failed build, or SHARDGRAD_NATIVE=0,
+the program keeps NumPy's kernels (``Native.reason``).
 
 Side effects (a compiler process, files, ctypes) live here, in runtime/. Imports graph and ops.
 """
@@ -18,6 +20,7 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +28,36 @@ import numpy as np
 
 from shardgrad.graph import ir, passes
 from shardgrad.graph.ir import Graph, Node
-from shardgrad.ops.codegen import C_PRELUDE, KernelSource, Unsupported, cpu_source, read_through
+from shardgrad.ops.codegen import (
+    C_PRELUDE,
+    CPU_POOL,
+    KernelSource,
+    Unsupported,
+    cpu_source,
+    read_through,
+)
 from shardgrad.ops.registry import get
 
 # A group below this many elements stays NumPy's: a ctypes call (about 1-2 us with its
 # pointer look-ups) costs what a ufunc on a few thousand float32 costs.
 MIN_SIZE = 4096
-# From this many elements a loop is split over the threads: a fused float32 pass takes about
-# 0.5 ns an element here (add + relu over 692k: 0.32 ms), so 128k elements take ~60 us alone,
-# half of which the second thread saves, against the wake-up of a sleeping (passive, see
-# _load) OpenMP thread, some microseconds; torch's intra-op grain is 32k elements.
-PARALLEL_FROM = 1 << 17
+# From this many elements a loop is split over the threads, in parts of GRAIN or more: a fused
+# float32 pass takes about 0.5 ns an element here (add + relu over 692k: 0.32 ms), so 32k
+# elements take ~16 us, against a hand-off to a spinning pool thread of about a microsecond;
+# torch's intra-op grain is 32k elements too.
+PARALLEL_FROM = 1 << 16
+GRAIN = 1 << 15
 # -O3 -march=native: the library runs on the machine that built it only (its cache key has
 # the CPU's flags); -ffp-contract=off keeps a * b + c two roundings, as NumPy computes it;
 # -fno-math-errno lets the math functions vectorize (NumPy never reads errno either).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
-# tried in order until one builds: OpenMP with libmvec, OpenMP alone, neither (one thread)
-VARIANTS = (("-fopenmp", "-DSG_LIBMVEC", "-lmvec", "-lm"), ("-fopenmp", "-lm"), ("-lm",))
+# tried in order until one builds: OpenMP's simd directives (no OpenMP runtime: the threads are
+# runtime/pool.c's) with libmvec, without, neither (scalar math)
+VARIANTS = (("-fopenmp-simd", "-DSG_LIBMVEC", "-pthread", "-lmvec", "-lm"),
+            ("-fopenmp-simd", "-pthread", "-lm"), ("-pthread", "-lm"))
+# how long a pool thread spins for the next job before it sleeps (the next comes within
+# microseconds inside a step; between steps it sleeps)
+SPIN_NS = 2_000_000
 
 
 class NativeError(RuntimeError):
@@ -126,21 +142,7 @@ def build(code: str) -> tuple[ctypes.CDLL, str]:
 
 
 def _load(lib: Path) -> ctypes.CDLL:
-    """Load ``lib`` with libgomp's threads sleeping as soon as a loop ends (OMP_WAIT_POLICY
-    passive) unless the user chose a policy: they and OpenBLAS's threads share the cores,
-    and a gomp thread spinning after its loop took the core OpenBLAS's next GEMM needed.
-    bench/bench_step.py --threads 2 on the 2 shared cores (others' jobs at load 8-10): CNN
-    step 19-31 ms passive against 270-530 ms with the default spin, exact-GELU MLP 87-94
-    against 290-470 ms. libgomp reads the variable once, when it loads (here, with the
-    first library), so the process's environment is left as it was."""
-    from shardgrad.runtime.config import env
-    if env("OMP_WAIT_POLICY") is not None or env("GOMP_SPINCOUNT") is not None:
-        return ctypes.CDLL(str(lib))
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        return ctypes.CDLL(str(lib))
-    finally:
-        del os.environ["OMP_WAIT_POLICY"]
+    return ctypes.CDLL(str(lib))
 
 
 def _compile(cc: str, source: str, folder: Path, lib: Path, used: Path) -> None:
@@ -169,14 +171,20 @@ def _compile(cc: str, source: str, folder: Path, lib: Path, used: Path) -> None:
 
 
 def threads() -> int:
-    """The threads a C loop and a batched op's row split use: SHARDGRAD_NATIVE_THREADS,
-    default 1, whatever device.threads gives BLAS. OpenBLAS's workers spin for a while after
-    each GEMM; a woken OpenMP or pool thread then waits for a core they hold until the
-    scheduler's tick. bench_step's workers at device.threads = 2, quiet (load 1.4-1.6),
-    kernels on 2 threads vs 1: exact-GELU MLP 16.0 vs 3.3 ms a step (torch 3.2), CNN 17-33
-    vs 9.2-9.9 ms (torch 7.2). Where the cores are not shared with BLAS, set it higher."""
+    """The threads of the compiled CPU step's intra-op pool: SHARDGRAD_NATIVE_THREADS when set,
+    else get_num_threads() (BLAS's count: what device.threads, sg.set_num_threads,
+    threadpoolctl or OMP_NUM_THREADS set) where the C runtime builds, else 1. Left at BLAS's
+    default (every core) in one of several processes on a node (mpirun's local ranks, as
+    torchrun's), the cores are shared out among them: a pool thread spins briefly after each
+    job, and two processes' pools on one core would starve each other."""
     from shardgrad.runtime.config import ConfigError, env
-    value = env("SHARDGRAD_NATIVE_THREADS", "1") or "1"
+    value = env("SHARDGRAD_NATIVE_THREADS")
+    if value is None or value == "":
+        if not enabled() or runtime() is None:
+            return 1
+        n, cores = get_num_threads(), _cores()
+        local = local_processes()
+        return max(1, cores // local) if local > 1 and n >= cores else n
     try:
         n = int(value)
     except ValueError:
@@ -184,6 +192,182 @@ def threads() -> int:
     if n < 1:
         raise ConfigError(f"SHARDGRAD_NATIVE_THREADS={value!r}: give a whole number >= 1")
     return n
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# set by the launchers: Open MPI, MPICH / Intel MPI, torchrun-style
+LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")
+
+
+def local_processes() -> int:
+    """How many processes of this job share the node (1 outside a launcher)."""
+    from shardgrad.runtime.config import env
+    for name in LOCAL_SIZE_VARS:
+        value = env(name)
+        if value and value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+# ---- BLAS and the threads ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Blas:
+    """NumPy's OpenBLAS, reached directly: its CBLAS GEMMs (``sgemm``/``dgemm`` addresses,
+    ``i64``: 64-bit integers), and its thread count, global and per calling thread."""
+
+    path: str
+    sgemm: int
+    dgemm: int
+    i64: bool
+    get_threads: Any
+    set_threads: Any
+    local_threads: int          # openblas_set_num_threads_local's address, 0 when missing
+
+
+_blas: list[Blas | None] = []
+
+
+def blas() -> Blas | None:
+    """NumPy's OpenBLAS (the library under numpy's own folder when several are loaded), or
+    None when NumPy uses another BLAS (MKL, Accelerate): then GEMMs stay np.matmul's."""
+    if _blas:
+        return _blas[0]
+    found = None
+    try:
+        from threadpoolctl import threadpool_info
+        libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    except Exception:           # noqa: BLE001 - threadpoolctl scans every loaded library
+        libs = []
+    here = os.path.dirname(os.path.dirname(np.__file__))
+    libs.sort(key=lambda i: not os.path.realpath(i["filepath"]).startswith(here))
+    for info in libs:
+        found = _open_blas(info["filepath"])
+        if found:
+            break
+    _blas.append(found)
+    return found
+
+
+def _open_blas(path: str) -> Blas | None:
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
+
+    def sym(*names):
+        for name in names:
+            try:
+                return name, getattr(lib, name)
+            except AttributeError:
+                continue
+        return None, None
+    sname, sgemm = sym("scipy_cblas_sgemm64_", "cblas_sgemm64_", "scipy_cblas_sgemm",
+                       "cblas_sgemm")
+    _dname, dgemm = sym(*(n.replace("sgemm", "dgemm") for n in (sname or "x",)))
+    _g, get_threads = sym("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                          "scipy_openblas_get_num_threads", "openblas_get_num_threads")
+    _s, set_threads = sym("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                          "scipy_openblas_set_num_threads", "openblas_set_num_threads")
+    _l, local = sym("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_")
+    if sgemm is None or dgemm is None or get_threads is None or set_threads is None:
+        return None
+    i64 = "64" in sname
+    if not i64:
+        _c, config = sym("openblas_get_config", "scipy_openblas_get_config64_")
+        if config is not None:
+            config.restype = ctypes.c_char_p
+            i64 = b"USE64BITINT" in (config() or b"")
+    get_threads.restype, get_threads.argtypes = ctypes.c_int, []
+    set_threads.restype, set_threads.argtypes = None, [ctypes.c_int]
+    addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value or 0
+    return Blas(path, addr(sgemm), addr(dgemm), i64, get_threads, set_threads,
+                addr(local) if local is not None else 0)
+
+
+def get_num_threads() -> int:
+    """The CPU threads a step uses (torch.get_num_threads): NumPy's BLAS thread count, which
+    OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, threadpoolctl and set_num_threads set."""
+    b = blas()
+    if b is not None:
+        return max(1, int(b.get_threads()))
+    from threadpoolctl import threadpool_info
+    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(1, max(counts, default=os.cpu_count() or 1))
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` CPU threads (torch.set_num_threads): BLAS's thread count, and the intra-op
+    pool of every step compiled after this (device.threads does this for a training run)."""
+    from shardgrad.runtime.config import ConfigError
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ConfigError(f"set_num_threads({n!r}): give a whole number >= 1")
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(int(n), user_api="blas")
+
+
+# ---- the C runtime: the pool, the window kernels, the GEMM split ---------------------------------
+
+class Runtime:
+    """runtime/pool.c with ops/cpu/*.c, built and loaded once per process: ``window(name)``
+    and ``gemm`` are its entry points, each called with one int64 argument array."""
+
+    def __init__(self, lib: ctypes.CDLL, flags: str):
+        self.lib, self.flags = lib, flags
+        self.blas = blas()
+        self.parallel_for = ctypes.cast(lib.sg_parallel_for, ctypes.c_void_p).value
+        lib.sg_pool_init.argtypes = [ctypes.c_void_p, ctypes.c_long]
+        lib.sg_pool_init(self.blas.local_threads if self.blas else None, SPIN_NS)
+        lib.sg_blas_threads_local.argtypes = [ctypes.c_int]
+        lib.sg_blas_threads_local.restype = ctypes.c_int
+        self.blas_local = lib.sg_blas_threads_local
+        for name in ("sg_gemm",):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = None
+
+    def window(self, name: str):
+        fn = getattr(self.lib, f"sg_run_{name}")
+        fn.argtypes, fn.restype = [ctypes.c_void_p], None
+        return fn
+
+
+_runtimes: dict[str | None, Runtime | str] = {}     # per compiler: the runtime, or why not
+
+
+def _sources() -> str:
+    here = Path(__file__).resolve().parent
+    cpu = here.parent / "ops" / "cpu"
+    return "\n".join([*(p.read_text() for p in sorted(cpu.glob("*.c"))),
+                      (here / "pool.c").read_text()])
+
+
+def runtime() -> Runtime | None:
+    """The C runtime, built on first use (per C compiler); None when it cannot be built here
+    (runtime_error() says why)."""
+    cc = compiler()
+    with _lock_runtime:
+        if cc not in _runtimes:
+            try:
+                _runtimes[cc] = Runtime(*build(_sources()))
+            except NativeError as e:
+                _runtimes[cc] = str(e)
+        got = _runtimes[cc]
+    return got if isinstance(got, Runtime) else None
+
+
+def runtime_error() -> str:
+    """Why runtime() is None ("" when it is not)."""
+    got = _runtimes.get(compiler())
+    return got if isinstance(got, str) else ""
+
+
+_lock_runtime = threading.Lock()
 
 
 # ---- rows over threads ---------------------------------------------------------------------------
@@ -220,6 +404,153 @@ class Pool:
                 f.exception()
         for f in futures:
             f.result()
+
+
+# ---- the window ops' and the GEMMs' steps ----------------------------------------------
+
+FLOAT_TYPES = ("float32", "float64")
+# a window kernel part covers this many (image, channel) planes or more
+PLANE_GRAIN = 4
+
+
+class Addresses:
+    """An array's data address by its identity: numpy's .ctypes.data builds two objects per
+    call (3% of the exact-GELU step, py-spy); a step's arrays are the same few objects. A
+    non-contiguous array is copied first (kept alive until the next call)."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[Any, int]] = {}
+        self._keep: list[Any] = []
+
+    def __call__(self, x, contiguous: bool = True) -> int:
+        hit = self._seen.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        if contiguous and not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+            self._keep.append(x)
+            del self._keep[:-8]
+            return x.ctypes.data
+        if len(self._seen) > 64:                   # old feeds: let them go
+            self._seen.clear()
+        self._seen[id(x)] = (x, x.ctypes.data)
+        return self._seen[id(x)][1]
+
+
+def c_step(rt: Runtime, node: Node, n_threads: int, slots: list, ins: list[int], i: int,
+           fixed: list[bool]):
+    """The step running ``node`` (its op's CpuKernel) into ``slots[i]`` (a fixed buffer, or an
+    output's, which changes from run to run), reading its inputs from ``slots[ins]``, over
+    ``n_threads`` threads; None when the op has no C kernel or this node is not one it takes
+    (dtype, rank, layout: then the op's own runs)."""
+    from shardgrad.ops.registry import kernel_for
+    kern = kernel_for(node, "cpu", "c")
+    if kern is None or node.dtype not in FLOAT_TYPES or any(
+            x.dtype != node.dtype for x in node.inputs[:len(ins)] if x.dtype in FLOAT_TYPES):
+        return None
+    if kern.name == "gemm":
+        return _gemm_step(rt, node, n_threads, slots, ins, i, fixed)
+    return _window_step(rt, kern, node, n_threads, slots, ins, i, fixed)
+
+
+def _window_step(rt, kern, node, n_threads, slots, ins, i, fixed):
+    if kern.name == "maxpool_grad" and len(ins) != 3:
+        return None                 # without the forward's maxima: the op's own kernel
+    image = node if kern.image < 0 else node.inputs[kern.image]
+    if len(image.shape) != 4:
+        return None
+    (n, c, h, w), a = image.shape, node.attrs
+    kh, kw = a["kernel"]
+    (sh, sw), (ph, pw) = a["stride"], a["padding"]
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    args = (ctypes.c_longlong * (15 + len(ins) + 1))(
+        n_threads, node.dtype == "float64", PLANE_GRAIN, n, c, h, w, kh, kw, sh, sw, ph, pw,
+        oh, ow)
+    fn = rt.window(kern.name)
+    places = [*ins, i]
+    if all(fixed[j] for j in places) and all(slots[j].flags.c_contiguous for j in places):
+        for k, j in enumerate(places):
+            args[15 + k] = slots[j].ctypes.data
+        return partial(fn, args)
+    addr = Addresses()
+
+    def step():
+        for k, j in enumerate(ins):
+            args[15 + k] = addr(slots[j])
+        out = slots[i]
+        into = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
+        args[15 + len(ins)] = addr(into)
+        fn(args)
+        if into is not out:                     # a caller's strided array (outputs_into)
+            np.copyto(out, into)
+    return step
+
+
+def _operand(x, batch: int) -> tuple[int, int, int] | None:
+    """(transposed, leading dimension, batch stride) of a 2-d or 3-d GEMM operand, in
+    elements, or None when BLAS cannot read it as it lies."""
+    item = x.itemsize
+    if any(s % item or s < 0 for s in x.strides):
+        return None
+    st = [s // item for s in x.strides]
+    rows, cols = x.shape[-2:]
+    bs = 0 if x.ndim == 2 or x.shape[0] == 1 else st[0]
+    if x.ndim == 3 and x.shape[0] not in (1, batch):
+        return None
+    r, c = st[-2:]
+    if (c == 1 or cols == 1) and r >= max(1, cols):
+        return 0, r if rows > 1 else max(1, cols), bs
+    if (r == 1 or rows == 1) and c >= max(1, rows):
+        return 1, c if cols > 1 else max(1, rows), bs
+    return None
+
+
+def _gemm_args(rt: Runtime, n_threads: int, a, b, out) -> list[int] | None:
+    if out.ndim not in (2, 3) or a.ndim not in (2, 3) or b.ndim not in (2, 3) or (
+            not out.flags.c_contiguous) or not out.size or a.dtype != out.dtype or (
+            b.dtype != out.dtype):
+        return None
+    batch = out.shape[0] if out.ndim == 3 else 1
+    m, k = a.shape[-2:]
+    nn = b.shape[-1]
+    if k == 0:
+        return None
+    pa, pb = _operand(a, batch), _operand(b, batch)
+    if pa is None or pb is None:
+        return None
+    dbl = out.dtype == np.float64
+    return [n_threads, rt.blas.dgemm if dbl else rt.blas.sgemm, int(dbl), int(rt.blas.i64),
+            pa[0], pb[0], batch, m, nn, k, pa[1], pb[1], pa[2], pb[2], a.ctypes.data,
+            b.ctypes.data, out.ctypes.data]
+
+
+def _gemm_step(rt, node, n_threads, slots, ins, i, fixed):
+    if rt.blas is None or len(ins) != 2:
+        return None
+    gemm = rt.lib.sg_gemm
+    ja, jb = ins
+    if fixed[ja] and fixed[jb] and fixed[i]:
+        got = _gemm_args(rt, n_threads, slots[ja], slots[jb], slots[i])
+        if got is None:
+            return None
+        return partial(gemm, (ctypes.c_longlong * 17)(*got))
+    memo: dict[tuple, Any] = {}
+
+    def step():
+        a, b, out = slots[ja], slots[jb], slots[i]
+        key = (id(a), id(b), id(out))
+        hit = memo.get(key)
+        if hit is None or hit[0] is not a or hit[1] is not b or hit[2] is not out:
+            got = _gemm_args(rt, n_threads, a, b, out)
+            if len(memo) > 16:
+                memo.clear()
+            hit = memo[key] = (a, b, out, None if got is None else (
+                ctypes.c_longlong * 17)(*got))
+        if hit[3] is None:
+            np.matmul(a, b, out=out)
+        else:
+            gemm(hit[3])
+    return step
 
 
 # ---- one group's kernel --------------------------------------------------------------------------
@@ -264,21 +595,26 @@ class Kernel:
 
 @dataclass
 class Native:
-    """What the rewrite did: ``groups`` fused (``ops`` nodes in them), the ``threads`` their
-    loops use, ``flags`` the library was built with, or why the C path is off (``reason``)."""
+    """What the C path did: ``groups`` fused (``ops`` nodes in them), the intra-op pool's
+    ``threads``, the ``flags`` the libraries were built with, the nodes the compiled program
+    runs with C kernels (``c_steps``, filled in by runtime.compiled: window ops and GEMMs), or
+    why the C path is off (``reason``)."""
 
     groups: int = 0
     ops: int = 0
     threads: int = 1
     flags: str = ""
     reason: str = ""
+    c_steps: dict[str, int] = field(default_factory=dict)
     kernels: list[Kernel] = field(default_factory=list, repr=False)
+    runtime: Runtime | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         if self.reason:
             return f"NumPy kernels ({self.reason})"
-        return (f"C kernels: {self.groups} groups of {self.ops} ops, {self.threads} threads "
-                f"({self.flags})")
+        steps = ", ".join(f"{v} {k}" for k, v in sorted(self.c_steps.items()))
+        return (f"C kernels: {self.groups} groups of {self.ops} ops"
+                f"{', ' + steps if steps else ''}; {self.threads} threads ({self.flags})")
 
 
 def _fusable(group) -> bool:
@@ -295,25 +631,30 @@ def fuse(graph: Graph, n_threads: int | None = None) -> tuple[Graph, Native]:
     path is turned off or cannot be built."""
     if not enabled():
         return graph, Native(reason="turned off by SHARDGRAD_NATIVE=0")
+    rt = runtime()
+    if rt is None:
+        return graph, Native(reason=runtime_error())
+    n_threads = threads() if n_threads is None else n_threads
+    info = Native(threads=n_threads, flags=rt.flags, runtime=rt)
     chosen = []
     for g in passes.fusion_groups(graph):
         if not _fusable(g):
             continue
         views = [read_through(x) for x in g.inputs]
         try:
-            src = cpu_source(g, [v[1] for v in views], [v[2] for v in views], PARALLEL_FROM)
+            src = cpu_source(g, [v[1] for v in views], [v[2] for v in views], PARALLEL_FROM,
+                             GRAIN)
         except Unsupported:
             continue
         chosen.append((g, views, src))
     if not chosen:
-        return graph, Native(reason="no elementwise group worth a kernel")
-    code = "\n".join(dict.fromkeys(src.code for _, _, src in chosen))
+        return graph, info
+    code = CPU_POOL + "\n".join(dict.fromkeys(src.code for _, _, src in chosen))
     try:
         lib, flags = build(code)
     except NativeError as e:
         return graph, Native(reason=str(e))
-    n_threads = threads() if n_threads is None else n_threads
-    info = Native(threads=n_threads, flags=flags)
+    ctypes.c_void_p.in_dll(lib, "sg_par").value = rt.parallel_for
     replace: dict[int, tuple[Any, int]] = {}      # member id -> (group index, output index)
     members: dict[int, int] = {}
     made: dict[int, tuple[Node, list[Node]]] = {}
@@ -396,5 +737,6 @@ def _group_nodes(choice, kernel: Kernel, rebuilt, order: list[Node]) -> tuple[No
     return fused, parts
 
 
-__all__ = ["Kernel", "Native", "NativeError", "Pool", "build", "cache_dir", "compiler", "enabled",
-           "fuse", "threads"]
+__all__ = ["Blas", "Kernel", "Native", "NativeError", "Pool", "Runtime", "blas", "build",
+           "c_step", "cache_dir", "compiler", "enabled", "fuse", "get_num_threads",
+           "local_processes", "runtime", "runtime_error", "set_num_threads", "threads"]

@@ -86,7 +86,10 @@ def test_steps_match_interpreter(c_on, monkeypatch, make, exact, threads):
     assert not info.reason and info.groups >= 2 and info.threads == threads, info
     assert "fused" in {n.op for n in program.graph.nodes}
     assert program.threads == threads
-    assert (program.split > 0) == (threads > 1 and make is cnn_step)
+    assert program.split == 0                            # no Python rows: the pool's C
+    want_c = {"matmul"} | ({"im2col", "col2im", "max_pool2d", "max_pool2d_grad"}
+                           if make is cnn_step else set())
+    assert want_c <= set(program.c_steps) and info.c_steps is program.c_steps, info
     got = run_steps(graph, feeds, program)
     want = run_steps(graph, feeds, Interpreter(graph))
     for g, w in zip(got, want, strict=True):
@@ -101,9 +104,8 @@ def test_steps_match_interpreter(c_on, monkeypatch, make, exact, threads):
 def test_library_is_built_once_and_cached(c_on, tmp_path, monkeypatch):
     step, x, y = cnn_step()
     graph, _ = step.graph_for(x, y)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    native.runtime()                # the pool's library: built once per process (elsewhere)
     compile(graph)
-    assert "OMP_WAIT_POLICY" not in os.environ     # set only while libgomp loads
     built = sorted((tmp_path / "cache").glob("sg_*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
@@ -186,10 +188,35 @@ def test_compile_native_false_keeps_numpy_kernels(c_on):
     assert "fused" not in {n.op for n in program.graph.nodes}
 
 
-def test_kernel_threads_default_to_one_and_are_set_by_the_environment(monkeypatch):
-    # not the BLAS pool's width: its spinning workers starved a second kernel thread
+@needs_cc
+def test_pool_threads_follow_blas_and_are_shared_among_local_ranks(c_on, monkeypatch):
     monkeypatch.delenv("SHARDGRAD_NATIVE_THREADS", raising=False)
-    assert native.threads() == 1
+    for name in native.LOCAL_SIZE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    before = sg.get_num_threads()
+    monkeypatch.setattr(native, "_cores", lambda: 4)
+    try:
+        sg.set_num_threads(3)                     # as torch.set_num_threads
+        assert sg.get_num_threads() == 3 and native.threads() == 3
+        sg.set_num_threads(4)                     # BLAS's default, every core ...
+        assert native.threads() == 4
+        monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
+        assert native.threads() == 2              # ... shared by mpirun's 2 ranks here
+        sg.set_num_threads(3)                     # a count the user chose is kept
+        assert native.threads() == 3
+        monkeypatch.setenv("SHARDGRAD_NATIVE_THREADS", "5")
+        assert native.threads() == 5
+        for bad in (0, -1, 1.5, "2", True):
+            with pytest.raises(sg.runtime.config.ConfigError, match="set_num_threads"):
+                sg.set_num_threads(bad)
+    finally:
+        sg.set_num_threads(before)
+
+
+def test_pool_threads_are_one_without_c_and_set_by_the_environment(monkeypatch):
+    monkeypatch.setenv("SHARDGRAD_NATIVE", "0")
+    monkeypatch.delenv("SHARDGRAD_NATIVE_THREADS", raising=False)
+    assert native.threads() == 1                  # NumPy's kernels: the step stays on one
     monkeypatch.setenv("SHARDGRAD_NATIVE_THREADS", "2")
     assert native.threads() == 2
     for bad in ("0", "two", "-1"):
