@@ -334,6 +334,12 @@ def cmd_train(args) -> int:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             summary = train(config, out, comm=comm, resume=args.resume)
     except BaseException as e:  # an interrupted rank too: its peers would wait on it
+        if isinstance(e, Diverged):
+            # the Ray launcher learns from this note not to restart the run
+            # (cluster.max_restarts): the same config from the same checkpoint diverges again
+            from shardgrad.cluster.rank import leave_note
+
+            leave_note(f"diverged-{comm.rank}", f"{e}\n")
         if isinstance(e, Terminated):
             if comm.world_size > 1:
                 world.say_terminated(e.sig)   # unless the signal watcher said it already
@@ -469,7 +475,9 @@ def cmd_launch(args) -> int:
                           "shardgrad launch -n 2 -- python train.py")
     if args.n < 1:
         raise ConfigError(f"-n {args.n}: the number of ranks must be at least 1")
-    if args.launcher != "ray" and shutil.which(program[0]) is None:   # else mpirun's 9 lines
+    # else mpirun's 9 lines (under Ray, after a cluster was started or joined, and once per
+    # restart); Ray's ranks start in this directory, with this node's layout
+    if shutil.which(program[0]) is None:
         raise ConfigError(f"{program[0]}: " + ("not executable" if os.path.isfile(program[0])
                                                else "no such program (not a file, nor on PATH)"))
     config = load_config(None, args.sets)

@@ -10,6 +10,7 @@ process on the same GPU:
     python bench/gpu_bench.py --part steps --stand-in     # the same code on the CPU (host_cupy
                                                           # and torch on the CPU): checks the
                                                           # script, times nothing of a GPU
+                                                          # (tests/bench/test_gpu_bench.py)
 
 Training steps go through what a user writes: ``model.to("cuda")``, ``sg.compile_step`` (or,
 for the eager case, ``loss.backward(); opt.step()``), batches already on the device; torch
@@ -43,14 +44,19 @@ def timed(fn, sync, steps: int, blocks: int = 5) -> float:
     return statistics.median(out)
 
 
-def env_part() -> dict:
+def env_part(stand_in: bool = False) -> dict:
     import cupy as cp
-    info = {"cupy": cp.__version__, "numpy": np.__version__}
-    props = cp.cuda.runtime.getDeviceProperties(0)
-    info["device"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    info["sms"] = props["multiProcessorCount"]
-    info["driver"] = cp.cuda.runtime.driverGetVersion()
-    info["runtime"] = cp.cuda.runtime.runtimeGetVersion()
+    if stand_in:   # host_cupy has no CUDA runtime to ask
+        info = {"cupy": "stand-in (tests/runtime/host_cupy)", "numpy": np.__version__,
+                "device": None}
+    else:
+        info = {"cupy": cp.__version__, "numpy": np.__version__}
+        props = cp.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        info["device"] = name.decode() if isinstance(name, bytes) else name
+        info["sms"] = props["multiProcessorCount"]
+        info["driver"] = cp.cuda.runtime.driverGetVersion()
+        info["runtime"] = cp.cuda.runtime.runtimeGetVersion()
     try:
         import torch
         info["torch"] = torch.__version__
@@ -468,7 +474,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3, help="the cli part's training epochs")
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--elements", type=int, default=1 << 26)
+    ap.add_argument("--elements", type=int, default=None,
+                    help="the fused part's array length (default 2**26; 2**16 with --stand-in, "
+                         "whose host-run kernel took over 200 s at 2**26)")
     ap.add_argument("--stand-in", action="store_true",
                     help="run on the CPU with tests/runtime/host_cupy standing for CuPy")
     ap.add_argument("--no-torch-compile", action="store_true")
@@ -479,11 +487,12 @@ def main(argv=None) -> int:
     if args.stand_in:
         _stand_in()
     if args.part == "env":
-        print(json.dumps(env_part()), flush=True)
+        print(json.dumps(env_part(args.stand_in)), flush=True)
     elif args.part == "cli":
         print(json.dumps(cli_part(args.epochs, args.stand_in)), flush=True)
     elif args.part == "fused":
-        print(json.dumps(fused_part(args.elements)), flush=True)
+        elements = args.elements or (1 << 16 if args.stand_in else 1 << 26)
+        print(json.dumps(fused_part(elements)), flush=True)
     elif args.part == "capture":
         print(json.dumps(capture_part(args.steps, args.stand_in)), flush=True)
     elif args.part == "libs":

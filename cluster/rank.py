@@ -5,7 +5,8 @@ a peer that lost it aborts the job first:
 
 runs PROGRAM as a child (which dies with this process) and passes SIGTERM, SIGINT and SIGHUP
 on to it; when a signal kills the child, it says so on stderr and leaves a note (rank, signal,
-time) in the directory SHARDGRAD_RANK_NOTES names, where the rank's Host actor reads it.
+time) in the directory SHARDGRAD_RANK_NOTES names, where the rank's Host actor reads it (a
+diverged run leaves one there too: cli.cmd_train).
 Imports only the standard library and is run by path: importing shardgrad first (as ``-m``
 would) took 1-1.6 s before each rank could start, on the Ray job's path to its first step.
 """
@@ -43,19 +44,26 @@ def main(argv: list[str] | None = None) -> int:
     code = child.wait()
     if code >= 0:
         return code
-    # Read here, not through runtime.config (config.ENV documents both): that would import
-    # shardgrad (see the docstring).
+    # Read here, not through runtime.config: see leave_note.
     rank = os.environ.get("OMPI_COMM_WORLD_RANK") or "?"
     name = signal.Signals(-code).name
     print(f"rank {rank} was killed by {name} (pid {child.pid})", file=sys.stderr, flush=True)
+    leave_note(f"rank-{rank}", f"{rank} {-code} {time.time()}\n")
+    return 128 - code
+
+
+def leave_note(name: str, text: str) -> None:
+    """Write ``text`` to file ``name`` in the directory SHARDGRAD_RANK_NOTES names (set by the
+    Ray launcher: its Host actor reads the notes there; unset: nothing is written)."""
+    # Read here, not through runtime.config (config.ENV documents both): that would import
+    # shardgrad (see the docstring).
     notes = os.environ.get("SHARDGRAD_RANK_NOTES")
     if notes:
         try:
-            with open(os.path.join(notes, f"rank-{rank}"), "w") as f:
-                f.write(f"{rank} {-code} {time.time()}\n")
+            with open(os.path.join(notes, name), "w") as f:
+                f.write(text)
         except OSError:
             pass
-    return 128 - code
 
 
 if __name__ == "__main__":

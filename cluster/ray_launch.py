@@ -164,6 +164,8 @@ def read_notes(directory: str) -> list[tuple[int, int, float]]:
     by a signal."""
     found = []
     for name in os.listdir(directory):
+        if not name.startswith("rank-"):
+            continue
         try:
             with open(os.path.join(directory, name)) as f:
                 rank, sig, when = f.read().split()
@@ -171,6 +173,13 @@ def read_notes(directory: str) -> list[tuple[int, int, float]]:
         except (OSError, ValueError):
             continue
     return found
+
+
+def read_diverged(directory: str) -> list[int]:
+    """The ranks whose run diverged (a ``diverged-RANK`` note in ``directory``, left by
+    cli.cmd_train)."""
+    return [int(name[len("diverged-"):]) for name in os.listdir(directory)
+            if name.startswith("diverged-") and name[len("diverged-"):].isdigit()]
 
 
 @ray.remote
@@ -266,6 +275,10 @@ class Host:
     def notes(self) -> list[tuple[int, int, float]]:
         """(rank, signal, time) of each rank here that a signal killed (cluster/rank.py)."""
         return read_notes(self.notes_dir)
+
+    def diverged(self) -> list[int]:
+        """The ranks here whose run diverged (read_diverged)."""
+        return read_diverged(self.notes_dir)
 
     def until_stopped(self) -> None:
         """Returns when ``stop`` is called; a caller holding this call learns of the actor's
@@ -624,18 +637,30 @@ def supervise(job: Job, argv: Sequence[str], env: Mapping[str, str],
     return max(code, 1), f"{who} failed; mpirun {how}"
 
 
+def _from_hosts(job: Job, read: Callable[[str], list], method: str) -> list:
+    """What ``read`` finds in the notes of every host of the job: read here for a direct job,
+    else by each host actor's ``method``; [] when a host cannot be asked."""
+    try:
+        return read(job.notes_dir) if job.direct else [
+            x for found in ray.get([getattr(a, method).remote() for a in job.actors], timeout=5)
+            for x in found]
+    except (RayActorError, GetTimeoutError, OSError):
+        return []
+
+
 def _killed(job: Job) -> tuple[int, int] | None:
     """(rank, signal) of the first rank a signal killed, from the hosts' notes: a peer that
     lost it may abort the job first, and mpirun then names that peer."""
-    try:
-        notes = read_notes(job.notes_dir) if job.direct else [
-            n for found in ray.get([a.notes.remote() for a in job.actors], timeout=5)
-            for n in found]
-    except (RayActorError, GetTimeoutError, OSError):
-        return None
+    notes = _from_hosts(job, read_notes, "notes")
     # the first rank killed by anything but SIGTERM (a teardown's signal), else the first
     first = min(notes, key=lambda n: (n[1] == signal.SIGTERM, n[2]), default=None)
     return None if first is None else (first[0], first[1])
+
+
+def _diverged(job: Job) -> bool:
+    """Whether a rank's run diverged (its training loss or parameters became NaN or
+    infinite), from the hosts' notes."""
+    return bool(_from_hosts(job, read_diverged, "diverged"))
 
 
 class Terminated(KeyboardInterrupt):
@@ -712,6 +737,10 @@ def _attempts(job: Job, max_restarts: int, env: Mapping[str, str],
                 break
             if code == 2:   # a rank's bad-input error (one line above): a restart meets it again
                 _say(f"{failure}; not restarted: a bad-input error (exit 2) would recur")
+                break
+            if _diverged(job):   # the same config from the same checkpoint diverges again
+                _say(f"{failure}; not restarted: the training diverged, and a restart would "
+                     f"diverge again")
                 break
             how = ""
             if resize is not None:

@@ -347,7 +347,8 @@ class ClusterConfig(Section):
                                     "else 0")
     max_restarts: int = key(0, min=0,
                             help="--launcher ray: restarts from the latest checkpoint after a "
-                                 "rank or its node fails")
+                                 "rank or its node fails (not after bad input, exit 2, or a "
+                                 "diverged run)")
     min_ranks: int = key(0, min=0,
                          help="--launcher ray: a restart after a lost node goes on with fewer "
                               "ranks (parallel.dp shrunk, the global batch kept), down to this "
@@ -548,7 +549,7 @@ ENV = {
     "MPI_LOCALRANKID": "set by MPICH's mpiexec: this process's rank on its node",
     "OMPI_COMM_WORLD_RANK": "set by Open MPI's mpirun: this process's rank",
     "SHARDGRAD_RANK_NOTES": "set by the Ray launcher's Host actor: where cluster/rank.py notes "
-                            "a rank that a signal killed",
+                            "a rank that a signal killed, and a diverged rank says so",
     "RAY_ADDRESS": "--launcher ray: the Ray cluster to join (`ray job submit` sets it); unset: "
                    "one running on this machine, else a new local one",
 }

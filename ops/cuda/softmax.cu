@@ -12,43 +12,33 @@ __device__ __forceinline__ T sg_neg_inf() { return -(T)__int_as_float(0x7f800000
 // NaN-propagating max, as numpy.max: a NaN, once seen, wins.
 __device__ __forceinline__ T sg_max(T a, T b) { return (b > a || b != b) ? b : a; }
 
-__device__ __forceinline__ T warp_sum(T v) {
-    for (int o = warpSize / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+struct SumOp {
+    __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+struct MaxOp {
+    __device__ __forceinline__ T operator()(T a, T b) const { return sg_max(a, b); }
+};
+
+template <class Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+    for (int o = warpSize / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ __forceinline__ T warp_max(T v) {
-    for (int o = warpSize / 2; o > 0; o >>= 1) v = sg_max(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// blockDim.x must be a multiple of warpSize (the launcher uses 32..1024).
-__device__ T block_sum(T v, T* sh) {
+// blockDim.x must be a multiple of warpSize (the launcher uses 32..1024); `identity` stands
+// for the lanes of warp 0 past the block's warps.
+template <class Op>
+__device__ T block_reduce(T v, T* sh, T identity, Op op) {
     const int lane = threadIdx.x % warpSize, w = threadIdx.x / warpSize;
     const int nw = (blockDim.x + warpSize - 1) / warpSize;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) sh[w] = v;
     __syncthreads();
     if (w == 0) {
-        v = lane < nw ? sh[lane] : (T)0;
-        v = warp_sum(v);
-        if (lane == 0) sh[0] = v;
-    }
-    __syncthreads();
-    return sh[0];
-}
-
-__device__ T block_max(T v, T* sh) {
-    const int lane = threadIdx.x % warpSize, w = threadIdx.x / warpSize;
-    const int nw = (blockDim.x + warpSize - 1) / warpSize;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        v = lane < nw ? sh[lane] : sg_neg_inf();
-        v = warp_max(v);
+        v = lane < nw ? sh[lane] : identity;
+        v = warp_reduce(v, op);
         if (lane == 0) sh[0] = v;
     }
     __syncthreads();
@@ -59,11 +49,11 @@ __device__ T block_max(T v, T* sh) {
 __device__ void row_stats(const T* __restrict__ xr, int cols, T* sh, T* m_out, T* s_out) {
     T m = sg_neg_inf();
     for (int j = threadIdx.x; j < cols; j += blockDim.x) m = sg_max(m, xr[j]);
-    m = block_max(m, sh);
+    m = block_reduce(m, sh, sg_neg_inf(), MaxOp());
     T s = 0;
     for (int j = threadIdx.x; j < cols; j += blockDim.x) s += exp(xr[j] - m);
     *m_out = m;
-    *s_out = block_sum(s, sh);
+    *s_out = block_reduce(s, sh, (T)0, SumOp());
 }
 
 // out = softmax(x) (log_out = 0) or log_softmax(x) (log_out = 1) along each row

@@ -180,6 +180,21 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     assert err == "" and p.returncode == 141, (p.returncode, err)
 
 
+def test_launch_under_ray_of_a_missing_program_is_one_line_before_ray(tmp_path, capsys,
+                                                                      monkeypatch):
+    """`launch --launcher ray` used to start (or join) a Ray cluster and then print mpirun's
+    9-line block, once per `cluster.max_restarts`, exit 183."""
+    monkeypatch.setattr(cli, "_ray_launch", lambda: pytest.fail("the Ray launcher was reached"))
+    (tmp_path / "notes.txt").write_text("")
+    for program, said in ((tmp_path / "none", "no such program (not a file, nor on PATH)"),
+                          (tmp_path / "notes.txt", "not executable")):
+        argv = ["launch", "-n", "2", "--launcher", "ray", "--set", "cluster.max_restarts=1",
+                "--", str(program), "x"]
+        assert cli.main(argv) == 2, argv
+        out = capsys.readouterr()
+        assert out.err == f"shardgrad launch: error: {program}: {said}\n" and out.out == "", argv
+
+
 def test_bad_arguments_of_graph_simulate_and_launch_are_one_line(tmp_path, capsys):
     """Each used to go through: graph --out x.jpg wrote DOT text into x.jpg; --microbatches 0
     and --gpus-per-node 0 were taken as the default; launch of a missing program printed

@@ -241,6 +241,28 @@ def test_bad_input_on_the_ranks_is_one_line_and_not_restarted(cluster, tmp_path)
         r.stderr
 
 
+def test_a_diverged_run_is_one_line_and_not_restarted(cluster, tmp_path):
+    """A loss that becomes NaN: the ranks' one line, exit 1, and the launcher's verdict;
+    `cluster.max_restarts` used to restart it into the same divergence (the same config
+    from the same checkpoint diverges again)."""
+    env, config = cluster
+    out = tmp_path / "run"
+    r = shardgrad([config, "--out", str(out), "--launcher", "ray", "--set", "parallel.dp=2",
+                   "--set", "cluster.max_restarts=2", "--set", "train.lr=1e200"], env)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.splitlines()
+    said = ("shardgrad train: error: the training loss is nan at step 2 (epoch 1, lr 1e+200): "
+            "training diverged (lower train.lr, or check the data for NaN)")
+    assert lines.count(said) == 1, r.stderr
+    assert sum(line.startswith("shardgrad ray: attempt ") for line in lines) == 1, r.stderr
+    assert "----" not in r.stderr and "prterun" not in r.stderr, r.stderr
+    assert re.search(r"shardgrad ray: rank \d \(host sg-\S+ on .*\) failed; mpirun exit code 1; "
+                     r"not restarted: the training diverged, and a restart would diverge "
+                     r"again$", lines[-1]), r.stderr
+    assert os.listdir(out / "checkpoints") == []
+    assert not (out / "final.safetensors").exists() and not (out / "summary.json").exists()
+
+
 @pytest.mark.parametrize("launcher", ["mpi", "ray"])
 def test_launch_runs_a_users_script_as_ranks(cluster, launcher):
     """``shardgrad launch -n 2 [--launcher ray] -- python SCRIPT`` (a relative path: the ranks

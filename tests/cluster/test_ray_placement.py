@@ -114,6 +114,27 @@ def test_pipelines_packed_a_node_each_and_stage_replicas_spread(cluster, tmp_pat
     assert (tmp_path / "summary.json").exists()
 
 
+def test_a_diverged_pipeline_across_nodes_is_not_restarted(cluster, tmp_path):
+    """The ranks on both nodes run under host actors, whose notes tell the launcher that the
+    run diverged: `cluster.max_restarts` does not restart it into the same divergence."""
+    env, config, _ = cluster
+    ran = subprocess.run([sys.executable, "-m", "shardgrad", "train", config, "--out",
+                          str(tmp_path), "--launcher", "ray", "--set", "parallel.pp=2",
+                          "--set", "parallel.dp=2", "--set", "train.lr=1e200", "--set",
+                          "cluster.max_restarts=1"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    lines = ran.stderr.splitlines()
+    assert "then mpirun starts the ranks here" not in ran.stderr, ran.stderr   # not direct
+    assert sum(line.startswith("shardgrad ray: attempt ") for line in lines) == 1, ran.stderr
+    assert any(line.startswith("shardgrad train: error: the training loss is nan at step ")
+               and line.endswith("training diverged (lower train.lr, or check the data for NaN)")
+               for line in lines), ran.stderr
+    assert lines[-1].endswith("; not restarted: the training diverged, and a restart would "
+                              "diverge again"), ran.stderr
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
 def test_plan_shows_the_placement_it_would_ask_for(cluster):
     env, config, ids = cluster
     ran = subprocess.run([sys.executable, "-m", "shardgrad", "plan", config, "--launcher", "ray",

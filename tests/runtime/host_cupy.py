@@ -171,13 +171,39 @@ def _creates_on_device(fn, uploads: bool = False):
     return wrapped
 
 
+class _Generator:
+    """NumPy's Generator whose draws are DeviceArrays, as CuPy's ``cupy.random.Generator``."""
+
+    def __init__(self, seed=None):
+        self._rng = np.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        return _creates_on_device(getattr(self._rng, name))
+
+
+def _random_module() -> types.ModuleType:
+    """``cupy.random`` of device_module: NumPy's functions, drawing DeviceArrays (CuPy's draw on
+    the device), and ``default_rng``'s Generator; NumPy's classes are left out, so a use
+    that would draw host arrays fails by name."""
+    rand = types.ModuleType("cupy.random")
+    for name in dir(np.random):
+        fn = getattr(np.random, name)
+        if callable(fn) and not isinstance(fn, type) and not name.startswith("_"):
+            setattr(rand, name, _creates_on_device(fn))
+    rand.default_rng = _Generator
+    rand.Generator = _Generator
+    return rand
+
+
 def device_module(devices: int = 1) -> types.ModuleType:
     """``module(devices)`` whose functions make DeviceArrays: ``asarray``/``array`` take host
-    data (the upload), every other function and ufunc refuses NumPy arrays."""
+    data (the upload), every other function and ufunc refuses NumPy arrays; so do the draws
+    of ``random`` (and its ``default_rng``'s Generator)."""
     cupy = module(devices)
     for name, fn in vars(np).items():
         if callable(fn) and not isinstance(fn, type | np.ufunc) and not name.startswith("_"):
             setattr(cupy, name, _creates_on_device(fn, uploads=name in ("array", "asarray")))
+    cupy.random = _random_module()
     cupy.ndarray = DeviceArray
     cupy.asnumpy = lambda x: x.get() if isinstance(x, DeviceArray) else np.asarray(x)
     cupy.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
