@@ -569,6 +569,7 @@ def compare(args, line: dict, graph: str, batch: int, impls: list[str]) -> dict:
                      for i in impls}
         line[name] = {label: _paired(rounds[key], num, den) for label, num, den in MLP_PAIRS
                       if num in impls and den in impls}
+    line["rounds"] = rounds
     line["details"] = extra
     plan = extra.get("compiled", {}).get("plan")
     if plan:
