@@ -505,10 +505,29 @@ def _operand(x, batch: int) -> tuple[int, int, int] | None:
     return None
 
 
+def _as_3d(x, lead: tuple[int, ...]):
+    """``x`` (..., r, c) as (batch, r, c) without a copy: leading dimensions ``lead`` merged
+    into one (a 2-d ``x`` as it is, broadcast over them), or None when its strides do not
+    allow it (or its leading dimensions are not ``lead``: broadcast ones)."""
+    if x.ndim == 2:
+        return x
+    if all(d == 1 for d in x.shape[:-2]):
+        return x.reshape(x.shape[-2:])
+    if tuple(x.shape[:-2]) != lead:
+        return None
+    if x.ndim == 3:
+        return x
+    view = x.reshape((-1,) + x.shape[-2:])     # a copy where the strides do not merge
+    return view if np.shares_memory(view, x) else None
+
+
 def _gemm_args(rt: Runtime, n_threads: int, a, b, out) -> list[int] | None:
-    if out.ndim not in (2, 3) or a.ndim not in (2, 3) or b.ndim not in (2, 3) or (
-            not out.flags.c_contiguous) or not out.size or a.dtype != out.dtype or (
-            b.dtype != out.dtype):
+    if out.ndim < 2 or not out.flags.c_contiguous or not out.size or (
+            a.dtype != out.dtype or b.dtype != out.dtype or a.ndim < 2 or b.ndim < 2):
+        return None
+    lead = tuple(out.shape[:-2])
+    a, b, out = _as_3d(a, lead), _as_3d(b, lead), out.reshape((-1,) + out.shape[-2:])
+    if a is None or b is None:
         return None
     batch = out.shape[0] if out.ndim == 3 else 1
     m, k = a.shape[-2:]

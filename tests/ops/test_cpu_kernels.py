@@ -94,14 +94,18 @@ def gemm_graph(a_shape, b_shape, dtype, ta=False, tb=False):
 
 GEMMS = [((200, 300), (300, 100)), ((1, 300), (300, 100)), ((200, 1), (1, 100)),
          ((200, 300), (300, 1)), ((6, 70, 80), (6, 80, 90)), ((70, 80), (6, 80, 90)),
-         ((6, 70, 80), (80, 90)), ((1, 70, 80), (6, 80, 90)), ((3, 9, 700), (3, 700, 5))]
+         ((6, 70, 80), (80, 90)), ((1, 70, 80), (6, 80, 90)), ((3, 9, 700), (3, 700, 5)),
+         ((2, 3, 40, 50), (2, 3, 50, 60)), ((40, 50), (2, 3, 50, 60)), ((2, 3, 40, 50), (50, 60))]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shapes", GEMMS, ids=lambda s: f"{s[0]}@{s[1]}")
 @pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_gemms_equal_numpy_in_every_layout(c_on, dtype, shapes, ta, tb, threads):
+def test_gemms_equal_numpy_in_every_layout(c_on, monkeypatch, dtype, shapes, ta, tb, threads):
+    made = []          # every call's BLAS arguments: None would mean np.matmul ran instead
+    real = native._gemm_args
+    monkeypatch.setattr(native, "_gemm_args", lambda *a: made.append(real(*a)) or made[-1])
     graph = gemm_graph(*shapes, dtype, ta, tb)
     program = compile(graph, threads=threads, simplify=False)
     assert program.c_steps == {"matmul": 1}, program.native
@@ -113,6 +117,7 @@ def test_gemms_equal_numpy_in_every_layout(c_on, dtype, shapes, ta, tb, threads)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
     for _ in range(2):                    # the same feeds again: the same bits
         np.testing.assert_array_equal(program.run(feeds)["y"], got)
+    assert made and None not in made
 
 
 def test_a_gemm_blas_cannot_read_runs_numpy(c_on):
