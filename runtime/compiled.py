@@ -558,20 +558,23 @@ def compile(graph: Graph, xp=np, simplify: bool = True, rank: int | None = None,
     default) a pack writes a planned buffer and the values it packs are computed straight
     into their slices of it where that is safe, as PyTorch DDP's gradient_as_bucket_view
     (``stats()["packed_in_place"]`` counts them); else each pack copies into a fresh buffer.
-    With ``native`` (the default) on NumPy, each elementwise fusion group of a few thousand
-    elements or more runs as one generated C loop over the step's threads (runtime.native;
-    ``program.native`` says what ran, and why not where it did not: no compiler, a failed
-    build, SHARDGRAD_NATIVE=0). Its arithmetic is NumPy's bit for bit; exp, erf, tanh and the
-    other math functions are glibc's vector forms, within a few float ulps of NumPy's.
-    ``threads`` (default: runtime.native.threads(), SHARDGRAD_NATIVE_THREADS or 1) is what
-    those loops use, and batched ops (OpDef.batched: the window ops) are split by rows over
-    as many threads (the same values: each row is computed as it would be alone)."""
+    With ``native`` (the default) on NumPy, the step runs C over an intra-op thread pool
+    (runtime.native, runtime/pool.c): each elementwise fusion group of a few thousand
+    elements or more as one generated loop, the window ops as their C kernels (OpDef.cpu),
+    GEMMs as blocks of single-threaded BLAS; ``program.native`` says what ran, and why not
+    where it did not (no compiler, a failed build, SHARDGRAD_NATIVE=0). Its arithmetic is
+    NumPy's (bit for bit, but for the sign of a zero maximum-pooling gradient); exp, erf, tanh
+    and the other math functions are glibc's vector forms, within a few float ulps of
+    NumPy's. ``threads`` (default: runtime.native.threads(), BLAS's thread count; 1 without
+    the C path) is the pool's width; without the C path, batched ops (OpDef.batched) are
+    split by rows over that many Python threads (the same values)."""
     if simplify:
         graph = passes.schedule(passes.simplify(passes.fold_transposes(graph)))
     info = None
     if device_kind(xp) == "cpu":
         from shardgrad.runtime import native as c
-        threads = c.threads() if threads is None else threads
+        if threads is None:        # NumPy's kernels alone stay on one thread (BLAS's own aside)
+            threads = c.threads() if native else 1
         if native:
             graph, info = c.fuse(graph, threads)
     program = Program(graph, xp, rank, shard, elide_packs, threads or 1,

@@ -415,18 +415,19 @@ PLANE_GRAIN = 4
 
 class Addresses:
     """An array's data address by its identity: numpy's .ctypes.data builds two objects per
-    call (3% of the exact-GELU step, py-spy); a step's arrays are the same few objects. A
-    non-contiguous array is copied first (kept alive until the next call)."""
+    call (3% of the exact-GELU step, py-spy); a step's arrays are the same few objects, held
+    here so that no other takes their ids. An input that is not C-contiguous is copied first
+    (the copy kept alive until the call returns, and some calls more)."""
 
     def __init__(self):
         self._seen: dict[int, tuple[Any, int]] = {}
         self._keep: list[Any] = []
 
-    def __call__(self, x, contiguous: bool = True) -> int:
+    def __call__(self, x) -> int:
         hit = self._seen.get(id(x))
         if hit is not None and hit[0] is x:
             return hit[1]
-        if contiguous and not x.flags.c_contiguous:
+        if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
             self._keep.append(x)
             del self._keep[:-8]
@@ -581,8 +582,7 @@ class Kernel:
 
     def __init__(self, fn, src: KernelSource, sizes: list[int], itemsize: int, n_threads: int):
         self.fn, self.passed, self.threads = fn, src.args, n_threads
-        self._addrs: dict[int, tuple[Any, int]] = {}
-        self._keep = None
+        self._addr = Addresses()
         self.offsets = [sum(sizes[:k]) * itemsize for k in range(len(sizes))]
         fn.argtypes = [ctypes.c_void_p] * (len(src.args) + len(sizes)) + [ctypes.c_int]
         fn.restype = None
@@ -590,23 +590,12 @@ class Kernel:
     def __call__(self, *xs, out):
         addr = self._addr
         args = [addr(xs[j]) for j in self.passed]
-        base = addr(out)
+        into = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
+        base = addr(into)
         self.fn(*args, *[base + o for o in self.offsets], self.threads)
+        if into is not out:                 # a caller's strided array (outputs_into)
+            np.copyto(out, into)
         return out
-
-    def _addr(self, x) -> int:
-        # an array's address by its identity: numpy's .ctypes.data builds two objects per
-        # call, 3% of the exact-GELU step (py-spy); a step's arrays are the same few objects
-        hit = self._addrs.get(id(x))
-        if hit is not None and hit[0] is x:
-            return hit[1]
-        if not x.flags.c_contiguous:
-            x = self._keep = np.ascontiguousarray(x)   # alive until the call returns
-            return x.ctypes.data
-        if len(self._addrs) > 64:                      # old feeds: let them go
-            self._addrs.clear()
-        self._addrs[id(x)] = (x, x.ctypes.data)
-        return self._addrs[id(x)][1]
 
     def __repr__(self) -> str:
         return f"<C kernel {self.fn.__name__}, {self.threads} threads>"
