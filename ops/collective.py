@@ -337,7 +337,7 @@ def _unpack_vjp(g, flat, out, offset, shape):
 register(OpDef("unpack", infer=_unpack_infer,
                forward=lambda xp, flat, offset, shape:
                flat[offset:offset + int(np.prod(shape, dtype=np.int64))].reshape(shape),
-               vjp=_unpack_vjp, cost=lambda node: (0.0, 0.0), view="contiguous"))
+               vjp=_unpack_vjp, cost=lambda node: (0.0, 0.0)))
 
 
 def unpack(flat: Node, offset: int, shape: Sequence[int]) -> Node:
