@@ -434,12 +434,11 @@ class Program(Walk):
         if self.runtime is None:
             self.execute()
         else:       # BLAS on one thread in this one: the GEMMs' parallelism is the pool's
-            before = self.runtime.blas_local(1)
+            self.runtime.blas_enter()
             try:
                 self.execute()
             finally:
-                if before > 0:
-                    self.runtime.blas_local(before)
+                self.runtime.blas_exit()
         out = {k: slots[i] for k, i in self._out_slots}
         for i, arr in copies:
             xp.copyto(arr, slots[i])

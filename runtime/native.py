@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -220,7 +221,8 @@ def local_processes() -> int:
 @dataclass(frozen=True)
 class Blas:
     """NumPy's OpenBLAS, reached directly: its CBLAS GEMMs (``sgemm``/``dgemm`` addresses,
-    ``i64``: 64-bit integers), and its thread count, global and per calling thread."""
+    ``i64``: 64-bit integers), and its thread count (process-wide: the "_local" setter of
+    OpenBLAS 0.3.31 sets it for every thread too)."""
 
     path: str
     sgemm: int
@@ -228,7 +230,6 @@ class Blas:
     i64: bool
     get_threads: Any
     set_threads: Any
-    local_threads: int          # openblas_set_num_threads_local's address, 0 when missing
 
 
 _blas: list[Blas | None] = []
@@ -275,7 +276,6 @@ def _open_blas(path: str) -> Blas | None:
                           "scipy_openblas_get_num_threads", "openblas_get_num_threads")
     _s, set_threads = sym("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
                           "scipy_openblas_set_num_threads", "openblas_set_num_threads")
-    _l, local = sym("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_")
     if sgemm is None or dgemm is None or get_threads is None or set_threads is None:
         return None
     i64 = "64" in sname
@@ -287,14 +287,16 @@ def _open_blas(path: str) -> Blas | None:
     get_threads.restype, get_threads.argtypes = ctypes.c_int, []
     set_threads.restype, set_threads.argtypes = None, [ctypes.c_int]
     addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value or 0
-    return Blas(path, addr(sgemm), addr(dgemm), i64, get_threads, set_threads,
-                addr(local) if local is not None else 0)
+    return Blas(path, addr(sgemm), addr(dgemm), i64, get_threads, set_threads)
 
 
 def get_num_threads() -> int:
     """The CPU threads a step uses (torch.get_num_threads): NumPy's BLAS thread count, which
     OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, threadpoolctl and set_num_threads set."""
     b = blas()
+    rt = next((r for r in _runtimes.values() if isinstance(r, Runtime)), None)
+    if rt is not None:                  # not the 1 it holds BLAS at while a step runs
+        return max(1, int(rt.blas_threads()))
     if b is not None:
         return max(1, int(b.get_threads()))
     from threadpoolctl import threadpool_info
@@ -322,11 +324,13 @@ class Runtime:
         self.lib, self.flags = lib, flags
         self.blas = blas()
         self.parallel_for = ctypes.cast(lib.sg_parallel_for, ctypes.c_void_p).value
-        lib.sg_pool_init.argtypes = [ctypes.c_void_p, ctypes.c_long]
-        lib.sg_pool_init(self.blas.local_threads if self.blas else None, SPIN_NS)
-        lib.sg_blas_threads_local.argtypes = [ctypes.c_int]
-        lib.sg_blas_threads_local.restype = ctypes.c_int
-        self.blas_local = lib.sg_blas_threads_local
+        lib.sg_pool_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value
+        lib.sg_pool_init(addr(self.blas.set_threads) if self.blas else None,
+                         addr(self.blas.get_threads) if self.blas else None, SPIN_NS)
+        lib.sg_blas_threads.restype = ctypes.c_int
+        self.blas_enter, self.blas_exit, self.blas_threads = (
+            lib.sg_blas_enter, lib.sg_blas_exit, lib.sg_blas_threads)
         for name in ("sg_gemm",):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
             getattr(lib, name).restype = None
@@ -425,17 +429,19 @@ class Addresses:
 
     def __call__(self, x) -> int:
         hit = self._seen.get(id(x))
-        if hit is not None and hit[0] is x:
+        if hit is not None and hit[0]() is x:
             return hit[1]
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
-            self._keep.append(x)
-            del self._keep[:-8]
+            self._keep.append(x)                   # until release(), after the call
             return x.ctypes.data
-        if len(self._seen) > 64:                   # old feeds: let them go
+        if len(self._seen) > 64:
             self._seen.clear()
-        self._seen[id(x)] = (x, x.ctypes.data)
+        self._seen[id(x)] = (weakref.ref(x), x.ctypes.data)
         return self._seen[id(x)][1]
+
+    def release(self) -> None:
+        self._keep.clear()
 
 
 def c_step(rt: Runtime, node: Node, n_threads: int, slots: list, ins: list[int], i: int,
@@ -481,7 +487,10 @@ def _window_step(rt, kern, node, n_threads, slots, ins, i, fixed):
         out = slots[i]
         into = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
         args[15 + len(ins)] = addr(into)
-        fn(args)
+        try:
+            fn(args)
+        finally:
+            addr.release()
         if into is not out:                     # a caller's strided array (outputs_into)
             np.copyto(out, into)
     return step
@@ -560,12 +569,12 @@ def _gemm_step(rt, node, n_threads, slots, ins, i, fixed):
         a, b, out = slots[ja], slots[jb], slots[i]
         key = (id(a), id(b), id(out))
         hit = memo.get(key)
-        if hit is None or hit[0] is not a or hit[1] is not b or hit[2] is not out:
+        if hit is None or hit[0]() is not a or hit[1]() is not b or hit[2]() is not out:
             got = _gemm_args(rt, n_threads, a, b, out)
             if len(memo) > 16:
                 memo.clear()
-            hit = memo[key] = (a, b, out, None if got is None else (
-                ctypes.c_longlong * 17)(*got))
+            hit = memo[key] = (weakref.ref(a), weakref.ref(b), weakref.ref(out),
+                               None if got is None else (ctypes.c_longlong * 17)(*got))
         if hit[3] is None:
             np.matmul(a, b, out=out)
         else:
@@ -592,7 +601,10 @@ class Kernel:
         args = [addr(xs[j]) for j in self.passed]
         into = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
         base = addr(into)
-        self.fn(*args, *[base + o for o in self.offsets], self.threads)
+        try:
+            self.fn(*args, *[base + o for o in self.offsets], self.threads)
+        finally:
+            addr.release()
         if into is not out:                 # a caller's strided array (outputs_into)
             np.copyto(out, into)
         return out

@@ -37,7 +37,11 @@ static sg_task sg_fn;
 static void* sg_ctx;
 static long long sg_n;
 static long sg_spin_ns = 200000;            // spin this long after a job before sleeping
-static int (*sg_blas_local)(int);           // openblas_set_num_threads_local, when found
+static void (*sg_blas_set)(int);            // openblas_set_num_threads (global), when found
+static int (*sg_blas_get)(void);
+static pthread_mutex_t sg_blas_mu = PTHREAD_MUTEX_INITIALIZER;
+static int sg_blas_users, sg_blas_saved;    // steps running; BLAS's count before the first
+static _Atomic int sg_width;                // workers the current job may use (threads - 1)
 
 static long long sg_now_ns(void) {
     struct timespec t;
@@ -87,12 +91,13 @@ static int sg_work(uint64_t t) {
 }
 
 static void* sg_worker(void* arg) {
-    (void)arg;
+    // arg: the generation before the job that started it (so that it joins that job) << 8 | index
+    const int index = (int)((uintptr_t)arg & 0xff);
+    uint32_t seen = (uint32_t)((uintptr_t)arg >> 8);
+    int idle = 0;
 #ifdef __linux__
     pthread_setname_np(pthread_self(), "sg-pool");
 #endif
-    if (sg_blas_local) sg_blas_local(1);
-    uint32_t seen = atomic_load(&sg_gen);
     for (;;) {
         long long since = 0;
         int spins = 0;
@@ -104,7 +109,7 @@ static void* sg_worker(void* arg) {
             sched_yield();           // another thread of this process (the loader) goes first
             const long long now = sg_now_ns();
             if (!since) since = now;
-            else if (now - since > sg_spin_ns) {
+            else if (idle || now - since > sg_spin_ns) {
                 atomic_fetch_add(&sg_sleeping, 1);
                 sg_sleep(&sg_gen, seen);
                 atomic_fetch_sub(&sg_sleeping, 1);
@@ -112,7 +117,8 @@ static void* sg_worker(void* arg) {
             }
         }
         seen = g;
-        sg_work(atomic_load(&sg_ticket));
+        idle = index >= atomic_load(&sg_width);     // a narrower job: not this worker's
+        if (!idle) sg_work(atomic_load(&sg_ticket));
     }
     return NULL;
 }
@@ -121,11 +127,15 @@ static void sg_after_fork(void) {        // a forked child has none of the paren
     pthread_mutex_init(&sg_busy, NULL);
     sg_workers = 0;
     atomic_store(&sg_sleeping, 0);
+    pthread_mutex_init(&sg_blas_mu, NULL);        // a step on another thread of the parent
+    if (sg_blas_users && sg_blas_set && sg_blas_saved != 1) sg_blas_set(sg_blas_saved);
+    sg_blas_users = 0;
 }
 
-void sg_pool_init(void* blas_local, long spin_ns) {
+void sg_pool_init(void* blas_set, void* blas_get, long spin_ns) {
     static int once;
-    sg_blas_local = (int (*)(int))blas_local;
+    sg_blas_set = (void (*)(int))blas_set;
+    sg_blas_get = (int (*)(void))blas_get;
     if (spin_ns >= 0) sg_spin_ns = spin_ns;
     if (!once) {
         once = 1;
@@ -151,7 +161,8 @@ void sg_parallel_for(int threads, long long n, long long grain, sg_task fn, void
         pthread_attr_t a;
         pthread_attr_init(&a);
         pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-        const int failed = pthread_create(&t, &a, sg_worker, NULL);
+        const uintptr_t arg = (uintptr_t)atomic_load(&sg_gen) << 8 | (uintptr_t)sg_workers;
+        const int failed = pthread_create(&t, &a, sg_worker, (void*)arg);
         pthread_attr_destroy(&a);
         if (failed) break;
         ++sg_workers;
@@ -160,6 +171,7 @@ void sg_parallel_for(int threads, long long n, long long grain, sg_task fn, void
     sg_ctx = ctx;
     sg_n = n;
     atomic_store(&sg_done, 0);
+    atomic_store(&sg_width, threads - 1);
     const uint32_t gen = atomic_load(&sg_gen) + 1;
     atomic_store(&sg_ticket, ((uint64_t)gen << 32) | ((uint64_t)parts << 16));
     atomic_store(&sg_gen, gen);
@@ -169,7 +181,31 @@ void sg_parallel_for(int threads, long long n, long long grain, sg_task fn, void
     pthread_mutex_unlock(&sg_busy);
 }
 
-int sg_blas_threads_local(int n) { return sg_blas_local ? sg_blas_local(n) : -1; }
+// BLAS on one thread while any compiled step runs (the pool is the parallelism); counted, so
+// that steps on several threads restore the user's count only when the last one ends
+void sg_blas_enter(void) {
+    if (!sg_blas_set) return;
+    pthread_mutex_lock(&sg_blas_mu);
+    if (sg_blas_users++ == 0) {
+        sg_blas_saved = sg_blas_get();
+        if (sg_blas_saved != 1) sg_blas_set(1);
+    }
+    pthread_mutex_unlock(&sg_blas_mu);
+}
+void sg_blas_exit(void) {
+    if (!sg_blas_set) return;
+    pthread_mutex_lock(&sg_blas_mu);
+    if (--sg_blas_users == 0 && sg_blas_saved != 1) sg_blas_set(sg_blas_saved);
+    pthread_mutex_unlock(&sg_blas_mu);
+}
+// BLAS's count as the user set it (the saved one while a step runs)
+int sg_blas_threads(void) {
+    if (!sg_blas_get) return -1;
+    pthread_mutex_lock(&sg_blas_mu);
+    const int n = sg_blas_users ? sg_blas_saved : sg_blas_get();
+    pthread_mutex_unlock(&sg_blas_mu);
+    return n;
+}
 
 // ---- the window kernels over planes ----------------------------------------------------------
 

@@ -185,7 +185,7 @@ static void sg_maxpool_grad_##S(void** p, const long long* g, long long p0, long
         for (long long oh = 0; oh < OH; ++oh)                                                   \
             for (long long ow = 0; ow < OW; ++ow) {                                             \
                 const T m = tq[oh * OW + ow];                                                   \
-                int f = 0;                                                                      \
+                int f = -1;                                                                     \
                 for (long long k = 0; k < KH * KW; ++k) {                                       \
                     const long long h = oh * SH - PH + k / KW, w = ow * SW - PW + k % KW;       \
                     const T v = (h >= 0 && h < H && w >= 0 && w < W) ? xq[h * W + w] : ninf;    \
