@@ -10,6 +10,13 @@
 // the loops over windows are vectorized (gathers); OpenMP's simd directive says it is safe
 #define SG_SIMD _Pragma("omp simd")
 
+// the geometry's sizes as locals (a kernel may leave some unused)
+#define SG_GEOMETRY(g)                                                                          \
+    const long long H = (g)[2], W = (g)[3], KH = (g)[4], KW = (g)[5], SH = (g)[6], SW = (g)[7], \
+        PH = (g)[8], PW = (g)[9], OH = (g)[10], OW = (g)[11];                                   \
+    (void)H; (void)W; (void)KH; (void)KW; (void)SH; (void)SW; (void)PH; (void)PW; (void)OH;     \
+    (void)OW
+
 #define SG_WINDOW_KERNELS(T, S)                                                                 \
 /* first and one-past-last ow whose input column ow * SW - PW + j lies in [0, W) */             \
 static inline void sg_cols_##S(const long long* g, long long j, long long* lo, long long* hi) { \
@@ -21,8 +28,7 @@ static inline void sg_cols_##S(const long long* g, long long j, long long* lo, l
 }                                                                                               \
 static void sg_im2col_##S(void** p, const long long* g, long long p0, long long p1) {          \
     const T* x = (const T*)p[0]; T* cols = (T*)p[1];                                            \
-    const long long H = g[2], W = g[3], KH = g[4], KW = g[5], SH = g[6], SW = g[7], PH = g[8],  \
-        PW = g[9], OH = g[10], OW = g[11];                                                      \
+    SG_GEOMETRY(g);                                                                             \
     for (long long q = p0; q < p1; ++q) {                                                       \
         const T* xq = x + q * H * W;                                                            \
         T* dst = cols + q * KH * KW * OH * OW;                                                  \
@@ -50,8 +56,7 @@ static void sg_im2col_##S(void** p, const long long* g, long long p0, long long 
 }                                                                                               \
 static void sg_col2im_##S(void** p, const long long* g, long long p0, long long p1) {          \
     const T* cols = (const T*)p[0]; T* x = (T*)p[1];                                            \
-    const long long H = g[2], W = g[3], KH = g[4], KW = g[5], SH = g[6], SW = g[7], PH = g[8],  \
-        PW = g[9], OH = g[10], OW = g[11];                                                      \
+    SG_GEOMETRY(g);                                                                             \
     for (long long q = p0; q < p1; ++q) {                                                       \
         T* xq = x + q * H * W;                                                                  \
         const T* src = cols + q * KH * KW * OH * OW;                                            \
@@ -78,8 +83,7 @@ static inline T sg_max_##S(T a, T b) { return (a > b || a != a) ? a : b; }      
 /* where each window (oh, ow) starts in its plane, when no window reaches into the padding:    \
    then element (i, j) of every window is one gather, vectorized over the windows */          \
 static int* sg_starts_##S(const long long* g) {                                                \
-    const long long H = g[2], W = g[3], KH = g[4], KW = g[5], SH = g[6], SW = g[7], PH = g[8],  \
-        PW = g[9], OH = g[10], OW = g[11];                                                      \
+    SG_GEOMETRY(g);                                                                             \
     if (PH || PW || (OH - 1) * SH + KH > H || (OW - 1) * SW + KW > W || H * W > 0x7fffffffLL)   \
         return 0;                                                                               \
     int* at = (int*)malloc(sizeof(int) * (size_t)(OH * OW > 0 ? OH * OW : 1));                  \
@@ -112,8 +116,8 @@ __attribute__((noinline)) static void sg_first_max_##S(                         
 }                                                                                               \
 static void sg_maxpool_##S(void** p, const long long* g, long long p0, long long p1) {         \
     const T* x = (const T*)p[0]; T* out = (T*)p[1];                                             \
-    const long long H = g[2], W = g[3], KH = g[4], KW = g[5], SH = g[6], SW = g[7], PH = g[8],  \
-        PW = g[9], OH = g[10], OW = g[11], P = OH * OW;                                         \
+    SG_GEOMETRY(g);                                                                             \
+    const long long P = OH * OW;                                                                \
     const T ninf = -(T)__int_as_float(0x7f800000);                                              \
     int* at = sg_starts_##S(g);                                                                 \
     for (long long q = p0; q < p1; ++q) {                                                       \
@@ -174,8 +178,7 @@ static void sg_maxpool_grad_##S(void** p, const long long* g, long long p0, long
             return;                                                                             \
         }                                                                                       \
     }                                                                                           \
-    const long long H = g[2], W = g[3], KH = g[4], KW = g[5], SH = g[6], SW = g[7], PH = g[8],  \
-        PW = g[9], OH = g[10], OW = g[11];                                                      \
+    SG_GEOMETRY(g);                                                                             \
     const T ninf = -(T)__int_as_float(0x7f800000);                                              \
     int* first = (int*)malloc(sizeof(int) * (size_t)(OH * OW > 0 ? OH * OW : 1));               \
     for (long long q = p0; q < p1; ++q) {                                                       \

@@ -1,12 +1,9 @@
 """The compiled CPU step's C kernels (runtime/pool.c, ops/cpu/window.c) against the reference
 interpreter: the window ops over many geometries (padding, strides, overlapping and gapped
-windows, ties, NaN and inf), float32 and float64, on one thread and split over three; GEMMs
-in every layout BLAS reads (transposed, batched, broadcast, degenerate sizes); and the pool
-shared by threads at once and after a fork.
+windows, ties, NaN and inf), float32 and float64, on one thread and split over three; and
+GEMMs in every layout BLAS reads (transposed, batched, broadcast, degenerate sizes). The pool
+itself: tests/runtime/test_pool.py.
 """
-
-import multiprocessing
-import threading
 
 import numpy as np
 import pytest
@@ -133,55 +130,3 @@ def test_a_gemm_blas_cannot_read_runs_numpy(c_on):
     for av in (wide[:, ::2], np.ascontiguousarray(wide[:, ::2]), wide[:, 1::2]):
         np.testing.assert_allclose(program.run({"a": av, "b": bb})["y"], -(av @ bb),
                                    rtol=1e-5, atol=1e-5)
-
-
-def big_window_program():
-    graph = window_graph((16, 8, 20, 20), "float32", (3, 3), (1, 1), (1, 1))
-    rng = np.random.default_rng(3)
-    return graph, compile(graph, threads=2), window_feeds(graph, "float32", rng, False)
-
-
-def test_the_pool_serves_threads_at_once(c_on):
-    """Programs run by several threads at once (ranks or stages on threads): a caller that
-    finds the pool busy runs its job alone; every result is right."""
-    graph, _, feeds = big_window_program()
-    want = Interpreter(graph).run(feeds)
-    programs = [compile(graph, threads=2) for _ in range(4)]
-    errors = []
-
-    def work(p):
-        try:
-            for _ in range(20):
-                got = p.run(feeds)
-                for k, w in want.items():
-                    np.testing.assert_array_equal(got[k], w, err_msg=k)
-        except Exception as e:           # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=work, args=(p,)) for p in programs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
-
-
-def _child_sum(q):
-    _, program, feeds = big_window_program()
-    q.put(float(sum(np.nansum(v) for v in program.run(feeds).values())))
-
-
-def test_the_pool_works_in_a_forked_child(c_on):
-    """A fork copies no pool thread: the child's first job starts its own."""
-    _, program, feeds = big_window_program()
-    want = float(sum(np.nansum(v) for v in program.run(feeds).values()))   # workers exist
-    ctx = multiprocessing.get_context("fork")
-    q = ctx.Queue()
-    child = ctx.Process(target=_child_sum, args=(q,))
-    child.start()
-    child.join(timeout=120)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked child hung")
-    assert child.exitcode == 0
-    assert q.get(timeout=10) == want

@@ -1,12 +1,14 @@
 """The compiled CPU step's intra-op pool (runtime/pool.c) and its Python side
-(runtime/native.py), found by review: a job runs on the threads it asks for, however many a
-wider job started; BLAS's thread count is the user's again after steps, also when threads
-run steps at once; an input's temporary contiguous copy lives until the C call returns;
-fed arrays are not kept alive by the address caches.
+(runtime/native.py): a job runs on the threads it asks for, however many a wider job
+started; jobs come from several threads at once and after a fork; BLAS's thread count is the
+user's again after steps, also when threads run steps at once; an input's temporary
+contiguous copy lives until the C call returns; fed arrays are not kept alive by the
+address caches (most of these found by review).
 """
 
 import ctypes
 import gc
+import multiprocessing
 import threading
 import time
 import weakref
@@ -56,6 +58,77 @@ def test_a_job_runs_on_the_threads_it_asks_for(c_on):
         assert 1 <= len(seen) <= 2, seen           # the wider job's workers stay out
 
 
+def in_threads(work, items, timeout=120):
+    """work(item) on a thread per item, all at once; re-raises the first failure."""
+    errors = []
+
+    def run(item):
+        try:
+            work(item)
+        except Exception as e:           # noqa: BLE001 - re-raised below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def window_graph(shape, kernel=(3, 3), stride=(1, 1), padding=(1, 1)):
+    a = {"kernel": kernel, "stride": stride, "padding": padding}
+    x = leaf("input", shape, "float32", name="x")
+    top = apply("max_pool2d", x, **a)
+    gy = leaf("input", top.shape, "float32", name="gy")
+    return Graph({"cols": apply("neg", apply("im2col", x, **a)),
+                  "gx": apply("neg", apply("max_pool2d_grad", gy, x, top, **a))})
+
+
+def window_run():
+    graph = window_graph((16, 8, 20, 20))
+    rng = np.random.default_rng(3)
+    feeds = {n.name: rng.integers(-2, 3, n.shape).astype(np.float32)
+             for n in graph.nodes if n.op == "input"}
+    return graph, compile(graph, threads=2), feeds
+
+
+def test_the_pool_serves_threads_at_once(c_on):
+    """Programs run by several threads at once (ranks or stages on threads): a caller that
+    finds the pool busy runs its job alone; every result is right."""
+    graph, _, feeds = window_run()
+    want = Interpreter(graph).run(feeds)
+
+    def work(p):
+        for _ in range(20):
+            got = p.run(feeds)
+            for k, w in want.items():
+                np.testing.assert_array_equal(got[k], w, err_msg=k)
+    in_threads(work, [compile(graph, threads=2) for _ in range(4)])
+
+
+def _child_sum(q):
+    _, program, feeds = window_run()
+    q.put(float(sum(np.nansum(v) for v in program.run(feeds).values())))
+
+
+def test_the_pool_works_in_a_forked_child(c_on):
+    """A fork copies no pool thread: the child's first job starts its own."""
+    _, program, feeds = window_run()
+    want = float(sum(np.nansum(v) for v in program.run(feeds).values()))   # workers exist
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_child_sum, args=(q,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung")
+    assert child.exitcode == 0
+    assert q.get(timeout=10) == want
+
+
 def matmul_program(threads):
     a = leaf("input", (256, 256), "float32", name="a")
     b = leaf("input", (256, 256), "float32", name="b")
@@ -73,17 +146,8 @@ def test_blas_threads_are_the_users_again_after_steps(c_on):
         sg.set_num_threads(2)
         graph, _ = matmul_program(2)
         feeds = {"a": np.ones((256, 256), np.float32), "b": np.ones((256, 256), np.float32)}
-        programs = [compile(graph, threads=2) for _ in range(3)]
-
-        def work(p):
-            for _ in range(100):
-                p.run(feeds)
-        threads = [threading.Thread(target=work, args=(p,)) for p in programs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in threads)
+        in_threads(lambda p: [p.run(feeds) for _ in range(100)],
+                   [compile(graph, threads=2) for _ in range(3)])
         assert sg.get_num_threads() == 2
         assert compile(graph).native.threads == 2
         assert native.blas() is None or 2 in blas_counts()
