@@ -23,11 +23,16 @@ import time
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
+    """In the child, before it runs PROGRAM: SIGKILL when the wrapper (pid ``parent``) dies.
+    A wrapper killed before the child asked is already gone: its child is re-parented, and
+    ends itself here (else it ran on orphaned, its rank hanging the job on its pipes)."""
     try:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):   # not Linux: the child may outlive a killed wrapper
-        pass
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if not program:
         print("usage: python -S rank.py PROGRAM [ARGS]...", file=sys.stderr)
         return 2
-    child = subprocess.Popen(program, preexec_fn=_die_with_parent)
+    parent = os.getpid()
+    child = subprocess.Popen(program, preexec_fn=lambda: _die_with_parent(parent))
 
     def forward(sig, frame):
         child.send_signal(sig)
