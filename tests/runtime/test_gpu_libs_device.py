@@ -126,19 +126,6 @@ def test_a_slower_library_is_measured_once_and_not_used(stand_in, monkeypatch):
     assert fake.executes == 3 * (1 + gpu_libs.REPS)
 
 
-@pytest.mark.parametrize("mode, why", [("raise", "cublaslt failed: RuntimeError: "
-                                                 "CUBLAS_STATUS_NOT_SUPPORTED"),
-                                       ("wrong", "cublaslt differs from the own kernel")])
-def test_a_failing_or_wrong_library_leaves_the_own_kernels(stand_in, monkeypatch, mode, why):
-    cpu = run("cpu")
-    library(monkeypatch, mode=mode)
-    gpu = run("cuda")
-    same_as_cpu(gpu, cpu)
-    choices = gpu[2].stats()["libraries"]["cublaslt"]["choices"]
-    assert choices and all(c["path"] == "own" and c["why"].startswith(why)
-                           for c in choices.values())
-
-
 def cnn():
     sg.manual_seed(0)
     return sg.nn.Sequential(sg.nn.Conv2d(2, 4, 3, padding=1), sg.nn.ReLU(), sg.nn.MaxPool2d(2),
@@ -188,16 +175,23 @@ def test_convolutions_through_cudnn_or_the_own_kernels_equal_the_cpu(stand_in, m
         5 * 2 if faster else 0)
 
 
-@pytest.mark.parametrize("mode, why", [("raise", "cudnn failed: RuntimeError"),
-                                       ("wrong", "cudnn differs from the own kernel")])
-def test_a_failing_or_wrong_cudnn_leaves_the_own_kernels(stand_in, monkeypatch, mode, why):
-    cpu = run_cnn("cpu")
-    conv_library(monkeypatch, mode=mode)
-    gpu = run_cnn("cuda")
+@pytest.mark.parametrize("lib, mode, why", [
+    ("cublaslt", "raise", "cublaslt failed: RuntimeError: CUBLAS_STATUS_NOT_SUPPORTED"),
+    ("cublaslt", "wrong", "cublaslt differs from the own kernel"),
+    ("cudnn", "raise", "cudnn failed: RuntimeError"),
+    ("cudnn", "wrong", "cudnn differs from the own kernel")])
+def test_a_failing_or_wrong_library_leaves_the_own_kernels(stand_in, monkeypatch, lib, mode,
+                                                           why):
+    """The MLP's GEMMs through cuBLASLt, the CNN's convolutions through cuDNN (5 shapes)."""
+    step, install = (run, library) if lib == "cublaslt" else (run_cnn, conv_library)
+    cpu = step("cpu")
+    install(monkeypatch, mode=mode)
+    gpu = step("cuda")
     same_as_cpu(gpu, cpu)
-    choices = gpu[2].stats()["libraries"]["cudnn"]["choices"]
-    assert len(choices) == 5 and all(c["path"] == "own" and c["why"].startswith(why)
-                                     for c in choices.values())
+    choices = gpu[2].stats()["libraries"][lib]["choices"]
+    assert choices and all(c["path"] == "own" and c["why"].startswith(why)
+                           for c in choices.values())
+    assert lib == "cublaslt" or len(choices) == 5
 
 
 def test_the_conv_pass_keeps_the_step_s_values():
