@@ -595,6 +595,20 @@ def local_rank() -> int | None:
     return None
 
 
+# set by the launchers: Open MPI, MPICH / Intel MPI, torchrun-style
+LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")
+
+
+def local_size() -> int:
+    """How many of the job's processes share this node, as the launcher set it (1 without
+    one)."""
+    for name in LOCAL_SIZE_VARS:
+        value = env(name)
+        if value and value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def progress_enabled() -> bool:
     return env("SHARDGRAD_PROGRESS", "1") not in ("0", "false", "no", "")
 
@@ -602,5 +616,5 @@ def progress_enabled() -> bool:
 __all__ = ["ClusterConfig", "Config", "ConfigError", "ConfigLike", "DataConfig", "DebugConfig",
            "DeviceConfig", "ENV", "Key", "LogConfig", "ModelConfig", "ParallelConfig", "SCHEMA",
            "SECTIONS", "Section", "TrainConfig", "config_hash", "defaults", "diff", "env",
-           "from_dict", "key", "load_config", "load_dict", "local_rank", "mpi_world_size",
-           "lookup_key", "parse_set", "progress_enabled", "set_mpi_defaults", "valid_keys"]
+           "from_dict", "key", "load_config", "load_dict", "local_rank", "local_size",
+           "mpi_world_size", "lookup_key", "parse_set", "progress_enabled", "set_mpi_defaults", "valid_keys"]

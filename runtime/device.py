@@ -51,6 +51,14 @@ def select(spec: str | Device, local_rank: int | None = None,
     return dev
 
 
+def cores() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def device_count() -> int:
     """How many CUDA devices this process sees (0 without CuPy, a driver or a GPU)."""
     try:
@@ -98,8 +106,8 @@ def synchronize(device: str | Device | None = None) -> None:
     cupy.cuda.get_current_stream().synchronize()
 
 
-__all__ = ["CPU", "Device", "DeviceError", "array_module", "cuda_available", "device_count",
-           "device_of", "is_device_array", "resolve", "select", "synchronize", "to_device",
+__all__ = ["CPU", "Device", "DeviceError", "array_module", "cores", "cuda_available",
+           "device_count", "device_of", "is_device_array", "resolve", "select", "synchronize", "to_device",
            "to_host", "use", "xp_for"]
 
 

@@ -178,13 +178,13 @@ def threads() -> int:
     default (every core) in one of several processes on a node (mpirun's local ranks, as
     torchrun's), the cores are shared out among them: a pool thread spins briefly after each
     job, and two processes' pools on one core would starve each other."""
-    from shardgrad.runtime.config import ConfigError, env
+    from shardgrad.runtime import device
+    from shardgrad.runtime.config import ConfigError, env, local_size
     value = env("SHARDGRAD_NATIVE_THREADS")
     if value is None or value == "":
         if not enabled() or runtime() is None:
             return 1
-        n, cores = get_num_threads(), _cores()
-        local = local_processes()
+        n, cores, local = get_num_threads(), device.cores(), local_size()
         return max(1, cores // local) if local > 1 and n >= cores else n
     try:
         n = int(value)
@@ -193,27 +193,6 @@ def threads() -> int:
     if n < 1:
         raise ConfigError(f"SHARDGRAD_NATIVE_THREADS={value!r}: give a whole number >= 1")
     return n
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-# set by the launchers: Open MPI, MPICH / Intel MPI, torchrun-style
-LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")
-
-
-def local_processes() -> int:
-    """How many processes of this job share the node (1 outside a launcher)."""
-    from shardgrad.runtime.config import env
-    for name in LOCAL_SIZE_VARS:
-        value = env(name)
-        if value and value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
 
 
 # ---- BLAS and the threads ------------------------------------------------------------------------
@@ -759,4 +738,4 @@ def _group_nodes(choice, kernel: Kernel, rebuilt, order: list[Node]) -> tuple[No
 
 __all__ = ["Blas", "Kernel", "Native", "NativeError", "Pool", "Runtime", "blas", "build",
            "c_step", "cache_dir", "compiler", "enabled", "fuse", "get_num_threads",
-           "local_processes", "runtime", "runtime_error", "set_num_threads", "threads"]
+           "runtime", "runtime_error", "set_num_threads", "threads"]

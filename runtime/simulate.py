@@ -29,6 +29,7 @@ from shardgrad.partition.schedule import simulate as simulate_schedule
 from shardgrad.runtime import compiled
 from shardgrad.runtime import config as cfg
 from shardgrad.runtime.comm import SingleProcess
+from shardgrad.runtime.device import cores
 
 
 @dataclass(frozen=True)
@@ -263,14 +264,6 @@ def runnable_elsewhere() -> float:
     except (OSError, IndexError, ValueError):
         pass
     return max(0.0, os.getloadavg()[0] - 1) if hasattr(os, "getloadavg") else 0.0
-
-
-def cores() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 @dataclass

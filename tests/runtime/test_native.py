@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import shardgrad as sg
-from shardgrad.runtime import compiled, native
+from shardgrad.runtime import compiled, config, device, native
 from shardgrad.runtime.compiled import compile
 from shardgrad.runtime.interpreter import Interpreter
 
@@ -191,10 +191,10 @@ def test_compile_native_false_keeps_numpy_kernels(c_on):
 @needs_cc
 def test_pool_threads_follow_blas_and_are_shared_among_local_ranks(c_on, monkeypatch):
     monkeypatch.delenv("SHARDGRAD_NATIVE_THREADS", raising=False)
-    for name in native.LOCAL_SIZE_VARS:
+    for name in config.LOCAL_SIZE_VARS:
         monkeypatch.delenv(name, raising=False)
     before = sg.get_num_threads()
-    monkeypatch.setattr(native, "_cores", lambda: 4)
+    monkeypatch.setattr(device, "cores", lambda: 4)
     try:
         sg.set_num_threads(3)                     # as torch.set_num_threads
         assert sg.get_num_threads() == 3 and native.threads() == 3
