@@ -617,4 +617,5 @@ __all__ = ["ClusterConfig", "Config", "ConfigError", "ConfigLike", "DataConfig",
            "DeviceConfig", "ENV", "Key", "LogConfig", "ModelConfig", "ParallelConfig", "SCHEMA",
            "SECTIONS", "Section", "TrainConfig", "config_hash", "defaults", "diff", "env",
            "from_dict", "key", "load_config", "load_dict", "local_rank", "local_size",
-           "mpi_world_size", "lookup_key", "parse_set", "progress_enabled", "set_mpi_defaults", "valid_keys"]
+           "mpi_world_size", "lookup_key", "parse_set", "progress_enabled", "set_mpi_defaults",
+           "valid_keys"]

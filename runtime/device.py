@@ -107,8 +107,8 @@ def synchronize(device: str | Device | None = None) -> None:
 
 
 __all__ = ["CPU", "Device", "DeviceError", "array_module", "cores", "cuda_available",
-           "device_count", "device_of", "is_device_array", "resolve", "select", "synchronize", "to_device",
-           "to_host", "use", "xp_for"]
+           "device_count", "device_of", "is_device_array", "resolve", "select", "synchronize",
+           "to_device", "to_host", "use", "xp_for"]
 
 
 # glibc's malloc serves a block over 128 KB by mmap and unmaps it when freed, and trims the
