@@ -46,7 +46,7 @@ from shardgrad.ops import linalg as L
 from shardgrad.ops import reduce as R
 from shardgrad.ops import shape as S
 from shardgrad.ops.registry import get as get_opdef
-from shardgrad.ops.registry import kernel_for
+from shardgrad.ops.registry import cpu_runner, kernel_for
 
 # Eager values live in their nodes (Node.eager_value) and die with them (a node lives as long
 # as a tensor or a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
@@ -207,7 +207,11 @@ def _run(n: Node, args: list[Any]):
         opdef = get_opdef(n.op)
         hit = _CPU_KERNELS.get(n.op)
         if hit is None or hit[0] is not opdef:
-            hit = _CPU_KERNELS[n.op] = (opdef, kernel_for(opdef, "cpu"))
+            hit = _CPU_KERNELS[n.op] = (opdef, kernel_for(opdef, "cpu"), cpu_runner(opdef))
+        if hit[2] is not None:          # the op's C kernel (a GEMM, a window op), when it takes it
+            got = hit[2](n, args)
+            if got is not None:
+                return got
         return hit[1](np, *args, **n.attrs)
     xp = array_module(on)
     with on.device:
@@ -228,7 +232,8 @@ def _kernel(op: str, kind: str):
     table = _KERNELS[kind]
     hit = table.get(op)
     if hit is None or hit[0] is not opdef:
-        hit = table[op] = (opdef, kernel_for(opdef, kind))
+        hit = table[op] = (opdef, kernel_for(opdef, kind),
+                           cpu_runner(opdef) if kind == "cpu" else None)
     return hit[1]
 
 

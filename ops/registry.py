@@ -132,6 +132,22 @@ def get(name: str) -> OpDef:
         raise ShapeError(f"unknown op {name!r}; known ops: {', '.join(sorted(REGISTRY))}") from None
 
 
+# Eager ops' C kernels: runtime.native installs ``runner(node, args) -> value | None``, which
+# runs an op's CpuKernel on the intra-op pool as a compiled step does (None: the op's
+# ``forward`` runs), so that the C runtime stays in runtime/ and eager code asks only here.
+_cpu_runner: list[Callable[[Node, list[Any]], Any]] = []
+
+
+def set_cpu_runner(runner: Callable[[Node, list[Any]], Any] | None) -> None:
+    """Install (None: remove) the runner of eager ops' CpuKernels."""
+    _cpu_runner[:] = [] if runner is None else [runner]
+
+
+def cpu_runner(opdef: OpDef) -> Callable[[Node, list[Any]], Any] | None:
+    """The runner of ``opdef``'s CpuKernel for an eager op, or None (no kernel, no runner)."""
+    return _cpu_runner[0] if opdef.cpu is not None and _cpu_runner else None
+
+
 DEVICE_KINDS = ("cpu", "cuda")
 FORMS = ("call", "out", "expr", "c")
 

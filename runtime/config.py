@@ -537,6 +537,8 @@ ENV = {
     "SHARDGRAD_NATIVE_THREADS": "threads of the compiled CPU step's intra-op pool (default: "
                                 "BLAS's thread count, shared out among a node's ranks; "
                                 "runtime/native.py's threads)",
+    "SHARDGRAD_BLAS": "numpy: the C runtime's GEMMs call NumPy's OpenBLAS (default: the "
+                      "scipy-openblas64 wheel's, where installed; runtime/native.py's gemm_blas)",
     "SHARDGRAD_CACHE": "where the generated C kernels are built (default: "
                        "$XDG_CACHE_HOME/shardgrad/native)",
     "CC": "the C compiler for the generated CPU kernels (default: cc, gcc or clang on the PATH)",

@@ -37,7 +37,7 @@ from shardgrad.ops.codegen import (
     cpu_source,
     read_through,
 )
-from shardgrad.ops.registry import get
+from shardgrad.ops.registry import get, set_cpu_runner
 
 # A group below this many elements stays NumPy's: a ctypes call (about 1-2 us with its
 # pointer look-ups) costs what a ufunc on a few thousand float32 costs.
@@ -75,9 +75,17 @@ def compiler() -> str | None:
     """The C compiler: $CC, else cc, gcc or clang on the PATH; None when there is none."""
     from shardgrad.runtime.config import env
     cc = env("CC")
-    if cc:
-        return shutil.which(cc) or (cc if os.path.isfile(cc) else None)
-    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+    key = (cc, os.environ.get("PATH"))
+    if key not in _compilers:      # a PATH search costs 0.1 ms: once per $CC and $PATH
+        if cc:
+            found = shutil.which(cc) or (cc if os.path.isfile(cc) else None)
+        else:
+            found = next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+        _compilers[key] = found
+    return _compilers[key]
+
+
+_compilers: dict[tuple[str | None, str | None], str | None] = {}
 
 
 def cache_dir() -> Path:
@@ -199,9 +207,9 @@ def threads() -> int:
 
 @dataclass(frozen=True)
 class Blas:
-    """NumPy's OpenBLAS, reached directly: its CBLAS GEMMs (``sgemm``/``dgemm`` addresses,
-    ``i64``: 64-bit integers), and its thread count (process-wide: the "_local" setter of
-    OpenBLAS 0.3.31 sets it for every thread too)."""
+    """An OpenBLAS (NumPy's, or gemm_blas()'s) reached directly: its CBLAS GEMMs
+    (``sgemm``/``dgemm`` addresses, ``i64``: 64-bit integers), and its thread count
+    (process-wide: the "_local" setter of OpenBLAS 0.3.31 sets it for every thread too)."""
 
     path: str
     sgemm: int
@@ -225,14 +233,45 @@ def blas() -> Blas | None:
         libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
     except Exception:           # noqa: BLE001 - threadpoolctl scans every loaded library
         libs = []
-    here = os.path.dirname(os.path.dirname(np.__file__))
-    libs.sort(key=lambda i: not os.path.realpath(i["filepath"]).startswith(here))
+    # NumPy's own: vendored into numpy.libs/ (manylinux) or numpy/.dylibs/ (macOS); never
+    # gemm_blas()'s wheel, which lies beside it in site-packages
+    pkg = os.path.dirname(os.path.realpath(np.__file__))
+    mine = (pkg + os.sep, pkg + ".libs" + os.sep)
+    libs = [i for i in libs if f"{os.sep}scipy_openblas64{os.sep}" not in i["filepath"]]
+    libs.sort(key=lambda i: not os.path.realpath(i["filepath"]).startswith(mine))
     for info in libs:
         found = _open_blas(info["filepath"])
         if found:
             break
     _blas.append(found)
     return found
+
+
+def gemm_blas() -> Blas | None:
+    """The OpenBLAS whose CBLAS GEMMs the split calls, each block on one thread: the
+    scipy-openblas64 wheel's (a dependency: SciPy too carries its own), whose OpenBLAS 0.3.34
+    ran ``x @ W.T`` 11% faster than NumPy 2.4's 0.3.31 here (docs/performance.md); NumPy's
+    (blas()) where the wheel is missing or ``SHARDGRAD_BLAS=numpy``."""
+    from shardgrad.runtime.config import env
+    if _gemm_blas:
+        return _gemm_blas[0]
+    found = None
+    if (env("SHARDGRAD_BLAS") or "").strip().lower() != "numpy":
+        try:
+            import scipy_openblas64 as wheel
+            lib_dir = Path(wheel.get_lib_dir())
+            path = next((str(p) for p in sorted(lib_dir.iterdir())
+                         if p.name.startswith(f"lib{wheel.get_library()}.")), None)
+        except (ImportError, OSError, IndexError):
+            path = None
+        found = _open_blas(path) if path else None
+        if found is not None:
+            found.set_threads(1)        # its blocks run on the pool's threads, one each
+    _gemm_blas.append(found or blas())
+    return _gemm_blas[0]
+
+
+_gemm_blas: list[Blas | None] = []
 
 
 def _open_blas(path: str) -> Blas | None:
@@ -302,6 +341,7 @@ class Runtime:
     def __init__(self, lib: ctypes.CDLL, flags: str):
         self.lib, self.flags = lib, flags
         self.blas = blas()
+        self.gemm = gemm_blas()
         self.parallel_for = ctypes.cast(lib.sg_parallel_for, ctypes.c_void_p).value
         lib.sg_pool_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
         addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value
@@ -439,6 +479,78 @@ def c_step(rt: Runtime, node: Node, n_threads: int, slots: list, ins: list[int],
     return _window_step(rt, kern, node, n_threads, slots, ins, i, fixed)
 
 
+# an eager op runs its C kernel from this much work (multiply-adds of a GEMM on one thread,
+# elements of a window op's image): below it the call's setup (10-30 us) outweighs what C saves
+# over NumPy. On several threads every GEMM goes to the pool: one pool, no BLAS threads of
+# NumPy's waking beside it.
+EAGER_GEMM_FROM = 1 << 23
+EAGER_WINDOW_FROM = 1 << 12
+
+
+def run_eager(node: Node, args: list) -> Any:
+    """An eager op's C kernel (its OpDef.cpu; ops.registry's CPU runner): the op on the
+    intra-op pool over threads() threads, as a compiled step runs it, into a new array; None
+    where the op's own ``forward`` runs instead: C off or not built here, an input that is
+    not a NumPy array, a dtype or layout the kernel does not take, or too little work."""
+    if node.dtype not in FLOAT_TYPES or any(type(a) is not np.ndarray for a in args):
+        return None
+    got = _eager_setting()
+    if got is None:
+        return None
+    rt, n_threads = got
+    kern = get(node.op).cpu
+    if kern.name == "gemm":
+        a, b = args
+        if a.ndim == 0 or n_threads == 1 and a.size * b.shape[-1] < EAGER_GEMM_FROM:
+            return None
+        out = np.empty(node.shape, node.dtype)
+        gemm = _gemm_args(rt, n_threads, a, b, out)
+        if gemm is None:
+            return None
+        step = partial(rt.lib.sg_gemm, (ctypes.c_longlong * 17)(*gemm))
+    else:
+        if max(a.size for a in args) < EAGER_WINDOW_FROM:
+            return None
+        out = np.empty(node.shape, node.dtype)
+        k = len(args)
+        step = _window_step(rt, kern, node, n_threads, [*args, out], list(range(k)), k,
+                            [True] * (k + 1))
+        if step is None:
+            return None
+    if rt.gemm is rt.blas:      # NumPy's own BLAS, held at 1 thread in the pool's blocks
+        rt.blas_enter()
+        try:
+            step()
+        finally:
+            rt.blas_exit()
+    else:
+        step()
+    return out
+
+
+def _eager_setting() -> tuple[Runtime, int] | None:
+    """(the runtime, its threads) for eager ops, or None with C off or not built: threads()
+    and runtime() cost 10 us a call (environment reads), so they are kept per setting."""
+    env = os.environ
+    key = (env.get("SHARDGRAD_NATIVE"), env.get("SHARDGRAD_NATIVE_THREADS"), env.get("CC"))
+    hit = _eager.get(key)
+    if hit is None:
+        _eager.clear()
+        rt = runtime() if enabled() else None
+        hit = _eager[key] = (rt, {})
+    rt, counts = hit
+    if rt is None:
+        return None
+    blas_threads = rt.blas_threads()        # what set_num_threads changes
+    n = counts.get(blas_threads)
+    if n is None:
+        n = counts[blas_threads] = threads()
+    return rt, n
+
+
+_eager: dict[tuple, tuple[Runtime | None, dict[int, int]]] = {}
+
+
 def _window_step(rt, kern, node, n_threads, slots, ins, i, fixed):
     if kern.name == "maxpool_grad" and len(ins) != 3:
         return None                 # without the forward's maxima: the op's own kernel
@@ -527,13 +639,13 @@ def _gemm_args(rt: Runtime, n_threads: int, a, b, out) -> list[int] | None:
     if pa is None or pb is None:
         return None
     dbl = out.dtype == np.float64
-    return [n_threads, rt.blas.dgemm if dbl else rt.blas.sgemm, int(dbl), int(rt.blas.i64),
+    return [n_threads, rt.gemm.dgemm if dbl else rt.gemm.sgemm, int(dbl), int(rt.gemm.i64),
             pa[0], pb[0], batch, m, nn, k, pa[1], pb[1], pa[2], pb[2], a.ctypes.data,
             b.ctypes.data, out.ctypes.data]
 
 
 def _gemm_step(rt, node, n_threads, slots, ins, i, fixed):
-    if rt.blas is None or len(ins) != 2:
+    if rt.gemm is None or len(ins) != 2:
         return None
     gemm = rt.lib.sg_gemm
     ja, jb = ins
@@ -736,6 +848,9 @@ def _group_nodes(choice, kernel: Kernel, rebuilt, order: list[Node]) -> tuple[No
     return fused, parts
 
 
+# eager ops take the same C kernels (ops.registry asks this module through the runner)
+set_cpu_runner(run_eager)
+
 __all__ = ["Blas", "Kernel", "Native", "NativeError", "Pool", "Runtime", "blas", "build",
-           "c_step", "cache_dir", "compiler", "enabled", "fuse", "get_num_threads",
-           "runtime", "runtime_error", "set_num_threads", "threads"]
+           "c_step", "cache_dir", "compiler", "enabled", "fuse", "gemm_blas", "get_num_threads",
+           "run_eager", "runtime", "runtime_error", "set_num_threads", "threads"]

@@ -223,3 +223,111 @@ def test_pool_threads_are_one_without_c_and_set_by_the_environment(monkeypatch):
         monkeypatch.setenv("SHARDGRAD_NATIVE_THREADS", bad)
         with pytest.raises(sg.runtime.config.ConfigError, match="SHARDGRAD_NATIVE_THREADS"):
             native.threads()
+
+
+@needs_cc
+def test_gemms_call_the_openblas_wheel_or_numpys_on_request(c_on, monkeypatch):
+    monkeypatch.setattr(native, "_gemm_blas", [])
+    monkeypatch.delenv("SHARDGRAD_BLAS", raising=False)
+    wheel = native.gemm_blas()          # scipy-openblas64 is a dependency
+    assert wheel is not None and "scipy_openblas64" in wheel.path, wheel
+    assert wheel.path != native.blas().path and wheel.get_threads() == 1
+    monkeypatch.setattr(native, "_gemm_blas", [])
+    monkeypatch.setenv("SHARDGRAD_BLAS", "numpy")
+    assert native.gemm_blas() is native.blas()
+    # either library's GEMM gives NumPy's values within float32 rounding (not its bits:
+    # OpenBLAS 0.3.31 and 0.3.34 block a K of 784 differently)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal(s).astype(np.float32) for s in ((64, 784), (784, 96)))
+    rt = native.runtime()
+    for lib in (wheel, native.blas()):
+        monkeypatch.setattr(rt, "gemm", lib)
+        out = np.empty((64, 96), np.float32)
+        rt.lib.sg_gemm((native.ctypes.c_longlong * 17)(*native._gemm_args(rt, 2, a, b, out)))
+        np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def eager_gemms(c_on, monkeypatch):
+    """The eager GEMMs run_eager hands to the pool, counted; ``threads`` settable."""
+    calls = []
+    real = native._gemm_args
+
+    def spy(rt, n, a, b, out):
+        got = real(rt, n, a, b, out)
+        calls.append((n, a.shape, b.shape, got is not None))
+        return got
+    monkeypatch.setattr(native, "_gemm_args", spy)
+    monkeypatch.setattr(native, "_eager", {})
+    return calls
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_eager_gemms_run_on_the_pool(eager_gemms, monkeypatch, dtype):
+    monkeypatch.setattr(native, "threads", lambda: 2)
+    rng = np.random.default_rng(1)
+    a, w = (rng.standard_normal(s).astype(dtype) for s in ((32, 300), (200, 300)))
+    x, wt = sg.tensor(a, requires_grad=True), sg.tensor(w, requires_grad=True)
+    out = x @ wt.T                                   # as nn.Linear: W transposed
+    (out * out).sum().backward()
+    assert [c[0] for c in eager_gemms] == [2, 2, 2] and all(c[3] for c in eager_gemms)
+    tol = 1e-4 if dtype == "float32" else 1e-12
+    want = a @ w.T
+    np.testing.assert_allclose(out.numpy(), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(x.grad.numpy(), 2 * want @ w, rtol=tol, atol=tol)
+    np.testing.assert_allclose(wt.grad.numpy(), 2 * want.T @ a, rtol=tol, atol=tol)
+    assert out.dtype == dtype
+    eager_gemms.clear()             # sum's gradient is a broadcast: BLAS cannot read its zero
+    (x @ wt.T).sum().backward()     # strides, so NumPy's matmul runs the two backward GEMMs
+    assert [c[3] for c in eager_gemms] == [True, False, False]
+
+
+@needs_cc
+def test_eager_gemms_stay_numpys_where_c_gains_nothing(eager_gemms, monkeypatch):
+    monkeypatch.setattr(native, "threads", lambda: 1)
+    small = sg.tensor(np.ones((8, 8), np.float32))
+    assert (small @ small).numpy()[0, 0] == 8 and not eager_gemms   # one thread, tiny
+    big = sg.tensor(np.ones((256, 256), np.float32))
+    assert (big @ big).numpy()[0, 0] == 256 and len(eager_gemms) == 1   # 2^24 multiply-adds
+    ints = sg.tensor(np.arange(6).reshape(2, 3))
+    monkeypatch.setattr(native, "threads", lambda: 2)
+    monkeypatch.setattr(native, "_eager", {})
+    np.testing.assert_array_equal((ints @ ints.T).numpy(), [[5, 14], [14, 50]])
+    assert len(eager_gemms) == 1                     # integers: NumPy's matmul
+    monkeypatch.setenv("SHARDGRAD_NATIVE", "0")
+    assert (big @ big).numpy()[0, 0] == 256 and len(eager_gemms) == 1
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 2])
+def test_eager_convolution_and_pooling_run_the_window_kernels(c_on, monkeypatch, threads):
+    """An eager CNN forward and backward gives the NumPy path's values (the window kernels'
+    bits; the GEMMs' within rounding), the image arriving strided (a transposed view)."""
+    monkeypatch.setattr(native, "threads", lambda: threads)
+    monkeypatch.setattr(native, "_eager", {})
+    ran = []
+    real = native._window_step
+    monkeypatch.setattr(native, "_window_step",
+                        lambda rt, kern, *a: ran.append(kern.name) or real(rt, kern, *a))
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal((4, 3, 20, 20)).astype(np.float32).transpose(0, 1, 3, 2)
+    sg.manual_seed(0)
+    nn = sg.nn
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+    def run():
+        x = sg.tensor(image, requires_grad=True)
+        out = model(x)
+        (out * out).sum().backward()
+        grads = [x.grad.numpy().copy(), *(p.grad.numpy().copy() for p in model.parameters())]
+        for p in model.parameters():
+            p.grad = None
+        return out.numpy().copy(), grads
+    got, got_grads = run()
+    assert {"im2col", "maxpool", "maxpool_grad", "col2im"} <= set(ran), ran
+    monkeypatch.setenv("SHARDGRAD_NATIVE", "0")
+    want, want_grads = run()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
