@@ -45,8 +45,8 @@ from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
 from shardgrad.ops import reduce as R
 from shardgrad.ops import shape as S
-from shardgrad.ops.registry import get as get_opdef
 from shardgrad.ops.registry import cpu_runner, kernel_for
+from shardgrad.ops.registry import get as get_opdef
 
 # Eager values live in their nodes (Node.eager_value) and die with them (a node lives as long
 # as a tensor or a later node refers to it, as PyTorch's autograd graph keeps saved tensors).
