@@ -479,11 +479,12 @@ def c_step(rt: Runtime, node: Node, n_threads: int, slots: list, ins: list[int],
     return _window_step(rt, kern, node, n_threads, slots, ins, i, fixed)
 
 
-# an eager op runs its C kernel from this much work (multiply-adds of a GEMM on one thread,
-# elements of a window op's image): below it the call's setup (10-30 us) outweighs what C saves
-# over NumPy. On several threads every GEMM goes to the pool: one pool, no BLAS threads of
-# NumPy's waking beside it.
+# an eager op runs its C kernel from this much work (multiply-adds of a GEMM, elements of a
+# window op's image): below it the call's setup (10-30 us) outweighs what C saves over NumPy.
+# On several threads a GEMM goes to the pool from where the pool splits it (sg_gemm), so
+# that NumPy's BLAS never wakes threads of its own beside the pool's.
 EAGER_GEMM_FROM = 1 << 23
+EAGER_SPLIT_FROM = 1 << 18
 EAGER_WINDOW_FROM = 1 << 12
 
 
@@ -501,7 +502,8 @@ def run_eager(node: Node, args: list) -> Any:
     kern = get(node.op).cpu
     if kern.name == "gemm":
         a, b = args
-        if a.ndim == 0 or n_threads == 1 and a.size * b.shape[-1] < EAGER_GEMM_FROM:
+        if a.ndim == 0 or a.size * b.shape[-1] < (EAGER_GEMM_FROM if n_threads == 1
+                                                  else EAGER_SPLIT_FROM):
             return None
         out = np.empty(node.shape, node.dtype)
         gemm = _gemm_args(rt, n_threads, a, b, out)
