@@ -495,24 +495,25 @@ def run_eager(node: Node, args: list) -> Any:
     not a NumPy array, a dtype or layout the kernel does not take, or too little work."""
     if node.dtype not in FLOAT_TYPES or any(type(a) is not np.ndarray for a in args):
         return None
+    kern = get(node.op).cpu
+    gemm = kern.name == "gemm"
+    if (args[0].ndim == 0 or args[0].size * args[1].shape[-1] < EAGER_SPLIT_FROM) if gemm \
+            else max(a.size for a in args) < EAGER_WINDOW_FROM:
+        return None
     got = _eager_setting()
     if got is None:
         return None
     rt, n_threads = got
-    kern = get(node.op).cpu
-    if kern.name == "gemm":
+    if gemm:
         a, b = args
-        if a.ndim == 0 or a.size * b.shape[-1] < (EAGER_GEMM_FROM if n_threads == 1
-                                                  else EAGER_SPLIT_FROM):
+        if n_threads == 1 and a.size * b.shape[-1] < EAGER_GEMM_FROM:
             return None
         out = np.empty(node.shape, node.dtype)
-        gemm = _gemm_args(rt, n_threads, a, b, out)
-        if gemm is None:
+        call = _gemm_args(rt, n_threads, a, b, out)
+        if call is None:
             return None
-        step = partial(rt.lib.sg_gemm, (ctypes.c_longlong * 17)(*gemm))
+        step = partial(rt.lib.sg_gemm, (ctypes.c_longlong * 17)(*call))
     else:
-        if max(a.size for a in args) < EAGER_WINDOW_FROM:
-            return None
         out = np.empty(node.shape, node.dtype)
         k = len(args)
         step = _window_step(rt, kern, node, n_threads, [*args, out], list(range(k)), k,
