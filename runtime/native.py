@@ -493,8 +493,9 @@ def run_eager(node: Node, args: list) -> Any:
     intra-op pool over threads() threads, as a compiled step runs it, into a new array; None
     where the op's own ``forward`` runs instead: C off or not built here, an input that is
     not a NumPy array, a dtype or layout the kernel does not take, or too little work."""
-    if node.dtype not in FLOAT_TYPES or any(type(a) is not np.ndarray for a in args):
-        return None
+    if node.dtype not in FLOAT_TYPES or any(
+            type(a) is not np.ndarray or a.dtype != node.dtype for a in args):
+        return None                 # the kernels read every operand as the node's dtype
     kern = get(node.op).cpu
     gemm = kern.name == "gemm"
     if (args[0].ndim == 0 or args[0].size * args[1].shape[-1] < EAGER_SPLIT_FROM) if gemm \
