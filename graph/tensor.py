@@ -220,10 +220,10 @@ def _run(n: Node, args: list[Any]):
         return _kernel(n.op, "cuda")(xp, *args, **n.attrs)
 
 
-# device kind -> op name -> (OpDef, kernel_for's callable), looked up once (the registry
-# lookup and device naming were a tenth of a small eager op's dispatch); a re-registered op
-# (another OpDef) is looked up anew
-_KERNELS: dict[str, dict[str, tuple[Any, Any]]] = {"cpu": {}, "cuda": {}}
+# device kind -> op name -> (OpDef, kernel_for's callable, the CPU runner of its C kernel or
+# None), looked up once (the registry lookup and device naming were a tenth of a small eager
+# op's dispatch); a re-registered op (another OpDef) is looked up anew
+_KERNELS: dict[str, dict[str, tuple[Any, Any, Any]]] = {"cpu": {}, "cuda": {}}
 _CPU_KERNELS = _KERNELS["cpu"]      # _run's inline lookup of _kernel(op, "cpu")
 
 
