@@ -252,9 +252,9 @@ def gemm_blas() -> Blas | None:
     scipy-openblas64 wheel's (a dependency: SciPy too carries its own), whose OpenBLAS 0.3.34
     ran ``x @ W.T`` 11% faster than NumPy 2.4's 0.3.31 here (docs/performance.md); NumPy's
     (blas()) where the wheel is missing or ``SHARDGRAD_BLAS=numpy``."""
-    from shardgrad.runtime.config import env
     if _gemm_blas:
         return _gemm_blas[0]
+    from shardgrad.runtime.config import env
     found = None
     if (env("SHARDGRAD_BLAS") or "").strip().lower() != "numpy":
         try:
@@ -265,8 +265,6 @@ def gemm_blas() -> Blas | None:
         except (ImportError, OSError, IndexError):
             path = None
         found = _open_blas(path) if path else None
-        if found is not None:
-            found.set_threads(1)        # its blocks run on the pool's threads, one each
     _gemm_blas.append(found or blas())
     return _gemm_blas[0]
 
@@ -347,6 +345,9 @@ class Runtime:
         addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value
         lib.sg_pool_init(addr(self.blas.set_threads) if self.blas else None,
                          addr(self.blas.get_threads) if self.blas else None, SPIN_NS)
+        if self.gemm is not None and self.gemm is not self.blas:   # sg_gemm holds it at 1
+            lib.sg_gemm_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            lib.sg_gemm_init(addr(self.gemm.set_threads), addr(self.gemm.get_threads))
         lib.sg_blas_threads.restype = ctypes.c_int
         self.blas_enter, self.blas_exit, self.blas_threads = (
             lib.sg_blas_enter, lib.sg_blas_exit, lib.sg_blas_threads)

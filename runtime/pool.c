@@ -42,6 +42,10 @@ static int (*sg_blas_get)(void);
 static pthread_mutex_t sg_blas_mu = PTHREAD_MUTEX_INITIALIZER;
 static int sg_blas_users, sg_blas_saved;    // steps running; BLAS's count before the first
 static _Atomic int sg_width;                // workers the current job may use (threads - 1)
+// the GEMM library's thread count, where it is not NumPy's BLAS (the scipy-openblas64 wheel's):
+// threadpoolctl, and so sg.set_num_threads, sets every BLAS loaded, this one too
+static void (*sg_gemm_set)(int);
+static int (*sg_gemm_get)(void);
 
 static long long sg_now_ns(void) {
     struct timespec t;
@@ -295,12 +299,18 @@ static void sg_gemm_task(void* ctx, long long b, long long e) {
     }
 }
 
+void sg_gemm_init(void* set, void* get) {
+    sg_gemm_set = (void (*)(int))set;
+    sg_gemm_get = (int (*)(void))get;
+}
+
 // args: threads, gemm fn, double?, 64-bit ints?, transA, transB, batch, M, N, K, lda, ldb,
 // batch stride of A, of B (elements; 0 broadcasts), A, B, C
 void sg_gemm(const long long* a) {
     sg_gemm_job j = {(void*)a[1], (int)a[2], (int)a[3], (int)a[4], (int)a[5], a[7], a[8], a[9],
                      a[10], a[11], a[12], a[13], 1, 0, (const char*)a[14], (const char*)a[15],
                      (char*)a[16]};
+    if (sg_gemm_get && sg_gemm_get() != 1) sg_gemm_set(1);    // each block on one thread
     const int threads = (int)a[0];
     const long long batch = a[6];
     const double work = (double)batch * j.M * j.N * j.K;

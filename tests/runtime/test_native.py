@@ -227,11 +227,12 @@ def test_pool_threads_are_one_without_c_and_set_by_the_environment(monkeypatch):
 
 @needs_cc
 def test_gemms_call_the_openblas_wheel_or_numpys_on_request(c_on, monkeypatch):
+    rt = native.runtime()           # built (once a process) before the setting changes below
     monkeypatch.setattr(native, "_gemm_blas", [])
     monkeypatch.delenv("SHARDGRAD_BLAS", raising=False)
     wheel = native.gemm_blas()          # scipy-openblas64 is a dependency
     assert wheel is not None and "scipy_openblas64" in wheel.path, wheel
-    assert wheel.path != native.blas().path and wheel.get_threads() == 1
+    assert wheel.path != native.blas().path
     monkeypatch.setattr(native, "_gemm_blas", [])
     monkeypatch.setenv("SHARDGRAD_BLAS", "numpy")
     assert native.gemm_blas() is native.blas()
@@ -239,12 +240,30 @@ def test_gemms_call_the_openblas_wheel_or_numpys_on_request(c_on, monkeypatch):
     # OpenBLAS 0.3.31 and 0.3.34 block a K of 784 differently)
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal(s).astype(np.float32) for s in ((64, 784), (784, 96)))
-    rt = native.runtime()
     for lib in (wheel, native.blas()):
         monkeypatch.setattr(rt, "gemm", lib)
         out = np.empty((64, 96), np.float32)
         rt.lib.sg_gemm((native.ctypes.c_longlong * 17)(*native._gemm_args(rt, 2, a, b, out)))
         np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-4)
+
+
+@needs_cc
+def test_gemm_blocks_stay_single_threaded_whatever_threadpoolctl_sets(c_on):
+    """sg.set_num_threads (threadpoolctl) sets every BLAS loaded, the wheel's too: the pool's
+    blocks would each start BLAS threads of their own beside the pool's. sg_gemm sets the
+    GEMM library back to one thread; NumPy's keeps the user's count."""
+    rt = native.runtime()
+    assert rt.gemm is not rt.blas, "scipy-openblas64, a dependency, is not installed"
+    before = sg.get_num_threads()
+    try:
+        sg.set_num_threads(2)
+        assert rt.gemm.get_threads() == 2 and sg.get_num_threads() == 2   # threadpoolctl's
+        a = np.ones((64, 64), np.float32)
+        out = np.empty((64, 64), np.float32)
+        rt.lib.sg_gemm((native.ctypes.c_longlong * 17)(*native._gemm_args(rt, 2, a, a, out)))
+        assert out[0, 0] == 64 and rt.gemm.get_threads() == 1 and sg.get_num_threads() == 2
+    finally:
+        sg.set_num_threads(before)
 
 
 @pytest.fixture
