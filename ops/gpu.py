@@ -112,7 +112,9 @@ def _scratch(xp, shape, dtype):
     """A temporary of this thread, reused by the next call of the same type: calls on one
     thread are ordered on its stream, so the last reader is done before the next writer."""
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (id(xp), tuple(shape), str(dtype))
+    # keyed by the module itself: by id(xp), a module that had died (a test's CuPy stand-in)
+    # left its buffer to the next one given its address, a NumPy array handed to CuPy
+    key = (xp, tuple(shape), str(dtype))
     if key not in cache:
         cache[key] = xp.empty(shape, dtype)
     return cache[key]
