@@ -12,6 +12,7 @@ import numpy as np
 
 from shardgrad.graph.device import copy_of, to_device
 from shardgrad.graph.tensor import Tensor, no_grad, value_of, zeros
+from shardgrad.ops.registry import cpu_updates
 
 
 def _check_param(p, where: str) -> None:
@@ -310,7 +311,7 @@ class Optimizer:
                 for v in st.values():      # the model may have moved since (Module.to)
                     if v.device != p.device:
                         v._set_leaf(to_device(v.data, p.device))
-            if _cpu_sgd_step(self, live, grads) or _foreach_step(self, live, grads):
+            if _fused_step(self, live, grads):
                 return
             index = {id(p): i for i, p in enumerate(self.params)}
             for p, st in live:
@@ -564,72 +565,76 @@ def _writable(t: Tensor):
     return a
 
 
-def _cpu_sgd_step(opt: Optimizer, live: list, grads: dict) -> bool:
-    """SGD's eager update of NumPy parameters in place, as torch's optimizers: the rule's own
-    float ops in its order (so the same bits), written into the parameter and momentum
-    arrays. The rule op by op made two fresh arrays a parameter and a node and a dispatch an
-    op: a third of an eager MLP step's time beyond torch's. False (the rule runs op by op)
-    for another rule, a parameter on a GPU, or a gradient of another dtype or shape."""
-    if _fused_kind(opt) != "sgd" or not live:
-        return False
-    ds = []
-    for p, _ in live:
-        g = grads[id(p)]
-        g = g.data if isinstance(g, Tensor) else g
-        if (type(p.data) is not np.ndarray or p.dtype not in ("float32", "float64")
-                or not isinstance(g, np.ndarray) or g.dtype != p.dtype or g.shape != p.shape):
-            return False                                         # a GPU parameter among them
-        ds.append(g)
-    for (p, st), d in zip(live, ds, strict=True):
-        arr = _writable(p)
-        f = arr.dtype.type
-        if opt.weight_decay:
-            d = d + f(opt.weight_decay) * arr                    # d = g + wd p
-        if opt.momentum:
-            b = _writable(st["momentum_buffer"])
-            np.multiply(b, f(opt.momentum), out=b)               # b = mu b + d
-            np.add(b, d, out=b)
-            d = d + f(opt.momentum) * b if opt.nesterov else b
-        np.subtract(arr, f(opt.lr) * d, out=arr)                 # p = p - lr d
-    return True
-
-
-def _foreach_step(opt: Optimizer, live: list, grads: dict) -> bool:
-    """The eager update of parameters on a GPU as torch's fused multi-tensor step: every
-    parameter and its state updated in place by one ops.gpu multi-tensor kernel launch (a
-    launch per 48 parameters of a dtype; the rule's ~4-10 eager ops a parameter, each a
-    dispatch and a launch, become none; lr, betas and bias corrections are kernel arguments,
-    the tensors' pointers too, so nothing is uploaded). In place, as torch's optimizers: a
-    tensor sharing a parameter's memory (``p.detach()``) sees the new value. False (the
-    rule runs op by op) for a rule of another class, a parameter off the GPU or a dtype the
-    kernels lack."""
-    from shardgrad.ops import gpu
-
+def _fused_step(opt: Optimizer, live: list, grads: dict) -> bool:
+    """The eager update as torch's fused multi-tensor optimizers: SGD's or Adam's rule over
+    every parameter and its state in place, in one pass, by ops.gpu's kernels (a launch per
+    48 parameters of a dtype) for parameters on a GPU, by the CPU runtime's on the intra-op
+    pool (runtime.native through ops.registry.cpu_updates; ops/cpu/update.c) for NumPy
+    parameters, or, where C is off, SGD's float ops with NumPy in place. The rule op by op
+    made fresh arrays and a node and a dispatch an op: a third of an eager MLP step's time
+    beyond torch's. In place, as torch's optimizers: a tensor sharing a parameter's memory
+    (``p.detach()``) sees the new value. The CPU updates give the rule's values bit for bit
+    (each float op in the rule's order, rounded to the dtype). False (the rule runs op by op)
+    for a rule of another class, parameters on different devices, a dtype the kernels lack,
+    or, on the CPU, a gradient of another dtype or shape."""
     kind = _fused_kind(opt)
-    if kind is None or not live or not all(
-            p.device.is_cuda and str(p.dtype) in gpu.CTYPES for p, _ in live):
+    if kind is None or not live:
         return False
+    if all(p.device.is_cuda for p, _ in live):
+        from shardgrad.ops import gpu
+        if not all(str(p.dtype) in gpu.CTYPES for p, _ in live):
+            return False
+        impl = gpu
+    else:
+        for p, _ in live:
+            g = grads[id(p)]
+            g = g.data if isinstance(g, Tensor) else g
+            if (type(p.data) is not np.ndarray or p.dtype not in ("float32", "float64")
+                    or type(g) is not np.ndarray or g.dtype != p.dtype or g.shape != p.shape):
+                return False
+        impl = cpu_updates()
+        if kind == "adam" and impl is None:
+            return False
     lists: dict[str, list[list]] = {}          # by dtype: parameters, gradients, states
+    keys = ("momentum_buffer",) if kind == "sgd" and opt.momentum else (
+        ("exp_avg", "exp_avg_sq") if kind == "adam" else ())
     for p, st in live:
         arr = _writable(p)
         g = grads[id(p)]
         g = g.data if isinstance(g, Tensor) else g
         if not g.flags.c_contiguous or g.dtype != arr.dtype:
             g = g.astype(arr.dtype, order="C")
-        keys = ("momentum_buffer",) if kind == "sgd" and opt.momentum else (
-            ("exp_avg", "exp_avg_sq") if kind == "adam" else ())
         cols = lists.setdefault(str(arr.dtype), [[] for _ in range(2 + len(keys))])
         for col, a in zip(cols, [arr, g] + [_writable(st[k]) for k in keys], strict=True):
             col.append(a.reshape(-1))
+    ran = impl is not None
     for ps, gs, *states in lists.values():
+        if not ran:
+            break
         if kind == "sgd":
-            gpu.sgd_multi_(ps, gs, states[0] if states else None, lr=opt.lr,
-                           momentum=opt.momentum, weight_decay=opt.weight_decay,
-                           nesterov=opt.nesterov)
+            ran = impl.sgd_multi_(ps, gs, states[0] if states else None, lr=opt.lr,
+                                  momentum=opt.momentum, weight_decay=opt.weight_decay,
+                                  nesterov=opt.nesterov) is not False
         else:
-            gpu.adam_multi_(ps, gs, *states, lr=opt.lr, step=opt.t, betas=(opt.b1, opt.b2),
-                            eps=opt.eps, weight_decay=opt.weight_decay,
-                            decoupled=opt.decoupled)
+            ran = impl.adam_multi_(ps, gs, *states, lr=opt.lr, step=opt.t,
+                                   betas=(opt.b1, opt.b2), eps=opt.eps,
+                                   weight_decay=opt.weight_decay,
+                                   decoupled=opt.decoupled) is not False
+    if ran:
+        return True
+    if kind != "sgd":               # the CPU runtime is off or not built: the rule op by op
+        return False
+    for ps, gs, *states in lists.values():      # SGD's float ops with NumPy, in place
+        for k, (arr, d) in enumerate(zip(ps, gs, strict=True)):
+            f = arr.dtype.type
+            if opt.weight_decay:
+                d = d + f(opt.weight_decay) * arr                # d = g + wd p
+            if opt.momentum:
+                b = states[0][k]
+                np.multiply(b, f(opt.momentum), out=b)           # b = mu b + d
+                np.add(b, d, out=b)
+                d = d + f(opt.momentum) * b if opt.nesterov else b
+            np.subtract(arr, f(opt.lr) * d, out=arr)             # p = p - lr d
     return True
 
 

@@ -148,6 +148,22 @@ def cpu_runner(opdef: OpDef) -> Callable[[Node, list[Any]], Any] | None:
     return _cpu_runner[0] if opdef.cpu is not None and _cpu_runner else None
 
 
+# the CPU runtime's fused multi-tensor optimizer updates (runtime.native installs them): an
+# object with ops.gpu's ``sgd_multi_`` and ``adam_multi_`` signatures, each returning False
+# when the C runtime cannot run here; graph.optim asks here, as eager ops ask for the runner
+_cpu_updates: list[Any] = []
+
+
+def set_cpu_updates(updates: Any) -> None:
+    """Install (None: remove) the CPU runtime's fused optimizer updates."""
+    _cpu_updates[:] = [] if updates is None else [updates]
+
+
+def cpu_updates() -> Any:
+    """The CPU runtime's fused optimizer updates, or None (none installed)."""
+    return _cpu_updates[0] if _cpu_updates else None
+
+
 DEVICE_KINDS = ("cpu", "cuda")
 FORMS = ("call", "out", "expr", "c")
 

@@ -23,6 +23,7 @@ import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from shardgrad.ops.codegen import (
     cpu_source,
     read_through,
 )
-from shardgrad.ops.registry import get, set_cpu_runner
+from shardgrad.ops.registry import get, set_cpu_runner, set_cpu_updates
 
 # A group below this many elements stays NumPy's: a ctypes call (about 1-2 us with its
 # pointer look-ups) costs what a ufunc on a few thousand float32 costs.
@@ -351,7 +352,7 @@ class Runtime:
         lib.sg_blas_threads.restype = ctypes.c_int
         self.blas_enter, self.blas_exit, self.blas_threads = (
             lib.sg_blas_enter, lib.sg_blas_exit, lib.sg_blas_threads)
-        for name in ("sg_gemm",):
+        for name in ("sg_gemm", "sg_update"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
             getattr(lib, name).restype = None
 
@@ -554,6 +555,69 @@ def _eager_setting() -> tuple[Runtime, int] | None:
 
 
 _eager: dict[tuple, tuple[Runtime | None, dict[int, int]]] = {}
+
+
+# ---- the optimizers' fused updates -------------------------------------------------------------
+# graph.optim's eager SGD and Adam step on NumPy parameters, as torch's fused multi-tensor
+# optimizers (ops.gpu's sgd_multi_ / adam_multi_ are their GPU twins, with these signatures):
+# each rule one pass over every parameter and its state in place, split over the intra-op
+# pool, with the rule's values bit for bit (ops/cpu/update.c rounds as NumPy does op by op).
+
+
+def sgd_multi_(ps: list, gs: list, bufs: list | None, *, lr: float, momentum: float = 0.0,
+               weight_decay: float = 0.0, nesterov: bool = False) -> bool:
+    """graph.optim.SGD's rule over C-contiguous NumPy arrays of one float dtype (gradients
+    shaped as their parameters; momentum buffers ``bufs`` when momentum > 0), each updated in
+    place. False, with nothing done, when the C runtime is off or cannot be built here."""
+    if momentum and bufs is None:
+        raise ValueError("momentum needs momentum buffers")
+    flags = (1 if weight_decay else 0) | (2 if momentum else 0) | (
+        4 if momentum and nesterov else 0)
+    return _update(0, ps, gs, [bufs] if momentum else [],
+                   (lr, weight_decay, momentum, flags))
+
+
+def adam_multi_(ps: list, gs: list, ms: list, vs: list, *, lr: float, step: int,
+                betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                decoupled: bool = False) -> bool:
+    """graph.optim.Adam's (``decoupled``: AdamW's) rule at 1-based ``step`` over NumPy arrays
+    as sgd_multi_'s, with their first and second moments ``ms`` and ``vs``, in place. The bias
+    corrections are the rule's Python floats. False when the C runtime is off or not built."""
+    b1, b2 = float(betas[0]), float(betas[1])
+    flags = (2 if decoupled else 1) if weight_decay else 0
+    return _update(1, ps, gs, [ms, vs], (lr, weight_decay, flags, b1, 1.0 - b1, b2, 1.0 - b2,
+                                         1.0 - b1 ** step, 1.0 - b2 ** step, eps,
+                                         lr * weight_decay))
+
+
+def _update(rule: int, ps: list, gs: list, states: list[list], hyper: tuple) -> bool:
+    got = _eager_setting()
+    if got is None:
+        return False
+    if not ps:
+        return True
+    rt, n_threads = got
+    k, dtype = len(ps), ps[0].dtype
+    for lst in (ps, gs, *states):
+        if len(lst) != k or any(type(a) is not np.ndarray or a.dtype != dtype or
+                                not a.flags.c_contiguous for a in lst):
+            raise ValueError(f"fused update: every array must be a C-contiguous {dtype} "
+                             f"NumPy array, {k} of each")
+    if dtype not in (np.float32, np.float64) or any(
+            g.size != p.size for p, g in zip(ps, gs, strict=True)) or any(
+            s.size != p.size for lst in states for p, s in zip(ps, lst, strict=True)):
+        raise ValueError("fused update: float32 or float64 arrays, each gradient and state "
+                         "the size of its parameter")
+    off = np.zeros(k + 1, np.int64)
+    np.cumsum([p.size for p in ps], out=off[1:])
+    ptrs = (ctypes.c_void_p * (k * (2 + len(states))))(
+        *[a.ctypes.data for lst in (ps, gs, *states) for a in lst])
+    h = (ctypes.c_double * len(hyper))(*map(float, hyper))
+    base, size = ctypes.addressof(ptrs), ctypes.sizeof(ctypes.c_void_p) * k
+    rt.lib.sg_update((ctypes.c_longlong * 11)(
+        n_threads, rule, dtype == np.float64, k, GRAIN, ctypes.addressof(h), off.ctypes.data,
+        base, base + size, base + 2 * size, len(states)))
+    return True
 
 
 def _window_step(rt, kern, node, n_threads, slots, ins, i, fixed):
@@ -853,9 +917,12 @@ def _group_nodes(choice, kernel: Kernel, rebuilt, order: list[Node]) -> tuple[No
     return fused, parts
 
 
-# eager ops take the same C kernels (ops.registry asks this module through the runner)
+# eager ops take the same C kernels, and eager optimizers these updates (ops.registry asks
+# this module through the runner and the updates it installs)
 set_cpu_runner(run_eager)
+set_cpu_updates(SimpleNamespace(sgd_multi_=sgd_multi_, adam_multi_=adam_multi_))
 
 __all__ = ["Blas", "Kernel", "Native", "NativeError", "Pool", "Runtime", "blas", "build",
-           "c_step", "cache_dir", "compiler", "enabled", "fuse", "gemm_blas", "get_num_threads",
-           "run_eager", "runtime", "runtime_error", "set_num_threads", "threads"]
+           "adam_multi_", "c_step", "cache_dir", "compiler", "enabled", "fuse", "gemm_blas",
+           "get_num_threads", "run_eager", "runtime", "runtime_error", "set_num_threads",
+           "sgd_multi_", "threads"]

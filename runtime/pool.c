@@ -335,3 +335,45 @@ void sg_gemm(const long long* a) {
     }
     sg_parallel_for(threads, units, grain, sg_gemm_task, &j);
 }
+
+// ---- the optimizers' fused updates over the pool -----------------------------------------------
+// one call updates k tensors in place (ops/cpu/update.c's rules), their elements one index
+// space split over the pool: a part covers the pieces of the tensors in its range
+
+typedef void (*sg_update_fn)(void* p, const void* g, void** s, long long i0, long long i1,
+                             const double* h);
+typedef struct {
+    sg_update_fn fn; long long k; const long long* off; void** p; void** g; void** s;
+    int states; const double* h;
+} sg_update_job;
+
+static void sg_update_task(void* ctx, long long b, long long e) {
+    const sg_update_job* j = (const sg_update_job*)ctx;
+    long long t = 0, lo = 0, hi = j->k;          // the tensor holding element b
+    while (lo < hi) {
+        const long long mid = (lo + hi) / 2;
+        if (j->off[mid + 1] <= b) lo = mid + 1;
+        else hi = mid;
+    }
+    for (t = lo; t < j->k && j->off[t] < e; ++t) {
+        const long long i0 = b > j->off[t] ? b - j->off[t] : 0;
+        const long long i1 = (e < j->off[t + 1] ? e : j->off[t + 1]) - j->off[t];
+        void* s[2] = {j->states > 0 ? j->s[t] : NULL, j->states > 1 ? j->s[j->k + t] : NULL};
+        if (i1 > i0) j->fn(j->p[t], j->g[t], s, i0, i1, j->h);
+    }
+}
+
+// args: threads, rule (0 SGD, 1 Adam), double?, k, grain, hyper-parameters (double*), offsets
+// (k + 1 int64: tensor t holds elements [off[t], off[t+1])), parameters, gradients (k
+// pointers each), states (states * k pointers: the first state of every tensor, then the
+// second), states
+void sg_update(const long long* a) {
+    static const sg_update_fn fns[2][2] = {
+        {sg_sgd_f32, sg_sgd_f64},
+        {sg_adam_f32, sg_adam_f64}};
+    const long long k = a[3];
+    const long long* off = (const long long*)a[6];
+    sg_update_job j = {fns[a[1] ? 1 : 0][a[2] ? 1 : 0], k, off, (void**)a[7], (void**)a[8],
+                       (void**)a[9], (int)a[10], (const double*)a[5]};
+    sg_parallel_for((int)a[0], off[k], a[4], sg_update_task, &j);
+}

@@ -350,3 +350,98 @@ def test_eager_convolution_and_pooling_run_the_window_kernels(c_on, monkeypatch,
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+# ---- the optimizers' fused updates (ops/cpu/update.c over the pool) ------------------------
+
+def _by_ops(cls):
+    """``cls`` with its rule run op by op (a subclass's rule is never the fused one's)."""
+    return type(f"{cls.__name__}ByOps", (cls,), {"rule": lambda self, *a: cls.rule(self, *a)})
+
+
+@needs_cc
+@pytest.mark.parametrize("make", [
+    lambda c, ps: c(ps, lr=0.1),
+    lambda c, ps: c(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+    lambda c, ps: c(ps, lr=0.1, momentum=0.9, nesterov=True)], ids=["plain", "mom-wd", "nest"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_sgd_is_the_rule_bit_for_bit_in_place(make, threads, dtype, monkeypatch):
+    _fused_matches_rule(sg.optim.SGD, make, threads, dtype, monkeypatch)
+
+
+@needs_cc
+@pytest.mark.parametrize("cls,kw", [(sg.optim.Adam, {}), (sg.optim.Adam, {"weight_decay": 0.1}),
+                                    (sg.optim.AdamW, {}),
+                                    (sg.optim.Adam, {"betas": (0.8, 0.95), "eps": 1e-6})],
+                         ids=["adam", "adam-l2", "adamw", "betas"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_adam_is_the_rule_bit_for_bit_in_place(cls, kw, threads, dtype, monkeypatch):
+    _fused_matches_rule(cls, lambda c, ps: c(ps, lr=1e-2, **kw), threads, dtype, monkeypatch)
+
+
+def _fused_matches_rule(cls, make, threads, dtype, monkeypatch):
+    """Parameters of 77k, 257, 33k and 130 elements: the pool's parts (32k elements) start
+    and end inside tensors and span tensor boundaries at 2 threads."""
+    monkeypatch.setenv("SHARDGRAD_NATIVE", "1")
+    monkeypatch.setenv("SHARDGRAD_NATIVE_THREADS", str(threads))
+    ran = []
+    update = native._update
+    monkeypatch.setattr(native, "_update", lambda *a: ran.append(update(*a)) or ran[-1])
+    models = []
+    for _ in range(2):
+        sg.manual_seed(5)
+        m = sg.nn.Sequential(sg.nn.Linear(300, 257), sg.nn.Tanh(), sg.nn.Linear(257, 130))
+        models.append(m.double() if dtype == "float64" else m)
+    fused, ops = make(cls, models[0].parameters()), make(_by_ops(cls), models[1].parameters())
+    arrays = [p.data for p in models[0].parameters()]
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        x = rng.standard_normal((16, 300)).astype(dtype)
+        y = rng.standard_normal((16, 130)).astype(dtype)
+        for m, opt in zip(models, (fused, ops), strict=True):
+            opt.zero_grad()
+            d = m(sg.tensor(x)) - sg.tensor(y)
+            (d * d).mean().backward()
+            opt.step()
+    assert ran == [True] * 4                    # the C update ran, once a step
+    for a, p, q in zip(arrays, models[0].parameters(), models[1].parameters(), strict=True):
+        assert p.data is a and p.dtype == dtype     # in place
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+    for sf, so in zip(fused.state, ops.state, strict=True):
+        for k in sf:
+            np.testing.assert_array_equal(sf[k].numpy(), so[k].numpy())
+
+
+def test_without_c_sgd_updates_in_place_with_numpy_and_adam_runs_its_rule(monkeypatch):
+    """SHARDGRAD_NATIVE=0: the fused update reports it cannot run; SGD then runs its float ops
+    with NumPy in place, Adam its rule op by op; both give the rule's values."""
+    monkeypatch.setenv("SHARDGRAD_NATIVE", "0")
+    p = np.ones(4, np.float32)
+    assert native.sgd_multi_([p], [p.copy()], None, lr=0.5) is False
+    np.testing.assert_array_equal(p, 1.0)                   # nothing done
+    for cls, make in ((sg.optim.SGD, lambda c, ps: c(ps, lr=0.1, momentum=0.9)),
+                      (sg.optim.Adam, lambda c, ps: c(ps, lr=1e-2))):
+        ws = [sg.nn.Parameter(np.arange(6, dtype=np.float32).reshape(2, 3)) for _ in range(2)]
+        opts = [make(cls, [ws[0]]), make(_by_ops(cls), [ws[1]])]
+        kept = ws[0].data
+        for _ in range(3):
+            for w, opt in zip(ws, opts, strict=True):
+                opt.zero_grad()
+                (w * w).sum().backward()
+                opt.step()
+        np.testing.assert_array_equal(ws[0].numpy(), ws[1].numpy())
+        assert (ws[0].data is kept) == (cls is sg.optim.SGD)
+
+
+@needs_cc
+def test_fused_update_names_bad_arrays(monkeypatch):
+    monkeypatch.setenv("SHARDGRAD_NATIVE", "1")
+    p = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        native.sgd_multi_([p], [np.zeros(4, np.float64)], None, lr=0.1)
+    with pytest.raises(ValueError, match="the size of its parameter"):
+        native.sgd_multi_([p], [np.zeros(3, np.float32)], None, lr=0.1)
+    with pytest.raises(ValueError, match="momentum needs momentum buffers"):
+        native.sgd_multi_([p], [p.copy()], None, lr=0.1, momentum=0.9)
