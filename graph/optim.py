@@ -584,7 +584,7 @@ def _fused_step(opt: Optimizer, live: list, grads: dict) -> bool:
         from shardgrad.ops import gpu
         if not all(str(p.dtype) in gpu.CTYPES for p, _ in live):
             return False
-        impl = gpu
+        impl, flat = gpu, True                  # ops.gpu's kernels take them raveled
     else:
         for p, _ in live:
             g = grads[id(p)]
@@ -592,10 +592,12 @@ def _fused_step(opt: Optimizer, live: list, grads: dict) -> bool:
             if (type(p.data) is not np.ndarray or p.dtype not in ("float32", "float64")
                     or type(g) is not np.ndarray or g.dtype != p.dtype or g.shape != p.shape):
                 return False
-        impl = cpu_updates()
+        impl, flat = cpu_updates(), False
+        if impl is not None and not impl.ready():
+            impl = None                         # C off or not built here
         if kind == "adam" and impl is None:
             return False
-    lists: dict[str, list[list]] = {}          # by dtype: parameters, gradients, states
+    lists: dict[np.dtype, list[list]] = {}     # by dtype: parameters, gradients, states
     keys = ("momentum_buffer",) if kind == "sgd" and opt.momentum else (
         ("exp_avg", "exp_avg_sq") if kind == "adam" else ())
     for p, st in live:
@@ -604,23 +606,21 @@ def _fused_step(opt: Optimizer, live: list, grads: dict) -> bool:
         g = g.data if isinstance(g, Tensor) else g
         if not g.flags.c_contiguous or g.dtype != arr.dtype:
             g = g.astype(arr.dtype, order="C")
-        cols = lists.setdefault(str(arr.dtype), [[] for _ in range(2 + len(keys))])
+        cols = lists.get(arr.dtype)
+        if cols is None:
+            cols = lists[arr.dtype] = [[] for _ in range(2 + len(keys))]
         for col, a in zip(cols, [arr, g] + [_writable(st[k]) for k in keys], strict=True):
-            col.append(a.reshape(-1))
-    ran = impl is not None
-    for ps, gs, *states in lists.values():
-        if not ran:
-            break
-        if kind == "sgd":
-            ran = impl.sgd_multi_(ps, gs, states[0] if states else None, lr=opt.lr,
-                                  momentum=opt.momentum, weight_decay=opt.weight_decay,
-                                  nesterov=opt.nesterov) is not False
-        else:
-            ran = impl.adam_multi_(ps, gs, *states, lr=opt.lr, step=opt.t,
-                                   betas=(opt.b1, opt.b2), eps=opt.eps,
-                                   weight_decay=opt.weight_decay,
-                                   decoupled=opt.decoupled) is not False
-    if ran:
+            col.append(a.reshape(-1) if flat else a)
+    if impl is not None:
+        for ps, gs, *states in lists.values():
+            if kind == "sgd":
+                impl.sgd_multi_(ps, gs, states[0] if states else None, lr=opt.lr,
+                                momentum=opt.momentum, weight_decay=opt.weight_decay,
+                                nesterov=opt.nesterov)
+            else:
+                impl.adam_multi_(ps, gs, *states, lr=opt.lr, step=opt.t,
+                                 betas=(opt.b1, opt.b2), eps=opt.eps,
+                                 weight_decay=opt.weight_decay, decoupled=opt.decoupled)
         return True
     if kind != "sgd":               # the CPU runtime is off or not built: the rule op by op
         return False

@@ -149,8 +149,9 @@ def cpu_runner(opdef: OpDef) -> Callable[[Node, list[Any]], Any] | None:
 
 
 # the CPU runtime's fused multi-tensor optimizer updates (runtime.native installs them): an
-# object with ops.gpu's ``sgd_multi_`` and ``adam_multi_`` signatures, each returning False
-# when the C runtime cannot run here; graph.optim asks here, as eager ops ask for the runner
+# object with ops.gpu's ``sgd_multi_`` and ``adam_multi_`` signatures and ``ready()`` (False
+# where the C runtime is off or cannot be built); graph.optim asks here, as eager ops ask
+# for the runner
 _cpu_updates: list[Any] = []
 
 

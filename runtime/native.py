@@ -598,6 +598,27 @@ def _update(rule: int, ps: list, gs: list, states: list[list], hyper: tuple) -> 
         return True
     rt, n_threads = got
     k, dtype = len(ps), ps[0].dtype
+    kept = [*ps, *(a for lst in states for a in lst)]
+    key = (rule, n_threads, len(states), *map(id, kept))
+    call = _update_calls.get(key)
+    if call is None or any(r() is not a for r, a in zip(call[0], kept, strict=True)):
+        _check_update(ps, gs, states)
+        if len(_update_calls) > 16:
+            _update_calls.clear()
+        call = _update_calls[key] = _update_call(rule, n_threads, ps, states, len(hyper))
+    refs, ptrs, h, args = call
+    for t, g in enumerate(gs):
+        if (type(g) is not np.ndarray or g.dtype != dtype or not g.flags.c_contiguous
+                or g.size != ps[t].size):
+            _check_update(ps, gs, states)
+        ptrs[k + t] = g.ctypes.data
+    h[:] = [float(v) for v in hyper]
+    rt.lib.sg_update(args)
+    return True
+
+
+def _check_update(ps: list, gs: list, states: list[list]) -> None:
+    k, dtype = len(ps), ps[0].dtype
     for lst in (ps, gs, *states):
         if len(lst) != k or any(type(a) is not np.ndarray or a.dtype != dtype or
                                 not a.flags.c_contiguous for a in lst):
@@ -608,16 +629,31 @@ def _update(rule: int, ps: list, gs: list, states: list[list], hyper: tuple) -> 
             s.size != p.size for lst in states for p, s in zip(ps, lst, strict=True)):
         raise ValueError("fused update: float32 or float64 arrays, each gradient and state "
                          "the size of its parameter")
+
+
+def _update_call(rule: int, n_threads: int, ps: list, states: list[list], n_hyper: int):
+    """sg_update's arguments for these parameters and states (weakly held: the same arrays
+    step after step, so only the gradients' addresses and the hyper-parameters change)."""
+    k, kept = len(ps), [*ps, *(a for lst in states for a in lst)]
     off = np.zeros(k + 1, np.int64)
     np.cumsum([p.size for p in ps], out=off[1:])
-    ptrs = (ctypes.c_void_p * (k * (2 + len(states))))(
-        *[a.ctypes.data for lst in (ps, gs, *states) for a in lst])
-    h = (ctypes.c_double * len(hyper))(*map(float, hyper))
+    ptrs = (ctypes.c_void_p * (k * (2 + len(states))))()
+    for t, p in enumerate(ps):
+        ptrs[t] = p.ctypes.data
+    for j, a in enumerate(kept[k:]):
+        ptrs[2 * k + j] = a.ctypes.data
+    h = (ctypes.c_double * n_hyper)()
     base, size = ctypes.addressof(ptrs), ctypes.sizeof(ctypes.c_void_p) * k
-    rt.lib.sg_update((ctypes.c_longlong * 11)(
-        n_threads, rule, dtype == np.float64, k, GRAIN, ctypes.addressof(h), off.ctypes.data,
-        base, base + size, base + 2 * size, len(states)))
-    return True
+    args = (ctypes.c_longlong * 11)(
+        n_threads, rule, ps[0].dtype == np.float64, k, GRAIN, ctypes.addressof(h),
+        off.ctypes.data, base, base + size, base + 2 * size, len(states))
+    args._keep = (off, ptrs, h)                 # alive as long as the arguments
+    return [weakref.ref(a) for a in kept], ptrs, h, args
+
+
+# the fused updates' prepared calls, by (rule, threads, states, ids of the parameters and
+# states): a few optimizers per process; checked against their arrays by weak reference
+_update_calls: dict[tuple, tuple] = {}
 
 
 def _window_step(rt, kern, node, n_threads, slots, ins, i, fixed):
@@ -920,7 +956,8 @@ def _group_nodes(choice, kernel: Kernel, rebuilt, order: list[Node]) -> tuple[No
 # eager ops take the same C kernels, and eager optimizers these updates (ops.registry asks
 # this module through the runner and the updates it installs)
 set_cpu_runner(run_eager)
-set_cpu_updates(SimpleNamespace(sgd_multi_=sgd_multi_, adam_multi_=adam_multi_))
+set_cpu_updates(SimpleNamespace(sgd_multi_=sgd_multi_, adam_multi_=adam_multi_,
+                                ready=lambda: _eager_setting() is not None))
 
 __all__ = ["Blas", "Kernel", "Native", "NativeError", "Pool", "Runtime", "blas", "build",
            "adam_multi_", "c_step", "cache_dir", "compiler", "enabled", "fuse", "gemm_blas",
