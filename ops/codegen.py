@@ -332,6 +332,50 @@ def cpu_source(group, shapes: Sequence[tuple[int, ...]] | None = None,
     return KernelSource(name, code, passed, size)
 
 
+def eager_source(op: str, expr: CudaExpr, dtype: str, arity: int) -> tuple[str, str]:
+    """(name, C source) of the eager kernel of elementwise ``op`` (its C expression ``expr``,
+    no attributes) on ``arity`` operands of ``dtype``: ``void name(void** p, const long long*
+    g, long long b, long long e)`` writes elements [b, e) of the C-contiguous output p[0] from
+    the operands p[1..], each read through the geometry g: the output as (D0, D1, L) (its
+    dimensions merged), L = g[0], D1 = g[1], then each operand's strides (s0, s1, sL) in
+    elements, sL 0 (broadcast along rows) or 1. The intra-op pool (runtime/pool.c) splits
+    [0, D0 * D1 * L) over threads. Raises Unsupported where ``expr`` does not take ``dtype``."""
+    t = CTYPES[dtype]
+    name = f"sg_ew_{op}_{dtype}"
+    rows = [f"const {t}* x{k} = (const {t}*)p[{k + 1}] + i0 * g[{2 + 3 * k}] + "
+            f"i1 * g[{3 + 3 * k}] + j * g[{4 + 3 * k}];" for k in range(arity)]
+    # a loop per combination of operands read along the row (stride 1) or held (stride 0),
+    # so that each vectorizes
+    loops = []
+    for mask in range(1 << arity):
+        along = [bool(mask >> k & 1) for k in range(arity)]
+        body = expr([f"x{k}[i]" if a else f"v{k}" for k, a in enumerate(along)],
+                    [dtype] * arity, dtype, {})
+        cond = " && ".join(f"{'' if a else '!'}g[{4 + 3 * k}]" for k, a in enumerate(along))
+        held = "".join(f" const {t} v{k} = x{k}[0];" for k, a in enumerate(along) if not a)
+        loops.append(f"        {'if' if not loops else 'else if'} ({cond}) {{{held}\n"
+                     f"            _Pragma(\"omp simd\")\n"
+                     f"            for (long long i = 0; i < n; ++i) out[i] = {body};\n"
+                     f"        }}")
+    code = "\n".join([
+        f"void {name}(void** p, const long long* g, long long b, long long e) {{",
+        "    const long long L = g[0], D1 = g[1];",
+        "    long long r = b / L, j = b - r * L;",
+        "    while (b < e) {",
+        "        const long long n = L - j < e - b ? L - j : e - b, i0 = r / D1, i1 = r % D1;",
+        f"        {t}* out = ({t}*)p[0] + b;",
+        *(f"        {row}" for row in rows),
+        *loops,
+        "        b += n;",
+        "        ++r;",
+        "        j = 0;",
+        "    }",
+        "}",
+        "",
+    ])
+    return name, code
+
+
 __all__ = ["CPU_POOL", "C_PRELUDE", "KernelSource", "Unsupported", "binary_expr", "cmath",
-           "contiguous_strides", "cpu_source", "float_only", "fused_source", "index_terms",
-           "literal", "offsets", "read_through", "unary_fn_expr"]
+           "contiguous_strides", "cpu_source", "eager_source", "float_only", "fused_source",
+           "index_terms", "literal", "offsets", "read_through", "unary_fn_expr"]

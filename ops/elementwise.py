@@ -290,7 +290,8 @@ sigmoid = _unary("sigmoid", _sigmoid_fwd, lambda x, out: out * (1.0 - out),
 
 def _relu_c(a, dts, dt, attrs):
     x, zero = a[0], literal(0, dt)
-    return f"({x} < {zero} ? {zero} : {x})"          # max(x, 0), NaN kept
+    # NumPy's maximum(x, 0): NaN kept, -0.0 becomes 0.0
+    return f"(({x} > {zero} || {x} != {x}) ? {x} : {zero})"
 
 
 # relu is its own primitive (not maximum(x, 0)) so the backward is one mask, not a where+mul

@@ -6,7 +6,7 @@ nn, loss, collective) registers its stanzas here at import time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -136,16 +136,24 @@ def get(name: str) -> OpDef:
 # runs an op's CpuKernel on the intra-op pool as a compiled step does (None: the op's
 # ``forward`` runs), so that the C runtime stays in runtime/ and eager code asks only here.
 _cpu_runner: list[Callable[[Node, list[Any]], Any]] = []
+_cpu_runner_elementwise: set[str] = set()
 
 
-def set_cpu_runner(runner: Callable[[Node, list[Any]], Any] | None) -> None:
-    """Install (None: remove) the runner of eager ops' CpuKernels."""
+def set_cpu_runner(runner: Callable[[Node, list[Any]], Any] | None,
+                   elementwise: Iterable[str] = ()) -> None:
+    """Install (None: remove) the runner of eager ops' CpuKernels, which also runs the
+    ``elementwise`` ops named (from their C expressions)."""
     _cpu_runner[:] = [] if runner is None else [runner]
+    _cpu_runner_elementwise.clear()
+    if runner is not None:
+        _cpu_runner_elementwise.update(elementwise)
 
 
 def cpu_runner(opdef: OpDef) -> Callable[[Node, list[Any]], Any] | None:
-    """The runner of ``opdef``'s CpuKernel for an eager op, or None (no kernel, no runner)."""
-    return _cpu_runner[0] if opdef.cpu is not None and _cpu_runner else None
+    """The runner of ``opdef``'s C kernel for an eager op, or None (no kernel, no runner)."""
+    if not _cpu_runner or (opdef.cpu is None and opdef.name not in _cpu_runner_elementwise):
+        return None
+    return _cpu_runner[0]
 
 
 # the CPU runtime's fused multi-tensor optimizer updates (runtime.native installs them): an

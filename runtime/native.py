@@ -36,6 +36,7 @@ from shardgrad.ops.codegen import (
     KernelSource,
     Unsupported,
     cpu_source,
+    eager_source,
     read_through,
 )
 from shardgrad.ops.registry import get, set_cpu_runner, set_cpu_updates
@@ -334,8 +335,10 @@ def set_num_threads(n: int) -> None:
 # ---- the C runtime: the pool, the window kernels, the GEMM split ---------------------------------
 
 class Runtime:
-    """runtime/pool.c with ops/cpu/*.c, built and loaded once per process: ``window(name)``
-    and ``gemm`` are its entry points, each called with one int64 argument array."""
+    """runtime/pool.c with ops/cpu/*.c and the eager elementwise kernels, built and loaded
+    once per process: ``window(name)``, ``sg_gemm``, ``sg_update`` (the optimizers' fused
+    updates) and ``sg_run_ew`` are its entry points, each called with one int64 argument
+    array."""
 
     def __init__(self, lib: ctypes.CDLL, flags: str):
         self.lib, self.flags = lib, flags
@@ -352,7 +355,7 @@ class Runtime:
         lib.sg_blas_threads.restype = ctypes.c_int
         self.blas_enter, self.blas_exit, self.blas_threads = (
             lib.sg_blas_enter, lib.sg_blas_exit, lib.sg_blas_threads)
-        for name in ("sg_gemm", "sg_update"):
+        for name in ("sg_gemm", "sg_update", "sg_run_ew"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
             getattr(lib, name).restype = None
 
@@ -365,11 +368,32 @@ class Runtime:
 _runtimes: dict[str | None, Runtime | str] = {}     # per compiler: the runtime, or why not
 
 
+# Elementwise ops whose eager C kernels the runtime carries (ops.codegen.eager_source, from
+# each op's own C expression): those whose every float op is exactly rounded, so that an
+# eager value is NumPy's bit for bit whichever kernel computed it (exp, tanh, erf... stay
+# NumPy's: libm's and NumPy's SIMD versions differ in the last bits).
+# By name, with their operand counts.
+EAGER_ELEMENTWISE = {"add": 2, "sub": 2, "mul": 2, "div": 2, "maximum": 2, "minimum": 2,
+                     "neg": 1, "relu": 1, "step": 1, "sqrt": 1, "sign": 1}
+
+
+def _eager_kernels() -> str:
+    code = []
+    for op, arity in EAGER_ELEMENTWISE.items():
+        opdef = get(op)
+        for dtype in FLOAT_TYPES:
+            try:
+                code.append(eager_source(op, opdef.cuda_expr, dtype, arity)[1])
+            except Unsupported:
+                continue
+    return "\n".join(code)
+
+
 def _sources() -> str:
     here = Path(__file__).resolve().parent
     cpu = here.parent / "ops" / "cpu"
     return "\n".join([*(p.read_text() for p in sorted(cpu.glob("*.c"))),
-                      (here / "pool.c").read_text()])
+                      _eager_kernels(), (here / "pool.c").read_text()])
 
 
 def runtime() -> Runtime | None:
@@ -499,6 +523,8 @@ def run_eager(node: Node, args: list) -> Any:
             type(a) is not np.ndarray or a.dtype != node.dtype for a in args):
         return None                 # the kernels read every operand as the node's dtype
     kern = get(node.op).cpu
+    if kern is None:
+        return _run_elementwise(node, args)
     gemm = kern.name == "gemm"
     if (args[0].ndim == 0 or args[0].size * args[1].shape[-1] < EAGER_SPLIT_FROM) if gemm \
             else max(a.size for a in args) < EAGER_WINDOW_FROM:
@@ -532,6 +558,84 @@ def run_eager(node: Node, args: list) -> Any:
     else:
         step()
     return out
+
+
+def _run_elementwise(node: Node, args: list) -> Any:
+    """An EAGER_ELEMENTWISE op's C kernel over the pool into a new array (None: NumPy's):
+    operands of the node's dtype, broadcast and strided as they come where the dimensions
+    merge into three with each operand read along the rows or held. Only where it pays for
+    the call's ~10 us of setup (EAGER_ELEMENTWISE_FROM)."""
+    size = 1
+    for d in node.shape:
+        size *= d
+    if size < (EAGER_SLOW_FROM if node.op in EAGER_SLOW_IN_NUMPY else EAGER_ELEMENTWISE_FROM):
+        return None
+    got = _eager_setting()
+    if got is None:
+        return None
+    rt, n_threads = got
+    if n_threads == 1 and node.op not in EAGER_SLOW_IN_NUMPY and all(
+            a.shape == node.shape or a.size == 1 for a in args):
+        return None                     # NumPy's one-thread loops stream as fast as ours
+    key = (node.op, node.dtype, node.shape, *[(a.shape, a.strides) for a in args])
+    plan = _ew_plans.get(key)
+    if plan is None:
+        if len(_ew_plans) > 256:
+            _ew_plans.clear()
+        plan = _ew_plans[key] = _ew_plan(rt, node, args, size)
+    if plan is False:
+        return None
+    out = np.empty(node.shape, node.dtype)
+    call = (ctypes.c_longlong * 15)(n_threads, *plan, out.ctypes.data,
+                                   *[a.ctypes.data for a in args])
+    rt.lib.sg_run_ew(call)
+    return out
+
+
+def _ew_plan(rt: Runtime, node: Node, args: list, size: int) -> tuple | bool:
+    """(kernel, elements, grain, geometry) of an eager elementwise op, or False where its C
+    kernel cannot read the operands (eager_source's geometry)."""
+    fn = getattr(rt.lib, f"sg_ew_{node.op}_{node.dtype}", None)
+    if fn is None:
+        return False
+    shape, nd = node.shape, len(node.shape)
+    per: list[list[int]] = []              # each operand's strides in elements, broadcast 0
+    for a in args:
+        item, pad = a.itemsize, nd - a.ndim
+        if pad < 0 or any(s % item for s in a.strides):
+            return False
+        per.append([0] * pad + [0 if a.shape[k] == 1 else a.strides[k] // item
+                                for k in range(a.ndim)])
+    dims = [(shape[d], [st[d] for st in per]) for d in range(nd) if shape[d] != 1]
+    merged: list[tuple[int, list[int]]] = []
+    for size_d, st in dims:                 # outer to inner: merge into the previous dim
+        if merged and all(o == i * size_d for o, i in zip(merged[-1][1], st, strict=True)):
+            merged[-1] = (merged[-1][0] * size_d, st)
+        else:
+            merged.append((size_d, st))
+    if len(merged) > 3 or any(s not in (0, 1) for s in (merged[-1][1] if merged else [])):
+        return False
+    while len(merged) < 3:
+        merged.insert(0, (1, [0] * len(args)))
+    (_, s0), (d1, s1), (length, s_l) = merged
+    geometry = [length, d1]
+    for k in range(len(args)):
+        geometry += [s0[k], s1[k], s_l[k]]
+    geometry += [0] * (8 - len(geometry))
+    return (ctypes.cast(fn, ctypes.c_void_p).value, size, GRAIN, *geometry)
+
+
+# eager elementwise plans by (op, dtype, shape, operands' shapes and strides): an eager step
+# meets the same few each step
+_ew_plans: dict[tuple, tuple | bool] = {}
+# An eager elementwise op runs its C kernel from 2^18 elements (at 2^16, 8 us of NumPy's
+# add, the call's setup, ~10 us, outweighs a second thread): on one thread only where an
+# operand is broadcast (NumPy's broadcast loops run at half the speed of its plain ones; a
+# (64,16,26,26) + (16,1,1) bias add: 144 us, ours 77). NumPy's maximum (relu's forward)
+# checks each element for NaN at a third of our loop's speed: those from 2^15, any threads.
+EAGER_ELEMENTWISE_FROM = 1 << 18
+EAGER_SLOW_IN_NUMPY = frozenset({"relu", "maximum", "minimum"})
+EAGER_SLOW_FROM = 1 << 15
 
 
 def _eager_setting() -> tuple[Runtime, int] | None:
@@ -955,7 +1059,7 @@ def _group_nodes(choice, kernel: Kernel, rebuilt, order: list[Node]) -> tuple[No
 
 # eager ops take the same C kernels, and eager optimizers these updates (ops.registry asks
 # this module through the runner and the updates it installs)
-set_cpu_runner(run_eager)
+set_cpu_runner(run_eager, EAGER_ELEMENTWISE)
 set_cpu_updates(SimpleNamespace(sgd_multi_=sgd_multi_, adam_multi_=adam_multi_,
                                 ready=lambda: _eager_setting() is not None))
 

@@ -228,6 +228,13 @@ static void sg_window_task(void* ctx, long long b, long long e) {
         sg_window_job j = {a[1] ? sg_##name##_f64 : sg_##name##_f32, (void**)(a + 15), a + 3}; \
         sg_parallel_for((int)a[0], a[3] * a[4], a[2], sg_window_task, &j);                    \
     }
+// sg_run_ew(a): an eager elementwise kernel (ops.codegen.eager_source) over the pool; a =
+// threads, the kernel, elements, grain, its geometry (8 values), the output and operands
+void sg_run_ew(const long long* a) {
+    sg_window_job j = {(sg_window_fn)a[1], (void**)(a + 12), a + 4};
+    sg_parallel_for((int)a[0], a[2], a[3], sg_window_task, &j);
+}
+
 SG_WINDOW_ENTRY(im2col)
 SG_WINDOW_ENTRY(col2im)
 SG_WINDOW_ENTRY(maxpool)

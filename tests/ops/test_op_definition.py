@@ -19,7 +19,7 @@ def test_kernel_for_answers_each_form_on_each_device():
     assert isinstance(kernel_for("add", "cpu", "out"), OutKernel)
     assert kernel_for("add", "cuda", "out") is kernel_for("add", "cpu", "out")
     assert kernel_for("relu", "cuda", "expr")(["x"], ["float32"], "float32", {}) == (
-        "(x < 0.0f ? 0.0f : x)")
+        "((x > 0.0f || x != x) ? x : 0.0f)")           # NumPy's maximum(x, 0): -0.0 -> 0.0
     assert kernel_for("relu", "cpu", "expr") is None
     assert kernel_for("softmax", "cpu", "out") is None
     with pytest.raises(ValueError, match="unknown kernel form 'jit'"):
