@@ -3,8 +3,8 @@
 64, cross-entropy, SGD), timed for shardgrad's compiled Program, the reference interpreter, a
 hand-written NumPy step and PyTorch eager (when torch is installed), plus the per-node overhead
 on a tiny MLP and the planner's memory figures. Two more: ``gelu``, the MLP with exact GELU
-(torch's nn.GELU()) traced by sg.compile_step, and ``eager``, the MLP step run eagerly
-(model(x), loss.backward(), opt.step()) against the same in torch.
+(torch's nn.GELU()) traced by sg.compile_step, and ``eager`` and ``eager_cnn``, the MLP and
+the CNN step run eagerly (model(x), loss.backward(), opt.step()) against the same in torch.
 
     python bench/bench_step.py                       # MLP batches 128 and 1024, CNN, per node
     python bench/bench_step.py --batches 128 --rounds 3 --out bench/step.json
@@ -402,6 +402,21 @@ def make_eager_torch(batch: int):
     return _torch_mlp_step(batch, "ReLU")
 
 
+def make_eager_cnn_shardgrad(batch: int):
+    """The CNN step run eagerly, as make_cnn_torch's: each op computed as it is applied."""
+    import shardgrad as sg
+
+    model = cnn_model()
+    opt = sg.optim.SGD(model.parameters(), lr=LR)
+    x, y = (sg.tensor(v) for v in cnn_batch(batch))
+
+    def step():
+        opt.zero_grad()
+        sg.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
 IMPLS = ("compiled", "compiled_inplace", "interpreter", "numpy", "torch")
 
 
@@ -411,6 +426,8 @@ def make(impl: str, graph_name: str, batch: int, sizes=SIZES):
             impl, batch)
     if graph_name == "eager":
         return (make_eager_torch if impl == "torch" else make_eager_shardgrad)(batch), None
+    if graph_name == "eager_cnn":
+        return (make_cnn_torch if impl == "torch" else make_eager_cnn_shardgrad)(batch), None
     if graph_name == "cnn":
         if impl == "numpy":
             return make_cnn_numpy(batch), None
@@ -583,14 +600,16 @@ def compare(args, line: dict, graph: str, batch: int, impls: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--benches", nargs="+", choices=("mlp", "cnn", "gelu", "eager", "micro"),
+    ap.add_argument("--benches", nargs="+",
+                    choices=("mlp", "cnn", "gelu", "eager", "eager_cnn", "micro"),
                     default=["mlp", "cnn", "micro"])
     ap.add_argument("--batches", type=int, nargs="+", default=[128, 1024],
                     help="MLP batch sizes (the CNN's is 64)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--graph", choices=[*sorted(GRAPHS), "cnn", "gelu", "eager"], default="ops",
+    ap.add_argument("--graph", choices=[*sorted(GRAPHS), "cnn", "gelu", "eager", "eager_cnn"],
+                    default="ops",
                     help="how the MLP step graph is built (cnn: the CNN worker's own)")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS))
     ap.add_argument("--no-micro", action="store_true", help="same as leaving micro out of "
@@ -606,7 +625,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    if args.graph in ("cnn", "gelu", "eager"):
+    if args.graph in ("cnn", "gelu", "eager", "eager_cnn"):
         ap.error(f"--graph {args.graph} is for its bench's workers: run --benches {args.graph}")
     lines = []
     for threads in args.threads or [None]:
@@ -648,6 +667,10 @@ def run_benches(args, threads: int | None) -> list[dict]:
     if "eager" in args.benches:
         line = {"bench": "eager_mlp_step", "sizes": list(SIZES), "batch": EAGER_BATCH, **env}
         lines.append(compare(args, line, "eager", EAGER_BATCH,
+                             [i for i in [*impls, "sg_eager"] if i in EAGER_IMPLS]))
+    if "eager_cnn" in args.benches:
+        line = {"bench": "eager_cnn_step", "input": [1, 28, 28], "batch": CNN_BATCH, **env}
+        lines.append(compare(args, line, "eager_cnn", CNN_BATCH,
                              [i for i in [*impls, "sg_eager"] if i in EAGER_IMPLS]))
     if "micro" in args.benches and not args.no_micro:
         micro_impls = ["compiled", "interpreter"] + (["torch"] if torch_version else [])
