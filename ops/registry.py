@@ -136,23 +136,26 @@ def get(name: str) -> OpDef:
 # runs an op's CpuKernel on the intra-op pool as a compiled step does (None: the op's
 # ``forward`` runs), so that the C runtime stays in runtime/ and eager code asks only here.
 _cpu_runner: list[Callable[[Node, list[Any]], Any]] = []
-_cpu_runner_elementwise: set[str] = set()
+_cpu_runner_elementwise: dict[str, Callable[[Node, list[Any]], Any]] = {}
 
 
 def set_cpu_runner(runner: Callable[[Node, list[Any]], Any] | None,
-                   elementwise: Iterable[str] = ()) -> None:
-    """Install (None: remove) the runner of eager ops' CpuKernels, which also runs the
-    ``elementwise`` ops named (from their C expressions)."""
+                   elementwise: Callable[[Node, list[Any]], Any] | None = None,
+                   names: Iterable[str] = ()) -> None:
+    """Install (None: remove) the runner of eager ops' CpuKernels, and ``elementwise``, the
+    runner of the elementwise ops ``names`` (from their C expressions)."""
     _cpu_runner[:] = [] if runner is None else [runner]
     _cpu_runner_elementwise.clear()
-    if runner is not None:
-        _cpu_runner_elementwise.update(elementwise)
+    if runner is not None and elementwise is not None:
+        _cpu_runner_elementwise.update(dict.fromkeys(names, elementwise))
 
 
 def cpu_runner(opdef: OpDef) -> Callable[[Node, list[Any]], Any] | None:
     """The runner of ``opdef``'s C kernel for an eager op, or None (no kernel, no runner)."""
-    if not _cpu_runner or (opdef.cpu is None and opdef.name not in _cpu_runner_elementwise):
+    if not _cpu_runner:
         return None
+    if opdef.cpu is None:
+        return _cpu_runner_elementwise.get(opdef.name)
     return _cpu_runner[0]
 
 

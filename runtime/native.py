@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -519,12 +520,12 @@ def run_eager(node: Node, args: list) -> Any:
     intra-op pool over threads() threads, as a compiled step runs it, into a new array; None
     where the op's own ``forward`` runs instead: C off or not built here, an input that is
     not a NumPy array, a dtype or layout the kernel does not take, or too little work."""
+    kern = get(node.op).cpu
+    if kern is None:
+        return run_elementwise(node, args)
     if node.dtype not in FLOAT_TYPES or any(
             type(a) is not np.ndarray or a.dtype != node.dtype for a in args):
         return None                 # the kernels read every operand as the node's dtype
-    kern = get(node.op).cpu
-    if kern is None:
-        return _run_elementwise(node, args)
     gemm = kern.name == "gemm"
     if (args[0].ndim == 0 or args[0].size * args[1].shape[-1] < EAGER_SPLIT_FROM) if gemm \
             else max(a.size for a in args) < EAGER_WINDOW_FROM:
@@ -560,16 +561,17 @@ def run_eager(node: Node, args: list) -> Any:
     return out
 
 
-def _run_elementwise(node: Node, args: list) -> Any:
+def run_elementwise(node: Node, args: list) -> Any:
     """An EAGER_ELEMENTWISE op's C kernel over the pool into a new array (None: NumPy's):
     operands of the node's dtype, broadcast and strided as they come where the dimensions
     merge into three with each operand read along the rows or held. Only where it pays for
     the call's ~10 us of setup (EAGER_ELEMENTWISE_FROM)."""
-    size = 1
-    for d in node.shape:
-        size *= d
+    size = math.prod(node.shape)
     if size < (EAGER_SLOW_FROM if node.op in EAGER_SLOW_IN_NUMPY else EAGER_ELEMENTWISE_FROM):
-        return None
+        return None                 # first: a small op (most of them) pays only this
+    if node.dtype not in FLOAT_TYPES or any(
+            type(a) is not np.ndarray or a.dtype != node.dtype for a in args):
+        return None                 # the kernels read every operand as the node's dtype
     got = _eager_setting()
     if got is None:
         return None
@@ -1059,11 +1061,11 @@ def _group_nodes(choice, kernel: Kernel, rebuilt, order: list[Node]) -> tuple[No
 
 # eager ops take the same C kernels, and eager optimizers these updates (ops.registry asks
 # this module through the runner and the updates it installs)
-set_cpu_runner(run_eager, EAGER_ELEMENTWISE)
+set_cpu_runner(run_eager, run_elementwise, EAGER_ELEMENTWISE)
 set_cpu_updates(SimpleNamespace(sgd_multi_=sgd_multi_, adam_multi_=adam_multi_,
                                 ready=lambda: _eager_setting() is not None))
 
 __all__ = ["Blas", "Kernel", "Native", "NativeError", "Pool", "Runtime", "blas", "build",
            "adam_multi_", "c_step", "cache_dir", "compiler", "enabled", "fuse", "gemm_blas",
-           "get_num_threads", "run_eager", "runtime", "runtime_error", "set_num_threads",
-           "sgd_multi_", "threads"]
+           "get_num_threads", "run_eager", "run_elementwise", "runtime", "runtime_error",
+           "set_num_threads", "sgd_multi_", "threads"]
