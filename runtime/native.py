@@ -411,6 +411,23 @@ def runtime() -> Runtime | None:
     return got if isinstance(got, Runtime) else None
 
 
+def signals() -> ctypes.CDLL | None:
+    """runtime/signals.c (a rank's last words said from its signal handler), built on first
+    use: a library of its own, small to build, used whether or not SHARDGRAD_NATIVE turns
+    the generated kernels off; None where no C compiler builds it."""
+    with _lock_runtime:
+        if not _signals:
+            try:
+                lib = build((Path(__file__).resolve().parent / "signals.c").read_text())[0]
+            except NativeError:
+                lib = None
+            _signals.append(lib)
+    return _signals[0]
+
+
+_signals: list[ctypes.CDLL | None] = []
+
+
 def runtime_error() -> str:
     """Why runtime() is None ("" when it is not)."""
     got = _runtimes.get(compiler())
@@ -1068,4 +1085,4 @@ set_cpu_updates(SimpleNamespace(sgd_multi_=sgd_multi_, adam_multi_=adam_multi_,
 __all__ = ["Blas", "Kernel", "Native", "NativeError", "Pool", "Runtime", "blas", "build",
            "adam_multi_", "c_step", "cache_dir", "compiler", "enabled", "fuse", "gemm_blas",
            "get_num_threads", "run_eager", "run_elementwise", "runtime", "runtime_error",
-           "set_num_threads", "sgd_multi_", "threads"]
+           "set_num_threads", "sgd_multi_", "signals", "threads"]

@@ -137,11 +137,46 @@ _SAID = threading.Lock()   # taken by the first line saying this rank was termin
 def say_terminated(sig: int) -> None:
     """Say once, on the launcher's stderr, that this MPI rank was terminated by ``sig``;
     nothing when a peer's bad-input error ended the job (prterun's SIGTERM is its echo, and
-    that error is the job's one line)."""
+    that error is the job's one line), nor when the C handler (``_say_from_handler``) said
+    it already."""
     comm = _WORLD[0]
     reported = bool(os.environ.get("PMIX_SERVER_TMPDIR")) and os.path.exists(_error_mark())
-    if comm is not None and not reported and _SAID.acquire(blocking=False):
-        say_to_job(f"rank {comm.rank} was terminated by {signal.Signals(sig).name}")
+    if comm is not None and not reported and not _said_by_handler() and _SAID.acquire(
+            blocking=False):
+        say_to_job(_terminated_line(comm.rank, sig))
+
+
+def _terminated_line(rank: int, sig: int) -> str:
+    return f"rank {rank} was terminated by {signal.Signals(sig).name}"
+
+
+_HANDLER: list = []         # runtime/signals.c's library, once its handler is installed
+
+
+def _said_by_handler() -> bool:
+    return bool(_HANDLER) and bool(_HANDLER[0].sg_said_on_signal())
+
+
+def _say_from_handler(rank: int, sigs) -> None:
+    """Have the signal handler itself say ``rank R was terminated by SIG`` (runtime/signals.c,
+    before Python's handler runs): no thread needs a core or the GIL within the ~0.2 s
+    prterun leaves the ranks. For each signal Python handles (the CLI's handler), where a C
+    compiler builds the small library; the watcher thread says it otherwise."""
+    import ctypes
+
+    from shardgrad.runtime import native
+    sigs = [s for s in sigs if callable(signal.getsignal(s))]
+    lib = native.signals() if sigs else None
+    if lib is None:
+        return
+    fd = _JOB_STDERR[0] if _JOB_STDERR[0] is not None else 2
+    mark = _error_mark() if os.environ.get("PMIX_SERVER_TMPDIR") else ""
+    say = lib.sg_say_on_signal
+    say.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p]
+    say.restype = ctypes.c_int
+    if any(say(int(s), fd, (_terminated_line(rank, s) + "\n").encode(), mark.encode()) == 0
+           for s in sigs):
+        _HANDLER[:] = [lib]
 
 
 def _watch_signals() -> None:
@@ -165,6 +200,9 @@ def _watch_signals() -> None:
                     say_terminated(sig)
 
     threading.Thread(target=watch, name="shardgrad-signals", daemon=True).start()
+    comm = _WORLD[0]
+    if comm is not None:
+        _say_from_handler(comm.rank, (signal.SIGTERM, signal.SIGHUP))
 
 
 def _abort_on_uncaught(comm: Communicator, exit_code: Callable[[BaseException], int]) -> None:

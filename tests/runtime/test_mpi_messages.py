@@ -122,3 +122,47 @@ def test_error_on_rank_0_alone_is_one_line(config, tmp_path):
         assert "was terminated by" not in r.stderr and lines.count(said) == 1, r.stderr
         if launcher == "ours":
             assert lines == [said], r.stderr
+
+
+HOLDS_GIL = """
+import ctypes, signal
+from shardgrad.runtime import world
+hold = ctypes.PyDLL(None).sleep    # libc's sleep, holding the GIL: no Python thread can run
+signal.signal(signal.SIGTERM, lambda s, f: hold(60))   # a handler that never gets far
+comm = world.start()
+print("ready", comm.rank, flush=True)
+hold(60)
+"""
+
+
+@pytest.mark.hostcc       # .ci/run forbids it to skip: a CI machine without a compiler fails
+def test_a_rank_holding_the_gil_still_says_it_was_terminated(tmp_path):
+    """The line comes from the signal handler itself (runtime/signals.c): a rank whose main
+    thread holds the GIL (a long C call that keeps it, before and after the signal) when
+    prterun passes SIGTERM on has no Python thread that could write it before prterun kills
+    it. With the watcher thread alone this test fails."""
+    from shardgrad.runtime import native
+    if native.signals() is None:
+        pytest.skip("no C compiler builds runtime/signals.c here")
+    script = tmp_path / "holds_gil.py"
+    script.write_text(HOLDS_GIL)
+    job = subprocess.Popen([*TWO, sys.executable, str(script)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        ready = set()
+        deadline = time.monotonic() + 60
+        while len(ready) < 2:
+            line = job.stdout.readline()
+            assert line and time.monotonic() < deadline, job.stderr.read()
+            if line.startswith("ready"):
+                ready.add(line.split()[1])
+        time.sleep(0.5)                     # both inside the GIL-holding sleep
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    for rank in (0, 1):
+        assert f"rank {rank} was terminated by SIGTERM" in err, err
+    assert err.count("was terminated by") == 2, err          # once a rank
