@@ -532,8 +532,9 @@ ENV = {
     "SHARDGRAD_DATA": "where downloaded data sets are kept (default: $XDG_CACHE_HOME/shardgrad, "
                       "i.e. ~/.cache/shardgrad)",
     "XDG_CACHE_HOME": "the user's cache directory (default ~/.cache): SHARDGRAD_DATA's default",
-    "SHARDGRAD_NATIVE": "0 runs the compiled CPU step's elementwise groups as NumPy ufuncs "
-                        "(default: generated C, runtime/native.py)",
+    "SHARDGRAD_NATIVE": "0 runs the compiled CPU step and eager ops on NumPy's kernels, and "
+                        "eager optimizers' updates with NumPy (default: generated C, "
+                        "runtime/native.py; a rank's signal handler is C either way)",
     "SHARDGRAD_NATIVE_THREADS": "threads of the compiled CPU step's intra-op pool (default: "
                                 "BLAS's thread count, shared out among a node's ranks; "
                                 "runtime/native.py's threads)",
