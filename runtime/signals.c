@@ -4,8 +4,8 @@
 // watcher, which needs a core and the GIL) was lost under load. sg_say_on_signal installs a
 // handler that writes the prepared line (once per process, unless the mark file exists: a
 // peer's bad-input error ended the job and is its one line) and then runs the handler it
-// replaced (Python's, which raises in the main thread as before). Only write(), access()
-// and an atomic exchange run in the handler: async-signal-safe.
+// replaced (Python's, which raises in the main thread as before). Only write(), access(),
+// getpid() and an atomic exchange run in the handler: async-signal-safe.
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
@@ -15,12 +15,13 @@
 static char sg_said_line[SG_SIGNALS][128];
 static char sg_said_mark[4096];
 static int sg_said_fd = -1;
+static pid_t sg_said_pid;                     // the rank: a forked child says nothing
 static int sg_said;
 static struct sigaction sg_said_old[SG_SIGNALS];
 
 static void sg_say_handler(int sig) {
     const int saved = errno;
-    if (sig > 0 && sig < SG_SIGNALS && sg_said_line[sig][0] &&
+    if (sig > 0 && sig < SG_SIGNALS && sg_said_line[sig][0] && getpid() == sg_said_pid &&
         (!sg_said_mark[0] || access(sg_said_mark, F_OK) != 0) &&
         !__atomic_exchange_n(&sg_said, 1, __ATOMIC_SEQ_CST)) {
         const char* line = sg_said_line[sig];
@@ -56,6 +57,7 @@ int sg_say_on_signal(int sig, int fd, const char* line, const char* mark) {
     strcpy(sg_said_line[sig], line);
     strcpy(sg_said_mark, mark);
     sg_said_fd = fd;
+    sg_said_pid = getpid();
     sg_said_old[sig] = now;
     struct sigaction mine = now;              // the same mask and flags (SA_ONSTACK)
     mine.sa_handler = sg_say_handler;
