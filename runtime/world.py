@@ -174,8 +174,9 @@ def _say_from_handler(rank: int, sigs) -> None:
     say = lib.sg_say_on_signal
     say.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p]
     say.restype = ctypes.c_int
-    if any(say(int(s), fd, (_terminated_line(rank, s) + "\n").encode(), mark.encode()) == 0
-           for s in sigs):
+    installed = [say(int(s), fd, (_terminated_line(rank, s) + "\n").encode(),
+                     mark.encode()) == 0 for s in sigs]       # each signal, not the first
+    if any(installed):
         _HANDLER[:] = [lib]
 
 
