@@ -45,7 +45,7 @@ from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
 from shardgrad.ops import reduce as R
 from shardgrad.ops import shape as S
-from shardgrad.ops.registry import cpu_runner, kernel_for
+from shardgrad.ops.registry import const_reads, cpu_runner, kernel_for
 from shardgrad.ops.registry import get as get_opdef
 
 # Eager values live in their nodes (Node.eager_value) and die with them (a node lives as long
@@ -188,6 +188,152 @@ def _note(n: Node, e: Exception) -> None:
     # ExecutionError already names its node)
     if not isinstance(e, ExecutionError):
         _EagerWalk().error(n, e)
+
+
+# ---- eager backward plans ----------------------------------------------------------------------
+# An eager training step builds the same forward graph every step, and so the same gradient
+# graph: building it (each op's VJP rule emitting nodes) was a third of a small model's
+# backward. The second time a forward graph of one structure is differentiated, the gradient
+# graph's kernels are kept as a plan, keyed by that structure; later backward calls run the plan
+# on the new values. The kernels are the ones the gradient's nodes run (_run), on the same
+# inputs, in the same order: the values are the same bits.
+
+
+class _BackwardPlan:
+    """The gradient graph of one forward structure as kernels over slots: slots 0..n-1 hold
+    the forward nodes' values (toposort order), slot n the seed, then the gradient's nodes.
+    ``consts``: (slot, value) of the constants the VJP rules made; ``steps``: (node, input
+    slots, output slot, slots last read here) with a node of the gradient's op, attrs, shape
+    and dtype whose inputs are placeholders of the right type (it holds no values);
+    ``outs``: the slots of the gradients, with whether a value may share memory with a kept
+    constant (then it is copied: the caller may change a gradient in place); ``reads``:
+    (slot, value) of the forward consts a VJP rule folded in (registry.const_value)."""
+
+    __slots__ = ("consts", "outs", "reads", "size", "steps")
+
+    def __init__(self, consts, steps, outs, reads, size):
+        self.consts, self.steps, self.outs, self.reads, self.size = \
+            consts, steps, outs, reads, size
+
+    def run(self, values: list) -> list:
+        for slot, value in self.reads:            # the same bits (NaN is NaN here)
+            now = np.asarray(values[slot])
+            if now.dtype != value.dtype or now.shape != value.shape or \
+                    now.tobytes() != value.tobytes():
+                return None
+        values.extend([None] * (self.size - len(values)))
+        for slot, value in self.consts:
+            values[slot] = value
+        for node, ins, out, dead in self.steps:
+            try:
+                values[out] = _run(node, [values[i] for i in ins])
+            except Exception as e:
+                _note(node, e)
+                raise
+            for i in dead:
+                values[i] = None
+        return [values[i].copy() if copy else values[i] for i, copy in self.outs]
+
+
+# forward structure -> plan (None: seen once, not planned yet); bounded, cleared when full
+_PLANS: dict[tuple, _BackwardPlan | None] = {}
+_PLANS_MAX = 64
+
+
+def _structure(history: list[Node], wrt: list[Node]) -> tuple | None:
+    """What a backward plan of ``history`` (toposort order) depends on: each node's op,
+    attrs, type and inputs (by position), and which ones the gradient is taken for. None
+    where no plan applies: a value on a device or missing (attrs that do not hash make the
+    key fail to hash)."""
+    pos: dict[int, int] = {}
+    parts = []
+    for i, n in enumerate(history):
+        v = n.eager_value
+        if type(v) is not np.ndarray and (v is None or is_device_array(v)):
+            return None
+        pos[n.id] = i
+        a = n.attrs
+        # a const's value is data (the next batch); the rules that fold one in are re-checked
+        attrs = () if not a or n.op == "const" else tuple([(k, type(v), v) for k, v in a.items()])
+        parts.append((n.op, n.shape, n.dtype, attrs, tuple([pos[x.id] for x in n.inputs])))
+    return tuple(parts), tuple([pos[w.id] for w in wrt])
+
+
+def _placeholder(n: Node) -> Node:
+    return Node("input", (), {}, n.shape, n.dtype, n._where, id=-1)
+
+
+def _make_plan(history: list[Node], seed: Node, gs: list[Node],
+               reads: list[Node]) -> _BackwardPlan | None:
+    """The plan of a gradient graph just evaluated (None where it cannot be replayed)."""
+    slot = {n.id: i for i, n in enumerate(history)}
+    slot[seed.id] = len(history)
+    forward = len(history) + 1
+    held = {n.id: _placeholder(n) for n in history}
+    held[seed.id] = _placeholder(seed)
+    consts, steps, last = [], [], {}
+    for n in toposort(gs):
+        if n.id in slot:
+            continue
+        if n.inputs:
+            ins = [slot[x.id] for x in n.inputs]
+            node = Node(n.op, tuple([held[x.id] for x in n.inputs]), n.attrs, n.shape, n.dtype,
+                        n._where, id=-1)
+            for i in ins:
+                last[i] = len(steps)
+            slot[n.id] = forward + len(consts) + len(steps)
+            steps.append((node, ins, slot[n.id]))
+        elif n.op == "const":
+            slot[n.id] = forward + len(consts) + len(steps)
+            consts.append((slot[n.id], n.attrs["value"]))
+        else:
+            return None                 # a leaf outside the forward graph
+        held[n.id] = _placeholder(n)
+    outs = {slot[g.id] for g in gs}
+    dead: list[list[int]] = [[] for _ in steps]
+    for i, k in last.items():
+        if i >= forward and i not in outs:
+            dead[k].append(i)
+    kept = [v for _, v in consts]
+    plan_outs = [(slot[g.id], any(np.may_share_memory(g.eager_value, v) for v in kept))
+                 for g in gs]
+    # this call's gradients may be views of its constants, which the caller may change
+    consts = [(i, np.array(v, copy=True)) for i, v in consts]
+    plan_reads = []
+    for r in reads:
+        if r.id in slot and slot[r.id] < len(history):
+            plan_reads.append((slot[r.id], np.array(r.attrs["value"], copy=True)))
+    return _BackwardPlan(consts, [(*st, tuple(d)) for st, d in zip(steps, dead, strict=True)],
+                         plan_outs, plan_reads, forward + len(consts) + len(steps))
+
+
+def _gradients(history: list[Node], seed: Node, wrt: list[Node]) -> list:
+    """The values of d(history[-1])/d(wrt) for the cotangent ``seed``: by the plan of this
+    forward structure where there is one, else by building and evaluating the gradient graph
+    (and planning it, the second time this structure comes)."""
+    key, out = None, history[-1]
+    start = seed.attrs["value"] if seed.op == "const" else seed.eager_value
+    if walk_module.current_tracer is None and not seed.inputs and start is not None and \
+            not _on_device(start) and seed.shape == out.shape and seed.dtype == out.dtype:
+        key = _structure(history, wrt)
+        try:
+            plan = _PLANS.get(key) if key is not None else None
+        except TypeError:                   # attrs that do not hash
+            key = plan = None
+        if plan is not None:
+            values = [n.eager_value for n in history]
+            values.append(start)
+            got = plan.run(values)
+            if got is not None:
+                return got
+    with const_reads() as reads:
+        gs = backprop([out], [seed], wrt, history)     # checks the seed's type
+    _evaluate(gs)
+    if key is not None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = _make_plan(history, seed, gs, reads) if key in _PLANS else None
+    return [g.eager_value for g in gs]
 
 
 def _on_device(a) -> bool:
@@ -664,11 +810,10 @@ class Tensor:
         kept = [n for n in history if n.id in _RETAINED and _RETAINED[n.id].node is n] \
             if _RETAINED else []
         holders = [_LEAVES[n.id] for n in leaves] + [_RETAINED[n.id] for n in kept]
-        gs = backprop([self.node], [seed], leaves + kept, history)
-        _evaluate(gs)
+        gs = _gradients(history, seed, leaves + kept)
         for t, g in zip(holders, gs, strict=True):
             # a gradient made of constants alone (x.sum()'s) is computed on the host
-            value = to_device(g.eager_value, t.device)
+            value = to_device(g, t.device)
             t.grad = Tensor(eager_leaf(value if t.grad is None else t.grad.data + value, False))
 
     # -- operators --------------------------------------------------------------------------

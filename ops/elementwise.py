@@ -30,6 +30,7 @@ from shardgrad.ops.registry import (
     as_node,
     broadcast_infer,
     builder,
+    const_value,
     elementwise_cost,
     float_unary_infer,
     register,
@@ -146,8 +147,8 @@ def div(x, y) -> Node:
 
 def _pow_dx(x, y):
     """d x^y / dx = y x^(y-1), taken as 0 where y == 0 (x^-1 would give 0 * inf at x = 0)."""
-    if y.op == "const" and np.all(y.attrs["value"] != 0):
-        return y * x ** const(y.attrs["value"] - 1, dtype=y.dtype)      # fold y - 1 now
+    if y.op == "const" and np.all(const_value(y) != 0):
+        return y * x ** const(const_value(y) - 1, dtype=y.dtype)      # fold y - 1 now
     return where(equal(y, 0.0), 0.0, y * x ** (y - 1.0))
 
 

@@ -47,3 +47,21 @@ def test_view_ops_declare_it():
     for name, attrs in (("reshape", {"shape": (3, 2)}), ("transpose", {"axes": (1, 0)}),
                         ("broadcast_to", {"shape": (4, 2, 3)})):
         assert np.shares_memory(kernel_for(name, "cpu")(np, x, **attrs), x), name
+
+
+def test_vjp_rules_read_constants_only_through_const_value():
+    """A VJP rule that folds a const's value into the gradient reads it with
+    registry.const_value, which eager backward plans (graph.tensor) record and re-check before
+    a replay: a direct read of ``attrs["value"]`` (or of an eager value) in an op module
+    would let a plan replay a gradient made for other values."""
+    import pathlib
+    import re
+
+    import shardgrad.ops as ops_pkg
+    folder = pathlib.Path(ops_pkg.__file__).parent
+    direct = re.compile(r"""attrs\s*(\[\s*["']value["']\s*\]|\.get\(\s*["']value["'])"""
+                        r"|eager_value")
+    found = [f"{p.name}:{i}" for p in sorted(folder.glob("*.py"))
+             if p.name not in ("registry.py", "codegen.py")      # the reader; kernel text
+             for i, line in enumerate(p.read_text().splitlines(), 1) if direct.search(line)]
+    assert not found, f"ops read a const's value directly (use registry.const_value): {found}"
