@@ -401,13 +401,17 @@ def _to_device_once(xp, a, device_id: int):
     return hit
 
 
-def eager_leaf(value: np.ndarray, requires_grad: bool) -> Node:
+def eager_leaf(value: np.ndarray, requires_grad: bool, where: Any = None) -> Node:
     """A node holding the eager value ``value`` (an array on its device): an input leaf when
     ``requires_grad`` (so backward reaches it), else a constant. What a Tensor made from a
-    value wraps."""
+    value wraps. ``where``: its source site (default: the caller's line)."""
     dtype = dtype_name(value.dtype)
-    node = leaf("input", value.shape, dtype, name=None) if requires_grad else Node(
-        "const", (), {"value": value}, value.shape, dtype)
+    if where is not None:               # a new value of an existing tensor: no stack walk
+        node = Node("input", (), {"name": None}, value.shape, dtype, where) if requires_grad \
+            else Node("const", (), {"value": value}, value.shape, dtype, where)
+    else:
+        node = leaf("input", value.shape, dtype, name=None) if requires_grad else Node(
+            "const", (), {"value": value}, value.shape, dtype)
     set_eager_value(node, value)
     return node
 
@@ -625,7 +629,8 @@ class Tensor:
     def _set_leaf(self, value) -> None:
         if _LEAVES.get(self.node.id) is self:      # the old value's node leaves the table
             del _LEAVES[self.node.id]
-        self.node = eager_leaf(value, self.requires_grad)
+        # the tensor's site stays where it was made (a parameter's: its module's line)
+        self.node = eager_leaf(value, self.requires_grad, self.node._where)
         if self.requires_grad:
             _LEAVES[self.node.id] = self
 
