@@ -55,8 +55,12 @@ SPLIT_FROM = 1 << 16
 
 
 def _view(n: Node) -> str | None:
-    """OpDef.view: whether the op's forward returns a view ("any", "contiguous")."""
-    return get(n.op).view if n.inputs else None
+    """OpDef.view: whether the op's forward returns a view ("any", "contiguous"). Here also
+    unpack, whose slice of a C-contiguous flat buffer is a view: its slot is made once, as a
+    reshape's (the op does not declare it: the GPU program plans unpack as a copy)."""
+    if not n.inputs:
+        return None
+    return "contiguous" if n.op == "unpack" else get(n.op).view
 
 
 def _out_kernel(n: Node, device: str) -> OutKernel | None:

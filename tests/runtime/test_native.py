@@ -87,6 +87,9 @@ def test_steps_match_interpreter(c_on, monkeypatch, make, exact, threads):
     assert "fused" in {n.op for n in program.graph.nodes}
     assert program.threads == threads
     assert program.split == 0                            # no Python rows: the pool's C
+    if make is gelu_step:      # a multi-output group's parts: views of its buffer, made once
+        parts = sum(n.op == "unpack" for n in program.graph.nodes)   # (but those of a buffer
+        assert 0 < sum(n.op == "unpack" for n in program.step_nodes) < parts  # that alternates)
     want_c = {"matmul"} | ({"im2col", "col2im", "max_pool2d", "max_pool2d_grad"}
                            if make is cnn_step else set())
     assert want_c <= set(program.c_steps) and info.c_steps is program.c_steps, info
