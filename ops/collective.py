@@ -8,6 +8,7 @@ Imports only ops.registry and graph.ir; a communicator is anything with runtime.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -336,7 +337,7 @@ def _unpack_vjp(g, flat, out, offset, shape):
 
 register(OpDef("unpack", infer=_unpack_infer,
                forward=lambda xp, flat, offset, shape:
-               flat[offset:offset + int(np.prod(shape, dtype=np.int64))].reshape(shape),
+               flat[offset:offset + math.prod(shape)].reshape(shape),
                vjp=_unpack_vjp, cost=lambda node: (0.0, 0.0)))
 
 
