@@ -248,8 +248,8 @@ def _structure(history: list[Node], wrt: list[Node]) -> tuple | None:
     pos: dict[int, int] = {}
     parts = []
     for i, n in enumerate(history):
-        v = n.eager_value
-        if type(v) is not np.ndarray and (v is None or is_device_array(v)):
+        value = n.eager_value
+        if type(value) is not np.ndarray and (value is None or is_device_array(value)):
             return None
         pos[n.id] = i
         a = n.attrs

@@ -6,7 +6,9 @@ nn, loss, collective) registers its stanzas here at import time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -280,28 +282,31 @@ def apply(name: str, *inputs: Any, **attrs: Any) -> Node:
 # ---- shared shape rules, costs and VJP helpers -------------------------------------------------
 
 # The consts whose values VJP rules read (through const_value) while graph.tensor records an
-# eager backward's plan: the plan replays only where those values are still the same.
-_CONST_READS: list[list[Node]] = []
+# eager backward's plan, per thread and task: the plan replays only where those values are
+# still the same.
+_CONST_READS: ContextVar[list[Node] | None] = ContextVar("const_reads", default=None)
 
 
 def const_value(node: Node) -> Any:
     """The value of the const ``node``, as a VJP rule reads it to fold it into the gradient's
     nodes (a rule must not read ``attrs["value"]`` directly: graph.tensor's backward plans
     record the reads made here and re-check those values before a replay)."""
-    if _CONST_READS:
-        _CONST_READS[-1].append(node)
+    reads = _CONST_READS.get()
+    if reads is not None:
+        reads.append(node)
     return node.attrs["value"]
 
 
-class const_reads:  # noqa: N801 - a context manager, named as one
-    """``with const_reads() as reads:``: the const nodes const_value was asked for inside."""
-
-    def __enter__(self) -> list[Node]:
-        _CONST_READS.append([])
-        return _CONST_READS[-1]
-
-    def __exit__(self, *exc) -> None:
-        _CONST_READS.pop()
+@contextmanager
+def const_reads() -> Iterator[list[Node]]:
+    """``with const_reads() as reads:``: the const nodes const_value was asked for inside
+    (in this thread)."""
+    reads: list[Node] = []
+    token = _CONST_READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _CONST_READS.reset(token)
 
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
