@@ -2,9 +2,10 @@
 (conv(1->16,3x3)+ReLU+maxpool2+conv(16->32,3x3)+ReLU+maxpool2+linear(800->10) on 28x28, batch
 64, cross-entropy, SGD), timed for shardgrad's compiled Program, the reference interpreter, a
 hand-written NumPy step and PyTorch eager (when torch is installed), plus the per-node overhead
-on a tiny MLP and the planner's memory figures. Two more: ``gelu``, the MLP with exact GELU
-(torch's nn.GELU()) traced by sg.compile_step, and ``eager`` and ``eager_cnn``, the MLP and
-the CNN step run eagerly (model(x), loss.backward(), opt.step()) against the same in torch.
+on a tiny MLP (compiled, interpreted and eager) and the planner's memory figures. Two more:
+``gelu``, the MLP with exact GELU (torch's nn.GELU()) traced by sg.compile_step, and ``eager``
+and ``eager_cnn``, the MLP and the CNN step run eagerly (model(x), loss.backward(),
+opt.step()) against the same in torch.
 
     python bench/bench_step.py                       # MLP batches 128 and 1024, CNN, per node
     python bench/bench_step.py --batches 128 --rounds 3 --out bench/step.json
@@ -384,12 +385,19 @@ def make_gelu_torch(batch: int):
 
 def make_eager_shardgrad(batch: int):
     """sg's eager step as a torch user writes it: each op computed as it is applied."""
+    return _eager_mlp(batch, SIZES)
+
+
+def _eager_mlp(batch: int, sizes):
     import shardgrad as sg
 
     sg.manual_seed(0)
-    model = _mlp_module(sg.nn, sg.nn.ReLU)
+    model = _mlp_module(sg.nn, sg.nn.ReLU, sizes)
     opt = sg.optim.SGD(model.parameters(), lr=LR)
-    x, y = (sg.tensor(v) for v in _mlp_batch(batch))
+    rng = np.random.default_rng(0)
+    x, y = (sg.tensor(v) for v in _mlp_batch(batch)) if sizes == SIZES else (
+        sg.tensor(rng.standard_normal((batch, n)).astype(np.float32))
+        for n in (sizes[0], sizes[-1]))
 
     def step():
         opt.zero_grad()
@@ -506,6 +514,11 @@ def micro(impl: str) -> dict:
         step = make_torch(4, MICRO_SIZES)
         wall, cpu = _time(step, 2000, 200)
         return {"impl": "torch", "step_us": 1e6 * float(np.median(wall)),
+                "cpu_us": 1e6 * float(np.median(cpu))}
+    if impl == "sg_eager":              # the same step run eagerly: its dispatch per op
+        step = _eager_mlp(4, MICRO_SIZES)
+        wall, cpu = _time(step, 2000, 200)
+        return {"impl": impl, "step_us": 1e6 * float(np.median(wall)),
                 "cpu_us": 1e6 * float(np.median(cpu))}
     graph, feeds = graph_from_ops(4, MICRO_SIZES)
     from shardgrad.graph import passes
@@ -673,7 +686,8 @@ def run_benches(args, threads: int | None) -> list[dict]:
         lines.append(compare(args, line, "eager_cnn", CNN_BATCH,
                              [i for i in [*impls, "sg_eager"] if i in EAGER_IMPLS]))
     if "micro" in args.benches and not args.no_micro:
-        micro_impls = ["compiled", "interpreter"] + (["torch"] if torch_version else [])
+        micro_impls = ["compiled", "interpreter", "sg_eager"] + (
+            ["torch"] if torch_version else [])
         runs: dict[str, list[dict]] = {i: [] for i in micro_impls}
         for r in range(args.rounds):
             for impl in micro_impls[r % len(micro_impls):] + micro_impls[:r % len(micro_impls)]:
