@@ -3,6 +3,9 @@ of one structure, the gradient graph's kernels run from a kept plan instead of b
 anew. A replay must give the bits the built graph gives, step after step, on new data, and
 must never carry values from one step into another."""
 
+import sys
+import threading
+
 import numpy as np
 import pytest
 
@@ -13,12 +16,6 @@ from shardgrad.ops import registry
 from shardgrad.ops.shape import reshape
 
 F = sg.nn.functional
-
-
-@pytest.fixture
-def no_plans(monkeypatch):
-    """Every backward builds its gradient graph (the plans' cache holds nothing)."""
-    monkeypatch.setattr(tensor_module, "_PLANS_MAX", 0)
 
 
 def _mlp():
@@ -122,7 +119,7 @@ def test_a_gradient_changed_in_place_does_not_reach_the_next_step(monkeypatch):
         g[...] = -7.0
 
 
-def test_gradients_accumulate_and_retained_grads_match(no_plans):
+def test_gradients_accumulate_and_retained_grads_match(monkeypatch):
     """What backward hands out besides leaf gradients (retain_grad, accumulation over
     several backward calls) is the same with plans as without."""
     def run():
@@ -136,12 +133,41 @@ def test_gradients_accumulate_and_retained_grads_match(no_plans):
             (h.tanh() ** 2).sum().backward()
             out = h.grad.numpy()
         return lin.weight.grad.numpy(), lin.bias.grad.numpy(), out
-    built = run()
-    tensor_module._PLANS_MAX = 64          # the fixture's patch is undone at the end
     tensor_module._PLANS.clear()
     replayed = run()
+    monkeypatch.setattr(tensor_module, "_PLANS_MAX", 0)
+    built = run()
     for a, b in zip(built, replayed, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_threads_backward_with_their_own_folded_constants():
+    """Two threads differentiate x ** c with their own changing exponents at once: the
+    values a VJP rule folds in are recorded per thread, so neither replays the other's."""
+    errors = []
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        x = sg.tensor(np.array([0.5, 1.5, 2.0]), requires_grad=True)
+        for i in range(150):
+            c = np.array([2.0, 3.0, 1.0]) if i % 3 else rng.uniform(0.5, 4.0, 3).round(1)
+            x.grad = None
+            (x ** sg.tensor(c)).sum().backward()
+            want = c * x.numpy() ** (c - 1)
+            if not np.array_equal(x.grad.numpy(), want):
+                errors.append((seed, i, c))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)             # the threads interleave inside backward
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors[:3]
 
 
 def test_the_plans_are_bounded():
