@@ -40,7 +40,7 @@ from shardgrad.graph.ir import (
     set_eager_value,
     toposort,
 )
-from shardgrad.graph.walk import ExecutionError, Walk, describe
+from shardgrad.graph.walk import ExecutionError, Walk, describe, last_uses
 from shardgrad.ops import elementwise as E
 from shardgrad.ops import linalg as L
 from shardgrad.ops import reduce as R
@@ -271,7 +271,7 @@ def _make_plan(history: list[Node], seed: Node, gs: list[Node],
     forward = len(history) + 1
     held = {n.id: _placeholder(n) for n in history}
     held[seed.id] = _placeholder(seed)
-    consts, steps, last = [], [], {}
+    consts, steps = [], []
     for n in toposort(gs):
         if n.id in slot:
             continue
@@ -279,8 +279,6 @@ def _make_plan(history: list[Node], seed: Node, gs: list[Node],
             ins = [slot[x.id] for x in n.inputs]
             node = Node(n.op, tuple([held[x.id] for x in n.inputs]), n.attrs, n.shape, n.dtype,
                         n._where, id=-1)
-            for i in ins:
-                last[i] = len(steps)
             slot[n.id] = forward + len(consts) + len(steps)
             steps.append((node, ins, slot[n.id]))
         elif n.op == "const":
@@ -289,11 +287,8 @@ def _make_plan(history: list[Node], seed: Node, gs: list[Node],
         else:
             return None                 # a leaf outside the forward graph
         held[n.id] = _placeholder(n)
-    outs = {slot[g.id] for g in gs}
-    dead: list[list[int]] = [[] for _ in steps]
-    for i, k in last.items():
-        if i >= forward and i not in outs:
-            dead[k].append(i)
+    # the forward's values and the gradients stay; the rest is dropped after its last reader
+    dead = last_uses([ins for _, ins, _ in steps], [*range(forward), *(slot[g.id] for g in gs)])
     kept = [v for _, v in consts]
     plan_outs = [(slot[g.id], any(np.may_share_memory(g.eager_value, v) for v in kept))
                  for g in gs]

@@ -338,7 +338,7 @@ def _unpack_vjp(g, flat, out, offset, shape):
 register(OpDef("unpack", infer=_unpack_infer,
                forward=lambda xp, flat, offset, shape:
                flat[offset:offset + math.prod(shape)].reshape(shape),
-               vjp=_unpack_vjp, cost=lambda node: (0.0, 0.0)))
+               vjp=_unpack_vjp, cost=lambda node: (0.0, 0.0), view="part"))
 
 
 def unpack(flat: Node, offset: int, shape: Sequence[int]) -> Node:

@@ -88,8 +88,10 @@ class OpDef:
     effectful  the result is not a pure function of inputs and attrs (communication,
              randomness): never merged by cse, never evaluated by constant folding.
     view     ``forward`` returns a view of its input, never a copy: "any" (whatever the
-             input's layout: transpose, broadcast_to) or "contiguous" (only of a C-contiguous
-             input: reshape). The compiled program then plans no buffer for it.
+             input's layout: transpose, broadcast_to), "contiguous" (only of a C-contiguous
+             input: reshape) or "part" (of a slice of a C-contiguous input: unpack). The
+             compiled CPU program then plans no buffer for it; the GPU program plans a view
+             as its input's whole buffer, so it runs a "part" op as a copy.
     batched  row i of the output (along axis 0) is computed from row i of every input alone,
              by ``out`` for any number of rows (the window ops, over the images of a batch):
              the compiled program may split such a node over its threads.

@@ -55,12 +55,10 @@ SPLIT_FROM = 1 << 16
 
 
 def _view(n: Node) -> str | None:
-    """OpDef.view: whether the op's forward returns a view ("any", "contiguous"). Here also
-    unpack, whose slice of a C-contiguous flat buffer is a view: its slot is made once, as a
-    reshape's (the op does not declare it: the GPU program plans unpack as a copy)."""
-    if not n.inputs:
-        return None
-    return "contiguous" if n.op == "unpack" else get(n.op).view
+    """OpDef.view: whether the op's forward returns a view ("any", "contiguous"); a view of
+    part of a C-contiguous input ("part": unpack) is one here as a reshape's is."""
+    view = get(n.op).view if n.inputs else None
+    return "contiguous" if view == "part" else view
 
 
 def _out_kernel(n: Node, device: str) -> OutKernel | None:

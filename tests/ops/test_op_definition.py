@@ -42,11 +42,14 @@ def test_traits_are_consistent():
 
 def test_view_ops_declare_it():
     assert {n: d.view for n, d in REGISTRY.items() if d.view} == {
-        "reshape": "contiguous", "transpose": "any", "broadcast_to": "any"}
+        "reshape": "contiguous", "transpose": "any", "broadcast_to": "any", "unpack": "part"}
     x = np.arange(6.0).reshape(2, 3)
     for name, attrs in (("reshape", {"shape": (3, 2)}), ("transpose", {"axes": (1, 0)}),
                         ("broadcast_to", {"shape": (4, 2, 3)})):
         assert np.shares_memory(kernel_for(name, "cpu")(np, x, **attrs), x), name
+    flat = np.arange(10.0)
+    part = kernel_for("unpack", "cpu")(np, flat, offset=4, shape=(2, 3))
+    assert np.shares_memory(part, flat) and part[0, 0] == 4.0
 
 
 def test_vjp_rules_read_constants_only_through_const_value():
